@@ -60,7 +60,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(name) if STUDIES.iter().any(|s| s.name == name) => {
-            eprintln!("study '{name}' is not implemented yet (see the issue tracker); available studies:\n");
+            eprintln!(
+                "study '{name}' is not implemented yet (see the issue tracker); available studies:\n"
+            );
             eprint!("{}", usage());
             ExitCode::from(2)
         }

@@ -25,7 +25,11 @@ fn synthetic(dir: &Path, dtype: DType) -> PathBuf {
         (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
     for i in 0..15 {
-        for (name, shape) in [("a", vec![1536, 384]), ("b", vec![384, 1536]), ("c", vec![384, 384])] {
+        for (name, shape) in [
+            ("a", vec![1536, 384]),
+            ("b", vec![384, 1536]),
+            ("c", vec![384, 384]),
+        ] {
             let n: usize = shape.iter().product();
             let data = ArrayD::from_shape_vec(shape, (0..n).map(|_| next()).collect()).unwrap();
             sd.insert(format!("layer.{i}.{name}"), Tensor::new(data, dtype));
@@ -47,20 +51,28 @@ fn read_all(path: &Path) -> usize {
 
 fn bench(c: &mut Criterion) {
     let tmp = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("models");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("models");
     let mut files = vec![
         ("synthetic-f32-90MB", synthetic(tmp.path(), DType::F32)),
         ("synthetic-bf16-45MB", synthetic(tmp.path(), DType::BF16)),
     ];
     for (label, rel) in [
         ("all-MiniLM-L6-v2", "all-MiniLM-L6-v2/model.safetensors"),
-        ("SmolLM2-135M-Q4_1-gguf", "SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        (
+            "SmolLM2-135M-Q4_1-gguf",
+            "SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
     ] {
         let p = root.join(rel);
         if p.is_file() {
             files.push((label, p));
         } else {
-            eprintln!("skipping {label}: {} not found (run scripts/fetch-models.sh)", p.display());
+            eprintln!(
+                "skipping {label}: {} not found (run scripts/fetch-models.sh)",
+                p.display()
+            );
         }
     }
     let mut g = c.benchmark_group("read");

@@ -49,7 +49,9 @@ impl AtomicFile {
         let io = |e| WeightsError::io(&target, e);
         self.tmp.as_file_mut().flush().map_err(io)?;
         self.tmp.as_file().sync_all().map_err(io)?;
-        self.tmp.persist(&target).map_err(|e| WeightsError::io(&target, e.error))?;
+        self.tmp
+            .persist(&target)
+            .map_err(|e| WeightsError::io(&target, e.error))?;
         sync_dir(&parent_dir(&target));
         Ok(())
     }
@@ -59,7 +61,9 @@ impl AtomicFile {
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(path)?;
     let target = f.target().to_path_buf();
-    f.file().write_all(bytes).map_err(|e| WeightsError::io(&target, e))?;
+    f.file()
+        .write_all(bytes)
+        .map_err(|e| WeightsError::io(&target, e))?;
     f.commit()
 }
 

@@ -18,7 +18,7 @@ pub enum Checkpoint {
     /// A folder with `model.safetensors.index.json` and shards.
     Sharded(ShardedCheckpoint),
     /// A GGUF file (tensors dequantised, llama names mapped to Hugging Face).
-    Gguf(GgufFile),
+    Gguf(Box<GgufFile>),
 }
 
 impl Checkpoint {
@@ -34,7 +34,9 @@ impl Checkpoint {
             if path.join(INDEX_FILE).is_file() {
                 return Ok(Checkpoint::Sharded(ShardedCheckpoint::open(path)?));
             }
-            return Ok(Checkpoint::Safetensors(SafetensorsFile::open(single_file_in(path)?)?));
+            return Ok(Checkpoint::Safetensors(SafetensorsFile::open(
+                single_file_in(path)?,
+            )?));
         }
         if path.to_string_lossy().ends_with(".index.json") {
             return Ok(Checkpoint::Sharded(ShardedCheckpoint::open(path)?));
@@ -46,7 +48,7 @@ impl Checkpoint {
             f.read_exact(&mut magic).is_ok() && &magic == b"GGUF"
         };
         if is_gguf {
-            Ok(Checkpoint::Gguf(GgufFile::open(path)?))
+            Ok(Checkpoint::Gguf(Box::new(GgufFile::open(path)?)))
         } else {
             Ok(Checkpoint::Safetensors(SafetensorsFile::open(path)?))
         }
@@ -65,7 +67,7 @@ impl Checkpoint {
         match self {
             Checkpoint::Safetensors(s) => s,
             Checkpoint::Sharded(s) => s,
-            Checkpoint::Gguf(s) => s,
+            Checkpoint::Gguf(s) => s.as_ref(),
         }
     }
 }
@@ -88,7 +90,9 @@ fn single_file_in(dir: &Path) -> Result<PathBuf> {
         }),
         n => Err(WeightsError::UnknownFormat {
             path: dir.to_path_buf(),
-            msg: format!("folder has {n} .safetensors files but no {INDEX_FILE} to say how they fit together"),
+            msg: format!(
+                "folder has {n} .safetensors files but no {INDEX_FILE} to say how they fit together"
+            ),
         }),
     }
 }

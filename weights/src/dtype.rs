@@ -137,7 +137,7 @@ impl DType {
     pub fn bytes_for(self, n: u128) -> Option<u128> {
         let (per, size) = self.block();
         let per = per as u128;
-        if n % per != 0 {
+        if !n.is_multiple_of(per) {
             return None;
         }
         (n / per).checked_mul(size as u128)
@@ -205,7 +205,9 @@ pub(crate) fn decode(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(
         DType::F32 => out.extend(le_chunks!(bytes, 4, f32)),
         DType::F64 => out.extend(le_chunks!(bytes, 8, f64).map(|v| v as f32)),
         DType::F16 => out.extend(le_chunks!(bytes, 2, u16).map(|b| f16::from_bits(b).to_f32())),
-        DType::BF16 => out.extend(le_chunks!(bytes, 2, u16).map(|b| f32::from_bits((b as u32) << 16))),
+        DType::BF16 => {
+            out.extend(le_chunks!(bytes, 2, u16).map(|b| f32::from_bits((b as u32) << 16)))
+        }
         DType::F8_E4M3 => out.extend(bytes.iter().map(|&b| f8_e4m3_to_f32(b))),
         DType::F8_E5M2 => out.extend(bytes.iter().map(|&b| f8_e5m2_to_f32(b))),
         DType::U8 => out.extend(bytes.iter().map(|&b| b as f32)),
@@ -249,7 +251,11 @@ fn float_to_int(v: f32, min: f64, max: f64) -> Result<i128, ConvertError> {
 
 /// Encodes `values` as little-endian `dtype` bytes appended to `out`.
 /// Floats round to nearest even; integers must be exact and in range.
-pub(crate) fn encode_plain(dtype: DType, values: impl Iterator<Item = f32>, out: &mut Vec<u8>) -> Result<(), ConvertError> {
+pub(crate) fn encode_plain(
+    dtype: DType,
+    values: impl Iterator<Item = f32>,
+    out: &mut Vec<u8>,
+) -> Result<(), ConvertError> {
     match dtype {
         DType::F32 => values.for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         DType::F64 => values.for_each(|v| out.extend_from_slice(&(v as f64).to_le_bytes())),
@@ -276,32 +282,44 @@ pub(crate) fn encode_plain(dtype: DType, values: impl Iterator<Item = f32>, out:
         }
         DType::I16 => {
             for v in values {
-                out.extend_from_slice(&(float_to_int(v, i16::MIN as f64, i16::MAX as f64)? as i16).to_le_bytes());
+                out.extend_from_slice(
+                    &(float_to_int(v, i16::MIN as f64, i16::MAX as f64)? as i16).to_le_bytes(),
+                );
             }
         }
         DType::U16 => {
             for v in values {
-                out.extend_from_slice(&(float_to_int(v, 0.0, u16::MAX as f64)? as u16).to_le_bytes());
+                out.extend_from_slice(
+                    &(float_to_int(v, 0.0, u16::MAX as f64)? as u16).to_le_bytes(),
+                );
             }
         }
         DType::I32 => {
             for v in values {
-                out.extend_from_slice(&(float_to_int(v, i32::MIN as f64, i32::MAX as f64)? as i32).to_le_bytes());
+                out.extend_from_slice(
+                    &(float_to_int(v, i32::MIN as f64, i32::MAX as f64)? as i32).to_le_bytes(),
+                );
             }
         }
         DType::U32 => {
             for v in values {
-                out.extend_from_slice(&(float_to_int(v, 0.0, u32::MAX as f64)? as u32).to_le_bytes());
+                out.extend_from_slice(
+                    &(float_to_int(v, 0.0, u32::MAX as f64)? as u32).to_le_bytes(),
+                );
             }
         }
         DType::I64 => {
             for v in values {
-                out.extend_from_slice(&(float_to_int(v, i64::MIN as f64, i64::MAX as f64)? as i64).to_le_bytes());
+                out.extend_from_slice(
+                    &(float_to_int(v, i64::MIN as f64, i64::MAX as f64)? as i64).to_le_bytes(),
+                );
             }
         }
         DType::U64 => {
             for v in values {
-                out.extend_from_slice(&(float_to_int(v, 0.0, u64::MAX as f64)? as u64).to_le_bytes());
+                out.extend_from_slice(
+                    &(float_to_int(v, 0.0, u64::MAX as f64)? as u64).to_le_bytes(),
+                );
             }
         }
         DType::F8_E4M3 | DType::F8_E5M2 | DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => {

@@ -64,8 +64,9 @@ pub enum WeightsError {
         name: String,
         dtype: String,
         shape: Vec<usize>,
-        expected: u128,
-        actual: u128,
+        /// `u64::MAX` when the size overflows.
+        expected: u64,
+        actual: u64,
     },
     /// A tensor's data lies (partly) outside the data section.
     #[error("{}: tensor '{name}': data range [{start}, {end}) is outside the data section of {len} bytes", path.display())]

@@ -93,7 +93,10 @@ impl GgufValue {
             GgufValue::F32(v) => v.to_string(),
             GgufValue::F64(v) => v.to_string(),
             GgufValue::Array(_) => return None,
-            other => other.as_u64().map(|v| v.to_string()).unwrap_or_else(|| format!("{other:?}")),
+            other => other
+                .as_u64()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| format!("{other:?}")),
         })
     }
 }
@@ -243,7 +246,12 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
 /// This puts every row back. `data` is row-major with `data.len() / rows`
 /// columns; `rows` must be a multiple of `2·n_head`.
 pub fn unpermute_rope_rows(data: &[f32], rows: usize, n_head: usize) -> Option<Vec<f32>> {
-    if n_head == 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0 || rows == 0 || data.len() % rows != 0 {
+    if n_head == 0
+        || !rows.is_multiple_of(n_head)
+        || !(rows / n_head).is_multiple_of(2)
+        || rows == 0
+        || !data.len().is_multiple_of(rows)
+    {
         return None;
     }
     let cols = data.len() / rows;
@@ -254,7 +262,8 @@ pub fn unpermute_rope_rows(data: &[f32], rows: usize, n_head: usize) -> Option<V
             for j in 0..2 {
                 let src = h * d + 2 * i + j;
                 let dst = h * d + j * (d / 2) + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -296,7 +305,11 @@ impl<'a> Cursor<'a> {
         if n > left {
             return Err(WeightsError::Truncated {
                 path: self.path.to_path_buf(),
-                what: format!("{} needs {n} bytes at offset {} but only {left} remain", what(), self.pos),
+                what: format!(
+                    "{} needs {n} bytes at offset {} but only {left} remain",
+                    what(),
+                    self.pos
+                ),
             });
         }
         let s = &self.b[self.pos..self.pos + n as usize];
@@ -307,13 +320,19 @@ impl<'a> Cursor<'a> {
         Ok(self.take(1, what)?[0])
     }
     fn u16(&mut self, what: &dyn Fn() -> String) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2")))
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2"),
+        ))
     }
     fn u32(&mut self, what: &dyn Fn() -> String) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4")))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4"),
+        ))
     }
     fn u64(&mut self, what: &dyn Fn() -> String) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8")))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8"),
+        ))
     }
     fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
         let n = self.u64(what)?;
@@ -407,10 +426,12 @@ impl GgufFile {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.entries.get(name).ok_or_else(|| WeightsError::TensorNotFound {
-            path: self.path.clone(),
-            name: name.to_string(),
-        })
+        self.entries
+            .get(name)
+            .ok_or_else(|| WeightsError::TensorNotFound {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })
     }
 }
 
@@ -443,10 +464,17 @@ impl TensorSource for GgufFile {
 fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
     let p = || path.to_path_buf();
     let invalid = |msg: String| WeightsError::InvalidHeader { path: p(), msg };
-    let mut c = Cursor { path, b: bytes, pos: 0 };
+    let mut c = Cursor {
+        path,
+        b: bytes,
+        pos: 0,
+    };
     let magic = c.take(4, &|| "magic".into())?;
     if magic != GGUF_MAGIC {
-        return Err(WeightsError::BadMagic { path: p(), format: "GGUF" });
+        return Err(WeightsError::BadMagic {
+            path: p(),
+            format: "GGUF",
+        });
     }
     let version = c.u32(&|| "version".into())?;
     if version != 2 && version != 3 {
@@ -472,7 +500,11 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
         None => 32,
         Some(v) => match v.as_u64() {
             Some(a) if a > 0 && a.is_power_of_two() => a,
-            _ => return Err(invalid(format!("general.alignment {v:?} is not a power of two"))),
+            _ => {
+                return Err(invalid(format!(
+                    "general.alignment {v:?} is not a power of two"
+                )));
+            }
         },
     };
     let arch = kv
@@ -497,8 +529,12 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
                 .and_then(|v| v.as_array())
                 .map(|a| a.len())
         }),
-        bos_token_id: kv.get("tokenizer.ggml.bos_token_id").and_then(|v| v.as_u64()),
-        eos_token_id: kv.get("tokenizer.ggml.eos_token_id").and_then(|v| v.as_u64()),
+        bos_token_id: kv
+            .get("tokenizer.ggml.bos_token_id")
+            .and_then(|v| v.as_u64()),
+        eos_token_id: kv
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.as_u64()),
         tie_word_embeddings: false,
     };
     let is_llama = arch == "llama";
@@ -511,7 +547,9 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
         let what = || format!("info of tensor '{name}'");
         let n_dims = c.u32(&what)?;
         if n_dims == 0 || n_dims > 4 {
-            return Err(invalid(format!("tensor '{name}' has {n_dims} dimensions (1 to 4 allowed)")));
+            return Err(invalid(format!(
+                "tensor '{name}' has {n_dims} dimensions (1 to 4 allowed)"
+            )));
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -534,7 +572,9 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
             op: "reading (supported: F32, F16, BF16, F64, I8-I64, Q4_0, Q4_1, Q8_0)",
         })?;
         let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
-        let numel = dims.iter().try_fold(1u128, |a, &d| a.checked_mul(d as u128));
+        let numel = dims
+            .iter()
+            .try_fold(1u128, |a, &d| a.checked_mul(d as u128));
         let (per, _) = dtype.block();
         if dims[0] % per as u64 != 0 {
             return Err(invalid(format!(
@@ -547,7 +587,9 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
             .filter(|&n| n <= bytes.len() as u128)
             .ok_or_else(|| WeightsError::Truncated {
                 path: p(),
-                what: format!("tensor '{name}' of shape {shape:?} ({type_name}) is larger than the file"),
+                what: format!(
+                    "tensor '{name}' of shape {shape:?} ({type_name}) is larger than the file"
+                ),
             })?;
         if offset % alignment != 0 {
             return Err(invalid(format!(
@@ -557,7 +599,11 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
         let hf = if is_llama { hf_name(&name) } else { None };
         let module = name.rsplit_once('.').map(|(m, _)| m).unwrap_or("");
         let rope_heads = if is_llama && module.ends_with("attn_q") {
-            Some(config.head_count.ok_or_else(|| invalid("llama model without attention.head_count".into()))?)
+            Some(
+                config
+                    .head_count
+                    .ok_or_else(|| invalid("llama model without attention.head_count".into()))?,
+            )
         } else if is_llama && module.ends_with("attn_k") {
             Some(
                 config
@@ -570,7 +616,7 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
         };
         if let Some(h) = rope_heads {
             let rows = shape[0];
-            if h == 0 || rows % h != 0 || (rows / h) % 2 != 0 {
+            if h == 0 || !rows.is_multiple_of(h) || !(rows / h).is_multiple_of(2) {
                 return Err(invalid(format!(
                     "tensor '{name}': {rows} rows cannot be split into {h} heads of even size"
                 )));
@@ -590,7 +636,10 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
             rope_heads,
         };
         if entries.insert(key.clone(), entry).is_some() {
-            return Err(WeightsError::DuplicateTensor { path: p(), name: key });
+            return Err(WeightsError::DuplicateTensor {
+                path: p(),
+                name: key,
+            });
         }
     }
     config.tie_word_embeddings = !entries.values().any(|e| e.gguf_name == "output.weight");

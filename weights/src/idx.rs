@@ -85,7 +85,9 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
     };
     let head = 4 + 4 * ndim;
     if bytes.len() < head {
-        return Err(truncated(format!("{ndim} dimensions need {head} header bytes")));
+        return Err(truncated(format!(
+            "{ndim} dimensions need {head} header bytes"
+        )));
     }
     let dims: Vec<usize> = (0..ndim)
         .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4")) as usize)
@@ -95,18 +97,37 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
     if n.and_then(|n| n.checked_mul(elem)) != Some(body.len()) {
         return Err(truncated(format!(
             "dimensions {dims:?} of {elem}-byte values need {} bytes, found {}",
-            n.map(|n| (n as u128 * elem as u128).to_string()).unwrap_or("too many".into()),
+            n.map(|n| (n as u128 * elem as u128).to_string())
+                .unwrap_or("too many".into()),
             body.len()
         )));
     }
     let shape = IxDyn(&dims);
     let f32s: Vec<f32> = match code {
-        0x08 => return Ok(IdxArray::U8(ArrayD::from_shape_vec(shape, body.to_vec()).expect("checked"))),
+        0x08 => {
+            return Ok(IdxArray::U8(
+                ArrayD::from_shape_vec(shape, body.to_vec()).expect("checked"),
+            ));
+        }
         0x09 => body.iter().map(|&b| b as i8 as f32).collect(),
-        0x0B => body.chunks_exact(2).map(|c| i16::from_be_bytes([c[0], c[1]]) as f32).collect(),
-        0x0C => body.chunks_exact(4).map(|c| i32::from_be_bytes(c.try_into().expect("4")) as f32).collect(),
-        0x0D => body.chunks_exact(4).map(|c| f32::from_be_bytes(c.try_into().expect("4"))).collect(),
-        _ => body.chunks_exact(8).map(|c| f64::from_be_bytes(c.try_into().expect("8")) as f32).collect(),
+        0x0B => body
+            .chunks_exact(2)
+            .map(|c| i16::from_be_bytes([c[0], c[1]]) as f32)
+            .collect(),
+        0x0C => body
+            .chunks_exact(4)
+            .map(|c| i32::from_be_bytes(c.try_into().expect("4")) as f32)
+            .collect(),
+        0x0D => body
+            .chunks_exact(4)
+            .map(|c| f32::from_be_bytes(c.try_into().expect("4")))
+            .collect(),
+        _ => body
+            .chunks_exact(8)
+            .map(|c| f64::from_be_bytes(c.try_into().expect("8")) as f32)
+            .collect(),
     };
-    Ok(IdxArray::F32(ArrayD::from_shape_vec(shape, f32s).expect("checked")))
+    Ok(IdxArray::F32(
+        ArrayD::from_shape_vec(shape, f32s).expect("checked"),
+    ))
 }

@@ -14,10 +14,16 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use weights::stats::tensor_stats;
-use weights::{Checkpoint, DType, SafetensorsWriter, ShardedWriter, TensorInfo, TensorSource, output_dtype};
+use weights::{
+    Checkpoint, DType, SafetensorsWriter, ShardedWriter, TensorInfo, TensorSource, output_dtype,
+};
 
 #[derive(Parser)]
-#[command(name = "weights", version, about = "Inspect and convert model checkpoints (safetensors, sharded, GGUF)")]
+#[command(
+    name = "weights",
+    version,
+    about = "Inspect and convert model checkpoints (safetensors, sharded, GGUF)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,17 +55,23 @@ enum Command {
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {
-    DType::parse_float(s).ok_or_else(|| format!("unknown dtype '{s}' (expected f32, f16, bf16 or f64)"))
+    DType::parse_float(s)
+        .ok_or_else(|| format!("unknown dtype '{s}' (expected f32, f16, bf16 or f64)"))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_uppercase();
-    let (num, mult) = [("GB", 1_000_000_000u64), ("MB", 1_000_000), ("KB", 1_000), ("B", 1)]
-        .iter()
-        .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
-        .unwrap_or((t.clone(), 1));
+    let (num, mult) = [
+        ("GB", 1_000_000_000u64),
+        ("MB", 1_000_000),
+        ("KB", 1_000),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
+    .unwrap_or((t.clone(), 1));
     let n: f64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    if !(n > 0.0) || !n.is_finite() {
+    if !n.is_finite() || n <= 0.0 {
         return Err(format!("size must be positive, got '{s}'"));
     }
     Ok((n * mult as f64) as u64)
@@ -106,7 +118,13 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     let params: usize = rows.iter().map(|r| r.numel).sum();
-    println!("{} ({}): {} tensors, {} parameters", path.display(), ckpt.format(), rows.len(), params);
+    println!(
+        "{} ({}): {} tensors, {} parameters",
+        path.display(),
+        ckpt.format(),
+        rows.len(),
+        params
+    );
     if let Checkpoint::Gguf(g) = &ckpt {
         println!("GGUF v{}, {:?}", g.version(), g.config());
     }
@@ -149,9 +167,17 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 fn convert(input: &Path, output: &Path, dtype: Option<DType>, shard_size: u64) -> Result<()> {
     let ckpt = Checkpoint::open(input)?;
-    let in_dir = if input.is_dir() { input.to_path_buf() } else { weights_parent(input) };
+    let in_dir = if input.is_dir() {
+        input.to_path_buf()
+    } else {
+        weights_parent(input)
+    };
     let single = output.extension().is_some_and(|e| e == "safetensors");
-    let out_dir = if single { weights_parent(output) } else { output.to_path_buf() };
+    let out_dir = if single {
+        weights_parent(output)
+    } else {
+        output.to_path_buf()
+    };
     if same_file(input, output) || (!single && same_file(&in_dir, &out_dir) && input.is_dir()) {
         bail!("refusing to write {} over its own input", output.display());
     }
@@ -182,14 +208,18 @@ fn convert(input: &Path, output: &Path, dtype: Option<DType>, shard_size: u64) -
     let mut wrote_config = false;
     if let Checkpoint::Gguf(g) = &ckpt {
         if let Some(cfg) = g.config().to_hf_config() {
-            weights::atomic::write_atomic(out_dir.join("config.json"), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+            weights::atomic::write_atomic(
+                out_dir.join("config.json"),
+                serde_json::to_string_pretty(&cfg)?.as_bytes(),
+            )?;
             wrote_config = true;
         }
     } else if !same_file(&in_dir, &out_dir) {
         for name in SIDE_FILES {
             let src = in_dir.join(name);
             if src.is_file() {
-                let bytes = std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+                let bytes =
+                    std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
                 weights::atomic::write_atomic(out_dir.join(name), &bytes)?;
                 wrote_config |= *name == "config.json";
             }
@@ -199,7 +229,11 @@ fn convert(input: &Path, output: &Path, dtype: Option<DType>, shard_size: u64) -
         "wrote {} tensors to {}{} in {:.2} s",
         plan.len(),
         output.display(),
-        if wrote_config { " (with config.json)" } else { "" },
+        if wrote_config {
+            " (with config.json)"
+        } else {
+            ""
+        },
         started.elapsed().as_secs_f64()
     );
     Ok(())

@@ -34,7 +34,10 @@ pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// Memory-maps `path` read-only. Returns `None` for an empty file.
 pub(crate) fn map_file(path: &Path) -> Result<(File, Option<Mmap>)> {
     let file = File::open(path).map_err(|e| WeightsError::io(path, e))?;
-    let len = file.metadata().map_err(|e| WeightsError::io(path, e))?.len();
+    let len = file
+        .metadata()
+        .map_err(|e| WeightsError::io(path, e))?
+        .len();
     if len == 0 {
         return Ok((file, None));
     }
@@ -48,19 +51,31 @@ pub(crate) fn map_file(path: &Path) -> Result<(File, Option<Mmap>)> {
 /// Converts stored bytes to a [`Tensor`], naming file and tensor on failure.
 pub(crate) fn decode_tensor(path: &Path, info: &TensorInfo, bytes: &[u8]) -> Result<Tensor> {
     let mut values = Vec::new();
-    dtype::decode(info.dtype, bytes, &mut values).map_err(|e| convert_error(path, &info.name, info.dtype, e, "reading"))?;
-    let data = ArrayD::from_shape_vec(IxDyn(&info.shape), values).map_err(|_| WeightsError::ByteCountMismatch {
-        path: path.to_path_buf(),
-        name: info.name.clone(),
-        dtype: info.dtype.to_string(),
-        shape: info.shape.clone(),
-        expected: info.dtype.bytes_for(info.numel() as u128).unwrap_or(0),
-        actual: bytes.len() as u128,
+    dtype::decode(info.dtype, bytes, &mut values)
+        .map_err(|e| convert_error(path, &info.name, info.dtype, e, "reading"))?;
+    let data = ArrayD::from_shape_vec(IxDyn(&info.shape), values).map_err(|_| {
+        WeightsError::ByteCountMismatch {
+            path: path.to_path_buf(),
+            name: info.name.clone(),
+            dtype: info.dtype.to_string(),
+            shape: info.shape.clone(),
+            expected: info
+                .dtype
+                .bytes_for(info.numel() as u128)
+                .map_or(u64::MAX, |n| n as u64),
+            actual: bytes.len() as u64,
+        }
     })?;
     Ok(Tensor::new(data, info.dtype))
 }
 
-pub(crate) fn convert_error(path: &Path, name: &str, dtype: DType, e: ConvertError, op: &'static str) -> WeightsError {
+pub(crate) fn convert_error(
+    path: &Path,
+    name: &str,
+    dtype: DType,
+    e: ConvertError,
+    op: &'static str,
+) -> WeightsError {
     match e {
         ConvertError::Inexact(value) => WeightsError::InexactConversion {
             path: path.to_path_buf(),
@@ -106,7 +121,10 @@ impl<'de> Deserialize<'de> for Pairs {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Pairs, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Pairs, A::Error> {
                 let mut v = Vec::new();
                 while let Some(pair) = map.next_entry::<String, serde_json::Value>()? {
                     v.push(pair);
@@ -119,7 +137,11 @@ impl<'de> Deserialize<'de> for Pairs {
 }
 
 /// Parses a JSON object into ordered pairs, rejecting duplicate keys.
-pub(crate) fn parse_object_no_dups(path: &Path, text: &[u8], what: &str) -> Result<Vec<(String, serde_json::Value)>> {
+pub(crate) fn parse_object_no_dups(
+    path: &Path,
+    text: &[u8],
+    what: &str,
+) -> Result<Vec<(String, serde_json::Value)>> {
     let Pairs(pairs) = serde_json::from_slice(text).map_err(|e| WeightsError::InvalidHeader {
         path: path.to_path_buf(),
         msg: format!("{what}: {e}"),
@@ -167,10 +189,12 @@ impl SafetensorsFile {
     }
 
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.entries.get(name).ok_or_else(|| WeightsError::TensorNotFound {
-            path: self.path.clone(),
-            name: name.to_string(),
-        })
+        self.entries
+            .get(name)
+            .ok_or_else(|| WeightsError::TensorNotFound {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })
     }
 }
 
@@ -200,7 +224,10 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     if bytes.len() < 8 {
         return Err(WeightsError::Truncated {
             path: p(),
-            what: format!("{} bytes, shorter than the 8-byte header length", bytes.len()),
+            what: format!(
+                "{} bytes, shorter than the 8-byte header length",
+                bytes.len()
+            ),
         });
     }
     let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
@@ -227,22 +254,25 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let mut entries: IndexMap<String, Entry> = IndexMap::with_capacity(pairs.len());
     for (name, value) in pairs {
         if name == "__metadata__" {
-            let map: IndexMap<String, String> = serde_json::from_value(value).map_err(|e| WeightsError::InvalidHeader {
-                path: p(),
-                msg: format!("__metadata__ must map strings to strings: {e}"),
-            })?;
+            let map: IndexMap<String, String> =
+                serde_json::from_value(value).map_err(|e| WeightsError::InvalidHeader {
+                    path: p(),
+                    msg: format!("__metadata__ must map strings to strings: {e}"),
+                })?;
             metadata = map;
             continue;
         }
-        let raw: RawInfo = serde_json::from_value(value).map_err(|e| WeightsError::InvalidHeader {
-            path: p(),
-            msg: format!("tensor '{name}': {e}"),
-        })?;
-        let dtype = DType::from_safetensors(&raw.dtype).ok_or_else(|| WeightsError::UnknownDtype {
-            path: p(),
-            name: name.clone(),
-            dtype: raw.dtype.clone(),
-        })?;
+        let raw: RawInfo =
+            serde_json::from_value(value).map_err(|e| WeightsError::InvalidHeader {
+                path: p(),
+                msg: format!("tensor '{name}': {e}"),
+            })?;
+        let dtype =
+            DType::from_safetensors(&raw.dtype).ok_or_else(|| WeightsError::UnknownDtype {
+                path: p(),
+                name: name.clone(),
+                dtype: raw.dtype.clone(),
+            })?;
         let (start, end) = raw.data_offsets;
         if end < start || end > data_len {
             return Err(WeightsError::OffsetOutOfRange {
@@ -253,7 +283,10 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
                 len: data_len,
             });
         }
-        let numel = raw.shape.iter().try_fold(1u128, |acc, &d| acc.checked_mul(d as u128));
+        let numel = raw
+            .shape
+            .iter()
+            .try_fold(1u128, |acc, &d| acc.checked_mul(d as u128));
         let expected = numel.and_then(|n| dtype.bytes_for(n));
         let actual = (end - start) as u128;
         if expected != Some(actual) {
@@ -262,8 +295,8 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
                 name,
                 dtype: raw.dtype,
                 shape: raw.shape,
-                expected: expected.unwrap_or(u128::MAX),
-                actual,
+                expected: expected.map_or(u64::MAX, |n| u64::try_from(n).unwrap_or(u64::MAX)),
+                actual: actual as u64,
             });
         }
         let info = TensorInfo {
@@ -297,7 +330,10 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         if e.start > cursor {
             return Err(WeightsError::NonContiguous {
                 path: p(),
-                msg: format!("bytes [{cursor}, {}) before tensor '{}' belong to no tensor", e.start, e.info.name),
+                msg: format!(
+                    "bytes [{cursor}, {}) before tensor '{}' belong to no tensor",
+                    e.start, e.info.name
+                ),
             });
         }
         cursor = e.end;
@@ -306,7 +342,10 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     if cursor as u64 != data_len {
         return Err(WeightsError::NonContiguous {
             path: p(),
-            msg: format!("{} bytes after the last tensor belong to no tensor", data_len - cursor as u64),
+            msg: format!(
+                "{} bytes after the last tensor belong to no tensor",
+                data_len - cursor as u64
+            ),
         });
     }
     // Second opinion from the reference parser (header start, padding, limits).
@@ -323,7 +362,9 @@ fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
 pub fn output_dtype(stored: DType, float_dtype: Option<DType>) -> DType {
     match (stored.is_float(), float_dtype) {
         (true, Some(d)) => d,
-        (true, None) if matches!(stored, DType::F64 | DType::F32 | DType::F16 | DType::BF16) => stored,
+        (true, None) if matches!(stored, DType::F64 | DType::F32 | DType::F16 | DType::BF16) => {
+            stored
+        }
         (true, None) => DType::F32,
         (false, _) => stored,
     }
@@ -352,14 +393,21 @@ pub struct SafetensorsWriter {
 
 impl SafetensorsWriter {
     /// Creates the temporary file and writes the header for `plan`.
-    pub fn create(path: impl AsRef<Path>, plan: &[TensorInfo], metadata: &IndexMap<String, String>) -> Result<Self> {
+    pub fn create(
+        path: impl AsRef<Path>,
+        plan: &[TensorInfo],
+        metadata: &IndexMap<String, String>,
+    ) -> Result<Self> {
         let path = path.as_ref();
         let mut order: Vec<&TensorInfo> = plan.iter().collect();
         order.sort_by_key(|i| std::cmp::Reverse(i.dtype.block().1));
         let mut slots = IndexMap::with_capacity(plan.len());
         let mut header = serde_json::Map::new();
         if !metadata.is_empty() {
-            header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map"));
+            header.insert(
+                "__metadata__".into(),
+                serde_json::to_value(metadata).expect("string map"),
+            );
         }
         let mut offset = 0u64;
         for info in order {
@@ -377,7 +425,10 @@ impl SafetensorsWriter {
                     name: info.name.clone(),
                 });
             }
-            let n = info.dtype.bytes_for(info.numel() as u128).expect("plain dtype") as u64;
+            let n = info
+                .dtype
+                .bytes_for(info.numel() as u128)
+                .expect("plain dtype") as u64;
             header.insert(
                 info.name.clone(),
                 serde_json::json!({"dtype": info.dtype.name(), "shape": info.shape, "data_offsets": [offset, offset + n]}),
@@ -395,13 +446,14 @@ impl SafetensorsWriter {
         }
         let mut json = serde_json::to_vec(&header).expect("header JSON");
         // Pad with spaces so the data section starts 8-byte aligned.
-        while json.len() % 8 != 0 {
+        while !json.len().is_multiple_of(8) {
             json.push(b' ');
         }
         let mut out = AtomicFile::create(path)?;
         let io = |e| WeightsError::io(path, e);
         let f = out.file();
-        f.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+        f.write_all(&(json.len() as u64).to_le_bytes())
+            .map_err(io)?;
         f.write_all(&json).map_err(io)?;
         let data_start = 8 + json.len() as u64;
         f.set_len(data_start + offset).map_err(io)?;
@@ -449,12 +501,14 @@ impl SafetensorsWriter {
         let contiguous = data.as_standard_layout();
         let values = contiguous.as_slice().expect("standard layout");
         let file = self.out.file();
-        file.seek(SeekFrom::Start(pos)).map_err(|e| WeightsError::io(&path, e))?;
+        file.seek(SeekFrom::Start(pos))
+            .map_err(|e| WeightsError::io(&path, e))?;
         for chunk in values.chunks(CHUNK) {
             self.buf.clear();
             dtype::encode_plain(dtype, chunk.iter().copied(), &mut self.buf)
                 .map_err(|e| convert_error(&path, name, dtype, e, "writing"))?;
-            file.write_all(&self.buf).map_err(|e| WeightsError::io(&path, e))?;
+            file.write_all(&self.buf)
+                .map_err(|e| WeightsError::io(&path, e))?;
         }
         self.slots[name].written = true;
         Ok(())
@@ -471,13 +525,15 @@ impl SafetensorsWriter {
                 name: name.to_string(),
                 dtype: slot.info.dtype.to_string(),
                 shape: shape.to_vec(),
-                expected: (slot.end - slot.start) as u128,
-                actual: bytes.len() as u128,
+                expected: slot.end - slot.start,
+                actual: bytes.len() as u64,
             });
         }
         let file = self.out.file();
-        file.seek(SeekFrom::Start(pos)).map_err(|e| WeightsError::io(&path, e))?;
-        file.write_all(bytes).map_err(|e| WeightsError::io(&path, e))?;
+        file.seek(SeekFrom::Start(pos))
+            .map_err(|e| WeightsError::io(&path, e))?;
+        file.write_all(bytes)
+            .map_err(|e| WeightsError::io(&path, e))?;
         self.slots[name].written = true;
         Ok(())
     }
@@ -487,7 +543,10 @@ impl SafetensorsWriter {
         if let Some(missing) = self.slots.values().find(|s| !s.written) {
             return Err(WeightsError::Writer {
                 path: self.out.target().to_path_buf(),
-                msg: format!("tensor '{}' was planned but never written", missing.info.name),
+                msg: format!(
+                    "tensor '{}' was planned but never written",
+                    missing.info.name
+                ),
             });
         }
         self.out.commit()

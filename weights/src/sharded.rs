@@ -35,7 +35,11 @@ impl ShardedCheckpoint {
     /// Opens a sharded checkpoint from its folder or its index file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let index_path = if path.is_dir() { path.join(INDEX_FILE) } else { path.to_path_buf() };
+        let index_path = if path.is_dir() {
+            path.join(INDEX_FILE)
+        } else {
+            path.to_path_buf()
+        };
         let dir = crate::atomic::parent_dir(&index_path);
         let text = std::fs::read(&index_path).map_err(|e| WeightsError::io(&index_path, e))?;
         let invalid = |msg: String| WeightsError::InvalidHeader {
@@ -49,7 +53,8 @@ impl ShardedCheckpoint {
             #[serde(default)]
             metadata: serde_json::Map<String, serde_json::Value>,
         }
-        let raw: RawIndex = serde_json::from_slice(&text).map_err(|e| invalid(format!("index JSON: {e}")))?;
+        let raw: RawIndex =
+            serde_json::from_slice(&text).map_err(|e| invalid(format!("index JSON: {e}")))?;
         let metadata: IndexMap<String, String> = raw
             .metadata
             .into_iter()
@@ -58,9 +63,12 @@ impl ShardedCheckpoint {
                 other => (k, other.to_string()),
             })
             .collect();
-        let weight_map_raw = raw.weight_map.ok_or_else(|| invalid("no \"weight_map\" object".into()))?;
+        let weight_map_raw = raw
+            .weight_map
+            .ok_or_else(|| invalid("no \"weight_map\" object".into()))?;
         // Parsed as ordered pairs so that a tensor listed twice is reported.
-        let weight_map = parse_object_no_dups(&index_path, weight_map_raw.get().as_bytes(), "weight_map")?;
+        let weight_map =
+            parse_object_no_dups(&index_path, weight_map_raw.get().as_bytes(), "weight_map")?;
 
         let mut shard_of: HashMap<String, usize> = HashMap::new();
         let mut shard_names: Vec<String> = Vec::new();
@@ -68,10 +76,16 @@ impl ShardedCheckpoint {
         for (tensor, file) in weight_map {
             let file = file
                 .as_str()
-                .ok_or_else(|| invalid(format!("weight_map entry for '{tensor}' is not a file name")))?
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "weight_map entry for '{tensor}' is not a file name"
+                    ))
+                })?
                 .to_string();
             if file.contains('/') || file.contains('\\') || file == ".." {
-                return Err(invalid(format!("shard name '{file}' for '{tensor}' must be a plain file name")));
+                return Err(invalid(format!(
+                    "shard name '{file}' for '{tensor}' must be a plain file name"
+                )));
             }
             let idx = *shard_of.entry(file.clone()).or_insert_with(|| {
                 shard_names.push(file.clone());
@@ -216,7 +230,11 @@ impl ShardedWriter {
                     });
                 }
             }
-            shards.push(Some(SafetensorsWriter::create(dir.join(shard_file_name(i, n)), group, metadata)?));
+            shards.push(Some(SafetensorsWriter::create(
+                dir.join(shard_file_name(i, n)),
+                group,
+                metadata,
+            )?));
         }
         Ok(ShardedWriter {
             dir,
@@ -227,10 +245,13 @@ impl ShardedWriter {
     }
 
     fn shard(&mut self, name: &str) -> Result<&mut SafetensorsWriter> {
-        let i = *self.shard_of.get(name).ok_or_else(|| WeightsError::Writer {
-            path: self.dir.clone(),
-            msg: format!("tensor '{name}' is not in the plan"),
-        })?;
+        let i = *self
+            .shard_of
+            .get(name)
+            .ok_or_else(|| WeightsError::Writer {
+                path: self.dir.clone(),
+                msg: format!("tensor '{name}' is not in the plan"),
+            })?;
         Ok(self.shards[i].as_mut().expect("shards live until finish"))
     }
 
@@ -262,7 +283,12 @@ impl ShardedWriter {
         let weight_map: serde_json::Map<String, serde_json::Value> = self
             .shard_of
             .iter()
-            .map(|(name, &i)| (name.clone(), serde_json::Value::String(shard_file_name(i, n))))
+            .map(|(name, &i)| {
+                (
+                    name.clone(),
+                    serde_json::Value::String(shard_file_name(i, n)),
+                )
+            })
             .collect();
         let index = serde_json::json!({
             "metadata": {"total_size": self.total_size},
@@ -273,7 +299,12 @@ impl ShardedWriter {
     }
 }
 
-pub(crate) fn save(sd: &StateDict, dir: &Path, max_shard_bytes: u64, float_dtype: Option<DType>) -> Result<()> {
+pub(crate) fn save(
+    sd: &StateDict,
+    dir: &Path,
+    max_shard_bytes: u64,
+    float_dtype: Option<DType>,
+) -> Result<()> {
     let mut w = ShardedWriter::create(dir, &plan(sd, float_dtype), &sd.metadata, max_shard_bytes)?;
     for (name, t) in sd.iter() {
         w.write(name, t.data.view())?;

@@ -74,7 +74,10 @@ mod tests {
     fn stats_by_hand() {
         let a = ArrayD::from_shape_vec(vec![5], vec![1.0, 2.0, f32::NAN, 3.0, 6.0]).unwrap();
         let s = tensor_stats(a.view());
-        assert_eq!((s.min, s.max, s.mean, s.nan), (Some(1.0), Some(6.0), Some(3.0), 1));
+        assert_eq!(
+            (s.min, s.max, s.mean, s.nan),
+            (Some(1.0), Some(6.0), Some(3.0), 1)
+        );
         // deviations -2, -1, 0, 3 -> variance 14/4
         assert!((s.std.unwrap() - (3.5f64).sqrt()).abs() < 1e-12);
         let empty = tensor_stats(ArrayD::<f32>::zeros(vec![0]).view());

@@ -116,10 +116,12 @@ impl StateDict {
 
     /// The tensor named `name`, or an error naming it.
     pub fn require(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| WeightsError::TensorNotFound {
-            path: PathBuf::from("<state dict>"),
-            name: name.to_string(),
-        })
+        self.tensors
+            .get(name)
+            .ok_or_else(|| WeightsError::TensorNotFound {
+                path: PathBuf::from("<state dict>"),
+                name: name.to_string(),
+            })
     }
 
     /// Mutable access to the tensor `name`.

@@ -5,29 +5,52 @@ mod common;
 use common::{array, fixture};
 use indexmap::IndexMap;
 use ndarray::{ArrayD, IxDyn, arr0};
-use weights::{DType, SafetensorsFile, SafetensorsWriter, StateDict, Tensor, TensorInfo, TensorSource, WeightsError};
+use weights::{
+    DType, SafetensorsFile, SafetensorsWriter, StateDict, Tensor, TensorInfo, TensorSource,
+    WeightsError,
+};
 
 fn header_json(path: &std::path::Path) -> (u64, serde_json::Value) {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
-    (n, serde_json::from_slice(&bytes[8..8 + n as usize]).unwrap())
+    (
+        n,
+        serde_json::from_slice(&bytes[8..8 + n as usize]).unwrap(),
+    )
 }
 
 #[test]
 fn round_trip_every_writable_dtype() {
     let dir = tempfile::tempdir().unwrap();
     let mut sd = StateDict::new();
-    let floats = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![1.0, -2.5, 0.1, 1e-3, 65504.0, -0.0]).unwrap();
+    let floats =
+        ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![1.0, -2.5, 0.1, 1e-3, 65504.0, -0.0]).unwrap();
     for d in [DType::F64, DType::F32, DType::F16, DType::BF16] {
         sd.insert(format!("float.{d}"), Tensor::new(floats.clone(), d));
     }
     let ints = ArrayD::from_shape_vec(IxDyn(&[4]), vec![0.0, 1.0, 100.0, 127.0]).unwrap();
-    for d in [DType::I64, DType::I32, DType::I16, DType::I8, DType::U64, DType::U32, DType::U16, DType::U8] {
+    for d in [
+        DType::I64,
+        DType::I32,
+        DType::I16,
+        DType::I8,
+        DType::U64,
+        DType::U32,
+        DType::U16,
+        DType::U8,
+    ] {
         sd.insert(format!("int.{d}"), Tensor::new(ints.clone(), d));
     }
-    let signed = ArrayD::from_shape_vec(IxDyn(&[3]), vec![-(2f32.powi(40)), -7.0, 16_777_216.0]).unwrap();
+    let signed =
+        ArrayD::from_shape_vec(IxDyn(&[3]), vec![-(2f32.powi(40)), -7.0, 16_777_216.0]).unwrap();
     sd.insert("int.I64.signed", Tensor::new(signed.clone(), DType::I64));
-    sd.insert("bool", Tensor::new(ArrayD::from_shape_vec(IxDyn(&[3]), vec![1.0, 0.0, 1.0]).unwrap(), DType::Bool));
+    sd.insert(
+        "bool",
+        Tensor::new(
+            ArrayD::from_shape_vec(IxDyn(&[3]), vec![1.0, 0.0, 1.0]).unwrap(),
+            DType::Bool,
+        ),
+    );
     sd.insert("scalar", Tensor::f32(arr0(3.5f32).into_dyn()));
     sd.insert("empty", Tensor::f32(ArrayD::zeros(IxDyn(&[0, 4]))));
     sd.metadata.insert("format".into(), "pt".into());
@@ -43,8 +66,16 @@ fn round_trip_every_writable_dtype() {
         assert_eq!(b.shape(), t.shape(), "{name}");
         let expect: Vec<f32> = match t.dtype {
             // The stored value is the nearest representable one, computed independently.
-            DType::F16 => t.data.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
-            DType::BF16 => t.data.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect(),
+            DType::F16 => t
+                .data
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect(),
+            DType::BF16 => t
+                .data
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect(),
             _ => t.data.iter().copied().collect(),
         };
         let got: Vec<f32> = b.data.iter().copied().collect();
@@ -54,8 +85,8 @@ fn round_trip_every_writable_dtype() {
         }
     }
     // Spot checks of rounding: 0.1 in bf16 is 0x3DCD = 0.10009765625, in f16 0x2E66 = 0.0999755859375.
-    assert_eq!(back.get("float.BF16").unwrap().data[[0, 2]], 0.100_097_656_25);
-    assert_eq!(back.get("float.F16").unwrap().data[[0, 2]], 0.099_975_585_937_5);
+    assert_eq!(back.get("float.BF16").unwrap().data[[0, 2]], 0.100_097_656);
+    assert_eq!(back.get("float.F16").unwrap().data[[0, 2]], 0.099_975_586);
 }
 
 #[test]
@@ -82,7 +113,12 @@ fn written_header_follows_the_reference_layout() {
                 "F16" => 2,
                 _ => 1,
             };
-            (o[0].as_u64().unwrap(), o[1].as_u64().unwrap(), k.clone(), size)
+            (
+                o[0].as_u64().unwrap(),
+                o[1].as_u64().unwrap(),
+                k.clone(),
+                size,
+            )
         })
         .collect();
     // JSON order is offset order, offsets are contiguous from 0, every tensor is aligned.
@@ -106,24 +142,49 @@ fn written_header_follows_the_reference_layout() {
     let view = st.tensor("c.float").unwrap();
     assert_eq!(view.dtype(), safetensors::Dtype::F32);
     assert_eq!(view.shape(), &[4, 4]);
-    let vals: Vec<f32> = view.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    assert_eq!(vals, sd.get("c.float").unwrap().data.iter().copied().collect::<Vec<_>>());
+    let vals: Vec<f32> = view
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(
+        vals,
+        sd.get("c.float")
+            .unwrap()
+            .data
+            .iter()
+            .copied()
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]
 fn reads_fixture_written_by_python_safetensors_exactly() {
     let f = SafetensorsFile::open(fixture("reference.safetensors")).unwrap();
     let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("reference_values.json")).unwrap()).unwrap();
-    assert_eq!(f.metadata().get("source").map(String::as_str), Some("make_fixtures.py"));
+        serde_json::from_str(&std::fs::read_to_string(fixture("reference_values.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        f.metadata().get("source").map(String::as_str),
+        Some("make_fixtures.py")
+    );
     let values = expected["values"].as_object().unwrap();
     assert_eq!(f.infos().len(), values.len());
     for (name, vals) in values {
         let t = f.load(name).unwrap();
         let shape: Vec<usize> = serde_json::from_value(expected["shapes"][name].clone()).unwrap();
         assert_eq!(t.shape(), &shape[..], "{name}");
-        assert_eq!(t.dtype.name(), expected["dtypes"][name].as_str().unwrap(), "{name}");
-        let want: Vec<f32> = vals.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        assert_eq!(
+            t.dtype.name(),
+            expected["dtypes"][name].as_str().unwrap(),
+            "{name}"
+        );
+        let want: Vec<f32> = vals
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         let got: Vec<f32> = t.data.iter().copied().collect();
         assert_eq!(got, want, "{name}");
     }
@@ -134,23 +195,47 @@ fn writer_accepts_any_order_and_refuses_incomplete_output() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.safetensors");
     let plan = vec![
-        TensorInfo { name: "x".into(), dtype: DType::F32, shape: vec![2] },
-        TensorInfo { name: "y".into(), dtype: DType::BF16, shape: vec![3] },
+        TensorInfo {
+            name: "x".into(),
+            dtype: DType::F32,
+            shape: vec![2],
+        },
+        TensorInfo {
+            name: "y".into(),
+            dtype: DType::BF16,
+            shape: vec![3],
+        },
     ];
     // Incomplete: finish fails and nothing appears at the target.
     let mut w = SafetensorsWriter::create(&path, &plan, &IndexMap::new()).unwrap();
     w.write("x", array(&[2], 1).view()).unwrap();
     let err = w.finish().unwrap_err();
-    assert!(err.to_string().contains("'y' was planned but never written"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("'y' was planned but never written"),
+        "{err}"
+    );
     assert!(!path.exists());
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temporary file left behind");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "temporary file left behind"
+    );
 
     // Wrong shape, unknown name, double write are errors naming the tensor.
     let mut w = SafetensorsWriter::create(&path, &plan, &IndexMap::new()).unwrap();
-    assert!(matches!(w.write("y", array(&[2], 1).view()), Err(WeightsError::ShapeMismatch { .. })));
+    assert!(matches!(
+        w.write("y", array(&[2], 1).view()),
+        Err(WeightsError::ShapeMismatch { .. })
+    ));
     assert!(w.write("z", array(&[2], 1).view()).is_err());
     w.write("y", array(&[3], 2).view()).unwrap();
-    assert!(w.write("y", array(&[3], 2).view()).unwrap_err().to_string().contains("twice"));
+    assert!(
+        w.write("y", array(&[3], 2).view())
+            .unwrap_err()
+            .to_string()
+            .contains("twice")
+    );
     w.write("x", array(&[2], 1).view()).unwrap();
     w.finish().unwrap();
     let back = StateDict::load(&path).unwrap();
@@ -168,9 +253,15 @@ fn failed_write_leaves_existing_output_untouched() {
     // An integer tensor holding 1.5 cannot be written: the save fails midway.
     let mut bad = StateDict::new();
     bad.insert("a", Tensor::f32(array(&[1000], 1)));
-    bad.insert("ids", Tensor::new(ArrayD::from_elem(IxDyn(&[2]), 1.5), DType::I64));
+    bad.insert(
+        "ids",
+        Tensor::new(ArrayD::from_elem(IxDyn(&[2]), 1.5), DType::I64),
+    );
     let err = bad.save_safetensors(&path).unwrap_err();
-    assert!(matches!(err, WeightsError::InexactConversion { ref name, .. } if name == "ids"), "{err}");
+    assert!(
+        matches!(err, WeightsError::InexactConversion { ref name, .. } if name == "ids"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(&path).unwrap(), before);
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
@@ -187,5 +278,8 @@ fn lazy_reader_gives_raw_bytes_and_single_tensors() {
     assert_eq!(f.raw("a").unwrap().len(), 128);
     assert_eq!(f.info("b").unwrap().shape, vec![2, 2]);
     assert_eq!(f.load("b").unwrap().data, array(&[2, 2], 2));
-    assert!(matches!(f.load("nope"), Err(WeightsError::TensorNotFound { .. })));
+    assert!(matches!(
+        f.load("nope"),
+        Err(WeightsError::TensorNotFound { .. })
+    ));
 }

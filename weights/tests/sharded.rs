@@ -10,8 +10,14 @@ use weights::{Checkpoint, DType, ShardedCheckpoint, StateDict, Tensor, TensorSou
 fn model() -> StateDict {
     let mut sd = StateDict::new();
     for i in 0..5 {
-        sd.insert(format!("layers.{i}.weight"), Tensor::f32(array(&[16, 8], i)));
-        sd.insert(format!("layers.{i}.bias"), Tensor::new(array(&[16], 100 + i), DType::BF16));
+        sd.insert(
+            format!("layers.{i}.weight"),
+            Tensor::f32(array(&[16, 8], i)),
+        );
+        sd.insert(
+            format!("layers.{i}.bias"),
+            Tensor::new(array(&[16], 100 + i), DType::BF16),
+        );
     }
     sd.metadata.insert("format".into(), "pt".into());
     sd
@@ -27,7 +33,11 @@ fn sharded_write_then_read_equals_original() {
     assert!(ckpt.shards().len() > 1);
     for s in ckpt.shards() {
         let bytes = std::fs::metadata(s.path()).unwrap().len();
-        let data: u64 = s.infos().iter().map(|i| i.dtype.bytes_for(i.numel() as u128).unwrap() as u64).sum();
+        let data: u64 = s
+            .infos()
+            .iter()
+            .map(|i| i.dtype.bytes_for(i.numel() as u128).unwrap() as u64)
+            .sum();
         assert!(data <= 1200, "{} holds {data} bytes", s.path().display());
         assert!(bytes > data);
     }
@@ -45,7 +55,12 @@ fn sharded_write_then_read_equals_original() {
     }
     // Checkpoint::open recognises the folder and the index file alike.
     assert_eq!(Checkpoint::open(dir.path()).unwrap().format(), "sharded");
-    assert_eq!(Checkpoint::open(dir.path().join("model.safetensors.index.json")).unwrap().format(), "sharded");
+    assert_eq!(
+        Checkpoint::open(dir.path().join("model.safetensors.index.json"))
+            .unwrap()
+            .format(),
+        "sharded"
+    );
 }
 
 #[test]
@@ -60,7 +75,10 @@ fn index_lists_every_tensor_once_with_total_size() {
     let mut per_file: HashMap<String, Vec<String>> = HashMap::new();
     for (name, file) in map {
         assert!(sd.contains(name));
-        per_file.entry(file.as_str().unwrap().to_string()).or_default().push(name.clone());
+        per_file
+            .entry(file.as_str().unwrap().to_string())
+            .or_default()
+            .push(name.clone());
     }
     let n = per_file.len();
     for (file, names) in &per_file {
@@ -72,7 +90,10 @@ fn index_lists_every_tensor_once_with_total_size() {
         listed.sort();
         assert_eq!(in_shard, listed, "{file}");
     }
-    let total: u64 = sd.iter().map(|(_, t)| t.data.len() as u64 * if t.dtype == DType::F32 { 4 } else { 2 }).sum();
+    let total: u64 = sd
+        .iter()
+        .map(|(_, t)| t.data.len() as u64 * if t.dtype == DType::F32 { 4 } else { 2 })
+        .sum();
     assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
 }
 
@@ -84,9 +105,16 @@ fn single_folder_without_index_and_oversized_tensor() {
     sd.insert("small", Tensor::f32(array(&[2], 2)));
     // A tensor bigger than the limit gets a shard of its own.
     sd.save_sharded(dir.path().join("s"), 10).unwrap();
-    assert_eq!(ShardedCheckpoint::open(dir.path().join("s")).unwrap().shards().len(), 2);
+    assert_eq!(
+        ShardedCheckpoint::open(dir.path().join("s"))
+            .unwrap()
+            .shards()
+            .len(),
+        2
+    );
     // A folder holding just model.safetensors opens as one file.
-    sd.save_safetensors(dir.path().join("model.safetensors")).unwrap();
+    sd.save_safetensors(dir.path().join("model.safetensors"))
+        .unwrap();
     let c = Checkpoint::open(dir.path()).unwrap();
     assert_eq!(c.format(), "safetensors");
     assert_eq!(c.load("big").unwrap().data, array(&[100], 1));

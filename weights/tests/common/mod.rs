@@ -7,20 +7,30 @@ use ndarray::{ArrayD, IxDyn};
 
 /// The committed fixtures folder.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// A fetched model file, or `None` (with a note) when it is absent outside
 /// CI. In CI (`CI` set) a missing file is a failure: `.ci/run` fetches them.
 pub fn model(rel: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models").join(rel);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models")
+        .join(rel);
     if p.is_file() {
         return Some(p);
     }
     if std::env::var_os("CI").is_some() {
-        panic!("{} is missing: CI must run scripts/fetch-models.sh first", p.display());
+        panic!(
+            "{} is missing: CI must run scripts/fetch-models.sh first",
+            p.display()
+        );
     }
-    eprintln!("skipping: {} not found (run scripts/fetch-models.sh)", p.display());
+    eprintln!(
+        "skipping: {} not found (run scripts/fetch-models.sh)",
+        p.display()
+    );
     None
 }
 
@@ -56,12 +66,21 @@ pub struct GgufBuilder {
     pub alignment: u64,
     kv: Vec<u8>,
     n_kv: u64,
-    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>, Option<u64>)>,
+    tensors: Vec<PlannedTensor>,
 }
+
+/// (name, GGUF dims, GGML type, bytes, forced offset)
+type PlannedTensor = (String, Vec<u64>, u32, Vec<u8>, Option<u64>);
 
 fn gguf_string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u64).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
+}
+
+impl Default for GgufBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl GgufBuilder {
@@ -112,14 +131,29 @@ impl GgufBuilder {
     }
 
     /// A tensor with GGUF dims (innermost first), GGML type and raw bytes.
-    pub fn tensor(&mut self, name: &str, dims: &[u64], ggml_type: u32, bytes: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.into(), dims.to_vec(), ggml_type, bytes, None));
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        ggml_type: u32,
+        bytes: Vec<u8>,
+    ) -> &mut Self {
+        self.tensors
+            .push((name.into(), dims.to_vec(), ggml_type, bytes, None));
         self
     }
 
     /// Like [`GgufBuilder::tensor`] but with a forced data offset.
-    pub fn tensor_at(&mut self, name: &str, dims: &[u64], ggml_type: u32, bytes: Vec<u8>, offset: u64) -> &mut Self {
-        self.tensors.push((name.into(), dims.to_vec(), ggml_type, bytes, Some(offset)));
+    pub fn tensor_at(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        ggml_type: u32,
+        bytes: Vec<u8>,
+        offset: u64,
+    ) -> &mut Self {
+        self.tensors
+            .push((name.into(), dims.to_vec(), ggml_type, bytes, Some(offset)));
         self
     }
 
