@@ -19,6 +19,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// `bytes.len()` must be a multiple of the block size (checked by callers).
 pub(crate) fn dequantize(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) {
     let (per, size) = dtype.block();
+    // `decode` has reserved the capacity (with the huge-page advice).
     out.clear();
     out.resize(bytes.len() / size * per, 0.0);
     let blocks = bytes.chunks_exact(size).zip(out.chunks_exact_mut(per));
