@@ -3,11 +3,12 @@
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
+use ndarray::ArrayViewD;
 
 use crate::error::{Result, WeightsError};
 use crate::gguf::GgufFile;
-use crate::safetensors_io::SafetensorsFile;
-use crate::sharded::{INDEX_FILE, ShardedCheckpoint};
+use crate::safetensors_io::{SafetensorsFile, SafetensorsWriter};
+use crate::sharded::{INDEX_FILE, ShardedCheckpoint, ShardedWriter};
 use crate::tensor::{Tensor, TensorInfo, TensorSource};
 
 /// A checkpoint opened lazily from any supported format.
@@ -112,5 +113,53 @@ impl TensorSource for Checkpoint {
     }
     fn metadata(&self) -> &IndexMap<String, String> {
         self.inner().metadata()
+    }
+}
+
+/// A streaming writer for either output layout, chosen from the path: a path
+/// ending in `.safetensors` is one file, anything else a sharded folder.
+pub enum CheckpointWriter {
+    /// One safetensors file.
+    Single(SafetensorsWriter),
+    /// A sharded folder with an index.
+    Sharded(ShardedWriter),
+}
+
+impl CheckpointWriter {
+    /// Plans the output for `plan` (see [`SafetensorsWriter::create`] and
+    /// [`ShardedWriter::create`]; `max_shard_bytes` applies to folders).
+    pub fn create(
+        out: impl AsRef<Path>,
+        plan: &[TensorInfo],
+        metadata: &IndexMap<String, String>,
+        max_shard_bytes: u64,
+    ) -> Result<Self> {
+        let out = out.as_ref();
+        Ok(if Self::is_single_file(out) {
+            CheckpointWriter::Single(SafetensorsWriter::create(out, plan, metadata)?)
+        } else {
+            CheckpointWriter::Sharded(ShardedWriter::create(out, plan, metadata, max_shard_bytes)?)
+        })
+    }
+
+    /// Whether `out` names a single safetensors file (else a folder).
+    pub fn is_single_file(out: &Path) -> bool {
+        out.extension().is_some_and(|e| e == "safetensors")
+    }
+
+    /// Converts `data` to the planned dtype and writes it.
+    pub fn write(&mut self, name: &str, data: ArrayViewD<'_, f32>) -> Result<()> {
+        match self {
+            CheckpointWriter::Single(w) => w.write(name, data),
+            CheckpointWriter::Sharded(w) => w.write(name, data),
+        }
+    }
+
+    /// Checks completeness and moves the output into place.
+    pub fn finish(self) -> Result<()> {
+        match self {
+            CheckpointWriter::Single(w) => w.finish(),
+            CheckpointWriter::Sharded(w) => w.finish(),
+        }
     }
 }

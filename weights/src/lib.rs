@@ -43,7 +43,7 @@ pub mod sharded;
 pub mod stats;
 mod tensor;
 
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, CheckpointWriter};
 pub use dtype::DType;
 pub use error::{Result, WeightsError};
 pub use gguf::{GgufFile, GgufModelConfig, GgufValue};

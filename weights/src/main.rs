@@ -14,9 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use weights::stats::tensor_stats;
-use weights::{
-    Checkpoint, DType, SafetensorsWriter, ShardedWriter, TensorInfo, TensorSource, output_dtype,
-};
+use weights::{Checkpoint, CheckpointWriter, DType, TensorInfo, TensorSource, output_dtype};
 
 #[derive(Parser)]
 #[command(
@@ -172,7 +170,7 @@ fn convert(input: &Path, output: &Path, dtype: Option<DType>, shard_size: u64) -
     } else {
         weights_parent(input)
     };
-    let single = output.extension().is_some_and(|e| e == "safetensors");
+    let single = CheckpointWriter::is_single_file(output);
     let out_dir = if single {
         weights_parent(output)
     } else {
@@ -191,19 +189,11 @@ fn convert(input: &Path, output: &Path, dtype: Option<DType>, shard_size: u64) -
         .collect();
     let metadata = ckpt.metadata().clone();
     let started = std::time::Instant::now();
-    if single {
-        let mut w = SafetensorsWriter::create(output, &plan, &metadata)?;
-        for info in &plan {
-            w.write(&info.name, ckpt.load(&info.name)?.data.view())?;
-        }
-        w.finish()?;
-    } else {
-        let mut w = ShardedWriter::create(output, &plan, &metadata, shard_size)?;
-        for info in &plan {
-            w.write(&info.name, ckpt.load(&info.name)?.data.view())?;
-        }
-        w.finish()?;
+    let mut w = CheckpointWriter::create(output, &plan, &metadata, shard_size)?;
+    for info in &plan {
+        w.write(&info.name, ckpt.load(&info.name)?.data.view())?;
     }
+    w.finish()?;
     // Side files: a config written from GGUF metadata, or the input's own.
     let mut wrote_config = false;
     if let Checkpoint::Gguf(g) = &ckpt {
