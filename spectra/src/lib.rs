@@ -1,9 +1,17 @@
 //! Spectral analysis of weight matrices.
 //!
-//! This crate will hold thin and full SVDs and symmetric eigenvalues of the
-//! 2-D (and convolutional) weights of a [`weights::StateDict`], the empirical
-//! spectral density (ESD) of `W·Wᵀ`, Clauset–Shalizi–Newman power-law fits and
-//! the WeightWatcher metrics built on them (α, weighted α, log norms, stable
-//! rank, Marchenko–Pastur spikes), FARMS fixed-aspect-ratio subsampling,
-//! WeLore rank selection and singular-vector alignment between two models.
-//! It is plain ndarray code, parallel over layers; see issue 3.
+//! Thin and full SVDs and symmetric eigenvalues ([`linalg`]), the empirical
+//! spectral density (ESD) of `WᵀW` ([`esd`]), Clauset–Shalizi–Newman
+//! power-law fits as WeightWatcher computes them ([`powerlaw`]), the
+//! WeightWatcher layer metrics and a Marchenko–Pastur bulk fit
+//! ([`metrics`]), FARMS fixed-aspect-ratio subsampling ([`farms`]), WeLore
+//! rank selection ([`welore`]), singular-vector alignment between two models
+//! ([`alignment`]) and a per-layer report over a whole checkpoint
+//! ([`report`]). Plain ndarray code, parallel over layers with rayon.
+
+pub mod error;
+pub mod linalg;
+pub mod powerlaw;
+pub mod rng;
+
+pub use error::{Result, SpectraError};

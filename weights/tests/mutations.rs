@@ -20,7 +20,11 @@ fn mutate_and_open(valid: &[u8], name: &str, rounds: usize, seed: u64) {
     for round in 0..rounds {
         let mut b = valid.to_vec();
         // Focus on the header, where the parsers live, but touch data too.
-        let span = if round % 4 == 0 { b.len() } else { b.len().min(512) };
+        let span = if round % 4 == 0 {
+            b.len()
+        } else {
+            b.len().min(512)
+        };
         for _ in 0..1 + next() % 4 {
             let i = (next() as usize) % span;
             match next() % 3 {
@@ -46,16 +50,29 @@ fn mutated_safetensors_never_panic() {
     let mut sd = StateDict::new();
     sd.insert("a", Tensor::f32(array(&[3, 4], 1)));
     sd.insert("b", Tensor::new(array(&[5], 2), DType::BF16));
-    sd.insert("c", Tensor::new(ndarray::ArrayD::zeros(vec![2]), DType::I64));
+    sd.insert(
+        "c",
+        Tensor::new(ndarray::ArrayD::zeros(vec![2]), DType::I64),
+    );
     sd.metadata.insert("k".into(), "v".into());
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("v.safetensors");
     sd.save_safetensors(&p).unwrap();
     mutate_and_open(&std::fs::read(&p).unwrap(), "m.safetensors", 3000, 7);
-    mutate_and_open(&std::fs::read(fixture("reference.safetensors")).unwrap(), "m.safetensors", 2000, 11);
+    mutate_and_open(
+        &std::fs::read(fixture("reference.safetensors")).unwrap(),
+        "m.safetensors",
+        2000,
+        11,
+    );
 }
 
 #[test]
 fn mutated_gguf_never_panics() {
-    mutate_and_open(&std::fs::read(fixture("tiny_llama.gguf")).unwrap(), "m.gguf", 3000, 13);
+    mutate_and_open(
+        &std::fs::read(fixture("tiny_llama.gguf")).unwrap(),
+        "m.gguf",
+        3000,
+        13,
+    );
 }

@@ -1,0 +1,238 @@
+//! Dense decompositions behind one small interface: thin and full SVD,
+//! singular values only, symmetric eigenvalues, for `f32` and `f64` ndarray
+//! views. The backend is `faer` (pure Rust, no system packages).
+//!
+//! Conventions: singular values are returned in **descending** order,
+//! symmetric eigenvalues in **ascending** order, `A = U · diag(s) · Vᵀ` with
+//! `U` of shape `m × k`, `Vᵀ` of shape `k × n`, `k = min(m, n)` (thin) or
+//! `U` `m × m`, `Vᵀ` `n × n` (full). Every function refuses empty matrices and
+//! non-finite entries with a typed error instead of returning NaN.
+
+use faer::{MatRef, Side};
+use ndarray::{Array1, Array2, ArrayView2};
+
+use crate::error::{Result, SpectraError};
+
+/// The floating-point types the decompositions accept (`f32`, `f64`).
+pub trait Scalar: faer::traits::RealField + Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// Machine epsilon of the type.
+    const EPSILON: f64;
+    /// Widens to `f64`.
+    fn to_f64(self) -> f64;
+    /// Narrows from `f64`.
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Scalar for f32 {
+    const EPSILON: f64 = f32::EPSILON as f64;
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Scalar for f64 {
+    const EPSILON: f64 = f64::EPSILON;
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// A singular value decomposition `A = U · diag(s) · Vᵀ`.
+#[derive(Debug, Clone)]
+pub struct Svd<T> {
+    /// Left singular vectors as columns.
+    pub u: Array2<T>,
+    /// Singular values, descending.
+    pub s: Array1<T>,
+    /// Right singular vectors as rows.
+    pub vt: Array2<T>,
+}
+
+/// Checks that `a` is non-empty and finite; `name` goes into the error.
+pub fn check_matrix<T: Scalar>(a: ArrayView2<'_, T>, name: &str) -> Result<()> {
+    if a.is_empty() {
+        return Err(SpectraError::Empty {
+            name: name.to_string(),
+            shape: a.shape().to_vec(),
+        });
+    }
+    let bad = a.iter().filter(|v| !v.to_f64().is_finite()).count();
+    if bad > 0 {
+        return Err(SpectraError::NonFinite {
+            name: name.to_string(),
+            count: bad,
+        });
+    }
+    Ok(())
+}
+
+/// Runs `f` on a faer view of `a` (zero-copy for standard or Fortran layout).
+fn with_faer<T: Scalar, R>(a: ArrayView2<'_, T>, f: impl FnOnce(MatRef<'_, T>) -> R) -> R {
+    let (m, n) = a.dim();
+    if let Some(s) = a.as_slice() {
+        return f(MatRef::from_row_major_slice(s, m, n));
+    }
+    if let Some(s) = a.t().as_slice() {
+        return f(MatRef::from_column_major_slice(s, m, n));
+    }
+    let owned = a.as_standard_layout();
+    f(MatRef::from_row_major_slice(
+        owned.as_slice().expect("standard layout"),
+        m,
+        n,
+    ))
+}
+
+fn to_ndarray<T: Scalar>(m: MatRef<'_, T>) -> Array2<T> {
+    Array2::from_shape_fn((m.nrows(), m.ncols()), |(i, j)| m[(i, j)])
+}
+
+fn no_conv(name: &str, what: &'static str) -> SpectraError {
+    SpectraError::NoConvergence {
+        name: name.to_string(),
+        what,
+    }
+}
+
+/// Singular values of `a`, descending.
+pub fn singular_values<T: Scalar>(a: ArrayView2<'_, T>, name: &str) -> Result<Vec<T>> {
+    check_matrix(a, name)?;
+    with_faer(a, |m| m.singular_values()).map_err(|_| no_conv(name, "SVD"))
+}
+
+fn svd_impl<T: Scalar>(a: ArrayView2<'_, T>, name: &str, thin: bool) -> Result<Svd<T>> {
+    check_matrix(a, name)?;
+    let svd = with_faer(a, |m| if thin { m.thin_svd() } else { m.svd() })
+        .map_err(|_| no_conv(name, "SVD"))?;
+    let s = svd.S().column_vector();
+    Ok(Svd {
+        u: to_ndarray(svd.U()),
+        s: Array1::from_iter((0..s.nrows()).map(|i| s[i])),
+        vt: to_ndarray(svd.V().transpose()),
+    })
+}
+
+/// Thin SVD: `U` is `m × k`, `Vᵀ` is `k × n`, `k = min(m, n)`.
+pub fn thin_svd<T: Scalar>(a: ArrayView2<'_, T>, name: &str) -> Result<Svd<T>> {
+    svd_impl(a, name, true)
+}
+
+/// Full SVD: `U` is `m × m`, `Vᵀ` is `n × n`, `s` has `min(m, n)` values.
+pub fn full_svd<T: Scalar>(a: ArrayView2<'_, T>, name: &str) -> Result<Svd<T>> {
+    svd_impl(a, name, false)
+}
+
+/// Eigenvalues of the symmetric matrix `a` (its lower triangle is read), ascending.
+pub fn symmetric_eigenvalues<T: Scalar>(a: ArrayView2<'_, T>, name: &str) -> Result<Vec<T>> {
+    check_matrix(a, name)?;
+    if a.nrows() != a.ncols() {
+        return Err(SpectraError::Shape {
+            name: name.to_string(),
+            msg: format!(
+                "symmetric eigenvalues need a square matrix, got {:?}",
+                a.shape()
+            ),
+        });
+    }
+    with_faer(a, |m| m.self_adjoint_eigenvalues(Side::Lower))
+        .map_err(|_| no_conv(name, "symmetric eigendecomposition"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, array};
+
+    fn gaussian(m: usize, n: usize, seed: u64) -> Array2<f64> {
+        let mut rng = crate::rng::Rng::new(seed);
+        Array2::from_shape_fn((m, n), |_| rng.normal())
+    }
+
+    #[test]
+    fn thin_svd_reconstructs_in_f32_and_f64() {
+        for &(m, n) in &[(7usize, 5usize), (5, 7), (40, 40)] {
+            let a = gaussian(m, n, 3);
+            let svd = thin_svd(a.view(), "a").unwrap();
+            let k = m.min(n);
+            assert_eq!(
+                (svd.u.dim(), svd.s.len(), svd.vt.dim()),
+                ((m, k), k, (k, n))
+            );
+            let rec = svd.u.dot(&Array2::from_diag(&svd.s)).dot(&svd.vt);
+            let err = (&rec - &a).mapv(|x| x * x).sum().sqrt() / a.mapv(|x| x * x).sum().sqrt();
+            assert!(err < 1e-12, "f64 {m}x{n}: {err}");
+            assert!(svd.s.windows(2).into_iter().all(|w| w[0] >= w[1]));
+
+            let a32 = a.mapv(|x| x as f32);
+            let s = thin_svd(a32.view(), "a32").unwrap();
+            let rec = s.u.dot(&Array2::from_diag(&s.s)).dot(&s.vt);
+            let err = (&rec - &a32).mapv(|x| x * x).sum().sqrt() / a32.mapv(|x| x * x).sum().sqrt();
+            assert!(err < 1e-5, "f32 {m}x{n}: {err}");
+        }
+    }
+
+    #[test]
+    fn full_svd_has_square_orthogonal_factors() {
+        let a = gaussian(6, 3, 5);
+        let svd = full_svd(a.view(), "a").unwrap();
+        assert_eq!((svd.u.dim(), svd.vt.dim()), ((6, 6), (3, 3)));
+        let eye = svd.u.t().dot(&svd.u);
+        assert!(
+            (&eye - &Array2::<f64>::eye(6))
+                .iter()
+                .all(|x| x.abs() < 1e-12)
+        );
+    }
+
+    #[test]
+    fn known_singular_values_are_exact() {
+        let d = array![[3.0f64, 0.0, 0.0], [0.0, -5.0, 0.0], [0.0, 0.0, 1.0]];
+        // Exact to machine precision (a few ulps).
+        let s = singular_values(d.view(), "diag").unwrap();
+        for (got, want) in s.iter().zip([5.0, 3.0, 1.0]) {
+            assert!((got - want).abs() <= 4.0 * f64::EPSILON * want, "{s:?}");
+        }
+        // rank 1: u vᵀ with |u| = 3, |v| = 5 -> one singular value 15
+        let u = array![1.0f64, 2.0, 2.0];
+        let v = array![3.0f64, 4.0];
+        let r1 = Array2::from_shape_fn((3, 2), |(i, j)| u[i] * v[j]);
+        let s = singular_values(r1.view(), "rank1").unwrap();
+        assert!((s[0] - 15.0).abs() < 1e-12 && s[1].abs() < 1e-12, "{s:?}");
+        // a rotation is orthogonal: all singular values 1
+        let (c, sn) = (0.3f64.cos(), 0.3f64.sin());
+        let q = array![[c, -sn], [sn, c]];
+        for x in singular_values(q.view(), "rot").unwrap() {
+            assert!((x - 1.0).abs() < 1e-14);
+        }
+        let sym = array![[2.0f64, 1.0], [1.0, 2.0]];
+        let e = symmetric_eigenvalues(sym.view(), "sym").unwrap();
+        assert!((e[0] - 1.0).abs() < 1e-14 && (e[1] - 3.0).abs() < 1e-14);
+    }
+
+    #[test]
+    fn non_finite_and_empty_inputs_are_errors() {
+        let mut a = Array2::<f32>::zeros((3, 3));
+        a[[1, 1]] = f32::NAN;
+        a[[2, 0]] = f32::INFINITY;
+        assert!(matches!(
+            singular_values(a.view(), "w"),
+            Err(SpectraError::NonFinite { count: 2, .. })
+        ));
+        let e = Array2::<f32>::zeros((0, 3));
+        assert!(matches!(
+            thin_svd(e.view(), "w"),
+            Err(SpectraError::Empty { .. })
+        ));
+        let r = Array2::<f64>::zeros((2, 3));
+        assert!(matches!(
+            symmetric_eigenvalues(r.view(), "w"),
+            Err(SpectraError::Shape { .. })
+        ));
+    }
+}
