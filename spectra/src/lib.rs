@@ -10,7 +10,10 @@
 //! ([`report`]). Plain ndarray code, parallel over layers with rayon.
 
 pub mod error;
+pub mod esd;
+pub mod farms;
 pub mod linalg;
+pub mod metrics;
 pub mod powerlaw;
 pub mod rng;
 
