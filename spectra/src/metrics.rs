@@ -248,7 +248,7 @@ mod tests {
             assert_eq!(fit.num_spikes, 1, "seed {seed}: {fit:?}");
             assert!(fit.mp_softrank < 0.6);
             // Normalising the ESD changes units, not spikes.
-            let e = esd(&[w.clone()], true, "noise").unwrap();
+            let e = esd(std::slice::from_ref(&w), true, "noise").unwrap();
             assert_eq!(mp_fit(&e, true).unwrap().num_spikes, 0);
         }
     }
@@ -280,12 +280,12 @@ mod tests {
         let w = Array2::from_shape_fn((200, 100), |(i, j)| {
             u[i] * (j as f32 / 100.0) + 0.01 * rng.normal() as f32
         });
-        let e = esd(&[w.clone()], false, "w").unwrap();
-        let r = randomized_esd(&[w.clone()], false, 1, "w").unwrap();
+        let e = esd(std::slice::from_ref(&w), false, "w").unwrap();
+        let r = randomized_esd(std::slice::from_ref(&w), false, 1, "w").unwrap();
         let d = rand_distance(&e.evals, &r.evals);
         assert!(d > 0.3, "{d}");
         let noise = gaussian(200, 100, 5);
-        let e = esd(&[noise.clone()], false, "n").unwrap();
+        let e = esd(std::slice::from_ref(&noise), false, "n").unwrap();
         let r = randomized_esd(&[noise], false, 1, "n").unwrap();
         let d0 = rand_distance(&e.evals, &r.evals);
         assert!(d0 < 0.1 && d0 < d / 5.0, "{d0} vs {d}");
