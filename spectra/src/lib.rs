@@ -9,6 +9,7 @@
 //! ([`alignment`]) and a per-layer report over a whole checkpoint
 //! ([`report`]). Plain ndarray code, parallel over layers with rayon.
 
+pub mod alignment;
 pub mod error;
 pub mod esd;
 pub mod farms;
@@ -16,5 +17,6 @@ pub mod linalg;
 pub mod metrics;
 pub mod powerlaw;
 pub mod rng;
+pub mod welore;
 
 pub use error::{Result, SpectraError};

@@ -1,0 +1,182 @@
+//! Singular-vector alignment between two models' weights (the analysis of
+//! Ito, Yamada & Kumagai, "Analysis of linear mode connectivity via
+//! permutation-based weight matching", 2024).
+//!
+//! For matrices `A` and `B` (`m × n`) and optional permutations `p` of rows and
+//! `q` of columns, `B' = P B Qᵀ` with `B'[i, j] = B[p[i], q[j]]` (the way
+//! weight matching maps model B onto model A). With thin SVDs
+//! `A = Σ σᵢ uᵢ vᵢᵀ` and `B' = Σ σ'ᵢ u'ᵢ v'ᵢᵀ` (descending):
+//!
+//! - (a) `sv_max_rel_diff = maxᵢ |σᵢ(B) − σᵢ(B')| / σ₁(B)`: permutations are
+//!   orthogonal, so this is zero up to rounding;
+//! - (b) `u_overlap[i][j] = |uᵢ · u'ⱼ|`, `v_overlap[i][j] = |vᵢ · v'ⱼ|` for the
+//!   top `k` vectors (absolute values: singular vectors have arbitrary signs);
+//! - (c) the diagonal alignment `aᵢ = |uᵢ · u'ᵢ| · |vᵢ · v'ᵢ|` and the score
+//!   `S = Σ_{i<k} σᵢ aᵢ / Σ_{i<k} σᵢ` (weighted by A's singular values; 1 when
+//!   `B' = A` with distinct singular values, about `1/√(mn)` per term for
+//!   independent matrices);
+//! - the thresholded score `R(γ) = Σ_{i∈I} σᵢ aᵢ / Σ_{i∈I} σᵢ` over
+//!   `I = {i : σᵢ ≥ γ·σ₁}` (all components when `γ = 0`).
+
+use ndarray::{Array2, ArrayView2};
+use serde::Serialize;
+
+use crate::error::{Result, SpectraError};
+use crate::linalg::thin_svd;
+
+/// The result of [`singular_vector_alignment`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Alignment {
+    /// (a) largest change of B's singular values under the permutation, relative to σ₁(B).
+    pub sv_max_rel_diff: f64,
+    /// (b) `|uᵢ · u'ⱼ|` for `i, j < k`.
+    pub u_overlap: Vec<Vec<f64>>,
+    /// (b) `|vᵢ · v'ⱼ|` for `i, j < k`.
+    pub v_overlap: Vec<Vec<f64>>,
+    /// (c) `aᵢ = |uᵢ · u'ᵢ| · |vᵢ · v'ᵢ|` for every component.
+    pub diagonal: Vec<f64>,
+    /// A's singular values.
+    pub singular_values: Vec<f64>,
+    /// (c) `S` over the top `k`.
+    pub score: f64,
+    /// `(γ, R(γ))` for each requested γ.
+    pub thresholded: Vec<(f64, f64)>,
+}
+
+fn check_perm(p: &[usize], n: usize, what: &str) -> Result<()> {
+    let mut seen = vec![false; n];
+    if p.len() != n || p.iter().any(|&i| i >= n || std::mem::replace(&mut seen[i], true)) {
+        return Err(SpectraError::Shape {
+            name: what.to_string(),
+            msg: format!("not a permutation of 0..{n}"),
+        });
+    }
+    Ok(())
+}
+
+/// Applies row permutation `p` and column permutation `q`: `out[i, j] = b[p[i], q[j]]`.
+pub fn permute_matrix(b: ArrayView2<'_, f32>, p: Option<&[usize]>, q: Option<&[usize]>) -> Result<Array2<f32>> {
+    let (m, n) = b.dim();
+    if let Some(p) = p {
+        check_perm(p, m, "row permutation")?;
+    }
+    if let Some(q) = q {
+        check_perm(q, n, "column permutation")?;
+    }
+    Ok(Array2::from_shape_fn((m, n), |(i, j)| {
+        b[[p.map_or(i, |p| p[i]), q.map_or(j, |q| q[j])]]
+    }))
+}
+
+/// Compares the singular vectors of `a` and of `b` permuted by `p`, `q`.
+pub fn singular_vector_alignment(
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    p: Option<&[usize]>,
+    q: Option<&[usize]>,
+    k: usize,
+    gammas: &[f64],
+) -> Result<Alignment> {
+    if a.dim() != b.dim() {
+        return Err(SpectraError::Shape {
+            name: "alignment".into(),
+            msg: format!("shapes differ: {:?} vs {:?}", a.shape(), b.shape()),
+        });
+    }
+    let to64 = |x: ArrayView2<'_, f32>| x.mapv(|v| v as f64);
+    let bp = permute_matrix(b, p, q)?;
+    let sa = thin_svd(to64(a).view(), "A")?;
+    let sb = thin_svd(to64(bp.view()).view(), "B permuted")?;
+    let s_orig = crate::linalg::singular_values(to64(b).view(), "B")?;
+    let top = s_orig[0].max(f64::MIN_POSITIVE);
+    let sv_max_rel_diff = s_orig.iter().zip(sb.s.iter()).map(|(x, y)| (x - y).abs() / top).fold(0.0, f64::max);
+    let r = sa.s.len();
+    let k = k.min(r);
+    let dot_u = |i: usize, j: usize| sa.u.column(i).dot(&sb.u.column(j)).abs();
+    let dot_v = |i: usize, j: usize| sa.vt.row(i).dot(&sb.vt.row(j)).abs();
+    let u_overlap = (0..k).map(|i| (0..k).map(|j| dot_u(i, j)).collect()).collect();
+    let v_overlap = (0..k).map(|i| (0..k).map(|j| dot_v(i, j)).collect()).collect();
+    let diagonal: Vec<f64> = (0..r).map(|i| dot_u(i, i) * dot_v(i, i)).collect();
+    let weighted = |idx: &mut dyn Iterator<Item = usize>| {
+        let (mut num, mut den) = (0.0, 0.0);
+        for i in idx {
+            num += sa.s[i] * diagonal[i];
+            den += sa.s[i];
+        }
+        if den > 0.0 { num / den } else { 0.0 }
+    };
+    let score = weighted(&mut (0..k));
+    let smax = sa.s[0];
+    let thresholded = gammas
+        .iter()
+        .map(|&g| (g, weighted(&mut (0..r).filter(|&i| sa.s[i] >= g * smax))))
+        .collect();
+    Ok(Alignment {
+        sv_max_rel_diff,
+        u_overlap,
+        v_overlap,
+        diagonal,
+        singular_values: sa.s.to_vec(),
+        score,
+        thresholded,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn gaussian(m: usize, n: usize, seed: u64) -> Array2<f32> {
+        let mut rng = Rng::new(seed);
+        Array2::from_shape_fn((m, n), |_| rng.normal() as f32)
+    }
+
+    fn random_perm(n: usize, seed: u64) -> Vec<usize> {
+        let mut p: Vec<usize> = (0..n).collect();
+        Rng::new(seed).shuffle(&mut p);
+        p
+    }
+
+    #[test]
+    fn a_matrix_aligns_perfectly_with_its_own_permutation() {
+        let a = gaussian(60, 40, 1);
+        let (p, q) = (random_perm(60, 2), random_perm(40, 3));
+        // b is a with rows/columns scrambled; passing the inverse maps it back.
+        let mut b = Array2::zeros((60, 40));
+        for i in 0..60 {
+            for j in 0..40 {
+                b[[p[i], q[j]]] = a[[i, j]];
+            }
+        }
+        let al = singular_vector_alignment(a.view(), b.view(), Some(&p), Some(&q), 10, &[0.0, 0.3]).unwrap();
+        assert!(al.sv_max_rel_diff < 1e-6, "{}", al.sv_max_rel_diff);
+        assert!((al.score - 1.0).abs() < 1e-6, "{}", al.score);
+        for (g, r) in &al.thresholded {
+            assert!((r - 1.0).abs() < 1e-6, "R({g}) = {r}");
+        }
+        assert!((al.u_overlap[3][3] - 1.0).abs() < 1e-6 && al.u_overlap[3][4] < 1e-4);
+        // Without the permutation, the vectors do not align.
+        let none = singular_vector_alignment(a.view(), b.view(), None, None, 10, &[0.0]).unwrap();
+        assert!(none.sv_max_rel_diff < 1e-6, "singular values are permutation invariant");
+        assert!(none.score < 0.1, "{}", none.score);
+    }
+
+    #[test]
+    fn independent_matrices_score_near_zero() {
+        let a = gaussian(100, 80, 4);
+        let b = gaussian(100, 80, 5);
+        let al = singular_vector_alignment(a.view(), b.view(), None, None, 20, &[0.0, 0.3]).unwrap();
+        assert!(al.score < 0.05, "{}", al.score);
+        assert!(al.thresholded.iter().all(|(_, r)| *r < 0.05));
+    }
+
+    #[test]
+    fn bad_permutations_and_shapes_are_errors() {
+        let a = gaussian(4, 3, 1);
+        assert!(singular_vector_alignment(a.view(), a.view(), Some(&[0, 1, 1, 2]), None, 2, &[]).is_err());
+        assert!(singular_vector_alignment(a.view(), a.view(), None, Some(&[0, 1]), 2, &[]).is_err());
+        let b = gaussian(3, 4, 1);
+        assert!(singular_vector_alignment(a.view(), b.view(), None, None, 2, &[]).is_err());
+    }
+}
