@@ -16,7 +16,9 @@ pub mod farms;
 pub mod linalg;
 pub mod metrics;
 pub mod powerlaw;
+pub mod report;
 pub mod rng;
 pub mod welore;
 
 pub use error::{Result, SpectraError};
+pub use report::{LayerReport, ReportOptions, analyze_source, analyze_tensor};
