@@ -45,7 +45,10 @@ pub struct Alignment {
 
 fn check_perm(p: &[usize], n: usize, what: &str) -> Result<()> {
     let mut seen = vec![false; n];
-    if p.len() != n || p.iter().any(|&i| i >= n || std::mem::replace(&mut seen[i], true)) {
+    if p.len() != n
+        || p.iter()
+            .any(|&i| i >= n || std::mem::replace(&mut seen[i], true))
+    {
         return Err(SpectraError::Shape {
             name: what.to_string(),
             msg: format!("not a permutation of 0..{n}"),
@@ -55,7 +58,11 @@ fn check_perm(p: &[usize], n: usize, what: &str) -> Result<()> {
 }
 
 /// Applies row permutation `p` and column permutation `q`: `out[i, j] = b[p[i], q[j]]`.
-pub fn permute_matrix(b: ArrayView2<'_, f32>, p: Option<&[usize]>, q: Option<&[usize]>) -> Result<Array2<f32>> {
+pub fn permute_matrix(
+    b: ArrayView2<'_, f32>,
+    p: Option<&[usize]>,
+    q: Option<&[usize]>,
+) -> Result<Array2<f32>> {
     let (m, n) = b.dim();
     if let Some(p) = p {
         check_perm(p, m, "row permutation")?;
@@ -89,13 +96,21 @@ pub fn singular_vector_alignment(
     let sb = thin_svd(to64(bp.view()).view(), "B permuted")?;
     let s_orig = crate::linalg::singular_values(to64(b).view(), "B")?;
     let top = s_orig[0].max(f64::MIN_POSITIVE);
-    let sv_max_rel_diff = s_orig.iter().zip(sb.s.iter()).map(|(x, y)| (x - y).abs() / top).fold(0.0, f64::max);
+    let sv_max_rel_diff = s_orig
+        .iter()
+        .zip(sb.s.iter())
+        .map(|(x, y)| (x - y).abs() / top)
+        .fold(0.0, f64::max);
     let r = sa.s.len();
     let k = k.min(r);
     let dot_u = |i: usize, j: usize| sa.u.column(i).dot(&sb.u.column(j)).abs();
     let dot_v = |i: usize, j: usize| sa.vt.row(i).dot(&sb.vt.row(j)).abs();
-    let u_overlap = (0..k).map(|i| (0..k).map(|j| dot_u(i, j)).collect()).collect();
-    let v_overlap = (0..k).map(|i| (0..k).map(|j| dot_v(i, j)).collect()).collect();
+    let u_overlap = (0..k)
+        .map(|i| (0..k).map(|j| dot_u(i, j)).collect())
+        .collect();
+    let v_overlap = (0..k)
+        .map(|i| (0..k).map(|j| dot_v(i, j)).collect())
+        .collect();
     let diagonal: Vec<f64> = (0..r).map(|i| dot_u(i, i) * dot_v(i, i)).collect();
     let weighted = |idx: &mut dyn Iterator<Item = usize>| {
         let (mut num, mut den) = (0.0, 0.0);
@@ -149,7 +164,8 @@ mod tests {
                 b[[p[i], q[j]]] = a[[i, j]];
             }
         }
-        let al = singular_vector_alignment(a.view(), b.view(), Some(&p), Some(&q), 10, &[0.0, 0.3]).unwrap();
+        let al = singular_vector_alignment(a.view(), b.view(), Some(&p), Some(&q), 10, &[0.0, 0.3])
+            .unwrap();
         assert!(al.sv_max_rel_diff < 1e-6, "{}", al.sv_max_rel_diff);
         assert!((al.score - 1.0).abs() < 1e-6, "{}", al.score);
         for (g, r) in &al.thresholded {
@@ -158,7 +174,10 @@ mod tests {
         assert!((al.u_overlap[3][3] - 1.0).abs() < 1e-6 && al.u_overlap[3][4] < 1e-4);
         // Without the permutation, the vectors do not align.
         let none = singular_vector_alignment(a.view(), b.view(), None, None, 10, &[0.0]).unwrap();
-        assert!(none.sv_max_rel_diff < 1e-6, "singular values are permutation invariant");
+        assert!(
+            none.sv_max_rel_diff < 1e-6,
+            "singular values are permutation invariant"
+        );
         assert!(none.score < 0.1, "{}", none.score);
     }
 
@@ -166,7 +185,8 @@ mod tests {
     fn independent_matrices_score_near_zero() {
         let a = gaussian(100, 80, 4);
         let b = gaussian(100, 80, 5);
-        let al = singular_vector_alignment(a.view(), b.view(), None, None, 20, &[0.0, 0.3]).unwrap();
+        let al =
+            singular_vector_alignment(a.view(), b.view(), None, None, 20, &[0.0, 0.3]).unwrap();
         assert!(al.score < 0.05, "{}", al.score);
         assert!(al.thresholded.iter().all(|(_, r)| *r < 0.05));
     }
@@ -174,8 +194,13 @@ mod tests {
     #[test]
     fn bad_permutations_and_shapes_are_errors() {
         let a = gaussian(4, 3, 1);
-        assert!(singular_vector_alignment(a.view(), a.view(), Some(&[0, 1, 1, 2]), None, 2, &[]).is_err());
-        assert!(singular_vector_alignment(a.view(), a.view(), None, Some(&[0, 1]), 2, &[]).is_err());
+        assert!(
+            singular_vector_alignment(a.view(), a.view(), Some(&[0, 1, 1, 2]), None, 2, &[])
+                .is_err()
+        );
+        assert!(
+            singular_vector_alignment(a.view(), a.view(), None, Some(&[0, 1]), 2, &[]).is_err()
+        );
         let b = gaussian(3, 4, 1);
         assert!(singular_vector_alignment(a.view(), b.view(), None, None, 2, &[]).is_err());
     }

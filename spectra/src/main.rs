@@ -18,7 +18,11 @@ use spectra::report::{LayerReport, ReportOptions, analyze_source, to_csv};
 use weights::Checkpoint;
 
 #[derive(Parser)]
-#[command(name = "spectra", version, about = "WeightWatcher-style spectral analysis of model checkpoints")]
+#[command(
+    name = "spectra",
+    version,
+    about = "WeightWatcher-style spectral analysis of model checkpoints"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,13 +84,29 @@ fn table(rows: &[LayerReport]) -> String {
     let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
     let mut s = format!(
         "{:<w$}  {:<12} {:>7} {:>9} {:>6} {:>7} {:>8} {:>8} {:>7} {:>6} {:>7} {:>7}  {}\n",
-        "name", "shape", "alpha", "xmin", "D", "a_wtd", "lognorm", "logspec", "stabrk", "spikes", "softrk", "farms", "status"
+        "name",
+        "shape",
+        "alpha",
+        "xmin",
+        "D",
+        "a_wtd",
+        "lognorm",
+        "logspec",
+        "stabrk",
+        "spikes",
+        "softrk",
+        "farms",
+        "status"
     );
     for r in rows {
         s.push_str(&format!(
             "{:<w$}  {:<12} {:>7} {:>9} {:>6} {:>7} {:>8} {:>8} {:>7} {:>6} {:>7} {:>7}  {}{}\n",
             r.name,
-            r.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x"),
+            r.shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join("x"),
             fmt(r.alpha),
             r.xmin.map(|x| format!("{x:.3e}")).unwrap_or("-".into()),
             fmt(r.ks_distance),
@@ -98,7 +118,10 @@ fn table(rows: &[LayerReport]) -> String {
             fmt(r.mp_softrank),
             fmt(r.farms_alpha.flatten()),
             r.status,
-            r.warning.as_ref().map(|w| format!(" ({w})")).unwrap_or_default(),
+            r.warning
+                .as_ref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default(),
         ));
     }
     s
@@ -159,7 +182,11 @@ fn run(cli: Cli) -> Result<()> {
     if tty {
         eprintln!();
     }
-    eprintln!("{} layers in {:.2} s", rows.len(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "{} layers in {:.2} s",
+        rows.len(),
+        started.elapsed().as_secs_f64()
+    );
     let text = if json {
         serde_json::to_string_pretty(&rows)? + "\n"
     } else if csv {

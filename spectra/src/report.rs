@@ -16,7 +16,9 @@ use weights::TensorSource;
 use crate::error::{Result, SpectraError};
 use crate::esd::{ConvMode, Esd, esd, layer_matrices};
 use crate::farms::{FarmsOptions, farms_esd};
-use crate::metrics::{alpha_metrics, alpha_warning, mp_fit, norm_metrics, rand_distance, randomized_esd};
+use crate::metrics::{
+    alpha_metrics, alpha_warning, mp_fit, norm_metrics, rand_distance, randomized_esd,
+};
 use crate::powerlaw::{FixFingers, PowerLawFit, fit_power_law};
 
 /// Options of a report (defaults follow WeightWatcher's `analyze()`).
@@ -152,17 +154,36 @@ fn finite(x: f64) -> Option<f64> {
 /// Analyses one tensor. `Ok(None)` when it is not a weight matrix; an error
 /// for non-finite entries or a failed decomposition; a row with a
 /// `skipped`/`not fitted` status when it is too large or too degenerate.
-pub fn analyze_tensor(name: &str, data: ArrayViewD<'_, f32>, opts: &ReportOptions) -> Result<Option<LayerAnalysis>> {
-    let Some(mats) = layer_matrices(data.view(), opts.conv) else { return Ok(None) };
+pub fn analyze_tensor(
+    name: &str,
+    data: ArrayViewD<'_, f32>,
+    opts: &ReportOptions,
+) -> Result<Option<LayerAnalysis>> {
+    let Some(mats) = layer_matrices(data.view(), opts.conv) else {
+        return Ok(None);
+    };
     let shape = data.shape().to_vec();
     let (r, c) = mats[0].dim();
     let (n, m) = (r.max(c), r.min(c));
     if m > opts.max_evals || n > opts.max_n {
-        let mut rep = LayerReport::empty(name, &shape, format!("skipped: {n}x{m} exceeds max_n {} / max_evals {}", opts.max_n, opts.max_evals));
+        let mut rep = LayerReport::empty(
+            name,
+            &shape,
+            format!(
+                "skipped: {n}x{m} exceeds max_n {} / max_evals {}",
+                opts.max_n, opts.max_evals
+            ),
+        );
         (rep.n, rep.m) = (n, m);
         return Ok(Some(LayerAnalysis {
             report: rep,
-            esd: Esd { evals: vec![], n, m, num_matrices: mats.len(), sv_max: 0.0 },
+            esd: Esd {
+                evals: vec![],
+                n,
+                m,
+                num_matrices: mats.len(),
+                sv_max: 0.0,
+            },
             fit: None,
             farms_esd: None,
         }));
@@ -207,8 +228,14 @@ pub fn analyze_tensor(name: &str, data: ArrayViewD<'_, f32>, opts: &ReportOption
     let mut farms = None;
     if let Some(fo) = &opts.farms {
         let pooled = mats.len() == 1;
-        let f = if pooled { farms_esd(mats[0].view(), fo, opts.normalize, name).ok() } else { None };
-        let ff = f.as_ref().and_then(|f| fit_power_law(&f.evals, opts.fix_fingers, opts.min_evals).ok());
+        let f = if pooled {
+            farms_esd(mats[0].view(), fo, opts.normalize, name).ok()
+        } else {
+            None
+        };
+        let ff = f
+            .as_ref()
+            .and_then(|f| fit_power_law(&f.evals, opts.fix_fingers, opts.min_evals).ok());
         rep.farms_alpha = Some(ff.and_then(|x| finite(x.alpha)));
         rep.farms_ks_distance = Some(ff.and_then(|x| finite(x.ks_distance)));
         farms = f;
@@ -236,7 +263,11 @@ pub fn analyze_source(
     let infos: Vec<_> = source
         .infos()
         .into_iter()
-        .filter(|i| i.dtype.is_float() && (2..=4).contains(&i.shape.len()) && i.shape[..2].iter().all(|&d| d >= 2))
+        .filter(|i| {
+            i.dtype.is_float()
+                && (2..=4).contains(&i.shape.len())
+                && i.shape[..2].iter().all(|&d| d >= 2)
+        })
         .collect();
     let total = infos.len();
     let done = std::sync::atomic::AtomicUsize::new(0);
@@ -247,7 +278,11 @@ pub fn analyze_source(
             let row = match analyze_tensor(&info.name, t.data.view(), opts) {
                 Ok(a) => a.map(|a| a.report),
                 Err(SpectraError::Weights(e)) => return Err(SpectraError::Weights(e)),
-                Err(e) => Some(LayerReport::empty(&info.name, &info.shape, format!("error: {e}"))),
+                Err(e) => Some(LayerReport::empty(
+                    &info.name,
+                    &info.shape,
+                    format!("error: {e}"),
+                )),
             };
             let k = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             progress(k, total, &info.name);
@@ -258,17 +293,46 @@ pub fn analyze_source(
 }
 
 const CSV_COLUMNS: &[&str] = &[
-    "name", "shape", "n", "m", "num_matrices", "num_evals", "status", "alpha", "xmin", "xmax", "ks_distance", "sigma",
-    "num_pl_spikes", "num_fingers", "alpha_weighted", "log_alpha_norm", "log_norm", "log_spectral_norm", "stable_rank",
-    "entropy", "effective_rank", "rank", "mp_bulk_max", "num_spikes", "mp_softrank", "farms_alpha", "farms_ks_distance",
-    "rand_distance", "warning",
+    "name",
+    "shape",
+    "n",
+    "m",
+    "num_matrices",
+    "num_evals",
+    "status",
+    "alpha",
+    "xmin",
+    "xmax",
+    "ks_distance",
+    "sigma",
+    "num_pl_spikes",
+    "num_fingers",
+    "alpha_weighted",
+    "log_alpha_norm",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "entropy",
+    "effective_rank",
+    "rank",
+    "mp_bulk_max",
+    "num_spikes",
+    "mp_softrank",
+    "farms_alpha",
+    "farms_ks_distance",
+    "rand_distance",
+    "warning",
 ];
 
 fn csv_field(v: &serde_json::Value) -> String {
     let s = match v {
         serde_json::Value::Null => String::new(),
         serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Array(a) => a.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("x"),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join("x"),
         other => other.to_string(),
     };
     if s.contains([',', '"', '\n']) {
@@ -284,7 +348,10 @@ pub fn to_csv(rows: &[LayerReport]) -> String {
     out.push('\n');
     for r in rows {
         let v = serde_json::to_value(r).expect("serialisable");
-        let fields: Vec<String> = CSV_COLUMNS.iter().map(|c| csv_field(v.get(*c).unwrap_or(&serde_json::Value::Null))).collect();
+        let fields: Vec<String> = CSV_COLUMNS
+            .iter()
+            .map(|c| csv_field(v.get(*c).unwrap_or(&serde_json::Value::Null)))
+            .collect();
         out.push_str(&fields.join(","));
         out.push('\n');
     }

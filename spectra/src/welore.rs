@@ -51,12 +51,21 @@ pub fn welore_threshold(target_reduction: f64) -> Result<f64> {
 /// How many singular values (any order) reach `threshold` after min–max normalisation.
 /// All-equal singular values keep full rank.
 pub fn welore_rank(singular_values: &[f64], threshold: f64) -> usize {
-    let lo = singular_values.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = singular_values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lo = singular_values
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
+    let hi = singular_values
+        .iter()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
     if !(hi > lo) {
         return singular_values.len();
     }
-    singular_values.iter().filter(|&&s| (s - lo) / (hi - lo) >= threshold).count()
+    singular_values
+        .iter()
+        .filter(|&&s| (s - lo) / (hi - lo) >= threshold)
+        .count()
 }
 
 /// One layer of a WeLore plan.
@@ -75,7 +84,11 @@ pub struct WeloreLayer {
 }
 
 /// A WeLore plan for layers given as `(name, shape, singular values)`.
-pub fn welore_plan(layers: &[(String, Vec<usize>, Vec<f64>)], target_reduction: f64, min_reduction: f64) -> Result<Vec<WeloreLayer>> {
+pub fn welore_plan(
+    layers: &[(String, Vec<usize>, Vec<f64>)],
+    target_reduction: f64,
+    min_reduction: f64,
+) -> Result<Vec<WeloreLayer>> {
     let t = welore_threshold(target_reduction)?;
     Ok(layers
         .iter()
@@ -107,7 +120,11 @@ pub struct LowRankFactors<T> {
 }
 
 /// The rank-`k` factors `A = U_k √S_k`, `B = √S_k V_kᵀ` of `w` and their error.
-pub fn low_rank_factors<T: Scalar + ndarray::LinalgScalar>(w: ArrayView2<'_, T>, k: usize, name: &str) -> Result<LowRankFactors<T>> {
+pub fn low_rank_factors<T: Scalar + ndarray::LinalgScalar>(
+    w: ArrayView2<'_, T>,
+    k: usize,
+    name: &str,
+) -> Result<LowRankFactors<T>> {
     let svd = thin_svd(w, name)?;
     if k == 0 || k > svd.s.len() {
         return Err(SpectraError::Option {
@@ -115,7 +132,12 @@ pub fn low_rank_factors<T: Scalar + ndarray::LinalgScalar>(w: ArrayView2<'_, T>,
             msg: format!("{name}: rank {k} not in 1..={}", svd.s.len()),
         });
     }
-    let root: Vec<T> = svd.s.iter().take(k).map(|s| T::from_f64(s.to_f64().sqrt())).collect();
+    let root: Vec<T> = svd
+        .s
+        .iter()
+        .take(k)
+        .map(|s| T::from_f64(s.to_f64().sqrt()))
+        .collect();
     let mut a = svd.u.slice_axis(Axis(1), (0..k).into()).to_owned();
     for (mut col, r) in a.columns_mut().into_iter().zip(&root) {
         col.mapv_inplace(|x| x * *r);
@@ -159,7 +181,10 @@ mod tests {
         assert_eq!(welore_rank(&sv, 0.6), 1);
         assert_eq!(welore_rank(&[2.0, 2.0], 0.5), 2);
         let plan = welore_plan(
-            &[("a".into(), vec![5, 5], sv.to_vec()), ("b".into(), vec![5, 5], vec![5.0, 4.9, 4.8, 4.7, 1.0])],
+            &[
+                ("a".into(), vec![5, 5], sv.to_vec()),
+                ("b".into(), vec![5, 5], vec![5.0, 4.9, 4.8, 4.7, 1.0]),
+            ],
             0.5,
             0.5,
         )

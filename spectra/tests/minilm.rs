@@ -1,0 +1,86 @@
+//! all-MiniLM-L6-v2 against WeightWatcher's own fit (fixtures/ww_reference.py).
+//! Skipped with a note when the model is absent; required in CI.
+
+use std::path::Path;
+
+use spectra::report::{ReportOptions, analyze_source};
+use weights::Checkpoint;
+
+#[test]
+fn minilm_matches_weightwatcher() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/all-MiniLM-L6-v2/model.safetensors");
+    if !path.is_file() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} missing: CI must fetch it",
+            path.display()
+        );
+        eprintln!(
+            "skipping: {} not found (run scripts/fetch-models.sh)",
+            path.display()
+        );
+        return;
+    }
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ww_minilm.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layers = reference["layers"].as_object().unwrap();
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let rows = analyze_source(&ckpt, &ReportOptions::default(), &|_, _, _| {}).unwrap();
+    assert_eq!(rows.len(), layers.len());
+    let mut worst = (0f64, String::new());
+    let mut same_xmin = 0;
+    let mut fitted = 0;
+    for r in &rows {
+        let w = &layers[&r.name];
+        let close = |ours: Option<f64>, key: &str, tol: f64| {
+            let theirs = w[key].as_f64().unwrap();
+            let ours = ours.unwrap_or_else(|| panic!("{}: {key} missing", r.name));
+            assert!(
+                (ours - theirs).abs() <= tol * theirs.abs().max(1.0),
+                "{}: {key} {ours} vs WeightWatcher {theirs}",
+                r.name
+            );
+        };
+        close(r.log_norm, "log_norm", 1e-5);
+        close(r.log_spectral_norm, "log_spectral_norm", 1e-5);
+        close(r.stable_rank, "stable_rank", 1e-4);
+        if w.get("alpha").is_none() {
+            assert!(r.alpha.is_none(), "{}", r.name);
+            continue;
+        }
+        fitted += 1;
+        let (a, wa) = (r.alpha.unwrap(), w["alpha"].as_f64().unwrap());
+        if (r.xmin.unwrap() - w["xmin"].as_f64().unwrap()).abs()
+            <= 1e-4 * w["xmin"].as_f64().unwrap()
+        {
+            same_xmin += 1;
+            close(r.alpha, "alpha", 1e-3);
+            close(r.ks_distance, "ks_distance", 1e-3);
+            assert_eq!(
+                r.num_pl_spikes.unwrap() as u64,
+                w["num_pl_spikes"].as_u64().unwrap(),
+                "{}",
+                r.name
+            );
+            close(r.alpha_weighted, "alpha_weighted", 1e-3);
+        }
+        if (a - wa).abs() > worst.0 {
+            worst = ((a - wa).abs(), r.name.clone());
+        }
+    }
+    // f32 SVDs (ours: faer, theirs: LAPACK) differ in the last bits, which could
+    // move xmin to a neighbouring eigenvalue of near-equal KS distance; on this
+    // model it never does (measured: 39/39 fitted layers, |Δα| ≤ 2.7e-4).
+    eprintln!(
+        "same xmin on {same_xmin}/{fitted} fitted layers; largest alpha difference {worst:?}"
+    );
+    assert_eq!(fitted, 39);
+    assert_eq!(same_xmin, fitted);
+    assert!(worst.0 < 1e-3, "{worst:?}");
+}
