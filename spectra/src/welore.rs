@@ -32,7 +32,7 @@ pub const WELORE_THRESHOLDS: [(f64, f64); 7] = [
 /// exactly, linear interpolation between them).
 pub fn welore_threshold(target_reduction: f64) -> Result<f64> {
     let (first, last) = (WELORE_THRESHOLDS[0], WELORE_THRESHOLDS[6]);
-    if !(target_reduction >= first.0 - 1e-12 && target_reduction <= last.0 + 1e-12) {
+    if !(first.0 - 1e-12..=last.0 + 1e-12).contains(&target_reduction) {
         return Err(SpectraError::Option {
             option: "target_reduction",
             msg: format!("{target_reduction} is outside WeLore's table [0.1, 0.7]"),
@@ -59,7 +59,7 @@ pub fn welore_rank(singular_values: &[f64], threshold: f64) -> usize {
         .iter()
         .copied()
         .fold(f64::NEG_INFINITY, f64::max);
-    if !(hi > lo) {
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         return singular_values.len();
     }
     singular_values
