@@ -7,38 +7,57 @@
 //! `U` of shape `m × k`, `Vᵀ` of shape `k × n`, `k = min(m, n)` (thin) or
 //! `U` `m × m`, `Vᵀ` `n × n` (full). Every function refuses empty matrices and
 //! non-finite entries with a typed error instead of returning NaN.
+//!
+//! With the `lapack` cargo feature the same functions call LAPACK through
+//! `ndarray-linalg` (divide-and-conquer `gesdd` for SVDs, `syevd` for
+//! eigenvalues; OpenBLAS from the system, `apt install libopenblas-dev`),
+//! which DESIGN.md measured faster on large matrices.
 
-use faer::{MatRef, Side};
+#[cfg(not(feature = "lapack"))]
+use faer::MatRef;
 use ndarray::{Array1, Array2, ArrayView2};
 
 use crate::error::{Result, SpectraError};
 
+/// What the active backend needs of a scalar (nothing more for faer).
+#[cfg(not(feature = "lapack"))]
+pub trait Backend {}
+#[cfg(not(feature = "lapack"))]
+impl<T> Backend for T {}
+/// What the active backend needs of a scalar (LAPACK bindings).
+#[cfg(feature = "lapack")]
+pub trait Backend: ndarray_linalg::Scalar<Real = Self> + ndarray_linalg::Lapack {}
+#[cfg(feature = "lapack")]
+impl<T: ndarray_linalg::Scalar<Real = T> + ndarray_linalg::Lapack> Backend for T {}
+
 /// The floating-point types the decompositions accept (`f32`, `f64`).
-pub trait Scalar: faer::traits::RealField + Copy + Send + Sync + std::fmt::Debug + 'static {
+pub trait Scalar:
+    faer::traits::RealField + Backend + Copy + Send + Sync + std::fmt::Debug + 'static
+{
     /// Machine epsilon of the type.
     const EPSILON: f64;
     /// Widens to `f64`.
-    fn to_f64(self) -> f64;
+    fn as_f64(self) -> f64;
     /// Narrows from `f64`.
-    fn from_f64(v: f64) -> Self;
+    fn of_f64(v: f64) -> Self;
 }
 
 impl Scalar for f32 {
     const EPSILON: f64 = f32::EPSILON as f64;
-    fn to_f64(self) -> f64 {
+    fn as_f64(self) -> f64 {
         self as f64
     }
-    fn from_f64(v: f64) -> Self {
+    fn of_f64(v: f64) -> Self {
         v as f32
     }
 }
 
 impl Scalar for f64 {
     const EPSILON: f64 = f64::EPSILON;
-    fn to_f64(self) -> f64 {
+    fn as_f64(self) -> f64 {
         self
     }
-    fn from_f64(v: f64) -> Self {
+    fn of_f64(v: f64) -> Self {
         v
     }
 }
@@ -62,7 +81,7 @@ pub fn check_matrix<T: Scalar>(a: ArrayView2<'_, T>, name: &str) -> Result<()> {
             shape: a.shape().to_vec(),
         });
     }
-    let bad = a.iter().filter(|v| !v.to_f64().is_finite()).count();
+    let bad = a.iter().filter(|v| !v.as_f64().is_finite()).count();
     if bad > 0 {
         return Err(SpectraError::NonFinite {
             name: name.to_string(),
@@ -72,6 +91,7 @@ pub fn check_matrix<T: Scalar>(a: ArrayView2<'_, T>, name: &str) -> Result<()> {
     Ok(())
 }
 
+#[cfg(not(feature = "lapack"))]
 /// Runs `f` on a faer view of `a` (zero-copy for standard or Fortran layout).
 fn with_faer<T: Scalar, R>(a: ArrayView2<'_, T>, f: impl FnOnce(MatRef<'_, T>) -> R) -> R {
     let (m, n) = a.dim();
@@ -89,6 +109,7 @@ fn with_faer<T: Scalar, R>(a: ArrayView2<'_, T>, f: impl FnOnce(MatRef<'_, T>) -
     ))
 }
 
+#[cfg(not(feature = "lapack"))]
 fn to_ndarray<T: Scalar>(m: MatRef<'_, T>) -> Array2<T> {
     Array2::from_shape_fn((m.nrows(), m.ncols()), |(i, j)| m[(i, j)])
 }
@@ -103,9 +124,32 @@ fn no_conv(name: &str, what: &'static str) -> SpectraError {
 /// Singular values of `a`, descending.
 pub fn singular_values<T: Scalar>(a: ArrayView2<'_, T>, name: &str) -> Result<Vec<T>> {
     check_matrix(a, name)?;
-    with_faer(a, |m| m.singular_values()).map_err(|_| no_conv(name, "SVD"))
+    values_impl(a).ok_or_else(|| no_conv(name, "SVD"))
 }
 
+#[cfg(feature = "lapack")]
+fn values_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
+    use ndarray_linalg::{JobSvd, SVDDC};
+    a.svddc(JobSvd::None).ok().map(|(_, s, _)| s.to_vec())
+}
+
+#[cfg(not(feature = "lapack"))]
+fn values_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
+    with_faer(a, |m| m.singular_values()).ok()
+}
+
+#[cfg(feature = "lapack")]
+fn svd_impl<T: Scalar>(a: ArrayView2<'_, T>, name: &str, thin: bool) -> Result<Svd<T>> {
+    use ndarray_linalg::{JobSvd, SVDDC};
+    check_matrix(a, name)?;
+    let job = if thin { JobSvd::Some } else { JobSvd::All };
+    match a.svddc(job).map_err(|_| no_conv(name, "SVD"))? {
+        (Some(u), s, Some(vt)) => Ok(Svd { u, s, vt }),
+        _ => Err(no_conv(name, "SVD")),
+    }
+}
+
+#[cfg(not(feature = "lapack"))]
 fn svd_impl<T: Scalar>(a: ArrayView2<'_, T>, name: &str, thin: bool) -> Result<Svd<T>> {
     check_matrix(a, name)?;
     let svd = with_faer(a, |m| if thin { m.thin_svd() } else { m.svd() })
@@ -140,8 +184,18 @@ pub fn symmetric_eigenvalues<T: Scalar>(a: ArrayView2<'_, T>, name: &str) -> Res
             ),
         });
     }
-    with_faer(a, |m| m.self_adjoint_eigenvalues(Side::Lower))
-        .map_err(|_| no_conv(name, "symmetric eigendecomposition"))
+    eigh_impl(a).ok_or_else(|| no_conv(name, "symmetric eigendecomposition"))
+}
+
+#[cfg(feature = "lapack")]
+fn eigh_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
+    use ndarray_linalg::{EigValsh, UPLO};
+    a.eigvalsh(UPLO::Lower).ok().map(|e| e.to_vec())
+}
+
+#[cfg(not(feature = "lapack"))]
+fn eigh_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
+    with_faer(a, |m| m.self_adjoint_eigenvalues(faer::Side::Lower)).ok()
 }
 
 #[cfg(test)]

@@ -136,7 +136,7 @@ pub fn low_rank_factors<T: Scalar + ndarray::LinalgScalar>(
         .s
         .iter()
         .take(k)
-        .map(|s| T::from_f64(s.to_f64().sqrt()))
+        .map(|s| T::of_f64(s.as_f64().sqrt()))
         .collect();
     let mut a = svd.u.slice_axis(Axis(1), (0..k).into()).to_owned();
     for (mut col, r) in a.columns_mut().into_iter().zip(&root) {
@@ -149,8 +149,8 @@ pub fn low_rank_factors<T: Scalar + ndarray::LinalgScalar>(
     let rec = a.dot(&b);
     let (mut num, mut den) = (0f64, 0f64);
     for (x, y) in w.iter().zip(rec.iter()) {
-        num += (x.to_f64() - y.to_f64()).powi(2);
-        den += x.to_f64().powi(2);
+        num += (x.as_f64() - y.as_f64()).powi(2);
+        den += x.as_f64().powi(2);
     }
     Ok(LowRankFactors {
         a,
