@@ -1,8 +1,18 @@
 //! Permutation symmetry of neural networks.
 //!
-//! This crate will hold permutation specs as data (which permutation group
-//! acts on which axis of which weight, for MLPs, CNNs/ResNets and LLaMA/BERT
-//! transformers with attention heads), applying and inverting permutations,
-//! weight matching (Git Re-Basin) over a linear-assignment solver, MergeMany,
-//! activation matching, partial matching and interpolation barriers. All of
-//! it works on [`weights::StateDict`]s; see issue 4.
+//! Hidden units (and attention heads) of a network can be reordered without
+//! changing its function. This crate describes those symmetries as data
+//! ([`spec::PermutationSpec`], with builders in [`builders`]), applies and
+//! inverts them on [`weights::StateDict`]s, and finds the permutation that
+//! aligns one model with another: weight matching (Git Re-Basin,
+//! [`matching`]) over a linear-assignment solver ([`lap`]).
+
+pub mod builders;
+pub mod error;
+pub mod lap;
+pub mod matching;
+pub mod spec;
+
+pub use error::{PermuteError, Result};
+pub use matching::{MatchOptions, MatchResult, weight_matching};
+pub use spec::{Group, GroupPerm, Inner, Member, Permutation, PermutationSpec, apply, invert};

@@ -1,0 +1,239 @@
+//! Linear assignment: the shortest-augmenting-path algorithm of Jonker and
+//! Volgenant in the form of Crouse (IEEE TAES 2016), the same algorithm as
+//! scipy's `linear_sum_assignment`.
+//!
+//! Rows are assigned one at a time: a Dijkstra search over reduced costs
+//! `c_ij − u_i − v_j` from the new row finds the cheapest augmenting path to a
+//! free column, the dual potentials `u`, `v` are updated so reduced costs stay
+//! non-negative, and the path is flipped. Among columns of equal distance a
+//! free one is preferred, which ends the search early; ties therefore never
+//! make it loop (each search scans every column at most once). Costs must be
+//! finite: [`solve`] checks before it starts.
+
+use crate::error::{PermuteError, Result};
+
+/// Which way to optimise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    Minimize,
+    Maximize,
+}
+
+/// Assigns each row of the square `n × n` row-major `cost` a distinct column,
+/// optimising the total. Returns `col_of_row`. `what` names the problem in errors.
+pub fn solve(cost: &[f64], n: usize, objective: Objective, what: &str) -> Result<Vec<usize>> {
+    if cost.len() != n * n {
+        return Err(PermuteError::Shape {
+            what: what.to_string(),
+            msg: format!("cost matrix has {} entries, expected {n}x{n}", cost.len()),
+        });
+    }
+    if let Some(bad) = cost.iter().position(|c| !c.is_finite()) {
+        return Err(PermuteError::NonFinite {
+            what: what.to_string(),
+            msg: format!("cost[{}][{}] = {}", bad / n, bad % n, cost[bad]),
+        });
+    }
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    // Shift to minimisation of non-negative costs (any constant shift leaves the optimum).
+    let sign = if objective == Objective::Maximize {
+        -1.0
+    } else {
+        1.0
+    };
+    let lo = cost.iter().map(|&c| sign * c).fold(f64::INFINITY, f64::min);
+    let c: Vec<f64> = cost.iter().map(|&x| sign * x - lo).collect();
+    Ok(shortest_augmenting_path(&c, n))
+}
+
+const NONE: usize = usize::MAX;
+
+fn shortest_augmenting_path(c: &[f64], n: usize) -> Vec<usize> {
+    let mut u = vec![0.0; n];
+    let mut v = vec![0.0; n];
+    let mut col4row = vec![NONE; n];
+    let mut row4col = vec![NONE; n];
+    let mut shortest = vec![f64::INFINITY; n];
+    let mut path = vec![NONE; n];
+    let mut scanned_rows = vec![false; n];
+    let mut scanned_cols = vec![false; n];
+    let mut remaining: Vec<usize> = Vec::with_capacity(n);
+    for cur_row in 0..n {
+        shortest.iter_mut().for_each(|s| *s = f64::INFINITY);
+        scanned_rows.iter_mut().for_each(|s| *s = false);
+        scanned_cols.iter_mut().for_each(|s| *s = false);
+        remaining.clear();
+        remaining.extend((0..n).rev());
+        let mut min_val = 0.0;
+        let mut i = cur_row;
+        let sink = loop {
+            scanned_rows[i] = true;
+            let row = &c[i * n..(i + 1) * n];
+            let ui = u[i];
+            let mut index = NONE;
+            let mut lowest = f64::INFINITY;
+            for (it, &j) in remaining.iter().enumerate() {
+                let r = min_val + row[j] - ui - v[j];
+                if r < shortest[j] {
+                    path[j] = i;
+                    shortest[j] = r;
+                }
+                if shortest[j] < lowest || (shortest[j] == lowest && row4col[j] == NONE) {
+                    lowest = shortest[j];
+                    index = it;
+                }
+            }
+            min_val = lowest;
+            let j = remaining.swap_remove(index);
+            scanned_cols[j] = true;
+            if row4col[j] == NONE {
+                break j;
+            }
+            i = row4col[j];
+        };
+        // Dual update keeps reduced costs non-negative and tight on the matching.
+        u[cur_row] += min_val;
+        for r in 0..n {
+            if scanned_rows[r] && r != cur_row {
+                u[r] += min_val - shortest[col4row[r]];
+            }
+        }
+        for j in 0..n {
+            if scanned_cols[j] {
+                v[j] -= min_val - shortest[j];
+            }
+        }
+        // Flip the augmenting path.
+        let mut j = sink;
+        loop {
+            let r = path[j];
+            row4col[j] = r;
+            std::mem::swap(&mut col4row[r], &mut j);
+            if r == cur_row {
+                break;
+            }
+        }
+    }
+    col4row
+}
+
+/// The total of `cost` under an assignment.
+pub fn total(cost: &[f64], n: usize, col_of_row: &[usize]) -> f64 {
+    col_of_row
+        .iter()
+        .enumerate()
+        .map(|(i, &j)| cost[i * n + j])
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn brute_force(cost: &[f64], n: usize, objective: Objective) -> f64 {
+        fn rec(
+            k: usize,
+            n: usize,
+            used: &mut Vec<bool>,
+            acc: f64,
+            cost: &[f64],
+            best: &mut f64,
+            max: bool,
+        ) {
+            if k == n {
+                if (max && acc > *best) || (!max && acc < *best) {
+                    *best = acc;
+                }
+                return;
+            }
+            for j in 0..n {
+                if !used[j] {
+                    used[j] = true;
+                    rec(k + 1, n, used, acc + cost[k * n + j], cost, best, max);
+                    used[j] = false;
+                }
+            }
+        }
+        let max = objective == Objective::Maximize;
+        let mut best = if max {
+            f64::NEG_INFINITY
+        } else {
+            f64::INFINITY
+        };
+        rec(0, n, &mut vec![false; n], 0.0, cost, &mut best, max);
+        best
+    }
+
+    fn is_permutation(p: &[usize]) -> bool {
+        let mut seen = vec![false; p.len()];
+        p.iter()
+            .all(|&j| j < p.len() && !std::mem::replace(&mut seen[j], true))
+    }
+
+    #[test]
+    fn agrees_with_brute_force_up_to_eight() {
+        let mut rng = spectra::rng::Rng::new(7);
+        for n in 1..=8 {
+            for trial in 0..20 {
+                // Mix continuous costs with small integers (many ties).
+                let cost: Vec<f64> = (0..n * n)
+                    .map(|_| {
+                        if trial % 2 == 0 {
+                            rng.normal()
+                        } else {
+                            (rng.below(4)) as f64
+                        }
+                    })
+                    .collect();
+                for obj in [Objective::Minimize, Objective::Maximize] {
+                    let p = solve(&cost, n, obj, "t").unwrap();
+                    assert!(is_permutation(&p));
+                    let best = brute_force(&cost, n, obj);
+                    assert!(
+                        (total(&cost, n, &p) - best).abs() < 1e-9,
+                        "n={n} trial={trial} {obj:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn degenerate_costs_terminate() {
+        for n in [1usize, 2, 17, 300] {
+            for cost in [vec![0.0; n * n], vec![3.5; n * n]] {
+                let p = solve(&cost, n, Objective::Maximize, "t").unwrap();
+                assert!(is_permutation(&p));
+            }
+            // Many ties: costs in {0, 1}.
+            let cost: Vec<f64> = (0..n * n)
+                .map(|k| ((k * 7919) % 3 == 0) as u8 as f64)
+                .collect();
+            assert!(is_permutation(
+                &solve(&cost, n, Objective::Minimize, "t").unwrap()
+            ));
+        }
+    }
+
+    #[test]
+    fn non_finite_and_misshapen_costs_are_errors() {
+        assert!(matches!(
+            solve(&[1.0, f64::NAN, 0.0, 1.0], 2, Objective::Minimize, "g"),
+            Err(PermuteError::NonFinite { .. })
+        ));
+        assert!(matches!(
+            solve(&[1.0, f64::INFINITY, 0.0, 1.0], 2, Objective::Minimize, "g"),
+            Err(PermuteError::NonFinite { .. })
+        ));
+        assert!(matches!(
+            solve(&[1.0, 2.0, 3.0], 2, Objective::Minimize, "g"),
+            Err(PermuteError::Shape { .. })
+        ));
+        assert_eq!(
+            solve(&[], 0, Objective::Minimize, "g").unwrap(),
+            Vec::<usize>::new()
+        );
+    }
+}

@@ -1,0 +1,338 @@
+//! Weight matching (Ainsworth, Hayase & Srinivasa, "Git Re-Basin", ICLR 2023).
+//!
+//! Starting from the identity (or a given permutation), each pass visits the
+//! groups in a seeded random order. For group `P` it forms, for every member
+//! `(weight, axis)`, the similarity `W_A[axis→0] · (W_B with every other group
+//! applied)[axis→0]ᵀ`, sums the members, and solves the linear assignment that
+//! maximises `⟨W_A, P W_B⟩` ([`crate::lap`]). For block groups (attention
+//! heads) the score of putting B's block `b` at A's block `a` is the best
+//! inner assignment of their units (a `block_size` LAP per pair and family,
+//! or the trace for fixed families), and the block assignment is solved on
+//! those scores. Passes stop when none of the groups improves the objective
+//! by more than `tol`, or after `max_iter`.
+
+use ndarray::{Array2, ArrayD, Ix2};
+use serde::Serialize;
+use weights::StateDict;
+
+use crate::error::{PermuteError, Result};
+use crate::lap::{Objective, solve};
+use crate::spec::{Group, GroupPerm, Inner, Permutation, PermutationSpec, apply, permute_tensor};
+
+/// Options of [`weight_matching`].
+#[derive(Debug, Clone)]
+pub struct MatchOptions {
+    /// Most passes over all groups.
+    pub max_iter: usize,
+    /// Seed of the group visiting order.
+    pub seed: u64,
+    /// Starting permutation (identity when `None`).
+    pub init: Option<Permutation>,
+    /// Least objective gain that counts as progress.
+    pub tol: f64,
+}
+
+impl Default for MatchOptions {
+    fn default() -> Self {
+        MatchOptions {
+            max_iter: 100,
+            seed: 0,
+            init: None,
+            tol: 1e-12,
+        }
+    }
+}
+
+/// The result of [`weight_matching`].
+#[derive(Debug, Clone, Serialize)]
+pub struct MatchResult {
+    /// The permutation that maps B onto A (apply it to B).
+    pub perm: Permutation,
+    /// `Σ ⟨W_A, P W_B⟩` over the spec's weights after each pass.
+    pub objective: Vec<f64>,
+    /// Passes run.
+    pub passes: usize,
+    /// `‖A − B‖` over the tensors both models share.
+    pub l2_before: f64,
+    /// `‖A − P B‖`.
+    pub l2_after: f64,
+}
+
+/// `‖A − B‖₂` over the tensors with equal names and shapes.
+pub fn l2_distance(a: &StateDict, b: &StateDict) -> f64 {
+    let mut s = 0f64;
+    for (name, ta) in a.iter() {
+        if let Some(tb) = b.get(name).filter(|tb| tb.shape() == ta.shape()) {
+            s += ta
+                .data
+                .iter()
+                .zip(tb.data.iter())
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum::<f64>();
+        }
+    }
+    s.sqrt()
+}
+
+/// Checks that both models fit the spec, share shapes, and are finite.
+pub(crate) fn check_models(spec: &PermutationSpec, a: &StateDict, b: &StateDict) -> Result<()> {
+    spec.validate(a, "model A")?;
+    spec.validate(b, "model B")?;
+    for (name, _) in spec.by_weight() {
+        let (ta, tb) = (
+            a.get(name).expect("validated"),
+            b.get(name).expect("validated"),
+        );
+        if ta.shape() != tb.shape() {
+            return Err(PermuteError::ShapeMismatch {
+                weight: name.to_string(),
+                a: ta.shape().to_vec(),
+                b: tb.shape().to_vec(),
+            });
+        }
+        for (model, t) in [("A", ta), ("B", tb)] {
+            if let Some(v) = t.data.iter().find(|v| !v.is_finite()) {
+                return Err(PermuteError::NonFinite {
+                    what: format!("model {model} weight '{name}'"),
+                    msg: v.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A tensor with `axis` moved first and the rest flattened: `(len, rest)`.
+pub(crate) fn unfold(data: &ArrayD<f32>, axis: usize) -> Array2<f32> {
+    let len = data.shape()[axis];
+    let rest = data.len() / len.max(1);
+    let mut order: Vec<usize> = (0..data.ndim()).collect();
+    order.remove(axis);
+    order.insert(0, axis);
+    data.view()
+        .permuted_axes(order)
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((len, rest))
+        .expect("contiguous")
+        .into_dimensionality::<Ix2>()
+        .expect("2-D")
+}
+
+/// Summed similarities of a group, per family: `sim[f][((a·B + b)·bs + i)·bs + i']`.
+pub(crate) struct GroupSimilarity {
+    blocks: usize,
+    bs: usize,
+    sim: Vec<Vec<f64>>,
+}
+
+impl GroupSimilarity {
+    pub(crate) fn new(g: &Group) -> Self {
+        GroupSimilarity {
+            blocks: g.blocks,
+            bs: g.block_size,
+            sim: vec![
+                vec![0.0; g.blocks * g.blocks * g.block_size * g.block_size];
+                g.families.len()
+            ],
+        }
+    }
+
+    /// Adds `A_mat · B_matᵀ` of one member (both `(axis_len, rest)`).
+    pub(crate) fn add(&mut self, family: usize, repeat: usize, a: &Array2<f32>, b: &Array2<f32>) {
+        let s = a.dot(&b.t());
+        let (nb, bs) = (self.blocks, self.bs);
+        let fam = &mut self.sim[family];
+        for ab in 0..nb {
+            for bb in 0..nb {
+                for r in 0..repeat {
+                    for i in 0..bs {
+                        let row = (ab * repeat + r) * bs + i;
+                        let base = ((ab * nb + bb) * bs + i) * bs;
+                        for i2 in 0..bs {
+                            fam[base + i2] += s[[row, (bb * repeat + r) * bs + i2]] as f64;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn block(&self, f: usize, a: usize, b: usize) -> &[f64] {
+        let n = self.bs * self.bs;
+        let start = (a * self.blocks + b) * n;
+        &self.sim[f][start..start + n]
+    }
+
+    /// The score of a value (current or candidate).
+    pub(crate) fn score(&self, g: &Group, p: &GroupPerm) -> f64 {
+        let mut total = 0.0;
+        for (f, kind) in g.families.iter().enumerate() {
+            for a in 0..self.blocks {
+                let blk = self.block(f, a, p.outer[a]);
+                total += match kind {
+                    Inner::Identity => (0..self.bs).map(|i| blk[i * self.bs + i]).sum::<f64>(),
+                    Inner::Free => (0..self.bs)
+                        .map(|i| blk[i * self.bs + p.inner[f][a][i]])
+                        .sum::<f64>(),
+                };
+            }
+        }
+        total
+    }
+
+    /// The best value for this similarity.
+    pub(crate) fn solve(&self, g: &Group) -> Result<GroupPerm> {
+        let (nb, bs) = (self.blocks, self.bs);
+        let mut outer_cost = vec![0.0; nb * nb];
+        // Inner solutions per (family, a, b), kept to avoid solving twice.
+        let mut inner_best: Vec<Vec<Vec<usize>>> = vec![vec![]; g.families.len()];
+        for (f, kind) in g.families.iter().enumerate() {
+            if *kind == Inner::Free {
+                inner_best[f] = vec![vec![]; nb * nb];
+            }
+            for a in 0..nb {
+                for b in 0..nb {
+                    let blk = self.block(f, a, b);
+                    outer_cost[a * nb + b] += match kind {
+                        Inner::Identity => (0..bs).map(|i| blk[i * bs + i]).sum::<f64>(),
+                        Inner::Free => {
+                            let p = solve(blk, bs, Objective::Maximize, &g.name)?;
+                            let v = (0..bs).map(|i| blk[i * bs + p[i]]).sum::<f64>();
+                            inner_best[f][a * nb + b] = p;
+                            v
+                        }
+                    };
+                }
+            }
+        }
+        let outer = solve(&outer_cost, nb, Objective::Maximize, &g.name)?;
+        let inner = g
+            .families
+            .iter()
+            .enumerate()
+            .map(|(f, kind)| match kind {
+                Inner::Identity => vec![],
+                Inner::Free => (0..nb)
+                    .map(|a| std::mem::take(&mut inner_best[f][a * nb + outer[a]]))
+                    .collect(),
+            })
+            .collect();
+        Ok(GroupPerm { outer, inner })
+    }
+}
+
+/// The similarity of group `gi` between A and B with the other groups of `perm` applied to B.
+pub(crate) fn group_similarity(
+    spec: &PermutationSpec,
+    gi: usize,
+    perm: &Permutation,
+    a: &StateDict,
+    b: &StateDict,
+    by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
+) -> GroupSimilarity {
+    let g = &spec.groups[gi];
+    let mut sim = GroupSimilarity::new(g);
+    for m in &g.members {
+        let wa = &a.get(&m.weight).expect("validated").data;
+        let wb = permute_tensor(
+            spec,
+            perm,
+            &by_weight[m.weight.as_str()],
+            &b.get(&m.weight).expect("validated").data,
+            Some(gi),
+        );
+        sim.add(
+            m.family,
+            m.repeat,
+            &unfold(wa, m.axis),
+            &unfold(&wb, m.axis),
+        );
+    }
+    sim
+}
+
+/// Aligns model `b` to model `a` (see the module docs).
+pub fn weight_matching(
+    spec: &PermutationSpec,
+    a: &StateDict,
+    b: &StateDict,
+    opts: &MatchOptions,
+) -> Result<MatchResult> {
+    check_models(spec, a, b)?;
+    let mut perm = match &opts.init {
+        Some(p) => {
+            for g in &spec.groups {
+                p.get(&g.name)
+                    .ok_or_else(|| PermuteError::BadPermutation {
+                        group: g.name.clone(),
+                        msg: "missing from the initial permutation".into(),
+                    })?
+                    .check(g)?;
+            }
+            p.clone()
+        }
+        None => spec.identity(),
+    };
+    let by_weight = spec.by_weight();
+    let mut rng = spectra::rng::Rng::new(opts.seed);
+    let mut objective = Vec::new();
+    let mut passes = 0;
+    for _ in 0..opts.max_iter {
+        passes += 1;
+        let mut order: Vec<usize> = (0..spec.groups.len()).collect();
+        rng.shuffle(&mut order);
+        let mut progress = false;
+        for gi in order {
+            let g = &spec.groups[gi];
+            let sim = group_similarity(spec, gi, &perm, a, b, &by_weight);
+            let old = sim.score(g, &perm[&g.name]);
+            let candidate = sim.solve(g)?;
+            let new = sim.score(g, &candidate);
+            if new > old + opts.tol {
+                progress = true;
+                perm.insert(g.name.clone(), candidate);
+            }
+        }
+        objective.push(total_objective(spec, &perm, a, b, &by_weight));
+        if !progress {
+            break;
+        }
+    }
+    let l2_before = l2_distance(a, b);
+    let l2_after = l2_distance(a, &apply(spec, &perm, b)?);
+    Ok(MatchResult {
+        perm,
+        objective,
+        passes,
+        l2_before,
+        l2_after,
+    })
+}
+
+/// `Σ ⟨W_A, P W_B⟩` over the weights the spec names.
+pub fn total_objective(
+    spec: &PermutationSpec,
+    perm: &Permutation,
+    a: &StateDict,
+    b: &StateDict,
+    by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
+) -> f64 {
+    by_weight
+        .iter()
+        .map(|(name, entries)| {
+            let wa = &a.get(name).expect("validated").data;
+            let wb = permute_tensor(
+                spec,
+                perm,
+                entries,
+                &b.get(name).expect("validated").data,
+                None,
+            );
+            wa.iter()
+                .zip(wb.iter())
+                .map(|(x, y)| (*x as f64) * (*y as f64))
+                .sum::<f64>()
+        })
+        .sum()
+}

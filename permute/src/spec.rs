@@ -1,0 +1,368 @@
+//! Permutation specs as data, and applying them.
+//!
+//! A [`PermutationSpec`] lists permutation groups. Each [`Group`] permutes
+//! `blocks` blocks of `block_size` units (a plain group of `n` hidden units is
+//! `n` blocks of size 1) and names every `(weight, axis)` it acts on. An axis
+//! a group acts on has length `blocks · repeat · block_size`, laid out as
+//! `[block][copy][unit]`: `repeat` copies of a block's units sit side by side
+//! (the query heads that share one key/value head in grouped-query attention).
+//! Besides moving whole blocks (`outer`), a group may permute the units inside
+//! each block: one independent inner permutation per block for each *family*
+//! ([`Inner::Free`]), or none ([`Inner::Identity`]); each member says which
+//! family applies to it. This covers in one mechanism:
+//!
+//! - MLP/CNN hidden units and channels (`blocks = n`, `block_size = 1`);
+//! - attention heads: `blocks` = key/value heads, `block_size` = head dim,
+//!   q/o members with `repeat` = query heads per key/value head, a q/k family
+//!   ([`Inner::Identity`] under RoPE: moving a rotary pair to another position
+//!   changes its frequency and the function, so only whole heads move; free
+//!   without RoPE) and a v/o family ([`Inner::Free`]).
+//!
+//! A [`GroupPerm`] maps new positions to old ones (Git Re-Basin's convention):
+//! the permuted model's block `j` is the original block `outer[j]`, and its
+//! unit `i` inside the block is the original unit `inner[f][j][i]`.
+
+use std::collections::HashMap;
+
+use indexmap::IndexMap;
+use ndarray::{ArrayD, Axis};
+use serde::{Deserialize, Serialize};
+use weights::{StateDict, Tensor};
+
+use crate::error::{PermuteError, Result};
+
+/// Whether units inside a block may be permuted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Inner {
+    /// Units keep their order inside a block.
+    Identity,
+    /// Each block gets its own permutation of its units.
+    Free,
+}
+
+/// One `(weight, axis)` a group acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub weight: String,
+    pub axis: usize,
+    /// Copies of each block side by side on this axis.
+    pub repeat: usize,
+    /// Which inner-permutation family applies.
+    pub family: usize,
+}
+
+/// A permutation group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Group {
+    pub name: String,
+    pub blocks: usize,
+    pub block_size: usize,
+    pub families: Vec<Inner>,
+    pub members: Vec<Member>,
+}
+
+impl Group {
+    /// A plain group of `n` units with the given `(weight, axis)` members.
+    pub fn units(name: impl Into<String>, n: usize, members: &[(&str, usize)]) -> Group {
+        Group {
+            name: name.into(),
+            blocks: n,
+            block_size: 1,
+            families: vec![Inner::Identity],
+            members: members
+                .iter()
+                .map(|(w, a)| Member {
+                    weight: w.to_string(),
+                    axis: *a,
+                    repeat: 1,
+                    family: 0,
+                })
+                .collect(),
+        }
+    }
+
+    /// The axis length of a member.
+    pub fn axis_len(&self, m: &Member) -> usize {
+        self.blocks * m.repeat * self.block_size
+    }
+}
+
+/// The permutation groups of an architecture.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PermutationSpec {
+    pub groups: Vec<Group>,
+}
+
+/// A value of one group: block order and, per family, per-block unit orders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupPerm {
+    pub outer: Vec<usize>,
+    /// `inner[f][j]`: unit order inside new block `j` for family `f` (empty for identity families).
+    pub inner: Vec<Vec<Vec<usize>>>,
+}
+
+/// A value for every group, by group name.
+pub type Permutation = IndexMap<String, GroupPerm>;
+
+fn inverse(p: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; p.len()];
+    for (i, &j) in p.iter().enumerate() {
+        inv[j] = i;
+    }
+    inv
+}
+
+fn check_bijection(p: &[usize], n: usize, group: &str, what: &str) -> Result<()> {
+    let mut seen = vec![false; n];
+    if p.len() != n
+        || p.iter()
+            .any(|&j| j >= n || std::mem::replace(&mut seen[j], true))
+    {
+        return Err(PermuteError::BadPermutation {
+            group: group.to_string(),
+            msg: format!("{what} is not a permutation of 0..{n}"),
+        });
+    }
+    Ok(())
+}
+
+impl GroupPerm {
+    /// The identity of a group.
+    pub fn identity(g: &Group) -> GroupPerm {
+        GroupPerm {
+            outer: (0..g.blocks).collect(),
+            inner: g
+                .families
+                .iter()
+                .map(|f| match f {
+                    Inner::Identity => vec![],
+                    Inner::Free => vec![(0..g.block_size).collect(); g.blocks],
+                })
+                .collect(),
+        }
+    }
+
+    /// Checks the value fits its group.
+    pub fn check(&self, g: &Group) -> Result<()> {
+        check_bijection(&self.outer, g.blocks, &g.name, "outer")?;
+        if self.inner.len() != g.families.len() {
+            return Err(PermuteError::BadPermutation {
+                group: g.name.clone(),
+                msg: format!(
+                    "{} inner families, group has {}",
+                    self.inner.len(),
+                    g.families.len()
+                ),
+            });
+        }
+        for (f, kind) in g.families.iter().enumerate() {
+            match kind {
+                Inner::Identity if !self.inner[f].is_empty() => {
+                    return Err(PermuteError::BadPermutation {
+                        group: g.name.clone(),
+                        msg: format!("family {f} is fixed but has inner permutations"),
+                    });
+                }
+                Inner::Free => {
+                    if self.inner[f].len() != g.blocks {
+                        return Err(PermuteError::BadPermutation {
+                            group: g.name.clone(),
+                            msg: format!("family {f} needs {} inner permutations", g.blocks),
+                        });
+                    }
+                    for p in &self.inner[f] {
+                        check_bijection(p, g.block_size, &g.name, "inner")?;
+                    }
+                }
+                Inner::Identity => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The inverse value.
+    pub fn inverse(&self) -> GroupPerm {
+        let outer = inverse(&self.outer);
+        let inner = self
+            .inner
+            .iter()
+            .map(|fam| {
+                if fam.is_empty() {
+                    return vec![];
+                }
+                // New block k = outer[j] receives the inverse of inner[j].
+                let mut out = vec![vec![]; fam.len()];
+                for (j, p) in fam.iter().enumerate() {
+                    out[self.outer[j]] = inverse(p);
+                }
+                out
+            })
+            .collect();
+        GroupPerm { outer, inner }
+    }
+
+    /// The flat source index of every position of a member's axis.
+    pub fn flat(&self, g: &Group, m: &Member) -> Vec<usize> {
+        let (bs, rep) = (g.block_size, m.repeat);
+        let fam = self.inner.get(m.family).filter(|f| !f.is_empty());
+        let mut out = Vec::with_capacity(g.blocks * rep * bs);
+        for j in 0..g.blocks {
+            let src = self.outer[j];
+            for r in 0..rep {
+                for i in 0..bs {
+                    let si = fam.map_or(i, |f| f[j][i]);
+                    out.push((src * rep + r) * bs + si);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl PermutationSpec {
+    /// Checks the spec is well formed: unique group names, every family index
+    /// valid, no group on two axes of one weight, no axis in two groups.
+    pub fn check(&self) -> Result<()> {
+        let mut names = std::collections::HashSet::new();
+        let mut axes: HashMap<(&str, usize), &str> = HashMap::new();
+        for g in &self.groups {
+            if !names.insert(g.name.as_str()) {
+                return Err(PermuteError::InvalidSpec(format!(
+                    "group '{}' defined twice",
+                    g.name
+                )));
+            }
+            if g.blocks == 0 || g.block_size == 0 || g.families.is_empty() {
+                return Err(PermuteError::InvalidSpec(format!(
+                    "group '{}' is empty",
+                    g.name
+                )));
+            }
+            let mut on_weight = std::collections::HashSet::new();
+            for m in &g.members {
+                if m.family >= g.families.len() || m.repeat == 0 {
+                    return Err(PermuteError::InvalidSpec(format!(
+                        "group '{}': member '{}' has family {} / repeat {}",
+                        g.name, m.weight, m.family, m.repeat
+                    )));
+                }
+                if !on_weight.insert(m.weight.as_str()) {
+                    return Err(PermuteError::InvalidSpec(format!(
+                        "group '{}' acts on two axes of '{}'",
+                        g.name, m.weight
+                    )));
+                }
+                if let Some(other) = axes.insert((m.weight.as_str(), m.axis), g.name.as_str()) {
+                    return Err(PermuteError::InvalidSpec(format!(
+                        "axis {} of '{}' is in groups '{other}' and '{}'",
+                        m.axis, m.weight, g.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a checkpoint against the spec: every member weight exists and
+    /// has the group's size on its axis.
+    pub fn validate(&self, sd: &StateDict, model: &str) -> Result<()> {
+        self.check()?;
+        for g in &self.groups {
+            for m in &g.members {
+                let t = sd
+                    .get(&m.weight)
+                    .ok_or_else(|| PermuteError::MissingWeight {
+                        model: model.to_string(),
+                        weight: m.weight.clone(),
+                    })?;
+                let actual = t.shape().get(m.axis).copied().unwrap_or(0);
+                if actual != g.axis_len(m) {
+                    return Err(PermuteError::GroupSize {
+                        weight: m.weight.clone(),
+                        axis: m.axis,
+                        group: g.name.clone(),
+                        expected: g.axis_len(m),
+                        actual,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The group by name.
+    pub fn group(&self, name: &str) -> Option<&Group> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+
+    /// The identity value of every group.
+    pub fn identity(&self) -> Permutation {
+        self.groups
+            .iter()
+            .map(|g| (g.name.clone(), GroupPerm::identity(g)))
+            .collect()
+    }
+
+    /// For each weight, its `(group index, member index)` pairs.
+    pub fn by_weight(&self) -> IndexMap<&str, Vec<(usize, usize)>> {
+        let mut map: IndexMap<&str, Vec<(usize, usize)>> = IndexMap::new();
+        for (gi, g) in self.groups.iter().enumerate() {
+            for (mi, m) in g.members.iter().enumerate() {
+                map.entry(m.weight.as_str()).or_default().push((gi, mi));
+            }
+        }
+        map
+    }
+}
+
+/// Permutes one tensor along every axis the spec assigns it, except the axes
+/// of group `skip` (used by weight matching).
+pub fn permute_tensor(
+    spec: &PermutationSpec,
+    perm: &Permutation,
+    entries: &[(usize, usize)],
+    data: &ArrayD<f32>,
+    skip: Option<usize>,
+) -> ArrayD<f32> {
+    let mut out = data.clone();
+    for &(gi, mi) in entries {
+        if Some(gi) == skip {
+            continue;
+        }
+        let g = &spec.groups[gi];
+        let m = &g.members[mi];
+        let flat = perm[&g.name].flat(g, m);
+        out = out.select(Axis(m.axis), &flat);
+    }
+    out
+}
+
+/// Applies `perm` to every weight of `sd` the spec names (others are copied).
+pub fn apply(spec: &PermutationSpec, perm: &Permutation, sd: &StateDict) -> Result<StateDict> {
+    spec.validate(sd, "model")?;
+    for g in &spec.groups {
+        let p = perm
+            .get(&g.name)
+            .ok_or_else(|| PermuteError::BadPermutation {
+                group: g.name.clone(),
+                msg: "no value given".into(),
+            })?;
+        p.check(g)?;
+    }
+    let by_weight = spec.by_weight();
+    let mut out = StateDict::new();
+    out.metadata = sd.metadata.clone();
+    for (name, t) in sd.iter() {
+        let data = match by_weight.get(name) {
+            Some(entries) => permute_tensor(spec, perm, entries, &t.data, None),
+            None => t.data.clone(),
+        };
+        out.insert(name, Tensor::new(data, t.dtype));
+    }
+    Ok(out)
+}
+
+/// The inverse of every group's value.
+pub fn invert(perm: &Permutation) -> Permutation {
+    perm.iter().map(|(k, v)| (k.clone(), v.inverse())).collect()
+}

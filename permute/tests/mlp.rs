@@ -1,0 +1,226 @@
+//! Weight matching and permutation specs on multilayer perceptrons.
+
+use ndarray::{Array2, ArrayD, Ix1, Ix2, IxDyn};
+use permute::builders::mlp;
+use permute::lap::{Objective, solve, total};
+use permute::spec::{GroupPerm, Permutation, apply, invert};
+use permute::{MatchOptions, PermuteError, weight_matching};
+use spectra::rng::Rng;
+use weights::{StateDict, Tensor};
+
+fn random_mlp(sizes: &[usize], seed: u64) -> StateDict {
+    let mut rng = Rng::new(seed);
+    let mut sd = StateDict::new();
+    for (i, w) in sizes.windows(2).enumerate() {
+        let scale = (2.0 / w[0] as f64).sqrt();
+        let weight = ArrayD::from_shape_fn(IxDyn(&[w[1], w[0]]), |_| (rng.normal() * scale) as f32);
+        let bias = ArrayD::from_shape_fn(IxDyn(&[w[1]]), |_| (0.1 * rng.normal()) as f32);
+        sd.insert(format!("layers.{i}.weight"), Tensor::f32(weight));
+        sd.insert(format!("layers.{i}.bias"), Tensor::f32(bias));
+    }
+    sd
+}
+
+fn forward(sd: &StateDict, x: &Array2<f32>) -> Array2<f32> {
+    let n = sd.len() / 2;
+    let mut h = x.clone();
+    for i in 0..n {
+        let w = sd
+            .get(&format!("layers.{i}.weight"))
+            .unwrap()
+            .data
+            .view()
+            .into_dimensionality::<Ix2>()
+            .unwrap();
+        let b = sd
+            .get(&format!("layers.{i}.bias"))
+            .unwrap()
+            .data
+            .view()
+            .into_dimensionality::<Ix1>()
+            .unwrap();
+        h = h.dot(&w.t()) + b;
+        if i + 1 < n {
+            h.mapv_inplace(|v| v.max(0.0));
+        }
+    }
+    h
+}
+
+fn random_perm(spec: &permute::PermutationSpec, seed: u64) -> Permutation {
+    let mut rng = Rng::new(seed);
+    spec.groups
+        .iter()
+        .map(|g| {
+            let mut outer: Vec<usize> = (0..g.blocks).collect();
+            rng.shuffle(&mut outer);
+            (
+                g.name.clone(),
+                GroupPerm {
+                    outer,
+                    inner: vec![vec![]],
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn spec_is_inferred_from_names() {
+    let sd = random_mlp(&[784, 512, 512, 512, 10], 1);
+    let spec = mlp(&sd).unwrap();
+    assert_eq!(spec.groups.len(), 3);
+    assert_eq!(spec.groups[0].blocks, 512);
+    let names: Vec<_> = spec.groups[1]
+        .members
+        .iter()
+        .map(|m| (m.weight.as_str(), m.axis))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("layers.1.weight", 0),
+            ("layers.1.bias", 0),
+            ("layers.2.weight", 1)
+        ]
+    );
+    let mut fc = StateDict::new();
+    for (name, t) in sd.iter() {
+        let k: usize = name.split('.').nth(1).unwrap().parse().unwrap();
+        fc.insert(
+            format!("fc{}.{}", k + 1, name.rsplit('.').next().unwrap()),
+            t.clone(),
+        );
+    }
+    assert_eq!(mlp(&fc).unwrap().groups.len(), 3);
+}
+
+#[test]
+fn permuting_preserves_the_function_and_singular_values() {
+    let sd = random_mlp(&[20, 32, 32, 16, 5], 2);
+    let spec = mlp(&sd).unwrap();
+    let p = random_perm(&spec, 3);
+    let permuted = apply(&spec, &p, &sd).unwrap();
+    let mut rng = Rng::new(4);
+    let x = Array2::from_shape_fn((64, 20), |_| rng.normal() as f32);
+    let (y0, y1) = (forward(&sd, &x), forward(&permuted, &x));
+    let diff = (&y0 - &y1).iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(diff < 1e-5, "max |Δ| = {diff}");
+    assert!(permuted != sd, "the permutation must change the weights");
+    for (name, t) in sd.iter() {
+        if t.shape().len() == 2 {
+            let a = spectra::linalg::singular_values(
+                t.data.view().into_dimensionality::<Ix2>().unwrap(),
+                name,
+            )
+            .unwrap();
+            let b = permuted
+                .get(name)
+                .unwrap()
+                .data
+                .view()
+                .into_dimensionality::<Ix2>()
+                .unwrap()
+                .to_owned();
+            let b = spectra::linalg::singular_values(b.view(), name).unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-6 * a[0], "{name}: {x} vs {y}");
+            }
+        }
+    }
+    // Inverting undoes it exactly.
+    assert_eq!(apply(&spec, &invert(&p), &permuted).unwrap(), sd);
+}
+
+#[test]
+fn weight_matching_recovers_a_planted_permutation() {
+    let a = random_mlp(&[30, 64, 64, 64, 10], 5);
+    let spec = mlp(&a).unwrap();
+    let planted = random_perm(&spec, 6);
+    let b = apply(&spec, &planted, &a).unwrap();
+    let res = weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
+    assert!(res.l2_before > 1.0);
+    assert!(res.l2_after < 1e-5, "l2 after {}", res.l2_after);
+    assert_eq!(res.perm, invert(&planted));
+    assert!(res.passes <= 5, "{} passes", res.passes);
+    assert!(
+        res.objective.windows(2).all(|w| w[1] >= w[0] - 1e-9),
+        "objective must not decrease: {:?}",
+        res.objective
+    );
+}
+
+#[test]
+fn independent_models_get_closer_after_matching() {
+    let a = random_mlp(&[30, 64, 64, 10], 7);
+    let b = random_mlp(&[30, 64, 64, 10], 8);
+    let spec = mlp(&a).unwrap();
+    let res = weight_matching(
+        &spec,
+        &a,
+        &b,
+        &MatchOptions {
+            seed: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        res.l2_after < res.l2_before,
+        "{} -> {}",
+        res.l2_before,
+        res.l2_after
+    );
+    // The aligned B computes the same function as B.
+    let aligned = apply(&spec, &res.perm, &b).unwrap();
+    let x = Array2::from_shape_fn((8, 30), |(i, j)| ((i * 31 + j) % 7) as f32 - 3.0);
+    let d = (&forward(&b, &x) - &forward(&aligned, &x))
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()));
+    assert!(d < 1e-5);
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let a = random_mlp(&[10, 16, 4], 1);
+    let spec = mlp(&a).unwrap();
+    let other = random_mlp(&[10, 12, 4], 2);
+    let e = weight_matching(&spec, &a, &other, &MatchOptions::default()).unwrap_err();
+    assert!(
+        matches!(e, PermuteError::GroupSize { ref weight, .. } if weight == "layers.0.weight"),
+        "{e}"
+    );
+    let mut missing = a.clone();
+    missing.remove("layers.1.weight");
+    let e = weight_matching(&spec, &a, &missing, &MatchOptions::default()).unwrap_err();
+    assert!(
+        matches!(e, PermuteError::MissingWeight { ref weight, .. } if weight == "layers.1.weight"),
+        "{e}"
+    );
+    let mut nan = a.clone();
+    nan.get_mut("layers.0.bias").unwrap().data[[3]] = f32::NAN;
+    let e = weight_matching(&spec, &a, &nan, &MatchOptions::default()).unwrap_err();
+    assert!(matches!(e, PermuteError::NonFinite { .. }), "{e}");
+    assert!(e.to_string().contains("layers.0.bias"));
+    let mut bad = spec.identity();
+    bad.get_mut("P_0").unwrap().outer[0] = 1;
+    assert!(matches!(
+        apply(&spec, &bad, &a),
+        Err(PermuteError::BadPermutation { .. })
+    ));
+    let mut no_index = StateDict::new();
+    no_index.insert("encoder.weight", Tensor::f32(ArrayD::zeros(IxDyn(&[2, 2]))));
+    assert!(mlp(&no_index).is_err());
+}
+
+#[test]
+fn lap_agrees_with_kuhn_munkres_on_n200() {
+    let mut rng = Rng::new(11);
+    let n = 200;
+    let ints: Vec<i64> = (0..n * n).map(|_| rng.below(1000) as i64).collect();
+    let weights = pathfinding::matrix::Matrix::from_vec(n, n, ints.clone()).unwrap();
+    let (best, _) = pathfinding::kuhn_munkres::kuhn_munkres(&weights);
+    let cost: Vec<f64> = ints.iter().map(|&v| v as f64).collect();
+    let ours = solve(&cost, n, Objective::Maximize, "n200").unwrap();
+    assert_eq!(total(&cost, n, &ours) as i64, best);
+}
