@@ -3,7 +3,7 @@
 use weights::StateDict;
 
 use crate::error::{PermuteError, Result};
-use crate::spec::{Group, PermutationSpec};
+use crate::spec::{Group, Inner, Member, PermutationSpec};
 
 /// The layer index of an MLP parameter stem: the trailing integer of
 /// `layers.3`, `fc2`, `Dense_1`, `net.4`.
@@ -79,4 +79,261 @@ pub fn mlp(sd: &StateDict) -> Result<PermutationSpec> {
         groups.push(Group::units(format!("P_{k}"), out, &members));
     }
     Ok(PermutationSpec { groups })
+}
+
+/// Dimensions of a LLaMA-style decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransformerDims {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+}
+
+impl TransformerDims {
+    fn check(&self) -> Result<()> {
+        if self.heads == 0
+            || self.kv_heads == 0
+            || self.heads % self.kv_heads != 0
+            || self.head_dim == 0
+        {
+            return Err(PermuteError::InvalidSpec(format!(
+                "{} heads cannot be grouped over {} key/value heads",
+                self.heads, self.kv_heads
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads `num_hidden_layers`, `hidden_size`, `num_attention_heads`,
+    /// `num_key_value_heads` (default: heads), `head_dim` (default:
+    /// hidden/heads) and `intermediate_size` from a Hugging Face `config.json`.
+    pub fn from_config_json(text: &str) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| PermuteError::InvalidSpec(format!("config.json: {e}")))?;
+        let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
+        let need = |k: &str| {
+            get(k).ok_or_else(|| PermuteError::InvalidSpec(format!("config.json has no '{k}'")))
+        };
+        let hidden = need("hidden_size")?;
+        let heads = need("num_attention_heads")?;
+        Ok(TransformerDims {
+            layers: need("num_hidden_layers")?,
+            hidden,
+            heads,
+            kv_heads: get("num_key_value_heads").unwrap_or(heads),
+            head_dim: get("head_dim").unwrap_or(hidden / heads.max(1)),
+            ffn: need("intermediate_size")?,
+        })
+    }
+}
+
+fn push_if(sd: Option<&StateDict>, members: &mut Vec<(String, usize)>, name: String, axis: usize) {
+    if sd.is_none_or(|sd| sd.contains(&name)) {
+        members.push((name, axis));
+    }
+}
+
+fn group_of(name: String, n: usize, members: &[(String, usize)]) -> Group {
+    let refs: Vec<(&str, usize)> = members.iter().map(|(w, a)| (w.as_str(), *a)).collect();
+    Group::units(name, n, &refs)
+}
+
+/// The spec of a Hugging Face LLaMA checkpoint (`model.layers.N.*`).
+///
+/// Groups: `residual` (embeddings, every RMSNorm, q/k/v/gate/up inputs,
+/// o/down outputs, final norm, `lm_head` inputs); `layers.N.ffn` (gate/up
+/// rows, down columns); `layers.N.heads`, which moves whole key/value heads
+/// together with their query heads (GQA: query head `h` uses key/value head
+/// `h / (heads/kv_heads)`), with a q/k family that stays fixed inside a head
+/// (rotary pairs carry their frequency: moving one changes the function) and a
+/// free v/o family (v rows and the matching o columns of every query head of
+/// that key/value head). Optional q/k/v biases and an untied `lm_head` are
+/// included when `sd` has them.
+pub fn llama(dims: TransformerDims, sd: &StateDict) -> Result<PermutationSpec> {
+    dims.check()?;
+    let mut residual: Vec<(String, usize)> = Vec::new();
+    push_if(None, &mut residual, "model.embed_tokens.weight".into(), 1);
+    let mut groups = Vec::new();
+    let n_rep = dims.heads / dims.kv_heads;
+    for l in 0..dims.layers {
+        let p = format!("model.layers.{l}");
+        for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+            residual.push((format!("{p}.{n}"), 0));
+        }
+        for n in ["q_proj", "k_proj", "v_proj"] {
+            residual.push((format!("{p}.self_attn.{n}.weight"), 1));
+        }
+        residual.push((format!("{p}.self_attn.o_proj.weight"), 0));
+        for n in ["gate_proj", "up_proj"] {
+            residual.push((format!("{p}.mlp.{n}.weight"), 1));
+        }
+        residual.push((format!("{p}.mlp.down_proj.weight"), 0));
+        let ffn = [
+            (format!("{p}.mlp.gate_proj.weight"), 0),
+            (format!("{p}.mlp.up_proj.weight"), 0),
+            (format!("{p}.mlp.down_proj.weight"), 1),
+        ];
+        groups.push(group_of(format!("{p}.ffn"), dims.ffn, &ffn));
+        let mut heads = Vec::new();
+        let member = |w: String, axis, repeat, family| Member {
+            weight: w,
+            axis,
+            repeat,
+            family,
+        };
+        for (proj, repeat, family) in [
+            ("q_proj", n_rep, 0usize),
+            ("k_proj", 1, 0),
+            ("v_proj", 1, 1),
+        ] {
+            heads.push(member(
+                format!("{p}.self_attn.{proj}.weight"),
+                0,
+                repeat,
+                family,
+            ));
+            let bias = format!("{p}.self_attn.{proj}.bias");
+            if sd.contains(&bias) {
+                heads.push(member(bias, 0, repeat, family));
+            }
+        }
+        heads.push(member(format!("{p}.self_attn.o_proj.weight"), 1, n_rep, 1));
+        groups.push(Group {
+            name: format!("{p}.heads"),
+            blocks: dims.kv_heads,
+            block_size: dims.head_dim,
+            families: vec![Inner::Identity, Inner::Free],
+            members: heads,
+        });
+    }
+    residual.push(("model.norm.weight".into(), 0));
+    push_if(Some(sd), &mut residual, "lm_head.weight".into(), 1);
+    let mut all = vec![group_of("residual".into(), dims.hidden, &residual)];
+    all.extend(groups);
+    Ok(PermutationSpec { groups: all })
+}
+
+/// The spec of a Hugging Face BERT encoder (`[bert.]embeddings.*`,
+/// `[bert.]encoder.layer.N.*`, optional pooler), from the checkpoint itself
+/// (`heads` is needed: shapes do not tell it).
+///
+/// Groups: `residual` (all embeddings' columns, every LayerNorm, attention
+/// and FFN inputs and outputs, pooler input); `layer.N.ffn`; `layer.N.heads`
+/// (whole heads, with free within-head permutations for q/k together and for
+/// v/o together: BERT has no rotary embedding).
+pub fn bert(sd: &StateDict, heads: usize) -> Result<PermutationSpec> {
+    let prefix = if sd.contains("bert.embeddings.word_embeddings.weight") {
+        "bert."
+    } else {
+        ""
+    };
+    let word = format!("{prefix}embeddings.word_embeddings.weight");
+    let hidden = sd
+        .get(&word)
+        .ok_or_else(|| PermuteError::InvalidSpec(format!("no '{word}': not a BERT checkpoint")))?
+        .shape()[1];
+    if heads == 0 || hidden % heads != 0 {
+        return Err(PermuteError::InvalidSpec(format!(
+            "hidden size {hidden} is not divisible into {heads} heads"
+        )));
+    }
+    let d = hidden / heads;
+    let mut residual: Vec<(String, usize)> = Vec::new();
+    for e in [
+        "word_embeddings",
+        "position_embeddings",
+        "token_type_embeddings",
+    ] {
+        push_if(
+            Some(sd),
+            &mut residual,
+            format!("{prefix}embeddings.{e}.weight"),
+            1,
+        );
+    }
+    for n in ["weight", "bias"] {
+        push_if(
+            Some(sd),
+            &mut residual,
+            format!("{prefix}embeddings.LayerNorm.{n}"),
+            0,
+        );
+    }
+    let mut groups = Vec::new();
+    let mut l = 0;
+    while sd.contains(&format!(
+        "{prefix}encoder.layer.{l}.attention.self.query.weight"
+    )) {
+        let p = format!("{prefix}encoder.layer.{l}");
+        for n in ["query", "key", "value"] {
+            residual.push((format!("{p}.attention.self.{n}.weight"), 1));
+        }
+        for n in [
+            "attention.output.dense.weight",
+            "attention.output.dense.bias",
+            "output.dense.weight",
+            "output.dense.bias",
+        ] {
+            push_if(Some(sd), &mut residual, format!("{p}.{n}"), 0);
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            for n in ["weight", "bias"] {
+                push_if(Some(sd), &mut residual, format!("{p}.{ln}.{n}"), 0);
+            }
+        }
+        residual.push((format!("{p}.intermediate.dense.weight"), 1));
+        let ffn_size = sd
+            .get(&format!("{p}.intermediate.dense.weight"))
+            .map(|t| t.shape()[0])
+            .unwrap_or(0);
+        let mut ffn = vec![(format!("{p}.intermediate.dense.weight"), 0)];
+        push_if(
+            Some(sd),
+            &mut ffn,
+            format!("{p}.intermediate.dense.bias"),
+            0,
+        );
+        ffn.push((format!("{p}.output.dense.weight"), 1));
+        groups.push(group_of(format!("layer.{l}.ffn"), ffn_size, &ffn));
+        let mut hm = Vec::new();
+        for (n, family) in [("query", 0usize), ("key", 0), ("value", 1)] {
+            for part in ["weight", "bias"] {
+                let w = format!("{p}.attention.self.{n}.{part}");
+                if sd.contains(&w) {
+                    hm.push(Member {
+                        weight: w,
+                        axis: 0,
+                        repeat: 1,
+                        family,
+                    });
+                }
+            }
+        }
+        hm.push(Member {
+            weight: format!("{p}.attention.output.dense.weight"),
+            axis: 1,
+            repeat: 1,
+            family: 1,
+        });
+        groups.push(Group {
+            name: format!("layer.{l}.heads"),
+            blocks: heads,
+            block_size: d,
+            families: vec![Inner::Free, Inner::Free],
+            members: hm,
+        });
+        l += 1;
+    }
+    push_if(
+        Some(sd),
+        &mut residual,
+        format!("{prefix}pooler.dense.weight"),
+        1,
+    );
+    let mut all = vec![group_of("residual".into(), hidden, &residual)];
+    all.extend(groups);
+    Ok(PermutationSpec { groups: all })
 }
