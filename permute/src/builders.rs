@@ -96,7 +96,7 @@ impl TransformerDims {
     fn check(&self) -> Result<()> {
         if self.heads == 0
             || self.kv_heads == 0
-            || self.heads % self.kv_heads != 0
+            || !self.heads.is_multiple_of(self.kv_heads)
             || self.head_dim == 0
         {
             return Err(PermuteError::InvalidSpec(format!(
