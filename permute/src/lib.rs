@@ -5,11 +5,15 @@
 //! ([`spec::PermutationSpec`], with builders in [`builders`]), applies and
 //! inverts them on [`weights::StateDict`]s, and finds the permutation that
 //! aligns one model with another: weight matching (Git Re-Basin,
-//! [`matching`]) over a linear-assignment solver ([`lap`]).
+//! [`matching`]) over a linear-assignment solver ([`lap`]), MergeMany,
+//! activation matching and per-unit similarities for partial matching
+//! ([`many`]), and interpolation with loss barriers ([`interp`]).
 
 pub mod builders;
 pub mod error;
+pub mod interp;
 pub mod lap;
+pub mod many;
 pub mod matching;
 pub mod spec;
 

@@ -166,17 +166,20 @@ impl GroupSimilarity {
 
     /// The score of a value (current or candidate).
     pub(crate) fn score(&self, g: &Group, p: &GroupPerm) -> f64 {
+        (0..self.blocks).map(|a| self.block_score(g, p, a)).sum()
+    }
+
+    /// The score of block `a` of A paired with block `p.outer[a]` of B.
+    pub(crate) fn block_score(&self, g: &Group, p: &GroupPerm, a: usize) -> f64 {
         let mut total = 0.0;
         for (f, kind) in g.families.iter().enumerate() {
-            for a in 0..self.blocks {
-                let blk = self.block(f, a, p.outer[a]);
-                total += match kind {
-                    Inner::Identity => (0..self.bs).map(|i| blk[i * self.bs + i]).sum::<f64>(),
-                    Inner::Free => (0..self.bs)
-                        .map(|i| blk[i * self.bs + p.inner[f][a][i]])
-                        .sum::<f64>(),
-                };
-            }
+            let blk = self.block(f, a, p.outer[a]);
+            total += match kind {
+                Inner::Identity => (0..self.bs).map(|i| blk[i * self.bs + i]).sum::<f64>(),
+                Inner::Free => (0..self.bs)
+                    .map(|i| blk[i * self.bs + p.inner[f][a][i]])
+                    .sum::<f64>(),
+            };
         }
         total
     }
