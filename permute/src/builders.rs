@@ -337,3 +337,117 @@ pub fn bert(sd: &StateDict, heads: usize) -> Result<PermutationSpec> {
     all.extend(groups);
     Ok(PermutationSpec { groups: all })
 }
+
+/// A normalisation layer's per-channel tensors (BatchNorm and LayerNorm names).
+const NORM_PARAMS: [&str; 4] = ["weight", "bias", "running_mean", "running_var"];
+
+fn norm_members(sd: &StateDict, prefix: &str, out: &mut Vec<(String, usize)>) {
+    for p in NORM_PARAMS {
+        push_if(Some(sd), out, format!("{prefix}.{p}"), 0);
+    }
+}
+
+/// The spec of a torchvision-style ResNet (`conv1`, `bn1`,
+/// `layerS.B.convK`, `layerS.B.bnK`, `layerS.B.downsample.{0,1}`, `fc`),
+/// basic or bottleneck blocks.
+///
+/// Residual streams: the stem's output is the stream of stage 1; a block with
+/// a `downsample` shortcut starts a new stream (its last conv, last norm and
+/// shortcut conv/norm produce it, its first conv and shortcut conv read the old
+/// one); all blocks of a stage share their stage's stream. Inside a block,
+/// `convK` → `bnK` → `conv(K+1)` is a free channel group. `fc` reads the last
+/// stream. BatchNorm running statistics move with their channels.
+pub fn resnet(sd: &StateDict) -> Result<PermutationSpec> {
+    if !sd.contains("conv1.weight") {
+        return Err(PermuteError::InvalidSpec(
+            "no 'conv1.weight': not a torchvision-style ResNet".into(),
+        ));
+    }
+    let channels = |name: &str| sd.get(name).map(|t| t.shape()[0]);
+    let mut streams: Vec<(usize, Vec<(String, usize)>)> = Vec::new();
+    let mut stem = vec![("conv1.weight".to_string(), 0usize)];
+    norm_members(sd, "bn1", &mut stem);
+    streams.push((channels("conv1.weight").expect("checked"), stem));
+    let mut groups = Vec::new();
+    let mut blocks: Vec<(usize, usize)> = sd
+        .keys()
+        .filter_map(|k| {
+            let rest = k.strip_prefix("layer")?;
+            let mut it = rest.split('.');
+            let s: usize = it.next()?.parse().ok()?;
+            let b: usize = it.next()?.parse().ok()?;
+            Some((s, b))
+        })
+        .collect();
+    blocks.sort();
+    blocks.dedup();
+    for (s, b) in blocks {
+        let p = format!("layer{s}.{b}");
+        let convs: Vec<usize> = (1..=3)
+            .take_while(|k| sd.contains(&format!("{p}.conv{k}.weight")))
+            .collect();
+        if convs.is_empty() {
+            return Err(PermuteError::InvalidSpec(format!(
+                "block {p} has no conv1.weight"
+            )));
+        }
+        let last = *convs.last().expect("non-empty");
+        let input = streams.len() - 1;
+        streams[input].1.push((format!("{p}.conv1.weight"), 1));
+        let has_down = sd.contains(&format!("{p}.downsample.0.weight"));
+        let output = if has_down {
+            streams[input]
+                .1
+                .push((format!("{p}.downsample.0.weight"), 1));
+            let mut m = vec![(format!("{p}.downsample.0.weight"), 0)];
+            norm_members(sd, &format!("{p}.downsample.1"), &mut m);
+            streams.push((
+                channels(&format!("{p}.downsample.0.weight")).expect("present"),
+                m,
+            ));
+            streams.len() - 1
+        } else {
+            input
+        };
+        streams[output]
+            .1
+            .push((format!("{p}.conv{last}.weight"), 0));
+        let mut bn_last = Vec::new();
+        norm_members(sd, &format!("{p}.bn{last}"), &mut bn_last);
+        streams[output].1.extend(bn_last);
+        for k in convs.iter().copied().filter(|&k| k < last) {
+            let mut m = vec![(format!("{p}.conv{k}.weight"), 0)];
+            norm_members(sd, &format!("{p}.bn{k}"), &mut m);
+            m.push((format!("{p}.conv{}.weight", k + 1), 1));
+            let n = channels(&format!("{p}.conv{k}.weight")).expect("present");
+            groups.push(group_of(format!("{p}.inner{k}"), n, &m));
+        }
+    }
+    let last = streams.len() - 1;
+    push_if(Some(sd), &mut streams[last].1, "fc.weight".into(), 1);
+    let mut all: Vec<Group> = streams
+        .iter()
+        .enumerate()
+        .map(|(i, (n, m))| group_of(format!("stream{i}"), *n, m))
+        .collect();
+    all.extend(groups);
+    Ok(PermutationSpec { groups: all })
+}
+
+/// Which builder fits a checkpoint, from its tensor names.
+pub fn infer_arch(sd: &StateDict) -> Option<&'static str> {
+    if sd.contains("model.embed_tokens.weight") {
+        Some("llama")
+    } else if sd
+        .keys()
+        .any(|k| k.ends_with("embeddings.word_embeddings.weight"))
+    {
+        Some("bert")
+    } else if sd.contains("conv1.weight") && sd.keys().any(|k| k.starts_with("layer1.")) {
+        Some("resnet")
+    } else if mlp(sd).is_ok() {
+        Some("mlp")
+    } else {
+        None
+    }
+}
