@@ -16,7 +16,7 @@ use serde::Serialize;
 use weights::StateDict;
 
 use crate::error::{PermuteError, Result};
-use crate::lap::{Objective, solve};
+use crate::lap::{Duals, Objective, solve, solve_warm};
 use crate::spec::{Group, GroupPerm, Inner, Permutation, PermutationSpec, apply, permute_tensor};
 
 /// Options of [`weight_matching`].
@@ -185,7 +185,7 @@ impl GroupSimilarity {
     }
 
     /// The best value for this similarity.
-    pub(crate) fn solve(&self, g: &Group) -> Result<GroupPerm> {
+    pub(crate) fn solve(&self, g: &Group, warm: Option<&Duals>) -> Result<(GroupPerm, Duals)> {
         let (nb, bs) = (self.blocks, self.bs);
         let mut outer_cost = vec![0.0; nb * nb];
         // Inner solutions per (family, a, b), kept to avoid solving twice.
@@ -209,7 +209,7 @@ impl GroupSimilarity {
                 }
             }
         }
-        let outer = solve(&outer_cost, nb, Objective::Maximize, &g.name)?;
+        let (outer, duals) = solve_warm(&outer_cost, nb, Objective::Maximize, warm, &g.name)?;
         let inner = g
             .families
             .iter()
@@ -221,7 +221,7 @@ impl GroupSimilarity {
                     .collect(),
             })
             .collect();
-        Ok(GroupPerm { outer, inner })
+        Ok((GroupPerm { outer, inner }, duals))
     }
 }
 
@@ -281,6 +281,8 @@ pub fn weight_matching(
     let mut rng = spectra::rng::Rng::new(opts.seed);
     let mut objective = Vec::new();
     let mut passes = 0;
+    // Each group's block-assignment duals, reused by its next solve.
+    let mut duals: Vec<Option<Duals>> = vec![None; spec.groups.len()];
     for _ in 0..opts.max_iter {
         passes += 1;
         let mut order: Vec<usize> = (0..spec.groups.len()).collect();
@@ -290,7 +292,8 @@ pub fn weight_matching(
             let g = &spec.groups[gi];
             let sim = group_similarity(spec, gi, &perm, a, b, &by_weight);
             let old = sim.score(g, &perm[&g.name]);
-            let candidate = sim.solve(g)?;
+            let (candidate, d) = sim.solve(g, duals[gi].as_ref())?;
+            duals[gi] = Some(d);
             let new = sim.score(g, &candidate);
             if new > old + opts.tol {
                 progress = true;
