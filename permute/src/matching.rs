@@ -12,6 +12,7 @@
 //! by more than `tol`, or after `max_iter`.
 
 use ndarray::{Array2, ArrayD, Ix2};
+use rayon::prelude::*;
 use serde::Serialize;
 use weights::StateDict;
 
@@ -235,24 +236,27 @@ pub(crate) fn group_similarity(
     by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
 ) -> GroupSimilarity {
     let g = &spec.groups[gi];
-    let mut sim = GroupSimilarity::new(g);
-    for m in &g.members {
-        let wa = &a.get(&m.weight).expect("validated").data;
-        let wb = permute_tensor(
-            spec,
-            perm,
-            &by_weight[m.weight.as_str()],
-            &b.get(&m.weight).expect("validated").data,
-            Some(gi),
-        );
-        sim.add(
-            m.family,
-            m.repeat,
-            &unfold(wa, m.axis),
-            &unfold(&wb, m.axis),
-        );
-    }
-    sim
+    // Members in parallel, each thread summing into its own accumulator.
+    g.members
+        .par_iter()
+        .fold(
+            || GroupSimilarity::new(g),
+            |mut acc, m| {
+                let wa = &a.get(&m.weight).expect("validated").data;
+                let wb = permute_tensor(spec, perm, &by_weight[m.weight.as_str()], &b.get(&m.weight).expect("validated").data, Some(gi));
+                acc.add(m.family, m.repeat, &unfold(wa, m.axis), &unfold(&wb, m.axis));
+                acc
+            },
+        )
+        .reduce(
+            || GroupSimilarity::new(g),
+            |mut x, y| {
+                for (fx, fy) in x.sim.iter_mut().zip(y.sim) {
+                    fx.iter_mut().zip(fy).for_each(|(p, q)| *p += q);
+                }
+                x
+            },
+        )
 }
 
 /// Aligns model `b` to model `a` (see the module docs).
