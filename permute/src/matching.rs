@@ -243,8 +243,19 @@ pub(crate) fn group_similarity(
             || GroupSimilarity::new(g),
             |mut acc, m| {
                 let wa = &a.get(&m.weight).expect("validated").data;
-                let wb = permute_tensor(spec, perm, &by_weight[m.weight.as_str()], &b.get(&m.weight).expect("validated").data, Some(gi));
-                acc.add(m.family, m.repeat, &unfold(wa, m.axis), &unfold(&wb, m.axis));
+                let wb = permute_tensor(
+                    spec,
+                    perm,
+                    &by_weight[m.weight.as_str()],
+                    &b.get(&m.weight).expect("validated").data,
+                    Some(gi),
+                );
+                acc.add(
+                    m.family,
+                    m.repeat,
+                    &unfold(wa, m.axis),
+                    &unfold(&wb, m.axis),
+                );
                 acc
             },
         )

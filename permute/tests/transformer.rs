@@ -285,6 +285,100 @@ fn weight_matching_recovers_planted_transformer_permutations() {
     assert!(res.passes <= 6, "{} passes", res.passes);
 }
 
+fn layer_norm(x: &Array2<f32>, sd: &StateDict, p: &str) -> Array2<f32> {
+    let w = sd
+        .get(&format!("{p}.weight"))
+        .unwrap()
+        .data
+        .view()
+        .into_dimensionality::<Ix1>()
+        .unwrap()
+        .to_owned();
+    let b = sd
+        .get(&format!("{p}.bias"))
+        .unwrap()
+        .data
+        .view()
+        .into_dimensionality::<Ix1>()
+        .unwrap()
+        .to_owned();
+    let mut out = x.clone();
+    for mut row in out.rows_mut() {
+        let n = row.len() as f32;
+        let m = row.sum() / n;
+        let v = row.iter().map(|x| (x - m).powi(2)).sum::<f32>() / n;
+        for (k, x) in row.iter_mut().enumerate() {
+            *x = (*x - m) / (v + 1e-12).sqrt() * w[k] + b[k];
+        }
+    }
+    out
+}
+
+fn linear(x: &Array2<f32>, sd: &StateDict, p: &str) -> Array2<f32> {
+    let b = sd
+        .get(&format!("{p}.bias"))
+        .unwrap()
+        .data
+        .view()
+        .into_dimensionality::<Ix1>()
+        .unwrap()
+        .to_owned();
+    x.dot(&mat(sd, &format!("{p}.weight")).t()) + b
+}
+
+/// A post-LayerNorm BERT encoder (no rotary embedding), returning the pooled output.
+fn bert_forward(sd: &StateDict, tokens: &[usize], heads: usize) -> Array2<f32> {
+    let t = tokens.len();
+    let (we, pe, te) = (
+        mat(sd, "embeddings.word_embeddings.weight"),
+        mat(sd, "embeddings.position_embeddings.weight"),
+        mat(sd, "embeddings.token_type_embeddings.weight"),
+    );
+    let h = we.ncols();
+    let x = Array2::from_shape_fn((t, h), |(i, j)| {
+        we[[tokens[i], j]] + pe[[i, j]] + te[[0, j]]
+    });
+    let mut x = layer_norm(&x, sd, "embeddings.LayerNorm");
+    let d = h / heads;
+    let mut l = 0;
+    while sd.contains(&format!("encoder.layer.{l}.attention.self.query.weight")) {
+        let p = format!("encoder.layer.{l}");
+        let q = linear(&x, sd, &format!("{p}.attention.self.query"));
+        let k = linear(&x, sd, &format!("{p}.attention.self.key"));
+        let v = linear(&x, sd, &format!("{p}.attention.self.value"));
+        let mut ctx = Array2::<f32>::zeros((t, h));
+        for hd in 0..heads {
+            let r = hd * d..(hd + 1) * d;
+            let mut sc = q
+                .slice(s![.., r.clone()])
+                .dot(&k.slice(s![.., r.clone()]).t())
+                / (d as f32).sqrt();
+            for mut row in sc.rows_mut() {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                row.mapv_inplace(|v| (v - m).exp());
+                let z = row.sum();
+                row.mapv_inplace(|v| v / z);
+            }
+            ctx.slice_mut(s![.., r.clone()])
+                .assign(&sc.dot(&v.slice(s![.., r])));
+        }
+        x = layer_norm(
+            &(x + linear(&ctx, sd, &format!("{p}.attention.output.dense"))),
+            sd,
+            &format!("{p}.attention.output.LayerNorm"),
+        );
+        let inter = linear(&x, sd, &format!("{p}.intermediate.dense"))
+            .mapv(|v| 0.5 * v * (1.0 + (v * 0.797_884_6 * (1.0 + 0.044715 * v * v)).tanh()));
+        x = layer_norm(
+            &(x.clone() + linear(&inter, sd, &format!("{p}.output.dense"))),
+            sd,
+            &format!("{p}.output.LayerNorm"),
+        );
+        l += 1;
+    }
+    linear(&x, sd, "pooler.dense").mapv(f32::tanh)
+}
+
 #[test]
 fn bert_spec_from_minilm_style_names() {
     let mut rng = Rng::new(4);
@@ -329,6 +423,17 @@ fn bert_spec_from_minilm_style_names() {
     assert_eq!(by["pooler.dense.weight"].len(), 1);
     let p = random_value(&spec, 9);
     let b = apply(&spec, &p, &sd).unwrap();
+    // Function preservation: heads move whole, with free within-head q/k and v/o orders.
+    let tokens = [4usize, 7, 1, 0, 29];
+    let (y0, y1) = (
+        bert_forward(&sd, &tokens, heads),
+        bert_forward(&b, &tokens, heads),
+    );
+    assert!(
+        max_diff(&y0, &y1) < 1e-5,
+        "BERT output changed by {}",
+        max_diff(&y0, &y1)
+    );
     let res = weight_matching(&spec, &sd, &b, &MatchOptions::default()).unwrap();
     assert!(res.l2_after < 1e-4, "{}", res.l2_after);
     assert!(bert(&sd, 5).is_err());
