@@ -445,9 +445,121 @@ pub fn infer_arch(sd: &StateDict) -> Option<&'static str> {
         Some("bert")
     } else if sd.contains("conv1.weight") && sd.keys().any(|k| k.starts_with("layer1.")) {
         Some("resnet")
+    } else if sd.keys().any(|k| k.starts_with("features."))
+        && sd.keys().any(|k| k.starts_with("classifier."))
+    {
+        Some("vgg")
     } else if mlp(sd).is_ok() {
         Some("mlp")
     } else {
         None
     }
+}
+
+/// The spec of a VGG-style CNN in torchvision naming: `features.N` holding
+/// convolutions (4-D weights) each optionally followed by a normalisation
+/// layer (1-D `weight`/`bias`/`running_mean`/`running_var`), then
+/// `classifier.N` linear layers.
+///
+/// Each convolution's output channels form a group with its normalisation
+/// layer and the next convolution's input channels. The last convolution's
+/// channels reach the first classifier layer through a flatten of `C × H × W`
+/// values, so there the group moves blocks of `H·W` consecutive columns
+/// (`repeat = H·W` on that member). Classifier layers chain like an MLP; the
+/// last one's outputs stay fixed.
+pub fn vgg(sd: &StateDict) -> Result<PermutationSpec> {
+    let indexed = |prefix: &str| -> Vec<usize> {
+        let mut v: Vec<usize> = sd
+            .keys()
+            .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse().ok())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let feats = indexed("features.");
+    let convs: Vec<usize> = feats
+        .iter()
+        .copied()
+        .filter(|i| {
+            sd.get(&format!("features.{i}.weight"))
+                .is_some_and(|t| t.shape().len() == 4)
+        })
+        .collect();
+    let linears: Vec<usize> = indexed("classifier.")
+        .into_iter()
+        .filter(|i| {
+            sd.get(&format!("classifier.{i}.weight"))
+                .is_some_and(|t| t.shape().len() == 2)
+        })
+        .collect();
+    if convs.is_empty() || linears.is_empty() {
+        return Err(PermuteError::InvalidSpec(
+            "a VGG needs features.N convolutions and classifier.N linears".into(),
+        ));
+    }
+    let mut groups = Vec::new();
+    for (k, &c) in convs.iter().enumerate() {
+        let w = format!("features.{c}.weight");
+        let n = sd.get(&w).expect("listed").shape()[0];
+        let mut members = vec![(w, 0usize, 1usize)];
+        let mut add = |name: String, axis: usize, repeat: usize| {
+            if sd.contains(&name) {
+                members.push((name, axis, repeat));
+            }
+        };
+        add(format!("features.{c}.bias"), 0, 1);
+        // A 1-D layer right after the conv (before the next conv) is its normalisation.
+        let next_conv = convs.get(k + 1).copied().unwrap_or(usize::MAX);
+        for &i in feats.iter().filter(|&&i| i > c && i < next_conv) {
+            if sd
+                .get(&format!("features.{i}.weight"))
+                .is_some_and(|t| t.shape().len() == 1)
+            {
+                for p in NORM_PARAMS {
+                    add(format!("features.{i}.{p}"), 0, 1);
+                }
+            }
+        }
+        match convs.get(k + 1) {
+            Some(nc) => add(format!("features.{nc}.weight"), 1, 1),
+            None => {
+                let first = format!("classifier.{}.weight", linears[0]);
+                let cols = sd.get(&first).expect("listed").shape()[1];
+                if cols % n != 0 {
+                    return Err(PermuteError::InvalidSpec(format!(
+                        "{first} has {cols} inputs, not a multiple of {n} channels"
+                    )));
+                }
+                add(first, 1, cols / n);
+            }
+        }
+        groups.push(Group {
+            name: format!("features.{c}"),
+            blocks: n,
+            block_size: 1,
+            families: vec![Inner::Identity],
+            members: members
+                .into_iter()
+                .map(|(weight, axis, repeat)| Member {
+                    weight,
+                    axis,
+                    repeat,
+                    family: 0,
+                })
+                .collect(),
+        });
+    }
+    for w in linears.windows(2) {
+        let (cur, next) = (
+            format!("classifier.{}", w[0]),
+            format!("classifier.{}", w[1]),
+        );
+        let n = sd.get(&format!("{cur}.weight")).expect("listed").shape()[0];
+        let mut m = vec![(format!("{cur}.weight"), 0)];
+        push_if(Some(sd), &mut m, format!("{cur}.bias"), 0);
+        m.push((format!("{next}.weight"), 1));
+        groups.push(group_of(cur, n, &m));
+    }
+    Ok(PermutationSpec { groups })
 }

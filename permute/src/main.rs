@@ -1,13 +1,14 @@
 //! `permute match A B`: align checkpoint B to checkpoint A by weight matching.
 //!
 //! ```text
-//! permute match A B [--arch mlp|resnet|llama|bert] [--out B_ALIGNED] [--seed S]
+//! permute match A B [--arch mlp|vgg|resnet|llama|bert] [--out B_ALIGNED] [--seed S]
 //!                   [--max-iter N] [--heads H] [--config config.json] [--json]
 //! ```
 //! A and B are safetensors files or sharded folders (GGUF works too). The
 //! architecture is inferred from tensor names when `--arch` is omitted:
 //! `model.embed_tokens.weight` → llama, `*embeddings.word_embeddings.weight` →
-//! bert, `conv1.weight` + `layer1.*` → resnet, otherwise an MLP named
+//! bert, `conv1.weight` + `layer1.*` → resnet, `features.*` + `classifier.*` →
+//! vgg, otherwise an MLP named
 //! `<stem><index>.weight` (see `permute::builders::mlp`). Attention head counts
 //! come from `--heads` or from the `config.json` next to A (or `--config`).
 
@@ -16,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use permute::builders::{TransformerDims, bert, infer_arch, llama, mlp, resnet};
+use permute::builders::{TransformerDims, bert, infer_arch, llama, mlp, resnet, vgg};
 use permute::{MatchOptions, apply, weight_matching};
 use weights::{CheckpointWriter, DEFAULT_SHARD_BYTES, StateDict, TensorInfo, TensorSource};
 
@@ -37,7 +38,7 @@ enum Command {
     Match {
         a: PathBuf,
         b: PathBuf,
-        /// mlp, resnet, llama or bert (inferred from names when omitted).
+        /// mlp, vgg, resnet, llama or bert (inferred from names when omitted).
         #[arg(long)]
         arch: Option<String>,
         /// Write the permuted B here (.safetensors file or sharded folder).
@@ -114,6 +115,7 @@ fn run(cli: Cli) -> Result<()> {
     let spec = match arch.as_str() {
         "mlp" => mlp(&sa)?,
         "resnet" => resnet(&sa)?,
+        "vgg" => vgg(&sa)?,
         "bert" => {
             let h = heads
                 .or_else(|| {
@@ -158,7 +160,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             llama(dims, &sa)?
         }
-        other => bail!("unknown --arch '{other}' (mlp, resnet, llama, bert)"),
+        other => bail!("unknown --arch '{other}' (mlp, vgg, resnet, llama, bert)"),
     };
     let started = Instant::now();
     let res = weight_matching(

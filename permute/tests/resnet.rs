@@ -1,7 +1,11 @@
 //! ResNet spec: function preservation with BatchNorm statistics and
 //! shortcuts (a plain ndarray forward written here), planted permutations.
 
-use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix2, Ix4, IxDyn};
+mod common;
+
+use common::{batch_norm, conv, relu};
+
+use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix2, IxDyn};
 use permute::builders::{infer_arch, resnet};
 use permute::spec::{GroupPerm, Permutation, PermutationSpec, apply};
 use permute::{MatchOptions, weight_matching};
@@ -73,50 +77,6 @@ fn random_resnet(seed: u64) -> StateDict {
     add(&mut sd, &mut rng, "fc.weight", &[5, 12], 0.3, 0.0);
     add(&mut sd, &mut rng, "fc.bias", &[5], 0.1, 0.0);
     sd
-}
-
-fn conv(x: &Array4<f32>, w: &ArrayD<f32>) -> Array4<f32> {
-    let w = w.view().into_dimensionality::<Ix4>().unwrap();
-    let (n, cin, h, wd) = x.dim();
-    let (cout, _, kh, kw) = w.dim();
-    let (ph, pw) = (kh / 2, kw / 2);
-    Array4::from_shape_fn((n, cout, h, wd), |(b, o, i, j)| {
-        let mut acc = 0.0;
-        for c in 0..cin {
-            for u in 0..kh {
-                for v in 0..kw {
-                    let (ii, jj) = (
-                        i as isize + u as isize - ph as isize,
-                        j as isize + v as isize - pw as isize,
-                    );
-                    if ii >= 0 && jj >= 0 && (ii as usize) < h && (jj as usize) < wd {
-                        acc += x[[b, c, ii as usize, jj as usize]] * w[[o, c, u, v]];
-                    }
-                }
-            }
-        }
-        acc
-    })
-}
-
-fn batch_norm(x: &Array4<f32>, sd: &StateDict, p: &str) -> Array4<f32> {
-    let g = |n: &str| {
-        sd.get(&format!("{p}.{n}"))
-            .unwrap()
-            .data
-            .view()
-            .into_dimensionality::<Ix1>()
-            .unwrap()
-            .to_owned()
-    };
-    let (w, b, m, v) = (g("weight"), g("bias"), g("running_mean"), g("running_var"));
-    Array4::from_shape_fn(x.dim(), |(n, c, i, j)| {
-        (x[[n, c, i, j]] - m[c]) / (v[c] + 1e-5).sqrt() * w[c] + b[c]
-    })
-}
-
-fn relu(x: Array4<f32>) -> Array4<f32> {
-    x.mapv(|v| v.max(0.0))
 }
 
 fn forward(sd: &StateDict, x: &Array4<f32>) -> Array2<f32> {
