@@ -526,7 +526,7 @@ pub fn vgg(sd: &StateDict) -> Result<PermutationSpec> {
             None => {
                 let first = format!("classifier.{}.weight", linears[0]);
                 let cols = sd.get(&first).expect("listed").shape()[1];
-                if cols % n != 0 {
+                if !cols.is_multiple_of(n) {
                     return Err(PermuteError::InvalidSpec(format!(
                         "{first} has {cols} inputs, not a multiple of {n} channels"
                     )));
