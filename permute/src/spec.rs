@@ -295,6 +295,33 @@ impl PermutationSpec {
         self.groups.iter().find(|g| g.name == name)
     }
 
+    /// A uniformly random value of every group (block order and, for free
+    /// families, each block's unit order), seeded: the random-permutation
+    /// baseline of alignment studies, and planted permutations in tests.
+    pub fn random(&self, seed: u64) -> Permutation {
+        let mut rng = spectra::rng::Rng::new(seed);
+        let mut shuffled = |n: usize| {
+            let mut p: Vec<usize> = (0..n).collect();
+            rng.shuffle(&mut p);
+            p
+        };
+        self.groups
+            .iter()
+            .map(|g| {
+                let outer = shuffled(g.blocks);
+                let inner = g
+                    .families
+                    .iter()
+                    .map(|f| match f {
+                        Inner::Identity => vec![],
+                        Inner::Free => (0..g.blocks).map(|_| shuffled(g.block_size)).collect(),
+                    })
+                    .collect();
+                (g.name.clone(), GroupPerm { outer, inner })
+            })
+            .collect()
+    }
+
     /// The identity value of every group.
     pub fn identity(&self) -> Permutation {
         self.groups

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use ndarray::{ArrayD, IxDyn};
 use permute::builders::mlp;
-use permute::spec::{GroupPerm, Permutation, apply};
+use permute::spec::apply;
 use spectra::rng::Rng;
 use weights::{StateDict, Tensor};
 
@@ -28,21 +28,7 @@ fn match_writes_the_aligned_model_and_reports_json() {
         );
     }
     let spec = mlp(&a).unwrap();
-    let perm: Permutation = spec
-        .groups
-        .iter()
-        .map(|g| {
-            let mut outer: Vec<usize> = (0..g.blocks).collect();
-            rng.shuffle(&mut outer);
-            (
-                g.name.clone(),
-                GroupPerm {
-                    outer,
-                    inner: vec![vec![]],
-                },
-            )
-        })
-        .collect();
+    let perm = spec.random(2);
     let b = apply(&spec, &perm, &a).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (pa, pb, out) = (

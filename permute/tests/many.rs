@@ -5,7 +5,7 @@ use ndarray::{Array2, ArrayD, IxDyn};
 use permute::builders::mlp;
 use permute::many::{Correlation, activation_matching, mean, merge_many, pair_similarities};
 use permute::matching::l2_distance;
-use permute::spec::{GroupPerm, Permutation, apply};
+use permute::spec::apply;
 use permute::{MatchOptions, PermuteError};
 use spectra::rng::Rng;
 use weights::{StateDict, Tensor};
@@ -32,24 +32,6 @@ fn random_mlp(sizes: &[usize], seed: u64, noise_of: Option<(&StateDict, f64)>) -
     sd
 }
 
-fn random_perm(spec: &permute::PermutationSpec, seed: u64) -> Permutation {
-    let mut rng = Rng::new(seed);
-    spec.groups
-        .iter()
-        .map(|g| {
-            let mut outer: Vec<usize> = (0..g.blocks).collect();
-            rng.shuffle(&mut outer);
-            (
-                g.name.clone(),
-                GroupPerm {
-                    outer,
-                    inner: vec![vec![]],
-                },
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn merge_many_aligns_permuted_noisy_copies() {
     let sizes = [12, 24, 24, 5];
@@ -58,7 +40,7 @@ fn merge_many_aligns_permuted_noisy_copies() {
     let models: Vec<StateDict> = (0..4)
         .map(|k| {
             let noisy = random_mlp(&sizes, 10 + k, Some((&base, 0.05)));
-            apply(&spec, &random_perm(&spec, 20 + k), &noisy).unwrap()
+            apply(&spec, &spec.random(20 + k), &noisy).unwrap()
         })
         .collect();
     let res = merge_many(&spec, &models, &MatchOptions::default(), 20).unwrap();
@@ -120,7 +102,7 @@ fn activation_matching_recovers_a_unit_permutation() {
 fn pair_similarities_rank_units_for_partial_matching() {
     let a = random_mlp(&[8, 10, 3], 4, None);
     let spec = mlp(&a).unwrap();
-    let p = random_perm(&spec, 5);
+    let p = spec.random(5);
     let b = apply(&spec, &p, &a).unwrap();
     let res = permute::weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
     let sims = pair_similarities(&spec, &res.perm, &a, &b).unwrap();

@@ -3,7 +3,7 @@
 use ndarray::{Array2, ArrayD, Ix1, Ix2, IxDyn};
 use permute::builders::mlp;
 use permute::lap::{Objective, solve, total};
-use permute::spec::{GroupPerm, Permutation, apply, invert};
+use permute::spec::{apply, invert};
 use permute::{MatchOptions, PermuteError, weight_matching};
 use spectra::rng::Rng;
 use weights::{StateDict, Tensor};
@@ -47,24 +47,6 @@ fn forward(sd: &StateDict, x: &Array2<f32>) -> Array2<f32> {
     h
 }
 
-fn random_perm(spec: &permute::PermutationSpec, seed: u64) -> Permutation {
-    let mut rng = Rng::new(seed);
-    spec.groups
-        .iter()
-        .map(|g| {
-            let mut outer: Vec<usize> = (0..g.blocks).collect();
-            rng.shuffle(&mut outer);
-            (
-                g.name.clone(),
-                GroupPerm {
-                    outer,
-                    inner: vec![vec![]],
-                },
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn spec_is_inferred_from_names() {
     let sd = random_mlp(&[784, 512, 512, 512, 10], 1);
@@ -99,7 +81,7 @@ fn spec_is_inferred_from_names() {
 fn permuting_preserves_the_function_and_singular_values() {
     let sd = random_mlp(&[20, 32, 32, 16, 5], 2);
     let spec = mlp(&sd).unwrap();
-    let p = random_perm(&spec, 3);
+    let p = spec.random(3);
     let permuted = apply(&spec, &p, &sd).unwrap();
     let mut rng = Rng::new(4);
     let x = Array2::from_shape_fn((64, 20), |_| rng.normal() as f32);
@@ -136,7 +118,7 @@ fn permuting_preserves_the_function_and_singular_values() {
 fn weight_matching_recovers_a_planted_permutation() {
     let a = random_mlp(&[30, 64, 64, 64, 10], 5);
     let spec = mlp(&a).unwrap();
-    let planted = random_perm(&spec, 6);
+    let planted = spec.random(6);
     let b = apply(&spec, &planted, &a).unwrap();
     let res = weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
     assert!(res.l2_before > 1.0);

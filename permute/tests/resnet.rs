@@ -7,7 +7,7 @@ use common::{batch_norm, conv, relu};
 
 use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix2, IxDyn};
 use permute::builders::{infer_arch, resnet};
-use permute::spec::{GroupPerm, Permutation, PermutationSpec, apply};
+use permute::spec::apply;
 use permute::{MatchOptions, weight_matching};
 use spectra::rng::Rng;
 use weights::{DType, StateDict, Tensor};
@@ -132,24 +132,6 @@ fn forward(sd: &StateDict, x: &Array4<f32>) -> Array2<f32> {
     pooled.dot(&fc.t()) + bias
 }
 
-fn random_perm(spec: &PermutationSpec, seed: u64) -> Permutation {
-    let mut rng = Rng::new(seed);
-    spec.groups
-        .iter()
-        .map(|g| {
-            let mut outer: Vec<usize> = (0..g.blocks).collect();
-            rng.shuffle(&mut outer);
-            (
-                g.name.clone(),
-                GroupPerm {
-                    outer,
-                    inner: vec![vec![]],
-                },
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn resnet_spec_preserves_the_function() {
     let sd = random_resnet(1);
@@ -174,7 +156,7 @@ fn resnet_spec_preserves_the_function() {
     let mut rng = Rng::new(2);
     let x = Array4::from_shape_fn((2, 3, 6, 6), |_| rng.normal() as f32);
     let y0 = forward(&sd, &x);
-    let permuted = apply(&spec, &random_perm(&spec, 3), &sd).unwrap();
+    let permuted = apply(&spec, &spec.random(3), &sd).unwrap();
     assert_ne!(permuted, sd);
     // Only the f32 summation order changes: relative 1e-5 of the output scale.
     let d = (&y0 - &forward(&permuted, &x))
@@ -188,7 +170,7 @@ fn resnet_spec_preserves_the_function() {
 fn weight_matching_recovers_planted_resnet_permutations() {
     let a = random_resnet(4);
     let spec = resnet(&a).unwrap();
-    let b = apply(&spec, &random_perm(&spec, 5), &a).unwrap();
+    let b = apply(&spec, &spec.random(5), &a).unwrap();
     let res = weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
     assert!(res.l2_after < 1e-4, "{} -> {}", res.l2_before, res.l2_after);
 }

@@ -3,7 +3,7 @@
 
 use ndarray::{Array2, ArrayD, Ix1, Ix2, IxDyn, s};
 use permute::builders::{TransformerDims, bert, llama};
-use permute::spec::{GroupPerm, Inner, Permutation, PermutationSpec, apply};
+use permute::spec::{Inner, apply};
 use permute::{MatchOptions, weight_matching};
 use spectra::rng::Rng;
 use weights::{StateDict, Tensor};
@@ -208,32 +208,6 @@ fn forward(sd: &StateDict, tokens: &[usize]) -> Array2<f32> {
     x.dot(&head.t())
 }
 
-fn random_value(spec: &PermutationSpec, seed: u64) -> Permutation {
-    let mut rng = Rng::new(seed);
-    spec.groups
-        .iter()
-        .map(|g| {
-            let mut outer: Vec<usize> = (0..g.blocks).collect();
-            rng.shuffle(&mut outer);
-            let inner = g
-                .families
-                .iter()
-                .map(|f| match f {
-                    Inner::Identity => vec![],
-                    Inner::Free => (0..g.blocks)
-                        .map(|_| {
-                            let mut p: Vec<usize> = (0..g.block_size).collect();
-                            rng.shuffle(&mut p);
-                            p
-                        })
-                        .collect(),
-                })
-                .collect();
-            (g.name.clone(), GroupPerm { outer, inner })
-        })
-        .collect()
-}
-
 fn max_diff(a: &Array2<f32>, b: &Array2<f32>) -> f32 {
     (a - b).iter().fold(0f32, |m, v| m.max(v.abs()))
 }
@@ -247,7 +221,7 @@ fn llama_spec_preserves_the_function_with_gqa_and_rope() {
         spec.validate(&sd, "llama").unwrap();
         let before = forward(&sd, &tokens);
         for seed in 0..3 {
-            let p = random_value(&spec, 10 + seed);
+            let p = spec.random(10 + seed);
             let permuted = apply(&spec, &p, &sd).unwrap();
             assert_ne!(permuted, sd);
             let d = max_diff(&before, &forward(&permuted, &tokens));
@@ -267,7 +241,7 @@ fn moving_rotary_pairs_inside_a_head_would_change_the_function() {
     for g in spec.groups.iter_mut().filter(|g| g.name.ends_with("heads")) {
         g.families[0] = Inner::Free;
     }
-    let p = random_value(&spec, 5);
+    let p = spec.random(5);
     let permuted = apply(&spec, &p, &sd).unwrap();
     let tokens = [1usize, 2, 3, 4, 5];
     assert!(max_diff(&forward(&sd, &tokens), &forward(&permuted, &tokens)) > 1e-2);
@@ -277,7 +251,7 @@ fn moving_rotary_pairs_inside_a_head_would_change_the_function() {
 fn weight_matching_recovers_planted_transformer_permutations() {
     let a = random_llama(3, false);
     let spec = llama(DIMS, &a).unwrap();
-    let p = random_value(&spec, 7);
+    let p = spec.random(7);
     let b = apply(&spec, &p, &a).unwrap();
     let res = weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
     assert!(res.l2_before > 1.0);
@@ -421,7 +395,7 @@ fn bert_spec_from_minilm_style_names() {
     let by = spec.by_weight();
     assert_eq!(by["encoder.layer.1.attention.self.query.weight"].len(), 2);
     assert_eq!(by["pooler.dense.weight"].len(), 1);
-    let p = random_value(&spec, 9);
+    let p = spec.random(9);
     let b = apply(&spec, &p, &sd).unwrap();
     // Function preservation: heads move whole, with free within-head q/k and v/o orders.
     let tokens = [4usize, 7, 1, 0, 29];

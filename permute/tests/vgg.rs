@@ -5,7 +5,7 @@ mod common;
 use common::{batch_norm, conv, relu};
 use ndarray::{Array2, Array4, ArrayD, Ix1, Ix2, IxDyn};
 use permute::builders::{infer_arch, vgg};
-use permute::spec::{GroupPerm, apply};
+use permute::spec::apply;
 use permute::{MatchOptions, weight_matching};
 use spectra::rng::Rng;
 use weights::{StateDict, Tensor};
@@ -124,21 +124,7 @@ fn vgg_spec_preserves_the_function_through_the_flatten() {
         .unwrap();
     assert_eq!((flat.axis, flat.repeat), (1, 16));
     let mut rng = Rng::new(2);
-    let perm = spec
-        .groups
-        .iter()
-        .map(|g| {
-            let mut outer: Vec<usize> = (0..g.blocks).collect();
-            rng.shuffle(&mut outer);
-            (
-                g.name.clone(),
-                GroupPerm {
-                    outer,
-                    inner: vec![vec![]],
-                },
-            )
-        })
-        .collect();
+    let perm = spec.random(2);
     let permuted = apply(&spec, &perm, &sd).unwrap();
     let x = Array4::from_shape_fn((2, 3, 4, 4), |_| rng.normal() as f32);
     let (y0, y1) = (forward(&sd, &x), forward(&permuted, &x));
