@@ -108,6 +108,12 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("weight_matching");
     g.sample_size(10);
     let (a, b) = (random_sd(&mlp_shapes(), 3), random_sd(&mlp_shapes(), 4));
+    // The same two models for benches/reference.py, so both sides match identical weights.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        a.save_safetensors(dir.join("mlp_a.safetensors")).unwrap();
+        b.save_safetensors(dir.join("mlp_b.safetensors")).unwrap();
+    }
     let spec = mlp(&a).unwrap();
     let res = weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
     eprintln!(
