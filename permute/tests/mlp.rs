@@ -1,6 +1,9 @@
 //! Weight matching and permutation specs on multilayer perceptrons.
 
-use ndarray::{Array2, ArrayD, Ix1, Ix2, IxDyn};
+mod common;
+
+use common::linear;
+use ndarray::{Array2, ArrayD, Ix2, IxDyn};
 use permute::builders::mlp;
 use permute::lap::{Objective, solve, total};
 use permute::spec::{apply, invert};
@@ -25,21 +28,7 @@ fn forward(sd: &StateDict, x: &Array2<f32>) -> Array2<f32> {
     let n = sd.len() / 2;
     let mut h = x.clone();
     for i in 0..n {
-        let w = sd
-            .get(&format!("layers.{i}.weight"))
-            .unwrap()
-            .data
-            .view()
-            .into_dimensionality::<Ix2>()
-            .unwrap();
-        let b = sd
-            .get(&format!("layers.{i}.bias"))
-            .unwrap()
-            .data
-            .view()
-            .into_dimensionality::<Ix1>()
-            .unwrap();
-        h = h.dot(&w.t()) + b;
+        h = linear(&h, sd, &format!("layers.{i}"));
         if i + 1 < n {
             h.mapv_inplace(|v| v.max(0.0));
         }

@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{batch_norm, conv, relu};
+use common::{batch_norm, conv, linear, relu};
 
-use ndarray::{Array1, Array2, Array4, ArrayD, Ix1, Ix2, IxDyn};
+use ndarray::{Array2, Array4, ArrayD, IxDyn};
 use permute::builders::{infer_arch, resnet};
 use permute::spec::apply;
 use permute::{MatchOptions, weight_matching};
@@ -113,23 +113,7 @@ fn forward(sd: &StateDict, x: &Array4<f32>) -> Array2<f32> {
             .sum::<f32>()
             / (hh * ww) as f32
     });
-    let fc = sd
-        .get("fc.weight")
-        .unwrap()
-        .data
-        .view()
-        .into_dimensionality::<Ix2>()
-        .unwrap()
-        .to_owned();
-    let bias: Array1<f32> = sd
-        .get("fc.bias")
-        .unwrap()
-        .data
-        .view()
-        .into_dimensionality::<Ix1>()
-        .unwrap()
-        .to_owned();
-    pooled.dot(&fc.t()) + bias
+    linear(&pooled, sd, "fc")
 }
 
 #[test]

@@ -1,7 +1,11 @@
 //! Transformer specs: function preservation with GQA and RoPE (a plain
 //! ndarray LLaMA forward written here), planted permutations, BERT naming.
 
-use ndarray::{Array2, ArrayD, Ix1, Ix2, IxDyn, s};
+mod common;
+
+use common::{linear, matrix, vector};
+
+use ndarray::{Array2, ArrayD, Ix1, IxDyn, s};
 use permute::builders::{TransformerDims, bert, llama};
 use permute::spec::{Inner, apply};
 use permute::{MatchOptions, weight_matching};
@@ -110,16 +114,6 @@ fn random_llama(seed: u64, tied: bool) -> StateDict {
     sd
 }
 
-fn mat(sd: &StateDict, name: &str) -> Array2<f32> {
-    sd.get(name)
-        .unwrap()
-        .data
-        .view()
-        .into_dimensionality::<Ix2>()
-        .unwrap()
-        .to_owned()
-}
-
 fn rms_norm(x: &Array2<f32>, w: &ArrayD<f32>) -> Array2<f32> {
     let w = w.view().into_dimensionality::<Ix1>().unwrap();
     let mut out = x.clone();
@@ -149,7 +143,7 @@ fn rope(x: &Array2<f32>, theta: f32) -> Array2<f32> {
 
 fn forward(sd: &StateDict, tokens: &[usize]) -> Array2<f32> {
     let (d, t) = (DIMS.head_dim, tokens.len());
-    let emb = mat(sd, "model.embed_tokens.weight");
+    let emb = matrix(sd, "model.embed_tokens.weight");
     let mut x = Array2::from_shape_fn((t, DIMS.hidden), |(i, j)| emb[[tokens[i], j]]);
     let n_rep = DIMS.heads / DIMS.kv_heads;
     for l in 0..DIMS.layers {
@@ -158,9 +152,9 @@ fn forward(sd: &StateDict, tokens: &[usize]) -> Array2<f32> {
             &x,
             &sd.get(&format!("{p}.input_layernorm.weight")).unwrap().data,
         );
-        let q = hn.dot(&mat(sd, &format!("{p}.self_attn.q_proj.weight")).t());
-        let k = hn.dot(&mat(sd, &format!("{p}.self_attn.k_proj.weight")).t());
-        let v = hn.dot(&mat(sd, &format!("{p}.self_attn.v_proj.weight")).t());
+        let q = hn.dot(&matrix(sd, &format!("{p}.self_attn.q_proj.weight")).t());
+        let k = hn.dot(&matrix(sd, &format!("{p}.self_attn.k_proj.weight")).t());
+        let v = hn.dot(&matrix(sd, &format!("{p}.self_attn.v_proj.weight")).t());
         let mut heads_out = Array2::<f32>::zeros((t, DIMS.heads * d));
         for h in 0..DIMS.heads {
             let g = h / n_rep;
@@ -186,7 +180,7 @@ fn forward(sd: &StateDict, tokens: &[usize]) -> Array2<f32> {
                 .slice_mut(s![.., h * d..(h + 1) * d])
                 .assign(&scores.dot(&vh));
         }
-        x = x + heads_out.dot(&mat(sd, &format!("{p}.self_attn.o_proj.weight")).t());
+        x = x + heads_out.dot(&matrix(sd, &format!("{p}.self_attn.o_proj.weight")).t());
         let hn = rms_norm(
             &x,
             &sd.get(&format!("{p}.post_attention_layernorm.weight"))
@@ -194,14 +188,14 @@ fn forward(sd: &StateDict, tokens: &[usize]) -> Array2<f32> {
                 .data,
         );
         let gate = hn
-            .dot(&mat(sd, &format!("{p}.mlp.gate_proj.weight")).t())
+            .dot(&matrix(sd, &format!("{p}.mlp.gate_proj.weight")).t())
             .mapv(|v| v / (1.0 + (-v).exp()));
-        let up = hn.dot(&mat(sd, &format!("{p}.mlp.up_proj.weight")).t());
-        x = x + (gate * up).dot(&mat(sd, &format!("{p}.mlp.down_proj.weight")).t());
+        let up = hn.dot(&matrix(sd, &format!("{p}.mlp.up_proj.weight")).t());
+        x = x + (gate * up).dot(&matrix(sd, &format!("{p}.mlp.down_proj.weight")).t());
     }
     let x = rms_norm(&x, &sd.get("model.norm.weight").unwrap().data);
     let head = if sd.contains("lm_head.weight") {
-        mat(sd, "lm_head.weight")
+        matrix(sd, "lm_head.weight")
     } else {
         emb
     };
@@ -260,22 +254,10 @@ fn weight_matching_recovers_planted_transformer_permutations() {
 }
 
 fn layer_norm(x: &Array2<f32>, sd: &StateDict, p: &str) -> Array2<f32> {
-    let w = sd
-        .get(&format!("{p}.weight"))
-        .unwrap()
-        .data
-        .view()
-        .into_dimensionality::<Ix1>()
-        .unwrap()
-        .to_owned();
-    let b = sd
-        .get(&format!("{p}.bias"))
-        .unwrap()
-        .data
-        .view()
-        .into_dimensionality::<Ix1>()
-        .unwrap()
-        .to_owned();
+    let (w, b) = (
+        vector(sd, &format!("{p}.weight")),
+        vector(sd, &format!("{p}.bias")),
+    );
     let mut out = x.clone();
     for mut row in out.rows_mut() {
         let n = row.len() as f32;
@@ -288,25 +270,13 @@ fn layer_norm(x: &Array2<f32>, sd: &StateDict, p: &str) -> Array2<f32> {
     out
 }
 
-fn linear(x: &Array2<f32>, sd: &StateDict, p: &str) -> Array2<f32> {
-    let b = sd
-        .get(&format!("{p}.bias"))
-        .unwrap()
-        .data
-        .view()
-        .into_dimensionality::<Ix1>()
-        .unwrap()
-        .to_owned();
-    x.dot(&mat(sd, &format!("{p}.weight")).t()) + b
-}
-
 /// A post-LayerNorm BERT encoder (no rotary embedding), returning the pooled output.
 fn bert_forward(sd: &StateDict, tokens: &[usize], heads: usize) -> Array2<f32> {
     let t = tokens.len();
     let (we, pe, te) = (
-        mat(sd, "embeddings.word_embeddings.weight"),
-        mat(sd, "embeddings.position_embeddings.weight"),
-        mat(sd, "embeddings.token_type_embeddings.weight"),
+        matrix(sd, "embeddings.word_embeddings.weight"),
+        matrix(sd, "embeddings.position_embeddings.weight"),
+        matrix(sd, "embeddings.token_type_embeddings.weight"),
     );
     let h = we.ncols();
     let x = Array2::from_shape_fn((t, h), |(i, j)| {

@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{batch_norm, conv, relu};
-use ndarray::{Array2, Array4, ArrayD, Ix1, Ix2, IxDyn};
+use common::{batch_norm, conv, linear, relu, vector};
+use ndarray::{Array2, Array4, ArrayD, IxDyn};
 use permute::builders::{infer_arch, vgg};
 use permute::spec::apply;
 use permute::{MatchOptions, weight_matching};
@@ -62,14 +62,7 @@ fn random_vgg(seed: u64) -> StateDict {
 }
 
 fn add_bias(x: Array4<f32>, sd: &StateDict, name: &str) -> Array4<f32> {
-    let b = sd
-        .get(name)
-        .unwrap()
-        .data
-        .view()
-        .into_dimensionality::<Ix1>()
-        .unwrap()
-        .to_owned();
+    let b = vector(sd, name);
     Array4::from_shape_fn(x.dim(), |(n, c, i, j)| x[[n, c, i, j]] + b[c])
 }
 
@@ -87,27 +80,8 @@ fn forward(sd: &StateDict, x: &Array4<f32>) -> Array2<f32> {
     ));
     let n = h.dim().0;
     let flat = h.into_shape_with_order((n, 8 * 16)).unwrap();
-    let lin = |x: &Array2<f32>, p: &str| {
-        let wm = sd
-            .get(&format!("{p}.weight"))
-            .unwrap()
-            .data
-            .view()
-            .into_dimensionality::<Ix2>()
-            .unwrap()
-            .to_owned();
-        let b = sd
-            .get(&format!("{p}.bias"))
-            .unwrap()
-            .data
-            .view()
-            .into_dimensionality::<Ix1>()
-            .unwrap()
-            .to_owned();
-        x.dot(&wm.t()) + b
-    };
-    let h = lin(&flat, "classifier.0").mapv(|v| v.max(0.0));
-    lin(&h, "classifier.2")
+    let h = linear(&flat, sd, "classifier.0").mapv(|v| v.max(0.0));
+    linear(&h, sd, "classifier.2")
 }
 
 #[test]
