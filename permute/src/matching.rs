@@ -298,6 +298,28 @@ pub fn weight_matching(
     let mut passes = 0;
     // Each group's block-assignment duals, reused by its next solve.
     let mut duals: Vec<Option<Duals>> = vec![None; spec.groups.len()];
+    // The groups sharing a weight with each group (whose values enter its similarity).
+    let neighbours: Vec<Vec<usize>> = spec
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(gi, g)| {
+            let mut n: Vec<usize> = g
+                .members
+                .iter()
+                .flat_map(|m| by_weight[m.weight.as_str()].iter().map(|&(o, _)| o))
+                .filter(|&o| o != gi)
+                .collect();
+            n.sort_unstable();
+            n.dedup();
+            n
+        })
+        .collect();
+    let (mut step, mut changed_at, mut solved_at) = (
+        0usize,
+        vec![0usize; spec.groups.len()],
+        vec![None::<usize>; spec.groups.len()],
+    );
     for _ in 0..opts.max_iter {
         passes += 1;
         let mut order: Vec<usize> = (0..spec.groups.len()).collect();
@@ -305,6 +327,14 @@ pub fn weight_matching(
         let mut progress = false;
         for gi in order {
             let g = &spec.groups[gi];
+            // A group's similarity depends only on its neighbours' values. If
+            // none changed since it was last solved, solving again would
+            // reproduce its current (already optimal) value: skip it.
+            if solved_at[gi].is_some_and(|t| neighbours[gi].iter().all(|&n| changed_at[n] < t)) {
+                continue;
+            }
+            step += 1;
+            solved_at[gi] = Some(step);
             let sim = group_similarity(spec, gi, &perm, a, b, &by_weight);
             let old = sim.score(g, &perm[&g.name]);
             let (candidate, d) = sim.solve(g, duals[gi].as_ref())?;
@@ -313,6 +343,7 @@ pub fn weight_matching(
             if new > old + opts.tol {
                 progress = true;
                 perm.insert(g.name.clone(), candidate);
+                changed_at[gi] = step;
             }
         }
         objective.push(total_objective(spec, &perm, a, b, &by_weight));
