@@ -215,16 +215,11 @@ pub fn pair_similarities(
     b: &StateDict,
 ) -> Result<IndexMap<String, Vec<f64>>> {
     check_models(spec, a, b)?;
+    spec.check_value(perm)?;
     let by_weight = spec.by_weight();
     let mut out = IndexMap::new();
     for (gi, g) in spec.groups.iter().enumerate() {
-        let p = perm
-            .get(&g.name)
-            .ok_or_else(|| PermuteError::BadPermutation {
-                group: g.name.clone(),
-                msg: "no value given".into(),
-            })?;
-        p.check(g)?;
+        let p = &perm[&g.name];
         let sim = group_similarity(spec, gi, perm, a, b, &by_weight);
         out.insert(
             g.name.clone(),

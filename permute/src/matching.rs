@@ -280,14 +280,7 @@ pub fn weight_matching(
     check_models(spec, a, b)?;
     let mut perm = match &opts.init {
         Some(p) => {
-            for g in &spec.groups {
-                p.get(&g.name)
-                    .ok_or_else(|| PermuteError::BadPermutation {
-                        group: g.name.clone(),
-                        msg: "missing from the initial permutation".into(),
-                    })?
-                    .check(g)?;
-            }
+            spec.check_value(p)?;
             p.clone()
         }
         None => spec.identity(),

@@ -290,6 +290,19 @@ impl PermutationSpec {
         Ok(())
     }
 
+    /// Checks that `perm` gives every group a valid value.
+    pub fn check_value(&self, perm: &Permutation) -> Result<()> {
+        for g in &self.groups {
+            perm.get(&g.name)
+                .ok_or_else(|| PermuteError::BadPermutation {
+                    group: g.name.clone(),
+                    msg: "no value given".into(),
+                })?
+                .check(g)?;
+        }
+        Ok(())
+    }
+
     /// The group by name.
     pub fn group(&self, name: &str) -> Option<&Group> {
         self.groups.iter().find(|g| g.name == name)
@@ -367,15 +380,7 @@ pub fn permute_tensor(
 /// Applies `perm` to every weight of `sd` the spec names (others are copied).
 pub fn apply(spec: &PermutationSpec, perm: &Permutation, sd: &StateDict) -> Result<StateDict> {
     spec.validate(sd, "model")?;
-    for g in &spec.groups {
-        let p = perm
-            .get(&g.name)
-            .ok_or_else(|| PermuteError::BadPermutation {
-                group: g.name.clone(),
-                msg: "no value given".into(),
-            })?;
-        p.check(g)?;
-    }
+    spec.check_value(perm)?;
     let by_weight = spec.by_weight();
     let mut out = StateDict::new();
     out.metadata = sd.metadata.clone();
