@@ -1,9 +1,368 @@
-//! Model merging.
+//! Model merging with mergekit's definitions, faster and in bounded memory.
 //!
-//! This crate will hold the merge methods researchers use today through
-//! mergekit (linear, slerp, the task-vector family — task arithmetic, TIES,
-//! DARE, breadcrumbs, DELLA — as one generalised function with presets,
-//! model stock, Karcher mean), permutation-aware merging, reversible low-rank
-//! merging, LoRA-LEGO and shared-basis merging, mergekit YAML configs, PEFT
-//! LoRA adapters and streaming sharded output over lazily read
-//! [`weights`] checkpoints; see issue 5.
+//! - [`methods`]: the merge methods over one tensor (linear, slerp, nuslerp,
+//!   the task-vector family as one function with presets, model stock,
+//!   Karcher mean, passthrough); [`sparsify`]: TIES/DARE/breadcrumbs/DELLA
+//!   sparsification.
+//! - [`Method`] and [`merge_tensor`]: the registry mapping mergekit's
+//!   `merge_method` names and parameters to those functions.
+//! - [`config`]: mergekit's YAML format (gradients, filters, slices).
+//! - [`run`]: streaming execution of a config over lazily read checkpoints into
+//!   sharded safetensors.
+
+pub mod config;
+pub mod error;
+pub mod methods;
+pub mod run;
+pub mod sparsify;
+
+use indexmap::IndexMap;
+use serde::Serialize;
+
+pub use error::{MergeError, Result};
+use methods::{NuslerpMode, TASK_VECTOR_PRESETS, TaskInput, TaskVectorMethod, TaskVectorOptions};
+use sparsify::{Sparsification, SparsifyParams};
+
+/// A resolved parameter value.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Value {
+    /// A number (YAML int or float).
+    Num(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A string.
+    Str(String),
+}
+
+/// Parameter values of one tensor (shared, or of one input model).
+pub type Params = IndexMap<String, Value>;
+
+/// A merge method, by mergekit's name.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub enum Method {
+    /// Weighted average.
+    Linear,
+    /// Spherical interpolation of a base and one model.
+    Slerp,
+    /// Spherical interpolation of two models (or their task vectors).
+    Nuslerp,
+    /// A task-vector preset.
+    TaskVector(&'static str, TaskVectorMethod),
+    /// Model Stock.
+    ModelStock,
+    /// Karcher mean.
+    Karcher,
+    /// One input copied (optionally scaled).
+    Passthrough,
+}
+
+/// Whether a method uses the config's `base_model`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BasePolicy {
+    /// The base is an input like the others only if `models` lists it.
+    Ignored,
+    /// The method needs a base.
+    Required,
+    /// The method uses a base when given.
+    Optional,
+}
+
+impl Method {
+    /// Every method name, as `merge_method` spells it.
+    pub fn names() -> Vec<&'static str> {
+        let mut v = vec![
+            "linear",
+            "slerp",
+            "nuslerp",
+            "model_stock",
+            "karcher",
+            "passthrough",
+        ];
+        v.extend(TASK_VECTOR_PRESETS.iter().map(|(n, _)| *n));
+        v
+    }
+
+    /// The method called `name`.
+    pub fn from_name(name: &str) -> Result<Method> {
+        Ok(match name {
+            "linear" => Method::Linear,
+            "slerp" => Method::Slerp,
+            "nuslerp" => Method::Nuslerp,
+            "model_stock" => Method::ModelStock,
+            "karcher" => Method::Karcher,
+            "passthrough" => Method::Passthrough,
+            _ => match TASK_VECTOR_PRESETS.iter().find(|(n, _)| *n == name) {
+                Some((n, m)) => Method::TaskVector(n, *m),
+                None => {
+                    return Err(MergeError::UnknownMethod {
+                        name: name.to_string(),
+                        known: Method::names().join(", "),
+                    });
+                }
+            },
+        })
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Linear => "linear",
+            Method::Slerp => "slerp",
+            Method::Nuslerp => "nuslerp",
+            Method::TaskVector(n, _) => n,
+            Method::ModelStock => "model_stock",
+            Method::Karcher => "karcher",
+            Method::Passthrough => "passthrough",
+        }
+    }
+
+    /// How it treats `base_model`.
+    pub fn base_policy(&self) -> BasePolicy {
+        match self {
+            Method::Linear | Method::Passthrough => BasePolicy::Ignored,
+            Method::Slerp | Method::TaskVector(..) | Method::ModelStock => BasePolicy::Required,
+            Method::Nuslerp | Method::Karcher => BasePolicy::Optional,
+        }
+    }
+
+    /// The parameters it reads: `(name, per_input)`. Others are an error.
+    pub fn parameters(&self) -> Vec<(&'static str, bool)> {
+        match self {
+            Method::Linear => vec![("weight", true), ("normalize", false)],
+            Method::Slerp => vec![("t", false)],
+            Method::Nuslerp => vec![
+                ("weight", true),
+                ("nuslerp_row_wise", false),
+                ("nuslerp_flatten", false),
+            ],
+            Method::TaskVector(_, m) => {
+                let mut v = vec![
+                    ("weight", true),
+                    ("density", true),
+                    ("normalize", false),
+                    ("rescale", false),
+                    ("lambda", false),
+                    ("int8_mask", false),
+                ];
+                match m.sparsification {
+                    Some(Sparsification::MagnitudeOutliers) => v.push(("gamma", true)),
+                    Some(Sparsification::DellaMagprune) => v.push(("epsilon", true)),
+                    _ => {}
+                }
+                v
+            }
+            Method::ModelStock => vec![("filter_wise", false)],
+            Method::Karcher => vec![("max_iter", false), ("tol", false)],
+            Method::Passthrough => vec![("scale", true)],
+        }
+    }
+}
+
+/// The inputs of one output tensor.
+pub struct TensorInputs<'a> {
+    /// Output tensor name (for errors and seeds).
+    pub name: &'a str,
+    /// Its shape.
+    pub shape: &'a [usize],
+    /// The base model's tensor, when the method uses one.
+    pub base: Option<&'a [f32]>,
+    /// The other inputs, in config order.
+    pub models: Vec<&'a [f32]>,
+    /// Shared parameters resolved for this tensor.
+    pub shared: &'a Params,
+    /// Per-input parameters resolved for this tensor (same order as `models`).
+    pub per_model: &'a [Params],
+    /// Seed of random sparsification.
+    pub seed: u64,
+}
+
+impl TensorInputs<'_> {
+    fn num(&self, model: Option<usize>, key: &str) -> Result<Option<f64>> {
+        let v = match model {
+            Some(i) => self.per_model[i].get(key),
+            None => self.shared.get(key),
+        };
+        match v {
+            None => Ok(None),
+            Some(Value::Num(x)) if x.is_finite() => Ok(Some(*x)),
+            Some(other) => Err(MergeError::param(
+                self.name,
+                key,
+                format!("expected a number, got {other:?}"),
+            )),
+        }
+    }
+
+    fn req(&self, model: Option<usize>, key: &str) -> Result<f64> {
+        self.num(model, key)?.ok_or_else(|| {
+            MergeError::param(
+                self.name,
+                key,
+                match model {
+                    Some(i) => format!("required for input {} and not given", i + 1),
+                    None => "required and not given".to_string(),
+                },
+            )
+        })
+    }
+
+    fn flag(&self, key: &str, default: bool) -> Result<bool> {
+        match self.shared.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => Err(MergeError::param(
+                self.name,
+                key,
+                format!("expected true or false, got {other:?}"),
+            )),
+        }
+    }
+}
+
+/// FNV-1a of a tensor name: per-tensor seeds independent of processing order.
+pub fn name_seed(seed: u64, name: &str, input: usize) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in name.bytes().chain((input as u64).to_le_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// Merges one tensor with `method` (mergekit's semantics; see [`methods`]).
+pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
+    let inputs_err = |msg: String| MergeError::Inputs {
+        method: method.name().to_string(),
+        msg: format!("tensor '{}': {msg}", x.name),
+    };
+    let k = x.models.len();
+    match method {
+        Method::Linear => {
+            if k == 0 {
+                return Err(inputs_err("needs at least one model".into()));
+            }
+            let w = (0..k)
+                .map(|i| x.req(Some(i), "weight"))
+                .collect::<Result<Vec<_>>>()?;
+            let normalize = x.flag("normalize", true)?;
+            if normalize && w.iter().sum::<f64>() == 0.0 {
+                return Err(MergeError::param(
+                    x.name,
+                    "weight",
+                    "the weights sum to zero with normalize: true",
+                ));
+            }
+            Ok(methods::linear(&x.models, &w, normalize))
+        }
+        Method::Slerp => {
+            let base = x
+                .base
+                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            if k != 1 {
+                return Err(inputs_err(format!(
+                    "needs the base and exactly one other model, got {k} others"
+                )));
+            }
+            Ok(methods::slerp(x.req(None, "t")?, base, x.models[0]))
+        }
+        Method::Nuslerp => {
+            if k != 2 {
+                return Err(inputs_err(format!(
+                    "needs exactly two models besides the base, got {k}"
+                )));
+            }
+            let w = [x.req(Some(0), "weight")?, x.req(Some(1), "weight")?];
+            let mode = if x.flag("nuslerp_flatten", true)? {
+                NuslerpMode::Flatten
+            } else if x.flag("nuslerp_row_wise", false)? {
+                NuslerpMode::FirstAxis
+            } else {
+                NuslerpMode::LastAxis
+            };
+            Ok(methods::nuslerp(
+                x.shape,
+                x.base,
+                x.models[0],
+                x.models[1],
+                w,
+                mode,
+            ))
+        }
+        Method::TaskVector(_, m) => {
+            let base = x
+                .base
+                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            let rescale = x.flag("rescale", m.rescale)?;
+            let mut inputs = Vec::with_capacity(k);
+            for i in 0..k {
+                let density = x.num(Some(i), "density")?.unwrap_or(1.0);
+                inputs.push(TaskInput {
+                    tensor: x.models[i],
+                    weight: x.req(Some(i), "weight")?,
+                    sparsify: SparsifyParams {
+                        density,
+                        gamma: x.num(Some(i), "gamma")?.unwrap_or(0.01),
+                        epsilon: x.num(Some(i), "epsilon")?.unwrap_or(0.15),
+                        rescale,
+                    },
+                    seed: name_seed(x.seed, x.name, i),
+                });
+            }
+            let opts = TaskVectorOptions {
+                normalize: x.flag("normalize", m.normalize)?,
+                lambda: x.num(None, "lambda")?.unwrap_or(1.0),
+            };
+            x.flag("int8_mask", false)?;
+            methods::task_vector_merge(base, x.shape, &inputs, m, &opts)
+                .map_err(|msg| MergeError::param(x.name, "density", msg))
+        }
+        Method::ModelStock => {
+            let base = x
+                .base
+                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            if k < 2 {
+                return Err(inputs_err(format!(
+                    "needs at least two models besides the base, got {k}"
+                )));
+            }
+            Ok(methods::model_stock(
+                x.shape,
+                base,
+                &x.models,
+                x.flag("filter_wise", false)?,
+            ))
+        }
+        Method::Karcher => {
+            let mut all: Vec<&[f32]> = x.models.clone();
+            if let Some(b) = x.base {
+                all.push(b);
+            }
+            if all.is_empty() {
+                return Err(inputs_err("needs at least one model".into()));
+            }
+            let max_iter = x.num(None, "max_iter")?.unwrap_or(10.0);
+            if max_iter < 0.0 {
+                return Err(MergeError::param(
+                    x.name,
+                    "max_iter",
+                    "must be non-negative",
+                ));
+            }
+            Ok(methods::karcher(
+                &all,
+                max_iter as usize,
+                x.num(None, "tol")?.unwrap_or(1e-5),
+            ))
+        }
+        Method::Passthrough => {
+            if k != 1 {
+                return Err(inputs_err(format!("takes exactly one model, got {k}")));
+            }
+            Ok(match x.num(Some(0), "scale")? {
+                Some(s) => x.models[0].iter().map(|v| v * s as f32).collect(),
+                None => x.models[0].to_vec(),
+            })
+        }
+    }
+}

@@ -127,15 +127,25 @@ fn bench(c: &mut Criterion) {
         random_sd(&transformer_shapes(), 5),
         random_sd(&transformer_shapes(), 6),
     );
+    if std::fs::create_dir_all(&dir).is_ok() {
+        a.save_safetensors(dir.join("transformer_a.safetensors"))
+            .unwrap();
+        b.save_safetensors(dir.join("transformer_b.safetensors"))
+            .unwrap();
+    }
     let spec = llama(GPT, &a).unwrap();
     let opts = MatchOptions {
         max_iter: 1,
         ..Default::default()
     };
+    let t = std::time::Instant::now();
     let full = weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
     eprintln!(
-        "transformer: {} passes to converge, L2 {:.3} -> {:.3}",
-        full.passes, full.l2_before, full.l2_after
+        "transformer: {} passes to converge in {:.1} s, L2 {:.3} -> {:.3}",
+        full.passes,
+        t.elapsed().as_secs_f64(),
+        full.l2_before,
+        full.l2_after
     );
     g.bench_function("transformer_12x768_one_pass", |bch| {
         bch.iter(|| weight_matching(&spec, &a, &b, &opts).unwrap())

@@ -5,7 +5,7 @@ with a numpy port of Git Re-Basin's `weight_matching` (Ainsworth et al.,
 github.com/samuela/git-re-basin, src/weight_matching.py), medians.
 
     pip install numpy scipy
-    python3 permute/benches/reference.py [max_n]
+    python3 permute/benches/reference.py [max_n]   # after cargo bench -p permute
 """
 
 import statistics
@@ -51,28 +51,55 @@ def mlp(seed):
     return p
 
 
-# Git Re-Basin's permutation spec for an MLP: axes_to_perm.
-axes_to_perm = {}
-for i in range(4):
-    axes_to_perm[f"layers.{i}.weight"] = (f"P_{i}" if i < 3 else None, f"P_{i - 1}" if i > 0 else None)
-    axes_to_perm[f"layers.{i}.bias"] = (f"P_{i}" if i < 3 else None,)
-perm_to_axes = {}
-for w, axes in axes_to_perm.items():
-    for axis, p in enumerate(axes):
-        if p is not None:
-            perm_to_axes.setdefault(p, []).append((w, axis))
+def make_spec(axes_to_perm):
+    """Git Re-Basin's spec: `axes_to_perm` and its inverse `perm_to_axes`."""
+    perm_to_axes = {}
+    for w, axes in axes_to_perm.items():
+        for axis, p in enumerate(axes):
+            if p is not None:
+                perm_to_axes.setdefault(p, []).append((w, axis))
+    return axes_to_perm, perm_to_axes
 
 
-def get_permuted_param(perm, k, params, except_axis=None):
+# Git Re-Basin's permutation spec for an MLP.
+mlp_spec = make_spec(
+    {
+        **{f"layers.{i}.weight": (f"P_{i}" if i < 3 else None, f"P_{i - 1}" if i > 0 else None) for i in range(4)},
+        **{f"layers.{i}.bias": (f"P_{i}" if i < 3 else None,) for i in range(4)},
+    }
+)
+
+
+def transformer_spec(layers):
+    """The usual Git Re-Basin-style transformer spec: one residual permutation,
+    one per-unit attention permutation per layer (q/k/v rows, o columns: it mixes
+    heads, which breaks the function, but costs what a head-structured group
+    costs) and one FFN permutation per layer."""
+    a = {"model.embed_tokens.weight": (None, "P_res"), "model.norm.weight": ("P_res",)}
+    for l in range(layers):
+        p = f"model.layers.{l}"
+        a[f"{p}.input_layernorm.weight"] = ("P_res",)
+        a[f"{p}.post_attention_layernorm.weight"] = ("P_res",)
+        for n in ["q_proj", "k_proj", "v_proj"]:
+            a[f"{p}.self_attn.{n}.weight"] = (f"P_attn_{l}", "P_res")
+        a[f"{p}.self_attn.o_proj.weight"] = ("P_res", f"P_attn_{l}")
+        a[f"{p}.mlp.gate_proj.weight"] = (f"P_ffn_{l}", "P_res")
+        a[f"{p}.mlp.up_proj.weight"] = (f"P_ffn_{l}", "P_res")
+        a[f"{p}.mlp.down_proj.weight"] = ("P_res", f"P_ffn_{l}")
+    return make_spec(a)
+
+
+def get_permuted_param(spec, perm, k, params, except_axis=None):
     w = params[k]
-    for axis, p in enumerate(axes_to_perm[k]):
+    for axis, p in enumerate(spec[0][k]):
         if axis == except_axis or p is None:
             continue
         w = np.take(w, perm[p], axis=axis)
     return w
 
 
-def weight_matching(params_a, params_b, max_iter=100, seed=0):
+def weight_matching(spec, params_a, params_b, max_iter=100, seed=0):
+    perm_to_axes = spec[1]
     perm_sizes = {p: params_a[axes[0][0]].shape[axes[0][1]] for p, axes in perm_to_axes.items()}
     perm = {p: np.arange(n) for p, n in perm_sizes.items()}
     names = list(perm.keys())
@@ -85,7 +112,7 @@ def weight_matching(params_a, params_b, max_iter=100, seed=0):
             A = np.zeros((n, n))
             for wk, axis in perm_to_axes[p]:
                 w_a = params_a[wk]
-                w_b = get_permuted_param(perm, wk, params_b, except_axis=axis)
+                w_b = get_permuted_param(spec, perm, wk, params_b, except_axis=axis)
                 w_a = np.moveaxis(w_a, axis, 0).reshape((n, -1))
                 w_b = np.moveaxis(w_b, axis, 0).reshape((n, -1))
                 A += w_a @ w_b.T
@@ -101,15 +128,30 @@ def weight_matching(params_a, params_b, max_iter=100, seed=0):
 
 # The bench's own models when it has run (identical weights on both sides).
 import os
+
 bench_dir = os.path.join(os.path.dirname(__file__), "..", "..", "target", "bench-data")
-if os.path.isfile(os.path.join(bench_dir, "mlp_a.safetensors")):
+
+
+def bench_models(stem):
     from safetensors.numpy import load_file
 
-    pa = load_file(os.path.join(bench_dir, "mlp_a.safetensors"))
-    pb = load_file(os.path.join(bench_dir, "mlp_b.safetensors"))
-    print("using the bench's models from target/bench-data")
-else:
-    pa, pb = mlp(3), mlp(4)
-_, passes = weight_matching(pa, pb)
-t = median_time(lambda: weight_matching(pa, pb), 5)
+    a = os.path.join(bench_dir, f"{stem}_a.safetensors")
+    if not os.path.isfile(a):
+        return None
+    print(f"using the bench's {stem} models from target/bench-data")
+    return load_file(a), load_file(os.path.join(bench_dir, f"{stem}_b.safetensors"))
+
+
+pa, pb = bench_models("mlp") or (mlp(3), mlp(4))
+_, passes = weight_matching(mlp_spec, pa, pb)
+t = median_time(lambda: weight_matching(mlp_spec, pa, pb), 5)
 print(f"git-re-basin weight_matching mlp 784-512x3-10: {t * 1e3:.1f} ms ({passes} passes)")
+
+models = bench_models("transformer")
+if models is not None:
+    spec = transformer_spec(12)
+    t = median_time(lambda: weight_matching(spec, *models, max_iter=1), 3)
+    print(f"git-re-basin weight_matching transformer 12x768, one pass: {t:.2f} s")
+    t = time.perf_counter()
+    _, passes = weight_matching(spec, *models)
+    print(f"  to convergence: {time.perf_counter() - t:.1f} s ({passes} passes)")

@@ -11,7 +11,7 @@
 //! those scores. Passes stop when none of the groups improves the objective
 //! by more than `tol`, or after `max_iter`.
 
-use ndarray::{Array2, ArrayD, Ix2};
+use ndarray::{Array2, ArrayD, ArrayViewMut2, Ix2};
 use rayon::prelude::*;
 use serde::Serialize;
 use weights::StateDict;
@@ -129,30 +129,50 @@ pub(crate) struct GroupSimilarity {
 
 impl GroupSimilarity {
     pub(crate) fn new(g: &Group) -> Self {
+        let n = g.blocks * g.blocks * g.block_size * g.block_size;
         GroupSimilarity {
             blocks: g.blocks,
             bs: g.block_size,
-            sim: vec![
-                vec![0.0; g.blocks * g.blocks * g.block_size * g.block_size];
-                g.families.len()
-            ],
+            sim: (0..g.families.len())
+                .map(|_| weights::mem::filled(n, 0.0))
+                .collect(),
         }
     }
 
-    /// Adds `A_mat · B_matᵀ` of one member (both `(axis_len, rest)`).
-    pub(crate) fn add(&mut self, family: usize, repeat: usize, a: &Array2<f32>, b: &Array2<f32>) {
-        let s = a.dot(&b.t());
+    /// Adds `A_mat · B_matᵀ` of one member (both `(axis_len, rest)`), using
+    /// `prod` as room for the product.
+    pub(crate) fn add(
+        &mut self,
+        family: usize,
+        repeat: usize,
+        a: &Array2<f32>,
+        b: &Array2<f32>,
+        prod: &mut Vec<f32>,
+    ) {
+        let n = a.nrows();
+        if prod.len() != n * n {
+            *prod = weights::mem::filled(n * n, 0.0);
+        }
+        let mut s = ArrayViewMut2::from_shape((n, n), prod).expect("n·n buffer");
+        ndarray::linalg::general_mat_mul(1.0, a, &b.t(), 0.0, &mut s);
+        let s: &[f32] = prod;
         let (nb, bs) = (self.blocks, self.bs);
         let fam = &mut self.sim[family];
+        if bs == 1 && repeat == 1 {
+            // One unit per block: the product is the similarity itself.
+            fam.iter_mut().zip(s).for_each(|(d, &v)| *d += v as f64);
+            return;
+        }
+        // Row `(ab·repeat + r)·bs + i` of the product holds, for every block
+        // `bb`, the `bs` contiguous entries of row `i` of block `(ab, bb)`.
         for ab in 0..nb {
-            for bb in 0..nb {
-                for r in 0..repeat {
-                    for i in 0..bs {
-                        let row = (ab * repeat + r) * bs + i;
-                        let base = ((ab * nb + bb) * bs + i) * bs;
-                        for i2 in 0..bs {
-                            fam[base + i2] += s[[row, (bb * repeat + r) * bs + i2]] as f64;
-                        }
+            for r in 0..repeat {
+                for i in 0..bs {
+                    let row = &s[((ab * repeat + r) * bs + i) * n..][..n];
+                    for bb in 0..nb {
+                        let src = &row[(bb * repeat + r) * bs..][..bs];
+                        let dst = &mut fam[((ab * nb + bb) * bs + i) * bs..][..bs];
+                        dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v as f64);
                     }
                 }
             }
@@ -236,29 +256,42 @@ pub(crate) fn group_similarity(
     by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
 ) -> GroupSimilarity {
     let g = &spec.groups[gi];
-    // Members in parallel, each thread summing into its own accumulator.
+    let member = |m: &crate::spec::Member| {
+        let wa = &a.get(&m.weight).expect("validated").data;
+        let wb = permute_tensor(
+            spec,
+            perm,
+            &by_weight[m.weight.as_str()],
+            &b.get(&m.weight).expect("validated").data,
+            Some(gi),
+        );
+        (unfold(wa, m.axis), unfold(&wb, m.axis))
+    };
+    let units = g.blocks * g.block_size;
+    if units * units >= LARGE_GROUP {
+        // Large products: one member at a time, each GEMM using every core,
+        // into one accumulator and one reused product buffer (fresh buffers
+        // per thread cost more in page faults than the sums themselves).
+        let mut acc = GroupSimilarity::new(g);
+        let mut prod = Vec::new();
+        for m in &g.members {
+            let (ua, ub) = member(m);
+            acc.add(m.family, m.repeat, &ua, &ub, &mut prod);
+        }
+        return acc;
+    }
+    // Small products: members in parallel, each thread summing into its own accumulator.
     g.members
         .par_iter()
         .fold(
-            || GroupSimilarity::new(g),
-            |mut acc, m| {
-                let wa = &a.get(&m.weight).expect("validated").data;
-                let wb = permute_tensor(
-                    spec,
-                    perm,
-                    &by_weight[m.weight.as_str()],
-                    &b.get(&m.weight).expect("validated").data,
-                    Some(gi),
-                );
-                acc.add(
-                    m.family,
-                    m.repeat,
-                    &unfold(wa, m.axis),
-                    &unfold(&wb, m.axis),
-                );
-                acc
+            || (GroupSimilarity::new(g), Vec::new()),
+            |(mut acc, mut prod), m| {
+                let (ua, ub) = member(m);
+                acc.add(m.family, m.repeat, &ua, &ub, &mut prod);
+                (acc, prod)
             },
         )
+        .map(|(acc, _)| acc)
         .reduce(
             || GroupSimilarity::new(g),
             |mut x, y| {
@@ -269,6 +302,10 @@ pub(crate) fn group_similarity(
             },
         )
 }
+
+/// Similarity size (units²) from which a group's members are multiplied one
+/// after the other with multi-threaded GEMMs instead of in parallel.
+const LARGE_GROUP: usize = 1 << 18;
 
 /// Aligns model `b` to model `a` (see the module docs).
 pub fn weight_matching(
@@ -363,8 +400,9 @@ pub fn total_objective(
     b: &StateDict,
     by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
 ) -> f64 {
-    by_weight
-        .iter()
+    let weights: Vec<_> = by_weight.iter().collect();
+    weights
+        .par_iter()
         .map(|(name, entries)| {
             let wa = &a.get(name).expect("validated").data;
             let wb = permute_tensor(

@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 
 use indexmap::IndexMap;
-use ndarray::{ArrayD, Axis};
+use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 use weights::{StateDict, Tensor};
 
@@ -364,17 +364,57 @@ pub fn permute_tensor(
     data: &ArrayD<f32>,
     skip: Option<usize>,
 ) -> ArrayD<f32> {
-    let mut out = data.clone();
+    let mut index: Vec<Option<Vec<usize>>> = vec![None; data.ndim()];
     for &(gi, mi) in entries {
         if Some(gi) == skip {
             continue;
         }
         let g = &spec.groups[gi];
         let m = &g.members[mi];
-        let flat = perm[&g.name].flat(g, m);
-        out = out.select(Axis(m.axis), &flat);
+        index[m.axis] = Some(perm[&g.name].flat(g, m));
     }
-    out
+    gather(data, &index)
+}
+
+/// `out[i₀, …, i_k] = data[idx₀[i₀], …, idx_k[i_k]]` in one pass (`None`: the
+/// axis is kept as it is). One gather instead of one `select` copy per axis.
+pub fn gather(data: &ArrayD<f32>, index: &[Option<Vec<usize>>]) -> ArrayD<f32> {
+    if index.iter().all(Option::is_none) {
+        return data.clone();
+    }
+    let src = data.as_standard_layout();
+    let src = src.as_slice().expect("standard layout");
+    let shape = data.shape();
+    let Some((&last, outer)) = shape.split_last() else {
+        return data.clone();
+    };
+    // Row-major strides of the source.
+    let mut strides = vec![1usize; shape.len()];
+    for a in (0..shape.len().saturating_sub(1)).rev() {
+        strides[a] = strides[a + 1] * shape[a + 1];
+    }
+    let at = |axis: usize, i: usize| index[axis].as_ref().map_or(i, |p| p[i]);
+    let mut out = Vec::new();
+    weights::mem::reserve_huge(&mut out, data.len());
+    let rows: usize = outer.iter().product();
+    let mut pos = vec![0usize; outer.len()];
+    for _ in 0..rows {
+        let base: usize = (0..outer.len()).map(|a| at(a, pos[a]) * strides[a]).sum();
+        let row = &src[base..base + last];
+        match &index[outer.len()] {
+            None => out.extend_from_slice(row),
+            Some(p) => out.extend(p.iter().map(|&j| row[j])),
+        }
+        // Odometer over the outer axes.
+        for a in (0..outer.len()).rev() {
+            pos[a] += 1;
+            if pos[a] < outer[a] {
+                break;
+            }
+            pos[a] = 0;
+        }
+    }
+    ArrayD::from_shape_vec(shape.to_vec(), out).expect("same element count")
 }
 
 /// Applies `perm` to every weight of `sd` the spec names (others are copied).

@@ -111,6 +111,9 @@ impl TensorSource for Checkpoint {
     fn load(&self, name: &str) -> Result<Tensor> {
         self.inner().load(name)
     }
+    fn release(&self, name: &str) {
+        self.inner().release(name)
+    }
     fn metadata(&self) -> &IndexMap<String, String> {
         self.inner().metadata()
     }

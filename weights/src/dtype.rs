@@ -201,7 +201,7 @@ macro_rules! le_chunks {
 pub(crate) fn decode(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(), ConvertError> {
     out.clear();
     let (per, size) = dtype.block();
-    reserve_huge(out, bytes.len() / size * per);
+    crate::mem::reserve_huge(out, bytes.len() / size * per);
     match dtype {
         DType::F32 => out.extend(le_chunks!(bytes, 4, f32)),
         DType::F64 => out.extend(le_chunks!(bytes, 8, f64).map(|v| v as f32)),
@@ -239,31 +239,6 @@ pub(crate) fn decode(dtype: DType, bytes: &[u8], out: &mut Vec<f32>) -> Result<(
         DType::Q4_0 | DType::Q4_1 | DType::Q8_0 => crate::quant::dequantize(dtype, bytes, out),
     }
     Ok(())
-}
-
-/// Reserves room for `n` values. Large buffers are advised to use transparent
-/// huge pages where the kernel leaves that to the program (`madvise` mode):
-/// converting a 47 MB tensor spent most of its time in 4 KiB page faults.
-fn reserve_huge(out: &mut Vec<f32>, n: usize) {
-    out.reserve(n);
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let bytes = out.capacity() * std::mem::size_of::<f32>();
-        if bytes >= 2 * HUGE {
-            let start = out.as_mut_ptr() as usize;
-            let lo = start.next_multiple_of(HUGE);
-            let hi = (start + bytes) / HUGE * HUGE;
-            if hi > lo {
-                // SAFETY: [lo, hi) lies inside the allocation `out` owns and has
-                // not handed out; MADV_HUGEPAGE changes no contents, only how
-                // the kernel backs the pages. A failure (no THP) is harmless.
-                unsafe {
-                    libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
-                }
-            }
-        }
-    }
 }
 
 fn float_to_int(v: f32, min: f64, max: f64) -> Result<i128, ConvertError> {

@@ -37,6 +37,7 @@ pub mod dtype;
 mod error;
 pub mod gguf;
 pub mod idx;
+pub mod mem;
 mod quant;
 mod safetensors_io;
 pub mod sharded;

@@ -215,6 +215,11 @@ impl TensorSource for SafetensorsFile {
     fn metadata(&self) -> &IndexMap<String, String> {
         &self.metadata
     }
+    fn release(&self, name: &str) {
+        if let Ok(bytes) = self.raw(name) {
+            crate::mem::release_pages(bytes);
+        }
+    }
 }
 
 type Parsed = (IndexMap<String, Entry>, IndexMap<String, String>, usize);

@@ -171,6 +171,11 @@ impl TensorSource for ShardedCheckpoint {
     fn metadata(&self) -> &IndexMap<String, String> {
         &self.metadata
     }
+    fn release(&self, name: &str) {
+        if let Some(s) = self.shard_of(name) {
+            s.release(name);
+        }
+    }
 }
 
 /// Name of shard `i` (0-based) of `n`, as `transformers` writes it.

@@ -72,6 +72,13 @@ pub trait TensorSource: Sync {
     /// String metadata (safetensors `__metadata__`).
     fn metadata(&self) -> &IndexMap<String, String>;
 
+    /// Drops the resident pages of tensor `name`'s stored bytes, if the
+    /// source maps a file: a streaming job that read a tensor once calls this
+    /// so its resident memory stays bounded by what it holds, not by how much
+    /// of the files it has read. Contents are unchanged (pages are re-read on
+    /// the next access). The default does nothing.
+    fn release(&self, _name: &str) {}
+
     /// Names of all tensors, in file order.
     fn names(&self) -> Vec<String> {
         self.infos().into_iter().map(|i| i.name).collect()

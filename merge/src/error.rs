@@ -1,0 +1,81 @@
+//! Errors of the merge crate: every variant names the tensor, model, option or
+//! file it is about.
+
+use std::path::PathBuf;
+
+/// What can go wrong while configuring or running a merge.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    /// Reading or writing a checkpoint failed.
+    #[error(transparent)]
+    Weights(#[from] weights::WeightsError),
+    /// An operating-system error on `path`.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The merge config is malformed or asks for something unsupported.
+    #[error("config {}: {msg}", path.display())]
+    Config { path: PathBuf, msg: String },
+    /// A `merge_method` this crate does not implement.
+    #[error("unknown merge method '{name}' (known: {known})")]
+    UnknownMethod { name: String, known: String },
+    /// A parameter is missing, has the wrong type or is out of range.
+    #[error("tensor '{tensor}': parameter '{param}': {msg}")]
+    Parameter {
+        tensor: String,
+        param: String,
+        msg: String,
+    },
+    /// Two inputs of one tensor disagree in shape.
+    #[error("tensor '{tensor}': model '{model}' has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        tensor: String,
+        model: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    /// Embedding-like tensors whose vocabulary sizes differ.
+    #[error(
+        "tensor '{tensor}': model '{model}' has {rows} vocabulary rows, the base has {base_rows}; \
+         set `embed_slice: base_rows` (parameters) to take the base's rows for the tokens one model lacks \
+         and truncate the extra ones"
+    )]
+    VocabMismatch {
+        tensor: String,
+        model: String,
+        rows: usize,
+        base_rows: usize,
+    },
+    /// A tensor one model has and another lacks.
+    #[error("tensor '{tensor}' is missing from model '{model}'")]
+    MissingTensor { tensor: String, model: String },
+    /// A NaN or infinite input value.
+    #[error("tensor '{tensor}' of model '{model}' holds a non-finite value ({value})")]
+    NonFinite {
+        tensor: String,
+        model: String,
+        value: f32,
+    },
+    /// The method cannot take these inputs (count, base, ...).
+    #[error("method '{method}': {msg}")]
+    Inputs { method: String, msg: String },
+    /// A low-rank / LoRA operation got inconsistent factors.
+    #[error("{what}: {msg}")]
+    LowRank { what: String, msg: String },
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, MergeError>;
+
+impl MergeError {
+    pub(crate) fn param(tensor: &str, param: &str, msg: impl Into<String>) -> Self {
+        MergeError::Parameter {
+            tensor: tensor.to_string(),
+            param: param.to_string(),
+            msg: msg.into(),
+        }
+    }
+}

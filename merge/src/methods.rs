@@ -1,0 +1,586 @@
+//! Merge methods over one tensor at a time, with mergekit's definitions
+//! (v0.1.5, `mergekit/merge_methods/*.py`) so the same config gives the same
+//! numbers. Inputs are flat `f32` slices of one shape; arithmetic is `f32`
+//! where mergekit's is (elementwise), scalars (norms, dots, angles) are `f64`.
+//!
+//! The task-vector family — task arithmetic, TIES, DARE, breadcrumbs, DELLA —
+//! is one function, [`task_vector_merge`], and the named methods are rows of
+//! [`TASK_VECTOR_PRESETS`].
+
+use serde::Serialize;
+use spectra::rng::Rng;
+
+use crate::sparsify::{Sparsification, SparsifyParams, sparsify};
+
+/// How the signs of the task vectors are reconciled (TIES' "elect").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consensus {
+    /// Majority sign of the weighted sum (the TIES paper).
+    Sum,
+    /// Majority by count of signs.
+    Count,
+}
+
+/// One generalised task-arithmetic method: sparsify → weight → optional sign
+/// consensus → sum → optional normalise → ×λ → add to the base.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct TaskVectorMethod {
+    /// Sparsification of each task vector, if any.
+    pub sparsification: Option<Sparsification>,
+    /// Sign election, if any.
+    pub consensus: Option<Consensus>,
+    /// Default of the `normalize` parameter.
+    pub normalize: bool,
+    /// Default of the `rescale` parameter.
+    pub rescale: bool,
+}
+
+const fn tv(
+    sparsification: Option<Sparsification>,
+    consensus: Option<Consensus>,
+    normalize: bool,
+    rescale: bool,
+) -> TaskVectorMethod {
+    TaskVectorMethod {
+        sparsification,
+        consensus,
+        normalize,
+        rescale,
+    }
+}
+
+/// mergekit's task-vector methods as presets of [`task_vector_merge`].
+pub const TASK_VECTOR_PRESETS: &[(&str, TaskVectorMethod)] = {
+    use Consensus::Sum;
+    use Sparsification::*;
+    &[
+        ("task_arithmetic", tv(None, None, false, false)),
+        ("ties", tv(Some(Magnitude), Some(Sum), true, false)),
+        ("dare_ties", tv(Some(Random), Some(Sum), false, true)),
+        ("dare_linear", tv(Some(Random), None, false, true)),
+        (
+            "breadcrumbs",
+            tv(Some(MagnitudeOutliers), None, false, false),
+        ),
+        (
+            "breadcrumbs_ties",
+            tv(Some(MagnitudeOutliers), Some(Sum), false, false),
+        ),
+        ("della", tv(Some(DellaMagprune), Some(Sum), true, true)),
+        ("della_linear", tv(Some(DellaMagprune), None, false, true)),
+    ]
+};
+
+/// One fine-tuned input of a task-vector merge.
+#[derive(Clone, Copy, Debug)]
+pub struct TaskInput<'a> {
+    /// The fine-tuned tensor (same shape as the base).
+    pub tensor: &'a [f32],
+    /// Its weight.
+    pub weight: f64,
+    /// Sparsification parameters (density 1 keeps everything).
+    pub sparsify: SparsifyParams,
+    /// Seed of its random sparsification (DARE, DELLA).
+    pub seed: u64,
+}
+
+/// Shared options of a task-vector merge.
+#[derive(Clone, Copy, Debug)]
+pub struct TaskVectorOptions {
+    /// Divide by the (masked) sum of weights.
+    pub normalize: bool,
+    /// Final scale λ of the merged task vector.
+    pub lambda: f64,
+}
+
+/// `base + λ · Σᵢ mᵢ wᵢ sparsify(θᵢ − base) / (normalize ? Σᵢ mᵢ wᵢ : 1)`, with
+/// `mᵢ` the sign-consensus mask (`sign(wᵢδᵢ) = sign(Σⱼ wⱼδⱼ)`, zero entries
+/// excluded; all ones without consensus). A zero divisor becomes 1 (with
+/// consensus), as does one below 1e-8 in magnitude (without).
+/// Task arithmetic: Ilharco et al. 2023; TIES: Yadav et al. 2023; DARE: Yu et
+/// al. 2024; Model Breadcrumbs: Davari & Belilovsky 2023; DELLA: Deep et al. 2024.
+pub fn task_vector_merge(
+    base: &[f32],
+    shape: &[usize],
+    inputs: &[TaskInput],
+    method: &TaskVectorMethod,
+    opts: &TaskVectorOptions,
+) -> Result<Vec<f32>, String> {
+    if inputs.is_empty() {
+        return Ok(base.to_vec());
+    }
+    let n = base.len();
+    // Weighted (sparsified) deltas.
+    let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(inputs.len());
+    for inp in inputs {
+        let mut d: Vec<f32> = inp.tensor.iter().zip(base).map(|(x, b)| x - b).collect();
+        if let Some(s) = method.sparsification {
+            sparsify(&mut d, shape, s, &inp.sparsify, &mut Rng::new(inp.seed))?;
+        }
+        let w = inp.weight as f32;
+        d.iter_mut().for_each(|v| *v *= w);
+        deltas.push(d);
+    }
+    let weights: Vec<f32> = inputs.iter().map(|i| i.weight as f32).collect();
+    let lambda = opts.lambda as f32;
+    let mut out = Vec::with_capacity(n);
+    for e in 0..n {
+        let (mixed, divisor) = match method.consensus {
+            Some(c) => {
+                let majority_positive = match c {
+                    Consensus::Sum => deltas.iter().map(|d| d[e]).sum::<f32>() >= 0.0,
+                    Consensus::Count => deltas.iter().map(|d| sign(d[e])).sum::<f32>() >= 0.0,
+                };
+                let majority = if majority_positive { 1.0 } else { -1.0 };
+                let (mut mixed, mut div) = (0f32, 0f32);
+                for (d, &w) in deltas.iter().zip(&weights) {
+                    if sign(d[e]) == majority {
+                        mixed += d[e];
+                        div += w;
+                    }
+                }
+                (mixed, if div == 0.0 { 1.0 } else { div })
+            }
+            None => {
+                let mixed: f32 = deltas.iter().map(|d| d[e]).sum();
+                let div: f32 = weights.iter().sum();
+                (mixed, if div.abs() < 1e-8 { 1.0 } else { div })
+            }
+        };
+        let mut m = if opts.normalize {
+            mixed / divisor
+        } else {
+            mixed
+        };
+        if lambda != 1.0 {
+            m *= lambda;
+        }
+        out.push(base[e] + m);
+    }
+    Ok(out)
+}
+
+fn sign(v: f32) -> f32 {
+    if v > 0.0 {
+        1.0
+    } else if v < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// `Σᵢ wᵢ xᵢ / (normalize ? Σᵢ wᵢ : 1)` (Wortsman et al. 2022, model soups).
+pub fn linear(tensors: &[&[f32]], weights: &[f64], normalize: bool) -> Vec<f32> {
+    let n = tensors.first().map_or(0, |t| t.len());
+    let mut out = vec![0f32; n];
+    for (t, &w) in tensors.iter().zip(weights) {
+        let w = w as f32;
+        out.iter_mut().zip(t.iter()).for_each(|(o, &x)| *o += x * w);
+    }
+    if normalize {
+        let s: f32 = weights.iter().map(|&w| w as f32).sum();
+        out.iter_mut().for_each(|o| *o /= s);
+    }
+    out
+}
+
+fn norm(x: &[f32]) -> f64 {
+    x.iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Spherical interpolation of whole tensors, `t = 0` giving `v0`:
+/// `sin((1−t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1` with `cos θ = v̂0·v̂1`, and
+/// plain `(1−t)v0 + t v1` when `|cos θ| > 0.9995` (nearly colinear).
+/// Norms below 1e-8 count as 1.
+pub fn slerp(t: f64, v0: &[f32], v1: &[f32]) -> Vec<f32> {
+    let (n0, n1) = (norm(v0), norm(v1));
+    let (n0, n1) = (
+        if n0 > 1e-8 { n0 } else { 1.0 },
+        if n1 > 1e-8 { n1 } else { 1.0 },
+    );
+    let dot = v0
+        .iter()
+        .zip(v1)
+        .map(|(&a, &b)| (a as f64 / n0) * (b as f64 / n1))
+        .sum::<f64>()
+        .clamp(-1.0, 1.0);
+    let (ca, cb) = if dot.abs() > 0.9995 {
+        (1.0 - t, t)
+    } else {
+        let theta = dot.acos();
+        let s = theta.sin();
+        (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
+    };
+    let (ca, cb) = (ca as f32, cb as f32);
+    v0.iter().zip(v1).map(|(&a, &b)| ca * a + cb * b).collect()
+}
+
+/// Which vectors NuSLERP interpolates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NuslerpMode {
+    /// The whole tensor as one vector (mergekit's default `nuslerp_flatten`).
+    Flatten,
+    /// Each vector along the last axis (rows of a 2-D weight).
+    LastAxis,
+    /// Each vector along axis 0 (`nuslerp_row_wise: true`; columns of a 2-D weight).
+    FirstAxis,
+}
+
+/// NuSLERP of two tensors (of the task vectors when `base` is given):
+/// `t = w₁/(w₀ + w₁)` (0.5 when the sum is below 1e-6 in magnitude), each
+/// vector pair interpolated on the sphere without normalising the result,
+/// linearly where `1 − cos²θ ≤ 1e-16`.
+pub fn nuslerp(
+    shape: &[usize],
+    base: Option<&[f32]>,
+    x0: &[f32],
+    x1: &[f32],
+    weights: [f64; 2],
+    mode: NuslerpMode,
+) -> Vec<f32> {
+    let total = weights[0] + weights[1];
+    let t = if total.abs() < 1e-6 {
+        0.5
+    } else {
+        weights[1] / total
+    };
+    let (v0, v1): (Vec<f32>, Vec<f32>) = match base {
+        Some(b) => (
+            x0.iter().zip(b).map(|(x, b)| x - b).collect(),
+            x1.iter().zip(b).map(|(x, b)| x - b).collect(),
+        ),
+        None => (x0.to_vec(), x1.to_vec()),
+    };
+    let n = v0.len();
+    // Vectors as (count, len, stride) index sets.
+    let (len, stride) = match (mode, shape.len()) {
+        (NuslerpMode::Flatten, _) | (_, 0) => (n, 1),
+        (NuslerpMode::LastAxis, _) => (*shape.last().unwrap(), 1),
+        (NuslerpMode::FirstAxis, _) => (shape[0], n / shape[0].max(1)),
+    };
+    let mut out = vec![0f32; n];
+    let count = n / len.max(1);
+    for c in 0..count {
+        // Vector c: for LastAxis, contiguous block c; for FirstAxis, column c.
+        let idx = |j: usize| {
+            if stride == 1 {
+                c * len + j
+            } else {
+                j * stride + c
+            }
+        };
+        let (mut n0, mut n1, mut dot) = (0f64, 0f64, 0f64);
+        for j in 0..len {
+            let (a, b) = (v0[idx(j)] as f64, v1[idx(j)] as f64);
+            n0 += a * a;
+            n1 += b * b;
+            dot += a * b;
+        }
+        let (n0, n1) = (n0.sqrt().max(1e-7), n1.sqrt().max(1e-7));
+        let cos = (dot / (n0 * n1)).clamp(-1.0, 1.0);
+        let (ca, cb) = if 1.0 - cos * cos <= 1e-16 {
+            (1.0 - t, t)
+        } else {
+            let theta = cos.acos();
+            let s = theta.sin();
+            (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
+        };
+        let (ca, cb) = (ca as f32, cb as f32);
+        for j in 0..len {
+            let i = idx(j);
+            out[i] = ca * v0[i] + cb * v1[i];
+        }
+    }
+    if let Some(b) = base {
+        out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+    }
+    out
+}
+
+/// Model Stock (Jang et al. 2024): with task vectors `δᵢ = wᵢ − w₀` and `cos θ`
+/// the mean pairwise cosine, `t = N cos θ / (1 + (N−1) cos θ)` and the result
+/// `t · mean(wᵢ) + (1 − t) · w₀`; `t = 0` where the denominator is below 1e-6.
+/// `filter_wise` computes one `t` per vector along the last axis.
+pub fn model_stock(
+    shape: &[usize],
+    base: &[f32],
+    models: &[&[f32]],
+    filter_wise: bool,
+) -> Vec<f32> {
+    let n = base.len();
+    let len = if filter_wise && shape.len() >= 2 {
+        *shape.last().unwrap()
+    } else {
+        n
+    };
+    let count = models.len();
+    let mut out = vec![0f32; n];
+    for r in 0..n / len.max(1) {
+        let range = r * len..(r + 1) * len;
+        let offs: Vec<Vec<f32>> = models
+            .iter()
+            .map(|m| {
+                m[range.clone()]
+                    .iter()
+                    .zip(&base[range.clone()])
+                    .map(|(x, b)| x - b)
+                    .collect()
+            })
+            .collect();
+        let mut cos_sum = 0f64;
+        let mut pairs = 0usize;
+        for i in 0..count {
+            for j in i + 1..count {
+                let denom = (norm(&offs[i]) * norm(&offs[j])).max(1e-6);
+                let dot: f64 = offs[i]
+                    .iter()
+                    .zip(&offs[j])
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                cos_sum += (dot / denom).clamp(-1.0, 1.0);
+                pairs += 1;
+            }
+        }
+        let cos = cos_sum / pairs.max(1) as f64;
+        let denom = 1.0 + (count as f64 - 1.0) * cos;
+        let t = if denom.abs() < 1e-6 {
+            0.0
+        } else {
+            count as f64 * cos / denom
+        } as f32;
+        for (k, e) in range.enumerate() {
+            let avg = models.iter().map(|m| m[e]).sum::<f32>() / count as f32;
+            out[e] = t * avg + (1.0 - t) * base[r * len + k];
+        }
+    }
+    out
+}
+
+/// Weighted Karcher (Riemannian) mean of the directions on the unit sphere,
+/// scaled by the weighted mean norm (mergekit's `karcher`, equal weights):
+/// fixed-point iterations `m ← cos‖τ‖ m + sin‖τ‖ τ/‖τ‖` with tangent
+/// `τ = Σ αᵢ θᵢ/sin θᵢ (uᵢ − cos θᵢ m)`, until `‖τ‖ < tol` or `max_iter`.
+pub fn karcher(tensors: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
+    let k = tensors.len();
+    if k == 1 {
+        return tensors[0].to_vec();
+    }
+    let alphas = vec![1.0 / k as f64; k];
+    let norms: Vec<f64> = tensors.iter().map(|t| norm(t)).collect();
+    let units: Vec<Vec<f64>> = tensors
+        .iter()
+        .zip(&norms)
+        .map(|(t, &nm)| {
+            t.iter()
+                .map(|&v| if nm == 0.0 { 0.0 } else { v as f64 / nm })
+                .collect()
+        })
+        .collect();
+    let valid: Vec<usize> = (0..k).filter(|&i| norms[i] > tol).collect();
+    let n = tensors[0].len();
+    if valid.is_empty() {
+        return vec![0.0; n];
+    }
+    let asum: f64 = valid.iter().map(|&i| alphas[i]).sum();
+    let na: Vec<f64> = valid.iter().map(|&i| alphas[i] / asum).collect();
+    let mut mean = vec![0f64; n];
+    for (a, &i) in na.iter().zip(&valid) {
+        mean.iter_mut()
+            .zip(&units[i])
+            .for_each(|(m, u)| *m += a * u);
+    }
+    let l2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let mn = l2(&mean);
+    if mn < tol {
+        mean = units[valid[0]].clone();
+    } else {
+        mean.iter_mut().for_each(|m| *m /= mn);
+    }
+    for _ in 0..max_iter {
+        let mut tangent = vec![0f64; n];
+        for (a, &i) in na.iter().zip(&valid) {
+            let dot = mean
+                .iter()
+                .zip(&units[i])
+                .map(|(m, u)| m * u)
+                .sum::<f64>()
+                .clamp(-1.0, 1.0);
+            let theta = dot.acos();
+            if theta < tol {
+                continue;
+            }
+            let c = a * theta / theta.sin();
+            tangent
+                .iter_mut()
+                .zip(&units[i])
+                .zip(&mean)
+                .for_each(|((t, u), m)| *t += c * (u - dot * m));
+        }
+        let tn = l2(&tangent);
+        if tn < tol {
+            break;
+        }
+        let (c, s) = (tn.cos(), tn.sin());
+        mean.iter_mut()
+            .zip(&tangent)
+            .for_each(|(m, t)| *m = c * *m + s * t / tn);
+        let un = l2(&mean);
+        if un > tol {
+            mean.iter_mut().for_each(|m| *m /= un);
+        }
+    }
+    let scale: f64 = alphas.iter().zip(&norms).map(|(a, nm)| a * nm).sum();
+    mean.iter().map(|&m| (scale * m) as f32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn linear_golden() {
+        let (a, b) = ([1.0f32, 2.0, 3.0], [3.0f32, 0.0, -1.0]);
+        // (1·a + 3·b)/4
+        close(
+            &linear(&[&a, &b], &[1.0, 3.0], true),
+            &[2.5, 0.5, 0.0],
+            1e-7,
+        );
+        close(
+            &linear(&[&a, &b], &[1.0, 3.0], false),
+            &[10.0, 2.0, 0.0],
+            1e-7,
+        );
+        close(&linear(&[&a, &a], &[0.3, 0.7], true), &a, 1e-7);
+    }
+
+    #[test]
+    fn slerp_golden_and_endpoints() {
+        // Orthogonal unit vectors: θ = π/2, at t = 1/2 both coefficients are sin(π/4)/1.
+        let (a, b) = ([1.0f32, 0.0], [0.0f32, 2.0]);
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        close(&slerp(0.5, &a, &b), &[h, 2.0 * h], 1e-6);
+        close(&slerp(0.0, &a, &b), &a, 1e-7);
+        close(&slerp(1.0, &a, &b), &b, 1e-6);
+        // Colinear: plain lerp.
+        close(&slerp(0.25, &[1.0, 1.0], &[2.0, 2.0]), &[1.25, 1.25], 1e-7);
+    }
+
+    #[test]
+    fn nuslerp_rows_and_base() {
+        // Rows [1,0] and [0,1] (θ = π/2) at weights 1:1, and a colinear second row.
+        let x0 = [1.0f32, 0.0, 1.0, 1.0];
+        let x1 = [0.0f32, 1.0, 3.0, 3.0];
+        let h = std::f32::consts::FRAC_1_SQRT_2;
+        let r = nuslerp(&[2, 2], None, &x0, &x1, [1.0, 1.0], NuslerpMode::LastAxis);
+        close(&r, &[h, h, 2.0, 2.0], 1e-6);
+        // With a base the task vectors are interpolated and the base added back.
+        let base = [1.0f32; 4];
+        let y0: Vec<f32> = x0.iter().map(|v| v + 1.0).collect();
+        let y1: Vec<f32> = x1.iter().map(|v| v + 1.0).collect();
+        let r = nuslerp(
+            &[2, 2],
+            Some(&base),
+            &y0,
+            &y1,
+            [1.0, 1.0],
+            NuslerpMode::LastAxis,
+        );
+        close(&r, &[1.0 + h, 1.0 + h, 3.0, 3.0], 1e-6);
+        // Weight 0 on the second model returns the first.
+        let r = nuslerp(&[2, 2], None, &x0, &x1, [1.0, 0.0], NuslerpMode::Flatten);
+        close(&r, &x0, 1e-6);
+    }
+
+    #[test]
+    fn task_arithmetic_ties_golden() {
+        let base = [0.0f32; 4];
+        let a = [1.0f32, -2.0, 0.5, 0.0];
+        let b = [-3.0f32, 1.0, 0.5, 2.0];
+        let inp = |t: &'static [f32; 4], w: f64, d: f64| TaskInput {
+            tensor: t,
+            weight: w,
+            sparsify: SparsifyParams {
+                density: d,
+                gamma: 0.0,
+                epsilon: 0.0,
+                rescale: false,
+            },
+            seed: 0,
+        };
+        let ta = TASK_VECTOR_PRESETS[0].1;
+        let opts = TaskVectorOptions {
+            normalize: false,
+            lambda: 1.0,
+        };
+        const A: [f32; 4] = [1.0, -2.0, 0.5, 0.0];
+        const B: [f32; 4] = [-3.0, 1.0, 0.5, 2.0];
+        let r = task_vector_merge(
+            &base,
+            &[4],
+            &[inp(&A, 1.0, 1.0), inp(&B, 0.5, 1.0)],
+            &ta,
+            &opts,
+        )
+        .unwrap();
+        close(&r, &[1.0 - 1.5, -2.0 + 0.5, 0.75, 1.0], 1e-7);
+        // TIES, density 0.5: a keeps {-2, 1}, b keeps {-3, 2}; weights 1, 1.
+        // Sums: [1-3, -2, 0, 2] → signs [-, -, +(0), +]; elected entries:
+        // e0: b (-3) → -3/1; e1: a (-2) → -2/1; e2: none → 0; e3: b (2) → 2.
+        let ties = TASK_VECTOR_PRESETS[1].1;
+        let opts = TaskVectorOptions {
+            normalize: true,
+            lambda: 1.0,
+        };
+        let r = task_vector_merge(
+            &base,
+            &[4],
+            &[inp(&A, 1.0, 0.5), inp(&B, 1.0, 0.5)],
+            &ties,
+            &opts,
+        )
+        .unwrap();
+        close(&r, &[-3.0, -2.0, 0.0, 2.0], 1e-7);
+        let _ = (a, b);
+    }
+
+    #[test]
+    fn model_stock_golden() {
+        // Two task vectors at 90°: cos = 0, t = 0 → the base.
+        let base = [1.0f32, 1.0];
+        let r = model_stock(&[2], &base, &[&[2.0, 1.0], &[1.0, 2.0]], false);
+        close(&r, &base, 1e-7);
+        // Identical task vectors: cos = 1, t = 2/2 = 1 → their mean.
+        let r = model_stock(&[2], &base, &[&[2.0, 3.0], &[2.0, 3.0]], false);
+        close(&r, &[2.0, 3.0], 1e-7);
+        // cos = 1/2 (60°): t = 2·0.5/1.5 = 2/3.
+        let c = (60f32).to_radians();
+        let m1 = [1.0 + 1.0, 1.0];
+        let m2 = [1.0 + c.cos(), 1.0 + c.sin()];
+        let r = model_stock(&[2], &base, &[&m1, &m2], false);
+        let t = 2.0 / 3.0;
+        let avg = [(m1[0] + m2[0]) / 2.0, (m1[1] + m2[1]) / 2.0];
+        close(&r, &[t * avg[0] + (1.0 - t), t * avg[1] + (1.0 - t)], 1e-6);
+    }
+
+    #[test]
+    fn karcher_of_two_is_the_scaled_midpoint_direction() {
+        // Unit directions 0° and 90° (norms 1 and 3): mean direction 45°, scale 2.
+        let r = karcher(&[&[1.0, 0.0], &[0.0, 3.0]], 50, 1e-9);
+        let h = std::f32::consts::FRAC_1_SQRT_2 * 2.0;
+        close(&r, &[h, h], 1e-5);
+        close(&karcher(&[&[1.0, 2.0]], 10, 1e-5), &[1.0, 2.0], 0.0);
+    }
+}

@@ -1,0 +1,336 @@
+//! Sparsification of task vectors, as mergekit's `sparsify.py` (v0.1.5).
+//!
+//! - `magnitude` (TIES): keep the `k = max(1, ⌊density·n⌋)` largest `|x|`.
+//! - `random` (DARE): keep each entry with probability `density`.
+//! - `magnitude_outliers` (Model Breadcrumbs): drop the `⌊γ·n⌋` largest and
+//!   then the smallest, keeping `⌊density·n⌋` entries ranked just below the
+//!   outliers (ascending ranks `[n − t − o, n − o)` with `o` shrunk when needed).
+//! - `della_magprune` (DELLA): per row (axis 1; 1-D tensors are one row), keep
+//!   entry of ascending magnitude rank `r ∈ 1..=m` with probability
+//!   `density − ε + 2ε·(r − 1)/(m − 1)`.
+//!
+//! With `rescale` the kept entries are scaled so the L1 norm equals the
+//! original's, unless either norm is below 1e-7 (mergekit's `rescaled_masked_tensor`
+//! with `RescaleNorm.l1`; the DARE paper's `1/density` equals it in expectation).
+//! Ties in magnitude are broken by position (lower index ranks lower), where
+//! torch's unstable `argsort` leaves it open.
+
+use spectra::rng::Rng;
+
+/// Which entries of a task vector survive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sparsification {
+    /// Largest magnitudes (TIES).
+    Magnitude,
+    /// Bernoulli(density) (DARE).
+    Random,
+    /// Largest magnitudes below the top-γ outliers (Model Breadcrumbs).
+    MagnitudeOutliers,
+    /// Rank-dependent Bernoulli probabilities (DELLA's MagPrune).
+    DellaMagprune,
+}
+
+/// Per-input sparsification parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparsifyParams {
+    /// Fraction of entries kept (`1` keeps all).
+    pub density: f64,
+    /// Fraction of largest entries removed as outliers (breadcrumbs).
+    pub gamma: f64,
+    /// Half-width of DELLA's probability range.
+    pub epsilon: f64,
+    /// Rescale to the original L1 norm.
+    pub rescale: bool,
+}
+
+/// Sparsifies `x` (shape `shape`) in place. Errors name the violated bound.
+pub fn sparsify(
+    x: &mut [f32],
+    shape: &[usize],
+    method: Sparsification,
+    p: &SparsifyParams,
+    rng: &mut Rng,
+) -> Result<(), String> {
+    if !(p.density.is_finite()) {
+        return Err(format!("density {} is not a number", p.density));
+    }
+    if p.density >= 1.0 {
+        return Ok(());
+    }
+    let n = x.len();
+    let before = l1(x);
+    match method {
+        Sparsification::Magnitude => {
+            if p.density <= 0.0 || n == 0 {
+                x.fill(0.0);
+                return Ok(());
+            }
+            let k = ((p.density * n as f64) as usize).max(1);
+            // Keep the top k: zero the n − k smallest.
+            keep_rank_range(x, n - k, n);
+        }
+        Sparsification::MagnitudeOutliers => {
+            if !(0.0..=1.0).contains(&p.gamma) {
+                return Err(format!("gamma {} is outside [0, 1]", p.gamma));
+            }
+            let target = (p.density.max(0.0) * n as f64) as usize;
+            let top = (p.gamma * n as f64) as usize;
+            let bot = n.saturating_sub(target + top);
+            keep_rank_range(x, bot, (bot + target).min(n));
+        }
+        Sparsification::Random => {
+            let d = p.density.max(0.0);
+            for v in x.iter_mut() {
+                if rng.uniform() >= d {
+                    *v = 0.0;
+                }
+            }
+        }
+        Sparsification::DellaMagprune => {
+            if p.density <= 0.0 {
+                x.fill(0.0);
+                return Ok(());
+            }
+            if p.density + p.epsilon >= 1.0 || p.density - p.epsilon <= 0.0 {
+                return Err(format!(
+                    "epsilon {} must keep density ± epsilon inside (0, 1) (density {})",
+                    p.epsilon, p.density
+                ));
+            }
+            della(x, shape, p.density, p.epsilon, rng);
+        }
+    }
+    if p.rescale {
+        let after = l1(x);
+        if before >= 1e-7 && after >= 1e-7 {
+            let s = (before / after) as f32;
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+    }
+    Ok(())
+}
+
+fn l1(x: &[f32]) -> f64 {
+    x.iter().map(|v| v.abs() as f64).sum()
+}
+
+/// Zeroes every entry whose ascending magnitude rank lies outside `[lo, hi)`.
+fn keep_rank_range(x: &mut [f32], lo: usize, hi: usize) {
+    let n = x.len();
+    if lo == 0 && hi >= n {
+        return;
+    }
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    let key = |i: &u32| (x[*i as usize].abs(), *i);
+    let cmp = |a: &u32, b: &u32| {
+        let (ka, kb) = (key(a), key(b));
+        ka.0.total_cmp(&kb.0).then(ka.1.cmp(&kb.1))
+    };
+    // Partition so idx[..lo] are the lo smallest and idx[hi..] the largest.
+    if lo > 0 && lo < n {
+        idx.select_nth_unstable_by(lo, cmp);
+    }
+    if hi > lo && hi < n {
+        idx[lo..].select_nth_unstable_by(hi - lo, cmp);
+    }
+    let mut keep = vec![false; n];
+    for &i in &idx[lo.min(n)..hi.min(n)] {
+        keep[i as usize] = true;
+    }
+    x.iter_mut()
+        .zip(keep)
+        .for_each(|(v, k)| *v = if k { *v } else { 0.0 });
+}
+
+fn della(x: &mut [f32], shape: &[usize], density: f64, epsilon: f64, rng: &mut Rng) {
+    // Rows along axis 1 as torch's `argsort(dim=1)`: view as (d0, d1, rest).
+    let (d0, d1) = match shape.len() {
+        0 | 1 => (1, x.len()),
+        _ => (shape[0], shape[1]),
+    };
+    let rest = x.len() / (d0 * d1).max(1);
+    let mut order: Vec<usize> = Vec::with_capacity(d1);
+    let mut probs = vec![0f64; d1];
+    for i in 0..d0 {
+        for r in 0..rest {
+            let at = |j: usize| (i * d1 + j) * rest + r;
+            order.clear();
+            order.extend(0..d1);
+            order.sort_by(|&a, &b| x[at(a)].abs().total_cmp(&x[at(b)].abs()).then(a.cmp(&b)));
+            for (rank, &j) in order.iter().enumerate() {
+                // rank_norm = (r − min)/(max − min); one entry: 0 (torch gives NaN).
+                let norm = if d1 > 1 {
+                    rank as f64 / (d1 - 1) as f64
+                } else {
+                    0.0
+                };
+                probs[j] = density - epsilon + norm * 2.0 * epsilon;
+            }
+            for (j, &pr) in probs.iter().enumerate() {
+                if rng.uniform() >= pr {
+                    x[at(j)] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(density: f64) -> SparsifyParams {
+        SparsifyParams {
+            density,
+            gamma: 0.0,
+            epsilon: 0.0,
+            rescale: false,
+        }
+    }
+
+    #[test]
+    fn magnitude_keeps_the_largest_and_rescales_by_l1() {
+        let mut x = vec![0.1, -3.0, 2.0, -0.5, 1.0];
+        sparsify(
+            &mut x,
+            &[5],
+            Sparsification::Magnitude,
+            &p(0.4),
+            &mut Rng::new(0),
+        )
+        .unwrap();
+        assert_eq!(x, vec![0.0, -3.0, 2.0, 0.0, 0.0]);
+        let mut x = vec![0.1, -3.0, 2.0, -0.5, 1.0];
+        let q = SparsifyParams {
+            rescale: true,
+            ..p(0.4)
+        };
+        sparsify(
+            &mut x,
+            &[5],
+            Sparsification::Magnitude,
+            &q,
+            &mut Rng::new(0),
+        )
+        .unwrap();
+        // L1 before 6.6, after 5.0.
+        let s = 6.6f32 / 5.0;
+        for (got, want) in x.iter().zip([0.0, -3.0 * s, 2.0 * s, 0.0, 0.0]) {
+            assert!((got - want).abs() < 1e-6, "{x:?}");
+        }
+        // Positive density keeps at least one entry.
+        let mut x = vec![1.0, 2.0, 3.0];
+        sparsify(
+            &mut x,
+            &[3],
+            Sparsification::Magnitude,
+            &p(0.1),
+            &mut Rng::new(0),
+        )
+        .unwrap();
+        assert_eq!(x, vec![0.0, 0.0, 3.0]);
+    }
+
+    #[test]
+    fn breadcrumbs_drops_outliers_then_the_smallest() {
+        // n = 10, density 0.5 → keep 5; gamma 0.2 → drop the top 2; bottom 3 dropped.
+        let mut x: Vec<f32> = (1..=10).map(|v| v as f32).collect();
+        let q = SparsifyParams {
+            gamma: 0.2,
+            ..p(0.5)
+        };
+        sparsify(
+            &mut x,
+            &[10],
+            Sparsification::MagnitudeOutliers,
+            &q,
+            &mut Rng::new(0),
+        )
+        .unwrap();
+        assert_eq!(x, vec![0., 0., 0., 4., 5., 6., 7., 8., 0., 0.]);
+        // gamma too large for the density: fewer outliers removed (n_bot clamps at 0).
+        let mut x: Vec<f32> = (1..=10).map(|v| v as f32).collect();
+        let q = SparsifyParams {
+            gamma: 0.9,
+            ..p(0.5)
+        };
+        sparsify(
+            &mut x,
+            &[10],
+            Sparsification::MagnitudeOutliers,
+            &q,
+            &mut Rng::new(0),
+        )
+        .unwrap();
+        assert_eq!(x, vec![1., 2., 3., 4., 5., 0., 0., 0., 0., 0.]);
+    }
+
+    #[test]
+    fn dare_keeps_density_within_three_sigma_and_is_seeded() {
+        let n = 100_000;
+        let d = 0.3;
+        let mut x = vec![1f32; n];
+        sparsify(
+            &mut x,
+            &[n],
+            Sparsification::Random,
+            &p(d),
+            &mut Rng::new(7),
+        )
+        .unwrap();
+        let kept = x.iter().filter(|v| **v != 0.0).count() as f64;
+        let sigma = (n as f64 * d * (1.0 - d)).sqrt();
+        assert!((kept - n as f64 * d).abs() < 3.0 * sigma, "kept {kept}");
+        let mut y = vec![1f32; n];
+        sparsify(
+            &mut y,
+            &[n],
+            Sparsification::Random,
+            &p(d),
+            &mut Rng::new(7),
+        )
+        .unwrap();
+        assert_eq!(x, y);
+    }
+
+    #[test]
+    fn della_probabilities_grow_with_rank() {
+        // 2 rows of 1000: the top half by magnitude must keep more than the bottom half.
+        let (rows, cols) = (2, 1000);
+        let mut x: Vec<f32> = (0..rows * cols).map(|i| (i % cols) as f32 + 1.0).collect();
+        let q = SparsifyParams {
+            epsilon: 0.3,
+            ..p(0.5)
+        };
+        sparsify(
+            &mut x,
+            &[rows, cols],
+            Sparsification::DellaMagprune,
+            &q,
+            &mut Rng::new(1),
+        )
+        .unwrap();
+        for r in 0..rows {
+            let row = &x[r * cols..(r + 1) * cols];
+            let low = row[..cols / 2].iter().filter(|v| **v != 0.0).count();
+            let high = row[cols / 2..].iter().filter(|v| **v != 0.0).count();
+            // Expected: low ≈ 500·0.35 = 175, high ≈ 500·0.65 = 325.
+            assert!(low < 230 && high > 270, "low {low} high {high}");
+        }
+        let bad = SparsifyParams {
+            epsilon: 0.6,
+            ..p(0.5)
+        };
+        assert!(
+            sparsify(
+                &mut x,
+                &[rows, cols],
+                Sparsification::DellaMagprune,
+                &bad,
+                &mut Rng::new(1)
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,63 @@
+//! The same configs through mergekit 0.1.5 (`fixtures/mergekit_reference.py`
+//! wrote `fixtures/expected/`) and through this crate give the same tensors.
+
+use std::path::Path;
+
+use merge::run::{RunOptions, run_file};
+use weights::{Checkpoint, TensorSource};
+
+fn fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Runs `configs/<name>.yml` and returns the largest relative deviation from mergekit.
+fn compare(name: &str) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let cfg = fixtures().join("configs").join(format!("{name}.yml"));
+    run_file(&cfg, &out, &RunOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let ours = Checkpoint::open(&out).unwrap();
+    let theirs = Checkpoint::open(fixtures().join("expected").join(format!("{name}.safetensors"))).unwrap();
+    let mut names: Vec<String> = ours.names();
+    let mut want: Vec<String> = theirs.names();
+    names.sort();
+    want.sort();
+    assert_eq!(names, want, "{name}: tensor names differ");
+    let mut worst = 0f64;
+    for n in &names {
+        let (a, b) = (ours.load(n).unwrap(), theirs.load(n).unwrap());
+        assert_eq!(a.shape(), b.shape(), "{name}: {n}");
+        let scale = b.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6) as f64;
+        for (x, y) in a.data.iter().zip(b.data.iter()) {
+            worst = worst.max(((x - y).abs() as f64) / scale);
+        }
+    }
+    worst
+}
+
+macro_rules! same_as_mergekit {
+    ($($test:ident: $name:literal, $tol:expr;)*) => {$(
+        #[test]
+        fn $test() {
+            let dev = compare($name);
+            eprintln!("{}: {dev:e}", $name);
+            assert!(dev <= $tol, "{}: max deviation {dev:e} relative to the tensor's max |value|", $name);
+        }
+    )*};
+}
+
+same_as_mergekit! {
+    linear_with_filters_and_gradients: "linear", 1e-6;
+    slerp_with_filtered_gradients: "slerp", 1e-6;
+    nuslerp_row_vectors: "nuslerp", 1e-6;
+    task_arithmetic_with_lambda: "task_arithmetic", 1e-6;
+    ties: "ties", 1e-6;
+    ties_rescaled: "ties_rescale", 1e-6;
+    breadcrumbs: "breadcrumbs", 1e-6;
+    breadcrumbs_ties: "breadcrumbs_ties", 1e-6;
+    model_stock: "model_stock", 1e-6;
+    model_stock_filter_wise: "model_stock_filter", 1e-6;
+    karcher: "karcher", 1e-6;
+    passthrough_slices_renumber_layers: "passthrough_slices", 0.0;
+    slerp_over_a_slice: "slerp_slices", 1e-6;
+}
