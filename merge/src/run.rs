@@ -96,10 +96,11 @@ pub fn layer_of(name: &str) -> Option<(usize, std::ops::Range<usize>)> {
     let mut offset = 0;
     let parts: Vec<&str> = name.split('.').collect();
     for (i, p) in parts.iter().enumerate() {
-        if i > 0 && matches!(parts[i - 1], "layers" | "layer" | "h" | "blocks") && !p.is_empty() {
-            if let Ok(n) = p.parse::<usize>() {
-                return Some((n, offset..offset + p.len()));
-            }
+        if i > 0
+            && matches!(parts[i - 1], "layers" | "layer" | "h" | "blocks")
+            && let Ok(n) = p.parse::<usize>()
+        {
+            return Some((n, offset..offset + p.len()));
         }
         offset += p.len() + 1;
     }
@@ -178,10 +179,11 @@ fn plan(cfg: &MergeConfig, config_dir: &Path, out: &Path) -> Result<Plan> {
     for m in ids.keys() {
         models.push((m.clone(), Checkpoint::open(model_path(m, config_dir))?));
     }
-    let force_dtype = match cfg.out_dtype.as_ref().or(cfg.dtype.as_ref()) {
-        Some(d) => Some(parse_dtype(d).expect("checked by parse")),
-        None => None,
-    };
+    let force_dtype = cfg
+        .out_dtype
+        .as_ref()
+        .or(cfg.dtype.as_ref())
+        .map(|d| parse_dtype(d).expect("checked by parse"));
     let mut layers: Vec<IndexMap<String, Setting>> = vec![cfg.parameters.clone()];
     let mut tensors = Vec::new();
     let uses_base = method.base_policy() != BasePolicy::Ignored;

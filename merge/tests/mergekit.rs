@@ -17,7 +17,12 @@ fn compare(name: &str) -> f64 {
     let cfg = fixtures().join("configs").join(format!("{name}.yml"));
     run_file(&cfg, &out, &RunOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
     let ours = Checkpoint::open(&out).unwrap();
-    let theirs = Checkpoint::open(fixtures().join("expected").join(format!("{name}.safetensors"))).unwrap();
+    let theirs = Checkpoint::open(
+        fixtures()
+            .join("expected")
+            .join(format!("{name}.safetensors")),
+    )
+    .unwrap();
     let mut names: Vec<String> = ours.names();
     let mut want: Vec<String> = theirs.names();
     names.sort();
@@ -40,7 +45,6 @@ macro_rules! same_as_mergekit {
         #[test]
         fn $test() {
             let dev = compare($name);
-            eprintln!("{}: {dev:e}", $name);
             assert!(dev <= $tol, "{}: max deviation {dev:e} relative to the tensor's max |value|", $name);
         }
     )*};
