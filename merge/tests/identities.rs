@@ -1,0 +1,306 @@
+//! Identities of the methods and the errors bad inputs get, through the
+//! config runner on small checkpoints written in the test.
+
+use std::path::Path;
+
+use merge::run::{EmbedPolicy, RunOptions, run_file};
+use merge::{Method, Params, TensorInputs, Value, merge_tensor};
+use ndarray::{ArrayD, IxDyn};
+use weights::{Checkpoint, StateDict, Tensor, TensorSource};
+
+fn rng_tensor(shape: &[usize], seed: u64) -> ArrayD<f32> {
+    let mut r = spectra::rng::Rng::new(seed);
+    ArrayD::from_shape_fn(IxDyn(shape), |_| r.normal() as f32)
+}
+
+fn model(seed: u64, vocab: usize) -> StateDict {
+    let mut sd = StateDict::new();
+    sd.insert(
+        "model.embed_tokens.weight",
+        Tensor::f32(rng_tensor(&[vocab, 8], seed)),
+    );
+    for l in 0..2 {
+        sd.insert(
+            format!("model.layers.{l}.mlp.up_proj.weight"),
+            Tensor::f32(rng_tensor(&[12, 8], seed * 10 + l)),
+        );
+        sd.insert(
+            format!("model.layers.{l}.input_layernorm.weight"),
+            Tensor::f32(rng_tensor(&[8], seed * 20 + l)),
+        );
+    }
+    sd
+}
+
+fn write(dir: &Path, name: &str, sd: &StateDict) {
+    std::fs::create_dir_all(dir.join(name)).unwrap();
+    sd.save_safetensors(dir.join(name).join("model.safetensors"))
+        .unwrap();
+}
+
+fn run(dir: &Path, yaml: &str, opts: &RunOptions) -> merge::Result<StateDict> {
+    let cfg = dir.join("merge.yml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = dir.join("out");
+    let _ = std::fs::remove_dir_all(&out);
+    run_file(&cfg, &out, opts)?;
+    Ok(Checkpoint::open(&out).unwrap().load_all().unwrap())
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, n) in ["base", "a", "b", "c"].iter().enumerate() {
+        write(dir.path(), n, &model(i as u64 + 1, 20));
+    }
+    dir
+}
+
+fn max_diff(a: &StateDict, b: &StateDict) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(n, t)| {
+            t.data
+                .iter()
+                .zip(b.get(n).unwrap().data.iter())
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn linear_merge_of_a_model_with_itself_is_the_model() {
+    let dir = setup();
+    // Two copies of one model (a model listed twice is a single input).
+    write(dir.path(), "a2", &model(2, 20));
+    let out = run(
+        dir.path(),
+        "merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: 0.3}}\n  - {model: a2, parameters: {weight: 0.9}}\n",
+        &RunOptions::default(),
+    )
+    .unwrap();
+    assert!(max_diff(&out, &model(2, 20)) < 1e-6);
+}
+
+#[test]
+fn ties_at_density_one_with_equal_weights_is_normalised_task_arithmetic() {
+    let dir = setup();
+    let ties = run(
+        dir.path(),
+        "merge_method: ties\nbase_model: base\nmodels:\n  - {model: a}\n  - {model: b}\n  - {model: c}\nparameters: {weight: 1.0, density: 1.0}\n",
+        &RunOptions::default(),
+    )
+    .unwrap();
+    // With density 1 TIES still elects signs; equal to task arithmetic where
+    // all task vectors agree. Compare against the formula on agreeing entries
+    // and against normalised task arithmetic with consensus-free inputs: use
+    // the same model three times, where every sign agrees.
+    for n in ["a2", "a3"] {
+        write(dir.path(), n, &model(2, 20));
+    }
+    let ties_same = run(
+        dir.path(),
+        "merge_method: ties\nbase_model: base\nmodels:\n  - {model: a}\n  - {model: a2}\n  - {model: a3}\nparameters: {weight: 1.0, density: 1.0}\n",
+        &RunOptions::default(),
+    )
+    .unwrap();
+    let ta = run(
+        dir.path(),
+        "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - {model: a}\n  - {model: a2}\n  - {model: a3}\nparameters: {weight: 1.0, normalize: true}\n",
+        &RunOptions::default(),
+    )
+    .unwrap();
+    assert!(max_diff(&ties_same, &ta) < 1e-6);
+    // And the three-different-models TIES output equals the formula written out.
+    let (base, a, b, c) = (model(1, 20), model(2, 20), model(3, 20), model(4, 20));
+    for (name, t) in ties.iter() {
+        let d: Vec<[f32; 3]> = (0..t.data.len())
+            .map(|i| {
+                let bv = base.get(name).unwrap().data.as_slice().unwrap()[i];
+                [&a, &b, &c].map(|m| m.get(name).unwrap().data.as_slice().unwrap()[i] - bv)
+            })
+            .collect();
+        for (i, v) in t.data.iter().enumerate() {
+            let s: f32 = d[i].iter().sum();
+            let elected: Vec<f32> = d[i]
+                .iter()
+                .copied()
+                .filter(|x| (*x > 0.0) == (s >= 0.0) && *x != 0.0)
+                .collect();
+            let want = base.get(name).unwrap().data.as_slice().unwrap()[i]
+                + if elected.is_empty() {
+                    0.0
+                } else {
+                    elected.iter().sum::<f32>() / elected.len() as f32
+                };
+            assert!((v - want).abs() < 1e-5, "{name}[{i}]: {v} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn slerp_endpoints_are_the_models() {
+    let dir = setup();
+    for (t, want) in [(0.0, model(1, 20)), (1.0, model(2, 20))] {
+        let out = run(
+            dir.path(),
+            &format!("merge_method: slerp\nbase_model: base\nmodels:\n  - {{model: base}}\n  - {{model: a}}\nparameters: {{t: {t}}}\n"),
+            &RunOptions::default(),
+        )
+        .unwrap();
+        assert!(max_diff(&out, &want) < 1e-5, "t = {t}");
+    }
+}
+
+#[test]
+fn dare_is_reproducible_per_seed_and_changes_with_it() {
+    let dir = setup();
+    let yaml = "merge_method: dare_ties\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 0.5, density: 0.5}}\n  - {model: b, parameters: {weight: 0.5, density: 0.5}}\n";
+    let opts = |seed| RunOptions {
+        seed,
+        ..Default::default()
+    };
+    let x = run(dir.path(), yaml, &opts(1)).unwrap();
+    let y = run(dir.path(), yaml, &opts(1)).unwrap();
+    let z = run(dir.path(), yaml, &opts(2)).unwrap();
+    assert_eq!(max_diff(&x, &y), 0.0);
+    assert!(max_diff(&x, &z) > 0.0);
+}
+
+#[test]
+fn golden_task_vector_values_through_the_registry() {
+    // base 0; a = [2, -1], b = [-4, 3]; dare_linear with density 1 is weighted
+    // task arithmetic: 0.5·a + 0.25·b = [0, 0.25].
+    let base = [0f32, 0.0];
+    let (a, b) = ([2f32, -1.0], [-4f32, 3.0]);
+    let p = |w: f64| -> Params {
+        [("weight".to_string(), Value::Num(w))]
+            .into_iter()
+            .collect()
+    };
+    let per = [p(0.5), p(0.25)];
+    let shared = Params::new();
+    let inputs = TensorInputs {
+        name: "w",
+        shape: &[2],
+        base: Some(&base),
+        models: vec![&a, &b],
+        shared: &shared,
+        per_model: &per,
+        seed: 0,
+    };
+    let r = merge_tensor(&Method::from_name("dare_linear").unwrap(), &inputs).unwrap();
+    assert_eq!(r, vec![0.0, 0.25]);
+    // della_linear at density 1 too.
+    let r = merge_tensor(&Method::from_name("della_linear").unwrap(), &inputs).unwrap();
+    assert_eq!(r, vec![0.0, 0.25]);
+}
+
+#[test]
+fn bad_inputs_get_errors_naming_the_tensor_and_model() {
+    let dir = setup();
+    let msg = |yaml: &str, opts: &RunOptions| run(dir.path(), yaml, opts).unwrap_err().to_string();
+    let d = RunOptions::default();
+    // Mismatched shapes.
+    let mut odd = model(5, 20);
+    odd.insert(
+        "model.layers.1.mlp.up_proj.weight",
+        Tensor::f32(rng_tensor(&[12, 9], 1)),
+    );
+    write(dir.path(), "odd", &odd);
+    let m = msg(
+        "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: odd, parameters: {weight: 1}}]\n",
+        &d,
+    );
+    assert!(
+        m.contains("model.layers.1.mlp.up_proj.weight")
+            && m.contains("odd")
+            && m.contains("[12, 9]"),
+        "{m}"
+    );
+    // A tensor missing from one model.
+    let mut missing = model(6, 20);
+    missing.remove("model.layers.0.input_layernorm.weight");
+    write(dir.path(), "missing", &missing);
+    let m = msg(
+        "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: missing, parameters: {weight: 1}}]\n",
+        &d,
+    );
+    assert!(
+        m.contains("model.layers.0.input_layernorm.weight") && m.contains("missing"),
+        "{m}"
+    );
+    // Vocabulary mismatch: an error naming the option, or the base's rows when asked.
+    write(dir.path(), "bigvocab", &model(7, 23));
+    let yaml = "merge_method: task_arithmetic\nbase_model: base\nmodels: [{model: bigvocab, parameters: {weight: 1}}]\n";
+    let m = msg(yaml, &d);
+    assert!(
+        m.contains("model.embed_tokens.weight")
+            && m.contains("23 vocabulary rows")
+            && m.contains("base"),
+        "{m}"
+    );
+    write(dir.path(), "smallvocab", &model(8, 17));
+    let opts = RunOptions {
+        embed: EmbedPolicy::BaseRows,
+        ..Default::default()
+    };
+    let out = run(dir.path(), &yaml.replace("bigvocab", "smallvocab"), &opts).unwrap();
+    let e = &out.get("model.embed_tokens.weight").unwrap().data;
+    let (small, base) = (model(8, 17), model(1, 20));
+    assert_eq!(e.shape(), &[20, 8]);
+    // Rows the model has: its own (task vector of weight 1); rows it lacks: the base's.
+    let own = small
+        .get("model.embed_tokens.weight")
+        .unwrap()
+        .data
+        .as_slice()
+        .unwrap();
+    for (x, y) in e.as_slice().unwrap()[..17 * 8].iter().zip(own) {
+        assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+    }
+    assert_eq!(
+        e.as_slice().unwrap()[17 * 8..],
+        base.get("model.embed_tokens.weight")
+            .unwrap()
+            .data
+            .as_slice()
+            .unwrap()[17 * 8..]
+    );
+    // NaN weights.
+    let mut nan = model(9, 20);
+    nan.get_mut("model.layers.0.mlp.up_proj.weight")
+        .unwrap()
+        .data[[3, 4]] = f32::NAN;
+    write(dir.path(), "nan", &nan);
+    let m = msg(
+        "merge_method: linear\nmodels: [{model: nan, parameters: {weight: 1}}]\n",
+        &d,
+    );
+    assert!(
+        m.contains("model.layers.0.mlp.up_proj.weight") && m.contains("non-finite"),
+        "{m}"
+    );
+    // Unknown method; both models and slices; a missing required parameter.
+    assert!(
+        msg("merge_method: soup\nmodels: [{model: a}]\n", &d)
+            .contains("unknown merge method 'soup'")
+    );
+    assert!(
+        msg("merge_method: linear\nmodels: [{model: a}]\nslices: [{sources: [{model: a, layer_range: [0, 1]}]}]\n", &d)
+            .contains("not both")
+    );
+    let m = msg("merge_method: linear\nmodels: [{model: a}]\n", &d);
+    assert!(m.contains("'weight'") && m.contains("required"), "{m}");
+    // A missing model folder names the path; no output is left behind.
+    let m = msg(
+        "merge_method: linear\nmodels: [{model: nowhere, parameters: {weight: 1}}]\n",
+        &d,
+    );
+    assert!(m.contains("nowhere"), "{m}");
+    assert!(
+        !dir.path()
+            .join("out")
+            .join("model.safetensors.index.json")
+            .exists()
+    );
+}
