@@ -9,6 +9,12 @@ pub enum MergeError {
     /// Reading or writing a checkpoint failed.
     #[error(transparent)]
     Weights(#[from] weights::WeightsError),
+    /// Aligning models by permutation failed.
+    #[error(transparent)]
+    Permute(#[from] permute::PermuteError),
+    /// A linear-algebra routine failed (non-finite input, no convergence).
+    #[error(transparent)]
+    Linalg(#[from] spectra::SpectraError),
     /// An operating-system error on `path`.
     #[error("{}: {source}", path.display())]
     Io {

@@ -10,8 +10,10 @@
 //! - [`run`]: streaming execution of a config over lazily read checkpoints into
 //!   sharded safetensors.
 
+pub mod aligned;
 pub mod config;
 pub mod error;
+pub mod lora;
 pub mod methods;
 pub mod run;
 pub mod sparsify;
@@ -179,8 +181,9 @@ pub struct TensorInputs<'a> {
 
 impl TensorInputs<'_> {
     fn num(&self, model: Option<usize>, key: &str) -> Result<Option<f64>> {
+        // A model's own value wins over the shared one.
         let v = match model {
-            Some(i) => self.per_model[i].get(key),
+            Some(i) => self.per_model[i].get(key).or_else(|| self.shared.get(key)),
             None => self.shared.get(key),
         };
         match v {
