@@ -49,7 +49,40 @@ fn usage() -> String {
     for st in STUDIES {
         s.push_str(&format!("  {:<10} {}\n", st.name, st.about));
     }
+    s.push_str(
+        "\ntools:\n  merge-config CONFIG.yml OUT [--seed N]   run a mergekit config (same as `cargo run -p merge`)\n",
+    );
     s
+}
+
+/// `merge-config CONFIG OUT [--seed N]`: the merge crate's runner.
+fn merge_config(args: &[String]) -> Result<(), String> {
+    let mut pos = Vec::new();
+    let mut opts = merge::run::RunOptions {
+        progress: true,
+        ..Default::default()
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--seed" {
+            let v = it.next().ok_or("--seed needs a value")?;
+            opts.seed = v
+                .parse()
+                .map_err(|_| format!("--seed: '{v}' is not a non-negative integer"))?;
+        } else {
+            pos.push(a);
+        }
+    }
+    let [cfg, out] = pos.as_slice() else {
+        return Err("usage: experiments merge-config CONFIG.yml OUT [--seed N]".into());
+    };
+    let report = merge::run::run_file(std::path::Path::new(cfg), std::path::Path::new(out), &opts)
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "merged {} tensors into {out} in {:.2} s",
+        report.tensors, report.seconds
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -59,6 +92,13 @@ fn main() -> ExitCode {
             print!("{}", usage());
             ExitCode::SUCCESS
         }
+        Some("merge-config") => match merge_config(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some(name) if STUDIES.iter().any(|s| s.name == name) => {
             eprintln!(
                 "study '{name}' is not implemented yet (see the issue tracker); available studies:\n"

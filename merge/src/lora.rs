@@ -137,6 +137,42 @@ impl LoraAdapter {
             .get("use_rslora")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
+        // PEFT options that change what the factors mean: refuse rather than misread.
+        for key in ["rank_pattern", "alpha_pattern"] {
+            if raw
+                .get(key)
+                .and_then(|v| v.as_object())
+                .is_some_and(|o| !o.is_empty())
+            {
+                return Err(bad(format!(
+                    "'{key}' (per-module ranks or scales) is not supported"
+                )));
+            }
+        }
+        if raw.get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(bad(
+                "'fan_in_fan_out: true' (Conv1D layouts) is not supported".into(),
+            ));
+        }
+        if raw.get("modules_to_save").is_some_and(|v| !v.is_null()) {
+            return Err(bad(
+                "'modules_to_save' (fully trained extra modules) is not supported".into(),
+            ));
+        }
+        if raw
+            .get("bias")
+            .and_then(|v| v.as_str())
+            .is_some_and(|b| b != "none")
+        {
+            return Err(bad(
+                "LoRA biases ('bias' other than \"none\") are not supported".into(),
+            ));
+        }
+        if raw.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+            return Err(bad(
+                "'use_dora: true' (DoRA magnitude vectors) is not supported".into(),
+            ));
+        }
         let config = LoraConfig {
             r,
             lora_alpha,
@@ -260,6 +296,39 @@ impl LoraAdapter {
             t.data.zip_mut_with(&d.into_dyn(), |x, y| *x += sign * y);
         }
         Ok(out)
+    }
+}
+
+impl LoraAdapter {
+    /// A rank-`r` LoRA approximating dense deltas (e.g. a merged task vector)
+    /// by truncated SVD, `ΔW ≈ (U_r √Σ_r)(√Σ_r V_rᵀ)`, with `lora_alpha = r` so
+    /// the scale is 1 (the way `mergekit-extract-lora` turns a merge back into
+    /// an adapter). Exact when every delta has rank ≤ `r`.
+    pub fn from_deltas(
+        deltas: &IndexMap<String, Array2<f32>>,
+        r: usize,
+        targets: &[&str],
+    ) -> Result<LoraAdapter> {
+        if r == 0 {
+            return Err(lr("from_deltas", "rank must be at least 1"));
+        }
+        let mut modules = IndexMap::new();
+        for (w, d) in deltas {
+            let svd = spectra::linalg::thin_svd(d.view(), w)?;
+            let k = r.min(svd.s.len());
+            let mut b = Array2::<f32>::zeros((d.nrows(), r));
+            let mut a = Array2::<f32>::zeros((r, d.ncols()));
+            for j in 0..k {
+                let sq = svd.s[j].sqrt();
+                b.column_mut(j).assign(&svd.u.column(j).mapv(|v| v * sq));
+                a.row_mut(j).assign(&svd.vt.row(j).mapv(|v| v * sq));
+            }
+            modules.insert(w.clone(), LoraPair { a, b });
+        }
+        Ok(LoraAdapter {
+            config: LoraConfig::new(r, r as f64, targets),
+            modules,
+        })
     }
 }
 
