@@ -1,8 +1,31 @@
-//! Structured sparse fine-tuning (S²FT).
+//! Structured sparse fine-tuning (S²FT, Yang et al., NeurIPS 2024) of
+//! LLaMA-style decoders in Burn, with LoRA and full fine-tuning baselines in
+//! the same code path.
 //!
-//! This crate will hold a LLaMA-style decoder written with Burn (generic over
-//! the backend; CPU by default, CUDA behind the `cuda` feature), loaded from
-//! and saved to a [`weights::StateDict`] with Hugging Face names, the S²FT
-//! coupled-structure selection (attention heads, FFN channels) with partial
-//! back-propagation, and LoRA and full fine-tuning baselines; see issue 6.
-//! Burn is compiled only here and in `experiments`.
+//! - [`config::LlamaConfig`]: shape from a Hugging Face `config.json` or a GGUF header.
+//! - [`model::Llama`]: the decoder (RMSNorm, GQA attention with rotate-half
+//!   RoPE, SwiGLU, tied or untied head), generic over the Burn backend, built
+//!   from and saved to a [`weights::StateDict`] with Hugging Face names.
+//!
+//! Backends: [`Cpu`] (ndarray) by default, [`Gpu`] (CUDA) with the `cuda`
+//! feature; their autodiff versions train. Burn is compiled only here and in
+//! `experiments`.
+
+pub mod config;
+pub mod error;
+pub mod model;
+
+pub use config::LlamaConfig;
+pub use error::{Result, S2ftError};
+pub use model::Llama;
+
+/// The CPU backend.
+pub type Cpu = burn::backend::NdArray<f32>;
+/// The CPU backend with autodiff (training).
+pub type CpuTrain = burn::backend::Autodiff<Cpu>;
+/// The CUDA backend.
+#[cfg(feature = "cuda")]
+pub type Gpu = burn::backend::Cuda<f32>;
+/// The CUDA backend with autodiff.
+#[cfg(feature = "cuda")]
+pub type GpuTrain = burn::backend::Autodiff<Gpu>;

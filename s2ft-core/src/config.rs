@@ -1,0 +1,150 @@
+//! The LLaMA-family hyper-parameters, from a Hugging Face `config.json` or a
+//! GGUF header (through [`weights::GgufModelConfig`]).
+
+use serde_json::Value;
+use weights::TensorSource;
+
+use crate::error::{Result, S2ftError};
+
+/// A LLaMA-style decoder's shape.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Residual width.
+    pub hidden_size: usize,
+    /// FFN width.
+    pub intermediate_size: usize,
+    /// Decoder blocks.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA when fewer than the query heads).
+    pub num_key_value_heads: usize,
+    /// Per-head width.
+    pub head_dim: usize,
+    /// RoPE base θ.
+    pub rope_theta: f64,
+    /// RMSNorm ε.
+    pub rms_norm_eps: f64,
+    /// The LM head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// A small config for tests and toy tasks.
+    pub fn tiny(
+        vocab_size: usize,
+        hidden: usize,
+        layers: usize,
+        heads: usize,
+        kv_heads: usize,
+        ffn: usize,
+    ) -> Self {
+        LlamaConfig {
+            vocab_size,
+            hidden_size: hidden,
+            intermediate_size: ffn,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim: hidden / heads,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: false,
+        }
+    }
+
+    /// Reads the fields of a Hugging Face `config.json` value.
+    pub fn from_hf(v: &Value) -> Result<Self> {
+        let int = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .ok_or_else(|| {
+                    S2ftError::Config(format!("'{k}' is missing or not a non-negative integer"))
+                })
+        };
+        let heads = int("num_attention_heads")?;
+        let hidden = int("hidden_size")?;
+        let cfg = LlamaConfig {
+            vocab_size: int("vocab_size")?,
+            hidden_size: hidden,
+            intermediate_size: int("intermediate_size")?,
+            num_hidden_layers: int("num_hidden_layers")?,
+            num_attention_heads: heads,
+            num_key_value_heads: v
+                .get("num_key_value_heads")
+                .and_then(Value::as_u64)
+                .map_or(heads, |x| x as usize),
+            head_dim: v
+                .get("head_dim")
+                .and_then(Value::as_u64)
+                .map_or(hidden / heads.max(1), |x| x as usize),
+            rope_theta: v
+                .get("rope_theta")
+                .and_then(Value::as_f64)
+                .unwrap_or(10000.0),
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6),
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// From a GGUF file's metadata.
+    pub fn from_gguf(g: &weights::GgufFile) -> Result<Self> {
+        let hf = g.config().to_hf_config().ok_or_else(|| {
+            S2ftError::Config(format!("{}: not a LLaMA-family GGUF", g.path().display()))
+        })?;
+        Self::from_hf(&hf)
+    }
+
+    /// Checks the shape is consistent.
+    pub fn check(&self) -> Result<()> {
+        let e = |m: String| Err(S2ftError::Config(m));
+        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
+            return e("head counts must be positive".into());
+        }
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+            return e(format!(
+                "{} query heads are not a multiple of {} key/value heads",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return e(format!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim
+            ));
+        }
+        if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
+            return e("vocab_size, hidden_size and intermediate_size must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The Hugging Face `config.json` for this shape.
+    pub fn to_hf(&self) -> Value {
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        })
+    }
+}

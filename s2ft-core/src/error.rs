@@ -1,0 +1,27 @@
+//! Errors of the S²FT crate, each naming the weight, option or file concerned.
+
+/// What can go wrong building, loading, selecting or training.
+#[derive(Debug, thiserror::Error)]
+pub enum S2ftError {
+    /// Reading or writing a checkpoint failed.
+    #[error(transparent)]
+    Weights(#[from] weights::WeightsError),
+    /// The model config is missing a field or inconsistent.
+    #[error("model config: {0}")]
+    Config(String),
+    /// A weight the architecture needs is missing or has the wrong shape.
+    #[error("weight '{name}': {msg}")]
+    Weight { name: String, msg: String },
+    /// A selection or budget that cannot be satisfied.
+    #[error("selection: {0}")]
+    Selection(String),
+    /// An adapter that does not fit this model.
+    #[error("adapter: {0}")]
+    Adapter(String),
+    /// Training diverged.
+    #[error("training stopped at step {step}: {msg}")]
+    Training { step: usize, msg: String },
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, S2ftError>;

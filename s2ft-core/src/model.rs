@@ -1,0 +1,563 @@
+//! A LLaMA-style decoder in Burn, loaded from and saved to a
+//! [`weights::StateDict`] with Hugging Face names and layouts.
+//!
+//! Every linear map is a [`Proj`]: a weight in PyTorch's `[out, in]` layout
+//! (so `y = x·Wᵀ`), frozen or trainable, plus optional trainable parts that
+//! fine-tuning attaches — a LoRA pair, or an S²FT dense delta on a subset of
+//! the weight's columns (input features) or rows (output features), applied
+//! by index selection without permuting the frozen weight.
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{IndexingUpdateOp, TensorData};
+use weights::{StateDict, Tensor as WTensor};
+
+use crate::config::LlamaConfig;
+use crate::error::{Result, S2ftError};
+
+/// Which axis of a weight an S²FT delta covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeltaAxis {
+    /// Input features (columns of `[out, in]`): o_proj by head, down_proj by channel.
+    Cols,
+    /// Output features (rows): v_proj by head, up_proj by channel.
+    Rows,
+}
+
+/// A linear map `y = x·Wᵀ (+ S²FT delta) (+ LoRA)`.
+#[derive(Module, Debug)]
+pub struct Proj<B: Backend> {
+    /// `[out, in]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// LoRA `A`, `[r, in]`.
+    pub lora_a: Option<Param<Tensor<B, 2>>>,
+    /// LoRA `B`, `[out, r]`.
+    pub lora_b: Option<Param<Tensor<B, 2>>>,
+    /// LoRA scale `α/r`.
+    #[module(skip)]
+    pub lora_scale: f32,
+    /// S²FT delta: `[out, |S|]` for columns, `[|S|, in]` for rows.
+    pub delta: Option<Param<Tensor<B, 2>>>,
+    /// The axis the delta covers.
+    #[module(skip)]
+    pub delta_axis: Option<DeltaAxis>,
+    /// The selected indices `S` on that axis.
+    #[module(skip)]
+    pub delta_idx: Vec<usize>,
+}
+
+fn index_tensor<B: Backend>(idx: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
+    let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(v, [idx.len()]), device)
+}
+
+impl<B: Backend> Proj<B> {
+    /// A frozen (or trainable) projection with weight `w` (`[out, in]`).
+    pub fn new(w: Tensor<B, 2>, trainable: bool) -> Self {
+        Proj {
+            weight: Param::from_tensor(w).set_require_grad(trainable),
+            lora_a: None,
+            lora_b: None,
+            lora_scale: 0.0,
+            delta: None,
+            delta_axis: None,
+            delta_idx: Vec::new(),
+        }
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        self.weight.val().dims()
+    }
+
+    /// Applies the map to `x` (`[n, in]` → `[n, out]`).
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let mut y = x.clone().matmul(self.weight.val().transpose());
+        if let (Some(d), Some(axis)) = (&self.delta, self.delta_axis) {
+            let idx = index_tensor::<B>(&self.delta_idx, &x.device());
+            match axis {
+                // Only the selected input features are kept for the delta's gradient.
+                DeltaAxis::Cols => y = y + x.clone().select(1, idx).matmul(d.val().transpose()),
+                DeltaAxis::Rows => {
+                    let part = x.clone().matmul(d.val().transpose());
+                    y = y.select_assign(1, idx, part, IndexingUpdateOp::Add);
+                }
+            }
+        }
+        if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
+            y = y + x
+                .matmul(a.val().transpose())
+                .matmul(b.val().transpose())
+                .mul_scalar(self.lora_scale);
+        }
+        y
+    }
+
+    /// `W` with the S²FT delta and LoRA folded in (what a fused checkpoint stores).
+    pub fn merged_weight(&self) -> Tensor<B, 2> {
+        let mut w = self.weight.val();
+        let device = w.device();
+        if let (Some(d), Some(axis)) = (&self.delta, self.delta_axis) {
+            let idx = index_tensor::<B>(&self.delta_idx, &device);
+            w = match axis {
+                DeltaAxis::Cols => w.select_assign(1, idx, d.val(), IndexingUpdateOp::Add),
+                DeltaAxis::Rows => w.select_assign(0, idx, d.val(), IndexingUpdateOp::Add),
+            };
+        }
+        if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
+            w = w + b.val().matmul(a.val()).mul_scalar(self.lora_scale);
+        }
+        w
+    }
+}
+
+/// RMSNorm with a learned scale.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[hidden]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// ε.
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// `x / √(mean(x²) + ε) · w` over the last axis.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let rms = x
+            .clone()
+            .powi_scalar(2)
+            .mean_dim(D - 1)
+            .add_scalar(self.eps)
+            .sqrt();
+        let w = self.weight.val().unsqueeze::<D>();
+        x.div(rms).mul(w)
+    }
+}
+
+/// Grouped-query self-attention with rotary embeddings.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query map.
+    pub q_proj: Proj<B>,
+    /// Key map.
+    pub k_proj: Proj<B>,
+    /// Value map.
+    pub v_proj: Proj<B>,
+    /// Output map.
+    pub o_proj: Proj<B>,
+}
+
+/// The SwiGLU feed-forward network.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Gate map.
+    pub gate_proj: Proj<B>,
+    /// Up map.
+    pub up_proj: Proj<B>,
+    /// Down map.
+    pub down_proj: Proj<B>,
+}
+
+/// One decoder block.
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    /// Pre-attention norm.
+    pub input_layernorm: RmsNorm<B>,
+    /// Attention.
+    pub self_attn: Attention<B>,
+    /// Pre-FFN norm.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// FFN.
+    pub mlp: Mlp<B>,
+}
+
+/// The decoder.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// Blocks.
+    pub layers: Vec<Block<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// Untied LM head (`[vocab, hidden]`); `None` when tied to the embedding.
+    pub lm_head: Option<Proj<B>>,
+    /// Shape.
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+/// The HF name prefix of block `l`.
+pub fn layer_prefix(l: usize) -> String {
+    format!("model.layers.{l}")
+}
+
+/// Every projection of a block with its HF suffix.
+pub const PROJ_NAMES: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+impl<B: Backend> Block<B> {
+    /// The projection called `name` (one of [`PROJ_NAMES`]).
+    pub fn proj(&self, name: &str) -> &Proj<B> {
+        match name {
+            "self_attn.q_proj" => &self.self_attn.q_proj,
+            "self_attn.k_proj" => &self.self_attn.k_proj,
+            "self_attn.v_proj" => &self.self_attn.v_proj,
+            "self_attn.o_proj" => &self.self_attn.o_proj,
+            "mlp.gate_proj" => &self.mlp.gate_proj,
+            "mlp.up_proj" => &self.mlp.up_proj,
+            "mlp.down_proj" => &self.mlp.down_proj,
+            _ => panic!("unknown projection {name}"),
+        }
+    }
+
+    /// Mutable access to the projection called `name`.
+    pub fn proj_mut(&mut self, name: &str) -> &mut Proj<B> {
+        match name {
+            "self_attn.q_proj" => &mut self.self_attn.q_proj,
+            "self_attn.k_proj" => &mut self.self_attn.k_proj,
+            "self_attn.v_proj" => &mut self.self_attn.v_proj,
+            "self_attn.o_proj" => &mut self.self_attn.o_proj,
+            "mlp.gate_proj" => &mut self.mlp.gate_proj,
+            "mlp.up_proj" => &mut self.mlp.up_proj,
+            "mlp.down_proj" => &mut self.mlp.down_proj,
+            _ => panic!("unknown projection {name}"),
+        }
+    }
+}
+
+fn to_burn<B: Backend, const D: usize>(t: &WTensor, device: &B::Device) -> Tensor<B, D> {
+    let data = t
+        .data
+        .as_standard_layout()
+        .iter()
+        .copied()
+        .collect::<Vec<f32>>();
+    Tensor::from_data(TensorData::new(data, t.shape().to_vec()), device)
+}
+
+/// A Burn tensor's values as a `weights` tensor (f32).
+pub fn to_weights<B: Backend, const D: usize>(t: Tensor<B, D>) -> WTensor {
+    let shape = t.dims().to_vec();
+    let data: Vec<f32> = t.into_data().convert::<f32>().into_vec().expect("f32 data");
+    WTensor::f32(ndarray::ArrayD::from_shape_vec(shape, data).expect("shape"))
+}
+
+/// The rotary tables `cos`, `sin` (`[t, head_dim]`, rotate-half layout) for positions `0..t`.
+pub fn rope_tables<B: Backend>(
+    cfg: &LlamaConfig,
+    t: usize,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let d = cfg.head_dim;
+    let half = d / 2;
+    let mut cos = Vec::with_capacity(t * d);
+    let mut sin = Vec::with_capacity(t * d);
+    for p in 0..t {
+        for j in 0..d {
+            let i = j % half;
+            let freq = cfg.rope_theta.powf(-2.0 * i as f64 / d as f64);
+            let a = p as f64 * freq;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [t, d]), device),
+        Tensor::from_data(TensorData::new(sin, [t, d]), device),
+    )
+}
+
+fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    let [b, h, t, d] = x.dims();
+    let half = d / 2;
+    let x1 = x.clone().narrow(3, 0, half);
+    let x2 = x.clone().narrow(3, half, half);
+    let rot = Tensor::cat(vec![x2.neg(), x1], 3);
+    let c = cos.clone().reshape([1, 1, t, d]).expand([b, h, t, d]);
+    let s = sin.clone().reshape([1, 1, t, d]).expand([b, h, t, d]);
+    x * c + rot * s
+}
+
+impl<B: Backend> Attention<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cfg: &LlamaConfig,
+        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+    ) -> Tensor<B, 3> {
+        let [b, t, hidden] = x.dims();
+        let (h, kv, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let flat = x.reshape([b * t, hidden]);
+        let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
+        let q = rotate(
+            heads(self.q_proj.forward(flat.clone()), h),
+            &rope.0,
+            &rope.1,
+        );
+        let k = rotate(
+            heads(self.k_proj.forward(flat.clone()), kv),
+            &rope.0,
+            &rope.1,
+        );
+        let v = heads(self.v_proj.forward(flat), kv);
+        // GQA: query head j reads key/value head j / (h / kv).
+        let g = h / kv;
+        let expand = |y: Tensor<B, 4>| {
+            if g == 1 {
+                y
+            } else {
+                y.reshape([b, kv, 1, t, d])
+                    .expand([b, kv, g, t, d])
+                    .reshape([b, h, t, d])
+            }
+        };
+        let (k, v) = (expand(k), expand(v));
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
+        // Burn's tril_mask is true *outside* the lower triangle: the future positions.
+        let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &scores.device())
+            .reshape([1, 1, t, t])
+            .expand([b, h, t, t]);
+        let p = softmax(scores.mask_fill(mask, -1.0e9), 3);
+        let out = p.matmul(v).swap_dims(1, 2).reshape([b * t, h * d]);
+        self.o_proj.forward(out).reshape([b, t, hidden])
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, hidden] = x.dims();
+        let flat = x.reshape([b * t, hidden]);
+        let a = silu(self.gate_proj.forward(flat.clone())) * self.up_proj.forward(flat);
+        self.down_proj.forward(a).reshape([b, t, hidden])
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Builds the model from a state dict with Hugging Face names; every weight
+    /// is frozen unless `trainable`. Errors name a missing or misshapen weight.
+    pub fn from_state_dict(
+        config: &LlamaConfig,
+        sd: &StateDict,
+        trainable: bool,
+        device: &B::Device,
+    ) -> Result<Self> {
+        config.check()?;
+        let c = config;
+        let (h, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (q_out, kv_out) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
+        let get = |name: &str, shape: &[usize]| -> Result<&WTensor> {
+            let t = sd.get(name).ok_or_else(|| S2ftError::Weight {
+                name: name.into(),
+                msg: "missing from the checkpoint".into(),
+            })?;
+            if t.shape() != shape {
+                return Err(S2ftError::Weight {
+                    name: name.into(),
+                    msg: format!("has shape {:?}, the config implies {shape:?}", t.shape()),
+                });
+            }
+            if let Some(x) = t.data.iter().find(|x| !x.is_finite()) {
+                return Err(S2ftError::Weight {
+                    name: name.into(),
+                    msg: format!("holds a non-finite value {x}"),
+                });
+            }
+            Ok(t)
+        };
+        let proj = |name: String, shape: [usize; 2]| -> Result<Proj<B>> {
+            Ok(Proj::new(to_burn(get(&name, &shape)?, device), trainable))
+        };
+        let norm = |name: String| -> Result<RmsNorm<B>> {
+            Ok(RmsNorm {
+                weight: Param::from_tensor(to_burn(get(&name, &[h])?, device))
+                    .set_require_grad(trainable),
+                eps: c.rms_norm_eps,
+            })
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = layer_prefix(l);
+            layers.push(Block {
+                input_layernorm: norm(format!("{p}.input_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: proj(format!("{p}.self_attn.q_proj.weight"), [q_out, h])?,
+                    k_proj: proj(format!("{p}.self_attn.k_proj.weight"), [kv_out, h])?,
+                    v_proj: proj(format!("{p}.self_attn.v_proj.weight"), [kv_out, h])?,
+                    o_proj: proj(format!("{p}.self_attn.o_proj.weight"), [h, q_out])?,
+                },
+                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: proj(format!("{p}.mlp.gate_proj.weight"), [f, h])?,
+                    up_proj: proj(format!("{p}.mlp.up_proj.weight"), [f, h])?,
+                    down_proj: proj(format!("{p}.mlp.down_proj.weight"), [h, f])?,
+                },
+            });
+        }
+        // A tied head may still be stored (SmolLM2's GGUF has none, HF files sometimes do).
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(proj("lm_head.weight".into(), [v, h])?)
+        };
+        Ok(Llama {
+            embed_tokens: Param::from_tensor(to_burn(
+                get("model.embed_tokens.weight", &[v, h])?,
+                device,
+            ))
+            .set_require_grad(trainable),
+            layers,
+            norm: norm("model.norm.weight".into())?,
+            lm_head,
+            config: c.clone(),
+        })
+    }
+
+    /// A randomly initialised model (N(0, 0.02²) weights, unit norms), seeded.
+    pub fn random(config: &LlamaConfig, seed: u64, device: &B::Device) -> Result<Self> {
+        Self::from_state_dict(config, &random_state_dict(config, seed), true, device)
+    }
+
+    /// The weights under Hugging Face names, with every S²FT delta and LoRA folded in.
+    pub fn to_state_dict(&self) -> StateDict {
+        let mut sd = StateDict::new();
+        sd.insert(
+            "model.embed_tokens.weight",
+            to_weights(self.embed_tokens.val()),
+        );
+        for (l, blk) in self.layers.iter().enumerate() {
+            let p = layer_prefix(l);
+            sd.insert(
+                format!("{p}.input_layernorm.weight"),
+                to_weights(blk.input_layernorm.weight.val()),
+            );
+            for name in PROJ_NAMES {
+                sd.insert(
+                    format!("{p}.{name}.weight"),
+                    to_weights(blk.proj(name).merged_weight()),
+                );
+            }
+            sd.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                to_weights(blk.post_attention_layernorm.weight.val()),
+            );
+        }
+        sd.insert("model.norm.weight", to_weights(self.norm.weight.val()));
+        if let Some(head) = &self.lm_head {
+            sd.insert("lm_head.weight", to_weights(head.merged_weight()));
+        }
+        sd
+    }
+
+    /// Hidden states after the final norm, `[b, t, hidden]`, for tokens `[b, t]`.
+    pub fn hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = tokens.dims();
+        let h = self.config.hidden_size;
+        let device = tokens.device();
+        let mut x = self
+            .embed_tokens
+            .val()
+            .select(0, tokens.reshape([b * t]))
+            .reshape([b, t, h]);
+        let rope = rope_tables::<B>(&self.config, t, &device);
+        for blk in &self.layers {
+            let a =
+                blk.self_attn
+                    .forward(blk.input_layernorm.forward(x.clone()), &self.config, &rope);
+            x = x + a;
+            let m = blk
+                .mlp
+                .forward(blk.post_attention_layernorm.forward(x.clone()));
+            x = x + m;
+        }
+        self.norm.forward(x)
+    }
+
+    /// Next-token logits `[b, t, vocab]`.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let x = self.hidden(tokens);
+        let [b, t, h] = x.dims();
+        let flat = x.reshape([b * t, h]);
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(flat),
+            None => flat.matmul(self.embed_tokens.val().transpose()),
+        };
+        logits.reshape([b, t, self.config.vocab_size])
+    }
+}
+
+/// A seeded random state dict of `config`'s shape (N(0, 0.02²) weights, unit norms).
+pub fn random_state_dict(config: &LlamaConfig, seed: u64) -> StateDict {
+    let c = config;
+    let mut rng = SplitMix(seed);
+    let (h, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let (q_out, kv_out) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let mut sd = StateDict::new();
+    let mut mat = |name: String, r: usize, k: usize, sd: &mut StateDict| {
+        let data: Vec<f32> = (0..r * k).map(|_| 0.02 * rng.normal()).collect();
+        sd.insert(
+            name,
+            WTensor::f32(ndarray::ArrayD::from_shape_vec(vec![r, k], data).expect("shape")),
+        );
+    };
+    let ones = |sd: &mut StateDict, name: String| {
+        sd.insert(name, WTensor::f32(ndarray::ArrayD::ones(vec![h])));
+    };
+    mat("model.embed_tokens.weight".into(), v, h, &mut sd);
+    for l in 0..c.num_hidden_layers {
+        let p = layer_prefix(l);
+        ones(&mut sd, format!("{p}.input_layernorm.weight"));
+        ones(&mut sd, format!("{p}.post_attention_layernorm.weight"));
+        mat(format!("{p}.self_attn.q_proj.weight"), q_out, h, &mut sd);
+        mat(format!("{p}.self_attn.k_proj.weight"), kv_out, h, &mut sd);
+        mat(format!("{p}.self_attn.v_proj.weight"), kv_out, h, &mut sd);
+        mat(format!("{p}.self_attn.o_proj.weight"), h, q_out, &mut sd);
+        mat(format!("{p}.mlp.gate_proj.weight"), f, h, &mut sd);
+        mat(format!("{p}.mlp.up_proj.weight"), f, h, &mut sd);
+        mat(format!("{p}.mlp.down_proj.weight"), h, f, &mut sd);
+    }
+    ones(&mut sd, "model.norm.weight".into());
+    if !c.tie_word_embeddings {
+        mat("lm_head.weight".into(), v, h, &mut sd);
+    }
+    sd
+}
+
+/// A tiny seeded generator (SplitMix64 + Box–Muller) so this crate needs no RNG dependency.
+pub(crate) struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub(crate) fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub(crate) fn normal(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+}

@@ -1,0 +1,198 @@
+//! The Burn decoder against a LLaMA forward written independently here in
+//! plain ndarray (f64), with GQA, RoPE (rotate-half) and an untied and a tied
+//! head; and the StateDict round trip.
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use ndarray::{Array2, s};
+use s2ft_core::model::random_state_dict;
+use s2ft_core::{Cpu, Llama, LlamaConfig};
+use weights::StateDict;
+
+fn w(sd: &StateDict, name: &str) -> Array2<f64> {
+    let t = &sd.get(name).unwrap().data;
+    let sh = t.shape().to_vec();
+    Array2::from_shape_vec((sh[0], sh[1]), t.iter().map(|&v| v as f64).collect()).unwrap()
+}
+
+fn v(sd: &StateDict, name: &str) -> Vec<f64> {
+    sd.get(name)
+        .unwrap()
+        .data
+        .iter()
+        .map(|&x| x as f64)
+        .collect()
+}
+
+fn rms(x: &Array2<f64>, g: &[f64], eps: f64) -> Array2<f64> {
+    let mut y = x.clone();
+    for mut row in y.rows_mut() {
+        let ms = row.iter().map(|a| a * a).sum::<f64>() / row.len() as f64;
+        let r = 1.0 / (ms + eps).sqrt();
+        row.iter_mut().zip(g).for_each(|(a, gi)| *a *= r * gi);
+    }
+    y
+}
+
+/// Logits `[t, vocab]` for one sequence.
+fn reference(c: &LlamaConfig, sd: &StateDict, tokens: &[usize]) -> Array2<f64> {
+    let t = tokens.len();
+    let (h, d, nh, nkv) = (
+        c.hidden_size,
+        c.head_dim,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+    );
+    let e = w(sd, "model.embed_tokens.weight");
+    let mut x = Array2::<f64>::zeros((t, h));
+    for (i, &tok) in tokens.iter().enumerate() {
+        x.row_mut(i).assign(&e.row(tok));
+    }
+    let rope = |m: &mut Array2<f64>, heads: usize| {
+        for p in 0..t {
+            for hd in 0..heads {
+                for i in 0..d / 2 {
+                    let ang = p as f64 * c.rope_theta.powf(-2.0 * i as f64 / d as f64);
+                    let (a, b) = (m[[p, hd * d + i]], m[[p, hd * d + i + d / 2]]);
+                    m[[p, hd * d + i]] = a * ang.cos() - b * ang.sin();
+                    m[[p, hd * d + i + d / 2]] = b * ang.cos() + a * ang.sin();
+                }
+            }
+        }
+    };
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let hn = rms(
+            &x,
+            &v(sd, &format!("{p}.input_layernorm.weight")),
+            c.rms_norm_eps,
+        );
+        let mut q = hn.dot(&w(sd, &format!("{p}.self_attn.q_proj.weight")).t());
+        let mut k = hn.dot(&w(sd, &format!("{p}.self_attn.k_proj.weight")).t());
+        let vv = hn.dot(&w(sd, &format!("{p}.self_attn.v_proj.weight")).t());
+        rope(&mut q, nh);
+        rope(&mut k, nkv);
+        let mut att = Array2::<f64>::zeros((t, nh * d));
+        for hd in 0..nh {
+            let kh = hd / (nh / nkv);
+            let qh = q.slice(s![.., hd * d..(hd + 1) * d]);
+            let khm = k.slice(s![.., kh * d..(kh + 1) * d]);
+            let vh = vv.slice(s![.., kh * d..(kh + 1) * d]);
+            let mut sc = qh.dot(&khm.t()) / (d as f64).sqrt();
+            for i in 0..t {
+                let mx = (0..=i)
+                    .map(|j| sc[[i, j]])
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = (0..=i).map(|j| (sc[[i, j]] - mx).exp()).sum();
+                for j in 0..t {
+                    sc[[i, j]] = if j <= i {
+                        (sc[[i, j]] - mx).exp() / z
+                    } else {
+                        0.0
+                    };
+                }
+            }
+            att.slice_mut(s![.., hd * d..(hd + 1) * d])
+                .assign(&sc.dot(&vh));
+        }
+        x = x + att.dot(&w(sd, &format!("{p}.self_attn.o_proj.weight")).t());
+        let hn = rms(
+            &x,
+            &v(sd, &format!("{p}.post_attention_layernorm.weight")),
+            c.rms_norm_eps,
+        );
+        let g = hn.dot(&w(sd, &format!("{p}.mlp.gate_proj.weight")).t());
+        let u = hn.dot(&w(sd, &format!("{p}.mlp.up_proj.weight")).t());
+        let a = g.mapv(|z| z / (1.0 + (-z).exp())) * u;
+        x = x + a.dot(&w(sd, &format!("{p}.mlp.down_proj.weight")).t());
+    }
+    let xn = rms(&x, &v(sd, "model.norm.weight"), c.rms_norm_eps);
+    let head = if c.tie_word_embeddings {
+        e
+    } else {
+        w(sd, "lm_head.weight")
+    };
+    xn.dot(&head.t())
+}
+
+fn perturb_norms(sd: &mut StateDict) {
+    // Non-trivial norm scales so the test sees them.
+    for (name, t) in sd.iter_mut() {
+        if name.contains("norm") {
+            t.data
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, x)| *x = 0.5 + (i % 7) as f32 * 0.1);
+        }
+    }
+}
+
+#[test]
+fn burn_forward_matches_an_independent_ndarray_llama() {
+    let device = Default::default();
+    for tied in [false, true] {
+        let mut c = LlamaConfig::tiny(50, 32, 2, 4, 2, 48);
+        c.tie_word_embeddings = tied;
+        // Larger weights than the 0.02 init so attention is far from uniform.
+        let mut sd = random_state_dict(&c, 3);
+        for (_, t) in sd.iter_mut() {
+            t.data.mapv_inplace(|x| x * 20.0);
+        }
+        perturb_norms(&mut sd);
+        let model = Llama::<Cpu>::from_state_dict(&c, &sd, false, &device).unwrap();
+        let seqs = [[3usize, 17, 42, 8, 8, 0, 49], [1, 2, 3, 4, 5, 6, 7]];
+        let flat: Vec<i64> = seqs.iter().flatten().map(|&x| x as i64).collect();
+        let tokens = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(flat, [2, 7]), &device);
+        let logits: Vec<f32> = model.forward(tokens).into_data().into_vec().unwrap();
+        let mut worst = 0f64;
+        for (b, seq) in seqs.iter().enumerate() {
+            let r = reference(&c, &sd, seq);
+            for i in 0..7 {
+                for j in 0..c.vocab_size {
+                    let got = logits[(b * 7 + i) * c.vocab_size + j] as f64;
+                    worst = worst.max((got - r[[i, j]]).abs() / (1.0 + r[[i, j]].abs()));
+                }
+            }
+        }
+        assert!(
+            worst < 1e-4,
+            "tied {tied}: worst relative deviation {worst}"
+        );
+        // Saved back under the same names, bit for bit.
+        let back = model.to_state_dict();
+        assert_eq!(back.len(), sd.len());
+        for (name, t) in sd.iter() {
+            assert_eq!(back.get(name).unwrap().data, t.data, "{name}");
+        }
+    }
+}
+
+#[test]
+fn bad_checkpoints_name_the_weight() {
+    let device = Default::default();
+    let c = LlamaConfig::tiny(50, 32, 2, 4, 2, 48);
+    let mut sd = random_state_dict(&c, 3);
+    sd.remove("model.layers.1.mlp.up_proj.weight");
+    let e = Llama::<Cpu>::from_state_dict(&c, &sd, false, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("missing"),
+        "{e}"
+    );
+    let mut sd = random_state_dict(&c, 3);
+    sd.get_mut("model.layers.0.self_attn.k_proj.weight")
+        .unwrap()
+        .data[[0, 0]] = f32::NAN;
+    let e = Llama::<Cpu>::from_state_dict(&c, &sd, false, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("k_proj") && e.contains("non-finite"), "{e}");
+    let bad = LlamaConfig::tiny(50, 32, 2, 4, 3, 48);
+    assert!(
+        Llama::<Cpu>::from_state_dict(&bad, &random_state_dict(&c, 3), false, &device)
+            .unwrap_err()
+            .to_string()
+            .contains("multiple")
+    );
+}
