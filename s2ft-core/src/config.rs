@@ -112,7 +112,10 @@ impl LlamaConfig {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             return e("head counts must be positive".into());
         }
-        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return e(format!(
                 "{} query heads are not a multiple of {} key/value heads",
                 self.num_attention_heads, self.num_key_value_heads

@@ -14,6 +14,8 @@
 pub mod config;
 pub mod error;
 pub mod model;
+pub mod s2ft;
+pub mod train;
 
 pub use config::LlamaConfig;
 pub use error::{Result, S2ftError};

@@ -296,6 +296,19 @@ impl<B: Backend> Attention<B> {
         rope: &(Tensor<B, 2>, Tensor<B, 2>),
     ) -> Tensor<B, 3> {
         let [b, t, hidden] = x.dims();
+        self.o_proj
+            .forward(self.context(x, cfg, rope))
+            .reshape([b, t, hidden])
+    }
+
+    /// The heads' outputs concatenated, `[b·t, heads·head_dim]` (o_proj's input).
+    fn context(
+        &self,
+        x: Tensor<B, 3>,
+        cfg: &LlamaConfig,
+        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+    ) -> Tensor<B, 2> {
+        let [b, t, hidden] = x.dims();
         let (h, kv, d) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -332,17 +345,23 @@ impl<B: Backend> Attention<B> {
             .reshape([1, 1, t, t])
             .expand([b, h, t, t]);
         let p = softmax(scores.mask_fill(mask, -1.0e9), 3);
-        let out = p.matmul(v).swap_dims(1, 2).reshape([b * t, h * d]);
-        self.o_proj.forward(out).reshape([b, t, hidden])
+        p.matmul(v).swap_dims(1, 2).reshape([b * t, h * d])
     }
 }
 
 impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, hidden] = x.dims();
+        self.down_proj
+            .forward(self.inner(x))
+            .reshape([b, t, hidden])
+    }
+
+    /// `silu(gate(x)) · up(x)`, `[b·t, ffn]` (down_proj's input).
+    fn inner(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [b, t, hidden] = x.dims();
         let flat = x.reshape([b * t, hidden]);
-        let a = silu(self.gate_proj.forward(flat.clone())) * self.up_proj.forward(flat);
-        self.down_proj.forward(a).reshape([b, t, hidden])
+        silu(self.gate_proj.forward(flat.clone())) * self.up_proj.forward(flat)
     }
 }
 
@@ -487,6 +506,33 @@ impl<B: Backend> Llama<B> {
             x = x + m;
         }
         self.norm.forward(x)
+    }
+
+    /// Per block, the inputs of o_proj (`[b·t, heads·head_dim]`) and of
+    /// down_proj (`[b·t, ffn]`) on `tokens`: what activation-based selection scores.
+    pub fn block_inputs(&self, tokens: Tensor<B, 2, Int>) -> Vec<(Tensor<B, 2>, Tensor<B, 2>)> {
+        let [b, t] = tokens.dims();
+        let h = self.config.hidden_size;
+        let device = tokens.device();
+        let mut x = self
+            .embed_tokens
+            .val()
+            .select(0, tokens.reshape([b * t]))
+            .reshape([b, t, h]);
+        let rope = rope_tables::<B>(&self.config, t, &device);
+        let mut out = Vec::with_capacity(self.layers.len());
+        for blk in &self.layers {
+            let ctx =
+                blk.self_attn
+                    .context(blk.input_layernorm.forward(x.clone()), &self.config, &rope);
+            x = x + blk.self_attn.o_proj.forward(ctx.clone()).reshape([b, t, h]);
+            let inner = blk
+                .mlp
+                .inner(blk.post_attention_layernorm.forward(x.clone()));
+            x = x + blk.mlp.down_proj.forward(inner.clone()).reshape([b, t, h]);
+            out.push((ctx, inner));
+        }
+        out
     }
 
     /// Next-token logits `[b, t, vocab]`.

@@ -1,0 +1,94 @@
+//! The training loop shared by full fine-tuning, LoRA and S²FT: next-token
+//! cross-entropy, AdamW over whatever the model marks trainable (frozen
+//! weights have no gradient and no optimizer state), a clear stop on a
+//! non-finite loss that hands back the last good model.
+
+use burn::module::AutodiffModule;
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::AutodiffBackend;
+
+use crate::error::S2ftError;
+use crate::model::Llama;
+
+/// Mean next-token cross-entropy of `tokens` (`[b, t]`, predicting `t − 1` positions).
+pub fn lm_loss<B: Backend>(model: &Llama<B>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [b, t] = tokens.dims();
+    let logits = model.forward(tokens.clone().narrow(1, 0, t - 1));
+    let v = model.config.vocab_size;
+    let logp = log_softmax(logits.reshape([b * (t - 1), v]), 1);
+    let target = tokens.narrow(1, 1, t - 1).reshape([b * (t - 1), 1]);
+    logp.gather(1, target).mean().neg()
+}
+
+/// Optimiser settings.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Steps.
+    pub steps: usize,
+    /// Decoupled weight decay (AdamW).
+    pub weight_decay: f32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lr: 1e-3,
+            steps: 100,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// What [`train`] returns: the model after the last good step and the losses.
+pub struct TrainOutcome<B: AutodiffBackend> {
+    /// The trained model (the last one with a finite loss).
+    pub model: Llama<B>,
+    /// Loss before each step.
+    pub losses: Vec<f32>,
+    /// Set when training stopped early (non-finite loss).
+    pub stopped: Option<S2ftError>,
+}
+
+/// Trains `model` for `cfg.steps` AdamW steps on `batch(step)`.
+pub fn train<B: AutodiffBackend>(
+    model: Llama<B>,
+    mut batch: impl FnMut(usize) -> Tensor<B, 2, Int>,
+    cfg: &TrainConfig,
+) -> TrainOutcome<B>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    let mut optim = AdamWConfig::new()
+        .with_weight_decay(cfg.weight_decay)
+        .init::<B, Llama<B>>();
+    let mut model = model;
+    let mut losses = Vec::with_capacity(cfg.steps);
+    for step in 0..cfg.steps {
+        let loss = lm_loss(&model, batch(step));
+        let value: f32 = loss.clone().into_scalar().elem();
+        if !value.is_finite() {
+            return TrainOutcome {
+                model,
+                losses,
+                stopped: Some(S2ftError::Training {
+                    step,
+                    msg: format!(
+                        "loss is {value}; the returned model is the one after step {step}"
+                    ),
+                }),
+            };
+        }
+        losses.push(value);
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optim.step(cfg.lr, model, grads);
+    }
+    TrainOutcome {
+        model,
+        losses,
+        stopped: None,
+    }
+}

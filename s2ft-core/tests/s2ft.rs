@@ -1,0 +1,352 @@
+//! S²FT's partial back-propagation against full autodiff, frozen weights,
+//! parameter counts, the full-selection equivalence, and a toy task learned.
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use s2ft_core::model::{Proj, random_state_dict};
+use s2ft_core::s2ft::*;
+use s2ft_core::train::{TrainConfig, lm_loss, train};
+use s2ft_core::{CpuTrain, Llama, LlamaConfig};
+
+type B = CpuTrain;
+
+fn cfg() -> LlamaConfig {
+    LlamaConfig::tiny(40, 32, 2, 4, 2, 48)
+}
+
+fn batch(seed: u64, b: usize, t: usize, vocab: usize) -> Tensor<B, 2, Int> {
+    let mut x = seed;
+    let v: Vec<i64> = (0..b * t)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab as u64) as i64
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(v, [b, t]), &Default::default())
+}
+
+fn vals<const D: usize>(
+    t: Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, D>,
+) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap()
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+#[test]
+fn partial_gradients_equal_slices_of_the_full_gradient() {
+    let c = cfg();
+    let sd = random_state_dict(&c, 1);
+    let device = Default::default();
+    let tokens = batch(5, 3, 9, c.vocab_size);
+    let full = Llama::<B>::from_state_dict(&c, &sd, true, &device).unwrap();
+    let full_grads = lm_loss(&full, tokens.clone()).backward();
+    let sc = S2ftConfig {
+        heads_ratio: 0.5,
+        channels_ratio: 0.25,
+        train_v: true,
+        train_up: true,
+        seed: 3,
+        ..Default::default()
+    };
+    let sel = select(&c, &sc, None).unwrap();
+    let model = apply_s2ft(
+        Llama::<B>::from_state_dict(&c, &sd, false, &device).unwrap(),
+        &sel,
+        &sc,
+    )
+    .unwrap();
+    let grads = lm_loss(&model, tokens).backward();
+    for (l, (blk, fblk)) in model.layers.iter().zip(&full.layers).enumerate() {
+        for (name, axis) in [
+            ("self_attn.o_proj", 1),
+            ("self_attn.v_proj", 0),
+            ("mlp.down_proj", 1),
+            ("mlp.up_proj", 0),
+        ] {
+            let p: &Proj<B> = blk.proj(name);
+            let idx: Vec<i64> = p.delta_idx.iter().map(|&i| i as i64).collect();
+            assert!(!idx.is_empty(), "layer {l} {name} has a delta");
+            let g = vals(p.delta.as_ref().unwrap().val().grad(&grads).unwrap());
+            let fg = fblk.proj(name).weight.val().grad(&full_grads).unwrap();
+            let n = idx.len();
+            let sel_idx = Tensor::from_data(TensorData::new(idx, [n]), &Default::default());
+            let want = vals(fg.select(axis, sel_idx));
+            let dev = max_rel(&g, &want);
+            assert!(dev < 1e-5, "layer {l} {name}: {dev}");
+            // The frozen weight itself gets no gradient.
+            assert!(
+                p.weight.val().grad(&grads).is_none(),
+                "layer {l} {name} weight is frozen"
+            );
+        }
+        assert!(blk.self_attn.q_proj.weight.val().grad(&grads).is_none());
+    }
+}
+
+#[test]
+fn frozen_weights_stay_bit_identical_and_the_loss_falls() {
+    let c = cfg();
+    let device = Default::default();
+    let base = Llama::<B>::random(&c, 2, &device).unwrap();
+    let before = base.to_state_dict();
+    let sc = S2ftConfig {
+        heads_ratio: 0.25,
+        channels_ratio: 0.25,
+        seed: 1,
+        ..Default::default()
+    };
+    let sel = select(&c, &sc, None).unwrap();
+    let model = apply_s2ft(base, &sel, &sc).unwrap();
+    let tokens = batch(9, 4, 12, c.vocab_size);
+    let out = train(
+        model,
+        |_| tokens.clone(),
+        &TrainConfig {
+            lr: 1e-2,
+            steps: 15,
+            weight_decay: 0.01,
+        },
+    );
+    assert!(out.stopped.is_none());
+    assert!(
+        out.losses.last().unwrap() < &(out.losses[0] - 0.05),
+        "{:?}",
+        out.losses
+    );
+    for (l, blk) in out.model.layers.iter().enumerate() {
+        for name in s2ft_core::model::PROJ_NAMES {
+            let w = s2ft_core::model::to_weights(blk.proj(name).weight.val());
+            let orig = before
+                .get(&format!("model.layers.{l}.{name}.weight"))
+                .unwrap();
+            // Bit-identical: compare the raw bits.
+            assert!(
+                w.data
+                    .iter()
+                    .zip(orig.data.iter())
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "layer {l} {name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn trainable_parameter_counts_match_the_formulas() {
+    let c = cfg();
+    let device = Default::default();
+    for (train_v, train_up) in [(false, false), (true, true)] {
+        let sc = S2ftConfig {
+            heads_ratio: 0.5,
+            channels_ratio: 0.1,
+            train_v,
+            train_up,
+            seed: 4,
+            ..Default::default()
+        };
+        let sel = select(&c, &sc, None).unwrap();
+        assert!(
+            sel.heads.iter().all(|h| h.len() == 2) && sel.channels.iter().all(|ch| ch.len() == 5)
+        );
+        let m = apply_s2ft(Llama::<B>::random(&c, 1, &device).unwrap(), &sel, &sc).unwrap();
+        // Written out: per block 32·(2·8) + 32·5, plus v rows (heads 2 of 4, kv group 2 → 1 or 2 kv heads) and up rows.
+        let formula = s2ft_param_count(&c, &sel, &sc);
+        assert_eq!(trainable_params(&m), formula);
+        if !train_v {
+            assert_eq!(formula, 2 * (32 * 16 + 32 * 5));
+        }
+    }
+    let targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"];
+    let m = apply_lora(
+        Llama::<B>::random(&c, 1, &device).unwrap(),
+        4,
+        8.0,
+        &targets,
+        0,
+    )
+    .unwrap();
+    // q: 4·(32+32), k, v: 4·(32+16), up: 4·(32+48), down: 4·(48+32); two blocks.
+    assert_eq!(
+        lora_param_count(&c, 4, &targets),
+        2 * 4 * (64 + 48 + 48 + 80 + 80)
+    );
+    assert_eq!(trainable_params(&m), lora_param_count(&c, 4, &targets));
+    let full = Llama::<B>::random(&c, 1, &device).unwrap();
+    assert_eq!(trainable_params(&full), random_state_dict(&c, 1).numel());
+}
+
+#[test]
+fn selecting_everything_equals_full_fine_tuning_of_those_weights() {
+    let c = cfg();
+    let sd = random_state_dict(&c, 6);
+    let device = Default::default();
+    let sc = S2ftConfig {
+        heads_ratio: 1.0,
+        channels_ratio: 1.0,
+        seed: 0,
+        ..Default::default()
+    };
+    let sel = select(&c, &sc, None).unwrap();
+    let s2 = apply_s2ft(
+        Llama::<B>::from_state_dict(&c, &sd, false, &device).unwrap(),
+        &sel,
+        &sc,
+    )
+    .unwrap();
+    // Full fine-tuning restricted to o_proj and down_proj.
+    let mut full = Llama::<B>::from_state_dict(&c, &sd, false, &device).unwrap();
+    for blk in full.layers.iter_mut() {
+        for name in ["self_attn.o_proj", "mlp.down_proj"] {
+            let p = blk.proj_mut(name);
+            p.weight = Param::from_tensor(p.weight.val()).set_require_grad(true);
+        }
+    }
+    let tokens = batch(3, 2, 10, c.vocab_size);
+    let tc = TrainConfig {
+        lr: 5e-3,
+        steps: 5,
+        weight_decay: 0.0,
+    };
+    let a = train(s2, |_| tokens.clone(), &tc).model.to_state_dict();
+    let b = train(full, |_| tokens.clone(), &tc).model.to_state_dict();
+    for (name, t) in b.iter() {
+        let x: Vec<f32> = a.get(name).unwrap().data.iter().copied().collect();
+        let y: Vec<f32> = t.data.iter().copied().collect();
+        assert!(max_rel(&x, &y) < 1e-5, "{name}: {}", max_rel(&x, &y));
+    }
+}
+
+#[test]
+fn selection_strategies_and_bad_budgets() {
+    let c = cfg();
+    let device = Default::default();
+    let m = Llama::<B>::random(&c, 1, &device).unwrap();
+    let tokens = batch(1, 2, 8, c.vocab_size);
+    let sc = S2ftConfig {
+        heads_ratio: 0.25,
+        channels_ratio: 0.25,
+        strategy: Strategy::WeightNorm,
+        order: Order::Largest,
+        ..Default::default()
+    };
+    let ws = weight_scores(&m);
+    let sel = select(&c, &sc, Some(&ws)).unwrap();
+    for l in 0..2 {
+        let best = (0..4)
+            .max_by(|&a, &b| ws.heads[l][a].total_cmp(&ws.heads[l][b]))
+            .unwrap();
+        assert_eq!(sel.heads[l], vec![best]);
+    }
+    let smallest = S2ftConfig {
+        order: Order::Smallest,
+        strategy: Strategy::ActivationNorm,
+        ..sc.clone()
+    };
+    let acts = activation_scores(&m, tokens.clone());
+    let sel = select(&c, &smallest, Some(&acts)).unwrap();
+    for l in 0..2 {
+        let worst = (0..48)
+            .min_by(|&a, &b| acts.channels[l][a].total_cmp(&acts.channels[l][b]))
+            .unwrap();
+        assert!(sel.channels[l].contains(&worst));
+    }
+    let g = gradient_scores(&m, tokens.clone());
+    assert!(g.heads.iter().flatten().all(|v| v.is_finite() && *v > 0.0));
+    let wa = weight_activation_scores(&m, tokens);
+    assert!((wa.heads[0][1] - ws.heads[0][1] * acts.heads[0][1]).abs() < 1e-9);
+    // Global random allocation spends the whole budget.
+    let global = S2ftConfig {
+        allocation: Allocation::Global,
+        heads_ratio: 0.25,
+        ..Default::default()
+    };
+    let sel = select(&c, &global, None).unwrap();
+    assert_eq!(sel.heads.iter().map(Vec::len).sum::<usize>(), 2);
+    // Bad input.
+    let too_many = S2ftConfig {
+        heads_ratio: 1.5,
+        ..Default::default()
+    };
+    assert!(
+        select(&c, &too_many, None)
+            .unwrap_err()
+            .to_string()
+            .contains("1.5")
+    );
+    let needs = S2ftConfig {
+        strategy: Strategy::ActivationNorm,
+        ..Default::default()
+    };
+    assert!(
+        select(&c, &needs, None)
+            .unwrap_err()
+            .to_string()
+            .contains("scores")
+    );
+    let bad = Selection {
+        heads: vec![vec![7], vec![]],
+        channels: vec![vec![], vec![]],
+    };
+    let e = apply_s2ft(m, &bad, &S2ftConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("head 7 out of range"), "{e}");
+}
+
+#[test]
+fn a_tiny_model_learns_a_toy_task_with_s2ft() {
+    // Next token = (previous + 3) mod 16, from a random frozen 2-layer d=64 model.
+    let c = LlamaConfig::tiny(16, 64, 2, 4, 4, 128);
+    let device = Default::default();
+    let base = Llama::<B>::random(&c, 11, &device).unwrap();
+    let sc = S2ftConfig {
+        heads_ratio: 0.5,
+        channels_ratio: 1.0,
+        train_up: true,
+        seed: 2,
+        ..Default::default()
+    };
+    let sel = select(&c, &sc, None).unwrap();
+    let model = apply_s2ft(base, &sel, &sc).unwrap();
+    let seq = |seed: u64| {
+        let starts = batch(seed, 8, 1, 16);
+        let s: Vec<i64> = starts.into_data().into_vec().unwrap();
+        let v: Vec<i64> = s
+            .iter()
+            .flat_map(|&x| (0..12).map(move |i| (x + 3 * i) % 16))
+            .collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v, [8, 12]), &Default::default())
+    };
+    let out = train(
+        model,
+        |step| seq(step as u64),
+        &TrainConfig {
+            lr: 1e-2,
+            steps: 120,
+            weight_decay: 0.0,
+        },
+    );
+    assert!(out.stopped.is_none());
+    let test = seq(10_000);
+    let logits = out.model.forward(test.clone().narrow(1, 0, 11));
+    let pred: Vec<i64> = logits
+        .argmax(2)
+        .into_data()
+        .convert::<i64>()
+        .into_vec()
+        .unwrap();
+    let want: Vec<i64> = test.narrow(1, 1, 11).into_data().into_vec().unwrap();
+    let acc = pred.iter().zip(&want).filter(|(a, b)| a == b).count() as f64 / want.len() as f64;
+    assert!(
+        acc >= 0.9,
+        "accuracy {acc}, losses {:?}",
+        &out.losses[out.losses.len() - 5..]
+    );
+}
