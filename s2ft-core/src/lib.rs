@@ -11,6 +11,7 @@
 //! feature; their autodiff versions train. Burn is compiled only here and in
 //! `experiments`.
 
+pub mod adapter;
 pub mod config;
 pub mod error;
 pub mod model;

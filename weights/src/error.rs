@@ -133,7 +133,8 @@ pub enum WeightsError {
 }
 
 impl WeightsError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path` (for crates that read and write next to checkpoints).
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         WeightsError::Io {
             path: path.into(),
             source,
