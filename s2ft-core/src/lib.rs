@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod model;
 pub mod s2ft;
+pub mod tokenizer;
 pub mod train;
 
 pub use config::LlamaConfig;

@@ -1,0 +1,82 @@
+//! SmolLM2-135M-Instruct, loaded from its GGUF (Q4_1, dequantised by
+//! `weights`), with its own byte-level BPE from the GGUF metadata, predicts a
+//! sensible next token. Skipped with a note when the model is absent; required
+//! in CI, which fetches it with scripts/fetch-models.sh.
+
+use std::path::Path;
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use s2ft_core::tokenizer::BpeTokenizer;
+use s2ft_core::{Cpu, Llama, LlamaConfig};
+use weights::{GgufFile, TensorSource};
+
+fn model_path() -> Option<std::path::PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.is_file() {
+        return Some(p);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "{} is missing: CI must run scripts/fetch-models.sh first",
+            p.display()
+        );
+    }
+    eprintln!(
+        "skipping: {} not found (run scripts/fetch-models.sh)",
+        p.display()
+    );
+    None
+}
+
+#[test]
+fn smollm2_predicts_paris() {
+    let Some(path) = model_path() else { return };
+    let g = GgufFile::open(&path).unwrap();
+    let cfg = LlamaConfig::from_gguf(&g).unwrap();
+    assert_eq!(
+        (
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads
+        ),
+        (30, 576, 9, 3)
+    );
+    assert!(cfg.tie_word_embeddings);
+    let tok = BpeTokenizer::from_gguf(&g).unwrap();
+    assert_eq!(tok.len(), 49152);
+    // Token ids from Hugging Face transformers' tokenizer built from the same GGUF.
+    assert_eq!(
+        tok.encode("The capital of France is").unwrap(),
+        vec![504, 3575, 282, 4649, 314]
+    );
+    let tricky = "It's 2024: résumé   naïve!!";
+    assert_eq!(
+        tok.encode(tricky).unwrap(),
+        vec![
+            1589, 506, 216, 34, 32, 34, 36, 42, 412, 2756, 5422, 2756, 256, 15486, 46494, 10095
+        ]
+    );
+    assert_eq!(tok.decode(&tok.encode(tricky).unwrap()), tricky);
+    let sd = g.load_all().unwrap();
+    let device = Default::default();
+    let model = Llama::<Cpu>::from_state_dict(&cfg, &sd, false, &device).unwrap();
+    let prompt = "The capital of France is";
+    let ids = tok.encode(prompt).unwrap();
+    assert_eq!(tok.decode(&ids), prompt);
+    let n = ids.len();
+    let tokens = Tensor::<Cpu, 2, Int>::from_data(
+        TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
+        &device,
+    );
+    let logits = model
+        .forward(tokens)
+        .narrow(1, n - 1, 1)
+        .reshape([cfg.vocab_size]);
+    let next = logits.argmax(0).into_scalar().elem::<i64>() as u32;
+    let word = tok.decode(&[next]);
+    eprintln!("prompt {ids:?} -> {next} {word:?}");
+    assert_eq!(word.trim(), "Paris", "predicted {word:?}");
+}
