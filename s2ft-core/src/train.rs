@@ -45,7 +45,7 @@ impl Default for TrainConfig {
 
 /// What [`train`] returns: the model after the last good step and the losses.
 pub struct TrainOutcome<B: AutodiffBackend> {
-    /// The trained model (the last one with a finite loss).
+    /// The trained model; after a non-finite loss, the last model whose loss was finite.
     pub model: Llama<B>,
     /// Loss before each step.
     pub losses: Vec<f32>,
@@ -66,22 +66,25 @@ where
         .with_weight_decay(cfg.weight_decay)
         .init::<B, Llama<B>>();
     let mut model = model;
+    // The model before the last update (tensors are shared, so this costs no copy).
+    let mut last_good: Option<Llama<B>> = None;
     let mut losses = Vec::with_capacity(cfg.steps);
     for step in 0..cfg.steps {
         let loss = lm_loss(&model, batch(step));
         let value: f32 = loss.clone().into_scalar().elem();
         if !value.is_finite() {
             return TrainOutcome {
-                model,
+                model: last_good.unwrap_or(model),
                 losses,
                 stopped: Some(S2ftError::Training {
                     step,
                     msg: format!(
-                        "loss is {value}; the returned model is the one after step {step}"
+                        "loss is {value}; the returned model is the last one whose loss was finite"
                     ),
                 }),
             };
         }
+        last_good = Some(model.clone());
         losses.push(value);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(cfg.lr, model, grads);

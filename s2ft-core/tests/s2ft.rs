@@ -350,3 +350,33 @@ fn a_tiny_model_learns_a_toy_task_with_s2ft() {
         &out.losses[out.losses.len() - 5..]
     );
 }
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_model() {
+    let c = cfg();
+    let device = Default::default();
+    let sc = S2ftConfig { heads_ratio: 0.5, channels_ratio: 0.5, seed: 1, ..Default::default() };
+    let sel = select(&c, &sc, None).unwrap();
+    let model = apply_s2ft(Llama::<B>::random(&c, 3, &device).unwrap(), &sel, &sc).unwrap();
+    let tokens = batch(2, 2, 8, c.vocab_size);
+    // An absurd learning rate overflows the deltas within a few steps.
+    let out = train(model, |_| tokens.clone(), &TrainConfig { lr: 1e38, steps: 20, weight_decay: 0.0 });
+    let err = out.stopped.expect("the run must stop").to_string();
+    assert!(err.contains("training stopped at step") && err.contains("loss is"), "{err}");
+    let last = lm_loss(&out.model, tokens).into_scalar().elem::<f32>();
+    assert!(last.is_finite(), "the returned model has a finite loss, got {last}");
+    assert!(out.losses.iter().all(|l| l.is_finite()));
+}
+
+#[test]
+fn budgets_can_match_a_lora_parameter_count() {
+    let c = LlamaConfig::tiny(40, 64, 2, 8, 4, 256);
+    let targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"];
+    let lora = lora_param_count(&c, 2, &targets);
+    let (hr, cr) = ratios_for_budget(&c, lora, 0.5);
+    let sc = S2ftConfig { heads_ratio: hr, channels_ratio: cr, seed: 0, ..Default::default() };
+    let n = s2ft_param_count(&c, &select(&c, &sc, None).unwrap(), &sc);
+    // Within one head's worth of parameters of the LoRA budget, never above by more.
+    let per_head = c.hidden_size * c.head_dim * c.num_hidden_layers;
+    assert!(n <= lora + per_head && n + per_head >= lora, "S2FT {n} vs LoRA {lora}");
+}
