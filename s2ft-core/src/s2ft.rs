@@ -560,3 +560,114 @@ pub fn trainable_params<B: Backend>(model: &Llama<B>) -> usize {
     }
     n
 }
+
+/// Co-permutation: physically reorders every block of a state dict so the
+/// selected FFN channels come first (gate/up rows, down columns) and the
+/// selected heads come first (q rows and o columns by query head, k/v rows by
+/// key/value head), returning the permuted weights and the selection in the
+/// new positions. The function is unchanged (a permutation of hidden units).
+/// With GQA a query head cannot leave its key/value group, so key/value
+/// groups holding selected heads move first and selected heads lead within
+/// each group: the selection is contiguous when it fills whole groups (always
+/// with one query head per group).
+pub fn co_permute(
+    c: &LlamaConfig,
+    sd: &weights::StateDict,
+    sel: &Selection,
+) -> Result<(weights::StateDict, Selection)> {
+    let (h, kv, d, f) = (
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.intermediate_size,
+    );
+    let g = h / kv;
+    if sel.heads.len() != c.num_hidden_layers || sel.channels.len() != c.num_hidden_layers {
+        return Err(S2ftError::Selection(
+            "selection and model have different layer counts".into(),
+        ));
+    }
+    let mut out = sd.clone();
+    let mut new_sel = Selection {
+        heads: Vec::new(),
+        channels: Vec::new(),
+    };
+    let blocks = |order: &[usize], size: usize| -> Vec<usize> {
+        order
+            .iter()
+            .flat_map(|&b| b * size..(b + 1) * size)
+            .collect()
+    };
+    for l in 0..c.num_hidden_layers {
+        let (heads, chans) = (&sel.heads[l], &sel.channels[l]);
+        if heads.iter().any(|&x| x >= h) || chans.iter().any(|&x| x >= f) {
+            return Err(S2ftError::Selection(format!(
+                "layer {l}: selection out of range"
+            )));
+        }
+        let has = |k: usize| (k * g..(k + 1) * g).any(|q| heads.contains(&q));
+        let kv_order: Vec<usize> = (0..kv)
+            .filter(|&k| has(k))
+            .chain((0..kv).filter(|&k| !has(k)))
+            .collect();
+        let q_order: Vec<usize> = kv_order
+            .iter()
+            .flat_map(|&k| {
+                let group: Vec<usize> = (k * g..(k + 1) * g).collect();
+                let (s, u): (Vec<usize>, Vec<usize>) =
+                    group.into_iter().partition(|q| heads.contains(q));
+                s.into_iter().chain(u)
+            })
+            .collect();
+        let c_order: Vec<usize> = chans
+            .iter()
+            .copied()
+            .chain((0..f).filter(|x| !chans.contains(x)))
+            .collect();
+        let p = crate::model::layer_prefix(l);
+        let perm = |out: &mut weights::StateDict,
+                    name: String,
+                    axis: usize,
+                    idx: &[usize]|
+         -> Result<()> {
+            let t = out.get_mut(&name).ok_or_else(|| S2ftError::Weight {
+                name: name.clone(),
+                msg: "missing".into(),
+            })?;
+            t.data = t.data.select(ndarray::Axis(axis), idx);
+            Ok(())
+        };
+        perm(
+            &mut out,
+            format!("{p}.self_attn.q_proj.weight"),
+            0,
+            &blocks(&q_order, d),
+        )?;
+        perm(
+            &mut out,
+            format!("{p}.self_attn.k_proj.weight"),
+            0,
+            &blocks(&kv_order, d),
+        )?;
+        perm(
+            &mut out,
+            format!("{p}.self_attn.v_proj.weight"),
+            0,
+            &blocks(&kv_order, d),
+        )?;
+        perm(
+            &mut out,
+            format!("{p}.self_attn.o_proj.weight"),
+            1,
+            &blocks(&q_order, d),
+        )?;
+        perm(&mut out, format!("{p}.mlp.gate_proj.weight"), 0, &c_order)?;
+        perm(&mut out, format!("{p}.mlp.up_proj.weight"), 0, &c_order)?;
+        perm(&mut out, format!("{p}.mlp.down_proj.weight"), 1, &c_order)?;
+        let mut nh: Vec<usize> = (0..h).filter(|&j| heads.contains(&q_order[j])).collect();
+        nh.sort_unstable();
+        new_sel.heads.push(nh);
+        new_sel.channels.push((0..chans.len()).collect());
+    }
+    Ok((out, new_sel))
+}

@@ -355,16 +355,35 @@ fn a_tiny_model_learns_a_toy_task_with_s2ft() {
 fn a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_model() {
     let c = cfg();
     let device = Default::default();
-    let sc = S2ftConfig { heads_ratio: 0.5, channels_ratio: 0.5, seed: 1, ..Default::default() };
+    let sc = S2ftConfig {
+        heads_ratio: 0.5,
+        channels_ratio: 0.5,
+        seed: 1,
+        ..Default::default()
+    };
     let sel = select(&c, &sc, None).unwrap();
     let model = apply_s2ft(Llama::<B>::random(&c, 3, &device).unwrap(), &sel, &sc).unwrap();
     let tokens = batch(2, 2, 8, c.vocab_size);
     // An absurd learning rate overflows the deltas within a few steps.
-    let out = train(model, |_| tokens.clone(), &TrainConfig { lr: 1e38, steps: 20, weight_decay: 0.0 });
+    let out = train(
+        model,
+        |_| tokens.clone(),
+        &TrainConfig {
+            lr: 1e38,
+            steps: 20,
+            weight_decay: 0.0,
+        },
+    );
     let err = out.stopped.expect("the run must stop").to_string();
-    assert!(err.contains("training stopped at step") && err.contains("loss is"), "{err}");
+    assert!(
+        err.contains("training stopped at step") && err.contains("loss is"),
+        "{err}"
+    );
     let last = lm_loss(&out.model, tokens).into_scalar().elem::<f32>();
-    assert!(last.is_finite(), "the returned model has a finite loss, got {last}");
+    assert!(
+        last.is_finite(),
+        "the returned model has a finite loss, got {last}"
+    );
     assert!(out.losses.iter().all(|l| l.is_finite()));
 }
 
@@ -374,9 +393,52 @@ fn budgets_can_match_a_lora_parameter_count() {
     let targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"];
     let lora = lora_param_count(&c, 2, &targets);
     let (hr, cr) = ratios_for_budget(&c, lora, 0.5);
-    let sc = S2ftConfig { heads_ratio: hr, channels_ratio: cr, seed: 0, ..Default::default() };
+    let sc = S2ftConfig {
+        heads_ratio: hr,
+        channels_ratio: cr,
+        seed: 0,
+        ..Default::default()
+    };
     let n = s2ft_param_count(&c, &select(&c, &sc, None).unwrap(), &sc);
     // Within one head's worth of parameters of the LoRA budget, never above by more.
     let per_head = c.hidden_size * c.head_dim * c.num_hidden_layers;
-    assert!(n <= lora + per_head && n + per_head >= lora, "S2FT {n} vs LoRA {lora}");
+    assert!(
+        n <= lora + per_head && n + per_head >= lora,
+        "S2FT {n} vs LoRA {lora}"
+    );
+}
+
+#[test]
+fn co_permutation_keeps_the_function_and_makes_the_selection_contiguous() {
+    let device = Default::default();
+    for (kv, heads) in [
+        (4usize, vec![vec![3, 1], vec![2]]),
+        (2, vec![vec![2, 3], vec![1]]),
+    ] {
+        let c = LlamaConfig::tiny(40, 32, 2, 4, kv, 48);
+        let sd = random_state_dict(&c, 8);
+        let sel = Selection {
+            heads: heads.clone(),
+            channels: vec![vec![40, 3, 17], vec![0, 47]],
+        };
+        let (psd, psel) = co_permute(&c, &sd, &sel).unwrap();
+        let tokens = batch(4, 2, 9, c.vocab_size);
+        let a = Llama::<B>::from_state_dict(&c, &sd, false, &device)
+            .unwrap()
+            .forward(tokens.clone());
+        let b = Llama::<B>::from_state_dict(&c, &psd, false, &device)
+            .unwrap()
+            .forward(tokens);
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.into_data().into_vec().unwrap(),
+            b.into_data().into_vec().unwrap(),
+        );
+        assert!(max_rel(&a, &b) < 1e-5, "kv {kv}: {}", max_rel(&a, &b));
+        assert_eq!(psel.channels, vec![vec![0, 1, 2], vec![0, 1]]);
+        // Whole groups selected (or one head per group): heads first and contiguous.
+        for (l, h) in psel.heads.iter().enumerate() {
+            assert_eq!(h.len(), heads[l].len());
+            assert_eq!(*h, (0..h.len()).collect::<Vec<_>>(), "kv {kv} layer {l}");
+        }
+    }
 }
