@@ -2,6 +2,9 @@
 //! back into the model once aligned, and into something else when not; the
 //! in-memory path equals the streaming runner.
 
+mod common;
+use common::max_diff;
+
 use merge::aligned::{Alignment, merge_state_dicts, permutation_aware_merge};
 use merge::{Method, Params, Value};
 use ndarray::{ArrayD, IxDyn};
@@ -35,17 +38,6 @@ fn weights(ws: &[f64]) -> Vec<Params> {
                 .collect()
         })
         .collect()
-}
-
-fn max_diff(a: &StateDict, b: &StateDict) -> f32 {
-    a.iter()
-        .map(|(n, t)| {
-            t.data
-                .iter()
-                .zip(b.get(n).unwrap().data.iter())
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        })
-        .fold(0.0, f32::max)
 }
 
 #[test]

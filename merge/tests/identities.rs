@@ -1,6 +1,9 @@
 //! Identities of the methods and the errors bad inputs get, through the
 //! config runner on small checkpoints written in the test.
 
+mod common;
+use common::max_diff;
+
 use std::path::Path;
 
 use merge::run::{EmbedPolicy, RunOptions, run_file};
@@ -53,18 +56,6 @@ fn setup() -> tempfile::TempDir {
         write(dir.path(), n, &model(i as u64 + 1, 20));
     }
     dir
-}
-
-fn max_diff(a: &StateDict, b: &StateDict) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .map(|(n, t)| {
-            t.data
-                .iter()
-                .zip(b.get(n).unwrap().data.iter())
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        })
-        .fold(0.0, f32::max)
 }
 
 #[test]

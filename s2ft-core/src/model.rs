@@ -37,6 +37,9 @@ pub struct Proj<B: Backend> {
     /// LoRA scale `α/r`.
     #[module(skip)]
     pub lora_scale: f32,
+    /// LoRA dropout on the adapter's input, active only when training (autodiff backends).
+    #[module(skip)]
+    pub lora_dropout: f64,
     /// S²FT delta: `[out, |S|]` for columns, `[|S|, in]` for rows.
     pub delta: Option<Param<Tensor<B, 2>>>,
     /// The axis the delta covers.
@@ -60,6 +63,7 @@ impl<B: Backend> Proj<B> {
             lora_a: None,
             lora_b: None,
             lora_scale: 0.0,
+            lora_dropout: 0.0,
             delta: None,
             delta_axis: None,
             delta_idx: Vec::new(),
@@ -86,7 +90,15 @@ impl<B: Backend> Proj<B> {
             }
         }
         if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
-            y = y + x
+            // PEFT's LoRA dropout: on the adapter path only, while training (as burn's Dropout).
+            let xin = if self.lora_dropout > 0.0 && B::ad_enabled(&x.device()) {
+                let keep = 1.0 - self.lora_dropout;
+                let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
+                (x * mask).mul_scalar(1.0 / keep)
+            } else {
+                x
+            };
+            y = y + xin
                 .matmul(a.val().transpose())
                 .matmul(b.val().transpose())
                 .mul_scalar(self.lora_scale);

@@ -297,14 +297,7 @@ pub fn gradient_scores<B: burn::tensor::backend::AutodiffBackend>(
             .val()
             .grad(&grads)
             .expect("scores need a model built with trainable weights");
-        let v: Vec<f32> = g
-            .powi_scalar(2)
-            .sum_dim(0)
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .expect("f32");
-        group(&v.into_iter().map(|x| x as f64).collect::<Vec<_>>(), size)
+        group(&col_norms(g), size)
     };
     Scores {
         heads: model
@@ -417,6 +410,23 @@ pub fn apply_lora<B: Backend>(
     targets: &[&str],
     seed: u64,
 ) -> Result<Llama<B>> {
+    apply_lora_with_dropout(model, r, alpha, 0.0, targets, seed)
+}
+
+/// [`apply_lora`] with LoRA dropout `dropout` on the adapter's input (training only).
+pub fn apply_lora_with_dropout<B: Backend>(
+    model: Llama<B>,
+    r: usize,
+    alpha: f64,
+    dropout: f64,
+    targets: &[&str],
+    seed: u64,
+) -> Result<Llama<B>> {
+    if !(0.0..1.0).contains(&dropout) {
+        return Err(S2ftError::Selection(format!(
+            "LoRA dropout {dropout} is outside [0, 1)"
+        )));
+    }
     if r == 0 {
         return Err(S2ftError::Selection("LoRA rank must be at least 1".into()));
     }
@@ -453,6 +463,7 @@ pub fn apply_lora<B: Backend>(
             );
             p.lora_b = Some(zeros([out, r], &device));
             p.lora_scale = (alpha / r as f64) as f32;
+            p.lora_dropout = dropout;
         }
     }
     Ok(model)

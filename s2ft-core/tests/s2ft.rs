@@ -442,3 +442,53 @@ fn co_permutation_keeps_the_function_and_makes_the_selection_contiguous() {
         }
     }
 }
+
+#[test]
+fn lora_dropout_acts_only_while_training() {
+    use burn::module::AutodiffModule;
+    let c = cfg();
+    let device = Default::default();
+    let m = apply_lora_with_dropout(
+        Llama::<B>::random(&c, 1, &device).unwrap(),
+        4,
+        8.0,
+        0.5,
+        &["q_proj", "up_proj"],
+        0,
+    )
+    .unwrap();
+    // Non-zero B so the adapter path matters.
+    let mut m = m;
+    for blk in m.layers.iter_mut() {
+        for name in ["self_attn.q_proj", "mlp.up_proj"] {
+            let p = blk.proj_mut(name);
+            let dims = p.lora_b.as_ref().unwrap().val().dims();
+            p.lora_b = Some(Param::from_tensor(
+                Tensor::ones(dims, &device).mul_scalar(0.1),
+            ));
+        }
+    }
+    let tokens = batch(1, 2, 6, c.vocab_size);
+    let a: Vec<f32> = m.forward(tokens.clone()).into_data().into_vec().unwrap();
+    let b: Vec<f32> = m.forward(tokens.clone()).into_data().into_vec().unwrap();
+    assert!(
+        max_rel(&a, &b) > 1e-4,
+        "training forwards draw different dropout masks"
+    );
+    let eval = m.valid();
+    let t = Tensor::<s2ft_core::Cpu, 2, Int>::from_data(tokens.into_data(), &Default::default());
+    let x: Vec<f32> = eval.forward(t.clone()).into_data().into_vec().unwrap();
+    let y: Vec<f32> = eval.forward(t).into_data().into_vec().unwrap();
+    assert_eq!(x, y, "no dropout without autodiff");
+    assert!(
+        apply_lora_with_dropout(
+            Llama::<B>::random(&c, 1, &device).unwrap(),
+            4,
+            8.0,
+            1.0,
+            &["q_proj"],
+            0
+        )
+        .is_err()
+    );
+}
