@@ -1,0 +1,6 @@
+//! The studies behind `cargo run -p experiments --release -- <study>`, as a
+//! library so the `tests` crate runs them at tiny size.
+
+pub mod plot;
+pub mod report;
+pub mod studies;

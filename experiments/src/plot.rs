@@ -1,0 +1,170 @@
+//! Line charts as PNG and SVG with plotters, using an embedded DejaVu Sans
+//! (plotters' `ab_glyph` backend), so plots build and render on a machine
+//! without system font packages.
+
+use std::path::Path;
+use std::sync::Once;
+
+use anyhow::{Context, anyhow};
+use plotters::prelude::*;
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static REGISTER: Once = Once::new();
+
+fn register() {
+    REGISTER.call_once(|| {
+        for style in [FontStyle::Normal, FontStyle::Bold] {
+            let _ = plotters::style::register_font("sans-serif", style, FONT);
+        }
+    });
+}
+
+/// One named curve.
+#[derive(Clone, Debug)]
+pub struct Series {
+    /// Legend label.
+    pub name: String,
+    /// `(x, y)` points (non-finite ones are dropped).
+    pub points: Vec<(f64, f64)>,
+    /// Draw dots instead of a line.
+    pub dots: bool,
+    /// Palette index (default: the series' position).
+    pub color: Option<usize>,
+}
+
+impl Series {
+    /// A line.
+    pub fn line(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series {
+            name: name.into(),
+            points,
+            dots: false,
+            color: None,
+        }
+    }
+    /// Dots.
+    pub fn dots(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series {
+            name: name.into(),
+            points,
+            dots: true,
+            color: None,
+        }
+    }
+    /// The same series in palette colour `i`.
+    pub fn colored(mut self, i: usize) -> Self {
+        self.color = Some(i);
+        self
+    }
+}
+
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    xl: &str,
+    yl: &str,
+    series: &[Series],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    let pts: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    let (mut x0, mut x1, mut y0, mut y1) = pts.iter().fold(
+        (f64::MAX, f64::MIN, f64::MAX, f64::MIN),
+        |(a, b, c, d), &(x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)),
+    );
+    if pts.is_empty() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let pad = |lo: f64, hi: f64| {
+        let span = if hi > lo { hi - lo } else { 1.0 };
+        (lo - 0.05 * span, hi + 0.05 * span)
+    };
+    let ((x0, x1), (y0, y1)) = (pad(x0, x1), pad(y0, y1));
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .x_desc(xl)
+        .y_desc(yl)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    for (i, s) in series.iter().enumerate() {
+        let color = Palette99::pick(s.color.unwrap_or(i)).to_rgba();
+        let p: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        if s.dots {
+            chart
+                .draw_series(p.iter().map(|&xy| Circle::new(xy, 2, color.filled())))
+                .map_err(|e| anyhow!("{e:?}"))?
+                .label(&s.name)
+                .legend(move |(x, y)| Circle::new((x + 10, y), 3, color.filled()));
+        } else {
+            chart
+                .draw_series(LineSeries::new(p, color.stroke_width(2)))
+                .map_err(|e| anyhow!("{e:?}"))?
+                .label(&s.name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    root.present().map_err(|e| anyhow!("{e:?}"))?;
+    Ok(())
+}
+
+/// Writes `<stem>.png` and `<stem>.svg` (each to a temporary name, then renamed).
+pub fn line_chart(
+    stem: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> anyhow::Result<()> {
+    register();
+    let png = stem.with_extension("png");
+    let svg = stem.with_extension("svg");
+    let tmp_png = stem.with_extension("tmp.png");
+    let tmp_svg = stem.with_extension("tmp.svg");
+    draw(
+        BitMapBackend::new(&tmp_png, (800, 560)).into_drawing_area(),
+        title,
+        x_label,
+        y_label,
+        series,
+    )
+    .context("drawing the PNG")?;
+    draw(
+        SVGBackend::new(&tmp_svg, (800, 560)).into_drawing_area(),
+        title,
+        x_label,
+        y_label,
+        series,
+    )
+    .context("drawing the SVG")?;
+    std::fs::rename(&tmp_png, &png)?;
+    std::fs::rename(&tmp_svg, &svg)?;
+    Ok(())
+}

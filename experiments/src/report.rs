@@ -1,0 +1,143 @@
+//! A study's report folder: `results/<study>/<run-id>/` with `report.md`,
+//! `metrics.json` (the study's numbers plus a `run` record: command line, git
+//! commit, backend, crate versions, wall time of each phase), CSV tables and
+//! plots. Every file is written atomically, so an interrupted run leaves only
+//! complete files.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+/// An open report folder.
+pub struct Run {
+    /// The study's name.
+    pub study: String,
+    /// The folder.
+    pub dir: PathBuf,
+    /// Backend label (`cpu` / `cuda`).
+    pub backend: String,
+    start: Instant,
+    phases: Vec<(String, f64)>,
+    /// Suppresses progress output.
+    pub quiet: bool,
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC, from the system clock (no date crate needed).
+pub fn timestamp() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn git_commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+impl Run {
+    /// Creates `out` (or `results/<study>/<timestamp>`).
+    pub fn create(
+        study: &str,
+        out: Option<&Path>,
+        backend: &str,
+        quiet: bool,
+    ) -> anyhow::Result<Run> {
+        let dir = match out {
+            Some(p) => p.to_path_buf(),
+            None => PathBuf::from("results").join(study).join(timestamp()),
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Run {
+            study: study.into(),
+            dir,
+            backend: backend.into(),
+            start: Instant::now(),
+            phases: Vec::new(),
+            quiet,
+        })
+    }
+
+    /// Runs `f` as a named, timed phase.
+    pub fn phase<T>(&mut self, name: &str, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let out = f();
+        self.phases.push((name.into(), t.elapsed().as_secs_f64()));
+        out
+    }
+
+    /// Writes `bytes` to `name` inside the folder, atomically.
+    pub fn write(&self, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+        let p = self.dir.join(name);
+        weights::atomic::write_atomic(&p, bytes)
+            .with_context(|| format!("writing {}", p.display()))?;
+        Ok(p)
+    }
+
+    /// The `run` record of `metrics.json`.
+    pub fn record(&self) -> Value {
+        json!({
+            "study": self.study,
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
+            "git_commit": git_commit(),
+            "backend": self.backend,
+            "versions": {
+                "experiments": env!("CARGO_PKG_VERSION"),
+                "burn": "0.21",
+                "rustc_target": std::env::consts::ARCH,
+            },
+            "threads": rayon_threads(),
+            "phases_seconds": self.phases.iter().map(|(n, s)| json!({"phase": n, "seconds": s})).collect::<Vec<_>>(),
+            "wall_seconds": self.start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Writes `metrics.json` (`metrics` plus the run record) and `report.md`.
+    pub fn finish(&self, mut metrics: Value, report_md: &str) -> anyhow::Result<()> {
+        metrics["run"] = self.record();
+        self.write(
+            "metrics.json",
+            serde_json::to_string_pretty(&metrics)?.as_bytes(),
+        )?;
+        let mut md = report_md.to_string();
+        md.push_str(&format!(
+            "\n---\nCommand: `{}` · commit {} · backend {} · wall time {:.1} s\n",
+            std::env::args().collect::<Vec<_>>().join(" "),
+            git_commit(),
+            self.backend,
+            self.start.elapsed().as_secs_f64()
+        ));
+        self.write("report.md", md.as_bytes())?;
+        if !self.quiet {
+            eprintln!("report written to {}", self.dir.display());
+        }
+        Ok(())
+    }
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

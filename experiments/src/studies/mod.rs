@@ -1,0 +1,3 @@
+//! One module per study.
+
+pub mod spectra;

@@ -1,0 +1,56 @@
+//! The studies at tiny size: their numbers make sense and their report files
+//! exist, with PNGs that decode.
+
+use std::path::Path;
+
+fn check_png(p: &Path) {
+    let img = image::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(img.width() >= 400 && img.height() >= 300, "{}", p.display());
+}
+
+#[test]
+fn spectra_study_reports_heavy_tailed_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("spectra");
+    let args = experiments::studies::spectra::SpectraArgs {
+        model: None,
+        quick: true,
+        out: Some(out.clone()),
+        no_farms: false,
+        welore_reduction: 0.5,
+        seed: 0,
+        quiet: true,
+    };
+    let got = experiments::studies::spectra::run(&args).unwrap();
+    assert_eq!(got, out);
+    for f in [
+        "report.md",
+        "metrics.json",
+        "layers.csv",
+        "alpha_per_layer.svg",
+        "esd_tails.svg",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    check_png(&out.join("alpha_per_layer.png"));
+    check_png(&out.join("esd_tails.png"));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let layers = m["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 3);
+    // Student-t (ν = 3) weights: heavy-tailed ESDs, every layer fitted with 2 < α < 6.
+    for l in layers {
+        let a = l["alpha"].as_f64().expect("fitted");
+        assert!((2.0..6.0).contains(&a), "{l}");
+    }
+    // The WeLore plan keeps fewer components than the full rank somewhere.
+    assert!(
+        m["welore"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["rank"].as_u64() < w["full_rank"].as_u64())
+    );
+    assert!(m["run"]["phases_seconds"].as_array().unwrap().len() >= 2);
+    assert!(m["run"]["command"].is_string() && m["run"]["git_commit"].is_string());
+}
