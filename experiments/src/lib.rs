@@ -1,6 +1,8 @@
 //! The studies behind `cargo run -p experiments --release -- <study>`, as a
 //! library so the `tests` crate runs them at tiny size.
 
+pub mod data;
+pub mod mlp;
 pub mod plot;
 pub mod report;
 pub mod studies;

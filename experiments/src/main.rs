@@ -68,6 +68,8 @@ struct Cli {
 enum Cmd {
     /// List the studies.
     List,
+    /// Linear mode connectivity of two trained MLPs: naive vs WM vs AM vs STE.
+    Lmc(studies::lmc::LmcArgs),
     /// Per-layer ESD report of a checkpoint (alpha, weighted alpha, stable rank, spikes, FARMS, WeLore).
     Spectra(studies::spectra::SpectraArgs),
     /// Run a mergekit YAML config (same as `cargo run -p merge`).
@@ -111,6 +113,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Some(Cmd::Spectra(a)) => studies::spectra::run(&a).map(|_| ()),
+        Some(Cmd::Lmc(a)) => studies::lmc::run(&a).map(|_| ()),
         Some(Cmd::MergeConfig { config, out, seed }) => {
             let opts = merge::run::RunOptions {
                 seed,

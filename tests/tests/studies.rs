@@ -54,3 +54,57 @@ fn spectra_study_reports_heavy_tailed_layers() {
     assert!(m["run"]["phases_seconds"].as_array().unwrap().len() >= 2);
     assert!(m["run"]["command"].is_string() && m["run"]["git_commit"].is_string());
 }
+
+#[test]
+fn lmc_study_weight_matching_lowers_the_barrier() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lmc");
+    let args = experiments::studies::lmc::LmcArgs {
+        quick: true,
+        width: 512,
+        depth: 3,
+        epochs: 5,
+        seed: 0,
+        data_dir: None,
+        grid: 11,
+        ste_steps: 0,
+        device: "cpu".into(),
+        out: Some(out.clone()),
+        quiet: true,
+    };
+    experiments::studies::lmc::run(&args).unwrap();
+    check_png(&out.join("loss_train.png"));
+    check_png(&out.join("loss_test.png"));
+    assert!(out.join("report.md").is_file() && out.join("loss_test.svg").is_file());
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    for method in ["naive", "wm", "am", "ste"] {
+        for key in ["loss_barrier", "acc_barrier", "l2", "seconds"] {
+            assert!(m[method][key].is_number(), "{method}.{key}");
+        }
+    }
+    let b = |k: &str| m[k]["loss_barrier"].as_f64().unwrap();
+    assert!(
+        b("naive") > 0.05,
+        "trained MLPs have a naive barrier: {}",
+        b("naive")
+    );
+    assert!(
+        b("wm") < b("naive"),
+        "WM {} < naive {}",
+        b("wm"),
+        b("naive")
+    );
+    assert!(
+        b("am") < b("naive"),
+        "AM {} < naive {}",
+        b("am"),
+        b("naive")
+    );
+    // Permuting B moves it closer to A.
+    assert!(m["wm"]["l2"].as_f64().unwrap() < m["naive"]["l2"].as_f64().unwrap());
+    // Both endpoints learned something (10 classes: chance is 0.1).
+    for acc in m["endpoint_test_accuracy"].as_array().unwrap() {
+        assert!(acc.as_f64().unwrap() > 0.5);
+    }
+}

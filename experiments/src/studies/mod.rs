@@ -1,3 +1,4 @@
 //! One module per study.
 
+pub mod lmc;
 pub mod spectra;

@@ -1,0 +1,264 @@
+//! A ReLU MLP in Burn (PyTorch layout: `layers.i.weight` `[out, in]`,
+//! `layers.i.bias`), converting to and from a `weights::StateDict`, plus a
+//! plain-ndarray evaluator for the many interpolated models a study scores.
+
+use burn::module::{AutodiffModule, Param};
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use burn::tensor::activation::{log_softmax, relu};
+use burn::tensor::backend::AutodiffBackend;
+use ndarray::{Array1, Array2, Axis};
+use weights::{StateDict, Tensor as WTensor};
+
+use crate::data::Split;
+
+/// The MLP.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `[out, in]` per layer.
+    pub weights: Vec<Param<Tensor<B, 2>>>,
+    /// `[out]` per layer.
+    pub biases: Vec<Param<Tensor<B, 1>>>,
+}
+
+fn splitmix(state: &mut u64) -> f64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// PyTorch's default `nn.Linear` initialisation, seeded: `U(−1/√in, 1/√in)`.
+pub fn init_state_dict(sizes: &[usize], seed: u64) -> StateDict {
+    let mut s = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x1234;
+    let mut sd = StateDict::new();
+    for (i, w) in sizes.windows(2).enumerate() {
+        let bound = 1.0 / (w[0] as f64).sqrt();
+        let mut u = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| ((2.0 * splitmix(&mut s) - 1.0) * bound) as f32)
+                .collect()
+        };
+        let wv = u(w[1] * w[0]);
+        let bv = u(w[1]);
+        sd.insert(
+            format!("layers.{i}.weight"),
+            WTensor::f32(ndarray::ArrayD::from_shape_vec(vec![w[1], w[0]], wv).expect("shape")),
+        );
+        sd.insert(
+            format!("layers.{i}.bias"),
+            WTensor::f32(ndarray::ArrayD::from_shape_vec(vec![w[1]], bv).expect("shape")),
+        );
+    }
+    sd
+}
+
+fn tensor<B: Backend, const D: usize>(t: &WTensor, device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(
+        TensorData::new(
+            t.data.iter().copied().collect::<Vec<f32>>(),
+            t.shape().to_vec(),
+        ),
+        device,
+    )
+}
+
+impl<B: Backend> Mlp<B> {
+    /// From `layers.i.weight` / `layers.i.bias`.
+    pub fn from_state_dict(sd: &StateDict, device: &B::Device) -> anyhow::Result<Self> {
+        let mut weights = Vec::new();
+        let mut biases = Vec::new();
+        for i in 0.. {
+            let Some(w) = sd.get(&format!("layers.{i}.weight")) else {
+                break;
+            };
+            let b = sd
+                .get(&format!("layers.{i}.bias"))
+                .ok_or_else(|| anyhow::anyhow!("layers.{i}.bias is missing"))?;
+            weights.push(Param::from_tensor(tensor::<B, 2>(w, device)));
+            biases.push(Param::from_tensor(tensor::<B, 1>(b, device)));
+        }
+        anyhow::ensure!(!weights.is_empty(), "no layers.0.weight in the state dict");
+        Ok(Mlp { weights, biases })
+    }
+
+    /// To `layers.i.weight` / `layers.i.bias`.
+    pub fn to_state_dict(&self) -> StateDict {
+        let mut sd = StateDict::new();
+        let conv = |t: Tensor<B, 2>| {
+            let d = t.dims();
+            WTensor::f32(
+                ndarray::ArrayD::from_shape_vec(
+                    vec![d[0], d[1]],
+                    t.into_data().convert::<f32>().into_vec().expect("f32"),
+                )
+                .expect("shape"),
+            )
+        };
+        for (i, (w, b)) in self.weights.iter().zip(&self.biases).enumerate() {
+            sd.insert(format!("layers.{i}.weight"), conv(w.val()));
+            let bv: Vec<f32> = b
+                .val()
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32");
+            sd.insert(
+                format!("layers.{i}.bias"),
+                WTensor::f32(ndarray::ArrayD::from_shape_vec(vec![bv.len()], bv).expect("shape")),
+            );
+        }
+        sd
+    }
+
+    /// Logits for `x` (`[n, in]`).
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let ws: Vec<Tensor<B, 2>> = self.weights.iter().map(|w| w.val()).collect();
+        let bs: Vec<Tensor<B, 1>> = self.biases.iter().map(|b| b.val()).collect();
+        forward_with(&ws, &bs, x)
+    }
+}
+
+/// The MLP forward with explicit weights (for straight-through training).
+pub fn forward_with<B: Backend>(
+    ws: &[Tensor<B, 2>],
+    bs: &[Tensor<B, 1>],
+    mut x: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let last = ws.len() - 1;
+    for (i, (w, b)) in ws.iter().zip(bs).enumerate() {
+        x = x.matmul(w.clone().transpose()) + b.clone().unsqueeze::<2>();
+        if i < last {
+            x = relu(x);
+        }
+    }
+    x
+}
+
+/// Mean cross-entropy of logits against labels.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, y: &[usize]) -> Tensor<B, 1> {
+    let n = y.len();
+    let t = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(y.iter().map(|&v| v as i64).collect::<Vec<_>>(), [n, 1]),
+        &logits.device(),
+    );
+    log_softmax(logits, 1).gather(1, t).mean().neg()
+}
+
+/// Burn tensor of a batch of rows.
+pub fn batch<B: Backend>(x: &Array2<f32>, device: &B::Device) -> Tensor<B, 2> {
+    let (n, d) = x.dim();
+    Tensor::from_data(
+        TensorData::new(
+            x.as_standard_layout().iter().copied().collect::<Vec<f32>>(),
+            [n, d],
+        ),
+        device,
+    )
+}
+
+/// Trains an MLP with Adam (mini-batches in a seeded order) and returns it.
+pub fn train<B: AutodiffBackend>(
+    mut model: Mlp<B>,
+    data: &Split,
+    epochs: usize,
+    batch_size: usize,
+    lr: f64,
+    seed: u64,
+    bar: &indicatif::ProgressBar,
+) -> Mlp<B>
+where
+    Mlp<B>: AutodiffModule<B>,
+{
+    let device = model.weights[0].val().device();
+    let mut optim = AdamConfig::new().init::<B, Mlp<B>>();
+    let n = data.y.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut s = seed ^ 0xA5A5;
+    for _ in 0..epochs {
+        for i in (1..n).rev() {
+            let j = (splitmix(&mut s) * (i + 1) as f64) as usize % (i + 1);
+            order.swap(i, j);
+        }
+        for chunk in order.chunks(batch_size) {
+            let b = data.rows(chunk);
+            let loss = cross_entropy(model.forward(batch::<B>(&b.x, &device)), &b.y);
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(lr, model, grads);
+            bar.inc(1);
+        }
+    }
+    model
+}
+
+/// `(mean cross-entropy, accuracy)` of a state dict's MLP on `data`, in plain ndarray.
+pub fn evaluate(sd: &StateDict, data: &Split) -> (f64, f64) {
+    let mut x = data.x.clone();
+    let mut i = 0;
+    while let Some(w) = sd.get(&format!("layers.{i}.weight")) {
+        let w = w
+            .data
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .expect("2-D");
+        let b: Array1<f32> = sd
+            .get(&format!("layers.{i}.bias"))
+            .expect("bias")
+            .data
+            .iter()
+            .copied()
+            .collect();
+        x = x.dot(&w.t()) + b.view().insert_axis(Axis(0));
+        i += 1;
+        if sd.contains(&format!("layers.{i}.weight")) {
+            x.mapv_inplace(|v| v.max(0.0));
+        }
+    }
+    let (mut loss, mut correct) = (0f64, 0usize);
+    for (row, &y) in x.rows().into_iter().zip(&data.y) {
+        let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        loss += lse - row[y] as f64;
+        let arg = row
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |a, (k, &v)| if v > a.1 { (k, v) } else { a })
+            .0;
+        correct += usize::from(arg == y);
+    }
+    let n = data.y.len().max(1) as f64;
+    (loss / n, correct as f64 / n)
+}
+
+/// Hidden activations (post-ReLU) per hidden layer, keyed by the MLP spec's group names `P_i`.
+pub fn hidden_activations(
+    sd: &StateDict,
+    x: &Array2<f32>,
+) -> indexmap::IndexMap<String, Array2<f32>> {
+    let mut out = indexmap::IndexMap::new();
+    let mut h = x.clone();
+    let mut i = 0;
+    while let Some(w) = sd.get(&format!("layers.{i}.weight")) {
+        if !sd.contains(&format!("layers.{}.weight", i + 1)) {
+            break;
+        }
+        let w = w
+            .data
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()
+            .expect("2-D");
+        let b: Array1<f32> = sd
+            .get(&format!("layers.{i}.bias"))
+            .expect("bias")
+            .data
+            .iter()
+            .copied()
+            .collect();
+        h = (h.dot(&w.t()) + b.view().insert_axis(Axis(0))).mapv(|v| v.max(0.0));
+        out.insert(format!("P_{i}"), h.clone());
+        i += 1;
+    }
+    out
+}

@@ -1,0 +1,311 @@
+//! `lmc`: linear mode connectivity of two independently trained MLPs —
+//! naive interpolation vs weight matching (WM), activation matching (AM) and
+//! the straight-through estimator (STE) of Git Re-Basin (Ainsworth et al. 2023).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::prelude::*;
+use serde_json::json;
+use weights::StateDict;
+
+use crate::data::{Split, default_mnist_dir, mnist};
+use crate::mlp::{self, Mlp};
+use crate::plot::{Series, line_chart};
+use crate::report::Run;
+use permute::interp::{barrier_of_curve, lambda_grid, lerp};
+use permute::{MatchOptions, apply, builders::mlp as mlp_spec, weight_matching};
+
+type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+
+/// Options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LmcArgs {
+    /// Tiny size for tests (width 64, 2 hidden layers, 3 epochs, 2000 samples).
+    #[arg(long)]
+    pub quick: bool,
+    /// Hidden width.
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    /// Hidden layers.
+    #[arg(long, default_value_t = 3)]
+    pub depth: usize,
+    /// Training epochs per model.
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    /// Seeds of the two models.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// idx folder (default: the vendored MNIST-10k).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// λ grid points.
+    #[arg(long, default_value_t = 25)]
+    pub grid: usize,
+    /// STE steps (0: one epoch).
+    #[arg(long, default_value_t = 0)]
+    pub ste_steps: usize,
+    /// `cpu` (or `cuda` with the feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Report folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The curve and barriers of one method.
+struct Curve {
+    train: Vec<(f64, f64)>,
+    test: Vec<(f64, f64)>,
+    loss_barrier: f64,
+    loss_barrier_mean: f64,
+    acc_barrier: f64,
+}
+
+fn curve(
+    a: &StateDict,
+    b: &StateDict,
+    grid: usize,
+    train: &Split,
+    test: &Split,
+) -> anyhow::Result<Curve> {
+    let lambdas = lambda_grid(grid);
+    let (mut tr, mut te) = (Vec::new(), Vec::new());
+    for &l in &lambdas {
+        let m = lerp(a, b, l as f32)?;
+        tr.push(mlp::evaluate(&m, train));
+        te.push(mlp::evaluate(&m, test));
+    }
+    let losses: Vec<f64> = tr.iter().map(|x| x.0).collect();
+    let bar = barrier_of_curve(&lambdas, &losses)?;
+    // Accuracy barrier: the largest drop below the endpoints' line.
+    let acc: Vec<f64> = tr.iter().map(|x| x.1).collect();
+    let n = acc.len() - 1;
+    let acc_barrier = lambdas
+        .iter()
+        .zip(&acc)
+        .map(|(&l, &v)| (1.0 - l) * acc[0] + l * acc[n] - v)
+        .fold(f64::MIN, f64::max);
+    Ok(Curve {
+        train: lambdas.iter().zip(&tr).map(|(&l, x)| (l, x.0)).collect(),
+        test: lambdas.iter().zip(&te).map(|(&l, x)| (l, x.0)).collect(),
+        loss_barrier: bar.barrier_linear,
+        loss_barrier_mean: bar.barrier_mean,
+        acc_barrier,
+    })
+}
+
+/// STE: learn θ̃ (initialised at A) so that the midpoint of A and proj(θ̃) —
+/// the permutation of B closest to θ̃ — has low loss, with the projection's
+/// gradient passed straight through to θ̃; the final permutation matches B to θ̃.
+fn ste(
+    a: &StateDict,
+    b: &StateDict,
+    data: &Split,
+    steps: usize,
+    batch_size: usize,
+    seed: u64,
+) -> anyhow::Result<permute::Permutation> {
+    use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+    let device = Default::default();
+    let spec = mlp_spec(a)?;
+    let a_model = Mlp::<B>::from_state_dict(a, &device)?;
+    let mut tilde = Mlp::<B>::from_state_dict(a, &device)?;
+    let mut optim = AdamConfig::new().init::<B, Mlp<B>>();
+    let mut perm: Option<permute::Permutation> = None;
+    let n = data.y.len();
+    let mut s = seed;
+    for step in 0..steps {
+        let opts = MatchOptions {
+            init: perm.clone(),
+            ..Default::default()
+        };
+        let p = weight_matching(&spec, &tilde.to_state_dict(), b, &opts)?.perm;
+        let proj = Mlp::<B>::from_state_dict(&apply(&spec, &p, b)?, &device)?;
+        perm = Some(p);
+        let ws: Vec<Tensor<B, 2>> = a_model
+            .weights
+            .iter()
+            .zip(&proj.weights)
+            .zip(&tilde.weights)
+            .map(|((wa, wp), wt)| {
+                (wa.val().detach() + wp.val().detach() + wt.val() - wt.val().detach())
+                    .div_scalar(2.0)
+            })
+            .collect();
+        let bs: Vec<Tensor<B, 1>> = a_model
+            .biases
+            .iter()
+            .zip(&proj.biases)
+            .zip(&tilde.biases)
+            .map(|((ba, bp), bt)| {
+                (ba.val().detach() + bp.val().detach() + bt.val() - bt.val().detach())
+                    .div_scalar(2.0)
+            })
+            .collect();
+        let idx: Vec<usize> = (0..batch_size)
+            .map(|k| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407 + step as u64 + k as u64);
+                (s >> 33) as usize % n
+            })
+            .collect();
+        let bt = data.rows(&idx);
+        let loss = mlp::cross_entropy(
+            mlp::forward_with(&ws, &bs, mlp::batch::<B>(&bt.x, &device)),
+            &bt.y,
+        );
+        let grads = GradientsParams::from_grads(loss.backward(), &tilde);
+        tilde = optim.step(1e-3, tilde, grads);
+    }
+    Ok(weight_matching(
+        &spec,
+        &tilde.to_state_dict(),
+        b,
+        &MatchOptions {
+            init: perm,
+            ..Default::default()
+        },
+    )?
+    .perm)
+}
+
+/// Runs the study; returns the report folder.
+pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        args.device == "cpu",
+        "--device {}: this build runs lmc on the CPU backend (CUDA for lmc is not wired yet)",
+        args.device
+    );
+    let (width, depth, epochs, n_train) = if args.quick {
+        (64, 2, 3, 2000)
+    } else {
+        (args.width, args.depth, args.epochs, usize::MAX)
+    };
+    let mut run = Run::create("lmc", args.out.as_deref(), "cpu (burn ndarray)", args.quiet)?;
+    let dir = args.data_dir.clone().unwrap_or_else(default_mnist_dir);
+    let (train, test) = run.phase("load data", || mnist(&dir))?;
+    let train = train.take(n_train);
+    let mut sizes = vec![train.x.ncols()];
+    sizes.extend(std::iter::repeat_n(width, depth));
+    sizes.push(10);
+    let steps_per_epoch = train.y.len().div_ceil(128);
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new((2 * epochs * steps_per_epoch) as u64)
+    };
+    let device = Default::default();
+    let models: Vec<StateDict> = run.phase("train", || -> anyhow::Result<Vec<StateDict>> {
+        (0..2u64)
+            .map(|k| {
+                let seed = args.seed * 2 + k;
+                let m = Mlp::<B>::from_state_dict(&mlp::init_state_dict(&sizes, seed), &device)?;
+                Ok(mlp::train(m, &train, epochs, 128, 1e-3, seed, &bar).to_state_dict())
+            })
+            .collect()
+    })?;
+    bar.finish_and_clear();
+    let (a, b) = (&models[0], &models[1]);
+    let spec = mlp_spec(a)?;
+    let endpoints: Vec<(f64, f64)> = models.iter().map(|m| mlp::evaluate(m, &test)).collect();
+    let mut methods = Vec::new();
+    // naive
+    let t = Instant::now();
+    methods.push(("naive", b.clone(), t.elapsed().as_secs_f64()));
+    // weight matching
+    let t = Instant::now();
+    let wm = run.phase("weight matching", || {
+        weight_matching(
+            &spec,
+            a,
+            b,
+            &MatchOptions {
+                seed: args.seed,
+                ..Default::default()
+            },
+        )
+    })?;
+    methods.push(("wm", apply(&spec, &wm.perm, b)?, t.elapsed().as_secs_f64()));
+    // activation matching
+    let t = Instant::now();
+    let probe = train.take(1000);
+    let am = run.phase("activation matching", || {
+        permute::many::activation_matching(
+            &mlp::hidden_activations(a, &probe.x),
+            &mlp::hidden_activations(b, &probe.x),
+            permute::many::Correlation::Uncentered,
+        )
+    })?;
+    methods.push(("am", apply(&spec, &am.0, b)?, t.elapsed().as_secs_f64()));
+    // STE
+    let t = Instant::now();
+    let ste_steps = if args.ste_steps > 0 {
+        args.ste_steps
+    } else if args.quick {
+        30
+    } else {
+        steps_per_epoch
+    };
+    let p = run.phase("STE", || ste(a, b, &train, ste_steps, 128, args.seed))?;
+    methods.push(("ste", apply(&spec, &p, b)?, t.elapsed().as_secs_f64()));
+    let eval_train = train.take(2000);
+    let mut metrics = serde_json::Map::new();
+    let mut train_series = Vec::new();
+    let mut test_series = Vec::new();
+    let mut md = format!(
+        "# Linear mode connectivity\n\nTwo MLPs {:?} trained {epochs} epoch(s) with Adam on {} samples (seeds {} and {}); test accuracy {:.3} and {:.3}.\n\n| method | loss barrier | loss barrier (vs mean) | accuracy barrier | L2 to A | seconds |\n|---|---|---|---|---|---|\n",
+        sizes,
+        train.y.len(),
+        args.seed * 2,
+        args.seed * 2 + 1,
+        endpoints[0].1,
+        endpoints[1].1
+    );
+    for (name, bp, secs) in &methods {
+        let c = run.phase(&format!("curve {name}"), || {
+            curve(a, bp, args.grid, &eval_train, &test)
+        })?;
+        let l2 = permute::matching::l2_distance(a, bp);
+        md.push_str(&format!(
+            "| {name} | {:.4} | {:.4} | {:.4} | {:.3} | {:.2} |\n",
+            c.loss_barrier, c.loss_barrier_mean, c.acc_barrier, l2, secs
+        ));
+        metrics.insert(
+            name.to_string(),
+            json!({"loss_barrier": c.loss_barrier, "loss_barrier_mean": c.loss_barrier_mean, "acc_barrier": c.acc_barrier, "l2": l2, "seconds": secs,
+                   "train_loss": c.train, "test_loss": c.test}),
+        );
+        train_series.push(Series::line(*name, c.train));
+        test_series.push(Series::line(*name, c.test));
+    }
+    line_chart(
+        &run.dir.join("loss_train"),
+        "Train loss along the interpolation",
+        "λ",
+        "loss",
+        &train_series,
+    )?;
+    line_chart(
+        &run.dir.join("loss_test"),
+        "Test loss along the interpolation",
+        "λ",
+        "loss",
+        &test_series,
+    )?;
+    md.push_str("\n![train loss](loss_train.png)\n\n![test loss](loss_test.png)\n");
+    // Per method at the top level (naive, wm, am, ste), as the README documents.
+    metrics.insert("sizes".into(), json!(sizes));
+    metrics.insert(
+        "endpoint_test_accuracy".into(),
+        json!([endpoints[0].1, endpoints[1].1]),
+    );
+    metrics.insert("wm_passes".into(), json!(wm.passes));
+    let metrics = serde_json::Value::Object(metrics);
+    run.finish(metrics, &md)?;
+    Ok(run.dir.clone())
+}
