@@ -11,7 +11,8 @@ use plotters::prelude::*;
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
-fn register() {
+/// Registers the embedded font (idempotent); every chart calls it first.
+pub fn register() {
     REGISTER.call_once(|| {
         for style in [FontStyle::Normal, FontStyle::Bold] {
             let _ = plotters::style::register_font("sans-serif", style, FONT);

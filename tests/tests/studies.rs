@@ -108,3 +108,48 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
         assert!(acc.as_f64().unwrap() > 0.5);
     }
 }
+
+#[test]
+fn svd_align_study_weight_matching_aligns_top_singular_vectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("svd");
+    let lmc = experiments::studies::lmc::LmcArgs {
+        quick: false,
+        width: 128,
+        depth: 2,
+        epochs: 3,
+        seed: 0,
+        data_dir: None,
+        grid: 5,
+        ste_steps: 20,
+        device: "cpu".into(),
+        out: Some(out.clone()),
+        quiet: true,
+    };
+    experiments::studies::svd_align::run(&experiments::studies::svd_align::SvdAlignArgs {
+        lmc,
+        top: 32,
+    })
+    .unwrap();
+    check_png(&out.join("alignment_vs_rank.png"));
+    check_png(&out.join("overlap_wm.png"));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let layer = |method: &str| m[method][0].clone();
+    for method in ["naive", "wm", "am", "ste", "random"] {
+        // Permutations are orthogonal: singular values unchanged.
+        assert!(
+            layer(method)["sv_max_rel_diff"].as_f64().unwrap() < 1e-10,
+            "{method}"
+        );
+    }
+    let r = |method: &str| layer(method)["r_gamma_0_3"].as_f64().unwrap();
+    // WM aligns the large-σ vectors; random and no permutation do not.
+    assert!(
+        r("wm") > 5.0 * r("random") && r("wm") > 5.0 * r("naive"),
+        "wm {} random {} naive {}",
+        r("wm"),
+        r("random"),
+        r("naive")
+    );
+}

@@ -174,11 +174,29 @@ fn ste(
     .perm)
 }
 
-/// Runs the study; returns the report folder.
-pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
+/// Two trained MLPs and their data.
+pub struct TrainedPair {
+    /// Model A.
+    pub a: StateDict,
+    /// Model B.
+    pub b: StateDict,
+    /// Training data used.
+    pub train: Split,
+    /// Test data.
+    pub test: Split,
+    /// Layer sizes.
+    pub sizes: Vec<usize>,
+    /// Epochs trained.
+    pub epochs: usize,
+    /// Mini-batches per epoch.
+    pub steps_per_epoch: usize,
+}
+
+/// Trains the two MLPs of the study (seeds `2·seed` and `2·seed + 1`).
+pub fn train_pair(args: &LmcArgs, run: &mut Run) -> anyhow::Result<TrainedPair> {
     anyhow::ensure!(
         args.device == "cpu",
-        "--device {}: this build runs lmc on the CPU backend (CUDA for lmc is not wired yet)",
+        "--device {}: this build runs the MLP studies on the CPU backend (CUDA for them is not wired yet)",
         args.device
     );
     let (width, depth, epochs, n_train) = if args.quick {
@@ -186,7 +204,6 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     } else {
         (args.width, args.depth, args.epochs, usize::MAX)
     };
-    let mut run = Run::create("lmc", args.out.as_deref(), "cpu (burn ndarray)", args.quiet)?;
     let dir = args.data_dir.clone().unwrap_or_else(default_mnist_dir);
     let (train, test) = run.phase("load data", || mnist(&dir))?;
     let train = train.take(n_train);
@@ -210,14 +227,32 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
             .collect()
     })?;
     bar.finish_and_clear();
-    let (a, b) = (&models[0], &models[1]);
+    let mut it = models.into_iter();
+    let (a, b) = (it.next().expect("two"), it.next().expect("two"));
+    Ok(TrainedPair {
+        a,
+        b,
+        train,
+        test,
+        sizes,
+        epochs,
+        steps_per_epoch,
+    })
+}
+
+/// A method's name, the permutation of B it found, and its run time in seconds.
+pub type Aligned = (&'static str, permute::Permutation, f64);
+
+/// The permutation of B each method finds (`naive`: identity), with its run time,
+/// and the number of weight-matching passes.
+pub fn align_all(
+    pair: &TrainedPair,
+    args: &LmcArgs,
+    run: &mut Run,
+) -> anyhow::Result<(Vec<Aligned>, usize)> {
+    let (a, b) = (&pair.a, &pair.b);
     let spec = mlp_spec(a)?;
-    let endpoints: Vec<(f64, f64)> = models.iter().map(|m| mlp::evaluate(m, &test)).collect();
-    let mut methods = Vec::new();
-    // naive
-    let t = Instant::now();
-    methods.push(("naive", b.clone(), t.elapsed().as_secs_f64()));
-    // weight matching
+    let mut out = vec![("naive", spec.identity(), 0.0)];
     let t = Instant::now();
     let wm = run.phase("weight matching", || {
         weight_matching(
@@ -230,10 +265,9 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
             },
         )
     })?;
-    methods.push(("wm", apply(&spec, &wm.perm, b)?, t.elapsed().as_secs_f64()));
-    // activation matching
+    out.push(("wm", wm.perm, t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    let probe = train.take(1000);
+    let probe = pair.train.take(1000);
     let am = run.phase("activation matching", || {
         permute::many::activation_matching(
             &mlp::hidden_activations(a, &probe.x),
@@ -241,36 +275,51 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
             permute::many::Correlation::Uncentered,
         )
     })?;
-    methods.push(("am", apply(&spec, &am.0, b)?, t.elapsed().as_secs_f64()));
-    // STE
+    out.push(("am", am.0, t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let ste_steps = if args.ste_steps > 0 {
         args.ste_steps
     } else if args.quick {
         30
     } else {
-        steps_per_epoch
+        pair.steps_per_epoch
     };
-    let p = run.phase("STE", || ste(a, b, &train, ste_steps, 128, args.seed))?;
-    methods.push(("ste", apply(&spec, &p, b)?, t.elapsed().as_secs_f64()));
-    let eval_train = train.take(2000);
+    let p = run.phase("STE", || ste(a, b, &pair.train, ste_steps, 128, args.seed))?;
+    out.push(("ste", p, t.elapsed().as_secs_f64()));
+    Ok((out, wm.passes))
+}
+
+/// Runs the study; returns the report folder.
+pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
+    let mut run = Run::create("lmc", args.out.as_deref(), "cpu (burn ndarray)", args.quiet)?;
+    let pair = train_pair(args, &mut run)?;
+    let (a, b) = (&pair.a, &pair.b);
+    let spec = mlp_spec(a)?;
+    let endpoints: Vec<(f64, f64)> = [a, b]
+        .iter()
+        .map(|m| mlp::evaluate(m, &pair.test))
+        .collect();
+    let (perms, wm_passes) = align_all(&pair, args, &mut run)?;
+    let eval_train = pair.train.take(2000);
     let mut metrics = serde_json::Map::new();
     let mut train_series = Vec::new();
     let mut test_series = Vec::new();
     let mut md = format!(
-        "# Linear mode connectivity\n\nTwo MLPs {:?} trained {epochs} epoch(s) with Adam on {} samples (seeds {} and {}); test accuracy {:.3} and {:.3}.\n\n| method | loss barrier | loss barrier (vs mean) | accuracy barrier | L2 to A | seconds |\n|---|---|---|---|---|---|\n",
-        sizes,
-        train.y.len(),
+        "# Linear mode connectivity\n\nTwo MLPs {:?} trained {} epoch(s) with Adam on {} samples (seeds {} and {}); test accuracy {:.3} and {:.3}.\n\n| method | loss barrier | loss barrier (vs mean) | accuracy barrier | L2 to A | seconds |\n|---|---|---|---|---|---|\n",
+        pair.sizes,
+        pair.epochs,
+        pair.train.y.len(),
         args.seed * 2,
         args.seed * 2 + 1,
         endpoints[0].1,
         endpoints[1].1
     );
-    for (name, bp, secs) in &methods {
+    for (name, perm, secs) in &perms {
+        let bp = apply(&spec, perm, b)?;
         let c = run.phase(&format!("curve {name}"), || {
-            curve(a, bp, args.grid, &eval_train, &test)
+            curve(a, &bp, args.grid, &eval_train, &pair.test)
         })?;
-        let l2 = permute::matching::l2_distance(a, bp);
+        let l2 = permute::matching::l2_distance(a, &bp);
         md.push_str(&format!(
             "| {name} | {:.4} | {:.4} | {:.4} | {:.3} | {:.2} |\n",
             c.loss_barrier, c.loss_barrier_mean, c.acc_barrier, l2, secs
@@ -299,13 +348,12 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     )?;
     md.push_str("\n![train loss](loss_train.png)\n\n![test loss](loss_test.png)\n");
     // Per method at the top level (naive, wm, am, ste), as the README documents.
-    metrics.insert("sizes".into(), json!(sizes));
+    metrics.insert("sizes".into(), json!(pair.sizes));
     metrics.insert(
         "endpoint_test_accuracy".into(),
         json!([endpoints[0].1, endpoints[1].1]),
     );
-    metrics.insert("wm_passes".into(), json!(wm.passes));
-    let metrics = serde_json::Value::Object(metrics);
-    run.finish(metrics, &md)?;
+    metrics.insert("wm_passes".into(), json!(wm_passes));
+    run.finish(serde_json::Value::Object(metrics), &md)?;
     Ok(run.dir.clone())
 }

@@ -2,3 +2,4 @@
 
 pub mod lmc;
 pub mod spectra;
+pub mod svd_align;
