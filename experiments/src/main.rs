@@ -70,6 +70,8 @@ enum Cmd {
     List,
     /// Linear mode connectivity of two trained MLPs: naive vs WM vs AM vs STE.
     Lmc(studies::lmc::LmcArgs),
+    /// Merging 3-5 MLPs: MergeMany vs anchor WM vs anchor STE vs averaging.
+    Many(studies::many::ManyArgs),
     /// Singular-vector alignment of the lmc models after WM / AM / STE / random / no permutation.
     SvdAlign(studies::svd_align::SvdAlignArgs),
     /// Per-layer ESD report of a checkpoint (alpha, weighted alpha, stable rank, spikes, FARMS, WeLore).
@@ -116,6 +118,7 @@ fn main() -> ExitCode {
         }
         Some(Cmd::Spectra(a)) => studies::spectra::run(&a).map(|_| ()),
         Some(Cmd::Lmc(a)) => studies::lmc::run(&a).map(|_| ()),
+        Some(Cmd::Many(a)) => studies::many::run(&a).map(|_| ()),
         Some(Cmd::SvdAlign(a)) => studies::svd_align::run(&a).map(|_| ()),
         Some(Cmd::MergeConfig { config, out, seed }) => {
             let opts = merge::run::RunOptions {

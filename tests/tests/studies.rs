@@ -153,3 +153,45 @@ fn svd_align_study_weight_matching_aligns_top_singular_vectors() {
         r("naive")
     );
 }
+
+#[test]
+fn many_study_aligned_merges_beat_plain_averaging() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("many");
+    let lmc = experiments::studies::lmc::LmcArgs {
+        quick: false,
+        width: 128,
+        depth: 2,
+        epochs: 2,
+        seed: 0,
+        data_dir: None,
+        grid: 5,
+        ste_steps: 10,
+        device: "cpu".into(),
+        out: Some(out.clone()),
+        quiet: true,
+    };
+    experiments::studies::many::run(&experiments::studies::many::ManyArgs { lmc, models: 3 })
+        .unwrap();
+    check_png(&out.join("pair_1_2_test_loss.png"));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let acc = |k: &str| m[k]["test_acc"].as_f64().unwrap();
+    let bar = |k: &str| m[k]["pairwise_barrier"].as_f64().unwrap();
+    assert!(
+        acc("merge_many") > 0.5,
+        "merged model better than chance: {}",
+        acc("merge_many")
+    );
+    assert!(
+        acc("merge_many") > acc("naive") && acc("wm_anchor") > acc("naive"),
+        "{m}"
+    );
+    assert!(
+        bar("merge_many") < bar("naive"),
+        "{} vs {}",
+        bar("merge_many"),
+        bar("naive")
+    );
+    assert_eq!(m["individual"].as_array().unwrap().len(), 3);
+}

@@ -57,15 +57,15 @@ pub struct LmcArgs {
 }
 
 /// The curve and barriers of one method.
-struct Curve {
-    train: Vec<(f64, f64)>,
-    test: Vec<(f64, f64)>,
-    loss_barrier: f64,
-    loss_barrier_mean: f64,
-    acc_barrier: f64,
+pub(crate) struct Curve {
+    pub(crate) train: Vec<(f64, f64)>,
+    pub(crate) test: Vec<(f64, f64)>,
+    pub(crate) loss_barrier: f64,
+    pub(crate) loss_barrier_mean: f64,
+    pub(crate) acc_barrier: f64,
 }
 
-fn curve(
+pub(crate) fn curve(
     a: &StateDict,
     b: &StateDict,
     grid: usize,
@@ -101,7 +101,7 @@ fn curve(
 /// STE: learn θ̃ (initialised at A) so that the midpoint of A and proj(θ̃) —
 /// the permutation of B closest to θ̃ — has low loss, with the projection's
 /// gradient passed straight through to θ̃; the final permutation matches B to θ̃.
-fn ste(
+pub(crate) fn ste(
     a: &StateDict,
     b: &StateDict,
     data: &Split,
@@ -192,8 +192,24 @@ pub struct TrainedPair {
     pub steps_per_epoch: usize,
 }
 
-/// Trains the two MLPs of the study (seeds `2·seed` and `2·seed + 1`).
-pub fn train_pair(args: &LmcArgs, run: &mut Run) -> anyhow::Result<TrainedPair> {
+/// `n` trained MLPs and their data.
+pub struct TrainedSet {
+    /// The models (seeds `n·seed`, `n·seed + 1`, …).
+    pub models: Vec<StateDict>,
+    /// Training data used.
+    pub train: Split,
+    /// Test data.
+    pub test: Split,
+    /// Layer sizes.
+    pub sizes: Vec<usize>,
+    /// Epochs trained.
+    pub epochs: usize,
+    /// Mini-batches per epoch.
+    pub steps_per_epoch: usize,
+}
+
+/// Trains `n` MLPs of the study's shape from different seeds.
+pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<TrainedSet> {
     anyhow::ensure!(
         args.device == "cpu",
         "--device {}: this build runs the MLP studies on the CPU backend (CUDA for them is not wired yet)",
@@ -214,29 +230,42 @@ pub fn train_pair(args: &LmcArgs, run: &mut Run) -> anyhow::Result<TrainedPair> 
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new((2 * epochs * steps_per_epoch) as u64)
+        indicatif::ProgressBar::new((n * epochs * steps_per_epoch) as u64)
     };
     let device = Default::default();
     let models: Vec<StateDict> = run.phase("train", || -> anyhow::Result<Vec<StateDict>> {
-        (0..2u64)
+        (0..n as u64)
             .map(|k| {
-                let seed = args.seed * 2 + k;
+                let seed = args.seed * n as u64 + k;
                 let m = Mlp::<B>::from_state_dict(&mlp::init_state_dict(&sizes, seed), &device)?;
                 Ok(mlp::train(m, &train, epochs, 128, 1e-3, seed, &bar).to_state_dict())
             })
             .collect()
     })?;
     bar.finish_and_clear();
-    let mut it = models.into_iter();
-    let (a, b) = (it.next().expect("two"), it.next().expect("two"));
-    Ok(TrainedPair {
-        a,
-        b,
+    Ok(TrainedSet {
+        models,
         train,
         test,
         sizes,
         epochs,
         steps_per_epoch,
+    })
+}
+
+/// Trains the two MLPs of the study (seeds `2·seed` and `2·seed + 1`).
+pub fn train_pair(args: &LmcArgs, run: &mut Run) -> anyhow::Result<TrainedPair> {
+    let set = train_models(args, 2, run)?;
+    let mut it = set.models.into_iter();
+    let (a, b) = (it.next().expect("two"), it.next().expect("two"));
+    Ok(TrainedPair {
+        a,
+        b,
+        train: set.train,
+        test: set.test,
+        sizes: set.sizes,
+        epochs: set.epochs,
+        steps_per_epoch: set.steps_per_epoch,
     })
 }
 

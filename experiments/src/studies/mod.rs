@@ -1,5 +1,6 @@
 //! One module per study.
 
 pub mod lmc;
+pub mod many;
 pub mod spectra;
 pub mod svd_align;
