@@ -193,9 +193,10 @@ where
     model
 }
 
-/// `(mean cross-entropy, accuracy)` of a state dict's MLP on `data`, in plain ndarray.
-pub fn evaluate(sd: &StateDict, data: &Split) -> (f64, f64) {
-    let mut x = data.x.clone();
+/// Every layer's output in plain ndarray: the post-ReLU hidden layers, then the logits.
+pub fn layer_outputs(sd: &StateDict, x: &Array2<f32>) -> Vec<Array2<f32>> {
+    let mut outs = Vec::new();
+    let mut h = x.clone();
     let mut i = 0;
     while let Some(w) = sd.get(&format!("layers.{i}.weight")) {
         let w = w
@@ -210,12 +211,21 @@ pub fn evaluate(sd: &StateDict, data: &Split) -> (f64, f64) {
             .iter()
             .copied()
             .collect();
-        x = x.dot(&w.t()) + b.view().insert_axis(Axis(0));
+        h = h.dot(&w.t()) + b.view().insert_axis(Axis(0));
         i += 1;
         if sd.contains(&format!("layers.{i}.weight")) {
-            x.mapv_inplace(|v| v.max(0.0));
+            h.mapv_inplace(|v| v.max(0.0));
         }
+        outs.push(h.clone());
     }
+    outs
+}
+
+/// `(mean cross-entropy, accuracy)` of a state dict's MLP on `data`, in plain ndarray.
+pub fn evaluate(sd: &StateDict, data: &Split) -> (f64, f64) {
+    let x = layer_outputs(sd, &data.x)
+        .pop()
+        .expect("at least one layer");
     let (mut loss, mut correct) = (0f64, 0usize);
     for (row, &y) in x.rows().into_iter().zip(&data.y) {
         let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
@@ -237,28 +247,10 @@ pub fn hidden_activations(
     sd: &StateDict,
     x: &Array2<f32>,
 ) -> indexmap::IndexMap<String, Array2<f32>> {
-    let mut out = indexmap::IndexMap::new();
-    let mut h = x.clone();
-    let mut i = 0;
-    while let Some(w) = sd.get(&format!("layers.{i}.weight")) {
-        if !sd.contains(&format!("layers.{}.weight", i + 1)) {
-            break;
-        }
-        let w = w
-            .data
-            .view()
-            .into_dimensionality::<ndarray::Ix2>()
-            .expect("2-D");
-        let b: Array1<f32> = sd
-            .get(&format!("layers.{i}.bias"))
-            .expect("bias")
-            .data
-            .iter()
-            .copied()
-            .collect();
-        h = (h.dot(&w.t()) + b.view().insert_axis(Axis(0))).mapv(|v| v.max(0.0));
-        out.insert(format!("P_{i}"), h.clone());
-        i += 1;
-    }
-    out
+    let mut outs = layer_outputs(sd, x);
+    outs.pop();
+    outs.into_iter()
+        .enumerate()
+        .map(|(i, h)| (format!("P_{i}"), h))
+        .collect()
 }
