@@ -68,6 +68,7 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
         data_dir: None,
         grid: 11,
         ste_steps: 0,
+        widths: Vec::new(),
         device: "cpu".into(),
         out: Some(out.clone()),
         quiet: true,
@@ -122,6 +123,7 @@ fn svd_align_study_weight_matching_aligns_top_singular_vectors() {
         data_dir: None,
         grid: 5,
         ste_steps: 20,
+        widths: Vec::new(),
         device: "cpu".into(),
         out: Some(out.clone()),
         quiet: true,
@@ -167,6 +169,7 @@ fn many_study_aligned_merges_beat_plain_averaging() {
         data_dir: None,
         grid: 5,
         ste_steps: 10,
+        widths: Vec::new(),
         device: "cpu".into(),
         out: Some(out.clone()),
         quiet: true,
@@ -194,4 +197,36 @@ fn many_study_aligned_merges_beat_plain_averaging() {
         bar("naive")
     );
     assert_eq!(m["individual"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn lmc_width_sweep_plots_barriers_per_width() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lmcw");
+    let args = experiments::studies::lmc::LmcArgs {
+        quick: true,
+        width: 512,
+        depth: 3,
+        epochs: 1,
+        seed: 1,
+        data_dir: None,
+        grid: 5,
+        ste_steps: 5,
+        widths: vec![16, 48],
+        device: "cpu".into(),
+        out: Some(out.clone()),
+        quiet: true,
+    };
+    experiments::studies::lmc::run(&args).unwrap();
+    check_png(&out.join("barrier_vs_width.png"));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let sweep = m["width_sweep"].as_array().unwrap();
+    assert_eq!(sweep.len(), 2);
+    for row in sweep {
+        assert!(
+            row["wm_loss_barrier"].as_f64().unwrap() < row["naive_loss_barrier"].as_f64().unwrap(),
+            "{row}"
+        );
+    }
 }

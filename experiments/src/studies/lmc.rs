@@ -45,6 +45,9 @@ pub struct LmcArgs {
     /// STE steps (0: one epoch).
     #[arg(long, default_value_t = 0)]
     pub ste_steps: usize,
+    /// Also sweep these hidden widths (comma-separated) for naive vs WM barriers.
+    #[arg(long, value_delimiter = ',')]
+    pub widths: Vec<usize>,
     /// `cpu` (or `cuda` with the feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -376,6 +379,52 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         &test_series,
     )?;
     md.push_str("\n![train loss](loss_train.png)\n\n![test loss](loss_test.png)\n");
+    if !args.widths.is_empty() {
+        let mut sweep = Vec::new();
+        let (mut naive_pts, mut wm_pts) = (Vec::new(), Vec::new());
+        for &w in &args.widths {
+            let sub = LmcArgs {
+                width: w,
+                quick: false,
+                widths: Vec::new(),
+                ..args.clone()
+            };
+            let p = train_pair(&sub, &mut run)?;
+            let spec_w = mlp_spec(&p.a)?;
+            let wm_w = run.phase(&format!("WM width {w}"), || {
+                weight_matching(
+                    &spec_w,
+                    &p.a,
+                    &p.b,
+                    &MatchOptions {
+                        seed: args.seed,
+                        ..Default::default()
+                    },
+                )
+            })?;
+            let eval = p.train.take(2000);
+            let naive_c = curve(&p.a, &p.b, args.grid, &eval, &p.test)?;
+            let wm_c = curve(
+                &p.a,
+                &apply(&spec_w, &wm_w.perm, &p.b)?,
+                args.grid,
+                &eval,
+                &p.test,
+            )?;
+            naive_pts.push((w as f64, naive_c.loss_barrier));
+            wm_pts.push((w as f64, wm_c.loss_barrier));
+            sweep.push(json!({"width": w, "naive_loss_barrier": naive_c.loss_barrier, "wm_loss_barrier": wm_c.loss_barrier}));
+        }
+        line_chart(
+            &run.dir.join("barrier_vs_width"),
+            "Loss barrier vs width",
+            "hidden width",
+            "loss barrier",
+            &[Series::line("naive", naive_pts), Series::line("wm", wm_pts)],
+        )?;
+        md.push_str("\n![barrier vs width](barrier_vs_width.png)\n");
+        metrics.insert("width_sweep".into(), json!(sweep));
+    }
     // Per method at the top level (naive, wm, am, ste), as the README documents.
     metrics.insert("sizes".into(), json!(pair.sizes));
     metrics.insert(
