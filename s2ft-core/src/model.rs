@@ -301,18 +301,6 @@ fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -
 }
 
 impl<B: Backend> Attention<B> {
-    fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        cfg: &LlamaConfig,
-        rope: &(Tensor<B, 2>, Tensor<B, 2>),
-    ) -> Tensor<B, 3> {
-        let [b, t, hidden] = x.dims();
-        self.o_proj
-            .forward(self.context(x, cfg, rope))
-            .reshape([b, t, hidden])
-    }
-
     /// The heads' outputs concatenated, `[b·t, heads·head_dim]` (o_proj's input).
     fn context(
         &self,
@@ -362,13 +350,6 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: Backend> Mlp<B> {
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, t, hidden] = x.dims();
-        self.down_proj
-            .forward(self.inner(x))
-            .reshape([b, t, hidden])
-    }
-
     /// `silu(gate(x)) · up(x)`, `[b·t, ffn]` (down_proj's input).
     fn inner(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
         let [b, t, hidden] = x.dims();
@@ -498,31 +479,24 @@ impl<B: Backend> Llama<B> {
 
     /// Hidden states after the final norm, `[b, t, hidden]`, for tokens `[b, t]`.
     pub fn hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let [b, t] = tokens.dims();
-        let h = self.config.hidden_size;
-        let device = tokens.device();
-        let mut x = self
-            .embed_tokens
-            .val()
-            .select(0, tokens.reshape([b * t]))
-            .reshape([b, t, h]);
-        let rope = rope_tables::<B>(&self.config, t, &device);
-        for blk in &self.layers {
-            let a =
-                blk.self_attn
-                    .forward(blk.input_layernorm.forward(x.clone()), &self.config, &rope);
-            x = x + a;
-            let m = blk
-                .mlp
-                .forward(blk.post_attention_layernorm.forward(x.clone()));
-            x = x + m;
-        }
-        self.norm.forward(x)
+        self.norm.forward(self.residual_stream(tokens, None))
     }
 
     /// Per block, the inputs of o_proj (`[b·t, heads·head_dim]`) and of
     /// down_proj (`[b·t, ffn]`) on `tokens`: what activation-based selection scores.
     pub fn block_inputs(&self, tokens: Tensor<B, 2, Int>) -> Vec<(Tensor<B, 2>, Tensor<B, 2>)> {
+        let mut out = Vec::with_capacity(self.layers.len());
+        self.residual_stream(tokens, Some(&mut out));
+        out
+    }
+
+    /// The residual stream after the last block (before the final norm); when
+    /// `collect` is given, each block's o_proj and down_proj inputs are pushed to it.
+    fn residual_stream(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        mut collect: Option<&mut Vec<(Tensor<B, 2>, Tensor<B, 2>)>>,
+    ) -> Tensor<B, 3> {
         let [b, t] = tokens.dims();
         let h = self.config.hidden_size;
         let device = tokens.device();
@@ -532,7 +506,6 @@ impl<B: Backend> Llama<B> {
             .select(0, tokens.reshape([b * t]))
             .reshape([b, t, h]);
         let rope = rope_tables::<B>(&self.config, t, &device);
-        let mut out = Vec::with_capacity(self.layers.len());
         for blk in &self.layers {
             let ctx =
                 blk.self_attn
@@ -542,9 +515,11 @@ impl<B: Backend> Llama<B> {
                 .mlp
                 .inner(blk.post_attention_layernorm.forward(x.clone()));
             x = x + blk.mlp.down_proj.forward(inner.clone()).reshape([b, t, h]);
-            out.push((ctx, inner));
+            if let Some(out) = collect.as_deref_mut() {
+                out.push((ctx, inner));
+            }
         }
-        out
+        x
     }
 
     /// Next-token logits `[b, t, vocab]`.
