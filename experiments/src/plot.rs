@@ -11,8 +11,7 @@ use plotters::prelude::*;
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
-/// Registers the embedded font (idempotent); every chart calls it first.
-pub fn register() {
+fn register() {
     REGISTER.call_once(|| {
         for style in [FontStyle::Normal, FontStyle::Bold] {
             let _ = plotters::style::register_font("sans-serif", style, FONT);
@@ -136,7 +135,25 @@ where
     Ok(())
 }
 
-/// Writes `<stem>.png` and `<stem>.svg` (each to a temporary name, then renamed).
+/// Renders one figure as `<stem>.png` and `<stem>.svg`: each is drawn under a
+/// temporary name and renamed into place, so a reader never sees half a plot.
+fn render(
+    stem: &Path,
+    size: (u32, u32),
+    png: impl FnOnce(DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> anyhow::Result<()>,
+    svg: impl FnOnce(DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    register();
+    let tmp_png = stem.with_extension("tmp.png");
+    let tmp_svg = stem.with_extension("tmp.svg");
+    png(BitMapBackend::new(&tmp_png, size).into_drawing_area()).context("drawing the PNG")?;
+    svg(SVGBackend::new(&tmp_svg, size).into_drawing_area()).context("drawing the SVG")?;
+    std::fs::rename(&tmp_png, stem.with_extension("png"))?;
+    std::fs::rename(&tmp_svg, stem.with_extension("svg"))?;
+    Ok(())
+}
+
+/// Writes a line chart as `<stem>.png` and `<stem>.svg`.
 pub fn line_chart(
     stem: &Path,
     title: &str,
@@ -144,28 +161,68 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
 ) -> anyhow::Result<()> {
-    register();
-    let png = stem.with_extension("png");
-    let svg = stem.with_extension("svg");
-    let tmp_png = stem.with_extension("tmp.png");
-    let tmp_svg = stem.with_extension("tmp.svg");
-    draw(
-        BitMapBackend::new(&tmp_png, (800, 560)).into_drawing_area(),
-        title,
-        x_label,
-        y_label,
-        series,
+    render(
+        stem,
+        (800, 560),
+        |r| draw(r, title, x_label, y_label, series),
+        |r| draw(r, title, x_label, y_label, series),
     )
-    .context("drawing the PNG")?;
-    draw(
-        SVGBackend::new(&tmp_svg, (800, 560)).into_drawing_area(),
-        title,
-        x_label,
-        y_label,
-        series,
-    )
-    .context("drawing the SVG")?;
-    std::fs::rename(&tmp_png, &png)?;
-    std::fs::rename(&tmp_svg, &svg)?;
+}
+
+fn draw_heatmap<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    m: &[Vec<f64>],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let k = m.len();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(36)
+        .build_cartesian_2d(0..k, 0..k)
+        .map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .disable_mesh()
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .draw_series(
+            (0..k)
+                .flat_map(|i| (0..k).map(move |j| (i, j)))
+                .map(|(i, j)| {
+                    let v = m[i][j].clamp(0.0, 1.0);
+                    let c = RGBColor((255.0 * (1.0 - v)) as u8, (255.0 * (1.0 - v)) as u8, 255);
+                    Rectangle::new([(j, k - 1 - i), (j + 1, k - i)], c.filled())
+                }),
+        )
+        .map_err(|e| anyhow!("{e:?}"))?;
+    root.present().map_err(|e| anyhow!("{e:?}"))?;
     Ok(())
+}
+
+/// Writes a square matrix of values in [0, 1] (row 0 at the top, white to
+/// blue) as `<stem>.png` and `<stem>.svg`.
+pub fn heatmap(
+    stem: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    m: &[Vec<f64>],
+) -> anyhow::Result<()> {
+    render(
+        stem,
+        (560, 600),
+        |r| draw_heatmap(r, title, x_label, y_label, m),
+        |r| draw_heatmap(r, title, x_label, y_label, m),
+    )
 }

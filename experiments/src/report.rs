@@ -109,7 +109,7 @@ impl Run {
                 "burn": "0.21",
                 "rustc_target": std::env::consts::ARCH,
             },
-            "threads": rayon_threads(),
+            "threads": available_threads(),
             "phases_seconds": self.phases.iter().map(|(n, s)| json!({"phase": n, "seconds": s})).collect::<Vec<_>>(),
             "wall_seconds": self.start.elapsed().as_secs_f64(),
         })
@@ -138,6 +138,6 @@ impl Run {
     }
 }
 
-fn rayon_threads() -> usize {
+fn available_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

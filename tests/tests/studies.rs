@@ -135,6 +135,7 @@ fn svd_align_study_weight_matching_aligns_top_singular_vectors() {
     .unwrap();
     check_png(&out.join("alignment_vs_rank.png"));
     check_png(&out.join("overlap_wm.png"));
+    assert!(out.join("overlap_wm.svg").is_file() && out.join("alignment_vs_rank.svg").is_file());
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     let layer = |method: &str| m[method][0].clone();

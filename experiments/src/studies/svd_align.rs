@@ -5,11 +5,10 @@
 
 use std::path::PathBuf;
 
-use plotters::prelude::*;
 use serde_json::json;
 use spectra::alignment::singular_vector_alignment;
 
-use crate::plot::{Series, line_chart};
+use crate::plot::{Series, heatmap, line_chart};
 use crate::report::Run;
 use crate::studies::lmc::{LmcArgs, align_all, train_pair};
 
@@ -22,44 +21,6 @@ pub struct SvdAlignArgs {
     /// Top singular vectors compared.
     #[arg(long, default_value_t = 32)]
     pub top: usize,
-}
-
-fn heatmap(path: &std::path::Path, title: &str, m: &[Vec<f64>]) -> anyhow::Result<()> {
-    crate::plot::register();
-    let k = m.len();
-    let tmp = path.with_extension("tmp.png");
-    {
-        let root = BitMapBackend::new(&tmp, (560, 600)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 20))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(36)
-            .build_cartesian_2d(0..k, 0..k)
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        chart
-            .configure_mesh()
-            .x_desc("j (model B)")
-            .y_desc("i (model A)")
-            .disable_mesh()
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        chart
-            .draw_series(
-                (0..k)
-                    .flat_map(|i| (0..k).map(move |j| (i, j)))
-                    .map(|(i, j)| {
-                        let v = m[i][j].clamp(0.0, 1.0);
-                        let c = RGBColor((255.0 * (1.0 - v)) as u8, (255.0 * (1.0 - v)) as u8, 255);
-                        Rectangle::new([(j, k - 1 - i), (j + 1, k - i)], c.filled())
-                    }),
-            )
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        root.present().map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 /// Runs the study; returns the report folder.
@@ -122,8 +83,10 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
                 ));
                 if *name == "wm" || *name == "naive" {
                     heatmap(
-                        &run.dir.join(format!("overlap_{name}.png")),
+                        &run.dir.join(format!("overlap_{name}")),
                         &format!("|u_i(A) · u_j(PB)|, {name}, {w}"),
+                        "j (model B)",
+                        "i (model A)",
                         &al.u_overlap,
                     )?;
                 }
