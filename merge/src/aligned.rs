@@ -49,14 +49,7 @@ pub fn merge_state_dicts(
                 got: t.shape().to_vec(),
             });
         }
-        if let Some(v) = t.data.iter().find(|v| !v.is_finite()) {
-            return Err(MergeError::NonFinite {
-                tensor: name.into(),
-                model,
-                value: *v,
-            });
-        }
-        Ok(())
+        MergeError::check_finite(name, &model, t.data.iter())
     };
     let merged: Vec<(String, Tensor)> = names
         .par_iter()

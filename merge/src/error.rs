@@ -77,6 +77,22 @@ pub enum MergeError {
 pub type Result<T> = std::result::Result<T, MergeError>;
 
 impl MergeError {
+    /// [`MergeError::NonFinite`] for the first NaN/Inf in `data`, if any.
+    pub(crate) fn check_finite<'a>(
+        tensor: &str,
+        model: &str,
+        data: impl IntoIterator<Item = &'a f32>,
+    ) -> Result<()> {
+        match data.into_iter().find(|v| !v.is_finite()) {
+            Some(v) => Err(MergeError::NonFinite {
+                tensor: tensor.to_string(),
+                model: model.to_string(),
+                value: *v,
+            }),
+            None => Ok(()),
+        }
+    }
+
     pub(crate) fn param(tensor: &str, param: &str, msg: impl Into<String>) -> Self {
         MergeError::Parameter {
             tensor: tensor.to_string(),

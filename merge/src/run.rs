@@ -376,13 +376,7 @@ fn load_input(
     let t = src.load(&r.name)?;
     src.release(&r.name);
     let data = t.data.into_raw_vec_and_offset().0;
-    if let Some(v) = data.iter().find(|v| !v.is_finite()) {
-        return Err(MergeError::NonFinite {
-            tensor: r.name.clone(),
-            model: label.clone(),
-            value: *v,
-        });
-    }
+    MergeError::check_finite(&r.name, label, &data)?;
     if info.shape == p.shape {
         return Ok(data);
     }
