@@ -1,7 +1,10 @@
 //! The studies behind `cargo run -p experiments --release -- <study>`, as a
 //! library so the `tests` crate runs them at tiny size.
 
+pub mod alloc;
 pub mod data;
+pub mod device;
+pub mod lm;
 pub mod mlp;
 pub mod plot;
 pub mod report;

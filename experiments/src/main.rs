@@ -9,6 +9,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use experiments::studies;
 
+/// Counts heap bytes so studies can report peak memory.
+#[global_allocator]
+static ALLOC: experiments::alloc::Counting = experiments::alloc::Counting;
+
 /// A study: its command name and what it shows.
 struct Study {
     name: &'static str,
@@ -20,17 +24,17 @@ const STUDIES: &[Study] = &[
     Study {
         name: "lmc",
         about: "linear mode connectivity of independently trained MLPs: naive vs weight matching vs activation matching vs STE",
-        ready: false,
+        ready: true,
     },
     Study {
         name: "many",
         about: "MergeMany vs pairwise weight matching vs STE for 3-5 models",
-        ready: false,
+        ready: true,
     },
     Study {
         name: "svd-align",
         about: "singular-vector alignment after permutation (Ito et al.)",
-        ready: false,
+        ready: true,
     },
     Study {
         name: "spectra",
@@ -40,7 +44,7 @@ const STUDIES: &[Study] = &[
     Study {
         name: "s2ft",
         about: "structured sparse fine-tuning vs LoRA vs full fine-tuning on a LLaMA-style model",
-        ready: false,
+        ready: true,
     },
     Study {
         name: "merge",
@@ -76,6 +80,8 @@ enum Cmd {
     SvdAlign(studies::svd_align::SvdAlignArgs),
     /// Per-layer ESD report of a checkpoint (alpha, weighted alpha, stable rank, spikes, FARMS, WeLore).
     Spectra(studies::spectra::SpectraArgs),
+    /// S²FT vs LoRA vs full fine-tuning of a small LLaMA-style model: task quality, forgetting, memory, step time, fusion, switch time.
+    S2ft(studies::s2ft::S2ftArgs),
     /// Run a mergekit YAML config (same as `cargo run -p merge`).
     MergeConfig {
         /// The config.
@@ -120,6 +126,7 @@ fn main() -> ExitCode {
         Some(Cmd::Lmc(a)) => studies::lmc::run(&a).map(|_| ()),
         Some(Cmd::Many(a)) => studies::many::run(&a).map(|_| ()),
         Some(Cmd::SvdAlign(a)) => studies::svd_align::run(&a).map(|_| ()),
+        Some(Cmd::S2ft(a)) => studies::s2ft::run(&a).map(|_| ()),
         Some(Cmd::MergeConfig { config, out, seed }) => {
             let opts = merge::run::RunOptions {
                 seed,

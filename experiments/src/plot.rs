@@ -226,3 +226,94 @@ pub fn heatmap(
         |r| draw_heatmap(r, title, x_label, y_label, m),
     )
 }
+
+fn draw_bars<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    y_label: &str,
+    bars: &[(String, f64)],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    let top = bars
+        .iter()
+        .map(|b| b.1)
+        .filter(|v| v.is_finite())
+        .fold(0f64, f64::max);
+    let top = if top > 0.0 { top * 1.15 } else { 1.0 };
+    let n = bars.len().max(1);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..n as f64, 0f64..top)
+        .map_err(|e| anyhow!("{e:?}"))?;
+    let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 1e-6 && i < labels.len() {
+                labels[i].clone()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_label)
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    for (i, (_, v)) in bars.iter().enumerate() {
+        if !v.is_finite() {
+            continue;
+        }
+        let color = Palette99::pick(i).to_rgba();
+        let x = i as f64;
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(x + 0.15, 0.0), (x + 0.85, *v)],
+                color.filled(),
+            )))
+            .map_err(|e| anyhow!("{e:?}"))?;
+        chart
+            .draw_series(std::iter::once(Text::new(
+                format_value(*v),
+                (x + 0.3, *v + top * 0.02),
+                ("sans-serif", 13),
+            )))
+            .map_err(|e| anyhow!("{e:?}"))?;
+    }
+    root.present().map_err(|e| anyhow!("{e:?}"))?;
+    Ok(())
+}
+
+fn format_value(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Writes a bar chart (one bar per `(label, value)`; non-finite values are
+/// left out) as `<stem>.png` and `<stem>.svg`.
+pub fn bar_chart(
+    stem: &Path,
+    title: &str,
+    y_label: &str,
+    bars: &[(String, f64)],
+) -> anyhow::Result<()> {
+    render(
+        stem,
+        (800, 520),
+        |r| draw_bars(r, title, y_label, bars),
+        |r| draw_bars(r, title, y_label, bars),
+    )
+}

@@ -202,16 +202,25 @@ impl S2ftAdapter {
         let mut saved = Vec::new();
         for e in &self.entries {
             let d = &self.deltas[&e.weight];
-            let w = &mut sd.get_mut(&e.weight).expect("checked").data;
+            let mut w = as_matrix(&mut sd.get_mut(&e.weight).expect("checked").data);
             let mut old = Array2::<f32>::zeros(d.raw_dim());
-            for (k, &i) in e.indices.iter().enumerate() {
-                for r in 0..d.shape()[if e.axis == DeltaAxis::Cols { 0 } else { 1 }] {
-                    let (wi, di) = match e.axis {
-                        DeltaAxis::Cols => ([r, i], [r, k]),
-                        DeltaAxis::Rows => ([i, r], [k, r]),
-                    };
-                    old[di] = w[&wi[..]];
-                    w[&wi[..]] += d[di];
+            match e.axis {
+                // Row by row: W's rows are contiguous, the selected columns a gather.
+                DeltaAxis::Cols => {
+                    for ((mut wr, dr), mut or) in
+                        w.rows_mut().into_iter().zip(d.rows()).zip(old.rows_mut())
+                    {
+                        for ((&i, &dv), ov) in e.indices.iter().zip(dr).zip(or.iter_mut()) {
+                            *ov = wr[i];
+                            wr[i] += dv;
+                        }
+                    }
+                }
+                DeltaAxis::Rows => {
+                    for (k, &i) in e.indices.iter().enumerate() {
+                        old.row_mut(k).assign(&w.row(i));
+                        w.row_mut(i).zip_mut_with(&d.row(k), |a, b| *a += b);
+                    }
                 }
             }
             saved.push((e.weight.clone(), e.axis, e.indices.clone(), old));
@@ -246,6 +255,13 @@ impl S2ftAdapter {
     }
 }
 
+/// A 2-D view of a weight [`S2ftAdapter::check`] has validated.
+fn as_matrix(data: &mut ndarray::ArrayD<f32>) -> ndarray::ArrayViewMut2<'_, f32> {
+    data.view_mut()
+        .into_dimensionality::<ndarray::Ix2>()
+        .expect("adapted weights are 2-D")
+}
+
 fn block_shape(e: &AdapterEntry) -> Vec<usize> {
     match e.axis {
         DeltaAxis::Cols => vec![e.weight_shape[0], e.indices.len()],
@@ -257,17 +273,33 @@ fn block_shape(e: &AdapterEntry) -> Vec<usize> {
 /// several adapters were fused).
 pub fn unfuse(sd: &mut StateDict, undo: Undo) -> Result<()> {
     for (name, axis, idx, old) in undo.saved.into_iter().rev() {
-        let w = &mut sd
+        let t = sd
             .get_mut(&name)
-            .ok_or_else(|| err(format!("the model lost weight '{name}'")))?
-            .data;
-        for (k, &i) in idx.iter().enumerate() {
-            for r in 0..old.shape()[if axis == DeltaAxis::Cols { 0 } else { 1 }] {
-                let (wi, oi) = match axis {
-                    DeltaAxis::Cols => ([r, i], [r, k]),
-                    DeltaAxis::Rows => ([i, r], [k, r]),
-                };
-                w[&wi[..]] = old[oi];
+            .ok_or_else(|| err(format!("the model lost weight '{name}'")))?;
+        let sh = t.shape().to_vec();
+        let (along, across) = match axis {
+            DeltaAxis::Cols => (1, 0),
+            DeltaAxis::Rows => (0, 1),
+        };
+        if sh.len() != 2 || idx.iter().any(|&i| i >= sh[along]) || old.shape()[across] != sh[across]
+        {
+            return Err(err(format!(
+                "'{name}' changed shape to {sh:?} since the adapter was fused"
+            )));
+        }
+        let mut w = as_matrix(&mut t.data);
+        match axis {
+            DeltaAxis::Cols => {
+                for (mut wr, or) in w.rows_mut().into_iter().zip(old.rows()) {
+                    for (&i, &ov) in idx.iter().zip(or) {
+                        wr[i] = ov;
+                    }
+                }
+            }
+            DeltaAxis::Rows => {
+                for (k, &i) in idx.iter().enumerate() {
+                    w.row_mut(i).assign(&old.row(k));
+                }
             }
         }
     }

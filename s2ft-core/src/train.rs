@@ -14,12 +14,44 @@ use crate::model::Llama;
 
 /// Mean next-token cross-entropy of `tokens` (`[b, t]`, predicting `t − 1` positions).
 pub fn lm_loss<B: Backend>(model: &Llama<B>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    token_nll(model, tokens).mean()
+}
+
+/// The negative log-likelihood of every predicted token, `[b, t − 1]`.
+fn token_nll<B: Backend>(model: &Llama<B>, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
     let [b, t] = tokens.dims();
     let logits = model.forward(tokens.clone().narrow(1, 0, t - 1));
     let v = model.config.vocab_size;
     let logp = log_softmax(logits.reshape([b * (t - 1), v]), 1);
     let target = tokens.narrow(1, 1, t - 1).reshape([b * (t - 1), 1]);
-    logp.gather(1, target).mean().neg()
+    logp.gather(1, target).reshape([b, t - 1]).neg()
+}
+
+/// Mean cross-entropy over the predicted positions where `mask` (`[b, t − 1]`,
+/// 1 = counted, 0 = ignored) is set: supervised fine-tuning's loss, which
+/// ignores the prompt (Hugging Face's label −100). An all-zero mask gives 0.
+pub fn lm_loss_masked<B: Backend>(
+    model: &Llama<B>,
+    tokens: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let count = mask.clone().sum().clamp_min(1.0);
+    (token_nll(model, tokens) * mask).sum() / count
+}
+
+/// One training batch: tokens and, for supervised fine-tuning, the loss mask
+/// of [`lm_loss_masked`].
+pub struct Batch<B: Backend> {
+    /// `[b, t]` token ids.
+    pub tokens: Tensor<B, 2, Int>,
+    /// `[b, t − 1]` loss mask; `None` counts every position.
+    pub mask: Option<Tensor<B, 2>>,
+}
+
+impl<B: Backend> From<Tensor<B, 2, Int>> for Batch<B> {
+    fn from(tokens: Tensor<B, 2, Int>) -> Self {
+        Batch { tokens, mask: None }
+    }
 }
 
 /// Optimiser settings.
@@ -53,10 +85,11 @@ pub struct TrainOutcome<B: AutodiffBackend> {
     pub stopped: Option<S2ftError>,
 }
 
-/// Trains `model` for `cfg.steps` AdamW steps on `batch(step)`.
-pub fn train<B: AutodiffBackend>(
+/// Trains `model` for `cfg.steps` AdamW steps on `batch(step)`: token ids
+/// (every position counted) or a [`Batch`] with a loss mask.
+pub fn train<B: AutodiffBackend, T: Into<Batch<B>>>(
     model: Llama<B>,
-    mut batch: impl FnMut(usize) -> Tensor<B, 2, Int>,
+    mut batch: impl FnMut(usize) -> T,
     cfg: &TrainConfig,
 ) -> TrainOutcome<B>
 where
@@ -70,7 +103,11 @@ where
     let mut last_good: Option<Llama<B>> = None;
     let mut losses = Vec::with_capacity(cfg.steps);
     for step in 0..cfg.steps {
-        let loss = lm_loss(&model, batch(step));
+        let Batch { tokens, mask } = batch(step).into();
+        let loss = match mask {
+            Some(m) => lm_loss_masked(&model, tokens, m),
+            None => lm_loss(&model, tokens),
+        };
         let value: f32 = loss.clone().into_scalar().elem();
         if !value.is_finite() {
             return TrainOutcome {

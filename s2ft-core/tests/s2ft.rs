@@ -492,3 +492,40 @@ fn lora_dropout_acts_only_while_training() {
         .is_err()
     );
 }
+
+#[test]
+fn masked_loss_counts_only_the_marked_positions() {
+    use burn::tensor::activation::log_softmax;
+    use s2ft_core::train::lm_loss_masked;
+    let c = cfg();
+    let device = Default::default();
+    let model = Llama::<B>::random(&c, 4, &device).unwrap();
+    let tokens = batch(9, 2, 6, c.vocab_size);
+    // All ones: the plain loss.
+    let ones = Tensor::<B, 2>::ones([2, 5], &device);
+    let plain = lm_loss(&model, tokens.clone()).into_scalar().elem::<f32>();
+    let all = lm_loss_masked(&model, tokens.clone(), ones)
+        .into_scalar()
+        .elem::<f32>();
+    assert!((plain - all).abs() < 1e-6, "{plain} vs {all}");
+    // Two marked positions: the mean of their NLLs, read off the logits by hand.
+    let mut m = vec![0f32; 10];
+    m[1] = 1.0; // row 0, predicting token 2
+    m[8] = 1.0; // row 1, predicting token 4
+    let mask = Tensor::<B, 2>::from_data(TensorData::new(m, [2, 5]), &device);
+    let got = lm_loss_masked(&model, tokens.clone(), mask)
+        .into_scalar()
+        .elem::<f32>();
+    let logp = vals(log_softmax(model.forward(tokens.clone()), 2).inner());
+    let ids: Vec<i64> = tokens.into_data().convert::<i64>().into_vec().unwrap();
+    let v = c.vocab_size;
+    let nll = |row: usize, pos: usize| -logp[(row * 6 + pos) * v + ids[row * 6 + pos + 1] as usize];
+    let want = (nll(0, 1) + nll(1, 3)) / 2.0;
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    // No marked position: zero, not NaN.
+    let zeros = Tensor::<B, 2>::zeros([2, 5], &device);
+    let none = lm_loss_masked(&model, batch(9, 2, 6, c.vocab_size), zeros)
+        .into_scalar()
+        .elem::<f32>();
+    assert_eq!(none, 0.0);
+}

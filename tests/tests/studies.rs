@@ -3,6 +3,10 @@
 
 use std::path::Path;
 
+// The experiments binary's allocator, so the s2ft study measures peak heap here too.
+#[global_allocator]
+static ALLOC: experiments::alloc::Counting = experiments::alloc::Counting;
+
 fn check_png(p: &Path) {
     let img = image::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     assert!(img.width() >= 400 && img.height() >= 300, "{}", p.display());
@@ -229,5 +233,104 @@ fn lmc_width_sweep_plots_barriers_per_width() {
             row["wm_loss_barrier"].as_f64().unwrap() < row["naive_loss_barrier"].as_f64().unwrap(),
             "{row}"
         );
+    }
+}
+
+#[test]
+fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s2ft");
+    let args = experiments::studies::s2ft::S2ftArgs {
+        quick: true,
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        ffn: 256,
+        seq: 32,
+        batch: 8,
+        pretrain_steps: 400,
+        steps: 300,
+        ranks: vec![1, 2, 4],
+        seeds: 2,
+        seed: 0,
+        lr_pretrain: 3e-3,
+        lr_full: 1e-3,
+        lr_peft: 1e-2,
+        task: experiments::lm::Task::Shift,
+        fusion_task: experiments::lm::Task::Mirror,
+        switch_widths: vec![],
+        base: None,
+        data_dir: None,
+        device: "cpu".into(),
+        out: Some(out.clone()),
+        quiet: true,
+    };
+    experiments::studies::s2ft::run(&args).unwrap();
+    for f in [
+        "tradeoff",
+        "step_time",
+        "memory",
+        "finetune_loss",
+        "switch_time",
+    ] {
+        check_png(&out.join(format!("{f}.png")));
+        assert!(out.join(format!("{f}.svg")).is_file(), "{f}");
+    }
+    for f in [
+        "report.md",
+        "runs.csv",
+        "base/model.safetensors",
+        "base/config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let row = |family: &str| {
+        m["summary"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["family"] == family)
+            .unwrap_or_else(|| panic!("{family} missing"))
+            .clone()
+    };
+    let num = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    let (full, lora, rand, act) = (
+        row("full"),
+        row("lora"),
+        row("s2ft-random"),
+        row("s2ft-act"),
+    );
+    // Same budget: S²FT's structured blocks never exceed LoRA's count, far below full.
+    for s in [&rand, &act] {
+        assert!(
+            num(s, "trainable_params") <= num(&lora, "trainable_params"),
+            "{s}"
+        );
+        assert!(num(s, "trainable_params") * 10.0 < num(&full, "trainable_params"));
+    }
+    // Every method learns the task above chance (1/26); full fine-tuning solves it.
+    assert!(num(&full, "task_b_acc") > 0.9, "{full}");
+    for r in [&lora, &rand, &act] {
+        assert!(num(r, "task_b_acc") > 0.08, "{r}");
+    }
+    // S²FT forgets task A less than full fine-tuning (smallest-activation
+    // selection, and the mean of both selections).
+    let f_full = num(&full, "forgetting");
+    assert!(f_full > 0.0);
+    assert!(num(&act, "forgetting") < f_full, "{act} vs {full}");
+    assert!(
+        (num(&act, "forgetting") + num(&rand, "forgetting")) / 2.0 < f_full,
+        "{rand} {act} vs {full}"
+    );
+    // Heap was measured, and a full fine-tune needs more of it than S²FT.
+    assert!(num(&full, "peak_mb") > num(&act, "peak_mb"));
+    assert_eq!(m["fusion"].as_array().unwrap().len(), 3);
+    let sw = m["switch"].as_array().unwrap();
+    assert_eq!(sw.len(), 2);
+    for r in sw {
+        assert!(num(r, "lora_ms") > 0.0 && num(r, "s2ft_ms") > 0.0);
+        assert!(num(r, "s2ft_params") <= num(r, "lora_params"));
     }
 }

@@ -2,5 +2,6 @@
 
 pub mod lmc;
 pub mod many;
+pub mod s2ft;
 pub mod spectra;
 pub mod svd_align;

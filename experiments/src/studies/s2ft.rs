@@ -1,0 +1,937 @@
+//! `s2ft`: structured sparse fine-tuning vs LoRA vs full fine-tuning on a
+//! small LLaMA-style model (S²FT, Yang et al. NeurIPS 2024, Figure 5 and
+//! Tables 5 analogues).
+//!
+//! 1. Pretrain a character-level decoder on task A (language modelling on
+//!    the vendored Moby-Dick text), or load one with `--base`.
+//! 2. Fine-tune it on task B (a string transduction, answers scored token by
+//!    token) with full fine-tuning, LoRA of each rank in `--ranks`, and S²FT
+//!    with random and smallest-activation selection at the same trainable
+//!    parameter budget as each LoRA rank, over several seeds: task-B accuracy,
+//!    task-A forgetting (increase of its held-out loss), trainable parameters,
+//!    peak heap and step time.
+//! 3. Adapter fusion: adapters trained on task B and on task C added to the
+//!    base together, vs each alone.
+//! 4. Adapter switch time vs width: S²FT swaps a few columns, LoRA re-adds
+//!    `B·A` to every adapted matrix.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use serde_json::{Value, json};
+use weights::StateDict;
+
+use crate::device::Device;
+use crate::lm::{
+    Corpus, Eval, Sample, Task, VOCAB, default_text_dir, evaluate, held_out, moby_dick,
+};
+use crate::plot::{Series, bar_chart, line_chart};
+use crate::report::Run;
+use s2ft_core::s2ft::{
+    Order, S2ftConfig, Strategy, activation_scores, apply_lora, apply_s2ft, lora_param_count,
+    ratios_for_budget, select, trainable_params,
+};
+use s2ft_core::train::{TrainConfig, train};
+use s2ft_core::{Llama, LlamaConfig};
+use spectra::rng::Rng;
+
+/// LoRA's target projections (the S²FT paper's LoRA baseline: q, k, v, up, down).
+pub const LORA_TARGETS: [&str; 5] = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"];
+
+/// Options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct S2ftArgs {
+    /// Tiny size for tests (width 48, 2 blocks, 200 + 150 steps, one seed, one budget).
+    #[arg(long)]
+    pub quick: bool,
+    /// Residual width.
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    /// Decoder blocks.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// FFN width.
+    #[arg(long, default_value_t = 256)]
+    pub ffn: usize,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 32)]
+    pub seq: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Pretraining steps on task A.
+    #[arg(long, default_value_t = 400)]
+    pub pretrain_steps: usize,
+    /// Fine-tuning steps on task B (and C).
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// LoRA ranks; each defines a budget S²FT is matched to.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4])]
+    pub ranks: Vec<usize>,
+    /// Fine-tuning seeds per method.
+    #[arg(long, default_value_t = 2)]
+    pub seeds: usize,
+    /// Base seed (model init, data order, selections).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Pretraining learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr_pretrain: f64,
+    /// Full fine-tuning learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr_full: f64,
+    /// LoRA and S²FT learning rate.
+    #[arg(long, default_value_t = 1e-2)]
+    pub lr_peft: f64,
+    /// Task B.
+    #[arg(long, value_enum, default_value_t = Task::Shift)]
+    pub task: Task,
+    /// Task C (adapter fusion).
+    #[arg(long, value_enum, default_value_t = Task::Mirror)]
+    pub fusion_task: Task,
+    /// Widths of the adapter switch-time sweep (empty: skip).
+    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 512, 1024, 2048])]
+    pub switch_widths: Vec<usize>,
+    /// A pretrained base (a folder with model.safetensors and config.json, as
+    /// this study writes to `<out>/base`) instead of pretraining.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Folder with moby-dick.txt(.gz) (default: the vendored data/text).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// `cpu`, or `cuda` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Report folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The sizes a run uses after `--quick`.
+#[derive(Clone, Debug)]
+pub(crate) struct Sizes {
+    pub(crate) config: LlamaConfig,
+    pub(crate) seq: usize,
+    pub(crate) batch: usize,
+    pub(crate) pretrain_steps: usize,
+    pub(crate) steps: usize,
+    pub(crate) ranks: Vec<usize>,
+    pub(crate) seeds: usize,
+    pub(crate) switch_widths: Vec<usize>,
+    pub(crate) eval_batches: usize,
+}
+
+impl S2ftArgs {
+    pub(crate) fn sizes(&self) -> anyhow::Result<Sizes> {
+        let s = if self.quick {
+            Sizes {
+                config: LlamaConfig::tiny(VOCAB, 48, 2, 4, 4, 128),
+                seq: 32,
+                batch: 8,
+                pretrain_steps: 200,
+                steps: 150,
+                ranks: vec![2],
+                seeds: 1,
+                switch_widths: vec![64, 128],
+                eval_batches: 4,
+            }
+        } else {
+            if self.heads == 0 || !self.hidden.is_multiple_of(self.heads) {
+                bail!(
+                    "--hidden {} must be a multiple of --heads {}",
+                    self.hidden,
+                    self.heads
+                );
+            }
+            Sizes {
+                config: LlamaConfig::tiny(
+                    VOCAB,
+                    self.hidden,
+                    self.layers,
+                    self.heads,
+                    self.heads,
+                    self.ffn,
+                ),
+                seq: self.seq,
+                batch: self.batch,
+                pretrain_steps: self.pretrain_steps,
+                steps: self.steps,
+                ranks: self.ranks.clone(),
+                seeds: self.seeds,
+                switch_widths: self.switch_widths.clone(),
+                eval_batches: 8,
+            }
+        };
+        s.config.check()?;
+        if s.seq < 8 || s.batch == 0 || s.steps == 0 || s.seeds == 0 {
+            bail!(
+                "--seq {} (at least 8), --batch {}, --steps {} and --seeds {} must be positive",
+                s.seq,
+                s.batch,
+                s.steps,
+                s.seeds
+            );
+        }
+        if s.ranks.is_empty() || s.ranks.contains(&0) {
+            bail!("--ranks {:?}: give at least one positive rank", s.ranks);
+        }
+        if self.task == self.fusion_task {
+            bail!(
+                "--task and --fusion-task are both '{}'; fusion needs two different tasks",
+                self.task.name()
+            );
+        }
+        for lr in [self.lr_pretrain, self.lr_full, self.lr_peft] {
+            if !(lr.is_finite() && lr > 0.0) {
+                bail!("learning rates must be positive and finite, got {lr}");
+            }
+        }
+        Ok(s)
+    }
+}
+
+/// A fine-tuning method.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Method {
+    Full,
+    Lora(usize),
+    S2ft(usize, Strategy),
+}
+
+impl Method {
+    pub(crate) fn family(self) -> &'static str {
+        match self {
+            Method::Full => "full",
+            Method::Lora(_) => "lora",
+            Method::S2ft(_, Strategy::Random) => "s2ft-random",
+            Method::S2ft(..) => "s2ft-act",
+        }
+    }
+    pub(crate) fn rank(self) -> Option<usize> {
+        match self {
+            Method::Full => None,
+            Method::Lora(r) | Method::S2ft(r, _) => Some(r),
+        }
+    }
+    pub(crate) fn label(self) -> String {
+        match self.rank() {
+            None => self.family().into(),
+            Some(r) => format!("{} r{r}", self.family()),
+        }
+    }
+}
+
+/// One fine-tuning run's outcome.
+pub(crate) struct Finetuned {
+    pub(crate) weights: StateDict,
+    pub(crate) trainable: usize,
+    pub(crate) step_ms: f64,
+    pub(crate) peak_bytes: Option<usize>,
+    pub(crate) losses: Vec<f32>,
+}
+
+/// The held-out sets every model is scored on.
+pub(crate) struct EvalSets {
+    pub(crate) text: Vec<Sample>,
+    pub(crate) tasks: Vec<(Task, Vec<Sample>)>,
+}
+
+impl EvalSets {
+    pub(crate) fn new(corpus: &Corpus, tasks: &[Task], s: &Sizes) -> Self {
+        let (b, t) = (s.batch, s.seq);
+        EvalSets {
+            text: held_out(s.eval_batches, 1001, |r| {
+                Sample::text(&corpus.test, b, t, r)
+            }),
+            tasks: tasks
+                .iter()
+                .map(|&task| {
+                    let seed = 2000 + task as u64;
+                    let set = held_out(s.eval_batches, seed, |r| Sample::task(task, b, t, r));
+                    (task, set)
+                })
+                .collect(),
+        }
+    }
+
+    /// Task-A loss/accuracy and every task's accuracy of a state dict.
+    pub(crate) fn score<B: AutodiffBackend>(
+        &self,
+        c: &LlamaConfig,
+        sd: &StateDict,
+        device: &B::Device,
+    ) -> anyhow::Result<(Eval, Vec<(Task, Eval)>)> {
+        let m = Llama::<B::InnerBackend>::from_state_dict(c, sd, false, device)?;
+        Ok((
+            evaluate(&m, &self.text),
+            self.tasks
+                .iter()
+                .map(|(t, s)| (*t, evaluate(&m, s)))
+                .collect(),
+        ))
+    }
+}
+
+/// Trains `model` on batches from `draw`, timing steps and measuring heap.
+fn fit<B: AutodiffBackend>(
+    model: Llama<B>,
+    lr: f64,
+    steps: usize,
+    mut draw: impl FnMut() -> Sample,
+    device: &B::Device,
+    bar: &indicatif::ProgressBar,
+    what: &str,
+) -> anyhow::Result<(Llama<B>, Vec<f32>, f64)>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    let mut times = Vec::with_capacity(steps);
+    let mut last = Instant::now();
+    let out = train(
+        model,
+        |_| {
+            let now = Instant::now();
+            times.push(now.duration_since(last).as_secs_f64() * 1e3);
+            last = now;
+            bar.inc(1);
+            draw().to_batch::<B>(device)
+        },
+        &TrainConfig {
+            lr,
+            steps,
+            weight_decay: 0.0,
+        },
+    );
+    if let Some(e) = out.stopped {
+        bail!("{what}: {e} (lower the learning rate)");
+    }
+    // times[i] spans step i − 1; the first two include setup and warm-up.
+    let mut ms: Vec<f64> = times.iter().skip(2).copied().collect();
+    ms.sort_by(f64::total_cmp);
+    let median = ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN);
+    Ok((out.model, out.losses, median))
+}
+
+/// Fine-tunes `base` on `task` with `method`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finetune<B: AutodiffBackend>(
+    base: &StateDict,
+    s: &Sizes,
+    method: Method,
+    task: Task,
+    lr: f64,
+    seed: u64,
+    device: &B::Device,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<Finetuned>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    let c = &s.config;
+    let before = crate::alloc::reset_peak();
+    let model = Llama::<B>::from_state_dict(c, base, method == Method::Full, device)?;
+    let mut rng = Rng::new(seed.wrapping_mul(7919).wrapping_add(task as u64));
+    let model = match method {
+        Method::Full => model,
+        Method::Lora(r) => apply_lora(model, r, 2.0 * r as f64, &LORA_TARGETS, seed)?,
+        Method::S2ft(r, strategy) => {
+            let (hr, cr) = ratios_for_budget(c, lora_param_count(c, r, &LORA_TARGETS), 0.5);
+            let sc = S2ftConfig {
+                heads_ratio: hr,
+                channels_ratio: cr,
+                strategy,
+                order: Order::Smallest,
+                seed,
+                ..Default::default()
+            };
+            let scores = match strategy {
+                Strategy::Random => None,
+                _ => {
+                    let calib = Sample::task(task, s.batch, s.seq, &mut rng);
+                    Some(activation_scores(
+                        &model,
+                        calib.to_batch::<B>(device).tokens,
+                    ))
+                }
+            };
+            let sel = select(c, &sc, scores.as_ref())?;
+            apply_s2ft(model, &sel, &sc)?
+        }
+    };
+    let trainable = trainable_params(&model);
+    let what = format!("{} on {}", method.label(), task.name());
+    let (model, losses, step_ms) = fit(
+        model,
+        lr,
+        s.steps,
+        || Sample::task(task, s.batch, s.seq, &mut rng),
+        device,
+        bar,
+        &what,
+    )?;
+    let peak_bytes = crate::alloc::installed().then(|| crate::alloc::peak() - before);
+    Ok(Finetuned {
+        weights: model.to_state_dict(),
+        trainable,
+        step_ms,
+        peak_bytes,
+        losses,
+    })
+}
+
+/// Pretrains the base on task A (or loads `--base`), returning it and its losses.
+pub(crate) fn pretrain<B: AutodiffBackend>(
+    args_base: Option<&std::path::Path>,
+    s: &Sizes,
+    corpus: &Corpus,
+    lr: f64,
+    seed: u64,
+    device: &B::Device,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<(StateDict, LlamaConfig, Vec<f32>)>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    if let Some(dir) = args_base {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("--base: reading {}", cfg_path.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("--base: {} is not JSON", cfg_path.display()))?;
+        let c =
+            LlamaConfig::from_hf(&v).with_context(|| format!("--base: {}", cfg_path.display()))?;
+        if c.vocab_size != VOCAB {
+            bail!(
+                "--base: {} has vocabulary {}, this study's character models have {VOCAB}",
+                cfg_path.display(),
+                c.vocab_size
+            );
+        }
+        let sd = StateDict::load(dir.join("model.safetensors"))
+            .with_context(|| format!("--base: {}", dir.display()))?;
+        // Checks every weight's presence, shape and finiteness.
+        Llama::<B::InnerBackend>::from_state_dict(&c, &sd, false, device)
+            .with_context(|| format!("--base: {}", dir.display()))?;
+        return Ok((sd, c, Vec::new()));
+    }
+    let c = &s.config;
+    let model = Llama::<B>::random(c, seed, device)?;
+    let mut rng = Rng::new(seed ^ 0xA5A5);
+    let (model, losses, _) = fit(
+        model,
+        lr,
+        s.pretrain_steps,
+        || Sample::text(&corpus.train, s.batch, s.seq, &mut rng),
+        device,
+        bar,
+        "pretraining",
+    )?;
+    Ok((model.to_state_dict(), c.clone(), losses))
+}
+
+/// Median milliseconds of switching adapters at width `w` (one block): LoRA
+/// of rank `r` on [`LORA_TARGETS`] vs S²FT at the same parameter count.
+fn switch_time(w: usize, r: usize, reps: usize) -> anyhow::Result<Value> {
+    use ndarray::{Array2, linalg::general_mat_mul};
+    use s2ft_core::adapter::{S2ftAdapter, unfuse};
+    let heads = (w / 64).max(1);
+    let ffn = (8 * w / 3).div_ceil(64) * 64;
+    let c = LlamaConfig::tiny(VOCAB, w, 1, heads, heads, ffn);
+    let mut sd = s2ft_core::model::random_state_dict(&c, 0);
+    let mut rng = Rng::new(w as u64);
+    let mut rand =
+        |r: usize, k: usize| Array2::from_shape_fn((r, k), |_| (0.01 * rng.normal()) as f32);
+    // Two LoRA adapters: per target (weight name, B [out, r], A [r, in]).
+    let lora_params = lora_param_count(&c, r, &LORA_TARGETS);
+    let mut loras = Vec::new();
+    for _ in 0..2 {
+        let mut mods = Vec::new();
+        for name in s2ft_core::model::PROJ_NAMES {
+            if !LORA_TARGETS.iter().any(|t| name.ends_with(t)) {
+                continue;
+            }
+            let key = format!("{}.{name}.weight", s2ft_core::model::layer_prefix(0));
+            let sh = sd.get(&key).expect("weight").shape().to_vec();
+            mods.push((key, rand(sh[0], r), rand(r, sh[1])));
+        }
+        loras.push(mods);
+    }
+    // Two S²FT adapters at the same budget, different random selections.
+    let (hr, cr) = ratios_for_budget(&c, lora_params, 0.5);
+    let mut adapters = Vec::new();
+    for seed in 0..2u64 {
+        let sc = S2ftConfig {
+            heads_ratio: hr,
+            channels_ratio: cr,
+            seed,
+            ..Default::default()
+        };
+        let sel = select(&c, &sc, None)?;
+        let dev = Default::default();
+        let m = Llama::<s2ft_core::Cpu>::from_state_dict(&c, &sd, false, &dev)?;
+        let mut a = S2ftAdapter::extract(&apply_s2ft(m, &sel, &sc)?)?;
+        for d in a.deltas.values_mut() {
+            let fresh = rand(d.nrows(), d.ncols());
+            d.assign(&fresh);
+        }
+        adapters.push(a);
+    }
+    let s2ft_params = adapters[0].num_params();
+    let scale = 2.0f32;
+    let lora_apply =
+        |sd: &mut StateDict, mods: &[(String, Array2<f32>, Array2<f32>)], sign: f32| {
+            for (key, b, a) in mods {
+                let w = sd.get_mut(key).expect("weight");
+                let mut w2 = w
+                    .data
+                    .view_mut()
+                    .into_dimensionality::<ndarray::Ix2>()
+                    .expect("2-D");
+                general_mat_mul(sign * scale, b, a, 1.0, &mut w2);
+            }
+        };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // LoRA: unmerge the current adapter, merge the next.
+    lora_apply(&mut sd, &loras[0], 1.0);
+    let mut lora_ms = Vec::new();
+    for k in 0..reps {
+        let (cur, next) = (&loras[k % 2], &loras[(k + 1) % 2]);
+        let t = Instant::now();
+        lora_apply(&mut sd, cur, -1.0);
+        lora_apply(&mut sd, next, 1.0);
+        lora_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    lora_apply(&mut sd, &loras[reps % 2], -1.0);
+    // S²FT: restore the current adapter's columns, add the next one's.
+    let mut undo = adapters[0].fuse(&mut sd)?;
+    let mut s2ft_ms = Vec::new();
+    for k in 0..reps {
+        let next = &adapters[(k + 1) % 2];
+        let t = Instant::now();
+        unfuse(&mut sd, undo)?;
+        undo = next.fuse(&mut sd)?;
+        s2ft_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(json!({
+        "width": w,
+        "ffn": ffn,
+        "lora_rank": r,
+        "lora_params": lora_params,
+        "s2ft_params": s2ft_params,
+        "lora_ms": median(lora_ms),
+        "s2ft_ms": median(s2ft_ms),
+    }))
+}
+
+fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
+    let (s, n) = v
+        .into_iter()
+        .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 { f64::NAN } else { s / n as f64 }
+}
+
+/// Runs the study; returns the report folder.
+pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
+    let s = args.sizes()?;
+    match Device::parse(&args.device, "s2ft")? {
+        Device::Cpu => run_on::<s2ft_core::CpuTrain>(args, s, &Default::default(), Device::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => run_on::<s2ft_core::GpuTrain>(args, s, &Default::default(), Device::Cuda),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
+    }
+}
+
+fn run_on<B: AutodiffBackend>(
+    args: &S2ftArgs,
+    mut s: Sizes,
+    device: &B::Device,
+    dev: Device,
+) -> anyhow::Result<PathBuf>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    let mut run = Run::create("s2ft", args.out.as_deref(), dev.label(), args.quiet)?;
+    let dir = args.data_dir.clone().unwrap_or_else(default_text_dir);
+    let corpus = run.phase("load data", || moby_dick(&dir))?;
+    let (task_b, task_c) = (args.task, args.fusion_task);
+    let mut methods = vec![Method::Full];
+    for &r in &s.ranks {
+        methods.push(Method::Lora(r));
+        methods.push(Method::S2ft(r, Strategy::Random));
+        methods.push(Method::S2ft(r, Strategy::ActivationNorm));
+    }
+    let mid = s.ranks[s.ranks.len() / 2];
+    let fusion_methods = [
+        Method::Full,
+        Method::Lora(mid),
+        Method::S2ft(mid, Strategy::Random),
+    ];
+    let total = if args.base.is_some() {
+        0
+    } else {
+        s.pretrain_steps
+    } + (methods.len() * s.seeds + fusion_methods.len()) * s.steps;
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total as u64)
+    };
+    bar.set_message("pretraining");
+    let (base, config, pre_losses) = run.phase("pretrain", || {
+        pretrain::<B>(
+            args.base.as_deref(),
+            &s,
+            &corpus,
+            args.lr_pretrain,
+            args.seed,
+            device,
+            &bar,
+        )
+    })?;
+    s.config = config;
+    let c = s.config.clone();
+    if args.base.is_none() {
+        let bdir = run.dir.join("base");
+        std::fs::create_dir_all(&bdir)?;
+        base.save_safetensors(bdir.join("model.safetensors"))?;
+        weights::atomic::write_atomic(
+            bdir.join("config.json"),
+            serde_json::to_string_pretty(&c.to_hf())?.as_bytes(),
+        )?;
+    }
+    let evals = EvalSets::new(&corpus, &[task_b, task_c], &s);
+    let (base_a, base_tasks) = evals.score::<B>(&c, &base, device)?;
+    let base_b = base_tasks[0].1;
+    let lr_of = |m: Method| {
+        if m == Method::Full {
+            args.lr_full
+        } else {
+            args.lr_peft
+        }
+    };
+
+    // The sweep: every method × seed on task B.
+    let mut rows: Vec<Value> = Vec::new();
+    let mut csv = String::from(
+        "method,family,lora_rank_budget,seed,trainable_params,task_b_acc,task_b_loss,task_a_loss,forgetting,step_ms,peak_bytes\n",
+    );
+    let mut kept: Vec<(Method, Finetuned)> = Vec::new();
+    for seed_k in 0..s.seeds as u64 {
+        let seed = args.seed * 1000 + seed_k;
+        for &m in &methods {
+            bar.set_message(format!("{} seed {seed}", m.label()));
+            let ft = run.phase(&format!("{} seed {seed}", m.label()), || {
+                finetune::<B>(&base, &s, m, task_b, lr_of(m), seed, device, &bar)
+            })?;
+            let (a, tasks) = evals.score::<B>(&c, &ft.weights, device)?;
+            let b = tasks[0].1;
+            let forgetting = a.loss - base_a.loss;
+            csv.push_str(&format!(
+                "{},{},{},{seed},{},{:.5},{:.5},{:.5},{:.5},{:.3},{}\n",
+                m.label(),
+                m.family(),
+                m.rank().map_or(String::new(), |r| r.to_string()),
+                ft.trainable,
+                b.acc,
+                b.loss,
+                a.loss,
+                forgetting,
+                ft.step_ms,
+                ft.peak_bytes.map_or(String::new(), |p| p.to_string())
+            ));
+            // Written after every run: an interrupted study keeps what finished.
+            run.write("runs.csv", csv.as_bytes())?;
+            rows.push(json!({
+                "method": m.label(), "family": m.family(), "lora_rank_budget": m.rank(), "seed": seed,
+                "trainable_params": ft.trainable, "lr": lr_of(m), "steps": s.steps,
+                "task_b": b, "task_a": a, "forgetting": forgetting,
+                "step_ms": ft.step_ms, "peak_bytes": ft.peak_bytes,
+                "final_train_loss": ft.losses.last(),
+            }));
+            if seed_k == 0 {
+                kept.push((m, ft));
+            }
+        }
+    }
+    // Means over seeds, per method.
+    let summary: Vec<Value> = methods
+        .iter()
+        .map(|m| {
+            let rs: Vec<&Value> = rows.iter().filter(|r| r["method"] == m.label()).collect();
+            let f = |key: &dyn Fn(&Value) -> f64| mean(rs.iter().map(|r| key(r)));
+            json!({
+                "method": m.label(), "family": m.family(), "lora_rank_budget": m.rank(),
+                "trainable_params": rs[0]["trainable_params"],
+                "task_b_acc": f(&|r| r["task_b"]["acc"].as_f64().unwrap_or(f64::NAN)),
+                "task_b_loss": f(&|r| r["task_b"]["loss"].as_f64().unwrap_or(f64::NAN)),
+                "forgetting": f(&|r| r["forgetting"].as_f64().unwrap_or(f64::NAN)),
+                "step_ms": f(&|r| r["step_ms"].as_f64().unwrap_or(f64::NAN)),
+                "peak_mb": f(&|r| r["peak_bytes"].as_f64().map_or(f64::NAN, |b| b / 1e6)),
+            })
+        })
+        .collect();
+
+    // Adapter fusion: τ_B + τ_C on the base, vs each alone.
+    let mut fusion = Vec::new();
+    for &m in &fusion_methods {
+        bar.set_message(format!("fusion {}", m.label()));
+        let on_b = &kept.iter().find(|(k, _)| *k == m).expect("swept").1;
+        let on_c = run.phase(&format!("{} on {}", m.label(), task_c.name()), || {
+            finetune::<B>(
+                &base,
+                &s,
+                m,
+                task_c,
+                lr_of(m),
+                args.seed * 1000 + 1,
+                device,
+                &bar,
+            )
+        })?;
+        let fused = run.phase(&format!("fuse {}", m.label()), || {
+            merge::aligned::merge_state_dicts(
+                &merge::Method::from_name("task_arithmetic")?,
+                Some(&base),
+                &[on_b.weights.clone(), on_c.weights.clone()],
+                &[("weight".to_string(), merge::Value::Num(1.0))]
+                    .into_iter()
+                    .collect(),
+                &[merge::Params::new(), merge::Params::new()],
+                0,
+            )
+        })?;
+        let score = |sd: &StateDict| -> anyhow::Result<Value> {
+            let (a, t) = evals.score::<B>(&c, sd, device)?;
+            Ok(json!({"task_a_loss": a.loss, "task_b_acc": t[0].1.acc, "task_c_acc": t[1].1.acc}))
+        };
+        fusion.push(json!({
+            "method": m.label(),
+            "only_b": score(&on_b.weights)?,
+            "only_c": score(&on_c.weights)?,
+            "fused": score(&fused)?,
+        }));
+    }
+    bar.finish_and_clear();
+
+    // Adapter switch time vs width.
+    let mut switch = Vec::new();
+    for &w in &s.switch_widths {
+        let row = run.phase(&format!("switch width {w}"), || switch_time(w, 8, 7))?;
+        switch.push(row);
+    }
+
+    // Plots.
+    let palette = ["full", "lora", "s2ft-random", "s2ft-act"];
+    let tradeoff: Vec<Series> = palette
+        .iter()
+        .enumerate()
+        .map(|(i, fam)| {
+            let pts = rows
+                .iter()
+                .filter(|r| r["family"] == *fam)
+                .map(|r| {
+                    (
+                        r["forgetting"].as_f64().unwrap_or(f64::NAN),
+                        r["task_b"]["acc"].as_f64().unwrap_or(f64::NAN),
+                    )
+                })
+                .collect();
+            Series::dots(*fam, pts).colored(i)
+        })
+        .collect();
+    line_chart(
+        &run.dir.join("tradeoff"),
+        &format!("Task {} accuracy vs forgetting of task A", task_b.name()),
+        "forgetting: increase of task-A loss (nats/char)",
+        &format!("task {} accuracy", task_b.name()),
+        &tradeoff,
+    )?;
+    let at_mid: Vec<&Value> = summary
+        .iter()
+        .filter(|r| r["lora_rank_budget"].is_null() || r["lora_rank_budget"] == mid)
+        .collect();
+    let bars = |key: &str| -> Vec<(String, f64)> {
+        at_mid
+            .iter()
+            .map(|r| {
+                (
+                    r["family"].as_str().unwrap_or("?").to_string(),
+                    r[key].as_f64().unwrap_or(f64::NAN),
+                )
+            })
+            .collect()
+    };
+    bar_chart(
+        &run.dir.join("step_time"),
+        &format!("Step time (LoRA rank {mid} budget)"),
+        "median ms per step",
+        &bars("step_ms"),
+    )?;
+    let memory_measured = crate::alloc::installed();
+    if memory_measured {
+        bar_chart(
+            &run.dir.join("memory"),
+            &format!("Peak heap during fine-tuning (LoRA rank {mid} budget)"),
+            "MB",
+            &bars("peak_mb"),
+        )?;
+    }
+    let curves: Vec<Series> = kept
+        .iter()
+        .filter(|(m, _)| m.rank().is_none_or(|r| r == mid))
+        .map(|(m, ft)| {
+            Series::line(
+                m.family(),
+                ft.losses
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| (i as f64, l as f64))
+                    .collect(),
+            )
+        })
+        .collect();
+    line_chart(
+        &run.dir.join("finetune_loss"),
+        &format!("Fine-tuning loss on task {}", task_b.name()),
+        "step",
+        "answer-token loss",
+        &curves,
+    )?;
+    if !switch.is_empty() {
+        let pts = |k: &str| -> Vec<(f64, f64)> {
+            switch
+                .iter()
+                .map(|r| {
+                    (
+                        r["width"].as_f64().unwrap_or(f64::NAN),
+                        r[k].as_f64().unwrap_or(f64::NAN),
+                    )
+                })
+                .collect()
+        };
+        line_chart(
+            &run.dir.join("switch_time"),
+            "Adapter switch time (one block)",
+            "hidden width",
+            "ms",
+            &[
+                Series::line("LoRA r8 (unmerge + merge)", pts("lora_ms")),
+                Series::line("S²FT, same budget (restore + add columns)", pts("s2ft_ms")),
+            ],
+        )?;
+    }
+
+    // Report.
+    let mut md = format!(
+        "# S²FT vs LoRA vs full fine-tuning\n\n\
+         Base: LLaMA-style decoder, hidden {}, {} blocks, {} heads, FFN {}, vocabulary {} (ASCII), {} parameters; \
+         {} on Moby-Dick text (task A). Held-out task-A loss {:.3} nats/char, accuracy {:.3}; task {} accuracy before fine-tuning {:.3}.\n\n\
+         Fine-tuning on task **{}** ({} steps, batch {}×{}, AdamW; lr {} full, {} LoRA/S²FT), {} seed(s). \
+         S²FT budgets match LoRA's trainable parameters at each rank (LoRA on {}); S²FT trains o_proj/down_proj columns of random or smallest-activation heads/channels.\n\n\
+         | method | trainable params | task-B acc | task-B loss | forgetting (Δ task-A loss) | step ms | peak heap MB |\n|---|---|---|---|---|---|---|\n",
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.intermediate_size,
+        c.vocab_size,
+        base.numel(),
+        match &args.base {
+            Some(p) => format!("loaded from {}", p.display()),
+            None => format!("pretrained {} steps", s.pretrain_steps),
+        },
+        base_a.loss,
+        base_a.acc,
+        task_b.name(),
+        base_b.acc,
+        task_b.name(),
+        s.steps,
+        s.batch,
+        s.seq,
+        args.lr_full,
+        args.lr_peft,
+        s.seeds,
+        LORA_TARGETS.join(", "),
+    );
+    for r in &summary {
+        md.push_str(&format!(
+            "| {} | {} | {:.3} | {:.3} | {:+.4} | {:.1} | {} |\n",
+            r["method"].as_str().unwrap_or("?"),
+            r["trainable_params"],
+            r["task_b_acc"].as_f64().unwrap_or(f64::NAN),
+            r["task_b_loss"].as_f64().unwrap_or(f64::NAN),
+            r["forgetting"].as_f64().unwrap_or(f64::NAN),
+            r["step_ms"].as_f64().unwrap_or(f64::NAN),
+            r["peak_mb"]
+                .as_f64()
+                .filter(|v| v.is_finite())
+                .map_or("not measured".into(), |v| format!("{v:.1}")),
+        ));
+    }
+    md.push_str(&format!(
+        "\n![trade-off](tradeoff.png)\n\n![step time](step_time.png)\n{}\n![fine-tuning loss](finetune_loss.png)\n\n\
+         ## Adapter fusion (task {} + task {})\n\nEach adapter is trained alone; the fused model adds both task vectors to the base.\n\n\
+         | method | {b} acc (only {b}) | {cc} acc (only {cc}) | {b} acc (fused) | {cc} acc (fused) | task-A loss (fused) |\n|---|---|---|---|---|---|\n",
+        if memory_measured { "\n![memory](memory.png)\n" } else { "" },
+        task_b.name(),
+        task_c.name(),
+        b = task_b.name(),
+        cc = task_c.name(),
+    ));
+    for f in &fusion {
+        let g = |a: &str, b: &str| f[a][b].as_f64().unwrap_or(f64::NAN);
+        md.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+            f["method"].as_str().unwrap_or("?"),
+            g("only_b", "task_b_acc"),
+            g("only_c", "task_c_acc"),
+            g("fused", "task_b_acc"),
+            g("fused", "task_c_acc"),
+            g("fused", "task_a_loss"),
+        ));
+    }
+    if !switch.is_empty() {
+        md.push_str("\n## Adapter switch time (one block, CPU)\n\n| width | LoRA r8 params | LoRA ms | S²FT params | S²FT ms | ratio |\n|---|---|---|---|---|---|\n");
+        for r in &switch {
+            let (l, x) = (
+                r["lora_ms"].as_f64().unwrap_or(f64::NAN),
+                r["s2ft_ms"].as_f64().unwrap_or(f64::NAN),
+            );
+            md.push_str(&format!(
+                "| {} | {} | {l:.3} | {} | {x:.3} | {:.1}× |\n",
+                r["width"],
+                r["lora_params"],
+                r["s2ft_params"],
+                l / x
+            ));
+        }
+        md.push_str("\n![switch time](switch_time.png)\n");
+    }
+    let metrics = json!({
+        "config": c,
+        "task_a": "moby-dick character LM",
+        "task_b": task_b.name(),
+        "task_c": task_c.name(),
+        "pretrain": {"steps": pre_losses.len(), "losses": pre_losses},
+        "base": {"task_a": base_a, "task_b": base_b},
+        "runs": rows,
+        "summary": summary,
+        "fusion": fusion,
+        "switch": switch,
+        "memory_measured": memory_measured,
+    });
+    run.finish(metrics, &md)?;
+    Ok(run.dir.clone())
+}
