@@ -4,6 +4,7 @@
 pub mod alloc;
 pub mod data;
 pub mod device;
+pub mod gpu_check;
 pub mod lm;
 pub mod mlp;
 pub mod plot;

@@ -49,7 +49,7 @@ const STUDIES: &[Study] = &[
     Study {
         name: "merge",
         about: "mergekit-family merges of fine-tuned checkpoints, with and without permutation alignment",
-        ready: false,
+        ready: true,
     },
     Study {
         name: "pleas",
@@ -82,6 +82,8 @@ enum Cmd {
     Spectra(studies::spectra::SpectraArgs),
     /// S²FT vs LoRA vs full fine-tuning of a small LLaMA-style model: task quality, forgetting, memory, step time, fusion, switch time.
     S2ft(studies::s2ft::S2ftArgs),
+    /// Merging full / LoRA / S²FT fine-tunes of one base: averaging, task arithmetic, TIES, DARE, Model Stock, WM+TIES, RMM, LoRA-LEGO.
+    Merge(studies::merging::MergeArgs),
     /// Run a mergekit YAML config (same as `cargo run -p merge`).
     MergeConfig {
         /// The config.
@@ -91,6 +93,11 @@ enum Cmd {
         /// Seed of random sparsification.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Compare the CPU and CUDA runs of scripts/gpu-check.sh (DIR/{lmc,s2ft}-{cpu,cuda}).
+    CompareRuns {
+        /// The folder gpu-check.sh wrote.
+        dir: PathBuf,
     },
     /// A study that is not implemented yet.
     #[command(external_subcommand)]
@@ -111,7 +118,7 @@ fn list() -> String {
             }
         ));
     }
-    s.push_str("\ntools:\n  merge-config CONFIG.yml OUT [--seed N]   run a mergekit config\n");
+    s.push_str("\ntools:\n  merge-config CONFIG.yml OUT [--seed N]   run a mergekit config\n  compare-runs DIR                         compare scripts/gpu-check.sh's CPU and CUDA runs\n");
     s
 }
 
@@ -127,6 +134,7 @@ fn main() -> ExitCode {
         Some(Cmd::Many(a)) => studies::many::run(&a).map(|_| ()),
         Some(Cmd::SvdAlign(a)) => studies::svd_align::run(&a).map(|_| ()),
         Some(Cmd::S2ft(a)) => studies::s2ft::run(&a).map(|_| ()),
+        Some(Cmd::Merge(a)) => studies::merging::run(&a).map(|_| ()),
         Some(Cmd::MergeConfig { config, out, seed }) => {
             let opts = merge::run::RunOptions {
                 seed,
@@ -143,6 +151,9 @@ fn main() -> ExitCode {
                     )
                 })
                 .map_err(anyhow::Error::from)
+        }
+        Some(Cmd::CompareRuns { dir }) => {
+            experiments::gpu_check::compare(&dir).map(|report| println!("{report}"))
         }
         Some(Cmd::Other(args)) => {
             let name = args.first().cloned().unwrap_or_default();

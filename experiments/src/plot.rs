@@ -310,9 +310,11 @@ pub fn bar_chart(
     y_label: &str,
     bars: &[(String, f64)],
 ) -> anyhow::Result<()> {
+    // Wide enough that each bar's label fits.
+    let width = (90 * bars.len() as u32).max(800);
     render(
         stem,
-        (800, 520),
+        (width, 520),
         |r| draw_bars(r, title, y_label, bars),
         |r| draw_bars(r, title, y_label, bars),
     )

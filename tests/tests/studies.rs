@@ -334,3 +334,95 @@ fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
         assert!(num(r, "s2ft_params") <= num(r, "lora_params"));
     }
 }
+
+#[test]
+fn merge_study_merges_beat_chance_and_rmm_rebuilds_each_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merge");
+    let args = experiments::studies::merging::MergeArgs {
+        quick: true,
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        ffn: 256,
+        seq: 32,
+        batch: 8,
+        pretrain_steps: 400,
+        steps: 300,
+        tasks: vec![experiments::lm::Task::Shift, experiments::lm::Task::Mirror],
+        rank: 4,
+        density: 0.5,
+        lambda: 0.3,
+        seed: 0,
+        lr_pretrain: 3e-3,
+        lr_full: 1e-3,
+        lr_peft: 1e-2,
+        base: None,
+        data_dir: None,
+        device: "cpu".into(),
+        out: Some(out.clone()),
+        quiet: true,
+    };
+    experiments::studies::merging::run(&args).unwrap();
+    for f in [
+        "accuracy_full",
+        "accuracy_lora",
+        "accuracy_s2ft-random",
+        "task_vector_spectra",
+    ] {
+        check_png(&out.join(format!("{f}.png")));
+    }
+    for f in [
+        "report.md",
+        "merges.csv",
+        "individual.csv",
+        "adapters/lora_shift/adapter_model.safetensors",
+        "adapters/s2ft-random_mirror/adapter.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let merges = m["merges"].as_array().unwrap();
+    let chance = 1.0 / 26.0;
+    assert!(m["base"]["mean_acc"].as_f64().unwrap() < 2.0 * chance);
+    for fam in ["full", "lora", "s2ft-random"] {
+        let rows: Vec<&serde_json::Value> = merges.iter().filter(|r| r["family"] == fam).collect();
+        let acc = |method: &str| {
+            rows.iter()
+                .find(|r| r["method"] == method)
+                .unwrap_or_else(|| panic!("{fam} {method}"))["scores"]["mean_acc"]
+                .as_f64()
+                .unwrap()
+        };
+        // One merged model holds both tasks above chance.
+        let best = [
+            "average",
+            "task_arithmetic",
+            "ties",
+            "dare_linear",
+            "dare_ties",
+        ]
+        .iter()
+        .map(|x| acc(x))
+        .fold(0.0, f64::max);
+        assert!(best > 2.0 * chance, "{fam}: best merge {best}");
+        // RMM with p = n − 1 components rebuilds each task exactly.
+        let own: Vec<f64> = m["individual"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["family"] == fam)
+            .map(|r| r["own_acc"].as_f64().unwrap())
+            .collect();
+        let own_mean = own.iter().sum::<f64>() / own.len() as f64;
+        assert!((acc("rmm") - own_mean).abs() < 0.01, "{fam}: rmm vs own");
+    }
+    assert!(merges.iter().any(|r| r["method"] == "lora_lego"));
+    // LoRA task vectors have rank at most r = 4.
+    let tv = m["task_vectors"].as_array().unwrap();
+    let lora = tv.iter().find(|t| t["family"] == "lora").unwrap();
+    for w in lora["weights"].as_array().unwrap() {
+        assert!(w["numerical_rank"].as_u64().unwrap() <= 4, "{w}");
+    }
+}

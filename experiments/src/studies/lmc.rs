@@ -5,11 +5,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use burn::module::AutodiffModule;
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use serde_json::json;
 use weights::StateDict;
 
 use crate::data::{Split, default_mnist_dir, mnist};
+use crate::device::Device;
 use crate::mlp::{self, Mlp};
 use crate::plot::{Series, line_chart};
 use crate::report::Run;
@@ -111,12 +114,35 @@ pub(crate) fn ste(
     steps: usize,
     batch_size: usize,
     seed: u64,
+    dev: Device,
 ) -> anyhow::Result<permute::Permutation> {
+    match dev {
+        Device::Cpu => ste_on::<B>(a, b, data, steps, batch_size, seed, &Default::default()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => {
+            ste_on::<s2ft_core::GpuTrain>(a, b, data, steps, batch_size, seed, &Default::default())
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
+    }
+}
+
+fn ste_on<B: AutodiffBackend>(
+    a: &StateDict,
+    b: &StateDict,
+    data: &Split,
+    steps: usize,
+    batch_size: usize,
+    seed: u64,
+    device: &B::Device,
+) -> anyhow::Result<permute::Permutation>
+where
+    Mlp<B>: AutodiffModule<B>,
+{
     use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-    let device = Default::default();
     let spec = mlp_spec(a)?;
-    let a_model = Mlp::<B>::from_state_dict(a, &device)?;
-    let mut tilde = Mlp::<B>::from_state_dict(a, &device)?;
+    let a_model = Mlp::<B>::from_state_dict(a, device)?;
+    let mut tilde = Mlp::<B>::from_state_dict(a, device)?;
     let mut optim = AdamConfig::new().init::<B, Mlp<B>>();
     let mut perm: Option<permute::Permutation> = None;
     let n = data.y.len();
@@ -127,7 +153,7 @@ pub(crate) fn ste(
             ..Default::default()
         };
         let p = weight_matching(&spec, &tilde.to_state_dict(), b, &opts)?.perm;
-        let proj = Mlp::<B>::from_state_dict(&apply(&spec, &p, b)?, &device)?;
+        let proj = Mlp::<B>::from_state_dict(&apply(&spec, &p, b)?, device)?;
         perm = Some(p);
         let ws: Vec<Tensor<B, 2>> = a_model
             .weights
@@ -159,7 +185,7 @@ pub(crate) fn ste(
             .collect();
         let bt = data.rows(&idx);
         let loss = mlp::cross_entropy(
-            mlp::forward_with(&ws, &bs, mlp::batch::<B>(&bt.x, &device)),
+            mlp::forward_with(&ws, &bs, mlp::batch::<B>(&bt.x, device)),
             &bt.y,
         );
         let grads = GradientsParams::from_grads(loss.backward(), &tilde);
@@ -211,13 +237,24 @@ pub struct TrainedSet {
     pub steps_per_epoch: usize,
 }
 
+/// Trains one MLP from `init` on backend `B` (Adam, batch 128, lr 1e-3).
+fn train_one<B: AutodiffBackend>(
+    init: &StateDict,
+    train: &Split,
+    epochs: usize,
+    seed: u64,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<StateDict>
+where
+    Mlp<B>: AutodiffModule<B>,
+{
+    let m = Mlp::<B>::from_state_dict(init, &Default::default())?;
+    Ok(mlp::train(m, train, epochs, 128, 1e-3, seed, bar).to_state_dict())
+}
+
 /// Trains `n` MLPs of the study's shape from different seeds.
 pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<TrainedSet> {
-    anyhow::ensure!(
-        args.device == "cpu",
-        "--device {}: this build runs the MLP studies on the CPU backend (CUDA for them is not wired yet)",
-        args.device
-    );
+    let dev = Device::parse(&args.device, "lmc")?;
     let (width, depth, epochs, n_train) = if args.quick {
         (64, 2, 3, 2000)
     } else {
@@ -235,13 +272,20 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
     } else {
         indicatif::ProgressBar::new((n * epochs * steps_per_epoch) as u64)
     };
-    let device = Default::default();
     let models: Vec<StateDict> = run.phase("train", || -> anyhow::Result<Vec<StateDict>> {
         (0..n as u64)
             .map(|k| {
                 let seed = args.seed * n as u64 + k;
-                let m = Mlp::<B>::from_state_dict(&mlp::init_state_dict(&sizes, seed), &device)?;
-                Ok(mlp::train(m, &train, epochs, 128, 1e-3, seed, &bar).to_state_dict())
+                let init = mlp::init_state_dict(&sizes, seed);
+                match dev {
+                    Device::Cpu => train_one::<B>(&init, &train, epochs, seed, &bar),
+                    #[cfg(feature = "cuda")]
+                    Device::Cuda => {
+                        train_one::<s2ft_core::GpuTrain>(&init, &train, epochs, seed, &bar)
+                    }
+                    #[cfg(not(feature = "cuda"))]
+                    Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
+                }
             })
             .collect()
     })?;
@@ -316,14 +360,18 @@ pub fn align_all(
     } else {
         pair.steps_per_epoch
     };
-    let p = run.phase("STE", || ste(a, b, &pair.train, ste_steps, 128, args.seed))?;
+    let dev = Device::parse(&args.device, "lmc")?;
+    let p = run.phase("STE", || {
+        ste(a, b, &pair.train, ste_steps, 128, args.seed, dev)
+    })?;
     out.push(("ste", p, t.elapsed().as_secs_f64()));
     Ok((out, wm.passes))
 }
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
-    let mut run = Run::create("lmc", args.out.as_deref(), "cpu (burn ndarray)", args.quiet)?;
+    let dev = Device::parse(&args.device, "lmc")?;
+    let mut run = Run::create("lmc", args.out.as_deref(), dev.label(), args.quiet)?;
     let pair = train_pair(args, &mut run)?;
     let (a, b) = (&pair.a, &pair.b);
     let spec = mlp_spec(a)?;

@@ -35,12 +35,8 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
         "--models {}: this study needs at least 3 models",
         args.models
     );
-    let mut run = Run::create(
-        "many",
-        args.lmc.out.as_deref(),
-        "cpu (burn ndarray)",
-        args.lmc.quiet,
-    )?;
+    let dev = crate::device::Device::parse(&args.lmc.device, "many")?;
+    let mut run = Run::create("many", args.lmc.out.as_deref(), dev.label(), args.lmc.quiet)?;
     let set = train_models(&args.lmc, args.models, &mut run)?;
     let models = &set.models;
     let spec = mlp_spec(&models[0])?;
@@ -77,7 +73,15 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
     let st: Vec<StateDict> = run.phase("anchor STE", || -> anyhow::Result<Vec<StateDict>> {
         let mut out = vec![models[0].clone()];
         for m in &models[1..] {
-            let p = ste(&models[0], m, &set.train, ste_steps, 128, args.lmc.seed)?;
+            let p = ste(
+                &models[0],
+                m,
+                &set.train,
+                ste_steps,
+                128,
+                args.lmc.seed,
+                dev,
+            )?;
             out.push(apply(&spec, &p, m)?);
         }
         Ok(out)

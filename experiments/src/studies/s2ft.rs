@@ -330,6 +330,7 @@ pub(crate) fn finetune<B: AutodiffBackend>(
     task: Task,
     lr: f64,
     seed: u64,
+    adapter_dir: Option<&std::path::Path>,
     device: &B::Device,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<Finetuned>
@@ -379,6 +380,13 @@ where
         &what,
     )?;
     let peak_bytes = crate::alloc::installed().then(|| crate::alloc::peak() - before);
+    if let Some(dir) = adapter_dir {
+        match method {
+            Method::Full => {}
+            Method::Lora(_) => s2ft_core::adapter::save_lora_peft(&model, dir)?,
+            Method::S2ft(..) => s2ft_core::adapter::S2ftAdapter::extract(&model)?.save(dir)?,
+        }
+    }
     Ok(Finetuned {
         weights: model.to_state_dict(),
         trainable,
@@ -634,7 +642,7 @@ where
         for &m in &methods {
             bar.set_message(format!("{} seed {seed}", m.label()));
             let ft = run.phase(&format!("{} seed {seed}", m.label()), || {
-                finetune::<B>(&base, &s, m, task_b, lr_of(m), seed, device, &bar)
+                finetune::<B>(&base, &s, m, task_b, lr_of(m), seed, None, device, &bar)
             })?;
             let (a, tasks) = evals.score::<B>(&c, &ft.weights, device)?;
             let b = tasks[0].1;
@@ -697,6 +705,7 @@ where
                 task_c,
                 lr_of(m),
                 args.seed * 1000 + 1,
+                None,
                 device,
                 &bar,
             )

@@ -25,10 +25,11 @@ pub struct SvdAlignArgs {
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
+    let dev = crate::device::Device::parse(&args.lmc.device, "svd-align")?;
     let mut run = Run::create(
         "svd-align",
         args.lmc.out.as_deref(),
-        "cpu (burn ndarray)",
+        dev.label(),
         args.lmc.quiet,
     )?;
     let pair = train_pair(&args.lmc, &mut run)?;

@@ -1,0 +1,718 @@
+//! `merge`: merging fine-tuned copies of one base (a FusionBench-style table).
+//!
+//! One character-level LLaMA-style base (pretrained as in the `s2ft` study,
+//! or `--base`) is fine-tuned on each task of `--tasks` by three families —
+//! full fine-tuning, LoRA and S²FT at LoRA's budget — and every family's
+//! task models are merged with the `merge` crate: averaging, task
+//! arithmetic, TIES, DARE (linear and TIES), Model Stock, TIES after weight
+//! matching to the base (permutation-aware), Reversible Model Merging (one
+//! shared store, each task rebuilt) and, for LoRA, LoRA-LEGO. Each merge is
+//! scored on every task (answer accuracy) and on task A (held-out LM loss);
+//! the task vectors' spectra and pairwise cosines show why merges interfere.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use indexmap::IndexMap;
+use ndarray::Array2;
+use serde_json::{Value, json};
+use weights::StateDict;
+
+use crate::device::Device;
+use crate::lm::{Task, default_text_dir, moby_dick};
+use crate::plot::{Series, bar_chart, line_chart};
+use crate::report::Run;
+use crate::studies::s2ft::{EvalSets, Method, Sizes, finetune, pretrain};
+use merge::{Params, Value as P};
+use s2ft_core::s2ft::Strategy;
+use s2ft_core::{Llama, LlamaConfig};
+
+/// Options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct MergeArgs {
+    /// Tiny size for tests (width 48, 2 blocks, 200 + 150 steps, tasks shift and mirror).
+    #[arg(long)]
+    pub quick: bool,
+    /// Residual width.
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    /// Decoder blocks.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// FFN width.
+    #[arg(long, default_value_t = 256)]
+    pub ffn: usize,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 32)]
+    pub seq: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Pretraining steps on task A.
+    #[arg(long, default_value_t = 400)]
+    pub pretrain_steps: usize,
+    /// Fine-tuning steps per task.
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    /// The tasks (one fine-tuned model per task and family).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Task::Shift, Task::Mirror, Task::Upper])]
+    pub tasks: Vec<Task>,
+    /// LoRA rank (S²FT gets the same parameter budget).
+    #[arg(long, default_value_t = 4)]
+    pub rank: usize,
+    /// Density of TIES / DARE sparsification.
+    #[arg(long, default_value_t = 0.5)]
+    pub density: f64,
+    /// Scale λ of the summed task vectors in task arithmetic and DARE (FusionBench's default 0.3).
+    #[arg(long, default_value_t = 0.3)]
+    pub lambda: f64,
+    /// Base seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Pretraining learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr_pretrain: f64,
+    /// Full fine-tuning learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr_full: f64,
+    /// LoRA and S²FT learning rate.
+    #[arg(long, default_value_t = 1e-2)]
+    pub lr_peft: f64,
+    /// A pretrained base folder (model.safetensors + config.json, as the
+    /// `s2ft` and `merge` studies write to `<out>/base`).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Folder with moby-dick.txt(.gz) (default: the vendored data/text).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// `cpu`, or `cuda` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Report folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl MergeArgs {
+    fn sizes(&self) -> anyhow::Result<(Sizes, Vec<Task>)> {
+        let mut tasks = if self.quick {
+            vec![Task::Shift, Task::Mirror]
+        } else {
+            self.tasks.clone()
+        };
+        tasks.dedup();
+        if tasks.len() < 2 {
+            bail!("--tasks: give at least two different tasks to merge");
+        }
+        if let Some(t) = tasks
+            .iter()
+            .find(|t| tasks.iter().filter(|u| u == t).count() > 1)
+        {
+            bail!("--tasks lists '{}' twice", t.name());
+        }
+        if !(self.density > 0.0 && self.density <= 1.0) {
+            bail!("--density {} is outside (0, 1]", self.density);
+        }
+        if !self.lambda.is_finite() {
+            bail!("--lambda must be finite");
+        }
+        let s2 = crate::studies::s2ft::S2ftArgs {
+            quick: self.quick,
+            hidden: self.hidden,
+            layers: self.layers,
+            heads: self.heads,
+            ffn: self.ffn,
+            seq: self.seq,
+            batch: self.batch,
+            pretrain_steps: self.pretrain_steps,
+            steps: self.steps,
+            ranks: vec![self.rank],
+            seeds: 1,
+            seed: self.seed,
+            lr_pretrain: self.lr_pretrain,
+            lr_full: self.lr_full,
+            lr_peft: self.lr_peft,
+            task: tasks[0],
+            fusion_task: tasks[1],
+            switch_widths: Vec::new(),
+            base: self.base.clone(),
+            data_dir: self.data_dir.clone(),
+            device: self.device.clone(),
+            out: None,
+            quiet: true,
+        };
+        let mut s = s2.sizes()?;
+        s.ranks = vec![self.rank];
+        Ok((s, tasks))
+    }
+}
+
+/// Runs the study; returns the report folder.
+pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
+    let (s, tasks) = args.sizes()?;
+    match Device::parse(&args.device, "merge")? {
+        Device::Cpu => {
+            run_on::<s2ft_core::CpuTrain>(args, s, &tasks, &Default::default(), Device::Cpu)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda => {
+            run_on::<s2ft_core::GpuTrain>(args, s, &tasks, &Default::default(), Device::Cuda)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
+    }
+}
+
+/// `θ − base` for every 2-D weight that differs.
+fn task_vector(ft: &StateDict, base: &StateDict) -> IndexMap<String, Array2<f32>> {
+    base.iter()
+        .filter(|(_, t)| t.shape().len() == 2)
+        .filter_map(|(name, b)| {
+            let f = ft.get(name)?;
+            let d = (&f.data - &b.data)
+                .into_dimensionality::<ndarray::Ix2>()
+                .ok()?;
+            d.iter().any(|v| *v != 0.0).then(|| (name.to_string(), d))
+        })
+        .collect()
+}
+
+/// `base + Σ deltas`.
+fn add(base: &StateDict, deltas: &IndexMap<String, Array2<f32>>) -> StateDict {
+    let mut out = base.clone();
+    for (name, d) in deltas {
+        if let Some(t) = out.get_mut(name) {
+            t.data += &d.view().into_dyn();
+        }
+    }
+    out
+}
+
+fn cosine(a: &IndexMap<String, Array2<f32>>, b: &IndexMap<String, Array2<f32>>) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (name, x) in a {
+        aa += x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
+        if let Some(y) = b.get(name) {
+            ab += x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| *p as f64 * *q as f64)
+                .sum::<f64>();
+        }
+    }
+    for y in b.values() {
+        bb += y.iter().map(|v| (*v as f64).powi(2)).sum::<f64>();
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(1e-30)
+}
+
+fn num(x: f64) -> P {
+    P::Num(x)
+}
+
+fn run_on<B: AutodiffBackend>(
+    args: &MergeArgs,
+    mut s: Sizes,
+    tasks: &[Task],
+    device: &B::Device,
+    dev: Device,
+) -> anyhow::Result<PathBuf>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    let mut run = Run::create("merge", args.out.as_deref(), dev.label(), args.quiet)?;
+    let dir = args.data_dir.clone().unwrap_or_else(default_text_dir);
+    let corpus = run.phase("load data", || moby_dick(&dir))?;
+    let r = args.rank;
+    let families = [
+        Method::Full,
+        Method::Lora(r),
+        Method::S2ft(r, Strategy::Random),
+    ];
+    let total = if args.base.is_some() {
+        0
+    } else {
+        s.pretrain_steps
+    } + families.len() * tasks.len() * s.steps;
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total as u64)
+    };
+    bar.set_message("pretraining");
+    let (base, config, _) = run.phase("pretrain", || {
+        pretrain::<B>(
+            args.base.as_deref(),
+            &s,
+            &corpus,
+            args.lr_pretrain,
+            args.seed,
+            device,
+            &bar,
+        )
+    })?;
+    s.config = config;
+    let c: LlamaConfig = s.config.clone();
+    if args.base.is_none() {
+        let bdir = run.dir.join("base");
+        std::fs::create_dir_all(&bdir)?;
+        base.save_safetensors(bdir.join("model.safetensors"))?;
+        weights::atomic::write_atomic(
+            bdir.join("config.json"),
+            serde_json::to_string_pretty(&c.to_hf())?.as_bytes(),
+        )?;
+    }
+    let evals = EvalSets::new(&corpus, tasks, &s);
+    // A row of the table: task-A loss and every task's accuracy.
+    let score = |sd: &StateDict| -> anyhow::Result<Value> {
+        let (a, ts) = evals.score::<B>(&c, sd, device)?;
+        let accs: Vec<f64> = ts.iter().map(|(_, e)| e.acc).collect();
+        Ok(json!({
+            "task_a_loss": a.loss,
+            "acc": ts.iter().map(|(t, e)| (t.name().to_string(), json!(e.acc))).collect::<serde_json::Map<_, _>>(),
+            "mean_acc": accs.iter().sum::<f64>() / accs.len() as f64,
+        }))
+    };
+    let base_row = score(&base)?;
+
+    // Fine-tune every family on every task.
+    let lr_of = |m: Method| {
+        if m == Method::Full {
+            args.lr_full
+        } else {
+            args.lr_peft
+        }
+    };
+    let mut finetuned: Vec<(Method, Vec<StateDict>)> = Vec::new();
+    let mut individual = Vec::new();
+    let mut csv = String::from("family,task,trainable_params,own_acc,mean_acc,task_a_loss\n");
+    for &m in &families {
+        let mut sds = Vec::new();
+        for (k, &task) in tasks.iter().enumerate() {
+            bar.set_message(format!("{} on {}", m.family(), task.name()));
+            let adir = (m != Method::Full).then(|| {
+                run.dir
+                    .join("adapters")
+                    .join(format!("{}_{}", m.family(), task.name()))
+            });
+            let seed = args.seed * 1000 + k as u64;
+            let ft = run.phase(&format!("{} on {}", m.family(), task.name()), || {
+                finetune::<B>(
+                    &base,
+                    &s,
+                    m,
+                    task,
+                    lr_of(m),
+                    seed,
+                    adir.as_deref(),
+                    device,
+                    &bar,
+                )
+            })?;
+            let row = score(&ft.weights)?;
+            let own = row["acc"][task.name()].as_f64().unwrap_or(f64::NAN);
+            csv.push_str(&format!(
+                "{},{},{},{own:.5},{:.5},{:.5}\n",
+                m.family(),
+                task.name(),
+                ft.trainable,
+                row["mean_acc"].as_f64().unwrap_or(f64::NAN),
+                row["task_a_loss"].as_f64().unwrap_or(f64::NAN)
+            ));
+            run.write("individual.csv", csv.as_bytes())?;
+            individual.push(json!({"family": m.family(), "task": task.name(), "trainable_params": ft.trainable, "own_acc": own, "scores": row}));
+            sds.push(ft.weights);
+        }
+        finetuned.push((m, sds));
+    }
+    bar.finish_and_clear();
+
+    // Merge each family's task models.
+    let n = tasks.len();
+    let shared = |pairs: &[(&str, P)]| -> Params {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
+    };
+    let ones = vec![shared(&[("weight", num(1.0))]); n];
+    let plain: Vec<(&str, &str, Params)> = vec![
+        ("average", "linear", shared(&[("weight", num(1.0))])),
+        (
+            "task_arithmetic",
+            "task_arithmetic",
+            shared(&[("weight", num(1.0)), ("lambda", num(args.lambda))]),
+        ),
+        (
+            "ties",
+            "ties",
+            shared(&[("weight", num(1.0)), ("density", num(args.density))]),
+        ),
+        (
+            "dare_linear",
+            "dare_linear",
+            shared(&[
+                ("weight", num(1.0)),
+                ("density", num(args.density)),
+                ("lambda", num(args.lambda)),
+            ]),
+        ),
+        (
+            "dare_ties",
+            "dare_ties",
+            shared(&[
+                ("weight", num(1.0)),
+                ("density", num(args.density)),
+                ("lambda", num(args.lambda)),
+            ]),
+        ),
+        ("model_stock", "model_stock", Params::new()),
+    ];
+    let mut merges = Vec::new();
+    let mut spectra_rows = Vec::new();
+    let mut spectra_series = Vec::new();
+    let dims = permute::builders::TransformerDims {
+        layers: c.num_hidden_layers,
+        hidden: c.hidden_size,
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        ffn: c.intermediate_size,
+    };
+    let spec = permute::builders::llama(dims, &base)?;
+    let mut csv = String::from("family,method,mean_acc,task_a_loss");
+    for t in tasks {
+        csv.push_str(&format!(",{}_acc", t.name()));
+    }
+    csv.push('\n');
+    let out_dir = run.dir.clone();
+    let mut push = |merges: &mut Vec<Value>,
+                    fam: &str,
+                    method: &str,
+                    row: Value,
+                    extra: Value|
+     -> anyhow::Result<()> {
+        csv.push_str(&format!(
+            "{fam},{method},{:.5},{:.5}",
+            row["mean_acc"].as_f64().unwrap_or(f64::NAN),
+            row["task_a_loss"].as_f64().unwrap_or(f64::NAN)
+        ));
+        for t in tasks {
+            csv.push_str(&format!(
+                ",{:.5}",
+                row["acc"][t.name()].as_f64().unwrap_or(f64::NAN)
+            ));
+        }
+        csv.push('\n');
+        // Rewritten after every merge: an interrupted study keeps what finished.
+        weights::atomic::write_atomic(out_dir.join("merges.csv"), csv.as_bytes())?;
+        merges.push(json!({"family": fam, "method": method, "scores": row, "details": extra}));
+        Ok(())
+    };
+    for (m, sds) in &finetuned {
+        let fam = m.family();
+        for (label, name, params) in &plain {
+            let method = merge::Method::from_name(name)?;
+            let merged = run.phase(&format!("{fam} {label}"), || {
+                merge::aligned::merge_state_dicts(
+                    &method,
+                    Some(&base),
+                    sds,
+                    params,
+                    &ones,
+                    args.seed,
+                )
+            })?;
+            push(&mut merges, fam, label, score(&merged)?, json!(params))?;
+        }
+        // Permutation-aware: align each model to the base, then TIES.
+        let (merged, aligned) = run.phase(&format!("{fam} wm+ties"), || {
+            merge::aligned::permutation_aware_merge(
+                &spec,
+                &merge::Method::from_name("ties")?,
+                Some(&base),
+                sds,
+                merge::aligned::Alignment::ToAnchor,
+                &shared(&[("weight", num(1.0)), ("density", num(args.density))]),
+                &ones,
+                &permute::MatchOptions {
+                    seed: args.seed,
+                    ..Default::default()
+                },
+            )
+        })?;
+        let (mut fixed, mut units) = (0usize, 0usize);
+        for p in &aligned.perms {
+            for g in p.values() {
+                fixed += g.outer.iter().enumerate().filter(|(i, j)| i == *j).count();
+                units += g.outer.len();
+            }
+        }
+        let fixed_fraction = fixed as f64 / units.max(1) as f64;
+        push(
+            &mut merges,
+            fam,
+            "wm_ties",
+            score(&merged)?,
+            json!({"fixed_fraction": fixed_fraction}),
+        )?;
+        // Reversible Model Merging: one store of rank p = n − 2 (at least 1);
+        // each task scored with its own rebuilt weights.
+        let tvs: Vec<IndexMap<String, Array2<f32>>> =
+            sds.iter().map(|sd| task_vector(sd, &base)).collect();
+        let names: Vec<String> = tvs
+            .iter()
+            .flat_map(|t| t.keys().cloned())
+            .collect::<indexmap::IndexSet<_>>()
+            .into_iter()
+            .collect();
+        // Same names in every task (zeros where a task did not touch a weight).
+        let full_tvs: Vec<IndexMap<String, Array2<f32>>> = tvs
+            .iter()
+            .map(|t| {
+                names
+                    .iter()
+                    .map(|nm| {
+                        let sh = base.get(nm).expect("base weight").shape().to_vec();
+                        (
+                            nm.clone(),
+                            t.get(nm)
+                                .cloned()
+                                .unwrap_or_else(|| Array2::zeros((sh[0], sh[1]))),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let p = n.saturating_sub(2).max(1);
+        let rmm = run.phase(&format!("{fam} rmm"), || merge::lora::rmm_fit(&full_tvs, p))?;
+        let mut accs = serde_json::Map::new();
+        let mut a_loss = 0.0;
+        for (k, t) in tasks.iter().enumerate() {
+            let row = score(&add(&base, &rmm.reconstruct(k)?))?;
+            accs.insert(t.name().into(), row["acc"][t.name()].clone());
+            a_loss += row["task_a_loss"].as_f64().unwrap_or(f64::NAN) / n as f64;
+        }
+        let mean_acc = accs.values().filter_map(|v| v.as_f64()).sum::<f64>() / n as f64;
+        push(
+            &mut merges,
+            fam,
+            "rmm",
+            json!({"acc": accs, "mean_acc": mean_acc, "task_a_loss": a_loss}),
+            json!({"rank": p, "storage_ratio": rmm.storage_ratio(), "note": "each task scored with its own reconstruction"}),
+        )?;
+        // LoRA-LEGO on the LoRA family's adapters.
+        if matches!(m, Method::Lora(_)) {
+            let adapters = tasks
+                .iter()
+                .map(|t| {
+                    merge::lora::LoraAdapter::load(
+                        run.dir.join("adapters").join(format!("lora_{}", t.name())),
+                    )
+                })
+                .collect::<merge::Result<Vec<_>>>()?;
+            let lego = run.phase("lora-lego", || {
+                merge::lora::lora_lego(&adapters, r, args.seed, true)
+            })?;
+            push(
+                &mut merges,
+                fam,
+                "lora_lego",
+                score(&lego.fuse(&base, 1.0)?)?,
+                json!({"merged_rank": r}),
+            )?;
+        }
+        // Task-vector spectra and pairwise cosines.
+        let mut cos = Vec::new();
+        for i in 0..n {
+            for j in i + 1..n {
+                cos.push(json!({"a": tasks[i].name(), "b": tasks[j].name(), "cosine": cosine(&tvs[i], &tvs[j])}));
+            }
+        }
+        let mut layers = Vec::new();
+        for (k, tv) in tvs.iter().enumerate() {
+            for (name, d) in tv {
+                let sv = spectra::linalg::singular_values(d.view(), name)?;
+                let top = sv.first().copied().unwrap_or(0.0) as f64;
+                let fro2: f64 = sv.iter().map(|x| (*x as f64).powi(2)).sum();
+                let stable_rank = if top > 0.0 { fro2 / (top * top) } else { 0.0 };
+                let numerical_rank = sv.iter().filter(|x| (**x as f64) > top * 1e-3).count();
+                if k == 0 && name.ends_with("layers.0.mlp.down_proj.weight") {
+                    spectra_series.push(Series::line(
+                        fam,
+                        sv.iter()
+                            .enumerate()
+                            .map(|(i, x)| {
+                                (
+                                    i as f64 + 1.0,
+                                    ((*x as f64) / top.max(1e-30)).max(1e-8).log10(),
+                                )
+                            })
+                            .collect(),
+                    ));
+                }
+                layers.push(json!({"task": tasks[k].name(), "weight": name, "norm": fro2.sqrt(), "stable_rank": stable_rank, "numerical_rank": numerical_rank}));
+            }
+        }
+        let mean_sr = layers
+            .iter()
+            .filter_map(|l| l["stable_rank"].as_f64())
+            .sum::<f64>()
+            / layers.len().max(1) as f64;
+        spectra_rows.push(
+            json!({"family": fam, "cosines": cos, "mean_stable_rank": mean_sr, "weights": layers}),
+        );
+    }
+
+    // Plots: mean accuracy per method, one chart per family; task-vector spectra.
+    for (m, _) in &finetuned {
+        let fam = m.family();
+        let mut bars: Vec<(String, f64)> = vec![(
+            "base".into(),
+            base_row["mean_acc"].as_f64().unwrap_or(f64::NAN),
+        )];
+        let indiv: Vec<f64> = individual
+            .iter()
+            .filter(|r| r["family"] == fam)
+            .filter_map(|r| r["own_acc"].as_f64())
+            .collect();
+        bars.push((
+            "individual".into(),
+            indiv.iter().sum::<f64>() / indiv.len().max(1) as f64,
+        ));
+        bars.extend(merges.iter().filter(|r| r["family"] == fam).map(|r| {
+            (
+                r["method"].as_str().unwrap_or("?").replace('_', " "),
+                r["scores"]["mean_acc"].as_f64().unwrap_or(f64::NAN),
+            )
+        }));
+        bar_chart(
+            &run.dir.join(format!("accuracy_{fam}")),
+            &format!("Mean task accuracy of merged {fam} fine-tunes"),
+            "mean accuracy over tasks",
+            &bars,
+        )?;
+    }
+    line_chart(
+        &run.dir.join("task_vector_spectra"),
+        &format!(
+            "Singular values of the {} task vector, layers.0.mlp.down_proj",
+            tasks[0].name()
+        ),
+        "index",
+        "log10(σ / σ_max)",
+        &spectra_series,
+    )?;
+
+    // Report.
+    let mut md = format!(
+        "# Merging fine-tuned copies of one base\n\nBase: LLaMA-style character decoder (hidden {}, {} blocks, {} parameters), {}. \
+         Each family fine-tunes it on every task ({} steps): full fine-tuning, LoRA r{r} (q, k, v, up, down), S²FT at LoRA's budget (random selection, one seed per task). \
+         Merges: `average` (linear), `task_arithmetic`, `dare_linear`, `dare_ties` (summed task vectors scaled by λ = {}), `ties` (disjoint mean; TIES and DARE at density {}), `model_stock`, `wm_ties` (TIES after weight matching each model to the base), \
+         `rmm` (Reversible Model Merging, one store of rank {}; each task rebuilt and scored on itself), `lora_lego` (LoRA family, merged rank {r}).\n\n\
+         Base model: mean accuracy {:.3}, task-A loss {:.3}.\n\n",
+        c.hidden_size,
+        c.num_hidden_layers,
+        base.numel(),
+        match &args.base {
+            Some(p) => format!("loaded from {}", p.display()),
+            None => format!("pretrained {} steps on Moby-Dick", s.pretrain_steps),
+        },
+        s.steps,
+        args.lambda,
+        args.density,
+        n.saturating_sub(2).max(1),
+        base_row["mean_acc"].as_f64().unwrap_or(f64::NAN),
+        base_row["task_a_loss"].as_f64().unwrap_or(f64::NAN),
+    );
+    let mut header = String::from("| family | method |");
+    let mut rule = String::from("|---|---|");
+    for t in tasks {
+        header.push_str(&format!(" {} |", t.name()));
+        rule.push_str("---|");
+    }
+    header.push_str(" mean | task-A loss |\n");
+    rule.push_str("---|---|\n");
+    md.push_str(&header);
+    md.push_str(&rule);
+    for (m, _) in &finetuned {
+        let fam = m.family();
+        let mut line = format!("| {fam} | individual (own task) |");
+        let mut own = Vec::new();
+        for t in tasks {
+            let v = individual
+                .iter()
+                .find(|r| r["family"] == fam && r["task"] == t.name())
+                .and_then(|r| r["own_acc"].as_f64())
+                .unwrap_or(f64::NAN);
+            own.push(v);
+            line.push_str(&format!(" {v:.3} |"));
+        }
+        line.push_str(&format!(
+            " {:.3} | – |\n",
+            own.iter().sum::<f64>() / own.len() as f64
+        ));
+        md.push_str(&line);
+        for r in merges.iter().filter(|r| r["family"] == fam) {
+            let mut line = format!("| {fam} | {} |", r["method"].as_str().unwrap_or("?"));
+            for t in tasks {
+                line.push_str(&format!(
+                    " {:.3} |",
+                    r["scores"]["acc"][t.name()].as_f64().unwrap_or(f64::NAN)
+                ));
+            }
+            line.push_str(&format!(
+                " **{:.3}** | {:.3} |\n",
+                r["scores"]["mean_acc"].as_f64().unwrap_or(f64::NAN),
+                r["scores"]["task_a_loss"].as_f64().unwrap_or(f64::NAN)
+            ));
+            md.push_str(&line);
+        }
+    }
+    md.push_str(
+        "\n## Task vectors\n\n| family | mean stable rank | pairwise cosines |\n|---|---|---|\n",
+    );
+    for sr in &spectra_rows {
+        let cs: Vec<String> = sr["cosines"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .map(|c| {
+                        format!(
+                            "{}·{} {:.3}",
+                            c["a"].as_str().unwrap_or("?"),
+                            c["b"].as_str().unwrap_or("?"),
+                            c["cosine"].as_f64().unwrap_or(f64::NAN)
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        md.push_str(&format!(
+            "| {} | {:.2} | {} |\n",
+            sr["family"].as_str().unwrap_or("?"),
+            sr["mean_stable_rank"].as_f64().unwrap_or(f64::NAN),
+            cs.join(", ")
+        ));
+    }
+    md.push_str("\n![full](accuracy_full.png)\n\n![lora](accuracy_lora.png)\n\n![s2ft](accuracy_s2ft-random.png)\n\n![spectra](task_vector_spectra.png)\n");
+    let metrics = json!({
+        "config": c,
+        "tasks": tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
+        "base": base_row,
+        "individual": individual,
+        "merges": merges,
+        "task_vectors": spectra_rows,
+        "options": {"rank": r, "density": args.density, "lambda": args.lambda, "steps": s.steps},
+    });
+    run.finish(metrics, &md)?;
+    Ok(run.dir.clone())
+}

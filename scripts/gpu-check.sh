@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU check: build the studies with the `cuda` feature, run a few training
+# steps of `lmc` and `s2ft` on CUDA and on the CPU, and compare the numbers.
+# Run it on a machine with an NVIDIA GPU and driver:
+#   scripts/gpu-check.sh [OUT_DIR]
+# Exit status 0 when both backends agree within tolerance (different kernels
+# and summation orders: the runs are not bit-identical, only close).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-results/gpu-check}"
+mkdir -p "$out"
+bin=target/release/experiments
+if [ ! -x "$bin" ] || [ "${REBUILD:-1}" = 1 ]; then
+  cargo build -p experiments --release --features cuda
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+for dev in cpu cuda; do
+  /usr/bin/env time -f "lmc $dev: %e s" "$bin" lmc --quick --device "$dev" --quiet --out "$out/lmc-$dev"
+  /usr/bin/env time -f "s2ft $dev: %e s" "$bin" s2ft --quick --device "$dev" --quiet --out "$out/s2ft-$dev"
+done
+"$bin" compare-runs "$out"
