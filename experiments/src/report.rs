@@ -115,8 +115,23 @@ impl Run {
         })
     }
 
+    /// Writes what is known so far to `metrics.partial.json` (with the run
+    /// record and `"complete": false`), so an interrupted study (Ctrl-C)
+    /// leaves its finished phases behind; [`Run::finish`] removes it.
+    pub fn partial(&self, metrics: &Value) -> anyhow::Result<()> {
+        let mut m = metrics.clone();
+        m["run"] = self.record();
+        m["complete"] = Value::Bool(false);
+        self.write(
+            "metrics.partial.json",
+            serde_json::to_string_pretty(&m)?.as_bytes(),
+        )?;
+        Ok(())
+    }
+
     /// Writes `metrics.json` (`metrics` plus the run record) and `report.md`.
     pub fn finish(&self, mut metrics: Value, report_md: &str) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(self.dir.join("metrics.partial.json"));
         metrics["run"] = self.record();
         self.write(
             "metrics.json",

@@ -409,6 +409,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
             json!({"loss_barrier": c.loss_barrier, "loss_barrier_mean": c.loss_barrier_mean, "acc_barrier": c.acc_barrier, "l2": l2, "seconds": secs,
                    "train_loss": c.train, "test_loss": c.test}),
         );
+        run.partial(&serde_json::Value::Object(metrics.clone()))?;
         train_series.push(Series::line(*name, c.train));
         test_series.push(Series::line(*name, c.test));
     }

@@ -147,6 +147,7 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
             "| {name} | {loss:.4} | {acc:.4} | {mean_barrier:.4} | {secs:.2} |\n"
         ));
         metrics.insert(name.to_string(), json!({"test_loss": loss, "test_acc": acc, "pairwise_barrier": mean_barrier, "pairwise_barriers": barriers, "seconds": secs}));
+        run.partial(&serde_json::Value::Object(metrics.clone()))?;
     }
     line_chart(
         &run.dir.join("pair_1_2_test_loss"),

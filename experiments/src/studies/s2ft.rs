@@ -669,6 +669,7 @@ where
                 "step_ms": ft.step_ms, "peak_bytes": ft.peak_bytes,
                 "final_train_loss": ft.losses.last(),
             }));
+            run.partial(&json!({"base": {"task_a": base_a, "task_b": base_b}, "runs": rows}))?;
             if seed_k == 0 {
                 kept.push((m, ft));
             }

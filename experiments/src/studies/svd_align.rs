@@ -96,6 +96,7 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
                 "r_gamma_0": al.thresholded[0].1, "r_gamma_0_3": al.thresholded[1].1, "diagonal_top": al.diagonal.iter().take(args.top).collect::<Vec<_>>()}));
         }
         metrics.insert(name.to_string(), json!(per_layer));
+        run.partial(&serde_json::Value::Object(metrics.clone()))?;
     }
     line_chart(
         &run.dir.join("alignment_vs_rank"),
