@@ -2,6 +2,7 @@
 //! library so the `tests` crate runs them at tiny size.
 
 pub mod alloc;
+pub mod cnn;
 pub mod data;
 pub mod device;
 pub mod gpu_check;

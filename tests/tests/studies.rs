@@ -65,9 +65,10 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
     let out = dir.path().join("lmc");
     let args = experiments::studies::lmc::LmcArgs {
         quick: true,
-        width: 512,
+        arch: experiments::studies::lmc::Arch::Mlp,
+        width: None,
         depth: 3,
-        epochs: 5,
+        epochs: None,
         seed: 0,
         data_dir: None,
         grid: 11,
@@ -120,9 +121,10 @@ fn svd_align_study_weight_matching_aligns_top_singular_vectors() {
     let out = dir.path().join("svd");
     let lmc = experiments::studies::lmc::LmcArgs {
         quick: false,
-        width: 128,
+        arch: experiments::studies::lmc::Arch::Mlp,
+        width: Some(128),
         depth: 2,
-        epochs: 3,
+        epochs: Some(3),
         seed: 0,
         data_dir: None,
         grid: 5,
@@ -167,9 +169,10 @@ fn many_study_aligned_merges_beat_plain_averaging() {
     let out = dir.path().join("many");
     let lmc = experiments::studies::lmc::LmcArgs {
         quick: false,
-        width: 128,
+        arch: experiments::studies::lmc::Arch::Mlp,
+        width: Some(128),
         depth: 2,
-        epochs: 2,
+        epochs: Some(2),
         seed: 0,
         data_dir: None,
         grid: 5,
@@ -210,9 +213,10 @@ fn lmc_width_sweep_plots_barriers_per_width() {
     let out = dir.path().join("lmcw");
     let args = experiments::studies::lmc::LmcArgs {
         quick: true,
-        width: 512,
+        arch: experiments::studies::lmc::Arch::Mlp,
+        width: None,
         depth: 3,
-        epochs: 1,
+        epochs: Some(1),
         seed: 1,
         data_dir: None,
         grid: 5,
@@ -425,4 +429,44 @@ fn merge_study_merges_beat_chance_and_rmm_rebuilds_each_task() {
     for w in lora["weights"].as_array().unwrap() {
         assert!(w["numerical_rank"].as_u64().unwrap() <= 4, "{w}");
     }
+}
+
+#[test]
+fn lmc_study_runs_on_the_layernorm_resnet() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lmc-resnet");
+    let mut args = experiments::studies::lmc::LmcArgs {
+        quick: true,
+        arch: experiments::studies::lmc::Arch::Resnet,
+        width: None,
+        depth: 3,
+        epochs: None,
+        seed: 0,
+        data_dir: None,
+        grid: 5,
+        ste_steps: 0,
+        widths: Vec::new(),
+        device: "cpu".into(),
+        out: Some(out.clone()),
+        quiet: true,
+    };
+    experiments::studies::lmc::run(&args).unwrap();
+    check_png(&out.join("loss_test.png"));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["arch"], "resnet");
+    assert!(!out.join("metrics.partial.json").exists());
+    // Weight matching over the torchvision-named spec (streams through the
+    // shortcuts, LayerNorm channels) brings B closer to A.
+    let l2 = |k: &str| m[k]["l2"].as_f64().unwrap();
+    assert!(l2("wm") < l2("naive"), "{} vs {}", l2("wm"), l2("naive"));
+    // Activation matching and STE are MLP-only; svd-align refuses the ResNet.
+    assert!(m["am"].is_null() && m["ste"].is_null());
+    args.out = Some(dir.path().join("svd"));
+    let e = experiments::studies::svd_align::run(&experiments::studies::svd_align::SvdAlignArgs {
+        lmc: args,
+        top: 8,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("--arch resnet"), "{e}");
 }

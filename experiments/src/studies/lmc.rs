@@ -17,25 +17,63 @@ use crate::mlp::{self, Mlp};
 use crate::plot::{Series, line_chart};
 use crate::report::Run;
 use permute::interp::{barrier_of_curve, lambda_grid, lerp};
-use permute::{MatchOptions, apply, builders::mlp as mlp_spec, weight_matching};
+use permute::{MatchOptions, PermutationSpec, apply, weight_matching};
 
 type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+
+/// The network the MLP-family studies train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+pub enum Arch {
+    /// ReLU MLP (`layers.i.*`).
+    Mlp,
+    /// Small ResNet with channel LayerNorm (torchvision names; see [`crate::cnn`]).
+    Resnet,
+}
+
+impl Arch {
+    /// The permutation spec of a state dict of this architecture.
+    pub fn spec(self, sd: &StateDict) -> anyhow::Result<PermutationSpec> {
+        Ok(match self {
+            Arch::Mlp => permute::builders::mlp(sd)?,
+            Arch::Resnet => permute::builders::resnet(sd)?,
+        })
+    }
+
+    /// Mean cross-entropy and accuracy of a state dict on `data` (CPU).
+    pub fn evaluate(self, sd: &StateDict, data: &Split) -> anyhow::Result<(f64, f64)> {
+        match self {
+            Arch::Mlp => Ok(mlp::evaluate(sd, data)),
+            Arch::Resnet => crate::cnn::evaluate(sd, data),
+        }
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Mlp => "mlp",
+            Arch::Resnet => "resnet",
+        }
+    }
+}
 
 /// Options.
 #[derive(Clone, Debug, clap::Args)]
 pub struct LmcArgs {
-    /// Tiny size for tests (width 64, 2 hidden layers, 3 epochs, 2000 samples).
+    /// Tiny size for tests (MLP width 64 × 2 layers, 2000 samples; ResNet width 4, 500 samples).
     #[arg(long)]
     pub quick: bool,
-    /// Hidden width.
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    /// Hidden layers.
+    /// Network: a ReLU MLP, or a small ResNet with LayerNorm.
+    #[arg(long, value_enum, default_value_t = Arch::Mlp)]
+    pub arch: Arch,
+    /// Hidden width of the MLP (default 512) or stem width of the ResNet (default 8).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Hidden layers (MLP).
     #[arg(long, default_value_t = 3)]
     pub depth: usize,
-    /// Training epochs per model.
-    #[arg(long, default_value_t = 5)]
-    pub epochs: usize,
+    /// Training epochs per model (default 5 for the MLP, 3 for the ResNet).
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Seeds of the two models.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -72,6 +110,7 @@ pub(crate) struct Curve {
 }
 
 pub(crate) fn curve(
+    arch: Arch,
     a: &StateDict,
     b: &StateDict,
     grid: usize,
@@ -82,8 +121,8 @@ pub(crate) fn curve(
     let (mut tr, mut te) = (Vec::new(), Vec::new());
     for &l in &lambdas {
         let m = lerp(a, b, l as f32)?;
-        tr.push(mlp::evaluate(&m, train));
-        te.push(mlp::evaluate(&m, test));
+        tr.push(arch.evaluate(&m, train)?);
+        te.push(arch.evaluate(&m, test)?);
     }
     let losses: Vec<f64> = tr.iter().map(|x| x.0).collect();
     let bar = barrier_of_curve(&lambdas, &losses)?;
@@ -140,7 +179,7 @@ where
     Mlp<B>: AutodiffModule<B>,
 {
     use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-    let spec = mlp_spec(a)?;
+    let spec = permute::builders::mlp(a)?;
     let a_model = Mlp::<B>::from_state_dict(a, device)?;
     let mut tilde = Mlp::<B>::from_state_dict(a, device)?;
     let mut optim = AdamConfig::new().init::<B, Mlp<B>>();
@@ -205,6 +244,8 @@ where
 
 /// Two trained MLPs and their data.
 pub struct TrainedPair {
+    /// The architecture.
+    pub arch: Arch,
     /// Model A.
     pub a: StateDict,
     /// Model B.
@@ -223,6 +264,8 @@ pub struct TrainedPair {
 
 /// `n` trained MLPs and their data.
 pub struct TrainedSet {
+    /// The architecture.
+    pub arch: Arch,
     /// The models (seeds `n·seed`, `n·seed + 1`, …).
     pub models: Vec<StateDict>,
     /// Training data used.
@@ -237,8 +280,9 @@ pub struct TrainedSet {
     pub steps_per_epoch: usize,
 }
 
-/// Trains one MLP from `init` on backend `B` (Adam, batch 128, lr 1e-3).
+/// Trains one network from `init` on backend `B` (Adam, batch 128, lr 1e-3).
 fn train_one<B: AutodiffBackend>(
+    arch: Arch,
     init: &StateDict,
     train: &Split,
     epochs: usize,
@@ -247,25 +291,65 @@ fn train_one<B: AutodiffBackend>(
 ) -> anyhow::Result<StateDict>
 where
     Mlp<B>: AutodiffModule<B>,
+    crate::cnn::ResNet<B>: AutodiffModule<B>,
 {
-    let m = Mlp::<B>::from_state_dict(init, &Default::default())?;
-    Ok(mlp::train(m, train, epochs, 128, 1e-3, seed, bar).to_state_dict())
+    let device = Default::default();
+    Ok(match arch {
+        Arch::Mlp => {
+            let m = Mlp::<B>::from_state_dict(init, &device)?;
+            mlp::train(m, train, epochs, 128, 1e-3, seed, bar).to_state_dict()
+        }
+        Arch::Resnet => {
+            let m = crate::cnn::ResNet::<B>::from_state_dict(init, &device)?;
+            crate::cnn::train(m, train, epochs, 128, 1e-3, seed, bar).to_state_dict()
+        }
+    })
 }
 
 /// Trains `n` MLPs of the study's shape from different seeds.
 pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<TrainedSet> {
     let dev = Device::parse(&args.device, "lmc")?;
-    let (width, depth, epochs, n_train) = if args.quick {
-        (64, 2, 3, 2000)
-    } else {
-        (args.width, args.depth, args.epochs, usize::MAX)
+    let arch = args.arch;
+    let (width, depth, epochs, n_train) = match (args.quick, arch) {
+        (true, Arch::Mlp) => (64, 2, 3, 2000),
+        (true, Arch::Resnet) => (4, 0, 2, 500),
+        (false, Arch::Mlp) => (
+            args.width.unwrap_or(512),
+            args.depth,
+            args.epochs.unwrap_or(5),
+            usize::MAX,
+        ),
+        (false, Arch::Resnet) => (
+            args.width.unwrap_or(8),
+            0,
+            args.epochs.unwrap_or(3),
+            usize::MAX,
+        ),
     };
+    anyhow::ensure!(
+        width > 0 && epochs > 0,
+        "--width and --epochs must be positive"
+    );
     let dir = args.data_dir.clone().unwrap_or_else(default_mnist_dir);
     let (train, test) = run.phase("load data", || mnist(&dir))?;
     let train = train.take(n_train);
-    let mut sizes = vec![train.x.ncols()];
-    sizes.extend(std::iter::repeat_n(width, depth));
-    sizes.push(10);
+    let pixels = train.x.ncols();
+    let side = (pixels as f64).sqrt().round() as usize;
+    anyhow::ensure!(
+        arch == Arch::Mlp || side * side == pixels,
+        "--arch resnet needs square single-channel images; {} has {pixels} pixels per image",
+        dir.display()
+    );
+    let sizes = match arch {
+        Arch::Mlp => {
+            let mut s = vec![train.x.ncols()];
+            s.extend(std::iter::repeat_n(width, depth));
+            s.push(10);
+            s
+        }
+        // Stage widths.
+        Arch::Resnet => vec![width, 2 * width, 4 * width],
+    };
     let steps_per_epoch = train.y.len().div_ceil(128);
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()
@@ -276,12 +360,15 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
         (0..n as u64)
             .map(|k| {
                 let seed = args.seed * n as u64 + k;
-                let init = mlp::init_state_dict(&sizes, seed);
+                let init = match arch {
+                    Arch::Mlp => mlp::init_state_dict(&sizes, seed),
+                    Arch::Resnet => crate::cnn::init_state_dict(1, width, 10, seed),
+                };
                 match dev {
-                    Device::Cpu => train_one::<B>(&init, &train, epochs, seed, &bar),
+                    Device::Cpu => train_one::<B>(arch, &init, &train, epochs, seed, &bar),
                     #[cfg(feature = "cuda")]
                     Device::Cuda => {
-                        train_one::<s2ft_core::GpuTrain>(&init, &train, epochs, seed, &bar)
+                        train_one::<s2ft_core::GpuTrain>(arch, &init, &train, epochs, seed, &bar)
                     }
                     #[cfg(not(feature = "cuda"))]
                     Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
@@ -291,6 +378,7 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
     })?;
     bar.finish_and_clear();
     Ok(TrainedSet {
+        arch,
         models,
         train,
         test,
@@ -306,6 +394,7 @@ pub fn train_pair(args: &LmcArgs, run: &mut Run) -> anyhow::Result<TrainedPair> 
     let mut it = set.models.into_iter();
     let (a, b) = (it.next().expect("two"), it.next().expect("two"));
     Ok(TrainedPair {
+        arch: set.arch,
         a,
         b,
         train: set.train,
@@ -327,7 +416,7 @@ pub fn align_all(
     run: &mut Run,
 ) -> anyhow::Result<(Vec<Aligned>, usize)> {
     let (a, b) = (&pair.a, &pair.b);
-    let spec = mlp_spec(a)?;
+    let spec = pair.arch.spec(a)?;
     let mut out = vec![("naive", spec.identity(), 0.0)];
     let t = Instant::now();
     let wm = run.phase("weight matching", || {
@@ -342,6 +431,10 @@ pub fn align_all(
         )
     })?;
     out.push(("wm", wm.perm, t.elapsed().as_secs_f64()));
+    if pair.arch != Arch::Mlp {
+        // Activation matching and STE are implemented for the MLP only.
+        return Ok((out, wm.passes));
+    }
     let t = Instant::now();
     let probe = pair.train.take(1000);
     let am = run.phase("activation matching", || {
@@ -374,18 +467,30 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     let mut run = Run::create("lmc", args.out.as_deref(), dev.label(), args.quiet)?;
     let pair = train_pair(args, &mut run)?;
     let (a, b) = (&pair.a, &pair.b);
-    let spec = mlp_spec(a)?;
+    let arch = pair.arch;
+    let spec = arch.spec(a)?;
+    // The ResNet's CPU forward is ~100× the MLP's: score it on subsets.
+    let eval_n = match (arch, args.quick) {
+        (Arch::Mlp, _) => usize::MAX,
+        (Arch::Resnet, true) => 128,
+        (Arch::Resnet, false) => 1000,
+    };
+    let eval_train = pair.train.take(eval_n.min(2000));
+    let eval_test = pair.test.take(eval_n);
     let endpoints: Vec<(f64, f64)> = [a, b]
         .iter()
-        .map(|m| mlp::evaluate(m, &pair.test))
-        .collect();
+        .map(|m| arch.evaluate(m, &eval_test))
+        .collect::<anyhow::Result<_>>()?;
     let (perms, wm_passes) = align_all(&pair, args, &mut run)?;
-    let eval_train = pair.train.take(2000);
     let mut metrics = serde_json::Map::new();
     let mut train_series = Vec::new();
     let mut test_series = Vec::new();
     let mut md = format!(
-        "# Linear mode connectivity\n\nTwo MLPs {:?} trained {} epoch(s) with Adam on {} samples (seeds {} and {}); test accuracy {:.3} and {:.3}.\n\n| method | loss barrier | loss barrier (vs mean) | accuracy barrier | L2 to A | seconds |\n|---|---|---|---|---|---|\n",
+        "# Linear mode connectivity\n\nTwo {} {:?} trained {} epoch(s) with Adam on {} samples (seeds {} and {}); test accuracy {:.3} and {:.3}.\n\n| method | loss barrier | loss barrier (vs mean) | accuracy barrier | L2 to A | seconds |\n|---|---|---|---|---|---|\n",
+        match arch {
+            Arch::Mlp => "MLPs",
+            Arch::Resnet => "ResNets (LayerNorm; stage widths)",
+        },
         pair.sizes,
         pair.epochs,
         pair.train.y.len(),
@@ -397,7 +502,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     for (name, perm, secs) in &perms {
         let bp = apply(&spec, perm, b)?;
         let c = run.phase(&format!("curve {name}"), || {
-            curve(a, &bp, args.grid, &eval_train, &pair.test)
+            curve(arch, a, &bp, args.grid, &eval_train, &eval_test)
         })?;
         let l2 = permute::matching::l2_distance(a, &bp);
         md.push_str(&format!(
@@ -433,13 +538,13 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         let (mut naive_pts, mut wm_pts) = (Vec::new(), Vec::new());
         for &w in &args.widths {
             let sub = LmcArgs {
-                width: w,
+                width: Some(w),
                 quick: false,
                 widths: Vec::new(),
                 ..args.clone()
             };
             let p = train_pair(&sub, &mut run)?;
-            let spec_w = mlp_spec(&p.a)?;
+            let spec_w = arch.spec(&p.a)?;
             let wm_w = run.phase(&format!("WM width {w}"), || {
                 weight_matching(
                     &spec_w,
@@ -452,8 +557,9 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
                 )
             })?;
             let eval = p.train.take(2000);
-            let naive_c = curve(&p.a, &p.b, args.grid, &eval, &p.test)?;
+            let naive_c = curve(arch, &p.a, &p.b, args.grid, &eval, &p.test)?;
             let wm_c = curve(
+                arch,
                 &p.a,
                 &apply(&spec_w, &wm_w.perm, &p.b)?,
                 args.grid,
@@ -475,6 +581,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         metrics.insert("width_sweep".into(), json!(sweep));
     }
     // Per method at the top level (naive, wm, am, ste), as the README documents.
+    metrics.insert("arch".into(), json!(arch.name()));
     metrics.insert("sizes".into(), json!(pair.sizes));
     metrics.insert(
         "endpoint_test_accuracy".into(),

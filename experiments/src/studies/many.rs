@@ -11,11 +11,10 @@ use std::time::Instant;
 use serde_json::json;
 use weights::StateDict;
 
-use crate::mlp;
 use crate::plot::{Series, line_chart};
 use crate::report::Run;
-use crate::studies::lmc::{LmcArgs, curve, ste, train_models};
-use permute::{MatchOptions, apply, builders::mlp as mlp_spec, weight_matching};
+use crate::studies::lmc::{Arch, LmcArgs, curve, ste, train_models};
+use permute::{MatchOptions, apply, weight_matching};
 
 /// Options (the `lmc` options choose the models).
 #[derive(Clone, Debug, clap::Args)]
@@ -39,8 +38,12 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
     let mut run = Run::create("many", args.lmc.out.as_deref(), dev.label(), args.lmc.quiet)?;
     let set = train_models(&args.lmc, args.models, &mut run)?;
     let models = &set.models;
-    let spec = mlp_spec(&models[0])?;
-    let individual: Vec<(f64, f64)> = models.iter().map(|m| mlp::evaluate(m, &set.test)).collect();
+    let arch = set.arch;
+    let spec = arch.spec(&models[0])?;
+    let individual: Vec<(f64, f64)> = models
+        .iter()
+        .map(|m| arch.evaluate(m, &set.test))
+        .collect::<anyhow::Result<_>>()?;
     // Aligned copies per method (anchor = model 0).
     let mut aligned: Vec<(&str, Vec<StateDict>, f64)> = vec![("naive", models.clone(), 0.0)];
     let t = Instant::now();
@@ -70,7 +73,11 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
     } else {
         set.steps_per_epoch
     };
+    // STE is implemented for the MLP only.
     let st: Vec<StateDict> = run.phase("anchor STE", || -> anyhow::Result<Vec<StateDict>> {
+        if arch != Arch::Mlp {
+            return Ok(Vec::new());
+        }
         let mut out = vec![models[0].clone()];
         for m in &models[1..] {
             let p = ste(
@@ -86,7 +93,9 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
         }
         Ok(out)
     })?;
-    aligned.push(("ste_anchor", st, t.elapsed().as_secs_f64()));
+    if !st.is_empty() {
+        aligned.push(("ste_anchor", st, t.elapsed().as_secs_f64()));
+    }
     let t = Instant::now();
     let mm = run.phase("MergeMany", || {
         permute::many::merge_many(
@@ -130,12 +139,12 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
     let mut series = Vec::new();
     for (name, ms, secs) in &aligned {
         let merged = permute::many::mean(ms)?;
-        let (loss, acc) = mlp::evaluate(&merged, &set.test);
+        let (loss, acc) = arch.evaluate(&merged, &set.test)?;
         // Barriers between every pair of non-anchor models after alignment.
         let mut barriers = Vec::new();
         for i in 1..ms.len() {
             for j in i + 1..ms.len() {
-                let c = curve(&ms[i], &ms[j], args.lmc.grid, &eval_train, &set.test)?;
+                let c = curve(arch, &ms[i], &ms[j], args.lmc.grid, &eval_train, &set.test)?;
                 if i == 1 && j == 2 {
                     series.push(Series::line(*name, c.test.clone()));
                 }

@@ -25,6 +25,11 @@ pub struct SvdAlignArgs {
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        args.lmc.arch == crate::studies::lmc::Arch::Mlp,
+        "--arch {}: svd-align analyses the MLP's hidden-to-hidden matrices; use --arch mlp",
+        args.lmc.arch.name()
+    );
     let dev = crate::device::Device::parse(&args.lmc.device, "svd-align")?;
     let mut run = Run::create(
         "svd-align",
