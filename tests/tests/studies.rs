@@ -65,18 +65,10 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
     let out = dir.path().join("lmc");
     let args = experiments::studies::lmc::LmcArgs {
         quick: true,
-        arch: experiments::studies::lmc::Arch::Mlp,
-        width: None,
-        depth: 3,
-        epochs: None,
-        seed: 0,
-        data_dir: None,
         grid: 11,
-        ste_steps: 0,
-        widths: Vec::new(),
-        device: "cpu".into(),
         out: Some(out.clone()),
         quiet: true,
+        ..Default::default()
     };
     experiments::studies::lmc::run(&args).unwrap();
     check_png(&out.join("loss_train.png"));
@@ -120,19 +112,14 @@ fn svd_align_study_weight_matching_aligns_top_singular_vectors() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("svd");
     let lmc = experiments::studies::lmc::LmcArgs {
-        quick: false,
-        arch: experiments::studies::lmc::Arch::Mlp,
         width: Some(128),
         depth: 2,
         epochs: Some(3),
-        seed: 0,
-        data_dir: None,
         grid: 5,
         ste_steps: 20,
-        widths: Vec::new(),
-        device: "cpu".into(),
         out: Some(out.clone()),
         quiet: true,
+        ..Default::default()
     };
     experiments::studies::svd_align::run(&experiments::studies::svd_align::SvdAlignArgs {
         lmc,
@@ -168,19 +155,14 @@ fn many_study_aligned_merges_beat_plain_averaging() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("many");
     let lmc = experiments::studies::lmc::LmcArgs {
-        quick: false,
-        arch: experiments::studies::lmc::Arch::Mlp,
         width: Some(128),
         depth: 2,
         epochs: Some(2),
-        seed: 0,
-        data_dir: None,
         grid: 5,
         ste_steps: 10,
-        widths: Vec::new(),
-        device: "cpu".into(),
         out: Some(out.clone()),
         quiet: true,
+        ..Default::default()
     };
     experiments::studies::many::run(&experiments::studies::many::ManyArgs { lmc, models: 3 })
         .unwrap();
@@ -213,18 +195,14 @@ fn lmc_width_sweep_plots_barriers_per_width() {
     let out = dir.path().join("lmcw");
     let args = experiments::studies::lmc::LmcArgs {
         quick: true,
-        arch: experiments::studies::lmc::Arch::Mlp,
-        width: None,
-        depth: 3,
         epochs: Some(1),
         seed: 1,
-        data_dir: None,
         grid: 5,
         ste_steps: 5,
         widths: vec![16, 48],
-        device: "cpu".into(),
         out: Some(out.clone()),
         quiet: true,
+        ..Default::default()
     };
     experiments::studies::lmc::run(&args).unwrap();
     check_png(&out.join("barrier_vs_width.png"));
@@ -245,29 +223,13 @@ fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s2ft");
     let args = experiments::studies::s2ft::S2ftArgs {
-        quick: true,
-        hidden: 64,
-        layers: 2,
-        heads: 4,
-        ffn: 256,
-        seq: 32,
-        batch: 8,
-        pretrain_steps: 400,
-        steps: 300,
-        ranks: vec![1, 2, 4],
-        seeds: 2,
-        seed: 0,
-        lr_pretrain: 3e-3,
-        lr_full: 1e-3,
-        lr_peft: 1e-2,
-        task: experiments::lm::Task::Shift,
-        fusion_task: experiments::lm::Task::Mirror,
-        switch_widths: vec![],
-        base: None,
-        data_dir: None,
-        device: "cpu".into(),
-        out: Some(out.clone()),
-        quiet: true,
+        lm: experiments::studies::s2ft::LmArgs {
+            quick: true,
+            out: Some(out.clone()),
+            quiet: true,
+            ..Default::default()
+        },
+        ..Default::default()
     };
     experiments::studies::s2ft::run(&args).unwrap();
     for f in [
@@ -344,28 +306,13 @@ fn merge_study_merges_beat_chance_and_rmm_rebuilds_each_task() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merge");
     let args = experiments::studies::merging::MergeArgs {
-        quick: true,
-        hidden: 64,
-        layers: 2,
-        heads: 4,
-        ffn: 256,
-        seq: 32,
-        batch: 8,
-        pretrain_steps: 400,
-        steps: 300,
-        tasks: vec![experiments::lm::Task::Shift, experiments::lm::Task::Mirror],
-        rank: 4,
-        density: 0.5,
-        lambda: 0.3,
-        seed: 0,
-        lr_pretrain: 3e-3,
-        lr_full: 1e-3,
-        lr_peft: 1e-2,
-        base: None,
-        data_dir: None,
-        device: "cpu".into(),
-        out: Some(out.clone()),
-        quiet: true,
+        lm: experiments::studies::s2ft::LmArgs {
+            quick: true,
+            out: Some(out.clone()),
+            quiet: true,
+            ..Default::default()
+        },
+        ..Default::default()
     };
     experiments::studies::merging::run(&args).unwrap();
     for f in [
@@ -438,17 +385,10 @@ fn lmc_study_runs_on_the_layernorm_resnet() {
     let mut args = experiments::studies::lmc::LmcArgs {
         quick: true,
         arch: experiments::studies::lmc::Arch::Resnet,
-        width: None,
-        depth: 3,
-        epochs: None,
-        seed: 0,
-        data_dir: None,
         grid: 5,
-        ste_steps: 0,
-        widths: Vec::new(),
-        device: "cpu".into(),
         out: Some(out.clone()),
         quiet: true,
+        ..Default::default()
     };
     experiments::studies::lmc::run(&args).unwrap();
     check_png(&out.join("loss_test.png"));

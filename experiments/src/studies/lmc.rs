@@ -100,6 +100,8 @@ pub struct LmcArgs {
     pub quiet: bool,
 }
 
+crate::studies::cli_defaults!(LmcArgs);
+
 /// The curve and barriers of one method.
 pub(crate) struct Curve {
     pub(crate) train: Vec<(f64, f64)>,

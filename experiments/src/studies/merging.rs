@@ -24,7 +24,7 @@ use crate::device::Device;
 use crate::lm::{Task, default_text_dir, moby_dick};
 use crate::plot::{Series, bar_chart, line_chart};
 use crate::report::Run;
-use crate::studies::s2ft::{EvalSets, Method, Sizes, finetune, pretrain};
+use crate::studies::s2ft::{EvalSets, LmArgs, Method, Sizes, finetune, prepare_base};
 use merge::{Params, Value as P};
 use s2ft_core::s2ft::Strategy;
 use s2ft_core::{Llama, LlamaConfig};
@@ -32,34 +32,10 @@ use s2ft_core::{Llama, LlamaConfig};
 /// Options.
 #[derive(Clone, Debug, clap::Args)]
 pub struct MergeArgs {
-    /// Tiny size for tests (width 48, 2 blocks, 200 + 150 steps, tasks shift and mirror).
-    #[arg(long)]
-    pub quick: bool,
-    /// Residual width.
-    #[arg(long, default_value_t = 64)]
-    pub hidden: usize,
-    /// Decoder blocks.
-    #[arg(long, default_value_t = 2)]
-    pub layers: usize,
-    /// Attention heads.
-    #[arg(long, default_value_t = 4)]
-    pub heads: usize,
-    /// FFN width.
-    #[arg(long, default_value_t = 256)]
-    pub ffn: usize,
-    /// Tokens per training sequence.
-    #[arg(long, default_value_t = 32)]
-    pub seq: usize,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    /// Pretraining steps on task A.
-    #[arg(long, default_value_t = 400)]
-    pub pretrain_steps: usize,
-    /// Fine-tuning steps per task.
-    #[arg(long, default_value_t = 300)]
-    pub steps: usize,
-    /// The tasks (one fine-tuned model per task and family).
+    /// Model, data and training (as the `s2ft` study).
+    #[command(flatten)]
+    pub lm: LmArgs,
+    /// The tasks (one fine-tuned model per task and family; quick: shift, mirror).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Task::Shift, Task::Mirror, Task::Upper])]
     pub tasks: Vec<Task>,
     /// LoRA rank (S²FT gets the same parameter budget).
@@ -71,52 +47,28 @@ pub struct MergeArgs {
     /// Scale λ of the summed task vectors in task arithmetic and DARE (FusionBench's default 0.3).
     #[arg(long, default_value_t = 0.3)]
     pub lambda: f64,
-    /// Base seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Pretraining learning rate.
-    #[arg(long, default_value_t = 3e-3)]
-    pub lr_pretrain: f64,
-    /// Full fine-tuning learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr_full: f64,
-    /// LoRA and S²FT learning rate.
-    #[arg(long, default_value_t = 1e-2)]
-    pub lr_peft: f64,
-    /// A pretrained base folder (model.safetensors + config.json, as the
-    /// `s2ft` and `merge` studies write to `<out>/base`).
-    #[arg(long)]
-    pub base: Option<PathBuf>,
-    /// Folder with moby-dick.txt(.gz) (default: the vendored data/text).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// `cpu`, or `cuda` in a build with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Report folder.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// No progress output.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
+crate::studies::cli_defaults!(MergeArgs);
+
 impl MergeArgs {
-    fn sizes(&self) -> anyhow::Result<(Sizes, Vec<Task>)> {
-        let mut tasks = if self.quick {
+    fn tasks(&self) -> anyhow::Result<Vec<Task>> {
+        let tasks = if self.lm.quick {
             vec![Task::Shift, Task::Mirror]
         } else {
             self.tasks.clone()
         };
-        tasks.dedup();
-        if tasks.len() < 2 {
-            bail!("--tasks: give at least two different tasks to merge");
-        }
         if let Some(t) = tasks
             .iter()
             .find(|t| tasks.iter().filter(|u| u == t).count() > 1)
         {
             bail!("--tasks lists '{}' twice", t.name());
+        }
+        if tasks.len() < 2 {
+            bail!("--tasks: give at least two different tasks to merge");
+        }
+        if self.rank == 0 {
+            bail!("--rank must be at least 1");
         }
         if !(self.density > 0.0 && self.density <= 1.0) {
             bail!("--density {} is outside (0, 1]", self.density);
@@ -124,41 +76,14 @@ impl MergeArgs {
         if !self.lambda.is_finite() {
             bail!("--lambda must be finite");
         }
-        let s2 = crate::studies::s2ft::S2ftArgs {
-            quick: self.quick,
-            hidden: self.hidden,
-            layers: self.layers,
-            heads: self.heads,
-            ffn: self.ffn,
-            seq: self.seq,
-            batch: self.batch,
-            pretrain_steps: self.pretrain_steps,
-            steps: self.steps,
-            ranks: vec![self.rank],
-            seeds: 1,
-            seed: self.seed,
-            lr_pretrain: self.lr_pretrain,
-            lr_full: self.lr_full,
-            lr_peft: self.lr_peft,
-            task: tasks[0],
-            fusion_task: tasks[1],
-            switch_widths: Vec::new(),
-            base: self.base.clone(),
-            data_dir: self.data_dir.clone(),
-            device: self.device.clone(),
-            out: None,
-            quiet: true,
-        };
-        let mut s = s2.sizes()?;
-        s.ranks = vec![self.rank];
-        Ok((s, tasks))
+        Ok(tasks)
     }
 }
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
-    let (s, tasks) = args.sizes()?;
-    match Device::parse(&args.device, "merge")? {
+    let (s, tasks) = (args.lm.sizes()?, args.tasks()?);
+    match Device::parse(&args.lm.device, "merge")? {
         Device::Cpu => {
             run_on::<s2ft_core::CpuTrain>(args, s, &tasks, &Default::default(), Device::Cpu)
         }
@@ -228,8 +153,9 @@ fn run_on<B: AutodiffBackend>(
 where
     Llama<B>: AutodiffModule<B>,
 {
-    let mut run = Run::create("merge", args.out.as_deref(), dev.label(), args.quiet)?;
-    let dir = args.data_dir.clone().unwrap_or_else(default_text_dir);
+    let lm = &args.lm;
+    let mut run = Run::create("merge", lm.out.as_deref(), dev.label(), lm.quiet)?;
+    let dir = lm.data_dir.clone().unwrap_or_else(default_text_dir);
     let corpus = run.phase("load data", || moby_dick(&dir))?;
     let r = args.rank;
     let families = [
@@ -237,39 +163,18 @@ where
         Method::Lora(r),
         Method::S2ft(r, Strategy::Random),
     ];
-    let total = if args.base.is_some() {
+    let total = if lm.base.is_some() {
         0
     } else {
         s.pretrain_steps
     } + families.len() * tasks.len() * s.steps;
-    let bar = if args.quiet {
+    let bar = if lm.quiet {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(total as u64)
     };
-    bar.set_message("pretraining");
-    let (base, config, _) = run.phase("pretrain", || {
-        pretrain::<B>(
-            args.base.as_deref(),
-            &s,
-            &corpus,
-            args.lr_pretrain,
-            args.seed,
-            device,
-            &bar,
-        )
-    })?;
-    s.config = config;
+    let (base, _) = prepare_base::<B>(lm, &mut s, &corpus, &mut run, device, &bar)?;
     let c: LlamaConfig = s.config.clone();
-    if args.base.is_none() {
-        let bdir = run.dir.join("base");
-        std::fs::create_dir_all(&bdir)?;
-        base.save_safetensors(bdir.join("model.safetensors"))?;
-        weights::atomic::write_atomic(
-            bdir.join("config.json"),
-            serde_json::to_string_pretty(&c.to_hf())?.as_bytes(),
-        )?;
-    }
     let evals = EvalSets::new(&corpus, tasks, &s);
     // A row of the table: task-A loss and every task's accuracy.
     let score = |sd: &StateDict| -> anyhow::Result<Value> {
@@ -284,13 +189,7 @@ where
     let base_row = score(&base)?;
 
     // Fine-tune every family on every task.
-    let lr_of = |m: Method| {
-        if m == Method::Full {
-            args.lr_full
-        } else {
-            args.lr_peft
-        }
-    };
+    let lr_of = |m: Method| lm.lr(m);
     let mut finetuned: Vec<(Method, Vec<StateDict>)> = Vec::new();
     let mut individual = Vec::new();
     let mut csv = String::from("family,task,trainable_params,own_acc,mean_acc,task_a_loss\n");
@@ -303,7 +202,7 @@ where
                     .join("adapters")
                     .join(format!("{}_{}", m.family(), task.name()))
             });
-            let seed = args.seed * 1000 + k as u64;
+            let seed = lm.seed * 1000 + k as u64;
             let ft = run.phase(&format!("{} on {}", m.family(), task.name()), || {
                 finetune::<B>(
                     &base,
@@ -422,14 +321,7 @@ where
         for (label, name, params) in &plain {
             let method = merge::Method::from_name(name)?;
             let merged = run.phase(&format!("{fam} {label}"), || {
-                merge::aligned::merge_state_dicts(
-                    &method,
-                    Some(&base),
-                    sds,
-                    params,
-                    &ones,
-                    args.seed,
-                )
+                merge::aligned::merge_state_dicts(&method, Some(&base), sds, params, &ones, lm.seed)
             })?;
             push(&mut merges, fam, label, score(&merged)?, json!(params))?;
         }
@@ -444,7 +336,7 @@ where
                 &shared(&[("weight", num(1.0)), ("density", num(args.density))]),
                 &ones,
                 &permute::MatchOptions {
-                    seed: args.seed,
+                    seed: lm.seed,
                     ..Default::default()
                 },
             )
@@ -520,7 +412,7 @@ where
                 })
                 .collect::<merge::Result<Vec<_>>>()?;
             let lego = run.phase("lora-lego", || {
-                merge::lora::lora_lego(&adapters, r, args.seed, true)
+                merge::lora::lora_lego(&adapters, r, lm.seed, true)
             })?;
             push(
                 &mut merges,
@@ -622,7 +514,7 @@ where
         c.hidden_size,
         c.num_hidden_layers,
         base.numel(),
-        match &args.base {
+        match &lm.base {
             Some(p) => format!("loaded from {}", p.display()),
             None => format!("pretrained {} steps on Moby-Dick", s.pretrain_steps),
         },

@@ -6,3 +6,22 @@ pub mod merging;
 pub mod s2ft;
 pub mod spectra;
 pub mod svd_align;
+
+/// `impl Default` for clap argument structs: the values the command line
+/// gives when no option is passed (so tests and library users start from
+/// exactly the CLI defaults).
+macro_rules! cli_defaults {
+    ($($t:ty),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                #[derive(clap::Parser)]
+                struct Wrap {
+                    #[command(flatten)]
+                    args: $t,
+                }
+                <Wrap as clap::Parser>::parse_from(["study"]).args
+            }
+        }
+    )*};
+}
+pub(crate) use cli_defaults;

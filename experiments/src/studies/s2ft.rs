@@ -41,10 +41,11 @@ use spectra::rng::Rng;
 /// LoRA's target projections (the S²FT paper's LoRA baseline: q, k, v, up, down).
 pub const LORA_TARGETS: [&str; 5] = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"];
 
-/// Options.
+/// The model, data and training options the LLaMA-style studies (`s2ft`,
+/// `merge`) share.
 #[derive(Clone, Debug, clap::Args)]
-pub struct S2ftArgs {
-    /// Tiny size for tests (width 48, 2 blocks, 200 + 150 steps, one seed, one budget).
+pub struct LmArgs {
+    /// Tiny size for tests (width 48, 2 blocks, 200 + 150 steps).
     #[arg(long)]
     pub quick: bool,
     /// Residual width.
@@ -68,15 +69,9 @@ pub struct S2ftArgs {
     /// Pretraining steps on task A.
     #[arg(long, default_value_t = 400)]
     pub pretrain_steps: usize,
-    /// Fine-tuning steps on task B (and C).
+    /// Fine-tuning steps per task.
     #[arg(long, default_value_t = 300)]
     pub steps: usize,
-    /// LoRA ranks; each defines a budget S²FT is matched to.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4])]
-    pub ranks: Vec<usize>,
-    /// Fine-tuning seeds per method.
-    #[arg(long, default_value_t = 2)]
-    pub seeds: usize,
     /// Base seed (model init, data order, selections).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -89,17 +84,8 @@ pub struct S2ftArgs {
     /// LoRA and S²FT learning rate.
     #[arg(long, default_value_t = 1e-2)]
     pub lr_peft: f64,
-    /// Task B.
-    #[arg(long, value_enum, default_value_t = Task::Shift)]
-    pub task: Task,
-    /// Task C (adapter fusion).
-    #[arg(long, value_enum, default_value_t = Task::Mirror)]
-    pub fusion_task: Task,
-    /// Widths of the adapter switch-time sweep (empty: skip).
-    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 512, 1024, 2048])]
-    pub switch_widths: Vec<usize>,
     /// A pretrained base (a folder with model.safetensors and config.json, as
-    /// this study writes to `<out>/base`) instead of pretraining.
+    /// the `s2ft` and `merge` studies write to `<out>/base`) instead of pretraining.
     #[arg(long)]
     pub base: Option<PathBuf>,
     /// Folder with moby-dick.txt(.gz) (default: the vendored data/text).
@@ -116,6 +102,31 @@ pub struct S2ftArgs {
     pub quiet: bool,
 }
 
+/// Options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct S2ftArgs {
+    /// Model, data and training.
+    #[command(flatten)]
+    pub lm: LmArgs,
+    /// LoRA ranks; each defines a budget S²FT is matched to (quick: 2).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4])]
+    pub ranks: Vec<usize>,
+    /// Fine-tuning seeds per method (quick: 1).
+    #[arg(long, default_value_t = 2)]
+    pub seeds: usize,
+    /// Task B.
+    #[arg(long, value_enum, default_value_t = Task::Shift)]
+    pub task: Task,
+    /// Task C (adapter fusion).
+    #[arg(long, value_enum, default_value_t = Task::Mirror)]
+    pub fusion_task: Task,
+    /// Widths of the adapter switch-time sweep (quick: 64, 128).
+    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 512, 1024, 2048])]
+    pub switch_widths: Vec<usize>,
+}
+
+crate::studies::cli_defaults!(LmArgs, S2ftArgs);
+
 /// The sizes a run uses after `--quick`.
 #[derive(Clone, Debug)]
 pub(crate) struct Sizes {
@@ -124,13 +135,11 @@ pub(crate) struct Sizes {
     pub(crate) batch: usize,
     pub(crate) pretrain_steps: usize,
     pub(crate) steps: usize,
-    pub(crate) ranks: Vec<usize>,
-    pub(crate) seeds: usize,
-    pub(crate) switch_widths: Vec<usize>,
     pub(crate) eval_batches: usize,
 }
 
-impl S2ftArgs {
+impl LmArgs {
+    /// The sizes after `--quick`, checked.
     pub(crate) fn sizes(&self) -> anyhow::Result<Sizes> {
         let s = if self.quick {
             Sizes {
@@ -139,9 +148,6 @@ impl S2ftArgs {
                 batch: 8,
                 pretrain_steps: 200,
                 steps: 150,
-                ranks: vec![2],
-                seeds: 1,
-                switch_widths: vec![64, 128],
                 eval_batches: 4,
             }
         } else {
@@ -165,21 +171,60 @@ impl S2ftArgs {
                 batch: self.batch,
                 pretrain_steps: self.pretrain_steps,
                 steps: self.steps,
-                ranks: self.ranks.clone(),
-                seeds: self.seeds,
-                switch_widths: self.switch_widths.clone(),
                 eval_batches: 8,
             }
         };
         s.config.check()?;
-        if s.seq < 8 || s.batch == 0 || s.steps == 0 || s.seeds == 0 {
+        if s.seq < 8 || s.batch == 0 || s.steps == 0 {
             bail!(
-                "--seq {} (at least 8), --batch {}, --steps {} and --seeds {} must be positive",
+                "--seq {} (at least 8), --batch {} and --steps {} must be positive",
                 s.seq,
                 s.batch,
-                s.steps,
-                s.seeds
+                s.steps
             );
+        }
+        for lr in [self.lr_pretrain, self.lr_full, self.lr_peft] {
+            if !(lr.is_finite() && lr > 0.0) {
+                bail!("learning rates must be positive and finite, got {lr}");
+            }
+        }
+        Ok(s)
+    }
+
+    /// Full fine-tuning's learning rate for `Method::Full`, the PEFT one otherwise.
+    pub(crate) fn lr(&self, m: Method) -> f64 {
+        if m == Method::Full {
+            self.lr_full
+        } else {
+            self.lr_peft
+        }
+    }
+}
+
+/// The study-specific sizes after `--quick`: ranks, seeds, switch widths.
+struct Sweep {
+    ranks: Vec<usize>,
+    seeds: usize,
+    switch_widths: Vec<usize>,
+}
+
+impl S2ftArgs {
+    fn sweep(&self) -> anyhow::Result<Sweep> {
+        let s = if self.lm.quick {
+            Sweep {
+                ranks: vec![2],
+                seeds: 1,
+                switch_widths: vec![64, 128],
+            }
+        } else {
+            Sweep {
+                ranks: self.ranks.clone(),
+                seeds: self.seeds,
+                switch_widths: self.switch_widths.clone(),
+            }
+        };
+        if s.seeds == 0 {
+            bail!("--seeds must be positive");
         }
         if s.ranks.is_empty() || s.ranks.contains(&0) {
             bail!("--ranks {:?}: give at least one positive rank", s.ranks);
@@ -189,11 +234,6 @@ impl S2ftArgs {
                 "--task and --fusion-task are both '{}'; fusion needs two different tasks",
                 self.task.name()
             );
-        }
-        for lr in [self.lr_pretrain, self.lr_full, self.lr_peft] {
-            if !(lr.is_finite() && lr > 0.0) {
-                bail!("learning rates must be positive and finite, got {lr}");
-            }
         }
         Ok(s)
     }
@@ -550,13 +590,55 @@ fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
     if n == 0 { f64::NAN } else { s / n as f64 }
 }
 
+/// The base every fine-tune starts from: `--base`, or pretrained on task A
+/// and written to `<out>/base` (model.safetensors + config.json) for reuse.
+/// Sets `s.config` to the base's shape; returns it and the pretraining losses.
+pub(crate) fn prepare_base<B: AutodiffBackend>(
+    lm: &LmArgs,
+    s: &mut Sizes,
+    corpus: &Corpus,
+    run: &mut Run,
+    device: &B::Device,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<(StateDict, Vec<f32>)>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    bar.set_message("pretraining");
+    let (base, config, losses) = run.phase("pretrain", || {
+        pretrain::<B>(
+            lm.base.as_deref(),
+            s,
+            corpus,
+            lm.lr_pretrain,
+            lm.seed,
+            device,
+            bar,
+        )
+    })?;
+    s.config = config;
+    if lm.base.is_none() {
+        let bdir = run.dir.join("base");
+        std::fs::create_dir_all(&bdir)?;
+        base.save_safetensors(bdir.join("model.safetensors"))?;
+        weights::atomic::write_atomic(
+            bdir.join("config.json"),
+            serde_json::to_string_pretty(&s.config.to_hf())?.as_bytes(),
+        )?;
+    }
+    Ok((base, losses))
+}
+
 /// Runs the study; returns the report folder.
 pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
-    let s = args.sizes()?;
-    match Device::parse(&args.device, "s2ft")? {
-        Device::Cpu => run_on::<s2ft_core::CpuTrain>(args, s, &Default::default(), Device::Cpu),
+    let s = args.lm.sizes()?;
+    let sw = args.sweep()?;
+    match Device::parse(&args.lm.device, "s2ft")? {
+        Device::Cpu => run_on::<s2ft_core::CpuTrain>(args, s, sw, &Default::default(), Device::Cpu),
         #[cfg(feature = "cuda")]
-        Device::Cuda => run_on::<s2ft_core::GpuTrain>(args, s, &Default::default(), Device::Cuda),
+        Device::Cuda => {
+            run_on::<s2ft_core::GpuTrain>(args, s, sw, &Default::default(), Device::Cuda)
+        }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
     }
@@ -565,71 +647,46 @@ pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
 fn run_on<B: AutodiffBackend>(
     args: &S2ftArgs,
     mut s: Sizes,
+    sw: Sweep,
     device: &B::Device,
     dev: Device,
 ) -> anyhow::Result<PathBuf>
 where
     Llama<B>: AutodiffModule<B>,
 {
-    let mut run = Run::create("s2ft", args.out.as_deref(), dev.label(), args.quiet)?;
-    let dir = args.data_dir.clone().unwrap_or_else(default_text_dir);
+    let lm = &args.lm;
+    let mut run = Run::create("s2ft", lm.out.as_deref(), dev.label(), lm.quiet)?;
+    let dir = lm.data_dir.clone().unwrap_or_else(default_text_dir);
     let corpus = run.phase("load data", || moby_dick(&dir))?;
     let (task_b, task_c) = (args.task, args.fusion_task);
     let mut methods = vec![Method::Full];
-    for &r in &s.ranks {
+    for &r in &sw.ranks {
         methods.push(Method::Lora(r));
         methods.push(Method::S2ft(r, Strategy::Random));
         methods.push(Method::S2ft(r, Strategy::ActivationNorm));
     }
-    let mid = s.ranks[s.ranks.len() / 2];
+    let mid = sw.ranks[sw.ranks.len() / 2];
     let fusion_methods = [
         Method::Full,
         Method::Lora(mid),
         Method::S2ft(mid, Strategy::Random),
     ];
-    let total = if args.base.is_some() {
+    let total = if lm.base.is_some() {
         0
     } else {
         s.pretrain_steps
-    } + (methods.len() * s.seeds + fusion_methods.len()) * s.steps;
-    let bar = if args.quiet {
+    } + (methods.len() * sw.seeds + fusion_methods.len()) * s.steps;
+    let bar = if lm.quiet {
         indicatif::ProgressBar::hidden()
     } else {
         indicatif::ProgressBar::new(total as u64)
     };
-    bar.set_message("pretraining");
-    let (base, config, pre_losses) = run.phase("pretrain", || {
-        pretrain::<B>(
-            args.base.as_deref(),
-            &s,
-            &corpus,
-            args.lr_pretrain,
-            args.seed,
-            device,
-            &bar,
-        )
-    })?;
-    s.config = config;
+    let (base, pre_losses) = prepare_base::<B>(lm, &mut s, &corpus, &mut run, device, &bar)?;
     let c = s.config.clone();
-    if args.base.is_none() {
-        let bdir = run.dir.join("base");
-        std::fs::create_dir_all(&bdir)?;
-        base.save_safetensors(bdir.join("model.safetensors"))?;
-        weights::atomic::write_atomic(
-            bdir.join("config.json"),
-            serde_json::to_string_pretty(&c.to_hf())?.as_bytes(),
-        )?;
-    }
     let evals = EvalSets::new(&corpus, &[task_b, task_c], &s);
     let (base_a, base_tasks) = evals.score::<B>(&c, &base, device)?;
     let base_b = base_tasks[0].1;
-    let lr_of = |m: Method| {
-        if m == Method::Full {
-            args.lr_full
-        } else {
-            args.lr_peft
-        }
-    };
+    let lr_of = |m: Method| lm.lr(m);
 
     // The sweep: every method × seed on task B.
     let mut rows: Vec<Value> = Vec::new();
@@ -637,8 +694,8 @@ where
         "method,family,lora_rank_budget,seed,trainable_params,task_b_acc,task_b_loss,task_a_loss,forgetting,step_ms,peak_bytes\n",
     );
     let mut kept: Vec<(Method, Finetuned)> = Vec::new();
-    for seed_k in 0..s.seeds as u64 {
-        let seed = args.seed * 1000 + seed_k;
+    for seed_k in 0..sw.seeds as u64 {
+        let seed = lm.seed * 1000 + seed_k;
         for &m in &methods {
             bar.set_message(format!("{} seed {seed}", m.label()));
             let ft = run.phase(&format!("{} seed {seed}", m.label()), || {
@@ -705,7 +762,7 @@ where
                 m,
                 task_c,
                 lr_of(m),
-                args.seed * 1000 + 1,
+                lm.seed * 1000 + 1,
                 None,
                 device,
                 &bar,
@@ -738,7 +795,7 @@ where
 
     // Adapter switch time vs width.
     let mut switch = Vec::new();
-    for &w in &s.switch_widths {
+    for &w in &sw.switch_widths {
         let row = run.phase(&format!("switch width {w}"), || switch_time(w, 8, 7))?;
         switch.push(row);
     }
@@ -858,7 +915,7 @@ where
         c.intermediate_size,
         c.vocab_size,
         base.numel(),
-        match &args.base {
+        match &lm.base {
             Some(p) => format!("loaded from {}", p.display()),
             None => format!("pretrained {} steps", s.pretrain_steps),
         },
@@ -870,9 +927,9 @@ where
         s.steps,
         s.batch,
         s.seq,
-        args.lr_full,
-        args.lr_peft,
-        s.seeds,
+        lm.lr_full,
+        lm.lr_peft,
+        sw.seeds,
         LORA_TARGETS.join(", "),
     );
     for r in &summary {
