@@ -8,8 +8,6 @@
 //! gradients, optimizer state and the activations autodiff keeps), with the
 //! previous method's memory freed first.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -21,28 +19,8 @@ use s2ft_core::s2ft::{
 use s2ft_core::train::{TrainConfig, train};
 use s2ft_core::{CpuTrain, Llama, LlamaConfig};
 
-struct Counting;
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator and only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: weights::alloc::Counting = weights::alloc::Counting;
 
 type B = CpuTrain;
 
@@ -89,7 +67,7 @@ fn main() {
             }
         };
         let trainable = trainable_params(&model);
-        PEAK.store(LIVE.load(Ordering::Relaxed), Ordering::Relaxed);
+        weights::alloc::reset_peak();
         let mut times = Vec::new();
         let mut last = Instant::now();
         let out = train(
@@ -107,7 +85,7 @@ fn main() {
             },
         );
         assert!(out.stopped.is_none());
-        let peak = PEAK.load(Ordering::Relaxed);
+        let peak = weights::alloc::peak();
         // times[i] is the time between batch requests: step i−1; drop the first (setup) and warm-up.
         let mut step_ms: Vec<f64> = times[2..].to_vec();
         step_ms.sort_by(f64::total_cmp);

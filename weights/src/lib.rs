@@ -31,6 +31,7 @@
 //! # Ok::<(), weights::WeightsError>(())
 //! ```
 
+pub mod alloc;
 pub mod atomic;
 mod checkpoint;
 pub mod dtype;
