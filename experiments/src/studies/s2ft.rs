@@ -419,7 +419,7 @@ where
         bar,
         &what,
     )?;
-    let peak_bytes = crate::alloc::installed().then(|| crate::alloc::peak() - before);
+    let peak_bytes = crate::alloc::installed().then(|| crate::alloc::peak().saturating_sub(before));
     if let Some(dir) = adapter_dir {
         match method {
             Method::Full => {}
