@@ -81,6 +81,15 @@ impl Run {
         })
     }
 
+    /// A progress bar of `total` steps on stderr, hidden with `--quiet`.
+    pub fn progress(&self, total: u64) -> indicatif::ProgressBar {
+        if self.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(total)
+        }
+    }
+
     /// Runs `f` as a named, timed phase.
     pub fn phase<T>(&mut self, name: &str, f: impl FnOnce() -> T) -> T {
         let t = Instant::now();

@@ -353,11 +353,7 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
         Arch::Resnet => vec![width, 2 * width, 4 * width],
     };
     let steps_per_epoch = train.y.len().div_ceil(128);
-    let bar = if args.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new((n * epochs * steps_per_epoch) as u64)
-    };
+    let bar = run.progress((n * epochs * steps_per_epoch) as u64);
     let models: Vec<StateDict> = run.phase("train", || -> anyhow::Result<Vec<StateDict>> {
         (0..n as u64)
             .map(|k| {

@@ -21,9 +21,8 @@ use serde_json::{Value, json};
 use weights::StateDict;
 
 use crate::device::Device;
-use crate::lm::{Task, default_text_dir, moby_dick};
+use crate::lm::Task;
 use crate::plot::{Series, bar_chart, line_chart};
-use crate::report::Run;
 use crate::studies::s2ft::{EvalSets, LmArgs, Method, Sizes, finetune, prepare_base};
 use merge::{Params, Value as P};
 use s2ft_core::s2ft::Strategy;
@@ -154,9 +153,7 @@ where
     Llama<B>: AutodiffModule<B>,
 {
     let lm = &args.lm;
-    let mut run = Run::create("merge", lm.out.as_deref(), dev.label(), lm.quiet)?;
-    let dir = lm.data_dir.clone().unwrap_or_else(default_text_dir);
-    let corpus = run.phase("load data", || moby_dick(&dir))?;
+    let (mut run, corpus) = lm.open("merge", dev)?;
     let r = args.rank;
     let families = [
         Method::Full,
@@ -168,11 +165,7 @@ where
     } else {
         s.pretrain_steps
     } + families.len() * tasks.len() * s.steps;
-    let bar = if lm.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(total as u64)
-    };
+    let bar = run.progress(total as u64);
     let (base, _) = prepare_base::<B>(lm, &mut s, &corpus, &mut run, device, &bar)?;
     let c: LlamaConfig = s.config.clone();
     let evals = EvalSets::new(&corpus, tasks, &s);

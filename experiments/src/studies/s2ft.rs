@@ -191,6 +191,14 @@ impl LmArgs {
         Ok(s)
     }
 
+    /// Opens the report folder and loads the task-A corpus.
+    pub(crate) fn open(&self, study: &str, dev: Device) -> anyhow::Result<(Run, Corpus)> {
+        let mut run = Run::create(study, self.out.as_deref(), dev.label(), self.quiet)?;
+        let dir = self.data_dir.clone().unwrap_or_else(default_text_dir);
+        let corpus = run.phase("load data", || moby_dick(&dir))?;
+        Ok((run, corpus))
+    }
+
     /// Full fine-tuning's learning rate for `Method::Full`, the PEFT one otherwise.
     pub(crate) fn lr(&self, m: Method) -> f64 {
         if m == Method::Full {
@@ -655,9 +663,7 @@ where
     Llama<B>: AutodiffModule<B>,
 {
     let lm = &args.lm;
-    let mut run = Run::create("s2ft", lm.out.as_deref(), dev.label(), lm.quiet)?;
-    let dir = lm.data_dir.clone().unwrap_or_else(default_text_dir);
-    let corpus = run.phase("load data", || moby_dick(&dir))?;
+    let (mut run, corpus) = lm.open("s2ft", dev)?;
     let (task_b, task_c) = (args.task, args.fusion_task);
     let mut methods = vec![Method::Full];
     for &r in &sw.ranks {
@@ -676,11 +682,7 @@ where
     } else {
         s.pretrain_steps
     } + (methods.len() * sw.seeds + fusion_methods.len()) * s.steps;
-    let bar = if lm.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(total as u64)
-    };
+    let bar = run.progress(total as u64);
     let (base, pre_losses) = prepare_base::<B>(lm, &mut s, &corpus, &mut run, device, &bar)?;
     let c = s.config.clone();
     let evals = EvalSets::new(&corpus, &[task_b, task_c], &s);

@@ -98,11 +98,7 @@ pub fn run(args: &SpectraArgs) -> anyhow::Result<PathBuf> {
         ..Default::default()
     };
     let names: Vec<String> = sd.keys().map(String::from).collect();
-    let bar = if args.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(names.len() as u64)
-    };
+    let bar = run.progress(names.len() as u64);
     let analyses: Vec<LayerAnalysis> =
         run.phase("analyze", || -> anyhow::Result<Vec<LayerAnalysis>> {
             let rows: Vec<Option<LayerAnalysis>> = names
