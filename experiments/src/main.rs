@@ -53,8 +53,8 @@ const STUDIES: &[Study] = &[
     },
     Study {
         name: "pleas",
-        about: "partial matching + merging (PLeaS) across widths",
-        ready: false,
+        about: "two MLPs trained on disjoint label sets: partial matching ratios, least squares (PLeaS) vs averaging",
+        ready: true,
     },
 ];
 
@@ -84,6 +84,8 @@ enum Cmd {
     S2ft(studies::s2ft::S2ftArgs),
     /// Merging full / LoRA / S²FT fine-tunes of one base: averaging, task arithmetic, TIES, DARE, Model Stock, WM+TIES, RMM, LoRA-LEGO.
     Merge(studies::merging::MergeArgs),
+    /// PLeaS: two MLPs trained on disjoint label sets merged by partial matching, with least squares vs averaging.
+    Pleas(studies::pleas::PleasArgs),
     /// Run a mergekit YAML config (same as `cargo run -p merge`).
     MergeConfig {
         /// The config.
@@ -135,6 +137,7 @@ fn main() -> ExitCode {
         Some(Cmd::SvdAlign(a)) => studies::svd_align::run(&a).map(|_| ()),
         Some(Cmd::S2ft(a)) => studies::s2ft::run(&a).map(|_| ()),
         Some(Cmd::Merge(a)) => studies::merging::run(&a).map(|_| ()),
+        Some(Cmd::Pleas(a)) => studies::pleas::run(&a).map(|_| ()),
         Some(Cmd::MergeConfig { config, out, seed }) => {
             let opts = merge::run::RunOptions {
                 seed,

@@ -414,3 +414,83 @@ fn lmc_study_runs_on_the_layernorm_resnet() {
     .unwrap_err();
     assert!(e.to_string().contains("--arch resnet"), "{e}");
 }
+
+#[test]
+fn pleas_study_least_squares_beats_averaging_and_partial_matching_trades_width_for_accuracy() {
+    use experiments::studies::pleas::{PleasArgs, run};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pleas");
+    let args = PleasArgs {
+        quick: true,
+        ratios: vec![1.0, 0.5, 0.0],
+        out: Some(out.clone()),
+        quiet: true,
+        ..Default::default()
+    };
+    run(&args).unwrap();
+    for f in ["joint_accuracy_vs_size", "task_accuracy_vs_size"] {
+        check_png(&out.join(format!("{f}.png")));
+        assert!(out.join(format!("{f}.svg")).is_file());
+    }
+    assert!(out.join("merges.csv").is_file() && out.join("report.md").is_file());
+    assert!(!out.join("metrics.partial.json").exists());
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let models = &m["models"];
+    // Each task keeps its own head: the ensemble is each model on its own task.
+    assert_eq!(models["ensemble"]["task_a_acc"], models["a"]["task_a_acc"]);
+    assert_eq!(models["ensemble"]["task_b_acc"], models["b"]["task_b_acc"]);
+    let merges = m["merges"].as_array().unwrap();
+    assert_eq!(merges.len(), 9);
+    let find = |matching: &str, ratio: f64| {
+        merges
+            .iter()
+            .find(|x| x["matching"] == matching && x["ratio"].as_f64() == Some(ratio))
+            .unwrap_or_else(|| panic!("{matching} {ratio}"))
+    };
+    let task = |x: &serde_json::Value, method: &str| x[method]["task_mean_acc"].as_f64().unwrap();
+    let ensemble_task = models["ensemble"]["task_mean_acc"].as_f64().unwrap();
+    for matching in ["none", "wm", "am"] {
+        let (full, half, apart) = (
+            find(matching, 1.0),
+            find(matching, 0.5),
+            find(matching, 0.0),
+        );
+        assert_eq!(full["width"].as_f64(), Some(1.0));
+        assert_eq!(half["width"].as_f64(), Some(1.5));
+        assert_eq!(apart["width"].as_f64(), Some(2.0));
+        // Nothing merged is the ensemble.
+        assert!(
+            (task(apart, "average") - ensemble_task).abs() < 0.005,
+            "{apart}"
+        );
+        // PLeaS: least squares beats averaging at one model's size, by a margin.
+        assert!(
+            task(full, "least_squares") > task(full, "average") + 0.05,
+            "{full}"
+        );
+        // Keeping the worst-matched units apart helps averaging.
+        assert!(
+            task(half, "average") > task(full, "average"),
+            "{matching}: {half} vs {full}"
+        );
+    }
+    // Activation matching pairs units that correlate better than unit i with unit i.
+    let corr = |k: &str| {
+        m["matching"][k]["mean_correlation"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    for (am, none) in corr("am").iter().zip(&corr("none")) {
+        assert!(
+            am.as_f64().unwrap() > none.as_f64().unwrap() + 0.1,
+            "{am} vs {none}"
+        );
+    }
+    // Refitting only the head recovers most of what least squares gains.
+    let f = find("am", 1.0);
+    assert!(task(f, "least_squares_head") > task(f, "average"), "{f}");
+    // The merged model of one model's size is far better than chance (0.2 per task).
+    assert!(task(find("am", 1.0), "least_squares") > 0.6);
+}

@@ -308,6 +308,25 @@ where
     })
 }
 
+/// Trains one network from `init` on `dev` (Adam, batch 128, lr 1e-3).
+pub(crate) fn train_on(
+    dev: Device,
+    arch: Arch,
+    init: &StateDict,
+    train: &Split,
+    epochs: usize,
+    seed: u64,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<StateDict> {
+    match dev {
+        Device::Cpu => train_one::<B>(arch, init, train, epochs, seed, bar),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => train_one::<s2ft_core::GpuTrain>(arch, init, train, epochs, seed, bar),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
+    }
+}
+
 /// Trains `n` MLPs of the study's shape from different seeds.
 pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<TrainedSet> {
     let dev = Device::parse(&args.device, "lmc")?;
@@ -362,15 +381,7 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
                     Arch::Mlp => mlp::init_state_dict(&sizes, seed),
                     Arch::Resnet => crate::cnn::init_state_dict(1, width, 10, seed),
                 };
-                match dev {
-                    Device::Cpu => train_one::<B>(arch, &init, &train, epochs, seed, &bar),
-                    #[cfg(feature = "cuda")]
-                    Device::Cuda => {
-                        train_one::<s2ft_core::GpuTrain>(arch, &init, &train, epochs, seed, &bar)
-                    }
-                    #[cfg(not(feature = "cuda"))]
-                    Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
-                }
+                train_on(dev, arch, &init, &train, epochs, seed, &bar)
             })
             .collect()
     })?;

@@ -3,6 +3,7 @@
 pub mod lmc;
 pub mod many;
 pub mod merging;
+pub mod pleas;
 pub mod s2ft;
 pub mod spectra;
 pub mod svd_align;

@@ -1,0 +1,1067 @@
+//! `pleas`: merging two MLPs trained on disjoint label sets (by default
+//! digits 0–4 and 5–9) with PLeaS (Nasery et al., "PLeaS: Merging Models with
+//! Permutations and Least Squares", CVPR 2024).
+//!
+//! 1. **Partial matching.** The hidden units of B are matched to A's (no
+//!    matching, weight matching, or activation matching on unlabelled data).
+//!    In every hidden layer only the fraction `ratio` of best-correlated pairs
+//!    is merged; the other units of both models stay side by side, so the
+//!    merged network is between one (`ratio = 1`) and two (`ratio = 0`, an
+//!    ensemble) models wide.
+//! 2. **Merging.** Either the weights of each merged pair are averaged (the
+//!    ZipIt!-style zip: `W = M · [W_A U_A; W_B U_B]` with merge matrix `M` and
+//!    unmerge matrices `U`), or — PLeaS — each layer is solved in turn by
+//!    ridge least squares for the weights whose outputs, fed the merged
+//!    model's own inputs, best reproduce the merged targets `M · [Z_A; Z_B]`
+//!    of both models' pre-activations.
+//!
+//! The merged logits take each task's classes from the head of the model
+//! trained on them (`--head task`, default) or average both heads
+//! (`--head average`). The merged models are scored on all ten classes (joint
+//! accuracy) and per task (the argmax over that task's classes only).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use ndarray::{Array1, Array2, Axis, concatenate, s};
+use serde_json::{Value, json};
+use weights::{StateDict, Tensor};
+
+use crate::data::{Split, default_mnist_dir, mnist};
+use crate::device::Device;
+use crate::mlp;
+use crate::plot::{Series, line_chart};
+use crate::report::Run;
+use crate::studies::lmc::{Arch, train_on};
+use permute::many::{Correlation, activation_matching, correlation};
+use permute::{MatchOptions, weight_matching};
+
+/// How B's hidden units are paired with A's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Matching {
+    /// Unit `i` of A with unit `i` of B (plain averaging at ratio 1).
+    None,
+    /// Weight matching (Git Re-Basin).
+    Wm,
+    /// Activation matching on the Pearson correlation of hidden units (PLeaS, ZipIt!).
+    Am,
+}
+
+impl Matching {
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Matching::None => "none",
+            Matching::Wm => "wm",
+            Matching::Am => "am",
+        }
+    }
+}
+
+/// The `--head` option: see [`Head`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HeadArg {
+    /// Each task's classes from the model trained on them.
+    Task,
+    /// The mean of both models' logits.
+    Average,
+}
+
+/// Options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PleasArgs {
+    /// Tiny size for tests (width 64 × 2 layers, 2000 training samples, 3 epochs, 500 unlabelled samples).
+    #[arg(long)]
+    pub quick: bool,
+    /// Hidden width.
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    /// Hidden layers.
+    #[arg(long, default_value_t = 3)]
+    pub depth: usize,
+    /// Training epochs per model.
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    /// Model A learns the labels below this one, model B the others.
+    #[arg(long, default_value_t = 5)]
+    pub split: usize,
+    /// The merged logits: each task's classes from its model's head, or both heads averaged.
+    #[arg(long, value_enum, default_value_t = HeadArg::Task)]
+    pub head: HeadArg,
+    /// Fractions of each hidden layer's units that are merged, comma-separated
+    /// (1: one model's size; 0: both models side by side).
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0, 0.75, 0.5, 0.25, 0.0])]
+    pub ratios: Vec<f64>,
+    /// How units are matched, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Matching::None, Matching::Wm, Matching::Am])]
+    pub matchings: Vec<Matching>,
+    /// Unlabelled training samples (both tasks) for activation matching, the
+    /// partial-matching correlations and the least-squares solves.
+    #[arg(long, default_value_t = 2000)]
+    pub samples: usize,
+    /// Ridge of the least-squares solves, relative to the mean squared input
+    /// (`λ = ridge · ‖X‖²_F / d`).
+    #[arg(long, default_value_t = 1e-3)]
+    pub ridge: f64,
+    /// Seeds of the two models (`2·seed`, `2·seed + 1`).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// idx folder (default: the vendored MNIST-10k).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// `cpu` (or `cuda` with the feature) for training.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Report folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+crate::studies::cli_defaults!(PleasArgs);
+
+/// How one hidden layer of the merged model is made from A's and B's units.
+/// The merged layer's units are `pairs` (A's unit `i` and B's unit `j`,
+/// averaged), then `only_a`, then `only_b`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerPlan {
+    /// Merged pairs `(A's unit, B's unit)`.
+    pub pairs: Vec<(usize, usize)>,
+    /// A's units kept apart.
+    pub only_a: Vec<usize>,
+    /// B's units kept apart.
+    pub only_b: Vec<usize>,
+}
+
+impl LayerPlan {
+    /// Units of the merged layer.
+    pub fn width(&self) -> usize {
+        self.pairs.len() + self.only_a.len() + self.only_b.len()
+    }
+
+    /// Units of each source layer.
+    fn source_width(&self) -> usize {
+        self.pairs.len() + self.only_a.len()
+    }
+
+    /// The merge matrix `M` (`width × 2n`): merged features from `[f_A; f_B]`.
+    pub fn merge_matrix(&self) -> Array2<f64> {
+        let n = self.source_width();
+        let mut m = Array2::zeros((self.width(), 2 * n));
+        for (u, &(i, j)) in self.pairs.iter().enumerate() {
+            m[[u, i]] = 0.5;
+            m[[u, n + j]] = 0.5;
+        }
+        let base = self.pairs.len();
+        for (k, &i) in self.only_a.iter().enumerate() {
+            m[[base + k, i]] = 1.0;
+        }
+        let base = base + self.only_a.len();
+        for (k, &j) in self.only_b.iter().enumerate() {
+            m[[base + k, n + j]] = 1.0;
+        }
+        m
+    }
+
+    /// The unmerge matrices `(U_A, U_B)` (`n × width`): the merged unit that
+    /// stands for each of A's (B's) units.
+    pub fn unmerge_matrices(&self) -> (Array2<f64>, Array2<f64>) {
+        let (n, w) = (self.source_width(), self.width());
+        let (mut ua, mut ub) = (Array2::zeros((n, w)), Array2::zeros((n, w)));
+        for (u, &(i, j)) in self.pairs.iter().enumerate() {
+            ua[[i, u]] = 1.0;
+            ub[[j, u]] = 1.0;
+        }
+        let base = self.pairs.len();
+        for (k, &i) in self.only_a.iter().enumerate() {
+            ua[[i, base + k]] = 1.0;
+        }
+        let base = base + self.only_a.len();
+        for (k, &j) in self.only_b.iter().enumerate() {
+            ub[[j, base + k]] = 1.0;
+        }
+        (ua, ub)
+    }
+}
+
+/// Partial matching of one layer: A's unit `i` is matched with B's unit
+/// `perm[i]` with similarity `score[i]`; the `round(ratio · n)` most similar
+/// pairs are merged and both units of every other pair are kept apart.
+pub fn plan_layer(perm: &[usize], score: &[f64], ratio: f64) -> anyhow::Result<LayerPlan> {
+    let n = perm.len();
+    ensure!(
+        (0.0..=1.0).contains(&ratio),
+        "--ratios: {ratio} is not a fraction in [0, 1]"
+    );
+    ensure!(
+        score.len() == n,
+        "partial matching: {} scores for {n} units",
+        score.len()
+    );
+    let mut seen = vec![false; n];
+    for &j in perm {
+        ensure!(
+            j < n && !std::mem::replace(&mut seen[j], true),
+            "partial matching: {perm:?} is not a permutation of 0..{n}"
+        );
+    }
+    ensure!(
+        score.iter().all(|v| v.is_finite()),
+        "partial matching: non-finite unit similarity"
+    );
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&x, &y| score[y].total_cmp(&score[x]).then(x.cmp(&y)));
+    let merged = ((ratio * n as f64).round() as usize).min(n);
+    let mut plan = LayerPlan {
+        pairs: order[..merged].iter().map(|&i| (i, perm[i])).collect(),
+        only_a: order[merged..].to_vec(),
+        only_b: order[merged..].iter().map(|&i| perm[i]).collect(),
+    };
+    plan.pairs.sort_unstable();
+    plan.only_a.sort_unstable();
+    plan.only_b.sort_unstable();
+    Ok(plan)
+}
+
+/// An MLP's layers as `f64` `(weight [out, in], bias)`.
+type Layers = Vec<(Array2<f64>, Array1<f64>)>;
+
+fn layers_of(sd: &StateDict, model: &str) -> anyhow::Result<Layers> {
+    let mut out = Vec::new();
+    for i in 0.. {
+        let Some(w) = sd.get(&format!("layers.{i}.weight")) else {
+            break;
+        };
+        let b = sd
+            .get(&format!("layers.{i}.bias"))
+            .with_context(|| format!("model {model}: layers.{i}.bias is missing"))?;
+        ensure!(
+            w.shape().len() == 2 && b.shape() == [w.shape()[0]],
+            "model {model}: layers.{i}.weight {:?} and layers.{i}.bias {:?} are not an [out, in] weight and its [out] bias",
+            w.shape(),
+            b.shape()
+        );
+        let w = w
+            .data
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()?
+            .mapv(f64::from);
+        out.push((w, b.data.iter().map(|&v| f64::from(v)).collect()));
+    }
+    ensure!(
+        !out.is_empty(),
+        "model {model}: no layers.0.weight (not an MLP state dict)"
+    );
+    for (i, pair) in out.windows(2).enumerate() {
+        ensure!(
+            pair[1].0.ncols() == pair[0].0.nrows(),
+            "model {model}: layers.{} takes {} inputs but layers.{i} gives {}",
+            i + 1,
+            pair[1].0.ncols(),
+            pair[0].0.nrows()
+        );
+    }
+    Ok(out)
+}
+
+/// Both models' layers, checked to have the same shapes, and the plans checked against them.
+fn check_pair(
+    a: &StateDict,
+    b: &StateDict,
+    plans: &[LayerPlan],
+) -> anyhow::Result<(Layers, Layers)> {
+    let (la, lb) = (layers_of(a, "A")?, layers_of(b, "B")?);
+    ensure!(
+        la.len() == lb.len(),
+        "models A and B have {} and {} layers",
+        la.len(),
+        lb.len()
+    );
+    for (i, (x, y)) in la.iter().zip(&lb).enumerate() {
+        ensure!(
+            x.0.dim() == y.0.dim(),
+            "layers.{i}.weight is {:?} in A but {:?} in B",
+            x.0.dim(),
+            y.0.dim()
+        );
+    }
+    ensure!(
+        plans.len() + 1 == la.len(),
+        "{} layer plans for {} hidden layers",
+        plans.len(),
+        la.len() - 1
+    );
+    for (i, p) in plans.iter().enumerate() {
+        ensure!(
+            p.source_width() == la[i].0.nrows() && p.only_b.len() == p.only_a.len(),
+            "the plan of hidden layer {i} covers {} units, the layer has {}",
+            p.source_width(),
+            la[i].0.nrows()
+        );
+    }
+    Ok((la, lb))
+}
+
+/// How the merged model's logits are made from the two models' logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head {
+    /// Classes below the value from A's head, the others from B's: each task
+    /// keeps the output rows trained on it (as multi-task merging does).
+    Split(usize),
+    /// The mean of both models' logits (plain averaging of the last layer, as
+    /// Git Re-Basin merges models trained on different label subsets).
+    Average,
+}
+
+impl Head {
+    /// The merge matrix of the logits (`classes × 2·classes`).
+    pub fn merge_matrix(self, classes: usize) -> anyhow::Result<Array2<f64>> {
+        let mut m = Array2::zeros((classes, 2 * classes));
+        for c in 0..classes {
+            match self {
+                Head::Split(k) => {
+                    ensure!(
+                        k <= classes,
+                        "head split {k}: the models have only {classes} classes"
+                    );
+                    m[[c, if c < k { c } else { classes + c }]] = 1.0;
+                }
+                Head::Average => {
+                    m[[c, c]] = 0.5;
+                    m[[c, classes + c]] = 0.5;
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// The ensemble's logits: this head applied to both models' logits.
+    pub fn combine(self, a: &Array2<f32>, b: &Array2<f32>) -> anyhow::Result<Array2<f32>> {
+        let m = self.merge_matrix(a.ncols())?.mapv(|v| v as f32);
+        Ok(concatenate![Axis(1), *a, *b].dot(&m.t()))
+    }
+}
+
+/// The merge matrix of layer `l`: the plan's for hidden layers, the head's for the logits.
+fn merge_matrix_of(
+    plans: &[LayerPlan],
+    head: Head,
+    l: usize,
+    n_out: usize,
+) -> anyhow::Result<Array2<f64>> {
+    match plans.get(l) {
+        Some(p) => Ok(p.merge_matrix()),
+        None => head.merge_matrix(n_out),
+    }
+}
+
+fn to_state_dict(layers: &Layers) -> StateDict {
+    let mut sd = StateDict::new();
+    for (i, (w, b)) in layers.iter().enumerate() {
+        sd.insert(
+            format!("layers.{i}.weight"),
+            Tensor::f32(w.mapv(|v| v as f32).into_dyn()),
+        );
+        sd.insert(
+            format!("layers.{i}.bias"),
+            Tensor::f32(b.mapv(|v| v as f32).into_dyn()),
+        );
+    }
+    sd
+}
+
+/// Zips A and B by `plans` (one per hidden layer), averaging each merged
+/// pair: `W_l = M_l · [W_A U_A; W_B U_B]_(l−1)`, `b_l = M_l · [b_A; b_B]`, and
+/// the logits merged by `head`. Ratio 0 everywhere is the ensemble, ratio 1
+/// with [`Head::Average`] the average of A and the permuted B.
+pub fn zip_merge(
+    a: &StateDict,
+    b: &StateDict,
+    plans: &[LayerPlan],
+    head: Head,
+) -> anyhow::Result<StateDict> {
+    let (la, lb) = check_pair(a, b, plans)?;
+    Ok(to_state_dict(&zip_layers(&la, &lb, plans, head)?))
+}
+
+fn zip_layers(la: &Layers, lb: &Layers, plans: &[LayerPlan], head: Head) -> anyhow::Result<Layers> {
+    let mut out = Layers::new();
+    for (l, ((wa, ba), (wb, bb))) in la.iter().zip(lb).enumerate() {
+        let (ra, rb) = match l.checked_sub(1).map(|p| plans[p].unmerge_matrices()) {
+            Some((ua, ub)) => (wa.dot(&ua), wb.dot(&ub)),
+            None => (wa.clone(), wb.clone()),
+        };
+        let m = merge_matrix_of(plans, head, l, wa.nrows())?;
+        out.push((
+            m.dot(&concatenate![Axis(0), ra, rb]),
+            m.dot(&concatenate![Axis(0), *ba, *bb]),
+        ));
+    }
+    Ok(out)
+}
+
+/// Every layer's pre-activation on `x` (the hidden ones before their ReLU).
+fn pre_activations(layers: &Layers, x: &Array2<f64>) -> Vec<Array2<f64>> {
+    let mut outs: Vec<Array2<f64>> = Vec::new();
+    for (w, b) in layers {
+        let h = match outs.last() {
+            Some(z) => z.mapv(|v| v.max(0.0)),
+            None => x.clone(),
+        };
+        outs.push(h.dot(&w.t()) + b.view().insert_axis(Axis(0)));
+    }
+    outs
+}
+
+/// PLeaS: the merged model's layers, one after the other, by ridge least
+/// squares — `[W_l b_l] = argmin ‖[X_l 1] [W_l b_l]ᵀ − [Z_A Z_B] M_lᵀ‖² + λ‖·‖²`,
+/// where `X_l` is the merged model's own input to layer `l` on the unlabelled
+/// samples `x` (so each solve corrects the error of the layers before it) and
+/// `Z_A`, `Z_B` are the two models' pre-activations. `ridge` is relative:
+/// `λ = ridge · ‖[X_l 1]‖²_F / d`. Layers before `first` are zipped
+/// ([`zip_merge`]) instead: `first = 0` is PLeaS, the last layer's index
+/// refits only the head on the averaged body (an ablation).
+pub fn least_squares_merge(
+    a: &StateDict,
+    b: &StateDict,
+    plans: &[LayerPlan],
+    head: Head,
+    x: &Array2<f32>,
+    ridge: f64,
+    first: usize,
+) -> anyhow::Result<StateDict> {
+    let (la, lb) = check_pair(a, b, plans)?;
+    ensure!(
+        first < la.len(),
+        "least squares from layer {first}: the models have {} layers",
+        la.len()
+    );
+    let zipped = zip_layers(&la, &lb, plans, head)?;
+    ensure!(
+        x.ncols() == la[0].0.ncols(),
+        "least squares: samples have {} features, the models take {}",
+        x.ncols(),
+        la[0].0.ncols()
+    );
+    ensure!(x.nrows() > 0, "least squares: no samples");
+    ensure!(
+        ridge.is_finite() && ridge >= 0.0,
+        "--ridge: {ridge} (must be finite and ≥ 0)"
+    );
+    let x = x.mapv(f64::from);
+    let (za, zb) = (pre_activations(&la, &x), pre_activations(&lb, &x));
+    let mut out = Layers::new();
+    let mut h = x;
+    for l in 0..la.len() {
+        if l < first {
+            let (w, bias) = zipped[l].clone();
+            h = (h.dot(&w.t()) + bias.view().insert_axis(Axis(0))).mapv(|v| v.max(0.0));
+            out.push((w, bias));
+            continue;
+        }
+        let m = merge_matrix_of(plans, head, l, la[l].0.nrows())?;
+        let target = concatenate![Axis(1), za[l], zb[l]].dot(&m.t());
+        let ones = Array2::<f64>::ones((h.nrows(), 1));
+        let x1 = concatenate![Axis(1), h, ones];
+        let lambda = ridge * x1.iter().map(|v| v * v).sum::<f64>() / x1.ncols() as f64;
+        let theta = spectra::linalg::ridge_least_squares(
+            x1.view(),
+            target.view(),
+            lambda,
+            &format!("layers.{l}"),
+        )?;
+        let d = h.ncols();
+        let w = theta.slice(s![..d, ..]).t().to_owned();
+        let bias = theta.row(d).to_owned();
+        let z = h.dot(&w.t()) + bias.view().insert_axis(Axis(0));
+        h = z.mapv(|v| v.max(0.0));
+        out.push((w, bias));
+    }
+    Ok(to_state_dict(&out))
+}
+
+/// For each hidden layer, B's unit matched to each of A's units and the
+/// Pearson correlation of the pair's activations on `x`.
+pub fn match_units(
+    matching: Matching,
+    a: &StateDict,
+    b: &StateDict,
+    x: &Array2<f32>,
+    seed: u64,
+) -> anyhow::Result<Vec<(Vec<usize>, Vec<f64>)>> {
+    let acts_a = mlp::hidden_activations(a, x);
+    let acts_b = mlp::hidden_activations(b, x);
+    let perm = match matching {
+        Matching::None => None,
+        Matching::Am => Some(activation_matching(&acts_a, &acts_b, Correlation::Pearson)?.0),
+        Matching::Wm => {
+            let spec = permute::builders::mlp(a)?;
+            let opts = MatchOptions {
+                seed,
+                ..Default::default()
+            };
+            Some(weight_matching(&spec, a, b, &opts)?.perm)
+        }
+    };
+    acts_a
+        .iter()
+        .map(|(name, xa)| {
+            let c = correlation(xa, &acts_b[name], Correlation::Pearson);
+            let p = match &perm {
+                Some(p) => p[name].outer.clone(),
+                None => (0..c.nrows()).collect(),
+            };
+            let score = p.iter().enumerate().map(|(i, &j)| c[[i, j]]).collect();
+            Ok((p, score))
+        })
+        .collect()
+}
+
+/// The units of [`match_units`] as a permutation of B over the MLP spec of `a`.
+pub fn permutation_of(
+    units: &[(Vec<usize>, Vec<f64>)],
+    a: &StateDict,
+) -> anyhow::Result<permute::Permutation> {
+    let spec = permute::builders::mlp(a)?;
+    let mut perm = spec.identity();
+    ensure!(
+        perm.len() == units.len(),
+        "{} matched layers for {} hidden layers",
+        units.len(),
+        perm.len()
+    );
+    for (i, (p, _)) in units.iter().enumerate() {
+        perm[&format!("P_{i}")].outer = p.clone();
+    }
+    spec.check_value(&perm)?;
+    Ok(perm)
+}
+
+/// Joint and per-task quality of a (merged) MLP.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scores {
+    /// Cross-entropy over all classes.
+    pub joint_loss: f64,
+    /// Accuracy over all classes.
+    pub joint_acc: f64,
+    /// Task A's samples, argmax over its classes (`< split`).
+    pub task_a_acc: f64,
+    /// Task B's samples, argmax over its classes (`≥ split`).
+    pub task_b_acc: f64,
+}
+
+impl Scores {
+    /// Mean of the two per-task accuracies.
+    pub fn task_mean(&self) -> f64 {
+        (self.task_a_acc + self.task_b_acc) / 2.0
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "joint_loss": self.joint_loss,
+            "joint_acc": self.joint_acc,
+            "task_a_acc": self.task_a_acc,
+            "task_b_acc": self.task_b_acc,
+            "task_mean_acc": self.task_mean(),
+        })
+    }
+}
+
+fn argmax(row: ndarray::ArrayView1<'_, f32>, from: usize, to: usize) -> usize {
+    (from..to).fold(from, |best, k| if row[k] > row[best] { k } else { best })
+}
+
+/// Scores logits (`[n, classes]`) against labels, task A being the labels below `split`.
+pub fn score_logits(logits: &Array2<f32>, y: &[usize], split: usize) -> Scores {
+    let classes = logits.ncols();
+    let (mut loss, mut joint) = (0f64, 0usize);
+    let (mut hits, mut counts) = ([0usize; 2], [0usize; 2]);
+    for (row, &label) in logits.rows().into_iter().zip(y) {
+        let m = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        loss += lse - row[label] as f64;
+        joint += usize::from(argmax(row, 0, classes) == label);
+        let t = usize::from(label >= split);
+        let (from, to) = if t == 0 { (0, split) } else { (split, classes) };
+        counts[t] += 1;
+        hits[t] += usize::from(argmax(row, from, to) == label);
+    }
+    let n = y.len().max(1) as f64;
+    Scores {
+        joint_loss: loss / n,
+        joint_acc: joint as f64 / n,
+        task_a_acc: hits[0] as f64 / counts[0].max(1) as f64,
+        task_b_acc: hits[1] as f64 / counts[1].max(1) as f64,
+    }
+}
+
+fn logits(sd: &StateDict, x: &Array2<f32>) -> Array2<f32> {
+    mlp::layer_outputs(sd, x).pop().expect("at least one layer")
+}
+
+/// The samples of `data` whose label is in `range`.
+fn labels_in(data: &Split, range: std::ops::Range<usize>) -> Split {
+    let idx: Vec<usize> = (0..data.y.len())
+        .filter(|&i| range.contains(&data.y[i]))
+        .collect();
+    data.rows(&idx)
+}
+
+/// Runs the study; returns the report folder.
+pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
+    let dev = Device::parse(&args.device, "pleas")?;
+    let (width, depth, epochs, n_train, samples) = if args.quick {
+        (64, 2, 3, 2000, 500)
+    } else {
+        (
+            args.width,
+            args.depth,
+            args.epochs,
+            usize::MAX,
+            args.samples,
+        )
+    };
+    ensure!(
+        width > 0 && depth > 0 && epochs > 0 && samples > 0,
+        "--width, --depth, --epochs and --samples must be positive"
+    );
+    ensure!(
+        !args.ratios.is_empty(),
+        "--ratios: give at least one fraction"
+    );
+    for &r in &args.ratios {
+        ensure!(
+            (0.0..=1.0).contains(&r),
+            "--ratios: {r} is not a fraction in [0, 1]"
+        );
+    }
+    ensure!(!args.matchings.is_empty(), "--matchings: give at least one");
+    ensure!(
+        args.ridge.is_finite() && args.ridge >= 0.0,
+        "--ridge: {} (must be finite and ≥ 0)",
+        args.ridge
+    );
+    let mut run = Run::create("pleas", args.out.as_deref(), dev.label(), args.quiet)?;
+    let dir = args.data_dir.clone().unwrap_or_else(default_mnist_dir);
+    let (train, test) = run.phase("load data", || mnist(&dir))?;
+    let train = train.take(n_train);
+    let classes = 10;
+    if let Some(&bad) = train.y.iter().chain(&test.y).find(|&&y| y >= classes) {
+        bail!(
+            "{}: label {bad}; this study expects 10 classes",
+            dir.display()
+        );
+    }
+    ensure!(
+        (1..classes).contains(&args.split),
+        "--split {}: must be between 1 and {} so both tasks have labels",
+        args.split,
+        classes - 1
+    );
+    let head = match args.head {
+        HeadArg::Task => Head::Split(args.split),
+        HeadArg::Average => Head::Average,
+    };
+    let task_a = labels_in(&train, 0..args.split);
+    let task_b = labels_in(&train, args.split..classes);
+    ensure!(
+        !task_a.y.is_empty() && !task_b.y.is_empty(),
+        "--split {}: one task has no training samples",
+        args.split
+    );
+    let probe = train.take(samples);
+    let mut sizes = vec![train.x.ncols()];
+    sizes.extend(std::iter::repeat_n(width, depth));
+    sizes.push(classes);
+
+    let steps = (task_a.y.len().div_ceil(128) + task_b.y.len().div_ceil(128)) * epochs;
+    let bar = run.progress(steps as u64);
+    let (a, b) = run.phase("train", || -> anyhow::Result<(StateDict, StateDict)> {
+        let seeds = (2 * args.seed, 2 * args.seed + 1);
+        let a = mlp::init_state_dict(&sizes, seeds.0);
+        let b = mlp::init_state_dict(&sizes, seeds.1);
+        Ok((
+            train_on(dev, Arch::Mlp, &a, &task_a, epochs, seeds.0, &bar)?,
+            train_on(dev, Arch::Mlp, &b, &task_b, epochs, seeds.1, &bar)?,
+        ))
+    })?;
+    bar.finish_and_clear();
+
+    let one = a.numel() as f64;
+    let (logits_a, logits_b) = (logits(&a, &test.x), logits(&b, &test.x));
+    let score = |l: &Array2<f32>| score_logits(l, &test.y, args.split);
+    let (sa, sb) = (score(&logits_a), score(&logits_b));
+    let se = score(&head.combine(&logits_a, &logits_b)?);
+    let mut metrics = serde_json::Map::new();
+    metrics.insert("sizes".into(), json!(sizes));
+    metrics.insert("split".into(), json!(args.split));
+    metrics.insert(
+        "models".into(),
+        json!({"a": sa.json(), "b": sb.json(), "ensemble": se.json()}),
+    );
+    run.partial(&Value::Object(metrics.clone()))?;
+
+    let bar = run.progress((args.matchings.len() * args.ratios.len()) as u64);
+    let mut merges = Vec::new();
+    let mut csv = String::from(
+        "matching,ratio,width,params_ratio,method,joint_loss,joint_acc,task_a_acc,task_b_acc,task_mean_acc\n",
+    );
+    let mut matching_seconds = serde_json::Map::new();
+    let mut matching_stats = serde_json::Map::new();
+    for &matching in &args.matchings {
+        let t = Instant::now();
+        let units = run.phase(&format!("match {}", matching.name()), || {
+            match_units(matching, &a, &b, &probe.x, args.seed)
+        })?;
+        matching_seconds.insert(matching.name().into(), json!(t.elapsed().as_secs_f64()));
+        let spec = permute::builders::mlp(&a)?;
+        let b_aligned = permute::apply(&spec, &permutation_of(&units, &a)?, &b)?;
+        matching_stats.insert(
+            matching.name().into(),
+            json!({
+                "l2": permute::matching::l2_distance(&a, &b_aligned),
+                "mean_correlation": units
+                    .iter()
+                    .map(|(_, sc)| sc.iter().sum::<f64>() / sc.len() as f64)
+                    .collect::<Vec<_>>(),
+            }),
+        );
+        for &ratio in &args.ratios {
+            let plans: Vec<LayerPlan> = units
+                .iter()
+                .map(|(p, sc)| plan_layer(p, sc, ratio))
+                .collect::<anyhow::Result<_>>()?;
+            let avg = zip_merge(&a, &b, &plans, head)?;
+            let t = Instant::now();
+            let ls = run.phase(
+                &format!("least squares {} {ratio}", matching.name()),
+                || least_squares_merge(&a, &b, &plans, head, &probe.x, args.ridge, 0),
+            )?;
+            let ls_seconds = t.elapsed().as_secs_f64();
+            let ls_head = least_squares_merge(&a, &b, &plans, head, &probe.x, args.ridge, depth)?;
+            // Hidden units of the merged model per hidden unit of one model (1 to 2).
+            let width = plans.iter().map(LayerPlan::width).sum::<usize>() as f64
+                / plans.iter().map(LayerPlan::source_width).sum::<usize>() as f64;
+            let params_ratio = avg.numel() as f64 / one;
+            let (s_avg, s_ls) = (score(&logits(&avg, &test.x)), score(&logits(&ls, &test.x)));
+            let s_head = score(&logits(&ls_head, &test.x));
+            for (method, s) in [
+                ("average", s_avg),
+                ("least_squares", s_ls),
+                ("least_squares_head", s_head),
+            ] {
+                csv.push_str(&format!(
+                    "{},{ratio},{width:.4},{params_ratio:.4},{method},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
+                    matching.name(),
+                    s.joint_loss,
+                    s.joint_acc,
+                    s.task_a_acc,
+                    s.task_b_acc,
+                    s.task_mean()
+                ));
+            }
+            merges.push(json!({
+                "matching": matching.name(),
+                "ratio": ratio,
+                "width": width,
+                "params": avg.numel(),
+                "params_ratio": params_ratio,
+                "average": s_avg.json(),
+                "least_squares": s_ls.json(),
+                "least_squares_head": s_head.json(),
+                "least_squares_seconds": ls_seconds,
+            }));
+            bar.inc(1);
+        }
+        metrics.insert("merges".into(), json!(merges));
+        metrics.insert(
+            "matching_seconds".into(),
+            Value::Object(matching_seconds.clone()),
+        );
+        metrics.insert("matching".into(), Value::Object(matching_stats.clone()));
+        run.write("merges.csv", csv.as_bytes())?;
+        run.partial(&Value::Object(metrics.clone()))?;
+    }
+    bar.finish_and_clear();
+
+    // Plots: accuracy against merged width, one line per matching × method.
+    let get = |m: &Value, method: &str, key: &str| m[method][key].as_f64().unwrap_or(f64::NAN);
+    for (key, stem, title) in [
+        (
+            "joint_acc",
+            "joint_accuracy_vs_size",
+            "Accuracy on all 10 classes vs merged width",
+        ),
+        (
+            "task_mean_acc",
+            "task_accuracy_vs_size",
+            "Mean per-task accuracy vs merged width",
+        ),
+    ] {
+        let mut series = Vec::new();
+        for &matching in &args.matchings {
+            for method in ["average", "least_squares"] {
+                let mut pts: Vec<(f64, f64)> = merges
+                    .iter()
+                    .filter(|m| m["matching"] == matching.name())
+                    .map(|m| (m["width"].as_f64().unwrap_or(f64::NAN), get(m, method, key)))
+                    .collect();
+                pts.sort_by(|x, y| x.0.total_cmp(&y.0));
+                let label = if method == "average" { "avg" } else { "LS" };
+                series.push(Series::line(format!("{} {label}", matching.name()), pts));
+            }
+        }
+        let reference = |s: &Scores| match key {
+            "joint_acc" => s.joint_acc,
+            _ => s.task_mean(),
+        };
+        series.push(Series::dots(
+            "A, B alone",
+            vec![(1.0, reference(&sa)), (1.0, reference(&sb))],
+        ));
+        series.push(Series::dots("ensemble", vec![(2.0, reference(&se))]));
+        line_chart(
+            &run.dir.join(stem),
+            title,
+            "merged hidden width (× one model's)",
+            "accuracy",
+            &series,
+        )?;
+    }
+
+    let mut md = format!(
+        "# PLeaS: partial matching and least squares\n\nMLP {sizes:?}; model A trained on labels 0–{} ({} samples), model B on {}–9 ({} samples), {epochs} epoch(s) each; {} unlabelled samples for matching and least squares (ridge {}).\n\n| model | joint acc | task A acc | task B acc | joint loss |\n|---|---|---|---|---|\n",
+        args.split - 1,
+        task_a.y.len(),
+        args.split,
+        task_b.y.len(),
+        probe.y.len(),
+        args.ridge
+    );
+    for (name, s) in [("A", sa), ("B", sb), ("ensemble (2×)", se)] {
+        md.push_str(&format!(
+            "| {name} | {:.4} | {:.4} | {:.4} | {:.4} |\n",
+            s.joint_acc, s.task_a_acc, s.task_b_acc, s.joint_loss
+        ));
+    }
+    md.push_str("\n| matching | merged fraction | width | parameters | average: joint acc | average: per-task acc | least squares: joint acc | least squares: per-task acc | LS of the head only: per-task acc |\n|---|---|---|---|---|---|---|---|---|\n");
+    for m in &merges {
+        md.push_str(&format!(
+            "| {} | {} | {:.2}× | {:.2}× | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |\n",
+            m["matching"].as_str().unwrap_or(""),
+            m["ratio"],
+            m["width"].as_f64().unwrap_or(f64::NAN),
+            m["params_ratio"].as_f64().unwrap_or(f64::NAN),
+            get(m, "average", "joint_acc"),
+            get(m, "average", "task_mean_acc"),
+            get(m, "least_squares", "joint_acc"),
+            get(m, "least_squares", "task_mean_acc"),
+            get(m, "least_squares_head", "task_mean_acc"),
+        ));
+    }
+    md.push_str("\n![joint accuracy](joint_accuracy_vs_size.png)\n\n![per-task accuracy](task_accuracy_vs_size.png)\n");
+    run.finish(Value::Object(metrics), &md)?;
+    Ok(run.dir.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(sizes: &[usize], seed: u64) -> StateDict {
+        mlp::init_state_dict(sizes, seed)
+    }
+
+    fn inputs(n: usize, d: usize, seed: u64) -> Array2<f32> {
+        let mut rng = spectra::rng::Rng::new(seed);
+        Array2::from_shape_fn((n, d), |_| rng.normal() as f32)
+    }
+
+    fn max_diff(x: &Array2<f32>, y: &Array2<f32>) -> f32 {
+        (x - y).iter().fold(0f32, |m, v| m.max(v.abs()))
+    }
+
+    const SIZES: [usize; 4] = [6, 8, 8, 3];
+
+    #[test]
+    fn plan_merges_the_most_similar_pairs_and_keeps_the_rest_apart() {
+        let perm = [2, 0, 3, 1];
+        let score = [0.9, 0.1, 0.5, 0.7];
+        let p = plan_layer(&perm, &score, 0.5).unwrap();
+        assert_eq!(p.pairs, vec![(0, 2), (3, 1)]);
+        assert_eq!(p.only_a, vec![1, 2]);
+        assert_eq!(p.only_b, vec![0, 3]);
+        assert_eq!(p.width(), 6);
+        assert_eq!(plan_layer(&perm, &score, 1.0).unwrap().width(), 4);
+        assert_eq!(plan_layer(&perm, &score, 0.0).unwrap().width(), 8);
+        // Merge then unmerge gives each unit back its pair's average.
+        let (ua, ub) = p.unmerge_matrices();
+        let m = p.merge_matrix();
+        assert_eq!(m.dim(), (6, 8));
+        assert_eq!(ua.dim(), (4, 6));
+        let f = Array1::from(vec![1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]);
+        let merged = m.dot(&f);
+        // Pair (A0, B2) averages 1 and 30; A1 alone is 2; B0 alone is 10.
+        assert_eq!(ua.dot(&merged)[0], 15.5);
+        assert_eq!(ua.dot(&merged)[1], 2.0);
+        assert_eq!(ub.dot(&merged)[0], 10.0);
+    }
+
+    #[test]
+    fn plan_names_bad_input() {
+        let e = plan_layer(&[0, 1], &[0.1, 0.2], 1.5).unwrap_err();
+        assert!(e.to_string().contains("--ratios"), "{e}");
+        let e = plan_layer(&[0, 0], &[0.1, 0.2], 0.5).unwrap_err();
+        assert!(e.to_string().contains("not a permutation"), "{e}");
+        assert!(plan_layer(&[0, 1], &[0.1, f64::NAN], 0.5).is_err());
+        assert!(plan_layer(&[0, 1], &[0.1], 0.5).is_err());
+    }
+
+    fn plans(
+        a: &StateDict,
+        b: &StateDict,
+        m: Matching,
+        ratio: f64,
+        x: &Array2<f32>,
+    ) -> Vec<LayerPlan> {
+        match_units(m, a, b, x, 0)
+            .unwrap()
+            .iter()
+            .map(|(p, s)| plan_layer(p, s, ratio).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn heads_pick_each_task_s_logits_or_average_them() {
+        let a = ndarray::array![[1.0, 2.0, 3.0]];
+        let b = ndarray::array![[10.0, 20.0, 30.0]];
+        assert_eq!(
+            Head::Split(1).combine(&a, &b).unwrap(),
+            ndarray::array![[1.0, 20.0, 30.0]]
+        );
+        assert_eq!(
+            Head::Average.combine(&a, &b).unwrap(),
+            ndarray::array![[5.5, 11.0, 16.5]]
+        );
+        let e = Head::Split(4).combine(&a, &b).unwrap_err();
+        assert!(e.to_string().contains("split 4"), "{e}");
+    }
+
+    #[test]
+    fn zip_at_ratio_zero_is_the_ensemble() {
+        let (a, b) = (model(&SIZES, 1), model(&SIZES, 2));
+        let x = inputs(40, 6, 3);
+        let p = plans(&a, &b, Matching::Am, 0.0, &x);
+        for head in [Head::Split(2), Head::Average] {
+            let z = zip_merge(&a, &b, &p, head).unwrap();
+            assert_eq!(z.get("layers.0.weight").unwrap().shape(), &[16, 6]);
+            let want = head.combine(&logits(&a, &x), &logits(&b, &x)).unwrap();
+            assert!(max_diff(&logits(&z, &x), &want) < 1e-5, "{head:?}");
+        }
+        let z = zip_merge(&a, &b, &p, Head::Average).unwrap();
+        // A dense MLP 6-16-16-3.
+        assert_eq!(z.numel(), 16 * 6 + 16 + 16 * 16 + 16 + 3 * 16 + 3);
+    }
+
+    #[test]
+    fn zip_at_ratio_one_averages_a_with_the_permuted_b() {
+        let (a, b) = (model(&SIZES, 4), model(&SIZES, 5));
+        let x = inputs(40, 6, 6);
+        let spec = permute::builders::mlp(&a).unwrap();
+        for m in [Matching::Wm, Matching::Am] {
+            let units = match_units(m, &a, &b, &x, 0).unwrap();
+            assert!(
+                units
+                    .iter()
+                    .any(|(p, _)| p.iter().enumerate().any(|(i, &j)| i != j)),
+                "{m:?} found the identity: the test would not check the convention"
+            );
+            let p: Vec<LayerPlan> = units
+                .iter()
+                .map(|(p, s)| plan_layer(p, s, 1.0).unwrap())
+                .collect();
+            let perm = permutation_of(&units, &a).unwrap();
+            let want = permute::many::mean(&[a.clone(), permute::apply(&spec, &perm, &b).unwrap()])
+                .unwrap();
+            let got = zip_merge(&a, &b, &p, Head::Average).unwrap();
+            assert!(
+                max_diff(&logits(&got, &x), &logits(&want, &x)) < 1e-5,
+                "{m:?}"
+            );
+            assert_eq!(got.numel(), a.numel());
+        }
+        // No matching at ratio 1 is plain averaging.
+        let p = plans(&a, &b, Matching::None, 1.0, &x);
+        let want = permute::many::mean(&[a.clone(), b.clone()]).unwrap();
+        let got = zip_merge(&a, &b, &p, Head::Average).unwrap();
+        assert!(max_diff(&logits(&got, &x), &logits(&want, &x)) < 1e-5);
+    }
+
+    #[test]
+    fn least_squares_reproduces_an_exactly_representable_merge() {
+        // At ratio 0 the ensemble is a merged network of the same shape: the
+        // per-layer solves find it again (up to the small ridge).
+        let (a, b) = (model(&SIZES, 7), model(&SIZES, 8));
+        let x = inputs(400, 6, 9);
+        let p = plans(&a, &b, Matching::Am, 0.0, &x);
+        let head = Head::Split(1);
+        let ls = least_squares_merge(&a, &b, &p, head, &x, 1e-9, 0).unwrap();
+        let want = head.combine(&logits(&a, &x), &logits(&b, &x)).unwrap();
+        assert!(max_diff(&logits(&ls, &x), &want) < 1e-3);
+        // At ratio 1 the solve fits the merged targets at least as well as averaging.
+        let p = plans(&a, &b, Matching::Am, 1.0, &x);
+        let ls = least_squares_merge(&a, &b, &p, head, &x, 1e-9, 0).unwrap();
+        let avg = zip_merge(&a, &b, &p, head).unwrap();
+        let err = |m: &StateDict| {
+            let d = logits(m, &x) - &want;
+            d.iter().map(|v| v * v).sum::<f32>()
+        };
+        assert!(err(&ls) < err(&avg), "{} vs {}", err(&ls), err(&avg));
+        // Refitting only the head keeps the zipped body and fits in between.
+        let ls_head = least_squares_merge(&a, &b, &p, head, &x, 1e-9, 2).unwrap();
+        for name in ["layers.0.weight", "layers.1.bias"] {
+            assert_eq!(ls_head.get(name).unwrap().data, avg.get(name).unwrap().data);
+        }
+        assert!(err(&ls_head) < err(&avg));
+    }
+
+    #[test]
+    fn merges_name_bad_input() {
+        let a = model(&SIZES, 1);
+        let b = model(&[6, 8, 5, 3], 2);
+        let x = inputs(10, 6, 3);
+        let p = plans(&a, &a, Matching::None, 1.0, &x);
+        let e = zip_merge(&a, &b, &p, Head::Average).unwrap_err();
+        assert!(e.to_string().contains("layers.1.weight"), "{e}");
+        let e = least_squares_merge(&a, &a, &p[..1], Head::Average, &x, 0.0, 0).unwrap_err();
+        assert!(e.to_string().contains("plans"), "{e}");
+        let e =
+            least_squares_merge(&a, &a, &p, Head::Average, &inputs(10, 5, 1), 0.0, 0).unwrap_err();
+        assert!(e.to_string().contains("features"), "{e}");
+        let e = least_squares_merge(&a, &a, &p, Head::Average, &x, -1.0, 0).unwrap_err();
+        assert!(e.to_string().contains("--ridge"), "{e}");
+        let e = least_squares_merge(&a, &a, &p, Head::Average, &x, 0.0, 3).unwrap_err();
+        assert!(e.to_string().contains("layer 3"), "{e}");
+        let mut c = a.clone();
+        c.remove("layers.1.bias");
+        let e = zip_merge(&a, &c, &p, Head::Average).unwrap_err();
+        assert!(e.to_string().contains("layers.1.bias"), "{e}");
+        let e = zip_merge(&StateDict::new(), &a, &[], Head::Average).unwrap_err();
+        assert!(e.to_string().contains("not an MLP"), "{e}");
+    }
+
+    #[test]
+    fn scores_count_joint_and_per_task_argmax() {
+        // Sample 0 (task A, label 1): joint argmax 3 (wrong), task-A argmax 1 (right).
+        // Sample 1 (task B, label 2): right in both.
+        let l = ndarray::array![[0.0, 2.0, 0.0, 5.0], [0.0, 0.0, 3.0, 1.0]];
+        let s = score_logits(&l, &[1, 2], 2);
+        assert_eq!((s.joint_acc, s.task_a_acc, s.task_b_acc), (0.5, 1.0, 1.0));
+        let lse0 = (2f64 + 2f64.exp() + 5f64.exp()).ln();
+        let lse1 = (2f64 + 3f64.exp() + 1f64.exp()).ln();
+        assert!((s.joint_loss - ((lse0 - 2.0) + (lse1 - 3.0)) / 2.0).abs() < 1e-6);
+    }
+}
