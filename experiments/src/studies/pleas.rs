@@ -644,23 +644,23 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         "--ridge: {} (must be finite and ≥ 0)",
         args.ridge
     );
-    let mut run = Run::create("pleas", args.out.as_deref(), dev.label(), args.quiet)?;
-    let dir = args.data_dir.clone().unwrap_or_else(default_mnist_dir);
-    let (train, test) = run.phase("load data", || mnist(&dir))?;
-    let train = train.take(n_train);
     let classes = 10;
-    if let Some(&bad) = train.y.iter().chain(&test.y).find(|&&y| y >= classes) {
-        bail!(
-            "{}: label {bad}; this study expects 10 classes",
-            dir.display()
-        );
-    }
     ensure!(
         (1..classes).contains(&args.split),
         "--split {}: must be between 1 and {} so both tasks have labels",
         args.split,
         classes - 1
     );
+    let mut run = Run::create("pleas", args.out.as_deref(), dev.label(), args.quiet)?;
+    let dir = args.data_dir.clone().unwrap_or_else(default_mnist_dir);
+    let (train, test) = run.phase("load data", || mnist(&dir))?;
+    let train = train.take(n_train);
+    if let Some(&bad) = train.y.iter().chain(&test.y).find(|&&y| y >= classes) {
+        bail!(
+            "{}: label {bad}; this study expects 10 classes",
+            dir.display()
+        );
+    }
     let head = match args.head {
         HeadArg::Task => Head::Split(args.split),
         HeadArg::Average => Head::Average,
