@@ -33,3 +33,21 @@ impl Device {
         }
     }
 }
+
+/// Calls the backend-generic function `f::<B>(args…)` with the autodiff
+/// backend `dev` names: Burn ndarray on the CPU, Burn CUDA in a build with
+/// the `cuda` feature. One place for the CPU/CUDA dispatch of every study.
+macro_rules! on_device {
+    ($dev:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dev {
+            $crate::device::Device::Cpu => $f::<s2ft_core::CpuTrain>($($arg),*),
+            #[cfg(feature = "cuda")]
+            $crate::device::Device::Cuda => $f::<s2ft_core::GpuTrain>($($arg),*),
+            #[cfg(not(feature = "cuda"))]
+            $crate::device::Device::Cuda => {
+                unreachable!("Device::parse refuses cuda without the feature")
+            }
+        }
+    };
+}
+pub(crate) use on_device;

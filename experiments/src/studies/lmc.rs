@@ -19,8 +19,6 @@ use crate::report::Run;
 use permute::interp::{barrier_of_curve, lambda_grid, lerp};
 use permute::{MatchOptions, PermutationSpec, apply, weight_matching};
 
-type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
-
 /// The network the MLP-family studies train.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 pub enum Arch {
@@ -157,15 +155,10 @@ pub(crate) fn ste(
     seed: u64,
     dev: Device,
 ) -> anyhow::Result<permute::Permutation> {
-    match dev {
-        Device::Cpu => ste_on::<B>(a, b, data, steps, batch_size, seed, &Default::default()),
-        #[cfg(feature = "cuda")]
-        Device::Cuda => {
-            ste_on::<s2ft_core::GpuTrain>(a, b, data, steps, batch_size, seed, &Default::default())
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
-    }
+    crate::device::on_device!(
+        dev,
+        ste_on(a, b, data, steps, batch_size, seed, &Default::default())
+    )
 }
 
 fn ste_on<B: AutodiffBackend>(
@@ -318,13 +311,7 @@ pub(crate) fn train_on(
     seed: u64,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<StateDict> {
-    match dev {
-        Device::Cpu => train_one::<B>(arch, init, train, epochs, seed, bar),
-        #[cfg(feature = "cuda")]
-        Device::Cuda => train_one::<s2ft_core::GpuTrain>(arch, init, train, epochs, seed, bar),
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
-    }
+    crate::device::on_device!(dev, train_one(arch, init, train, epochs, seed, bar))
 }
 
 /// Trains `n` MLPs of the study's shape from different seeds.

@@ -82,17 +82,8 @@ impl MergeArgs {
 /// Runs the study; returns the report folder.
 pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
     let (s, tasks) = (args.lm.sizes()?, args.tasks()?);
-    match Device::parse(&args.lm.device, "merge")? {
-        Device::Cpu => {
-            run_on::<s2ft_core::CpuTrain>(args, s, &tasks, &Default::default(), Device::Cpu)
-        }
-        #[cfg(feature = "cuda")]
-        Device::Cuda => {
-            run_on::<s2ft_core::GpuTrain>(args, s, &tasks, &Default::default(), Device::Cuda)
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
-    }
+    let dev = Device::parse(&args.lm.device, "merge")?;
+    crate::device::on_device!(dev, run_on(args, s, &tasks, &Default::default(), dev))
 }
 
 /// `θ − base` for every 2-D weight that differs.

@@ -641,15 +641,8 @@ where
 pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
     let s = args.lm.sizes()?;
     let sw = args.sweep()?;
-    match Device::parse(&args.lm.device, "s2ft")? {
-        Device::Cpu => run_on::<s2ft_core::CpuTrain>(args, s, sw, &Default::default(), Device::Cpu),
-        #[cfg(feature = "cuda")]
-        Device::Cuda => {
-            run_on::<s2ft_core::GpuTrain>(args, s, sw, &Default::default(), Device::Cuda)
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda => unreachable!("Device::parse refuses cuda without the feature"),
-    }
+    let dev = Device::parse(&args.lm.device, "s2ft")?;
+    crate::device::on_device!(dev, run_on(args, s, sw, &Default::default(), dev))
 }
 
 fn run_on<B: AutodiffBackend>(
