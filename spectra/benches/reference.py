@@ -31,6 +31,17 @@ for m, n in [(768, 768), (768, 3072), (2048, 2048)]:
     t = median_time(lambda: np.linalg.svd(a, compute_uv=False), 5)
     print(f"numpy svd(compute_uv=False) f32 {m}x{n}: {t * 1e3:.1f} ms")
 
+x = rng.standard_normal((2000, 1025))
+y = rng.standard_normal((2000, 1024))
+
+
+def ridge():
+    return np.linalg.solve(x.T @ x + np.eye(x.shape[1]), x.T @ y)
+
+
+t = median_time(ridge, 10)
+print(f"numpy ridge least squares f64 2000x1025 -> 1024 (solve(XtX + I, XtY)): {t * 1e3:.1f} ms")
+
 script = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "ww_reference.py")
 if os.path.isfile(os.path.join(models, "all-MiniLM-L6-v2/model.safetensors")):
     ts = []

@@ -1,5 +1,6 @@
-//! `cargo bench -p spectra`: singular values at typical layer sizes and the
-//! full report of all-MiniLM-L6-v2 (when `scripts/fetch-models.sh` has run).
+//! `cargo bench -p spectra`: singular values at typical layer sizes, the
+//! ridge least-squares solve of the `pleas` study, and the full report of
+//! all-MiniLM-L6-v2 (when `scripts/fetch-models.sh` has run).
 //! `python3 spectra/benches/reference.py` times numpy/LAPACK and
 //! WeightWatcher's fit on the same inputs.
 
@@ -7,7 +8,7 @@ use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ndarray::Array2;
-use spectra::linalg::singular_values;
+use spectra::linalg::{ridge_least_squares, singular_values};
 use spectra::report::{ReportOptions, analyze_source};
 use spectra::rng::Rng;
 
@@ -21,6 +22,18 @@ fn bench(c: &mut Criterion) {
             b.iter(|| singular_values(a.view(), "a").unwrap())
         });
     }
+    g.finish();
+
+    // PLeaS's per-layer solve at the `pleas` study's default size: 2,000
+    // samples, 512·2 + 1 inputs, 1,024 targets.
+    let mut g = c.benchmark_group("ridge_least_squares_f64");
+    g.sample_size(10);
+    let mut rng = Rng::new(2);
+    let x = Array2::from_shape_fn((2000, 1025), |_| rng.normal());
+    let y = Array2::from_shape_fn((2000, 1024), |_| rng.normal());
+    g.bench_function("2000x1025_to_1024", |b| {
+        b.iter(|| ridge_least_squares(x.view(), y.view(), 1.0, "x").unwrap())
+    });
     g.finish();
 
     let path =
