@@ -84,6 +84,9 @@ pub struct LmcArgs {
     /// STE steps (0: one epoch).
     #[arg(long, default_value_t = 0)]
     pub ste_steps: usize,
+    /// STE learning rate (Adam on θ̃).
+    #[arg(long, default_value_t = 1e-3)]
+    pub ste_lr: f64,
     /// Also sweep these hidden widths (comma-separated) for naive vs WM barriers.
     #[arg(long, value_delimiter = ',')]
     pub widths: Vec<usize>,
@@ -99,6 +102,41 @@ pub struct LmcArgs {
 }
 
 crate::studies::cli_defaults!(LmcArgs);
+
+impl LmcArgs {
+    /// The STE options: `--ste-steps` (0: one epoch of `steps_per_epoch`,
+    /// 30 with `--quick`), `--ste-lr`, batch 128, `--seed`.
+    pub(crate) fn ste(&self, steps_per_epoch: usize) -> anyhow::Result<Ste> {
+        anyhow::ensure!(
+            self.ste_lr.is_finite() && self.ste_lr > 0.0,
+            "--ste-lr {}: must be a positive number",
+            self.ste_lr
+        );
+        Ok(Ste {
+            steps: match (self.ste_steps, self.quick) {
+                (0, true) => 30,
+                (0, false) => steps_per_epoch,
+                (n, _) => n,
+            },
+            batch_size: 128,
+            lr: self.ste_lr,
+            seed: self.seed,
+        })
+    }
+}
+
+/// Options of the straight-through estimator.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ste {
+    /// Adam steps on θ̃.
+    pub(crate) steps: usize,
+    /// Samples per step.
+    pub(crate) batch_size: usize,
+    /// Adam's learning rate.
+    pub(crate) lr: f64,
+    /// Seed of the mini-batch order.
+    pub(crate) seed: u64,
+}
 
 /// The curve and barriers of one method.
 pub(crate) struct Curve {
@@ -150,24 +188,17 @@ pub(crate) fn ste(
     a: &StateDict,
     b: &StateDict,
     data: &Split,
-    steps: usize,
-    batch_size: usize,
-    seed: u64,
+    opts: Ste,
     dev: Device,
 ) -> anyhow::Result<permute::Permutation> {
-    crate::device::on_device!(
-        dev,
-        ste_on(a, b, data, steps, batch_size, seed, &Default::default())
-    )
+    crate::device::on_device!(dev, ste_on(a, b, data, opts, &Default::default()))
 }
 
 fn ste_on<B: AutodiffBackend>(
     a: &StateDict,
     b: &StateDict,
     data: &Split,
-    steps: usize,
-    batch_size: usize,
-    seed: u64,
+    cfg: Ste,
     device: &B::Device,
 ) -> anyhow::Result<permute::Permutation>
 where
@@ -180,8 +211,8 @@ where
     let mut optim = AdamConfig::new().init::<B, Mlp<B>>();
     let mut perm: Option<permute::Permutation> = None;
     let n = data.y.len();
-    let mut s = seed;
-    for step in 0..steps {
+    let mut s = cfg.seed;
+    for step in 0..cfg.steps {
         let opts = MatchOptions {
             init: perm.clone(),
             ..Default::default()
@@ -209,7 +240,7 @@ where
                     .div_scalar(2.0)
             })
             .collect();
-        let idx: Vec<usize> = (0..batch_size)
+        let idx: Vec<usize> = (0..cfg.batch_size)
             .map(|k| {
                 s = s
                     .wrapping_mul(6364136223846793005)
@@ -223,7 +254,7 @@ where
             &bt.y,
         );
         let grads = GradientsParams::from_grads(loss.backward(), &tilde);
-        tilde = optim.step(1e-3, tilde, grads);
+        tilde = optim.step(cfg.lr, tilde, grads);
     }
     Ok(weight_matching(
         &spec,
@@ -442,17 +473,9 @@ pub fn align_all(
     })?;
     out.push(("am", am.0, t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    let ste_steps = if args.ste_steps > 0 {
-        args.ste_steps
-    } else if args.quick {
-        30
-    } else {
-        pair.steps_per_epoch
-    };
+    let opts = args.ste(pair.steps_per_epoch)?;
     let dev = Device::parse(&args.device, "lmc")?;
-    let p = run.phase("STE", || {
-        ste(a, b, &pair.train, ste_steps, 128, args.seed, dev)
-    })?;
+    let p = run.phase("STE", || ste(a, b, &pair.train, opts, dev))?;
     out.push(("ste", p, t.elapsed().as_secs_f64()));
     Ok((out, wm.passes))
 }

@@ -66,13 +66,7 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
     })?;
     aligned.push(("wm_anchor", wm, t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    let ste_steps = if args.lmc.ste_steps > 0 {
-        args.lmc.ste_steps
-    } else if args.lmc.quick {
-        30
-    } else {
-        set.steps_per_epoch
-    };
+    let ste_opts = args.lmc.ste(set.steps_per_epoch)?;
     // STE is implemented for the MLP only.
     let st: Vec<StateDict> = run.phase("anchor STE", || -> anyhow::Result<Vec<StateDict>> {
         if arch != Arch::Mlp {
@@ -80,15 +74,7 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
         }
         let mut out = vec![models[0].clone()];
         for m in &models[1..] {
-            let p = ste(
-                &models[0],
-                m,
-                &set.train,
-                ste_steps,
-                128,
-                args.lmc.seed,
-                dev,
-            )?;
+            let p = ste(&models[0], m, &set.train, ste_opts, dev)?;
             out.push(apply(&spec, &p, m)?);
         }
         Ok(out)
