@@ -8,7 +8,43 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+
+use crate::device::Device;
 use serde_json::{Value, json};
+
+/// The options every training study takes: the device, the report folder
+/// and progress output (flattened into each study's arguments).
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// `cpu`, or `cuda` in a build with the `cuda` feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Report folder (default: `results/<study>/<timestamp>`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+crate::studies::cli_defaults!(RunArgs);
+
+impl RunArgs {
+    /// The defaults, writing quietly to `out` (what tests and scripts want).
+    pub fn quiet_to(out: impl Into<PathBuf>) -> Self {
+        RunArgs {
+            out: Some(out.into()),
+            quiet: true,
+            ..Default::default()
+        }
+    }
+
+    /// Parses `--device` (naming `study` in the rebuild hint) and opens the report folder.
+    pub fn open(&self, study: &str) -> anyhow::Result<Run> {
+        let device = Device::parse(&self.device, study)?;
+        Run::create(study, self.out.as_deref(), device, self.quiet)
+    }
+}
 
 /// An open report folder.
 pub struct Run {
@@ -16,6 +52,8 @@ pub struct Run {
     pub study: String,
     /// The folder.
     pub dir: PathBuf,
+    /// The device the study trains on.
+    pub device: Device,
     /// Backend label (`cpu` / `cuda`).
     pub backend: String,
     start: Instant,
@@ -63,7 +101,7 @@ impl Run {
     pub fn create(
         study: &str,
         out: Option<&Path>,
-        backend: &str,
+        device: Device,
         quiet: bool,
     ) -> anyhow::Result<Run> {
         let dir = match out {
@@ -74,7 +112,8 @@ impl Run {
         Ok(Run {
             study: study.into(),
             dir,
-            backend: backend.into(),
+            device,
+            backend: device.label().into(),
             start: Instant::now(),
             phases: Vec::new(),
             quiet,

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use experiments::report::RunArgs;
+
 // The experiments binary's allocator, so the s2ft study measures peak heap here too.
 #[global_allocator]
 static ALLOC: experiments::alloc::Counting = experiments::alloc::Counting;
@@ -66,8 +68,7 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
     let args = experiments::studies::lmc::LmcArgs {
         quick: true,
         grid: 11,
-        out: Some(out.clone()),
-        quiet: true,
+        run: RunArgs::quiet_to(&out),
         ..Default::default()
     };
     experiments::studies::lmc::run(&args).unwrap();
@@ -117,8 +118,7 @@ fn svd_align_study_weight_matching_aligns_top_singular_vectors() {
         epochs: Some(3),
         grid: 5,
         ste_steps: 20,
-        out: Some(out.clone()),
-        quiet: true,
+        run: RunArgs::quiet_to(&out),
         ..Default::default()
     };
     experiments::studies::svd_align::run(&experiments::studies::svd_align::SvdAlignArgs {
@@ -160,8 +160,7 @@ fn many_study_aligned_merges_beat_plain_averaging() {
         epochs: Some(2),
         grid: 5,
         ste_steps: 10,
-        out: Some(out.clone()),
-        quiet: true,
+        run: RunArgs::quiet_to(&out),
         ..Default::default()
     };
     experiments::studies::many::run(&experiments::studies::many::ManyArgs { lmc, models: 3 })
@@ -200,8 +199,7 @@ fn lmc_width_sweep_plots_barriers_per_width() {
         grid: 5,
         ste_steps: 5,
         widths: vec![16, 48],
-        out: Some(out.clone()),
-        quiet: true,
+        run: RunArgs::quiet_to(&out),
         ..Default::default()
     };
     experiments::studies::lmc::run(&args).unwrap();
@@ -225,8 +223,7 @@ fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
     let args = experiments::studies::s2ft::S2ftArgs {
         lm: experiments::studies::s2ft::LmArgs {
             quick: true,
-            out: Some(out.clone()),
-            quiet: true,
+            run: RunArgs::quiet_to(&out),
             ..Default::default()
         },
         ..Default::default()
@@ -312,8 +309,7 @@ fn merge_study_merges_beat_chance_and_rmm_rebuilds_each_task() {
     let args = experiments::studies::merging::MergeArgs {
         lm: experiments::studies::s2ft::LmArgs {
             quick: true,
-            out: Some(out.clone()),
-            quiet: true,
+            run: RunArgs::quiet_to(&out),
             ..Default::default()
         },
         ..Default::default()
@@ -390,8 +386,7 @@ fn lmc_study_runs_on_the_layernorm_resnet() {
         quick: true,
         arch: experiments::studies::lmc::Arch::Resnet,
         grid: 5,
-        out: Some(out.clone()),
-        quiet: true,
+        run: RunArgs::quiet_to(&out),
         ..Default::default()
     };
     experiments::studies::lmc::run(&args).unwrap();
@@ -406,7 +401,7 @@ fn lmc_study_runs_on_the_layernorm_resnet() {
     assert!(l2("wm") < l2("naive"), "{} vs {}", l2("wm"), l2("naive"));
     // Activation matching and STE are MLP-only; svd-align refuses the ResNet.
     assert!(m["am"].is_null() && m["ste"].is_null());
-    args.out = Some(dir.path().join("svd"));
+    args.run.out = Some(dir.path().join("svd"));
     let e = experiments::studies::svd_align::run(&experiments::studies::svd_align::SvdAlignArgs {
         lmc: args,
         top: 8,
@@ -423,8 +418,7 @@ fn pleas_study_least_squares_beats_averaging_and_partial_matching_trades_width_f
     let args = PleasArgs {
         quick: true,
         ratios: vec![1.0, 0.5, 0.0],
-        out: Some(out.clone()),
-        quiet: true,
+        run: RunArgs::quiet_to(&out),
         ..Default::default()
     };
     run(&args).unwrap();

@@ -15,7 +15,7 @@ use crate::data::{Split, default_mnist_dir, mnist};
 use crate::device::Device;
 use crate::mlp::{self, Mlp};
 use crate::plot::{Series, line_chart};
-use crate::report::Run;
+use crate::report::{Run, RunArgs};
 use permute::interp::{barrier_of_curve, lambda_grid, lerp};
 use permute::{MatchOptions, PermutationSpec, apply, weight_matching};
 
@@ -90,15 +90,9 @@ pub struct LmcArgs {
     /// Also sweep these hidden widths (comma-separated) for naive vs WM barriers.
     #[arg(long, value_delimiter = ',')]
     pub widths: Vec<usize>,
-    /// `cpu` (or `cuda` with the feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Report folder.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// No progress output.
-    #[arg(long)]
-    pub quiet: bool,
+    /// Device, report folder, progress.
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 crate::studies::cli_defaults!(LmcArgs);
@@ -347,7 +341,7 @@ pub(crate) fn train_on(
 
 /// Trains `n` MLPs of the study's shape from different seeds.
 pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<TrainedSet> {
-    let dev = Device::parse(&args.device, "lmc")?;
+    let dev = run.device;
     let arch = args.arch;
     let (width, depth, epochs, n_train) = match (args.quick, arch) {
         (true, Arch::Mlp) => (64, 2, 3, 2000),
@@ -474,7 +468,7 @@ pub fn align_all(
     out.push(("am", am.0, t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let opts = args.ste(pair.steps_per_epoch)?;
-    let dev = Device::parse(&args.device, "lmc")?;
+    let dev = run.device;
     let p = run.phase("STE", || ste(a, b, &pair.train, opts, dev))?;
     out.push(("ste", p, t.elapsed().as_secs_f64()));
     Ok((out, wm.passes))
@@ -482,8 +476,7 @@ pub fn align_all(
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
-    let dev = Device::parse(&args.device, "lmc")?;
-    let mut run = Run::create("lmc", args.out.as_deref(), dev.label(), args.quiet)?;
+    let mut run = args.run.open("lmc")?;
     let pair = train_pair(args, &mut run)?;
     let (a, b) = (&pair.a, &pair.b);
     let arch = pair.arch;

@@ -12,7 +12,6 @@ use serde_json::json;
 use weights::StateDict;
 
 use crate::plot::{Series, line_chart};
-use crate::report::Run;
 use crate::studies::lmc::{Arch, LmcArgs, curve, ste, train_models};
 use permute::{MatchOptions, apply, weight_matching};
 
@@ -34,8 +33,8 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
         "--models {}: this study needs at least 3 models",
         args.models
     );
-    let dev = crate::device::Device::parse(&args.lmc.device, "many")?;
-    let mut run = Run::create("many", args.lmc.out.as_deref(), dev.label(), args.lmc.quiet)?;
+    let mut run = args.lmc.run.open("many")?;
+    let dev = run.device;
     let set = train_models(&args.lmc, args.models, &mut run)?;
     let models = &set.models;
     let arch = set.arch;

@@ -82,8 +82,8 @@ impl MergeArgs {
 /// Runs the study; returns the report folder.
 pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
     let (s, tasks) = (args.lm.sizes()?, args.tasks()?);
-    let dev = Device::parse(&args.lm.device, "merge")?;
-    crate::device::on_device!(dev, run_on(args, s, &tasks, &Default::default(), dev))
+    let dev = Device::parse(&args.lm.run.device, "merge")?;
+    crate::device::on_device!(dev, run_on(args, s, &tasks, &Default::default()))
 }
 
 /// `θ − base` for every 2-D weight that differs.
@@ -138,13 +138,12 @@ fn run_on<B: AutodiffBackend>(
     mut s: Sizes,
     tasks: &[Task],
     device: &B::Device,
-    dev: Device,
 ) -> anyhow::Result<PathBuf>
 where
     Llama<B>: AutodiffModule<B>,
 {
     let lm = &args.lm;
-    let (mut run, corpus) = lm.open("merge", dev)?;
+    let (mut run, corpus) = lm.open("merge")?;
     let r = args.rank;
     let families = [
         Method::Full,

@@ -32,7 +32,7 @@ use crate::data::{Split, default_mnist_dir, mnist};
 use crate::device::Device;
 use crate::mlp;
 use crate::plot::{Series, line_chart};
-use crate::report::Run;
+use crate::report::{Run, RunArgs};
 use crate::studies::lmc::{Arch, train_on};
 use permute::many::{Correlation, activation_matching, correlation};
 use permute::{MatchOptions, weight_matching};
@@ -110,15 +110,9 @@ pub struct PleasArgs {
     /// idx folder (default: the vendored MNIST-10k).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// `cpu` (or `cuda` with the feature) for training.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Report folder.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// No progress output.
-    #[arg(long)]
-    pub quiet: bool,
+    /// Device (for training), report folder, progress.
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 crate::studies::cli_defaults!(PleasArgs);
@@ -612,7 +606,7 @@ fn labels_in(data: &Split, range: std::ops::Range<usize>) -> Split {
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
-    let dev = Device::parse(&args.device, "pleas")?;
+    let dev = Device::parse(&args.run.device, "pleas")?;
     let (width, depth, epochs, n_train, samples) = if args.quick {
         (64, 2, 3, 2000, 500)
     } else {
@@ -651,7 +645,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         args.split,
         classes - 1
     );
-    let mut run = Run::create("pleas", args.out.as_deref(), dev.label(), args.quiet)?;
+    let mut run = Run::create("pleas", args.run.out.as_deref(), dev, args.run.quiet)?;
     let dir = args.data_dir.clone().unwrap_or_else(default_mnist_dir);
     let (train, test) = run.phase("load data", || mnist(&dir))?;
     let train = train.take(n_train);

@@ -29,7 +29,7 @@ use crate::lm::{
     Corpus, Eval, Sample, Task, VOCAB, default_text_dir, evaluate, held_out, moby_dick,
 };
 use crate::plot::{Series, bar_chart, line_chart};
-use crate::report::Run;
+use crate::report::{Run, RunArgs};
 use s2ft_core::s2ft::{
     Order, S2ftConfig, Strategy, activation_scores, apply_lora, apply_s2ft, lora_param_count,
     ratios_for_budget, select, trainable_params,
@@ -91,15 +91,9 @@ pub struct LmArgs {
     /// Folder with moby-dick.txt(.gz) (default: the vendored data/text).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// `cpu`, or `cuda` in a build with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Report folder.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// No progress output.
-    #[arg(long)]
-    pub quiet: bool,
+    /// Device, report folder, progress.
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// Options.
@@ -192,8 +186,8 @@ impl LmArgs {
     }
 
     /// Opens the report folder and loads the task-A corpus.
-    pub(crate) fn open(&self, study: &str, dev: Device) -> anyhow::Result<(Run, Corpus)> {
-        let mut run = Run::create(study, self.out.as_deref(), dev.label(), self.quiet)?;
+    pub(crate) fn open(&self, study: &str) -> anyhow::Result<(Run, Corpus)> {
+        let mut run = self.run.open(study)?;
         let dir = self.data_dir.clone().unwrap_or_else(default_text_dir);
         let corpus = run.phase("load data", || moby_dick(&dir))?;
         Ok((run, corpus))
@@ -641,8 +635,8 @@ where
 pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
     let s = args.lm.sizes()?;
     let sw = args.sweep()?;
-    let dev = Device::parse(&args.lm.device, "s2ft")?;
-    crate::device::on_device!(dev, run_on(args, s, sw, &Default::default(), dev))
+    let dev = Device::parse(&args.lm.run.device, "s2ft")?;
+    crate::device::on_device!(dev, run_on(args, s, sw, &Default::default()))
 }
 
 fn run_on<B: AutodiffBackend>(
@@ -650,13 +644,12 @@ fn run_on<B: AutodiffBackend>(
     mut s: Sizes,
     sw: Sweep,
     device: &B::Device,
-    dev: Device,
 ) -> anyhow::Result<PathBuf>
 where
     Llama<B>: AutodiffModule<B>,
 {
     let lm = &args.lm;
-    let (mut run, corpus) = lm.open("s2ft", dev)?;
+    let (mut run, corpus) = lm.open("s2ft")?;
     let (task_b, task_c) = (args.task, args.fusion_task);
     let mut methods = vec![Method::Full];
     for &r in &sw.ranks {

@@ -74,7 +74,12 @@ fn ccdf(evals: &[f64]) -> Vec<(f64, f64)> {
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &SpectraArgs) -> anyhow::Result<PathBuf> {
-    let mut run = Run::create("spectra", args.out.as_deref(), "cpu", args.quiet)?;
+    let mut run = Run::create(
+        "spectra",
+        args.out.as_deref(),
+        crate::device::Device::Cpu,
+        args.quiet,
+    )?;
     let minilm = Path::new("models/all-MiniLM-L6-v2/model.safetensors");
     let (label, sd) = match (&args.model, args.quick) {
         (Some(p), _) => {

@@ -9,7 +9,6 @@ use serde_json::json;
 use spectra::alignment::singular_vector_alignment;
 
 use crate::plot::{Series, heatmap, line_chart};
-use crate::report::Run;
 use crate::studies::lmc::{LmcArgs, align_all, train_pair};
 
 /// Options (the `lmc` options choose the models).
@@ -30,13 +29,7 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
         "--arch {}: svd-align analyses the MLP's hidden-to-hidden matrices; use --arch mlp",
         args.lmc.arch.name()
     );
-    let dev = crate::device::Device::parse(&args.lmc.device, "svd-align")?;
-    let mut run = Run::create(
-        "svd-align",
-        args.lmc.out.as_deref(),
-        dev.label(),
-        args.lmc.quiet,
-    )?;
+    let mut run = args.lmc.run.open("svd-align")?;
     let pair = train_pair(&args.lmc, &mut run)?;
     let (mut methods, _) = align_all(&pair, &args.lmc, &mut run)?;
     // A random permutation of every group, as a control.
