@@ -8,8 +8,6 @@
 //! gradients, optimizer state and the activations autodiff keeps), with the
 //! previous method's memory freed first.
 
-use std::time::Instant;
-
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use s2ft_core::s2ft::{
@@ -68,16 +66,9 @@ fn main() {
         };
         let trainable = trainable_params(&model);
         weights::alloc::reset_peak();
-        let mut times = Vec::new();
-        let mut last = Instant::now();
         let out = train(
             model,
-            |_| {
-                let now = Instant::now();
-                times.push(now.duration_since(last).as_secs_f64() * 1e3);
-                last = now;
-                tokens.clone()
-            },
+            |_| tokens.clone(),
             &TrainConfig {
                 lr: 1e-4,
                 steps: steps + 1,
@@ -86,10 +77,8 @@ fn main() {
         );
         assert!(out.stopped.is_none());
         let peak = weights::alloc::peak();
-        // times[i] is the time between batch requests: step i−1; drop the first (setup) and warm-up.
-        let mut step_ms: Vec<f64> = times[2..].to_vec();
-        step_ms.sort_by(f64::total_cmp);
-        let median = step_ms[step_ms.len() / 2];
+        // The first step is warm-up.
+        let median = out.median_step_ms();
         drop(out);
         rows.push(serde_json::json!({
             "method": method,

@@ -83,6 +83,18 @@ pub struct TrainOutcome<B: AutodiffBackend> {
     pub losses: Vec<f32>,
     /// Set when training stopped early (non-finite loss).
     pub stopped: Option<S2ftError>,
+    /// Wall time of each completed step (drawing the batch, forward,
+    /// backward, update), seconds.
+    pub step_seconds: Vec<f64>,
+}
+
+impl<B: AutodiffBackend> TrainOutcome<B> {
+    /// Median step time in milliseconds, leaving out the first (warm-up)
+    /// step; NaN with fewer than two steps.
+    pub fn median_step_ms(&self) -> f64 {
+        let ms: Vec<f64> = self.step_seconds.iter().skip(1).map(|s| s * 1e3).collect();
+        weights::stats::median(&ms)
+    }
 }
 
 /// Trains `model` for `cfg.steps` AdamW steps on `batch(step)`: token ids
@@ -102,7 +114,9 @@ where
     // The model before the last update (tensors are shared, so this costs no copy).
     let mut last_good: Option<Llama<B>> = None;
     let mut losses = Vec::with_capacity(cfg.steps);
+    let mut step_seconds = Vec::with_capacity(cfg.steps);
     for step in 0..cfg.steps {
+        let start = std::time::Instant::now();
         let Batch { tokens, mask } = batch(step).into();
         let loss = match mask {
             Some(m) => lm_loss_masked(&model, tokens, m),
@@ -119,16 +133,19 @@ where
                         "loss is {value}; the returned model is the last one whose loss was finite"
                     ),
                 }),
+                step_seconds,
             };
         }
         last_good = Some(model.clone());
         losses.push(value);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(cfg.lr, model, grads);
+        step_seconds.push(start.elapsed().as_secs_f64());
     }
     TrainOutcome {
         model,
         losses,
         stopped: None,
+        step_seconds,
     }
 }

@@ -120,6 +120,10 @@ fn frozen_weights_stay_bit_identical_and_the_loss_falls() {
         "{:?}",
         out.losses
     );
+    // Every step is timed; the median leaves out the warm-up step.
+    assert_eq!(out.step_seconds.len(), 15);
+    let median = out.median_step_ms();
+    assert!(median > 0.0 && median <= 1e3 * out.step_seconds.iter().fold(0f64, |a, &b| a.max(b)));
     for (l, blk) in out.model.layers.iter().enumerate() {
         for name in s2ft_core::model::PROJ_NAMES {
             let w = s2ft_core::model::to_weights(blk.proj(name).weight.val());

@@ -1,4 +1,5 @@
-//! Summary statistics of a tensor, as `weights inspect` prints them.
+//! Summary statistics of a tensor, as `weights inspect` prints them, and the
+//! median the benchmarks and studies quote.
 
 use ndarray::ArrayViewD;
 use serde::Serialize;
@@ -65,6 +66,14 @@ pub fn tensor_stats(data: ArrayViewD<'_, f32>) -> TensorStats {
     }
 }
 
+/// The median of `values` (the upper one of an even count, as timing
+/// reports quote it); NaN when there are none.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +91,12 @@ mod tests {
         assert!((s.std.unwrap() - (3.5f64).sqrt()).abs() < 1e-12);
         let empty = tensor_stats(ArrayD::<f32>::zeros(vec![0]).view());
         assert_eq!(empty.mean, None);
+    }
+
+    #[test]
+    fn median_is_the_upper_middle_and_nan_when_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 3.0);
+        assert!(median(&[]).is_nan());
     }
 }

@@ -336,14 +336,9 @@ fn fit<B: AutodiffBackend>(
 where
     Llama<B>: AutodiffModule<B>,
 {
-    let mut times = Vec::with_capacity(steps);
-    let mut last = Instant::now();
     let out = train(
         model,
         |_| {
-            let now = Instant::now();
-            times.push(now.duration_since(last).as_secs_f64() * 1e3);
-            last = now;
             bar.inc(1);
             draw().to_batch::<B>(device)
         },
@@ -356,10 +351,7 @@ where
     if let Some(e) = out.stopped {
         bail!("{what}: {e} (lower the learning rate)");
     }
-    // times[i] spans step i − 1; the first two include setup and warm-up.
-    let mut ms: Vec<f64> = times.iter().skip(2).copied().collect();
-    ms.sort_by(f64::total_cmp);
-    let median = ms.get(ms.len() / 2).copied().unwrap_or(f64::NAN);
+    let median = out.median_step_ms();
     Ok((out.model, out.losses, median))
 }
 
@@ -549,10 +541,6 @@ fn switch_time(w: usize, r: usize, reps: usize) -> anyhow::Result<Value> {
                 general_mat_mul(sign * scale, b, a, 1.0, &mut w2);
             }
         };
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     // LoRA: unmerge the current adapter, merge the next.
     lora_apply(&mut sd, &loras[0], 1.0);
     let mut lora_ms = Vec::new();
@@ -580,8 +568,8 @@ fn switch_time(w: usize, r: usize, reps: usize) -> anyhow::Result<Value> {
         "lora_rank": r,
         "lora_params": lora_params,
         "s2ft_params": s2ft_params,
-        "lora_ms": median(lora_ms),
-        "s2ft_ms": median(s2ft_ms),
+        "lora_ms": weights::stats::median(&lora_ms),
+        "s2ft_ms": weights::stats::median(&s2ft_ms),
     }))
 }
 
