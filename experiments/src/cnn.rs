@@ -20,6 +20,7 @@ use burn::tensor::TensorData;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::PadMode;
+use s2ft_core::model::to_weights;
 use weights::{StateDict, Tensor as WTensor};
 
 use crate::data::Split;
@@ -200,17 +201,6 @@ fn norm_from<B: Backend>(
     })
 }
 
-fn to_w<B: Backend, const D: usize>(t: Tensor<B, D>) -> WTensor {
-    let shape = t.dims().to_vec();
-    WTensor::f32(
-        ndarray::ArrayD::from_shape_vec(
-            shape,
-            t.into_data().convert::<f32>().into_vec().expect("f32"),
-        )
-        .expect("shape"),
-    )
-}
-
 impl<B: Backend> ResNet<B> {
     /// From torchvision-style names; every tensor is checked (present,
     /// shaped consistently, finite).
@@ -286,24 +276,24 @@ impl<B: Backend> ResNet<B> {
     pub fn to_state_dict(&self) -> StateDict {
         let mut sd = StateDict::new();
         let norm = |sd: &mut StateDict, p: &str, n: &ChannelNorm<B>| {
-            sd.insert(format!("{p}.weight"), to_w(n.weight.val()));
-            sd.insert(format!("{p}.bias"), to_w(n.bias.val()));
+            sd.insert(format!("{p}.weight"), to_weights(n.weight.val()));
+            sd.insert(format!("{p}.bias"), to_weights(n.bias.val()));
         };
-        sd.insert("conv1.weight", to_w(self.conv1.val()));
+        sd.insert("conv1.weight", to_weights(self.conv1.val()));
         norm(&mut sd, "bn1", &self.bn1);
         for (i, b) in self.blocks.iter().enumerate() {
             let p = format!("layer{}.0", i + 1);
-            sd.insert(format!("{p}.conv1.weight"), to_w(b.conv1.val()));
+            sd.insert(format!("{p}.conv1.weight"), to_weights(b.conv1.val()));
             norm(&mut sd, &format!("{p}.bn1"), &b.bn1);
-            sd.insert(format!("{p}.conv2.weight"), to_w(b.conv2.val()));
+            sd.insert(format!("{p}.conv2.weight"), to_weights(b.conv2.val()));
             norm(&mut sd, &format!("{p}.bn2"), &b.bn2);
             if let (Some(c), Some(n)) = (&b.down_conv, &b.down_norm) {
-                sd.insert(format!("{p}.downsample.0.weight"), to_w(c.val()));
+                sd.insert(format!("{p}.downsample.0.weight"), to_weights(c.val()));
                 norm(&mut sd, &format!("{p}.downsample.1"), n);
             }
         }
-        sd.insert("fc.weight", to_w(self.fc_weight.val()));
-        sd.insert("fc.bias", to_w(self.fc_bias.val()));
+        sd.insert("fc.weight", to_weights(self.fc_weight.val()));
+        sd.insert("fc.bias", to_weights(self.fc_bias.val()));
         sd
     }
 

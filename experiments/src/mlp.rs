@@ -9,6 +9,7 @@ use burn::tensor::TensorData;
 use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::backend::AutodiffBackend;
 use ndarray::{Array1, Array2, Axis};
+use s2ft_core::model::to_weights;
 use weights::{StateDict, Tensor as WTensor};
 
 use crate::data::Split;
@@ -28,6 +29,14 @@ fn splitmix(state: &mut u64) -> f64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Layer sizes of an MLP: `inputs`, `depth` hidden layers of `width`, `outputs`.
+pub fn layer_sizes(inputs: usize, width: usize, depth: usize, outputs: usize) -> Vec<usize> {
+    let mut s = vec![inputs];
+    s.extend(std::iter::repeat_n(width, depth));
+    s.push(outputs);
+    s
 }
 
 /// PyTorch's default `nn.Linear` initialisation, seeded: `U(−1/√in, 1/√in)`.
@@ -87,28 +96,9 @@ impl<B: Backend> Mlp<B> {
     /// To `layers.i.weight` / `layers.i.bias`.
     pub fn to_state_dict(&self) -> StateDict {
         let mut sd = StateDict::new();
-        let conv = |t: Tensor<B, 2>| {
-            let d = t.dims();
-            WTensor::f32(
-                ndarray::ArrayD::from_shape_vec(
-                    vec![d[0], d[1]],
-                    t.into_data().convert::<f32>().into_vec().expect("f32"),
-                )
-                .expect("shape"),
-            )
-        };
         for (i, (w, b)) in self.weights.iter().zip(&self.biases).enumerate() {
-            sd.insert(format!("layers.{i}.weight"), conv(w.val()));
-            let bv: Vec<f32> = b
-                .val()
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .expect("f32");
-            sd.insert(
-                format!("layers.{i}.bias"),
-                WTensor::f32(ndarray::ArrayD::from_shape_vec(vec![bv.len()], bv).expect("shape")),
-            );
+            sd.insert(format!("layers.{i}.weight"), to_weights(w.val()));
+            sd.insert(format!("layers.{i}.bias"), to_weights(b.val()));
         }
         sd
     }

@@ -52,10 +52,8 @@ pub struct Run {
     pub study: String,
     /// The folder.
     pub dir: PathBuf,
-    /// The device the study trains on.
+    /// The device the study trains on (its label is the report's backend).
     pub device: Device,
-    /// Backend label (`cpu` / `cuda`).
-    pub backend: String,
     start: Instant,
     phases: Vec<(String, f64)>,
     /// Suppresses progress output.
@@ -113,7 +111,6 @@ impl Run {
             study: study.into(),
             dir,
             device,
-            backend: device.label().into(),
             start: Instant::now(),
             phases: Vec::new(),
             quiet,
@@ -151,7 +148,7 @@ impl Run {
             "study": self.study,
             "command": std::env::args().collect::<Vec<_>>().join(" "),
             "git_commit": git_commit(),
-            "backend": self.backend,
+            "backend": self.device.label(),
             "versions": {
                 "experiments": env!("CARGO_PKG_VERSION"),
                 "burn": "0.21",
@@ -190,7 +187,7 @@ impl Run {
             "\n---\nCommand: `{}` · commit {} · backend {} · wall time {:.1} s\n",
             std::env::args().collect::<Vec<_>>().join(" "),
             git_commit(),
-            self.backend,
+            self.device.label(),
             self.start.elapsed().as_secs_f64()
         ));
         self.write("report.md", md.as_bytes())?;

@@ -9,6 +9,13 @@ use experiments::report::RunArgs;
 #[global_allocator]
 static ALLOC: experiments::alloc::Counting = experiments::alloc::Counting;
 
+/// A study's `metrics.json`.
+fn metrics(out: &Path) -> serde_json::Value {
+    let p = out.join("metrics.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
 fn check_png(p: &Path) {
     let img = image::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     assert!(img.width() >= 400 && img.height() >= 300, "{}", p.display());
@@ -40,8 +47,7 @@ fn spectra_study_reports_heavy_tailed_layers() {
     }
     check_png(&out.join("alpha_per_layer.png"));
     check_png(&out.join("esd_tails.png"));
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m = metrics(&out);
     let layers = m["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 3);
     // Student-t (ν = 3) weights: heavy-tailed ESDs, every layer fitted with 2 < α < 6.
@@ -75,8 +81,7 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
     check_png(&out.join("loss_train.png"));
     check_png(&out.join("loss_test.png"));
     assert!(out.join("report.md").is_file() && out.join("loss_test.svg").is_file());
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m = metrics(&out);
     for method in ["naive", "wm", "am", "ste"] {
         for key in ["loss_barrier", "acc_barrier", "l2", "seconds"] {
             assert!(m[method][key].is_number(), "{method}.{key}");
@@ -129,8 +134,7 @@ fn svd_align_study_weight_matching_aligns_top_singular_vectors() {
     check_png(&out.join("alignment_vs_rank.png"));
     check_png(&out.join("overlap_wm.png"));
     assert!(out.join("overlap_wm.svg").is_file() && out.join("alignment_vs_rank.svg").is_file());
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m = metrics(&out);
     let layer = |method: &str| m[method][0].clone();
     for method in ["naive", "wm", "am", "ste", "random"] {
         // Permutations are orthogonal: singular values unchanged.
@@ -166,8 +170,7 @@ fn many_study_aligned_merges_beat_plain_averaging() {
     experiments::studies::many::run(&experiments::studies::many::ManyArgs { lmc, models: 3 })
         .unwrap();
     check_png(&out.join("pair_1_2_test_loss.png"));
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m = metrics(&out);
     let acc = |k: &str| m[k]["test_acc"].as_f64().unwrap();
     let bar = |k: &str| m[k]["pairwise_barrier"].as_f64().unwrap();
     assert!(
@@ -204,8 +207,7 @@ fn lmc_width_sweep_plots_barriers_per_width() {
     };
     experiments::studies::lmc::run(&args).unwrap();
     check_png(&out.join("barrier_vs_width.png"));
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m = metrics(&out);
     let sweep = m["width_sweep"].as_array().unwrap();
     assert_eq!(sweep.len(), 2);
     for row in sweep {
@@ -247,8 +249,7 @@ fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
     ] {
         assert!(out.join(f).is_file(), "{f}");
     }
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m = metrics(&out);
     let row = |family: &str| {
         m["summary"]
             .as_array()
@@ -332,8 +333,7 @@ fn merge_study_merges_beat_chance_and_rmm_rebuilds_each_task() {
     ] {
         assert!(out.join(f).is_file(), "{f}");
     }
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m = metrics(&out);
     let merges = m["merges"].as_array().unwrap();
     let chance = 1.0 / 26.0;
     assert!(m["base"]["mean_acc"].as_f64().unwrap() < 2.0 * chance);
@@ -391,8 +391,7 @@ fn lmc_study_runs_on_the_layernorm_resnet() {
     };
     experiments::studies::lmc::run(&args).unwrap();
     check_png(&out.join("loss_test.png"));
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m = metrics(&out);
     assert_eq!(m["arch"], "resnet");
     assert!(!out.join("metrics.partial.json").exists());
     // Weight matching over the torchvision-named spec (streams through the
@@ -428,8 +427,7 @@ fn pleas_study_least_squares_beats_averaging_and_partial_matching_trades_width_f
     }
     assert!(out.join("merges.csv").is_file() && out.join("report.md").is_file());
     assert!(!out.join("metrics.partial.json").exists());
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let m = metrics(&out);
     let models = &m["models"];
     // Each task keeps its own head: the ensemble is each model on its own task.
     assert_eq!(models["ensemble"]["task_a_acc"], models["a"]["task_a_acc"]);

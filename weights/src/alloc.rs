@@ -16,14 +16,19 @@ static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
+/// Counts `n` more live bytes and raises the peak.
+fn grow(n: usize) {
+    let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
 // SAFETY: every call forwards to the system allocator with the same layout;
 // the counters are only bookkeeping.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         let p = unsafe { System.alloc(l) };
         if !p.is_null() {
-            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
+            grow(l.size());
             INSTALLED.store(true, Ordering::Relaxed);
         }
         p
@@ -31,8 +36,7 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
         let p = unsafe { System.alloc_zeroed(l) };
         if !p.is_null() {
-            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
-            PEAK.fetch_max(now, Ordering::Relaxed);
+            grow(l.size());
         }
         p
     }
@@ -44,9 +48,7 @@ unsafe impl GlobalAlloc for Counting {
         let q = unsafe { System.realloc(p, l, new_size) };
         if !q.is_null() {
             if new_size >= l.size() {
-                let now =
-                    LIVE.fetch_add(new_size - l.size(), Ordering::Relaxed) + new_size - l.size();
-                PEAK.fetch_max(now, Ordering::Relaxed);
+                grow(new_size - l.size());
             } else {
                 LIVE.fetch_sub(l.size() - new_size, Ordering::Relaxed);
             }

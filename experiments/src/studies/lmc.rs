@@ -374,12 +374,7 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
         dir.display()
     );
     let sizes = match arch {
-        Arch::Mlp => {
-            let mut s = vec![train.x.ncols()];
-            s.extend(std::iter::repeat_n(width, depth));
-            s.push(10);
-            s
-        }
+        Arch::Mlp => mlp::layer_sizes(train.x.ncols(), width, depth, 10),
         // Stage widths.
         Arch::Resnet => vec![width, 2 * width, 4 * width],
     };

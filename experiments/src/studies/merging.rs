@@ -150,11 +150,7 @@ where
         Method::Lora(r),
         Method::S2ft(r, Strategy::Random),
     ];
-    let total = if lm.base.is_some() {
-        0
-    } else {
-        s.pretrain_steps
-    } + families.len() * tasks.len() * s.steps;
+    let total = lm.pretrain_steps(&s) + families.len() * tasks.len() * s.steps;
     let bar = run.progress(total as u64);
     let (base, _) = prepare_base::<B>(lm, &mut s, &corpus, &mut run, device, &bar)?;
     let c: LlamaConfig = s.config.clone();
@@ -172,7 +168,6 @@ where
     let base_row = score(&base)?;
 
     // Fine-tune every family on every task.
-    let lr_of = |m: Method| lm.lr(m);
     let mut finetuned: Vec<(Method, Vec<StateDict>)> = Vec::new();
     let mut individual = Vec::new();
     let mut csv = String::from("family,task,trainable_params,own_acc,mean_acc,task_a_loss\n");
@@ -192,7 +187,7 @@ where
                     &s,
                     m,
                     task,
-                    lr_of(m),
+                    lm.lr(m),
                     seed,
                     adir.as_deref(),
                     device,

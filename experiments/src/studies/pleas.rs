@@ -29,10 +29,9 @@ use serde_json::{Value, json};
 use weights::{StateDict, Tensor};
 
 use crate::data::{Split, default_mnist_dir, mnist};
-use crate::device::Device;
 use crate::mlp;
 use crate::plot::{Series, line_chart};
-use crate::report::{Run, RunArgs};
+use crate::report::RunArgs;
 use crate::studies::lmc::{Arch, train_on};
 use permute::many::{Correlation, activation_matching, correlation};
 use permute::{MatchOptions, weight_matching};
@@ -261,12 +260,8 @@ fn layers_of(sd: &StateDict, model: &str) -> anyhow::Result<Layers> {
     Ok(out)
 }
 
-/// Both models' layers, checked to have the same shapes, and the plans checked against them.
-fn check_pair(
-    a: &StateDict,
-    b: &StateDict,
-    plans: &[LayerPlan],
-) -> anyhow::Result<(Layers, Layers)> {
+/// Both models' layers, checked to have the same shapes.
+fn check_models(a: &StateDict, b: &StateDict) -> anyhow::Result<(Layers, Layers)> {
     let (la, lb) = (layers_of(a, "A")?, layers_of(b, "B")?);
     ensure!(
         la.len() == lb.len(),
@@ -282,6 +277,11 @@ fn check_pair(
             y.0.dim()
         );
     }
+    Ok((la, lb))
+}
+
+/// Checks one plan per hidden layer of `la`, each covering the layer's units.
+fn check_plans(la: &Layers, plans: &[LayerPlan]) -> anyhow::Result<()> {
     ensure!(
         plans.len() + 1 == la.len(),
         "{} layer plans for {} hidden layers",
@@ -296,7 +296,7 @@ fn check_pair(
             la[i].0.nrows()
         );
     }
-    Ok((la, lb))
+    Ok(())
 }
 
 /// How the merged model's logits are made from the two models' logits.
@@ -377,7 +377,8 @@ pub fn zip_merge(
     plans: &[LayerPlan],
     head: Head,
 ) -> anyhow::Result<StateDict> {
-    let (la, lb) = check_pair(a, b, plans)?;
+    let (la, lb) = check_models(a, b)?;
+    check_plans(&la, plans)?;
     Ok(to_state_dict(&zip_layers(&la, &lb, plans, head)?))
 }
 
@@ -410,14 +411,96 @@ fn pre_activations(layers: &Layers, x: &Array2<f64>) -> Vec<Array2<f64>> {
     outs
 }
 
-/// PLeaS: the merged model's layers, one after the other, by ridge least
-/// squares — `[W_l b_l] = argmin ‖[X_l 1] [W_l b_l]ᵀ − [Z_A Z_B] M_lᵀ‖² + λ‖·‖²`,
-/// where `X_l` is the merged model's own input to layer `l` on the unlabelled
-/// samples `x` (so each solve corrects the error of the layers before it) and
-/// `Z_A`, `Z_B` are the two models' pre-activations. `ridge` is relative:
-/// `λ = ridge · ‖[X_l 1]‖²_F / d`. Layers before `first` are zipped
-/// ([`zip_merge`]) instead: `first = 0` is PLeaS, the last layer's index
-/// refits only the head on the averaged body (an ablation).
+/// Models A and B on the unlabelled samples of the least-squares solves:
+/// their layers and every layer's pre-activations, computed once and reused
+/// by every plan's [`Probe::least_squares_merge`].
+pub struct Probe {
+    la: Layers,
+    lb: Layers,
+    x: Array2<f64>,
+    za: Vec<Array2<f64>>,
+    zb: Vec<Array2<f64>>,
+}
+
+impl Probe {
+    /// Checks A and B (same MLP shape) and the samples `x` (`[n, inputs]`, n > 0).
+    pub fn new(a: &StateDict, b: &StateDict, x: &Array2<f32>) -> anyhow::Result<Probe> {
+        let (la, lb) = check_models(a, b)?;
+        ensure!(
+            x.ncols() == la[0].0.ncols(),
+            "least squares: samples have {} features, the models take {}",
+            x.ncols(),
+            la[0].0.ncols()
+        );
+        ensure!(x.nrows() > 0, "least squares: no samples");
+        let x = x.mapv(f64::from);
+        let (za, zb) = (pre_activations(&la, &x), pre_activations(&lb, &x));
+        Ok(Probe { la, lb, x, za, zb })
+    }
+
+    /// PLeaS: the merged model's layers, one after the other, by ridge least
+    /// squares — `[W_l b_l] = argmin ‖[X_l 1] [W_l b_l]ᵀ − [Z_A Z_B] M_lᵀ‖² + λ‖·‖²`,
+    /// where `X_l` is the merged model's own input to layer `l` on the
+    /// unlabelled samples (so each solve corrects the error of the layers
+    /// before it) and `Z_A`, `Z_B` are the two models' pre-activations.
+    /// `ridge` is relative: `λ = ridge · ‖[X_l 1]‖²_F / d`. Layers before
+    /// `first` are zipped ([`zip_merge`]) instead: `first = 0` is PLeaS, the
+    /// last layer's index refits only the head on the averaged body (an ablation).
+    pub fn least_squares_merge(
+        &self,
+        plans: &[LayerPlan],
+        head: Head,
+        ridge: f64,
+        first: usize,
+    ) -> anyhow::Result<StateDict> {
+        let (la, lb) = (&self.la, &self.lb);
+        check_plans(la, plans)?;
+        ensure!(
+            first < la.len(),
+            "least squares from layer {first}: the models have {} layers",
+            la.len()
+        );
+        ensure!(
+            ridge.is_finite() && ridge >= 0.0,
+            "--ridge: {ridge} (must be finite and ≥ 0)"
+        );
+        let zipped = if first > 0 {
+            zip_layers(la, lb, plans, head)?
+        } else {
+            Layers::new()
+        };
+        let mut out = Layers::new();
+        let mut h = self.x.clone();
+        for l in 0..la.len() {
+            if l < first {
+                let (w, bias) = zipped[l].clone();
+                h = (h.dot(&w.t()) + bias.view().insert_axis(Axis(0))).mapv(|v| v.max(0.0));
+                out.push((w, bias));
+                continue;
+            }
+            let m = merge_matrix_of(plans, head, l, la[l].0.nrows())?;
+            let target = concatenate![Axis(1), self.za[l], self.zb[l]].dot(&m.t());
+            let ones = Array2::<f64>::ones((h.nrows(), 1));
+            let x1 = concatenate![Axis(1), h, ones];
+            let lambda = ridge * x1.iter().map(|v| v * v).sum::<f64>() / x1.ncols() as f64;
+            let theta = spectra::linalg::ridge_least_squares(
+                x1.view(),
+                target.view(),
+                lambda,
+                &format!("layers.{l}"),
+            )?;
+            let d = h.ncols();
+            let w = theta.slice(s![..d, ..]).t().to_owned();
+            let bias = theta.row(d).to_owned();
+            let z = h.dot(&w.t()) + bias.view().insert_axis(Axis(0));
+            h = z.mapv(|v| v.max(0.0));
+            out.push((w, bias));
+        }
+        Ok(to_state_dict(&out))
+    }
+}
+
+/// [`Probe::least_squares_merge`] for one plan (builds the [`Probe`] of `a`, `b`, `x`).
 pub fn least_squares_merge(
     a: &StateDict,
     b: &StateDict,
@@ -427,54 +510,7 @@ pub fn least_squares_merge(
     ridge: f64,
     first: usize,
 ) -> anyhow::Result<StateDict> {
-    let (la, lb) = check_pair(a, b, plans)?;
-    ensure!(
-        first < la.len(),
-        "least squares from layer {first}: the models have {} layers",
-        la.len()
-    );
-    let zipped = zip_layers(&la, &lb, plans, head)?;
-    ensure!(
-        x.ncols() == la[0].0.ncols(),
-        "least squares: samples have {} features, the models take {}",
-        x.ncols(),
-        la[0].0.ncols()
-    );
-    ensure!(x.nrows() > 0, "least squares: no samples");
-    ensure!(
-        ridge.is_finite() && ridge >= 0.0,
-        "--ridge: {ridge} (must be finite and ≥ 0)"
-    );
-    let x = x.mapv(f64::from);
-    let (za, zb) = (pre_activations(&la, &x), pre_activations(&lb, &x));
-    let mut out = Layers::new();
-    let mut h = x;
-    for l in 0..la.len() {
-        if l < first {
-            let (w, bias) = zipped[l].clone();
-            h = (h.dot(&w.t()) + bias.view().insert_axis(Axis(0))).mapv(|v| v.max(0.0));
-            out.push((w, bias));
-            continue;
-        }
-        let m = merge_matrix_of(plans, head, l, la[l].0.nrows())?;
-        let target = concatenate![Axis(1), za[l], zb[l]].dot(&m.t());
-        let ones = Array2::<f64>::ones((h.nrows(), 1));
-        let x1 = concatenate![Axis(1), h, ones];
-        let lambda = ridge * x1.iter().map(|v| v * v).sum::<f64>() / x1.ncols() as f64;
-        let theta = spectra::linalg::ridge_least_squares(
-            x1.view(),
-            target.view(),
-            lambda,
-            &format!("layers.{l}"),
-        )?;
-        let d = h.ncols();
-        let w = theta.slice(s![..d, ..]).t().to_owned();
-        let bias = theta.row(d).to_owned();
-        let z = h.dot(&w.t()) + bias.view().insert_axis(Axis(0));
-        h = z.mapv(|v| v.max(0.0));
-        out.push((w, bias));
-    }
-    Ok(to_state_dict(&out))
+    Probe::new(a, b, x)?.least_squares_merge(plans, head, ridge, first)
 }
 
 /// For each hidden layer, B's unit matched to each of A's units and the
@@ -606,7 +642,6 @@ fn labels_in(data: &Split, range: std::ops::Range<usize>) -> Split {
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
-    let dev = Device::parse(&args.run.device, "pleas")?;
     let (width, depth, epochs, n_train, samples) = if args.quick {
         (64, 2, 3, 2000, 500)
     } else {
@@ -645,7 +680,8 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         args.split,
         classes - 1
     );
-    let mut run = Run::create("pleas", args.run.out.as_deref(), dev, args.run.quiet)?;
+    let mut run = args.run.open("pleas")?;
+    let dev = run.device;
     let dir = args.data_dir.clone().unwrap_or_else(default_mnist_dir);
     let (train, test) = run.phase("load data", || mnist(&dir))?;
     let train = train.take(n_train);
@@ -667,9 +703,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         args.split
     );
     let probe = train.take(samples);
-    let mut sizes = vec![train.x.ncols()];
-    sizes.extend(std::iter::repeat_n(width, depth));
-    sizes.push(classes);
+    let sizes = mlp::layer_sizes(train.x.ncols(), width, depth, classes);
 
     let steps = (task_a.y.len().div_ceil(128) + task_b.y.len().div_ceil(128)) * epochs;
     let bar = run.progress(steps as u64);
@@ -683,6 +717,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         ))
     })?;
     bar.finish_and_clear();
+    let ls_probe = run.phase("least-squares probe", || Probe::new(&a, &b, &probe.x))?;
 
     let one = a.numel() as f64;
     let (logits_a, logits_b) = (logits(&a, &test.x), logits(&b, &test.x));
@@ -732,10 +767,10 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
             let t = Instant::now();
             let ls = run.phase(
                 &format!("least squares {} {ratio}", matching.name()),
-                || least_squares_merge(&a, &b, &plans, head, &probe.x, args.ridge, 0),
+                || ls_probe.least_squares_merge(&plans, head, args.ridge, 0),
             )?;
             let ls_seconds = t.elapsed().as_secs_f64();
-            let ls_head = least_squares_merge(&a, &b, &plans, head, &probe.x, args.ridge, depth)?;
+            let ls_head = ls_probe.least_squares_merge(&plans, head, args.ridge, depth)?;
             // Hidden units of the merged model per hidden unit of one model (1 to 2).
             let width = plans.iter().map(LayerPlan::width).sum::<usize>() as f64
                 / plans.iter().map(LayerPlan::source_width).sum::<usize>() as f64;

@@ -193,6 +193,15 @@ impl LmArgs {
         Ok((run, corpus))
     }
 
+    /// Pretraining steps still to run: none with `--base`.
+    pub(crate) fn pretrain_steps(&self, s: &Sizes) -> usize {
+        if self.base.is_some() {
+            0
+        } else {
+            s.pretrain_steps
+        }
+    }
+
     /// Full fine-tuning's learning rate for `Method::Full`, the PEFT one otherwise.
     pub(crate) fn lr(&self, m: Method) -> f64 {
         if m == Method::Full {
@@ -651,18 +660,13 @@ where
         Method::Lora(mid),
         Method::S2ft(mid, Strategy::Random),
     ];
-    let total = if lm.base.is_some() {
-        0
-    } else {
-        s.pretrain_steps
-    } + (methods.len() * sw.seeds + fusion_methods.len()) * s.steps;
+    let total = lm.pretrain_steps(&s) + (methods.len() * sw.seeds + fusion_methods.len()) * s.steps;
     let bar = run.progress(total as u64);
     let (base, pre_losses) = prepare_base::<B>(lm, &mut s, &corpus, &mut run, device, &bar)?;
     let c = s.config.clone();
     let evals = EvalSets::new(&corpus, &[task_b, task_c], &s);
     let (base_a, base_tasks) = evals.score::<B>(&c, &base, device)?;
     let base_b = base_tasks[0].1;
-    let lr_of = |m: Method| lm.lr(m);
 
     // The sweep: every method × seed on task B.
     let mut rows: Vec<Value> = Vec::new();
@@ -675,7 +679,7 @@ where
         for &m in &methods {
             bar.set_message(format!("{} seed {seed}", m.label()));
             let ft = run.phase(&format!("{} seed {seed}", m.label()), || {
-                finetune::<B>(&base, &s, m, task_b, lr_of(m), seed, None, device, &bar)
+                finetune::<B>(&base, &s, m, task_b, lm.lr(m), seed, None, device, &bar)
             })?;
             let (a, tasks) = evals.score::<B>(&c, &ft.weights, device)?;
             let b = tasks[0].1;
@@ -697,7 +701,7 @@ where
             run.write("runs.csv", csv.as_bytes())?;
             rows.push(json!({
                 "method": m.label(), "family": m.family(), "lora_rank_budget": m.rank(), "seed": seed,
-                "trainable_params": ft.trainable, "lr": lr_of(m), "steps": s.steps,
+                "trainable_params": ft.trainable, "lr": lm.lr(m), "steps": s.steps,
                 "task_b": b, "task_a": a, "forgetting": forgetting,
                 "step_ms": ft.step_ms, "peak_bytes": ft.peak_bytes,
                 "final_train_loss": ft.losses.last(),
@@ -737,7 +741,7 @@ where
                 &s,
                 m,
                 task_c,
-                lr_of(m),
+                lm.lr(m),
                 lm.seed * 1000 + 1,
                 None,
                 device,
