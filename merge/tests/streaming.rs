@@ -1,7 +1,7 @@
 //! Streaming: merging three ~150 MB sharded checkpoints (HF LLaMA naming,
 //! written tensor by tensor here) with the `merge` binary keeps its peak
 //! resident memory under the `--max-memory` budget plus a fixed allowance,
-//! far below the 660 MB of inputs; and the output equals the formula.
+//! far below the 464 MB of inputs; and the output equals the formula.
 
 use std::path::Path;
 use std::process::Command;
