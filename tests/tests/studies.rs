@@ -488,4 +488,30 @@ fn pleas_study_least_squares_beats_averaging_and_partial_matching_trades_width_f
     assert!(task(f, "least_squares_head") > task(f, "average"), "{f}");
     // The merged model of one model's size is far better than chance (0.2 per task).
     assert!(task(find("am", 1.0), "least_squares") > 0.6);
+    assert_eq!(m["allocation"], "uniform");
+    assert_eq!(find("am", 0.5)["merged_pairs"], serde_json::json!([32, 32]));
+
+    // The global allocation merges as many pairs in all, where they correlate best.
+    let out = dir.path().join("pleas-global");
+    let args = PleasArgs {
+        quick: true,
+        ratios: vec![0.5],
+        matchings: vec![experiments::studies::pleas::Matching::Am],
+        allocation: experiments::studies::pleas::Allocation::Global,
+        run: RunArgs::quiet_to(&out),
+        ..Default::default()
+    };
+    run(&args).unwrap();
+    let m = metrics(&out);
+    assert_eq!(m["allocation"], "global");
+    let g = &m["merges"][0];
+    let pairs: Vec<u64> = g["merged_pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(pairs.iter().sum::<u64>(), 64, "{g}");
+    assert_eq!(g["width"].as_f64(), Some(1.5));
+    assert!(task(g, "least_squares") > task(g, "average"), "{g}");
 }

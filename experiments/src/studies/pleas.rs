@@ -67,6 +67,28 @@ pub enum HeadArg {
     Average,
 }
 
+/// How a merge ratio is spread over the hidden layers (the `--allocation` option).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Allocation {
+    /// Every hidden layer merges the same fraction of its units.
+    Uniform,
+    /// The same total number of merged pairs, taken where the matched units
+    /// are most alike: the pairs of all layers ranked by their activation
+    /// correlation, and the best `round(ratio · Σ units)` merged. A layer
+    /// whose units have no counterpart in the other model stays apart.
+    Global,
+}
+
+impl Allocation {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Allocation::Uniform => "uniform",
+            Allocation::Global => "global",
+        }
+    }
+}
+
 /// Options.
 #[derive(Clone, Debug, clap::Args)]
 pub struct PleasArgs {
@@ -92,6 +114,10 @@ pub struct PleasArgs {
     /// (1: one model's size; 0: both models side by side).
     #[arg(long, value_delimiter = ',', default_values_t = [1.0, 0.75, 0.5, 0.25, 0.0])]
     pub ratios: Vec<f64>,
+    /// How each ratio is spread over the hidden layers: the same fraction in
+    /// every layer, or the most correlated pairs of all layers.
+    #[arg(long, value_enum, default_value_t = Allocation::Uniform)]
+    pub allocation: Allocation,
     /// How units are matched, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Matching::None, Matching::Wm, Matching::Am])]
     pub matchings: Vec<Matching>,
@@ -184,11 +210,59 @@ impl LayerPlan {
 /// `perm[i]` with similarity `score[i]`; the `round(ratio · n)` most similar
 /// pairs are merged and both units of every other pair are kept apart.
 pub fn plan_layer(perm: &[usize], score: &[f64], ratio: f64) -> anyhow::Result<LayerPlan> {
-    let n = perm.len();
+    check_ratio(ratio)?;
+    plan_layer_merging(perm, score, (ratio * perm.len() as f64).round() as usize)
+}
+
+fn check_ratio(ratio: f64) -> anyhow::Result<()> {
     ensure!(
         (0.0..=1.0).contains(&ratio),
         "--ratios: {ratio} is not a fraction in [0, 1]"
     );
+    Ok(())
+}
+
+/// Plans every hidden layer from its matched units (`(perm, score)` per layer,
+/// as [`match_units`] returns them) at one merge ratio, spread over the layers
+/// by `allocation`. Both allocations merge the same total number of pairs up
+/// to rounding; at ratio 0 and 1 they agree.
+pub fn plan_layers(
+    units: &[(Vec<usize>, Vec<f64>)],
+    ratio: f64,
+    allocation: Allocation,
+) -> anyhow::Result<Vec<LayerPlan>> {
+    check_ratio(ratio)?;
+    let counts: Vec<usize> = match allocation {
+        Allocation::Uniform => units
+            .iter()
+            .map(|(p, _)| (ratio * p.len() as f64).round() as usize)
+            .collect(),
+        Allocation::Global => {
+            let total: usize = units.iter().map(|(p, _)| p.len()).sum();
+            let mut all: Vec<(f64, usize, usize)> = Vec::with_capacity(total);
+            // Bad scores (wrong length, NaN) are refused per layer below.
+            for (l, (_, sc)) in units.iter().enumerate() {
+                all.extend(sc.iter().enumerate().map(|(i, &v)| (v, l, i)));
+            }
+            all.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+            let merged = ((ratio * total as f64).round() as usize).min(total);
+            let mut counts = vec![0; units.len()];
+            for &(_, l, _) in &all[..merged] {
+                counts[l] += 1;
+            }
+            counts
+        }
+    };
+    units
+        .iter()
+        .zip(counts)
+        .map(|((p, sc), k)| plan_layer_merging(p, sc, k))
+        .collect()
+}
+
+/// [`plan_layer`] merging exactly the `merged` most similar pairs (at most all).
+fn plan_layer_merging(perm: &[usize], score: &[f64], merged: usize) -> anyhow::Result<LayerPlan> {
+    let n = perm.len();
     ensure!(
         score.len() == n,
         "partial matching: {} scores for {n} units",
@@ -207,7 +281,7 @@ pub fn plan_layer(perm: &[usize], score: &[f64], ratio: f64) -> anyhow::Result<L
     );
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&x, &y| score[y].total_cmp(&score[x]).then(x.cmp(&y)));
-    let merged = ((ratio * n as f64).round() as usize).min(n);
+    let merged = merged.min(n);
     let mut plan = LayerPlan {
         pairs: order[..merged].iter().map(|&i| (i, perm[i])).collect(),
         only_a: order[merged..].to_vec(),
@@ -727,6 +801,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     let mut metrics = serde_json::Map::new();
     metrics.insert("sizes".into(), json!(sizes));
     metrics.insert("split".into(), json!(args.split));
+    metrics.insert("allocation".into(), json!(args.allocation.name()));
     metrics.insert(
         "models".into(),
         json!({"a": sa.json(), "b": sb.json(), "ensemble": se.json()}),
@@ -759,10 +834,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
             }),
         );
         for &ratio in &args.ratios {
-            let plans: Vec<LayerPlan> = units
-                .iter()
-                .map(|(p, sc)| plan_layer(p, sc, ratio))
-                .collect::<anyhow::Result<_>>()?;
+            let plans = plan_layers(&units, ratio, args.allocation)?;
             let avg = zip_merge(&a, &b, &plans, head)?;
             let t = Instant::now();
             let ls = run.phase(
@@ -796,6 +868,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
                 "matching": matching.name(),
                 "ratio": ratio,
                 "width": width,
+                "merged_pairs": plans.iter().map(|p| p.pairs.len()).collect::<Vec<_>>(),
                 "params": avg.numel(),
                 "params_ratio": params_ratio,
                 "average": s_avg.json(),
@@ -862,13 +935,14 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     }
 
     let mut md = format!(
-        "# PLeaS: partial matching and least squares\n\nMLP {sizes:?}; model A trained on labels 0–{} ({} samples), model B on {}–9 ({} samples), {epochs} epoch(s) each; {} unlabelled samples for matching and least squares (ridge {}).\n\n| model | joint acc | task A acc | task B acc | joint loss |\n|---|---|---|---|---|\n",
+        "# PLeaS: partial matching and least squares\n\nMLP {sizes:?}; model A trained on labels 0–{} ({} samples), model B on {}–9 ({} samples), {epochs} epoch(s) each; {} unlabelled samples for matching and least squares (ridge {}); merge ratios spread over the layers: {}.\n\n| model | joint acc | task A acc | task B acc | joint loss |\n|---|---|---|---|---|\n",
         args.split - 1,
         task_a.y.len(),
         args.split,
         task_b.y.len(),
         probe.y.len(),
-        args.ridge
+        args.ridge,
+        args.allocation.name()
     );
     for (name, s) in [("A", sa), ("B", sb), ("ensemble (2×)", se)] {
         md.push_str(&format!(
@@ -956,11 +1030,56 @@ mod tests {
         ratio: f64,
         x: &Array2<f32>,
     ) -> Vec<LayerPlan> {
-        match_units(m, a, b, x, 0)
-            .unwrap()
-            .iter()
-            .map(|(p, s)| plan_layer(p, s, ratio).unwrap())
-            .collect()
+        plan_layers(
+            &match_units(m, a, b, x, 0).unwrap(),
+            ratio,
+            Allocation::Uniform,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn global_allocation_merges_the_most_correlated_pairs_of_all_layers() {
+        // Layer 0 (4 units) is alike across the models, layer 1 (6 units) is not.
+        let units = vec![
+            (vec![1, 0, 3, 2], vec![0.9, 0.8, 0.7, 0.0]),
+            (
+                vec![0, 1, 2, 3, 4, 5],
+                vec![0.5, 0.1, 0.2, -0.3, 0.05, 0.75],
+            ),
+        ];
+        // Ratio 0.5: 5 of the 10 pairs. Ranked: 0.9, 0.8, 0.75 (layer 1),
+        // 0.7, 0.5 (layer 1): three pairs in layer 0, two in layer 1.
+        let g = plan_layers(&units, 0.5, Allocation::Global).unwrap();
+        assert_eq!(g[0].pairs, vec![(0, 1), (1, 0), (2, 3)]);
+        assert_eq!(
+            (g[0].only_a.clone(), g[0].only_b.clone()),
+            (vec![3], vec![2])
+        );
+        assert_eq!(g[1].pairs, vec![(0, 0), (5, 5)]);
+        assert_eq!(g[1].only_a, vec![1, 2, 3, 4]);
+        // Uniform: round(0.5 · 4) = 2 and round(0.5 · 6) = 3 pairs; both merge 5.
+        let u = plan_layers(&units, 0.5, Allocation::Uniform).unwrap();
+        assert_eq!(u[0].pairs, vec![(0, 1), (1, 0)]);
+        assert_eq!(u[1].pairs, vec![(0, 0), (2, 2), (5, 5)]);
+        let merged = |p: &[LayerPlan]| p.iter().map(|l| l.pairs.len()).sum::<usize>();
+        assert_eq!((merged(&g), merged(&u)), (5, 5));
+        // At the ends both allocations are the same plans.
+        for r in [0.0, 1.0] {
+            assert_eq!(
+                plan_layers(&units, r, Allocation::Global).unwrap(),
+                plan_layers(&units, r, Allocation::Uniform).unwrap()
+            );
+        }
+        // Bad input is refused under either allocation.
+        for alloc in [Allocation::Uniform, Allocation::Global] {
+            let e = plan_layers(&units, 1.5, alloc).unwrap_err();
+            assert!(e.to_string().contains("--ratios"), "{e}");
+            let bad = vec![(vec![0, 1], vec![0.1, f64::NAN])];
+            assert!(plan_layers(&bad, 0.5, alloc).is_err());
+            let short = vec![(vec![0, 1], vec![0.1])];
+            assert!(plan_layers(&short, 0.5, alloc).is_err());
+        }
     }
 
     #[test]
@@ -1008,10 +1127,7 @@ mod tests {
                     .any(|(p, _)| p.iter().enumerate().any(|(i, &j)| i != j)),
                 "{m:?} found the identity: the test would not check the convention"
             );
-            let p: Vec<LayerPlan> = units
-                .iter()
-                .map(|(p, s)| plan_layer(p, s, 1.0).unwrap())
-                .collect();
+            let p = plan_layers(&units, 1.0, Allocation::Uniform).unwrap();
             let perm = permutation_of(&units, &a).unwrap();
             let want = permute::many::mean(&[a.clone(), permute::apply(&spec, &perm, &b).unwrap()])
                 .unwrap();
