@@ -2,13 +2,14 @@
 //! `layers.i.bias`), converting to and from a `weights::StateDict`, plus a
 //! plain-ndarray evaluator for the many interpolated models a study scores.
 
+use anyhow::Context;
 use burn::module::{AutodiffModule, Param};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::backend::AutodiffBackend;
-use ndarray::{Array1, Array2, Axis};
+use ndarray::{Array2, Axis};
 use s2ft_core::model::to_weights;
 use weights::{StateDict, Tensor as WTensor};
 
@@ -64,6 +65,42 @@ pub fn init_state_dict(sizes: &[usize], seed: u64) -> StateDict {
     sd
 }
 
+/// The `(layers.i.weight, layers.i.bias)` pairs of an MLP state dict,
+/// checked: each weight is `[out, in]` with an `[out]` bias, each layer takes
+/// the previous one's outputs, and there is at least one layer.
+pub fn layer_params(sd: &StateDict) -> anyhow::Result<Vec<(&WTensor, &WTensor)>> {
+    let mut out: Vec<(&WTensor, &WTensor)> = Vec::new();
+    for i in 0.. {
+        let Some(w) = sd.get(&format!("layers.{i}.weight")) else {
+            break;
+        };
+        let b = sd
+            .get(&format!("layers.{i}.bias"))
+            .with_context(|| format!("layers.{i}.bias is missing"))?;
+        anyhow::ensure!(
+            w.shape().len() == 2 && b.shape() == [w.shape()[0]],
+            "layers.{i}.weight {:?} and layers.{i}.bias {:?} are not an [out, in] weight and its [out] bias",
+            w.shape(),
+            b.shape()
+        );
+        if let Some((prev, _)) = out.last() {
+            anyhow::ensure!(
+                w.shape()[1] == prev.shape()[0],
+                "layers.{i} takes {} inputs but layers.{} gives {}",
+                w.shape()[1],
+                i - 1,
+                prev.shape()[0]
+            );
+        }
+        out.push((w, b));
+    }
+    anyhow::ensure!(
+        !out.is_empty(),
+        "no layers.0.weight (not an MLP state dict)"
+    );
+    Ok(out)
+}
+
 fn tensor<B: Backend, const D: usize>(t: &WTensor, device: &B::Device) -> Tensor<B, D> {
     Tensor::from_data(
         TensorData::new(
@@ -77,19 +114,15 @@ fn tensor<B: Backend, const D: usize>(t: &WTensor, device: &B::Device) -> Tensor
 impl<B: Backend> Mlp<B> {
     /// From `layers.i.weight` / `layers.i.bias`.
     pub fn from_state_dict(sd: &StateDict, device: &B::Device) -> anyhow::Result<Self> {
-        let mut weights = Vec::new();
-        let mut biases = Vec::new();
-        for i in 0.. {
-            let Some(w) = sd.get(&format!("layers.{i}.weight")) else {
-                break;
-            };
-            let b = sd
-                .get(&format!("layers.{i}.bias"))
-                .ok_or_else(|| anyhow::anyhow!("layers.{i}.bias is missing"))?;
-            weights.push(Param::from_tensor(tensor::<B, 2>(w, device)));
-            biases.push(Param::from_tensor(tensor::<B, 1>(b, device)));
-        }
-        anyhow::ensure!(!weights.is_empty(), "no layers.0.weight in the state dict");
+        let (weights, biases) = layer_params(sd)?
+            .into_iter()
+            .map(|(w, b)| {
+                (
+                    Param::from_tensor(tensor::<B, 2>(w, device)),
+                    Param::from_tensor(tensor::<B, 1>(b, device)),
+                )
+            })
+            .unzip();
         Ok(Mlp { weights, biases })
     }
 
@@ -185,25 +218,22 @@ where
 
 /// Every layer's output in plain ndarray: the post-ReLU hidden layers, then the logits.
 pub fn layer_outputs(sd: &StateDict, x: &Array2<f32>) -> Vec<Array2<f32>> {
+    let layers = layer_params(sd).expect("an MLP state dict");
     let mut outs = Vec::new();
     let mut h = x.clone();
-    let mut i = 0;
-    while let Some(w) = sd.get(&format!("layers.{i}.weight")) {
+    for (i, (w, b)) in layers.iter().enumerate() {
         let w = w
             .data
             .view()
             .into_dimensionality::<ndarray::Ix2>()
             .expect("2-D");
-        let b: Array1<f32> = sd
-            .get(&format!("layers.{i}.bias"))
-            .expect("bias")
+        let b = b
             .data
-            .iter()
-            .copied()
-            .collect();
-        h = h.dot(&w.t()) + b.view().insert_axis(Axis(0));
-        i += 1;
-        if sd.contains(&format!("layers.{i}.weight")) {
+            .view()
+            .into_dimensionality::<ndarray::Ix1>()
+            .expect("1-D");
+        h = h.dot(&w.t()) + b.insert_axis(Axis(0));
+        if i + 1 < layers.len() {
             h.mapv_inplace(|v| v.max(0.0));
         }
         outs.push(h.clone());

@@ -23,7 +23,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{bail, ensure};
 use ndarray::{Array1, Array2, Axis, concatenate, s};
 use serde_json::{Value, json};
 use weights::{StateDict, Tensor};
@@ -297,41 +297,17 @@ fn plan_layer_merging(perm: &[usize], score: &[f64], merged: usize) -> anyhow::R
 type Layers = Vec<(Array2<f64>, Array1<f64>)>;
 
 fn layers_of(sd: &StateDict, model: &str) -> anyhow::Result<Layers> {
-    let mut out = Vec::new();
-    for i in 0.. {
-        let Some(w) = sd.get(&format!("layers.{i}.weight")) else {
-            break;
-        };
-        let b = sd
-            .get(&format!("layers.{i}.bias"))
-            .with_context(|| format!("model {model}: layers.{i}.bias is missing"))?;
-        ensure!(
-            w.shape().len() == 2 && b.shape() == [w.shape()[0]],
-            "model {model}: layers.{i}.weight {:?} and layers.{i}.bias {:?} are not an [out, in] weight and its [out] bias",
-            w.shape(),
-            b.shape()
-        );
-        let w = w
-            .data
-            .view()
-            .into_dimensionality::<ndarray::Ix2>()?
-            .mapv(f64::from);
-        out.push((w, b.data.iter().map(|&v| f64::from(v)).collect()));
-    }
-    ensure!(
-        !out.is_empty(),
-        "model {model}: no layers.0.weight (not an MLP state dict)"
-    );
-    for (i, pair) in out.windows(2).enumerate() {
-        ensure!(
-            pair[1].0.ncols() == pair[0].0.nrows(),
-            "model {model}: layers.{} takes {} inputs but layers.{i} gives {}",
-            i + 1,
-            pair[1].0.ncols(),
-            pair[0].0.nrows()
-        );
-    }
-    Ok(out)
+    let layers = mlp::layer_params(sd).map_err(|e| anyhow::anyhow!("model {model}: {e}"))?;
+    let f64_of = |t: &weights::Tensor| t.data.mapv(f64::from);
+    layers
+        .into_iter()
+        .map(|(w, b)| {
+            Ok((
+                f64_of(w).into_dimensionality()?,
+                f64_of(b).into_dimensionality()?,
+            ))
+        })
+        .collect()
 }
 
 /// Both models' layers, checked to have the same shapes.
