@@ -20,9 +20,9 @@ use ndarray::Array2;
 use serde_json::{Value, json};
 use weights::StateDict;
 
-use crate::device::Device;
-use crate::lm::Task;
+use crate::lm::{Corpus, Task};
 use crate::plot::{Series, bar_chart, line_chart};
+use crate::report::Run;
 use crate::studies::s2ft::{EvalSets, LmArgs, Method, Sizes, finetune, prepare_base};
 use merge::{Params, Value as P};
 use s2ft_core::s2ft::Strategy;
@@ -82,8 +82,12 @@ impl MergeArgs {
 /// Runs the study; returns the report folder.
 pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
     let (s, tasks) = (args.lm.sizes()?, args.tasks()?);
-    let dev = Device::parse(&args.lm.run.device, "merge")?;
-    crate::device::on_device!(dev, run_on(args, s, &tasks, &Default::default()))
+    let (run, corpus) = args.lm.open("merge")?;
+    let dev = run.device;
+    crate::device::on_device!(
+        dev,
+        run_on(args, s, &tasks, run, corpus, &Default::default())
+    )
 }
 
 /// `θ − base` for every 2-D weight that differs.
@@ -137,13 +141,14 @@ fn run_on<B: AutodiffBackend>(
     args: &MergeArgs,
     mut s: Sizes,
     tasks: &[Task],
+    mut run: Run,
+    corpus: Corpus,
     device: &B::Device,
 ) -> anyhow::Result<PathBuf>
 where
     Llama<B>: AutodiffModule<B>,
 {
     let lm = &args.lm;
-    let (mut run, corpus) = lm.open("merge")?;
     let r = args.rank;
     let families = [
         Method::Full,

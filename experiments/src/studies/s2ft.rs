@@ -24,7 +24,6 @@ use burn::tensor::backend::AutodiffBackend;
 use serde_json::{Value, json};
 use weights::StateDict;
 
-use crate::device::Device;
 use crate::lm::{
     Corpus, Eval, Sample, Task, VOCAB, default_text_dir, evaluate, held_out, moby_dick,
 };
@@ -632,21 +631,23 @@ where
 pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
     let s = args.lm.sizes()?;
     let sw = args.sweep()?;
-    let dev = Device::parse(&args.lm.run.device, "s2ft")?;
-    crate::device::on_device!(dev, run_on(args, s, sw, &Default::default()))
+    let (run, corpus) = args.lm.open("s2ft")?;
+    let dev = run.device;
+    crate::device::on_device!(dev, run_on(args, s, sw, run, corpus, &Default::default()))
 }
 
 fn run_on<B: AutodiffBackend>(
     args: &S2ftArgs,
     mut s: Sizes,
     sw: Sweep,
+    mut run: Run,
+    corpus: Corpus,
     device: &B::Device,
 ) -> anyhow::Result<PathBuf>
 where
     Llama<B>: AutodiffModule<B>,
 {
     let lm = &args.lm;
-    let (mut run, corpus) = lm.open("s2ft")?;
     let (task_b, task_c) = (args.task, args.fusion_task);
     let mut methods = vec![Method::Full];
     for &r in &sw.ranks {
