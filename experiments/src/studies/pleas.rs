@@ -1,13 +1,14 @@
 //! `pleas`: merging two MLPs trained on disjoint label sets (by default
 //! digits 0–4 and 5–9) with PLeaS (Nasery et al., "PLeaS: Merging Models with
-//! Permutations and Least Squares", CVPR 2024).
+//! Permutations and Least Squares", arXiv 2407.02447).
 //!
 //! 1. **Partial matching.** The hidden units of B are matched to A's (no
 //!    matching, weight matching, or activation matching on unlabelled data).
 //!    In every hidden layer only the fraction `ratio` of best-correlated pairs
-//!    is merged; the other units of both models stay side by side, so the
-//!    merged network is between one (`ratio = 1`) and two (`ratio = 0`, an
-//!    ensemble) models wide.
+//!    is merged (or, with [`Allocation::Global`], the same number of pairs in
+//!    all, taken from whichever layers correlate best); the other units of
+//!    both models stay side by side, so the merged network is between one
+//!    (`ratio = 1`) and two (`ratio = 0`, an ensemble) models wide.
 //! 2. **Merging.** Either the weights of each merged pair are averaged (the
 //!    ZipIt!-style zip: `W = M · [W_A U_A; W_B U_B]` with merge matrix `M` and
 //!    unmerge matrices `U`), or — PLeaS — each layer is solved in turn by
@@ -363,16 +364,16 @@ pub enum Head {
 impl Head {
     /// The merge matrix of the logits (`classes × 2·classes`).
     pub fn merge_matrix(self, classes: usize) -> anyhow::Result<Array2<f64>> {
+        if let Head::Split(k) = self {
+            ensure!(
+                k <= classes,
+                "head split {k}: the models have only {classes} classes"
+            );
+        }
         let mut m = Array2::zeros((classes, 2 * classes));
         for c in 0..classes {
             match self {
-                Head::Split(k) => {
-                    ensure!(
-                        k <= classes,
-                        "head split {k}: the models have only {classes} classes"
-                    );
-                    m[[c, if c < k { c } else { classes + c }]] = 1.0;
-                }
+                Head::Split(k) => m[[c, if c < k { c } else { classes + c }]] = 1.0,
                 Head::Average => {
                     m[[c, c]] = 0.5;
                     m[[c, classes + c]] = 0.5;

@@ -25,7 +25,7 @@ pub struct SpectraArgs {
     /// Tiny size for tests: the synthetic checkpoint unless --model is given.
     #[arg(long)]
     pub quick: bool,
-    /// Report folder (default results/spectra/<timestamp>).
+    /// Report folder (default `results/spectra/<timestamp>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Skip FARMS (faster).
