@@ -8,8 +8,7 @@ fn peak_and_live_follow_allocations() {
     assert!(weights::alloc::installed());
     let before = weights::alloc::reset_peak();
     let big = vec![1u8; 10 << 20];
-    let grown = vec![0u32; 1 << 10];
-    let mut grown = grown;
+    let mut grown = vec![0u32; 1 << 10];
     grown.resize(1 << 20, 7); // realloc: +4 MB - 4 KB
     assert!(weights::alloc::live() >= before + (10 << 20) + (4 << 20));
     let peak = weights::alloc::peak();
