@@ -290,7 +290,8 @@ fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
     );
     // Heap was measured. (The counter is process-wide and the other study
     // tests run in parallel threads, so the methods are not compared here;
-    // the binary runs one study at a time.)
+    // s2ft-core/tests/memory.rs compares full FT and S²FT in a process of
+    // its own.)
     for r in [&full, &lora, &rand, &act] {
         assert!(num(r, "peak_mb") >= 0.0, "{r}");
     }
