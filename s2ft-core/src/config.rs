@@ -29,6 +29,10 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     /// The LM head shares the embedding matrix.
     pub tie_word_embeddings: bool,
+    /// Context length the model was trained for (`max_position_embeddings`;
+    /// GGUF `context_length`), when known.
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -52,6 +56,7 @@ impl LlamaConfig {
             rope_theta: 10000.0,
             rms_norm_eps: 1e-6,
             tie_word_embeddings: false,
+            max_position_embeddings: None,
         }
     }
 
@@ -93,6 +98,10 @@ impl LlamaConfig {
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            max_position_embeddings: v
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|x| x as usize),
         };
         cfg.check()?;
         Ok(cfg)
@@ -148,6 +157,8 @@ impl LlamaConfig {
             "rope_theta": self.rope_theta,
             "rms_norm_eps": self.rms_norm_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
         })
     }
 }

@@ -18,6 +18,15 @@ pub enum S2ftError {
     /// An adapter that does not fit this model.
     #[error("adapter: {0}")]
     Adapter(String),
+    /// A tokenizer file that is missing or not understood, or text it cannot encode.
+    #[error("tokenizer {}: {msg}", path.display())]
+    Tokenizer {
+        path: std::path::PathBuf,
+        msg: String,
+    },
+    /// A prompt that cannot be decoded (empty, too long for the context).
+    #[error("generation: {0}")]
+    Generation(String),
     /// Training diverged.
     #[error("training stopped at step {step}: {msg}")]
     Training { step: usize, msg: String },

@@ -3,6 +3,10 @@
 //! the same code path.
 //!
 //! - [`config::LlamaConfig`]: shape from a Hugging Face `config.json` or a GGUF header.
+//! - [`pretrained::Pretrained`]: a Hugging Face folder or GGUF file with its
+//!   [`tokenizer::Tokenizer`] (Hugging Face's `tokenizers`, chat templates by
+//!   `minijinja`); [`pretrained::save_hf_folder`] writes a fine-tune back.
+//! - [`generate::greedy`]: batched greedy decoding with a [`KvCache`].
 //! - [`model::Llama`]: the decoder (RMSNorm, GQA attention with rotate-half
 //!   RoPE, SwiGLU, tied or untied head), generic over the Burn backend, built
 //!   from and saved to a [`weights::StateDict`] with Hugging Face names.
@@ -14,14 +18,17 @@
 pub mod adapter;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod model;
+pub mod pretrained;
 pub mod s2ft;
 pub mod tokenizer;
 pub mod train;
 
 pub use config::LlamaConfig;
 pub use error::{Result, S2ftError};
-pub use model::Llama;
+pub use model::{KvCache, Llama};
+pub use pretrained::Pretrained;
 
 /// The CPU backend.
 pub type Cpu = burn::backend::NdArray<f32>;

@@ -1,8 +1,8 @@
 //! A LLaMA-style decoder in Burn, loaded from and saved to a
 //! [`weights::StateDict`] with Hugging Face names and layouts.
 //!
-//! Every linear map is a [`Proj`]: a weight in PyTorch's `[out, in]` layout
-//! (so `y = x·Wᵀ`), frozen or trainable, plus optional trainable parts that
+//! Every linear map is a [`Proj`]: a weight `W` (PyTorch's `[out, in]`, so
+//! `y = x·Wᵀ`) kept transposed in memory, frozen or trainable, plus optional trainable parts that
 //! fine-tuning attaches — a LoRA pair, or an S²FT dense delta on a subset of
 //! the weight's columns (input features) or rows (output features), applied
 //! by index selection without permuting the frozen weight.
@@ -26,10 +26,15 @@ pub enum DeltaAxis {
 }
 
 /// A linear map `y = x·Wᵀ (+ S²FT delta) (+ LoRA)`.
+///
+/// `W` is stored transposed, `[in, out]` (Burn's `Linear` layout): Burn's
+/// CPU backend copies a transposed matmul operand to a contiguous array on
+/// every call, which for `x·Wᵀ` meant copying every weight at every forward
+/// (a third of decoding time on SmolLM2-135M). [`Proj::weight`] gives `W`.
 #[derive(Module, Debug)]
 pub struct Proj<B: Backend> {
-    /// `[out, in]`.
-    pub weight: Param<Tensor<B, 2>>,
+    /// `Wᵀ`, `[in, out]`, contiguous.
+    pub weight_t: Param<Tensor<B, 2>>,
     /// LoRA `A`, `[r, in]`.
     pub lora_a: Option<Param<Tensor<B, 2>>>,
     /// LoRA `B`, `[out, r]`.
@@ -55,11 +60,22 @@ fn index_tensor<B: Backend>(idx: &[usize], device: &B::Device) -> Tensor<B, 1, I
     Tensor::from_data(TensorData::new(v, [idx.len()]), device)
 }
 
+/// `t` copied into a contiguous tensor of the same shape.
+fn contiguous<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    let device = t.device();
+    Tensor::from_data(t.into_data(), &device)
+}
+
 impl<B: Backend> Proj<B> {
     /// A frozen (or trainable) projection with weight `w` (`[out, in]`).
     pub fn new(w: Tensor<B, 2>, trainable: bool) -> Self {
+        Self::from_transposed(contiguous(w.transpose()), trainable)
+    }
+
+    /// A projection from `Wᵀ` (`[in, out]`, contiguous).
+    pub fn from_transposed(weight_t: Tensor<B, 2>, trainable: bool) -> Self {
         Proj {
-            weight: Param::from_tensor(w).set_require_grad(trainable),
+            weight_t: Param::from_tensor(weight_t).set_require_grad(trainable),
             lora_a: None,
             lora_b: None,
             lora_scale: 0.0,
@@ -72,12 +88,18 @@ impl<B: Backend> Proj<B> {
 
     /// `[out, in]`.
     pub fn dims(&self) -> [usize; 2] {
-        self.weight.val().dims()
+        let [i, o] = self.weight_t.val().dims();
+        [o, i]
+    }
+
+    /// The frozen weight `W`, `[out, in]` (a transposed view of [`Proj::weight_t`]).
+    pub fn weight(&self) -> Tensor<B, 2> {
+        self.weight_t.val().transpose()
     }
 
     /// Applies the map to `x` (`[n, in]` → `[n, out]`).
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let mut y = x.clone().matmul(self.weight.val().transpose());
+        let mut y = x.clone().matmul(self.weight_t.val());
         if let (Some(d), Some(axis)) = (&self.delta, self.delta_axis) {
             let idx = index_tensor::<B>(&self.delta_idx, &x.device());
             match axis {
@@ -108,7 +130,7 @@ impl<B: Backend> Proj<B> {
 
     /// `W` with the S²FT delta and LoRA folded in (what a fused checkpoint stores).
     pub fn merged_weight(&self) -> Tensor<B, 2> {
-        let mut w = self.weight.val();
+        let mut w = self.weight();
         let device = w.device();
         if let (Some(d), Some(axis)) = (&self.delta, self.delta_axis) {
             let idx = index_tensor::<B>(&self.delta_idx, &device);
@@ -247,6 +269,18 @@ impl<B: Backend> Block<B> {
     }
 }
 
+/// A 2-D `weights` tensor, transposed, as a contiguous Burn tensor.
+fn to_burn_t<B: Backend>(t: &WTensor, device: &B::Device) -> Tensor<B, 2> {
+    let sh = t.shape();
+    let m = t
+        .data
+        .view()
+        .into_dimensionality::<ndarray::Ix2>()
+        .expect("2-D weight");
+    let data: Vec<f32> = m.t().iter().copied().collect();
+    Tensor::from_data(TensorData::new(data, [sh[1], sh[0]]), device)
+}
+
 fn to_burn<B: Backend, const D: usize>(t: &WTensor, device: &B::Device) -> Tensor<B, D> {
     let data = t
         .data
@@ -289,24 +323,132 @@ pub fn rope_tables<B: Backend>(
     )
 }
 
-fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+/// Rotary embedding of `x` (`[b, heads, t, d]`) with tables `[r, t, d]`,
+/// `r` = 1 (every row at the same positions) or `b` (a position per row).
+fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 4> {
     let [b, h, t, d] = x.dims();
+    let r = cos.dims()[0];
     let half = d / 2;
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rot = Tensor::cat(vec![x2.neg(), x1], 3);
-    let c = cos.clone().reshape([1, 1, t, d]).expand([b, h, t, d]);
-    let s = sin.clone().reshape([1, 1, t, d]).expand([b, h, t, d]);
+    let c = cos.clone().reshape([r, 1, t, d]).expand([b, h, t, d]);
+    let s = sin.clone().reshape([r, 1, t, d]).expand([b, h, t, d]);
     x * c + rot * s
 }
 
+/// Rotary tables `[b, t, head_dim]` for per-row positions `pos` (row-major `[b, t]`).
+fn rope_rows<B: Backend>(
+    cfg: &LlamaConfig,
+    pos: &[usize],
+    b: usize,
+    t: usize,
+    device: &B::Device,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let d = cfg.head_dim;
+    let half = d / 2;
+    let mut cos = Vec::with_capacity(b * t * d);
+    let mut sin = Vec::with_capacity(b * t * d);
+    for &p in pos {
+        for j in 0..d {
+            let freq = cfg.rope_theta.powf(-2.0 * (j % half) as f64 / d as f64);
+            let a = p as f64 * freq;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [b, t, d]), device),
+        Tensor::from_data(TensorData::new(sin, [b, t, d]), device),
+    )
+}
+
+/// The keys and values of the positions a model has seen, per block
+/// (`[b, kv_heads, t, head_dim]`, after RoPE), so that decoding one more token
+/// costs one position instead of the whole sequence.
+///
+/// Rows of different lengths decode together when their tokens are padded
+/// on the left ([`Llama::forward_cached_padded`]): the cache then remembers,
+/// per row, the cache slots holding padding, which no query attends to, and
+/// shifts each row's positions so its real tokens sit where they would alone.
+#[derive(Clone, Debug)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    len: usize,
+    /// Per row, the padding slots `pad_at..pad_at + pads[i]` (empty: none).
+    pads: Vec<usize>,
+    pad_at: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for a model of `layers` blocks.
+    pub fn new(layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; layers],
+            len: 0,
+            pads: Vec::new(),
+            pad_at: 0,
+        }
+    }
+
+    /// The position of cache slot `slot` in row `row`.
+    fn position(&self, row: usize, slot: usize) -> usize {
+        match self.pads.get(row) {
+            Some(&p) if slot >= self.pad_at => slot.saturating_sub(p).max(self.pad_at),
+            _ => slot,
+        }
+    }
+
+    /// Whether slot `slot` of row `row` is padding.
+    fn is_pad(&self, row: usize, slot: usize) -> bool {
+        self.pads
+            .get(row)
+            .is_some_and(|&p| slot >= self.pad_at && slot < self.pad_at + p)
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The cache of a batch of one repeated `n` times (a shared prompt prefix).
+    pub fn repeat(&self, n: usize) -> Self {
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|kv| {
+                    kv.as_ref()
+                        .map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n)))
+                })
+                .collect(),
+            len: self.len,
+            pads: if self.pads.is_empty() {
+                Vec::new()
+            } else {
+                self.pads.repeat(n)
+            },
+            pad_at: self.pad_at,
+        }
+    }
+}
+
 impl<B: Backend> Attention<B> {
-    /// The heads' outputs concatenated, `[b·t, heads·head_dim]` (o_proj's input).
+    /// The heads' outputs concatenated, `[b·t, heads·head_dim]` (o_proj's input),
+    /// for `x` at positions `start..start + t`; with a cache, the new keys and
+    /// values are appended to it and the queries attend to all of them.
     fn context(
         &self,
         x: Tensor<B, 3>,
         cfg: &LlamaConfig,
-        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+        rope: &(Tensor<B, 3>, Tensor<B, 3>),
+        mask: Option<&Tensor<B, 4, Bool>>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 2> {
         let [b, t, hidden] = x.dims();
         let (h, kv, d) = (
@@ -321,30 +463,51 @@ impl<B: Backend> Attention<B> {
             &rope.0,
             &rope.1,
         );
-        let k = rotate(
+        let mut k = rotate(
             heads(self.k_proj.forward(flat.clone()), kv),
             &rope.0,
             &rope.1,
         );
-        let v = heads(self.v_proj.forward(flat), kv);
+        let mut v = heads(self.v_proj.forward(flat), kv);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(vec![pk, k], 2);
+                v = Tensor::cat(vec![pv, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let total = k.dims()[2];
+        let start = total - t;
         // GQA: query head j reads key/value head j / (h / kv).
         let g = h / kv;
         let expand = |y: Tensor<B, 4>| {
             if g == 1 {
                 y
             } else {
-                y.reshape([b, kv, 1, t, d])
-                    .expand([b, kv, g, t, d])
-                    .reshape([b, h, t, d])
+                y.reshape([b, kv, 1, total, d])
+                    .expand([b, kv, g, total, d])
+                    .reshape([b, h, total, d])
             }
         };
         let (k, v) = (expand(k), expand(v));
         let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
-        // Burn's tril_mask is true *outside* the lower triangle: the future positions.
-        let mask = Tensor::<B, 2, Bool>::tril_mask([t, t], 0, &scores.device())
-            .reshape([1, 1, t, t])
-            .expand([b, h, t, t]);
-        let p = softmax(scores.mask_fill(mask, -1.0e9), 3);
+        let p = if let Some(m) = mask {
+            // Padding slots and the future, per row (`[b, 1, t, total]`).
+            softmax(
+                scores.mask_fill(m.clone().expand([b, h, t, total]), -1.0e9),
+                3,
+            )
+        } else if t == 1 {
+            // One new position sees every cached one: nothing to mask.
+            softmax(scores, 3)
+        } else {
+            // Burn's tril_mask is true *outside* the lower triangle: key j is in
+            // the future of query i (at position start + i) when j > start + i.
+            let mask = Tensor::<B, 2, Bool>::tril_mask([t, total], start as i64, &scores.device())
+                .reshape([1, 1, t, total])
+                .expand([b, h, t, total]);
+            softmax(scores.mask_fill(mask, -1.0e9), 3)
+        };
         p.matmul(v).swap_dims(1, 2).reshape([b * t, h * d])
     }
 }
@@ -394,7 +557,10 @@ impl<B: Backend> Llama<B> {
             Ok(t)
         };
         let proj = |name: String, shape: [usize; 2]| -> Result<Proj<B>> {
-            Ok(Proj::new(to_burn(get(&name, &shape)?, device), trainable))
+            Ok(Proj::from_transposed(
+                to_burn_t(get(&name, &shape)?, device),
+                trainable,
+            ))
         };
         let norm = |name: String| -> Result<RmsNorm<B>> {
             Ok(RmsNorm {
@@ -479,23 +645,25 @@ impl<B: Backend> Llama<B> {
 
     /// Hidden states after the final norm, `[b, t, hidden]`, for tokens `[b, t]`.
     pub fn hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        self.norm.forward(self.residual_stream(tokens, None))
+        self.norm.forward(self.residual_stream(tokens, None, None))
     }
 
     /// Per block, the inputs of o_proj (`[b·t, heads·head_dim]`) and of
     /// down_proj (`[b·t, ffn]`) on `tokens`: what activation-based selection scores.
     pub fn block_inputs(&self, tokens: Tensor<B, 2, Int>) -> Vec<(Tensor<B, 2>, Tensor<B, 2>)> {
         let mut out = Vec::with_capacity(self.layers.len());
-        self.residual_stream(tokens, Some(&mut out));
+        self.residual_stream(tokens, Some(&mut out), None);
         out
     }
 
-    /// The residual stream after the last block (before the final norm); when
-    /// `collect` is given, each block's o_proj and down_proj inputs are pushed to it.
+    /// The residual stream after the last block (before the final norm) for
+    /// tokens at positions `cache.len()..` (0 without a cache); when `collect`
+    /// is given, each block's o_proj and down_proj inputs are pushed to it.
     fn residual_stream(
         &self,
         tokens: Tensor<B, 2, Int>,
         mut collect: Option<&mut Vec<(Tensor<B, 2>, Tensor<B, 2>)>>,
+        mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, t] = tokens.dims();
         let h = self.config.hidden_size;
@@ -505,11 +673,46 @@ impl<B: Backend> Llama<B> {
             .val()
             .select(0, tokens.reshape([b * t]))
             .reshape([b, t, h]);
-        let rope = rope_tables::<B>(&self.config, t, &device);
-        for blk in &self.layers {
-            let ctx =
-                blk.self_attn
-                    .context(blk.input_layernorm.forward(x.clone()), &self.config, &rope);
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        let padded = cache.as_ref().filter(|c| !c.pads.is_empty());
+        let (rope, mask) = match padded {
+            None => {
+                let (cos, sin) = rope_tables::<B>(&self.config, start + t, &device);
+                let rope = (
+                    cos.narrow(0, start, t).unsqueeze::<3>(),
+                    sin.narrow(0, start, t).unsqueeze::<3>(),
+                );
+                (rope, None)
+            }
+            Some(c) => {
+                // Per-row positions, and a mask of the padding slots and the future.
+                let total = start + t;
+                let mut pos = Vec::with_capacity(b * t);
+                let mut m = Vec::with_capacity(b * t * total);
+                for row in 0..b {
+                    for q in 0..t {
+                        pos.push(c.position(row, start + q));
+                        m.extend((0..total).map(|k| k > start + q || c.is_pad(row, k)));
+                    }
+                }
+                let mask =
+                    Tensor::<B, 3, Bool>::from_data(TensorData::new(m, [b, t, total]), &device)
+                        .reshape([b, 1, t, total]);
+                (
+                    rope_rows::<B>(&self.config, &pos, b, t, &device),
+                    Some(mask),
+                )
+            }
+        };
+        for (l, blk) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let ctx = blk.self_attn.context(
+                blk.input_layernorm.forward(x.clone()),
+                &self.config,
+                &rope,
+                mask.as_ref(),
+                slot,
+            );
             x = x + blk.self_attn.o_proj.forward(ctx.clone()).reshape([b, t, h]);
             let inner = blk
                 .mlp
@@ -519,19 +722,71 @@ impl<B: Backend> Llama<B> {
                 out.push((ctx, inner));
             }
         }
+        if let Some(c) = cache {
+            c.len += t;
+        }
         x
+    }
+
+    /// The LM head on final hidden states `[n, hidden]` → logits `[n, vocab]`.
+    pub fn head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            // Tied: (E·hᵀ)ᵀ, so only the small hidden states are transposed
+            // (Burn's CPU matmul would copy a transposed [vocab, hidden] E).
+            None => self
+                .embed_tokens
+                .val()
+                .matmul(hidden.transpose())
+                .transpose(),
+        }
     }
 
     /// Next-token logits `[b, t, vocab]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let x = self.hidden(tokens);
         let [b, t, h] = x.dims();
-        let flat = x.reshape([b * t, h]);
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(flat),
-            None => flat.matmul(self.embed_tokens.val().transpose()),
-        };
-        logits.reshape([b, t, self.config.vocab_size])
+        self.head(x.reshape([b * t, h]))
+            .reshape([b, t, self.config.vocab_size])
+    }
+
+    /// Feeds `tokens` (`[b, t]`, the positions after those `cache` holds),
+    /// appends their keys and values to `cache`, and returns the logits of
+    /// the last position, `[b, vocab]` (the head runs on that position only).
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 2> {
+        let [b, t] = tokens.dims();
+        let x = self.residual_stream(tokens, None, Some(cache));
+        let last = x.narrow(1, t - 1, 1).reshape([b, self.config.hidden_size]);
+        self.head(self.norm.forward(last))
+    }
+
+    /// [`Llama::forward_cached`] for rows of different lengths, each padded
+    /// on the left with `pads[row]` tokens (any ids): the padding is recorded
+    /// in `cache`, never attended to, and each row's positions are shifted
+    /// so that its logits are those of the row alone. Later calls on the same
+    /// cache (one token per row) keep the rows apart the same way.
+    pub fn forward_cached_padded(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        pads: &[usize],
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 2> {
+        let [b, t] = tokens.dims();
+        assert_eq!(pads.len(), b, "one pad count per row");
+        assert!(
+            pads.iter().all(|&p| p < t),
+            "every row keeps at least one real token"
+        );
+        assert!(cache.pads.is_empty(), "a cache is padded once");
+        if pads.iter().any(|&p| p > 0) {
+            cache.pads = pads.to_vec();
+            cache.pad_at = cache.len;
+        }
+        self.forward_cached(tokens, cache)
     }
 }
 

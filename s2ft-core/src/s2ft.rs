@@ -244,9 +244,9 @@ pub fn weight_scores<B: Backend>(model: &Llama<B>) -> Scores {
     };
     for blk in &model.layers {
         s.heads
-            .push(group(&col_norms(blk.self_attn.o_proj.weight.val()), d));
+            .push(group(&col_norms(blk.self_attn.o_proj.weight()), d));
         s.channels
-            .push(group(&col_norms(blk.mlp.down_proj.weight.val()), 1));
+            .push(group(&col_norms(blk.mlp.down_proj.weight()), 1));
     }
     s
 }
@@ -293,22 +293,23 @@ pub fn gradient_scores<B: burn::tensor::backend::AutodiffBackend>(
     let loss = crate::train::lm_loss(model, tokens);
     let grads = loss.backward();
     let grad_norms = |p: &Param<Tensor<B, 2>>, size: usize| -> Vec<f64> {
+        // The gradient of Wᵀ, transposed back to W's [out, in].
         let g = p
             .val()
             .grad(&grads)
             .expect("scores need a model built with trainable weights");
-        group(&col_norms(g), size)
+        group(&col_norms(g.transpose()), size)
     };
     Scores {
         heads: model
             .layers
             .iter()
-            .map(|b| grad_norms(&b.self_attn.o_proj.weight, d))
+            .map(|b| grad_norms(&b.self_attn.o_proj.weight_t, d))
             .collect(),
         channels: model
             .layers
             .iter()
-            .map(|b| grad_norms(&b.mlp.down_proj.weight, 1))
+            .map(|b| grad_norms(&b.mlp.down_proj.weight_t, 1))
             .collect(),
     }
 }
@@ -387,14 +388,14 @@ pub fn freeze<B: Backend>(mut model: Llama<B>) -> Llama<B> {
     model.embed_tokens = f(model.embed_tokens);
     model.norm.weight = f1(model.norm.weight);
     if let Some(h) = model.lm_head.as_mut() {
-        h.weight = f(h.weight.clone());
+        h.weight_t = f(h.weight_t.clone());
     }
     for blk in model.layers.iter_mut() {
         blk.input_layernorm.weight = f1(blk.input_layernorm.weight.clone());
         blk.post_attention_layernorm.weight = f1(blk.post_attention_layernorm.weight.clone());
         for name in crate::model::PROJ_NAMES {
             let p = blk.proj_mut(name);
-            p.weight = f(p.weight.clone());
+            p.weight_t = f(p.weight_t.clone());
         }
     }
     model
@@ -549,7 +550,7 @@ pub fn trainable_params<B: Backend>(model: &Llama<B>) -> usize {
         }
     };
     let proj = |p: &crate::model::Proj<B>| {
-        n2(&p.weight)
+        n2(&p.weight_t)
             + p.delta
                 .as_ref()
                 .map_or(0, |d| d.val().shape().num_elements())

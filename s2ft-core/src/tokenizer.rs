@@ -1,264 +1,282 @@
-//! A minimal byte-level BPE tokenizer (GPT-2 family) built from a GGUF
-//! file's `tokenizer.ggml.tokens` / `tokenizer.ggml.merges`, enough to encode
-//! prompts and decode predictions for LLaMA-family checkpoints such as
-//! SmolLM2 (`tokenizer.ggml.model = "gpt2"`). We chose this over the
-//! `tokenizers` crate: the vocabulary and merges already live in the GGUF,
-//! and ~150 lines avoid a large dependency (with its regex engine) in the
-//! crate that already compiles Burn.
+//! Tokenization and chat templates with the ecosystem's own implementations:
+//! Hugging Face's `tokenizers` crate reads a model folder's `tokenizer.json`
+//! (or the one [`weights::HfTokenizerFiles`] builds from a GGUF's metadata),
+//! and `minijinja` — the engine Hugging Face's text-generation-inference uses —
+//! renders the model's Jinja chat template from `tokenizer_config.json` (or
+//! the GGUF's `tokenizer.chat_template`).
 //!
-//! Pre-tokenization follows the GPT-2 pattern without regex:
-//! contractions (`'s 't 're 've 'm 'll 'd`), an optional space followed by a
-//! run of letters, single digits (SmolLM's `\p{N}` rule), an optional space
-//! followed by a run of other symbols, and whitespace runs that leave their
-//! last space to the next word. Scripts whose words are not separated by
-//! spaces, and special-token parsing, are out of scope.
+//! ```no_run
+//! use s2ft_core::tokenizer::{ChatMessage, Tokenizer};
+//! let tok = Tokenizer::from_model_path("models/SmolLM2-135M-Instruct".as_ref())?;
+//! let prompt = tok.chat_prompt(&[ChatMessage::user("What is 2 + 2?")])?;
+//! let ids = tok.encode(&prompt)?;
+//! # Ok::<(), s2ft_core::S2ftError>(())
+//! ```
 
-use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use weights::{GgufFile, HfTokenizerFiles};
 
 use crate::error::{Result, S2ftError};
 
-/// The tokenizer.
-pub struct BpeTokenizer {
-    vocab: HashMap<String, u32>,
-    tokens: Vec<String>,
-    ranks: HashMap<(String, String), usize>,
-    byte_char: [char; 256],
-    char_byte: HashMap<char, u8>,
+/// One turn of a conversation.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
 }
 
-/// GPT-2's reversible byte → printable character map.
-fn bytes_to_unicode() -> [char; 256] {
-    let mut printable: Vec<u32> = ('!' as u32..='~' as u32).collect();
-    printable.extend('¡' as u32..='¬' as u32);
-    printable.extend('®' as u32..='ÿ' as u32);
-    let mut map = ['\0'; 256];
-    let mut extra = 0u32;
-    for b in 0..256u32 {
-        map[b as usize] = if printable.contains(&b) {
-            char::from_u32(b).expect("latin-1")
-        } else {
-            extra += 1;
-            char::from_u32(255 + extra).expect("BMP")
-        };
+impl ChatMessage {
+    /// A user turn.
+    pub fn user(content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }
     }
-    map
+    /// An assistant turn.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: "assistant".into(),
+            content: content.into(),
+        }
+    }
 }
 
-impl BpeTokenizer {
-    /// Builds the tokenizer from a GGUF file's metadata.
-    pub fn from_gguf(g: &weights::GgufFile) -> Result<Self> {
-        let kv = g.kv();
-        let err = |m: &str| S2ftError::Config(format!("GGUF tokenizer: {m}"));
-        if let Some(model) = kv.get("tokenizer.ggml.model").and_then(|v| v.as_str())
-            && model != "gpt2"
+/// Tokens that end a generated turn, in the order they are tried.
+const STOP_TOKENS: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<|endoftext|>",
+    "</s>",
+];
+
+/// A model's tokenizer and chat template.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    files: HfTokenizerFiles,
+    source: PathBuf,
+    stop_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("source", &self.source)
+            .field("vocab_size", &self.vocab_size())
+            .field("stop_ids", &self.stop_ids)
+            .finish()
+    }
+}
+
+fn tok_err(source: &Path, msg: impl std::fmt::Display) -> S2ftError {
+    S2ftError::Tokenizer {
+        path: source.to_path_buf(),
+        msg: msg.to_string(),
+    }
+}
+
+impl Tokenizer {
+    /// From `tokenizer.json` and `tokenizer_config.json` values (`source`
+    /// names where they came from in errors).
+    pub fn from_files(files: HfTokenizerFiles, source: &Path) -> Result<Self> {
+        let text = serde_json::to_string(&files.tokenizer).expect("JSON values serialise");
+        let inner: tokenizers::Tokenizer = text
+            .parse()
+            .map_err(|e| tok_err(source, format!("tokenizer.json is not understood: {e}")))?;
+        let mut stop_ids: Vec<u32> = Vec::new();
+        if let Some(eos) = special_token(&files.config, "eos_token")
+            && let Some(id) = inner.token_to_id(&eos)
         {
-            return Err(err(&format!(
-                "model '{model}' is not byte-level BPE ('gpt2')"
-            )));
+            stop_ids.push(id);
         }
-        let strings = |key: &str| -> Result<Vec<String>> {
-            kv.get(key)
-                .and_then(|v| v.as_array())
-                .ok_or_else(|| err(&format!("'{key}' is missing")))?
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(String::from)
-                        .ok_or_else(|| err(&format!("'{key}' holds a non-string")))
-                })
-                .collect()
-        };
-        let tokens = strings("tokenizer.ggml.tokens")?;
-        let merges = strings("tokenizer.ggml.merges")?;
-        Self::new(tokens, &merges)
-    }
-
-    /// From a vocabulary (id order) and merges (`"a b"`, by priority).
-    pub fn new(tokens: Vec<String>, merges: &[String]) -> Result<Self> {
-        let vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let mut ranks = HashMap::new();
-        for (i, m) in merges.iter().enumerate() {
-            let (a, b) = m.split_once(' ').ok_or_else(|| {
-                S2ftError::Config(format!("GGUF tokenizer: merge {i} '{m}' has no space"))
-            })?;
-            ranks.entry((a.to_string(), b.to_string())).or_insert(i);
+        for t in STOP_TOKENS {
+            if let Some(id) = inner.token_to_id(t)
+                && !stop_ids.contains(&id)
+            {
+                stop_ids.push(id);
+            }
         }
-        let byte_char = bytes_to_unicode();
-        let char_byte = byte_char
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
-        Ok(BpeTokenizer {
-            vocab,
-            tokens,
-            ranks,
-            byte_char,
-            char_byte,
+        Ok(Tokenizer {
+            inner,
+            files,
+            source: source.to_path_buf(),
+            stop_ids,
         })
     }
 
-    /// Splits text into pre-tokens (see the module docs).
-    pub fn pre_tokenize(text: &str) -> Vec<String> {
-        let chars: Vec<char> = text.chars().collect();
-        let mut out = Vec::new();
-        let mut i = 0;
-        let is_other = |c: char| !c.is_whitespace() && !c.is_alphabetic() && !c.is_numeric();
-        while i < chars.len() {
-            let c = chars[i];
-            let start = i;
-            if c == '\'' {
-                let rest: String = chars[i + 1..chars.len().min(i + 3)]
-                    .iter()
-                    .collect::<String>()
-                    .to_lowercase();
-                if let Some(suffix) = ["s", "t", "re", "ve", "m", "ll", "d"]
-                    .iter()
-                    .find(|s| rest.starts_with(**s))
-                {
-                    // Longest match first for the two-letter forms.
-                    let len = if rest.starts_with("re")
-                        || rest.starts_with("ve")
-                        || rest.starts_with("ll")
-                    {
-                        2
-                    } else {
-                        suffix.len()
-                    };
-                    i += 1 + len;
-                    out.push(chars[start..i].iter().collect());
-                    continue;
-                }
+    /// From a Hugging Face folder: `tokenizer.json` (required) and
+    /// `tokenizer_config.json` (optional: special tokens, chat template).
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let read = |name: &str| -> Result<Option<Value>> {
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Ok(None);
             }
-            // Digits are split out first (SmolLM's `\p{N}` rule), so a space before one stands alone.
-            let lead = usize::from(
-                c == ' '
-                    && i + 1 < chars.len()
-                    && !chars[i + 1].is_whitespace()
-                    && !chars[i + 1].is_numeric(),
-            );
-            let first = chars.get(i + lead).copied().unwrap_or(c);
-            if first.is_alphabetic() {
-                i += lead;
-                while i < chars.len() && chars[i].is_alphabetic() {
-                    i += 1;
-                }
-            } else if first.is_numeric() {
-                i += 1;
-            } else if is_other(first) {
-                i += lead;
-                while i < chars.len() && is_other(chars[i]) {
-                    i += 1;
-                }
-            } else {
-                // Whitespace run; leave its last space to the next word.
-                while i < chars.len() && chars[i].is_whitespace() {
-                    i += 1;
-                }
-                if i < chars.len() && i - start > 1 && chars[i - 1] == ' ' {
-                    i -= 1;
-                }
-            }
-            out.push(chars[start..i].iter().collect());
-        }
-        out
+            let bytes = std::fs::read(&p).map_err(|e| tok_err(&p, e))?;
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| tok_err(&p, format!("not JSON: {e}")))
+        };
+        let tokenizer = read("tokenizer.json")?.ok_or_else(|| {
+            tok_err(
+                &dir.join("tokenizer.json"),
+                "missing: the model folder has no tokenizer",
+            )
+        })?;
+        let config = read("tokenizer_config.json")?.unwrap_or_else(|| serde_json::json!({}));
+        Self::from_files(HfTokenizerFiles { tokenizer, config }, dir)
     }
 
-    fn bpe(&self, word: &str) -> Vec<String> {
-        let mut parts: Vec<String> = word.chars().map(String::from).collect();
-        loop {
-            let best = parts
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| {
-                    self.ranks
-                        .get(&(w[0].clone(), w[1].clone()))
-                        .map(|&r| (r, i))
-                })
-                .min();
-            let Some((_, i)) = best else { break };
-            let merged = format!("{}{}", parts[i], parts[i + 1]);
-            parts.splice(i..i + 2, [merged]);
-        }
-        parts
+    /// From a GGUF file's metadata (vocabulary, merges, special tokens, chat template).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        use weights::TensorSource;
+        let files = HfTokenizerFiles::from_gguf(g)?;
+        Self::from_files(files, g.path())
     }
 
-    /// Token ids of `text`. Errors name a piece the vocabulary lacks.
+    /// From a model path as [`crate::model_files`] accepts it: a Hugging Face
+    /// folder (its `tokenizer.json`) or a GGUF file (its metadata).
+    pub fn from_model_path(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::from_hf_dir(path)
+        } else {
+            Self::from_gguf(&GgufFile::open(path)?)
+        }
+    }
+
+    /// Token ids of `text`; special tokens written in the text (`<|im_start|>`)
+    /// become their ids, and nothing is added around it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        for piece in Self::pre_tokenize(text) {
-            let mapped: String = piece.bytes().map(|b| self.byte_char[b as usize]).collect();
-            for sym in self.bpe(&mapped) {
-                let id = self
-                    .vocab
-                    .get(&sym)
-                    .ok_or_else(|| S2ftError::Config(format!("tokenizer: no token for '{sym}'")))?;
-                ids.push(*id);
-            }
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| tok_err(&self.source, format!("encoding {text:?}: {e}")))
+    }
+
+    /// The text of `ids`; special tokens are dropped when `skip_special`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| tok_err(&self.source, format!("decoding {ids:?}: {e}")))
+    }
+
+    /// The id of a token string.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Ids that end a generated turn: the configured EOS token, then those
+    /// of `<|im_end|>`, `<|eot_id|>`, `<|end|>`, `<|endoftext|>`, `</s>` the vocabulary has.
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// The Jinja chat template, if the model has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.files
+            .config
+            .get("chat_template")
+            .and_then(Value::as_str)
+    }
+
+    /// The files this tokenizer came from (to save next to a model).
+    pub fn files(&self) -> &HfTokenizerFiles {
+        &self.files
+    }
+
+    /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        Ok(self.files.save(dir)?)
+    }
+
+    /// Renders `messages` with the model's chat template (`add_generation_prompt`
+    /// appends the assistant header). Errors when the model has no template.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .chat_template()
+            .ok_or_else(|| tok_err(&self.source, "the model has no chat template"))?;
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| tok_err(&self.source, format!("chat template: {e}")))?;
+        let ctx = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => special_token(&self.files.config, "bos_token").unwrap_or_default(),
+            eos_token => special_token(&self.files.config, "eos_token").unwrap_or_default(),
+        };
+        env.get_template("chat")
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| tok_err(&self.source, format!("chat template: {e}")))
+    }
+
+    /// The prompt for `messages` as the model expects it: rendered with the
+    /// chat template and the assistant header, or, for a model without a
+    /// template, the turns' contents joined by newlines.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String> {
+        if self.chat_template().is_some() {
+            self.apply_chat_template(messages, true)
+        } else {
+            let mut s = messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n");
+            s.push('\n');
+            Ok(s)
         }
-        Ok(ids)
     }
 
-    /// The text of `ids` (bytes outside the map are dropped; invalid UTF-8 is replaced).
-    pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids
-            .iter()
-            .filter_map(|&i| self.tokens.get(i as usize))
-            .flat_map(|t| {
-                t.chars()
-                    .filter_map(|c| self.char_byte.get(&c).copied())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-
-    /// Vocabulary size.
-    pub fn len(&self) -> usize {
-        self.tokens.len()
-    }
-
-    /// Whether the vocabulary is empty.
-    pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+    /// What follows an assistant answer in the template (`<|im_end|>\n` for
+    /// ChatML), found by rendering a conversation with and without a marked
+    /// answer; for a model without a template, its first stop token.
+    pub fn end_of_turn(&self) -> Result<String> {
+        const MARK: &str = "\u{1}ANSWER\u{1}";
+        if self.chat_template().is_some() {
+            let user = ChatMessage::user("q");
+            let full = self.apply_chat_template(&[user, ChatMessage::assistant(MARK)], false)?;
+            let at = full.find(MARK).ok_or_else(|| {
+                tok_err(&self.source, "chat template drops the assistant's answer")
+            })?;
+            Ok(full[at + MARK.len()..].to_string())
+        } else {
+            let id = *self
+                .stop_ids
+                .first()
+                .ok_or_else(|| tok_err(&self.source, "no end-of-sequence token"))?;
+            self.decode(&[id], false)
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pre_tokenization_follows_the_gpt2_pattern() {
-        assert_eq!(
-            BpeTokenizer::pre_tokenize("The cat's 42 hats!!  ok"),
-            vec![
-                "The", " cat", "'s", " ", "4", "2", " hats", "!!", " ", " ok"
-            ]
-        );
-    }
-
-    #[test]
-    fn bpe_applies_merges_by_rank_and_round_trips() {
-        let tokens: Vec<String> = [
-            "h", "e", "l", "o", "Ġ", "he", "ll", "hell", "hello", "Ġw", "w", "r", "d", "Ġwo", "o",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let merges: Vec<String> = ["h e", "l l", "he ll", "hell o", "Ġ w", "Ġw o"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let t = BpeTokenizer::new(tokens, &merges).unwrap();
-        let ids = t.encode("hello world").unwrap();
-        let pieces: Vec<&str> = ids.iter().map(|&i| t.tokens[i as usize].as_str()).collect();
-        assert_eq!(pieces, vec!["hello", "Ġwo", "r", "l", "d"]);
-        assert_eq!(t.decode(&ids), "hello world");
-        assert!(t.encode("zebra").is_err());
+/// A special token of `tokenizer_config.json`: a string, or an object with `content`.
+fn special_token(config: &Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
+        _ => None,
     }
 }

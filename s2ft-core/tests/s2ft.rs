@@ -74,7 +74,14 @@ fn partial_gradients_equal_slices_of_the_full_gradient() {
             let idx: Vec<i64> = p.delta_idx.iter().map(|&i| i as i64).collect();
             assert!(!idx.is_empty(), "layer {l} {name} has a delta");
             let g = vals(p.delta.as_ref().unwrap().val().grad(&grads).unwrap());
-            let fg = fblk.proj(name).weight.val().grad(&full_grads).unwrap();
+            // The gradient of Wᵀ, transposed back to W's [out, in].
+            let fg = fblk
+                .proj(name)
+                .weight_t
+                .val()
+                .grad(&full_grads)
+                .unwrap()
+                .transpose();
             let n = idx.len();
             let sel_idx = Tensor::from_data(TensorData::new(idx, [n]), &Default::default());
             let want = vals(fg.select(axis, sel_idx));
@@ -82,11 +89,11 @@ fn partial_gradients_equal_slices_of_the_full_gradient() {
             assert!(dev < 1e-5, "layer {l} {name}: {dev}");
             // The frozen weight itself gets no gradient.
             assert!(
-                p.weight.val().grad(&grads).is_none(),
+                p.weight_t.val().grad(&grads).is_none(),
                 "layer {l} {name} weight is frozen"
             );
         }
-        assert!(blk.self_attn.q_proj.weight.val().grad(&grads).is_none());
+        assert!(blk.self_attn.q_proj.weight_t.val().grad(&grads).is_none());
     }
 }
 
@@ -126,7 +133,7 @@ fn frozen_weights_stay_bit_identical_and_the_loss_falls() {
     assert!(median > 0.0 && median <= 1e3 * out.step_seconds.iter().fold(0f64, |a, &b| a.max(b)));
     for (l, blk) in out.model.layers.iter().enumerate() {
         for name in s2ft_core::model::PROJ_NAMES {
-            let w = s2ft_core::model::to_weights(blk.proj(name).weight.val());
+            let w = s2ft_core::model::to_weights(blk.proj(name).weight());
             let orig = before
                 .get(&format!("model.layers.{l}.{name}.weight"))
                 .unwrap();
@@ -209,7 +216,7 @@ fn selecting_everything_equals_full_fine_tuning_of_those_weights() {
     for blk in full.layers.iter_mut() {
         for name in ["self_attn.o_proj", "mlp.down_proj"] {
             let p = blk.proj_mut(name);
-            p.weight = Param::from_tensor(p.weight.val()).set_require_grad(true);
+            p.weight_t = Param::from_tensor(p.weight_t.val()).set_require_grad(true);
         }
     }
     let tokens = batch(3, 2, 10, c.vocab_size);

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use s2ft_core::tokenizer::BpeTokenizer;
+use s2ft_core::tokenizer::{ChatMessage, Tokenizer};
 use s2ft_core::{Cpu, Llama, LlamaConfig};
 use weights::{GgufFile, TensorSource};
 
@@ -45,8 +45,8 @@ fn smollm2_predicts_paris() {
         (30, 576, 9, 3)
     );
     assert!(cfg.tie_word_embeddings);
-    let tok = BpeTokenizer::from_gguf(&g).unwrap();
-    assert_eq!(tok.len(), 49152);
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    assert_eq!(tok.vocab_size(), 49152);
     // Token ids from Hugging Face transformers' tokenizer built from the same GGUF.
     assert_eq!(
         tok.encode("The capital of France is").unwrap(),
@@ -59,13 +59,16 @@ fn smollm2_predicts_paris() {
             1589, 506, 216, 34, 32, 34, 36, 42, 412, 2756, 5422, 2756, 256, 15486, 46494, 10095
         ]
     );
-    assert_eq!(tok.decode(&tok.encode(tricky).unwrap()), tricky);
+    assert_eq!(
+        tok.decode(&tok.encode(tricky).unwrap(), false).unwrap(),
+        tricky
+    );
     let sd = g.load_all().unwrap();
     let device = Default::default();
     let model = Llama::<Cpu>::from_state_dict(&cfg, &sd, false, &device).unwrap();
     let prompt = "The capital of France is";
     let ids = tok.encode(prompt).unwrap();
-    assert_eq!(tok.decode(&ids), prompt);
+    assert_eq!(tok.decode(&ids, false).unwrap(), prompt);
     let n = ids.len();
     let tokens = Tensor::<Cpu, 2, Int>::from_data(
         TensorData::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
@@ -76,7 +79,25 @@ fn smollm2_predicts_paris() {
         .narrow(1, n - 1, 1)
         .reshape([cfg.vocab_size]);
     let next = logits.argmax(0).into_scalar().elem::<i64>() as u32;
-    let word = tok.decode(&[next]);
+    let word = tok.decode(&[next], false).unwrap();
     eprintln!("prompt {ids:?} -> {next} {word:?}");
     assert_eq!(word.trim(), "Paris", "predicted {word:?}");
+}
+
+#[test]
+fn smollm2_chat_template_is_chatml() {
+    let Some(path) = model_path() else { return };
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
+    let prompt = tok.chat_prompt(&[ChatMessage::user("Hi")]).unwrap();
+    assert_eq!(
+        prompt,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+         <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(tok.end_of_turn().unwrap(), "<|im_end|>\n");
+    // Special tokens in the text become their ids.
+    let ids = tok.encode("<|im_start|>user").unwrap();
+    assert_eq!(ids[0], 1);
+    assert_eq!(tok.stop_ids()[0], 2, "EOS is <|im_end|>");
+    assert!(tok.stop_ids().contains(&0), "<|endoftext|> also stops");
 }

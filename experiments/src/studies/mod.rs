@@ -5,6 +5,7 @@ pub mod many;
 pub mod merging;
 pub mod pleas;
 pub mod s2ft;
+pub mod s2ft_llm;
 pub mod spectra;
 pub mod svd_align;
 

@@ -62,15 +62,15 @@ pub struct LmArgs {
     /// Tokens per training sequence.
     #[arg(long, default_value_t = 32)]
     pub seq: usize,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
+    /// Sequences per batch (default 8; with --model 8, quick 4).
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Pretraining steps on task A.
     #[arg(long, default_value_t = 400)]
     pub pretrain_steps: usize,
-    /// Fine-tuning steps per task.
-    #[arg(long, default_value_t = 300)]
-    pub steps: usize,
+    /// Fine-tuning steps per task (default 300, quick 150; with --model 150, quick 30).
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Base seed (model init, data order, selections).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -101,12 +101,13 @@ pub struct S2ftArgs {
     /// Model, data and training.
     #[command(flatten)]
     pub lm: LmArgs,
-    /// LoRA ranks; each defines a budget S²FT is matched to (quick: 2).
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4])]
-    pub ranks: Vec<usize>,
-    /// Fine-tuning seeds per method (quick: 1).
-    #[arg(long, default_value_t = 2)]
-    pub seeds: usize,
+    /// LoRA ranks; each defines a budget S²FT is matched to (default 1,2,4,
+    /// quick 2; with --model 4,16, quick 8).
+    #[arg(long, value_delimiter = ',')]
+    pub ranks: Option<Vec<usize>>,
+    /// Fine-tuning seeds per method (default 2, quick 1; character model only).
+    #[arg(long)]
+    pub seeds: Option<usize>,
     /// Task B.
     #[arg(long, value_enum, default_value_t = Task::Shift)]
     pub task: Task,
@@ -116,6 +117,9 @@ pub struct S2ftArgs {
     /// Widths of the adapter switch-time sweep (quick: 64, 128).
     #[arg(long, value_delimiter = ',', default_values_t = [256usize, 512, 1024, 2048])]
     pub switch_widths: Vec<usize>,
+    /// A real pretrained model (`--model`) and its instruction tasks.
+    #[command(flatten)]
+    pub llm: crate::studies::s2ft_llm::LlmArgs,
 }
 
 crate::studies::cli_defaults!(LmArgs, S2ftArgs);
@@ -138,9 +142,9 @@ impl LmArgs {
             Sizes {
                 config: LlamaConfig::tiny(VOCAB, 48, 2, 4, 4, 128),
                 seq: 32,
-                batch: 8,
+                batch: self.batch.unwrap_or(8),
                 pretrain_steps: 200,
-                steps: 150,
+                steps: self.steps.unwrap_or(150),
                 eval_batches: 4,
             }
         } else {
@@ -161,9 +165,9 @@ impl LmArgs {
                     self.ffn,
                 ),
                 seq: self.seq,
-                batch: self.batch,
+                batch: self.batch.unwrap_or(8),
                 pretrain_steps: self.pretrain_steps,
-                steps: self.steps,
+                steps: self.steps.unwrap_or(300),
                 eval_batches: 8,
             }
         };
@@ -222,14 +226,14 @@ impl S2ftArgs {
     fn sweep(&self) -> anyhow::Result<Sweep> {
         let s = if self.lm.quick {
             Sweep {
-                ranks: vec![2],
-                seeds: 1,
+                ranks: self.ranks.clone().unwrap_or_else(|| vec![2]),
+                seeds: self.seeds.unwrap_or(1),
                 switch_widths: vec![64, 128],
             }
         } else {
             Sweep {
-                ranks: self.ranks.clone(),
-                seeds: self.seeds,
+                ranks: self.ranks.clone().unwrap_or_else(|| vec![1, 2, 4]),
+                seeds: self.seeds.unwrap_or(2),
                 switch_widths: self.switch_widths.clone(),
             }
         };
@@ -251,14 +255,18 @@ impl S2ftArgs {
 
 /// A fine-tuning method.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum Method {
+pub enum Method {
+    /// Every weight trains.
     Full,
+    /// LoRA of this rank.
     Lora(usize),
+    /// S²FT at this LoRA rank's parameter budget, with this selection.
     S2ft(usize, Strategy),
 }
 
 impl Method {
-    pub(crate) fn family(self) -> &'static str {
+    /// `full`, `lora`, `s2ft-random` or `s2ft-act`.
+    pub fn family(self) -> &'static str {
         match self {
             Method::Full => "full",
             Method::Lora(_) => "lora",
@@ -266,13 +274,15 @@ impl Method {
             Method::S2ft(..) => "s2ft-act",
         }
     }
-    pub(crate) fn rank(self) -> Option<usize> {
+    /// The LoRA rank (or the rank whose budget S²FT matches).
+    pub fn rank(self) -> Option<usize> {
         match self {
             Method::Full => None,
             Method::Lora(r) | Method::S2ft(r, _) => Some(r),
         }
     }
-    pub(crate) fn label(self) -> String {
+    /// `full`, `lora r4`, `s2ft-random r4`, …
+    pub fn label(self) -> String {
         match self.rank() {
             None => self.family().into(),
             Some(r) => format!("{} r{r}", self.family()),
@@ -627,8 +637,13 @@ where
     Ok((base, losses))
 }
 
-/// Runs the study; returns the report folder.
+/// Runs the study; returns the report folder. With `--model` it fine-tunes
+/// that pretrained model on instruction tasks ([`crate::studies::s2ft_llm`]).
 pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
+    if args.llm.model.is_some() {
+        return crate::studies::s2ft_llm::run(args);
+    }
+    args.llm.refuse_without_model()?;
     let s = args.lm.sizes()?;
     let sw = args.sweep()?;
     let (run, corpus) = args.lm.open("s2ft")?;

@@ -1,0 +1,1317 @@
+//! `s2ft --model PATH`: S²FT vs LoRA vs full fine-tuning of a real
+//! pretrained LLaMA-family decoder (SmolLM2-135M-Instruct by default in the
+//! README) on the instruction tasks of [`crate::tasks`].
+//!
+//! Phases:
+//! 1. **prepare** — load the model (Hugging Face folder or GGUF) and its
+//!    tokenizer and chat template, draw every evaluation set, tokenize the
+//!    held-out text; every check (tasks, budgets, context length) runs before
+//!    the report folder is created.
+//! 2. **base** — the pretrained model's exact-match accuracy on each task's
+//!    test and out-of-domain split, and its held-out loss on both corpora.
+//! 3. **sweep** — per method, one fine-tune on the sweep task for each
+//!    learning rate of its family's grid, scored on the validation split;
+//!    the best (accuracy, then answer loss; diverged runs excluded) is kept.
+//! 4. **fine-tune** — every method on every other task at its chosen rate.
+//! 5. **score and save** — each fine-tune on its own test and OOD splits,
+//!    the other tasks' test splits and the held-out text; full fine-tunes
+//!    saved as Hugging Face folders, LoRA as PEFT adapters, S²FT as our
+//!    adapters with their dense ΔW (`finetunes/manifest.json` lists them).
+//! 6. **report** — `metrics.json`, CSV tables rewritten as runs finish, plots.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::llm::{EncodedSet, Prompter, SetScore, score_set, sft_batch, text_loss, text_windows};
+use crate::plot::{Series, bar_chart, line_chart};
+use crate::report::Run;
+use crate::studies::s2ft::{Method, S2ftArgs};
+use crate::tasks::{InstructTask, Split, Stream, Words, examples};
+use s2ft_core::s2ft::{
+    Order, S2ftConfig, Strategy, activation_scores, apply_lora_with_dropout, apply_s2ft,
+    lora_param_count, ratios_for_budget, s2ft_param_count, select, trainable_params,
+};
+use s2ft_core::train::{TrainConfig, train};
+use s2ft_core::{Llama, LlamaConfig, Pretrained};
+
+/// LoRA's targets on a real model: every projection (PEFT's "all-linear" minus the head).
+pub const LORA_TARGETS_ALL: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// The real-model options of `s2ft` (only with `--model`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct LlmArgs {
+    /// A pretrained LLaMA-family decoder to fine-tune on instruction tasks: a
+    /// Hugging Face folder (config.json, safetensors, tokenizer.json) or a
+    /// GGUF file. Without it the study fine-tunes its character model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Instruction tasks: date, reverse, acronym, lookup (default all; quick: date, reverse).
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Option<Vec<String>>,
+    /// The task the learning rates are swept on (default: the first task).
+    #[arg(long)]
+    pub sweep_task: Option<String>,
+    /// Learning rates swept for full fine-tuning (default 3e-5,1e-4,3e-4; quick: 1e-4).
+    #[arg(long, value_delimiter = ',')]
+    pub lrs_full: Option<Vec<f64>>,
+    /// Learning rates swept for LoRA (default 3e-4,1e-3,3e-3; quick: 1e-3).
+    #[arg(long, value_delimiter = ',')]
+    pub lrs_lora: Option<Vec<f64>>,
+    /// Learning rates swept for S²FT (default 3e-4,1e-3,3e-3; quick: 1e-3).
+    #[arg(long, value_delimiter = ',')]
+    pub lrs_s2ft: Option<Vec<f64>>,
+    /// Test and out-of-domain examples per task (default 100; quick 24).
+    #[arg(long)]
+    pub eval_examples: Option<usize>,
+    /// Validation examples per task for the sweep (default 50; quick 16).
+    #[arg(long)]
+    pub val_examples: Option<usize>,
+    /// LoRA dropout (PEFT's `lora_dropout`; alpha is 2·r).
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Windows of held-out text per corpus for the language-modelling loss (default 8; quick 4).
+    #[arg(long)]
+    pub text_windows: Option<usize>,
+}
+
+impl LlmArgs {
+    /// Errors when a real-model option is given without `--model`.
+    pub fn refuse_without_model(&self) -> anyhow::Result<()> {
+        let given = [
+            ("--tasks", self.tasks.is_some()),
+            ("--sweep-task", self.sweep_task.is_some()),
+            ("--lrs-full", self.lrs_full.is_some()),
+            ("--lrs-lora", self.lrs_lora.is_some()),
+            ("--lrs-s2ft", self.lrs_s2ft.is_some()),
+            ("--eval-examples", self.eval_examples.is_some()),
+            ("--val-examples", self.val_examples.is_some()),
+            ("--lora-dropout", self.lora_dropout.is_some()),
+            ("--text-windows", self.text_windows.is_some()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            bail!(
+                "{flag} applies to a real model: give --model PATH (the character study's task is --task)"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Everything a run does, resolved from the options (`--quick` included).
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    /// The model path.
+    pub model: PathBuf,
+    /// Tasks, the sweep task first.
+    pub tasks: Vec<InstructTask>,
+    /// The sweep task.
+    pub sweep_task: InstructTask,
+    /// LoRA ranks (each an S²FT budget).
+    pub ranks: Vec<usize>,
+    /// Fine-tuning steps.
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Seed of data order, LoRA init and S²FT selection.
+    pub seed: u64,
+    /// Learning-rate grids per family.
+    pub lrs: BTreeMap<&'static str, Vec<f64>>,
+    /// Test / OOD examples per task.
+    pub eval_examples: usize,
+    /// Validation examples per task.
+    pub val_examples: usize,
+    /// LoRA dropout.
+    pub lora_dropout: f64,
+    /// Held-out text windows per corpus, and their length in tokens.
+    pub text_windows: usize,
+    /// Tokens per held-out window.
+    pub window_tokens: usize,
+    /// Prompts decoded together.
+    pub eval_batch: usize,
+}
+
+fn family_lrs(m: Method) -> &'static str {
+    match m {
+        Method::Full => "full",
+        Method::Lora(_) => "lora",
+        Method::S2ft(..) => "s2ft",
+    }
+}
+
+impl Plan {
+    /// Resolves and checks the options; reads no file.
+    pub fn new(args: &S2ftArgs) -> anyhow::Result<Plan> {
+        let (lm, llm) = (&args.lm, &args.llm);
+        let model = llm.model.clone().context("--model is required here")?;
+        // Options of the character model make no sense with a checkpoint.
+        let d = crate::studies::s2ft::LmArgs::default();
+        let ignored = [
+            ("--hidden", lm.hidden != d.hidden),
+            ("--layers", lm.layers != d.layers),
+            ("--heads", lm.heads != d.heads),
+            ("--ffn", lm.ffn != d.ffn),
+            ("--seq", lm.seq != d.seq),
+            ("--pretrain-steps", lm.pretrain_steps != d.pretrain_steps),
+            ("--lr-pretrain", lm.lr_pretrain != d.lr_pretrain),
+            ("--lr-full", lm.lr_full != d.lr_full),
+            ("--lr-peft", lm.lr_peft != d.lr_peft),
+            ("--base", lm.base.is_some()),
+            ("--seeds", args.seeds.is_some()),
+        ];
+        if let Some((flag, _)) = ignored.iter().find(|(_, set)| *set) {
+            bail!(
+                "{flag} applies to the character model; with --model the shape comes from the \
+                 checkpoint (learning rates: --lrs-full/--lrs-lora/--lrs-s2ft)"
+            );
+        }
+        let quick = lm.quick;
+        let names = llm.tasks.clone().unwrap_or_else(|| {
+            let all: &[&str] = if quick {
+                &["date", "reverse"]
+            } else {
+                &["date", "reverse", "acronym", "lookup"]
+            };
+            all.iter().map(|s| s.to_string()).collect()
+        });
+        let mut tasks = InstructTask::parse_list(&names).context("--tasks")?;
+        let sweep_task = match &llm.sweep_task {
+            Some(n) => *InstructTask::parse_list(std::slice::from_ref(n))
+                .context("--sweep-task")?
+                .first()
+                .expect("one"),
+            None => tasks[0],
+        };
+        ensure!(
+            tasks.contains(&sweep_task),
+            "--sweep-task {} is not among --tasks",
+            sweep_task.name()
+        );
+        tasks.retain(|t| *t != sweep_task);
+        tasks.insert(0, sweep_task);
+        let ranks = args
+            .ranks
+            .clone()
+            .unwrap_or_else(|| if quick { vec![8] } else { vec![4, 16] });
+        ensure!(
+            !ranks.is_empty() && !ranks.contains(&0),
+            "--ranks {ranks:?}: give at least one positive rank"
+        );
+        let grid = |given: &Option<Vec<f64>>, default: &[f64], quick_one: f64, flag: &str| {
+            let v = given.clone().unwrap_or_else(|| {
+                if quick {
+                    vec![quick_one]
+                } else {
+                    default.to_vec()
+                }
+            });
+            ensure!(!v.is_empty(), "{flag}: give at least one learning rate");
+            for lr in &v {
+                ensure!(
+                    lr.is_finite() && *lr > 0.0,
+                    "{flag}: learning rate {lr} must be positive and finite"
+                );
+            }
+            Ok(v)
+        };
+        let mut lrs = BTreeMap::new();
+        lrs.insert(
+            "full",
+            grid(&llm.lrs_full, &[3e-5, 1e-4, 3e-4], 1e-4, "--lrs-full")?,
+        );
+        lrs.insert(
+            "lora",
+            grid(&llm.lrs_lora, &[3e-4, 1e-3, 3e-3], 1e-3, "--lrs-lora")?,
+        );
+        lrs.insert(
+            "s2ft",
+            grid(&llm.lrs_s2ft, &[3e-4, 1e-3, 3e-3], 1e-3, "--lrs-s2ft")?,
+        );
+        let pick =
+            |v: Option<usize>, full: usize, q: usize| v.unwrap_or(if quick { q } else { full });
+        let plan = Plan {
+            model,
+            tasks,
+            sweep_task,
+            ranks,
+            steps: pick(lm.steps, 150, 30),
+            batch: pick(lm.batch, 8, 4),
+            seed: lm.seed,
+            lrs,
+            eval_examples: pick(llm.eval_examples, 100, 24),
+            val_examples: pick(llm.val_examples, 50, 16),
+            lora_dropout: llm.lora_dropout.unwrap_or(0.05),
+            text_windows: pick(llm.text_windows, 8, 4),
+            window_tokens: 128,
+            eval_batch: 16,
+        };
+        ensure!(
+            plan.steps > 0 && plan.batch > 0,
+            "--steps and --batch must be positive"
+        );
+        ensure!(
+            plan.eval_examples > 0 && plan.val_examples > 0 && plan.text_windows > 0,
+            "--eval-examples, --val-examples and --text-windows must be positive"
+        );
+        ensure!(
+            (0.0..1.0).contains(&plan.lora_dropout),
+            "--lora-dropout {} is outside [0, 1)",
+            plan.lora_dropout
+        );
+        Ok(plan)
+    }
+
+    /// The methods compared: full, LoRA at each rank, S²FT with random and
+    /// smallest-activation selection at each LoRA budget (quick: random only).
+    pub fn methods(&self, quick: bool) -> Vec<Method> {
+        let mut m = vec![Method::Full];
+        for &r in &self.ranks {
+            m.push(Method::Lora(r));
+            m.push(Method::S2ft(r, Strategy::Random));
+            if !quick {
+                m.push(Method::S2ft(r, Strategy::ActivationNorm));
+            }
+        }
+        m
+    }
+
+    /// The S²FT configuration at LoRA rank `r`'s budget; errors when the
+    /// budget is more than S²FT's structures hold.
+    pub fn s2ft_config(
+        &self,
+        c: &LlamaConfig,
+        r: usize,
+        strategy: Strategy,
+        seed: u64,
+    ) -> anyhow::Result<S2ftConfig> {
+        let budget = lora_param_count(c, r, &LORA_TARGETS_ALL);
+        let capacity = c.num_hidden_layers
+            * c.hidden_size
+            * (c.num_attention_heads * c.head_dim + c.intermediate_size);
+        ensure!(
+            budget <= capacity,
+            "--ranks {r}: LoRA's {budget} parameters exceed the {capacity} that S²FT's o_proj and \
+             down_proj columns hold in this model"
+        );
+        let (heads_ratio, channels_ratio) = ratios_for_budget(c, budget, 0.5);
+        Ok(S2ftConfig {
+            heads_ratio,
+            channels_ratio,
+            strategy,
+            order: Order::Smallest,
+            seed,
+            ..Default::default()
+        })
+    }
+}
+
+/// A method's label in tables and file names.
+fn label(m: Method) -> String {
+    m.label().replace(' ', "-")
+}
+
+/// The evaluation sets of one task.
+struct TaskSets {
+    task: InstructTask,
+    validation: EncodedSet,
+    test: EncodedSet,
+    ood: EncodedSet,
+}
+
+/// What the prepare phase builds.
+struct Prepared {
+    base: Pretrained,
+    words: Words,
+    sets: Vec<TaskSets>,
+    /// (corpus name, windows).
+    text: Vec<(&'static str, Vec<Vec<u32>>)>,
+}
+
+/// Evaluation sets use fixed seeds (not `--seed`), so runs of different
+/// seeds are scored on the same examples.
+const EVAL_SEED: u64 = 20_241_129;
+
+fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
+    let base = Pretrained::load(&plan.model)
+        .with_context(|| format!("--model {}", plan.model.display()))?;
+    let c = &base.config;
+    for &r in &plan.ranks {
+        let min_side = c.num_key_value_heads * c.head_dim;
+        ensure!(
+            r <= min_side.min(c.hidden_size),
+            "--ranks {r}: larger than the smallest projection side ({}) of this model",
+            min_side.min(c.hidden_size)
+        );
+        plan.s2ft_config(c, r, Strategy::Random, 0)?;
+    }
+    let words = Words::load(data_dir)?;
+    let prompter = Prompter::new(&base.tokenizer)?;
+    let mut sets = Vec::new();
+    let context = c.max_position_embeddings.unwrap_or(usize::MAX);
+    for &task in &plan.tasks {
+        let enc = |split: Split, n: usize| -> anyhow::Result<EncodedSet> {
+            prompter.encode(examples(task, split, n, &words, EVAL_SEED)?)
+        };
+        let ts = TaskSets {
+            task,
+            validation: enc(Split::Validation, plan.val_examples)?,
+            test: enc(Split::Test, plan.eval_examples)?,
+            ood: enc(Split::Ood, plan.eval_examples)?,
+        };
+        for (what, s) in [
+            ("validation", &ts.validation),
+            ("test", &ts.test),
+            ("ood", &ts.ood),
+        ] {
+            // Room for the answer and the decoding slack.
+            ensure!(
+                s.max_len() + 4 <= context,
+                "task {} ({what}): a prompt with its answer takes {} tokens, more than the \
+                 model's context of {context}",
+                task.name(),
+                s.max_len() + 4
+            );
+        }
+        sets.push(ts);
+    }
+    let corpus = crate::lm::moby_dick(data_dir)?;
+    let moby = String::from_utf8_lossy(&corpus.test).into_owned();
+    let sotu = crate::tasks::sotu_text(data_dir)?;
+    // The last addresses: never a source of task words' training split either.
+    let sotu_tail = sotu[sotu.len().saturating_sub(10)..].join("\n");
+    let tok = &base.tokenizer;
+    let (n, t) = (plan.text_windows, plan.window_tokens.min(context));
+    let text = vec![
+        (
+            "moby-dick",
+            text_windows(tok, &moby, n, t, "Moby-Dick (held-out part)")?,
+        ),
+        (
+            "sotu",
+            text_windows(tok, &sotu_tail, n, t, "State of the Union (last 10)")?,
+        ),
+    ];
+    Ok(Prepared {
+        base,
+        words,
+        sets,
+        text,
+    })
+}
+
+/// Accuracy on one task's two test splits.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskAcc {
+    /// In-domain test.
+    pub test: SetScore,
+    /// Out-of-domain test.
+    pub ood: SetScore,
+}
+
+/// The pretrained model's scores.
+#[derive(Clone, Debug, Serialize)]
+pub struct BaseScores {
+    /// Per task.
+    pub tasks: BTreeMap<String, TaskAcc>,
+    /// Held-out loss (nats/token) per corpus.
+    pub text_loss: BTreeMap<String, f64>,
+}
+
+/// One run of the learning-rate sweep.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepRow {
+    /// Method label.
+    pub method: String,
+    /// Family (`full`, `lora`, `s2ft-random`, `s2ft-act`).
+    pub family: String,
+    /// LoRA rank (budget), if any.
+    pub rank: Option<usize>,
+    /// The sweep task.
+    pub task: String,
+    /// Learning rate.
+    pub lr: f64,
+    /// Validation exact-match accuracy (null when diverged).
+    pub val_acc: Option<f64>,
+    /// Validation answer loss.
+    pub val_loss: Option<f64>,
+    /// Training loss of the last step.
+    pub final_train_loss: Option<f32>,
+    /// Why the run counts as diverged, if it does.
+    pub diverged: Option<String>,
+    /// Whether this rate was chosen.
+    pub chosen: bool,
+}
+
+/// One fine-tune, scored.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunRow {
+    /// Method label.
+    pub method: String,
+    /// Family.
+    pub family: String,
+    /// LoRA rank (budget), if any.
+    pub rank: Option<usize>,
+    /// The task it was tuned on.
+    pub task: String,
+    /// Learning rate (chosen by the sweep).
+    pub lr: f64,
+    /// Trainable parameters, counted from the module.
+    pub trainable_params: usize,
+    /// Own task, in-domain test accuracy.
+    pub test_acc: f64,
+    /// Own task, out-of-domain accuracy.
+    pub ood_acc: f64,
+    /// Own task, in-domain answer loss.
+    pub test_answer_loss: f64,
+    /// The other tasks' test accuracy, and its change from the base model.
+    pub other_tasks: BTreeMap<String, f64>,
+    /// Mean over the other tasks of (accuracy − base accuracy).
+    pub other_tasks_delta: Option<f64>,
+    /// Held-out loss per corpus after fine-tuning.
+    pub text_loss: BTreeMap<String, f64>,
+    /// Mean over corpora of the held-out loss increase (nats/token): forgetting.
+    pub forgetting: f64,
+    /// Median step time (ms), first step left out.
+    pub step_ms: f64,
+    /// Peak heap growth during training (MB), where the binary counts it.
+    pub peak_mb: Option<f64>,
+    /// Wall time of training (s).
+    pub train_seconds: f64,
+    /// Training loss per step.
+    pub losses: Vec<f32>,
+    /// Set when the run diverged (then it is left out of the means).
+    pub diverged: Option<String>,
+    /// Where the fine-tune was saved, relative to the report folder.
+    pub saved: Option<String>,
+    /// Greedy answers of a few test prompts.
+    pub samples: Vec<(String, String, String)>,
+}
+
+/// Means over the tasks of one method (diverged runs left out).
+#[derive(Clone, Debug, Serialize)]
+pub struct SummaryRow {
+    /// Method label.
+    pub method: String,
+    /// Family.
+    pub family: String,
+    /// LoRA rank (budget), if any.
+    pub rank: Option<usize>,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// Learning rate chosen.
+    pub lr: f64,
+    /// Tasks averaged (not diverged).
+    pub tasks: usize,
+    /// Mean in-domain accuracy.
+    pub test_acc: f64,
+    /// Mean out-of-domain accuracy.
+    pub ood_acc: f64,
+    /// Mean change of the other tasks' accuracy.
+    pub other_tasks_delta: f64,
+    /// Mean forgetting (held-out loss increase).
+    pub forgetting: f64,
+    /// Median step ms (mean over tasks).
+    pub step_ms: f64,
+    /// Peak heap MB (mean over tasks).
+    pub peak_mb: Option<f64>,
+}
+
+/// One saved fine-tune (the merge study's input).
+#[derive(Clone, Debug, Serialize)]
+pub struct ManifestEntry {
+    /// Task.
+    pub task: String,
+    /// Method label.
+    pub method: String,
+    /// Family.
+    pub family: String,
+    /// LoRA rank (budget).
+    pub rank: Option<usize>,
+    /// `hf` (Hugging Face folder), `peft` (PEFT LoRA adapter), `s2ft` (our adapter + dense ΔW).
+    pub format: String,
+    /// Path relative to the report folder.
+    pub path: String,
+}
+
+/// Why a finished run counts as diverged: a non-finite loss, or a loss that
+/// ended above where it started (mean of the last tenth of the steps).
+fn divergence(losses: &[f32], stopped: Option<&s2ft_core::S2ftError>) -> Option<String> {
+    if let Some(e) = stopped {
+        return Some(e.to_string());
+    }
+    let first = *losses.first()?;
+    let k = (losses.len() / 10).max(1);
+    let tail = losses[losses.len() - k..].iter().sum::<f32>() / k as f32;
+    (tail > first)
+        .then(|| format!("loss rose from {first:.3} to {tail:.3} (mean of the last {k} steps)"))
+}
+
+/// A fine-tune before scoring.
+struct Trained<B: AutodiffBackend> {
+    model: Llama<B>,
+    losses: Vec<f32>,
+    diverged: Option<String>,
+    trainable: usize,
+    step_ms: f64,
+    peak_mb: Option<f64>,
+    seconds: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finetune<B: AutodiffBackend>(
+    prep: &Prepared,
+    prompter: &Prompter<'_>,
+    plan: &Plan,
+    method: Method,
+    task: InstructTask,
+    lr: f64,
+    device: &B::Device,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<Trained<B>>
+where
+    Llama<B>: AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
+{
+    let c = &prep.base.config;
+    let started = Instant::now();
+    let before = crate::alloc::reset_peak();
+    let model = Llama::<B>::from_state_dict(c, &prep.base.weights, method == Method::Full, device)?;
+    let seed = plan.seed;
+    let mut stream = Stream::new(task, Split::Train, &prep.words, seed);
+    let mut next_batch = |n: usize| -> anyhow::Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        (0..n)
+            .map(|_| {
+                let ex = stream.next().expect("endless stream");
+                Ok((prompter.prompt(&ex)?, prompter.completion(&ex)?))
+            })
+            .collect()
+    };
+    let model = match method {
+        Method::Full => model,
+        Method::Lora(r) => apply_lora_with_dropout(
+            model,
+            r,
+            2.0 * r as f64,
+            plan.lora_dropout,
+            &LORA_TARGETS_ALL,
+            seed,
+        )?,
+        Method::S2ft(r, strategy) => {
+            let sc = plan.s2ft_config(c, r, strategy, seed)?;
+            let scores = match strategy {
+                Strategy::Random => None,
+                _ => {
+                    // A calibration batch of training examples (prompt and answer).
+                    let calib = next_batch(plan.batch)?;
+                    let pairs: Vec<(&[u32], &[u32])> =
+                        calib.iter().map(|(p, a)| (&p[..], &a[..])).collect();
+                    let b = sft_batch::<B>(&pairs, prompter.pad, device);
+                    Some(activation_scores(&model, b.tokens))
+                }
+            };
+            let sel = select(c, &sc, scores.as_ref())?;
+            debug_assert!(
+                s2ft_param_count(c, &sel, &sc) <= lora_param_count(c, r, &LORA_TARGETS_ALL)
+            );
+            apply_s2ft(model, &sel, &sc)?
+        }
+    };
+    let trainable = trainable_params(&model);
+    let mut failure: Option<anyhow::Error> = None;
+    let out = train(
+        model,
+        |_| {
+            bar.inc(1);
+            let rows = next_batch(plan.batch).unwrap_or_else(|e| {
+                failure.get_or_insert(e);
+                Vec::new()
+            });
+            let pairs: Vec<(&[u32], &[u32])> = rows.iter().map(|(p, a)| (&p[..], &a[..])).collect();
+            sft_batch::<B>(&pairs, prompter.pad, device)
+        },
+        &TrainConfig {
+            lr,
+            steps: plan.steps,
+            weight_decay: 0.0,
+        },
+    );
+    if let Some(e) = failure {
+        return Err(e.context("drawing a training batch"));
+    }
+    let peak_mb =
+        crate::alloc::installed().then(|| crate::alloc::peak().saturating_sub(before) as f64 / 1e6);
+    Ok(Trained {
+        diverged: divergence(&out.losses, out.stopped.as_ref()),
+        step_ms: out.median_step_ms(),
+        model: out.model,
+        losses: out.losses,
+        trainable,
+        peak_mb,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Runs the real-model study; returns the report folder.
+pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
+    let plan = Plan::new(args)?;
+    let data_dir = args
+        .lm
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::lm::default_text_dir);
+    let prep = prepare(&plan, &data_dir)?;
+    let run = args.lm.run.open("s2ft")?;
+    let dev = run.device;
+    let quick = args.lm.quick;
+    crate::device::on_device!(dev, run_on(&plan, quick, prep, run, &Default::default()))
+}
+
+fn run_on<B: AutodiffBackend>(
+    plan: &Plan,
+    quick: bool,
+    prep: Prepared,
+    mut run: Run,
+    device: &B::Device,
+) -> anyhow::Result<PathBuf>
+where
+    Llama<B>: AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
+{
+    let prompter = Prompter::new(&prep.base.tokenizer)?;
+    let c = prep.base.config.clone();
+    let methods = plan.methods(quick);
+    let lr_count: usize = methods.iter().map(|&m| plan.lrs[family_lrs(m)].len()).sum();
+    let total = (lr_count + methods.len() * (plan.tasks.len() - 1)) * plan.steps;
+    let bar = run.progress(total as u64);
+    let eb = plan.eval_batch;
+
+    // Base scores.
+    bar.set_message("scoring the base model");
+    let base_scores = run.phase("base", || -> anyhow::Result<BaseScores> {
+        let m = Llama::<B::InnerBackend>::from_state_dict(&c, &prep.base.weights, false, device)?;
+        let mut tasks = BTreeMap::new();
+        for ts in &prep.sets {
+            tasks.insert(
+                ts.task.name().to_string(),
+                TaskAcc {
+                    test: score_set(&m, &ts.test, &prompter, eb)?,
+                    ood: score_set(&m, &ts.ood, &prompter, eb)?,
+                },
+            );
+        }
+        let text_loss = prep
+            .text
+            .iter()
+            .map(|(n, w)| (n.to_string(), text_loss(&m, w, eb)))
+            .collect();
+        Ok(BaseScores { tasks, text_loss })
+    })?;
+    let mut sweep: Vec<SweepRow> = Vec::new();
+    let mut rows: Vec<RunRow> = Vec::new();
+    let mut manifest: Vec<ManifestEntry> = Vec::new();
+    let write_partial = |run: &Run, sweep: &[SweepRow], rows: &[RunRow]| -> anyhow::Result<()> {
+        run.write("sweep.csv", sweep_csv(sweep).as_bytes())?;
+        run.write("runs.csv", runs_csv(rows).as_bytes())?;
+        run.partial(&json!({"plan": plan, "base": base_scores, "sweep": sweep, "runs": rows}))
+    };
+    write_partial(&run, &sweep, &rows)?;
+
+    for &method in &methods {
+        let family = method.family().to_string();
+        // Sweep on the first task; keep the best run.
+        let sweep_task = plan.tasks[0];
+        let val = &prep.sets[0].validation;
+        let mut best: Option<(f64, f64, f64, Trained<B>)> = None;
+        let first_row = sweep.len();
+        for &lr in &plan.lrs[family_lrs(method)] {
+            bar.set_message(format!(
+                "{} on {} at lr {lr:e}",
+                method.label(),
+                sweep_task.name()
+            ));
+            let t = run.phase(
+                &format!("{} {} lr {lr:e}", label(method), sweep_task.name()),
+                || finetune::<B>(&prep, &prompter, plan, method, sweep_task, lr, device, &bar),
+            )?;
+            let (acc, loss) = if t.diverged.is_some() {
+                (None, None)
+            } else {
+                let s = score_set(&t.model.valid(), val, &prompter, eb)?;
+                (Some(s.acc), Some(s.answer_loss))
+            };
+            sweep.push(SweepRow {
+                method: method.label(),
+                family: family.clone(),
+                rank: method.rank(),
+                task: sweep_task.name().into(),
+                lr,
+                val_acc: acc,
+                val_loss: loss,
+                final_train_loss: t.losses.last().copied(),
+                diverged: t.diverged.clone(),
+                chosen: false,
+            });
+            if let (Some(a), Some(l)) = (acc, loss) {
+                let better = best
+                    .as_ref()
+                    .is_none_or(|(ba, bl, _, _)| a > *ba || (a == *ba && l < *bl));
+                if better {
+                    best = Some((a, l, lr, t));
+                }
+            }
+            write_partial(&run, &sweep, &rows)?;
+        }
+        let Some((_, _, lr, first)) = best else {
+            // Every rate diverged: reported, left out, the study goes on.
+            for &task in &plan.tasks {
+                rows.push(diverged_row(
+                    method,
+                    task,
+                    "every learning rate of the sweep diverged",
+                ));
+            }
+            write_partial(&run, &sweep, &rows)?;
+            continue;
+        };
+        for r in &mut sweep[first_row..] {
+            r.chosen = r.lr == lr;
+        }
+        let mut trained = Some(first);
+        for (k, &task) in plan.tasks.iter().enumerate() {
+            let t = match trained.take() {
+                Some(t) => t,
+                None => {
+                    bar.set_message(format!("{} on {}", method.label(), task.name()));
+                    run.phase(&format!("{} {}", label(method), task.name()), || {
+                        finetune::<B>(&prep, &prompter, plan, method, task, lr, device, &bar)
+                    })?
+                }
+            };
+            let dir = run.dir.clone();
+            let row = run.phase(&format!("score {} {}", label(method), task.name()), || {
+                score_and_save(
+                    &prep,
+                    &prompter,
+                    plan,
+                    &base_scores,
+                    method,
+                    task,
+                    lr,
+                    t,
+                    &dir,
+                    &mut manifest,
+                )
+            })?;
+            debug_assert_eq!(row.task, plan.tasks[k].name());
+            rows.push(row);
+            run.write(
+                "finetunes/manifest.json",
+                serde_json::to_string_pretty(&manifest)?.as_bytes(),
+            )?;
+            write_partial(&run, &sweep, &rows)?;
+        }
+    }
+    bar.finish_and_clear();
+
+    let summary = summarize(&methods, &rows);
+    run.write("summary.csv", summary_csv(&summary).as_bytes())?;
+    plots(&run, plan, &summary, &rows, &sweep)?;
+    let md = report(plan, &c, &prep, &base_scores, &summary, &rows, &sweep);
+    let metrics = json!({
+        "model": plan.model,
+        "config": c,
+        "plan": plan,
+        "base": base_scores,
+        "sweep": sweep,
+        "runs": rows,
+        "summary": summary,
+        "finetunes": manifest,
+        "memory_measured": crate::alloc::installed(),
+    });
+    run.finish(metrics, &md)?;
+    Ok(run.dir.clone())
+}
+
+fn diverged_row(method: Method, task: InstructTask, why: &str) -> RunRow {
+    RunRow {
+        method: method.label(),
+        family: method.family().into(),
+        rank: method.rank(),
+        task: task.name().into(),
+        lr: f64::NAN,
+        trainable_params: 0,
+        test_acc: f64::NAN,
+        ood_acc: f64::NAN,
+        test_answer_loss: f64::NAN,
+        other_tasks: BTreeMap::new(),
+        other_tasks_delta: None,
+        text_loss: BTreeMap::new(),
+        forgetting: f64::NAN,
+        step_ms: f64::NAN,
+        peak_mb: None,
+        train_seconds: 0.0,
+        losses: Vec::new(),
+        diverged: Some(why.into()),
+        saved: None,
+        samples: Vec::new(),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn score_and_save<B: AutodiffBackend>(
+    prep: &Prepared,
+    prompter: &Prompter<'_>,
+    plan: &Plan,
+    base: &BaseScores,
+    method: Method,
+    task: InstructTask,
+    lr: f64,
+    t: Trained<B>,
+    dir: &Path,
+    manifest: &mut Vec<ManifestEntry>,
+) -> anyhow::Result<RunRow>
+where
+    Llama<B>: AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
+{
+    let mut row = diverged_row(method, task, "");
+    row.lr = lr;
+    row.trainable_params = t.trainable;
+    row.step_ms = t.step_ms;
+    row.peak_mb = t.peak_mb;
+    row.train_seconds = t.seconds;
+    row.losses = t.losses.clone();
+    row.diverged = t.diverged.clone();
+    if row.diverged.is_some() {
+        return Ok(row);
+    }
+    let eb = plan.eval_batch;
+    let m = t.model.valid();
+    let own = prep.sets.iter().find(|s| s.task == task).expect("task set");
+    let test = score_set(&m, &own.test, prompter, eb)?;
+    row.test_acc = test.acc;
+    row.test_answer_loss = test.answer_loss;
+    row.samples = test.samples;
+    row.ood_acc = score_set(&m, &own.ood, prompter, eb)?.acc;
+    let mut deltas = Vec::new();
+    for other in prep.sets.iter().filter(|s| s.task != task) {
+        let acc = score_set(&m, &other.test, prompter, eb)?.acc;
+        deltas.push(acc - base.tasks[other.task.name()].test.acc);
+        row.other_tasks.insert(other.task.name().into(), acc);
+    }
+    row.other_tasks_delta =
+        (!deltas.is_empty()).then(|| deltas.iter().sum::<f64>() / deltas.len() as f64);
+    let mut forgetting = Vec::new();
+    for (name, windows) in &prep.text {
+        let l = text_loss(&m, windows, eb);
+        forgetting.push(l - base.text_loss[*name]);
+        row.text_loss.insert(name.to_string(), l);
+    }
+    row.forgetting = forgetting.iter().sum::<f64>() / forgetting.len() as f64;
+    // Save it where the merge study finds it.
+    let rel = format!("finetunes/{}/{}", task.name(), label(method));
+    let out = dir.join(&rel);
+    let format = match method {
+        Method::Full => {
+            let mut sd = t.model.to_state_dict();
+            s2ft_core::pretrained::save_hf_folder(
+                &out,
+                &prep.base.config,
+                &mut sd,
+                &prep.base.tokenizer,
+                weights::DEFAULT_SHARD_BYTES,
+            )?;
+            "hf"
+        }
+        Method::Lora(_) => {
+            s2ft_core::adapter::save_lora_peft(&t.model, &out)?;
+            "peft"
+        }
+        Method::S2ft(..) => {
+            let a = s2ft_core::adapter::S2ftAdapter::extract(&t.model)?;
+            a.save(&out)?;
+            let mut dense = weights::StateDict::new();
+            for (name, d) in a.dense() {
+                dense.insert(name, weights::Tensor::f32(d.into_dyn()));
+            }
+            dense.save_safetensors(out.join("delta.safetensors"))?;
+            "s2ft"
+        }
+    };
+    manifest.push(ManifestEntry {
+        task: task.name().into(),
+        method: method.label(),
+        family: method.family().into(),
+        rank: method.rank(),
+        format: format.into(),
+        path: rel.clone(),
+    });
+    row.saved = Some(rel);
+    Ok(row)
+}
+
+fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
+    let (s, n) = v
+        .into_iter()
+        .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 { f64::NAN } else { s / n as f64 }
+}
+
+fn summarize(methods: &[Method], rows: &[RunRow]) -> Vec<SummaryRow> {
+    methods
+        .iter()
+        .map(|m| {
+            let rs: Vec<&RunRow> = rows
+                .iter()
+                .filter(|r| r.method == m.label() && r.diverged.is_none())
+                .collect();
+            let f = |g: &dyn Fn(&RunRow) -> f64| mean(rs.iter().map(|r| g(r)));
+            SummaryRow {
+                method: m.label(),
+                family: m.family().into(),
+                rank: m.rank(),
+                trainable_params: rs.first().map_or(0, |r| r.trainable_params),
+                lr: rs.first().map_or(f64::NAN, |r| r.lr),
+                tasks: rs.len(),
+                test_acc: f(&|r| r.test_acc),
+                ood_acc: f(&|r| r.ood_acc),
+                other_tasks_delta: mean(rs.iter().filter_map(|r| r.other_tasks_delta)),
+                forgetting: f(&|r| r.forgetting),
+                step_ms: f(&|r| r.step_ms),
+                peak_mb: rs
+                    .iter()
+                    .map(|r| r.peak_mb)
+                    .collect::<Option<Vec<f64>>>()
+                    .map(|v| mean(v)),
+            }
+        })
+        .collect()
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or(String::new(), |x| format!("{x:.4}"))
+}
+
+fn sweep_csv(rows: &[SweepRow]) -> String {
+    let mut s = String::from(
+        "method,family,rank,task,lr,val_acc,val_loss,final_train_loss,diverged,chosen\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{},{},{},{},{:e},{},{},{},{},{}\n",
+            r.method,
+            r.family,
+            r.rank.map_or(String::new(), |x| x.to_string()),
+            r.task,
+            r.lr,
+            opt(r.val_acc),
+            opt(r.val_loss),
+            opt(r.final_train_loss.map(f64::from)),
+            r.diverged.is_some(),
+            r.chosen
+        ));
+    }
+    s
+}
+
+fn runs_csv(rows: &[RunRow]) -> String {
+    let mut s = String::from(
+        "method,family,rank,task,lr,trainable_params,test_acc,ood_acc,other_tasks_delta,forgetting,step_ms,peak_mb,train_seconds,diverged\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{},{},{},{},{:e},{},{:.4},{:.4},{},{:.4},{:.1},{},{:.1},{}\n",
+            r.method,
+            r.family,
+            r.rank.map_or(String::new(), |x| x.to_string()),
+            r.task,
+            r.lr,
+            r.trainable_params,
+            r.test_acc,
+            r.ood_acc,
+            opt(r.other_tasks_delta),
+            r.forgetting,
+            r.step_ms,
+            opt(r.peak_mb),
+            r.train_seconds,
+            r.diverged.is_some()
+        ));
+    }
+    s
+}
+
+fn summary_csv(rows: &[SummaryRow]) -> String {
+    let mut s = String::from(
+        "method,family,rank,trainable_params,lr,tasks,test_acc,ood_acc,other_tasks_delta,forgetting,step_ms,peak_mb\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{},{},{},{},{:e},{},{:.4},{:.4},{:.4},{:.4},{:.1},{}\n",
+            r.method,
+            r.family,
+            r.rank.map_or(String::new(), |x| x.to_string()),
+            r.trainable_params,
+            r.lr,
+            r.tasks,
+            r.test_acc,
+            r.ood_acc,
+            r.other_tasks_delta,
+            r.forgetting,
+            r.step_ms,
+            opt(r.peak_mb)
+        ));
+    }
+    s
+}
+
+const FAMILIES: [&str; 4] = ["full", "lora", "s2ft-random", "s2ft-act"];
+
+fn plots(
+    run: &Run,
+    plan: &Plan,
+    summary: &[SummaryRow],
+    rows: &[RunRow],
+    sweep: &[SweepRow],
+) -> anyhow::Result<()> {
+    let ok = |r: &&RunRow| r.diverged.is_none();
+    let by_family = |x: &dyn Fn(&RunRow) -> f64, y: &dyn Fn(&RunRow) -> f64| -> Vec<Series> {
+        FAMILIES
+            .iter()
+            .enumerate()
+            .map(|(i, fam)| {
+                let pts = rows
+                    .iter()
+                    .filter(ok)
+                    .filter(|r| r.family == *fam)
+                    .map(|r| (x(r), y(r)))
+                    .collect();
+                Series::dots(*fam, pts).colored(i)
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect()
+    };
+    line_chart(
+        &run.dir.join("accuracy_vs_params"),
+        "In-domain accuracy vs trainable parameters (one dot per task)",
+        "log10 trainable parameters",
+        "exact-match accuracy",
+        &by_family(&|r| (r.trainable_params.max(1) as f64).log10(), &|r| {
+            r.test_acc
+        }),
+    )?;
+    line_chart(
+        &run.dir.join("in_vs_out_of_domain"),
+        "In-domain vs out-of-domain accuracy (one dot per task)",
+        "in-domain accuracy",
+        "out-of-domain accuracy",
+        &by_family(&|r| r.test_acc, &|r| r.ood_acc),
+    )?;
+    line_chart(
+        &run.dir.join("accuracy_vs_forgetting"),
+        "Accuracy vs forgetting (held-out text loss increase)",
+        "Δ held-out loss (nats/token)",
+        "in-domain accuracy",
+        &by_family(&|r| r.forgetting, &|r| r.test_acc),
+    )?;
+    let bars = |f: &dyn Fn(&SummaryRow) -> Option<f64>| -> Vec<(String, f64)> {
+        summary
+            .iter()
+            .filter_map(|s| f(s).map(|v| (s.method.clone(), v)))
+            .collect()
+    };
+    bar_chart(
+        &run.dir.join("step_time"),
+        "Median fine-tuning step time",
+        "ms per step",
+        &bars(&|s| Some(s.step_ms)),
+    )?;
+    if crate::alloc::installed() {
+        bar_chart(
+            &run.dir.join("memory"),
+            "Peak heap growth during fine-tuning",
+            "MB",
+            &bars(&|s| s.peak_mb),
+        )?;
+    }
+    if plan.lrs.values().any(|v| v.len() > 1) {
+        let methods: Vec<String> = {
+            let mut m: Vec<String> = sweep.iter().map(|r| r.method.clone()).collect();
+            m.dedup();
+            m
+        };
+        let series: Vec<Series> = methods
+            .iter()
+            .map(|m| {
+                Series::line(
+                    m.clone(),
+                    sweep
+                        .iter()
+                        .filter(|r| &r.method == m)
+                        .map(|r| (r.lr.log10(), r.val_acc.unwrap_or(f64::NAN)))
+                        .collect(),
+                )
+            })
+            .collect();
+        line_chart(
+            &run.dir.join("lr_sweep"),
+            &format!(
+                "Learning-rate sweep on {} (validation)",
+                plan.tasks[0].name()
+            ),
+            "log10 learning rate",
+            "validation accuracy",
+            &series,
+        )?;
+    }
+    Ok(())
+}
+
+fn report(
+    plan: &Plan,
+    c: &LlamaConfig,
+    prep: &Prepared,
+    base: &BaseScores,
+    summary: &[SummaryRow],
+    rows: &[RunRow],
+    sweep: &[SweepRow],
+) -> String {
+    let params: usize = prep.base.weights.numel();
+    let mut md = format!(
+        "# S²FT vs LoRA vs full fine-tuning of {}\n\n\
+         Model: `{}` — {} layers, hidden {}, {} query / {} key-value heads, FFN {}, vocabulary {}, {} parameters. \
+         Prompts use the model's chat template. Each method is fine-tuned on each task for {} steps of {} \
+         examples (AdamW, loss on the answer and end-of-turn tokens); learning rates swept on `{}`'s \
+         validation split. Scores are exact match of greedy decoding on {} test and {} out-of-domain \
+         examples per task. LoRA on q, k, v, o, gate, up, down (alpha 2r, dropout {}); S²FT at each LoRA \
+         rank's parameter budget trains o_proj columns of selected heads and down_proj columns of selected channels.\n\n",
+        plan.model.file_name().map_or_else(
+            || plan.model.display().to_string(),
+            |n| n.to_string_lossy().into_owned()
+        ),
+        plan.model.display(),
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.vocab_size,
+        params,
+        plan.steps,
+        plan.batch,
+        plan.tasks[0].name(),
+        plan.eval_examples,
+        plan.eval_examples,
+        plan.lora_dropout,
+    );
+    md.push_str("## Tasks and the base model\n\n| task | skill | base test acc | base OOD acc | example prompt | answer |\n|---|---|---|---|---|---|\n");
+    for ts in &prep.sets {
+        let b = &base.tasks[ts.task.name()];
+        let ex = &ts.test.examples[0];
+        md.push_str(&format!(
+            "| {} | {} | {:.3} | {:.3} | {} | `{}` |\n",
+            ts.task.name(),
+            ts.task.describe(),
+            b.test.acc,
+            b.ood.acc,
+            ex.prompt.replace('|', "\\|"),
+            ex.answer
+        ));
+    }
+    md.push_str(&format!(
+        "\nBase held-out loss: {}.\n\n## Methods (means over tasks)\n\n\
+         | method | trainable params | lr | in-domain acc | OOD acc | Δ other tasks | forgetting (Δ nats/token) | step ms | peak MB | tasks |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+        base.text_loss
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.3} nats/token"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    for s in summary {
+        md.push_str(&format!(
+            "| {} | {} | {:e} | {:.3} | {:.3} | {:+.3} | {:+.4} | {:.0} | {} | {} |\n",
+            s.method,
+            s.trainable_params,
+            s.lr,
+            s.test_acc,
+            s.ood_acc,
+            s.other_tasks_delta,
+            s.forgetting,
+            s.step_ms,
+            s.peak_mb.map_or("–".into(), |v| format!("{v:.0}")),
+            s.tasks
+        ));
+    }
+    md.push_str("\n![accuracy vs parameters](accuracy_vs_params.png)\n\n![in vs out of domain](in_vs_out_of_domain.png)\n\n![accuracy vs forgetting](accuracy_vs_forgetting.png)\n\n![step time](step_time.png)\n");
+    if crate::alloc::installed() {
+        md.push_str("\n![memory](memory.png)\n");
+    }
+    md.push_str("\n## Every run\n\n| method | task | lr | test acc | OOD acc | other tasks | forgetting | step ms | diverged |\n|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        md.push_str(&format!(
+            "| {} | {} | {:e} | {:.3} | {:.3} | {} | {:+.4} | {:.0} | {} |\n",
+            r.method,
+            r.task,
+            r.lr,
+            r.test_acc,
+            r.ood_acc,
+            r.other_tasks
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.2}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            r.forgetting,
+            r.step_ms,
+            r.diverged.as_deref().unwrap_or("")
+        ));
+    }
+    md.push_str(&format!(
+        "\n## Learning-rate sweep (task {}, validation split)\n\n| method | lr | val acc | val answer loss | final train loss | chosen | diverged |\n|---|---|---|---|---|---|---|\n",
+        plan.tasks[0].name()
+    ));
+    for r in sweep {
+        md.push_str(&format!(
+            "| {} | {:e} | {} | {} | {} | {} | {} |\n",
+            r.method,
+            r.lr,
+            opt(r.val_acc),
+            opt(r.val_loss),
+            opt(r.final_train_loss.map(f64::from)),
+            if r.chosen { "✓" } else { "" },
+            r.diverged.as_deref().unwrap_or("")
+        ));
+    }
+    if plan.lrs.values().any(|v| v.len() > 1) {
+        md.push_str("\n![learning-rate sweep](lr_sweep.png)\n");
+    }
+    md.push_str("\n## Greedy answers (first test prompts)\n\n");
+    for r in rows.iter().filter(|r| r.diverged.is_none()) {
+        for (p, a, g) in r.samples.iter().take(1) {
+            md.push_str(&format!(
+                "- {} on {}: `{}` → `{}` (reference `{}`)\n",
+                r.method,
+                r.task,
+                p,
+                g.replace('\n', "\\n"),
+                a
+            ));
+        }
+    }
+    md.push_str(
+        "\nFine-tunes are saved under `finetunes/<task>/<method>/` (listed in `finetunes/manifest.json`): \
+         full fine-tunes as Hugging Face folders, LoRA as PEFT adapters, S²FT as `adapter.safetensors` + \
+         `adapter_config.json` with the dense ΔW in `delta.safetensors`.\n",
+    );
+    md
+}

@@ -1,0 +1,186 @@
+//! KV-cached decoding against the plain forward: logits of a sequence fed in
+//! pieces equal those of one full pass; batched greedy decoding (length
+//! buckets, shared-prefix cache) equals naive greedy decoding that reruns the
+//! whole sequence for every token; bad prompts get named errors.
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use s2ft_core::generate::{Generated, GenerationConfig, greedy};
+use s2ft_core::{Cpu, KvCache, Llama, LlamaConfig};
+
+fn model() -> Llama<Cpu> {
+    // GQA (4 query heads over 2 KV heads), untied head.
+    let c = LlamaConfig::tiny(50, 32, 2, 4, 2, 64);
+    Llama::<Cpu>::random(&c, 11, &Default::default()).unwrap()
+}
+
+fn ids(v: &[u32]) -> Tensor<Cpu, 2, Int> {
+    Tensor::from_data(
+        TensorData::new(
+            v.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+            [1, v.len()],
+        ),
+        &Default::default(),
+    )
+}
+
+fn to_vec(t: Tensor<Cpu, 1>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec().unwrap()
+}
+
+#[test]
+fn cached_pieces_equal_one_full_pass() {
+    let m = model();
+    let seq: Vec<u32> = vec![3, 17, 5, 42, 8, 1, 29, 33, 12];
+    let full = m.forward(ids(&seq)); // [1, t, vocab]
+    let mut cache = KvCache::new(m.layers.len());
+    // A 4-token prefill, then a 2-token chunk, then one token at a time.
+    let mut at = 0;
+    for piece in [4usize, 2, 1, 1, 1] {
+        let logits = m.forward_cached(ids(&seq[at..at + piece]), &mut cache);
+        at += piece;
+        assert_eq!(cache.len(), at);
+        let want = to_vec(full.clone().narrow(1, at - 1, 1).reshape([50]));
+        let got = to_vec(logits.reshape([50]));
+        let err = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 1e-5, "position {at}: max |Δ| = {err}");
+    }
+}
+
+/// Greedy decoding the slow way: the whole sequence again for every token.
+fn naive(m: &Llama<Cpu>, prompt: &[u32], max_new: usize, stops: &[u32]) -> Generated {
+    let mut seq = prompt.to_vec();
+    let mut out = Generated {
+        ids: vec![],
+        stopped: false,
+    };
+    for _ in 0..max_new {
+        let t = seq.len();
+        let logits = m.forward(ids(&seq)).narrow(1, t - 1, 1).reshape([50]);
+        let next = logits.argmax(0).into_scalar().elem::<i64>() as u32;
+        if stops.contains(&next) {
+            out.stopped = true;
+            break;
+        }
+        out.ids.push(next);
+        seq.push(next);
+    }
+    out
+}
+
+#[test]
+fn batched_greedy_equals_naive_greedy() {
+    let m = model();
+    // A shared prefix, several lengths, two prompts of equal length (one batch).
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 2, 3, 9, 14],
+        vec![1, 2, 3, 7],
+        vec![1, 2, 3, 9, 40, 22, 6],
+        vec![1, 2, 3, 30, 11],
+        vec![1, 2, 3, 5, 5, 5, 5, 5, 5, 2],
+    ];
+    // Stop on a token this random model emits sometimes, so both endings occur.
+    let free: Vec<Generated> = prompts.iter().map(|p| naive(&m, p, 8, &[])).collect();
+    let stop = free[0].ids[3];
+    let cfg = GenerationConfig {
+        max_new_tokens: 8,
+        stop_ids: vec![stop],
+        batch_size: 4,
+        max_positions: 64,
+    };
+    let got = greedy(&m, &prompts, &cfg).unwrap();
+    let want: Vec<Generated> = prompts.iter().map(|p| naive(&m, p, 8, &[stop])).collect();
+    assert_eq!(got, want);
+    assert!(got.iter().any(|g| g.stopped) && got.iter().any(|g| !g.stopped));
+    // Batch size 1 (no batching, no bucket sharing) gives the same.
+    let one = greedy(
+        &m,
+        &prompts,
+        &GenerationConfig {
+            batch_size: 1,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    assert_eq!(one, want);
+    // One prompt alone (no shared-prefix cache).
+    let alone = greedy(&m, &prompts[2..3], &cfg).unwrap();
+    assert_eq!(alone[0], want[2]);
+}
+
+#[test]
+fn bad_prompts_are_named() {
+    let m = model();
+    let cfg = GenerationConfig {
+        max_new_tokens: 8,
+        stop_ids: vec![0],
+        batch_size: 4,
+        max_positions: 12,
+    };
+    let e = greedy(&m, &[vec![1, 2], vec![1; 6]], &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("prompt 1") && e.contains("context of 12"), "{e}");
+    let e = greedy(&m, &[vec![]], &cfg).unwrap_err().to_string();
+    assert!(e.contains("prompt 0 is empty"), "{e}");
+    let e = greedy(&m, &[vec![1, 99]], &cfg).unwrap_err().to_string();
+    assert!(e.contains("token id 99"), "{e}");
+}
+
+#[test]
+fn left_padded_rows_compute_what_they_would_alone() {
+    let m = model();
+    let a: Vec<u32> = vec![4, 8, 15, 16, 23, 42];
+    let b: Vec<u32> = vec![7, 9, 2];
+    // b padded on the left by 3 tokens (arbitrary ids) next to a.
+    let rows: Vec<i64> = a
+        .iter()
+        .chain([1u32, 1, 1].iter())
+        .chain(b.iter())
+        .map(|&i| i as i64)
+        .collect();
+    let tokens =
+        Tensor::<Cpu, 2, Int>::from_data(TensorData::new(rows, [2, 6]), &Default::default());
+    let mut cache = KvCache::new(m.layers.len());
+    let logits = m.forward_cached_padded(tokens, &[0, 3], &mut cache);
+    let mut alone = KvCache::new(m.layers.len());
+    let want_a = m.forward_cached(ids(&a), &mut alone);
+    let mut alone_b = KvCache::new(m.layers.len());
+    let want_b = m.forward_cached(ids(&b), &mut alone_b);
+    let close = |x: Vec<f32>, y: Vec<f32>| {
+        x.iter()
+            .zip(&y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max)
+    };
+    let got = logits.clone();
+    assert!(
+        close(
+            to_vec(got.clone().narrow(0, 0, 1).reshape([50])),
+            to_vec(want_a.reshape([50]))
+        ) < 1e-5
+    );
+    assert!(
+        close(
+            to_vec(got.narrow(0, 1, 1).reshape([50])),
+            to_vec(want_b.clone().reshape([50]))
+        ) < 1e-5
+    );
+    // One more token each: the padding stays invisible.
+    let step = Tensor::<Cpu, 2, Int>::from_data(
+        TensorData::new(vec![5i64, 5], [2, 1]),
+        &Default::default(),
+    );
+    let next = m.forward_cached(step, &mut cache);
+    let want_b2 = m.forward_cached(ids(&[5]), &mut alone_b);
+    assert!(
+        close(
+            to_vec(next.narrow(0, 1, 1).reshape([50])),
+            to_vec(want_b2.reshape([50]))
+        ) < 1e-5
+    );
+}
