@@ -46,6 +46,9 @@ impl ChatMessage {
     }
 }
 
+/// ChatML: `<|im_start|>{role}\n{content}<|im_end|>\n` per turn.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
 /// Tokens that end a generated turn, in the order they are tried.
 const STOP_TOKENS: [&str; 5] = [
     "<|im_end|>",
@@ -130,6 +133,19 @@ impl Tokenizer {
         })?;
         let config = read("tokenizer_config.json")?.unwrap_or_else(|| serde_json::json!({}));
         Self::from_files(HfTokenizerFiles { tokenizer, config }, dir)
+    }
+
+    /// A byte-level tokenizer (one token per byte, no merges) with ChatML's
+    /// special tokens `<|endoftext|>` (0), `<|im_start|>` (1), `<|im_end|>`
+    /// (2, EOS) and the ChatML chat template SmolLM2-Instruct uses (without
+    /// its default system turn): 259 tokens, for tiny random models in tests.
+    pub fn byte_level_chatml() -> Result<Self> {
+        let files = HfTokenizerFiles::byte_level(
+            &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            "<|im_end|>",
+            Some(CHATML_TEMPLATE),
+        )?;
+        Self::from_files(files, Path::new("<byte-level ChatML tokenizer>"))
     }
 
     /// From a GGUF file's metadata (vocabulary, merges, special tokens, chat template).

@@ -184,3 +184,97 @@ fn left_padded_rows_compute_what_they_would_alone() {
         ) < 1e-5
     );
 }
+
+#[test]
+fn a_saved_hf_folder_reloads_with_identical_logits_and_tokenizer() {
+    use s2ft_core::tokenizer::{ChatMessage, Tokenizer};
+    let tok = Tokenizer::byte_level_chatml().unwrap();
+    assert_eq!(tok.vocab_size(), 259);
+    let mut c = LlamaConfig::tiny(259, 32, 2, 4, 2, 64);
+    c.max_position_embeddings = Some(256);
+    let m = Llama::<Cpu>::random(&c, 5, &Default::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model");
+    // Small shards, so the index file is written and read back.
+    let mut sd = m.to_state_dict();
+    s2ft_core::pretrained::save_hf_folder(&out, &c, &mut sd, &tok, 20_000).unwrap();
+    assert!(out.join("model.safetensors.index.json").is_file());
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    // A second save into the same folder is refused; nothing temporary is left.
+    assert!(s2ft_core::pretrained::save_hf_folder(&out, &c, &mut sd, &tok, 20_000).is_err());
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(left.len(), 1, "only the model folder");
+    let back = s2ft_core::Pretrained::load(&out).unwrap();
+    assert_eq!(back.config.max_position_embeddings, Some(256));
+    let m2 = Llama::<Cpu>::from_state_dict(&back.config, &back.weights, false, &Default::default())
+        .unwrap();
+    let text = back
+        .tokenizer
+        .chat_prompt(&[ChatMessage::user("Reverse: a, b")])
+        .unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>user\nReverse: a, b<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let ids_ = back.tokenizer.encode(&text).unwrap();
+    assert_eq!(ids_, tok.encode(&text).unwrap());
+    // Specials are single ids; the rest is one id per byte.
+    assert_eq!(ids_[0], 1);
+    assert_eq!(
+        ids_.len(),
+        3 + text.len() - "<|im_start|><|im_end|><|im_start|>".len()
+    );
+    assert_eq!(back.tokenizer.decode(&ids_, false).unwrap(), text);
+    assert_eq!(back.tokenizer.stop_ids()[0], 2);
+    let a = to_vec(m.forward(ids(&ids_)).reshape([ids_.len() * 259]));
+    let b = to_vec(m2.forward(ids(&ids_)).reshape([ids_.len() * 259]));
+    assert_eq!(a, b, "bit-identical logits after save and load");
+}
+
+#[test]
+fn a_checkpoint_that_is_not_a_llama_decoder_or_lacks_a_tokenizer_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let bert = dir.path().join("bert");
+    std::fs::create_dir(&bert).unwrap();
+    std::fs::write(
+        bert.join("config.json"),
+        r#"{"architectures": ["BertModel"], "model_type": "bert", "hidden_size": 32}"#,
+    )
+    .unwrap();
+    let e = s2ft_core::Pretrained::load(&bert).unwrap_err().to_string();
+    assert!(
+        e.contains("not a LLaMA-family decoder") && e.contains("BertModel"),
+        "{e}"
+    );
+    // A LLaMA folder without tokenizer.json.
+    let tok = s2ft_core::tokenizer::Tokenizer::byte_level_chatml().unwrap();
+    let c = LlamaConfig::tiny(259, 16, 1, 2, 1, 32);
+    let mut sd = Llama::<Cpu>::random(&c, 1, &Default::default())
+        .unwrap()
+        .to_state_dict();
+    let good = dir.path().join("llama");
+    s2ft_core::pretrained::save_hf_folder(&good, &c, &mut sd, &tok, u64::MAX).unwrap();
+    std::fs::remove_file(good.join("tokenizer.json")).unwrap();
+    let e = s2ft_core::Pretrained::load(&good).unwrap_err().to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("no tokenizer"),
+        "{e}"
+    );
+    std::fs::write(good.join("tokenizer.json"), "{not json").unwrap();
+    let e = s2ft_core::Pretrained::load(&good).unwrap_err().to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("not JSON"),
+        "{e}"
+    );
+    let e = s2ft_core::Pretrained::load(&dir.path().join("absent"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("absent"), "{e}");
+}

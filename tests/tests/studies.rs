@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use weights::TensorSource;
+
 use experiments::report::RunArgs;
 
 // The experiments binary's allocator, so the s2ft study measures peak heap here too.
@@ -515,4 +517,263 @@ fn pleas_study_least_squares_beats_averaging_and_partial_matching_trades_width_f
     assert_eq!(pairs.iter().sum::<u64>(), 64, "{g}");
     assert_eq!(g["width"].as_f64(), Some(1.5));
     assert!(task(g, "least_squares") > task(g, "average"), "{g}");
+}
+
+/// A tiny random LLaMA (GQA, untied head) with a byte-level ChatML tokenizer,
+/// written as a Hugging Face folder: what `s2ft --model` reads in CI.
+fn tiny_hf_model(dir: &Path, context: usize) -> std::path::PathBuf {
+    let tok = s2ft_core::tokenizer::Tokenizer::byte_level_chatml().unwrap();
+    let mut c = s2ft_core::LlamaConfig::tiny(tok.vocab_size(), 32, 2, 4, 2, 64);
+    c.max_position_embeddings = Some(context);
+    let mut sd = s2ft_core::model::random_state_dict(&c, 3);
+    let out = dir.join("tiny-llama");
+    s2ft_core::pretrained::save_hf_folder(&out, &c, &mut sd, &tok, u64::MAX).unwrap();
+    out
+}
+
+fn llm_args(model: &Path, out: &Path) -> experiments::studies::s2ft::S2ftArgs {
+    use experiments::studies::s2ft::{LmArgs, S2ftArgs};
+    use experiments::studies::s2ft_llm::LlmArgs;
+    S2ftArgs {
+        lm: LmArgs {
+            quick: true,
+            steps: Some(4),
+            batch: Some(2),
+            run: RunArgs::quiet_to(out),
+            ..Default::default()
+        },
+        llm: LlmArgs {
+            model: Some(model.to_path_buf()),
+            eval_examples: Some(4),
+            val_examples: Some(3),
+            text_windows: Some(2),
+            lrs_lora: Some(vec![1e-3, 1e-2]),
+            ..Default::default()
+        },
+        ranks: Some(vec![2]),
+        ..Default::default()
+    }
+}
+
+/// The teacher-forced answer loss of `sd` on `task`'s test split, as the study scores it.
+fn test_answer_loss(
+    c: &s2ft_core::LlamaConfig,
+    sd: &weights::StateDict,
+    tok: &s2ft_core::tokenizer::Tokenizer,
+    task: experiments::tasks::InstructTask,
+    n: usize,
+) -> f64 {
+    use experiments::tasks::{Split, Words, examples};
+    let m = s2ft_core::Llama::<s2ft_core::Cpu>::from_state_dict(c, sd, false, &Default::default())
+        .unwrap();
+    let words = Words::load(&experiments::lm::default_text_dir()).unwrap();
+    let prompter = experiments::llm::Prompter::new(tok).unwrap();
+    let set = prompter
+        .encode(
+            examples(
+                task,
+                Split::Test,
+                n,
+                &words,
+                experiments::studies::s2ft_llm::EVAL_SEED,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    experiments::llm::score_set(&m, &set, &prompter, 4)
+        .unwrap()
+        .answer_loss
+}
+
+#[test]
+fn s2ft_study_fine_tunes_a_hugging_face_model_and_saves_what_others_load() {
+    use experiments::tasks::InstructTask;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_hf_model(dir.path(), 512);
+    let out = dir.path().join("run");
+    experiments::studies::s2ft::run(&llm_args(&model, &out)).unwrap();
+    for f in [
+        "accuracy_vs_params",
+        "in_vs_out_of_domain",
+        "accuracy_vs_forgetting",
+        "step_time",
+        "memory",
+        "lr_sweep",
+    ] {
+        check_png(&out.join(format!("{f}.png")));
+    }
+    for f in [
+        "report.md",
+        "runs.csv",
+        "sweep.csv",
+        "summary.csv",
+        "finetunes/manifest.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    assert!(!out.join("metrics.partial.json").exists());
+    let m = metrics(&out);
+    // Base scores on both quick tasks, both splits, and both held-out corpora.
+    for t in ["date", "reverse"] {
+        for s in ["test", "ood"] {
+            let acc = m["base"]["tasks"][t][s]["acc"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&acc), "{t} {s}");
+            assert_eq!(m["base"]["tasks"][t][s]["n"], 4);
+        }
+    }
+    let base_loss = &m["base"]["text_loss"];
+    assert!(
+        base_loss["moby-dick"].as_f64().unwrap() > 0.0 && base_loss["sotu"].as_f64().unwrap() > 0.0
+    );
+    // The sweep: one rate each for full and S²FT (quick), the two given for LoRA, one chosen per method.
+    let sweep = m["sweep"].as_array().unwrap();
+    assert_eq!(sweep.len(), 4);
+    for method in ["full", "lora r2", "s2ft-random r2"] {
+        let rows: Vec<_> = sweep.iter().filter(|r| r["method"] == method).collect();
+        assert_eq!(
+            rows.iter().filter(|r| r["chosen"] == true).count(),
+            1,
+            "{method}"
+        );
+    }
+    // Every method on both tasks; trainable counts: S²FT ≤ LoRA ≪ full = every parameter.
+    let runs = m["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 6);
+    let params = |fam: &str| {
+        runs.iter().find(|r| r["family"] == fam).unwrap()["trainable_params"]
+            .as_u64()
+            .unwrap()
+    };
+    let total = s2ft_core::model::random_state_dict(
+        &s2ft_core::Pretrained::load(&model).unwrap().config,
+        0,
+    )
+    .numel() as u64;
+    assert_eq!(params("full"), total);
+    assert!(params("s2ft-random") <= params("lora") && params("lora") * 4 < total);
+    for r in runs {
+        assert!(r["diverged"].is_null(), "{r}");
+        assert_eq!(r["losses"].as_array().unwrap().len(), 4);
+        assert!(r["step_ms"].as_f64().unwrap() > 0.0);
+        let other = if r["task"] == "date" {
+            "reverse"
+        } else {
+            "date"
+        };
+        assert!(r["other_tasks"][other].is_number(), "{r}");
+        assert!(r["forgetting"].is_number());
+    }
+    // The saved fine-tunes reload (HF folder, PEFT adapter through merge::lora,
+    // S²FT adapter with its dense ΔW) to the model the study scored: same
+    // teacher-forced test loss as the study reported.
+    let base = s2ft_core::Pretrained::load(&model).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("finetunes/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let manifest = manifest.as_array().unwrap();
+    assert_eq!(manifest.len(), 6);
+    for e in manifest {
+        let path = out.join(e["path"].as_str().unwrap());
+        let task = InstructTask::parse_list(&[e["task"].as_str().unwrap().to_string()]).unwrap()[0];
+        let row = runs
+            .iter()
+            .find(|r| r["method"] == e["method"] && r["task"] == e["task"])
+            .unwrap();
+        let weights = match e["format"].as_str().unwrap() {
+            "hf" => {
+                let ft = s2ft_core::Pretrained::load(&path).unwrap();
+                assert_eq!(ft.tokenizer.stop_ids(), base.tokenizer.stop_ids());
+                ft.weights
+            }
+            "peft" => merge::lora::LoraAdapter::load(&path)
+                .unwrap()
+                .fuse(&base.weights, 1.0)
+                .unwrap(),
+            "s2ft" => {
+                let mut sd = base.weights.clone();
+                let adapter = s2ft_core::adapter::S2ftAdapter::load(&path).unwrap();
+                adapter.fuse(&mut sd).unwrap();
+                // delta.safetensors holds the same dense ΔW.
+                let dense = weights::Checkpoint::open(path.join("delta.safetensors"))
+                    .unwrap()
+                    .load_all()
+                    .unwrap();
+                let mut by_hand = base.weights.clone();
+                for (name, d) in dense.iter() {
+                    let t = by_hand.get_mut(name).unwrap();
+                    t.data.zip_mut_with(&d.data, |x, y| *x += y);
+                }
+                for (name, t) in sd.iter() {
+                    let o = by_hand.get(name).unwrap();
+                    let dev = t
+                        .data
+                        .iter()
+                        .zip(o.data.iter())
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(dev < 1e-6, "{name}: {dev}");
+                }
+                sd
+            }
+            f => panic!("format {f}"),
+        };
+        let got = test_answer_loss(&base.config, &weights, &base.tokenizer, task, 4);
+        let want = row["test_answer_loss"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-4 * want.max(1.0),
+            "{e}: {got} vs {want}"
+        );
+        assert!(
+            got != test_answer_loss(&base.config, &base.weights, &base.tokenizer, task, 4),
+            "{e}: trained"
+        );
+    }
+}
+
+#[test]
+fn s2ft_study_names_bad_real_model_input_before_writing_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_hf_model(dir.path(), 512);
+    let out = dir.path().join("run");
+    let fails = |args: experiments::studies::s2ft::S2ftArgs, want: &[&str]| {
+        let e = format!("{:#}", experiments::studies::s2ft::run(&args).unwrap_err());
+        for w in want {
+            assert!(e.contains(w), "{w:?} not in: {e}");
+        }
+        assert!(!out.exists(), "no report folder after: {e}");
+    };
+    // An unknown task.
+    let mut a = llm_args(&model, &out);
+    a.llm.tasks = Some(vec!["date".into(), "sums".into()]);
+    fails(a, &["unknown task 'sums'", "reverse"]);
+    // A budget larger than the model allows.
+    let mut a = llm_args(&model, &out);
+    a.ranks = Some(vec![64]);
+    fails(a, &["--ranks 64"]);
+    // A prompt longer than the model's context.
+    let short = tiny_hf_model(&dir.path().join("short"), 48);
+    fails(llm_args(&short, &out), &["context of 48"]);
+    // Not a LLaMA decoder.
+    let bert = dir.path().join("bert");
+    std::fs::create_dir(&bert).unwrap();
+    std::fs::write(
+        bert.join("config.json"),
+        r#"{"architectures": ["BertModel"], "model_type": "bert"}"#,
+    )
+    .unwrap();
+    fails(
+        llm_args(&bert, &out),
+        &["not a LLaMA-family decoder", "config.json"],
+    );
+    // A missing tokenizer.
+    std::fs::remove_file(model.join("tokenizer.json")).unwrap();
+    fails(llm_args(&model, &out), &["tokenizer.json", "no tokenizer"]);
+    // A character-model flag with --model, a real-model flag without it.
+    let mut a = llm_args(&model, &out);
+    a.lm.hidden = 99;
+    fails(a, &["--hidden"]);
+    let mut a = llm_args(&model, &out);
+    a.llm.model = None;
+    fails(a, &["applies to a real model", "--model"]);
 }

@@ -343,7 +343,7 @@ struct Prepared {
 
 /// Evaluation sets use fixed seeds (not `--seed`), so runs of different
 /// seeds are scored on the same examples.
-const EVAL_SEED: u64 = 20_241_129;
+pub const EVAL_SEED: u64 = 20_241_129;
 
 fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
     let base = Pretrained::load(&plan.model)
