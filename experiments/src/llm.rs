@@ -6,9 +6,9 @@
 use anyhow::{Context, ensure};
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use s2ft_core::generate::{GenerationConfig, greedy};
+use s2ft_core::generate::{GenerationConfig, greedy_scored};
 use s2ft_core::tokenizer::{ChatMessage, Tokenizer};
-use s2ft_core::train::{Batch, lm_loss, lm_loss_masked};
+use s2ft_core::train::{Batch, lm_loss};
 use s2ft_core::{Llama, LlamaConfig};
 
 use crate::tasks::{Example, exact_match};
@@ -151,7 +151,7 @@ pub fn generation_config(
 }
 
 /// Scores `model` on `set`: greedy answers by exact match, and the
-/// teacher-forced loss of the references.
+/// teacher-forced loss of the references (on the same prompt caches).
 pub fn score_set<B: Backend>(
     model: &Llama<B>,
     set: &EncodedSet,
@@ -159,33 +159,18 @@ pub fn score_set<B: Backend>(
     batch: usize,
 ) -> anyhow::Result<SetScore> {
     let cfg = generation_config(set, prompter.tok, &model.config, batch);
-    let outs = greedy(model, &set.prompts, &cfg)?;
+    let outs = greedy_scored(model, &set.prompts, &set.completions, &cfg)?;
     let mut hits = 0usize;
     let mut samples = Vec::new();
-    for (ex, g) in set.examples.iter().zip(&outs) {
-        let text = prompter.tok.decode(&g.ids, false)?;
-        hits += usize::from(exact_match(&text, g.stopped, &ex.answer));
+    let (mut nll, mut count) = (0f64, 0usize);
+    for (ex, s) in set.examples.iter().zip(&outs) {
+        let text = prompter.tok.decode(&s.generated.ids, false)?;
+        hits += usize::from(exact_match(&text, s.generated.stopped, &ex.answer));
         if samples.len() < 3 {
             samples.push((ex.prompt.clone(), ex.answer.clone(), text));
         }
-    }
-    let device = model.embed_tokens.val().device();
-    let (mut nll, mut count) = (0f64, 0usize);
-    for chunk in (0..set.examples.len())
-        .collect::<Vec<_>>()
-        .chunks(batch.max(1))
-    {
-        let pairs: Vec<(&[u32], &[u32])> = chunk
-            .iter()
-            .map(|&i| (&set.prompts[i][..], &set.completions[i][..]))
-            .collect();
-        let tokens_here: usize = pairs.iter().map(|(_, c)| c.len()).sum();
-        let b = sft_batch::<B>(&pairs, prompter.pad, &device);
-        let loss: f32 = lm_loss_masked(model, b.tokens, b.mask.expect("mask"))
-            .into_scalar()
-            .elem();
-        nll += loss as f64 * tokens_here as f64;
-        count += tokens_here;
+        nll += s.reference_nll;
+        count += s.reference_tokens;
     }
     let n = set.examples.len();
     Ok(SetScore {

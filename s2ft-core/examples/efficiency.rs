@@ -1,10 +1,22 @@
 //! Step time and peak memory of full fine-tuning, LoRA and S²FT at matched
-//! trainable parameters on a ~14 M-parameter LLaMA-style model (CPU).
+//! trainable parameters (CPU), on a real model or a ~14 M-parameter random one.
 //!
-//! `cargo run -p s2ft-core --release --example efficiency -- [--json] [--steps N]`
+//! ```text
+//! cargo run -p s2ft-core --release --example efficiency -- \
+//!     [--model PATH] [--batch 8] [--seq 64] [--rank 8] [--steps 8] [--methods full,lora,s2ft] [--json]
+//! ```
+//!
+//! `--model` takes a Hugging Face folder or a GGUF file (SmolLM2-135M-Instruct:
+//! `models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf`); without it
+//! a random LLaMA (vocabulary 4096, hidden 384, 6 layers) is used. LoRA is
+//! PEFT-style on every projection (q, k, v, o, gate, up, down) at `--rank`
+//! (alpha 2r); S²FT trains o_proj columns of random heads and down_proj
+//! columns of random channels, with as many parameters as that LoRA. The
+//! batch is `--batch` sequences of `--seq` random tokens, every position
+//! counted. `benches/torch_reference.py` does the same in PyTorch + PEFT.
 //!
 //! Peak memory is measured by a counting global allocator: the largest number
-//! of live heap bytes during the training steps of each method (parameters,
+//! of live heap bytes during the training steps of each method (weights,
 //! gradients, optimizer state and the activations autodiff keeps), with the
 //! previous method's memory freed first.
 
@@ -15,24 +27,57 @@ use s2ft_core::s2ft::{
     trainable_params,
 };
 use s2ft_core::train::{TrainConfig, train};
-use s2ft_core::{CpuTrain, Llama, LlamaConfig};
+use s2ft_core::{CpuTrain, Llama, LlamaConfig, Pretrained};
 
 #[global_allocator]
 static GLOBAL: weights::alloc::Counting = weights::alloc::Counting;
 
 type B = CpuTrain;
 
+/// The value after `flag`, parsed, or `default`.
+fn opt<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> T {
+    match args.iter().position(|a| a == flag) {
+        None => default,
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{flag} needs a value")),
+    }
+}
+
+const TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
-    let steps: usize = args
+    let steps: usize = opt(&args, "--steps", 8);
+    let batch: usize = opt(&args, "--batch", 8);
+    let seq: usize = opt(&args, "--seq", 64);
+    let rank: usize = opt(&args, "--rank", 8);
+    let methods: String = opt(&args, "--methods", "full,lora,s2ft".to_string());
+    let model_path: Option<String> = args
         .iter()
-        .position(|a| a == "--steps")
-        .and_then(|i| args.get(i + 1))
-        .map(|s| s.parse().expect("--steps N"))
-        .unwrap_or(8);
-    let c = LlamaConfig::tiny(4096, 384, 6, 6, 6, 1024);
-    let (batch, seq) = (4, 64);
+        .position(|a| a == "--model")
+        .map(|i| args.get(i + 1).cloned().expect("--model PATH"));
+    let (c, weights, name) = match &model_path {
+        Some(p) => {
+            let m = Pretrained::load(p.as_ref()).unwrap_or_else(|e| panic!("--model {p}: {e}"));
+            (m.config, m.weights, p.clone())
+        }
+        None => {
+            let c = LlamaConfig::tiny(4096, 384, 6, 6, 6, 1024);
+            let sd = s2ft_core::model::random_state_dict(&c, 1);
+            (c, sd, "random LLaMA (hidden 384, 6 layers)".to_string())
+        }
+    };
     let device = Default::default();
     let mut x = 7u64;
     let data: Vec<i64> = (0..batch * seq)
@@ -44,16 +89,16 @@ fn main() {
         })
         .collect();
     let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(data, [batch, seq]), &device);
-    let targets = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"];
-    let lora_n = lora_param_count(&c, 8, &targets);
+    let lora_n = lora_param_count(&c, rank, &TARGETS);
     let (hr, cr) = ratios_for_budget(&c, lora_n, 0.5);
     let mut rows = Vec::new();
-    for method in ["full", "lora", "s2ft"] {
-        let base = Llama::<B>::random(&c, 1, &device).expect("model");
+    for method in methods.split(',') {
+        let base =
+            Llama::<B>::from_state_dict(&c, &weights, method == "full", &device).expect("model");
         let model = match method {
             "full" => base,
-            "lora" => apply_lora(base, 8, 16.0, &targets, 0).expect("lora"),
-            _ => {
+            "lora" => apply_lora(base, rank, 2.0 * rank as f64, &TARGETS, 0).expect("lora"),
+            "s2ft" => {
                 let sc = S2ftConfig {
                     heads_ratio: hr,
                     channels_ratio: cr,
@@ -63,6 +108,7 @@ fn main() {
                 let sel = select(&c, &sc, None).expect("selection");
                 apply_s2ft(base, &sel, &sc).expect("s2ft")
             }
+            other => panic!("--methods: unknown method '{other}' (full, lora, s2ft)"),
         };
         let trainable = trainable_params(&model);
         weights::alloc::reset_peak();
@@ -70,7 +116,7 @@ fn main() {
             model,
             |_| tokens.clone(),
             &TrainConfig {
-                lr: 1e-4,
+                lr: 1e-5,
                 steps: steps + 1,
                 weight_decay: 0.0,
             },
@@ -91,8 +137,8 @@ fn main() {
         println!("{}", serde_json::to_string_pretty(&rows).expect("JSON"));
     } else {
         println!(
-            "model: {} parameters; batch {batch} x {seq} tokens",
-            s2ft_core::model::random_state_dict(&c, 1).numel()
+            "model: {name}, {} parameters; batch {batch} x {seq} tokens; LoRA rank {rank}",
+            weights.numel()
         );
         for r in &rows {
             println!(

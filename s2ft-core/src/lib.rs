@@ -31,7 +31,7 @@ pub use model::{KvCache, Llama};
 pub use pretrained::Pretrained;
 
 /// The CPU backend.
-pub type Cpu = burn::backend::NdArray<f32>;
+pub type Cpu = burn::backend::Flex;
 /// The CPU backend with autodiff (training).
 pub type CpuTrain = burn::backend::Autodiff<Cpu>;
 /// The CUDA backend.

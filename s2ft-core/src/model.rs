@@ -764,6 +764,20 @@ impl<B: Backend> Llama<B> {
         self.head(self.norm.forward(last))
     }
 
+    /// [`Llama::forward_cached`] returning the logits of every fed position,
+    /// `[b, t, vocab]` (teacher forcing after a cached prompt).
+    pub fn forward_cached_all(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Tensor<B, 3> {
+        let [b, t] = tokens.dims();
+        let h = self.config.hidden_size;
+        let x = self.residual_stream(tokens, None, Some(cache));
+        self.head(self.norm.forward(x).reshape([b * t, h]))
+            .reshape([b, t, self.config.vocab_size])
+    }
+
     /// [`Llama::forward_cached`] for rows of different lengths, each padded
     /// on the left with `pads[row]` tokens (any ids): the padding is recorded
     /// in `cache`, never attended to, and each row's positions are shifted

@@ -278,3 +278,47 @@ fn a_checkpoint_that_is_not_a_llama_decoder_or_lacks_a_tokenizer_is_named() {
         .to_string();
     assert!(e.contains("absent"), "{e}");
 }
+
+#[test]
+fn reference_scores_on_the_prompt_cache_equal_a_full_forward() {
+    use burn::tensor::activation::log_softmax;
+    let m = model();
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 2, 3, 9, 14],
+        vec![1, 2, 3, 7],
+        vec![1, 2, 3, 9, 40, 22, 6],
+    ];
+    // References of different lengths (one a single token).
+    let refs: Vec<Vec<u32>> = vec![vec![5, 6, 7], vec![8], vec![10, 11, 12, 13, 14]];
+    let cfg = GenerationConfig {
+        max_new_tokens: 5,
+        stop_ids: vec![],
+        batch_size: 2,
+        max_positions: 64,
+    };
+    let scored = s2ft_core::generate::greedy_scored(&m, &prompts, &refs, &cfg).unwrap();
+    let plain = greedy(&m, &prompts, &cfg).unwrap();
+    for ((s, g), (p, r)) in scored.iter().zip(&plain).zip(prompts.iter().zip(&refs)) {
+        assert_eq!(&s.generated, g);
+        assert_eq!(s.reference_tokens, r.len());
+        // −Σ log p(r_j | p, r_<j) from one forward over p ++ r.
+        let seq: Vec<u32> = p.iter().chain(r).copied().collect();
+        let lp = log_softmax(m.forward(ids(&seq)), 2);
+        let lp: Vec<f32> = lp.into_data().convert::<f32>().into_vec().unwrap();
+        let want: f64 = r
+            .iter()
+            .enumerate()
+            .map(|(j, &tok)| -(lp[(p.len() - 1 + j) * 50 + tok as usize] as f64))
+            .sum();
+        assert!(
+            (s.reference_nll - want).abs() < 1e-4,
+            "{} vs {want}",
+            s.reference_nll
+        );
+    }
+    let e = s2ft_core::generate::greedy_scored(&m, &prompts, &refs[..2], &cfg).unwrap_err();
+    assert!(e.to_string().contains("2 references for 3 prompts"), "{e}");
+    let e = s2ft_core::generate::greedy_scored(&m, &prompts, &[vec![1], vec![], vec![2]], &cfg)
+        .unwrap_err();
+    assert!(e.to_string().contains("reference 1 is empty"), "{e}");
+}

@@ -328,7 +328,7 @@ fn a_tiny_model_learns_a_toy_task_with_s2ft() {
     let model = apply_s2ft(base, &sel, &sc).unwrap();
     let seq = |seed: u64| {
         let starts = batch(seed, 8, 1, 16);
-        let s: Vec<i64> = starts.into_data().into_vec().unwrap();
+        let s: Vec<i64> = starts.into_data().convert::<i64>().into_vec().unwrap();
         let v: Vec<i64> = s
             .iter()
             .flat_map(|&x| (0..12).map(move |i| (x + 3 * i) % 16))
@@ -353,7 +353,12 @@ fn a_tiny_model_learns_a_toy_task_with_s2ft() {
         .convert::<i64>()
         .into_vec()
         .unwrap();
-    let want: Vec<i64> = test.narrow(1, 1, 11).into_data().into_vec().unwrap();
+    let want: Vec<i64> = test
+        .narrow(1, 1, 11)
+        .into_data()
+        .convert::<i64>()
+        .into_vec()
+        .unwrap();
     let acc = pred.iter().zip(&want).filter(|(a, b)| a == b).count() as f64 / want.len() as f64;
     assert!(
         acc >= 0.9,

@@ -790,7 +790,10 @@ fn smollm2() -> Option<std::path::PathBuf> {
         "{} is missing: CI must run scripts/fetch-models.sh first",
         p.display()
     );
-    eprintln!("skipping: {} not found (run scripts/fetch-models.sh)", p.display());
+    eprintln!(
+        "skipping: {} not found (run scripts/fetch-models.sh)",
+        p.display()
+    );
     None
 }
 
@@ -800,7 +803,8 @@ fn smollm2_greedy_answers_match_transformers() {
     let Some(path) = smollm2() else { return };
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/tests/fixtures/smollm2_greedy.json"),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../experiments/tests/fixtures/smollm2_greedy.json"),
         )
         .unwrap(),
     )
@@ -808,18 +812,34 @@ fn smollm2_greedy_answers_match_transformers() {
     let answers = fixture["answers"].as_array().unwrap();
     assert_eq!(answers.len(), InstructTask::ALL.len());
     let p = s2ft_core::Pretrained::load(&path).unwrap();
-    let model = s2ft_core::Llama::<s2ft_core::Cpu>::from_state_dict(&p.config, &p.weights, false, &Default::default()).unwrap();
+    let model = s2ft_core::Llama::<s2ft_core::Cpu>::from_state_dict(
+        &p.config,
+        &p.weights,
+        false,
+        &Default::default(),
+    )
+    .unwrap();
     let words = Words::load(&experiments::lm::default_text_dir()).unwrap();
     let prompter = experiments::llm::Prompter::new(&p.tokenizer).unwrap();
     let ids_of = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     };
     let mut prompts = Vec::new();
     for a in answers {
         let task = InstructTask::parse_list(&[a["task"].as_str().unwrap().to_string()]).unwrap()[0];
-        let ex = examples(task, Split::Test, 1, &words, experiments::studies::s2ft_llm::EVAL_SEED)
-            .unwrap()
-            .remove(0);
+        let ex = examples(
+            task,
+            Split::Test,
+            1,
+            &words,
+            experiments::studies::s2ft_llm::EVAL_SEED,
+        )
+        .unwrap()
+        .remove(0);
         // The fixture's prompt is still the generator's first test example.
         assert_eq!(ex.prompt, a["prompt"].as_str().unwrap(), "{task:?}");
         // Chat template and tokenizer: transformers' apply_chat_template ids.
@@ -838,7 +858,13 @@ fn smollm2_greedy_answers_match_transformers() {
     for (a, g) in answers.iter().zip(&got) {
         let text = p.tokenizer.decode(&g.ids, false).unwrap();
         eprintln!("{}: {text:?}", a["task"]);
-        assert_eq!(g.ids, ids_of(&a["generated_ids"]), "{}: {text:?} vs {}", a["task"], a["text"]);
+        assert_eq!(
+            g.ids,
+            ids_of(&a["generated_ids"]),
+            "{}: {text:?} vs {}",
+            a["task"],
+            a["text"]
+        );
         assert_eq!(g.stopped, a["stopped"].as_bool().unwrap(), "{}", a["task"]);
         assert_eq!(text, a["text"].as_str().unwrap());
     }

@@ -75,7 +75,7 @@ pub struct LlmArgs {
     /// Learning rates swept for S²FT (default 3e-4,1e-3,3e-3; quick: 1e-3).
     #[arg(long, value_delimiter = ',')]
     pub lrs_s2ft: Option<Vec<f64>>,
-    /// Test and out-of-domain examples per task (default 100; quick 24).
+    /// Test and out-of-domain examples per task (default 100; quick 16).
     #[arg(long)]
     pub eval_examples: Option<usize>,
     /// Validation examples per task for the sweep (default 50; quick 16).
@@ -84,7 +84,7 @@ pub struct LlmArgs {
     /// LoRA dropout (PEFT's `lora_dropout`; alpha is 2·r).
     #[arg(long)]
     pub lora_dropout: Option<f64>,
-    /// Windows of held-out text per corpus for the language-modelling loss (default 8; quick 4).
+    /// Windows of held-out text per corpus for the language-modelling loss (default 8; quick 2).
     #[arg(long)]
     pub text_windows: Option<usize>,
 }
@@ -252,12 +252,12 @@ impl Plan {
             batch: pick(lm.batch, 8, 4),
             seed: lm.seed,
             lrs,
-            eval_examples: pick(llm.eval_examples, 100, 24),
+            eval_examples: pick(llm.eval_examples, 100, 16),
             val_examples: pick(llm.val_examples, 50, 16),
             lora_dropout: llm.lora_dropout.unwrap_or(0.05),
-            text_windows: pick(llm.text_windows, 8, 4),
+            text_windows: pick(llm.text_windows, 8, 2),
             window_tokens: 128,
-            eval_batch: 16,
+            eval_batch: 32,
         };
         ensure!(
             plan.steps > 0 && plan.batch > 0,
@@ -444,7 +444,8 @@ pub struct SweepRow {
     pub task: String,
     /// Learning rate.
     pub lr: f64,
-    /// Validation exact-match accuracy (null when diverged).
+    /// Validation exact-match accuracy (null when diverged, or when the
+    /// grid has this one rate and nothing is chosen by it).
     pub val_acc: Option<f64>,
     /// Validation answer loss.
     pub val_loss: Option<f64>,
@@ -735,7 +736,8 @@ where
         let val = &prep.sets[0].validation;
         let mut best: Option<(f64, f64, f64, Trained<B>)> = None;
         let first_row = sweep.len();
-        for &lr in &plan.lrs[family_lrs(method)] {
+        let grid = &plan.lrs[family_lrs(method)];
+        for &lr in grid {
             bar.set_message(format!(
                 "{} on {} at lr {lr:e}",
                 method.label(),
@@ -745,7 +747,8 @@ where
                 &format!("{} {} lr {lr:e}", label(method), sweep_task.name()),
                 || finetune::<B>(&prep, &prompter, plan, method, sweep_task, lr, device, &bar),
             )?;
-            let (acc, loss) = if t.diverged.is_some() {
+            // A grid of one rate has nothing to choose: its validation score is skipped.
+            let (acc, loss) = if t.diverged.is_some() || grid.len() == 1 {
                 (None, None)
             } else {
                 let s = score_set(&t.model.valid(), val, &prompter, eb)?;
@@ -763,7 +766,8 @@ where
                 diverged: t.diverged.clone(),
                 chosen: false,
             });
-            if let (Some(a), Some(l)) = (acc, loss) {
+            if t.diverged.is_none() {
+                let (a, l) = (acc.unwrap_or(0.0), loss.unwrap_or(0.0));
                 let better = best
                     .as_ref()
                     .is_none_or(|(ba, bl, _, _)| a > *ba || (a == *ba && l < *bl));
