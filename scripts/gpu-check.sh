@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: build the studies with the `cuda` feature, run a few training
-# steps of `lmc` and `s2ft` on CUDA and on the CPU, and compare the numbers.
+# steps of `lmc` and `s2ft` (and of `s2ft --model` on SmolLM2 when fetched) on
+# CUDA and on the CPU, and compare the numbers.
 # Run it on a machine with an NVIDIA GPU and driver:
 #   scripts/gpu-check.sh [OUT_DIR]
 # Exit status 0 when both backends agree within tolerance (different kernels
@@ -18,4 +19,12 @@ for dev in cpu cuda; do
   /usr/bin/env time -f "lmc $dev: %e s" "$bin" lmc --quick --device "$dev" --quiet --out "$out/lmc-$dev"
   /usr/bin/env time -f "s2ft $dev: %e s" "$bin" s2ft --quick --device "$dev" --quiet --out "$out/s2ft-$dev"
 done
+# The real model, when fetched: a short quick run of the real-model study on each backend.
+gguf=models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ -f "$gguf" ]; then
+  for dev in cpu cuda; do
+    /usr/bin/env time -f "s2ft --model $dev: %e s" "$bin" s2ft --model "$gguf" --quick --steps 16 \
+      --eval-examples 16 --device "$dev" --quiet --out "$out/s2ft-llm-$dev"
+  done
+fi
 "$bin" compare-runs "$out"

@@ -3,7 +3,7 @@
 /// A study's device choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
-    /// Burn's ndarray backend.
+    /// Burn's CPU backend (burn-flex).
     Cpu,
     /// Burn's CUDA backend (needs the `cuda` feature).
     Cuda,
@@ -28,14 +28,14 @@ impl Device {
     /// The label the report records.
     pub fn label(self) -> &'static str {
         match self {
-            Device::Cpu => "cpu (burn ndarray)",
+            Device::Cpu => "cpu (burn flex)",
             Device::Cuda => "cuda (burn cubecl)",
         }
     }
 }
 
 /// Calls the backend-generic function `f::<B>(args…)` with the autodiff
-/// backend `dev` names: Burn ndarray on the CPU, Burn CUDA in a build with
+/// backend `dev` names: Burn flex on the CPU, Burn CUDA in a build with
 /// the `cuda` feature. One place for the CPU/CUDA dispatch of every study.
 macro_rules! on_device {
     ($dev:expr, $f:ident($($arg:expr),* $(,)?)) => {

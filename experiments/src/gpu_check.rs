@@ -1,5 +1,6 @@
 //! The comparison behind `scripts/gpu-check.sh`: the quick `lmc` and `s2ft`
-//! runs on the CPU and on CUDA must tell the same story. Kernels and
+//! runs (and, where SmolLM2 was fetched, the quick real-model `s2ft --model`
+//! runs `s2ft-llm-*`) on the CPU and on CUDA must tell the same story. Kernels and
 //! summation orders differ, so numbers are compared within tolerances, and
 //! each backend's run must keep the study's own conclusion.
 
@@ -90,6 +91,54 @@ pub fn compare(dir: &Path) -> anyhow::Result<String> {
             ));
         }
     }
+    // The real-model runs (scripts/gpu-check.sh with SmolLM2 fetched).
+    if dir.join("s2ft-llm-cpu").is_dir() || dir.join("s2ft-llm-cuda").is_dir() {
+        let (lc, lg) = (load(dir, "s2ft-llm-cpu")?, load(dir, "s2ft-llm-cuda")?);
+        let corpora: Vec<String> = lc["base"]["text_loss"]
+            .as_object()
+            .context("s2ft-llm: base.text_loss")?
+            .keys()
+            .cloned()
+            .collect();
+        for k in &corpora {
+            check(
+                format!("real model base held-out loss, {k}"),
+                get(&lc, &["base", "text_loss", k], "s2ft-llm")?,
+                get(&lg, &["base", "text_loss", k], "s2ft-llm")?,
+                0.01,
+            );
+        }
+        for fam in ["full", "lora", "s2ft-random"] {
+            let f = |m: &Value, dev: &str| -> anyhow::Result<f64> {
+                get(
+                    family(m, fam, &format!("s2ft-llm {dev}"))?,
+                    &["test_acc"],
+                    "s2ft-llm",
+                )
+            };
+            check(
+                format!("real model {fam} in-domain accuracy"),
+                f(&lc, "cpu")?,
+                f(&lg, "cuda")?,
+                0.25,
+            );
+        }
+        for (m, dev) in [(&lc, "cpu"), (&lg, "cuda")] {
+            let base: Vec<f64> = m["base"]["tasks"]
+                .as_object()
+                .context("s2ft-llm: base.tasks")?
+                .values()
+                .filter_map(|t| t["test"]["acc"].as_f64())
+                .collect();
+            let base = base.iter().sum::<f64>() / base.len().max(1) as f64;
+            let full = get(family(m, "full", dev)?, &["test_acc"], "s2ft-llm")?;
+            if full <= base {
+                story.push(format!(
+                    "s2ft-llm on {dev}: full fine-tuning's accuracy {full:.3} is not above the base model's {base:.3}"
+                ));
+            }
+        }
+    }
     bad.extend(story);
     let report = lines.join("\n");
     if bad.is_empty() {
@@ -135,6 +184,28 @@ mod tests {
         assert!(err.contains("lmc model A test accuracy"), "{err}");
         assert!(err.contains("lmc on cuda: WM barrier"), "{err}");
         assert!(err.contains("s2ft on cuda: S²FT forgetting"), "{err}");
+        // The real-model pair, when present, is compared too.
+        let llm = |loss: f64, full: f64| {
+            json!({"base": {"text_loss": {"moby-dick": loss}, "tasks": {"date": {"test": {"acc": 0.0}}}},
+                   "summary": [{"family": "full", "test_acc": full}, {"family": "lora", "test_acc": 0.5},
+                               {"family": "s2ft-random", "test_acc": 0.5}]})
+        };
+        write(&dir, "lmc-cuda", lmc(0.91, 0.1));
+        write(&dir, "s2ft-cuda", s2ft(2.45, 0.3));
+        write(&dir, "s2ft-llm-cpu", llm(3.10, 0.9));
+        write(&dir, "s2ft-llm-cuda", llm(3.105, 0.85));
+        let ok = compare(&dir).unwrap();
+        assert!(
+            ok.contains("real model full in-domain accuracy") && !ok.contains("DIFFERS"),
+            "{ok}"
+        );
+        write(&dir, "s2ft-llm-cuda", llm(3.5, 0.0));
+        let err = compare(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("real model base held-out loss, moby-dick"),
+            "{err}"
+        );
+        assert!(err.contains("s2ft-llm on cuda: full fine-tuning"), "{err}");
         // A missing run is a clear error.
         std::fs::remove_dir_all(dir.join("s2ft-cpu")).unwrap();
         let err = format!("{:#}", compare(&dir).unwrap_err());

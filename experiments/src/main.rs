@@ -81,7 +81,7 @@ enum Cmd {
     /// Per-layer ESD report of a checkpoint (alpha, weighted alpha, stable rank, spikes, FARMS, WeLore).
     Spectra(studies::spectra::SpectraArgs),
     /// S²FT vs LoRA vs full fine-tuning of a small LLaMA-style model: task quality, forgetting, memory, step time, fusion, switch time.
-    S2ft(studies::s2ft::S2ftArgs),
+    S2ft(Box<studies::s2ft::S2ftArgs>),
     /// Merging full / LoRA / S²FT fine-tunes of one base: averaging, task arithmetic, TIES, DARE, Model Stock, WM+TIES, RMM, LoRA-LEGO.
     Merge(studies::merging::MergeArgs),
     /// PLeaS: two MLPs trained on disjoint label sets merged by partial matching, with least squares vs averaging.

@@ -308,11 +308,12 @@ pub fn unfuse(sd: &mut StateDict, undo: Undo) -> Result<()> {
 
 /// Writes the LoRA factors a model carries as a Hugging Face PEFT adapter
 /// (`adapter_model.safetensors` with `base_model.model.<module>.lora_{A,B}.weight`,
-/// `adapter_config.json` with `r`, `lora_alpha`, `target_modules`).
+/// `adapter_config.json` with `r`, `lora_alpha`, `lora_dropout` (the rate it
+/// was trained with), `target_modules`).
 pub fn save_lora_peft<B: Backend>(model: &Llama<B>, dir: impl AsRef<Path>) -> Result<()> {
     let dir = dir.as_ref();
     let mut sd = StateDict::new();
-    let (mut r, mut scale) = (0usize, 0f32);
+    let (mut r, mut scale, mut dropout) = (0usize, 0f32, 0f64);
     let mut targets: Vec<String> = Vec::new();
     for (l, blk) in model.layers.iter().enumerate() {
         for name in PROJ_NAMES {
@@ -331,6 +332,7 @@ pub fn save_lora_peft<B: Backend>(model: &Llama<B>, dir: impl AsRef<Path>) -> Re
             );
             r = a.val().dims()[0];
             scale = p.lora_scale;
+            dropout = p.lora_dropout;
             let short = name.rsplit('.').next().expect("name").to_string();
             if !targets.contains(&short) {
                 targets.push(short);
@@ -348,7 +350,7 @@ pub fn save_lora_peft<B: Backend>(model: &Llama<B>, dir: impl AsRef<Path>) -> Re
         "task_type": "CAUSAL_LM",
         "r": r,
         "lora_alpha": scale as f64 * r as f64,
-        "lora_dropout": 0.0,
+        "lora_dropout": dropout,
         "bias": "none",
         "use_rslora": false,
         "target_modules": targets,

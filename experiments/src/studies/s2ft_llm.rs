@@ -248,7 +248,7 @@ impl Plan {
             tasks,
             sweep_task,
             ranks,
-            steps: pick(lm.steps, 150, 30),
+            steps: pick(lm.steps, 150, 24),
             batch: pick(lm.batch, 8, 4),
             seed: lm.seed,
             lrs,
@@ -997,7 +997,7 @@ fn summarize(methods: &[Method], rows: &[RunRow]) -> Vec<SummaryRow> {
                     .iter()
                     .map(|r| r.peak_mb)
                     .collect::<Option<Vec<f64>>>()
-                    .map(|v| mean(v)),
+                    .map(mean),
             }
         })
         .collect()
@@ -1195,8 +1195,7 @@ fn report(
         "# S²FT vs LoRA vs full fine-tuning of {}\n\n\
          Model: `{}` — {} layers, hidden {}, {} query / {} key-value heads, FFN {}, vocabulary {}, {} parameters. \
          Prompts use the model's chat template. Each method is fine-tuned on each task for {} steps of {} \
-         examples (AdamW, loss on the answer and end-of-turn tokens); learning rates swept on `{}`'s \
-         validation split. Scores are exact match of greedy decoding on {} test and {} out-of-domain \
+         examples (AdamW, loss on the answer and end-of-turn tokens); {}. Scores are exact match of greedy decoding on {} test and {} out-of-domain \
          examples per task. LoRA on q, k, v, o, gate, up, down (alpha 2r, dropout {}); S²FT at each LoRA \
          rank's parameter budget trains o_proj columns of selected heads and down_proj columns of selected channels.\n\n",
         plan.model.file_name().map_or_else(
@@ -1213,7 +1212,15 @@ fn report(
         params,
         plan.steps,
         plan.batch,
-        plan.tasks[0].name(),
+        if plan.lrs.values().all(|v| v.len() == 1) {
+            "one learning rate per method, not swept".to_string()
+        } else {
+            format!(
+                "learning rates swept on `{}`'s validation split ({} examples)",
+                plan.tasks[0].name(),
+                plan.val_examples
+            )
+        },
         plan.eval_examples,
         plan.eval_examples,
         plan.lora_dropout,
