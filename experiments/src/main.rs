@@ -126,6 +126,9 @@ fn list() -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Studies keep the tables of the runs that finished; an interrupt removes
+    // only the files being written.
+    weights::atomic::on_interrupt(weights::atomic::OnInterrupt::RemoveTemporaries);
     let result = match cli.cmd {
         None | Some(Cmd::List) => {
             print!("{}", list());
@@ -174,7 +177,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("{}", weights::cli::error_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use merge::run::{EmbedPolicy, RunOptions, run_file};
+use weights::atomic::OnInterrupt;
 
 #[derive(Parser)]
 #[command(
@@ -59,8 +60,13 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
     Ok((v * mult as f64) as u64)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // A half-merged folder is worse than none: an interrupt restores it.
+    weights::cli::main(OnInterrupt::RestoreOutputs, || run(cli))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     let opts = RunOptions {
         seed: cli.seed,
         shard_bytes: parse_size(&cli.shard_size)?,

@@ -468,10 +468,7 @@ fn copy_files(plan: &Plan, cfg_text: Option<&str>, out: &Path) -> Result<Vec<Str
         src.parent().map(Path::to_path_buf).unwrap_or_default()
     };
     let mut copied = Vec::new();
-    std::fs::create_dir_all(out).map_err(|e| MergeError::Io {
-        path: out.to_path_buf(),
-        source: e,
-    })?;
+    weights::atomic::create_dir_all(out)?;
     for f in COPIED_FILES {
         let from = dir.join(f);
         if !from.is_file() {

@@ -732,10 +732,13 @@ impl<B: Backend> Llama<B> {
     pub fn head(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
         match &self.lm_head {
             Some(head) => head.forward(hidden),
-            // Tied: h·Eᵀ. burn-flex hands the transposed view of E to gemm as
-            // strides (no copy), and the logits come out contiguous `[n, vocab]`,
-            // which the softmax after them reads row by row.
-            None => hidden.matmul(self.embed_tokens.val().transpose()),
+            // Tied: (E·hᵀ)ᵀ, so only the small hidden states are transposed
+            // (Burn's CPU matmul would copy a transposed [vocab, hidden] E).
+            None => self
+                .embed_tokens
+                .val()
+                .matmul(hidden.transpose())
+                .transpose(),
         }
     }
 

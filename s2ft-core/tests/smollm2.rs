@@ -101,3 +101,45 @@ fn smollm2_chat_template_is_chatml() {
     assert_eq!(tok.stop_ids()[0], 2, "EOS is <|im_end|>");
     assert!(tok.stop_ids().contains(&0), "<|endoftext|> also stops");
 }
+
+/// The tokenizer files `weights convert` writes from the GGUF, read back by
+/// the `tokenizers` crate from disk, encode a set of strings (ASCII,
+/// Unicode, whitespace, special tokens, a chat turn) to the ids that
+/// transformers' own GGUF tokenizer gives, and render the chat template the
+/// same (fixture from `weights/tests/fixtures/gguf_tokenizer.py`, which also
+/// checks that `transformers.AutoTokenizer` loads the converted folder).
+#[test]
+fn tokenizer_files_written_from_the_gguf_encode_as_transformers_does() {
+    let Some(path) = model_path() else { return };
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../weights/tests/fixtures/gguf_tokenizer.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    weights::HfTokenizerFiles::from_gguf(&GgufFile::open(&path).unwrap())
+        .unwrap()
+        .save(dir.path())
+        .unwrap();
+    let tok = Tokenizer::from_hf_dir(dir.path()).unwrap();
+    let ids = fixture["ids"].as_object().unwrap();
+    assert!(ids.len() >= 8);
+    for (text, want) in ids {
+        let want: Vec<u32> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(text).unwrap(), want, "{text:?}");
+    }
+    let chat = tok
+        .chat_prompt(&[ChatMessage::user(
+            "Reverse the order of these words: south, fin, join.",
+        )])
+        .unwrap();
+    assert_eq!(chat, fixture["chat"].as_str().unwrap());
+}

@@ -128,13 +128,8 @@ fn table(rows: &[LayerReport]) -> String {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let cli = Cli::parse();
+    weights::cli::main(weights::atomic::OnInterrupt::RestoreOutputs, || run(cli))
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -113,6 +113,18 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
     for acc in m["endpoint_test_accuracy"].as_array().unwrap() {
         assert!(acc.as_f64().unwrap() > 0.5);
     }
+    // `--quick` sets defaults; an option given with it applies (0 epochs
+    // is refused, not dropped).
+    let zero = experiments::studies::lmc::LmcArgs {
+        quick: true,
+        epochs: Some(0),
+        run: RunArgs::quiet_to(dir.path().join("lmc0")),
+        ..Default::default()
+    };
+    let err = experiments::studies::lmc::run(&zero)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--epochs"), "{err}");
 }
 
 #[test]
@@ -121,7 +133,7 @@ fn svd_align_study_weight_matching_aligns_top_singular_vectors() {
     let out = dir.path().join("svd");
     let lmc = experiments::studies::lmc::LmcArgs {
         width: Some(128),
-        depth: 2,
+        depth: Some(2),
         epochs: Some(3),
         grid: 5,
         ste_steps: 20,
@@ -162,7 +174,7 @@ fn many_study_aligned_merges_beat_plain_averaging() {
     let out = dir.path().join("many");
     let lmc = experiments::studies::lmc::LmcArgs {
         width: Some(128),
-        depth: 2,
+        depth: Some(2),
         epochs: Some(2),
         grid: 5,
         ste_steps: 10,

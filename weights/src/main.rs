@@ -196,6 +196,7 @@ fn convert(input: &Path, output: &Path, dtype: Option<DType>, shard_size: u64) -
     w.finish()?;
     // Side files: a config written from GGUF metadata, or the input's own.
     let mut wrote_config = false;
+    let mut wrote_tokenizer = false;
     if let Checkpoint::Gguf(g) = &ckpt {
         if let Some(cfg) = g.config().to_hf_config() {
             weights::atomic::write_atomic(
@@ -203,6 +204,15 @@ fn convert(input: &Path, output: &Path, dtype: Option<DType>, shard_size: u64) -
                 serde_json::to_string_pretty(&cfg)?.as_bytes(),
             )?;
             wrote_config = true;
+        }
+        // tokenizer.json and tokenizer_config.json from the GGUF's vocabulary,
+        // merges and chat template, so the folder generates on its own.
+        match weights::HfTokenizerFiles::from_gguf(g) {
+            Ok(files) => {
+                files.save(&out_dir)?;
+                wrote_tokenizer = true;
+            }
+            Err(e) => eprintln!("note: no tokenizer files written: {e}"),
         }
     } else if !same_file(&in_dir, &out_dir) {
         for name in SIDE_FILES {
@@ -219,10 +229,11 @@ fn convert(input: &Path, output: &Path, dtype: Option<DType>, shard_size: u64) -
         "wrote {} tensors to {}{} in {:.2} s",
         plan.len(),
         output.display(),
-        if wrote_config {
-            " (with config.json)"
-        } else {
-            ""
+        match (wrote_config, wrote_tokenizer) {
+            (true, true) => " (with config.json and tokenizer files)",
+            (true, false) => " (with config.json)",
+            (false, true) => " (with tokenizer files)",
+            (false, false) => "",
         },
         started.elapsed().as_secs_f64()
     );
@@ -238,20 +249,16 @@ fn weights_parent(p: &Path) -> PathBuf {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Inspect { path, json } => inspect(&path, json),
-        Command::Convert {
-            input,
-            output,
-            dtype,
-            shard_size,
-        } => convert(&input, &output, dtype, shard_size),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+    // A half-converted folder is worse than none: an interrupt restores it.
+    weights::cli::main(weights::atomic::OnInterrupt::RestoreOutputs, || {
+        match cli.command {
+            Command::Inspect { path, json } => inspect(&path, json),
+            Command::Convert {
+                input,
+                output,
+                dtype,
+                shard_size,
+            } => convert(&input, &output, dtype, shard_size),
         }
-    }
+    })
 }

@@ -206,7 +206,12 @@ impl ShardedWriter {
         max_shard_bytes: u64,
     ) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| WeightsError::io(&dir, e))?;
+        crate::atomic::create_dir_all(&dir)?;
+        // Temporaries of shards or the index that a killed run left, whatever
+        // its shard count.
+        crate::atomic::remove_stale_temporaries(&dir, &|n| {
+            n == INDEX_FILE || parse_shard_file_name(n).is_some()
+        });
         let mut groups: Vec<Vec<TensorInfo>> = Vec::new();
         let mut current = 0u64;
         let mut total_size = 0u64;
@@ -300,7 +305,42 @@ impl ShardedWriter {
             "weight_map": weight_map,
         });
         let text = serde_json::to_string_pretty(&index).expect("index JSON");
-        crate::atomic::write_atomic(self.dir.join(INDEX_FILE), text.as_bytes())
+        crate::atomic::write_atomic(self.dir.join(INDEX_FILE), text.as_bytes())?;
+        remove_stale_shards(&self.dir, n);
+        Ok(())
+    }
+}
+
+/// `(i, n)` (1-based shard `i` of `n`) of a name [`shard_file_name`] writes.
+pub fn parse_shard_file_name(name: &str) -> Option<(usize, usize)> {
+    let rest = name.strip_prefix("model-")?.strip_suffix(".safetensors")?;
+    let (i, n) = rest.split_once("-of-")?;
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !(digits(i) && digits(n)) {
+        return None;
+    }
+    Some((i.parse().ok()?, n.parse().ok()?))
+}
+
+/// Removes the shards of an earlier output with another shard count, which
+/// the new index does not name (they would double the folder's size and
+/// confuse a reader that globs shards), noting each on stderr.
+fn remove_stale_shards(dir: &Path, n: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let stale = e
+            .file_name()
+            .to_str()
+            .and_then(parse_shard_file_name)
+            .is_some_and(|(_, of)| of != n);
+        if stale && std::fs::remove_file(e.path()).is_ok() {
+            eprintln!(
+                "note: removed {}, a shard of an earlier output that the new index does not name",
+                e.path().display()
+            );
+        }
     }
 }
 

@@ -76,9 +76,16 @@ fn convert_gguf_to_sharded_safetensors_with_config() {
             "--shard-size",
             "20KB",
         ])
-        .status()
+        .output()
         .unwrap();
-    assert!(st.success());
+    let stderr = String::from_utf8_lossy(&st.stderr);
+    assert!(st.status.success(), "{stderr}");
+    // This GGUF has no tokenizer metadata: the folder has none, and says why.
+    assert!(
+        stderr.contains("no tokenizer files written") && stderr.contains("tokenizer.ggml.model"),
+        "{stderr}"
+    );
+    assert!(!out_dir.join("tokenizer.json").exists());
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
             .unwrap();
@@ -186,4 +193,23 @@ fn bad_input_fails_with_a_message_naming_the_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown dtype 'f8'"));
     assert!(!dir.path().join("o").exists());
+}
+
+/// One error style: `error: …` on one line, each cause once, exit status 1,
+/// no backtrace even with `RUST_BACKTRACE=1`; usage errors keep clap's 2.
+#[test]
+fn errors_are_one_line_with_each_cause_once() {
+    let out = weights_cmd()
+        .args(["inspect", "/nonexistent/model.safetensors"])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: ") && err.contains("/nonexistent/model.safetensors"));
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+    assert!(!err.contains("backtrace"), "{err}");
+    let usage = weights_cmd().args(["inspekt"]).output().unwrap();
+    assert_eq!(usage.status.code(), Some(2));
 }

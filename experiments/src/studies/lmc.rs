@@ -66,9 +66,9 @@ pub struct LmcArgs {
     /// Hidden width of the MLP (default 512) or stem width of the ResNet (default 8).
     #[arg(long)]
     pub width: Option<usize>,
-    /// Hidden layers (MLP).
-    #[arg(long, default_value_t = 3)]
-    pub depth: usize,
+    /// Hidden layers of the MLP (default 3; 2 with `--quick`).
+    #[arg(long)]
+    pub depth: Option<usize>,
     /// Training epochs per model (default 5 for the MLP, 3 for the ResNet).
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -343,22 +343,22 @@ pub(crate) fn train_on(
 pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<TrainedSet> {
     let dev = run.device;
     let arch = args.arch;
+    // `--quick` changes the defaults; options given explicitly still apply.
     let (width, depth, epochs, n_train) = match (args.quick, arch) {
         (true, Arch::Mlp) => (64, 2, 3, 2000),
         (true, Arch::Resnet) => (4, 0, 2, 500),
-        (false, Arch::Mlp) => (
-            args.width.unwrap_or(512),
-            args.depth,
-            args.epochs.unwrap_or(5),
-            usize::MAX,
-        ),
-        (false, Arch::Resnet) => (
-            args.width.unwrap_or(8),
-            0,
-            args.epochs.unwrap_or(3),
-            usize::MAX,
-        ),
+        (false, Arch::Mlp) => (512, 3, 5, usize::MAX),
+        (false, Arch::Resnet) => (8, 0, 3, usize::MAX),
     };
+    anyhow::ensure!(
+        arch == Arch::Mlp || args.depth.is_none(),
+        "--depth applies to the MLP; the ResNet has one block per stage"
+    );
+    let (width, depth, epochs) = (
+        args.width.unwrap_or(width),
+        args.depth.unwrap_or(depth),
+        args.epochs.unwrap_or(epochs),
+    );
     anyhow::ensure!(
         width > 0 && epochs > 0,
         "--width and --epochs must be positive"

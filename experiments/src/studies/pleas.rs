@@ -96,15 +96,15 @@ pub struct PleasArgs {
     /// Tiny size for tests (width 64 × 2 layers, 2000 training samples, 3 epochs, 500 unlabelled samples).
     #[arg(long)]
     pub quick: bool,
-    /// Hidden width.
-    #[arg(long, default_value_t = 512)]
-    pub width: usize,
-    /// Hidden layers.
-    #[arg(long, default_value_t = 3)]
-    pub depth: usize,
-    /// Training epochs per model.
-    #[arg(long, default_value_t = 5)]
-    pub epochs: usize,
+    /// Hidden width (default 512; 64 with `--quick`).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Hidden layers (default 3; 2 with `--quick`).
+    #[arg(long)]
+    pub depth: Option<usize>,
+    /// Training epochs per model (default 5; 3 with `--quick`).
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Model A learns the labels below this one, model B the others.
     #[arg(long, default_value_t = 5)]
     pub split: usize,
@@ -123,9 +123,10 @@ pub struct PleasArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Matching::None, Matching::Wm, Matching::Am])]
     pub matchings: Vec<Matching>,
     /// Unlabelled training samples (both tasks) for activation matching, the
-    /// partial-matching correlations and the least-squares solves.
-    #[arg(long, default_value_t = 2000)]
-    pub samples: usize,
+    /// partial-matching correlations and the least-squares solves (default
+    /// 2000; 500 with `--quick`).
+    #[arg(long)]
+    pub samples: Option<usize>,
     /// Ridge of the least-squares solves, relative to the mean squared input
     /// (`λ = ridge · ‖X‖²_F / d`).
     #[arg(long, default_value_t = 1e-3)]
@@ -693,17 +694,18 @@ fn labels_in(data: &Split, range: std::ops::Range<usize>) -> Split {
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
+    // `--quick` changes the defaults; options given explicitly still apply.
     let (width, depth, epochs, n_train, samples) = if args.quick {
         (64, 2, 3, 2000, 500)
     } else {
-        (
-            args.width,
-            args.depth,
-            args.epochs,
-            usize::MAX,
-            args.samples,
-        )
+        (512, 3, 5, usize::MAX, 2000)
     };
+    let (width, depth, epochs, samples) = (
+        args.width.unwrap_or(width),
+        args.depth.unwrap_or(depth),
+        args.epochs.unwrap_or(epochs),
+        args.samples.unwrap_or(samples),
+    );
     ensure!(
         width > 0 && depth > 0 && epochs > 0 && samples > 0,
         "--width, --depth, --epochs and --samples must be positive"

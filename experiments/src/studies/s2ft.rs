@@ -68,7 +68,7 @@ pub struct LmArgs {
     /// Pretraining steps on task A.
     #[arg(long, default_value_t = 400)]
     pub pretrain_steps: usize,
-    /// Fine-tuning steps per task (default 300, quick 150; with --model 150, quick 24).
+    /// Fine-tuning steps per task (default 300, quick 150; with --model 150, quick 16).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Base seed (model init, data order, selections).

@@ -248,7 +248,7 @@ impl Plan {
             tasks,
             sweep_task,
             ranks,
-            steps: pick(lm.steps, 150, 24),
+            steps: pick(lm.steps, 150, 16),
             batch: pick(lm.batch, 8, 4),
             seed: lm.seed,
             lrs,
