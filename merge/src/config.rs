@@ -239,6 +239,25 @@ impl MergeConfig {
                 )));
             }
         }
+        // mergekit 0.1.5 adds a `base_model` missing from `models` as one more
+        // input without parameters (plan.py's normalize_config); a method
+        // that has no base role then refuses it: linear for its required
+        // per-model `weight`, passthrough for its single input.
+        if method.base_policy() == crate::BasePolicy::Ignored
+            && let (Some(b), Some(list)) = (&cfg.base_model, &cfg.models)
+            && !list.iter().any(|m| &m.model == b)
+        {
+            return Err(err(format!(
+                "base_model '{b}' is not among 'models': mergekit 0.1.5 then merges it as one more \
+                 input, which method '{}' refuses ({}); list it under 'models' or drop 'base_model'",
+                method.name(),
+                if method == Method::Passthrough {
+                    "it takes exactly one model".to_string()
+                } else {
+                    format!("missing required parameter weight for {b}")
+                }
+            )));
+        }
         let known: Vec<&str> = method.parameters().iter().map(|(n, _)| *n).collect();
         for (owner, params) in all {
             for key in params.keys() {
@@ -441,6 +460,18 @@ mod tests {
             msg("merge_method: linear\nmodels: [{model: a}]\nslices: [{sources: [{model: a, layer_range: [0, 2]}]}]\n")
                 .contains("not both")
         );
+        // mergekit 0.1.5 refuses a base it would merge without a weight.
+        let e = msg(
+            "merge_method: linear\nbase_model: base\nmodels: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {weight: 1}}]\n",
+        );
+        assert!(
+            e.contains("base_model 'base'") && e.contains("weight"),
+            "{e}"
+        );
+        let e = msg("merge_method: passthrough\nbase_model: base\nmodels: [{model: a}]\n");
+        assert!(e.contains("exactly one"), "{e}");
+        // Listed with a weight, the base is merged like the others (as in mergekit).
+        parse("merge_method: linear\nbase_model: a\nmodels: [{model: a, parameters: {weight: 1}}, {model: b, parameters: {weight: 1}}]\n").unwrap();
         assert!(
             msg("merge_method: linear\nmodels: [{model: a}]\nfoo: 1\n")
                 .contains("unknown field `foo`")
