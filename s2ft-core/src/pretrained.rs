@@ -129,41 +129,29 @@ pub fn save_hf_folder(
             "exists already; not overwriting a model folder",
         ));
     }
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| weights::WeightsError::io(&parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let tmp = parent.join(format!(".{name}.{}.partial", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp).map_err(|e| weights::WeightsError::io(&tmp, e))?;
-        let mut cfg = config.to_hf();
-        cfg["torch_dtype"] = Value::from("float32");
-        let stops = tokenizer.stop_ids();
-        if let Some(&eos) = stops.first() {
-            cfg["eos_token_id"] = Value::from(eos);
-        }
-        let generation = serde_json::json!({
-            "eos_token_id": stops,
-            "do_sample": false,
-        });
-        let json = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON values serialise");
-        weights::atomic::write_atomic(tmp.join("config.json"), &json(&cfg))?;
-        weights::atomic::write_atomic(tmp.join("generation_config.json"), &json(&generation))?;
-        // transformers refuses safetensors files without `format: pt`.
-        weights.metadata.insert("format".into(), "pt".into());
-        weights.save_sharded(&tmp, max_shard_bytes)?;
-        tokenizer.save(&tmp)?;
-        std::fs::rename(&tmp, dir).map_err(|e| weights::WeightsError::io(dir, e))?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+    // Assembled under a temporary name (removed on error or interrupt) and
+    // renamed into place.
+    let tmp = weights::atomic::TemporaryDir::create(dir)?;
+    let mut cfg = config.to_hf();
+    cfg["torch_dtype"] = Value::from("float32");
+    let stops = tokenizer.stop_ids();
+    if let Some(&eos) = stops.first() {
+        cfg["eos_token_id"] = Value::from(eos);
     }
-    result
+    let generation = serde_json::json!({
+        "eos_token_id": stops,
+        "do_sample": false,
+    });
+    let json = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON values serialise");
+    weights::atomic::write_atomic(tmp.path().join("config.json"), &json(&cfg))?;
+    weights::atomic::write_atomic(
+        tmp.path().join("generation_config.json"),
+        &json(&generation),
+    )?;
+    // transformers refuses safetensors files without `format: pt`.
+    weights.metadata.insert("format".into(), "pt".into());
+    weights.save_sharded(tmp.path(), max_shard_bytes)?;
+    tokenizer.save(tmp.path())?;
+    tmp.persist()?;
+    Ok(())
 }

@@ -36,6 +36,7 @@ pub enum OnInterrupt {
 /// What this process wrote so far, for undoing on interrupt.
 struct Journal {
     temps: BTreeMap<u64, PathBuf>,
+    temp_dirs: BTreeMap<u64, PathBuf>,
     created_files: Vec<PathBuf>,
     created_dirs: Vec<PathBuf>,
     next: u64,
@@ -44,6 +45,7 @@ struct Journal {
 
 static JOURNAL: Mutex<Journal> = Mutex::new(Journal {
     temps: BTreeMap::new(),
+    temp_dirs: BTreeMap::new(),
     created_files: Vec::new(),
     created_dirs: Vec::new(),
     next: 0,
@@ -68,6 +70,11 @@ impl Journal {
         let mut done = Undone::default();
         for p in std::mem::take(&mut self.temps).into_values() {
             if std::fs::remove_file(&p).is_ok() {
+                done.temporaries += 1;
+            }
+        }
+        for d in std::mem::take(&mut self.temp_dirs).into_values() {
+            if std::fs::remove_dir_all(&d).is_ok() {
                 done.temporaries += 1;
             }
         }
@@ -283,6 +290,88 @@ impl Drop for AtomicFile {
     }
 }
 
+/// A folder assembled under a temporary name beside its target and renamed
+/// into place by [`TemporaryDir::persist`] (a model folder appears whole or
+/// not at all). Dropped unpersisted, or on interrupt, it is removed with its
+/// contents. Its name is `.NAME.PID.partial`; one an earlier, killed run left
+/// for the same target is removed when the next one is created.
+#[derive(Debug)]
+pub struct TemporaryDir {
+    path: PathBuf,
+    target: PathBuf,
+    id: Option<u64>,
+}
+
+impl TemporaryDir {
+    /// Creates the temporary folder for `target` (whose parent is created
+    /// if missing). `target` itself must not exist.
+    pub fn create(target: impl AsRef<Path>) -> Result<Self> {
+        let target = target.as_ref().to_path_buf();
+        let parent = parent_dir(&target);
+        create_dir_all(&parent)?;
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into());
+        let partial = |n: &str| -> bool {
+            n.strip_prefix(&format!(".{name}."))
+                .and_then(|r| r.strip_suffix(".partial"))
+                .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        };
+        let mut j = journal();
+        if let Ok(entries) = std::fs::read_dir(&parent) {
+            for e in entries.flatten() {
+                let stale = e.file_name().to_str().is_some_and(partial)
+                    && !j.temp_dirs.values().any(|d| *d == e.path());
+                if stale && std::fs::remove_dir_all(e.path()).is_ok() {
+                    eprintln!(
+                        "note: removed {}, a partial folder an interrupted run left",
+                        e.path().display()
+                    );
+                }
+            }
+        }
+        let path = parent.join(format!(".{name}.{}.partial", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).map_err(|e| WeightsError::io(&path, e))?;
+        let id = j.next;
+        j.next += 1;
+        j.temp_dirs.insert(id, path.clone());
+        Ok(TemporaryDir {
+            path,
+            target,
+            id: Some(id),
+        })
+    }
+
+    /// The temporary folder to write into.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the folder to its target.
+    pub fn persist(mut self) -> Result<()> {
+        let mut j = journal();
+        std::fs::rename(&self.path, &self.target).map_err(|e| WeightsError::io(&self.target, e))?;
+        if let Some(id) = self.id.take() {
+            j.temp_dirs.remove(&id);
+        }
+        drop(j);
+        sync_dir(&parent_dir(&self.target));
+        Ok(())
+    }
+}
+
+impl Drop for TemporaryDir {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let mut j = journal();
+            j.temp_dirs.remove(&id);
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
     let mut f = AtomicFile::create(path)?;
@@ -320,6 +409,26 @@ mod tests {
         assert!(!temporary_for("model.safetensors.a1B2c3.tmp", &t));
         assert!(!temporary_for(".other.safetensors.a1B2c3.tmp", &t));
         assert!(!temporary_for(".model.safetensors.a1-2c3.tmp", &t));
+    }
+
+    #[test]
+    fn a_temporary_dir_appears_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("model");
+        let stale = dir.path().join(".model.99999999.partial");
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::write(stale.join("x"), b"half").unwrap();
+        let t = TemporaryDir::create(&target).unwrap();
+        assert!(!stale.exists(), "a killed run's partial folder is removed");
+        std::fs::write(t.path().join("config.json"), b"{}").unwrap();
+        assert!(!target.exists());
+        t.persist().unwrap();
+        assert!(target.join("config.json").is_file());
+        let dropped = TemporaryDir::create(dir.path().join("other")).unwrap();
+        let p = dropped.path().to_path_buf();
+        std::fs::write(p.join("a"), b"1").unwrap();
+        drop(dropped);
+        assert!(!p.exists() && !dir.path().join("other").exists());
     }
 
     #[test]
