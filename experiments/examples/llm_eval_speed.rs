@@ -56,15 +56,7 @@ fn main() -> anyhow::Result<()> {
     text_loss(&m, &windows, 16);
     println!("text loss 4 x 128: {:.2} s", t.elapsed().as_secs_f64());
     let c = &p.config;
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
+    let targets = s2ft_core::s2ft::LORA_TARGETS_ALL;
     let mut stream = Stream::new(InstructTask::Date, Split::Train, &words, 0);
     let rows: Vec<(Vec<u32>, Vec<u32>)> = (0..batch)
         .map(|_| {

@@ -45,15 +45,7 @@ fn opt<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> T {
     }
 }
 
-const TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+const TARGETS: [&str; 7] = s2ft_core::s2ft::LORA_TARGETS_ALL;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -493,6 +493,18 @@ pub fn s2ft_param_count(c: &LlamaConfig, sel: &Selection, cfg: &S2ftConfig) -> u
         .sum()
 }
 
+/// LoRA on every projection of a block (PEFT's "all-linear" minus the head):
+/// the targets of the real-model fine-tunes and their speed measurements.
+pub const LORA_TARGETS_ALL: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// Trainable parameters of LoRA: `r·(in + out)` per targeted projection per block.
 pub fn lora_param_count(c: &LlamaConfig, r: usize, targets: &[&str]) -> usize {
     let (h, f) = (c.hidden_size, c.intermediate_size);

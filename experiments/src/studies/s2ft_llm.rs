@@ -41,16 +41,7 @@ use s2ft_core::s2ft::{
 use s2ft_core::train::{TrainConfig, train};
 use s2ft_core::{Llama, LlamaConfig, Pretrained};
 
-/// LoRA's targets on a real model: every projection (PEFT's "all-linear" minus the head).
-pub const LORA_TARGETS_ALL: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub use s2ft_core::s2ft::LORA_TARGETS_ALL;
 
 /// The real-model options of `s2ft` (only with `--model`).
 #[derive(Clone, Debug, Default, clap::Args)]
