@@ -57,6 +57,18 @@ pub enum Method {
     Karcher,
     /// One input copied (optionally scaled).
     Passthrough,
+    /// SCE: variance-selected, energy-weighted, sign-elected task vectors.
+    Sce,
+    /// Barycentric spherical interpolation of any number of models.
+    Multislerp,
+    /// The other model's values where they are near the base's.
+    Nearswap,
+    /// The fine-tune's changes where their KL-weighted importance is an outlier.
+    ArceeFusion,
+    /// Reinforced Agent Merging: unique changes kept, shared ones averaged.
+    Ram,
+    /// RAM+ (tensor-local): RAM with unique changes rescaled by overlap.
+    RamPlusTl,
 }
 
 /// Whether a method uses the config's `base_model`.
@@ -80,6 +92,12 @@ impl Method {
             "model_stock",
             "karcher",
             "passthrough",
+            "sce",
+            "multislerp",
+            "nearswap",
+            "arcee_fusion",
+            "ram",
+            "ramplus_tl",
         ];
         v.extend(TASK_VECTOR_PRESETS.iter().map(|(n, _)| *n));
         v
@@ -94,6 +112,12 @@ impl Method {
             "model_stock" => Method::ModelStock,
             "karcher" => Method::Karcher,
             "passthrough" => Method::Passthrough,
+            "sce" => Method::Sce,
+            "multislerp" => Method::Multislerp,
+            "nearswap" => Method::Nearswap,
+            "arcee_fusion" => Method::ArceeFusion,
+            "ram" => Method::Ram,
+            "ramplus_tl" => Method::RamPlusTl,
             _ => match TASK_VECTOR_PRESETS.iter().find(|(n, _)| *n == name) {
                 Some((n, m)) => Method::TaskVector(n, *m),
                 None => {
@@ -116,6 +140,12 @@ impl Method {
             Method::ModelStock => "model_stock",
             Method::Karcher => "karcher",
             Method::Passthrough => "passthrough",
+            Method::Sce => "sce",
+            Method::Multislerp => "multislerp",
+            Method::Nearswap => "nearswap",
+            Method::ArceeFusion => "arcee_fusion",
+            Method::Ram => "ram",
+            Method::RamPlusTl => "ramplus_tl",
         }
     }
 
@@ -123,8 +153,15 @@ impl Method {
     pub fn base_policy(&self) -> BasePolicy {
         match self {
             Method::Linear | Method::Passthrough => BasePolicy::Ignored,
-            Method::Slerp | Method::TaskVector(..) | Method::ModelStock => BasePolicy::Required,
-            Method::Nuslerp | Method::Karcher => BasePolicy::Optional,
+            Method::Slerp
+            | Method::TaskVector(..)
+            | Method::ModelStock
+            | Method::Sce
+            | Method::Nearswap
+            | Method::ArceeFusion
+            | Method::Ram
+            | Method::RamPlusTl => BasePolicy::Required,
+            Method::Nuslerp | Method::Karcher | Method::Multislerp => BasePolicy::Optional,
         }
     }
 
@@ -157,6 +194,16 @@ impl Method {
             Method::ModelStock => vec![("filter_wise", false)],
             Method::Karcher => vec![("max_iter", false), ("tol", false)],
             Method::Passthrough => vec![("scale", true)],
+            Method::Sce => vec![("select_topk", false), ("int8_mask", false)],
+            Method::Multislerp => vec![
+                ("weight", true),
+                ("normalize_weights", false),
+                ("eps", false),
+            ],
+            Method::Nearswap => vec![("t", false)],
+            Method::ArceeFusion => vec![],
+            Method::Ram => vec![("epsilon", false)],
+            Method::RamPlusTl => vec![("r", false), ("alpha", false), ("epsilon", false)],
         }
     }
 }
@@ -366,6 +413,68 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
                 Some(s) => x.models[0].iter().map(|v| v * s as f32).collect(),
                 None => x.models[0].to_vec(),
             })
+        }
+        Method::Sce => {
+            let base = x
+                .base
+                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            let topk = x.num(None, "select_topk")?.unwrap_or(1.0);
+            x.flag("int8_mask", false)?;
+            Ok(methods::sce(base, &x.models, topk))
+        }
+        Method::Multislerp => {
+            if k == 0 {
+                return Err(inputs_err(
+                    "needs at least one model besides the base".into(),
+                ));
+            }
+            let w = (0..k)
+                .map(|i| x.req(Some(i), "weight"))
+                .collect::<Result<Vec<_>>>()?;
+            let normalize = x.flag("normalize_weights", true)?;
+            if normalize && k > 1 && w.iter().sum::<f64>() == 0.0 {
+                return Err(MergeError::param(
+                    x.name,
+                    "weight",
+                    "the weights sum to zero with normalize_weights: true",
+                ));
+            }
+            let eps = x.num(None, "eps")?.unwrap_or(1e-8);
+            methods::multislerp(x.base, &x.models, &w, normalize, eps).map_err(&inputs_err)
+        }
+        Method::Nearswap | Method::ArceeFusion => {
+            let base = x
+                .base
+                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            if k != 1 {
+                return Err(inputs_err(format!(
+                    "needs the base and exactly one other model, got {k} others"
+                )));
+            }
+            Ok(if *method == Method::Nearswap {
+                methods::nearswap(x.req(None, "t")?, base, x.models[0])
+            } else {
+                let mut rng = spectra::rng::Rng::new(name_seed(x.seed, x.name, 0));
+                methods::arcee_fusion(x.shape, base, x.models[0], &mut rng)
+            })
+        }
+        Method::Ram | Method::RamPlusTl => {
+            let base = x
+                .base
+                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            let epsilon = x.num(None, "epsilon")?.unwrap_or(1e-5);
+            if epsilon < 0.0 {
+                return Err(MergeError::param(x.name, "epsilon", "must be non-negative"));
+            }
+            let plus = if *method == Method::RamPlusTl {
+                Some((
+                    x.num(None, "r")?.unwrap_or(0.1),
+                    x.num(None, "alpha")?.unwrap_or(0.2),
+                ))
+            } else {
+                None
+            };
+            Ok(methods::ram(base, &x.models, epsilon, plus))
         }
     }
 }

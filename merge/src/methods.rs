@@ -438,6 +438,270 @@ pub fn karcher(tensors: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
     mean.iter().map(|&m| (scale * m) as f32).collect()
 }
 
+/// SCE (Wan et al. 2024, FuseChat: "select, calculate, erase"), mergekit's
+/// `sce`: with task vectors `δᵢ = θᵢ − base`, (S) where `select_topk < 1`
+/// keep only the `⌊select_topk · nnz(var)⌋` elements of largest variance across
+/// the inputs; (C) weight each input by its mean squared (selected) delta over
+/// their sum (uniform when that sum is below 1e-6); (E) drop entries whose sign
+/// disagrees with the sign of `Σᵢ δᵢ` (TIES' election, zeros dropped) and
+/// average the rest by those weights (divisor clamped to ≥ 1e-6).
+pub fn sce(base: &[f32], models: &[&[f32]], select_topk: f64) -> Vec<f32> {
+    if models.is_empty() {
+        return base.to_vec();
+    }
+    let n = base.len();
+    let k = models.len();
+    let mut tvs: Vec<Vec<f32>> = models
+        .iter()
+        .map(|m| m.iter().zip(base).map(|(x, b)| x - b).collect())
+        .collect();
+    if select_topk < 1.0 {
+        let mut keep = vec![false; n];
+        if select_topk > 0.0 {
+            // Population variance across inputs, per element.
+            let var: Vec<f32> = (0..n)
+                .map(|e| {
+                    let mean = tvs.iter().map(|t| t[e]).sum::<f32>() / k as f32;
+                    tvs.iter().map(|t| (t[e] - mean).powi(2)).sum::<f32>() / k as f32
+                })
+                .collect();
+            let nonzero = var.iter().filter(|v| **v != 0.0).count();
+            let top = (nonzero as f64 * select_topk) as usize;
+            if top > 0 {
+                let mut idx: Vec<usize> = (0..n).collect();
+                idx.select_nth_unstable_by(top - 1, |&a, &b| var[b].total_cmp(&var[a]));
+                idx[..top].iter().for_each(|&e| keep[e] = true);
+            }
+        }
+        for t in &mut tvs {
+            t.iter_mut()
+                .zip(&keep)
+                .for_each(|(v, &kp)| *v = if kp { *v } else { 0.0 });
+        }
+    }
+    // Per-input weights: mean squared delta, normalised.
+    let mut w: Vec<f32> = tvs
+        .iter()
+        .map(|t| (t.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n.max(1) as f64) as f32)
+        .collect();
+    let total: f32 = w.iter().sum();
+    if total.abs() < 1e-6 {
+        w.iter_mut().for_each(|v| *v = 1.0 / k as f32);
+    } else {
+        w.iter_mut().for_each(|v| *v /= total);
+    }
+    (0..n)
+        .map(|e| {
+            let majority = if tvs.iter().map(|t| t[e]).sum::<f32>() >= 0.0 {
+                1.0
+            } else {
+                -1.0
+            };
+            let (mut mixed, mut div) = (0f32, 0f32);
+            for (t, &wi) in tvs.iter().zip(&w) {
+                if sign(t[e]) == majority {
+                    mixed += t[e] * wi;
+                    div += wi;
+                }
+            }
+            base[e] + mixed / div.max(1e-6)
+        })
+        .collect()
+}
+
+/// Multi-SLERP (Goddard 2024), mergekit's `multislerp`: barycentric
+/// interpolation on the sphere of the inputs (of their task vectors when a base
+/// is given). Directions `uᵢ = xᵢ/(‖xᵢ‖ + ε)` are projected onto the tangent
+/// space at their normalised weighted mean `m`, averaged there (`τ = Σ wᵢ (uᵢ −
+/// (uᵢ·m) m)`), mapped back by the exponential map `m cos‖τ‖ + τ sin‖τ‖/‖τ‖`
+/// (with `‖τ‖ + ε`), and scaled by the weighted mean norm. Weights are divided
+/// by their sum when `normalize_weights`. One input is returned unchanged.
+/// Errors when the weighted mean direction vanishes (antipodal inputs) for more
+/// than two inputs; two such inputs are mixed linearly, as mergekit does.
+pub fn multislerp(
+    base: Option<&[f32]>,
+    models: &[&[f32]],
+    weights: &[f64],
+    normalize_weights: bool,
+    eps: f64,
+) -> Result<Vec<f32>, String> {
+    if models.len() == 1 {
+        return Ok(models[0].to_vec());
+    }
+    let xs: Vec<Vec<f32>> = models
+        .iter()
+        .map(|m| match base {
+            Some(b) => m.iter().zip(b).map(|(x, b)| x - b).collect(),
+            None => m.to_vec(),
+        })
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let w: Vec<f64> = weights
+        .iter()
+        .map(|&v| if normalize_weights { v / total } else { v })
+        .collect();
+    let n = xs[0].len();
+    let norms: Vec<f64> = xs.iter().map(|x| norm(x)).collect();
+    let units: Vec<Vec<f64>> = xs
+        .iter()
+        .zip(&norms)
+        .map(|(x, &nm)| x.iter().map(|&v| v as f64 / (nm + eps)).collect())
+        .collect();
+    let mut mean = vec![0f64; n];
+    for (u, &wi) in units.iter().zip(&w) {
+        mean.iter_mut().zip(u).for_each(|(m, v)| *m += wi * v);
+    }
+    let l2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let mean_norm = l2(&mean);
+    let add_base = |mut r: Vec<f32>| {
+        if let Some(b) = base {
+            r.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+        }
+        r
+    };
+    if mean_norm < eps {
+        if xs.len() == 2 {
+            let r = (0..n)
+                .map(|e| (xs[0][e] as f64 * w[0] + xs[1][e] as f64 * w[1]) as f32)
+                .collect();
+            return Ok(add_base(r));
+        }
+        return Err(
+            "the weighted mean direction of the inputs is zero (antipodal inputs whose weights \
+             balance out); use other weights"
+                .into(),
+        );
+    }
+    mean.iter_mut().for_each(|m| *m /= mean_norm);
+    let mut tangent = vec![0f64; n];
+    for (u, &wi) in units.iter().zip(&w) {
+        let dot: f64 = u.iter().zip(&mean).map(|(a, b)| a * b).sum();
+        tangent
+            .iter_mut()
+            .zip(u.iter().zip(&mean))
+            .for_each(|(t, (a, m))| *t += wi * (a - dot * m));
+    }
+    let tn = l2(&tangent) + eps;
+    let (c, s) = (tn.cos(), tn.sin() / tn);
+    let scale: f64 = norms.iter().zip(&w).map(|(nm, wi)| nm * wi).sum();
+    let r = mean
+        .iter()
+        .zip(&tangent)
+        .map(|(m, t)| ((m * c + t * s) * scale) as f32)
+        .collect();
+    Ok(add_base(r))
+}
+
+/// NearSwap (alchemonaut 2024), mergekit's `nearswap`: take the other model's
+/// value where it is near the base's, `w = clamp(t / max(|a − b|, 1e-6), 0, 1)`,
+/// result `w·b + (1 − w)·a` with `a` the base.
+pub fn nearswap(t: f64, base: &[f32], model: &[f32]) -> Vec<f32> {
+    let t = t as f32;
+    base.iter()
+        .zip(model)
+        .map(|(&a, &b)| {
+            let w = (t / (a - b).abs().max(1e-6)).clamp(0.0, 1.0);
+            w * b + (1.0 - w) * a
+        })
+        .collect()
+}
+
+/// Elements beyond which Arcee Fusion's quartiles come from a sample (drawn
+/// with replacement, as mergekit's `_QUANTILE_SAMPLE_SIZE`).
+pub const ARCEE_FUSION_QUANTILE_SAMPLE: usize = 1_000_000;
+
+/// Arcee Fusion (Arcee AI 2024), mergekit's `arcee_fusion`: importance
+/// `|θ − base| · KL(softmax θ ‖ softmax base)` (softmax and KL per vector along
+/// the last axis, each probability + 1e-8), and the fine-tune's change kept only
+/// where the importance reaches `median + 1.5·(q₃ − q₁)` (quartiles at sorted
+/// positions `⌊q·(n−1)⌋`, of a with-replacement sample of
+/// [`ARCEE_FUSION_QUANTILE_SAMPLE`] elements for larger tensors, drawn from `rng`).
+pub fn arcee_fusion(shape: &[usize], base: &[f32], model: &[f32], rng: &mut Rng) -> Vec<f32> {
+    let n = base.len();
+    let len = shape.last().copied().unwrap_or(n).max(1);
+    let softmax = |x: &[f32]| -> Vec<f32> {
+        let mx = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let ex: Vec<f32> = x.iter().map(|&v| (v - mx).exp()).collect();
+        let s: f32 = ex.iter().map(|&v| v as f64).sum::<f64>() as f32;
+        ex.iter().map(|&v| v / s + 1e-8).collect()
+    };
+    let mut importance = Vec::with_capacity(n);
+    for (rb, rm) in base.chunks(len).zip(model.chunks(len)) {
+        let (p, q) = (softmax(rm), softmax(rb));
+        let kl = p
+            .iter()
+            .zip(&q)
+            .map(|(&p, &q)| p as f64 * (p / q).ln() as f64)
+            .sum::<f64>() as f32;
+        importance.extend(rm.iter().zip(rb).map(|(m, b)| (m - b).abs() * kl));
+    }
+    let mut sorted: Vec<f32> = if n > ARCEE_FUSION_QUANTILE_SAMPLE {
+        (0..ARCEE_FUSION_QUANTILE_SAMPLE)
+            .map(|_| importance[rng.below(n)])
+            .collect()
+    } else {
+        importance.clone()
+    };
+    sorted.sort_unstable_by(f32::total_cmp);
+    let at = |q: f64| sorted[(q * (sorted.len() - 1) as f64) as usize];
+    let (q1, median, q3) = (at(0.25), at(0.5), at(0.75));
+    let threshold = median + 1.5 * (q3 - q1);
+    base.iter()
+        .zip(model)
+        .zip(&importance)
+        .map(|((&b, &m), &imp)| if imp >= threshold { b + (m - b) } else { b })
+        .collect()
+}
+
+/// RAM, Reinforced Agent Merging (arXiv 2601.13572), mergekit's `ram` and
+/// `ramplus_tl`: an element changed by exactly one input (`|δᵢ| > ε`) takes that
+/// input's change; one changed by several takes their mean; RAM+ (tensor-local)
+/// scales each input's unique changes by `1 + r · clamp(ρᵢ, 0, α)` with `ρᵢ` its
+/// shared-to-unique count ratio in this tensor. `plus = None` is plain RAM.
+pub fn ram(base: &[f32], models: &[&[f32]], epsilon: f64, plus: Option<(f64, f64)>) -> Vec<f32> {
+    if models.is_empty() {
+        return base.to_vec();
+    }
+    let eps = epsilon as f32;
+    let n = base.len();
+    let changed = |m: &[f32], e: usize| (m[e] - base[e]).abs() > eps;
+    let counts: Vec<u32> = (0..n)
+        .map(|e| models.iter().filter(|m| changed(m, e)).count() as u32)
+        .collect();
+    let lambdas: Vec<f32> = models
+        .iter()
+        .map(|m| match plus {
+            None => 1.0,
+            Some((r, alpha)) => {
+                let (mut shared, mut unique) = (0u64, 0u64);
+                for (e, &c) in counts.iter().enumerate() {
+                    if changed(m, e) {
+                        match c {
+                            1 => unique += 1,
+                            _ => shared += 1,
+                        }
+                    }
+                }
+                let rho = shared as f32 / (unique as f32).max(eps);
+                1.0 + r as f32 * rho.clamp(0.0, alpha as f32)
+            }
+        })
+        .collect();
+    (0..n)
+        .map(|e| {
+            let c = counts[e];
+            let mut acc = 0f32;
+            for (m, &lam) in models.iter().zip(&lambdas) {
+                if changed(m, e) {
+                    let d = m[e] - base[e];
+                    acc += if c == 1 { d * lam } else { d / c as f32 };
+                }
+            }
+            base[e] + acc
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

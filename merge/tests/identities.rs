@@ -72,6 +72,48 @@ fn linear_merge_of_a_model_with_itself_is_the_model() {
     assert!(max_diff(&out, &model(2, 20)) < 1e-6);
 }
 
+/// Every registered method, fed only copies of one model (as base and as
+/// inputs), returns that model: the property a merge must have whatever it does
+/// with differences.
+#[test]
+fn every_method_merging_copies_of_one_model_returns_it() {
+    let dir = setup();
+    for n in ["a2", "a3"] {
+        write(dir.path(), n, &model(2, 20));
+    }
+    let want = model(2, 20);
+    for name in Method::names() {
+        // (models, base?, shared parameters, per-model parameters)
+        let (models, base, shared, per): (&[&str], bool, &str, &str) = match name {
+            "linear" | "multislerp" => (&["a2", "a3"], false, "", "weight: 0.4"),
+            "karcher" => (&["a2", "a3"], false, "", ""),
+            "passthrough" => (&["a2"], false, "", ""),
+            "slerp" => (&["a2"], true, "t: 0.3", ""),
+            "nuslerp" => (&["a2", "a3"], true, "", "weight: 0.4"),
+            "nearswap" => (&["a2"], true, "t: 0.01", ""),
+            "arcee_fusion" => (&["a2"], true, "", ""),
+            "model_stock" | "sce" | "ram" | "ramplus_tl" => (&["a2", "a3"], true, "", ""),
+            // The task-vector presets.
+            _ => (&["a2", "a3"], true, "", "weight: 0.4, density: 0.5"),
+        };
+        let mut yaml = format!("merge_method: {name}\n");
+        if base {
+            yaml += "base_model: a\n";
+        }
+        yaml += "models:\n";
+        for m in models {
+            yaml += &format!("  - {{model: {m}, parameters: {{{per}}}}}\n");
+        }
+        if !shared.is_empty() {
+            yaml += &format!("parameters: {{{shared}}}\n");
+        }
+        let out = run(dir.path(), &yaml, &RunOptions::default())
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{yaml}"));
+        let d = max_diff(&out, &want);
+        assert!(d < 1e-5, "{name}: max deviation {d} from the model\n{yaml}");
+    }
+}
+
 #[test]
 fn ties_at_density_one_with_equal_weights_is_normalised_task_arithmetic() {
     let dir = setup();

@@ -45,6 +45,7 @@ macro_rules! same_as_mergekit {
         #[test]
         fn $test() {
             let dev = compare($name);
+            eprintln!("{}: max deviation {dev:e}", $name);
             assert!(dev <= $tol, "{}: max deviation {dev:e} relative to the tensor's max |value|", $name);
         }
     )*};
@@ -64,4 +65,12 @@ same_as_mergekit! {
     karcher: "karcher", 1e-6;
     passthrough_slices_renumber_layers: "passthrough_slices", 0.0;
     slerp_over_a_slice: "slerp_slices", 1e-6;
+    sce_with_variance_selection: "sce", 1e-6;
+    sce_without_selection: "sce_all", 1e-6;
+    multislerp_of_task_vectors: "multislerp", 1e-6;
+    multislerp_without_base: "multislerp_nobase", 1e-6;
+    nearswap: "nearswap", 1e-6;
+    arcee_fusion: "arcee_fusion", 1e-6;
+    ram: "ram", 1e-6;
+    ramplus_tensor_local: "ramplus_tl", 1e-6;
 }
