@@ -17,6 +17,7 @@ pub mod lora;
 pub mod methods;
 pub mod run;
 pub mod sparsify;
+pub mod subspace;
 
 use indexmap::IndexMap;
 use serde::Serialize;
@@ -24,6 +25,7 @@ use serde::Serialize;
 pub use error::{MergeError, Result};
 use methods::{NuslerpMode, TASK_VECTOR_PRESETS, TaskInput, TaskVectorMethod, TaskVectorOptions};
 use sparsify::{Sparsification, SparsifyParams};
+use subspace::SubspaceMethod;
 
 /// A resolved parameter value.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -69,6 +71,12 @@ pub enum Method {
     Ram,
     /// RAM+ (tensor-local): RAM with unique changes rescaled by overlap.
     RamPlusTl,
+    /// Task Singular Vectors merging (TSV-M), see [`subspace`].
+    TsvM,
+    /// Isotropic merging in the common subspace (Iso-C), see [`subspace`].
+    IsoC,
+    /// Isotropic merging in common and task-specific subspaces (Iso-CTS).
+    IsoCts,
 }
 
 /// Whether a method uses the config's `base_model`.
@@ -98,6 +106,9 @@ impl Method {
             "arcee_fusion",
             "ram",
             "ramplus_tl",
+            "tsv_m",
+            "iso_c",
+            "iso_cts",
         ];
         v.extend(TASK_VECTOR_PRESETS.iter().map(|(n, _)| *n));
         v
@@ -118,6 +129,9 @@ impl Method {
             "arcee_fusion" => Method::ArceeFusion,
             "ram" => Method::Ram,
             "ramplus_tl" => Method::RamPlusTl,
+            "tsv_m" => Method::TsvM,
+            "iso_c" => Method::IsoC,
+            "iso_cts" => Method::IsoCts,
             _ => match TASK_VECTOR_PRESETS.iter().find(|(n, _)| *n == name) {
                 Some((n, m)) => Method::TaskVector(n, *m),
                 None => {
@@ -146,6 +160,9 @@ impl Method {
             Method::ArceeFusion => "arcee_fusion",
             Method::Ram => "ram",
             Method::RamPlusTl => "ramplus_tl",
+            Method::TsvM => "tsv_m",
+            Method::IsoC => "iso_c",
+            Method::IsoCts => "iso_cts",
         }
     }
 
@@ -160,7 +177,10 @@ impl Method {
             | Method::Nearswap
             | Method::ArceeFusion
             | Method::Ram
-            | Method::RamPlusTl => BasePolicy::Required,
+            | Method::RamPlusTl
+            | Method::TsvM
+            | Method::IsoC
+            | Method::IsoCts => BasePolicy::Required,
             Method::Nuslerp | Method::Karcher | Method::Multislerp => BasePolicy::Optional,
         }
     }
@@ -204,6 +224,9 @@ impl Method {
             Method::ArceeFusion => vec![],
             Method::Ram => vec![("epsilon", false)],
             Method::RamPlusTl => vec![("r", false), ("alpha", false), ("epsilon", false)],
+            Method::TsvM => vec![("lambda", false), ("rank", false)],
+            Method::IsoC => vec![("lambda", false)],
+            Method::IsoCts => vec![("lambda", false), ("common_space_fraction", false)],
         }
     }
 }
@@ -475,6 +498,47 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
                 None
             };
             Ok(methods::ram(base, &x.models, epsilon, plus))
+        }
+        Method::TsvM | Method::IsoC | Method::IsoCts => {
+            let base = x
+                .base
+                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            let sm = match method {
+                Method::TsvM => SubspaceMethod::TsvM {
+                    rank: match x.num(None, "rank")? {
+                        None => None,
+                        Some(r) if r >= 1.0 && r.fract() == 0.0 => Some(r as usize),
+                        Some(r) => {
+                            return Err(MergeError::param(
+                                x.name,
+                                "rank",
+                                format!("{r} is not a positive whole number"),
+                            ));
+                        }
+                    },
+                },
+                Method::IsoC => SubspaceMethod::IsoC,
+                _ => SubspaceMethod::IsoCts {
+                    common_space_fraction: x.num(None, "common_space_fraction")?.unwrap_or(0.8),
+                },
+            };
+            let lambda = x.num(None, "lambda")?.unwrap_or(1.0);
+            let tasks: Vec<Vec<f64>> = x
+                .models
+                .iter()
+                .map(|m| {
+                    m.iter()
+                        .zip(base)
+                        .map(|(&v, &b)| v as f64 - b as f64)
+                        .collect()
+                })
+                .collect();
+            let merged = subspace::merge_task_vectors(sm, x.shape, &tasks, x.name)?;
+            Ok(base
+                .iter()
+                .zip(&merged)
+                .map(|(&b, &d)| (b as f64 + lambda * d) as f32)
+                .collect())
         }
     }
 }

@@ -92,7 +92,9 @@ fn every_method_merging_copies_of_one_model_returns_it() {
             "nuslerp" => (&["a2", "a3"], true, "", "weight: 0.4"),
             "nearswap" => (&["a2"], true, "t: 0.01", ""),
             "arcee_fusion" => (&["a2"], true, "", ""),
-            "model_stock" | "sce" | "ram" | "ramplus_tl" => (&["a2", "a3"], true, "", ""),
+            "model_stock" | "sce" | "ram" | "ramplus_tl" | "tsv_m" | "iso_c" | "iso_cts" => {
+                (&["a2", "a3"], true, "", "")
+            }
             // The task-vector presets.
             _ => (&["a2", "a3"], true, "", "weight: 0.4, density: 0.5"),
         };
@@ -336,4 +338,46 @@ fn bad_inputs_get_errors_naming_the_tensor_and_model() {
             .join("model.safetensors.index.json")
             .exists()
     );
+}
+
+#[test]
+fn subspace_merges_refuse_bad_parameters_naming_them() {
+    let dir = setup();
+    let msg = |yaml: &str| {
+        run(dir.path(), yaml, &RunOptions::default())
+            .unwrap_err()
+            .to_string()
+    };
+    let head = "base_model: base\nmodels:\n  - {model: a}\n  - {model: b}\n";
+    // Every matrix here has 8 columns: rank 9 is more than a layer has.
+    let m = msg(&format!(
+        "merge_method: tsv_m\n{head}parameters: {{rank: 9}}\n"
+    ));
+    assert!(
+        m.contains("rank") && m.contains("1..=8") && m.contains("tensor 'model."),
+        "{m}"
+    );
+    let m = msg(&format!(
+        "merge_method: tsv_m\n{head}parameters: {{rank: 2.5}}\n"
+    ));
+    assert!(m.contains("rank") && m.contains("whole number"), "{m}");
+    let m = msg(&format!(
+        "merge_method: iso_cts\n{head}parameters: {{common_space_fraction: 1.5}}\n"
+    ));
+    assert!(
+        m.contains("common_space_fraction") && m.contains("[0, 1]"),
+        "{m}"
+    );
+    // Per-model weights are not part of these methods.
+    let m = msg(
+        "merge_method: iso_c\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 1}}\n",
+    );
+    assert!(m.contains("weight") && m.contains("iso_c"), "{m}");
+    // At a rank within every layer, it runs.
+    run(
+        dir.path(),
+        &format!("merge_method: tsv_m\n{head}parameters: {{rank: 8}}\n"),
+        &RunOptions::default(),
+    )
+    .unwrap();
 }

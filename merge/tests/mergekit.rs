@@ -1,5 +1,8 @@
 //! The same configs through mergekit 0.1.5 (`fixtures/mergekit_reference.py`
-//! wrote `fixtures/expected/`) and through this crate give the same tensors.
+//! wrote `fixtures/expected/`) and through this crate give the same tensors;
+//! so do the merges mergekit lacks (TSV-M, Iso-C, Iso-CTS) and their authors'
+//! algorithms re-run in torch (`fixtures/svd_reference.py` wrote
+//! `fixtures/svd/expected/`).
 
 use std::path::Path;
 
@@ -12,13 +15,20 @@ fn fixtures() -> std::path::PathBuf {
 
 /// Runs `configs/<name>.yml` and returns the largest relative deviation from mergekit.
 fn compare(name: &str) -> f64 {
+    compare_in(&fixtures(), name)
+}
+
+/// Runs `DIR/configs/<name>.yml` and returns the largest deviation from
+/// `DIR/expected/<name>.safetensors`, relative to each tensor's max |value|.
+fn compare_in(dir: &Path, name: &str) -> f64 {
+    let fixtures = dir;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let cfg = fixtures().join("configs").join(format!("{name}.yml"));
+    let cfg = fixtures.join("configs").join(format!("{name}.yml"));
     run_file(&cfg, &out, &RunOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
     let ours = Checkpoint::open(&out).unwrap();
     let theirs = Checkpoint::open(
-        fixtures()
+        fixtures
             .join("expected")
             .join(format!("{name}.safetensors")),
     )
@@ -73,4 +83,23 @@ same_as_mergekit! {
     arcee_fusion: "arcee_fusion", 1e-6;
     ram: "ram", 1e-6;
     ramplus_tensor_local: "ramplus_tl", 1e-6;
+}
+
+macro_rules! same_as_the_authors_code {
+    ($($test:ident: $name:literal, $tol:expr;)*) => {$(
+        #[test]
+        fn $test() {
+            let dev = compare_in(&fixtures().join("svd"), $name);
+            eprintln!("{}: max deviation {dev:e}", $name);
+            assert!(dev <= $tol, "{}: max deviation {dev:e} relative to the tensor's max |value|", $name);
+        }
+    )*};
+}
+
+same_as_the_authors_code! {
+    tsv_m_full_rank: "tsv_m", 1e-5;
+    tsv_m_rank_budget_and_lambda: "tsv_m_rank", 1e-5;
+    iso_c: "iso_c", 1e-5;
+    iso_cts: "iso_cts", 1e-5;
+    iso_cts_two_tasks_half_common: "iso_cts_half", 1e-5;
 }
