@@ -15,12 +15,14 @@ pub mod config;
 pub mod error;
 pub mod lora;
 pub mod methods;
+pub mod regmean;
 pub mod run;
 pub mod sparsify;
 pub mod subspace;
 
 use indexmap::IndexMap;
 use serde::Serialize;
+use weights::TensorSource;
 
 pub use error::{MergeError, Result};
 use methods::{NuslerpMode, TASK_VECTOR_PRESETS, TaskInput, TaskVectorMethod, TaskVectorOptions};
@@ -77,7 +79,14 @@ pub enum Method {
     IsoC,
     /// Isotropic merging in common and task-specific subspaces (Iso-CTS).
     IsoCts,
+    /// RegMean: per linear layer, the least-squares fit to every model's
+    /// outputs on its inputs' Gram matrices, see [`regmean`].
+    RegMean,
 }
+
+/// Parameters that name files: a relative path resolves like a model path
+/// (working directory, else the config's folder).
+pub const FILE_PARAMETERS: &[&str] = &["gram"];
 
 /// Whether a method uses the config's `base_model`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +118,7 @@ impl Method {
             "tsv_m",
             "iso_c",
             "iso_cts",
+            "regmean",
         ];
         v.extend(TASK_VECTOR_PRESETS.iter().map(|(n, _)| *n));
         v
@@ -132,6 +142,7 @@ impl Method {
             "tsv_m" => Method::TsvM,
             "iso_c" => Method::IsoC,
             "iso_cts" => Method::IsoCts,
+            "regmean" => Method::RegMean,
             _ => match TASK_VECTOR_PRESETS.iter().find(|(n, _)| *n == name) {
                 Some((n, m)) => Method::TaskVector(n, *m),
                 None => {
@@ -163,13 +174,14 @@ impl Method {
             Method::TsvM => "tsv_m",
             Method::IsoC => "iso_c",
             Method::IsoCts => "iso_cts",
+            Method::RegMean => "regmean",
         }
     }
 
     /// How it treats `base_model`.
     pub fn base_policy(&self) -> BasePolicy {
         match self {
-            Method::Linear | Method::Passthrough => BasePolicy::Ignored,
+            Method::Linear | Method::Passthrough | Method::RegMean => BasePolicy::Ignored,
             Method::Slerp
             | Method::TaskVector(..)
             | Method::ModelStock
@@ -227,6 +239,7 @@ impl Method {
             Method::TsvM => vec![("lambda", false), ("rank", false)],
             Method::IsoC => vec![("lambda", false)],
             Method::IsoCts => vec![("lambda", false), ("common_space_fraction", false)],
+            Method::RegMean => vec![("gram", true), ("alpha", false), ("ridge", false)],
         }
     }
 }
@@ -278,6 +291,66 @@ impl TensorInputs<'_> {
                 },
             )
         })
+    }
+
+    /// Every input's Gram matrix of this tensor from its `gram` file, `None`
+    /// when no file has one (the tensor is then not a merged linear layer);
+    /// an error when only some have, or for a tensor that is not 2-D.
+    fn grams(&self) -> Result<Option<Vec<ndarray::Array2<f64>>>> {
+        let mut found = Vec::with_capacity(self.models.len());
+        for i in 0..self.models.len() {
+            let path = match self.per_model[i].get("gram") {
+                Some(Value::Str(p)) => p.clone(),
+                Some(other) => {
+                    return Err(MergeError::param(
+                        self.name,
+                        "gram",
+                        format!("expected a file path, got {other:?}"),
+                    ));
+                }
+                None => {
+                    return Err(MergeError::param(
+                        self.name,
+                        "gram",
+                        format!("required for input {} and not given", i + 1),
+                    ));
+                }
+            };
+            let file = weights::Checkpoint::open(&path)?;
+            let has = file.infos().iter().any(|t| t.name == self.name);
+            found.push((path, has.then(|| file.load(self.name)).transpose()?));
+        }
+        if found.iter().all(|(_, g)| g.is_none()) {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(found.len());
+        for (path, g) in found {
+            let g = g.ok_or_else(|| {
+                MergeError::param(
+                    self.name,
+                    "gram",
+                    format!(
+                        "{path} has no Gram matrix for this tensor, other models' files have one"
+                    ),
+                )
+            })?;
+            if self.shape.len() != 2 || g.shape().len() != 2 {
+                return Err(MergeError::param(
+                    self.name,
+                    "gram",
+                    format!(
+                        "{path}: a Gram matrix of shape {:?} for a tensor of shape {:?} (RegMean merges 2-D weights)",
+                        g.shape(),
+                        self.shape
+                    ),
+                ));
+            }
+            let (r, c) = (g.shape()[0], g.shape()[1]);
+            MergeError::check_finite(self.name, &path, g.data.iter())?;
+            let a = ndarray::Array2::from_shape_fn((r, c), |(i, j)| g.data[[i, j]] as f64);
+            out.push(a);
+        }
+        Ok(Some(out))
     }
 
     fn flag(&self, key: &str, default: bool) -> Result<bool> {
@@ -498,6 +571,23 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
                 None
             };
             Ok(methods::ram(base, &x.models, epsilon, plus))
+        }
+        Method::RegMean => {
+            if k == 0 {
+                return Err(inputs_err("needs at least one model".into()));
+            }
+            let opts = regmean::RegMeanOptions {
+                alpha: x.num(None, "alpha")?.unwrap_or(1.0),
+                ridge: x.num(None, "ridge")?.unwrap_or(0.0),
+            };
+            let grams = x.grams()?;
+            match grams {
+                Some(g) => {
+                    let views: Vec<_> = g.iter().map(|a| a.view()).collect();
+                    regmean::regmean(&x.models, [x.shape[0], x.shape[1]], &views, &opts, x.name)
+                }
+                None => Ok(methods::linear(&x.models, &vec![1.0; k], true)),
+            }
         }
         Method::TsvM | Method::IsoC | Method::IsoCts => {
             let base = x

@@ -18,7 +18,7 @@ use weights::{Checkpoint, CheckpointWriter, DType, TensorInfo, TensorSource};
 
 use crate::config::{MergeConfig, Setting, model_path, parse_dtype, resolve};
 use crate::error::{MergeError, Result};
-use crate::{BasePolicy, Method, Params, TensorInputs, merge_tensor};
+use crate::{BasePolicy, Method, Params, TensorInputs, Value, merge_tensor};
 
 /// What to do when an embedding-like tensor's vocabulary differs from the base's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -137,6 +137,8 @@ struct Plan {
     reference: usize,
     /// Output layer count when slices renumber layers.
     out_layers: Option<usize>,
+    /// The config's folder: relative file parameters (`gram`) resolve against it.
+    config_dir: PathBuf,
 }
 
 fn open_models(cfg: &MergeConfig, dir: &Path, out: &Path) -> Result<IndexMap<String, usize>> {
@@ -333,6 +335,7 @@ fn plan(cfg: &MergeConfig, config_dir: &Path, out: &Path) -> Result<Plan> {
         tensors,
         reference,
         out_layers,
+        config_dir: config_dir.to_path_buf(),
     })
 }
 
@@ -421,7 +424,7 @@ fn merge_one(plan: &Plan, method: &Method, p: &Planned, opts: &RunOptions) -> Re
         .inputs
         .iter()
         .map(|r| {
-            resolve(
+            let mut params = resolve(
                 &[
                     &plan.layers[r.params],
                     &plan.layers[p.slice],
@@ -429,7 +432,16 @@ fn merge_one(plan: &Plan, method: &Method, p: &Planned, opts: &RunOptions) -> Re
                 ],
                 &r.name,
                 p.t,
-            )
+            );
+            // File parameters are paths like the models'.
+            for key in crate::FILE_PARAMETERS {
+                if let Some(Value::Str(f)) = params.get_mut(*key) {
+                    *f = model_path(f, &plan.config_dir)
+                        .to_string_lossy()
+                        .into_owned();
+                }
+            }
+            params
         })
         .collect();
     merge_tensor(

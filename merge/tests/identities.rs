@@ -82,11 +82,24 @@ fn every_method_merging_copies_of_one_model_returns_it() {
         write(dir.path(), n, &model(2, 20));
     }
     let want = model(2, 20);
+    // A Gram matrix for RegMean's up projections.
+    let x = rng_tensor(&[16, 8], 9)
+        .into_dimensionality::<ndarray::Ix2>()
+        .unwrap();
+    let mut grams = StateDict::new();
+    grams.insert(
+        "model.layers.0.mlp.up_proj.weight",
+        Tensor::f32(x.t().dot(&x).into_dyn()),
+    );
+    grams
+        .save_safetensors(dir.path().join("g.safetensors"))
+        .unwrap();
     for name in Method::names() {
         // (models, base?, shared parameters, per-model parameters)
         let (models, base, shared, per): (&[&str], bool, &str, &str) = match name {
             "linear" | "multislerp" => (&["a2", "a3"], false, "", "weight: 0.4"),
             "karcher" => (&["a2", "a3"], false, "", ""),
+            "regmean" => (&["a2", "a3"], false, "", "gram: g.safetensors"),
             "passthrough" => (&["a2"], false, "", ""),
             "slerp" => (&["a2"], true, "t: 0.3", ""),
             "nuslerp" => (&["a2", "a3"], true, "", "weight: 0.4"),
@@ -380,4 +393,101 @@ fn subspace_merges_refuse_bad_parameters_naming_them() {
         &RunOptions::default(),
     )
     .unwrap();
+}
+
+#[test]
+fn regmean_refuses_incomplete_or_misshapen_gram_files_naming_them() {
+    let dir = setup();
+    let gram = |n: usize, seed: u64, rank: usize| {
+        // XᵀX of `rank` random inputs: singular when rank < n.
+        let x = rng_tensor(&[rank, n], seed)
+            .into_dimensionality::<ndarray::Ix2>()
+            .unwrap();
+        Tensor::f32(x.t().dot(&x).into_dyn())
+    };
+    let save = |file: &str, entries: Vec<(&str, Tensor)>| {
+        let mut sd = StateDict::new();
+        for (n, t) in entries {
+            sd.insert(n, t);
+        }
+        sd.save_safetensors(dir.path().join(file)).unwrap();
+    };
+    let up0 = "model.layers.0.mlp.up_proj.weight";
+    let up1 = "model.layers.1.mlp.up_proj.weight";
+    save(
+        "ga.safetensors",
+        vec![(up0, gram(8, 1, 32)), (up1, gram(8, 2, 32))],
+    );
+    save(
+        "gb.safetensors",
+        vec![(up0, gram(8, 3, 32)), (up1, gram(8, 4, 32))],
+    );
+    save("g_missing.safetensors", vec![(up0, gram(8, 5, 32))]);
+    save(
+        "g_shape.safetensors",
+        vec![(up0, gram(7, 6, 32)), (up1, gram(8, 7, 32))],
+    );
+    save(
+        "g_singular.safetensors",
+        vec![(up0, gram(8, 8, 3)), (up1, gram(8, 9, 3))],
+    );
+    let yaml = |a: &str, b: &str, extra: &str| {
+        format!(
+            "merge_method: regmean\nmodels:\n  - {{model: a, parameters: {{gram: {a}}}}}\n  - {{model: b, parameters: {{gram: {b}}}}}\n{extra}"
+        )
+    };
+    let d = RunOptions::default();
+    let out = run(
+        dir.path(),
+        &yaml("ga.safetensors", "gb.safetensors", ""),
+        &d,
+    )
+    .unwrap();
+    // Tensors without Gram matrices are averaged.
+    let (a, b) = (model(2, 20), model(3, 20));
+    let n = "model.layers.0.input_layernorm.weight";
+    for ((x, y), z) in out
+        .get(n)
+        .unwrap()
+        .data
+        .iter()
+        .zip(a.get(n).unwrap().data.iter())
+        .zip(b.get(n).unwrap().data.iter())
+    {
+        assert!((x - (y + z) / 2.0).abs() < 1e-6);
+    }
+    let msg = |y: String| run(dir.path(), &y, &d).unwrap_err().to_string();
+    let m = msg(yaml("ga.safetensors", "g_missing.safetensors", ""));
+    assert!(
+        m.contains(up1) && m.contains("g_missing.safetensors") && m.contains("no Gram"),
+        "{m}"
+    );
+    let m = msg(yaml("ga.safetensors", "g_shape.safetensors", ""));
+    assert!(
+        m.contains(up0) && m.contains("[7, 7]") && m.contains("8 × 8"),
+        "{m}"
+    );
+    // Two rank-3 Gram matrices of 8 × 8 sum to a singular matrix: a ridge is needed.
+    let m = msg(yaml("g_singular.safetensors", "g_singular.safetensors", ""));
+    assert!(m.contains("up_proj") && m.contains("ridge"), "{m}");
+    run(
+        dir.path(),
+        &yaml(
+            "g_singular.safetensors",
+            "g_singular.safetensors",
+            "parameters: {ridge: 0.01}\n",
+        ),
+        &d,
+    )
+    .unwrap();
+    let m = msg(yaml(
+        "ga.safetensors",
+        "gb.safetensors",
+        "parameters: {alpha: 2}\n",
+    ));
+    assert!(m.contains("alpha") && m.contains("[0, 1]"), "{m}");
+    let m = msg("merge_method: regmean\nmodels:\n  - {model: a, parameters: {gram: ga.safetensors}}\n  - {model: b}\n".into());
+    assert!(m.contains("gram") && m.contains("input 2"), "{m}");
+    let m = msg(yaml("ga.safetensors", "nowhere.safetensors", ""));
+    assert!(m.contains("nowhere.safetensors"), "{m}");
 }

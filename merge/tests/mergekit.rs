@@ -2,7 +2,8 @@
 //! wrote `fixtures/expected/`) and through this crate give the same tensors;
 //! so do the merges mergekit lacks (TSV-M, Iso-C, Iso-CTS) and their authors'
 //! algorithms re-run in torch (`fixtures/svd_reference.py` wrote
-//! `fixtures/svd/expected/`).
+//! `fixtures/svd/expected/`), and RegMean and a numpy reference
+//! (`fixtures/regmean_reference.py` wrote `fixtures/regmean/`).
 
 use std::path::Path;
 
@@ -86,10 +87,10 @@ same_as_mergekit! {
 }
 
 macro_rules! same_as_the_authors_code {
-    ($($test:ident: $name:literal, $tol:expr;)*) => {$(
+    ($($test:ident: $dir:literal / $name:literal, $tol:expr;)*) => {$(
         #[test]
         fn $test() {
-            let dev = compare_in(&fixtures().join("svd"), $name);
+            let dev = compare_in(&fixtures().join($dir), $name);
             eprintln!("{}: max deviation {dev:e}", $name);
             assert!(dev <= $tol, "{}: max deviation {dev:e} relative to the tensor's max |value|", $name);
         }
@@ -97,9 +98,11 @@ macro_rules! same_as_the_authors_code {
 }
 
 same_as_the_authors_code! {
-    tsv_m_full_rank: "tsv_m", 1e-5;
-    tsv_m_rank_budget_and_lambda: "tsv_m_rank", 1e-5;
-    iso_c: "iso_c", 1e-5;
-    iso_cts: "iso_cts", 1e-5;
-    iso_cts_two_tasks_half_common: "iso_cts_half", 1e-5;
+    tsv_m_full_rank: "svd" / "tsv_m", 1e-5;
+    tsv_m_rank_budget_and_lambda: "svd" / "tsv_m_rank", 1e-5;
+    iso_c: "svd" / "iso_c", 1e-5;
+    iso_cts: "svd" / "iso_cts", 1e-5;
+    iso_cts_two_tasks_half_common: "svd" / "iso_cts_half", 1e-5;
+    regmean_scaled_off_diagonal: "regmean" / "regmean", 1e-5;
+    regmean_diagonal_with_ridge: "regmean" / "regmean_diagonal_ridge", 1e-5;
 }

@@ -198,6 +198,66 @@ fn eigh_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
     with_faer(a, |m| m.self_adjoint_eigenvalues(faer::Side::Lower)).ok()
 }
 
+/// Solves `(A + ridge·I) Z = B` for a symmetric positive (semi-)definite `d × d`
+/// matrix `A` (its lower triangle is read) and a `d × k` right-hand side,
+/// through the Cholesky factor, in `f64` (faer on both backends). With
+/// `ridge = 0`, `A` must be positive definite; a singular one is a typed error
+/// naming `name` that says to add a ridge. The solve of RegMean's
+/// `(Σᵢ Gᵢ)⁻¹ Σᵢ Gᵢ Wᵢ` and of [`ridge_least_squares`].
+pub fn solve_spd(
+    a: ArrayView2<'_, f64>,
+    b: ArrayView2<'_, f64>,
+    ridge: f64,
+    name: &str,
+) -> Result<Array2<f64>> {
+    check_matrix(a, name)?;
+    check_matrix(b, name)?;
+    let d = a.nrows();
+    if a.ncols() != d || b.nrows() != d {
+        return Err(SpectraError::Shape {
+            name: name.to_string(),
+            msg: format!(
+                "a symmetric solve needs a square matrix and a right-hand side with as many rows, got {:?} and {:?}",
+                a.shape(),
+                b.shape()
+            ),
+        });
+    }
+    if !(ridge >= 0.0 && ridge.is_finite()) {
+        return Err(SpectraError::Option {
+            option: "ridge",
+            msg: format!("{ridge} (must be finite and ≥ 0)"),
+        });
+    }
+    let k = b.ncols();
+    let mut gram =
+        faer::Mat::<f64>::from_fn(d, d, |i, j| a[(i, j)] + if i == j { ridge } else { 0.0 });
+    let mut rhs = faer::Mat::<f64>::from_fn(d, k, |i, j| b[(i, j)]);
+    solve_spd_in_place(&mut gram, &mut rhs, ridge, name)?;
+    Ok(Array2::from_shape_fn((d, k), |(i, j)| rhs[(i, j)]))
+}
+
+/// Cholesky solve of `gram · Z = rhs` in place (`rhs` becomes `Z`).
+fn solve_spd_in_place(
+    gram: &mut faer::Mat<f64>,
+    rhs: &mut faer::Mat<f64>,
+    ridge: f64,
+    name: &str,
+) -> Result<()> {
+    let d = gram.nrows();
+    let llt = gram.llt(faer::Side::Lower).map_err(|_| SpectraError::Shape {
+        name: name.to_string(),
+        msg: format!(
+            "the {d} × {d} matrix + {ridge}·I is not positive definite (singular or indefinite; use a ridge > 0)"
+        ),
+    })?;
+    faer::linalg::solvers::Solve::solve_in_place(&llt, rhs.as_mut());
+    if (0..rhs.nrows()).any(|i| (0..rhs.ncols()).any(|j| !rhs[(i, j)].is_finite())) {
+        return Err(no_conv(name, "symmetric solve"));
+    }
+    Ok(())
+}
+
 /// Ridge-regularised least squares, `W = argmin ‖X W − Y‖² + ridge·‖W‖²
 /// = (XᵀX + ridge·I)⁻¹ XᵀY`, through the Cholesky factor of the `d × d` Gram
 /// matrix, in `f64` (both backends use faer: the system is small and
@@ -239,18 +299,16 @@ pub fn ridge_least_squares(
         gram[(i, i)] += ridge;
     }
     let mut rhs: faer::Mat<f64> = xf.transpose() * yf;
-    let llt = gram.llt(faer::Side::Lower).map_err(|_| SpectraError::Shape {
-        name: name.to_string(),
-        msg: format!(
-            "XᵀX + {ridge}·I is not positive definite (X {n} × {d} is rank-deficient; use a ridge > 0)"
-        ),
+    solve_spd_in_place(&mut gram, &mut rhs, ridge, name).map_err(|e| match e {
+        SpectraError::Shape { name, .. } => SpectraError::Shape {
+            name,
+            msg: format!(
+                "XᵀX + {ridge}·I is not positive definite (X {n} × {d} is rank-deficient; use a ridge > 0)"
+            ),
+        },
+        e => e,
     })?;
-    faer::linalg::solvers::Solve::solve_in_place(&llt, rhs.as_mut());
-    let out = Array2::from_shape_fn((d, k), |(i, j)| rhs[(i, j)]);
-    if out.iter().any(|v| !v.is_finite()) {
-        return Err(no_conv(name, "least squares"));
-    }
-    Ok(out)
+    Ok(Array2::from_shape_fn((d, k), |(i, j)| rhs[(i, j)]))
 }
 
 #[cfg(test)]
