@@ -8,7 +8,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use experiments::cnn::{ResNet, init_state_dict};
 
-type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+type B = s2ft_core::CpuTrain;
 
 fn main() {
     let args: Vec<usize> = std::env::args()
@@ -38,7 +38,7 @@ fn main() {
     let t = Instant::now();
     let _ = model
         .valid()
-        .forward(experiments::mlp::batch::<burn::backend::NdArray<f32>>(
+        .forward(experiments::mlp::batch::<s2ft_core::Cpu>(
             &x, &device,
         ));
     println!(

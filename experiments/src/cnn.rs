@@ -406,7 +406,7 @@ where
 
 /// Mean cross-entropy and accuracy of a state dict on `data` (CPU backend).
 pub fn evaluate(sd: &StateDict, data: &Split) -> anyhow::Result<(f64, f64)> {
-    type C = burn::backend::NdArray<f32>;
+    type C = s2ft_core::Cpu;
     let device = Default::default();
     let model = ResNet::<C>::from_state_dict(sd, &device)?;
     let (mut loss, mut hits) = (0f64, 0usize);
@@ -436,7 +436,7 @@ pub fn evaluate(sd: &StateDict, data: &Split) -> anyhow::Result<(f64, f64)> {
 mod tests {
     use super::*;
 
-    type C = burn::backend::NdArray<f32>;
+    type C = s2ft_core::Cpu;
 
     fn images(n: usize, seed: u64) -> ndarray::Array2<f32> {
         let mut rng = spectra::rng::Rng::new(seed);
