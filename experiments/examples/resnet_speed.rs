@@ -38,9 +38,7 @@ fn main() {
     let t = Instant::now();
     let _ = model
         .valid()
-        .forward(experiments::mlp::batch::<s2ft_core::Cpu>(
-            &x, &device,
-        ));
+        .forward(experiments::mlp::batch::<s2ft_core::Cpu>(&x, &device));
     println!(
         "width {width}, batch {batch}: median training step {:.0} ms, inference forward {:.0} ms",
         steps[2],
