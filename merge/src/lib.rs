@@ -13,6 +13,7 @@
 pub mod aligned;
 pub mod config;
 pub mod error;
+pub mod extract;
 pub mod lora;
 pub mod methods;
 pub mod regmean;

@@ -47,6 +47,11 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     /// Target module names (suffixes such as `q_proj`).
     pub target_modules: Vec<String>,
+    /// Per-module ranks that differ from `r` (PEFT's `rank_pattern`; keys are
+    /// module names or their dotted suffixes).
+    pub rank_pattern: IndexMap<String, usize>,
+    /// Per-module α that differ from `lora_alpha` (PEFT's `alpha_pattern`).
+    pub alpha_pattern: IndexMap<String, f64>,
     /// The whole JSON object, written back on save with the fields above updated.
     pub raw: serde_json::Map<String, serde_json::Value>,
 }
@@ -64,18 +69,44 @@ impl LoraConfig {
             lora_alpha,
             use_rslora: false,
             target_modules: targets.iter().map(|s| s.to_string()).collect(),
+            rank_pattern: IndexMap::new(),
+            alpha_pattern: IndexMap::new(),
             raw,
         }
     }
 
-    /// The scale `s` of `ΔW = s·B·A`.
+    /// The scale `s` of `ΔW = s·B·A` for modules without a pattern entry.
     pub fn scale(&self) -> f64 {
+        self.scale_with(self.lora_alpha, self.r)
+    }
+
+    fn scale_with(&self, alpha: f64, r: usize) -> f64 {
         if self.use_rslora {
-            self.lora_alpha / (self.r as f64).sqrt()
+            alpha / (r as f64).sqrt()
         } else {
-            self.lora_alpha / self.r as f64
+            alpha / r as f64
         }
     }
+
+    /// The rank of `module` (a weight name without `.weight`).
+    pub fn rank_of(&self, module: &str) -> usize {
+        pattern_value(&self.rank_pattern, module).unwrap_or(self.r)
+    }
+
+    /// The scale of `module`'s `ΔW = s·B·A`, its patterns applied.
+    pub fn scale_of(&self, module: &str) -> f64 {
+        let alpha = pattern_value(&self.alpha_pattern, module).unwrap_or(self.lora_alpha);
+        self.scale_with(alpha, self.rank_of(module))
+    }
+}
+
+/// The value of the first pattern key that is `module` or a dotted suffix of it
+/// (PEFT matches `(.*\.)?KEY$`).
+fn pattern_value<V: Copy>(pattern: &IndexMap<String, V>, module: &str) -> Option<V> {
+    pattern
+        .iter()
+        .find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}")))
+        .map(|(_, v)| *v)
 }
 
 /// One module's factors: `a` is `r × in`, `b` is `out × r`.
@@ -94,6 +125,9 @@ pub struct LoraAdapter {
     pub config: LoraConfig,
     /// Factors per base weight name, in file order.
     pub modules: IndexMap<String, LoraPair>,
+    /// Tensors stored at full rank (PEFT's `modules_to_save`), by base tensor
+    /// name: fusing replaces the base's tensor with them.
+    pub full: IndexMap<String, Tensor>,
 }
 
 const PREFIX: &str = "base_model.model.";
@@ -137,28 +171,47 @@ impl LoraAdapter {
             .get("use_rslora")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        // PEFT options that change what the factors mean: refuse rather than misread.
-        for key in ["rank_pattern", "alpha_pattern"] {
-            if raw
-                .get(key)
-                .and_then(|v| v.as_object())
-                .is_some_and(|o| !o.is_empty())
-            {
-                return Err(bad(format!(
-                    "'{key}' (per-module ranks or scales) is not supported"
-                )));
+        let pattern = |key: &str| -> Result<IndexMap<String, f64>> {
+            match raw.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(IndexMap::new()),
+                Some(serde_json::Value::Object(o)) => o
+                    .iter()
+                    .map(|(k, v)| {
+                        v.as_f64()
+                            .filter(|x| *x > 0.0)
+                            .map(|x| (k.clone(), x))
+                            .ok_or_else(|| bad(format!("'{key}': '{k}' is not a positive number")))
+                    })
+                    .collect(),
+                Some(_) => Err(bad(format!("'{key}' is not an object"))),
             }
+        };
+        let alpha_pattern = pattern("alpha_pattern")?;
+        let mut rank_pattern = IndexMap::new();
+        for (k, v) in pattern("rank_pattern")? {
+            if v.fract() != 0.0 {
+                return Err(bad(format!("'rank_pattern': '{k}' is not a whole number")));
+            }
+            rank_pattern.insert(k, v as usize);
         }
+        // PEFT options that change what the factors mean: refuse rather than misread.
         if raw.get("fan_in_fan_out").and_then(|v| v.as_bool()) == Some(true) {
             return Err(bad(
                 "'fan_in_fan_out: true' (Conv1D layouts) is not supported".into(),
             ));
         }
-        if raw.get("modules_to_save").is_some_and(|v| !v.is_null()) {
-            return Err(bad(
-                "'modules_to_save' (fully trained extra modules) is not supported".into(),
-            ));
-        }
+        let modules_to_save: Vec<String> = match raw.get("modules_to_save") {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| bad("'modules_to_save' holds a non-string".into()))
+                })
+                .collect::<Result<_>>()?,
+            Some(_) => return Err(bad("'modules_to_save' is not a list".into())),
+        };
         if raw
             .get("bias")
             .and_then(|v| v.as_str())
@@ -178,8 +231,21 @@ impl LoraAdapter {
             lora_alpha,
             use_rslora,
             target_modules,
+            rank_pattern,
+            alpha_pattern,
             raw,
         };
+        let saved = |name: &str| {
+            let module = name
+                .strip_suffix(".weight")
+                .or_else(|| name.strip_suffix(".bias"));
+            module.is_some_and(|m| {
+                modules_to_save
+                    .iter()
+                    .any(|k| m == k || m.ends_with(&format!(".{k}")))
+            })
+        };
+        let mut full = IndexMap::new();
         let st = weights::SafetensorsFile::open(dir.join("adapter_model.safetensors"))?;
         let mut a_of: IndexMap<String, Array2<f32>> = IndexMap::new();
         let mut b_of: IndexMap<String, Array2<f32>> = IndexMap::new();
@@ -188,11 +254,16 @@ impl LoraAdapter {
                 Some(m) => (m, 'A'),
                 None => match info.name.strip_suffix(".lora_B.weight") {
                     Some(m) => (m, 'B'),
+                    None if saved(info.name.strip_prefix(PREFIX).unwrap_or(&info.name)) => {
+                        let name = info.name.strip_prefix(PREFIX).unwrap_or(&info.name);
+                        full.insert(name.to_string(), st.load(&info.name)?);
+                        continue;
+                    }
                     None => {
                         return Err(lr(
                             st.path().display().to_string(),
                             format!(
-                                "tensor '{}' is not a lora_A/lora_B weight (only LoRA adapters are supported)",
+                                "tensor '{}' is neither a lora_A/lora_B weight nor in modules_to_save (only LoRA adapters are supported)",
                                 info.name
                             ),
                         ));
@@ -218,13 +289,18 @@ impl LoraAdapter {
             let b = b_of
                 .shift_remove(&w)
                 .ok_or_else(|| lr(&w, "has lora_A but no lora_B"))?;
-            check_pair(&w, &a, &b, r)?;
+            let rank = config.rank_of(w.strip_suffix(".weight").unwrap_or(&w));
+            check_pair(&w, &a, &b, rank)?;
             modules.insert(w, LoraPair { a, b });
         }
         if let Some((w, _)) = b_of.first() {
             return Err(lr(w, "has lora_B but no lora_A"));
         }
-        Ok(LoraAdapter { config, modules })
+        Ok(LoraAdapter {
+            config,
+            modules,
+            full,
+        })
     }
 
     /// Writes the adapter as PEFT does (both files atomically).
@@ -246,9 +322,31 @@ impl LoraAdapter {
                 Tensor::f32(p.b.clone().into_dyn()),
             );
         }
+        for (name, t) in &self.full {
+            sd.insert(format!("{PREFIX}{name}"), t.clone());
+        }
         sd.metadata.insert("format".into(), "pt".into());
         sd.save_safetensors(dir.join("adapter_model.safetensors"))?;
         let mut raw = self.config.raw.clone();
+        raw.insert(
+            "rank_pattern".into(),
+            serde_json::to_value(&self.config.rank_pattern).expect("JSON"),
+        );
+        raw.insert(
+            "alpha_pattern".into(),
+            serde_json::to_value(&self.config.alpha_pattern).expect("JSON"),
+        );
+        if !self.full.is_empty() {
+            let mut keys: Vec<String> = Vec::new();
+            for name in self.full.keys() {
+                let module = name.strip_suffix(".weight").unwrap_or(name);
+                let key = module.rsplit('.').next().unwrap_or(module).to_string();
+                if !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+            raw.insert("modules_to_save".into(), keys.into());
+        }
         raw.insert("r".into(), self.config.r.into());
         raw.insert("lora_alpha".into(), self.config.lora_alpha.into());
         raw.insert("use_rslora".into(), self.config.use_rslora.into());
@@ -264,7 +362,10 @@ impl LoraAdapter {
     /// `ΔW = s·B·A` of the module adapting `weight`.
     pub fn delta(&self, weight: &str) -> Option<Array2<f32>> {
         let p = self.modules.get(weight)?;
-        Some(p.b.dot(&p.a) * self.config.scale() as f32)
+        let s = self
+            .config
+            .scale_of(weight.strip_suffix(".weight").unwrap_or(weight));
+        Some(p.b.dot(&p.a) * s as f32)
     }
 
     /// Every module's ΔW (a task vector for [`crate::merge_tensor`] and friends).
@@ -275,10 +376,35 @@ impl LoraAdapter {
             .collect()
     }
 
-    /// `base + sign·ΔW` for every module (sign 1 fuses, −1 unfuses). Errors name
-    /// a module whose weight the base lacks or whose shape differs.
+    /// `base + sign·ΔW` for every module (sign 1 fuses, −1 unfuses), the
+    /// full-rank tensors replacing the base's when fusing. Errors name a module
+    /// whose weight the base lacks or whose shape differs, and unfusing an
+    /// adapter with full-rank tensors (the replaced values are gone).
     pub fn fuse(&self, base: &StateDict, sign: f32) -> Result<StateDict> {
         let mut out = base.clone();
+        if let Some(name) = self.full.keys().next()
+            && sign < 0.0
+        {
+            return Err(lr(
+                name,
+                "is stored at full rank (modules_to_save): unfusing cannot restore the base's values",
+            ));
+        }
+        for (name, t) in &self.full {
+            let slot = out.get_mut(name).ok_or_else(|| MergeError::MissingTensor {
+                tensor: name.clone(),
+                model: "base".into(),
+            })?;
+            if slot.shape() != t.shape() {
+                return Err(MergeError::ShapeMismatch {
+                    tensor: name.clone(),
+                    model: "LoRA adapter (modules_to_save)".into(),
+                    expected: slot.shape().to_vec(),
+                    got: t.shape().to_vec(),
+                });
+            }
+            slot.data.assign(&t.data);
+        }
         for w in self.modules.keys() {
             let t = out.get_mut(w).ok_or_else(|| MergeError::MissingTensor {
                 tensor: w.clone(),
@@ -328,6 +454,7 @@ impl LoraAdapter {
         Ok(LoraAdapter {
             config: LoraConfig::new(r, r as f64, targets),
             modules,
+            full: IndexMap::new(),
         })
     }
 }
@@ -668,7 +795,11 @@ pub fn lora_lego(
     config.r = k;
     config.lora_alpha = k as f64;
     config.use_rslora = false;
-    Ok(LoraAdapter { config, modules })
+    Ok(LoraAdapter {
+        config,
+        modules,
+        full: IndexMap::new(),
+    })
 }
 
 /// A shared left basis for related matrices (see the module docs).

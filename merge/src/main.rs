@@ -1,4 +1,6 @@
 //! `merge CONFIG.yml OUT` — runs a mergekit configuration.
+//! `merge extract-lora BASE FINETUNED OUT` — turns a fine-tune into a LoRA
+//! adapter (mergekit-extract-lora).
 
 use std::path::PathBuf;
 
@@ -39,7 +41,76 @@ struct Cli {
 }
 
 fn after_help() -> String {
-    format!("Methods: {}", merge::Method::names().join(", "))
+    format!(
+        "Methods: {}\n\n`merge extract-lora --help`: a fine-tune as a LoRA adapter.",
+        merge::Method::names().join(", ")
+    )
+}
+
+/// `merge extract-lora`: a fine-tune as a PEFT LoRA adapter, per linear weight
+/// the truncated SVD of its change (mergekit-extract-lora's semantics).
+#[derive(Parser)]
+#[command(name = "merge extract-lora")]
+struct ExtractCli {
+    /// The base model (folder or file).
+    base: PathBuf,
+    /// The fine-tuned model.
+    finetuned: PathBuf,
+    /// Output adapter folder (adapter_model.safetensors, adapter_config.json, extraction.json).
+    out: PathBuf,
+    /// Largest rank of a module.
+    #[arg(long, alias = "max-rank", default_value_t = 128)]
+    rank: usize,
+    /// Drop singular values at or below this (absolute, as mergekit's --sv-epsilon).
+    #[arg(long, default_value_t = 0.0)]
+    sv_epsilon: f64,
+    /// Drop singular values below this fraction of each module's largest.
+    #[arg(long, default_value_t = 0.0)]
+    sv_relative: f64,
+    /// Put all of Σ in A instead of √Σ in each factor.
+    #[arg(long)]
+    no_distribute_scale: bool,
+    /// Save this module (name or last component) at full rank; repeatable.
+    #[arg(long = "save-module")]
+    save_module: Vec<String>,
+    /// Only extract modules matching this regex; repeatable.
+    #[arg(long = "include-regex", short = 'i')]
+    include: Vec<String>,
+    /// Leave out modules matching this regex; repeatable.
+    #[arg(long = "exclude-regex", short = 'e')]
+    exclude: Vec<String>,
+    /// Drop tensors that cannot be decomposed (norms) instead of saving them at full rank.
+    #[arg(long)]
+    skip_undecomposable: bool,
+}
+
+fn extract(cli: ExtractCli) -> anyhow::Result<()> {
+    use weights::Checkpoint;
+    let base = Checkpoint::open(&cli.base)?;
+    let ft = Checkpoint::open(&cli.finetuned)?;
+    let opts = merge::extract::ExtractOptions {
+        max_rank: cli.rank,
+        sv_epsilon: cli.sv_epsilon,
+        sv_relative: cli.sv_relative,
+        distribute_scale: !cli.no_distribute_scale,
+        modules_to_save: cli.save_module,
+        include: cli.include,
+        exclude: cli.exclude,
+        skip_undecomposable: cli.skip_undecomposable,
+    };
+    let ex = merge::extract::extract_lora(&base, &ft, &opts)?;
+    merge::extract::save_extraction(&ex, &cli.out)?;
+    let lora: Vec<_> = ex.report.iter().filter(|t| t.kind == "lora").collect();
+    let worst = lora.iter().map(|t| t.relative_error).fold(0.0f64, f64::max);
+    eprintln!(
+        "extracted {} LoRA modules (rank ≤ {}, worst relative error {:.3e}) and {} full-rank tensors into {}",
+        lora.len(),
+        ex.adapter.config.r,
+        worst,
+        ex.report.iter().filter(|t| t.kind == "full").count(),
+        cli.out.display()
+    );
+    Ok(())
 }
 
 fn parse_size(s: &str) -> anyhow::Result<u64> {
@@ -61,6 +132,10 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
 }
 
 fn main() -> std::process::ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("extract-lora") {
+        let cli = ExtractCli::parse_from(std::env::args().skip(1));
+        return weights::cli::main(OnInterrupt::RemoveTemporaries, || extract(cli));
+    }
     let cli = Cli::parse();
     // A half-merged folder is worse than none: an interrupt restores it.
     weights::cli::main(OnInterrupt::RestoreOutputs, || run(cli))

@@ -491,3 +491,44 @@ fn regmean_refuses_incomplete_or_misshapen_gram_files_naming_them() {
     let m = msg(yaml("ga.safetensors", "nowhere.safetensors", ""));
     assert!(m.contains("nowhere.safetensors"), "{m}");
 }
+
+#[test]
+fn extract_lora_refuses_bad_input_naming_it() {
+    use merge::extract::{ExtractOptions, extract_lora};
+    let dir = setup();
+    let base = Checkpoint::open(dir.path().join("base")).unwrap();
+    let a = Checkpoint::open(dir.path().join("a")).unwrap();
+    let opts = |f: fn(&mut ExtractOptions)| {
+        let mut o = ExtractOptions::default();
+        f(&mut o);
+        o
+    };
+    let err = |o: ExtractOptions| extract_lora(&base, &a, &o).err().unwrap().to_string();
+    let m = err(opts(|o| o.max_rank = 0));
+    assert!(m.contains("max_rank"), "{m}");
+    let m = err(opts(|o| o.exclude = vec!["(".into()]));
+    assert!(m.contains("--exclude-regex") && m.contains("'('"), "{m}");
+    let m = err(opts(|o| o.sv_relative = 1.5));
+    assert!(m.contains("sv_relative"), "{m}");
+    // A fine-tune with a weight the base lacks, or of another shape.
+    let mut odd = model(2, 20);
+    odd.insert(
+        "model.layers.1.mlp.up_proj.weight",
+        Tensor::f32(rng_tensor(&[12, 9], 1)),
+    );
+    write(dir.path(), "odd", &odd);
+    let odd = Checkpoint::open(dir.path().join("odd")).unwrap();
+    let m = extract_lora(&base, &odd, &ExtractOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(m.contains("up_proj") && m.contains("[12, 9]"), "{m}");
+    // Rank 8 of 12 × 8 up projections is exact; norms and embeddings are full-rank.
+    let ex = extract_lora(&base, &a, &ExtractOptions::default()).unwrap();
+    let fused = ex.adapter.fuse(&base.load_all().unwrap(), 1.0).unwrap();
+    assert!(max_diff(&fused, &model(2, 20)) < 1e-5);
+    assert!(ex.report.iter().all(|t| t.relative_error < 1e-6));
+    assert!(ex.adapter.full.contains_key("model.embed_tokens.weight"));
+    // Unfusing cannot restore full-rank replacements.
+    assert!(ex.adapter.fuse(&fused, -1.0).is_err());
+}

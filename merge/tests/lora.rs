@@ -34,6 +34,7 @@ fn adapter(rank: usize, alpha: f64, seed: u64) -> LoraAdapter {
     LoraAdapter {
         config: LoraConfig::new(rank, alpha, &["q_proj", "down_proj"]),
         modules,
+        full: Default::default(),
     }
 }
 

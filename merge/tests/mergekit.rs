@@ -106,3 +106,99 @@ same_as_the_authors_code! {
     regmean_scaled_off_diagonal: "regmean" / "regmean", 1e-5;
     regmean_diagonal_with_ridge: "regmean" / "regmean_diagonal_ridge", 1e-5;
 }
+
+/// `merge extract-lora`'s library call against `mergekit-extract-lora`'s
+/// adapters (`fixtures/extract_lora_reference.py`): the same modules at the
+/// same ranks (singular values kept), the same full-rank tensors, the same
+/// ΔW = s·B·A per module.
+fn same_extraction_as_mergekit(case: &str, opts: merge::extract::ExtractOptions) {
+    use merge::lora::LoraAdapter;
+    let tiny = fixtures().join("tiny");
+    let base = Checkpoint::open(tiny.join("base")).unwrap();
+    let ft = Checkpoint::open(tiny.join("a")).unwrap();
+    let ours = merge::extract::extract_lora(&base, &ft, &opts).unwrap();
+    // Through a save and load, as a user gets it.
+    let dir = tempfile::tempdir().unwrap();
+    merge::extract::save_extraction(&ours, dir.path()).unwrap();
+    let ours = LoraAdapter::load(dir.path()).unwrap();
+    let theirs = LoraAdapter::load(fixtures().join("extract").join(case)).unwrap();
+    let sorted = |v: &[String]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v
+    };
+    assert_eq!(ours.config.r, theirs.config.r, "{case}: r");
+    assert_eq!(
+        sorted(&ours.config.target_modules),
+        sorted(&theirs.config.target_modules),
+        "{case}"
+    );
+    let mut mods: Vec<&String> = ours.modules.keys().collect();
+    let mut want: Vec<&String> = theirs.modules.keys().collect();
+    mods.sort();
+    want.sort();
+    assert_eq!(mods, want, "{case}: extracted modules");
+    let mut worst = 0f32;
+    for w in theirs.modules.keys() {
+        let m = w.strip_suffix(".weight").unwrap();
+        assert_eq!(
+            ours.config.rank_of(m),
+            theirs.config.rank_of(m),
+            "{case}: {w} rank"
+        );
+        let (a, b) = (ours.delta(w).unwrap(), theirs.delta(w).unwrap());
+        let scale = b.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-6);
+        worst = worst.max(
+            a.iter()
+                .zip(b.iter())
+                .fold(0f32, |s, (x, y)| s.max((x - y).abs() / scale)),
+        );
+    }
+    eprintln!("{case}: max ΔW deviation {worst:e}");
+    // Both SVDs are f32 (torch, faer): ΔW agrees to a few ulps of its largest entry.
+    assert!(worst < 3e-5, "{case}: ΔW deviates by {worst}");
+    let mut full: Vec<&String> = ours.full.keys().collect();
+    let mut want: Vec<&String> = theirs.full.keys().collect();
+    full.sort();
+    want.sort();
+    assert_eq!(full, want, "{case}: full-rank tensors");
+    for (n, t) in &theirs.full {
+        assert_eq!(ours.full[n].data, t.data, "{case}: {n}");
+    }
+}
+
+#[test]
+fn extract_lora_rank_4() {
+    same_extraction_as_mergekit(
+        "rank4",
+        merge::extract::ExtractOptions {
+            max_rank: 4,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn extract_lora_sv_epsilon_without_distributed_scale() {
+    same_extraction_as_mergekit(
+        "epsilon_no_distribute",
+        merge::extract::ExtractOptions {
+            max_rank: 6,
+            sv_epsilon: 0.06,
+            distribute_scale: false,
+            ..Default::default()
+        },
+    );
+}
+
+#[test]
+fn extract_lora_full_rank_excluding_the_mlp() {
+    same_extraction_as_mergekit(
+        "full_rank_exclude_mlp",
+        merge::extract::ExtractOptions {
+            max_rank: 16,
+            exclude: vec!["mlp".into()],
+            ..Default::default()
+        },
+    );
+}

@@ -51,11 +51,13 @@ fn fusing_peft_adapters_matches_merge_and_unload() {
 #[test]
 fn peft_options_that_change_the_meaning_are_refused() {
     let src = fixtures().join("peft/plain");
-    for (key, value) in [
-        ("rank_pattern", r#"{"q_proj": 8}"#),
-        ("fan_in_fan_out", "true"),
-        ("modules_to_save", r#"["lm_head"]"#),
-        ("bias", r#""all""#),
+    for (key, value, says) in [
+        // Per-module ranks are read; factors of another rank are an error.
+        ("rank_pattern", r#"{"q_proj": 8}"#, "r = 8"),
+        ("alpha_pattern", r#"{"q_proj": -1}"#, "alpha_pattern"),
+        ("fan_in_fan_out", "true", "fan_in_fan_out"),
+        ("modules_to_save", r#""lm_head""#, "modules_to_save"),
+        ("bias", r#""all""#, "bias"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::copy(
@@ -70,7 +72,7 @@ fn peft_options_that_change_the_meaning_are_refused() {
         cfg[key] = serde_json::from_str(value).unwrap();
         std::fs::write(tmp.path().join("adapter_config.json"), cfg.to_string()).unwrap();
         let e = LoraAdapter::load(tmp.path()).unwrap_err().to_string();
-        assert!(e.contains(key), "{key}: {e}");
+        assert!(e.contains(says), "{key}: {e}");
     }
 }
 
