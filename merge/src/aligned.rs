@@ -84,6 +84,7 @@ pub fn merge_state_dicts(
                     shared,
                     per_model,
                     seed,
+                    draws: Default::default(),
                 },
             )?;
             let data = ndarray::ArrayD::from_shape_vec(shape, out)

@@ -261,6 +261,8 @@ pub struct TensorInputs<'a> {
     pub per_model: &'a [Params],
     /// Seed of random sparsification.
     pub seed: u64,
+    /// Source of random sparsification's draws.
+    pub draws: sparsify::Draws,
 }
 
 impl TensorInputs<'_> {
@@ -452,6 +454,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
                         gamma: x.num(Some(i), "gamma")?.unwrap_or(0.01),
                         epsilon: x.num(Some(i), "epsilon")?.unwrap_or(0.15),
                         rescale,
+                        draws: x.draws,
                     },
                     seed: name_seed(x.seed, x.name, i),
                 });

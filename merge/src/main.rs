@@ -38,6 +38,11 @@ struct Cli {
     /// Print the run report as JSON.
     #[arg(long)]
     json: bool,
+    /// DARE's and DELLA's draws from a hash of each task-vector value and
+    /// position instead of the seeded generator, so another tool can make the
+    /// same mask (see `sparsify::value_hash_uniform`).
+    #[arg(long)]
+    value_hash_draws: bool,
 }
 
 fn after_help() -> String {
@@ -151,6 +156,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             EmbedPolicy::BaseRows
         } else {
             EmbedPolicy::Error
+        },
+        draws: if cli.value_hash_draws {
+            merge::sparsify::Draws::ValueHash
+        } else {
+            merge::sparsify::Draws::Seeded
         },
     };
     let report = run_file(&cli.config, &cli.out, &opts)?;

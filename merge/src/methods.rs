@@ -781,6 +781,7 @@ mod tests {
                 gamma: 0.0,
                 epsilon: 0.0,
                 rescale: false,
+                draws: Default::default(),
             },
             seed: 0,
         };

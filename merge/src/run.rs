@@ -43,6 +43,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Vocabulary mismatches.
     pub embed: EmbedPolicy,
+    /// Source of DARE's and DELLA's draws (seeded, or a value hash any tool can reproduce).
+    pub draws: crate::sparsify::Draws,
 }
 
 impl Default for RunOptions {
@@ -53,6 +55,7 @@ impl Default for RunOptions {
             max_memory: None,
             progress: false,
             embed: EmbedPolicy::Error,
+            draws: Default::default(),
         }
     }
 }
@@ -454,6 +457,7 @@ fn merge_one(plan: &Plan, method: &Method, p: &Planned, opts: &RunOptions) -> Re
             shared: &shared,
             per_model: &per_model,
             seed: opts.seed,
+            draws: opts.draws,
         },
     )
 }

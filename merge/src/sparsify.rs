@@ -31,6 +31,41 @@ pub enum Sparsification {
     DellaMagprune,
 }
 
+/// Where the uniform draws of random sparsification (DARE, DELLA) come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Draws {
+    /// The seeded generator ([`Rng`]), per tensor and input (the default).
+    #[default]
+    Seeded,
+    /// A hash of each task-vector entry's f32 bits and flat index
+    /// ([`value_hash_uniform`]): the same draws any implementation can make, so
+    /// a mask can be reproduced outside this crate. The mergekit parity test
+    /// injects these draws into mergekit's `torch.bernoulli` to compare DARE
+    /// and DELLA tensor for tensor. Keep probabilities are then compared in
+    /// f32, as torch holds them.
+    ValueHash,
+}
+
+/// `splitmix64(bits(v) | index << 32)`'s top 24 bits as a uniform in `[0, 1)`,
+/// exact in f32.
+pub fn value_hash_uniform(v: f32, index: usize) -> f32 {
+    let mut z = (v.to_bits() as u64) | ((index as u64) << 32);
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u32 << 24) as f32
+}
+
+/// Whether entry `index` of value `v` survives with keep probability `p`.
+fn kept(draws: Draws, rng: &mut Rng, v: f32, index: usize, p: f64, p32: f32) -> bool {
+    match draws {
+        Draws::Seeded => rng.uniform() < p,
+        Draws::ValueHash => value_hash_uniform(v, index) < p32,
+    }
+}
+
 /// Per-input sparsification parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SparsifyParams {
@@ -42,6 +77,8 @@ pub struct SparsifyParams {
     pub epsilon: f64,
     /// Rescale to the original L1 norm.
     pub rescale: bool,
+    /// Source of random draws.
+    pub draws: Draws,
 }
 
 /// Sparsifies `x` (shape `shape`) in place. Errors name the violated bound.
@@ -81,8 +118,8 @@ pub fn sparsify(
         }
         Sparsification::Random => {
             let d = p.density.max(0.0);
-            for v in x.iter_mut() {
-                if rng.uniform() >= d {
+            for (e, v) in x.iter_mut().enumerate() {
+                if !kept(p.draws, rng, *v, e, d, d as f32) {
                     *v = 0.0;
                 }
             }
@@ -98,7 +135,7 @@ pub fn sparsify(
                     p.epsilon, p.density
                 ));
             }
-            della(x, shape, p.density, p.epsilon, rng);
+            della(x, shape, p, rng);
         }
     }
     if p.rescale {
@@ -143,7 +180,8 @@ fn keep_rank_range(x: &mut [f32], lo: usize, hi: usize) {
         .for_each(|(v, k)| *v = if k { *v } else { 0.0 });
 }
 
-fn della(x: &mut [f32], shape: &[usize], density: f64, epsilon: f64, rng: &mut Rng) {
+fn della(x: &mut [f32], shape: &[usize], p: &SparsifyParams, rng: &mut Rng) {
+    let (density, epsilon) = (p.density, p.epsilon);
     // Rows along axis 1 as torch's `argsort(dim=1)`: view as (d0, d1, rest).
     let (d0, d1) = match shape.len() {
         0 | 1 => (1, x.len()),
@@ -151,7 +189,7 @@ fn della(x: &mut [f32], shape: &[usize], density: f64, epsilon: f64, rng: &mut R
     };
     let rest = x.len() / (d0 * d1).max(1);
     let mut order: Vec<usize> = Vec::with_capacity(d1);
-    let mut probs = vec![0f64; d1];
+    let mut probs = vec![(0f64, 0f32); d1];
     for i in 0..d0 {
         for r in 0..rest {
             let at = |j: usize| (i * d1 + j) * rest + r;
@@ -165,11 +203,21 @@ fn della(x: &mut [f32], shape: &[usize], density: f64, epsilon: f64, rng: &mut R
                 } else {
                     0.0
                 };
-                probs[j] = density - epsilon + norm * 2.0 * epsilon;
+                // torch's f32 arithmetic: (d − ε) + rank_norm·2·ε.
+                let norm32 = if d1 > 1 {
+                    rank as f32 / (d1 - 1) as f32
+                } else {
+                    0.0
+                };
+                probs[j] = (
+                    density - epsilon + norm * 2.0 * epsilon,
+                    (density - epsilon) as f32 + norm32 * 2.0 * epsilon as f32,
+                );
             }
-            for (j, &pr) in probs.iter().enumerate() {
-                if rng.uniform() >= pr {
-                    x[at(j)] = 0.0;
+            for (j, &(pr, pr32)) in probs.iter().enumerate() {
+                let e = at(j);
+                if !kept(p.draws, rng, x[e], e, pr, pr32) {
+                    x[e] = 0.0;
                 }
             }
         }
@@ -186,6 +234,7 @@ mod tests {
             gamma: 0.0,
             epsilon: 0.0,
             rescale: false,
+            draws: Draws::Seeded,
         }
     }
 

@@ -235,6 +235,7 @@ fn golden_task_vector_values_through_the_registry() {
         shared: &shared,
         per_model: &per,
         seed: 0,
+        draws: Default::default(),
     };
     let r = merge_tensor(&Method::from_name("dare_linear").unwrap(), &inputs).unwrap();
     assert_eq!(r, vec![0.0, 0.25]);

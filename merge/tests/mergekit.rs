@@ -16,17 +16,17 @@ fn fixtures() -> std::path::PathBuf {
 
 /// Runs `configs/<name>.yml` and returns the largest relative deviation from mergekit.
 fn compare(name: &str) -> f64 {
-    compare_in(&fixtures(), name)
+    compare_in(&fixtures(), name, &RunOptions::default())
 }
 
 /// Runs `DIR/configs/<name>.yml` and returns the largest deviation from
 /// `DIR/expected/<name>.safetensors`, relative to each tensor's max |value|.
-fn compare_in(dir: &Path, name: &str) -> f64 {
+fn compare_in(dir: &Path, name: &str, opts: &RunOptions) -> f64 {
     let fixtures = dir;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let cfg = fixtures.join("configs").join(format!("{name}.yml"));
-    run_file(&cfg, &out, &RunOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    run_file(&cfg, &out, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
     let ours = Checkpoint::open(&out).unwrap();
     let theirs = Checkpoint::open(
         fixtures
@@ -90,7 +90,7 @@ macro_rules! same_as_the_authors_code {
     ($($test:ident: $dir:literal / $name:literal, $tol:expr;)*) => {$(
         #[test]
         fn $test() {
-            let dev = compare_in(&fixtures().join($dir), $name);
+            let dev = compare_in(&fixtures().join($dir), $name, &RunOptions::default());
             eprintln!("{}: max deviation {dev:e}", $name);
             assert!(dev <= $tol, "{}: max deviation {dev:e} relative to the tensor's max |value|", $name);
         }
@@ -201,4 +201,28 @@ fn extract_lora_full_rank_excluding_the_mlp() {
             ..Default::default()
         },
     );
+}
+
+macro_rules! same_as_mergekit_with_injected_draws {
+    ($($test:ident: $name:literal, $tol:expr;)*) => {$(
+        #[test]
+        fn $test() {
+            let opts = RunOptions {
+                draws: merge::sparsify::Draws::ValueHash,
+                ..Default::default()
+            };
+            let dev = compare_in(&fixtures().join("draws"), $name, &opts);
+            eprintln!("{}: max deviation {dev:e}", $name);
+            assert!(dev <= $tol, "{}: max deviation {dev:e} relative to the tensor's max |value|", $name);
+        }
+    )*};
+}
+
+// DARE and DELLA with mergekit's `torch.bernoulli` fed this crate's
+// value-hash draws (`fixtures/draws_reference.py`): the full pipelines agree.
+same_as_mergekit_with_injected_draws! {
+    dare_ties_with_drawn_masks: "dare_ties", 1e-6;
+    dare_linear_without_rescale_with_drawn_masks: "dare_linear_norescale", 1e-6;
+    della_with_drawn_masks: "della", 1e-6;
+    della_linear_with_drawn_masks: "della_linear", 1e-6;
 }
