@@ -2,14 +2,15 @@
 
 Writes a base and three fine-tunes with SmolLM2-135M's shapes in f32
 (134.5M parameters, 538 MB each; HF LLaMA naming, one safetensors file each)
-to target/bench-data/merge/, then runs `linear`, `ties` and `dare_ties`
-through both tools, each as a child process, and reports wall time and the
-child's peak RSS (medians of `--runs`). The two outputs of each deterministic
-method are compared tensor by tensor.
+to target/bench-data/merge/, then runs every method both tools have through
+both, each as a child process, and reports wall time and the child's peak RSS
+(medians of `--runs`; `--methods` picks some). The two outputs of each
+deterministic method are compared tensor by tensor. TSV-M, Iso-C and Iso-CTS,
+which mergekit lacks, are timed alone.
 
     cargo build --release -p merge
     python3 -m venv /tmp/mk && /tmp/mk/bin/pip install mergekit==0.1.5
-    /tmp/mk/bin/python merge/benches/compare_mergekit.py [--runs 3]
+    /tmp/mk/bin/python merge/benches/compare_mergekit.py [--runs 3] [--methods ties sce ...]
 """
 
 import argparse
@@ -66,16 +67,49 @@ def write_models():
             json.dump(CONFIG, f)
 
 
+def _models(params, base=True, names=("a", "b", "c"), shared=None):
+    """A config: `params[i]` is model i's parameter string (or None)."""
+    y = "base_model: ./base\n" if base else ""
+    y += "models:\n"
+    for n, p in zip(names, params):
+        y += f"  - {{model: ./{n}" + (f", parameters: {{{p}}}" if p else "") + "}\n"
+    if shared:
+        y += f"parameters: {{{shared}}}\n"
+    return y + "dtype: float32\n"
+
+
+W3 = ["weight: 0.5", "weight: 0.3", "weight: 0.2"]
+WD = [w + ", density: 0.5" for w in W3]
+# Every method both tools have (mergekit 0.1.5), then the ones only this crate has.
 CONFIGS = {
-    "linear": "merge_method: linear\nmodels:\n  - {model: ./a, parameters: {weight: 0.5}}\n"
-    "  - {model: ./b, parameters: {weight: 0.3}}\n  - {model: ./c, parameters: {weight: 0.2}}\ndtype: float32\n",
-    "ties": "merge_method: ties\nbase_model: ./base\nmodels:\n  - {model: ./a, parameters: {weight: 0.5, density: 0.5}}\n"
-    "  - {model: ./b, parameters: {weight: 0.3, density: 0.5}}\n  - {model: ./c, parameters: {weight: 0.2, density: 0.5}}\n"
-    "dtype: float32\n",
-    "dare_ties": "merge_method: dare_ties\nbase_model: ./base\nmodels:\n  - {model: ./a, parameters: {weight: 0.5, density: 0.5}}\n"
-    "  - {model: ./b, parameters: {weight: 0.3, density: 0.5}}\n  - {model: ./c, parameters: {weight: 0.2, density: 0.5}}\n"
-    "dtype: float32\n",
+    "linear": "merge_method: linear\n" + _models(W3, base=False),
+    "slerp": "merge_method: slerp\n" + _models([None, None], names=("base", "a"), shared="t: 0.4"),
+    "nuslerp": "merge_method: nuslerp\n" + _models(["weight: 0.6", "weight: 0.4"], names=("a", "b")),
+    "task_arithmetic": "merge_method: task_arithmetic\n" + _models(W3),
+    "ties": "merge_method: ties\n" + _models(WD),
+    "dare_ties": "merge_method: dare_ties\n" + _models(WD),
+    "dare_linear": "merge_method: dare_linear\n" + _models(WD),
+    "breadcrumbs": "merge_method: breadcrumbs\n" + _models(WD),
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\n" + _models(WD),
+    "della": "merge_method: della\n" + _models(WD),
+    "della_linear": "merge_method: della_linear\n" + _models(WD),
+    "model_stock": "merge_method: model_stock\n" + _models([None] * 3),
+    "karcher": "merge_method: karcher\n" + _models([None] * 3, base=False),
+    "passthrough": "merge_method: passthrough\n" + _models([None], base=False),
+    "sce": "merge_method: sce\n" + _models([None] * 3, shared="select_topk: 0.5"),
+    "multislerp": "merge_method: multislerp\n" + _models(W3),
+    "nearswap": "merge_method: nearswap\n" + _models([None], shared="t: 0.001"),
+    "arcee_fusion": "merge_method: arcee_fusion\n" + _models([None]),
+    "ram": "merge_method: ram\n" + _models([None] * 3),
+    "ramplus_tl": "merge_method: ramplus_tl\n" + _models([None] * 3),
 }
+OURS_ONLY = {
+    "tsv_m": "merge_method: tsv_m\n" + _models([None] * 3),
+    "iso_c": "merge_method: iso_c\n" + _models([None] * 3, shared="lambda: 1.5"),
+    "iso_cts": "merge_method: iso_cts\n" + _models([None] * 3, shared="lambda: 1.5"),
+}
+# Randomised in both tools with different generators (or sampled quantiles above 10⁶ entries).
+RANDOM = {"dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion"}
 
 WRAP = "import resource,subprocess,sys;r=subprocess.run(sys.argv[1:],capture_output=True);" \
        "sys.stderr.write(r.stderr.decode()[-2000:]) if r.returncode else None;" \
@@ -104,12 +138,29 @@ def max_rel_dev(x_dir, y_dir):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--methods", nargs="*", help="only these (default: all)")
     args = ap.parse_args()
     write_models()
     ours = os.path.join(ROOT, "target", "release", "merge")
     theirs = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     rows = []
+    for name, yaml in OURS_ONLY.items():
+        if args.methods and name not in args.methods:
+            continue
+        cfg = os.path.join(DATA, f"{name}.yml")
+        with open(cfg, "w") as f:
+            f.write(yaml)
+        ts, rss = [], []
+        for _ in range(args.runs):
+            out = os.path.join(DATA, f"out-merge-{name}")
+            shutil.rmtree(out, ignore_errors=True)
+            t, r = measure([ours, cfg, out, "--quiet"])
+            ts.append(t)
+            rss.append(r)
+        print(f"{name}: merge {statistics.median(ts):.2f} s {max(rss):.0f} MB | (not in mergekit)", flush=True)
     for name, yaml in CONFIGS.items():
+        if args.methods and name not in args.methods:
+            continue
         cfg = os.path.join(DATA, f"{name}.yml")
         with open(cfg, "w") as f:
             f.write(yaml)
@@ -126,7 +177,7 @@ def main():
                 ts.append(t)
                 rss.append(r)
             res[tool] = (statistics.median(ts), max(rss))
-        dev = "random (seeded differently)" if name.startswith("dare") else \
+        dev = "random (seeded differently)" if name in RANDOM else \
             f"{max_rel_dev(os.path.join(DATA, f'out-merge-{name}'), os.path.join(DATA, f'out-mergekit-{name}')):.1e}"
         rows.append((name, res, dev))
         (tm, rm), (tk, rk) = res["merge"], res["mergekit"]

@@ -258,16 +258,9 @@ impl MergeConfig {
                 }
             )));
         }
-        let known: Vec<&str> = method.parameters().iter().map(|(n, _)| *n).collect();
         for (owner, params) in all {
-            for key in params.keys() {
-                if !known.contains(&key.as_str()) {
-                    return Err(err(format!(
-                        "{owner}: parameter '{key}' is not used by method '{}' (it takes: {})",
-                        method.name(),
-                        known.join(", ")
-                    )));
-                }
+            if let Some((_, msg)) = method.unknown_parameter(params.keys().map(String::as_str)) {
+                return Err(err(format!("{owner}: {msg}")));
             }
         }
         Ok(cfg)
@@ -290,7 +283,7 @@ impl MergeConfig {
 }
 
 /// A mergekit dtype name as a [`weights::DType`].
-pub fn parse_dtype(s: &str) -> std::result::Result<weights::DType, String> {
+pub(crate) fn parse_dtype(s: &str) -> std::result::Result<weights::DType, String> {
     use weights::DType;
     Ok(match s {
         "float32" | "fp32" | "f32" => DType::F32,

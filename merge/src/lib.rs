@@ -10,22 +10,30 @@
 //! - [`run`]: streaming execution of a config over lazily read checkpoints into
 //!   sharded safetensors.
 
+// The README's examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
+
 pub mod aligned;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod in_memory;
 pub mod lora;
 pub mod methods;
 pub mod regmean;
 pub mod run;
 pub mod sparsify;
 pub mod subspace;
+pub mod typed;
 
 use indexmap::IndexMap;
 use serde::Serialize;
 use weights::TensorSource;
 
 pub use error::{MergeError, Result};
+pub use in_memory::merge_state_dicts;
 use methods::{NuslerpMode, TASK_VECTOR_PRESETS, TaskInput, TaskVectorMethod, TaskVectorOptions};
 use sparsify::{Sparsification, SparsifyParams};
 use subspace::SubspaceMethod;
@@ -179,6 +187,47 @@ impl Method {
         }
     }
 
+    /// Its paper or source.
+    pub fn reference(&self) -> &'static str {
+        match self {
+            Method::Linear => "Wortsman et al., Model soups, ICML 2022 (arXiv 2203.05482)",
+            Method::Slerp => {
+                "Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985; mergekit"
+            }
+            Method::Nuslerp => "mergekit (Goddard et al., arXiv 2403.13257)",
+            Method::TaskVector(name, _) => match *name {
+                "task_arithmetic" => {
+                    "Ilharco et al., Editing models with task arithmetic, ICLR 2023 (arXiv 2212.04089)"
+                }
+                "ties" => "Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)",
+                "dare_ties" | "dare_linear" => {
+                    "Yu et al., Language models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)"
+                }
+                "breadcrumbs" | "breadcrumbs_ties" => {
+                    "Davari & Belilovsky, Model Breadcrumbs, 2023 (arXiv 2312.06795)"
+                }
+                _ => "Deep et al., DELLA-Merging, 2024 (arXiv 2406.11617)",
+            },
+            Method::ModelStock => "Jang et al., Model Stock, ECCV 2024 (arXiv 2403.19522)",
+            Method::Karcher => "Karcher mean on the sphere; mergekit",
+            Method::Passthrough => "mergekit (frankenmerges)",
+            Method::Sce => "Wan et al., FuseChat (SCE), 2024 (arXiv 2408.07990)",
+            Method::Multislerp => "Goddard, Multi-SLERP (goddard.blog); mergekit",
+            Method::Nearswap => "alchemonaut, NearSwap (QuartetAnemoi-70B); mergekit",
+            Method::ArceeFusion => "Arcee AI, Arcee Fusion; mergekit",
+            Method::Ram | Method::RamPlusTl => {
+                "Reinforced Agent Merging (arXiv 2601.13572); mergekit"
+            }
+            Method::TsvM => "Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)",
+            Method::IsoC | Method::IsoCts => {
+                "Marczak et al., No Task Left Behind: Isotropic Model Merging, 2025 (arXiv 2502.04959)"
+            }
+            Method::RegMean => {
+                "Jin et al., Dataless Knowledge Fusion by Merging Weights (RegMean), ICLR 2023 (arXiv 2212.09849)"
+            }
+        }
+    }
+
     /// How it treats `base_model`.
     pub fn base_policy(&self) -> BasePolicy {
         match self {
@@ -196,6 +245,32 @@ impl Method {
             | Method::IsoCts => BasePolicy::Required,
             Method::Nuslerp | Method::Karcher | Method::Multislerp => BasePolicy::Optional,
         }
+    }
+
+    /// The first of `keys` this method does not read, with the error message
+    /// (the check the YAML path and [`merge_tensor`] share).
+    pub(crate) fn unknown_parameter<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a str>,
+    ) -> Option<(&'a str, String)> {
+        let known = self.parameters();
+        keys.into_iter()
+            .find(|k| !known.iter().any(|(n, _)| n == k))
+            .map(|k| {
+                let names: Vec<&str> = known.iter().map(|(n, _)| *n).collect();
+                (
+                    k,
+                    format!(
+                        "parameter '{k}' is not used by method '{}' (it takes: {})",
+                        self.name(),
+                        if names.is_empty() {
+                            "none".to_string()
+                        } else {
+                            names.join(", ")
+                        }
+                    ),
+                )
+            })
     }
 
     /// The parameters it reads: `(name, per_input)`. Others are an error.
@@ -386,6 +461,18 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
         msg: format!("tensor '{}': {msg}", x.name),
     };
     let k = x.models.len();
+    // A misspelt or foreign parameter is an error here as in configs.
+    if x.per_model.len() != k {
+        return Err(inputs_err(format!(
+            "{k} models but {} per-model parameter sets",
+            x.per_model.len()
+        )));
+    }
+    for params in std::iter::once(x.shared).chain(x.per_model) {
+        if let Some((key, msg)) = method.unknown_parameter(params.keys().map(String::as_str)) {
+            return Err(MergeError::param(x.name, key, msg));
+        }
+    }
     match method {
         Method::Linear => {
             if k == 0 {
@@ -464,8 +551,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
                 lambda: x.num(None, "lambda")?.unwrap_or(1.0),
             };
             x.flag("int8_mask", false)?;
-            methods::task_vector_merge(base, x.shape, &inputs, m, &opts)
-                .map_err(|msg| MergeError::param(x.name, "density", msg))
+            methods::task_vector_merge(x.name, base, x.shape, &inputs, m, &opts)
         }
         Method::ModelStock => {
             let base = x
@@ -540,7 +626,10 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
                 ));
             }
             let eps = x.num(None, "eps")?.unwrap_or(1e-8);
-            methods::multislerp(x.base, &x.models, &w, normalize, eps).map_err(&inputs_err)
+            methods::multislerp(x.base, &x.models, &w, normalize, eps).map_err(|e| match e {
+                MergeError::Inputs { msg, .. } => inputs_err(msg),
+                e => e,
+            })
         }
         Method::Nearswap | Method::ArceeFusion => {
             let base = x

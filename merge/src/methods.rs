@@ -101,12 +101,13 @@ pub struct TaskVectorOptions {
 /// Task arithmetic: Ilharco et al. 2023; TIES: Yadav et al. 2023; DARE: Yu et
 /// al. 2024; Model Breadcrumbs: Davari & Belilovsky 2023; DELLA: Deep et al. 2024.
 pub fn task_vector_merge(
+    tensor: &str,
     base: &[f32],
     shape: &[usize],
     inputs: &[TaskInput],
     method: &TaskVectorMethod,
     opts: &TaskVectorOptions,
-) -> Result<Vec<f32>, String> {
+) -> crate::Result<Vec<f32>> {
     if inputs.is_empty() {
         return Ok(base.to_vec());
     }
@@ -116,7 +117,14 @@ pub fn task_vector_merge(
     for inp in inputs {
         let mut d: Vec<f32> = inp.tensor.iter().zip(base).map(|(x, b)| x - b).collect();
         if let Some(s) = method.sparsification {
-            sparsify(&mut d, shape, s, &inp.sparsify, &mut Rng::new(inp.seed))?;
+            sparsify(
+                tensor,
+                &mut d,
+                shape,
+                s,
+                &inp.sparsify,
+                &mut Rng::new(inp.seed),
+            )?;
         }
         let w = inp.weight as f32;
         d.iter_mut().for_each(|v| *v *= w);
@@ -524,7 +532,7 @@ pub fn multislerp(
     weights: &[f64],
     normalize_weights: bool,
     eps: f64,
-) -> Result<Vec<f32>, String> {
+) -> crate::Result<Vec<f32>> {
     if models.len() == 1 {
         return Ok(models[0].to_vec());
     }
@@ -566,11 +574,12 @@ pub fn multislerp(
                 .collect();
             return Ok(add_base(r));
         }
-        return Err(
-            "the weighted mean direction of the inputs is zero (antipodal inputs whose weights \
-             balance out); use other weights"
+        return Err(crate::MergeError::Inputs {
+            method: "multislerp".into(),
+            msg: "the weighted mean direction of the inputs is zero (antipodal inputs whose \
+                  weights balance out); use other weights"
                 .into(),
-        );
+        });
     }
     mean.iter_mut().for_each(|m| *m /= mean_norm);
     let mut tangent = vec![0f64; n];
@@ -793,6 +802,7 @@ mod tests {
         const A: [f32; 4] = [1.0, -2.0, 0.5, 0.0];
         const B: [f32; 4] = [-3.0, 1.0, 0.5, 2.0];
         let r = task_vector_merge(
+            "t",
             &base,
             &[4],
             &[inp(&A, 1.0, 1.0), inp(&B, 0.5, 1.0)],
@@ -810,6 +820,7 @@ mod tests {
             lambda: 1.0,
         };
         let r = task_vector_merge(
+            "t",
             &base,
             &[4],
             &[inp(&A, 1.0, 0.5), inp(&B, 1.0, 0.5)],

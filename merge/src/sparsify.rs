@@ -81,16 +81,19 @@ pub struct SparsifyParams {
     pub draws: Draws,
 }
 
-/// Sparsifies `x` (shape `shape`) in place. Errors name the violated bound.
+/// Sparsifies `x` (tensor `tensor`, shape `shape`) in place. Errors name the
+/// tensor and the violated bound.
 pub fn sparsify(
+    tensor: &str,
     x: &mut [f32],
     shape: &[usize],
     method: Sparsification,
     p: &SparsifyParams,
     rng: &mut Rng,
-) -> Result<(), String> {
+) -> crate::Result<()> {
+    let bad = |param: &str, msg: String| crate::MergeError::param(tensor, param, msg);
     if !(p.density.is_finite()) {
-        return Err(format!("density {} is not a number", p.density));
+        return Err(bad("density", format!("{} is not a number", p.density)));
     }
     if p.density >= 1.0 {
         return Ok(());
@@ -109,7 +112,7 @@ pub fn sparsify(
         }
         Sparsification::MagnitudeOutliers => {
             if !(0.0..=1.0).contains(&p.gamma) {
-                return Err(format!("gamma {} is outside [0, 1]", p.gamma));
+                return Err(bad("gamma", format!("{} is outside [0, 1]", p.gamma)));
             }
             let target = (p.density.max(0.0) * n as f64) as usize;
             let top = (p.gamma * n as f64) as usize;
@@ -130,9 +133,12 @@ pub fn sparsify(
                 return Ok(());
             }
             if p.density + p.epsilon >= 1.0 || p.density - p.epsilon <= 0.0 {
-                return Err(format!(
-                    "epsilon {} must keep density ± epsilon inside (0, 1) (density {})",
-                    p.epsilon, p.density
+                return Err(bad(
+                    "epsilon",
+                    format!(
+                        "{} must keep density ± epsilon inside (0, 1) (density {})",
+                        p.epsilon, p.density
+                    ),
                 ));
             }
             della(x, shape, p, rng);
@@ -242,6 +248,7 @@ mod tests {
     fn magnitude_keeps_the_largest_and_rescales_by_l1() {
         let mut x = vec![0.1, -3.0, 2.0, -0.5, 1.0];
         sparsify(
+            "t",
             &mut x,
             &[5],
             Sparsification::Magnitude,
@@ -256,6 +263,7 @@ mod tests {
             ..p(0.4)
         };
         sparsify(
+            "t",
             &mut x,
             &[5],
             Sparsification::Magnitude,
@@ -271,6 +279,7 @@ mod tests {
         // Positive density keeps at least one entry.
         let mut x = vec![1.0, 2.0, 3.0];
         sparsify(
+            "t",
             &mut x,
             &[3],
             Sparsification::Magnitude,
@@ -290,6 +299,7 @@ mod tests {
             ..p(0.5)
         };
         sparsify(
+            "t",
             &mut x,
             &[10],
             Sparsification::MagnitudeOutliers,
@@ -305,6 +315,7 @@ mod tests {
             ..p(0.5)
         };
         sparsify(
+            "t",
             &mut x,
             &[10],
             Sparsification::MagnitudeOutliers,
@@ -321,6 +332,7 @@ mod tests {
         let d = 0.3;
         let mut x = vec![1f32; n];
         sparsify(
+            "t",
             &mut x,
             &[n],
             Sparsification::Random,
@@ -333,6 +345,7 @@ mod tests {
         assert!((kept - n as f64 * d).abs() < 3.0 * sigma, "kept {kept}");
         let mut y = vec![1f32; n];
         sparsify(
+            "t",
             &mut y,
             &[n],
             Sparsification::Random,
@@ -353,6 +366,7 @@ mod tests {
             ..p(0.5)
         };
         sparsify(
+            "t",
             &mut x,
             &[rows, cols],
             Sparsification::DellaMagprune,
@@ -373,6 +387,7 @@ mod tests {
         };
         assert!(
             sparsify(
+                "t",
                 &mut x,
                 &[rows, cols],
                 Sparsification::DellaMagprune,

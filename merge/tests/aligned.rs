@@ -5,7 +5,8 @@
 mod common;
 use common::max_diff;
 
-use merge::aligned::{Alignment, merge_state_dicts, permutation_aware_merge};
+use merge::aligned::{Alignment, permutation_aware_merge};
+use merge::merge_state_dicts;
 use merge::{Method, Params, Value};
 use ndarray::{ArrayD, IxDyn};
 use permute::{MatchOptions, apply, builders::mlp};

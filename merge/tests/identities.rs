@@ -533,3 +533,114 @@ fn extract_lora_refuses_bad_input_naming_it() {
     // Unfusing cannot restore full-rank replacements.
     assert!(ex.adapter.fuse(&fused, -1.0).is_err());
 }
+
+/// The typed API lowers to what the YAML path resolves: the same settings give
+/// bit-identical tensors through both (random ones included: same seed).
+#[test]
+fn typed_api_and_yaml_give_identical_tensors() {
+    use merge::methods::NuslerpMode;
+    use merge::subspace::SubspaceMethod;
+    use merge::typed::{Merge, TaskVectorOptions, TaskVectorPreset};
+    let dir = setup();
+    let load = |n: &str| {
+        Checkpoint::open(dir.path().join(n))
+            .unwrap()
+            .load_all()
+            .unwrap()
+    };
+    let (base, a, b, c) = (load("base"), load("a"), load("b"), load("c"));
+    let three = [a.clone(), b.clone(), c.clone()];
+    let opts = RunOptions {
+        seed: 5,
+        ..Default::default()
+    };
+    let cases: Vec<(Merge, &[StateDict], &str)> = vec![
+        (
+            Merge::Linear {
+                weights: vec![0.5, 0.3, 0.2],
+                normalize: true,
+            },
+            &three,
+            "merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: 0.5}}\n  - {model: b, parameters: {weight: 0.3}}\n  - {model: c, parameters: {weight: 0.2}}\n",
+        ),
+        (
+            Merge::TaskVectors(
+                TaskVectorPreset::DareTies,
+                TaskVectorOptions {
+                    weights: vec![1.0, 0.6, 0.4],
+                    densities: vec![0.5],
+                    lambda: 0.8,
+                    ..Default::default()
+                },
+            ),
+            &three,
+            "merge_method: dare_ties\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 1.0}}\n  - {model: b, parameters: {weight: 0.6}}\n  - {model: c, parameters: {weight: 0.4}}\nparameters: {density: 0.5, lambda: 0.8}\n",
+        ),
+        (
+            Merge::TaskVectors(
+                TaskVectorPreset::Breadcrumbs,
+                TaskVectorOptions {
+                    weights: vec![1.0],
+                    densities: vec![0.6, 0.7, 0.8],
+                    gamma: vec![0.05],
+                    ..Default::default()
+                },
+            ),
+            &three,
+            "merge_method: breadcrumbs\nbase_model: base\nmodels:\n  - {model: a, parameters: {density: 0.6}}\n  - {model: b, parameters: {density: 0.7}}\n  - {model: c, parameters: {density: 0.8}}\nparameters: {weight: 1.0, gamma: 0.05}\n",
+        ),
+        (
+            Merge::Nuslerp {
+                weights: [0.7, 0.3],
+                mode: NuslerpMode::FirstAxis,
+            },
+            &three[..2],
+            "merge_method: nuslerp\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 0.7}}\n  - {model: b, parameters: {weight: 0.3}}\nparameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n",
+        ),
+        (
+            Merge::Sce { select_topk: 0.3 },
+            &three,
+            "merge_method: sce\nbase_model: base\nmodels: [{model: a}, {model: b}, {model: c}]\nparameters: {select_topk: 0.3}\n",
+        ),
+        (
+            Merge::Subspace {
+                method: SubspaceMethod::IsoCts {
+                    common_space_fraction: 0.5,
+                },
+                lambda: 1.3,
+            },
+            &three,
+            "merge_method: iso_cts\nbase_model: base\nmodels: [{model: a}, {model: b}, {model: c}]\nparameters: {lambda: 1.3, common_space_fraction: 0.5}\n",
+        ),
+    ];
+    for (typed, models, yaml) in cases {
+        let ours = typed.merge(Some(&base), models, opts.seed).unwrap();
+        let want = run(dir.path(), yaml, &opts).unwrap();
+        assert_eq!(max_diff(&ours, &want), 0.0, "{typed:?}");
+        assert!(!typed.reference(models.len()).unwrap().is_empty());
+    }
+    // A misspelt parameter is an error in memory too, as in configs.
+    let method = Method::from_name("ties").unwrap();
+    let shared: Params = [("densty".to_string(), Value::Num(0.5))]
+        .into_iter()
+        .collect();
+    let per = vec![Params::new(); 2];
+    let e = merge::merge_state_dicts(&method, Some(&base), &three[..2], &shared, &per, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("densty") && e.contains("ties") && e.contains("density"),
+        "{e}"
+    );
+    // A list of per-model values of the wrong length.
+    let bad = Merge::Linear {
+        weights: vec![1.0, 2.0],
+        normalize: true,
+    };
+    assert!(
+        bad.merge(None, &three, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("2 values for 3 models")
+    );
+}

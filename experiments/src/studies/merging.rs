@@ -303,8 +303,14 @@ where
         let fam = m.family();
         for (label, name, params) in &plain {
             let method = merge::Method::from_name(name)?;
+            // Per-model weights only for methods that take them (model stock does not).
+            let per = if method.parameters().contains(&("weight", true)) {
+                ones.clone()
+            } else {
+                vec![Params::new(); sds.len()]
+            };
             let merged = run.phase(&format!("{fam} {label}"), || {
-                merge::aligned::merge_state_dicts(&method, Some(&base), sds, params, &ones, lm.seed)
+                merge::merge_state_dicts(&method, Some(&base), sds, params, &per, lm.seed)
             })?;
             push(&mut merges, fam, label, score(&merged)?, json!(params))?;
         }

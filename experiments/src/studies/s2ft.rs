@@ -765,7 +765,7 @@ where
             )
         })?;
         let fused = run.phase(&format!("fuse {}", m.label()), || {
-            merge::aligned::merge_state_dicts(
+            merge::merge_state_dicts(
                 &merge::Method::from_name("task_arithmetic")?,
                 Some(&base),
                 &[on_b.weights.clone(), on_c.weights.clone()],

@@ -1,0 +1,363 @@
+//! The in-process API with typed options: one [`Merge`] value names a method
+//! and its settings, so a misspelt option does not compile. It lowers to the
+//! same [`Method`] + parameters the YAML path builds and runs the same
+//! per-tensor code ([`crate::merge_tensor`]), so the two give bit-identical
+//! tensors for the same settings (tested), and every range check (density in
+//! [0, 1], ranks, weights that sum to zero) is shared.
+//!
+//! ```
+//! use merge::typed::{Merge, TaskVectorOptions, TaskVectorPreset};
+//! use weights::{Checkpoint, TensorSource};
+//!
+//! let load = |m: &str| Checkpoint::open(format!("tests/fixtures/tiny/{m}"))?.load_all();
+//! let (base, a, b) = (load("base")?, load("a")?, load("b")?);
+//! let ties = Merge::TaskVectors(
+//!     TaskVectorPreset::Ties,
+//!     TaskVectorOptions {
+//!         weights: vec![1.0, 0.5],
+//!         densities: vec![0.5, 0.3],
+//!         ..Default::default()
+//!     },
+//! );
+//! let merged = ties.merge(Some(&base), &[a, b], 0)?;
+//! assert_eq!(merged.len(), base.len());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::path::PathBuf;
+
+use weights::StateDict;
+
+use crate::methods::NuslerpMode;
+use crate::regmean::RegMeanOptions;
+use crate::subspace::SubspaceMethod;
+use crate::{Method, Params, Result, Value, merge_state_dicts};
+
+/// The task-vector methods (one function with presets, see
+/// [`crate::methods::TASK_VECTOR_PRESETS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskVectorPreset {
+    /// Task arithmetic (Ilharco et al., ICLR 2023).
+    TaskArithmetic,
+    /// TIES (Yadav et al., NeurIPS 2023).
+    Ties,
+    /// DARE with TIES' sign election (Yu et al., ICML 2024).
+    DareTies,
+    /// DARE without election.
+    DareLinear,
+    /// Model Breadcrumbs (Davari & Belilovsky, 2023).
+    Breadcrumbs,
+    /// Model Breadcrumbs with TIES' election.
+    BreadcrumbsTies,
+    /// DELLA (Deep et al., 2024).
+    Della,
+    /// DELLA without election.
+    DellaLinear,
+}
+
+impl TaskVectorPreset {
+    /// Its `merge_method` name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TaskVectorPreset::TaskArithmetic => "task_arithmetic",
+            TaskVectorPreset::Ties => "ties",
+            TaskVectorPreset::DareTies => "dare_ties",
+            TaskVectorPreset::DareLinear => "dare_linear",
+            TaskVectorPreset::Breadcrumbs => "breadcrumbs",
+            TaskVectorPreset::BreadcrumbsTies => "breadcrumbs_ties",
+            TaskVectorPreset::Della => "della",
+            TaskVectorPreset::DellaLinear => "della_linear",
+        }
+    }
+}
+
+/// Options of the task-vector family. Per-model lists hold one value per
+/// model, or one value for all; empty lists take the method's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskVectorOptions {
+    /// Weight of each task vector.
+    pub weights: Vec<f64>,
+    /// Fraction kept by sparsification (default 1: all).
+    pub densities: Vec<f64>,
+    /// Breadcrumbs' fraction of outliers removed (default 0.01).
+    pub gamma: Vec<f64>,
+    /// DELLA's probability half-width (default 0.15).
+    pub epsilon: Vec<f64>,
+    /// Final scale λ.
+    pub lambda: f64,
+    /// Divide by the (elected) weight sum (`None`: the preset's default).
+    pub normalize: Option<bool>,
+    /// Rescale sparsified vectors to their L1 norm (`None`: the preset's default).
+    pub rescale: Option<bool>,
+}
+
+impl Default for TaskVectorOptions {
+    fn default() -> Self {
+        TaskVectorOptions {
+            weights: vec![1.0],
+            densities: Vec::new(),
+            gamma: Vec::new(),
+            epsilon: Vec::new(),
+            lambda: 1.0,
+            normalize: None,
+            rescale: None,
+        }
+    }
+}
+
+/// A merge method with its options.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Merge {
+    /// Weighted average (model soups).
+    Linear {
+        /// One weight per model.
+        weights: Vec<f64>,
+        /// Divide by the weight sum.
+        normalize: bool,
+    },
+    /// SLERP from the base (t = 0) to the one model.
+    Slerp {
+        /// Interpolation position.
+        t: f64,
+    },
+    /// NuSLERP of two models (of their task vectors with a base).
+    Nuslerp {
+        /// The two models' weights (`t = w₁/(w₀+w₁)`).
+        weights: [f64; 2],
+        /// Which vectors are interpolated.
+        mode: NuslerpMode,
+    },
+    /// The task-vector family.
+    TaskVectors(TaskVectorPreset, TaskVectorOptions),
+    /// Model Stock.
+    ModelStock {
+        /// One interpolation ratio per row.
+        filter_wise: bool,
+    },
+    /// Karcher mean on the sphere.
+    Karcher {
+        /// Fixed-point iterations.
+        max_iter: usize,
+        /// Convergence tolerance.
+        tol: f64,
+    },
+    /// The one model, optionally scaled.
+    Passthrough {
+        /// Scale.
+        scale: Option<f64>,
+    },
+    /// SCE.
+    Sce {
+        /// Fraction of elements of largest variance kept.
+        select_topk: f64,
+    },
+    /// Multi-SLERP.
+    Multislerp {
+        /// One weight per model.
+        weights: Vec<f64>,
+        /// Divide the weights by their sum.
+        normalize_weights: bool,
+        /// Numerical guard.
+        eps: f64,
+    },
+    /// NearSwap.
+    Nearswap {
+        /// Distance scale.
+        t: f64,
+    },
+    /// Arcee Fusion.
+    ArceeFusion,
+    /// RAM.
+    Ram {
+        /// Changes at or below this count as none.
+        epsilon: f64,
+    },
+    /// RAM+ (tensor-local).
+    RamPlusTl {
+        /// Strength of the unique-change boost.
+        r: f64,
+        /// Cap of the shared-to-unique ratio.
+        alpha: f64,
+        /// Changes at or below this count as none.
+        epsilon: f64,
+    },
+    /// TSV-M, Iso-C or Iso-CTS.
+    Subspace {
+        /// Which, with its options.
+        method: SubspaceMethod,
+        /// Scale of the merged task vector.
+        lambda: f64,
+    },
+    /// RegMean, with one Gram-matrix file per model.
+    RegMean {
+        /// `.safetensors` of `XᵀX` per weight, one per model.
+        grams: Vec<PathBuf>,
+        /// Off-diagonal scale and ridge.
+        options: RegMeanOptions,
+    },
+}
+
+fn num(v: f64) -> Value {
+    Value::Num(v)
+}
+
+/// `values[i]`, or the one value for all, or none.
+fn per(values: &[f64], i: usize) -> Option<f64> {
+    match values.len() {
+        0 => None,
+        1 => Some(values[0]),
+        _ => values.get(i).copied(),
+    }
+}
+
+impl Merge {
+    /// The registry method, shared parameters and per-model parameters for
+    /// `models` inputs: exactly what the YAML path resolves.
+    pub fn lower(&self, models: usize) -> Result<(Method, Params, Vec<Params>)> {
+        let mut shared = Params::new();
+        let mut each = vec![Params::new(); models];
+        let mut per_model = |key: &str, values: &[f64]| -> Result<()> {
+            if values.len() > 1 && values.len() != models {
+                return Err(crate::MergeError::param(
+                    "(all tensors)",
+                    key,
+                    format!("{} values for {models} models", values.len()),
+                ));
+            }
+            for (i, p) in each.iter_mut().enumerate() {
+                if let Some(v) = per(values, i) {
+                    p.insert(key.to_string(), num(v));
+                }
+            }
+            Ok(())
+        };
+        let name = match self {
+            Merge::Linear { weights, normalize } => {
+                per_model("weight", weights)?;
+                shared.insert("normalize".into(), Value::Bool(*normalize));
+                "linear"
+            }
+            Merge::Slerp { t } => {
+                shared.insert("t".into(), num(*t));
+                "slerp"
+            }
+            Merge::Nuslerp { weights, mode } => {
+                per_model("weight", weights)?;
+                let (flatten, rows) = match mode {
+                    NuslerpMode::Flatten => (true, false),
+                    NuslerpMode::LastAxis => (false, false),
+                    NuslerpMode::FirstAxis => (false, true),
+                };
+                shared.insert("nuslerp_flatten".into(), Value::Bool(flatten));
+                shared.insert("nuslerp_row_wise".into(), Value::Bool(rows));
+                "nuslerp"
+            }
+            Merge::TaskVectors(preset, o) => {
+                per_model("weight", &o.weights)?;
+                per_model("density", &o.densities)?;
+                per_model("gamma", &o.gamma)?;
+                per_model("epsilon", &o.epsilon)?;
+                shared.insert("lambda".into(), num(o.lambda));
+                if let Some(n) = o.normalize {
+                    shared.insert("normalize".into(), Value::Bool(n));
+                }
+                if let Some(r) = o.rescale {
+                    shared.insert("rescale".into(), Value::Bool(r));
+                }
+                preset.name()
+            }
+            Merge::ModelStock { filter_wise } => {
+                shared.insert("filter_wise".into(), Value::Bool(*filter_wise));
+                "model_stock"
+            }
+            Merge::Karcher { max_iter, tol } => {
+                shared.insert("max_iter".into(), num(*max_iter as f64));
+                shared.insert("tol".into(), num(*tol));
+                "karcher"
+            }
+            Merge::Passthrough { scale } => {
+                if let Some(s) = scale {
+                    per_model("scale", &[*s])?;
+                }
+                "passthrough"
+            }
+            Merge::Sce { select_topk } => {
+                shared.insert("select_topk".into(), num(*select_topk));
+                "sce"
+            }
+            Merge::Multislerp {
+                weights,
+                normalize_weights,
+                eps,
+            } => {
+                per_model("weight", weights)?;
+                shared.insert("normalize_weights".into(), Value::Bool(*normalize_weights));
+                shared.insert("eps".into(), num(*eps));
+                "multislerp"
+            }
+            Merge::Nearswap { t } => {
+                shared.insert("t".into(), num(*t));
+                "nearswap"
+            }
+            Merge::ArceeFusion => "arcee_fusion",
+            Merge::Ram { epsilon } => {
+                shared.insert("epsilon".into(), num(*epsilon));
+                "ram"
+            }
+            Merge::RamPlusTl { r, alpha, epsilon } => {
+                shared.insert("r".into(), num(*r));
+                shared.insert("alpha".into(), num(*alpha));
+                shared.insert("epsilon".into(), num(*epsilon));
+                "ramplus_tl"
+            }
+            Merge::Subspace { method, lambda } => {
+                shared.insert("lambda".into(), num(*lambda));
+                match method {
+                    SubspaceMethod::TsvM { rank: Some(r) } => {
+                        shared.insert("rank".into(), num(*r as f64));
+                    }
+                    SubspaceMethod::IsoCts {
+                        common_space_fraction,
+                    } => {
+                        shared.insert("common_space_fraction".into(), num(*common_space_fraction));
+                    }
+                    _ => {}
+                }
+                method.name()
+            }
+            Merge::RegMean { grams, options } => {
+                if grams.len() != models {
+                    return Err(crate::MergeError::param(
+                        "(all tensors)",
+                        "gram",
+                        format!("{} Gram files for {models} models", grams.len()),
+                    ));
+                }
+                for (p, g) in each.iter_mut().zip(grams) {
+                    p.insert("gram".into(), Value::Str(g.to_string_lossy().into_owned()));
+                }
+                shared.insert("alpha".into(), num(options.alpha));
+                shared.insert("ridge".into(), num(options.ridge));
+                "regmean"
+            }
+        };
+        Ok((Method::from_name(name)?, shared, each))
+    }
+
+    /// Merges `models` (and `base`, for methods with a base role) tensor by
+    /// tensor; `seed` seeds random sparsification.
+    pub fn merge(
+        &self,
+        base: Option<&StateDict>,
+        models: &[StateDict],
+        seed: u64,
+    ) -> Result<StateDict> {
+        let (method, shared, per_model) = self.lower(models.len())?;
+        merge_state_dicts(&method, base, models, &shared, &per_model, seed)
+    }
+
+    /// Its paper or source, as the registry gives it.
+    pub fn reference(&self, models: usize) -> Result<&'static str> {
+        Ok(self.lower(models)?.0.reference())
+    }
+}
