@@ -533,6 +533,13 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
             let mut inputs = Vec::with_capacity(k);
             for i in 0..k {
                 let density = x.num(Some(i), "density")?.unwrap_or(1.0);
+                if !(0.0..=1.0).contains(&density) {
+                    return Err(MergeError::param(
+                        x.name,
+                        "density",
+                        format!("{density} for input {} is outside [0, 1]", i + 1),
+                    ));
+                }
                 inputs.push(TaskInput {
                     tensor: x.models[i],
                     weight: x.req(Some(i), "weight")?,

@@ -644,3 +644,37 @@ fn typed_api_and_yaml_give_identical_tensors() {
             .contains("2 values for 3 models")
     );
 }
+
+#[test]
+fn weights_summing_to_zero_and_densities_out_of_range_are_refused() {
+    let dir = setup();
+    let msg = |yaml: &str| {
+        run(dir.path(), yaml, &RunOptions::default())
+            .unwrap_err()
+            .to_string()
+    };
+    let m = msg(
+        "merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: 1.0}}\n  - {model: b, parameters: {weight: -1.0}}\n",
+    );
+    assert!(m.contains("weight") && m.contains("sum to zero"), "{m}");
+    let m = msg(
+        "merge_method: multislerp\nmodels:\n  - {model: a, parameters: {weight: 0.5}}\n  - {model: b, parameters: {weight: -0.5}}\n",
+    );
+    assert!(m.contains("weight") && m.contains("sum to zero"), "{m}");
+    for d in ["1.5", "-0.2"] {
+        let m = msg(&format!(
+            "merge_method: ties\nbase_model: base\nmodels:\n  - {{model: a, parameters: {{weight: 1, density: {d}}}}}\n"
+        ));
+        assert!(
+            m.contains("density") && m.contains("[0, 1]") && m.contains(d),
+            "{m}"
+        );
+    }
+    let m = msg(
+        "merge_method: ties\nbase_model: base\nmodels:\n  - {model: a, parameters: {weight: 1, density: high}}\n",
+    );
+    assert!(
+        m.contains("density") && m.contains("expected a number"),
+        "{m}"
+    );
+}

@@ -790,29 +790,16 @@ fn s2ft_study_names_bad_real_model_input_before_writing_a_report() {
     fails(a, &["applies to a real model", "--model"]);
 }
 
-/// SmolLM2-135M-Instruct's GGUF; `None` (with a note) when not fetched, a failure in CI.
-fn smollm2() -> Option<std::path::PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{} is missing: CI must run scripts/fetch-models.sh first",
-        p.display()
-    );
-    eprintln!(
-        "skipping: {} not found (run scripts/fetch-models.sh)",
-        p.display()
-    );
-    None
+/// SmolLM2-135M-Instruct's GGUF (see `weights::testing`).
+fn smollm2() -> std::path::PathBuf {
+    weights::testing::fetched_model("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 #[test]
+#[ignore = "needs models/ from scripts/fetch-models.sh; run with --ignored"]
 fn smollm2_greedy_answers_match_transformers() {
     use experiments::tasks::{InstructTask, Split, Words, examples};
-    let Some(path) = smollm2() else { return };
+    let path = smollm2();
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -46,6 +46,7 @@ mod safetensors_io;
 pub mod sharded;
 pub mod stats;
 mod tensor;
+pub mod testing;
 
 pub use checkpoint::{Checkpoint, CheckpointWriter};
 pub use dtype::DType;

@@ -1,7 +1,7 @@
 //! SmolLM2-135M-Instruct, loaded from its GGUF (Q4_1, dequantised by
 //! `weights`), with its own byte-level BPE from the GGUF metadata, predicts a
-//! sensible next token. Skipped with a note when the model is absent; required
-//! in CI, which fetches it with scripts/fetch-models.sh.
+//! sensible next token. `#[ignore]`d (see `weights::testing`): run with
+//! `cargo test -- --ignored` after scripts/fetch-models.sh, as CI does.
 
 use std::path::Path;
 
@@ -11,28 +11,14 @@ use s2ft_core::tokenizer::{ChatMessage, Tokenizer};
 use s2ft_core::{Cpu, Llama, LlamaConfig};
 use weights::{GgufFile, TensorSource};
 
-fn model_path() -> Option<std::path::PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "{} is missing: CI must run scripts/fetch-models.sh first",
-            p.display()
-        );
-    }
-    eprintln!(
-        "skipping: {} not found (run scripts/fetch-models.sh)",
-        p.display()
-    );
-    None
+fn model_path() -> std::path::PathBuf {
+    weights::testing::fetched_model("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
 #[test]
+#[ignore = "needs models/ from scripts/fetch-models.sh; run with --ignored"]
 fn smollm2_predicts_paris() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     let g = GgufFile::open(&path).unwrap();
     let cfg = LlamaConfig::from_gguf(&g).unwrap();
     assert_eq!(
@@ -85,8 +71,9 @@ fn smollm2_predicts_paris() {
 }
 
 #[test]
+#[ignore = "needs models/ from scripts/fetch-models.sh; run with --ignored"]
 fn smollm2_chat_template_is_chatml() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).unwrap();
     let prompt = tok.chat_prompt(&[ChatMessage::user("Hi")]).unwrap();
     assert_eq!(
@@ -109,8 +96,9 @@ fn smollm2_chat_template_is_chatml() {
 /// same (fixture from `weights/tests/fixtures/gguf_tokenizer.py`, which also
 /// checks that `transformers.AutoTokenizer` loads the converted folder).
 #[test]
+#[ignore = "needs models/ from scripts/fetch-models.sh; run with --ignored"]
 fn tokenizer_files_written_from_the_gguf_encode_as_transformers_does() {
-    let Some(path) = model_path() else { return };
+    let path = model_path();
     let fixture: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR"))

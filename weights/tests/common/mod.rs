@@ -12,26 +12,10 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A fetched model file, or `None` (with a note) when it is absent outside
-/// CI. In CI (`CI` set) a missing file is a failure: `.ci/run` fetches them.
-pub fn model(rel: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models")
-        .join(rel);
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!(
-            "{} is missing: CI must run scripts/fetch-models.sh first",
-            p.display()
-        );
-    }
-    eprintln!(
-        "skipping: {} not found (run scripts/fetch-models.sh)",
-        p.display()
-    );
-    None
+/// A fetched model file (see [`weights::testing`]): tests calling this are
+/// `#[ignore]`d and fail when it is absent.
+pub fn model(rel: &str) -> PathBuf {
+    weights::testing::fetched_model(rel)
 }
 
 /// Deterministic pseudo-random values in [-1, 1).
