@@ -678,3 +678,40 @@ fn weights_summing_to_zero_and_densities_out_of_range_are_refused() {
         "{m}"
     );
 }
+
+/// What mergekit 0.1.5 refuses (missing required parameters, a base a method
+/// has no role for, methods that need a base, input-count contracts, unknown
+/// parameters and methods), this crate refuses, and what it accepts this
+/// crate accepts (`fixtures/refusals_reference.py` recorded its verdicts).
+#[test]
+fn refuses_what_mergekit_refuses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/refusals");
+    let verdicts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("mergekit.json")).unwrap()).unwrap();
+    let verdicts = verdicts.as_object().unwrap();
+    assert!(verdicts.len() >= 20);
+    let mut wrong = Vec::new();
+    for (name, v) in verdicts {
+        let out = tempfile::tempdir().unwrap();
+        let ours = run_file(
+            &dir.join(format!("{name}.yml")),
+            &out.path().join("out"),
+            &RunOptions::default(),
+        );
+        // Deliberately stricter: mergekit ignores a misspelt parameter (the
+        // density then defaults to 1); an unknown parameter is an error here.
+        let refused = v["refused"].as_bool().unwrap() || name == "ties_misspelt_density";
+        if ours.is_err() != refused {
+            wrong.push(format!(
+                "{name}: mergekit {} ({}), ours {}",
+                if refused { "refuses" } else { "accepts" },
+                v["message"],
+                match &ours {
+                    Ok(_) => "accepts".to_string(),
+                    Err(e) => format!("refuses: {e}"),
+                }
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
