@@ -461,6 +461,17 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
         msg: format!("tensor '{}': {msg}", x.name),
     };
     let k = x.models.len();
+    let need_base = || x.base.ok_or_else(|| inputs_err("needs base_model".into()));
+    // The methods of one base and one other model.
+    let base_and_one = || {
+        let base = need_base()?;
+        if k != 1 {
+            return Err(inputs_err(format!(
+                "needs the base and exactly one other model, got {k} others"
+            )));
+        }
+        Ok(base)
+    };
     // A misspelt or foreign parameter is an error here as in configs.
     if x.per_model.len() != k {
         return Err(inputs_err(format!(
@@ -492,14 +503,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
             Ok(methods::linear(&x.models, &w, normalize))
         }
         Method::Slerp => {
-            let base = x
-                .base
-                .ok_or_else(|| inputs_err("needs base_model".into()))?;
-            if k != 1 {
-                return Err(inputs_err(format!(
-                    "needs the base and exactly one other model, got {k} others"
-                )));
-            }
+            let base = base_and_one()?;
             Ok(methods::slerp(x.req(None, "t")?, base, x.models[0]))
         }
         Method::Nuslerp => {
@@ -526,9 +530,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
             ))
         }
         Method::TaskVector(_, m) => {
-            let base = x
-                .base
-                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            let base = need_base()?;
             let rescale = x.flag("rescale", m.rescale)?;
             let mut inputs = Vec::with_capacity(k);
             for i in 0..k {
@@ -561,9 +563,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
             methods::task_vector_merge(x.name, base, x.shape, &inputs, m, &opts)
         }
         Method::ModelStock => {
-            let base = x
-                .base
-                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            let base = need_base()?;
             if k < 2 {
                 return Err(inputs_err(format!(
                     "needs at least two models besides the base, got {k}"
@@ -608,9 +608,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
             })
         }
         Method::Sce => {
-            let base = x
-                .base
-                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            let base = need_base()?;
             let topk = x.num(None, "select_topk")?.unwrap_or(1.0);
             x.flag("int8_mask", false)?;
             Ok(methods::sce(base, &x.models, topk))
@@ -639,14 +637,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
             })
         }
         Method::Nearswap | Method::ArceeFusion => {
-            let base = x
-                .base
-                .ok_or_else(|| inputs_err("needs base_model".into()))?;
-            if k != 1 {
-                return Err(inputs_err(format!(
-                    "needs the base and exactly one other model, got {k} others"
-                )));
-            }
+            let base = base_and_one()?;
             Ok(if *method == Method::Nearswap {
                 methods::nearswap(x.req(None, "t")?, base, x.models[0])
             } else {
@@ -655,9 +646,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
             })
         }
         Method::Ram | Method::RamPlusTl => {
-            let base = x
-                .base
-                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            let base = need_base()?;
             let epsilon = x.num(None, "epsilon")?.unwrap_or(1e-5);
             if epsilon < 0.0 {
                 return Err(MergeError::param(x.name, "epsilon", "must be non-negative"));
@@ -690,9 +679,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
             }
         }
         Method::TsvM | Method::IsoC | Method::IsoCts => {
-            let base = x
-                .base
-                .ok_or_else(|| inputs_err("needs base_model".into()))?;
+            let base = need_base()?;
             let sm = match method {
                 Method::TsvM => SubspaceMethod::TsvM {
                     rank: match x.num(None, "rank")? {

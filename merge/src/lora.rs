@@ -749,7 +749,7 @@ pub fn lora_lego(
                     got: vec![p.b.nrows(), p.a.ncols()],
                 });
             }
-            let r = (ad.config.scale() as f32).sqrt();
+            let r = (ad.config.scale_of(w.strip_suffix(".weight").unwrap_or(w)) as f32).sqrt();
             for i in 0..p.a.nrows() {
                 units.push(
                     p.b.column(i)
@@ -795,6 +795,9 @@ pub fn lora_lego(
     config.r = k;
     config.lora_alpha = k as f64;
     config.use_rslora = false;
+    // Every merged module has rank k.
+    config.rank_pattern.clear();
+    config.alpha_pattern.clear();
     Ok(LoraAdapter {
         config,
         modules,

@@ -182,3 +182,59 @@ fn shared_basis_is_exact_at_full_rank_and_merges_linearly() {
             .contains("5 rows")
     );
 }
+
+/// LoRA-LEGO below full rank, by hand: two adapters of rank 2 whose four
+/// rank-one units `[B[:, i]; A[i, :]]` form two far-apart clusters,
+/// {(2,0 | 2,0), (2,0 | 0,2)} and {(0,−50 | 0,−50), (0,−50 | −50,0)}. With
+/// k = 2 the centroids are (2,0 | 1,1) and (0,−50 | −25,−25), so the merged
+/// ΔW = Σ b aᵀ = [[2, 2], [1250, 1250]]; the norm calibration scales each
+/// centroid to its members' mean norm (√8 over √6, √5000 over √3750: both
+/// √(4/3)), so with it ΔW is 4/3 of that and the merged units have norms √8
+/// and √5000.
+#[test]
+fn lora_lego_two_clusters_by_hand() {
+    let w = "model.layers.0.self_attn.q_proj.weight";
+    let adapter = |b: Array2<f32>, a: Array2<f32>| {
+        let mut modules = IndexMap::new();
+        modules.insert(w.to_string(), LoraPair { a, b });
+        LoraAdapter {
+            // r = α = 2: scale 1, so units are the factors' columns and rows.
+            config: LoraConfig::new(2, 2.0, &["q_proj"]),
+            modules,
+            full: Default::default(),
+        }
+    };
+    let x = adapter(
+        array![[2.0, 0.0], [0.0, -50.0]],
+        array![[2.0, 0.0], [0.0, -50.0]],
+    );
+    let y = adapter(
+        array![[2.0, 0.0], [0.0, -50.0]],
+        array![[0.0, 2.0], [-50.0, 0.0]],
+    );
+    for seed in 0..4 {
+        let plain = lora_lego(&[x.clone(), y.clone()], 2, seed, false).unwrap();
+        let want = array![[2.0f32, 2.0], [1250.0, 1250.0]];
+        assert!(
+            close(&plain.delta(w).unwrap(), &want, 1e-5),
+            "seed {seed}: {:?}",
+            plain.delta(w)
+        );
+        let cal = lora_lego(&[x.clone(), y.clone()], 2, seed, true).unwrap();
+        assert!(
+            close(&cal.delta(w).unwrap(), &(want * (4.0 / 3.0)), 1e-5),
+            "seed {seed}: {:?}",
+            cal.delta(w)
+        );
+        let p = &cal.modules[w];
+        let mut norms: Vec<f32> = (0..2)
+            .map(|j| (p.b.column(j).dot(&p.b.column(j)) + p.a.row(j).dot(&p.a.row(j))).sqrt())
+            .collect();
+        norms.sort_by(f32::total_cmp);
+        assert!(
+            (norms[0] - 8f32.sqrt()).abs() < 1e-5 && (norms[1] - 5000f32.sqrt()).abs() < 1e-3,
+            "{norms:?}"
+        );
+        assert_eq!((cal.config.r, cal.config.scale()), (2, 1.0));
+    }
+}

@@ -198,6 +198,17 @@ fn eigh_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
     with_faer(a, |m| m.self_adjoint_eigenvalues(faer::Side::Lower)).ok()
 }
 
+fn check_ridge(ridge: f64) -> Result<()> {
+    if ridge >= 0.0 && ridge.is_finite() {
+        Ok(())
+    } else {
+        Err(SpectraError::Option {
+            option: "ridge",
+            msg: format!("{ridge} (must be finite and ≥ 0)"),
+        })
+    }
+}
+
 /// Solves `(A + ridge·I) Z = B` for a symmetric positive (semi-)definite `d × d`
 /// matrix `A` (its lower triangle is read) and a `d × k` right-hand side,
 /// through the Cholesky factor, in `f64` (faer on both backends). With
@@ -223,12 +234,7 @@ pub fn solve_spd(
             ),
         });
     }
-    if !(ridge >= 0.0 && ridge.is_finite()) {
-        return Err(SpectraError::Option {
-            option: "ridge",
-            msg: format!("{ridge} (must be finite and ≥ 0)"),
-        });
-    }
+    check_ridge(ridge)?;
     let k = b.ncols();
     let mut gram =
         faer::Mat::<f64>::from_fn(d, d, |i, j| a[(i, j)] + if i == j { ridge } else { 0.0 });
@@ -282,12 +288,7 @@ pub fn ridge_least_squares(
             ),
         });
     }
-    if !(ridge >= 0.0 && ridge.is_finite()) {
-        return Err(SpectraError::Option {
-            option: "ridge",
-            msg: format!("{ridge} (must be finite and ≥ 0)"),
-        });
-    }
+    check_ridge(ridge)?;
     let xs = x.as_standard_layout();
     let ys = y.as_standard_layout();
     let (n, d) = x.dim();
