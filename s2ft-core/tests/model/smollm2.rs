@@ -33,7 +33,9 @@ fn smollm2_predicts_paris() {
     assert!(cfg.tie_word_embeddings);
     let tok = Tokenizer::from_gguf(&g).unwrap();
     assert_eq!(tok.vocab_size(), 49152);
-    // Token ids from Hugging Face transformers' tokenizer built from the same GGUF.
+    // Token ids from Hugging Face transformers' tokenizer built from the same
+    // GGUF: prompts 1 and 2 of `tests/fixtures/smollm2_reference.py`, whose
+    // JSON `smollm2_logits_match_transformers` reads.
     assert_eq!(
         tok.encode("The capital of France is").unwrap(),
         vec![504, 3575, 282, 4649, 314]
@@ -130,4 +132,82 @@ fn tokenizer_files_written_from_the_gguf_encode_as_transformers_does() {
         )])
         .unwrap();
     assert_eq!(chat, fixture["chat"].as_str().unwrap());
+}
+
+/// The LLaMA forward against transformers on SmolLM2's own GGUF, beyond one
+/// next token: for four prompts (plain, Unicode, code, a ChatML turn) the token
+/// ids, the argmax at every position, and the last position's logits (the first
+/// 512 ids and the top 20) agree to 1e-3 (fixture from
+/// `tests/fixtures/smollm2_reference.py`).
+#[test]
+#[ignore = "needs models/ from scripts/fetch-models.sh; run with --ignored"]
+fn smollm2_logits_match_transformers() {
+    let fixture: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let g = GgufFile::open(model_path()).unwrap();
+    let cfg = LlamaConfig::from_gguf(&g).unwrap();
+    let tok = Tokenizer::from_gguf(&g).unwrap();
+    let device = Default::default();
+    let model =
+        Llama::<Cpu>::from_state_dict(&cfg, &g.load_all().unwrap(), false, &device).unwrap();
+    let mut worst = 0f32;
+    for case in fixture["prompts"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(tok.encode(prompt).unwrap(), want, "{prompt:?}: token ids");
+        let n = want.len();
+        let tokens = Tensor::<Cpu, 2, Int>::from_data(
+            TensorData::new(want.iter().map(|&i| i as i64).collect::<Vec<_>>(), [1, n]),
+            &device,
+        );
+        let logits = model.forward(tokens).reshape([n, cfg.vocab_size]);
+        let argmax: Vec<i64> = logits
+            .clone()
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .unwrap();
+        let want_argmax: Vec<i64> = case["argmax"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        assert_eq!(argmax, want_argmax, "{prompt:?}: argmax per position");
+        let last: Vec<f32> = logits
+            .narrow(0, n - 1, 1)
+            .reshape([cfg.vocab_size])
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap();
+        for (i, v) in case["last_first_512"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            worst = worst.max((last[i] - v.as_f64().unwrap() as f32).abs());
+        }
+        for pair in case["last_top20"].as_array().unwrap() {
+            let (i, v) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap() as f32,
+            );
+            worst = worst.max((last[i] - v).abs());
+        }
+    }
+    eprintln!("largest logit deviation from transformers: {worst:e}");
+    assert!(worst < 1e-3, "logits deviate by {worst}");
 }
