@@ -119,7 +119,7 @@ fn min_evals_controls_what_is_fitted() {
 }
 
 #[test]
-fn cli_json_has_the_documented_keys() {
+fn cli_json_and_csv_are_the_library_report() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.safetensors");
     model().save_safetensors(&path).unwrap();
@@ -159,6 +159,21 @@ fn cli_json_has_the_documented_keys() {
         assert!(rows[0].get(key).is_some(), "missing {key}");
     }
     assert!(rows[0]["farms_alpha"].as_f64().is_some());
+    // And the values are the library's on the same file (to 1e-12: parallel
+    // sums may round their last bit differently from run to run).
+    let ckpt = weights::Checkpoint::open(&path).unwrap();
+    let lib_opts = ReportOptions {
+        farms: Some(spectra::farms::FarmsOptions::default()),
+        min_evals: 8,
+        ..ReportOptions::default()
+    };
+    let lib = analyze_source(&ckpt, &lib_opts, &|_, _, _| {}).unwrap();
+    same_json(
+        &serde_json::Value::Array(rows.clone()),
+        &serde_json::to_value(&lib).unwrap(),
+        "rows",
+    );
+    assert!(lib.iter().any(|r| r.alpha.is_some_and(|a| a > 1.0)));
     // Without --farms the key is absent.
     let csv_path = dir.path().join("r.csv");
     let st = Command::new(env!("CARGO_BIN_EXE_spectra"))
@@ -172,15 +187,52 @@ fn cli_json_has_the_documented_keys() {
         .status()
         .unwrap();
     assert!(st.success());
-    assert!(
-        std::fs::read_to_string(&csv_path)
-            .unwrap()
-            .starts_with("name,shape,")
-    );
+    let lib = analyze_source(&ckpt, &ReportOptions::default(), &|_, _, _| {}).unwrap();
+    let (ours, want) = (std::fs::read_to_string(&csv_path).unwrap(), to_csv(&lib));
+    assert_eq!(ours.lines().count(), want.lines().count());
+    for (a, b) in ours.lines().zip(want.lines()) {
+        for (x, y) in a.split(',').zip(b.split(',')) {
+            match (x.parse::<f64>(), y.parse::<f64>()) {
+                (Ok(p), Ok(q)) => assert!((p - q).abs() <= 1e-12 * q.abs().max(1.0), "{a}\n{b}"),
+                _ => assert_eq!(x, y, "{a}\n{b}"),
+            }
+        }
+    }
     let bad = Command::new(env!("CARGO_BIN_EXE_spectra"))
         .args(["report", "/nonexistent.safetensors"])
         .output()
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent.safetensors"));
+}
+
+/// Equal JSON, numbers to 1e-12 relative.
+fn same_json(a: &serde_json::Value, b: &serde_json::Value, at: &str) {
+    use serde_json::Value::*;
+    match (a, b) {
+        (Number(x), Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-12 * y.abs().max(1.0),
+                "{at}: {x} vs {y}"
+            );
+        }
+        (Array(x), Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{at}");
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                same_json(p, q, &format!("{at}[{i}]"));
+            }
+        }
+        (Object(x), Object(y)) => {
+            assert_eq!(
+                x.keys().collect::<Vec<_>>(),
+                y.keys().collect::<Vec<_>>(),
+                "{at}"
+            );
+            for (k, v) in x {
+                same_json(v, &y[k], &format!("{at}.{k}"));
+            }
+        }
+        _ => assert_eq!(a, b, "{at}"),
+    }
 }
