@@ -14,11 +14,6 @@ fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// Runs `configs/<name>.yml` and returns the largest relative deviation from mergekit.
-fn compare(name: &str) -> f64 {
-    compare_in(&fixtures(), name, &RunOptions::default())
-}
-
 /// Runs `DIR/configs/<name>.yml` and returns the largest deviation from
 /// `DIR/expected/<name>.safetensors`, relative to each tensor's max |value|.
 fn compare_in(dir: &Path, name: &str, opts: &RunOptions) -> f64 {
@@ -51,18 +46,22 @@ fn compare_in(dir: &Path, name: &str, opts: &RunOptions) -> f64 {
     worst
 }
 
-macro_rules! same_as_mergekit {
-    ($($test:ident: $name:literal, $tol:expr;)*) => {$(
+/// One test per config: `DIR/configs/NAME.yml` run with `OPTS` gives the
+/// tensors of `DIR/expected/NAME.safetensors` to `TOL` of each tensor's max.
+macro_rules! same_tensors {
+    ($dir:literal, $opts:expr; $($test:ident: $name:literal, $tol:expr;)*) => {$(
         #[test]
         fn $test() {
-            let dev = compare($name);
+            let dev = compare_in(&fixtures().join($dir), $name, &$opts);
             eprintln!("{}: max deviation {dev:e}", $name);
             assert!(dev <= $tol, "{}: max deviation {dev:e} relative to the tensor's max |value|", $name);
         }
     )*};
 }
 
-same_as_mergekit! {
+// mergekit-yaml 0.1.5 (`fixtures/mergekit_reference.py`).
+same_tensors! {
+    "", RunOptions::default();
     linear_with_filters_and_gradients: "linear", 1e-6;
     slerp_with_filtered_gradients: "slerp", 1e-6;
     nuslerp_row_vectors: "nuslerp", 1e-6;
@@ -86,25 +85,21 @@ same_as_mergekit! {
     ramplus_tensor_local: "ramplus_tl", 1e-6;
 }
 
-macro_rules! same_as_the_authors_code {
-    ($($test:ident: $dir:literal / $name:literal, $tol:expr;)*) => {$(
-        #[test]
-        fn $test() {
-            let dev = compare_in(&fixtures().join($dir), $name, &RunOptions::default());
-            eprintln!("{}: max deviation {dev:e}", $name);
-            assert!(dev <= $tol, "{}: max deviation {dev:e} relative to the tensor's max |value|", $name);
-        }
-    )*};
+// The TSV-M and Iso authors' algorithms in torch (`fixtures/svd_reference.py`).
+same_tensors! {
+    "svd", RunOptions::default();
+    tsv_m_full_rank: "tsv_m", 1e-5;
+    tsv_m_rank_budget_and_lambda: "tsv_m_rank", 1e-5;
+    iso_c: "iso_c", 1e-5;
+    iso_cts: "iso_cts", 1e-5;
+    iso_cts_two_tasks_half_common: "iso_cts_half", 1e-5;
 }
 
-same_as_the_authors_code! {
-    tsv_m_full_rank: "svd" / "tsv_m", 1e-5;
-    tsv_m_rank_budget_and_lambda: "svd" / "tsv_m_rank", 1e-5;
-    iso_c: "svd" / "iso_c", 1e-5;
-    iso_cts: "svd" / "iso_cts", 1e-5;
-    iso_cts_two_tasks_half_common: "svd" / "iso_cts_half", 1e-5;
-    regmean_scaled_off_diagonal: "regmean" / "regmean", 1e-5;
-    regmean_diagonal_with_ridge: "regmean" / "regmean_diagonal_ridge", 1e-5;
+// RegMean in numpy (`fixtures/regmean_reference.py`).
+same_tensors! {
+    "regmean", RunOptions::default();
+    regmean_scaled_off_diagonal: "regmean", 1e-5;
+    regmean_diagonal_with_ridge: "regmean_diagonal_ridge", 1e-5;
 }
 
 /// `merge extract-lora`'s library call against `mergekit-extract-lora`'s
@@ -203,24 +198,10 @@ fn extract_lora_full_rank_excluding_the_mlp() {
     );
 }
 
-macro_rules! same_as_mergekit_with_injected_draws {
-    ($($test:ident: $name:literal, $tol:expr;)*) => {$(
-        #[test]
-        fn $test() {
-            let opts = RunOptions {
-                draws: merge::sparsify::Draws::ValueHash,
-                ..Default::default()
-            };
-            let dev = compare_in(&fixtures().join("draws"), $name, &opts);
-            eprintln!("{}: max deviation {dev:e}", $name);
-            assert!(dev <= $tol, "{}: max deviation {dev:e} relative to the tensor's max |value|", $name);
-        }
-    )*};
-}
-
 // DARE and DELLA with mergekit's `torch.bernoulli` fed this crate's
 // value-hash draws (`fixtures/draws_reference.py`): the full pipelines agree.
-same_as_mergekit_with_injected_draws! {
+same_tensors! {
+    "draws", RunOptions { draws: merge::sparsify::Draws::ValueHash, ..Default::default() };
     dare_ties_with_drawn_masks: "dare_ties", 1e-6;
     dare_linear_without_rescale_with_drawn_masks: "dare_linear_norescale", 1e-6;
     della_with_drawn_masks: "della", 1e-6;
