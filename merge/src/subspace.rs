@@ -197,22 +197,21 @@ pub fn tsv_m(tasks: &[ArrayView2<f64>], rank: Option<usize>, tensor: &str) -> Re
     // The authors' `int(r * (1 / T))`, in the same floating-point steps.
     let k = (rank as f64 * (1.0 / t as f64)) as usize;
     let mut bu = Array2::<f64>::zeros((m, r));
-    let mut bs = Array2::<f64>::zeros((r, r));
+    let mut bs = ndarray::Array1::<f64>::zeros(r);
     let mut bv = Array2::<f64>::zeros((r, n));
     for (i, task) in tasks.iter().enumerate() {
         let svd = thin_svd(*task, tensor)?;
         let cols = i * k..(i + 1) * k;
         bu.slice_mut(s![.., cols.clone()])
             .assign(&svd.u.slice(s![.., ..k]));
-        for (j, c) in cols.clone().enumerate() {
-            bs[(c, c)] = svd.s[j];
-        }
+        bs.slice_mut(s![cols.clone()]).assign(&svd.s.slice(s![..k]));
         bv.slice_mut(s![cols, ..])
             .assign(&svd.vt.slice(s![..k, ..]));
     }
-    let pu = polar(bu.view(), tensor)?;
+    // polar(U) · diag(σ) as a column scaling, not an r × r product.
+    let pu = polar(bu.view(), tensor)? * &bs;
     let pv = polar(bv.view(), tensor)?;
-    Ok(pu.dot(&bs).dot(&pv))
+    Ok(pu.dot(&pv))
 }
 
 #[cfg(test)]
