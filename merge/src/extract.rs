@@ -90,10 +90,6 @@ fn compile(patterns: &[String], option: &str) -> Result<Vec<regex::Regex>> {
         .collect()
 }
 
-fn is_embedding(module: &str) -> bool {
-    crate::run::is_embedding(module)
-}
-
 /// Extracts `finetuned − base` as a LoRA adapter (see the module docs).
 pub fn extract_lora(
     base: &dyn TensorSource,
@@ -121,11 +117,6 @@ pub fn extract_lora(
         .into_iter()
         .map(|i| (i.name, i.shape))
         .collect();
-    let mut to_save = opts.modules_to_save.clone();
-    let in_list = |list: &[String], module: &str| {
-        let last = module.rsplit('.').next().unwrap_or(module);
-        list.iter().any(|k| k == module || k == last)
-    };
     let mut modules = IndexMap::new();
     let mut full = IndexMap::new();
     let mut report = Vec::new();
@@ -137,14 +128,11 @@ pub fn extract_lora(
             .or_else(|| name.strip_suffix(".bias"))
             .unwrap_or(&name)
             .to_string();
-        let last = module.rsplit('.').next().unwrap_or(&module).to_string();
+        let last = module.rsplit('.').next().unwrap_or(&module);
         let excluded = exclude.iter().any(|r| r.is_match(&module));
         let extractable =
             (include.is_empty() || include.iter().any(|r| r.is_match(&module))) && !excluded;
         let two_d = info.shape.len() == 2 && name.ends_with(".weight");
-        if is_embedding(&module) && !excluded && !to_save.contains(&last) {
-            to_save.push(last.clone());
-        }
         let row = |kind, rank, kept, err| ExtractedTensor {
             name: name.clone(),
             kind,
@@ -152,7 +140,14 @@ pub fn extract_lora(
             kept,
             relative_error: err,
         };
-        if in_list(&to_save, &module) {
+        // Asked for at full rank, or an embedding not excluded (mergekit's
+        // default without --embed-lora).
+        let save = opts
+            .modules_to_save
+            .iter()
+            .any(|k| k == &module || k == last)
+            || (crate::run::is_embedding(&module) && !excluded);
+        if save {
             full.insert(name.clone(), finetuned.load(&name)?);
             report.push(row("full", 0, Vec::new(), 0.0));
             continue;
@@ -177,9 +172,6 @@ pub fn extract_lora(
             if opts.skip_undecomposable {
                 report.push(row("skipped", 0, Vec::new(), 0.0));
             } else {
-                if !to_save.contains(&last) {
-                    to_save.push(last.clone());
-                }
                 full.insert(name.clone(), finetuned.load(&name)?);
                 report.push(row("full", 0, Vec::new(), 0.0));
             }
