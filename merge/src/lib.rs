@@ -109,59 +109,48 @@ pub enum BasePolicy {
 }
 
 impl Method {
+    /// The methods other than the task-vector presets (those are
+    /// [`TASK_VECTOR_PRESETS`]); their names come from [`Method::name`].
+    const OTHERS: &'static [Method] = &[
+        Method::Linear,
+        Method::Slerp,
+        Method::Nuslerp,
+        Method::ModelStock,
+        Method::Karcher,
+        Method::Passthrough,
+        Method::Sce,
+        Method::Multislerp,
+        Method::Nearswap,
+        Method::ArceeFusion,
+        Method::Ram,
+        Method::RamPlusTl,
+        Method::TsvM,
+        Method::IsoC,
+        Method::IsoCts,
+        Method::RegMean,
+    ];
+
     /// Every method name, as `merge_method` spells it.
     pub fn names() -> Vec<&'static str> {
-        let mut v = vec![
-            "linear",
-            "slerp",
-            "nuslerp",
-            "model_stock",
-            "karcher",
-            "passthrough",
-            "sce",
-            "multislerp",
-            "nearswap",
-            "arcee_fusion",
-            "ram",
-            "ramplus_tl",
-            "tsv_m",
-            "iso_c",
-            "iso_cts",
-            "regmean",
-        ];
-        v.extend(TASK_VECTOR_PRESETS.iter().map(|(n, _)| *n));
-        v
+        Method::OTHERS
+            .iter()
+            .map(Method::name)
+            .chain(TASK_VECTOR_PRESETS.iter().map(|(n, _)| *n))
+            .collect()
     }
 
     /// The method called `name`.
     pub fn from_name(name: &str) -> Result<Method> {
-        Ok(match name {
-            "linear" => Method::Linear,
-            "slerp" => Method::Slerp,
-            "nuslerp" => Method::Nuslerp,
-            "model_stock" => Method::ModelStock,
-            "karcher" => Method::Karcher,
-            "passthrough" => Method::Passthrough,
-            "sce" => Method::Sce,
-            "multislerp" => Method::Multislerp,
-            "nearswap" => Method::Nearswap,
-            "arcee_fusion" => Method::ArceeFusion,
-            "ram" => Method::Ram,
-            "ramplus_tl" => Method::RamPlusTl,
-            "tsv_m" => Method::TsvM,
-            "iso_c" => Method::IsoC,
-            "iso_cts" => Method::IsoCts,
-            "regmean" => Method::RegMean,
-            _ => match TASK_VECTOR_PRESETS.iter().find(|(n, _)| *n == name) {
-                Some((n, m)) => Method::TaskVector(n, *m),
-                None => {
-                    return Err(MergeError::UnknownMethod {
-                        name: name.to_string(),
-                        known: Method::names().join(", "),
-                    });
-                }
-            },
-        })
+        if let Some(m) = Method::OTHERS.iter().find(|m| m.name() == name) {
+            return Ok(*m);
+        }
+        match TASK_VECTOR_PRESETS.iter().find(|(n, _)| *n == name) {
+            Some((n, m)) => Ok(Method::TaskVector(n, *m)),
+            None => Err(MergeError::UnknownMethod {
+                name: name.to_string(),
+                known: Method::names().join(", "),
+            }),
+        }
     }
 
     /// Its name.
