@@ -239,24 +239,28 @@ pub fn solve_spd(
     let mut gram =
         faer::Mat::<f64>::from_fn(d, d, |i, j| a[(i, j)] + if i == j { ridge } else { 0.0 });
     let mut rhs = faer::Mat::<f64>::from_fn(d, k, |i, j| b[(i, j)]);
-    solve_spd_in_place(&mut gram, &mut rhs, ridge, name)?;
+    solve_spd_in_place(&mut gram, &mut rhs, name, || {
+        format!(
+            "the {d} × {d} matrix + {ridge}·I is not positive definite (singular or indefinite; use a ridge > 0)"
+        )
+    })?;
     Ok(Array2::from_shape_fn((d, k), |(i, j)| rhs[(i, j)]))
 }
 
-/// Cholesky solve of `gram · Z = rhs` in place (`rhs` becomes `Z`).
+/// Cholesky solve of `gram · Z = rhs` in place (`rhs` becomes `Z`);
+/// `singular` says what a matrix without a Cholesky factor means to the caller.
 fn solve_spd_in_place(
     gram: &mut faer::Mat<f64>,
     rhs: &mut faer::Mat<f64>,
-    ridge: f64,
     name: &str,
+    singular: impl FnOnce() -> String,
 ) -> Result<()> {
-    let d = gram.nrows();
-    let llt = gram.llt(faer::Side::Lower).map_err(|_| SpectraError::Shape {
-        name: name.to_string(),
-        msg: format!(
-            "the {d} × {d} matrix + {ridge}·I is not positive definite (singular or indefinite; use a ridge > 0)"
-        ),
-    })?;
+    let llt = gram
+        .llt(faer::Side::Lower)
+        .map_err(|_| SpectraError::Shape {
+            name: name.to_string(),
+            msg: singular(),
+        })?;
     faer::linalg::solvers::Solve::solve_in_place(&llt, rhs.as_mut());
     if (0..rhs.nrows()).any(|i| (0..rhs.ncols()).any(|j| !rhs[(i, j)].is_finite())) {
         return Err(no_conv(name, "symmetric solve"));
@@ -300,14 +304,10 @@ pub fn ridge_least_squares(
         gram[(i, i)] += ridge;
     }
     let mut rhs: faer::Mat<f64> = xf.transpose() * yf;
-    solve_spd_in_place(&mut gram, &mut rhs, ridge, name).map_err(|e| match e {
-        SpectraError::Shape { name, .. } => SpectraError::Shape {
-            name,
-            msg: format!(
-                "XᵀX + {ridge}·I is not positive definite (X {n} × {d} is rank-deficient; use a ridge > 0)"
-            ),
-        },
-        e => e,
+    solve_spd_in_place(&mut gram, &mut rhs, name, || {
+        format!(
+            "XᵀX + {ridge}·I is not positive definite (X {n} × {d} is rank-deficient; use a ridge > 0)"
+        )
     })?;
     Ok(Array2::from_shape_fn((d, k), |(i, j)| rhs[(i, j)]))
 }
