@@ -141,6 +141,18 @@ def max_rel_dev(x_dir, y_dir):
     return dev, differ, total
 
 
+def timed(tool, name, cmd, runs):
+    """Median wall time and peak RSS of `cmd(out)` over `runs` fresh outputs."""
+    ts, rss = [], []
+    for _ in range(runs):
+        out = os.path.join(DATA, f"out-{tool}-{name}")
+        shutil.rmtree(out, ignore_errors=True)
+        t, r = measure(cmd(out))
+        ts.append(t)
+        rss.append(r)
+    return statistics.median(ts), max(rss)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -149,47 +161,23 @@ def main():
     write_models()
     ours = os.path.join(ROOT, "target", "release", "merge")
     theirs = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
-    rows = []
-    for name, yaml in OURS_ONLY.items():
+    for name, yaml in {**OURS_ONLY, **CONFIGS}.items():
         if args.methods and name not in args.methods:
             continue
         cfg = os.path.join(DATA, f"{name}.yml")
         with open(cfg, "w") as f:
             f.write(yaml)
-        ts, rss = [], []
-        for _ in range(args.runs):
-            out = os.path.join(DATA, f"out-merge-{name}")
-            shutil.rmtree(out, ignore_errors=True)
-            t, r = measure([ours, cfg, out, "--quiet"])
-            ts.append(t)
-            rss.append(r)
-        print(f"{name}: merge {statistics.median(ts):.2f} s {max(rss):.0f} MB | (not in mergekit)", flush=True)
-    for name, yaml in CONFIGS.items():
-        if args.methods and name not in args.methods:
+        tm, rm = timed("merge", name, lambda out: [ours, cfg, out, "--quiet"], args.runs)
+        if name in OURS_ONLY:
+            print(f"{name}: merge {tm:.2f} s {rm:.0f} MB | (not in mergekit)", flush=True)
             continue
-        cfg = os.path.join(DATA, f"{name}.yml")
-        with open(cfg, "w") as f:
-            f.write(yaml)
-        res = {}
-        for tool, cmd in [
-            ("merge", lambda out: [ours, cfg, out, "--quiet"]),
-            ("mergekit", lambda out: [theirs, cfg, out, "--copy-tokenizer", "--random-seed", "0"]),
-        ]:
-            ts, rss = [], []
-            for _ in range(args.runs):
-                out = os.path.join(DATA, f"out-{tool}-{name}")
-                shutil.rmtree(out, ignore_errors=True)
-                t, r = measure(cmd(out))
-                ts.append(t)
-                rss.append(r)
-            res[tool] = (statistics.median(ts), max(rss))
+        tk, rk = timed("mergekit", name,
+                       lambda out: [theirs, cfg, out, "--copy-tokenizer", "--random-seed", "0"], args.runs)
         if name in RANDOM:
             dev = "random (seeded differently)"
         else:
             d, n, total = max_rel_dev(os.path.join(DATA, f"out-merge-{name}"), os.path.join(DATA, f"out-mergekit-{name}"))
             dev = f"{d:.1e}, {n} of {total} entries differ"
-        rows.append((name, res, dev))
-        (tm, rm), (tk, rk) = res["merge"], res["mergekit"]
         print(f"{name}: merge {tm:.2f} s {rm:.0f} MB | mergekit {tk:.2f} s {rk:.0f} MB | "
               f"{tk / tm:.1f}x faster, {rk / rm:.1f}x less memory | max rel. deviation {dev}", flush=True)
 
