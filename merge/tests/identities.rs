@@ -50,6 +50,13 @@ fn run(dir: &Path, yaml: &str, opts: &RunOptions) -> merge::Result<StateDict> {
     Ok(Checkpoint::open(&out).unwrap().load_all().unwrap())
 }
 
+/// The error message of a config this crate must refuse (default options).
+fn refusal(dir: &Path, yaml: &str) -> String {
+    run(dir, yaml, &RunOptions::default())
+        .unwrap_err()
+        .to_string()
+}
+
 fn setup() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for (i, n) in ["base", "a", "b", "c"].iter().enumerate() {
@@ -357,11 +364,7 @@ fn bad_inputs_get_errors_naming_the_tensor_and_model() {
 #[test]
 fn subspace_merges_refuse_bad_parameters_naming_them() {
     let dir = setup();
-    let msg = |yaml: &str| {
-        run(dir.path(), yaml, &RunOptions::default())
-            .unwrap_err()
-            .to_string()
-    };
+    let msg = |yaml: &str| refusal(dir.path(), yaml);
     let head = "base_model: base\nmodels:\n  - {model: a}\n  - {model: b}\n";
     // Every matrix here has 8 columns: rank 9 is more than a layer has.
     let m = msg(&format!(
@@ -648,11 +651,7 @@ fn typed_api_and_yaml_give_identical_tensors() {
 #[test]
 fn weights_summing_to_zero_and_densities_out_of_range_are_refused() {
     let dir = setup();
-    let msg = |yaml: &str| {
-        run(dir.path(), yaml, &RunOptions::default())
-            .unwrap_err()
-            .to_string()
-    };
+    let msg = |yaml: &str| refusal(dir.path(), yaml);
     let m = msg(
         "merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: 1.0}}\n  - {model: b, parameters: {weight: -1.0}}\n",
     );
