@@ -319,3 +319,92 @@ pub fn bar_chart(
         |r| draw_bars(r, title, y_label, bars),
     )
 }
+
+fn draw_grouped_bars<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    y_label: &str,
+    categories: &[String],
+    series: &[(String, Vec<f64>)],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
+    let top = series
+        .iter()
+        .flat_map(|s| s.1.iter())
+        .copied()
+        .filter(|v| v.is_finite())
+        .fold(0f64, f64::max);
+    let top = if top > 0.0 { top * 1.15 } else { 1.0 };
+    let n = categories.len().max(1);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..n as f64, 0f64..top)
+        .map_err(|e| anyhow!("{e:?}"))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 1e-6 && i < categories.len() {
+                categories[i].clone()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc(y_label)
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    let k = series.len().max(1);
+    let width = 0.8 / k as f64;
+    for (s, (name, values)) in series.iter().enumerate() {
+        let color = Palette99::pick(s).to_rgba();
+        let rects: Vec<_> = values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(i, v)| {
+                let x = i as f64 + 0.1 + s as f64 * width;
+                Rectangle::new([(x, 0.0), (x + width * 0.9, *v)], color.filled())
+            })
+            .collect();
+        chart
+            .draw_series(rects)
+            .map_err(|e| anyhow!("{e:?}"))?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| anyhow!("{e:?}"))?;
+    root.present().map_err(|e| anyhow!("{e:?}"))?;
+    Ok(())
+}
+
+/// Writes a grouped bar chart (one group of bars per category, one colour
+/// per series; non-finite values are left out) as `<stem>.png` and `<stem>.svg`.
+pub fn grouped_bar_chart(
+    stem: &Path,
+    title: &str,
+    y_label: &str,
+    categories: &[String],
+    series: &[(String, Vec<f64>)],
+) -> anyhow::Result<()> {
+    let width = (40 * categories.len() as u32 * series.len().max(1) as u32).max(900);
+    render(
+        stem,
+        (width, 540),
+        |r| draw_grouped_bars(r, title, y_label, categories, series),
+        |r| draw_grouped_bars(r, title, y_label, categories, series),
+    )
+}

@@ -356,6 +356,56 @@ impl Merge {
         merge_state_dicts(&method, base, models, &shared, &per_model, seed)
     }
 
+    /// The mergekit YAML config that runs this merge on `models` (paths as
+    /// they are to appear in the file) with `base`: what `merge CONFIG OUT`
+    /// and `mergekit-yaml` read (`base` is left out for methods without a
+    /// base role, which would merge it as one more input). Running it gives the tensors [`Merge::merge`]
+    /// gives for the same inputs and seed (tested).
+    pub fn to_yaml(&self, base: Option<&str>, models: &[&str]) -> Result<String> {
+        use serde_yaml_ng::{Mapping, Value as Y};
+        let (method, shared, each) = self.lower(models.len())?;
+        let params = |p: &Params| -> Y {
+            let mut m = Mapping::new();
+            for (k, v) in p {
+                let v = match v {
+                    Value::Num(x) => Y::Number((*x).into()),
+                    Value::Bool(b) => Y::Bool(*b),
+                    Value::Str(s) => Y::String(s.clone()),
+                };
+                m.insert(Y::String(k.clone()), v);
+            }
+            Y::Mapping(m)
+        };
+        let mut cfg = Mapping::new();
+        cfg.insert("merge_method".into(), method.name().into());
+        // mergekit merges a base_model of a method without a base role as
+        // one more input: such methods get none.
+        if let Some(b) = base.filter(|_| method.base_policy() != crate::BasePolicy::Ignored) {
+            cfg.insert("base_model".into(), b.into());
+        }
+        if !shared.is_empty() {
+            cfg.insert("parameters".into(), params(&shared));
+        }
+        let list = models
+            .iter()
+            .zip(&each)
+            .map(|(m, p)| {
+                let mut e = Mapping::new();
+                e.insert("model".into(), (*m).into());
+                if !p.is_empty() {
+                    e.insert("parameters".into(), params(p));
+                }
+                Y::Mapping(e)
+            })
+            .collect();
+        cfg.insert("models".into(), Y::Sequence(list));
+        cfg.insert("dtype".into(), "float32".into());
+        serde_yaml_ng::to_string(&Y::Mapping(cfg)).map_err(|e| crate::MergeError::Inputs {
+            method: method.name().into(),
+            msg: format!("writing the YAML config: {e}"),
+        })
+    }
+
     /// Its paper or source, as the registry gives it.
     pub fn reference(&self, models: usize) -> Result<&'static str> {
         Ok(self.lower(models)?.0.reference())

@@ -621,7 +621,26 @@ fn typed_api_and_yaml_give_identical_tensors() {
         let want = run(dir.path(), yaml, &opts).unwrap();
         assert_eq!(max_diff(&ours, &want), 0.0, "{typed:?}");
         assert!(!typed.reference(models.len()).unwrap().is_empty());
+        // The YAML the typed value writes runs to the same tensors.
+        let names = ["a", "b", "c"];
+        let written = typed.to_yaml(Some("base"), &names[..models.len()]).unwrap();
+        let back = run(dir.path(), &written, &opts).unwrap();
+        assert_eq!(max_diff(&ours, &back), 0.0, "{typed:?}:\n{written}");
     }
+    // Linear has no base role: its YAML leaves the base out, and runs.
+    let lin = Merge::Linear {
+        weights: vec![0.5, 0.3, 0.2],
+        normalize: true,
+    };
+    let written = lin.to_yaml(Some("base"), &["a", "b", "c"]).unwrap();
+    assert!(written.contains("merge_method: linear") && !written.contains("base_model"));
+    assert_eq!(
+        max_diff(
+            &lin.merge(None, &three, 0).unwrap(),
+            &run(dir.path(), &written, &opts).unwrap()
+        ),
+        0.0
+    );
     // A misspelt parameter is an error in memory too, as in configs.
     let method = Method::from_name("ties").unwrap();
     let shared: Params = [("densty".to_string(), Value::Num(0.5))]

@@ -223,6 +223,18 @@ pub struct Llama<B: Backend> {
     pub config: LlamaConfig,
 }
 
+/// One block's linear-layer inputs, `[b·t, ·]` each.
+pub struct LinearInputs<B: Backend> {
+    /// Input of q, k and v (the normed residual stream).
+    pub attn: Tensor<B, 2>,
+    /// Input of o_proj (the attention context, `heads·head_dim` wide).
+    pub o_proj: Tensor<B, 2>,
+    /// Input of gate and up (the normed residual stream after attention).
+    pub mlp: Tensor<B, 2>,
+    /// Input of down_proj (`silu(gate)·up`, `ffn` wide).
+    pub down_proj: Tensor<B, 2>,
+}
+
 /// The HF name prefix of block `l`.
 pub fn layer_prefix(l: usize) -> String {
     format!("model.layers.{l}")
@@ -651,9 +663,64 @@ impl<B: Backend> Llama<B> {
     /// Per block, the inputs of o_proj (`[b·t, heads·head_dim]`) and of
     /// down_proj (`[b·t, ffn]`) on `tokens`: what activation-based selection scores.
     pub fn block_inputs(&self, tokens: Tensor<B, 2, Int>) -> Vec<(Tensor<B, 2>, Tensor<B, 2>)> {
+        self.linear_inputs(tokens)
+            .into_iter()
+            .map(|l| (l.o_proj, l.down_proj))
+            .collect()
+    }
+
+    /// Per block, the inputs of every linear layer on `tokens`, `[b·t, ·]`.
+    pub fn linear_inputs(&self, tokens: Tensor<B, 2, Int>) -> Vec<LinearInputs<B>> {
         let mut out = Vec::with_capacity(self.layers.len());
         self.residual_stream(tokens, Some(&mut out), None);
         out
+    }
+
+    /// Per linear weight (`model.layers.{l}.self_attn.q_proj.weight`, …), the
+    /// Gram matrix `XᵀX` (`in × in`) of its inputs over every position of
+    /// `sequences`, each run alone so that no padding is counted: what
+    /// RegMean weighs a model's weights by. The LM head and embeddings get none.
+    pub fn input_grams(&self, sequences: &[Vec<u32>]) -> StateDict {
+        let device = self.embed_tokens.val().device();
+        let mut acc: Vec<[Option<Tensor<B, 2>>; 4]> =
+            (0..self.layers.len()).map(|_| Default::default()).collect();
+        for seq in sequences.iter().filter(|s| !s.is_empty()) {
+            let ids: Vec<i64> = seq.iter().map(|&i| i as i64).collect();
+            let tokens =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, seq.len()]), &device);
+            for (l, inputs) in self.linear_inputs(tokens).into_iter().enumerate() {
+                let xs = [inputs.attn, inputs.o_proj, inputs.mlp, inputs.down_proj];
+                for (slot, x) in acc[l].iter_mut().zip(xs) {
+                    let g = x.clone().transpose().matmul(x);
+                    *slot = Some(match slot.take() {
+                        Some(s) => s + g,
+                        None => g,
+                    });
+                }
+            }
+        }
+        let mut sd = StateDict::new();
+        for (l, grams) in acc.into_iter().enumerate() {
+            let p = layer_prefix(l);
+            let [attn, o, mlp, down] = grams;
+            let named: [(&[&str], Option<Tensor<B, 2>>); 4] = [
+                (
+                    &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                    attn,
+                ),
+                (&["self_attn.o_proj"], o),
+                (&["mlp.gate_proj", "mlp.up_proj"], mlp),
+                (&["mlp.down_proj"], down),
+            ];
+            for (names, g) in named {
+                let Some(g) = g else { continue };
+                let w = to_weights(g);
+                for n in names {
+                    sd.insert(format!("{p}.{n}.weight"), w.clone());
+                }
+            }
+        }
+        sd
     }
 
     /// The residual stream after the last block (before the final norm) for
@@ -662,7 +729,7 @@ impl<B: Backend> Llama<B> {
     fn residual_stream(
         &self,
         tokens: Tensor<B, 2, Int>,
-        mut collect: Option<&mut Vec<(Tensor<B, 2>, Tensor<B, 2>)>>,
+        mut collect: Option<&mut Vec<LinearInputs<B>>>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let [b, t] = tokens.dims();
@@ -706,20 +773,21 @@ impl<B: Backend> Llama<B> {
         };
         for (l, blk) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let ctx = blk.self_attn.context(
-                blk.input_layernorm.forward(x.clone()),
-                &self.config,
-                &rope,
-                mask.as_ref(),
-                slot,
-            );
+            let attn_in = blk.input_layernorm.forward(x.clone());
+            let ctx =
+                blk.self_attn
+                    .context(attn_in.clone(), &self.config, &rope, mask.as_ref(), slot);
             x = x + blk.self_attn.o_proj.forward(ctx.clone()).reshape([b, t, h]);
-            let inner = blk
-                .mlp
-                .inner(blk.post_attention_layernorm.forward(x.clone()));
+            let mlp_in = blk.post_attention_layernorm.forward(x.clone());
+            let inner = blk.mlp.inner(mlp_in.clone());
             x = x + blk.mlp.down_proj.forward(inner.clone()).reshape([b, t, h]);
             if let Some(out) = collect.as_deref_mut() {
-                out.push((ctx, inner));
+                out.push(LinearInputs {
+                    attn: attn_in.reshape([b * t, h]),
+                    o_proj: ctx,
+                    mlp: mlp_in.reshape([b * t, h]),
+                    down_proj: inner,
+                });
             }
         }
         if let Some(c) = cache {

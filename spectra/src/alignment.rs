@@ -22,7 +22,7 @@ use ndarray::{Array2, ArrayView2};
 use serde::Serialize;
 
 use crate::error::{Result, SpectraError};
-use crate::linalg::thin_svd;
+use crate::linalg::{Svd, thin_svd};
 
 /// The result of [`singular_vector_alignment`].
 #[derive(Debug, Clone, Serialize)]
@@ -137,6 +137,42 @@ pub fn singular_vector_alignment(
     })
 }
 
+/// Overlap of the top-`k` singular subspaces of two matrices of one shape,
+/// from their thin SVDs: the mean of `‖U_aᵀ U_b‖²_F / k` (left) and
+/// `‖V_aᵀ V_b‖²_F / k` (right), with `U_a` the first `k` left singular vectors
+/// of `a`. 1 when the two spans coincide, 0 when they are orthogonal, about
+/// `k / m` (left) and `k / n` (right) for independent random matrices; sign
+/// and rotation within a span do not change it. `k` is capped by both ranks
+/// (at least 1). The alignment measure of Ito et al. applied to the spans,
+/// so that it compares task vectors whose singular values are not distinct.
+pub fn subspace_overlap(a: &Svd<f64>, b: &Svd<f64>, k: usize) -> Result<f64> {
+    if a.u.nrows() != b.u.nrows() || a.vt.ncols() != b.vt.ncols() {
+        return Err(SpectraError::Shape {
+            name: "subspace overlap".into(),
+            msg: format!(
+                "shapes differ: {}×{} vs {}×{}",
+                a.u.nrows(),
+                a.vt.ncols(),
+                b.u.nrows(),
+                b.vt.ncols()
+            ),
+        });
+    }
+    let k = k.min(a.s.len()).min(b.s.len()).max(1);
+    let (ua, ub) = (
+        a.u.slice(ndarray::s![.., ..k]),
+        b.u.slice(ndarray::s![.., ..k]),
+    );
+    let (va, vb) = (
+        a.vt.slice(ndarray::s![..k, ..]),
+        b.vt.slice(ndarray::s![..k, ..]),
+    );
+    let fro2 = |m: Array2<f64>| m.iter().map(|x| x * x).sum::<f64>();
+    let left = fro2(ua.t().dot(&ub)) / k as f64;
+    let right = fro2(va.dot(&vb.t())) / k as f64;
+    Ok((left + right) / 2.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +239,31 @@ mod tests {
         );
         let b = gaussian(3, 4, 1);
         assert!(singular_vector_alignment(a.view(), b.view(), None, None, 2, &[]).is_err());
+    }
+
+    #[test]
+    fn subspace_overlap_is_one_for_one_span_zero_for_orthogonal_and_cos2_for_a_rotation() {
+        let svd = |m: &Array2<f64>| thin_svd(m.view(), "m").unwrap();
+        // Rank-1 matrices u vᵀ in 2-D: rotating u by θ (v kept) gives a left
+        // overlap of cos²θ and a right overlap of 1.
+        let theta = 0.3f64;
+        let a = ndarray::array![[1.0, 0.0], [0.0, 0.0]];
+        let b = ndarray::array![[theta.cos(), 0.0], [theta.sin(), 0.0]] * 5.0;
+        let want = (theta.cos().powi(2) + 1.0) / 2.0;
+        let got = subspace_overlap(&svd(&a), &svd(&b), 1).unwrap();
+        assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+        // Orthogonal spans on both sides.
+        let c = ndarray::array![[0.0, 0.0], [0.0, 2.0]];
+        assert!(subspace_overlap(&svd(&a), &svd(&c), 1).unwrap() < 1e-12);
+        // A matrix and a scaled, sign-flipped copy share every top-k span.
+        let g = gaussian(30, 20, 7).mapv(f64::from);
+        let h = &g * -3.0;
+        assert!((subspace_overlap(&svd(&g), &svd(&h), 5).unwrap() - 1.0).abs() < 1e-9);
+        // Independent matrices: about k/m and k/n.
+        let r = gaussian(30, 20, 8).mapv(f64::from);
+        let o = subspace_overlap(&svd(&g), &svd(&r), 5).unwrap();
+        assert!(o < 0.5, "{o}");
+        // Different shapes are an error.
+        assert!(subspace_overlap(&svd(&a), &svd(&g), 1).is_err());
     }
 }

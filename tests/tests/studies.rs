@@ -868,3 +868,258 @@ fn smollm2_greedy_answers_match_transformers() {
         assert_eq!(text, a["text"].as_str().unwrap());
     }
 }
+
+fn merge_llm_args(
+    model: &Path,
+    finetunes: Option<&Path>,
+    out: &Path,
+) -> experiments::studies::merging::MergeArgs {
+    use experiments::studies::merge_llm::{METHODS, MergeLlmArgs};
+    let mut a = experiments::studies::merging::MergeArgs::default();
+    a.lm.quick = true;
+    a.lm.run = RunArgs::quiet_to(out);
+    a.llm = MergeLlmArgs {
+        model: Some(model.to_path_buf()),
+        finetunes: finetunes.map(Path::to_path_buf),
+        eval_examples: Some(3),
+        val_examples: Some(2),
+        regmean_prompts: Some(2),
+        lambdas: Some(vec![0.5, 1.0]),
+        methods: Some(METHODS.iter().map(|s| s.to_string()).collect()),
+        ..Default::default()
+    };
+    a
+}
+
+/// The real-model merge study end to end at tiny size on the fine-tunes the
+/// real-model s2ft study saved: every method of every group, the YAML configs
+/// equal to the in-memory merges bit for bit, the table's bookkeeping.
+#[test]
+fn merge_study_merges_real_model_fine_tunes_and_its_yaml_configs_are_mergekits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_hf_model(dir.path(), 512);
+    let ft = dir.path().join("s2ft");
+    experiments::studies::s2ft::run(&llm_args(&model, &ft)).unwrap();
+    // --finetune TASK=PATH recognises each saved format by its files.
+    use experiments::studies::merge_llm::{Format, read_manifest};
+    for s in read_manifest(&ft).unwrap() {
+        assert_eq!(Format::detect(&s.path).unwrap(), s.format, "{}", s.path.display());
+    }
+    let out = dir.path().join("merge");
+    experiments::studies::merging::run(&merge_llm_args(&model, Some(&ft), &out)).unwrap();
+    for f in [
+        "normalised_accuracy",
+        "accuracy_vs_lambda",
+        "cosine_full",
+        "cosine_lora-r2",
+    ] {
+        check_png(&out.join(format!("{f}.png")));
+    }
+    assert!(out.join("merges.csv").is_file() && out.join("report.md").is_file());
+    assert!(!out.join("inputs").exists(), "scratch inputs removed");
+    assert!(!out.join("metrics.partial.json").exists());
+    let m = metrics(&out);
+    let groups = ["full", "lora r2", "s2ft-random r2"];
+    // Individual fine-tunes on their own task: the normaliser.
+    let own = |g: &str, t: &str, split: &str| -> f64 {
+        m["individual"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["group"] == g && r["task"] == t)
+            .unwrap()[split]["tasks"][t]
+            .as_f64()
+            .unwrap()
+    };
+    let rows = m["merges"].as_array().unwrap();
+    for g in groups {
+        let of_group: Vec<&serde_json::Value> = rows.iter().filter(|r| r["group"] == g).collect();
+        let methods: Vec<&str> = of_group
+            .iter()
+            .map(|r| r["method"].as_str().unwrap())
+            .collect();
+        // LoRA-LEGO only where the inputs are LoRA adapters.
+        let want = experiments::studies::merge_llm::METHODS.len() - usize::from(g != "lora r2");
+        assert_eq!(methods.len(), want, "{g}: {methods:?}");
+        assert_eq!(methods.contains(&"lora_lego"), g == "lora r2");
+        for r in &of_group {
+            let method = r["method"].as_str().unwrap();
+            if method == "wm_check" {
+                // Fine-tunes of one base: weight matching finds the identity.
+                assert!(r["note"].as_str().unwrap().contains("leaves 1.0000"), "{r}");
+                continue;
+            }
+            // Normalised accuracy recomputed from the table's own numbers.
+            let mut ratios = Vec::new();
+            for t in ["date", "reverse"] {
+                let acc = r["test"]["tasks"][t].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&acc));
+                let ind = own(g, t, "test");
+                match r["normalised"]["tasks"][t].as_f64() {
+                    Some(v) => {
+                        assert!((v - acc / ind).abs() < 1e-12, "{g} {method} {t}");
+                        ratios.push(v);
+                    }
+                    None => assert_eq!(
+                        ind, 0.0,
+                        "{g} {method} {t}: undefined only when the individual scored 0"
+                    ),
+                }
+            }
+            if !ratios.is_empty() {
+                let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+                assert!((r["normalised"]["mean"].as_f64().unwrap() - mean).abs() < 1e-12);
+            }
+            // Grids of several points are scored on validation and one is chosen.
+            let grid = r["grid"].as_array().unwrap();
+            if grid.len() > 1 {
+                assert!(grid.iter().all(|p| p["val_acc"].is_number()), "{r}");
+                assert!(grid.iter().any(|p| p["hyper"] == r["hyper"]), "{r}");
+            }
+            // Every mergekit method's YAML ran to the same tensors, bit for bit.
+            let typed = !["lora_lego", "rmm"].contains(&method);
+            assert_eq!(
+                r["yaml_identical"].as_bool(),
+                typed.then_some(true),
+                "{g} {method}"
+            );
+            if typed {
+                let yaml = out.join(r["yaml"].as_str().unwrap());
+                let text = std::fs::read_to_string(&yaml).unwrap();
+                assert!(
+                    text.contains(&format!("merge_method: {method}")) || method == "average",
+                    "{text}"
+                );
+            }
+        }
+        // Task arithmetic and TIES grids cover the λ given.
+        let ta = of_group
+            .iter()
+            .find(|r| r["method"] == "task_arithmetic")
+            .unwrap();
+        assert_eq!(ta["grid"].as_array().unwrap().len(), 2);
+        // The best merge of the group is a model folder that loads.
+        let best = m["best"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["group"] == g)
+            .unwrap();
+        let loaded =
+            s2ft_core::Pretrained::load(&out.join(best["path"].as_str().unwrap())).unwrap();
+        assert_eq!(
+            loaded.config.vocab_size,
+            s2ft_core::Pretrained::load(&model)
+                .unwrap()
+                .config
+                .vocab_size
+        );
+    }
+    // Task-vector analysis: symmetric matrices with a unit diagonal, and one pair.
+    for a in m["task_vectors"].as_array().unwrap() {
+        let cos = a["cosines"].as_array().unwrap();
+        assert_eq!(cos.len(), 2);
+        assert_eq!(cos[0][1], cos[1][0]);
+        let o = a["overlaps"][0][1].as_f64().unwrap();
+        assert!((0.0..=1.0 + 1e-9).contains(&o), "{a}");
+        assert_eq!(a["pairs"].as_array().unwrap().len(), 1);
+        assert!(a["norms"][0].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn merge_study_names_bad_real_model_input_before_writing_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_hf_model(dir.path(), 512);
+    let out = dir.path().join("run");
+    let fails = |args: experiments::studies::merging::MergeArgs, want: &[&str]| {
+        let e = format!(
+            "{:#}",
+            experiments::studies::merging::run(&args).unwrap_err()
+        );
+        for w in want {
+            assert!(e.contains(w), "{w:?} not in: {e}");
+        }
+        assert!(!out.exists(), "no report folder after: {e}");
+    };
+    // Fine-tunes: two copies of the base under task names, saved as HF folders.
+    let base = s2ft_core::Pretrained::load(&model).unwrap();
+    let save = |name: &str, c: &s2ft_core::LlamaConfig, seed: u64| {
+        let mut sd = s2ft_core::model::random_state_dict(c, seed);
+        let p = dir.path().join(name);
+        s2ft_core::pretrained::save_hf_folder(&p, c, &mut sd, &base.tokenizer, u64::MAX).unwrap();
+        p
+    };
+    let date = save("date", &base.config, 4);
+    let reverse = save("reverse", &base.config, 5);
+    let mut other = base.config.clone();
+    other.intermediate_size = 48;
+    let wrong = save("wrong", &other, 6);
+    let with = |fts: &[String]| {
+        let mut a = merge_llm_args(&model, None, &out);
+        a.llm.finetune = fts.to_vec();
+        a
+    };
+    let arg = |t: &str, p: &Path| format!("{t}={}", p.display());
+    // A fine-tune of a different base (another FFN width): named with its tensor.
+    fails(
+        with(&[arg("date", &date), arg("reverse", &wrong)]),
+        &["wrong", "mlp.gate_proj.weight", "different base"],
+    );
+    // An unknown task.
+    fails(
+        with(&[arg("date", &date), arg("sums", &reverse)]),
+        &["sums"],
+    );
+    // One fine-tune per group is nothing to merge.
+    fails(with(&[arg("date", &date)]), &["merging needs two tasks"]);
+    // A folder that is no fine-tune.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    fails(
+        with(&[arg("date", &date), arg("reverse", &empty)]),
+        &["empty", "config.json"],
+    );
+    // A LoRA adapter of another base: does not fit.
+    let big = {
+        let c = other.clone();
+        let m = s2ft_core::Llama::<s2ft_core::CpuTrain>::from_state_dict(
+            &c,
+            &s2ft_core::model::random_state_dict(&c, 1),
+            false,
+            &Default::default(),
+        )
+        .unwrap();
+        let m = s2ft_core::s2ft::apply_lora_with_dropout(
+            m,
+            2,
+            4.0,
+            0.0,
+            &s2ft_core::s2ft::LORA_TARGETS_ALL,
+            0,
+        )
+        .unwrap();
+        let p = dir.path().join("lora-other");
+        s2ft_core::adapter::save_lora_peft(&m, &p).unwrap();
+        p
+    };
+    fails(
+        with(&[arg("date", &big), arg("reverse", &big)]),
+        &["lora-other", "does not fit the base"],
+    );
+    // Character-study flags with --model, real-model flags without it.
+    let mut a = with(&[arg("date", &date), arg("reverse", &reverse)]);
+    a.rank = 7;
+    fails(a, &["--rank", "character-model"]);
+    let mut a = experiments::studies::merging::MergeArgs::default();
+    a.lm.run = RunArgs::quiet_to(&out);
+    a.llm.finetunes = Some(dir.path().to_path_buf());
+    fails(a, &["--finetunes", "--model"]);
+    // An unknown method and a density above 1.
+    let mut a = with(&[arg("date", &date), arg("reverse", &reverse)]);
+    a.llm.methods = Some(vec!["tiez".into()]);
+    fails(a, &["tiez", "known"]);
+    let mut a = with(&[arg("date", &date), arg("reverse", &reverse)]);
+    a.llm.densities = Some(vec![1.5]);
+    fails(a, &["--densities"]);
+}

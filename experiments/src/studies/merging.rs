@@ -46,6 +46,9 @@ pub struct MergeArgs {
     /// Scale λ of the summed task vectors in task arithmetic and DARE (FusionBench's default 0.3).
     #[arg(long, default_value_t = 0.3)]
     pub lambda: f64,
+    /// The real-model study's options (`--model`, `--finetunes`, …).
+    #[command(flatten)]
+    pub llm: crate::studies::merge_llm::MergeLlmArgs,
 }
 
 crate::studies::cli_defaults!(MergeArgs);
@@ -81,6 +84,10 @@ impl MergeArgs {
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
+    if args.llm.model.is_some() {
+        return crate::studies::merge_llm::run(args);
+    }
+    args.llm.refuse_without_model()?;
     let (s, tasks) = (args.lm.sizes()?, args.tasks()?);
     let (run, corpus) = args.lm.open("merge")?;
     let dev = run.device;

@@ -2,6 +2,7 @@
 
 pub mod lmc;
 pub mod many;
+pub mod merge_llm;
 pub mod merging;
 pub mod pleas;
 pub mod s2ft;

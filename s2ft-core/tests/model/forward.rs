@@ -36,6 +36,16 @@ fn rms(x: &Array2<f64>, g: &[f64], eps: f64) -> Array2<f64> {
 
 /// Logits `[t, vocab]` for one sequence.
 fn reference(c: &LlamaConfig, sd: &StateDict, tokens: &[usize]) -> Array2<f64> {
+    reference_with_inputs(c, sd, tokens).0
+}
+
+/// Logits, and per block the inputs of q/k/v, o_proj, gate/up and down_proj.
+fn reference_with_inputs(
+    c: &LlamaConfig,
+    sd: &StateDict,
+    tokens: &[usize],
+) -> (Array2<f64>, Vec<[Array2<f64>; 4]>) {
+    let mut inputs = Vec::new();
     let t = tokens.len();
     let (h, d, nh, nkv) = (
         c.hidden_size,
@@ -96,6 +106,7 @@ fn reference(c: &LlamaConfig, sd: &StateDict, tokens: &[usize]) -> Array2<f64> {
                 .assign(&sc.dot(&vh));
         }
         x = x + att.dot(&w(sd, &format!("{p}.self_attn.o_proj.weight")).t());
+        let attn_in = hn;
         let hn = rms(
             &x,
             &v(sd, &format!("{p}.post_attention_layernorm.weight")),
@@ -105,6 +116,7 @@ fn reference(c: &LlamaConfig, sd: &StateDict, tokens: &[usize]) -> Array2<f64> {
         let u = hn.dot(&w(sd, &format!("{p}.mlp.up_proj.weight")).t());
         let a = g.mapv(|z| z / (1.0 + (-z).exp())) * u;
         x = x + a.dot(&w(sd, &format!("{p}.mlp.down_proj.weight")).t());
+        inputs.push([attn_in, att, hn, a]);
     }
     let xn = rms(&x, &v(sd, "model.norm.weight"), c.rms_norm_eps);
     let head = if c.tie_word_embeddings {
@@ -112,7 +124,7 @@ fn reference(c: &LlamaConfig, sd: &StateDict, tokens: &[usize]) -> Array2<f64> {
     } else {
         w(sd, "lm_head.weight")
     };
-    xn.dot(&head.t())
+    (xn.dot(&head.t()), inputs)
 }
 
 fn perturb_norms(sd: &mut StateDict) {
@@ -195,4 +207,51 @@ fn bad_checkpoints_name_the_weight() {
             .to_string()
             .contains("multiple")
     );
+}
+
+/// RegMean's Gram matrices: per linear weight, `XᵀX` of its inputs summed
+/// over the sequences, equal to the independent ndarray forward's.
+#[test]
+fn input_grams_match_the_reference_forward() {
+    let c = LlamaConfig::tiny(40, 16, 2, 4, 2, 24);
+    let mut sd = random_state_dict(&c, 11);
+    perturb_norms(&mut sd);
+    let m = Llama::<Cpu>::from_state_dict(&c, &sd, false, &Default::default()).unwrap();
+    let seqs: Vec<Vec<u32>> = vec![vec![3, 9, 1, 27, 5], vec![8, 2, 39]];
+    let grams = m.input_grams(&seqs);
+    let mut want: Vec<[Array2<f64>; 4]> = Vec::new();
+    for seq in &seqs {
+        let ids: Vec<usize> = seq.iter().map(|&i| i as usize).collect();
+        for (l, xs) in reference_with_inputs(&c, &sd, &ids)
+            .1
+            .into_iter()
+            .enumerate()
+        {
+            let g = xs.map(|x| x.t().dot(&x));
+            match want.get_mut(l) {
+                Some(acc) => acc.iter_mut().zip(g).for_each(|(a, b)| *a += &b),
+                None => want.push(g),
+            }
+        }
+    }
+    let names = [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].as_slice(),
+        &["self_attn.o_proj"],
+        &["mlp.gate_proj", "mlp.up_proj"],
+        &["mlp.down_proj"],
+    ];
+    assert_eq!(grams.len(), c.num_hidden_layers * 7);
+    for (l, ws) in want.iter().enumerate() {
+        for (g, ns) in ws.iter().zip(names) {
+            for n in ns {
+                let name = format!("model.layers.{l}.{n}.weight");
+                let got = w(&grams, &name);
+                let inp = sd.get(&name).unwrap().shape()[1];
+                assert_eq!(got.dim(), (inp, inp), "{name}");
+                let scale = g.iter().fold(0f64, |a, b| a.max(b.abs()));
+                let dev = (&got - g).iter().fold(0f64, |a, b| a.max(b.abs()));
+                assert!(dev < 1e-4 * scale, "{name}: {dev} of {scale}");
+            }
+        }
+    }
 }

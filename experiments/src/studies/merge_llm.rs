@@ -1,0 +1,2011 @@
+//! `merge --model PATH`: merging per-task fine-tunes of a real pretrained
+//! LLaMA-family decoder, FusionBench-style.
+//!
+//! Phases:
+//! 1. **prepare** — read the base (Hugging Face folder or GGUF), the list of
+//!    fine-tunes (a `s2ft --model` run's `finetunes/manifest.json`, or
+//!    `--finetune TASK=PATH`), fuse each onto the base and check it against
+//!    the base (tensor names, shapes, vocabulary), draw every task's
+//!    validation, test and out-of-domain sets. Every check runs before the
+//!    report folder is created.
+//! 2. **baselines** — the base and each fine-tune scored on every task.
+//! 3. **merge** — per group of fine-tunes (one fine-tuning method), every
+//!    merge method; hyper-parameter grids scored on the validation split,
+//!    the best scored on test and OOD; the same merge written as a mergekit
+//!    YAML config, run through `merge::run`, and compared bit for bit.
+//! 4. **task vectors** — norms, stable and numerical ranks, cosines and
+//!    top-k subspace overlaps, against how each pair merges.
+//! 5. **report** — `metrics.json`, CSV, `report.md`, plots, the best merged
+//!    model of each group as a Hugging Face folder.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail, ensure};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use ndarray::{Array2, ArrayView2};
+use serde::Serialize;
+use serde_json::json;
+use weights::StateDict;
+
+use crate::llm::{EncodedSet, Prompter, score_set};
+use crate::plot::{Series, grouped_bar_chart, heatmap, line_chart};
+use crate::report::Run;
+use crate::studies::merging::MergeArgs;
+use crate::studies::s2ft_llm::EVAL_SEED;
+use crate::tasks::{InstructTask, Split, Stream, Words, examples};
+use merge::regmean::RegMeanOptions;
+use merge::subspace::SubspaceMethod;
+use merge::typed::{Merge, TaskVectorOptions, TaskVectorPreset};
+use s2ft_core::{Llama, LlamaConfig, Pretrained};
+
+/// The real-model options of `merge` (only with `--model`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct MergeLlmArgs {
+    /// The pretrained decoder the fine-tunes were tuned from (Hugging Face
+    /// folder or GGUF). Without it the study merges its character model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A `s2ft --model` report folder: merge the fine-tunes its
+    /// `finetunes/manifest.json` lists, grouped by fine-tuning method.
+    #[arg(long)]
+    pub finetunes: Option<PathBuf>,
+    /// One fine-tune, `TASK=PATH` (repeatable): a Hugging Face folder (group
+    /// `full`), a PEFT LoRA adapter (`lora`) or an S²FT adapter folder (`s2ft`).
+    #[arg(long = "finetune", value_name = "TASK=PATH")]
+    pub finetune: Vec<String>,
+    /// λ grid of the task-vector merges (task arithmetic, TIES, DARE, …;
+    /// default 0.3,0.5,0.7,1.0; quick 0.3,0.6,1.0).
+    #[arg(long, value_delimiter = ',')]
+    pub lambdas: Option<Vec<f64>>,
+    /// λ grid of the SVD merges TSV-M, Iso-C, Iso-CTS (default 0.5,1.0,1.5; quick 0.5,1.0).
+    #[arg(long, value_delimiter = ',')]
+    pub svd_lambdas: Option<Vec<f64>>,
+    /// Density grid of TIES, DARE, breadcrumbs, DELLA and SCE (default 0.2,0.5; quick 0.5).
+    #[arg(long, value_delimiter = ',')]
+    pub densities: Option<Vec<f64>>,
+    /// Merge methods (default: all that apply; quick: average, task_arithmetic, ties, dare_ties, model_stock, tsv_m, iso_c, regmean, lora_lego).
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Option<Vec<String>>,
+    /// Test and out-of-domain examples per task (default 100; quick 16).
+    #[arg(long)]
+    pub eval_examples: Option<usize>,
+    /// Validation examples per task, for the grids (default 32; quick 8).
+    #[arg(long)]
+    pub val_examples: Option<usize>,
+    /// Unlabelled training prompts per task for RegMean's Gram matrices (default 32; quick 8).
+    #[arg(long)]
+    pub regmean_prompts: Option<usize>,
+    /// Blocks whose task vectors get SVD statistics (default all; quick: first, middle, last).
+    #[arg(long, value_delimiter = ',')]
+    pub analysis_layers: Option<Vec<usize>>,
+    /// Keep the fused inputs and Gram matrices the YAML configs read (`inputs/`), so the configs stay runnable.
+    #[arg(long)]
+    pub keep_inputs: bool,
+}
+
+impl MergeLlmArgs {
+    /// Errors when a real-model option is given without `--model`.
+    pub fn refuse_without_model(&self) -> anyhow::Result<()> {
+        let given = [
+            ("--finetunes", self.finetunes.is_some()),
+            ("--finetune", !self.finetune.is_empty()),
+            ("--lambdas", self.lambdas.is_some()),
+            ("--svd-lambdas", self.svd_lambdas.is_some()),
+            ("--densities", self.densities.is_some()),
+            ("--methods", self.methods.is_some()),
+            ("--eval-examples", self.eval_examples.is_some()),
+            ("--val-examples", self.val_examples.is_some()),
+            ("--regmean-prompts", self.regmean_prompts.is_some()),
+            ("--analysis-layers", self.analysis_layers.is_some()),
+            ("--keep-inputs", self.keep_inputs),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            bail!("{flag} applies to a real model: give --model PATH");
+        }
+        Ok(())
+    }
+}
+
+/// Every merge method the study knows, in table order.
+pub const METHODS: [&str; 16] = [
+    "average",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "della",
+    "model_stock",
+    "sce",
+    "tsv_m",
+    "iso_c",
+    "iso_cts",
+    "regmean",
+    "lora_lego",
+    "rmm",
+    "wm_check",
+];
+
+const QUICK_METHODS: [&str; 9] = [
+    "average",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "model_stock",
+    "tsv_m",
+    "iso_c",
+    "regmean",
+    "lora_lego",
+];
+
+/// How a fine-tune is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A Hugging Face model folder (full fine-tune).
+    Hf,
+    /// A PEFT LoRA adapter.
+    Peft,
+    /// This toolkit's S²FT adapter.
+    S2ft,
+}
+
+impl Format {
+    /// Recognises a folder by its files.
+    pub fn detect(path: &Path) -> anyhow::Result<Format> {
+        ensure!(
+            path.is_dir(),
+            "fine-tune {}: not a folder (expected a Hugging Face model folder, a PEFT adapter or an S²FT adapter)",
+            path.display()
+        );
+        if path.join("adapter_config.json").is_file() {
+            let text = std::fs::read_to_string(path.join("adapter_config.json"))
+                .with_context(|| format!("fine-tune {}", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("fine-tune {}: adapter_config.json", path.display()))?;
+            return match v.get("peft_type").and_then(|t| t.as_str()) {
+                Some("LORA") => Ok(Format::Peft),
+                _ if v.get("adapter_type").and_then(|t| t.as_str()) == Some("s2ft") => {
+                    Ok(Format::S2ft)
+                }
+                other => bail!(
+                    "fine-tune {}: adapter_config.json has peft_type {other:?}; only LoRA adapters are merged",
+                    path.display()
+                ),
+            };
+        }
+        if path.join("config.json").is_file() {
+            return Ok(Format::Hf);
+        }
+        bail!(
+            "fine-tune {}: neither config.json (Hugging Face folder) nor adapter_config.json (adapter) is there",
+            path.display()
+        )
+    }
+
+    fn group(self) -> &'static str {
+        match self {
+            Format::Hf => "full",
+            Format::Peft => "lora",
+            Format::S2ft => "s2ft",
+        }
+    }
+}
+
+/// One fine-tune to merge.
+#[derive(Clone, Debug, Serialize)]
+pub struct Source {
+    /// Its task.
+    pub task: String,
+    /// The group it is merged in (its fine-tuning method: `full`, `lora r8`, …).
+    pub group: String,
+    /// Its format.
+    pub format: Format,
+    /// Where it is.
+    pub path: PathBuf,
+}
+
+/// The fine-tunes a `s2ft --model` run saved.
+pub fn read_manifest(run_dir: &Path) -> anyhow::Result<Vec<Source>> {
+    let path = run_dir.join("finetunes").join("manifest.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("--finetunes: reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("--finetunes: {}", path.display()))?;
+    let list = v
+        .as_array()
+        .with_context(|| format!("--finetunes: {} is not a list", path.display()))?;
+    list.iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let field = |k: &str| {
+                e.get(k).and_then(|x| x.as_str()).with_context(|| {
+                    format!(
+                        "--finetunes: {} entry {i} has no string '{k}'",
+                        path.display()
+                    )
+                })
+            };
+            let format = match field("format")? {
+                "hf" => Format::Hf,
+                "peft" => Format::Peft,
+                "s2ft" => Format::S2ft,
+                f => bail!(
+                    "--finetunes: {} entry {i}: unknown format '{f}'",
+                    path.display()
+                ),
+            };
+            Ok(Source {
+                task: field("task")?.to_string(),
+                group: field("method")?.to_string(),
+                format,
+                path: run_dir.join(field("path")?),
+            })
+        })
+        .collect()
+}
+
+/// Parses `--finetune TASK=PATH`.
+pub fn parse_finetune(arg: &str) -> anyhow::Result<Source> {
+    let (task, path) = arg
+        .split_once('=')
+        .with_context(|| format!("--finetune {arg}: expected TASK=PATH"))?;
+    let path = PathBuf::from(path);
+    let format = Format::detect(&path).with_context(|| format!("--finetune {arg}"))?;
+    Ok(Source {
+        task: task.to_string(),
+        group: format.group().to_string(),
+        format,
+        path,
+    })
+}
+
+/// Everything a run does, resolved from the options.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    /// The base model.
+    pub model: PathBuf,
+    /// The fine-tunes.
+    pub sources: Vec<Source>,
+    /// Every task of the fine-tunes, in order of appearance.
+    pub tasks: Vec<InstructTask>,
+    /// The groups, in order of appearance.
+    pub groups: Vec<String>,
+    /// Methods run (those that apply to a group).
+    pub methods: Vec<String>,
+    /// λ grid of the task-vector merges.
+    pub lambdas: Vec<f64>,
+    /// λ grid of the SVD merges.
+    pub svd_lambdas: Vec<f64>,
+    /// Density grid.
+    pub densities: Vec<f64>,
+    /// Test / OOD examples per task.
+    pub eval_examples: usize,
+    /// Validation examples per task.
+    pub val_examples: usize,
+    /// RegMean prompts per task.
+    pub regmean_prompts: usize,
+    /// Blocks with SVD statistics (`None`: all).
+    pub analysis_layers: Option<Vec<usize>>,
+    /// Seed of DARE's and DELLA's draws and of LoRA-LEGO's clustering.
+    pub seed: u64,
+    /// Prompts decoded together.
+    pub eval_batch: usize,
+    /// Top singular directions compared between task vectors.
+    pub overlap_k: usize,
+    /// RegMean's off-diagonal scale (FusionBench's `reduce_non_diagonal_ratio`).
+    pub regmean_alpha: f64,
+    /// Whether `inputs/` is kept.
+    pub keep_inputs: bool,
+    /// `--quick`.
+    pub quick: bool,
+}
+
+impl Plan {
+    /// Resolves and checks the options; reads only the manifest and folder listings.
+    pub fn new(args: &MergeArgs) -> anyhow::Result<Plan> {
+        let (lm, o) = (&args.lm, &args.llm);
+        let model = o.model.clone().context("--model is required here")?;
+        let d = MergeArgs::default();
+        let ignored = [
+            ("--tasks", args.tasks != d.tasks),
+            ("--rank", args.rank != d.rank),
+            ("--density", args.density != d.density),
+            ("--lambda", args.lambda != d.lambda),
+            ("--base", lm.base.is_some()),
+            ("--steps", lm.steps.is_some()),
+            ("--hidden", lm.hidden != d.lm.hidden),
+            ("--layers", lm.layers != d.lm.layers),
+        ];
+        if let Some((flag, _)) = ignored.iter().find(|(_, set)| *set) {
+            bail!(
+                "{flag} applies to the character-model study; with --model the fine-tunes come \
+                 from --finetunes/--finetune (grids: --lambdas, --svd-lambdas, --densities)"
+            );
+        }
+        let mut sources = match &o.finetunes {
+            Some(dir) => read_manifest(dir)?,
+            None => Vec::new(),
+        };
+        for f in &o.finetune {
+            sources.push(parse_finetune(f)?);
+        }
+        ensure!(
+            !sources.is_empty(),
+            "no fine-tunes: give --finetunes RUN_DIR (a `s2ft --model` report folder) or --finetune TASK=PATH"
+        );
+        let mut tasks: Vec<InstructTask> = Vec::new();
+        let mut groups: Vec<String> = Vec::new();
+        for s in &sources {
+            let t = InstructTask::parse_list(std::slice::from_ref(&s.task))
+                .with_context(|| format!("fine-tune {}", s.path.display()))?[0];
+            if !tasks.contains(&t) {
+                tasks.push(t);
+            }
+            if !groups.contains(&s.group) {
+                groups.push(s.group.clone());
+            }
+        }
+        for g in &groups {
+            let ts: Vec<&str> = sources
+                .iter()
+                .filter(|s| &s.group == g)
+                .map(|s| s.task.as_str())
+                .collect();
+            if let Some(t) = ts.iter().find(|t| ts.iter().filter(|u| u == t).count() > 1) {
+                bail!("group '{g}' has two fine-tunes of task '{t}': give one per task");
+            }
+            ensure!(
+                ts.len() >= 2,
+                "group '{g}' has one fine-tune ({}): merging needs two tasks or more",
+                ts[0]
+            );
+        }
+        let quick = lm.quick;
+        let methods: Vec<String> = match &o.methods {
+            Some(m) => m.clone(),
+            None if quick => QUICK_METHODS.iter().map(|s| s.to_string()).collect(),
+            None => METHODS.iter().map(|s| s.to_string()).collect(),
+        };
+        for m in &methods {
+            ensure!(
+                METHODS.contains(&m.as_str()),
+                "--methods: unknown method '{m}' (known: {})",
+                METHODS.join(", ")
+            );
+        }
+        let grid = |given: &Option<Vec<f64>>, full: &[f64], q: &[f64], flag: &str| {
+            let v = given
+                .clone()
+                .unwrap_or_else(|| if quick { q.to_vec() } else { full.to_vec() });
+            ensure!(!v.is_empty(), "{flag}: give at least one value");
+            ensure!(
+                v.iter().all(|x| x.is_finite() && *x > 0.0),
+                "{flag} {v:?}: values must be positive and finite"
+            );
+            Ok(v)
+        };
+        let densities = grid(&o.densities, &[0.2, 0.5], &[0.5], "--densities")?;
+        ensure!(
+            densities.iter().all(|d| *d <= 1.0),
+            "--densities {densities:?}: a density is a fraction in (0, 1]"
+        );
+        let pick =
+            |v: Option<usize>, full: usize, q: usize| v.unwrap_or(if quick { q } else { full });
+        let plan = Plan {
+            model,
+            sources,
+            tasks,
+            groups,
+            methods,
+            lambdas: grid(
+                &o.lambdas,
+                &[0.3, 0.5, 0.7, 1.0],
+                &[0.3, 0.6, 1.0],
+                "--lambdas",
+            )?,
+            svd_lambdas: grid(
+                &o.svd_lambdas,
+                &[0.5, 1.0, 1.5],
+                &[0.5, 1.0],
+                "--svd-lambdas",
+            )?,
+            densities,
+            eval_examples: pick(o.eval_examples, 100, 16),
+            val_examples: pick(o.val_examples, 32, 8),
+            regmean_prompts: pick(o.regmean_prompts, 32, 8),
+            analysis_layers: o.analysis_layers.clone(),
+            seed: lm.seed,
+            eval_batch: 32,
+            overlap_k: 8,
+            regmean_alpha: 0.95,
+            keep_inputs: o.keep_inputs,
+            quick,
+        };
+        ensure!(
+            plan.eval_examples > 0 && plan.val_examples > 0 && plan.regmean_prompts > 0,
+            "--eval-examples, --val-examples and --regmean-prompts must be positive"
+        );
+        Ok(plan)
+    }
+}
+
+/// A fine-tune, read and fused onto the base.
+struct Finetune {
+    source: Source,
+    task: InstructTask,
+    weights: StateDict,
+    lora: Option<merge::lora::LoraAdapter>,
+}
+
+/// Checks that `ft` has the base's tensors with the base's shapes.
+fn same_shapes(ft: &StateDict, base: &StateDict, what: &str) -> anyhow::Result<()> {
+    for (name, b) in base.iter() {
+        let t = ft.get(name).with_context(|| {
+            format!(
+                "{what}: tensor '{name}' of the base is missing: a fine-tune of a different base?"
+            )
+        })?;
+        ensure!(
+            t.shape() == b.shape(),
+            "{what}: tensor '{name}' has shape {:?}, the base {:?}: a fine-tune of a different base",
+            t.shape(),
+            b.shape()
+        );
+    }
+    if let Some(extra) = ft.keys().find(|n| !base.contains(n)) {
+        bail!(
+            "{what}: tensor '{extra}' is not in the base: a fine-tune of a different architecture"
+        );
+    }
+    Ok(())
+}
+
+fn load_finetune(base: &Pretrained, s: &Source) -> anyhow::Result<Finetune> {
+    let what = format!("fine-tune {} ({} on {})", s.path.display(), s.group, s.task);
+    let task = InstructTask::parse_list(std::slice::from_ref(&s.task)).context(what.clone())?[0];
+    let (weights, lora) = match s.format {
+        Format::Hf => {
+            let ft = Pretrained::load(&s.path).with_context(|| what.clone())?;
+            ensure!(
+                ft.config.vocab_size == base.config.vocab_size,
+                "{what}: vocabulary of {} tokens, the base has {}: a fine-tune of a different base",
+                ft.config.vocab_size,
+                base.config.vocab_size
+            );
+            (ft.weights, None)
+        }
+        Format::Peft => {
+            let a = merge::lora::LoraAdapter::load(&s.path).with_context(|| what.clone())?;
+            let fused = a
+                .fuse(&base.weights, 1.0)
+                .with_context(|| format!("{what}: the adapter does not fit the base model"))?;
+            (fused, Some(a))
+        }
+        Format::S2ft => {
+            let a = s2ft_core::adapter::S2ftAdapter::load(&s.path).with_context(|| what.clone())?;
+            let mut sd = base.weights.clone();
+            a.fuse(&mut sd)
+                .with_context(|| format!("{what}: the adapter does not fit the base model"))?;
+            (sd, None)
+        }
+    };
+    same_shapes(&weights, &base.weights, &what)?;
+    Ok(Finetune {
+        source: s.clone(),
+        task,
+        weights,
+        lora,
+    })
+}
+
+/// The evaluation sets of one task.
+struct TaskSets {
+    task: InstructTask,
+    validation: EncodedSet,
+    test: EncodedSet,
+    ood: EncodedSet,
+    /// Training prompts (no answers) for RegMean.
+    unlabelled: Vec<Vec<u32>>,
+}
+
+struct Prepared {
+    base: Pretrained,
+    finetunes: Vec<Finetune>,
+    sets: Vec<TaskSets>,
+}
+
+fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
+    let base = Pretrained::load(&plan.model)
+        .with_context(|| format!("--model {}", plan.model.display()))?;
+    let finetunes = plan
+        .sources
+        .iter()
+        .map(|s| load_finetune(&base, s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(ls) = &plan.analysis_layers {
+        let n = base.config.num_hidden_layers;
+        ensure!(
+            ls.iter().all(|l| *l < n),
+            "--analysis-layers {ls:?}: the model has blocks 0..{n}"
+        );
+    }
+    let words = Words::load(data_dir)?;
+    let prompter = Prompter::new(&base.tokenizer)?;
+    let context = base.config.max_position_embeddings.unwrap_or(usize::MAX);
+    let mut sets = Vec::new();
+    for &task in &plan.tasks {
+        let enc =
+            |split: Split, n: usize| prompter.encode(examples(task, split, n, &words, EVAL_SEED)?);
+        let ts = TaskSets {
+            task,
+            validation: enc(Split::Validation, plan.val_examples)?,
+            test: enc(Split::Test, plan.eval_examples)?,
+            ood: enc(Split::Ood, plan.eval_examples)?,
+            unlabelled: Stream::new(task, Split::Train, &words, plan.seed)
+                .take(plan.regmean_prompts)
+                .map(|ex| prompter.prompt(&ex))
+                .collect::<anyhow::Result<_>>()?,
+        };
+        for s in [&ts.validation, &ts.test, &ts.ood] {
+            ensure!(
+                s.max_len() + 4 <= context,
+                "task {}: a prompt with its answer takes {} tokens, more than the model's context of {context}",
+                task.name(),
+                s.max_len() + 4
+            );
+        }
+        sets.push(ts);
+    }
+    Ok(Prepared {
+        base,
+        finetunes,
+        sets,
+    })
+}
+
+/// Accuracy per task, and the mean.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Accs {
+    /// Exact-match accuracy per task.
+    pub tasks: BTreeMap<String, f64>,
+    /// Teacher-forced answer loss per task.
+    pub loss: BTreeMap<String, f64>,
+    /// The first few (task, prompt, reference, greedy answer) of each task.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<(String, String, String, String)>,
+}
+
+impl Accs {
+    /// Mean accuracy over the tasks.
+    pub fn mean(&self) -> f64 {
+        mean(self.tasks.values().copied())
+    }
+    fn mean_loss(&self) -> f64 {
+        mean(self.loss.values().copied())
+    }
+}
+
+fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
+    let (s, n) = v
+        .into_iter()
+        .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 { f64::NAN } else { s / n as f64 }
+}
+
+/// Normalised accuracy (FusionBench's convention): per task, the merged
+/// model's accuracy ÷ the individual fine-tune's on its own task, and the
+/// mean over the tasks where it is defined (an individual accuracy of 0
+/// leaves the task out).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Normalised {
+    /// Per task (`None` where the individual scored 0).
+    pub tasks: BTreeMap<String, Option<f64>>,
+    /// Mean over the defined tasks.
+    pub mean: Option<f64>,
+}
+
+/// [`Normalised`] of `merged` against `individual`, over `individual`'s tasks.
+pub fn normalised(
+    merged: &BTreeMap<String, f64>,
+    individual: &BTreeMap<String, f64>,
+) -> Normalised {
+    let tasks: BTreeMap<String, Option<f64>> = individual
+        .iter()
+        .map(|(t, ind)| {
+            let m = merged.get(t).copied().unwrap_or(f64::NAN);
+            (t.clone(), (*ind > 0.0 && m.is_finite()).then(|| m / ind))
+        })
+        .collect();
+    let defined: Vec<f64> = tasks.values().flatten().copied().collect();
+    Normalised {
+        mean: (!defined.is_empty()).then(|| mean(defined.iter().copied())),
+        tasks,
+    }
+}
+
+/// One grid point of a method.
+#[derive(Clone, Debug, Serialize)]
+pub struct GridPoint {
+    /// Its hyper-parameters.
+    pub hyper: BTreeMap<String, f64>,
+    /// Mean validation accuracy (null for a grid of one point: nothing to choose).
+    pub val_acc: Option<f64>,
+    /// Mean validation answer loss.
+    pub val_loss: Option<f64>,
+}
+
+/// A method's row of the table (one group).
+#[derive(Clone, Debug, Serialize)]
+pub struct MergeRow {
+    /// The group (fine-tuning method).
+    pub group: String,
+    /// The merge method.
+    pub method: String,
+    /// Hyper-parameters chosen.
+    pub hyper: BTreeMap<String, f64>,
+    /// The grid scored.
+    pub grid: Vec<GridPoint>,
+    /// In-domain test accuracy per task.
+    pub test: Accs,
+    /// Out-of-domain accuracy per task.
+    pub ood: Accs,
+    /// Normalised in-domain accuracy.
+    pub normalised: Normalised,
+    /// Normalised OOD accuracy.
+    pub normalised_ood: Normalised,
+    /// Wall seconds of the chosen merge.
+    pub merge_seconds: f64,
+    /// Peak heap growth of the chosen merge (MB), where the binary counts it.
+    pub peak_mb: Option<f64>,
+    /// The mergekit YAML written for it (relative to the report folder).
+    pub yaml: Option<String>,
+    /// Whether running that YAML gave the same tensors, bit for bit.
+    pub yaml_identical: Option<bool>,
+    /// What else to know.
+    pub note: Option<String>,
+}
+
+/// A candidate merge: a typed method, or one of the study's own.
+#[derive(Clone, Debug)]
+enum Candidate {
+    Typed(Merge),
+    RegMean,
+    LoraLego,
+    Rmm,
+    WmCheck,
+}
+
+fn tv(preset: TaskVectorPreset, lambda: f64, density: Option<f64>) -> Merge {
+    Merge::TaskVectors(
+        preset,
+        TaskVectorOptions {
+            weights: vec![1.0],
+            densities: density.map(|d| vec![d]).unwrap_or_default(),
+            lambda,
+            // FusionBench's convention: the (sparsified, elected) task vectors
+            // are summed and scaled by λ, so one λ grid serves every method.
+            normalize: Some(false),
+            ..Default::default()
+        },
+    )
+}
+
+/// The grid of `method` (hyper-parameters and candidate), or none when it
+/// does not apply to `group`.
+fn grid(plan: &Plan, method: &str, lora_group: bool) -> Vec<(BTreeMap<String, f64>, Candidate)> {
+    let h = |kv: &[(&str, f64)]| -> BTreeMap<String, f64> {
+        kv.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    };
+    let mut out = Vec::new();
+    let sparse = |preset: TaskVectorPreset, out: &mut Vec<_>| {
+        for &l in &plan.lambdas {
+            for &d in &plan.densities {
+                out.push((
+                    h(&[("lambda", l), ("density", d)]),
+                    Candidate::Typed(tv(preset, l, Some(d))),
+                ));
+            }
+        }
+    };
+    match method {
+        "average" => out.push((
+            h(&[]),
+            Candidate::Typed(Merge::Linear {
+                weights: vec![1.0],
+                normalize: true,
+            }),
+        )),
+        "task_arithmetic" => {
+            for &l in &plan.lambdas {
+                out.push((
+                    h(&[("lambda", l)]),
+                    Candidate::Typed(tv(TaskVectorPreset::TaskArithmetic, l, None)),
+                ));
+            }
+        }
+        "ties" => sparse(TaskVectorPreset::Ties, &mut out),
+        "dare_ties" => sparse(TaskVectorPreset::DareTies, &mut out),
+        "dare_linear" => sparse(TaskVectorPreset::DareLinear, &mut out),
+        "breadcrumbs" => sparse(TaskVectorPreset::Breadcrumbs, &mut out),
+        "della" => sparse(TaskVectorPreset::Della, &mut out),
+        "model_stock" => out.push((
+            h(&[]),
+            Candidate::Typed(Merge::ModelStock { filter_wise: false }),
+        )),
+        "sce" => {
+            for &d in &plan.densities {
+                out.push((
+                    h(&[("select_topk", d)]),
+                    Candidate::Typed(Merge::Sce { select_topk: d }),
+                ));
+            }
+        }
+        "tsv_m" | "iso_c" | "iso_cts" => {
+            let m = match method {
+                "tsv_m" => SubspaceMethod::TsvM { rank: None },
+                "iso_c" => SubspaceMethod::IsoC,
+                _ => SubspaceMethod::IsoCts {
+                    common_space_fraction: 0.8,
+                },
+            };
+            for &l in &plan.svd_lambdas {
+                out.push((
+                    h(&[("lambda", l)]),
+                    Candidate::Typed(Merge::Subspace {
+                        method: m,
+                        lambda: l,
+                    }),
+                ));
+            }
+        }
+        "regmean" => out.push((h(&[("alpha", plan.regmean_alpha)]), Candidate::RegMean)),
+        "lora_lego" if lora_group => out.push((h(&[]), Candidate::LoraLego)),
+        "rmm" => out.push((h(&[]), Candidate::Rmm)),
+        "wm_check" => out.push((h(&[]), Candidate::WmCheck)),
+        _ => {}
+    }
+    out
+}
+
+/// Scores `sd` on `split` of every task.
+struct Scorer<'a, B: Backend> {
+    config: &'a LlamaConfig,
+    prompter: Prompter<'a>,
+    sets: &'a [TaskSets],
+    batch: usize,
+    device: B::Device,
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Validation,
+    Test,
+    Ood,
+}
+
+impl<B: Backend> Scorer<'_, B> {
+    fn model(&self, sd: &StateDict) -> anyhow::Result<Llama<B>> {
+        Ok(Llama::<B>::from_state_dict(
+            self.config,
+            sd,
+            false,
+            &self.device,
+        )?)
+    }
+
+    fn score(
+        &self,
+        m: &Llama<B>,
+        which: Which,
+        only: Option<&[InstructTask]>,
+    ) -> anyhow::Result<Accs> {
+        let mut a = Accs::default();
+        for ts in self
+            .sets
+            .iter()
+            .filter(|s| only.is_none_or(|o| o.contains(&s.task)))
+        {
+            let set = match which {
+                Which::Validation => &ts.validation,
+                Which::Test => &ts.test,
+                Which::Ood => &ts.ood,
+            };
+            let s = score_set(m, set, &self.prompter, self.batch)?;
+            a.tasks.insert(ts.task.name().into(), s.acc);
+            a.loss.insert(ts.task.name().into(), s.answer_loss);
+            if matches!(which, Which::Test) {
+                a.samples.extend(
+                    s.samples
+                        .into_iter()
+                        .map(|(p, r, g)| (ts.task.name().to_string(), p, r, g)),
+                );
+            }
+        }
+        Ok(a)
+    }
+}
+
+/// Runs the real-model merge study; returns the report folder.
+pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
+    let plan = Plan::new(args)?;
+    let data_dir = args
+        .lm
+        .data_dir
+        .clone()
+        .unwrap_or_else(crate::lm::default_text_dir);
+    let prep = prepare(&plan, &data_dir)?;
+    let run = args.lm.run.open("merge")?;
+    let dev = run.device;
+    crate::device::on_device!(dev, run_on(&plan, prep, run, &Default::default()))
+}
+
+/// One group's fine-tunes.
+struct Group<'a> {
+    name: String,
+    members: Vec<&'a Finetune>,
+}
+
+impl Group<'_> {
+    fn tasks(&self) -> Vec<InstructTask> {
+        self.members.iter().map(|f| f.task).collect()
+    }
+    fn weights(&self) -> Vec<StateDict> {
+        self.members.iter().map(|f| f.weights.clone()).collect()
+    }
+    fn file_name(&self) -> String {
+        self.name.replace(' ', "-")
+    }
+}
+
+fn run_on<B: AutodiffBackend>(
+    plan: &Plan,
+    prep: Prepared,
+    mut run: Run,
+    device: &B::Device,
+) -> anyhow::Result<PathBuf> {
+    let c = prep.base.config.clone();
+    let scorer = Scorer::<B::InnerBackend> {
+        config: &c,
+        prompter: Prompter::new(&prep.base.tokenizer)?,
+        sets: &prep.sets,
+        batch: plan.eval_batch,
+        device: device.clone(),
+    };
+    let groups: Vec<Group> = plan
+        .groups
+        .iter()
+        .map(|g| Group {
+            name: g.clone(),
+            members: prep
+                .finetunes
+                .iter()
+                .filter(|f| &f.source.group == g)
+                .collect(),
+        })
+        .collect();
+    let bar = run.progress((groups.len() * plan.methods.len()) as u64);
+
+    // Baselines: the base and every fine-tune on every task.
+    bar.set_message("scoring the base and the fine-tunes");
+    let base_scores = run.phase("score base", || -> anyhow::Result<(Accs, Accs)> {
+        let m = scorer.model(&prep.base.weights)?;
+        Ok((
+            scorer.score(&m, Which::Test, None)?,
+            scorer.score(&m, Which::Ood, None)?,
+        ))
+    })?;
+    let mut individual: Vec<serde_json::Value> = Vec::new();
+    // Per group: the fine-tune of each task on its own task (test, OOD).
+    let mut own: BTreeMap<String, (BTreeMap<String, f64>, BTreeMap<String, f64>)> = BTreeMap::new();
+    for f in &prep.finetunes {
+        let (g, t) = (&f.source.group, f.task.name());
+        let (test, ood) = run.phase(
+            &format!("score {g} {t}"),
+            || -> anyhow::Result<(Accs, Accs)> {
+                let m = scorer.model(&f.weights)?;
+                Ok((
+                    scorer.score(&m, Which::Test, None)?,
+                    scorer.score(&m, Which::Ood, None)?,
+                ))
+            },
+        )?;
+        let e = own.entry(g.clone()).or_default();
+        e.0.insert(t.into(), test.tasks[t]);
+        e.1.insert(t.into(), ood.tasks[t]);
+        individual.push(json!({"group": g, "task": t, "format": f.source.format, "path": f.source.path, "test": test, "ood": ood}));
+    }
+    let partial = |run: &Run, rows: &[MergeRow]| {
+        run.partial(&json!({"plan": plan, "base": {"test": base_scores.0, "ood": base_scores.1}, "individual": individual, "merges": rows}))
+    };
+    partial(&run, &[])?;
+
+    // Inputs the YAML configs read: the base as HF-named safetensors unless
+    // it is a Hugging Face folder, fused adapters, Gram matrices.
+    let inputs = run.dir.join("inputs");
+    let base_path = if plan.model.is_dir() {
+        plan.model.clone()
+    } else {
+        let p = inputs.join("base.safetensors");
+        std::fs::create_dir_all(&inputs)?;
+        prep.base.weights.save_safetensors(&p)?;
+        p
+    };
+    let config_dir = run.dir.join("configs");
+    std::fs::create_dir_all(&config_dir)?;
+
+    let mut rows: Vec<MergeRow> = Vec::new();
+    let mut analyses = Vec::new();
+    let mut best_models = Vec::new();
+    for g in &groups {
+        let tasks = g.tasks();
+        let sds = g.weights();
+        let (ind_test, ind_ood) = own[&g.name].clone();
+        // Input paths for the YAML configs.
+        let model_paths: Vec<PathBuf> = g
+            .members
+            .iter()
+            .map(|f| -> anyhow::Result<PathBuf> {
+                Ok(match f.source.format {
+                    Format::Hf => f.source.path.clone(),
+                    _ => {
+                        let p = inputs
+                            .join(g.file_name())
+                            .join(format!("{}.safetensors", f.task.name()));
+                        std::fs::create_dir_all(p.parent().expect("folder"))?;
+                        f.weights.save_safetensors(&p)?;
+                        p
+                    }
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let mut grams: Option<Vec<PathBuf>> = None;
+        let mut best: Option<(f64, StateDict, String)> = None;
+        for method in &plan.methods {
+            bar.inc(1);
+            let cands = grid(plan, method, g.members.iter().all(|f| f.lora.is_some()));
+            if cands.is_empty() {
+                continue;
+            }
+            bar.set_message(format!("{} {method}", g.name));
+            if matches!(cands[0].1, Candidate::RegMean) && grams.is_none() {
+                grams = Some(run.phase(&format!("{} grams", g.name), || {
+                    write_grams::<B::InnerBackend>(&scorer, g, &prep.sets, &inputs)
+                })?);
+            }
+            let build =
+                |cand: &Candidate| -> anyhow::Result<(StateDict, Option<Merge>, Option<String>)> {
+                    match cand {
+                        Candidate::Typed(m) => Ok((
+                            m.merge(Some(&prep.base.weights), &sds, plan.seed)?,
+                            Some(m.clone()),
+                            None,
+                        )),
+                        Candidate::RegMean => {
+                            let m = Merge::RegMean {
+                                grams: grams.clone().expect("grams written"),
+                                options: RegMeanOptions {
+                                    alpha: plan.regmean_alpha,
+                                    ridge: 1e-6,
+                                },
+                            };
+                            Ok((
+                                m.merge(Some(&prep.base.weights), &sds, plan.seed)?,
+                                Some(m),
+                                None,
+                            ))
+                        }
+                        Candidate::LoraLego => {
+                            let adapters: Vec<_> = g
+                                .members
+                                .iter()
+                                .map(|f| f.lora.clone().expect("lora group"))
+                                .collect();
+                            let r = adapters[0].config.r;
+                            let lego = merge::lora::lora_lego(&adapters, r, plan.seed, true)?;
+                            Ok((
+                                lego.fuse(&prep.base.weights, 1.0)?,
+                                None,
+                                Some(format!("merged rank {r}")),
+                            ))
+                        }
+                        Candidate::Rmm => bail!("rmm is scored per task"),
+                        Candidate::WmCheck => bail!("wm_check is no merge"),
+                    }
+                };
+            // RMM (one store, each task rebuilt) and the permutation check
+            // are not one merged model: their own rows.
+            if matches!(cands[0].1, Candidate::Rmm) {
+                let row = run.phase(&format!("{} rmm", g.name), || {
+                    rmm_row(&scorer, &prep.base.weights, g, &ind_test, &ind_ood)
+                })?;
+                rows.push(row);
+                partial(&run, &rows)?;
+                continue;
+            }
+            if matches!(cands[0].1, Candidate::WmCheck) {
+                let row = run.phase(&format!("{} wm", g.name), || {
+                    wm_row(&c, &prep.base.weights, g, plan.seed)
+                })?;
+                rows.push(row);
+                partial(&run, &rows)?;
+                continue;
+            }
+            // The grid on the validation split (a grid of one is not
+            // scored); the chosen point's merge is kept, with its time and
+            // peak heap growth.
+            let timed = |cand: &Candidate| {
+                let before = crate::alloc::reset_peak();
+                let t0 = Instant::now();
+                let out = build(cand)?;
+                let peak = crate::alloc::installed()
+                    .then(|| crate::alloc::peak().saturating_sub(before) as f64 / 1e6);
+                anyhow::Ok((out, t0.elapsed().as_secs_f64(), peak))
+            };
+            let mut points = Vec::new();
+            let mut kept = None;
+            let mut best_key = (f64::NEG_INFINITY, f64::INFINITY);
+            for (k, (hyper, cand)) in cands.iter().enumerate() {
+                let built = run.phase(&format!("{} {method} {hyper:?}", g.name), || timed(cand))?;
+                if cands.len() == 1 {
+                    points.push(GridPoint {
+                        hyper: hyper.clone(),
+                        val_acc: None,
+                        val_loss: None,
+                    });
+                    kept = Some((k, built));
+                    break;
+                }
+                let v =
+                    scorer.score(&scorer.model(&built.0.0)?, Which::Validation, Some(&tasks))?;
+                let key = (v.mean(), v.mean_loss());
+                points.push(GridPoint {
+                    hyper: hyper.clone(),
+                    val_acc: Some(key.0),
+                    val_loss: Some(key.1),
+                });
+                if key.0 > best_key.0 || (key.0 == best_key.0 && key.1 < best_key.1) {
+                    best_key = key;
+                    kept = Some((k, built));
+                }
+            }
+            let (chosen, ((sd, typed, note), merge_seconds, peak_mb)) =
+                kept.expect("a grid of at least one point");
+            let hyper = &cands[chosen].0;
+            let m = scorer.model(&sd)?;
+            let test = scorer.score(&m, Which::Test, Some(&tasks))?;
+            let ood = scorer.score(&m, Which::Ood, Some(&tasks))?;
+            drop(m);
+            // The same merge from a mergekit YAML config.
+            let (yaml, yaml_identical) = match &typed {
+                Some(t) => {
+                    let (rel, same) = run.phase(&format!("{} {method} yaml", g.name), || {
+                        yaml_check(
+                            t,
+                            &sd,
+                            &base_path,
+                            &model_paths,
+                            &config_dir,
+                            &g.file_name(),
+                            method,
+                            plan.seed,
+                        )
+                    })?;
+                    (Some(rel), Some(same))
+                }
+                None => (None, None),
+            };
+            let row = MergeRow {
+                group: g.name.clone(),
+                method: method.clone(),
+                hyper: hyper.clone(),
+                grid: points,
+                normalised: normalised(&test.tasks, &ind_test),
+                normalised_ood: normalised(&ood.tasks, &ind_ood),
+                test,
+                ood,
+                merge_seconds,
+                peak_mb,
+                yaml,
+                yaml_identical,
+                note,
+            };
+            let score = row.normalised.mean.unwrap_or(f64::NEG_INFINITY);
+            if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
+                best = Some((score, sd, method.clone()));
+            }
+            rows.push(row);
+            partial(&run, &rows)?;
+        }
+        // Task vectors, and how each pair of tasks merges.
+        let ta_lambda = rows
+            .iter()
+            .find(|r| r.group == g.name && r.method == "task_arithmetic")
+            .and_then(|r| r.hyper.get("lambda").copied())
+            .unwrap_or(plan.lambdas[0]);
+        let analysis = run.phase(&format!("{} task vectors", g.name), || {
+            task_vectors(plan, &scorer, &prep.base.weights, g, ta_lambda, &ind_test)
+        })?;
+        analyses.push(analysis);
+        if let Some((_, mut sd, method)) = best {
+            let rel = format!("best/{}", g.file_name());
+            let dir = run.dir.join(&rel);
+            run.phase(&format!("{} save best", g.name), || {
+                s2ft_core::pretrained::save_hf_folder(
+                    &dir,
+                    &c,
+                    &mut sd,
+                    &prep.base.tokenizer,
+                    weights::DEFAULT_SHARD_BYTES,
+                )
+            })?;
+            best_models.push(json!({"group": g.name, "method": method, "path": rel}));
+        }
+    }
+    bar.finish_and_clear();
+    if !plan.keep_inputs {
+        let _ = std::fs::remove_dir_all(&inputs);
+    }
+
+    run.write("merges.csv", merges_csv(&rows).as_bytes())?;
+    plots(&run, plan, &groups, &rows, &analyses)?;
+    let md = report(
+        plan,
+        &c,
+        &prep,
+        &base_scores,
+        &own,
+        &rows,
+        &analyses,
+        &best_models,
+    );
+    let metrics = json!({
+        "model": plan.model,
+        "config": c,
+        "plan": plan,
+        "base": {"test": base_scores.0, "ood": base_scores.1},
+        "individual": individual,
+        "merges": rows,
+        "task_vectors": analyses,
+        "best": best_models,
+        "memory_measured": crate::alloc::installed(),
+    });
+    run.finish(metrics, &md)?;
+    Ok(run.dir.clone())
+}
+
+/// The Gram matrices of every fine-tune on its own task's unlabelled
+/// prompts, one file per fine-tune; returns their paths.
+fn write_grams<B: Backend>(
+    scorer: &Scorer<'_, B>,
+    g: &Group<'_>,
+    sets: &[TaskSets],
+    inputs: &Path,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let dir = inputs.join("grams").join(g.file_name());
+    std::fs::create_dir_all(&dir)?;
+    g.members
+        .iter()
+        .map(|f| {
+            let prompts = &sets
+                .iter()
+                .find(|s| s.task == f.task)
+                .expect("task set")
+                .unlabelled;
+            let grams = scorer.model(&f.weights)?.input_grams(prompts);
+            let p = dir.join(format!("{}.safetensors", f.task.name()));
+            grams.save_safetensors(&p)?;
+            Ok(p)
+        })
+        .collect()
+}
+
+/// A path to `target` from the folder `from`, both made absolute.
+fn relative(target: &Path, from: &Path) -> PathBuf {
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (t, f) = (abs(target), abs(from));
+    let tc: Vec<_> = t.components().collect();
+    let fc: Vec<_> = f.components().collect();
+    let common = tc.iter().zip(&fc).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..fc.len() {
+        out.push("..");
+    }
+    for c in &tc[common..] {
+        out.push(c);
+    }
+    out
+}
+
+/// Writes `merge`'s YAML config (inputs relative to the config), runs it
+/// through `merge::run`, compares the result with `merged` bit for bit and
+/// removes the output. Returns the config's path relative to the report
+/// folder and whether the tensors were identical.
+#[allow(clippy::too_many_arguments)]
+fn yaml_check(
+    merge: &Merge,
+    merged: &StateDict,
+    base: &Path,
+    models: &[PathBuf],
+    config_dir: &Path,
+    group: &str,
+    method: &str,
+    seed: u64,
+) -> anyhow::Result<(String, bool)> {
+    // RegMean's Gram files are parameters: relative to the config too.
+    let merge = match merge {
+        Merge::RegMean { grams, options } => Merge::RegMean {
+            grams: grams.iter().map(|p| relative(p, config_dir)).collect(),
+            options: *options,
+        },
+        m => m.clone(),
+    };
+    let rel = |p: &Path| relative(p, config_dir).to_string_lossy().into_owned();
+    let names: Vec<String> = models.iter().map(|p| rel(p)).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let text = merge.to_yaml(Some(&rel(base)), &refs)?;
+    let name = format!("{group}_{method}.yml");
+    let path = config_dir.join(&name);
+    weights::atomic::write_atomic(&path, text.as_bytes())?;
+    let out = config_dir.join(format!(".{group}_{method}.out"));
+    let _ = std::fs::remove_dir_all(&out);
+    let opts = merge::run::RunOptions {
+        seed,
+        ..Default::default()
+    };
+    merge::run::run_file(&path, &out, &opts)
+        .with_context(|| format!("running {}", path.display()))?;
+    let back = StateDict::load(&out)?;
+    std::fs::remove_dir_all(&out)?;
+    let same = back.len() == merged.len()
+        && merged.iter().all(|(n, t)| {
+            back.get(n).is_some_and(|b| {
+                b.shape() == t.shape()
+                    && b.data
+                        .iter()
+                        .zip(t.data.iter())
+                        .all(|(x, y)| x.to_bits() == y.to_bits())
+            })
+        });
+    Ok((format!("configs/{name}"), same))
+}
+
+/// `θ − base` of every 2-D weight.
+fn task_vector(ft: &StateDict, base: &StateDict) -> Vec<(String, Array2<f32>)> {
+    base.iter()
+        .filter(|(_, t)| t.shape().len() == 2)
+        .filter_map(|(name, b)| {
+            let f = ft.get(name)?;
+            let d = (&f.data - &b.data)
+                .into_dimensionality::<ndarray::Ix2>()
+                .ok()?;
+            Some((name.to_string(), d))
+        })
+        .collect()
+}
+
+/// Reversible Model Merging: one shared store of rank `max(1, n − 2)`, each
+/// task's weights rebuilt and scored on that task only.
+fn rmm_row<B: Backend>(
+    scorer: &Scorer<'_, B>,
+    base: &StateDict,
+    g: &Group<'_>,
+    ind_test: &BTreeMap<String, f64>,
+    ind_ood: &BTreeMap<String, f64>,
+) -> anyhow::Result<MergeRow> {
+    let tvs: Vec<indexmap::IndexMap<String, Array2<f32>>> = g
+        .members
+        .iter()
+        .map(|f| task_vector(&f.weights, base).into_iter().collect())
+        .collect();
+    let n = tvs.len();
+    let p = n.saturating_sub(2).max(1);
+    let t0 = Instant::now();
+    let rmm = merge::lora::rmm_fit(&tvs, p)?;
+    let merge_seconds = t0.elapsed().as_secs_f64();
+    let (mut test, mut ood) = (Accs::default(), Accs::default());
+    for (k, f) in g.members.iter().enumerate() {
+        let mut sd = base.clone();
+        for (name, d) in rmm.reconstruct(k)? {
+            if let Some(t) = sd.get_mut(&name) {
+                t.data += &d.view().into_dyn();
+            }
+        }
+        let m = scorer.model(&sd)?;
+        let only = [f.task];
+        let (a, b) = (
+            scorer.score(&m, Which::Test, Some(&only))?,
+            scorer.score(&m, Which::Ood, Some(&only))?,
+        );
+        test.tasks.extend(a.tasks);
+        test.loss.extend(a.loss);
+        ood.tasks.extend(b.tasks);
+        ood.loss.extend(b.loss);
+    }
+    Ok(MergeRow {
+        group: g.name.clone(),
+        method: "rmm".into(),
+        hyper: [("rank".to_string(), p as f64)].into_iter().collect(),
+        grid: Vec::new(),
+        normalised: normalised(&test.tasks, ind_test),
+        normalised_ood: normalised(&ood.tasks, ind_ood),
+        test,
+        ood,
+        merge_seconds,
+        peak_mb: None,
+        yaml: None,
+        yaml_identical: None,
+        note: Some(format!(
+            "one store of rank {p} ({:.2}× one model's task vectors); each task scored with its own rebuilt weights, so not one merged model",
+            rmm.storage_ratio()
+        )),
+    })
+}
+
+/// Weight matching of each fine-tune to the base: for fine-tunes of one
+/// base it should find the identity (the fraction of units left in place).
+fn wm_row(c: &LlamaConfig, base: &StateDict, g: &Group<'_>, seed: u64) -> anyhow::Result<MergeRow> {
+    let dims = permute::builders::TransformerDims {
+        layers: c.num_hidden_layers,
+        hidden: c.hidden_size,
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        ffn: c.intermediate_size,
+    };
+    let spec = permute::builders::llama(dims, base)?;
+    let t0 = Instant::now();
+    let mut fractions = BTreeMap::new();
+    for f in &g.members {
+        let r = permute::weight_matching(
+            &spec,
+            base,
+            &f.weights,
+            &permute::MatchOptions {
+                seed,
+                ..Default::default()
+            },
+        )?;
+        let (mut fixed, mut units) = (0usize, 0usize);
+        for p in r.perm.values() {
+            fixed += p.outer.iter().enumerate().filter(|(i, j)| i == *j).count();
+            units += p.outer.len();
+        }
+        fractions.insert(
+            f.task.name().to_string(),
+            fixed as f64 / units.max(1) as f64,
+        );
+    }
+    let min = fractions.values().copied().fold(1.0, f64::min);
+    Ok(MergeRow {
+        group: g.name.clone(),
+        method: "wm_check".into(),
+        hyper: BTreeMap::new(),
+        grid: Vec::new(),
+        test: Accs::default(),
+        ood: Accs::default(),
+        normalised: normalised(&BTreeMap::new(), &BTreeMap::new()),
+        normalised_ood: normalised(&BTreeMap::new(), &BTreeMap::new()),
+        merge_seconds: t0.elapsed().as_secs_f64(),
+        peak_mb: None,
+        yaml: None,
+        yaml_identical: None,
+        note: Some(format!(
+            "weight matching to the base leaves {:.4} of the units in place (lowest over tasks; per task {fractions:?}): {}",
+            min,
+            if min == 1.0 {
+                "the identity, so permutation-aware merging is the plain merge"
+            } else {
+                "not the identity"
+            }
+        )),
+    })
+}
+
+/// Task-vector statistics of one weight of one task.
+#[derive(Clone, Debug, Serialize)]
+pub struct WeightStats {
+    /// Task.
+    pub task: String,
+    /// Weight.
+    pub weight: String,
+    /// Frobenius norm.
+    pub norm: f64,
+    /// `‖Δ‖²_F / σ₁²`.
+    pub stable_rank: f64,
+    /// Singular values above `1e-3 σ₁`.
+    pub numerical_rank: usize,
+}
+
+/// One pair of tasks of a group.
+#[derive(Clone, Debug, Serialize)]
+pub struct PairStats {
+    /// The two tasks.
+    pub a: String,
+    /// Second task.
+    pub b: String,
+    /// Cosine of the whole task vectors.
+    pub cosine: f64,
+    /// Mean top-k subspace overlap over the analysed weights.
+    pub overlap: f64,
+    /// Normalised accuracy of the pair merged alone by task arithmetic (λ of the group's choice).
+    pub pair_normalised: Option<f64>,
+}
+
+/// A group's task-vector analysis.
+#[derive(Clone, Debug, Serialize)]
+pub struct Analysis {
+    /// The group.
+    pub group: String,
+    /// Tasks, in matrix order.
+    pub tasks: Vec<String>,
+    /// Whole task-vector norm per task.
+    pub norms: Vec<f64>,
+    /// Mean stable rank per task (analysed weights).
+    pub mean_stable_rank: Vec<f64>,
+    /// Mean numerical rank per task (analysed weights).
+    pub mean_numerical_rank: Vec<f64>,
+    /// Cosine matrix.
+    pub cosines: Vec<Vec<f64>>,
+    /// Overlap matrix (1 on the diagonal).
+    pub overlaps: Vec<Vec<f64>>,
+    /// Pairs.
+    pub pairs: Vec<PairStats>,
+    /// Pearson correlation of overlap and pair normalised accuracy, over the pairs (3 pairs or more).
+    pub overlap_vs_pair_accuracy: Option<f64>,
+    /// λ of the pair merges.
+    pub pair_lambda: f64,
+    /// Per weight and task.
+    pub weights: Vec<WeightStats>,
+}
+
+/// Pearson correlation, `None` under 3 points or zero variance.
+pub fn pearson(x: &[f64], y: &[f64]) -> Option<f64> {
+    if x.len() < 3 || x.len() != y.len() {
+        return None;
+    }
+    let (mx, my) = (mean(x.iter().copied()), mean(y.iter().copied()));
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx).powi(2);
+        syy += (b - my).powi(2);
+    }
+    (sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
+}
+
+fn task_vectors<B: Backend>(
+    plan: &Plan,
+    scorer: &Scorer<'_, B>,
+    base: &StateDict,
+    g: &Group<'_>,
+    pair_lambda: f64,
+    ind_test: &BTreeMap<String, f64>,
+) -> anyhow::Result<Analysis> {
+    let n = g.members.len();
+    let layers = scorer.config.num_hidden_layers;
+    let analysed: Vec<usize> = match &plan.analysis_layers {
+        Some(l) => l.clone(),
+        None if plan.quick => {
+            let mut v = vec![0, layers / 2, layers - 1];
+            v.dedup();
+            v
+        }
+        None => (0..layers).collect(),
+    };
+    let in_analysis =
+        |name: &str| merge::run::layer_of(name).is_some_and(|(l, _)| analysed.contains(&l));
+    let tvs: Vec<Vec<(String, Array2<f32>)>> = g
+        .members
+        .iter()
+        .map(|f| task_vector(&f.weights, base))
+        .collect();
+    let dot = |a: &[(String, Array2<f32>)], b: &[(String, Array2<f32>)]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|((_, x), (_, y))| {
+                x.iter()
+                    .zip(y)
+                    .map(|(p, q)| *p as f64 * *q as f64)
+                    .sum::<f64>()
+            })
+            .sum()
+    };
+    let norms: Vec<f64> = tvs.iter().map(|t| dot(t, t).sqrt()).collect();
+    let mut cosines = vec![vec![1.0; n]; n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let c = dot(&tvs[i], &tvs[j]) / (norms[i] * norms[j]).max(1e-30);
+            cosines[i][j] = c;
+            cosines[j][i] = c;
+        }
+    }
+    // SVDs of the analysed weights.
+    let mut weights = Vec::new();
+    let mut svds: Vec<Vec<Option<spectra::linalg::Svd<f64>>>> = vec![Vec::new(); n];
+    for (k, tv) in tvs.iter().enumerate() {
+        for (name, d) in tv.iter() {
+            if !in_analysis(name) {
+                continue;
+            }
+            let d64: Array2<f64> = d.mapv(f64::from);
+            let top = d64.iter().fold(0f64, |a, b| a.max(b.abs()));
+            if top == 0.0 {
+                // An untouched weight (S²FT trains only o_proj and down_proj).
+                svds[k].push(None);
+                continue;
+            }
+            let svd = spectra::linalg::thin_svd(ArrayView2::from(&d64), name)?;
+            let s1 = svd.s[0];
+            let fro2: f64 = svd.s.iter().map(|x| x * x).sum();
+            weights.push(WeightStats {
+                task: g.members[k].task.name().into(),
+                weight: name.clone(),
+                norm: fro2.sqrt(),
+                stable_rank: fro2 / (s1 * s1),
+                numerical_rank: svd.s.iter().filter(|x| **x > 1e-3 * s1).count(),
+            });
+            svds[k].push(Some(svd));
+        }
+    }
+    let mut overlaps = vec![vec![1.0; n]; n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let mut v = Vec::new();
+            for (a, b) in svds[i].iter().zip(&svds[j]) {
+                if let (Some(a), Some(b)) = (a, b) {
+                    v.push(spectra::alignment::subspace_overlap(a, b, plan.overlap_k)?);
+                }
+            }
+            let o = mean(v);
+            overlaps[i][j] = o;
+            overlaps[j][i] = o;
+        }
+    }
+    drop(svds);
+    // Each pair merged alone.
+    let mut pairs = Vec::new();
+    for i in 0..n {
+        for j in i + 1..n {
+            let pair = [g.members[i].weights.clone(), g.members[j].weights.clone()];
+            let merged = tv(TaskVectorPreset::TaskArithmetic, pair_lambda, None).merge(
+                Some(base),
+                &pair,
+                plan.seed,
+            )?;
+            let only = [g.members[i].task, g.members[j].task];
+            let acc = scorer.score(&scorer.model(&merged)?, Which::Test, Some(&only))?;
+            let ind: BTreeMap<String, f64> = only
+                .iter()
+                .map(|t| (t.name().to_string(), ind_test[t.name()]))
+                .collect();
+            pairs.push(PairStats {
+                a: only[0].name().into(),
+                b: only[1].name().into(),
+                cosine: cosines[i][j],
+                overlap: overlaps[i][j],
+                pair_normalised: normalised(&acc.tasks, &ind).mean,
+            });
+        }
+    }
+    let ok: Vec<&PairStats> = pairs
+        .iter()
+        .filter(|p| p.pair_normalised.is_some())
+        .collect();
+    let overlap_vs_pair_accuracy = pearson(
+        &ok.iter().map(|p| p.overlap).collect::<Vec<_>>(),
+        &ok.iter()
+            .filter_map(|p| p.pair_normalised)
+            .collect::<Vec<_>>(),
+    );
+    let per_task = |f: &dyn Fn(&WeightStats) -> f64| -> Vec<f64> {
+        g.members
+            .iter()
+            .map(|m| mean(weights.iter().filter(|w| w.task == m.task.name()).map(f)))
+            .collect()
+    };
+    Ok(Analysis {
+        group: g.name.clone(),
+        tasks: g
+            .members
+            .iter()
+            .map(|f| f.task.name().to_string())
+            .collect(),
+        mean_stable_rank: per_task(&|w| w.stable_rank),
+        mean_numerical_rank: per_task(&|w| w.numerical_rank as f64),
+        norms,
+        cosines,
+        overlaps,
+        pairs,
+        overlap_vs_pair_accuracy,
+        pair_lambda,
+        weights,
+    })
+}
+
+fn fmt(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or("–".into(), |x| format!("{x:.3}"))
+}
+
+fn merges_csv(rows: &[MergeRow]) -> String {
+    let mut s = String::from(
+        "group,method,hyper,test_mean,ood_mean,normalised,normalised_ood,merge_seconds,peak_mb,yaml_identical\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{},{},{},{},{},{},{},{:.2},{},{}\n",
+            r.group,
+            r.method,
+            r.hyper
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            fmt(Some(r.test.mean())),
+            fmt(Some(r.ood.mean())),
+            fmt(r.normalised.mean),
+            fmt(r.normalised_ood.mean),
+            r.merge_seconds,
+            r.peak_mb.map_or(String::new(), |v| format!("{v:.0}")),
+            r.yaml_identical.map_or(String::new(), |v| v.to_string())
+        ));
+    }
+    s
+}
+
+fn plots(
+    run: &Run,
+    plan: &Plan,
+    groups: &[Group<'_>],
+    rows: &[MergeRow],
+    analyses: &[Analysis],
+) -> anyhow::Result<()> {
+    let methods: Vec<String> = plan
+        .methods
+        .iter()
+        .filter(|m| {
+            rows.iter()
+                .any(|r| &r.method == *m && r.normalised.mean.is_some())
+        })
+        .cloned()
+        .collect();
+    let series: Vec<(String, Vec<f64>)> = groups
+        .iter()
+        .map(|g| {
+            (
+                g.name.clone(),
+                methods
+                    .iter()
+                    .map(|m| {
+                        rows.iter()
+                            .find(|r| r.group == g.name && &r.method == m)
+                            .and_then(|r| r.normalised.mean)
+                            .unwrap_or(f64::NAN)
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    grouped_bar_chart(
+        &run.dir.join("normalised_accuracy"),
+        "Normalised accuracy of merged fine-tunes (merged ÷ individual, mean over tasks)",
+        "normalised accuracy",
+        &methods
+            .iter()
+            .map(|m| m.replace('_', " "))
+            .collect::<Vec<_>>(),
+        &series,
+    )?;
+    let mut lines = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        for (method, dash) in [("task_arithmetic", "TA"), ("ties", "TIES")] {
+            if let Some(r) = rows
+                .iter()
+                .find(|r| r.group == g.name && r.method == method)
+            {
+                // TIES at its chosen density.
+                let d = r.hyper.get("density").copied();
+                let pts: Vec<(f64, f64)> = r
+                    .grid
+                    .iter()
+                    .filter(|p| p.hyper.get("density").copied() == d)
+                    .filter_map(|p| Some((p.hyper.get("lambda").copied()?, p.val_acc?)))
+                    .collect();
+                if !pts.is_empty() {
+                    lines.push(Series::line(format!("{} {dash}", g.name), pts).colored(i));
+                }
+            }
+        }
+    }
+    if !lines.is_empty() {
+        line_chart(
+            &run.dir.join("accuracy_vs_lambda"),
+            "Validation accuracy vs λ (task arithmetic, TIES at its chosen density)",
+            "λ",
+            "mean validation accuracy",
+            &lines,
+        )?;
+    }
+    for a in analyses {
+        heatmap(
+            &run.dir
+                .join(format!("cosine_{}", a.group.replace(' ', "-"))),
+            &format!("Task-vector cosines, {} ({})", a.group, a.tasks.join(", ")),
+            "task",
+            "task",
+            &a.cosines,
+        )?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    plan: &Plan,
+    c: &LlamaConfig,
+    prep: &Prepared,
+    base: &(Accs, Accs),
+    own: &BTreeMap<String, (BTreeMap<String, f64>, BTreeMap<String, f64>)>,
+    rows: &[MergeRow],
+    analyses: &[Analysis],
+    best: &[serde_json::Value],
+) -> String {
+    let tasks: Vec<&str> = plan.tasks.iter().map(|t| t.name()).collect();
+    let mut md = format!(
+        "# Merging real fine-tunes of {}\n\nBase `{}` ({} layers, hidden {}, vocabulary {}, {} parameters); {} fine-tunes in {} groups: {}. \
+         Every merged model is scored by exact match of greedy decoding on {} test and {} out-of-domain examples of each of its tasks; \
+         hyper-parameters are chosen on {} validation examples per task (grids: λ {:?} for the task-vector merges, λ {:?} for TSV-M / Iso-C / Iso-CTS, density {:?}). \
+         Task-vector merges sum the (sparsified, sign-elected) task vectors and scale them by λ (FusionBench's convention; mergekit `normalize: false`). \
+         RegMean uses each fine-tune's Gram matrices on {} unlabelled training prompts of its task (off-diagonal scale {}). \
+         **Normalised accuracy** = merged ÷ the group's individual fine-tune on that task (FusionBench), averaged over tasks.\n\n",
+        plan.model.file_name().map_or_else(
+            || plan.model.display().to_string(),
+            |n| n.to_string_lossy().into_owned()
+        ),
+        plan.model.display(),
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.vocab_size,
+        prep.base.weights.numel(),
+        prep.finetunes.len(),
+        plan.groups.len(),
+        plan.groups.join(", "),
+        plan.eval_examples,
+        plan.eval_examples,
+        plan.val_examples,
+        plan.lambdas,
+        plan.svd_lambdas,
+        plan.densities,
+        plan.regmean_prompts,
+        plan.regmean_alpha,
+    );
+    md.push_str("## Normalised accuracy (in-domain test, mean over tasks)\n\n| method |");
+    for g in &plan.groups {
+        md.push_str(&format!(" {g} |"));
+    }
+    md.push_str("\n|---|");
+    for _ in &plan.groups {
+        md.push_str("---|");
+    }
+    md.push('\n');
+    for m in &plan.methods {
+        if !rows
+            .iter()
+            .any(|r| &r.method == m && r.normalised.mean.is_some())
+        {
+            continue;
+        }
+        md.push_str(&format!("| {m} |"));
+        for g in &plan.groups {
+            let v = rows
+                .iter()
+                .find(|r| &r.group == g && &r.method == m)
+                .and_then(|r| r.normalised.mean);
+            md.push_str(&format!(" {} |", fmt(v)));
+        }
+        md.push('\n');
+    }
+    md.push_str("\n![normalised accuracy](normalised_accuracy.png)\n\n## Accuracy per task (test / OOD)\n\n| group | model | ");
+    md.push_str(
+        &tasks
+            .iter()
+            .map(|t| format!("{t} |"))
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    md.push_str(" mean test | normalised | normalised OOD | hyper-parameters | merge s | peak MB | YAML = in-memory |\n|---|---|");
+    md.push_str(&"---|".repeat(tasks.len() + 7));
+    md.push('\n');
+    let cell = |t: &Accs, o: &Accs, task: &str| match (t.tasks.get(task), o.tasks.get(task)) {
+        (Some(a), Some(b)) => format!("{a:.2} / {b:.2}"),
+        _ => "–".into(),
+    };
+    md.push_str("| – | base |");
+    for t in &tasks {
+        md.push_str(&format!(" {} |", cell(&base.0, &base.1, t)));
+    }
+    md.push_str(&format!(" {:.3} | | | | | | |\n", base.0.mean()));
+    for g in &plan.groups {
+        let (it, io) = &own[g];
+        let (t, o) = (
+            Accs {
+                tasks: it.clone(),
+                ..Default::default()
+            },
+            Accs {
+                tasks: io.clone(),
+                ..Default::default()
+            },
+        );
+        md.push_str(&format!("| {g} | individual (own task) |"));
+        for task in &tasks {
+            md.push_str(&format!(" {} |", cell(&t, &o, task)));
+        }
+        md.push_str(&format!(" {:.3} | 1 | 1 | | | | |\n", t.mean()));
+        for r in rows.iter().filter(|r| &r.group == g) {
+            if r.method == "wm_check" {
+                continue;
+            }
+            md.push_str(&format!("| {g} | {} |", r.method));
+            for task in &tasks {
+                md.push_str(&format!(" {} |", cell(&r.test, &r.ood, task)));
+            }
+            md.push_str(&format!(
+                " {:.3} | {} | {} | {} | {:.1} | {} | {} |\n",
+                r.test.mean(),
+                fmt(r.normalised.mean),
+                fmt(r.normalised_ood.mean),
+                r.hyper
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                r.merge_seconds,
+                r.peak_mb.map_or("–".into(), |v| format!("{v:.0}")),
+                r.yaml_identical.map_or("–".into(), |v| if v {
+                    "identical".into()
+                } else {
+                    "DIFFERS".to_string()
+                }),
+            ));
+        }
+    }
+    let notes: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            r.note
+                .as_ref()
+                .map(|n| format!("- {} {}: {n}", r.group, r.method))
+        })
+        .collect();
+    if !notes.is_empty() {
+        md.push_str(&format!("\n{}\n", notes.join("\n")));
+    }
+    md.push_str("\n## Grids (validation, mean accuracy over tasks)\n\n| group | method | grid point | val acc | val answer loss |\n|---|---|---|---|---|\n");
+    for r in rows.iter().filter(|r| r.grid.len() > 1) {
+        for p in &r.grid {
+            let chosen = p.hyper == r.hyper;
+            md.push_str(&format!(
+                "| {} | {} | {}{} | {} | {} |\n",
+                r.group,
+                r.method,
+                p.hyper
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if chosen { " ✓" } else { "" },
+                fmt(p.val_acc),
+                fmt(p.val_loss)
+            ));
+        }
+    }
+    md.push_str("\n![accuracy vs λ](accuracy_vs_lambda.png)\n\n## Task vectors\n\n| group | task | ‖τ‖ | mean stable rank | mean numerical rank |\n|---|---|---|---|---|\n");
+    for a in analyses {
+        for (k, t) in a.tasks.iter().enumerate() {
+            md.push_str(&format!(
+                "| {} | {t} | {:.3} | {:.2} | {:.1} |\n",
+                a.group, a.norms[k], a.mean_stable_rank[k], a.mean_numerical_rank[k]
+            ));
+        }
+    }
+    md.push_str(&format!(
+        "\nPairs: cosine of the whole task vectors, mean top-{} subspace overlap over the analysed weights (1: same span; about k/dim for unrelated matrices), and the pair merged alone by task arithmetic:\n\n| group | pair | cosine | subspace overlap | pair normalised acc |\n|---|---|---|---|---|\n",
+        plan.overlap_k
+    ));
+    for a in analyses {
+        for p in &a.pairs {
+            md.push_str(&format!(
+                "| {} | {}·{} | {:.4} | {:.4} | {} |\n",
+                a.group,
+                p.a,
+                p.b,
+                p.cosine,
+                p.overlap,
+                fmt(p.pair_normalised)
+            ));
+        }
+        md.push_str(&format!(
+            "| {} | correlation of overlap and pair accuracy (λ {}) | | | {} |\n",
+            a.group,
+            a.pair_lambda,
+            fmt(a.overlap_vs_pair_accuracy)
+        ));
+    }
+    for a in analyses {
+        md.push_str(&format!(
+            "\n![cosines {}](cosine_{}.png)\n",
+            a.group,
+            a.group.replace(' ', "-")
+        ));
+    }
+    md.push_str("\n## Outputs\n\n");
+    for b in best {
+        md.push_str(&format!(
+            "- best merge of `{}` ({}): Hugging Face folder `{}`\n",
+            b["group"].as_str().unwrap_or("?"),
+            b["method"].as_str().unwrap_or("?"),
+            b["path"].as_str().unwrap_or("?")
+        ));
+    }
+    md.push_str(&format!(
+        "- mergekit YAML configs of every merge in `configs/`, each run through `merge::run` during the study and compared with the in-memory merge bit for bit (column *YAML = in-memory*); their inputs (fused adapters, the base as safetensors, RegMean's Gram matrices) {}.\n",
+        if plan.keep_inputs { "are kept in `inputs/`" } else { "were written to `inputs/` and removed after the check (`--keep-inputs` keeps them)" }
+    ));
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kv: &[(&str, f64)]) -> BTreeMap<String, f64> {
+        kv.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn normalised_accuracy_by_hand() {
+        let ind = map(&[("date", 0.8), ("lookup", 1.0), ("reverse", 0.0)]);
+        let merged = map(&[("date", 0.4), ("lookup", 0.9), ("reverse", 0.25)]);
+        let n = normalised(&merged, &ind);
+        assert_eq!(n.tasks["date"], Some(0.5));
+        assert_eq!(n.tasks["lookup"], Some(0.9));
+        // An individual accuracy of 0 leaves the task out of the mean.
+        assert_eq!(n.tasks["reverse"], None);
+        assert!((n.mean.unwrap() - 0.7).abs() < 1e-12);
+        // Above 1 when the merge beats the individual; none when nothing is defined.
+        assert_eq!(
+            normalised(&map(&[("a", 0.6)]), &map(&[("a", 0.5)])).mean,
+            Some(1.2)
+        );
+        assert_eq!(
+            normalised(&map(&[("a", 0.6)]), &map(&[("a", 0.0)])).mean,
+            None
+        );
+    }
+
+    #[test]
+    fn pearson_by_hand() {
+        assert!((pearson(&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.0]).unwrap() - 1.0).abs() < 1e-12);
+        assert!((pearson(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]).unwrap() + 1.0).abs() < 1e-12);
+        // x = 1,2,3,4 and y = 1,3,2,4: cov 2.5/… = 0.8.
+        assert!(
+            (pearson(&[1.0, 2.0, 3.0, 4.0], &[1.0, 3.0, 2.0, 4.0]).unwrap() - 0.8).abs() < 1e-12
+        );
+        assert_eq!(pearson(&[1.0, 2.0], &[1.0, 2.0]), None);
+        assert_eq!(pearson(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]), None);
+    }
+
+    #[test]
+    fn relative_paths_climb_to_the_common_folder() {
+        // Paths that do not exist are compared as given.
+        let (a, b) = (
+            Path::new("/nonexistent-x/r/configs"),
+            Path::new("/nonexistent-x/s/finetunes/date/full"),
+        );
+        assert_eq!(relative(b, a), PathBuf::from("../../s/finetunes/date/full"));
+    }
+}
