@@ -83,7 +83,7 @@ enum Cmd {
     /// S²FT vs LoRA vs full fine-tuning of a small LLaMA-style model: task quality, forgetting, memory, step time, fusion, switch time.
     S2ft(Box<studies::s2ft::S2ftArgs>),
     /// Merging full / LoRA / S²FT fine-tunes of one base: averaging, task arithmetic, TIES, DARE, Model Stock, WM+TIES, RMM, LoRA-LEGO.
-    Merge(studies::merging::MergeArgs),
+    Merge(Box<studies::merging::MergeArgs>),
     /// PLeaS: two MLPs trained on disjoint label sets merged by partial matching, with least squares vs averaging.
     Pleas(studies::pleas::PleasArgs),
     /// Run a mergekit YAML config (same as `cargo run -p merge`).

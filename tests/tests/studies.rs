@@ -903,7 +903,12 @@ fn merge_study_merges_real_model_fine_tunes_and_its_yaml_configs_are_mergekits()
     // --finetune TASK=PATH recognises each saved format by its files.
     use experiments::studies::merge_llm::{Format, read_manifest};
     for s in read_manifest(&ft).unwrap() {
-        assert_eq!(Format::detect(&s.path).unwrap(), s.format, "{}", s.path.display());
+        assert_eq!(
+            Format::detect(&s.path).unwrap(),
+            s.format,
+            "{}",
+            s.path.display()
+        );
     }
     let out = dir.path().join("merge");
     experiments::studies::merging::run(&merge_llm_args(&model, Some(&ft), &out)).unwrap();

@@ -842,6 +842,9 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
     crate::device::on_device!(dev, run_on(&plan, prep, run, &Default::default()))
 }
 
+/// Per group, each task's fine-tune on its own task: (test, OOD) accuracy by task.
+type OwnScores = BTreeMap<String, (BTreeMap<String, f64>, BTreeMap<String, f64>)>;
+
 /// One group's fine-tunes.
 struct Group<'a> {
     name: String,
@@ -899,7 +902,7 @@ fn run_on<B: AutodiffBackend>(
     })?;
     let mut individual: Vec<serde_json::Value> = Vec::new();
     // Per group: the fine-tune of each task on its own task (test, OOD).
-    let mut own: BTreeMap<String, (BTreeMap<String, f64>, BTreeMap<String, f64>)> = BTreeMap::new();
+    let mut own: OwnScores = BTreeMap::new();
     for f in &prep.finetunes {
         let (g, t) = (&f.source.group, f.task.name());
         let (test, ood) = run.phase(
@@ -1748,7 +1751,7 @@ fn report(
     c: &LlamaConfig,
     prep: &Prepared,
     base: &(Accs, Accs),
-    own: &BTreeMap<String, (BTreeMap<String, f64>, BTreeMap<String, f64>)>,
+    own: &OwnScores,
     rows: &[MergeRow],
     analyses: &[Analysis],
     best: &[serde_json::Value],
