@@ -48,7 +48,7 @@ const STUDIES: &[Study] = &[
     },
     Study {
         name: "merge",
-        about: "mergekit-family merges of fine-tuned checkpoints, with and without permutation alignment",
+        about: "merging per-task fine-tunes (full, LoRA, S²FT) by every merge method: the character model, or a real one with --model --finetunes RUN",
         ready: true,
     },
     Study {
@@ -82,7 +82,7 @@ enum Cmd {
     Spectra(studies::spectra::SpectraArgs),
     /// S²FT vs LoRA vs full fine-tuning of a small LLaMA-style model: task quality, forgetting, memory, step time, fusion, switch time.
     S2ft(Box<studies::s2ft::S2ftArgs>),
-    /// Merging full / LoRA / S²FT fine-tunes of one base: averaging, task arithmetic, TIES, DARE, Model Stock, WM+TIES, RMM, LoRA-LEGO.
+    /// Merging full / LoRA / S²FT fine-tunes of one base by every merge method (the character model, or a real one: --model PATH --finetunes RUN_DIR).
     Merge(Box<studies::merging::MergeArgs>),
     /// PLeaS: two MLPs trained on disjoint label sets merged by partial matching, with least squares vs averaging.
     Pleas(studies::pleas::PleasArgs),
