@@ -919,6 +919,9 @@ fn run_on<B: AutodiffBackend>(
         e.0.insert(t.into(), test.tasks[t]);
         e.1.insert(t.into(), ood.tasks[t]);
         individual.push(json!({"group": g, "task": t, "format": f.source.format, "path": f.source.path, "test": test, "ood": ood}));
+        // Scoring the fine-tunes takes minutes on a real model: an
+        // interrupted run keeps what finished.
+        run.partial(&json!({"plan": plan, "base": {"test": base_scores.0, "ood": base_scores.1}, "individual": individual}))?;
     }
     let partial = |run: &Run, rows: &[MergeRow]| {
         run.partial(&json!({"plan": plan, "base": {"test": base_scores.0, "ood": base_scores.1}, "individual": individual, "merges": rows}))
