@@ -982,7 +982,12 @@ fn merge_study_merges_real_model_fine_tunes_and_its_yaml_configs_are_mergekits()
                 assert!(grid.iter().any(|p| p["hyper"] == r["hyper"]), "{r}");
             }
             // Every mergekit method's YAML ran to the same tensors, bit for bit.
-            let typed = !["lora_lego", "rmm"].contains(&method);
+            if method == "mtl" {
+                // Multi-task fine-tuning: both tasks, the two fine-tunes' 2 × 4 steps.
+                assert_eq!(r["hyper"]["steps"].as_f64(), Some(8.0), "{r}");
+                assert!(r["note"].as_str().unwrap().contains("date, reverse"), "{r}");
+            }
+            let typed = !["lora_lego", "rmm", "mtl"].contains(&method);
             assert_eq!(
                 r["yaml_identical"].as_bool(),
                 typed.then_some(true),

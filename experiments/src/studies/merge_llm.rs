@@ -109,7 +109,7 @@ impl MergeLlmArgs {
 }
 
 /// Every merge method the study knows, in table order.
-pub const METHODS: [&str; 16] = [
+pub const METHODS: [&str; 17] = [
     "average",
     "task_arithmetic",
     "ties",
@@ -126,9 +126,10 @@ pub const METHODS: [&str; 16] = [
     "lora_lego",
     "rmm",
     "wm_check",
+    "mtl",
 ];
 
-const QUICK_METHODS: [&str; 9] = [
+const QUICK_METHODS: [&str; 10] = [
     "average",
     "task_arithmetic",
     "ties",
@@ -138,6 +139,7 @@ const QUICK_METHODS: [&str; 9] = [
     "iso_c",
     "regmean",
     "lora_lego",
+    "mtl",
 ];
 
 /// How a fine-tune is stored.
@@ -301,6 +303,61 @@ pub struct Plan {
     pub keep_inputs: bool,
     /// `--quick`.
     pub quick: bool,
+    /// The `s2ft --model` run's training settings, for the multi-task
+    /// baseline (only with `--finetunes`).
+    pub training: Option<Training>,
+}
+
+/// How the fine-tunes were trained (read from the `s2ft --model` run's
+/// `metrics.json`): what the multi-task baseline trains with.
+#[derive(Clone, Debug, Serialize)]
+pub struct Training {
+    /// Steps of one fine-tune.
+    pub steps: usize,
+    /// Examples per step.
+    pub batch: usize,
+    /// Seed of data order, LoRA init and S²FT selection.
+    pub seed: u64,
+    /// LoRA dropout.
+    pub lora_dropout: f64,
+    /// Learning rate per method label (the rate the run chose).
+    pub lrs: BTreeMap<String, f64>,
+}
+
+/// Reads the training settings of a `s2ft --model` run.
+pub fn read_training(run_dir: &Path) -> anyhow::Result<Training> {
+    let path = run_dir.join("metrics.json");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "--finetunes: reading {} (a finished s2ft --model run)",
+            path.display()
+        )
+    })?;
+    let m: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("--finetunes: {}", path.display()))?;
+    let plan = &m["plan"];
+    let num = |k: &str| {
+        plan[k]
+            .as_f64()
+            .with_context(|| format!("--finetunes: {} has no plan.{k}", path.display()))
+    };
+    let mut lrs = BTreeMap::new();
+    for r in m["runs"].as_array().into_iter().flatten() {
+        if let (Some(method), Some(lr), true) = (
+            r["method"].as_str(),
+            r["lr"].as_f64(),
+            r["diverged"].is_null(),
+        ) {
+            lrs.entry(method.to_string()).or_insert(lr);
+        }
+    }
+    Ok(Training {
+        steps: num("steps")? as usize,
+        batch: num("batch")? as usize,
+        seed: num("seed")? as u64,
+        lora_dropout: num("lora_dropout")?,
+        lrs,
+    })
 }
 
 impl Plan {
@@ -423,6 +480,10 @@ impl Plan {
             regmean_alpha: 0.95,
             keep_inputs: o.keep_inputs,
             quick,
+            training: match &o.finetunes {
+                Some(dir) => Some(read_training(dir)?),
+                None => None,
+            },
         };
         ensure!(
             plan.eval_examples > 0 && plan.val_examples > 0 && plan.regmean_prompts > 0,
@@ -513,6 +574,7 @@ struct TaskSets {
 
 struct Prepared {
     base: Pretrained,
+    words: Words,
     finetunes: Vec<Finetune>,
     sets: Vec<TaskSets>,
 }
@@ -561,6 +623,7 @@ fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
     }
     Ok(Prepared {
         base,
+        words,
         finetunes,
         sets,
     })
@@ -676,6 +739,7 @@ enum Candidate {
     LoraLego,
     Rmm,
     WmCheck,
+    Mtl,
 }
 
 fn tv(preset: TaskVectorPreset, lambda: f64, density: Option<f64>) -> Merge {
@@ -765,6 +829,7 @@ fn grid(plan: &Plan, method: &str, lora_group: bool) -> Vec<(BTreeMap<String, f6
         "lora_lego" if lora_group => out.push((h(&[]), Candidate::LoraLego)),
         "rmm" => out.push((h(&[]), Candidate::Rmm)),
         "wm_check" => out.push((h(&[]), Candidate::WmCheck)),
+        "mtl" if plan.training.is_some() => out.push((h(&[]), Candidate::Mtl)),
         _ => {}
     }
     out
@@ -868,7 +933,10 @@ fn run_on<B: AutodiffBackend>(
     prep: Prepared,
     mut run: Run,
     device: &B::Device,
-) -> anyhow::Result<PathBuf> {
+) -> anyhow::Result<PathBuf>
+where
+    Llama<B>: burn::module::AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
+{
     let c = prep.base.config.clone();
     let scorer = Scorer::<B::InnerBackend> {
         config: &c,
@@ -1019,6 +1087,7 @@ fn run_on<B: AutodiffBackend>(
                         }
                         Candidate::Rmm => bail!("rmm is scored per task"),
                         Candidate::WmCheck => bail!("wm_check is no merge"),
+                        Candidate::Mtl => bail!("mtl is trained"),
                     }
                 };
             // RMM (one store, each task rebuilt) and the permutation check
@@ -1026,6 +1095,14 @@ fn run_on<B: AutodiffBackend>(
             if matches!(cands[0].1, Candidate::Rmm) {
                 let row = run.phase(&format!("{} rmm", g.name), || {
                     rmm_row(&scorer, &prep.base.weights, g, &ind_test, &ind_ood)
+                })?;
+                rows.push(row);
+                partial(&run, &rows)?;
+                continue;
+            }
+            if matches!(cands[0].1, Candidate::Mtl) {
+                let row = run.phase(&format!("{} mtl", g.name), || {
+                    mtl_row::<B>(plan, &prep, &scorer, g, &ind_test, &ind_ood, device)
                 })?;
                 rows.push(row);
                 partial(&run, &rows)?;
@@ -1290,6 +1367,120 @@ fn task_vector(ft: &StateDict, base: &StateDict) -> Vec<(String, Array2<f32>)> {
             Some((name.to_string(), d))
         })
         .collect()
+}
+
+/// The group's fine-tuning method as the `s2ft` study names it.
+fn group_method(group: &str) -> Option<crate::studies::s2ft::Method> {
+    use crate::studies::s2ft::Method;
+    use s2ft_core::s2ft::Strategy;
+    let r: Option<usize> = group.rsplit_once(" r").and_then(|(_, r)| r.parse().ok());
+    [Method::Full]
+        .into_iter()
+        .chain(r.into_iter().flat_map(|r| {
+            [
+                Method::Lora(r),
+                Method::S2ft(r, Strategy::Random),
+                Method::S2ft(r, Strategy::ActivationNorm),
+            ]
+        }))
+        .find(|m| m.label() == group)
+}
+
+/// Multi-task fine-tuning (FusionBench's MTL row): the group's method
+/// trained on all its tasks in turn, for as many examples as its
+/// individual fine-tunes saw together, at the learning rate the `s2ft` run chose.
+#[allow(clippy::too_many_arguments)]
+fn mtl_row<B: AutodiffBackend>(
+    plan: &Plan,
+    prep: &Prepared,
+    scorer: &Scorer<'_, B::InnerBackend>,
+    g: &Group<'_>,
+    ind_test: &BTreeMap<String, f64>,
+    ind_ood: &BTreeMap<String, f64>,
+    device: &B::Device,
+) -> anyhow::Result<MergeRow>
+where
+    Llama<B>: burn::module::AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
+{
+    use burn::module::AutodiffModule;
+    let tr = plan
+        .training
+        .as_ref()
+        .expect("mtl needs the run's training settings");
+    let method = group_method(&g.name).with_context(|| {
+        format!(
+            "mtl: group '{}' is no fine-tuning method of the s2ft study",
+            g.name
+        )
+    })?;
+    let lr = *tr
+        .lrs
+        .get(&g.name)
+        .with_context(|| format!("mtl: the s2ft run chose no learning rate for '{}'", g.name))?;
+    let tasks = g.tasks();
+    let steps = tr.steps * tasks.len();
+    let names: Vec<String> = tasks.iter().map(|t| t.name().to_string()).collect();
+    let mut args = crate::studies::s2ft::S2ftArgs::default();
+    args.lm.steps = Some(steps);
+    args.lm.batch = Some(tr.batch);
+    args.lm.seed = tr.seed;
+    args.llm.model = Some(plan.model.clone());
+    args.llm.tasks = Some(names);
+    args.llm.lora_dropout = Some(tr.lora_dropout);
+    args.ranks = method.rank().map(|r| vec![r]);
+    let s2ft_plan = crate::studies::s2ft_llm::Plan::new(&args)?;
+    let prompter = Prompter::new(&prep.base.tokenizer)?;
+    let t = crate::studies::s2ft_llm::finetune::<B>(
+        &prep.base,
+        &prep.words,
+        &prompter,
+        &s2ft_plan,
+        method,
+        &tasks,
+        lr,
+        device,
+        &indicatif::ProgressBar::hidden(),
+    )?;
+    let note = format!(
+        "multi-task fine-tuning: {} on {} in turn, {steps} steps of {} examples (the individual fine-tunes' examples together), lr {lr:e}, {} trainable parameters{}",
+        g.name,
+        tasks
+            .iter()
+            .map(|t| t.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        tr.batch,
+        t.trainable,
+        t.diverged
+            .as_ref()
+            .map_or(String::new(), |d| format!("; diverged: {d}"))
+    );
+    let (test, ood) = if t.diverged.is_some() {
+        (Accs::default(), Accs::default())
+    } else {
+        let m = t.model.valid();
+        (
+            scorer.score(&m, Which::Test, Some(&tasks))?,
+            scorer.score(&m, Which::Ood, Some(&tasks))?,
+        )
+    };
+    Ok(MergeRow {
+        group: g.name.clone(),
+        method: "mtl".into(),
+        hyper: [("lr".to_string(), lr), ("steps".to_string(), steps as f64)]
+            .into_iter()
+            .collect(),
+        grid: Vec::new(),
+        normalised: normalised(&test.tasks, ind_test),
+        normalised_ood: normalised(&ood.tasks, ind_ood),
+        test,
+        ood,
+        merge_seconds: t.seconds,
+        peak_mb: None,
+        yaml: None,
+        yaml_identical: None,
+        note: Some(note),
+    })
 }
 
 /// Reversible Model Merging: one shared store of rank `max(1, n − 2)`, each

@@ -553,23 +553,26 @@ fn divergence(losses: &[f32], stopped: Option<&s2ft_core::S2ftError>) -> Option<
 }
 
 /// A fine-tune before scoring.
-struct Trained<B: AutodiffBackend> {
-    model: Llama<B>,
-    losses: Vec<f32>,
-    diverged: Option<String>,
-    trainable: usize,
+pub(crate) struct Trained<B: AutodiffBackend> {
+    pub(crate) model: Llama<B>,
+    pub(crate) losses: Vec<f32>,
+    pub(crate) diverged: Option<String>,
+    pub(crate) trainable: usize,
     step_ms: f64,
     peak_mb: Option<f64>,
-    seconds: f64,
+    pub(crate) seconds: f64,
 }
 
+/// Fine-tunes `method` on `tasks` (one task, or several drawn in turn:
+/// multi-task fine-tuning) for `plan.steps` steps of `plan.batch` examples.
 #[allow(clippy::too_many_arguments)]
-fn finetune<B: AutodiffBackend>(
-    prep: &Prepared,
+pub(crate) fn finetune<B: AutodiffBackend>(
+    base: &Pretrained,
+    words: &Words,
     prompter: &Prompter<'_>,
     plan: &Plan,
     method: Method,
-    task: InstructTask,
+    tasks: &[InstructTask],
     lr: f64,
     device: &B::Device,
     bar: &indicatif::ProgressBar,
@@ -577,16 +580,22 @@ fn finetune<B: AutodiffBackend>(
 where
     Llama<B>: AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
 {
-    let c = &prep.base.config;
+    let c = &base.config;
     let started = Instant::now();
     let before = crate::alloc::reset_peak();
-    let model = Llama::<B>::from_state_dict(c, &prep.base.weights, method == Method::Full, device)?;
+    let model = Llama::<B>::from_state_dict(c, &base.weights, method == Method::Full, device)?;
     let seed = plan.seed;
-    let mut stream = Stream::new(task, Split::Train, &prep.words, seed);
+    let mut streams: Vec<Stream> = tasks
+        .iter()
+        .map(|&t| Stream::new(t, Split::Train, words, seed))
+        .collect();
+    let mut drawn = 0usize;
     let mut next_batch = |n: usize| -> anyhow::Result<Vec<(Vec<u32>, Vec<u32>)>> {
         (0..n)
             .map(|_| {
-                let ex = stream.next().expect("endless stream");
+                let k = drawn % streams.len();
+                drawn += 1;
+                let ex = streams[k].next().expect("endless stream");
                 Ok((prompter.prompt(&ex)?, prompter.completion(&ex)?))
             })
             .collect()
@@ -736,7 +745,19 @@ where
             ));
             let t = run.phase(
                 &format!("{} {} lr {lr:e}", label(method), sweep_task.name()),
-                || finetune::<B>(&prep, &prompter, plan, method, sweep_task, lr, device, &bar),
+                || {
+                    finetune::<B>(
+                        &prep.base,
+                        &prep.words,
+                        &prompter,
+                        plan,
+                        method,
+                        &[sweep_task],
+                        lr,
+                        device,
+                        &bar,
+                    )
+                },
             )?;
             // A grid of one rate has nothing to choose: its validation score is skipped.
             let (acc, loss) = if t.diverged.is_some() || grid.len() == 1 {
@@ -790,7 +811,17 @@ where
                 None => {
                     bar.set_message(format!("{} on {}", method.label(), task.name()));
                     run.phase(&format!("{} {}", label(method), task.name()), || {
-                        finetune::<B>(&prep, &prompter, plan, method, task, lr, device, &bar)
+                        finetune::<B>(
+                            &prep.base,
+                            &prep.words,
+                            &prompter,
+                            plan,
+                            method,
+                            &[task],
+                            lr,
+                            device,
+                            &bar,
+                        )
                     })?
                 }
             };
