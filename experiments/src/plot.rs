@@ -227,31 +227,38 @@ pub fn heatmap(
     )
 }
 
-fn draw_bars<DB: DrawingBackend>(
-    root: DrawingArea<DB, plotters::coord::Shift>,
+/// A chart with f64 axes on both sides, as bar charts draw.
+type BarChart<'a, DB> = ChartContext<
+    'a,
+    DB,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// The axes of a bar chart: one slot per label along x (the label under its
+/// centre), y from 0 to 15 % above the tallest finite value (1 when none);
+/// returns the chart and that top. Font sizes: caption, then axis labels.
+fn bar_axes<'a, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
     y_label: &str,
-    bars: &[(String, f64)],
-) -> anyhow::Result<()>
+    labels: &[String],
+    values: impl Iterator<Item = f64>,
+    (caption, label_size): (u32, u32),
+) -> anyhow::Result<(BarChart<'a, DB>, f64)>
 where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
-    let top = bars
-        .iter()
-        .map(|b| b.1)
-        .filter(|v| v.is_finite())
-        .fold(0f64, f64::max);
+    let top = values.filter(|v| v.is_finite()).fold(0f64, f64::max);
     let top = if top > 0.0 { top * 1.15 } else { 1.0 };
-    let n = bars.len().max(1);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 22))
+    let n = labels.len().max(1);
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", caption))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..n as f64, 0f64..top)
         .map_err(|e| anyhow!("{e:?}"))?;
-    let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -265,9 +272,30 @@ where
             }
         })
         .y_desc(y_label)
-        .label_style(("sans-serif", 14))
+        .label_style(("sans-serif", label_size))
         .draw()
         .map_err(|e| anyhow!("{e:?}"))?;
+    Ok((chart, top))
+}
+
+fn draw_bars<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    y_label: &str,
+    bars: &[(String, f64)],
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    let (mut chart, top) = bar_axes(
+        &root,
+        title,
+        y_label,
+        &labels,
+        bars.iter().map(|b| b.1),
+        (22, 14),
+    )?;
     for (i, (_, v)) in bars.iter().enumerate() {
         if !v.is_finite() {
             continue;
@@ -330,38 +358,14 @@ fn draw_grouped_bars<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
-    let top = series
-        .iter()
-        .flat_map(|s| s.1.iter())
-        .copied()
-        .filter(|v| v.is_finite())
-        .fold(0f64, f64::max);
-    let top = if top > 0.0 { top * 1.15 } else { 1.0 };
-    let n = categories.len().max(1);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0f64..n as f64, 0f64..top)
-        .map_err(|e| anyhow!("{e:?}"))?;
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .x_labels(n * 2 + 1)
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            if (x - i as f64 - 0.5).abs() < 1e-6 && i < categories.len() {
-                categories[i].clone()
-            } else {
-                String::new()
-            }
-        })
-        .y_desc(y_label)
-        .label_style(("sans-serif", 13))
-        .draw()
-        .map_err(|e| anyhow!("{e:?}"))?;
+    let (mut chart, _) = bar_axes(
+        &root,
+        title,
+        y_label,
+        categories,
+        series.iter().flat_map(|s| s.1.iter().copied()),
+        (20, 13),
+    )?;
     let k = series.len().max(1);
     let width = 0.8 / k as f64;
     for (s, (name, values)) in series.iter().enumerate() {

@@ -74,6 +74,14 @@ pub fn median(values: &[f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// The arithmetic mean of `values`; NaN when there are none.
+pub fn mean(values: impl IntoIterator<Item = f64>) -> f64 {
+    let (s, n) = values
+        .into_iter()
+        .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 { f64::NAN } else { s / n as f64 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,5 +106,7 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 3.0);
         assert!(median(&[]).is_nan());
+        assert_eq!(mean([1.0, 2.0, 6.0]), 3.0);
+        assert!(mean(std::iter::empty()).is_nan());
     }
 }

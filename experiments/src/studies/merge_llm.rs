@@ -32,13 +32,14 @@ use weights::StateDict;
 use crate::llm::{EncodedSet, Prompter, score_set};
 use crate::plot::{Series, grouped_bar_chart, heatmap, line_chart};
 use crate::report::Run;
-use crate::studies::merging::MergeArgs;
+use crate::studies::merging::{MergeArgs, add, fixed_fraction, task_matrices};
 use crate::studies::s2ft_llm::EVAL_SEED;
 use crate::tasks::{InstructTask, Split, Stream, Words, examples};
 use merge::regmean::RegMeanOptions;
 use merge::subspace::SubspaceMethod;
 use merge::typed::{Merge, TaskVectorOptions, TaskVectorPreset};
 use s2ft_core::{Llama, LlamaConfig, Pretrained};
+use weights::stats::mean;
 
 /// The real-model options of `merge` (only with `--model`).
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -493,11 +494,10 @@ impl Plan {
     }
 }
 
-/// A fine-tune, read and fused onto the base.
+/// A fine-tune, read (its fused weights are kept beside it, see [`Prepared`]).
 struct Finetune {
     source: Source,
     task: InstructTask,
-    weights: StateDict,
     lora: Option<merge::lora::LoraAdapter>,
 }
 
@@ -524,7 +524,8 @@ fn same_shapes(ft: &StateDict, base: &StateDict, what: &str) -> anyhow::Result<(
     Ok(())
 }
 
-fn load_finetune(base: &Pretrained, s: &Source) -> anyhow::Result<Finetune> {
+/// Reads a fine-tune and fuses it onto the base.
+fn load_finetune(base: &Pretrained, s: &Source) -> anyhow::Result<(Finetune, StateDict)> {
     let what = format!("fine-tune {} ({} on {})", s.path.display(), s.group, s.task);
     let task = InstructTask::parse_list(std::slice::from_ref(&s.task)).context(what.clone())?[0];
     let (weights, lora) = match s.format {
@@ -554,12 +555,14 @@ fn load_finetune(base: &Pretrained, s: &Source) -> anyhow::Result<Finetune> {
         }
     };
     same_shapes(&weights, &base.weights, &what)?;
-    Ok(Finetune {
-        source: s.clone(),
-        task,
+    Ok((
+        Finetune {
+            source: s.clone(),
+            task,
+            lora,
+        },
         weights,
-        lora,
-    })
+    ))
 }
 
 /// The evaluation sets of one task.
@@ -576,17 +579,22 @@ struct Prepared {
     base: Pretrained,
     words: Words,
     finetunes: Vec<Finetune>,
+    /// The fine-tunes' fused weights, in the order of `finetunes` (moved
+    /// into their groups once the baselines are scored).
+    weights: Vec<StateDict>,
     sets: Vec<TaskSets>,
 }
 
 fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
     let base = Pretrained::load(&plan.model)
         .with_context(|| format!("--model {}", plan.model.display()))?;
-    let finetunes = plan
+    let (finetunes, weights): (Vec<Finetune>, Vec<StateDict>) = plan
         .sources
         .iter()
         .map(|s| load_finetune(&base, s))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
     if let Some(ls) = &plan.analysis_layers {
         let n = base.config.num_hidden_layers;
         ensure!(
@@ -625,6 +633,7 @@ fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
         base,
         words,
         finetunes,
+        weights,
         sets,
     })
 }
@@ -649,13 +658,6 @@ impl Accs {
     fn mean_loss(&self) -> f64 {
         mean(self.loss.values().copied())
     }
-}
-
-fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
-    let (s, n) = v
-        .into_iter()
-        .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
-    if n == 0 { f64::NAN } else { s / n as f64 }
 }
 
 /// Normalised accuracy (FusionBench's convention): per task, the merged
@@ -910,18 +912,17 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
 /// Per group, each task's fine-tune on its own task: (test, OOD) accuracy by task.
 type OwnScores = BTreeMap<String, (BTreeMap<String, f64>, BTreeMap<String, f64>)>;
 
-/// One group's fine-tunes.
+/// One group's fine-tunes and their fused weights (owned: the merges take
+/// a slice of state dicts).
 struct Group<'a> {
     name: String,
     members: Vec<&'a Finetune>,
+    weights: Vec<StateDict>,
 }
 
 impl Group<'_> {
     fn tasks(&self) -> Vec<InstructTask> {
         self.members.iter().map(|f| f.task).collect()
-    }
-    fn weights(&self) -> Vec<StateDict> {
-        self.members.iter().map(|f| f.weights.clone()).collect()
     }
     fn file_name(&self) -> String {
         self.name.replace(' ', "-")
@@ -937,6 +938,11 @@ fn run_on<B: AutodiffBackend>(
 where
     Llama<B>: burn::module::AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
 {
+    let mut prep = prep;
+    let mut weights: Vec<Option<StateDict>> = std::mem::take(&mut prep.weights)
+        .into_iter()
+        .map(Some)
+        .collect();
     let c = prep.base.config.clone();
     let scorer = Scorer::<B::InnerBackend> {
         config: &c,
@@ -945,19 +951,7 @@ where
         batch: plan.eval_batch,
         device: device.clone(),
     };
-    let groups: Vec<Group> = plan
-        .groups
-        .iter()
-        .map(|g| Group {
-            name: g.clone(),
-            members: prep
-                .finetunes
-                .iter()
-                .filter(|f| &f.source.group == g)
-                .collect(),
-        })
-        .collect();
-    let bar = run.progress((groups.len() * plan.methods.len()) as u64);
+    let bar = run.progress((plan.groups.len() * plan.methods.len()) as u64);
 
     // Baselines: the base and every fine-tune on every task.
     bar.set_message("scoring the base and the fine-tunes");
@@ -971,12 +965,13 @@ where
     let mut individual: Vec<serde_json::Value> = Vec::new();
     // Per group: the fine-tune of each task on its own task (test, OOD).
     let mut own: OwnScores = BTreeMap::new();
-    for f in &prep.finetunes {
+    for (f, sd) in prep.finetunes.iter().zip(&weights) {
         let (g, t) = (&f.source.group, f.task.name());
+        let sd = sd.as_ref().expect("not moved yet");
         let (test, ood) = run.phase(
             &format!("score {g} {t}"),
             || -> anyhow::Result<(Accs, Accs)> {
-                let m = scorer.model(&f.weights)?;
+                let m = scorer.model(sd)?;
                 Ok((
                     scorer.score(&m, Which::Test, None)?,
                     scorer.score(&m, Which::Ood, None)?,
@@ -991,6 +986,24 @@ where
         // interrupted run keeps what finished.
         run.partial(&json!({"plan": plan, "base": {"test": base_scores.0, "ood": base_scores.1}, "individual": individual}))?;
     }
+    let groups: Vec<Group> = plan
+        .groups
+        .iter()
+        .map(|g| {
+            let (members, ws) = prep
+                .finetunes
+                .iter()
+                .zip(weights.iter_mut())
+                .filter(|(f, _)| &f.source.group == g)
+                .map(|(f, w)| (f, w.take().expect("each fine-tune in one group")))
+                .unzip();
+            Group {
+                name: g.clone(),
+                members,
+                weights: ws,
+            }
+        })
+        .collect();
     let partial = |run: &Run, rows: &[MergeRow]| {
         run.partial(&json!({"plan": plan, "base": {"test": base_scores.0, "ood": base_scores.1}, "individual": individual, "merges": rows}))
     };
@@ -1015,13 +1028,14 @@ where
     let mut best_models = Vec::new();
     for g in &groups {
         let tasks = g.tasks();
-        let sds = g.weights();
+        let sds = &g.weights;
         let (ind_test, ind_ood) = own[&g.name].clone();
         // Input paths for the YAML configs.
         let model_paths: Vec<PathBuf> = g
             .members
             .iter()
-            .map(|f| -> anyhow::Result<PathBuf> {
+            .zip(&g.weights)
+            .map(|(f, w)| -> anyhow::Result<PathBuf> {
                 Ok(match f.source.format {
                     Format::Hf => f.source.path.clone(),
                     _ => {
@@ -1029,7 +1043,7 @@ where
                             .join(g.file_name())
                             .join(format!("{}.safetensors", f.task.name()));
                         std::fs::create_dir_all(p.parent().expect("folder"))?;
-                        f.weights.save_safetensors(&p)?;
+                        w.save_safetensors(&p)?;
                         p
                     }
                 })
@@ -1053,7 +1067,7 @@ where
                 |cand: &Candidate| -> anyhow::Result<(StateDict, Option<Merge>, Option<String>)> {
                     match cand {
                         Candidate::Typed(m) => Ok((
-                            m.merge(Some(&prep.base.weights), &sds, plan.seed)?,
+                            m.merge(Some(&prep.base.weights), sds, plan.seed)?,
                             Some(m.clone()),
                             None,
                         )),
@@ -1066,7 +1080,7 @@ where
                                 },
                             };
                             Ok((
-                                m.merge(Some(&prep.base.weights), &sds, plan.seed)?,
+                                m.merge(Some(&prep.base.weights), sds, plan.seed)?,
                                 Some(m),
                                 None,
                             ))
@@ -1271,13 +1285,14 @@ fn write_grams<B: Backend>(
     std::fs::create_dir_all(&dir)?;
     g.members
         .iter()
-        .map(|f| {
+        .zip(&g.weights)
+        .map(|(f, w)| {
             let prompts = &sets
                 .iter()
                 .find(|s| s.task == f.task)
                 .expect("task set")
                 .unlabelled;
-            let grams = scorer.model(&f.weights)?.input_grams(prompts);
+            let grams = scorer.model(w)?.input_grams(prompts);
             let p = dir.join(format!("{}.safetensors", f.task.name()));
             grams.save_safetensors(&p)?;
             Ok(p)
@@ -1353,20 +1368,6 @@ fn yaml_check(
             })
         });
     Ok((format!("configs/{name}"), same))
-}
-
-/// `θ − base` of every 2-D weight.
-fn task_vector(ft: &StateDict, base: &StateDict) -> Vec<(String, Array2<f32>)> {
-    base.iter()
-        .filter(|(_, t)| t.shape().len() == 2)
-        .filter_map(|(name, b)| {
-            let f = ft.get(name)?;
-            let d = (&f.data - &b.data)
-                .into_dimensionality::<ndarray::Ix2>()
-                .ok()?;
-            Some((name.to_string(), d))
-        })
-        .collect()
 }
 
 /// The group's fine-tuning method as the `s2ft` study names it.
@@ -1493,9 +1494,9 @@ fn rmm_row<B: Backend>(
     ind_ood: &BTreeMap<String, f64>,
 ) -> anyhow::Result<MergeRow> {
     let tvs: Vec<indexmap::IndexMap<String, Array2<f32>>> = g
-        .members
+        .weights
         .iter()
-        .map(|f| task_vector(&f.weights, base).into_iter().collect())
+        .map(|w| task_matrices(w, base).into_iter().collect())
         .collect();
     let n = tvs.len();
     let p = n.saturating_sub(2).max(1);
@@ -1504,13 +1505,7 @@ fn rmm_row<B: Backend>(
     let merge_seconds = t0.elapsed().as_secs_f64();
     let (mut test, mut ood) = (Accs::default(), Accs::default());
     for (k, f) in g.members.iter().enumerate() {
-        let mut sd = base.clone();
-        for (name, d) in rmm.reconstruct(k)? {
-            if let Some(t) = sd.get_mut(&name) {
-                t.data += &d.view().into_dyn();
-            }
-        }
-        let m = scorer.model(&sd)?;
+        let m = scorer.model(&add(base, &rmm.reconstruct(k)?))?;
         let only = [f.task];
         let (a, b) = (
             scorer.score(&m, Which::Test, Some(&only))?,
@@ -1555,25 +1550,17 @@ fn wm_row(c: &LlamaConfig, base: &StateDict, g: &Group<'_>, seed: u64) -> anyhow
     let spec = permute::builders::llama(dims, base)?;
     let t0 = Instant::now();
     let mut fractions = BTreeMap::new();
-    for f in &g.members {
+    for (f, w) in g.members.iter().zip(&g.weights) {
         let r = permute::weight_matching(
             &spec,
             base,
-            &f.weights,
+            w,
             &permute::MatchOptions {
                 seed,
                 ..Default::default()
             },
         )?;
-        let (mut fixed, mut units) = (0usize, 0usize);
-        for p in r.perm.values() {
-            fixed += p.outer.iter().enumerate().filter(|(i, j)| i == *j).count();
-            units += p.outer.len();
-        }
-        fractions.insert(
-            f.task.name().to_string(),
-            fixed as f64 / units.max(1) as f64,
-        );
+        fractions.insert(f.task.name().to_string(), fixed_fraction([&r.perm]));
     }
     let min = fractions.values().copied().fold(1.0, f64::min);
     Ok(MergeRow {
@@ -1694,11 +1681,8 @@ fn task_vectors<B: Backend>(
     };
     let in_analysis =
         |name: &str| merge::run::layer_of(name).is_some_and(|(l, _)| analysed.contains(&l));
-    let tvs: Vec<Vec<(String, Array2<f32>)>> = g
-        .members
-        .iter()
-        .map(|f| task_vector(&f.weights, base))
-        .collect();
+    let tvs: Vec<Vec<(String, Array2<f32>)>> =
+        g.weights.iter().map(|w| task_matrices(w, base)).collect();
     let dot = |a: &[(String, Array2<f32>)], b: &[(String, Array2<f32>)]| -> f64 {
         a.iter()
             .zip(b)
@@ -1766,7 +1750,7 @@ fn task_vectors<B: Backend>(
     let mut pairs = Vec::new();
     for i in 0..n {
         for j in i + 1..n {
-            let pair = [g.members[i].weights.clone(), g.members[j].weights.clone()];
+            let pair = [g.weights[i].clone(), g.weights[j].clone()];
             let merged = tv(TaskVectorPreset::TaskArithmetic, pair_lambda, None).merge(
                 Some(base),
                 &pair,

@@ -97,8 +97,8 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// `θ − base` for every 2-D weight that differs.
-fn task_vector(ft: &StateDict, base: &StateDict) -> IndexMap<String, Array2<f32>> {
+/// `θ − base` of every 2-D weight, in the base's order (zeros included).
+pub(crate) fn task_matrices(ft: &StateDict, base: &StateDict) -> Vec<(String, Array2<f32>)> {
     base.iter()
         .filter(|(_, t)| t.shape().len() == 2)
         .filter_map(|(name, b)| {
@@ -106,13 +106,33 @@ fn task_vector(ft: &StateDict, base: &StateDict) -> IndexMap<String, Array2<f32>
             let d = (&f.data - &b.data)
                 .into_dimensionality::<ndarray::Ix2>()
                 .ok()?;
-            d.iter().any(|v| *v != 0.0).then(|| (name.to_string(), d))
+            Some((name.to_string(), d))
         })
         .collect()
 }
 
+/// `θ − base` for every 2-D weight that differs.
+fn task_vector(ft: &StateDict, base: &StateDict) -> IndexMap<String, Array2<f32>> {
+    task_matrices(ft, base)
+        .into_iter()
+        .filter(|(_, d)| d.iter().any(|v| *v != 0.0))
+        .collect()
+}
+
+/// The fraction of units that permutations leave in place (1: the identity).
+pub(crate) fn fixed_fraction<'a>(perms: impl IntoIterator<Item = &'a permute::Permutation>) -> f64 {
+    let (mut fixed, mut units) = (0usize, 0usize);
+    for p in perms {
+        for g in p.values() {
+            fixed += g.outer.iter().enumerate().filter(|(i, j)| i == *j).count();
+            units += g.outer.len();
+        }
+    }
+    fixed as f64 / units.max(1) as f64
+}
+
 /// `base + Σ deltas`.
-fn add(base: &StateDict, deltas: &IndexMap<String, Array2<f32>>) -> StateDict {
+pub(crate) fn add(base: &StateDict, deltas: &IndexMap<String, Array2<f32>>) -> StateDict {
     let mut out = base.clone();
     for (name, d) in deltas {
         if let Some(t) = out.get_mut(name) {
@@ -337,14 +357,7 @@ where
                 },
             )
         })?;
-        let (mut fixed, mut units) = (0usize, 0usize);
-        for p in &aligned.perms {
-            for g in p.values() {
-                fixed += g.outer.iter().enumerate().filter(|(i, j)| i == *j).count();
-                units += g.outer.len();
-            }
-        }
-        let fixed_fraction = fixed as f64 / units.max(1) as f64;
+        let fixed_fraction = fixed_fraction(&aligned.perms);
         push(
             &mut merges,
             fam,

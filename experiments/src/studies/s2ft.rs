@@ -36,6 +36,7 @@ use s2ft_core::s2ft::{
 use s2ft_core::train::{TrainConfig, train};
 use s2ft_core::{Llama, LlamaConfig};
 use spectra::rng::Rng;
+use weights::stats::mean;
 
 /// LoRA's target projections (the S²FT paper's LoRA baseline: q, k, v, up, down).
 pub const LORA_TARGETS: [&str; 5] = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"];
@@ -589,13 +590,6 @@ fn switch_time(w: usize, r: usize, reps: usize) -> anyhow::Result<Value> {
         "lora_ms": weights::stats::median(&lora_ms),
         "s2ft_ms": weights::stats::median(&s2ft_ms),
     }))
-}
-
-fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
-    let (s, n) = v
-        .into_iter()
-        .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
-    if n == 0 { f64::NAN } else { s / n as f64 }
 }
 
 /// The base every fine-tune starts from: `--base`, or pretrained on task A

@@ -40,6 +40,7 @@ use s2ft_core::s2ft::{
 };
 use s2ft_core::train::{TrainConfig, train};
 use s2ft_core::{Llama, LlamaConfig, Pretrained};
+use weights::stats::mean;
 
 pub use s2ft_core::s2ft::LORA_TARGETS_ALL;
 
@@ -985,13 +986,6 @@ where
     });
     row.saved = Some(rel);
     Ok(row)
-}
-
-fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
-    let (s, n) = v
-        .into_iter()
-        .fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
-    if n == 0 { f64::NAN } else { s / n as f64 }
 }
 
 fn summarize(methods: &[Method], rows: &[RunRow]) -> Vec<SummaryRow> {
