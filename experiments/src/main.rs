@@ -144,7 +144,9 @@ fn main() -> ExitCode {
         Some(Cmd::MergeConfig { config, out, seed }) => {
             let opts = merge::run::RunOptions {
                 seed,
-                progress: true,
+                progress: Some(merge::run::Progress::new(weights::cli::progress_bar(
+                    "tensors",
+                ))),
                 ..Default::default()
             };
             merge::run::run_file(&config, &out, &opts)

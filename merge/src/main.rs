@@ -151,7 +151,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         seed: cli.seed,
         shard_bytes: parse_size(&cli.shard_size)?,
         max_memory: cli.max_memory.as_deref().map(parse_size).transpose()?,
-        progress: !cli.quiet && !cli.json,
+        progress: (!cli.quiet && !cli.json)
+            .then(|| merge::run::Progress::new(weights::cli::progress_bar("tensors"))),
         embed: if cli.embed_base_rows {
             EmbedPolicy::BaseRows
         } else {

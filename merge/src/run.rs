@@ -30,6 +30,23 @@ pub enum EmbedPolicy {
     BaseRows,
 }
 
+/// A progress callback: `(done, total)`, called from the merge's worker threads.
+#[derive(Clone)]
+pub struct Progress(pub std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>);
+
+impl Progress {
+    /// Wraps `f`.
+    pub fn new(f: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
+        Progress(std::sync::Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress(..)")
+    }
+}
+
 /// Options of [`run`].
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -39,8 +56,9 @@ pub struct RunOptions {
     pub shard_bytes: u64,
     /// Memory budget for tensors in flight, in bytes (`None`: two tensors per core).
     pub max_memory: Option<u64>,
-    /// Show a progress bar on stderr.
-    pub progress: bool,
+    /// Told `(tensors done, tensors in all)` after every tensor (the
+    /// command line draws a progress bar with it; `None`: nothing).
+    pub progress: Option<Progress>,
     /// Vocabulary mismatches.
     pub embed: EmbedPolicy,
     /// Source of DARE's and DELLA's draws (seeded, or a value hash any tool can reproduce).
@@ -53,7 +71,7 @@ impl Default for RunOptions {
             seed: 0,
             shard_bytes: weights::DEFAULT_SHARD_BYTES,
             max_memory: None,
-            progress: false,
+            progress: None,
             embed: EmbedPolicy::Error,
             draws: Default::default(),
         }
@@ -588,17 +606,8 @@ pub fn run(
         used: Mutex::new(0),
         freed: Condvar::new(),
     };
-    let bar = if opts.progress {
-        indicatif::ProgressBar::new(plan.tensors.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} tensors {elapsed_precise} {msg}",
-        )
-        .expect("template"),
-    );
+    let total = plan.tensors.len();
+    let done = std::sync::atomic::AtomicUsize::new(0);
     // Largest first keeps the tail of the run parallel.
     let mut order: Vec<usize> = (0..plan.tensors.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(plan.tensors[i].shape.iter().product::<usize>()));
@@ -619,11 +628,15 @@ pub fn run(
                     .map_err(MergeError::from)
             });
             budget.release(held);
-            bar.inc(1);
+            if let Some(p) = &opts.progress {
+                (p.0)(
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+                    total,
+                );
+            }
             res
         })?;
     writer.into_inner().expect("writer lock").finish()?;
-    bar.finish_and_clear();
     Ok(RunReport {
         tensors: plan.tensors.len(),
         elements: plan

@@ -40,6 +40,24 @@ pub fn error_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// A progress bar on stderr fed by `(done, total)` callbacks (such as
+/// `merge::run::RunOptions::progress`), cleared once `done == total`.
+pub fn progress_bar(unit: &str) -> impl Fn(usize, usize) + Send + Sync + 'static {
+    let bar = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+        "{{bar:40}} {{pos}}/{{len}} {unit} {{elapsed_precise}}"
+    )) {
+        bar.set_style(style);
+    }
+    move |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+        if done >= total {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,6 +34,7 @@
 pub mod alloc;
 pub mod atomic;
 mod checkpoint;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod dtype;
 mod error;
