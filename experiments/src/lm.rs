@@ -166,9 +166,17 @@ impl Sample {
 
     /// Rows of back-to-back items of `task`, only answer tokens counted.
     pub fn task(task: Task, b: usize, t: usize, rng: &mut Rng) -> Sample {
+        Sample::tasks(&[task], b, t, rng)
+    }
+
+    /// Rows of back-to-back items, row `i` of task `tasks[i % n]` (a
+    /// multi-task batch; one task gives [`Sample::task`]'s rows).
+    pub fn tasks(tasks: &[Task], b: usize, t: usize, rng: &mut Rng) -> Sample {
+        assert!(!tasks.is_empty(), "Sample::tasks needs a task");
         let mut tokens = Vec::with_capacity(b * (t + 1));
         let mut mask = Vec::with_capacity(b * t);
-        for _ in 0..b {
+        for i in 0..b {
+            let task = tasks[i % tasks.len()];
             let (mut row, mut scored) = (Vec::new(), Vec::new());
             while row.len() < t + 1 {
                 let (x, s) = task.example(rng);

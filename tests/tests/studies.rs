@@ -288,10 +288,15 @@ fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
         );
         assert!(num(s, "trainable_params") * 10.0 < num(&full, "trainable_params"));
     }
-    // Every method learns the task above chance (1/26); full fine-tuning solves it.
+    // Full fine-tuning solves the task; LoRA learns most of it; S²FT at a
+    // budget of 2 048 parameters learns it above twice chance (1/26).
+    // Measured at quick size, seeds 0–3: full 1.0; LoRA 0.67–0.81; S²FT
+    // random 0.18–0.72, smallest-activation 0.08–0.36 (seed 0, this test:
+    // 0.18 and 0.14).
     assert!(num(&full, "task_b_acc") > 0.9, "{full}");
-    for r in [&lora, &rand, &act] {
-        assert!(num(r, "task_b_acc") > 0.08, "{r}");
+    assert!(num(&lora, "task_b_acc") > 0.5, "{lora}");
+    for r in [&rand, &act] {
+        assert!(num(r, "task_b_acc") > 2.0 / 26.0, "{r}");
     }
     // S²FT forgets task A less than full fine-tuning (smallest-activation
     // selection, and the mean of both selections).
@@ -306,10 +311,30 @@ fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
     // tests run in parallel threads, so the methods are not compared here;
     // s2ft-core/tests/memory.rs compares full FT and S²FT in a process of
     // its own.)
-    for r in [&full, &lora, &rand, &act] {
-        assert!(num(r, "peak_mb") >= 0.0, "{r}");
+    // Full fine-tuning holds at least its weights, gradients and two Adam
+    // moments: 4 × 147 776 f32 = 2.36 MB (measured alone: 4.5 MB).
+    assert!(num(&full, "peak_mb") > 2.3, "{full}");
+    for r in [&lora, &rand, &act] {
+        assert!(num(r, "peak_mb") > 0.0, "{r}");
     }
-    assert_eq!(m["fusion"].as_array().unwrap().len(), 3);
+    // Fusing the task-B and task-C adapters interferes: every method's fused
+    // model scores task B below its task-B adapter alone, and full
+    // fine-tuning's still holds both tasks above twice chance (seeds 0–3:
+    // 0.13–0.36 and 0.14–0.43).
+    let fusion = m["fusion"].as_array().unwrap();
+    assert_eq!(fusion.len(), 3);
+    for f in fusion {
+        let acc = |which: &str, task: &str| num(&f[which], task);
+        assert!(
+            acc("fused", "task_b_acc") < acc("only_b", "task_b_acc"),
+            "{f}"
+        );
+    }
+    let full_fused = &fusion[0]["fused"];
+    assert_eq!(fusion[0]["method"], "full");
+    assert!(
+        num(full_fused, "task_b_acc") > 2.0 / 26.0 && num(full_fused, "task_c_acc") > 2.0 / 26.0
+    );
     let sw = m["switch"].as_array().unwrap();
     assert_eq!(sw.len(), 2);
     for r in sw {
@@ -319,7 +344,7 @@ fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
 }
 
 #[test]
-fn merge_study_merges_beat_chance_and_rmm_rebuilds_each_task() {
+fn merge_study_merges_beat_chance_rmm_rebuilds_each_task_and_one_model_holds_all_tasks() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("merge");
     let args = experiments::studies::merging::MergeArgs {
@@ -348,18 +373,18 @@ fn merge_study_merges_beat_chance_and_rmm_rebuilds_each_task() {
     ] {
         assert!(out.join(f).is_file(), "{f}");
     }
-    let m = metrics(&out);
-    let merges = m["merges"].as_array().unwrap();
+    // Read back through the study's own result type.
+    let m: experiments::studies::merging::Metrics = serde_json::from_value(metrics(&out)).unwrap();
     let chance = 1.0 / 26.0;
-    assert!(m["base"]["mean_acc"].as_f64().unwrap() < 2.0 * chance);
+    assert!(m.base.mean_acc < 2.0 * chance);
     for fam in ["full", "lora", "s2ft-random"] {
-        let rows: Vec<&serde_json::Value> = merges.iter().filter(|r| r["family"] == fam).collect();
         let acc = |method: &str| {
-            rows.iter()
-                .find(|r| r["method"] == method)
-                .unwrap_or_else(|| panic!("{fam} {method}"))["scores"]["mean_acc"]
-                .as_f64()
-                .unwrap()
+            m.merges
+                .iter()
+                .find(|r| r.family == fam && r.method == method)
+                .unwrap_or_else(|| panic!("{fam} {method}"))
+                .scores
+                .mean_acc
         };
         // One merged model holds both tasks above chance.
         let best = [
@@ -374,22 +399,34 @@ fn merge_study_merges_beat_chance_and_rmm_rebuilds_each_task() {
         .fold(0.0, f64::max);
         assert!(best > 2.0 * chance, "{fam}: best merge {best}");
         // RMM with p = n − 1 components rebuilds each task exactly.
-        let own: Vec<f64> = m["individual"]
-            .as_array()
-            .unwrap()
+        let own: Vec<f64> = m
+            .individual
             .iter()
-            .filter(|r| r["family"] == fam)
-            .map(|r| r["own_acc"].as_f64().unwrap())
+            .filter(|r| r.family == fam)
+            .map(|r| r.own_acc)
             .collect();
         let own_mean = own.iter().sum::<f64>() / own.len() as f64;
         assert!((acc("rmm") - own_mean).abs() < 0.01, "{fam}: rmm vs own");
+        // The tasks do not conflict: one model tuned on both at once (the
+        // task fine-tunes' steps together) beats every data-free merge.
+        assert!(
+            acc("mtl") > best,
+            "{fam}: MTL {} vs best merge {best}",
+            acc("mtl")
+        );
     }
-    assert!(merges.iter().any(|r| r["method"] == "lora_lego"));
+    assert!(m.merges.iter().any(|r| r.method == "lora_lego"));
+    // Full MTL holds both tasks as well as the task fine-tunes each hold one.
+    let full_mtl = m
+        .merges
+        .iter()
+        .find(|r| r.family == "full" && r.method == "mtl")
+        .unwrap();
+    assert!(full_mtl.scores.mean_acc > 0.9, "{:?}", full_mtl.scores);
     // LoRA task vectors have rank at most r = 4.
-    let tv = m["task_vectors"].as_array().unwrap();
-    let lora = tv.iter().find(|t| t["family"] == "lora").unwrap();
-    for w in lora["weights"].as_array().unwrap() {
-        assert!(w["numerical_rank"].as_u64().unwrap() <= 4, "{w}");
+    let lora = m.task_vectors.iter().find(|t| t.family == "lora").unwrap();
+    for w in &lora.weights {
+        assert!(w.numerical_rank <= 4, "{w:?}");
     }
 }
 

@@ -32,7 +32,9 @@ use weights::StateDict;
 use crate::llm::{EncodedSet, Prompter, score_set};
 use crate::plot::{Series, grouped_bar_chart, heatmap, line_chart};
 use crate::report::Run;
-use crate::studies::merging::{MergeArgs, add, fixed_fraction, task_matrices};
+use crate::studies::merging::{
+    MergeArgs, WeightStats, add, fixed_fraction, llama_dims, task_matrices,
+};
 use crate::studies::s2ft_llm::EVAL_SEED;
 use crate::tasks::{InstructTask, Split, Stream, Words, examples};
 use merge::regmean::RegMeanOptions;
@@ -1539,15 +1541,7 @@ fn rmm_row<B: Backend>(
 /// Weight matching of each fine-tune to the base: for fine-tunes of one
 /// base it should find the identity (the fraction of units left in place).
 fn wm_row(c: &LlamaConfig, base: &StateDict, g: &Group<'_>, seed: u64) -> anyhow::Result<MergeRow> {
-    let dims = permute::builders::TransformerDims {
-        layers: c.num_hidden_layers,
-        hidden: c.hidden_size,
-        heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        ffn: c.intermediate_size,
-    };
-    let spec = permute::builders::llama(dims, base)?;
+    let spec = permute::builders::llama(llama_dims(c), base)?;
     let t0 = Instant::now();
     let mut fractions = BTreeMap::new();
     for (f, w) in g.members.iter().zip(&g.weights) {
@@ -1586,21 +1580,6 @@ fn wm_row(c: &LlamaConfig, base: &StateDict, g: &Group<'_>, seed: u64) -> anyhow
             }
         )),
     })
-}
-
-/// Task-vector statistics of one weight of one task.
-#[derive(Clone, Debug, Serialize)]
-pub struct WeightStats {
-    /// Task.
-    pub task: String,
-    /// Weight.
-    pub weight: String,
-    /// Frobenius norm.
-    pub norm: f64,
-    /// `‖Δ‖²_F / σ₁²`.
-    pub stable_rank: f64,
-    /// Singular values above `1e-3 σ₁`.
-    pub numerical_rank: usize,
 }
 
 /// One pair of tasks of a group.
@@ -1719,15 +1698,11 @@ fn task_vectors<B: Backend>(
                 continue;
             }
             let svd = spectra::linalg::thin_svd(ArrayView2::from(&d64), name)?;
-            let s1 = svd.s[0];
-            let fro2: f64 = svd.s.iter().map(|x| x * x).sum();
-            weights.push(WeightStats {
-                task: g.members[k].task.name().into(),
-                weight: name.clone(),
-                norm: fro2.sqrt(),
-                stable_rank: fro2 / (s1 * s1),
-                numerical_rank: svd.s.iter().filter(|x| **x > 1e-3 * s1).count(),
-            });
+            weights.push(WeightStats::from_singular_values(
+                g.members[k].task.name(),
+                name,
+                &svd.s.to_vec(),
+            ));
             svds[k].push(Some(svd));
         }
     }

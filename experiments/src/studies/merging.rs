@@ -10,6 +10,7 @@
 //! scored on every task (answer accuracy) and on task A (held-out LM loss);
 //! the task vectors' spectra and pairwise cosines show why merges interfere.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::bail;
@@ -17,14 +18,15 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use indexmap::IndexMap;
 use ndarray::Array2;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use weights::StateDict;
+use weights::stats::mean;
 
 use crate::lm::{Corpus, Task};
 use crate::plot::{Series, bar_chart, line_chart};
 use crate::report::Run;
 use crate::studies::s2ft::{EvalSets, LmArgs, Method, Sizes, finetune, prepare_base};
-use merge::{Params, Value as P};
+use merge::typed::{Merge, TaskVectorOptions, TaskVectorPreset};
 use s2ft_core::s2ft::Strategy;
 use s2ft_core::{Llama, LlamaConfig};
 
@@ -97,6 +99,18 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// The permutation-spec sizes of a LLaMA configuration.
+pub(crate) fn llama_dims(c: &LlamaConfig) -> permute::builders::TransformerDims {
+    permute::builders::TransformerDims {
+        layers: c.num_hidden_layers,
+        hidden: c.hidden_size,
+        heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        ffn: c.intermediate_size,
+    }
+}
+
 /// `θ − base` of every 2-D weight, in the base's order (zeros included).
 pub(crate) fn task_matrices(ft: &StateDict, base: &StateDict) -> Vec<(String, Array2<f32>)> {
     base.iter()
@@ -160,8 +174,183 @@ fn cosine(a: &IndexMap<String, Array2<f32>>, b: &IndexMap<String, Array2<f32>>) 
     ab / (aa.sqrt() * bb.sqrt()).max(1e-30)
 }
 
-fn num(x: f64) -> P {
-    P::Num(x)
+/// Task-A loss and every task's answer accuracy of one model.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Scores {
+    /// Held-out language-modelling loss on task A (nats per token).
+    pub task_a_loss: f64,
+    /// Answer accuracy per task.
+    pub acc: BTreeMap<String, f64>,
+    /// Mean of `acc`.
+    pub mean_acc: f64,
+}
+
+/// One fine-tune on its own task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IndividualRow {
+    /// Fine-tuning family (`full`, `lora`, `s2ft-random`).
+    pub family: String,
+    /// The task it was tuned on.
+    pub task: String,
+    /// Parameters that trained.
+    pub trainable_params: usize,
+    /// Accuracy on its own task.
+    pub own_acc: f64,
+    /// Scores on every task.
+    pub scores: Scores,
+}
+
+/// One merge (or baseline) of one family's fine-tunes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MergeRow {
+    /// Fine-tuning family.
+    pub family: String,
+    /// Method (`average`, `ties`, …, `rmm`, `lora_lego`, `mtl`).
+    pub method: String,
+    /// Scores on every task.
+    pub scores: Scores,
+    /// Method-specific facts: parameters, `fixed_fraction` of WM, RMM's `storage_ratio`, MTL's steps.
+    pub details: serde_json::Value,
+}
+
+/// Cosine similarity of two task vectors.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Cosine {
+    /// First task.
+    pub a: String,
+    /// Second task.
+    pub b: String,
+    /// Cosine of the whole task vectors.
+    pub cosine: f64,
+}
+
+/// Task-vector statistics of one weight of one task.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WeightStats {
+    /// Task.
+    pub task: String,
+    /// Weight.
+    pub weight: String,
+    /// Frobenius norm.
+    pub norm: f64,
+    /// `‖Δ‖²_F / σ₁²` (0 for a zero weight).
+    pub stable_rank: f64,
+    /// Singular values above `1e-3 σ₁`.
+    pub numerical_rank: usize,
+}
+
+impl WeightStats {
+    /// The statistics of a weight from its singular values (largest first).
+    pub fn from_singular_values(task: &str, weight: &str, sv: &[f64]) -> WeightStats {
+        let top = sv.first().copied().unwrap_or(0.0);
+        let fro2: f64 = sv.iter().map(|x| x * x).sum();
+        WeightStats {
+            task: task.into(),
+            weight: weight.into(),
+            norm: fro2.sqrt(),
+            stable_rank: if top > 0.0 { fro2 / (top * top) } else { 0.0 },
+            numerical_rank: sv.iter().filter(|x| **x > top * 1e-3).count(),
+        }
+    }
+}
+
+/// One family's task vectors.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FamilyVectors {
+    /// Fine-tuning family.
+    pub family: String,
+    /// Every pair of tasks.
+    pub cosines: Vec<Cosine>,
+    /// Mean stable rank over tasks and weights.
+    pub mean_stable_rank: f64,
+    /// Per task and weight.
+    pub weights: Vec<WeightStats>,
+}
+
+/// The study's options as run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Options {
+    /// LoRA rank (S²FT's budget).
+    pub rank: usize,
+    /// TIES / DARE density.
+    pub density: f64,
+    /// λ of task arithmetic and DARE.
+    pub lambda: f64,
+    /// Fine-tuning steps per task (the MTL fine-tune takes this × tasks).
+    pub steps: usize,
+}
+
+/// `metrics.json` (besides the run record).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Metrics {
+    /// The base's shape.
+    pub config: LlamaConfig,
+    /// Tasks, in order.
+    pub tasks: Vec<String>,
+    /// The base model's scores.
+    pub base: Scores,
+    /// Every family's fine-tune on every task.
+    pub individual: Vec<IndividualRow>,
+    /// Every family's merges and its multi-task baseline.
+    pub merges: Vec<MergeRow>,
+    /// Task-vector statistics per family.
+    pub task_vectors: Vec<FamilyVectors>,
+    /// Options.
+    pub options: Options,
+}
+
+/// Everything one phase needs: the base, the tasks, a scorer and the report.
+struct Study<'a, B: AutodiffBackend> {
+    args: &'a MergeArgs,
+    s: Sizes,
+    tasks: &'a [Task],
+    base: StateDict,
+    evals: EvalSets,
+    device: &'a B::Device,
+}
+
+impl<B: AutodiffBackend> Study<'_, B>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    fn score(&self, sd: &StateDict) -> anyhow::Result<Scores> {
+        let (a, ts) = self.evals.score::<B>(&self.s.config, sd, self.device)?;
+        Ok(Scores {
+            task_a_loss: a.loss,
+            acc: ts
+                .iter()
+                .map(|(t, e)| (t.name().to_string(), e.acc))
+                .collect(),
+            mean_acc: mean(ts.iter().map(|(_, e)| e.acc)),
+        })
+    }
+
+    fn finetune(
+        &self,
+        m: Method,
+        tasks: &[Task],
+        seed: u64,
+        adapter_dir: Option<&std::path::Path>,
+        bar: &indicatif::ProgressBar,
+    ) -> anyhow::Result<crate::studies::s2ft::Finetuned> {
+        finetune::<B>(
+            &self.base,
+            &self.s,
+            m,
+            tasks,
+            self.args.lm.lr(m),
+            seed,
+            adapter_dir,
+            self.device,
+            bar,
+        )
+    }
+}
+
+/// One family's task fine-tunes.
+struct Family {
+    method: Method,
+    weights: Vec<StateDict>,
 }
 
 fn run_on<B: AutodiffBackend>(
@@ -182,319 +371,394 @@ where
         Method::Lora(r),
         Method::S2ft(r, Strategy::Random),
     ];
-    let total = lm.pretrain_steps(&s) + families.len() * tasks.len() * s.steps;
+    // Task fine-tunes, then each family's multi-task fine-tune (as many steps).
+    let total = lm.pretrain_steps(&s) + 2 * families.len() * tasks.len() * s.steps;
     let bar = run.progress(total as u64);
     let (base, _) = prepare_base::<B>(lm, &mut s, &corpus, &mut run, device, &bar)?;
-    let c: LlamaConfig = s.config.clone();
     let evals = EvalSets::new(&corpus, tasks, &s);
-    // A row of the table: task-A loss and every task's accuracy.
-    let score = |sd: &StateDict| -> anyhow::Result<Value> {
-        let (a, ts) = evals.score::<B>(&c, sd, device)?;
-        let accs: Vec<f64> = ts.iter().map(|(_, e)| e.acc).collect();
-        Ok(json!({
-            "task_a_loss": a.loss,
-            "acc": ts.iter().map(|(t, e)| (t.name().to_string(), json!(e.acc))).collect::<serde_json::Map<_, _>>(),
-            "mean_acc": accs.iter().sum::<f64>() / accs.len() as f64,
-        }))
+    let st = Study::<B> {
+        args,
+        s,
+        tasks,
+        base,
+        evals,
+        device,
     };
-    let base_row = score(&base)?;
+    let base_scores = st.score(&st.base)?;
+    let (finetuned, individual) = finetune_families(&st, &families, &mut run, &bar)?;
+    let mut merges = Vec::new();
+    let mut vectors = Vec::new();
+    let mut spectra_series = Vec::new();
+    for fam in &finetuned {
+        merge_family(&st, fam, &mut run, &mut merges, &bar)?;
+        let (v, series) = task_vector_stats(&st.base, fam, tasks)?;
+        vectors.push(v);
+        spectra_series.extend(series);
+    }
+    bar.finish_and_clear();
+    let metrics = Metrics {
+        config: st.s.config.clone(),
+        tasks: tasks.iter().map(|t| t.name().to_string()).collect(),
+        base: base_scores,
+        individual,
+        merges,
+        task_vectors: vectors,
+        options: Options {
+            rank: r,
+            density: args.density,
+            lambda: args.lambda,
+            steps: st.s.steps,
+        },
+    };
+    plots(&run, &metrics, &spectra_series)?;
+    let md = report(&st, &metrics);
+    run.finish(serde_json::to_value(&metrics)?, &md)?;
+    Ok(run.dir.clone())
+}
 
-    // Fine-tune every family on every task.
-    let mut finetuned: Vec<(Method, Vec<StateDict>)> = Vec::new();
+/// Fine-tunes every family on every task (adapters saved under `adapters/`).
+fn finetune_families<B: AutodiffBackend>(
+    st: &Study<'_, B>,
+    families: &[Method],
+    run: &mut Run,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<(Vec<Family>, Vec<IndividualRow>)>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    let mut finetuned = Vec::new();
     let mut individual = Vec::new();
-    let mut csv = String::from("family,task,trainable_params,own_acc,mean_acc,task_a_loss\n");
-    for &m in &families {
-        let mut sds = Vec::new();
-        for (k, &task) in tasks.iter().enumerate() {
-            bar.set_message(format!("{} on {}", m.family(), task.name()));
+    for &m in families {
+        let mut weights = Vec::new();
+        for (k, &task) in st.tasks.iter().enumerate() {
+            let what = format!("{} on {}", m.family(), task.name());
+            bar.set_message(what.clone());
             let adir = (m != Method::Full).then(|| {
                 run.dir
                     .join("adapters")
                     .join(format!("{}_{}", m.family(), task.name()))
             });
-            let seed = lm.seed * 1000 + k as u64;
-            let ft = run.phase(&format!("{} on {}", m.family(), task.name()), || {
-                finetune::<B>(
-                    &base,
-                    &s,
-                    m,
-                    task,
-                    lm.lr(m),
-                    seed,
-                    adir.as_deref(),
-                    device,
-                    &bar,
-                )
+            let seed = st.args.lm.seed * 1000 + k as u64;
+            let ft = run.phase(&what, || {
+                st.finetune(m, &[task], seed, adir.as_deref(), bar)
             })?;
-            let row = score(&ft.weights)?;
-            let own = row["acc"][task.name()].as_f64().unwrap_or(f64::NAN);
-            csv.push_str(&format!(
-                "{},{},{},{own:.5},{:.5},{:.5}\n",
-                m.family(),
-                task.name(),
-                ft.trainable,
-                row["mean_acc"].as_f64().unwrap_or(f64::NAN),
-                row["task_a_loss"].as_f64().unwrap_or(f64::NAN)
-            ));
-            run.write("individual.csv", csv.as_bytes())?;
-            individual.push(json!({"family": m.family(), "task": task.name(), "trainable_params": ft.trainable, "own_acc": own, "scores": row}));
-            sds.push(ft.weights);
+            let scores = st.score(&ft.weights)?;
+            individual.push(IndividualRow {
+                family: m.family().into(),
+                task: task.name().into(),
+                trainable_params: ft.trainable,
+                own_acc: scores.acc[task.name()],
+                scores,
+            });
+            run.write("individual.csv", individual_csv(&individual).as_bytes())?;
+            weights.push(ft.weights);
         }
-        finetuned.push((m, sds));
+        finetuned.push(Family { method: m, weights });
     }
-    bar.finish_and_clear();
+    Ok((finetuned, individual))
+}
 
-    // Merge each family's task models.
-    let n = tasks.len();
-    let shared = |pairs: &[(&str, P)]| -> Params {
-        pairs
+/// The data-free merges of the `merge` crate, by row label.
+fn plain_merges(args: &MergeArgs) -> Vec<(&'static str, Merge)> {
+    let tv = |preset, density: Option<f64>| {
+        Merge::TaskVectors(
+            preset,
+            TaskVectorOptions {
+                weights: vec![1.0],
+                densities: density.into_iter().collect(),
+                lambda: if preset == TaskVectorPreset::Ties {
+                    1.0
+                } else {
+                    args.lambda
+                },
+                ..Default::default()
+            },
+        )
+    };
+    let d = Some(args.density);
+    vec![
+        (
+            "average",
+            Merge::Linear {
+                weights: vec![1.0],
+                normalize: true,
+            },
+        ),
+        (
+            "task_arithmetic",
+            tv(TaskVectorPreset::TaskArithmetic, None),
+        ),
+        ("ties", tv(TaskVectorPreset::Ties, d)),
+        ("dare_linear", tv(TaskVectorPreset::DareLinear, d)),
+        ("dare_ties", tv(TaskVectorPreset::DareTies, d)),
+        ("model_stock", Merge::ModelStock { filter_wise: false }),
+    ]
+}
+
+/// Merges one family's fine-tunes by every method, and its multi-task
+/// baseline; `merges.csv` is rewritten after each row.
+fn merge_family<B: AutodiffBackend>(
+    st: &Study<'_, B>,
+    fam: &Family,
+    run: &mut Run,
+    merges: &mut Vec<MergeRow>,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<()>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    let name = fam.method.family();
+    let seed = st.args.lm.seed;
+    let push = |merges: &mut Vec<MergeRow>,
+                run: &Run,
+                method: &str,
+                scores: Scores,
+                details: serde_json::Value|
+     -> anyhow::Result<()> {
+        merges.push(MergeRow {
+            family: name.into(),
+            method: method.into(),
+            scores,
+            details,
+        });
+        // Rewritten after every merge: an interrupted study keeps what finished.
+        run.write("merges.csv", merges_csv(merges, st.tasks).as_bytes())?;
+        Ok(())
+    };
+    for (label, merge) in plain_merges(st.args) {
+        let merged = run.phase(&format!("{name} {label}"), || {
+            merge.merge(Some(&st.base), &fam.weights, seed)
+        })?;
+        // Its parameters as the registry takes them (one model's and the shared).
+        let (_, shared, per_model) = merge.lower(fam.weights.len())?;
+        let mut params = per_model.into_iter().next().unwrap_or_default();
+        params.extend(shared);
+        let details = serde_json::to_value(params)?;
+        push(merges, run, label, st.score(&merged)?, details)?;
+    }
+    let (merged, details) = run.phase(&format!("{name} wm+ties"), || wm_ties(st, fam))?;
+    push(merges, run, "wm_ties", st.score(&merged)?, details)?;
+    let (scores, details) = run.phase(&format!("{name} rmm"), || rmm(st, fam))?;
+    push(merges, run, "rmm", scores, details)?;
+    if let Method::Lora(r) = fam.method {
+        let adapters = st
+            .tasks
             .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect()
+            .map(|t| {
+                merge::lora::LoraAdapter::load(
+                    run.dir.join("adapters").join(format!("lora_{}", t.name())),
+                )
+            })
+            .collect::<merge::Result<Vec<_>>>()?;
+        let lego = run.phase("lora-lego", || {
+            merge::lora::lora_lego(&adapters, r, seed, true)
+        })?;
+        let scores = st.score(&lego.fuse(&st.base, 1.0)?)?;
+        push(
+            merges,
+            run,
+            "lora_lego",
+            scores,
+            serde_json::json!({"merged_rank": r}),
+        )?;
+    }
+    // Multi-task fine-tuning (FusionBench's MTL row): the family's method on
+    // every task at once, for as many steps as its task fine-tunes together.
+    bar.set_message(format!("{name} on all tasks"));
+    let ft = run.phase(&format!("{name} mtl"), || {
+        st.finetune(fam.method, st.tasks, seed * 1000 + 900, None, bar)
+    })?;
+    let details = serde_json::json!({
+        "steps": st.s.steps * st.tasks.len(),
+        "note": "one fine-tune on all tasks (rows of each batch from the tasks in turn), as many steps as the task fine-tunes together",
+    });
+    push(merges, run, "mtl", st.score(&ft.weights)?, details)
+}
+
+/// Permutation-aware merging: each fine-tune weight-matched to the base, then TIES.
+fn wm_ties<B: AutodiffBackend>(
+    st: &Study<'_, B>,
+    fam: &Family,
+) -> anyhow::Result<(StateDict, serde_json::Value)> {
+    let spec = permute::builders::llama(llama_dims(&st.s.config), &st.base)?;
+    let (method, params, per_model) = plain_merges(st.args)
+        .into_iter()
+        .find(|(l, _)| *l == "ties")
+        .expect("ties is a plain merge")
+        .1
+        .lower(fam.weights.len())?;
+    let (merged, aligned) = merge::aligned::permutation_aware_merge(
+        &spec,
+        &method,
+        Some(&st.base),
+        &fam.weights,
+        merge::aligned::Alignment::ToAnchor,
+        &params,
+        &per_model,
+        &permute::MatchOptions {
+            seed: st.args.lm.seed,
+            ..Default::default()
+        },
+    )?;
+    let details = serde_json::json!({"fixed_fraction": fixed_fraction(&aligned.perms)});
+    Ok((merged, details))
+}
+
+/// The task vectors of `fam`, every one over the same weights (zeros where
+/// a task did not touch a weight).
+fn aligned_task_vectors(base: &StateDict, fam: &Family) -> Vec<IndexMap<String, Array2<f32>>> {
+    let tvs: Vec<IndexMap<String, Array2<f32>>> =
+        fam.weights.iter().map(|sd| task_vector(sd, base)).collect();
+    let names: indexmap::IndexSet<String> = tvs.iter().flat_map(|t| t.keys().cloned()).collect();
+    tvs.iter()
+        .map(|t| {
+            names
+                .iter()
+                .map(|nm| {
+                    // Every name is one of the base's 2-D weights (`task_vector`).
+                    let d = t.get(nm).cloned().unwrap_or_else(|| {
+                        let sh = base.get(nm).map_or(&[0, 0][..], |b| b.shape());
+                        Array2::zeros((sh[0], sh[1]))
+                    });
+                    (nm.clone(), d)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Reversible Model Merging: one store of rank `p = n − 2` (at least 1);
+/// each task scored with its own rebuilt weights.
+fn rmm<B: AutodiffBackend>(
+    st: &Study<'_, B>,
+    fam: &Family,
+) -> anyhow::Result<(Scores, serde_json::Value)>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    let n = st.tasks.len();
+    let p = n.saturating_sub(2).max(1);
+    let store = merge::lora::rmm_fit(&aligned_task_vectors(&st.base, fam), p)?;
+    let mut acc = BTreeMap::new();
+    let mut losses = Vec::new();
+    for (k, t) in st.tasks.iter().enumerate() {
+        let own = st.score(&add(&st.base, &store.reconstruct(k)?))?;
+        acc.insert(t.name().to_string(), own.acc[t.name()]);
+        losses.push(own.task_a_loss);
+    }
+    let scores = Scores {
+        task_a_loss: mean(losses),
+        mean_acc: mean(acc.values().copied()),
+        acc,
     };
-    let ones = vec![shared(&[("weight", num(1.0))]); n];
-    let plain: Vec<(&str, &str, Params)> = vec![
-        ("average", "linear", shared(&[("weight", num(1.0))])),
-        (
-            "task_arithmetic",
-            "task_arithmetic",
-            shared(&[("weight", num(1.0)), ("lambda", num(args.lambda))]),
-        ),
-        (
-            "ties",
-            "ties",
-            shared(&[("weight", num(1.0)), ("density", num(args.density))]),
-        ),
-        (
-            "dare_linear",
-            "dare_linear",
-            shared(&[
-                ("weight", num(1.0)),
-                ("density", num(args.density)),
-                ("lambda", num(args.lambda)),
-            ]),
-        ),
-        (
-            "dare_ties",
-            "dare_ties",
-            shared(&[
-                ("weight", num(1.0)),
-                ("density", num(args.density)),
-                ("lambda", num(args.lambda)),
-            ]),
-        ),
-        ("model_stock", "model_stock", Params::new()),
-    ];
-    let mut merges = Vec::new();
-    let mut spectra_rows = Vec::new();
-    let mut spectra_series = Vec::new();
-    let dims = permute::builders::TransformerDims {
-        layers: c.num_hidden_layers,
-        hidden: c.hidden_size,
-        heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        ffn: c.intermediate_size,
+    let details = serde_json::json!({"rank": p, "storage_ratio": store.storage_ratio(), "note": "each task scored with its own reconstruction"});
+    Ok((scores, details))
+}
+
+/// Norms, stable and numerical ranks of every task vector, the pairwise
+/// cosines, and the spectrum of the first task's `layers.0.mlp.down_proj`.
+fn task_vector_stats(
+    base: &StateDict,
+    fam: &Family,
+    tasks: &[Task],
+) -> anyhow::Result<(FamilyVectors, Option<Series>)> {
+    let name = fam.method.family();
+    let tvs: Vec<IndexMap<String, Array2<f32>>> =
+        fam.weights.iter().map(|sd| task_vector(sd, base)).collect();
+    let mut cosines = Vec::new();
+    for i in 0..tvs.len() {
+        for j in i + 1..tvs.len() {
+            cosines.push(Cosine {
+                a: tasks[i].name().into(),
+                b: tasks[j].name().into(),
+                cosine: cosine(&tvs[i], &tvs[j]),
+            });
+        }
+    }
+    let mut weights = Vec::new();
+    let mut series = None;
+    for (k, tv) in tvs.iter().enumerate() {
+        for (w, d) in tv {
+            let sv: Vec<f64> = spectra::linalg::singular_values(d.view(), w)?
+                .iter()
+                .map(|x| *x as f64)
+                .collect();
+            if k == 0 && w.ends_with("layers.0.mlp.down_proj.weight") {
+                let top = sv.first().copied().unwrap_or(0.0).max(1e-30);
+                let points = sv
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| (i as f64 + 1.0, (x / top).max(1e-8).log10()))
+                    .collect();
+                series = Some(Series::line(name, points));
+            }
+            weights.push(WeightStats::from_singular_values(tasks[k].name(), w, &sv));
+        }
+    }
+    let vectors = FamilyVectors {
+        family: name.into(),
+        cosines,
+        mean_stable_rank: weights.iter().map(|w| w.stable_rank).sum::<f64>()
+            / weights.len().max(1) as f64,
+        weights,
     };
-    let spec = permute::builders::llama(dims, &base)?;
+    Ok((vectors, series))
+}
+
+fn individual_csv(rows: &[IndividualRow]) -> String {
+    let mut csv = String::from("family,task,trainable_params,own_acc,mean_acc,task_a_loss\n");
+    for r in rows {
+        csv.push_str(&format!(
+            "{},{},{},{:.5},{:.5},{:.5}\n",
+            r.family,
+            r.task,
+            r.trainable_params,
+            r.own_acc,
+            r.scores.mean_acc,
+            r.scores.task_a_loss
+        ));
+    }
+    csv
+}
+
+fn merges_csv(rows: &[MergeRow], tasks: &[Task]) -> String {
     let mut csv = String::from("family,method,mean_acc,task_a_loss");
     for t in tasks {
         csv.push_str(&format!(",{}_acc", t.name()));
     }
     csv.push('\n');
-    let out_dir = run.dir.clone();
-    let mut push = |merges: &mut Vec<Value>,
-                    fam: &str,
-                    method: &str,
-                    row: Value,
-                    extra: Value|
-     -> anyhow::Result<()> {
+    for r in rows {
         csv.push_str(&format!(
-            "{fam},{method},{:.5},{:.5}",
-            row["mean_acc"].as_f64().unwrap_or(f64::NAN),
-            row["task_a_loss"].as_f64().unwrap_or(f64::NAN)
+            "{},{},{:.5},{:.5}",
+            r.family, r.method, r.scores.mean_acc, r.scores.task_a_loss
         ));
         for t in tasks {
-            csv.push_str(&format!(
-                ",{:.5}",
-                row["acc"][t.name()].as_f64().unwrap_or(f64::NAN)
-            ));
+            csv.push_str(&format!(",{:.5}", acc_of(&r.scores, t)));
         }
         csv.push('\n');
-        // Rewritten after every merge: an interrupted study keeps what finished.
-        weights::atomic::write_atomic(out_dir.join("merges.csv"), csv.as_bytes())?;
-        merges.push(json!({"family": fam, "method": method, "scores": row, "details": extra}));
-        Ok(())
-    };
-    for (m, sds) in &finetuned {
-        let fam = m.family();
-        for (label, name, params) in &plain {
-            let method = merge::Method::from_name(name)?;
-            // Per-model weights only for methods that take them (model stock does not).
-            let per = if method.parameters().contains(&("weight", true)) {
-                ones.clone()
-            } else {
-                vec![Params::new(); sds.len()]
-            };
-            let merged = run.phase(&format!("{fam} {label}"), || {
-                merge::merge_state_dicts(&method, Some(&base), sds, params, &per, lm.seed)
-            })?;
-            push(&mut merges, fam, label, score(&merged)?, json!(params))?;
-        }
-        // Permutation-aware: align each model to the base, then TIES.
-        let (merged, aligned) = run.phase(&format!("{fam} wm+ties"), || {
-            merge::aligned::permutation_aware_merge(
-                &spec,
-                &merge::Method::from_name("ties")?,
-                Some(&base),
-                sds,
-                merge::aligned::Alignment::ToAnchor,
-                &shared(&[("weight", num(1.0)), ("density", num(args.density))]),
-                &ones,
-                &permute::MatchOptions {
-                    seed: lm.seed,
-                    ..Default::default()
-                },
-            )
-        })?;
-        let fixed_fraction = fixed_fraction(&aligned.perms);
-        push(
-            &mut merges,
-            fam,
-            "wm_ties",
-            score(&merged)?,
-            json!({"fixed_fraction": fixed_fraction}),
-        )?;
-        // Reversible Model Merging: one store of rank p = n − 2 (at least 1);
-        // each task scored with its own rebuilt weights.
-        let tvs: Vec<IndexMap<String, Array2<f32>>> =
-            sds.iter().map(|sd| task_vector(sd, &base)).collect();
-        let names: Vec<String> = tvs
-            .iter()
-            .flat_map(|t| t.keys().cloned())
-            .collect::<indexmap::IndexSet<_>>()
-            .into_iter()
-            .collect();
-        // Same names in every task (zeros where a task did not touch a weight).
-        let full_tvs: Vec<IndexMap<String, Array2<f32>>> = tvs
-            .iter()
-            .map(|t| {
-                names
-                    .iter()
-                    .map(|nm| {
-                        let sh = base.get(nm).expect("base weight").shape().to_vec();
-                        (
-                            nm.clone(),
-                            t.get(nm)
-                                .cloned()
-                                .unwrap_or_else(|| Array2::zeros((sh[0], sh[1]))),
-                        )
-                    })
-                    .collect()
-            })
-            .collect();
-        let p = n.saturating_sub(2).max(1);
-        let rmm = run.phase(&format!("{fam} rmm"), || merge::lora::rmm_fit(&full_tvs, p))?;
-        let mut accs = serde_json::Map::new();
-        let mut a_loss = 0.0;
-        for (k, t) in tasks.iter().enumerate() {
-            let row = score(&add(&base, &rmm.reconstruct(k)?))?;
-            accs.insert(t.name().into(), row["acc"][t.name()].clone());
-            a_loss += row["task_a_loss"].as_f64().unwrap_or(f64::NAN) / n as f64;
-        }
-        let mean_acc = accs.values().filter_map(|v| v.as_f64()).sum::<f64>() / n as f64;
-        push(
-            &mut merges,
-            fam,
-            "rmm",
-            json!({"acc": accs, "mean_acc": mean_acc, "task_a_loss": a_loss}),
-            json!({"rank": p, "storage_ratio": rmm.storage_ratio(), "note": "each task scored with its own reconstruction"}),
-        )?;
-        // LoRA-LEGO on the LoRA family's adapters.
-        if matches!(m, Method::Lora(_)) {
-            let adapters = tasks
-                .iter()
-                .map(|t| {
-                    merge::lora::LoraAdapter::load(
-                        run.dir.join("adapters").join(format!("lora_{}", t.name())),
-                    )
-                })
-                .collect::<merge::Result<Vec<_>>>()?;
-            let lego = run.phase("lora-lego", || {
-                merge::lora::lora_lego(&adapters, r, lm.seed, true)
-            })?;
-            push(
-                &mut merges,
-                fam,
-                "lora_lego",
-                score(&lego.fuse(&base, 1.0)?)?,
-                json!({"merged_rank": r}),
-            )?;
-        }
-        // Task-vector spectra and pairwise cosines.
-        let mut cos = Vec::new();
-        for i in 0..n {
-            for j in i + 1..n {
-                cos.push(json!({"a": tasks[i].name(), "b": tasks[j].name(), "cosine": cosine(&tvs[i], &tvs[j])}));
-            }
-        }
-        let mut layers = Vec::new();
-        for (k, tv) in tvs.iter().enumerate() {
-            for (name, d) in tv {
-                let sv = spectra::linalg::singular_values(d.view(), name)?;
-                let top = sv.first().copied().unwrap_or(0.0) as f64;
-                let fro2: f64 = sv.iter().map(|x| (*x as f64).powi(2)).sum();
-                let stable_rank = if top > 0.0 { fro2 / (top * top) } else { 0.0 };
-                let numerical_rank = sv.iter().filter(|x| (**x as f64) > top * 1e-3).count();
-                if k == 0 && name.ends_with("layers.0.mlp.down_proj.weight") {
-                    spectra_series.push(Series::line(
-                        fam,
-                        sv.iter()
-                            .enumerate()
-                            .map(|(i, x)| {
-                                (
-                                    i as f64 + 1.0,
-                                    ((*x as f64) / top.max(1e-30)).max(1e-8).log10(),
-                                )
-                            })
-                            .collect(),
-                    ));
-                }
-                layers.push(json!({"task": tasks[k].name(), "weight": name, "norm": fro2.sqrt(), "stable_rank": stable_rank, "numerical_rank": numerical_rank}));
-            }
-        }
-        let mean_sr = layers
-            .iter()
-            .filter_map(|l| l["stable_rank"].as_f64())
-            .sum::<f64>()
-            / layers.len().max(1) as f64;
-        spectra_rows.push(
-            json!({"family": fam, "cosines": cos, "mean_stable_rank": mean_sr, "weights": layers}),
-        );
     }
+    csv
+}
 
-    // Plots: mean accuracy per method, one chart per family; task-vector spectra.
-    for (m, _) in &finetuned {
-        let fam = m.family();
-        let mut bars: Vec<(String, f64)> = vec![(
-            "base".into(),
-            base_row["mean_acc"].as_f64().unwrap_or(f64::NAN),
-        )];
-        let indiv: Vec<f64> = individual
-            .iter()
-            .filter(|r| r["family"] == fam)
-            .filter_map(|r| r["own_acc"].as_f64())
-            .collect();
-        bars.push((
-            "individual".into(),
-            indiv.iter().sum::<f64>() / indiv.len().max(1) as f64,
-        ));
-        bars.extend(merges.iter().filter(|r| r["family"] == fam).map(|r| {
-            (
-                r["method"].as_str().unwrap_or("?").replace('_', " "),
-                r["scores"]["mean_acc"].as_f64().unwrap_or(f64::NAN),
-            )
-        }));
+fn acc_of(s: &Scores, t: &Task) -> f64 {
+    s.acc.get(t.name()).copied().unwrap_or(f64::NAN)
+}
+
+/// Mean accuracy per method, one chart per family; task-vector spectra.
+fn plots(run: &Run, m: &Metrics, spectra_series: &[Series]) -> anyhow::Result<()> {
+    for fv in &m.task_vectors {
+        let fam = fv.family.as_str();
+        let own = m.individual.iter().filter(|r| r.family == fam);
+        let mut bars: Vec<(String, f64)> = vec![
+            ("base".into(), m.base.mean_acc),
+            ("individual".into(), mean(own.map(|r| r.own_acc))),
+        ];
+        bars.extend(
+            m.merges
+                .iter()
+                .filter(|r| r.family == fam)
+                .map(|r| (r.method.replace('_', " "), r.scores.mean_acc)),
+        );
         bar_chart(
             &run.dir.join(format!("accuracy_{fam}")),
             &format!("Mean task accuracy of merged {fam} fine-tunes"),
@@ -506,114 +770,88 @@ where
         &run.dir.join("task_vector_spectra"),
         &format!(
             "Singular values of the {} task vector, layers.0.mlp.down_proj",
-            tasks[0].name()
+            m.tasks[0]
         ),
         "index",
         "log10(σ / σ_max)",
-        &spectra_series,
-    )?;
+        spectra_series,
+    )
+}
 
-    // Report.
+fn report<B: AutodiffBackend>(st: &Study<'_, B>, m: &Metrics) -> String {
+    let (c, o, lm) = (&m.config, &m.options, &st.args.lm);
+    let r = o.rank;
     let mut md = format!(
         "# Merging fine-tuned copies of one base\n\nBase: LLaMA-style character decoder (hidden {}, {} blocks, {} parameters), {}. \
          Each family fine-tunes it on every task ({} steps): full fine-tuning, LoRA r{r} (q, k, v, up, down), S²FT at LoRA's budget (random selection, one seed per task). \
+         Each task item carries its task's separator (`a>A` upper, `a=b` shift, `a<z` mirror), a one-character task tag, so one model can hold every task: \
+         the `mtl` row (each family's method on all tasks at once, {} steps, rows of every batch from the tasks in turn) shows how well. \
          Merges: `average` (linear), `task_arithmetic`, `dare_linear`, `dare_ties` (summed task vectors scaled by λ = {}), `ties` (disjoint mean; TIES and DARE at density {}), `model_stock`, `wm_ties` (TIES after weight matching each model to the base), \
          `rmm` (Reversible Model Merging, one store of rank {}; each task rebuilt and scored on itself), `lora_lego` (LoRA family, merged rank {r}).\n\n\
          Base model: mean accuracy {:.3}, task-A loss {:.3}.\n\n",
         c.hidden_size,
         c.num_hidden_layers,
-        base.numel(),
+        st.base.numel(),
         match &lm.base {
             Some(p) => format!("loaded from {}", p.display()),
-            None => format!("pretrained {} steps on Moby-Dick", s.pretrain_steps),
+            None => format!("pretrained {} steps on Moby-Dick", st.s.pretrain_steps),
         },
-        s.steps,
-        args.lambda,
-        args.density,
-        n.saturating_sub(2).max(1),
-        base_row["mean_acc"].as_f64().unwrap_or(f64::NAN),
-        base_row["task_a_loss"].as_f64().unwrap_or(f64::NAN),
+        o.steps,
+        o.steps * st.tasks.len(),
+        o.lambda,
+        o.density,
+        st.tasks.len().saturating_sub(2).max(1),
+        m.base.mean_acc,
+        m.base.task_a_loss,
     );
-    let mut header = String::from("| family | method |");
-    let mut rule = String::from("|---|---|");
-    for t in tasks {
-        header.push_str(&format!(" {} |", t.name()));
-        rule.push_str("---|");
+    md.push_str("| family | method |");
+    for t in st.tasks {
+        md.push_str(&format!(" {} |", t.name()));
     }
-    header.push_str(" mean | task-A loss |\n");
-    rule.push_str("---|---|\n");
-    md.push_str(&header);
-    md.push_str(&rule);
-    for (m, _) in &finetuned {
-        let fam = m.family();
-        let mut line = format!("| {fam} | individual (own task) |");
+    md.push_str(" mean | task-A loss |\n|---|---|");
+    md.push_str(&"---|".repeat(st.tasks.len() + 2));
+    md.push('\n');
+    for fv in &m.task_vectors {
+        let fam = fv.family.as_str();
+        md.push_str(&format!("| {fam} | individual (own task) |"));
         let mut own = Vec::new();
-        for t in tasks {
-            let v = individual
+        for t in st.tasks {
+            let v = m
+                .individual
                 .iter()
-                .find(|r| r["family"] == fam && r["task"] == t.name())
-                .and_then(|r| r["own_acc"].as_f64())
-                .unwrap_or(f64::NAN);
+                .find(|r| r.family == fam && r.task == t.name())
+                .map_or(f64::NAN, |r| r.own_acc);
             own.push(v);
-            line.push_str(&format!(" {v:.3} |"));
+            md.push_str(&format!(" {v:.3} |"));
         }
-        line.push_str(&format!(
-            " {:.3} | – |\n",
-            own.iter().sum::<f64>() / own.len() as f64
-        ));
-        md.push_str(&line);
-        for r in merges.iter().filter(|r| r["family"] == fam) {
-            let mut line = format!("| {fam} | {} |", r["method"].as_str().unwrap_or("?"));
-            for t in tasks {
-                line.push_str(&format!(
-                    " {:.3} |",
-                    r["scores"]["acc"][t.name()].as_f64().unwrap_or(f64::NAN)
-                ));
+        md.push_str(&format!(" {:.3} | – |\n", mean(own)));
+        for r in m.merges.iter().filter(|r| r.family == fam) {
+            md.push_str(&format!("| {fam} | {} |", r.method));
+            for t in st.tasks {
+                md.push_str(&format!(" {:.3} |", acc_of(&r.scores, t)));
             }
-            line.push_str(&format!(
+            md.push_str(&format!(
                 " **{:.3}** | {:.3} |\n",
-                r["scores"]["mean_acc"].as_f64().unwrap_or(f64::NAN),
-                r["scores"]["task_a_loss"].as_f64().unwrap_or(f64::NAN)
+                r.scores.mean_acc, r.scores.task_a_loss
             ));
-            md.push_str(&line);
         }
     }
     md.push_str(
         "\n## Task vectors\n\n| family | mean stable rank | pairwise cosines |\n|---|---|---|\n",
     );
-    for sr in &spectra_rows {
-        let cs: Vec<String> = sr["cosines"]
-            .as_array()
-            .map(|v| {
-                v.iter()
-                    .map(|c| {
-                        format!(
-                            "{}·{} {:.3}",
-                            c["a"].as_str().unwrap_or("?"),
-                            c["b"].as_str().unwrap_or("?"),
-                            c["cosine"].as_f64().unwrap_or(f64::NAN)
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+    for fv in &m.task_vectors {
+        let cs: Vec<String> = fv
+            .cosines
+            .iter()
+            .map(|c| format!("{}·{} {:.3}", c.a, c.b, c.cosine))
+            .collect();
         md.push_str(&format!(
             "| {} | {:.2} | {} |\n",
-            sr["family"].as_str().unwrap_or("?"),
-            sr["mean_stable_rank"].as_f64().unwrap_or(f64::NAN),
+            fv.family,
+            fv.mean_stable_rank,
             cs.join(", ")
         ));
     }
     md.push_str("\n![full](accuracy_full.png)\n\n![lora](accuracy_lora.png)\n\n![s2ft](accuracy_s2ft-random.png)\n\n![spectra](task_vector_spectra.png)\n");
-    let metrics = json!({
-        "config": c,
-        "tasks": tasks.iter().map(|t| t.name()).collect::<Vec<_>>(),
-        "base": base_row,
-        "individual": individual,
-        "merges": merges,
-        "task_vectors": spectra_rows,
-        "options": {"rank": r, "density": args.density, "lambda": args.lambda, "steps": s.steps},
-    });
-    run.finish(metrics, &md)?;
-    Ok(run.dir.clone())
+    md
 }

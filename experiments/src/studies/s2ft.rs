@@ -374,13 +374,15 @@ where
     Ok((out.model, out.losses, median))
 }
 
-/// Fine-tunes `base` on `task` with `method`.
+/// Fine-tunes `base` on `tasks` with `method` for `s.steps` steps per task
+/// (one task: a task fine-tune; several: multi-task fine-tuning, the rows of
+/// every batch taken from the tasks in turn).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn finetune<B: AutodiffBackend>(
     base: &StateDict,
     s: &Sizes,
     method: Method,
-    task: Task,
+    tasks: &[Task],
     lr: f64,
     seed: u64,
     adapter_dir: Option<&std::path::Path>,
@@ -393,7 +395,8 @@ where
     let c = &s.config;
     let before = crate::alloc::reset_peak();
     let model = Llama::<B>::from_state_dict(c, base, method == Method::Full, device)?;
-    let mut rng = Rng::new(seed.wrapping_mul(7919).wrapping_add(task as u64));
+    anyhow::ensure!(!tasks.is_empty(), "fine-tuning needs at least one task");
+    let mut rng = Rng::new(seed.wrapping_mul(7919).wrapping_add(tasks[0] as u64));
     let model = match method {
         Method::Full => model,
         Method::Lora(r) => apply_lora(model, r, 2.0 * r as f64, &LORA_TARGETS, seed)?,
@@ -410,7 +413,7 @@ where
             let scores = match strategy {
                 Strategy::Random => None,
                 _ => {
-                    let calib = Sample::task(task, s.batch, s.seq, &mut rng);
+                    let calib = Sample::tasks(tasks, s.batch, s.seq, &mut rng);
                     Some(activation_scores(
                         &model,
                         calib.to_batch::<B>(device).tokens,
@@ -422,12 +425,13 @@ where
         }
     };
     let trainable = trainable_params(&model);
-    let what = format!("{} on {}", method.label(), task.name());
+    let names: Vec<&str> = tasks.iter().map(|t| t.name()).collect();
+    let what = format!("{} on {}", method.label(), names.join("+"));
     let (model, losses, step_ms) = fit(
         model,
         lr,
-        s.steps,
-        || Sample::task(task, s.batch, s.seq, &mut rng),
+        s.steps * tasks.len(),
+        || Sample::tasks(tasks, s.batch, s.seq, &mut rng),
         device,
         bar,
         &what,
@@ -689,7 +693,7 @@ where
         for &m in &methods {
             bar.set_message(format!("{} seed {seed}", m.label()));
             let ft = run.phase(&format!("{} seed {seed}", m.label()), || {
-                finetune::<B>(&base, &s, m, task_b, lm.lr(m), seed, None, device, &bar)
+                finetune::<B>(&base, &s, m, &[task_b], lm.lr(m), seed, None, device, &bar)
             })?;
             let (a, tasks) = evals.score::<B>(&c, &ft.weights, device)?;
             let b = tasks[0].1;
@@ -750,7 +754,7 @@ where
                 &base,
                 &s,
                 m,
-                task_c,
+                &[task_c],
                 lm.lr(m),
                 lm.seed * 1000 + 1,
                 None,
