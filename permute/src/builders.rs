@@ -128,6 +128,33 @@ impl TransformerDims {
             ffn: need("intermediate_size")?,
         })
     }
+
+    /// The sizes of a LLaMA checkpoint's tensors (Hugging Face names) with
+    /// `heads` query heads, as many key/value heads and `hidden / heads` per head.
+    pub fn from_state_dict(sd: &StateDict, heads: usize) -> Result<Self> {
+        let shape = |name: &str| {
+            sd.get(name)
+                .map(|t| t.shape().to_vec())
+                .filter(|s| s.len() == 2)
+                .ok_or_else(|| PermuteError::MissingWeight {
+                    model: "checkpoint".into(),
+                    weight: name.into(),
+                })
+        };
+        let hidden = shape("model.embed_tokens.weight")?[1];
+        let layers = (0..)
+            .take_while(|l| sd.contains(&format!("model.layers.{l}.input_layernorm.weight")))
+            .count();
+        let ffn = shape("model.layers.0.mlp.gate_proj.weight")?[0];
+        Ok(TransformerDims {
+            layers,
+            hidden,
+            heads,
+            kv_heads: heads,
+            head_dim: hidden / heads.max(1),
+            ffn,
+        })
+    }
 }
 
 fn push_if(sd: Option<&StateDict>, members: &mut Vec<(String, usize)>, name: String, axis: usize) {
@@ -454,6 +481,82 @@ pub fn infer_arch(sd: &StateDict) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// What a checkpoint's tensor names cannot tell [`infer_spec`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SpecHints<'a> {
+    /// The architecture (`mlp`, `vgg`, `resnet`, `llama`, `bert`); `None`: [`infer_arch`].
+    pub arch: Option<&'a str>,
+    /// The model's Hugging Face `config.json` text, if any.
+    pub config_json: Option<&'a str>,
+    /// Attention heads (over the config's).
+    pub heads: Option<usize>,
+    /// Key/value heads of a LLaMA model (over the config's; default: `heads`).
+    pub kv_heads: Option<usize>,
+}
+
+/// The permutation spec of checkpoint `sd` and the architecture it was
+/// built for: the architecture from `hints.arch` or the tensor names
+/// ([`infer_arch`]); head counts from the hints, else `config.json`; a
+/// LLaMA's other sizes from `config.json`, else the tensors' shapes (one key/value
+/// head per query head unless `kv_heads` says otherwise).
+pub fn infer_spec(sd: &StateDict, hints: &SpecHints<'_>) -> Result<(String, PermutationSpec)> {
+    let invalid = |m: String| PermuteError::InvalidSpec(m);
+    let arch = match hints.arch {
+        Some(a) => a.to_string(),
+        None => infer_arch(sd)
+            .ok_or_else(|| invalid("cannot infer the architecture from the tensor names".into()))?
+            .to_string(),
+    };
+    let config = hints
+        .config_json
+        .map(|c| {
+            serde_json::from_str::<serde_json::Value>(c)
+                .map_err(|e| invalid(format!("config.json: {e}")))
+        })
+        .transpose()?;
+    let spec = match arch.as_str() {
+        "mlp" => mlp(sd)?,
+        "resnet" => resnet(sd)?,
+        "vgg" => vgg(sd)?,
+        "bert" => {
+            let heads = hints
+                .heads
+                .or_else(|| {
+                    let h = config.as_ref()?.get("num_attention_heads")?.as_u64()?;
+                    Some(h as usize)
+                })
+                .ok_or_else(|| {
+                    invalid("bert needs its head count (config.json's num_attention_heads)".into())
+                })?;
+            bert(sd, heads)?
+        }
+        "llama" => {
+            let mut dims = match hints.config_json {
+                Some(c) => TransformerDims::from_config_json(c)?,
+                None => {
+                    let h = hints.heads.ok_or_else(|| {
+                        invalid("llama needs its head count (or a config.json)".into())
+                    })?;
+                    TransformerDims::from_state_dict(sd, h)?
+                }
+            };
+            if let Some(h) = hints.heads {
+                dims.heads = h;
+            }
+            if let Some(k) = hints.kv_heads {
+                dims.kv_heads = k;
+            }
+            llama(dims, sd)?
+        }
+        other => {
+            return Err(invalid(format!(
+                "unknown architecture '{other}' (mlp, vgg, resnet, llama, bert)"
+            )));
+        }
+    };
+    Ok((arch, spec))
 }
 
 /// The spec of a VGG-style CNN in torchvision naming: `features.N` holding

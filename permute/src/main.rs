@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use permute::builders::{TransformerDims, bert, infer_arch, llama, mlp, resnet, vgg};
+use permute::builders::{SpecHints, infer_spec};
 use permute::{MatchOptions, apply, weight_matching};
 use weights::{CheckpointWriter, DEFAULT_SHARD_BYTES, StateDict, TensorInfo, TensorSource};
 
@@ -100,63 +100,16 @@ fn run(cli: Cli) -> Result<()> {
     } = cli.command;
     let sa = StateDict::load(&a).with_context(|| format!("reading {}", a.display()))?;
     let sb = StateDict::load(&b).with_context(|| format!("reading {}", b.display()))?;
-    let arch = match arch {
-        Some(x) => x,
-        None => infer_arch(&sa)
-            .context("cannot infer the architecture from tensor names: pass --arch")?
-            .to_string(),
-    };
     let cfg = config_text(&a, config.as_deref());
-    let spec = match arch.as_str() {
-        "mlp" => mlp(&sa)?,
-        "resnet" => resnet(&sa)?,
-        "vgg" => vgg(&sa)?,
-        "bert" => {
-            let h = heads
-                .or_else(|| {
-                    cfg.as_deref()
-                        .and_then(|c| TransformerDims::from_config_json(c).ok())
-                        .map(|d| d.heads)
-                })
-                .or_else(|| {
-                    let v: serde_json::Value = serde_json::from_str(cfg.as_deref()?).ok()?;
-                    v.get("num_attention_heads")?.as_u64().map(|x| x as usize)
-                })
-                .context("bert needs --heads or a config.json with num_attention_heads")?;
-            bert(&sa, h)?
-        }
-        "llama" => {
-            let mut dims = match cfg.as_deref() {
-                Some(c) => TransformerDims::from_config_json(c)?,
-                None => {
-                    let h = heads.context("llama needs --heads or a config.json")?;
-                    let hidden = sa.require("model.embed_tokens.weight")?.shape()[1];
-                    let layers = (0..)
-                        .take_while(|l| {
-                            sa.contains(&format!("model.layers.{l}.input_layernorm.weight"))
-                        })
-                        .count();
-                    let ffn = sa.require("model.layers.0.mlp.gate_proj.weight")?.shape()[0];
-                    TransformerDims {
-                        layers,
-                        hidden,
-                        heads: h,
-                        kv_heads: h,
-                        head_dim: hidden / h.max(1),
-                        ffn,
-                    }
-                }
-            };
-            if let Some(h) = heads {
-                dims.heads = h;
-            }
-            if let Some(k) = kv_heads {
-                dims.kv_heads = k;
-            }
-            llama(dims, &sa)?
-        }
-        other => bail!("unknown --arch '{other}' (mlp, vgg, resnet, llama, bert)"),
+    let hints = SpecHints {
+        arch: arch.as_deref(),
+        config_json: cfg.as_deref(),
+        heads,
+        kv_heads,
     };
+    let (arch, spec) = infer_spec(&sa, &hints).context(
+        "building the permutation spec (pass --arch, --heads/--kv-heads or --config where the checkpoint does not tell)",
+    )?;
     let started = Instant::now();
     let res = weight_matching(
         &spec,

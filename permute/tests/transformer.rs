@@ -382,3 +382,53 @@ fn bert_spec_from_minilm_style_names() {
     assert!(res.l2_after < 1e-4, "{}", res.l2_after);
     assert!(bert(&sd, 5).is_err());
 }
+
+/// `infer_spec` (what the `permute` CLI calls): a LLaMA checkpoint's spec from
+/// its tensor names and `config.json`, or from its shapes and a head count,
+/// equals the builder's; what cannot be inferred is a named error.
+#[test]
+fn infer_spec_builds_the_llama_spec_from_names_config_or_shapes() {
+    use permute::builders::{SpecHints, infer_spec};
+    let sd = random_llama(5, false);
+    let want = llama(DIMS, &sd).unwrap();
+    let config = r#"{"hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "num_hidden_layers": 2, "intermediate_size": 24}"#;
+    let (arch, spec) = infer_spec(
+        &sd,
+        &SpecHints {
+            config_json: Some(config),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!((arch.as_str(), &spec), ("llama", &want));
+    // No config: sizes from the shapes, heads and kv heads from the hints.
+    let (_, from_shapes) = infer_spec(
+        &sd,
+        &SpecHints {
+            heads: Some(4),
+            kv_heads: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(from_shapes, want);
+    let err = infer_spec(&sd, &SpecHints::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("head count"), "{err}");
+    let err = infer_spec(
+        &sd,
+        &SpecHints {
+            arch: Some("gpt9"),
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("'gpt9'"), "{err}");
+    let err = infer_spec(&StateDict::new(), &SpecHints::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot infer the architecture"), "{err}");
+}
