@@ -450,16 +450,14 @@ mod tests {
         assert!((ks_distance(&logs, 2.0) - 1.0 / 6.0).abs() < 1e-15);
     }
 
-    #[test]
-    fn matches_a_direct_evaluation_of_the_definition() {
-        // O(N^2) reference written from the formula, with no suffix sums.
-        let x = {
-            let mut v = pareto(300, 2.5, 0.5, 77);
-            v.sort_by(|a, b| a.total_cmp(b));
-            v
-        };
+    /// `(D, α, xmin)` of the least-D candidate `xmin` (sorted `x`, candidates
+    /// where `keep(xmin)`), written from the definition: O(N²), no suffix sums.
+    fn brute_force(x: &[f64], keep: impl Fn(f64) -> bool) -> (f64, f64, f64) {
         let mut best = (f64::INFINITY, 0.0, 0.0);
         for i in 0..x.len() - 1 {
+            if !keep(x[i]) {
+                continue;
+            }
             let tail = &x[i..];
             let n = tail.len() as f64;
             let alpha = 1.0 + n / tail.iter().map(|t| (t / x[i]).ln()).sum::<f64>();
@@ -472,6 +470,18 @@ mod tests {
                 best = (d, alpha, x[i]);
             }
         }
+        best
+    }
+
+    #[test]
+    fn matches_a_direct_evaluation_of_the_definition() {
+        // O(N^2) reference written from the formula, with no suffix sums.
+        let x = {
+            let mut v = pareto(300, 2.5, 0.5, 77);
+            v.sort_by(|a, b| a.total_cmp(b));
+            v
+        };
+        let best = brute_force(&x, |_| true);
         let fit = fit_power_law(&x, FixFingers::None, 10).unwrap();
         assert!((fit.ks_distance - best.0).abs() < 1e-12);
         assert!((fit.alpha - best.1).abs() < 1e-9);
@@ -514,23 +524,7 @@ mod tests {
         x.extend((0..600).map(|i| 0.2 + 0.8 * i as f64 / 600.0));
         x.sort_by(|a, b| a.total_cmp(b));
         let p = log_histogram_peak(&x, 100);
-        let mut best = (f64::INFINITY, 0.0, 0.0);
-        for i in 0..x.len() - 1 {
-            if x[i] < 0.95 * p || x[i] > 1.5 * p {
-                continue;
-            }
-            let tail = &x[i..];
-            let n = tail.len() as f64;
-            let alpha = 1.0 + n / tail.iter().map(|t| (t / x[i]).ln()).sum::<f64>();
-            let d = tail
-                .iter()
-                .enumerate()
-                .map(|(j, t)| (1.0 - (t / x[i]).powf(1.0 - alpha) - j as f64 / n).abs())
-                .fold(0.0, f64::max);
-            if d < best.0 {
-                best = (d, alpha, x[i]);
-            }
-        }
+        let best = brute_force(&x, |xmin| (0.95 * p..=1.5 * p).contains(&xmin));
         let fit = fit_power_law(&x, FixFingers::XminPeak, 50).unwrap();
         assert!(best.0.is_finite(), "no candidate near the peak {p}");
         assert_eq!(fit.xmin, best.2);

@@ -6,17 +6,19 @@ use std::path::Path;
 use spectra::report::{ReportOptions, analyze_source};
 use weights::Checkpoint;
 
+/// A JSON file of `tests/fixtures`.
+fn fixture(name: &str) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 #[test]
 #[ignore = "needs models/ from scripts/fetch-models.sh; run with --ignored"]
 fn minilm_matches_weightwatcher() {
     let path = weights::testing::fetched_model("all-MiniLM-L6-v2/model.safetensors");
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ww_minilm.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let reference = fixture("ww_minilm.json");
     let layers = reference["layers"].as_object().unwrap();
     let ckpt = Checkpoint::open(&path).unwrap();
     let rows = analyze_source(&ckpt, &ReportOptions::default(), &|_, _, _| {}).unwrap();
@@ -80,13 +82,7 @@ fn minilm_matches_weightwatcher() {
 #[ignore = "needs models/ from scripts/fetch-models.sh; run with --ignored"]
 fn minilm_clip_xmax_matches_weightwatcher() {
     let path = weights::testing::fetched_model("all-MiniLM-L6-v2/model.safetensors");
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ww_minilm.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let reference = fixture("ww_minilm.json");
     let layers = reference["layers"].as_object().unwrap();
     let opts = ReportOptions {
         fix_fingers: spectra::powerlaw::FixFingers::ClipXmax {
@@ -141,13 +137,7 @@ fn minilm_clip_xmax_matches_weightwatcher() {
 #[test]
 fn clip_xmax_on_a_fingered_spectrum_matches_weightwatcher() {
     use spectra::powerlaw::{FixFingers, fit_power_law};
-    let f: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ww_finger.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let f = fixture("ww_finger.json");
     let evals: Vec<f64> = f["evals"]
         .as_array()
         .unwrap()
