@@ -62,6 +62,20 @@ pub fn synthetic(seed: u64, quick: bool) -> StateDict {
     sd
 }
 
+/// The fitted power law drawn over the CCDF of `n` eigenvalues: from
+/// `(log10 xmin, log10 P(λ ≥ xmin))` with slope `1 − α`, over the fitted
+/// tail only (up to the fit's `xmax`, below clipped fingers).
+fn fit_line(fit: &spectra::powerlaw::PowerLawFit, n: usize) -> Vec<(f64, f64)> {
+    let frac = fit.num_pl_spikes as f64 / n as f64;
+    let (lo, hi) = (fit.xmin.log10(), fit.xmax.log10());
+    (0..=20)
+        .map(|k| {
+            let lx = lo + (hi - lo) * k as f64 / 20.0;
+            (lx, frac.log10() - (fit.alpha - 1.0) * (lx - lo))
+        })
+        .collect()
+}
+
 fn ccdf(evals: &[f64]) -> Vec<(f64, f64)> {
     let n = evals.len();
     let mut v: Vec<f64> = evals.iter().copied().filter(|x| *x > 0.0).collect();
@@ -166,16 +180,8 @@ pub fn run(args: &SpectraArgs) -> anyhow::Result<PathBuf> {
         {
             let fit = a.fit.as_ref().expect("filtered");
             let pts = ccdf(&a.esd.evals);
-            let n = a.esd.evals.len() as f64;
-            let frac = fit.num_pl_spikes as f64 / n;
             esd_series.push(Series::dots(a.report.name.clone(), pts).colored(k));
-            let (lo, hi) = (fit.xmin.log10(), fit.xmax.log10());
-            let line: Vec<(f64, f64)> = (0..=20)
-                .map(|k| {
-                    let lx = lo + (hi - lo) * k as f64 / 20.0;
-                    (lx, frac.log10() - (fit.alpha - 1.0) * (lx - lo))
-                })
-                .collect();
+            let line = fit_line(fit, a.esd.evals.len());
             esd_series.push(Series::line(format!("fit α = {:.2}", fit.alpha), line).colored(k));
         }
         line_chart(
@@ -231,4 +237,58 @@ pub fn run(args: &SpectraArgs) -> anyhow::Result<PathBuf> {
     md.push_str("\n![alpha per layer](alpha_per_layer.png)\n\n![ESD tails](esd_tails.png)\n");
     run.finish(metrics, &md)?;
     Ok(run.dir.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spectra::powerlaw::{FixFingers, fit_power_law};
+
+    /// The fit line spans the fitted tail: from xmin to the largest
+    /// eigenvalue fitted, never past the data, stopping below clipped fingers.
+    #[test]
+    fn the_fit_line_spans_the_fitted_tail_only() {
+        let mut rng = spectra::rng::Rng::new(4);
+        let mut evals: Vec<f64> = (0..500)
+            .map(|_| 0.5 * (1.0 - rng.uniform()).powf(-1.0 / 1.5))
+            .collect();
+        evals.sort_by(|a, b| a.total_cmp(b));
+        let top = evals[evals.len() - 1].log10();
+        let fit = fit_power_law(&evals, FixFingers::None, 8).unwrap();
+        let line = fit_line(&fit, evals.len());
+        let (first, last) = (line[0], line[line.len() - 1]);
+        assert_eq!(first.0, fit.xmin.log10());
+        assert_eq!(last.0, top, "ends at the largest eigenvalue");
+        // Starts on the CCDF at xmin.
+        let at_xmin = evals.iter().filter(|&&e| e >= fit.xmin).count() as f64 / 500.0;
+        assert!((first.1 - at_xmin.log10()).abs() < 1e-12);
+        // With fingers clipped (MiniLM's fingered spectrum, spectra's
+        // WeightWatcher fixture), the line stops at the largest value kept.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../spectra/tests/fixtures/ww_finger.json"
+        );
+        let f: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let fingered: Vec<f64> = f["evals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_f64())
+            .collect();
+        let clip = FixFingers::ClipXmax {
+            max_fingers: 10,
+            finger_thresh: 1.0,
+        };
+        let fit = fit_power_law(&fingered, clip, 8).unwrap();
+        let line = fit_line(&fit, fingered.len());
+        let end = line[line.len() - 1].0;
+        let data_top = fingered.iter().copied().fold(0.0, f64::max).log10();
+        assert!(fit.num_fingers > 0, "{fit:?}");
+        assert_eq!(end, fit.xmax.log10());
+        assert!(
+            end < data_top,
+            "stops below the fingers: {end} vs {data_top}"
+        );
+    }
 }
