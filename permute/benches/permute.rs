@@ -5,7 +5,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ndarray::{Array2, ArrayD, IxDyn};
-use permute::builders::{TransformerDims, llama, mlp};
+use permute::builders::{llama, mlp};
 use permute::lap::{Objective, solve, solve_warm};
 use permute::{MatchOptions, weight_matching};
 use spectra::rng::Rng;
@@ -54,12 +54,16 @@ fn mlp_shapes() -> Vec<(String, Vec<usize>)> {
         .collect()
 }
 
-const GPT: TransformerDims = TransformerDims {
+/// GPT-2-small's sizes (12 × 768, 12 heads, FFN 3072, vocabulary 1000 here).
+struct Gpt {
+    layers: usize,
+    hidden: usize,
+    ffn: usize,
+}
+
+const GPT: Gpt = Gpt {
     layers: 12,
     hidden: 768,
-    heads: 12,
-    kv_heads: 12,
-    head_dim: 64,
     ffn: 3072,
 };
 
@@ -133,7 +137,7 @@ fn bench(c: &mut Criterion) {
         b.save_safetensors(dir.join("transformer_b.safetensors"))
             .unwrap();
     }
-    let spec = llama(GPT, &a).unwrap();
+    let spec = llama(&weights::LlamaConfig::tiny(1000, 768, 12, 12, 12, 3072), &a).unwrap();
     let opts = MatchOptions {
         max_iter: 1,
         ..Default::default()

@@ -1,6 +1,6 @@
 //! Permutation specs of common architectures, built as data.
 
-use weights::StateDict;
+use weights::{LlamaConfig, StateDict};
 
 use crate::error::{PermuteError, Result};
 use crate::spec::{Group, Inner, Member, PermutationSpec};
@@ -81,82 +81,6 @@ pub fn mlp(sd: &StateDict) -> Result<PermutationSpec> {
     Ok(PermutationSpec { groups })
 }
 
-/// Dimensions of a LLaMA-style decoder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TransformerDims {
-    pub layers: usize,
-    pub hidden: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub ffn: usize,
-}
-
-impl TransformerDims {
-    fn check(&self) -> Result<()> {
-        if self.heads == 0
-            || self.kv_heads == 0
-            || !self.heads.is_multiple_of(self.kv_heads)
-            || self.head_dim == 0
-        {
-            return Err(PermuteError::InvalidSpec(format!(
-                "{} heads cannot be grouped over {} key/value heads",
-                self.heads, self.kv_heads
-            )));
-        }
-        Ok(())
-    }
-
-    /// Reads `num_hidden_layers`, `hidden_size`, `num_attention_heads`,
-    /// `num_key_value_heads` (default: heads), `head_dim` (default:
-    /// hidden/heads) and `intermediate_size` from a Hugging Face `config.json`.
-    pub fn from_config_json(text: &str) -> Result<Self> {
-        let v: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| PermuteError::InvalidSpec(format!("config.json: {e}")))?;
-        let get = |k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
-        let need = |k: &str| {
-            get(k).ok_or_else(|| PermuteError::InvalidSpec(format!("config.json has no '{k}'")))
-        };
-        let hidden = need("hidden_size")?;
-        let heads = need("num_attention_heads")?;
-        Ok(TransformerDims {
-            layers: need("num_hidden_layers")?,
-            hidden,
-            heads,
-            kv_heads: get("num_key_value_heads").unwrap_or(heads),
-            head_dim: get("head_dim").unwrap_or(hidden / heads.max(1)),
-            ffn: need("intermediate_size")?,
-        })
-    }
-
-    /// The sizes of a LLaMA checkpoint's tensors (Hugging Face names) with
-    /// `heads` query heads, as many key/value heads and `hidden / heads` per head.
-    pub fn from_state_dict(sd: &StateDict, heads: usize) -> Result<Self> {
-        let shape = |name: &str| {
-            sd.get(name)
-                .map(|t| t.shape().to_vec())
-                .filter(|s| s.len() == 2)
-                .ok_or_else(|| PermuteError::MissingWeight {
-                    model: "checkpoint".into(),
-                    weight: name.into(),
-                })
-        };
-        let hidden = shape("model.embed_tokens.weight")?[1];
-        let layers = (0..)
-            .take_while(|l| sd.contains(&format!("model.layers.{l}.input_layernorm.weight")))
-            .count();
-        let ffn = shape("model.layers.0.mlp.gate_proj.weight")?[0];
-        Ok(TransformerDims {
-            layers,
-            hidden,
-            heads,
-            kv_heads: heads,
-            head_dim: hidden / heads.max(1),
-            ffn,
-        })
-    }
-}
-
 fn push_if(sd: Option<&StateDict>, members: &mut Vec<(String, usize)>, name: String, axis: usize) {
     if sd.is_none_or(|sd| sd.contains(&name)) {
         members.push((name, axis));
@@ -179,13 +103,19 @@ fn group_of(name: String, n: usize, members: &[(String, usize)]) -> Group {
 /// free v/o family (v rows and the matching o columns of every query head of
 /// that key/value head). Optional q/k/v biases and an untied `lm_head` are
 /// included when `sd` has them.
-pub fn llama(dims: TransformerDims, sd: &StateDict) -> Result<PermutationSpec> {
-    dims.check()?;
+pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
+    c.check()
+        .map_err(|e| PermuteError::InvalidSpec(e.to_string()))?;
+    if c.head_dim == 0 {
+        return Err(PermuteError::InvalidSpec(
+            "head_dim must be positive".into(),
+        ));
+    }
     let mut residual: Vec<(String, usize)> = Vec::new();
     push_if(None, &mut residual, "model.embed_tokens.weight".into(), 1);
     let mut groups = Vec::new();
-    let n_rep = dims.heads / dims.kv_heads;
-    for l in 0..dims.layers {
+    let n_rep = c.num_attention_heads / c.num_key_value_heads;
+    for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
             residual.push((format!("{p}.{n}"), 0));
@@ -203,7 +133,7 @@ pub fn llama(dims: TransformerDims, sd: &StateDict) -> Result<PermutationSpec> {
             (format!("{p}.mlp.up_proj.weight"), 0),
             (format!("{p}.mlp.down_proj.weight"), 1),
         ];
-        groups.push(group_of(format!("{p}.ffn"), dims.ffn, &ffn));
+        groups.push(group_of(format!("{p}.ffn"), c.intermediate_size, &ffn));
         let mut heads = Vec::new();
         let member = |w: String, axis, repeat, family| Member {
             weight: w,
@@ -230,15 +160,15 @@ pub fn llama(dims: TransformerDims, sd: &StateDict) -> Result<PermutationSpec> {
         heads.push(member(format!("{p}.self_attn.o_proj.weight"), 1, n_rep, 1));
         groups.push(Group {
             name: format!("{p}.heads"),
-            blocks: dims.kv_heads,
-            block_size: dims.head_dim,
+            blocks: c.num_key_value_heads,
+            block_size: c.head_dim,
             families: vec![Inner::Identity, Inner::Free],
             members: heads,
         });
     }
     residual.push(("model.norm.weight".into(), 0));
     push_if(Some(sd), &mut residual, "lm_head.weight".into(), 1);
-    let mut all = vec![group_of("residual".into(), dims.hidden, &residual)];
+    let mut all = vec![group_of("residual".into(), c.hidden_size, &residual)];
     all.extend(groups);
     Ok(PermutationSpec { groups: all })
 }
@@ -533,22 +463,23 @@ pub fn infer_spec(sd: &StateDict, hints: &SpecHints<'_>) -> Result<(String, Perm
             bert(sd, heads)?
         }
         "llama" => {
-            let mut dims = match hints.config_json {
-                Some(c) => TransformerDims::from_config_json(c)?,
+            let config = |e: weights::WeightsError| invalid(e.to_string());
+            let mut c = match hints.config_json {
+                Some(text) => LlamaConfig::from_config_json(text).map_err(config)?,
                 None => {
                     let h = hints.heads.ok_or_else(|| {
                         invalid("llama needs its head count (or a config.json)".into())
                     })?;
-                    TransformerDims::from_state_dict(sd, h)?
+                    LlamaConfig::from_state_dict(sd, h).map_err(config)?
                 }
             };
             if let Some(h) = hints.heads {
-                dims.heads = h;
+                c.num_attention_heads = h;
             }
             if let Some(k) = hints.kv_heads {
-                dims.kv_heads = k;
+                c.num_key_value_heads = k;
             }
-            llama(dims, sd)?
+            llama(&c, sd)?
         }
         other => {
             return Err(invalid(format!(

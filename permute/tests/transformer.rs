@@ -6,13 +6,23 @@ mod common;
 use common::{linear, matrix, vector};
 
 use ndarray::{Array2, ArrayD, Ix1, IxDyn, s};
-use permute::builders::{TransformerDims, bert, llama};
+use permute::builders::{bert, llama};
 use permute::spec::{Inner, apply};
 use permute::{MatchOptions, weight_matching};
 use spectra::rng::Rng;
-use weights::{StateDict, Tensor};
+use weights::{LlamaConfig, StateDict, Tensor};
 
-const DIMS: TransformerDims = TransformerDims {
+/// The test model's sizes (the spec gets them as a [`LlamaConfig`], [`config`]).
+struct Dims {
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    ffn: usize,
+}
+
+const DIMS: Dims = Dims {
     layers: 2,
     hidden: 16,
     heads: 4,
@@ -21,6 +31,19 @@ const DIMS: TransformerDims = TransformerDims {
     ffn: 24,
 };
 const VOCAB: usize = 11;
+
+fn config() -> LlamaConfig {
+    let c = LlamaConfig::tiny(
+        VOCAB,
+        DIMS.hidden,
+        DIMS.layers,
+        DIMS.heads,
+        DIMS.kv_heads,
+        DIMS.ffn,
+    );
+    assert_eq!(c.head_dim, DIMS.head_dim);
+    c
+}
 
 fn random_llama(seed: u64, tied: bool) -> StateDict {
     let mut rng = Rng::new(seed);
@@ -211,7 +234,7 @@ fn llama_spec_preserves_the_function_with_gqa_and_rope() {
     let tokens = [3usize, 1, 4, 1, 5, 9, 2];
     for tied in [false, true] {
         let sd = random_llama(1, tied);
-        let spec = llama(DIMS, &sd).unwrap();
+        let spec = llama(&config(), &sd).unwrap();
         spec.validate(&sd, "llama").unwrap();
         let before = forward(&sd, &tokens);
         for seed in 0..3 {
@@ -231,7 +254,7 @@ fn llama_spec_preserves_the_function_with_gqa_and_rope() {
 fn moving_rotary_pairs_inside_a_head_would_change_the_function() {
     // The same spec with a free q/k family (what a naive spec would allow).
     let sd = random_llama(2, false);
-    let mut spec = llama(DIMS, &sd).unwrap();
+    let mut spec = llama(&config(), &sd).unwrap();
     for g in spec.groups.iter_mut().filter(|g| g.name.ends_with("heads")) {
         g.families[0] = Inner::Free;
     }
@@ -244,7 +267,7 @@ fn moving_rotary_pairs_inside_a_head_would_change_the_function() {
 #[test]
 fn weight_matching_recovers_planted_transformer_permutations() {
     let a = random_llama(3, false);
-    let spec = llama(DIMS, &a).unwrap();
+    let spec = llama(&config(), &a).unwrap();
     let p = spec.random(7);
     let b = apply(&spec, &p, &a).unwrap();
     let res = weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
@@ -390,9 +413,9 @@ fn bert_spec_from_minilm_style_names() {
 fn infer_spec_builds_the_llama_spec_from_names_config_or_shapes() {
     use permute::builders::{SpecHints, infer_spec};
     let sd = random_llama(5, false);
-    let want = llama(DIMS, &sd).unwrap();
-    let config = r#"{"hidden_size": 16, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "num_hidden_layers": 2, "intermediate_size": 24}"#;
+    let want = llama(&config(), &sd).unwrap();
+    let config = r#"{"vocab_size": 11, "hidden_size": 16, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 24}"#;
     let (arch, spec) = infer_spec(
         &sd,
         &SpecHints {

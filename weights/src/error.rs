@@ -127,6 +127,9 @@ pub enum WeightsError {
     /// A writer was misused (tensor written twice, missing at finish, ...).
     #[error("{}: {msg}", path.display())]
     Writer { path: PathBuf, msg: String },
+    /// A model configuration is missing a field or inconsistent.
+    #[error("model config: {0}")]
+    Config(String),
     /// The path is not a checkpoint this crate recognises.
     #[error("{}: {msg}", path.display())]
     UnknownFormat { path: PathBuf, msg: String },

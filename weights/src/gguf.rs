@@ -133,30 +133,39 @@ pub struct GgufModelConfig {
 }
 
 impl GgufModelConfig {
-    /// A Hugging Face `config.json` for a `llama` model.
-    pub fn to_hf_config(&self) -> Option<serde_json::Value> {
+    /// The model description of a `llama` file ([`LlamaConfig`], the one
+    /// every crate uses), with GGUF's defaults (RMSNorm ε 1e-5, RoPE θ 10⁴);
+    /// `None` for another architecture or a header missing a size.
+    pub fn to_llama(&self) -> Option<crate::LlamaConfig> {
         if self.architecture != "llama" {
             return None;
         }
         let heads = self.head_count?;
-        Some(serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_act": "silu",
-            "hidden_size": self.embedding_length?,
-            "intermediate_size": self.feed_forward_length?,
-            "num_hidden_layers": self.block_count?,
-            "num_attention_heads": heads,
-            "num_key_value_heads": self.head_count_kv.unwrap_or(heads),
-            "max_position_embeddings": self.context_length,
-            "rms_norm_eps": self.rms_norm_eps.unwrap_or(1e-5),
-            "rope_theta": self.rope_freq_base.unwrap_or(10000.0),
-            "vocab_size": self.vocab_size?,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "torch_dtype": "float32",
-        }))
+        let hidden = self.embedding_length?;
+        Some(crate::LlamaConfig {
+            vocab_size: self.vocab_size?,
+            hidden_size: hidden,
+            intermediate_size: self.feed_forward_length?,
+            num_hidden_layers: self.block_count?,
+            num_attention_heads: heads,
+            num_key_value_heads: self.head_count_kv.unwrap_or(heads),
+            head_dim: hidden / heads.max(1),
+            rope_theta: self.rope_freq_base.unwrap_or(10000.0),
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-5),
+            tie_word_embeddings: self.tie_word_embeddings,
+            max_position_embeddings: self.context_length,
+        })
+    }
+
+    /// A Hugging Face `config.json` for a `llama` model: [`LlamaConfig::to_hf`](crate::LlamaConfig::to_hf)
+    /// of [`GgufModelConfig::to_llama`], with the file's BOS/EOS ids and the
+    /// f32 dtype the converter writes.
+    pub fn to_hf_config(&self) -> Option<serde_json::Value> {
+        let mut v = self.to_llama()?.to_hf();
+        v["bos_token_id"] = serde_json::json!(self.bos_token_id);
+        v["eos_token_id"] = serde_json::json!(self.eos_token_id);
+        v["torch_dtype"] = serde_json::json!("float32");
+        Some(v)
     }
 }
 

@@ -32,9 +32,7 @@ use weights::StateDict;
 use crate::llm::{EncodedSet, Prompter, score_set};
 use crate::plot::{Series, grouped_bar_chart, heatmap, line_chart};
 use crate::report::Run;
-use crate::studies::merging::{
-    MergeArgs, WeightStats, add, fixed_fraction, llama_dims, task_matrices,
-};
+use crate::studies::merging::{MergeArgs, WeightStats, add, fixed_fraction, task_matrices};
 use crate::studies::s2ft_llm::EVAL_SEED;
 use crate::tasks::{InstructTask, Split, Stream, Words, examples};
 use merge::regmean::RegMeanOptions;
@@ -1541,7 +1539,7 @@ fn rmm_row<B: Backend>(
 /// Weight matching of each fine-tune to the base: for fine-tunes of one
 /// base it should find the identity (the fraction of units left in place).
 fn wm_row(c: &LlamaConfig, base: &StateDict, g: &Group<'_>, seed: u64) -> anyhow::Result<MergeRow> {
-    let spec = permute::builders::llama(llama_dims(c), base)?;
+    let spec = permute::builders::llama(c, base)?;
     let t0 = Instant::now();
     let mut fractions = BTreeMap::new();
     for (f, w) in g.members.iter().zip(&g.weights) {

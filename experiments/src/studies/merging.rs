@@ -99,18 +99,6 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// The permutation-spec sizes of a LLaMA configuration.
-pub(crate) fn llama_dims(c: &LlamaConfig) -> permute::builders::TransformerDims {
-    permute::builders::TransformerDims {
-        layers: c.num_hidden_layers,
-        hidden: c.hidden_size,
-        heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        ffn: c.intermediate_size,
-    }
-}
-
 /// `θ − base` of every 2-D weight, in the base's order (zeros included).
 pub(crate) fn task_matrices(ft: &StateDict, base: &StateDict) -> Vec<(String, Array2<f32>)> {
     base.iter()
@@ -580,7 +568,7 @@ fn wm_ties<B: AutodiffBackend>(
     st: &Study<'_, B>,
     fam: &Family,
 ) -> anyhow::Result<(StateDict, serde_json::Value)> {
-    let spec = permute::builders::llama(llama_dims(&st.s.config), &st.base)?;
+    let spec = permute::builders::llama(&st.s.config, &st.base)?;
     let (method, params, per_model) = plain_merges(st.args)
         .into_iter()
         .find(|(l, _)| *l == "ties")
