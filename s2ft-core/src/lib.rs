@@ -11,7 +11,7 @@
 //!   RoPE, SwiGLU, tied or untied head), generic over the Burn backend, built
 //!   from and saved to a [`weights::StateDict`] with Hugging Face names.
 //!
-//! Backends: [`Cpu`] (ndarray) by default, [`Gpu`] (CUDA) with the `cuda`
+//! Backends: [`Cpu`] (Burn's flex CPU backend) by default, `Gpu` (CUDA) with the `cuda`
 //! feature; their autodiff versions train. Burn is compiled only here and in
 //! `experiments`.
 

@@ -155,7 +155,7 @@ impl Tokenizer {
         Self::from_files(files, g.path())
     }
 
-    /// From a model path as [`crate::model_files`] accepts it: a Hugging Face
+    /// From a model path as [`crate::Pretrained::load`] accepts it: a Hugging Face
     /// folder (its `tokenizer.json`) or a GGUF file (its metadata).
     pub fn from_model_path(path: &Path) -> Result<Self> {
         if path.is_dir() {

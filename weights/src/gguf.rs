@@ -7,7 +7,7 @@
 //! `general.alignment` (default 32); the data section.
 //!
 //! Tensors of type F32, F16, BF16, F64, I8–I64, Q4_0, Q4_1 and Q8_0 are
-//! dequantised to `f32` (see [`crate::quant`] for the block formulas). Shapes
+//! dequantised to `f32` (the block formulas are in the private `quant` module). Shapes
 //! are reported outermost first, as PyTorch does (GGUF's `[ne0, ne1]` becomes
 //! `[ne1, ne0]`, i.e. `weight` is `[out, in]`).
 //!
@@ -133,7 +133,7 @@ pub struct GgufModelConfig {
 }
 
 impl GgufModelConfig {
-    /// The model description of a `llama` file ([`LlamaConfig`], the one
+    /// The model description of a `llama` file ([`crate::LlamaConfig`], the one
     /// every crate uses), with GGUF's defaults (RMSNorm ε 1e-5, RoPE θ 10⁴);
     /// `None` for another architecture or a header missing a size.
     pub fn to_llama(&self) -> Option<crate::LlamaConfig> {
