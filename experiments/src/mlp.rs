@@ -271,6 +271,6 @@ pub fn hidden_activations(
     outs.pop();
     outs.into_iter()
         .enumerate()
-        .map(|(i, h)| (format!("P_{i}"), h))
+        .map(|(i, h)| (permute::builders::mlp_group(i), h))
         .collect()
 }

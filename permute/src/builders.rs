@@ -22,6 +22,12 @@ fn layer_index(stem: &str) -> Option<usize> {
     digits.parse().ok()
 }
 
+/// The name of the permutation group of an MLP's `k`-th hidden layer in
+/// [`mlp`]'s spec (the outputs of layer `k`, the inputs of layer `k + 1`).
+pub fn mlp_group(k: usize) -> String {
+    format!("P_{k}")
+}
+
 /// The spec of a multilayer perceptron, inferred from parameter names.
 ///
 /// Accepted names: `<stem>.weight` (2-D, `[out, in]`) with an optional
@@ -76,7 +82,7 @@ pub fn mlp(sd: &StateDict) -> Result<PermutationSpec> {
             members.push((bc.as_str(), 0));
         }
         members.push((wn.as_str(), 1));
-        groups.push(Group::units(format!("P_{k}"), out, &members));
+        groups.push(Group::units(mlp_group(k), out, &members));
     }
     Ok(PermutationSpec { groups })
 }

@@ -2,7 +2,7 @@
 
 use indexmap::IndexMap;
 use ndarray::{Array2, ArrayD, IxDyn};
-use permute::builders::mlp;
+use permute::builders::{mlp, mlp_group};
 use permute::many::{Correlation, activation_matching, mean, merge_many, pair_similarities};
 use permute::matching::l2_distance;
 use permute::spec::apply;
@@ -77,15 +77,15 @@ fn activation_matching_recovers_a_unit_permutation() {
     }
     for kind in [Correlation::Uncentered, Correlation::Pearson] {
         let acts_a: IndexMap<String, Array2<f32>> =
-            [("P_0".to_string(), a.clone())].into_iter().collect();
+            [(mlp_group(0), a.clone())].into_iter().collect();
         let acts_b: IndexMap<String, Array2<f32>> =
-            [("P_0".to_string(), b.clone())].into_iter().collect();
+            [(mlp_group(0), b.clone())].into_iter().collect();
         let (perm, pairs) = activation_matching(&acts_a, &acts_b, kind).unwrap();
-        let got = &perm["P_0"].outer;
+        let got = &perm[&mlp_group(0)].outer;
         for i in (0..16).filter(|&i| i != 5 || kind == Correlation::Uncentered) {
             assert_eq!(got[i], p[i], "{kind:?} unit {i}");
         }
-        assert!(pairs["P_0"].iter().all(|c| c.is_finite()));
+        assert!(pairs[&mlp_group(0)].iter().all(|c| c.is_finite()));
     }
     let mut bad = b.clone();
     bad[[0, 0]] = f32::NAN;
@@ -112,7 +112,7 @@ fn pair_similarities_rank_units_for_partial_matching() {
         &a.get("layers.0.bias").unwrap().data,
         &a.get("layers.1.weight").unwrap().data,
     );
-    for (u, s) in sims["P_0"].iter().enumerate() {
+    for (u, s) in sims[&mlp_group(0)].iter().enumerate() {
         let expect: f64 = (0..8).map(|j| (w0[[u, j]] as f64).powi(2)).sum::<f64>()
             + (b0[[u]] as f64).powi(2)
             + (0..3).map(|o| (w1[[o, u]] as f64).powi(2)).sum::<f64>();

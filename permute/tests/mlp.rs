@@ -4,7 +4,7 @@ mod common;
 
 use common::linear;
 use ndarray::{Array2, ArrayD, Ix2, IxDyn};
-use permute::builders::mlp;
+use permute::builders::{mlp, mlp_group};
 use permute::lap::{Objective, solve, total};
 use permute::spec::{apply, invert};
 use permute::{MatchOptions, PermuteError, weight_matching};
@@ -174,7 +174,7 @@ fn bad_inputs_are_clear_errors() {
     assert!(matches!(e, PermuteError::NonFinite { .. }), "{e}");
     assert!(e.to_string().contains("layers.0.bias"));
     let mut bad = spec.identity();
-    bad.get_mut("P_0").unwrap().outer[0] = 1;
+    bad.get_mut(&mlp_group(0)).unwrap().outer[0] = 1;
     assert!(matches!(
         apply(&spec, &bad, &a),
         Err(PermuteError::BadPermutation { .. })

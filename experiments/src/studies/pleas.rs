@@ -616,7 +616,7 @@ pub fn permutation_of(
         perm.len()
     );
     for (i, (p, _)) in units.iter().enumerate() {
-        perm[&format!("P_{i}")].outer = p.clone();
+        perm[&permute::builders::mlp_group(i)].outer = p.clone();
     }
     spec.check_value(&perm)?;
     Ok(perm)

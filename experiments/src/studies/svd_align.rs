@@ -61,8 +61,8 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
                 .data
                 .view()
                 .into_dimensionality::<ndarray::Ix2>()?;
-            let p = &perm[&format!("P_{i}")].outer;
-            let q = &perm[&format!("P_{}", i - 1)].outer;
+            let p = &perm[&permute::builders::mlp_group(i)].outer;
+            let q = &perm[&permute::builders::mlp_group(i - 1)].outer;
             let al = run.phase(&format!("{name} {w}"), || {
                 singular_vector_alignment(a, b, Some(p), Some(q), args.top, &[0.0, 0.3])
             })?;
