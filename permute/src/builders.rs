@@ -112,11 +112,6 @@ fn group_of(name: String, n: usize, members: &[(String, usize)]) -> Group {
 pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
     c.check()
         .map_err(|e| PermuteError::InvalidSpec(e.to_string()))?;
-    if c.head_dim == 0 {
-        return Err(PermuteError::InvalidSpec(
-            "head_dim must be positive".into(),
-        ));
-    }
     let mut residual: Vec<(String, usize)> = Vec::new();
     push_if(None, &mut residual, "model.embed_tokens.weight".into(), 1);
     let mut groups = Vec::new();
@@ -469,14 +464,14 @@ pub fn infer_spec(sd: &StateDict, hints: &SpecHints<'_>) -> Result<(String, Perm
             bert(sd, heads)?
         }
         "llama" => {
-            let config = |e: weights::WeightsError| invalid(e.to_string());
-            let mut c = match hints.config_json {
-                Some(text) => LlamaConfig::from_config_json(text).map_err(config)?,
+            let to_invalid = |e: weights::WeightsError| invalid(e.to_string());
+            let mut c = match &config {
+                Some(v) => LlamaConfig::from_hf(v).map_err(to_invalid)?,
                 None => {
                     let h = hints.heads.ok_or_else(|| {
                         invalid("llama needs its head count (or a config.json)".into())
                     })?;
-                    LlamaConfig::from_state_dict(sd, h).map_err(config)?
+                    LlamaConfig::from_state_dict(sd, h).map_err(to_invalid)?
                 }
             };
             if let Some(h) = hints.heads {

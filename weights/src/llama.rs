@@ -118,13 +118,6 @@ impl LlamaConfig {
         Ok(c)
     }
 
-    /// From the text of a Hugging Face `config.json`.
-    pub fn from_config_json(text: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| WeightsError::Config(format!("config.json is not JSON: {e}")))?;
-        Self::from_hf(&v)
-    }
-
     /// The sizes of a checkpoint in Hugging Face LLaMA names with `heads`
     /// query heads (as many key/value heads, `hidden / heads` per head), the
     /// rest at [`LlamaConfig::tiny`]'s defaults: what a checkpoint without a
@@ -165,9 +158,9 @@ impl LlamaConfig {
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if !self.head_dim.is_multiple_of(2) {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return e(format!(
-                "head_dim {} must be even for rotary embeddings",
+                "head_dim {} must be positive and even for rotary embeddings",
                 self.head_dim
             ));
         }

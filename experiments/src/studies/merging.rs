@@ -378,8 +378,13 @@ where
     let mut vectors = Vec::new();
     let mut spectra_series = Vec::new();
     for fam in &finetuned {
-        merge_family(&st, fam, &mut run, &mut merges, &bar)?;
-        let (v, series) = task_vector_stats(&st.base, fam, tasks)?;
+        let tvs: Vec<IndexMap<String, Array2<f32>>> = fam
+            .weights
+            .iter()
+            .map(|sd| task_vector(sd, &st.base))
+            .collect();
+        merge_family(&st, fam, &tvs, &mut run, &mut merges, &bar)?;
+        let (v, series) = task_vector_stats(fam, &tvs, tasks)?;
         vectors.push(v);
         spectra_series.extend(series);
     }
@@ -446,23 +451,28 @@ where
     Ok((finetuned, individual))
 }
 
+/// A task-vector merge with unit weights (and `density`, if any).
+fn task_vectors(preset: TaskVectorPreset, lambda: f64, density: Option<f64>) -> Merge {
+    Merge::TaskVectors(
+        preset,
+        TaskVectorOptions {
+            weights: vec![1.0],
+            densities: density.into_iter().collect(),
+            lambda,
+            ..Default::default()
+        },
+    )
+}
+
+/// TIES at `--density` (disjoint mean, λ = 1): a plain merge, and the merge
+/// of the permutation-aware row.
+fn ties(args: &MergeArgs) -> Merge {
+    task_vectors(TaskVectorPreset::Ties, 1.0, Some(args.density))
+}
+
 /// The data-free merges of the `merge` crate, by row label.
 fn plain_merges(args: &MergeArgs) -> Vec<(&'static str, Merge)> {
-    let tv = |preset, density: Option<f64>| {
-        Merge::TaskVectors(
-            preset,
-            TaskVectorOptions {
-                weights: vec![1.0],
-                densities: density.into_iter().collect(),
-                lambda: if preset == TaskVectorPreset::Ties {
-                    1.0
-                } else {
-                    args.lambda
-                },
-                ..Default::default()
-            },
-        )
-    };
+    let tv = |preset, density| task_vectors(preset, args.lambda, density);
     let d = Some(args.density);
     vec![
         (
@@ -476,18 +486,19 @@ fn plain_merges(args: &MergeArgs) -> Vec<(&'static str, Merge)> {
             "task_arithmetic",
             tv(TaskVectorPreset::TaskArithmetic, None),
         ),
-        ("ties", tv(TaskVectorPreset::Ties, d)),
+        ("ties", ties(args)),
         ("dare_linear", tv(TaskVectorPreset::DareLinear, d)),
         ("dare_ties", tv(TaskVectorPreset::DareTies, d)),
         ("model_stock", Merge::ModelStock { filter_wise: false }),
     ]
 }
 
-/// Merges one family's fine-tunes by every method, and its multi-task
-/// baseline; `merges.csv` is rewritten after each row.
+/// Merges one family's fine-tunes (task vectors `tvs`) by every method, and
+/// its multi-task baseline; `merges.csv` is rewritten after each row.
 fn merge_family<B: AutodiffBackend>(
     st: &Study<'_, B>,
     fam: &Family,
+    tvs: &[IndexMap<String, Array2<f32>>],
     run: &mut Run,
     merges: &mut Vec<MergeRow>,
     bar: &indicatif::ProgressBar,
@@ -526,7 +537,7 @@ where
     }
     let (merged, details) = run.phase(&format!("{name} wm+ties"), || wm_ties(st, fam))?;
     push(merges, run, "wm_ties", st.score(&merged)?, details)?;
-    let (scores, details) = run.phase(&format!("{name} rmm"), || rmm(st, fam))?;
+    let (scores, details) = run.phase(&format!("{name} rmm"), || rmm(st, tvs))?;
     push(merges, run, "rmm", scores, details)?;
     if let Method::Lora(r) = fam.method {
         let adapters = st
@@ -569,12 +580,7 @@ fn wm_ties<B: AutodiffBackend>(
     fam: &Family,
 ) -> anyhow::Result<(StateDict, serde_json::Value)> {
     let spec = permute::builders::llama(&st.s.config, &st.base)?;
-    let (method, params, per_model) = plain_merges(st.args)
-        .into_iter()
-        .find(|(l, _)| *l == "ties")
-        .expect("ties is a plain merge")
-        .1
-        .lower(fam.weights.len())?;
+    let (method, params, per_model) = ties(st.args).lower(fam.weights.len())?;
     let (merged, aligned) = merge::aligned::permutation_aware_merge(
         &spec,
         &method,
@@ -592,11 +598,12 @@ fn wm_ties<B: AutodiffBackend>(
     Ok((merged, details))
 }
 
-/// The task vectors of `fam`, every one over the same weights (zeros where
-/// a task did not touch a weight).
-fn aligned_task_vectors(base: &StateDict, fam: &Family) -> Vec<IndexMap<String, Array2<f32>>> {
-    let tvs: Vec<IndexMap<String, Array2<f32>>> =
-        fam.weights.iter().map(|sd| task_vector(sd, base)).collect();
+/// Task vectors `tvs`, every one over the same weights (zeros where a task
+/// did not touch a weight).
+fn aligned_task_vectors(
+    base: &StateDict,
+    tvs: &[IndexMap<String, Array2<f32>>],
+) -> Vec<IndexMap<String, Array2<f32>>> {
     let names: indexmap::IndexSet<String> = tvs.iter().flat_map(|t| t.keys().cloned()).collect();
     tvs.iter()
         .map(|t| {
@@ -619,14 +626,14 @@ fn aligned_task_vectors(base: &StateDict, fam: &Family) -> Vec<IndexMap<String, 
 /// each task scored with its own rebuilt weights.
 fn rmm<B: AutodiffBackend>(
     st: &Study<'_, B>,
-    fam: &Family,
+    tvs: &[IndexMap<String, Array2<f32>>],
 ) -> anyhow::Result<(Scores, serde_json::Value)>
 where
     Llama<B>: AutodiffModule<B>,
 {
     let n = st.tasks.len();
     let p = n.saturating_sub(2).max(1);
-    let store = merge::lora::rmm_fit(&aligned_task_vectors(&st.base, fam), p)?;
+    let store = merge::lora::rmm_fit(&aligned_task_vectors(&st.base, tvs), p)?;
     let mut acc = BTreeMap::new();
     let mut losses = Vec::new();
     for (k, t) in st.tasks.iter().enumerate() {
@@ -643,16 +650,15 @@ where
     Ok((scores, details))
 }
 
-/// Norms, stable and numerical ranks of every task vector, the pairwise
-/// cosines, and the spectrum of the first task's `layers.0.mlp.down_proj`.
+/// Norms, stable and numerical ranks of every task vector `tvs` of `fam`,
+/// the pairwise cosines, and the spectrum of the first task's
+/// `layers.0.mlp.down_proj`.
 fn task_vector_stats(
-    base: &StateDict,
     fam: &Family,
+    tvs: &[IndexMap<String, Array2<f32>>],
     tasks: &[Task],
 ) -> anyhow::Result<(FamilyVectors, Option<Series>)> {
     let name = fam.method.family();
-    let tvs: Vec<IndexMap<String, Array2<f32>>> =
-        fam.weights.iter().map(|sd| task_vector(sd, base)).collect();
     let mut cosines = Vec::new();
     for i in 0..tvs.len() {
         for j in i + 1..tvs.len() {
