@@ -14,6 +14,16 @@ fn fixture(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// `ours` within `tol` (relative, absolute below 1) of `reference[key]`.
+fn assert_close(what: &str, key: &str, ours: Option<f64>, reference: &serde_json::Value, tol: f64) {
+    let theirs = reference[key].as_f64().unwrap();
+    let ours = ours.unwrap_or_else(|| panic!("{what}: {key} missing"));
+    assert!(
+        (ours - theirs).abs() <= tol * theirs.abs().max(1.0),
+        "{what}: {key} {ours} vs WeightWatcher {theirs}"
+    );
+}
+
 #[test]
 #[ignore = "needs models/ from scripts/fetch-models.sh; run with --ignored"]
 fn minilm_matches_weightwatcher() {
@@ -28,15 +38,7 @@ fn minilm_matches_weightwatcher() {
     let mut fitted = 0;
     for r in &rows {
         let w = &layers[&r.name];
-        let close = |ours: Option<f64>, key: &str, tol: f64| {
-            let theirs = w[key].as_f64().unwrap();
-            let ours = ours.unwrap_or_else(|| panic!("{}: {key} missing", r.name));
-            assert!(
-                (ours - theirs).abs() <= tol * theirs.abs().max(1.0),
-                "{}: {key} {ours} vs WeightWatcher {theirs}",
-                r.name
-            );
-        };
+        let close = |ours, key, tol| assert_close(&r.name, key, ours, w, tol);
         close(r.log_norm, "log_norm", 1e-5);
         close(r.log_spectral_norm, "log_spectral_norm", 1e-5);
         close(r.stable_rank, "stable_rank", 1e-4);
@@ -100,15 +102,8 @@ fn minilm_clip_xmax_matches_weightwatcher() {
             continue;
         };
         assert_eq!(clip["status"], "success", "{}", r.name);
-        let close = |ours: Option<f64>, key: &str, tol: f64| {
-            let theirs = clip[key].as_f64().unwrap();
-            let ours = ours.unwrap_or_else(|| panic!("{}: {key} missing", r.name));
-            assert!(
-                (ours - theirs).abs() <= tol * theirs.abs().max(1.0),
-                "{}: clip_xmax {key} {ours} vs WeightWatcher {theirs}",
-                r.name
-            );
-        };
+        let what = format!("{} (clip_xmax)", r.name);
+        let close = |ours, key, tol| assert_close(&what, key, ours, clip, tol);
         close(r.alpha, "alpha", 1e-3);
         close(r.xmin, "xmin", 1e-4);
         close(r.xmax, "xmax", 1e-4);
@@ -156,13 +151,7 @@ fn clip_xmax_on_a_fingered_spectrum_matches_weightwatcher() {
     )
     .unwrap();
     let c = &f["clip"];
-    let close = |ours: f64, key: &str| {
-        let theirs = c[key].as_f64().unwrap();
-        assert!(
-            (ours - theirs).abs() <= 1e-9 * theirs.abs().max(1.0),
-            "{key}: {ours} vs {theirs}"
-        );
-    };
+    let close = |ours, key| assert_close("fingered spectrum", key, Some(ours), c, 1e-9);
     close(fit.alpha, "alpha");
     close(fit.xmin, "xmin");
     close(fit.xmax, "xmax");
