@@ -105,9 +105,11 @@ fn group_of(name: String, n: usize, members: &[(String, usize)]) -> Group {
 /// rows, down columns); `layers.N.heads`, which moves whole key/value heads
 /// together with their query heads (GQA: query head `h` uses key/value head
 /// `h / (heads/kv_heads)`), with a q/k family that stays fixed inside a head
-/// (rotary pairs carry their frequency: moving one changes the function) and a
+/// (rotary pairs carry their frequency: moving one changes the function), a
 /// free v/o family (v rows and the matching o columns of every query head of
-/// that key/value head). Optional q/k/v biases and an untied `lm_head` are
+/// that key/value head), and free copies: the query heads sharing a key/value
+/// head may be reordered among themselves (their q rows with their o columns),
+/// which grouped-query attention cannot tell apart. Optional q/k/v biases and an untied `lm_head` are
 /// included when `sd` has them.
 pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
     c.check()
@@ -164,6 +166,11 @@ pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
             blocks: c.num_key_value_heads,
             block_size: c.head_dim,
             families: vec![Inner::Identity, Inner::Free],
+            copies: if n_rep > 1 {
+                Inner::Free
+            } else {
+                Inner::Identity
+            },
             members: heads,
         });
     }
@@ -281,6 +288,7 @@ pub fn bert(sd: &StateDict, heads: usize) -> Result<PermutationSpec> {
             blocks: heads,
             block_size: d,
             families: vec![Inner::Free, Inner::Free],
+            copies: Inner::Identity,
             members: hm,
         });
         l += 1;
@@ -574,6 +582,7 @@ pub fn vgg(sd: &StateDict) -> Result<PermutationSpec> {
             blocks: n,
             block_size: 1,
             families: vec![Inner::Identity],
+            copies: Inner::Identity,
             members: members
                 .into_iter()
                 .map(|(weight, axis, repeat)| Member {

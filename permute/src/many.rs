@@ -199,6 +199,7 @@ pub fn activation_matching(
             GroupPerm {
                 outer: p,
                 inner: vec![vec![]],
+                copies: vec![],
             },
         );
     }

@@ -7,8 +7,11 @@
 //! maximises `⟨W_A, P W_B⟩` ([`crate::lap`]). For block groups (attention
 //! heads) the score of putting B's block `b` at A's block `a` is the best
 //! inner assignment of their units (a `block_size` LAP per pair and family,
-//! or the trace for fixed families), and the block assignment is solved on
-//! those scores. Passes stop when none of the groups improves the objective
+//! or the trace for fixed families) and, where the group reorders the copies
+//! of a block (the query heads sharing one key/value head), of their copies:
+//! every copy order for up to three copies, otherwise alternating LAPs
+//! (units given copies, copies given units) until neither improves. The
+//! block assignment is solved on those scores. Passes stop when none of the groups improves the objective
 //! by more than `tol`, or after `max_iter`.
 
 use ndarray::{Array2, ArrayD, ArrayViewMut2, Ix2};
@@ -121,20 +124,50 @@ pub(crate) fn unfold(data: &ArrayD<f32>, axis: usize) -> Array2<f32> {
 }
 
 /// Summed similarities of a group, per family: `sim[f][((a·B + b)·bs + i)·bs + i']`.
+///
+/// Members whose copies the group permutes (`copies` free, `repeat > 1`) are
+/// kept per copy pair instead: `copy_sim[f][(((a·B + b)·R + r)·R + r')·bs² + i·bs + i']`
+/// for free families, and only its trace per `(a, b, r, r')` for fixed ones.
 pub(crate) struct GroupSimilarity {
     blocks: usize,
     bs: usize,
+    /// Copies per block that the group permutes (1: none).
+    copies: usize,
     sim: Vec<Vec<f64>>,
+    copy_sim: Vec<Vec<f64>>,
 }
+
+/// What the best inner assignment of one block pair is.
+struct PairBest {
+    score: f64,
+    /// Per family: the unit order (empty for fixed families).
+    inner: Vec<Vec<usize>>,
+    /// The copy order (empty when copies are fixed).
+    copies: Vec<usize>,
+}
+
+/// Copy counts up to which every copy order of a block pair is tried.
+const EXHAUSTIVE_COPIES: usize = 3;
 
 impl GroupSimilarity {
     pub(crate) fn new(g: &Group) -> Self {
-        let n = g.blocks * g.blocks * g.block_size * g.block_size;
+        let (nb, bs, r) = (g.blocks, g.block_size, g.copy_count());
+        let n = nb * nb * bs * bs;
         GroupSimilarity {
-            blocks: g.blocks,
-            bs: g.block_size,
+            blocks: nb,
+            bs,
+            copies: r,
             sim: (0..g.families.len())
                 .map(|_| weights::mem::filled(n, 0.0))
+                .collect(),
+            copy_sim: g
+                .families
+                .iter()
+                .map(|f| match (r, f) {
+                    (1, _) => vec![],
+                    (_, Inner::Identity) => vec![0.0; nb * nb * r * r],
+                    (_, Inner::Free) => weights::mem::filled(n * r * r, 0.0),
+                })
                 .collect(),
         }
     }
@@ -157,6 +190,32 @@ impl GroupSimilarity {
         ndarray::linalg::general_mat_mul(1.0, a, &b.t(), 0.0, &mut s);
         let s: &[f32] = prod;
         let (nb, bs) = (self.blocks, self.bs);
+        if repeat > 1 && self.copies > 1 {
+            // Every copy pair of every block pair, kept apart.
+            let rc = self.copies;
+            let cs = &mut self.copy_sim[family];
+            let traces_only = cs.len() == nb * nb * rc * rc;
+            for ab in 0..nb {
+                for r in 0..rc {
+                    for i in 0..bs {
+                        let row = &s[((ab * rc + r) * bs + i) * n..][..n];
+                        for bb in 0..nb {
+                            for r2 in 0..rc {
+                                let src = &row[(bb * rc + r2) * bs..][..bs];
+                                let pair = ((ab * nb + bb) * rc + r) * rc + r2;
+                                if traces_only {
+                                    cs[pair] += src[i] as f64;
+                                } else {
+                                    let dst = &mut cs[(pair * bs + i) * bs..][..bs];
+                                    dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v as f64);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            return;
+        }
         let fam = &mut self.sim[family];
         if bs == 1 && repeat == 1 {
             // One unit per block: the product is the similarity itself.
@@ -185,6 +244,30 @@ impl GroupSimilarity {
         &self.sim[f][start..start + n]
     }
 
+    /// Family `f`'s `bs × bs` similarity of blocks `(a, b)` with B's copies in
+    /// the order `copies` (A's copy `r` against B's copy `copies[r]`), or its
+    /// trace alone for a fixed family.
+    fn paired(&self, g: &Group, f: usize, a: usize, b: usize, copies: &[usize]) -> Vec<f64> {
+        let (nb, bs, rc) = (self.blocks, self.bs, self.copies);
+        let mut m = self.block(f, a, b).to_vec();
+        if rc == 1 {
+            return m;
+        }
+        let cs = &self.copy_sim[f];
+        for (r, &r2) in copies.iter().enumerate() {
+            let pair = ((a * nb + b) * rc + r) * rc + r2;
+            match g.families[f] {
+                // Only the diagonal counts: add the copies' traces to entry (0, 0).
+                Inner::Identity => m[0] += cs[pair],
+                Inner::Free => m
+                    .iter_mut()
+                    .zip(&cs[pair * bs * bs..][..bs * bs])
+                    .for_each(|(d, &v)| *d += v),
+            }
+        }
+        m
+    }
+
     /// The score of a value (current or candidate).
     pub(crate) fn score(&self, g: &Group, p: &GroupPerm) -> f64 {
         (0..self.blocks).map(|a| self.block_score(g, p, a)).sum()
@@ -192,58 +275,176 @@ impl GroupSimilarity {
 
     /// The score of block `a` of A paired with block `p.outer[a]` of B.
     pub(crate) fn block_score(&self, g: &Group, p: &GroupPerm, a: usize) -> f64 {
-        let mut total = 0.0;
-        for (f, kind) in g.families.iter().enumerate() {
-            let blk = self.block(f, a, p.outer[a]);
-            total += match kind {
-                Inner::Identity => (0..self.bs).map(|i| blk[i * self.bs + i]).sum::<f64>(),
-                Inner::Free => (0..self.bs)
-                    .map(|i| blk[i * self.bs + p.inner[f][a][i]])
-                    .sum::<f64>(),
-            };
+        let identity: Vec<usize> = (0..self.copies).collect();
+        let copies = p.copies.get(a).unwrap_or(&identity);
+        (0..g.families.len())
+            .map(|f| {
+                let inner = p.inner[f].get(a).map(Vec::as_slice);
+                self.inner_score(g, f, &self.paired(g, f, a, p.outer[a], copies), inner)
+            })
+            .sum()
+    }
+
+    /// `Σᵢ m[i, inner[i]]` (the trace when the family is fixed).
+    fn inner_score(&self, g: &Group, f: usize, m: &[f64], inner: Option<&[usize]>) -> f64 {
+        let bs = self.bs;
+        match (g.families[f], inner) {
+            (Inner::Free, Some(p)) => (0..bs).map(|i| m[i * bs + p[i]]).sum(),
+            _ => (0..bs).map(|i| m[i * bs + i]).sum(),
         }
-        total
+    }
+
+    /// The best inner assignment of every family for blocks `(a, b)` with
+    /// B's copies in the order `copies`.
+    fn best_inner(&self, g: &Group, a: usize, b: usize, copies: &[usize]) -> Result<PairBest> {
+        let bs = self.bs;
+        let mut best = PairBest {
+            score: 0.0,
+            inner: vec![],
+            copies: if self.copies > 1 {
+                copies.to_vec()
+            } else {
+                vec![]
+            },
+        };
+        for (f, kind) in g.families.iter().enumerate() {
+            let m = self.paired(g, f, a, b, copies);
+            let p = match kind {
+                Inner::Identity => vec![],
+                Inner::Free => solve(&m, bs, Objective::Maximize, &g.name)?,
+            };
+            best.score += self.inner_score(g, f, &m, Some(&p));
+            best.inner.push(p);
+        }
+        Ok(best)
+    }
+
+    /// The best copy order given each family's unit order: a linear
+    /// assignment of A's copies to B's.
+    fn best_copies(
+        &self,
+        g: &Group,
+        a: usize,
+        b: usize,
+        inner: &[Vec<usize>],
+    ) -> Result<Vec<usize>> {
+        let (nb, bs, rc) = (self.blocks, self.bs, self.copies);
+        let mut cost = vec![0.0; rc * rc];
+        for (f, kind) in g.families.iter().enumerate() {
+            let cs = &self.copy_sim[f];
+            for (rr, c) in cost.iter_mut().enumerate() {
+                let pair = (a * nb + b) * rc * rc + rr;
+                *c += match kind {
+                    Inner::Identity => cs[pair],
+                    Inner::Free => {
+                        let blk = &cs[pair * bs * bs..][..bs * bs];
+                        (0..bs).map(|i| blk[i * bs + inner[f][i]]).sum::<f64>()
+                    }
+                };
+            }
+        }
+        solve(&cost, rc, Objective::Maximize, &g.name)
+    }
+
+    /// The best copy and unit orders for blocks `(a, b)`: every copy order
+    /// when there are at most [`EXHAUSTIVE_COPIES`] copies, otherwise
+    /// alternating assignments (units given copies, copies given units) from
+    /// the identity until neither improves.
+    fn best_pair(&self, g: &Group, a: usize, b: usize) -> Result<PairBest> {
+        let identity: Vec<usize> = (0..self.copies).collect();
+        if self.copies <= EXHAUSTIVE_COPIES {
+            let mut best: Option<PairBest> = None;
+            for order in permutations(self.copies) {
+                let cand = self.best_inner(g, a, b, &order)?;
+                if best.as_ref().is_none_or(|b| cand.score > b.score) {
+                    best = Some(cand);
+                }
+            }
+            return Ok(best.expect("at least one order"));
+        }
+        let mut best = self.best_inner(g, a, b, &identity)?;
+        for _ in 0..100 {
+            let copies = self.best_copies(g, a, b, &best.inner)?;
+            let cand = self.best_inner(g, a, b, &copies)?;
+            if cand.score <= best.score + 1e-12 * best.score.abs().max(1.0) {
+                break;
+            }
+            best = cand;
+        }
+        Ok(best)
     }
 
     /// The best value for this similarity.
     pub(crate) fn solve(&self, g: &Group, warm: Option<&Duals>) -> Result<(GroupPerm, Duals)> {
-        let (nb, bs) = (self.blocks, self.bs);
+        let nb = self.blocks;
         let mut outer_cost = vec![0.0; nb * nb];
-        // Inner solutions per (family, a, b), kept to avoid solving twice.
-        let mut inner_best: Vec<Vec<Vec<usize>>> = vec![vec![]; g.families.len()];
-        for (f, kind) in g.families.iter().enumerate() {
-            if *kind == Inner::Free {
-                inner_best[f] = vec![vec![]; nb * nb];
-            }
-            for a in 0..nb {
-                for b in 0..nb {
-                    let blk = self.block(f, a, b);
-                    outer_cost[a * nb + b] += match kind {
-                        Inner::Identity => (0..bs).map(|i| blk[i * bs + i]).sum::<f64>(),
-                        Inner::Free => {
-                            let p = solve(blk, bs, Objective::Maximize, &g.name)?;
-                            let v = (0..bs).map(|i| blk[i * bs + p[i]]).sum::<f64>();
-                            inner_best[f][a * nb + b] = p;
-                            v
-                        }
-                    };
-                }
+        // Inner solutions per block pair, kept to avoid solving twice.
+        let mut pair_best = Vec::with_capacity(nb * nb);
+        for a in 0..nb {
+            for b in 0..nb {
+                let best = self.best_pair(g, a, b)?;
+                outer_cost[a * nb + b] = best.score;
+                pair_best.push(best);
             }
         }
         let (outer, duals) = solve_warm(&outer_cost, nb, Objective::Maximize, warm, &g.name)?;
+        let mut chosen: Vec<PairBest> = (0..nb)
+            .map(|a| {
+                std::mem::replace(
+                    &mut pair_best[a * nb + outer[a]],
+                    PairBest {
+                        score: 0.0,
+                        inner: vec![],
+                        copies: vec![],
+                    },
+                )
+            })
+            .collect();
         let inner = g
             .families
             .iter()
             .enumerate()
             .map(|(f, kind)| match kind {
                 Inner::Identity => vec![],
-                Inner::Free => (0..nb)
-                    .map(|a| std::mem::take(&mut inner_best[f][a * nb + outer[a]]))
+                Inner::Free => chosen
+                    .iter_mut()
+                    .map(|c| std::mem::take(&mut c.inner[f]))
                     .collect(),
             })
             .collect();
-        Ok((GroupPerm { outer, inner }, duals))
+        let copies = match g.copies {
+            Inner::Identity => vec![],
+            Inner::Free => chosen.into_iter().map(|c| c.copies).collect(),
+        };
+        Ok((
+            GroupPerm {
+                outer,
+                inner,
+                copies,
+            },
+            duals,
+        ))
     }
+}
+
+/// Every permutation of `0..n` (Heap's algorithm; `n` small).
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    fn heap(k: usize, p: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
+        if k <= 1 {
+            out.push(p.clone());
+            return;
+        }
+        for i in 0..k {
+            heap(k - 1, p, out);
+            let j = if k.is_multiple_of(2) { i } else { 0 };
+            if i + 1 < k {
+                p.swap(j, k - 1);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    heap(n, &mut (0..n).collect(), &mut out);
+    out
 }
 
 /// The similarity of group `gi` between A and B with the other groups of `perm` applied to B.
@@ -296,6 +497,9 @@ pub(crate) fn group_similarity(
             || GroupSimilarity::new(g),
             |mut x, y| {
                 for (fx, fy) in x.sim.iter_mut().zip(y.sim) {
+                    fx.iter_mut().zip(fy).for_each(|(p, q)| *p += q);
+                }
+                for (fx, fy) in x.copy_sim.iter_mut().zip(y.copy_sim) {
                     fx.iter_mut().zip(fy).for_each(|(p, q)| *p += q);
                 }
                 x
@@ -418,4 +622,25 @@ pub fn total_objective(
                 .sum::<f64>()
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::permutations;
+
+    #[test]
+    fn permutations_lists_each_order_once() {
+        for (n, count) in [(1, 1), (2, 2), (3, 6), (4, 24)] {
+            let mut all = permutations(n);
+            assert_eq!(all.len(), count);
+            for p in &all {
+                let mut s = p.clone();
+                s.sort_unstable();
+                assert_eq!(s, (0..n).collect::<Vec<_>>());
+            }
+            all.sort();
+            all.dedup();
+            assert_eq!(all.len(), count);
+        }
+    }
 }

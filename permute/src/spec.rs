@@ -9,18 +9,24 @@
 //! Besides moving whole blocks (`outer`), a group may permute the units inside
 //! each block: one independent inner permutation per block for each *family*
 //! ([`Inner::Free`]), or none ([`Inner::Identity`]); each member says which
-//! family applies to it. This covers in one mechanism:
+//! family applies to it. A group may also permute the `repeat` copies inside
+//! each block (`copies`: one permutation per block, shared by every member
+//! with more than one copy; members with one copy are unaffected). This
+//! covers in one mechanism:
 //!
 //! - MLP/CNN hidden units and channels (`blocks = n`, `block_size = 1`);
 //! - attention heads: `blocks` = key/value heads, `block_size` = head dim,
 //!   q/o members with `repeat` = query heads per key/value head, a q/k family
 //!   ([`Inner::Identity`] under RoPE: moving a rotary pair to another position
 //!   changes its frequency and the function, so only whole heads move; free
-//!   without RoPE) and a v/o family ([`Inner::Free`]).
+//!   without RoPE) and a v/o family ([`Inner::Free`]);
+//! - the query heads that share a key/value head, which may be reordered among
+//!   themselves (q rows and o columns of whole query heads, `copies` free).
 //!
 //! A [`GroupPerm`] maps new positions to old ones (Git Re-Basin's convention):
-//! the permuted model's block `j` is the original block `outer[j]`, and its
-//! unit `i` inside the block is the original unit `inner[f][j][i]`.
+//! the permuted model's block `j` is the original block `outer[j]`, its copy
+//! `r` is the original copy `copies[j][r]` of that block, and its unit `i`
+//! inside the block is the original unit `inner[f][j][i]`.
 
 use std::collections::HashMap;
 
@@ -31,10 +37,11 @@ use weights::{StateDict, Tensor};
 
 use crate::error::{PermuteError, Result};
 
-/// Whether units inside a block may be permuted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// Whether units (or copies) inside a block may be permuted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Inner {
     /// Units keep their order inside a block.
+    #[default]
     Identity,
     /// Each block gets its own permutation of its units.
     Free,
@@ -58,6 +65,10 @@ pub struct Group {
     pub blocks: usize,
     pub block_size: usize,
     pub families: Vec<Inner>,
+    /// Whether the copies of a block (members with `repeat > 1`, which must
+    /// then all have the same `repeat`) may be reordered inside the block.
+    #[serde(default)]
+    pub copies: Inner,
     pub members: Vec<Member>,
 }
 
@@ -69,6 +80,7 @@ impl Group {
             blocks: n,
             block_size: 1,
             families: vec![Inner::Identity],
+            copies: Inner::Identity,
             members: members
                 .iter()
                 .map(|(w, a)| Member {
@@ -85,6 +97,15 @@ impl Group {
     pub fn axis_len(&self, m: &Member) -> usize {
         self.blocks * m.repeat * self.block_size
     }
+
+    /// The number of copies per block that `copies` permutes (1 when the
+    /// copies are fixed or no member repeats).
+    pub fn copy_count(&self) -> usize {
+        match self.copies {
+            Inner::Identity => 1,
+            Inner::Free => self.members.iter().map(|m| m.repeat).max().unwrap_or(1),
+        }
+    }
 }
 
 /// The permutation groups of an architecture.
@@ -99,6 +120,9 @@ pub struct GroupPerm {
     pub outer: Vec<usize>,
     /// `inner[f][j]`: unit order inside new block `j` for family `f` (empty for identity families).
     pub inner: Vec<Vec<Vec<usize>>>,
+    /// `copies[j]`: copy order inside new block `j` (empty when the group's copies are fixed).
+    #[serde(default)]
+    pub copies: Vec<Vec<usize>>,
 }
 
 /// A value for every group, by group name.
@@ -139,6 +163,10 @@ impl GroupPerm {
                     Inner::Free => vec![(0..g.block_size).collect(); g.blocks],
                 })
                 .collect(),
+            copies: match g.copies {
+                Inner::Identity => vec![],
+                Inner::Free => vec![(0..g.copy_count()).collect(); g.blocks],
+            },
         }
     }
 
@@ -177,6 +205,30 @@ impl GroupPerm {
                 Inner::Identity => {}
             }
         }
+        match g.copies {
+            Inner::Identity if !self.copies.is_empty() => {
+                return Err(PermuteError::BadPermutation {
+                    group: g.name.clone(),
+                    msg: "copies are fixed but a copy order is given".into(),
+                });
+            }
+            Inner::Free => {
+                if self.copies.len() != g.blocks {
+                    return Err(PermuteError::BadPermutation {
+                        group: g.name.clone(),
+                        msg: format!(
+                            "{} copy orders, group has {} blocks",
+                            self.copies.len(),
+                            g.blocks
+                        ),
+                    });
+                }
+                for p in &self.copies {
+                    check_bijection(p, g.copy_count(), &g.name, "copy order")?;
+                }
+            }
+            Inner::Identity => {}
+        }
         Ok(())
     }
 
@@ -198,17 +250,27 @@ impl GroupPerm {
                 out
             })
             .collect();
-        GroupPerm { outer, inner }
+        let mut copies = vec![vec![]; self.copies.len()];
+        for (j, p) in self.copies.iter().enumerate() {
+            copies[self.outer[j]] = inverse(p);
+        }
+        GroupPerm {
+            outer,
+            inner,
+            copies,
+        }
     }
 
     /// The flat source index of every position of a member's axis.
     pub fn flat(&self, g: &Group, m: &Member) -> Vec<usize> {
         let (bs, rep) = (g.block_size, m.repeat);
         let fam = self.inner.get(m.family).filter(|f| !f.is_empty());
+        let copies = Some(&self.copies).filter(|c| rep > 1 && !c.is_empty());
         let mut out = Vec::with_capacity(g.blocks * rep * bs);
         for j in 0..g.blocks {
             let src = self.outer[j];
             for r in 0..rep {
+                let r = copies.map_or(r, |c| c[j][r]);
                 for i in 0..bs {
                     let si = fam.map_or(i, |f| f[j][i]);
                     out.push((src * rep + r) * bs + si);
@@ -244,6 +306,15 @@ impl PermutationSpec {
                     return Err(PermuteError::InvalidSpec(format!(
                         "group '{}': member '{}' has family {} / repeat {}",
                         g.name, m.weight, m.family, m.repeat
+                    )));
+                }
+                if g.copies == Inner::Free && m.repeat != 1 && m.repeat != g.copy_count() {
+                    return Err(PermuteError::InvalidSpec(format!(
+                        "group '{}' permutes copies, but member '{}' has {} copies and others {}",
+                        g.name,
+                        m.weight,
+                        m.repeat,
+                        g.copy_count()
                     )));
                 }
                 if !on_weight.insert(m.weight.as_str()) {
@@ -309,7 +380,7 @@ impl PermutationSpec {
     }
 
     /// A uniformly random value of every group (block order and, for free
-    /// families, each block's unit order), seeded: the random-permutation
+    /// families and free copies, each block's unit and copy orders), seeded: the random-permutation
     /// baseline of alignment studies, and planted permutations in tests.
     pub fn random(&self, seed: u64) -> Permutation {
         let mut rng = spectra::rng::Rng::new(seed);
@@ -330,7 +401,18 @@ impl PermutationSpec {
                         Inner::Free => (0..g.blocks).map(|_| shuffled(g.block_size)).collect(),
                     })
                     .collect();
-                (g.name.clone(), GroupPerm { outer, inner })
+                let copies = match g.copies {
+                    Inner::Identity => vec![],
+                    Inner::Free => (0..g.blocks).map(|_| shuffled(g.copy_count())).collect(),
+                };
+                (
+                    g.name.clone(),
+                    GroupPerm {
+                        outer,
+                        inner,
+                        copies,
+                    },
+                )
             })
             .collect()
     }
