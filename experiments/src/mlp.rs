@@ -216,12 +216,12 @@ where
     model
 }
 
-/// Every layer's output in plain ndarray: the post-ReLU hidden layers, then the logits.
-pub fn layer_outputs(sd: &StateDict, x: &Array2<f32>) -> Vec<Array2<f32>> {
+/// Every layer's pre-activation output `h·Wᵀ + b` in plain ndarray (the
+/// hidden layers before their ReLU, then the logits).
+pub fn pre_activations(sd: &StateDict, x: &Array2<f32>) -> Vec<Array2<f32>> {
     let layers = layer_params(sd).expect("an MLP state dict");
-    let mut outs = Vec::new();
-    let mut h = x.clone();
-    for (i, (w, b)) in layers.iter().enumerate() {
+    let mut outs: Vec<Array2<f32>> = Vec::new();
+    for (w, b) in &layers {
         let w = w
             .data
             .view()
@@ -232,11 +232,21 @@ pub fn layer_outputs(sd: &StateDict, x: &Array2<f32>) -> Vec<Array2<f32>> {
             .view()
             .into_dimensionality::<ndarray::Ix1>()
             .expect("1-D");
-        h = h.dot(&w.t()) + b.insert_axis(Axis(0));
-        if i + 1 < layers.len() {
-            h.mapv_inplace(|v| v.max(0.0));
-        }
-        outs.push(h.clone());
+        let h = match outs.last() {
+            Some(prev) => prev.mapv(|v| v.max(0.0)).dot(&w.t()),
+            None => x.dot(&w.t()),
+        };
+        outs.push(h + b.insert_axis(Axis(0)));
+    }
+    outs
+}
+
+/// Every layer's output in plain ndarray: the post-ReLU hidden layers, then the logits.
+pub fn layer_outputs(sd: &StateDict, x: &Array2<f32>) -> Vec<Array2<f32>> {
+    let mut outs = pre_activations(sd, x);
+    let hidden = outs.len().saturating_sub(1);
+    for h in &mut outs[..hidden] {
+        h.mapv_inplace(|v| v.max(0.0));
     }
     outs
 }

@@ -7,7 +7,8 @@
 //! aligns one model with another: weight matching (Git Re-Basin,
 //! [`matching`]) over a linear-assignment solver ([`lap`]), MergeMany,
 //! activation matching and per-unit similarities for partial matching
-//! ([`many`]), and interpolation with loss barriers ([`interp`]).
+//! ([`many`]), interpolation with loss barriers ([`interp`]), and REPAIR's
+//! renormalisation of the interpolated model's channels ([`repair`]).
 
 pub mod builders;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod interp;
 pub mod lap;
 pub mod many;
 pub mod matching;
+pub mod repair;
 pub mod spec;
 
 pub use error::{PermuteError, Result};

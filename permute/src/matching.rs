@@ -275,6 +275,14 @@ impl GroupSimilarity {
 
     /// The score of block `a` of A paired with block `p.outer[a]` of B.
     pub(crate) fn block_score(&self, g: &Group, p: &GroupPerm, a: usize) -> f64 {
+        if self.copies == 1 {
+            return (0..g.families.len())
+                .map(|f| {
+                    let inner = p.inner[f].get(a).map(Vec::as_slice);
+                    self.inner_score(g, f, self.block(f, a, p.outer[a]), inner)
+                })
+                .sum();
+        }
         let identity: Vec<usize> = (0..self.copies).collect();
         let copies = p.copies.get(a).unwrap_or(&identity);
         (0..g.families.len())
@@ -376,6 +384,9 @@ impl GroupSimilarity {
 
     /// The best value for this similarity.
     pub(crate) fn solve(&self, g: &Group, warm: Option<&Duals>) -> Result<(GroupPerm, Duals)> {
+        if self.copies == 1 {
+            return self.solve_without_copies(g, warm);
+        }
         let nb = self.blocks;
         let mut outer_cost = vec![0.0; nb * nb];
         // Inner solutions per block pair, kept to avoid solving twice.
@@ -421,6 +432,58 @@ impl GroupSimilarity {
                 outer,
                 inner,
                 copies,
+            },
+            duals,
+        ))
+    }
+}
+
+impl GroupSimilarity {
+    /// [`GroupSimilarity::solve`] for groups whose copies stay in place (all
+    /// but GQA heads): family by family over the similarity blocks, without
+    /// the per-pair records the copy search keeps (an MLP group of 512 units
+    /// has 262,144 block pairs).
+    fn solve_without_copies(&self, g: &Group, warm: Option<&Duals>) -> Result<(GroupPerm, Duals)> {
+        let (nb, bs) = (self.blocks, self.bs);
+        let mut outer_cost = vec![0.0; nb * nb];
+        // Inner solutions per (family, a, b), kept to avoid solving twice.
+        let mut inner_best: Vec<Vec<Vec<usize>>> = vec![vec![]; g.families.len()];
+        for (f, kind) in g.families.iter().enumerate() {
+            if *kind == Inner::Free {
+                inner_best[f] = vec![vec![]; nb * nb];
+            }
+            for a in 0..nb {
+                for b in 0..nb {
+                    let blk = self.block(f, a, b);
+                    outer_cost[a * nb + b] += match kind {
+                        Inner::Identity => (0..bs).map(|i| blk[i * bs + i]).sum::<f64>(),
+                        Inner::Free => {
+                            let p = solve(blk, bs, Objective::Maximize, &g.name)?;
+                            let v = (0..bs).map(|i| blk[i * bs + p[i]]).sum::<f64>();
+                            inner_best[f][a * nb + b] = p;
+                            v
+                        }
+                    };
+                }
+            }
+        }
+        let (outer, duals) = solve_warm(&outer_cost, nb, Objective::Maximize, warm, &g.name)?;
+        let inner = g
+            .families
+            .iter()
+            .enumerate()
+            .map(|(f, kind)| match kind {
+                Inner::Identity => vec![],
+                Inner::Free => (0..nb)
+                    .map(|a| std::mem::take(&mut inner_best[f][a * nb + outer[a]]))
+                    .collect(),
+            })
+            .collect();
+        Ok((
+            GroupPerm {
+                outer,
+                inner,
+                copies: vec![],
             },
             duals,
         ))

@@ -76,6 +76,7 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
     let args = experiments::studies::lmc::LmcArgs {
         quick: true,
         grid: 11,
+        repair: true,
         run: RunArgs::quiet_to(&out),
         ..Default::default()
     };
@@ -84,7 +85,7 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
     check_png(&out.join("loss_test.png"));
     assert!(out.join("report.md").is_file() && out.join("loss_test.svg").is_file());
     let m = metrics(&out);
-    for method in ["naive", "wm", "am", "ste"] {
+    for method in ["naive", "wm", "am", "ste", "wm_repair"] {
         for key in ["loss_barrier", "acc_barrier", "l2", "seconds"] {
             assert!(m[method][key].is_number(), "{method}.{key}");
         }
@@ -107,6 +108,14 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
         b("am"),
         b("naive")
     );
+    // REPAIR renormalises WM's interpolations: a lower barrier, the same B.
+    assert!(
+        b("wm_repair") < b("wm"),
+        "WM + REPAIR {} < WM {}",
+        b("wm_repair"),
+        b("wm")
+    );
+    assert_eq!(m["wm_repair"]["l2"], m["wm"]["l2"]);
     // Permuting B moves it closer to A.
     assert!(m["wm"]["l2"].as_f64().unwrap() < m["naive"]["l2"].as_f64().unwrap());
     // Both endpoints learned something (10 classes: chance is 0.1).
@@ -445,6 +454,14 @@ fn lmc_study_runs_on_the_layernorm_resnet() {
     check_png(&out.join("loss_test.png"));
     let m = metrics(&out);
     assert_eq!(m["arch"], "resnet");
+    // REPAIR is MLP-only for now: a named refusal, not a silent skip.
+    let e = experiments::studies::lmc::run(&experiments::studies::lmc::LmcArgs {
+        repair: true,
+        run: RunArgs::quiet_to(dir.path().join("lmc-resnet-repair")),
+        ..args.clone()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("--repair"), "{e}");
     assert!(!out.join("metrics.partial.json").exists());
     // Weight matching over the torchvision-named spec (streams through the
     // shortcuts, LayerNorm channels) brings B closer to A.

@@ -87,6 +87,11 @@ pub struct LmcArgs {
     /// STE learning rate (Adam on θ̃).
     #[arg(long, default_value_t = 1e-3)]
     pub ste_lr: f64,
+    /// Add REPAIR (Jordan et al. 2023) on top of weight matching: every hidden
+    /// layer of each interpolated MLP gets the endpoints' interpolated channel
+    /// statistics (a `wm_repair` row and curve).
+    #[arg(long)]
+    pub repair: bool,
     /// Also sweep these hidden widths (comma-separated) for naive vs WM barriers.
     #[arg(long, value_delimiter = ',')]
     pub widths: Vec<usize>,
@@ -149,10 +154,21 @@ pub(crate) fn curve(
     train: &Split,
     test: &Split,
 ) -> anyhow::Result<Curve> {
+    curve_of(arch, grid, train, test, |l| Ok(lerp(a, b, l as f32)?))
+}
+
+/// The curve of the models `model_at(λ)` on a grid of `grid` values of λ.
+pub(crate) fn curve_of(
+    arch: Arch,
+    grid: usize,
+    train: &Split,
+    test: &Split,
+    model_at: impl Fn(f64) -> anyhow::Result<StateDict>,
+) -> anyhow::Result<Curve> {
     let lambdas = lambda_grid(grid);
     let (mut tr, mut te) = (Vec::new(), Vec::new());
     for &l in &lambdas {
-        let m = lerp(a, b, l as f32)?;
+        let m = model_at(l)?;
         tr.push(arch.evaluate(&m, train)?);
         te.push(arch.evaluate(&m, test)?);
     }
@@ -426,6 +442,40 @@ pub type Aligned = (&'static str, permute::Permutation, f64);
 
 /// The permutation of B each method finds (`naive`: identity), with its run time,
 /// and the number of weight-matching passes.
+/// REPAIR of the interpolation `(1 − λ)·A + λ·B` of two aligned MLPs: each
+/// hidden layer's pre-activations on `probe` get the interpolation of A's and
+/// B's channel statistics, corrected layer after layer
+/// ([`permute::repair::repair`]).
+pub fn repaired_mlp(
+    a: &StateDict,
+    b: &StateDict,
+    lambda: f64,
+    probe: &ndarray::Array2<f32>,
+) -> anyhow::Result<StateDict> {
+    use permute::repair::{ChannelStats, RepairLayer, repair};
+    let stats = |sd: &StateDict| -> Vec<ChannelStats> {
+        let mut pre = mlp::pre_activations(sd, probe);
+        pre.pop(); // the logits are not repaired
+        pre.iter()
+            .map(|h| ChannelStats::of_columns(h.view()))
+            .collect()
+    };
+    let (sa, sb) = (stats(a), stats(b));
+    let targets = sa
+        .iter()
+        .zip(&sb)
+        .map(|(x, y)| ChannelStats::interpolate(x, y, lambda))
+        .collect::<permute::Result<Vec<_>>>()?;
+    let layers: Vec<RepairLayer> = (0..targets.len())
+        .map(|l| RepairLayer::named(&format!("layers.{l}")))
+        .collect();
+    let m = lerp(a, b, lambda as f32)?;
+    Ok(repair(&m, &layers, &targets, |sd, i| {
+        let h = mlp::pre_activations(sd, probe).swap_remove(i);
+        Ok(ChannelStats::of_columns(h.view()))
+    })?)
+}
+
 pub fn align_all(
     pair: &TrainedPair,
     args: &LmcArgs,
@@ -471,6 +521,10 @@ pub fn align_all(
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        !args.repair || args.arch == Arch::Mlp,
+        "--repair is implemented for --arch mlp only (the ResNet's LayerNorm channels need their own correction)"
+    );
     let mut run = args.run.open("lmc")?;
     let pair = train_pair(args, &mut run)?;
     let (a, b) = (&pair.a, &pair.b);
@@ -489,6 +543,9 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         .map(|m| arch.evaluate(m, &eval_test))
         .collect::<anyhow::Result<_>>()?;
     let (perms, wm_passes) = align_all(&pair, args, &mut run)?;
+    // REPAIR on top of weight matching: its statistics come from the same
+    // 1000 training samples activation matching uses.
+    let repair_probe = pair.train.take(1000).x;
     let mut metrics = serde_json::Map::new();
     let mut train_series = Vec::new();
     let mut test_series = Vec::new();
@@ -506,11 +563,31 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         endpoints[0].1,
         endpoints[1].1
     );
-    for (name, perm, secs) in &perms {
+    let mut rows: Vec<(String, &permute::Permutation, f64, bool)> = perms
+        .iter()
+        .map(|(n, p, s)| (n.to_string(), p, *s, false))
+        .collect();
+    if args.repair {
+        let (_, wm, secs) = perms.iter().find(|p| p.0 == "wm").expect("wm row");
+        rows.push(("wm_repair".into(), wm, *secs, true));
+    }
+    for (name, perm, secs, repaired) in &rows {
         let bp = apply(&spec, perm, b)?;
+        // REPAIR's cost (statistics and corrections at every λ) adds to WM's.
+        let repair_secs = std::cell::Cell::new(0.0);
         let c = run.phase(&format!("curve {name}"), || {
-            curve(arch, a, &bp, args.grid, &eval_train, &eval_test)
+            if *repaired {
+                curve_of(arch, args.grid, &eval_train, &eval_test, |l| {
+                    let t = Instant::now();
+                    let m = repaired_mlp(a, &bp, l, &repair_probe);
+                    repair_secs.set(repair_secs.get() + t.elapsed().as_secs_f64());
+                    m
+                })
+            } else {
+                curve(arch, a, &bp, args.grid, &eval_train, &eval_test)
+            }
         })?;
+        let secs = secs + repair_secs.get();
         let l2 = permute::matching::l2_distance(a, &bp);
         md.push_str(&format!(
             "| {name} | {:.4} | {:.4} | {:.4} | {:.3} | {:.2} |\n",
@@ -522,8 +599,8 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
                    "train_loss": c.train, "test_loss": c.test}),
         );
         run.partial(&serde_json::Value::Object(metrics.clone()))?;
-        train_series.push(Series::line(*name, c.train));
-        test_series.push(Series::line(*name, c.test));
+        train_series.push(Series::line(name.as_str(), c.train));
+        test_series.push(Series::line(name.as_str(), c.test));
     }
     line_chart(
         &run.dir.join("loss_train"),
@@ -671,5 +748,74 @@ mod tests {
             improved += usize::from(ste_mid < wm_mid - 1e-3);
         }
         assert!(improved > 0, "STE never lowered WM's midpoint loss");
+    }
+
+    /// What REPAIR promises on the quick study's MLPs over several seeds: at
+    /// every λ the repaired interpolation's hidden channels have the
+    /// interpolated statistics on the probe, and the loss barrier after
+    /// weight matching falls (Jordan et al.: variance collapse is much of
+    /// what WM leaves).
+    #[test]
+    fn repair_restores_channel_statistics_and_lowers_the_wm_barrier() {
+        use permute::repair::ChannelStats;
+        let dir = tempfile::tempdir().unwrap();
+        for seed in 0..3u64 {
+            let args = LmcArgs {
+                quick: true,
+                seed,
+                run: RunArgs::quiet_to(dir.path().join(format!("lmc{seed}"))),
+                ..Default::default()
+            };
+            let mut run = args.run.open("lmc").unwrap();
+            let pair = train_pair(&args, &mut run).unwrap();
+            let (a, b) = (&pair.a, &pair.b);
+            let spec = Arch::Mlp.spec(a).unwrap();
+            let wm = weight_matching(&spec, a, b, &MatchOptions::default()).unwrap();
+            let wb = apply(&spec, &wm.perm, b).unwrap();
+            let probe = pair.train.take(500).x;
+            let stats = |sd: &StateDict, l: usize| {
+                ChannelStats::of_columns(mlp::pre_activations(sd, &probe)[l].view())
+            };
+            let m = repaired_mlp(a, &wb, 0.5, &probe).unwrap();
+            let (mut collapsed, mut channels) = (0, 0);
+            for l in 0..2 {
+                let target = ChannelStats::interpolate(&stats(a, l), &stats(&wb, l), 0.5).unwrap();
+                let (got, plain) = (stats(&m, l), stats(&lerp(a, &wb, 0.5).unwrap(), l));
+                for c in 0..target.len() {
+                    let tol = 1e-3 * target.std[c].max(1.0);
+                    assert!(
+                        (got.mean[c] - target.mean[c]).abs() < tol,
+                        "seed {seed} layer {l} channel {c} mean"
+                    );
+                    assert!(
+                        (got.std[c] - target.std[c]).abs() < tol,
+                        "seed {seed} layer {l} channel {c} std"
+                    );
+                    collapsed += usize::from(plain.std[c] < target.std[c]);
+                    channels += 1;
+                }
+            }
+            // Variance collapse: most channels of the plain midpoint are narrower than the target.
+            assert!(
+                2 * collapsed > channels,
+                "seed {seed}: {collapsed} of {channels} channels collapsed"
+            );
+            let train = pair.train.take(2000);
+            let wm_b = curve(Arch::Mlp, a, &wb, 11, &train, &pair.test)
+                .unwrap()
+                .loss_barrier;
+            let rep_b = curve_of(Arch::Mlp, 11, &train, &pair.test, |l| {
+                repaired_mlp(a, &wb, l, &probe)
+            })
+            .unwrap()
+            .loss_barrier;
+            eprintln!(
+                "seed {seed}: barrier WM {wm_b:.4}, WM + REPAIR {rep_b:.4}, {collapsed}/{channels} channels collapsed"
+            );
+            assert!(
+                rep_b < 0.8 * wm_b,
+                "seed {seed}: REPAIR {rep_b} vs WM {wm_b}"
+            );
+        }
     }
 }

@@ -1,0 +1,245 @@
+//! REPAIR (Jordan, Sedghi, Saukh, Entezari & Neyshabur, "REPAIR:
+//! REnormalizing Permuted Activations for Interpolation Repair", ICLR 2023).
+//!
+//! Interpolating two aligned networks shrinks the variance of their hidden
+//! channels ("variance collapse"), which accounts for much of the barrier left
+//! after permutation. REPAIR gives every channel of the interpolated model
+//! `θ(λ)` the statistics interpolated from the endpoints' statistics at the
+//! same channel, `μ_λ = (1 − λ)μ_A + λμ_B` and `σ_λ = (1 − λ)σ_A + λσ_B`: it
+//! measures the channel's current mean and standard deviation on data, then
+//! folds the affine correction `y ↦ (σ_λ/σ)(y − μ) + μ_λ` into the layer that
+//! produces the channel (its weight rows and bias), so the repaired model is
+//! a plain checkpoint of the same architecture. Layers are corrected in
+//! order, each measured after the ones before it were corrected.
+//!
+//! The statistics come from the caller's forward pass (this crate has no
+//! model code): [`ChannelStats::of_columns`] computes them from a matrix of
+//! activations, and [`repair`] asks a callback for the current statistics of
+//! each layer. For BatchNorm networks the same effect is the "reset" of the
+//! running statistics, which needs no folding.
+
+use ndarray::{ArrayD, ArrayView2, Axis};
+use serde::{Deserialize, Serialize};
+use weights::{StateDict, Tensor};
+
+use crate::error::{PermuteError, Result};
+
+/// Per-channel mean and (population) standard deviation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelStats {
+    pub mean: Vec<f64>,
+    pub std: Vec<f64>,
+}
+
+impl ChannelStats {
+    /// The statistics of each column of `x` (rows are samples, columns channels).
+    pub fn of_columns(x: ArrayView2<'_, f32>) -> ChannelStats {
+        let n = x.nrows().max(1) as f64;
+        let mut mean = vec![0f64; x.ncols()];
+        for row in x.axis_iter(Axis(0)) {
+            mean.iter_mut().zip(row).for_each(|(m, &v)| *m += v as f64);
+        }
+        mean.iter_mut().for_each(|m| *m /= n);
+        let mut var = vec![0f64; x.ncols()];
+        for row in x.axis_iter(Axis(0)) {
+            var.iter_mut()
+                .zip(row)
+                .zip(&mean)
+                .for_each(|((s, &v), m)| *s += (v as f64 - m).powi(2));
+        }
+        ChannelStats {
+            mean,
+            std: var.into_iter().map(|s| (s / n).sqrt()).collect(),
+        }
+    }
+
+    /// Channels.
+    pub fn len(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// No channels.
+    pub fn is_empty(&self) -> bool {
+        self.mean.is_empty()
+    }
+
+    /// Checks lengths agree and values are finite, standard deviations ≥ 0.
+    pub fn check(&self, what: &str) -> Result<()> {
+        if self.mean.len() != self.std.len() {
+            return Err(PermuteError::Shape {
+                what: what.to_string(),
+                msg: format!(
+                    "{} means but {} standard deviations",
+                    self.mean.len(),
+                    self.std.len()
+                ),
+            });
+        }
+        if let Some(c) = (0..self.len())
+            .find(|&c| !self.mean[c].is_finite() || !self.std[c].is_finite() || self.std[c] < 0.0)
+        {
+            return Err(PermuteError::NonFinite {
+                what: format!("{what}, channel {c}"),
+                msg: format!("mean {} / std {}", self.mean[c], self.std[c]),
+            });
+        }
+        Ok(())
+    }
+
+    /// `(1 − λ)·a + λ·b`, channel by channel: REPAIR's target statistics.
+    pub fn interpolate(a: &ChannelStats, b: &ChannelStats, lambda: f64) -> Result<ChannelStats> {
+        a.check("statistics of model A")?;
+        b.check("statistics of model B")?;
+        if a.len() != b.len() {
+            return Err(PermuteError::Shape {
+                what: "REPAIR statistics".into(),
+                msg: format!("model A has {} channels, model B {}", a.len(), b.len()),
+            });
+        }
+        let mix = |x: &[f64], y: &[f64]| -> Vec<f64> {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (1.0 - lambda) * p + lambda * q)
+                .collect()
+        };
+        Ok(ChannelStats {
+            mean: mix(&a.mean, &b.mean),
+            std: mix(&a.std, &b.std),
+        })
+    }
+}
+
+/// A layer whose output channels REPAIR corrects: `weight` has the channels
+/// on axis 0 (`[out, in]` linear, `[out, in, kh, kw]` convolution); `bias`
+/// (`[out]`) is created (zeros) when the model has none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairLayer {
+    pub weight: String,
+    pub bias: String,
+}
+
+impl RepairLayer {
+    /// The layer `{prefix}.weight` / `{prefix}.bias`.
+    pub fn named(prefix: &str) -> RepairLayer {
+        RepairLayer {
+            weight: format!("{prefix}.weight"),
+            bias: format!("{prefix}.bias"),
+        }
+    }
+}
+
+/// Standard deviations below this are treated as zero (a constant channel).
+const TINY_STD: f64 = 1e-12;
+
+/// Folds `y ↦ (target.std/current.std)(y − current.mean) + target.mean` into
+/// the rows of `layer` in `sd`. A channel that is constant now but should
+/// vary cannot be rescaled: that is an error naming the layer and channel; a
+/// channel constant in both is only shifted.
+pub fn correct(
+    sd: &mut StateDict,
+    layer: &RepairLayer,
+    current: &ChannelStats,
+    target: &ChannelStats,
+) -> Result<()> {
+    let what = |s: &str| format!("REPAIR '{}': {s}", layer.weight);
+    current.check(&what("current statistics"))?;
+    target.check(&what("target statistics"))?;
+    let w = sd
+        .get(&layer.weight)
+        .ok_or_else(|| PermuteError::MissingWeight {
+            model: "model".into(),
+            weight: layer.weight.clone(),
+        })?;
+    let rows = w.shape().first().copied().unwrap_or(0);
+    if current.len() != rows || target.len() != rows {
+        return Err(PermuteError::Shape {
+            what: what("statistics"),
+            msg: format!(
+                "the layer has {rows} output channels, the statistics {} (current) and {} (target)",
+                current.len(),
+                target.len()
+            ),
+        });
+    }
+    let scale = current
+        .std
+        .iter()
+        .zip(&target.std)
+        .enumerate()
+        .map(|(c, (&sc, &st))| {
+            if sc > TINY_STD {
+                Ok(st / sc)
+            } else if st > TINY_STD {
+                Err(PermuteError::Shape {
+                    what: what(&format!("channel {c}")),
+                    msg: format!(
+                        "has zero variance in the interpolated model but should have standard deviation {st}"
+                    ),
+                })
+            } else {
+                Ok(1.0)
+            }
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    let mut wd = w.data.clone();
+    let dtype = w.dtype;
+    for (c, mut row) in wd.axis_iter_mut(Axis(0)).enumerate() {
+        row.mapv_inplace(|v| (v as f64 * scale[c]) as f32);
+    }
+    let bias = match sd.get(&layer.bias) {
+        Some(b) if b.shape() == [rows] => b.data.iter().map(|&v| v as f64).collect(),
+        Some(b) => {
+            return Err(PermuteError::Shape {
+                what: what(&format!("bias '{}'", layer.bias)),
+                msg: format!("shape {:?}, expected [{rows}]", b.shape()),
+            });
+        }
+        None => vec![0f64; rows],
+    };
+    let bias_dtype = sd.get(&layer.bias).map_or(dtype, |b| b.dtype);
+    let nb: Vec<f32> = (0..rows)
+        .map(|c| (scale[c] * (bias[c] - current.mean[c]) + target.mean[c]) as f32)
+        .collect();
+    sd.insert(layer.weight.clone(), Tensor::new(wd, dtype));
+    sd.insert(
+        layer.bias.clone(),
+        Tensor::new(
+            ArrayD::from_shape_vec(vec![rows], nb).expect("rows"),
+            bias_dtype,
+        ),
+    );
+    Ok(())
+}
+
+/// Repairs `model` (typically `lerp(A, P·B, λ)`): for each layer in order,
+/// `measure(&model_so_far, i)` gives the current statistics of layer `i`'s
+/// output channels (the caller's forward pass on a few hundred inputs), and
+/// the layer is corrected to `targets[i]`
+/// ([`ChannelStats::interpolate`] of the endpoints' statistics). The input is
+/// not modified.
+pub fn repair<F>(
+    model: &StateDict,
+    layers: &[RepairLayer],
+    targets: &[ChannelStats],
+    mut measure: F,
+) -> Result<StateDict>
+where
+    F: FnMut(&StateDict, usize) -> Result<ChannelStats>,
+{
+    if layers.len() != targets.len() {
+        return Err(PermuteError::Shape {
+            what: "REPAIR".into(),
+            msg: format!(
+                "{} layers but {} target statistics",
+                layers.len(),
+                targets.len()
+            ),
+        });
+    }
+    let mut sd = model.clone();
+    for (i, (layer, target)) in layers.iter().zip(targets).enumerate() {
+        let current = measure(&sd, i)?;
+        correct(&mut sd, layer, &current, target)?;
+    }
+    Ok(sd)
+}
