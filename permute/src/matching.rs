@@ -247,12 +247,20 @@ impl GroupSimilarity {
     /// Family `f`'s `bs × bs` similarity of blocks `(a, b)` with B's copies in
     /// the order `copies` (A's copy `r` against B's copy `copies[r]`), or its
     /// trace alone for a fixed family.
-    fn paired(&self, g: &Group, f: usize, a: usize, b: usize, copies: &[usize]) -> Vec<f64> {
+    fn paired(
+        &self,
+        g: &Group,
+        f: usize,
+        a: usize,
+        b: usize,
+        copies: &[usize],
+    ) -> std::borrow::Cow<'_, [f64]> {
         let (nb, bs, rc) = (self.blocks, self.bs, self.copies);
-        let mut m = self.block(f, a, b).to_vec();
+        let blk = self.block(f, a, b);
         if rc == 1 {
-            return m;
+            return std::borrow::Cow::Borrowed(blk);
         }
+        let mut m = blk.to_vec();
         let cs = &self.copy_sim[f];
         for (r, &r2) in copies.iter().enumerate() {
             let pair = ((a * nb + b) * rc + r) * rc + r2;
@@ -265,7 +273,7 @@ impl GroupSimilarity {
                     .for_each(|(d, &v)| *d += v),
             }
         }
-        m
+        std::borrow::Cow::Owned(m)
     }
 
     /// The score of a value (current or candidate).
@@ -275,16 +283,8 @@ impl GroupSimilarity {
 
     /// The score of block `a` of A paired with block `p.outer[a]` of B.
     pub(crate) fn block_score(&self, g: &Group, p: &GroupPerm, a: usize) -> f64 {
-        if self.copies == 1 {
-            return (0..g.families.len())
-                .map(|f| {
-                    let inner = p.inner[f].get(a).map(Vec::as_slice);
-                    self.inner_score(g, f, self.block(f, a, p.outer[a]), inner)
-                })
-                .sum();
-        }
-        let identity: Vec<usize> = (0..self.copies).collect();
-        let copies = p.copies.get(a).unwrap_or(&identity);
+        // Copy orders exist exactly when the group permutes copies.
+        let copies = p.copies.get(a).map_or(&[][..], Vec::as_slice);
         (0..g.families.len())
             .map(|f| {
                 let inner = p.inner[f].get(a).map(Vec::as_slice);
@@ -384,106 +384,71 @@ impl GroupSimilarity {
 
     /// The best value for this similarity.
     pub(crate) fn solve(&self, g: &Group, warm: Option<&Duals>) -> Result<(GroupPerm, Duals)> {
-        if self.copies == 1 {
-            return self.solve_without_copies(g, warm);
-        }
-        let nb = self.blocks;
+        let (nb, bs) = (self.blocks, self.bs);
         let mut outer_cost = vec![0.0; nb * nb];
-        // Inner solutions per block pair, kept to avoid solving twice.
-        let mut pair_best = Vec::with_capacity(nb * nb);
-        for a in 0..nb {
-            for b in 0..nb {
-                let best = self.best_pair(g, a, b)?;
-                outer_cost[a * nb + b] = best.score;
-                pair_best.push(best);
+        // Inner solutions per (family, a·B + b) and copy orders per block
+        // pair, kept to avoid solving twice.
+        let mut inner_best: Vec<Vec<Vec<usize>>> = g
+            .families
+            .iter()
+            .map(|kind| match kind {
+                Inner::Identity => vec![],
+                Inner::Free => vec![vec![]; nb * nb],
+            })
+            .collect();
+        let mut copies_best: Vec<Vec<usize>> = match g.copies {
+            Inner::Identity => vec![],
+            Inner::Free => vec![(0..self.copies).collect(); nb * nb],
+        };
+        if self.copies == 1 {
+            // Family by family over the similarity blocks, without per-pair
+            // records (an MLP group of 512 units has 262,144 block pairs).
+            for (f, kind) in g.families.iter().enumerate() {
+                for (ab, cost) in outer_cost.iter_mut().enumerate() {
+                    let blk = self.block(f, ab / nb, ab % nb);
+                    *cost += match kind {
+                        Inner::Identity => (0..bs).map(|i| blk[i * bs + i]).sum::<f64>(),
+                        Inner::Free => {
+                            let p = solve(blk, bs, Objective::Maximize, &g.name)?;
+                            let v = (0..bs).map(|i| blk[i * bs + p[i]]).sum::<f64>();
+                            inner_best[f][ab] = p;
+                            v
+                        }
+                    };
+                }
+            }
+        } else {
+            for (ab, cost) in outer_cost.iter_mut().enumerate() {
+                let best = self.best_pair(g, ab / nb, ab % nb)?;
+                *cost = best.score;
+                for (f, p) in best.inner.into_iter().enumerate() {
+                    if g.families[f] == Inner::Free {
+                        inner_best[f][ab] = p;
+                    }
+                }
+                copies_best[ab] = best.copies;
             }
         }
         let (outer, duals) = solve_warm(&outer_cost, nb, Objective::Maximize, warm, &g.name)?;
-        let mut chosen: Vec<PairBest> = (0..nb)
-            .map(|a| {
-                std::mem::replace(
-                    &mut pair_best[a * nb + outer[a]],
-                    PairBest {
-                        score: 0.0,
-                        inner: vec![],
-                        copies: vec![],
-                    },
-                )
-            })
+        let chosen = |v: &mut Vec<Vec<usize>>| -> Vec<Vec<usize>> {
+            (0..nb)
+                .map(|a| std::mem::take(&mut v[a * nb + outer[a]]))
+                .collect()
+        };
+        let inner = inner_best
+            .iter_mut()
+            .map(|v| if v.is_empty() { vec![] } else { chosen(v) })
             .collect();
-        let inner = g
-            .families
-            .iter()
-            .enumerate()
-            .map(|(f, kind)| match kind {
-                Inner::Identity => vec![],
-                Inner::Free => chosen
-                    .iter_mut()
-                    .map(|c| std::mem::take(&mut c.inner[f]))
-                    .collect(),
-            })
-            .collect();
-        let copies = match g.copies {
-            Inner::Identity => vec![],
-            Inner::Free => chosen.into_iter().map(|c| c.copies).collect(),
+        let copies = if copies_best.is_empty() {
+            vec![]
+        } else {
+            chosen(&mut copies_best)
         };
         Ok((
             GroupPerm {
                 outer,
                 inner,
                 copies,
-            },
-            duals,
-        ))
-    }
-}
-
-impl GroupSimilarity {
-    /// [`GroupSimilarity::solve`] for groups whose copies stay in place (all
-    /// but GQA heads): family by family over the similarity blocks, without
-    /// the per-pair records the copy search keeps (an MLP group of 512 units
-    /// has 262,144 block pairs).
-    fn solve_without_copies(&self, g: &Group, warm: Option<&Duals>) -> Result<(GroupPerm, Duals)> {
-        let (nb, bs) = (self.blocks, self.bs);
-        let mut outer_cost = vec![0.0; nb * nb];
-        // Inner solutions per (family, a, b), kept to avoid solving twice.
-        let mut inner_best: Vec<Vec<Vec<usize>>> = vec![vec![]; g.families.len()];
-        for (f, kind) in g.families.iter().enumerate() {
-            if *kind == Inner::Free {
-                inner_best[f] = vec![vec![]; nb * nb];
-            }
-            for a in 0..nb {
-                for b in 0..nb {
-                    let blk = self.block(f, a, b);
-                    outer_cost[a * nb + b] += match kind {
-                        Inner::Identity => (0..bs).map(|i| blk[i * bs + i]).sum::<f64>(),
-                        Inner::Free => {
-                            let p = solve(blk, bs, Objective::Maximize, &g.name)?;
-                            let v = (0..bs).map(|i| blk[i * bs + p[i]]).sum::<f64>();
-                            inner_best[f][a * nb + b] = p;
-                            v
-                        }
-                    };
-                }
-            }
-        }
-        let (outer, duals) = solve_warm(&outer_cost, nb, Objective::Maximize, warm, &g.name)?;
-        let inner = g
-            .families
-            .iter()
-            .enumerate()
-            .map(|(f, kind)| match kind {
-                Inner::Identity => vec![],
-                Inner::Free => (0..nb)
-                    .map(|a| std::mem::take(&mut inner_best[f][a * nb + outer[a]]))
-                    .collect(),
-            })
-            .collect();
-        Ok((
-            GroupPerm {
-                outer,
-                inner,
-                copies: vec![],
             },
             duals,
         ))

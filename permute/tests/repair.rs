@@ -4,7 +4,9 @@
 //! samples, the measured statistics after repair are the targets; bad
 //! statistics are named errors.
 
-use ndarray::{Array1, Array2, ArrayD, Axis, Ix1, Ix2};
+mod common;
+
+use ndarray::{Array1, Array2, ArrayD};
 use permute::interp::lerp;
 use permute::repair::{ChannelStats, RepairLayer, correct, repair};
 use spectra::rng::Rng;
@@ -32,23 +34,11 @@ fn random_layers(sizes: &[usize], seed: u64) -> StateDict {
 }
 
 fn mat(sd: &StateDict, name: &str) -> Array2<f64> {
-    sd.get(name)
-        .unwrap()
-        .data
-        .view()
-        .into_dimensionality::<Ix2>()
-        .unwrap()
-        .mapv(|v| v as f64)
+    common::matrix(sd, name).mapv(|v| v as f64)
 }
 
 fn vec1(sd: &StateDict, name: &str) -> Array1<f64> {
-    sd.get(name)
-        .unwrap()
-        .data
-        .view()
-        .into_dimensionality::<Ix1>()
-        .unwrap()
-        .mapv(|v| v as f64)
+    common::vector(sd, name).mapv(|v| v as f64)
 }
 
 /// Exact output statistics of every layer of a purely linear network on
@@ -154,14 +144,9 @@ fn repaired_linear_network_has_the_interpolated_statistics_in_closed_form() {
 
 /// Pre-activation outputs of layer `upto` of a ReLU MLP on `x`.
 fn pre_activation(sd: &StateDict, x: &Array2<f32>, upto: usize) -> Array2<f32> {
-    let mut h = x.clone();
-    for l in 0..=upto {
-        let w = mat(sd, &format!("layers.{l}.weight")).mapv(|v| v as f32);
-        let b = vec1(sd, &format!("layers.{l}.bias")).mapv(|v| v as f32);
-        if l > 0 {
-            h.mapv_inplace(|v| v.max(0.0));
-        }
-        h = h.dot(&w.t()) + b.insert_axis(Axis(0));
+    let mut h = common::linear(x, sd, "layers.0");
+    for l in 1..=upto {
+        h = common::linear(&h.mapv(|v| v.max(0.0)), sd, &format!("layers.{l}"));
     }
     h
 }

@@ -442,38 +442,54 @@ pub type Aligned = (&'static str, permute::Permutation, f64);
 
 /// The permutation of B each method finds (`naive`: identity), with its run time,
 /// and the number of weight-matching passes.
-/// REPAIR of the interpolation `(1 − λ)·A + λ·B` of two aligned MLPs: each
+/// REPAIR of the interpolations `(1 − λ)·A + λ·B` of two aligned MLPs: each
 /// hidden layer's pre-activations on `probe` get the interpolation of A's and
 /// B's channel statistics, corrected layer after layer
-/// ([`permute::repair::repair`]).
-pub fn repaired_mlp(
-    a: &StateDict,
-    b: &StateDict,
-    lambda: f64,
-    probe: &ndarray::Array2<f32>,
-) -> anyhow::Result<StateDict> {
-    use permute::repair::{ChannelStats, RepairLayer, repair};
-    let stats = |sd: &StateDict| -> Vec<ChannelStats> {
-        let mut pre = mlp::pre_activations(sd, probe);
-        pre.pop(); // the logits are not repaired
-        pre.iter()
-            .map(|h| ChannelStats::of_columns(h.view()))
-            .collect()
-    };
-    let (sa, sb) = (stats(a), stats(b));
-    let targets = sa
-        .iter()
-        .zip(&sb)
-        .map(|(x, y)| ChannelStats::interpolate(x, y, lambda))
-        .collect::<permute::Result<Vec<_>>>()?;
-    let layers: Vec<RepairLayer> = (0..targets.len())
-        .map(|l| RepairLayer::named(&format!("layers.{l}")))
-        .collect();
-    let m = lerp(a, b, lambda as f32)?;
-    Ok(repair(&m, &layers, &targets, |sd, i| {
-        let h = mlp::pre_activations(sd, probe).swap_remove(i);
-        Ok(ChannelStats::of_columns(h.view()))
-    })?)
+/// ([`permute::repair::repair`]). The endpoints' statistics are computed
+/// once, for every λ.
+pub struct MlpRepair<'a> {
+    a: &'a StateDict,
+    b: &'a StateDict,
+    probe: &'a ndarray::Array2<f32>,
+    stats: [Vec<permute::repair::ChannelStats>; 2],
+}
+
+impl<'a> MlpRepair<'a> {
+    /// The statistics of `a` and `b` on `probe`.
+    pub fn new(a: &'a StateDict, b: &'a StateDict, probe: &'a ndarray::Array2<f32>) -> Self {
+        let stats = |sd: &StateDict| {
+            let mut pre = mlp::pre_activations(sd, probe);
+            pre.pop(); // the logits are not repaired
+            pre.iter()
+                .map(|h| permute::repair::ChannelStats::of_columns(h.view()))
+                .collect()
+        };
+        MlpRepair {
+            a,
+            b,
+            probe,
+            stats: [stats(a), stats(b)],
+        }
+    }
+
+    /// The repaired interpolation at `lambda`.
+    pub fn at(&self, lambda: f64) -> anyhow::Result<StateDict> {
+        use permute::repair::{ChannelStats, RepairLayer, repair};
+        let [sa, sb] = &self.stats;
+        let targets = sa
+            .iter()
+            .zip(sb)
+            .map(|(x, y)| ChannelStats::interpolate(x, y, lambda))
+            .collect::<permute::Result<Vec<_>>>()?;
+        let layers: Vec<RepairLayer> = (0..targets.len())
+            .map(|l| RepairLayer::named(&format!("layers.{l}")))
+            .collect();
+        let m = lerp(self.a, self.b, lambda as f32)?;
+        Ok(repair(&m, &layers, &targets, |sd, i| {
+            let h = mlp::pre_activations(sd, self.probe).swap_remove(i);
+            Ok(ChannelStats::of_columns(h.view()))
+        })?)
+    }
 }
 
 pub fn align_all(
@@ -577,9 +593,12 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         let repair_secs = std::cell::Cell::new(0.0);
         let c = run.phase(&format!("curve {name}"), || {
             if *repaired {
+                let t = Instant::now();
+                let rep = MlpRepair::new(a, &bp, &repair_probe);
+                repair_secs.set(t.elapsed().as_secs_f64());
                 curve_of(arch, args.grid, &eval_train, &eval_test, |l| {
                     let t = Instant::now();
-                    let m = repaired_mlp(a, &bp, l, &repair_probe);
+                    let m = rep.at(l);
                     repair_secs.set(repair_secs.get() + t.elapsed().as_secs_f64());
                     m
                 })
@@ -680,6 +699,19 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
 mod tests {
     use super::*;
 
+    /// The quick study's pair of MLPs for `seed`, with its options and run.
+    fn quick_pair(dir: &std::path::Path, seed: u64) -> (LmcArgs, Run, TrainedPair) {
+        let args = LmcArgs {
+            quick: true,
+            seed,
+            run: RunArgs::quiet_to(dir.join(format!("lmc{seed}"))),
+            ..Default::default()
+        };
+        let mut run = args.run.open("lmc").unwrap();
+        let pair = train_pair(&args, &mut run).unwrap();
+        (args, run, pair)
+    }
+
     /// What STE promises, on the quick study's MLPs over several seeds: a
     /// valid permutation of B that is not the identity, a midpoint (A + P·B)/2
     /// with lower train loss than plain averaging, and a barrier within a
@@ -689,14 +721,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut improved = 0;
         for seed in 0..3u64 {
-            let args = LmcArgs {
-                quick: true,
-                seed,
-                run: RunArgs::quiet_to(dir.path().join(format!("lmc{seed}"))),
-                ..Default::default()
-            };
-            let mut run = args.run.open("lmc").unwrap();
-            let pair = train_pair(&args, &mut run).unwrap();
+            let (args, run, pair) = quick_pair(dir.path(), seed);
             let (a, b) = (&pair.a, &pair.b);
             let spec = Arch::Mlp.spec(a).unwrap();
             let opts = args.ste(pair.steps_per_epoch).unwrap();
@@ -760,14 +785,7 @@ mod tests {
         use permute::repair::ChannelStats;
         let dir = tempfile::tempdir().unwrap();
         for seed in 0..3u64 {
-            let args = LmcArgs {
-                quick: true,
-                seed,
-                run: RunArgs::quiet_to(dir.path().join(format!("lmc{seed}"))),
-                ..Default::default()
-            };
-            let mut run = args.run.open("lmc").unwrap();
-            let pair = train_pair(&args, &mut run).unwrap();
+            let (_, _run, pair) = quick_pair(dir.path(), seed);
             let (a, b) = (&pair.a, &pair.b);
             let spec = Arch::Mlp.spec(a).unwrap();
             let wm = weight_matching(&spec, a, b, &MatchOptions::default()).unwrap();
@@ -776,7 +794,8 @@ mod tests {
             let stats = |sd: &StateDict, l: usize| {
                 ChannelStats::of_columns(mlp::pre_activations(sd, &probe)[l].view())
             };
-            let m = repaired_mlp(a, &wb, 0.5, &probe).unwrap();
+            let rep = MlpRepair::new(a, &wb, &probe);
+            let m = rep.at(0.5).unwrap();
             let (mut collapsed, mut channels) = (0, 0);
             for l in 0..2 {
                 let target = ChannelStats::interpolate(&stats(a, l), &stats(&wb, l), 0.5).unwrap();
@@ -804,11 +823,9 @@ mod tests {
             let wm_b = curve(Arch::Mlp, a, &wb, 11, &train, &pair.test)
                 .unwrap()
                 .loss_barrier;
-            let rep_b = curve_of(Arch::Mlp, 11, &train, &pair.test, |l| {
-                repaired_mlp(a, &wb, l, &probe)
-            })
-            .unwrap()
-            .loss_barrier;
+            let rep_b = curve_of(Arch::Mlp, 11, &train, &pair.test, |l| rep.at(l))
+                .unwrap()
+                .loss_barrier;
             eprintln!(
                 "seed {seed}: barrier WM {wm_b:.4}, WM + REPAIR {rep_b:.4}, {collapsed}/{channels} channels collapsed"
             );
