@@ -71,6 +71,10 @@ pub enum MergeError {
     /// A low-rank / LoRA operation got inconsistent factors.
     #[error("{what}: {msg}")]
     LowRank { what: String, msg: String },
+    /// A mixture-of-experts assembly or compression got inconsistent input
+    /// (`what` names the config field, layer, expert or option).
+    #[error("{what}: {msg}")]
+    Moe { what: String, msg: String },
 }
 
 /// The crate's result type.

@@ -22,9 +22,11 @@ pub mod extract;
 pub mod in_memory;
 pub mod lora;
 pub mod methods;
+pub mod moe;
 pub mod regmean;
 pub mod run;
 pub mod sparsify;
+pub mod submoe;
 pub mod subspace;
 pub mod typed;
 

@@ -1,6 +1,8 @@
 //! `merge CONFIG.yml OUT` — runs a mergekit configuration.
 //! `merge extract-lora BASE FINETUNED OUT` — turns a fine-tune into a LoRA
 //! adapter (mergekit-extract-lora).
+//! `merge moe CONFIG.yml OUT` — a Mixtral mixture of experts from fine-tunes
+//! (mergekit-moe).
 
 use std::path::PathBuf;
 
@@ -47,7 +49,8 @@ struct Cli {
 
 fn after_help() -> String {
     format!(
-        "Methods: {}\n\n`merge extract-lora --help`: a fine-tune as a LoRA adapter.",
+        "Methods: {}\n\n`merge extract-lora --help`: a fine-tune as a LoRA adapter.\n\
+         `merge moe --help`: fine-tunes as the experts of a Mixtral mixture (mergekit-moe).",
         merge::Method::names().join(", ")
     )
 }
@@ -118,6 +121,74 @@ fn extract(cli: ExtractCli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `merge moe`: a Mixtral mixture of experts from fine-tunes of one base,
+/// from a mergekit-moe YAML config.
+#[derive(Parser)]
+#[command(
+    name = "merge moe",
+    after_help = "gate_mode random and uniform_random are drawn here (seeded). hidden, hidden_avg \
+                  and cheap_embed need the base model's tokenizer and forward pass: run \
+                  `cargo run -p experiments --release -- merge-moe CONFIG OUT`, or pass gates \
+                  computed elsewhere with --gates."
+)]
+struct MoeCli {
+    /// The mergekit-moe YAML config.
+    config: PathBuf,
+    /// Output folder (Hugging Face MixtralForCausalLM).
+    out: PathBuf,
+    /// Gate vectors: a safetensors file with one tensor `gates` of shape [layers, experts, hidden].
+    #[arg(long)]
+    gates: Option<PathBuf>,
+    /// Seed of random gates and of experts' noise_scale.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Largest output shard, e.g. 5GB, 500MB.
+    #[arg(long, default_value = "5GB")]
+    shard_size: String,
+}
+
+fn moe(cli: MoeCli) -> anyhow::Result<()> {
+    use merge::moe::{MoeJob, load_gates, random_gates};
+    let job = MoeJob::load(&cli.config)?;
+    let c = &job.base_config;
+    let gates = match (&cli.gates, job.config.gate_mode) {
+        (Some(p), _) => load_gates(p)?,
+        (None, mode) if !mode.uses_prompts() => random_gates(
+            mode,
+            c.num_hidden_layers,
+            job.config.experts.len(),
+            c.hidden_size,
+            cli.seed,
+        )?,
+        (None, mode) => anyhow::bail!(
+            "gate_mode {mode:?} needs the base model's tokenizer{} (not in this crate): run \
+             `cargo run -p experiments --release -- merge-moe {} {}`, or pass --gates FILE",
+            if mode.needs_forward() {
+                " and forward pass"
+            } else {
+                ""
+            },
+            cli.config.display(),
+            cli.out.display()
+        ),
+    };
+    let moe = job.build(
+        gates.view(),
+        cli.seed,
+        &cli.out,
+        parse_size(&cli.shard_size)?,
+    )?;
+    eprintln!(
+        "wrote a mixture of {} experts (top-{}) over {} blocks, {} tensors, to {}",
+        job.config.experts.len(),
+        job.config.experts_per_token,
+        c.num_hidden_layers,
+        moe.weights.len(),
+        cli.out.display()
+    );
+    Ok(())
+}
+
 fn parse_size(s: &str) -> anyhow::Result<u64> {
     let t = s.trim().to_ascii_uppercase();
     let (num, mult) = [
@@ -137,6 +208,10 @@ fn parse_size(s: &str) -> anyhow::Result<u64> {
 }
 
 fn main() -> std::process::ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("moe") {
+        let cli = MoeCli::parse_from(std::env::args().skip(1));
+        return weights::cli::main(OnInterrupt::RemoveTemporaries, || moe(cli));
+    }
     if std::env::args().nth(1).as_deref() == Some("extract-lora") {
         let cli = ExtractCli::parse_from(std::env::args().skip(1));
         return weights::cli::main(OnInterrupt::RemoveTemporaries, || extract(cli));

@@ -2,4 +2,4 @@
 //! description every crate of the workspace uses (re-exported here, where the
 //! Burn model is built from it).
 
-pub use weights::llama::LlamaConfig;
+pub use weights::llama::{LlamaConfig, MoeShape};

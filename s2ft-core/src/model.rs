@@ -11,6 +11,7 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{IndexingUpdateOp, TensorData};
+use weights::llama::names;
 use weights::{StateDict, Tensor as WTensor};
 
 use crate::config::LlamaConfig;
@@ -194,6 +195,55 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Proj<B>,
 }
 
+/// A sparse mixture of SwiGLU experts behind a top-k router (Mixtral,
+/// Jiang et al. 2024; Hugging Face's `MixtralSparseMoeBlock`): for a token
+/// `x`, `p = softmax(G·x)` over the experts, the `k` largest `p_e` are
+/// renormalised to sum to one, and the output is `Σ_e p̂_e · expert_e(x)`
+/// over those `k`. Expert `e` is an [`Mlp`] whose `gate_proj`, `up_proj` and
+/// `down_proj` are Mixtral's `w1`, `w3` and `w2`.
+#[derive(Module, Debug)]
+pub struct SparseMoe<B: Backend> {
+    /// The router `G`, `[experts, hidden]` (`block_sparse_moe.gate`).
+    pub gate: Proj<B>,
+    /// The experts.
+    pub experts: Vec<Mlp<B>>,
+    /// Experts per token.
+    #[module(skip)]
+    pub top_k: usize,
+}
+
+/// A block's feed-forward: the dense SwiGLU of LLaMA, or Mixtral's experts.
+// One per block: the dense variant's three projections inline cost nothing
+// worth a Box (which Burn's Module derive would also have to see through).
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum FeedForward<B: Backend> {
+    /// `down(silu(gate(x)) · up(x))`.
+    Dense(Mlp<B>),
+    /// A top-k mixture of SwiGLU experts.
+    Sparse(SparseMoe<B>),
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// The dense SwiGLU. Panics on a mixture-of-experts block: fine-tuning
+    /// and selection, which need it, refuse MoE models before they get here
+    /// ([`dense_only`]).
+    pub fn dense(&self) -> &Mlp<B> {
+        match self {
+            FeedForward::Dense(m) => m,
+            FeedForward::Sparse(_) => panic!("a mixture-of-experts block has no dense mlp"),
+        }
+    }
+
+    /// Mutable [`FeedForward::dense`].
+    pub fn dense_mut(&mut self) -> &mut Mlp<B> {
+        match self {
+            FeedForward::Dense(m) => m,
+            FeedForward::Sparse(_) => panic!("a mixture-of-experts block has no dense mlp"),
+        }
+    }
+}
+
 /// One decoder block.
 #[derive(Module, Debug)]
 pub struct Block<B: Backend> {
@@ -204,7 +254,7 @@ pub struct Block<B: Backend> {
     /// Pre-FFN norm.
     pub post_attention_layernorm: RmsNorm<B>,
     /// FFN.
-    pub mlp: Mlp<B>,
+    pub mlp: FeedForward<B>,
 }
 
 /// The decoder.
@@ -225,14 +275,19 @@ pub struct Llama<B: Backend> {
 
 /// One block's linear-layer inputs, `[b·t, ·]` each.
 pub struct LinearInputs<B: Backend> {
+    /// The residual stream entering the block (before its first norm):
+    /// transformers' `hidden_states[l]` for block `l`.
+    pub residual: Tensor<B, 2>,
     /// Input of q, k and v (the normed residual stream).
     pub attn: Tensor<B, 2>,
     /// Input of o_proj (the attention context, `heads·head_dim` wide).
     pub o_proj: Tensor<B, 2>,
-    /// Input of gate and up (the normed residual stream after attention).
+    /// Input of gate and up, or of the router and every expert (the normed
+    /// residual stream after attention).
     pub mlp: Tensor<B, 2>,
-    /// Input of down_proj (`silu(gate)·up`, `ffn` wide).
-    pub down_proj: Tensor<B, 2>,
+    /// Input of down_proj (`silu(gate)·up`, `ffn` wide); `None` in a
+    /// mixture-of-experts block, whose experts each have their own.
+    pub down_proj: Option<Tensor<B, 2>>,
 }
 
 /// The HF name prefix of block `l`.
@@ -252,16 +307,17 @@ pub const PROJ_NAMES: [&str; 7] = [
 ];
 
 impl<B: Backend> Block<B> {
-    /// The projection called `name` (one of [`PROJ_NAMES`]).
+    /// The projection called `name` (one of [`PROJ_NAMES`]; the `mlp.*`
+    /// ones exist in dense blocks only).
     pub fn proj(&self, name: &str) -> &Proj<B> {
         match name {
             "self_attn.q_proj" => &self.self_attn.q_proj,
             "self_attn.k_proj" => &self.self_attn.k_proj,
             "self_attn.v_proj" => &self.self_attn.v_proj,
             "self_attn.o_proj" => &self.self_attn.o_proj,
-            "mlp.gate_proj" => &self.mlp.gate_proj,
-            "mlp.up_proj" => &self.mlp.up_proj,
-            "mlp.down_proj" => &self.mlp.down_proj,
+            "mlp.gate_proj" => &self.mlp.dense().gate_proj,
+            "mlp.up_proj" => &self.mlp.dense().up_proj,
+            "mlp.down_proj" => &self.mlp.dense().down_proj,
             _ => panic!("unknown projection {name}"),
         }
     }
@@ -273,13 +329,72 @@ impl<B: Backend> Block<B> {
             "self_attn.k_proj" => &mut self.self_attn.k_proj,
             "self_attn.v_proj" => &mut self.self_attn.v_proj,
             "self_attn.o_proj" => &mut self.self_attn.o_proj,
-            "mlp.gate_proj" => &mut self.mlp.gate_proj,
-            "mlp.up_proj" => &mut self.mlp.up_proj,
-            "mlp.down_proj" => &mut self.mlp.down_proj,
+            "mlp.gate_proj" => &mut self.mlp.dense_mut().gate_proj,
+            "mlp.up_proj" => &mut self.mlp.dense_mut().up_proj,
+            "mlp.down_proj" => &mut self.mlp.dense_mut().down_proj,
             _ => panic!("unknown projection {name}"),
         }
     }
+
+    /// Every weight-bearing projection of the block with its Hugging Face
+    /// name relative to the block (`self_attn.q_proj`, …, or for a
+    /// mixture-of-experts block `block_sparse_moe.gate` and
+    /// `block_sparse_moe.experts.{e}.w1/w2/w3`).
+    pub fn named_projs(&self) -> Vec<(String, &Proj<B>)> {
+        let mut out: Vec<(String, &Proj<B>)> = ATTN_NAMES
+            .iter()
+            .map(|n| (n.to_string(), self.proj(n)))
+            .collect();
+        match &self.mlp {
+            FeedForward::Dense(m) => {
+                out.push(("mlp.gate_proj".into(), &m.gate_proj));
+                out.push(("mlp.up_proj".into(), &m.up_proj));
+                out.push(("mlp.down_proj".into(), &m.down_proj));
+            }
+            FeedForward::Sparse(moe) => {
+                out.push(("block_sparse_moe.gate".into(), &moe.gate));
+                for (e, m) in moe.experts.iter().enumerate() {
+                    let p = format!("block_sparse_moe.experts.{e}");
+                    out.push((format!("{p}.w1"), &m.gate_proj));
+                    out.push((format!("{p}.w2"), &m.down_proj));
+                    out.push((format!("{p}.w3"), &m.up_proj));
+                }
+            }
+        }
+        out
+    }
+
+    /// [`Block::named_projs`], mutable.
+    pub fn named_projs_mut(&mut self) -> Vec<&mut Proj<B>> {
+        let Attention {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+        } = &mut self.self_attn;
+        let mut out = vec![q_proj, k_proj, v_proj, o_proj];
+        match &mut self.mlp {
+            FeedForward::Dense(m) => {
+                out.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj])
+            }
+            FeedForward::Sparse(moe) => {
+                out.push(&mut moe.gate);
+                for m in moe.experts.iter_mut() {
+                    out.extend([&mut m.gate_proj, &mut m.down_proj, &mut m.up_proj]);
+                }
+            }
+        }
+        out
+    }
 }
+
+/// The attention projections of a block, by Hugging Face name.
+pub const ATTN_NAMES: [&str; 4] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+];
 
 /// A 2-D `weights` tensor, transposed, as a contiguous Burn tensor.
 fn to_burn_t<B: Backend>(t: &WTensor, device: &B::Device) -> Tensor<B, 2> {
@@ -525,11 +640,99 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: Backend> Mlp<B> {
-    /// `silu(gate(x)) · up(x)`, `[b·t, ffn]` (down_proj's input).
-    fn inner(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
-        let [b, t, hidden] = x.dims();
-        let flat = x.reshape([b * t, hidden]);
-        silu(self.gate_proj.forward(flat.clone())) * self.up_proj.forward(flat)
+    /// `silu(gate(x)) · up(x)`, `[n, ffn]` (down_proj's input), for `x` `[n, hidden]`.
+    fn inner(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x)
+    }
+
+    /// `down(silu(gate(x)) · up(x))`, `[n, hidden]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.down_proj.forward(self.inner(x))
+    }
+}
+
+/// Per token, the experts a top-`k` router picks and their renormalised
+/// weights: row `i` of `probs` (`[n, experts]`, each row a softmax) gives
+/// the `k` experts of largest probability (ties to the lower index, as
+/// `torch.topk` on CPU), in decreasing order: entry `i·k + j` of the result
+/// is the `j`-th pick of token `i`.
+pub fn top_k_experts(probs: &[f32], experts: usize, k: usize) -> Vec<usize> {
+    let n = probs.len() / experts.max(1);
+    let mut picks = Vec::with_capacity(n * k);
+    let mut order: Vec<usize> = Vec::with_capacity(experts);
+    for row in probs.chunks(experts) {
+        order.clear();
+        order.extend(0..experts);
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        picks.extend_from_slice(&order[..k]);
+    }
+    debug_assert_eq!(picks.len(), n * k);
+    picks
+}
+
+impl<B: Backend> SparseMoe<B> {
+    /// The router's probabilities `softmax(G·x)`, `[n, experts]`.
+    pub fn router_probs(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        softmax(self.gate.forward(x), 1)
+    }
+
+    /// The mixture's output for `x` (`[n, hidden]` → `[n, hidden]`): each
+    /// expert runs only on the tokens routed to it (chosen on the host, so
+    /// the routing is exact and deterministic), weighted by its renormalised
+    /// router probability (differentiable in the router).
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [n, _] = x.dims();
+        let (e_count, k) = (self.experts.len(), self.top_k);
+        let device = x.device();
+        let probs = self.router_probs(x.clone());
+        let host: Vec<f32> = probs
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("f32 router probabilities");
+        let picks = top_k_experts(&host, e_count, k);
+        // The picked probabilities, [n, k], and their per-token sums.
+        let flat: Vec<usize> = picks
+            .iter()
+            .enumerate()
+            .map(|(slot, &e)| (slot / k) * e_count + e)
+            .collect();
+        let picked = probs
+            .reshape([n * e_count])
+            .select(0, index_tensor::<B>(&flat, &device))
+            .reshape([n, k]);
+        let weights = picked.clone().div(picked.sum_dim(1)).reshape([n * k]);
+        let mut out = x.zeros_like();
+        for (e, expert) in self.experts.iter().enumerate() {
+            let slots: Vec<usize> = (0..n * k).filter(|&s| picks[s] == e).collect();
+            if slots.is_empty() {
+                continue;
+            }
+            let rows: Vec<usize> = slots.iter().map(|s| s / k).collect();
+            let rows_t = index_tensor::<B>(&rows, &device);
+            let w = weights
+                .clone()
+                .select(0, index_tensor::<B>(&slots, &device))
+                .reshape([rows.len(), 1]);
+            let y = expert.forward(x.clone().select(0, rows_t.clone())) * w;
+            out = out.select_assign(0, rows_t, y, IndexingUpdateOp::Add);
+        }
+        out
+    }
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// The feed-forward's output and, for a dense block, down_proj's input
+    /// (`x` `[n, hidden]`).
+    fn forward_with_inner(&self, x: Tensor<B, 2>) -> (Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        match self {
+            FeedForward::Dense(m) => {
+                let inner = m.inner(x);
+                (m.down_proj.forward(inner.clone()), Some(inner))
+            }
+            FeedForward::Sparse(moe) => (moe.forward(x), None),
+        }
     }
 }
 
@@ -593,10 +796,25 @@ impl<B: Backend> Llama<B> {
                     o_proj: proj(format!("{p}.self_attn.o_proj.weight"), [h, q_out])?,
                 },
                 post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"))?,
-                mlp: Mlp {
-                    gate_proj: proj(format!("{p}.mlp.gate_proj.weight"), [f, h])?,
-                    up_proj: proj(format!("{p}.mlp.up_proj.weight"), [f, h])?,
-                    down_proj: proj(format!("{p}.mlp.down_proj.weight"), [h, f])?,
+                mlp: match c.moe {
+                    None => FeedForward::Dense(Mlp {
+                        gate_proj: proj(format!("{p}.mlp.gate_proj.weight"), [f, h])?,
+                        up_proj: proj(format!("{p}.mlp.up_proj.weight"), [f, h])?,
+                        down_proj: proj(format!("{p}.mlp.down_proj.weight"), [h, f])?,
+                    }),
+                    Some(m) => FeedForward::Sparse(SparseMoe {
+                        gate: proj(names::router(l), [m.num_local_experts, h])?,
+                        experts: (0..m.num_local_experts)
+                            .map(|e| {
+                                Ok(Mlp {
+                                    gate_proj: proj(names::expert(l, e, "w1"), [f, h])?,
+                                    up_proj: proj(names::expert(l, e, "w3"), [f, h])?,
+                                    down_proj: proj(names::expert(l, e, "w2"), [h, f])?,
+                                })
+                            })
+                            .collect::<Result<Vec<_>>>()?,
+                        top_k: m.num_experts_per_tok,
+                    }),
                 },
             });
         }
@@ -637,10 +855,10 @@ impl<B: Backend> Llama<B> {
                 format!("{p}.input_layernorm.weight"),
                 to_weights(blk.input_layernorm.weight.val()),
             );
-            for name in PROJ_NAMES {
+            for (name, proj) in blk.named_projs() {
                 sd.insert(
                     format!("{p}.{name}.weight"),
-                    to_weights(blk.proj(name).merged_weight()),
+                    to_weights(proj.merged_weight()),
                 );
             }
             sd.insert(
@@ -661,11 +879,32 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Per block, the inputs of o_proj (`[b·t, heads·head_dim]`) and of
-    /// down_proj (`[b·t, ffn]`) on `tokens`: what activation-based selection scores.
+    /// down_proj (`[b·t, ffn]`) on `tokens`: what activation-based selection
+    /// scores. Panics on a mixture-of-experts model (no single down_proj;
+    /// selection refuses such models first: [`dense_only`]).
     pub fn block_inputs(&self, tokens: Tensor<B, 2, Int>) -> Vec<(Tensor<B, 2>, Tensor<B, 2>)> {
         self.linear_inputs(tokens)
             .into_iter()
-            .map(|l| (l.o_proj, l.down_proj))
+            .map(|l| {
+                let down = l
+                    .down_proj
+                    .expect("a mixture-of-experts block has no single down_proj");
+                (l.o_proj, down)
+            })
+            .collect()
+    }
+
+    /// Per block, the router probabilities of a mixture-of-experts model on
+    /// `tokens`, `[b·t, experts]` (empty for a dense model): what routing
+    /// statistics count.
+    pub fn router_probs(&self, tokens: Tensor<B, 2, Int>) -> Vec<Tensor<B, 2>> {
+        self.linear_inputs(tokens)
+            .into_iter()
+            .zip(&self.layers)
+            .filter_map(|(inputs, blk)| match &blk.mlp {
+                FeedForward::Sparse(moe) => Some(moe.router_probs(inputs.mlp)),
+                FeedForward::Dense(_) => None,
+            })
             .collect()
     }
 
@@ -689,8 +928,14 @@ impl<B: Backend> Llama<B> {
             let tokens =
                 Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, seq.len()]), &device);
             for (l, inputs) in self.linear_inputs(tokens).into_iter().enumerate() {
-                let xs = [inputs.attn, inputs.o_proj, inputs.mlp, inputs.down_proj];
+                let xs = [
+                    Some(inputs.attn),
+                    Some(inputs.o_proj),
+                    Some(inputs.mlp),
+                    inputs.down_proj,
+                ];
                 for (slot, x) in acc[l].iter_mut().zip(xs) {
+                    let Some(x) = x else { continue };
                     let g = x.clone().transpose().matmul(x);
                     *slot = Some(match slot.take() {
                         Some(s) => s + g,
@@ -773,22 +1018,27 @@ impl<B: Backend> Llama<B> {
         };
         for (l, blk) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let residual_in = x.clone();
             let attn_in = blk.input_layernorm.forward(x.clone());
             let ctx =
                 blk.self_attn
                     .context(attn_in.clone(), &self.config, &rope, mask.as_ref(), slot);
             x = x + blk.self_attn.o_proj.forward(ctx.clone()).reshape([b, t, h]);
-            let mlp_in = blk.post_attention_layernorm.forward(x.clone());
-            let inner = blk.mlp.inner(mlp_in.clone());
-            x = x + blk.mlp.down_proj.forward(inner.clone()).reshape([b, t, h]);
+            let mlp_in = blk
+                .post_attention_layernorm
+                .forward(x.clone())
+                .reshape([b * t, h]);
+            let (ffn, inner) = blk.mlp.forward_with_inner(mlp_in.clone());
             if let Some(out) = collect.as_deref_mut() {
                 out.push(LinearInputs {
+                    residual: residual_in.reshape([b * t, h]),
                     attn: attn_in.reshape([b * t, h]),
                     o_proj: ctx,
-                    mlp: mlp_in.reshape([b * t, h]),
+                    mlp: mlp_in,
                     down_proj: inner,
                 });
             }
+            x = x + ffn.reshape([b, t, h]);
         }
         if let Some(c) = cache {
             c.len += t;
@@ -872,6 +1122,18 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+/// `Ok` for a dense model; a named error for a mixture of experts, which
+/// `what` (S²FT, LoRA, a selection strategy) does not support.
+pub fn dense_only(config: &LlamaConfig, what: &str) -> Result<()> {
+    match config.moe {
+        None => Ok(()),
+        Some(m) => Err(S2ftError::Config(format!(
+            "{what} needs a dense model; this one is a mixture of {} experts per block",
+            m.num_local_experts
+        ))),
+    }
+}
+
 /// A seeded random state dict of `config`'s shape (N(0, 0.02²) weights, unit norms).
 pub fn random_state_dict(config: &LlamaConfig, seed: u64) -> StateDict {
     let c = config;
@@ -901,9 +1163,21 @@ pub fn random_state_dict(config: &LlamaConfig, seed: u64) -> StateDict {
         mat(format!("{p}.self_attn.k_proj.weight"), kv_out, h, &mut sd);
         mat(format!("{p}.self_attn.v_proj.weight"), kv_out, h, &mut sd);
         mat(format!("{p}.self_attn.o_proj.weight"), h, q_out, &mut sd);
-        mat(format!("{p}.mlp.gate_proj.weight"), f, h, &mut sd);
-        mat(format!("{p}.mlp.up_proj.weight"), f, h, &mut sd);
-        mat(format!("{p}.mlp.down_proj.weight"), h, f, &mut sd);
+        match c.moe {
+            None => {
+                mat(format!("{p}.mlp.gate_proj.weight"), f, h, &mut sd);
+                mat(format!("{p}.mlp.up_proj.weight"), f, h, &mut sd);
+                mat(format!("{p}.mlp.down_proj.weight"), h, f, &mut sd);
+            }
+            Some(m) => {
+                mat(names::router(l), m.num_local_experts, h, &mut sd);
+                for e in 0..m.num_local_experts {
+                    mat(names::expert(l, e, "w1"), f, h, &mut sd);
+                    mat(names::expert(l, e, "w2"), h, f, &mut sd);
+                    mat(names::expert(l, e, "w3"), f, h, &mut sd);
+                }
+            }
+        }
     }
     ones(&mut sd, "model.norm.weight".into());
     if !c.tie_word_embeddings {

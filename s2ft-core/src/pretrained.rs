@@ -26,8 +26,13 @@ pub struct Pretrained {
 }
 
 /// Architectures whose Hugging Face checkpoints are plain LLaMA decoders
-/// (RMSNorm, rotate-half RoPE, SwiGLU, no biases), which [`crate::Llama`] runs.
-const LLAMA_FAMILY: [&str; 2] = ["LlamaForCausalLM", "MistralForCausalLM"];
+/// (RMSNorm, rotate-half RoPE, SwiGLU, no biases), which [`crate::Llama`]
+/// runs; Mixtral is the same decoder with a mixture of SwiGLU experts.
+const LLAMA_FAMILY: [&str; 3] = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+];
 
 fn config_error(path: &Path, msg: impl std::fmt::Display) -> S2ftError {
     S2ftError::Config(format!("{}: {msg}", path.display()))
@@ -46,7 +51,7 @@ pub fn read_hf_config(path: &Path) -> Result<LlamaConfig> {
         .unwrap_or_default();
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
     let known = archs.iter().any(|a| LLAMA_FAMILY.contains(a))
-        || (archs.is_empty() && matches!(model_type, "llama" | "mistral"));
+        || (archs.is_empty() && matches!(model_type, "llama" | "mistral" | "mixtral"));
     if !known {
         return Err(config_error(
             path,
@@ -56,7 +61,9 @@ pub fn read_hf_config(path: &Path) -> Result<LlamaConfig> {
             ),
         ));
     }
-    if v.get("sliding_window").and_then(Value::as_u64).is_some() && model_type == "mistral" {
+    if v.get("sliding_window").and_then(Value::as_u64).is_some()
+        && matches!(model_type, "mistral" | "mixtral")
+    {
         return Err(config_error(
             path,
             "sliding-window attention is not supported",
@@ -73,7 +80,9 @@ impl Pretrained {
         let (config, weights, tokenizer) = if path.is_dir() {
             let config = read_hf_config(&path.join("config.json"))?;
             let tokenizer = Tokenizer::from_hf_dir(path)?;
-            let weights = Checkpoint::open(path)?.load_all()?;
+            let mut weights = Checkpoint::open(path)?.load_all()?;
+            // transformers 5's fused expert tensors (mergekit-moe 0.1.5 writes them).
+            weights::llama::unfuse_experts(&mut weights, &config)?;
             (config, weights, tokenizer)
         } else if path.is_file() {
             let g = GgufFile::open(path)?;

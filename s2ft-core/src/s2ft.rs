@@ -165,6 +165,7 @@ fn pick(
 /// Selects heads and channels under `cfg` (`scores` is required for every
 /// strategy but [`Strategy::Random`]; see [`weight_scores`], [`activation_scores`]).
 pub fn select(c: &LlamaConfig, cfg: &S2ftConfig, scores: Option<&Scores>) -> Result<Selection> {
+    crate::model::dense_only(c, "S²FT selection")?;
     let (l, h, f) = (
         c.num_hidden_layers,
         c.num_attention_heads,
@@ -246,7 +247,7 @@ pub fn weight_scores<B: Backend>(model: &Llama<B>) -> Scores {
         s.heads
             .push(group(&col_norms(blk.self_attn.o_proj.weight()), d));
         s.channels
-            .push(group(&col_norms(blk.mlp.down_proj.weight()), 1));
+            .push(group(&col_norms(blk.mlp.dense().down_proj.weight()), 1));
     }
     s
 }
@@ -309,7 +310,7 @@ pub fn gradient_scores<B: burn::tensor::backend::AutodiffBackend>(
         channels: model
             .layers
             .iter()
-            .map(|b| grad_norms(&b.mlp.down_proj.weight_t, 1))
+            .map(|b| grad_norms(&b.mlp.dense().down_proj.weight_t, 1))
             .collect(),
     }
 }
@@ -325,6 +326,7 @@ pub fn apply_s2ft<B: Backend>(
     cfg: &S2ftConfig,
 ) -> Result<Llama<B>> {
     let c = model.config.clone();
+    crate::model::dense_only(&c, "S²FT")?;
     if sel.heads.len() != c.num_hidden_layers || sel.channels.len() != c.num_hidden_layers {
         return Err(S2ftError::Selection(format!(
             "selection has {} layers, the model {}",
@@ -366,12 +368,12 @@ pub fn apply_s2ft<B: Backend>(
             }
         }
         if !chans.is_empty() {
-            let dn = &mut blk.mlp.down_proj;
+            let dn = &mut blk.mlp.dense_mut().down_proj;
             dn.delta = Some(zeros([c.hidden_size, chans.len()], &device));
             dn.delta_axis = Some(DeltaAxis::Cols);
             dn.delta_idx = chans.clone();
             if cfg.train_up {
-                let up = &mut blk.mlp.up_proj;
+                let up = &mut blk.mlp.dense_mut().up_proj;
                 up.delta = Some(zeros([chans.len(), c.hidden_size], &device));
                 up.delta_axis = Some(DeltaAxis::Rows);
                 up.delta_idx = chans.clone();
@@ -393,8 +395,7 @@ pub fn freeze<B: Backend>(mut model: Llama<B>) -> Llama<B> {
     for blk in model.layers.iter_mut() {
         blk.input_layernorm.weight = f1(blk.input_layernorm.weight.clone());
         blk.post_attention_layernorm.weight = f1(blk.post_attention_layernorm.weight.clone());
-        for name in crate::model::PROJ_NAMES {
-            let p = blk.proj_mut(name);
+        for p in blk.named_projs_mut() {
             p.weight_t = f(p.weight_t.clone());
         }
     }
@@ -428,6 +429,7 @@ pub fn apply_lora_with_dropout<B: Backend>(
             "LoRA dropout {dropout} is outside [0, 1)"
         )));
     }
+    crate::model::dense_only(&model.config, "LoRA")?;
     if r == 0 {
         return Err(S2ftError::Selection("LoRA rank must be at least 1".into()));
     }

@@ -181,6 +181,11 @@ impl Tokenizer {
             .map_err(|e| tok_err(&self.source, format!("decoding {ids:?}: {e}")))
     }
 
+    /// The BOS token's text (`bos_token` of `tokenizer_config.json`), if the model has one.
+    pub fn bos_token(&self) -> Option<String> {
+        special_token(&self.files.config, "bos_token")
+    }
+
     /// The id of a token string.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -154,6 +154,7 @@ impl GgufModelConfig {
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-5),
             tie_word_embeddings: self.tie_word_embeddings,
             max_position_embeddings: self.context_length,
+            moe: None,
         })
     }
 

@@ -55,7 +55,7 @@ pub use dtype::DType;
 pub use error::{Result, WeightsError};
 pub use gguf::{GgufFile, GgufModelConfig, GgufValue};
 pub use hf_tokenizer::HfTokenizerFiles;
-pub use llama::LlamaConfig;
+pub use llama::{LlamaConfig, MoeShape};
 pub use safetensors_io::{SafetensorsFile, SafetensorsWriter, output_dtype};
 pub use sharded::{ShardedCheckpoint, ShardedWriter};
 pub use tensor::{StateDict, Tensor, TensorInfo, TensorSource};

@@ -1,7 +1,9 @@
 //! The one description of a LLaMA-family decoder's shape, read from a
 //! Hugging Face `config.json`, a GGUF header or a checkpoint's tensors, and
 //! used by every crate (the Burn model in `s2ft-core`, the permutation specs
-//! of `permute`, the studies).
+//! of `permute`, the studies). A Mixtral-style sparse mixture of experts is
+//! the same decoder with [`LlamaConfig::moe`] set: every block's SwiGLU
+//! feed-forward becomes `num_local_experts` SwiGLU experts behind a top-k router.
 
 use serde_json::Value;
 
@@ -35,6 +37,155 @@ pub struct LlamaConfig {
     /// GGUF `context_length`), when known.
     #[serde(default)]
     pub max_position_embeddings: Option<usize>,
+    /// The sparse mixture-of-experts feed-forward of a Mixtral-style model
+    /// (`num_local_experts`, `num_experts_per_tok` in `config.json`); `None`
+    /// for a dense LLaMA.
+    #[serde(default)]
+    pub moe: Option<MoeShape>,
+}
+
+/// The feed-forward of a Mixtral-style decoder: `num_local_experts` SwiGLU
+/// experts of width `intermediate_size`, of which each token uses the
+/// `num_experts_per_tok` its router scores highest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MoeShape {
+    /// Experts per block.
+    pub num_local_experts: usize,
+    /// Experts each token is routed to (top-k).
+    pub num_experts_per_tok: usize,
+}
+
+/// RoPE's θ from a `config.json`: `rope_theta` (transformers 4) or
+/// `rope_parameters.rope_theta` (transformers 5), 10⁴ when neither is given.
+/// Scaled RoPE (`rope_type` other than `default`: linear, dynamic, YaRN,
+/// llama3) is refused, since the model applies plain rotate-half RoPE.
+fn rope_theta(v: &Value) -> Result<f64> {
+    for key in ["rope_scaling", "rope_parameters"] {
+        if let Some(t) = v
+            .get(key)
+            .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
+            .and_then(Value::as_str)
+            .filter(|t| *t != "default")
+        {
+            return Err(WeightsError::Config(format!(
+                "'{key}' asks for '{t}' RoPE scaling, which is not supported (plain RoPE only)"
+            )));
+        }
+    }
+    let theta = v
+        .get("rope_theta")
+        .or_else(|| v.get("rope_parameters").and_then(|r| r.get("rope_theta")));
+    match theta {
+        None | Some(Value::Null) => Ok(10000.0),
+        Some(t) => t
+            .as_f64()
+            .filter(|t| t.is_finite() && *t > 0.0)
+            .ok_or_else(|| {
+                WeightsError::Config(format!("rope_theta {t} is not a positive number"))
+            }),
+    }
+}
+
+/// Rewrites transformers 5's fused Mixtral layout, which mergekit 0.1.5
+/// writes (`model.layers.{l}.mlp.gate.weight` `[E, H]`,
+/// `mlp.experts.gate_up_proj` `[E, 2I, H]` with each expert's gate rows
+/// before its up rows, `mlp.experts.down_proj` `[E, H, I]`), into the
+/// per-expert names every Mixtral checkpoint on the Hub uses and
+/// transformers 4 and 5 both load ([`names::router`], [`names::expert`]).
+/// A dense checkpoint, or one already in per-expert names, is left as it is.
+pub fn unfuse_experts(sd: &mut StateDict, cfg: &LlamaConfig) -> Result<()> {
+    let Some(moe) = cfg.moe else { return Ok(()) };
+    let (e_count, f, h) = (
+        moe.num_local_experts,
+        cfg.intermediate_size,
+        cfg.hidden_size,
+    );
+    for l in 0..cfg.num_hidden_layers {
+        let p = names::layer(l);
+        if let Some(g) = sd.remove(&format!("{p}.mlp.gate.weight")) {
+            sd.insert(names::router(l), g);
+        }
+        let bad = |name: &str, shape: &[usize], want: [usize; 3]| {
+            WeightsError::Config(format!(
+                "'{name}' has shape {shape:?}, a mixture of {e_count} experts of width {f} needs {want:?}"
+            ))
+        };
+        let gu_name = format!("{p}.mlp.experts.gate_up_proj");
+        if let Some(gu) = sd.remove(&gu_name) {
+            let want = [e_count, 2 * f, h];
+            if gu.shape() != want {
+                return Err(bad(&gu_name, gu.shape(), want));
+            }
+            for e in 0..e_count {
+                for (w, rows) in [("w1", 0..f), ("w3", f..2 * f)] {
+                    let part = gu
+                        .data
+                        .slice(ndarray::s![e, rows, ..])
+                        .to_owned()
+                        .into_dyn();
+                    sd.insert(names::expert(l, e, w), crate::Tensor::new(part, gu.dtype));
+                }
+            }
+        }
+        let down_name = format!("{p}.mlp.experts.down_proj");
+        if let Some(down) = sd.remove(&down_name) {
+            let want = [e_count, h, f];
+            if down.shape() != want {
+                return Err(bad(&down_name, down.shape(), want));
+            }
+            for e in 0..e_count {
+                let part = down
+                    .data
+                    .slice(ndarray::s![e, .., ..])
+                    .to_owned()
+                    .into_dyn();
+                sd.insert(
+                    names::expert(l, e, "w2"),
+                    crate::Tensor::new(part, down.dtype),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The Hugging Face names of a decoder's weights: one place that spells them,
+/// for every crate that reads or writes a LLaMA or Mixtral checkpoint.
+pub mod names {
+    /// The token embedding.
+    pub const EMBED: &str = "model.embed_tokens.weight";
+    /// The final norm.
+    pub const NORM: &str = "model.norm.weight";
+    /// The (untied) LM head.
+    pub const LM_HEAD: &str = "lm_head.weight";
+
+    /// The prefix of block `l`'s weights, `model.layers.{l}`.
+    pub fn layer(l: usize) -> String {
+        format!("model.layers.{l}")
+    }
+
+    /// The router of block `l` of a Mixtral model, `[experts, hidden]`.
+    pub fn router(l: usize) -> String {
+        format!("model.layers.{l}.block_sparse_moe.gate.weight")
+    }
+
+    /// Expert `e`'s weight `w` of block `l` of a Mixtral model: `w1` is the
+    /// gate projection (LLaMA's `gate_proj`), `w2` the down projection
+    /// (`down_proj`), `w3` the up projection (`up_proj`).
+    pub fn expert(l: usize, e: usize, w: &str) -> String {
+        format!("model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight")
+    }
+
+    /// Mixtral's expert weight for a LLaMA MLP projection (`gate_proj` →
+    /// `w1`, `down_proj` → `w2`, `up_proj` → `w3`).
+    pub fn expert_weight_of(mlp_proj: &str) -> Option<&'static str> {
+        match mlp_proj {
+            "gate_proj" => Some("w1"),
+            "down_proj" => Some("w2"),
+            "up_proj" => Some("w3"),
+            _ => None,
+        }
+    }
 }
 
 impl LlamaConfig {
@@ -59,7 +210,18 @@ impl LlamaConfig {
             rms_norm_eps: 1e-6,
             tie_word_embeddings: false,
             max_position_embeddings: None,
+            moe: None,
         }
+    }
+
+    /// This shape with a sparse mixture-of-experts feed-forward of `experts`
+    /// experts, `per_token` of them per token (checked by [`LlamaConfig::check`]).
+    pub fn with_experts(mut self, experts: usize, per_token: usize) -> Self {
+        self.moe = Some(MoeShape {
+            num_local_experts: experts,
+            num_experts_per_tok: per_token,
+        });
+        self
     }
 
     /// Reads the fields of a Hugging Face `config.json` value.
@@ -88,10 +250,7 @@ impl LlamaConfig {
                 .get("head_dim")
                 .and_then(Value::as_u64)
                 .map_or(hidden / heads.max(1), |x| x as usize),
-            rope_theta: v
-                .get("rope_theta")
-                .and_then(Value::as_f64)
-                .unwrap_or(10000.0),
+            rope_theta: rope_theta(v)?,
             rms_norm_eps: v
                 .get("rms_norm_eps")
                 .and_then(Value::as_f64)
@@ -104,6 +263,16 @@ impl LlamaConfig {
                 .get("max_position_embeddings")
                 .and_then(Value::as_u64)
                 .map(|x| x as usize),
+            moe: match v.get("num_local_experts") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(MoeShape {
+                    num_local_experts: int("num_local_experts")?,
+                    num_experts_per_tok: v
+                        .get("num_experts_per_tok")
+                        .and_then(Value::as_u64)
+                        .map_or(2, |x| x as usize),
+                }),
+            },
         };
         cfg.check()?;
         Ok(cfg)
@@ -121,7 +290,8 @@ impl LlamaConfig {
     /// The sizes of a checkpoint in Hugging Face LLaMA names with `heads`
     /// query heads (as many key/value heads, `hidden / heads` per head), the
     /// rest at [`LlamaConfig::tiny`]'s defaults: what a checkpoint without a
-    /// `config.json` tells of its shape.
+    /// `config.json` tells of its shape. A Mixtral checkpoint's experts are
+    /// counted from their names (top-2 routing assumed: the shapes do not say).
     pub fn from_state_dict(sd: &StateDict, heads: usize) -> Result<Self> {
         let shape = |name: &str| {
             sd.get(name)
@@ -133,11 +303,22 @@ impl LlamaConfig {
         let layers = (0..)
             .take_while(|l| sd.contains(&format!("model.layers.{l}.input_layernorm.weight")))
             .count();
-        let ffn = shape("model.layers.0.mlp.gate_proj.weight")?[0];
+        // A Mixtral checkpoint: experts counted by name, top-2 routing (Mixtral's default).
+        let experts = (0..)
+            .take_while(|&e| sd.contains(&names::expert(0, e, "w1")))
+            .count();
+        let ffn = if experts > 0 {
+            shape(&names::expert(0, 0, "w1"))?[0]
+        } else {
+            shape("model.layers.0.mlp.gate_proj.weight")?[0]
+        };
         if heads == 0 {
             return Err(WeightsError::Config("head counts must be positive".into()));
         }
         let mut c = LlamaConfig::tiny(embed[0], embed[1], layers, heads, heads, ffn);
+        if experts > 0 {
+            c = c.with_experts(experts, experts.min(2));
+        }
         c.tie_word_embeddings = !sd.contains("lm_head.weight");
         c.check()?;
         Ok(c)
@@ -167,11 +348,39 @@ impl LlamaConfig {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.intermediate_size == 0 {
             return e("vocab_size, hidden_size and intermediate_size must be positive".into());
         }
+        if let Some(m) = self.moe {
+            if m.num_local_experts == 0 {
+                return e("num_local_experts must be positive".into());
+            }
+            if m.num_experts_per_tok == 0 || m.num_experts_per_tok > m.num_local_experts {
+                return e(format!(
+                    "num_experts_per_tok {} must be in 1..={} (num_local_experts)",
+                    m.num_experts_per_tok, m.num_local_experts
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// The Hugging Face `config.json` for this shape.
+    /// The Hugging Face `config.json` for this shape: `LlamaForCausalLM`, or
+    /// `MixtralForCausalLM` with [`LlamaConfig::moe`] (no sliding window,
+    /// router logits not output, transformers' default auxiliary-loss weight).
     pub fn to_hf(&self) -> Value {
+        let mut v = self.to_hf_dense();
+        if let Some(m) = self.moe {
+            v["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+            v["model_type"] = "mixtral".into();
+            v["num_local_experts"] = m.num_local_experts.into();
+            v["num_experts_per_tok"] = m.num_experts_per_tok.into();
+            v["sliding_window"] = Value::Null;
+            v["output_router_logits"] = false.into();
+            v["router_aux_loss_coef"] = 0.001.into();
+            v["router_jitter_noise"] = 0.0.into();
+        }
+        v
+    }
+
+    fn to_hf_dense(&self) -> Value {
         serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -188,5 +397,50 @@ impl LlamaConfig {
             "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mixtral_config_round_trips_and_is_checked() {
+        let c = LlamaConfig::tiny(64, 16, 2, 4, 2, 32).with_experts(3, 2);
+        let hf = c.to_hf();
+        assert_eq!(hf["architectures"][0], "MixtralForCausalLM");
+        assert_eq!(hf["model_type"], "mixtral");
+        assert_eq!(hf["num_local_experts"], 3);
+        assert_eq!(hf["num_experts_per_tok"], 2);
+        assert_eq!(LlamaConfig::from_hf(&hf).unwrap(), c);
+        // A dense config has no MoE fields and reads back dense.
+        let d = LlamaConfig::tiny(64, 16, 2, 4, 2, 32);
+        assert!(d.to_hf().get("num_local_experts").is_none());
+        assert_eq!(LlamaConfig::from_hf(&d.to_hf()).unwrap().moe, None);
+        // Routing to more experts than there are, or to none, is refused by name.
+        for k in [0, 4] {
+            let mut bad = c.to_hf();
+            bad["num_experts_per_tok"] = k.into();
+            let e = LlamaConfig::from_hf(&bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("num_experts_per_tok {k}")), "{e}");
+        }
+        let mut bad = c.to_hf();
+        bad["num_local_experts"] = "four".into();
+        let e = LlamaConfig::from_hf(&bad).unwrap_err().to_string();
+        assert!(e.contains("num_local_experts"), "{e}");
+    }
+
+    #[test]
+    fn names_spell_mixtral_experts_as_transformers_does() {
+        assert_eq!(
+            names::expert(3, 1, "w2"),
+            "model.layers.3.block_sparse_moe.experts.1.w2.weight"
+        );
+        assert_eq!(
+            names::router(0),
+            "model.layers.0.block_sparse_moe.gate.weight"
+        );
+        assert_eq!(names::expert_weight_of("up_proj"), Some("w3"));
+        assert_eq!(names::expert_weight_of("q_proj"), None);
     }
 }

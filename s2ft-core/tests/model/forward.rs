@@ -112,11 +112,48 @@ fn reference_with_inputs(
             &v(sd, &format!("{p}.post_attention_layernorm.weight")),
             c.rms_norm_eps,
         );
-        let g = hn.dot(&w(sd, &format!("{p}.mlp.gate_proj.weight")).t());
-        let u = hn.dot(&w(sd, &format!("{p}.mlp.up_proj.weight")).t());
-        let a = g.mapv(|z| z / (1.0 + (-z).exp())) * u;
-        x = x + a.dot(&w(sd, &format!("{p}.mlp.down_proj.weight")).t());
-        inputs.push([attn_in, att, hn, a]);
+        let swiglu = |gate: &str, up: &str, down: &str, xin: &Array2<f64>| {
+            let g = xin.dot(&w(sd, gate).t());
+            let u = xin.dot(&w(sd, up).t());
+            let a = g.mapv(|z| z / (1.0 + (-z).exp())) * u;
+            let y = a.dot(&w(sd, down).t());
+            (a, y)
+        };
+        match c.moe {
+            None => {
+                let (a, y) = swiglu(
+                    &format!("{p}.mlp.gate_proj.weight"),
+                    &format!("{p}.mlp.up_proj.weight"),
+                    &format!("{p}.mlp.down_proj.weight"),
+                    &hn,
+                );
+                x = x + y;
+                inputs.push([attn_in, att, hn, a]);
+            }
+            Some(m) => {
+                // Mixtral: softmax router, top-k (ties to the lower index),
+                // the k weights renormalised, experts summed.
+                let logits = hn.dot(&w(sd, &format!("{p}.block_sparse_moe.gate.weight")).t());
+                let mut y = Array2::<f64>::zeros((t, h));
+                for i in 0..t {
+                    let mx = logits.row(i).fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+                    let p_: Vec<f64> = logits.row(i).iter().map(|z| (z - mx).exp()).collect();
+                    let mut order: Vec<usize> = (0..m.num_local_experts).collect();
+                    order.sort_by(|&a, &b| p_[b].total_cmp(&p_[a]).then(a.cmp(&b)));
+                    let top = &order[..m.num_experts_per_tok];
+                    let z: f64 = top.iter().map(|&e| p_[e]).sum();
+                    let row = hn.slice(s![i..i + 1, ..]).to_owned();
+                    for &e in top {
+                        let name =
+                            |wi: &str| format!("{p}.block_sparse_moe.experts.{e}.{wi}.weight");
+                        let (_, ye) = swiglu(&name("w1"), &name("w3"), &name("w2"), &row);
+                        y.row_mut(i).scaled_add(p_[e] / z, &ye.row(0));
+                    }
+                }
+                x = x + y;
+                inputs.push([attn_in, att, hn.clone(), hn]);
+            }
+        }
     }
     let xn = rms(&x, &v(sd, "model.norm.weight"), c.rms_norm_eps);
     let head = if c.tie_word_embeddings {
@@ -179,6 +216,75 @@ fn burn_forward_matches_an_independent_ndarray_llama() {
     }
 }
 
+/// A Mixtral-style mixture of experts (4 experts, top-2 and top-1) against
+/// the ndarray reference, every weight read and written under Mixtral's names.
+#[test]
+fn burn_mixtral_matches_an_independent_ndarray_mixtral() {
+    let device = Default::default();
+    for top_k in [2, 1] {
+        let c = LlamaConfig::tiny(50, 32, 2, 4, 2, 24).with_experts(4, top_k);
+        let mut sd = random_state_dict(&c, 5);
+        for (name, t) in sd.iter_mut() {
+            // Sharp routers, so that no token sits near a tie.
+            let scale = if name.contains("block_sparse_moe.gate") {
+                200.0
+            } else {
+                20.0
+            };
+            t.data.mapv_inplace(|x| x * scale);
+        }
+        perturb_norms(&mut sd);
+        assert!(sd.contains("model.layers.1.block_sparse_moe.experts.3.w2.weight"));
+        assert!(!sd.contains("model.layers.0.mlp.gate_proj.weight"));
+        let model = Llama::<Cpu>::from_state_dict(&c, &sd, false, &device).unwrap();
+        let seqs = [[3usize, 17, 42, 8, 8, 0, 49], [1, 2, 3, 4, 5, 6, 7]];
+        let flat: Vec<i64> = seqs.iter().flatten().map(|&x| x as i64).collect();
+        let tokens = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(flat, [2, 7]), &device);
+        let logits: Vec<f32> = model
+            .forward(tokens.clone())
+            .into_data()
+            .into_vec()
+            .unwrap();
+        let mut worst = 0f64;
+        for (b, seq) in seqs.iter().enumerate() {
+            let r = reference(&c, &sd, seq);
+            for i in 0..7 {
+                for j in 0..c.vocab_size {
+                    let got = logits[(b * 7 + i) * c.vocab_size + j] as f64;
+                    worst = worst.max((got - r[[i, j]]).abs() / (1.0 + r[[i, j]].abs()));
+                }
+            }
+        }
+        assert!(
+            worst < 1e-4,
+            "top-{top_k}: worst relative deviation {worst}"
+        );
+        // Every expert is used by some token (the test would not see a dead one).
+        let probs = model.router_probs(tokens);
+        assert_eq!(probs.len(), 2);
+        for p in probs {
+            let v: Vec<f32> = p.into_data().into_vec().unwrap();
+            let picks = s2ft_core::model::top_k_experts(&v, 4, top_k);
+            if top_k == 2 {
+                for e in 0..4 {
+                    assert!(picks.contains(&e), "expert {e} never routed to");
+                }
+            }
+        }
+        let back = model.to_state_dict();
+        assert_eq!(back.len(), sd.len());
+        for (name, t) in sd.iter() {
+            assert_eq!(back.get(name).unwrap().data, t.data, "{name}");
+        }
+    }
+}
+
+#[test]
+fn top_k_routing_breaks_ties_to_the_lower_expert() {
+    let picks = s2ft_core::model::top_k_experts(&[0.25, 0.25, 0.5, 0.1, 0.6, 0.3], 3, 2);
+    assert_eq!(picks, vec![2, 0, 1, 2]);
+}
+
 #[test]
 fn bad_checkpoints_name_the_weight() {
     let device = Default::default();
@@ -200,6 +306,30 @@ fn bad_checkpoints_name_the_weight() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("k_proj") && e.contains("non-finite"), "{e}");
+    // A mixture of experts missing one expert's weight, or routing to more
+    // experts than it has.
+    let m = LlamaConfig::tiny(50, 32, 2, 4, 2, 24).with_experts(3, 2);
+    let mut sd = random_state_dict(&m, 3);
+    sd.remove("model.layers.1.block_sparse_moe.experts.2.w3.weight");
+    let e = Llama::<Cpu>::from_state_dict(&m, &sd, false, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("experts.2.w3") && e.contains("missing"), "{e}");
+    let e = Llama::<Cpu>::from_state_dict(
+        &m.clone().with_experts(3, 4),
+        &random_state_dict(&m, 3),
+        false,
+        &device,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("num_experts_per_tok 4"), "{e}");
+    // Fine-tuning is refused on a mixture of experts, by name.
+    let moe = Llama::<Cpu>::from_state_dict(&m, &random_state_dict(&m, 3), true, &device).unwrap();
+    let e = s2ft_core::s2ft::apply_lora(moe, 2, 4.0, &["q_proj"], 0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("LoRA") && e.contains("3 experts"), "{e}");
     let bad = LlamaConfig::tiny(50, 32, 2, 4, 3, 48);
     assert!(
         Llama::<Cpu>::from_state_dict(&bad, &random_state_dict(&c, 3), false, &device)

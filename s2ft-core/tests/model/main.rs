@@ -6,5 +6,6 @@
 mod adapter;
 mod forward;
 mod generate;
+mod moe;
 mod s2ft;
 mod smollm2;
