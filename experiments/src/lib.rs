@@ -9,6 +9,7 @@ pub mod gpu_check;
 pub mod llm;
 pub mod lm;
 pub mod mlp;
+pub mod moe;
 pub mod plot;
 pub mod report;
 pub mod studies;

@@ -52,6 +52,11 @@ const STUDIES: &[Study] = &[
         ready: true,
     },
     Study {
+        name: "moe",
+        about: "a mixture of experts from per-task fine-tunes of a real LLM (mergekit-moe), compressed by Sub-MoE, pruning and averaging",
+        ready: true,
+    },
+    Study {
         name: "pleas",
         about: "two MLPs trained on disjoint label sets: partial matching ratios, least squares (PLeaS) vs averaging",
         ready: true,
@@ -84,6 +89,8 @@ enum Cmd {
     S2ft(Box<studies::s2ft::S2ftArgs>),
     /// Merging full / LoRA / S²FT fine-tunes of one base by every merge method (the character model, or a real one: --model PATH --finetunes RUN_DIR).
     Merge(Box<studies::merging::MergeArgs>),
+    /// A mixture of experts from per-task fine-tunes of a real model (mergekit-moe), then compressed (Sub-MoE, pruning, averaging).
+    Moe(Box<studies::moe::MoeArgs>),
     /// PLeaS: two MLPs trained on disjoint label sets merged by partial matching, with least squares vs averaging.
     Pleas(studies::pleas::PleasArgs),
     /// Run a mergekit YAML config (same as `cargo run -p merge`).
@@ -93,6 +100,16 @@ enum Cmd {
         /// Output folder (or .safetensors file).
         out: PathBuf,
         /// Seed of random sparsification.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Run a mergekit-moe YAML config: a Mixtral mixture of experts from fine-tunes (every gate mode).
+    MergeMoe {
+        /// The mergekit-moe config.
+        config: PathBuf,
+        /// Output folder (Hugging Face MixtralForCausalLM).
+        out: PathBuf,
+        /// Seed of random gates and of experts' noise.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -120,7 +137,7 @@ fn list() -> String {
             }
         ));
     }
-    s.push_str("\ntools:\n  merge-config CONFIG.yml OUT [--seed N]   run a mergekit config\n  compare-runs DIR                         compare scripts/gpu-check.sh's CPU and CUDA runs\n");
+    s.push_str("\ntools:\n  merge-config CONFIG.yml OUT [--seed N]   run a mergekit config\n  merge-moe CONFIG.yml OUT [--seed N]      run a mergekit-moe config (a Mixtral mixture of experts)\n  compare-runs DIR                         compare scripts/gpu-check.sh's CPU and CUDA runs\n");
     s
 }
 
@@ -141,6 +158,10 @@ fn main() -> ExitCode {
         Some(Cmd::S2ft(a)) => studies::s2ft::run(&a).map(|_| ()),
         Some(Cmd::Merge(a)) => studies::merging::run(&a).map(|_| ()),
         Some(Cmd::Pleas(a)) => studies::pleas::run(&a).map(|_| ()),
+        Some(Cmd::Moe(a)) => studies::moe::run(&a).map(|_| ()),
+        Some(Cmd::MergeMoe { config, out, seed }) => {
+            experiments::moe::merge_moe(&config, &out, seed)
+        }
         Some(Cmd::MergeConfig { config, out, seed }) => {
             let opts = merge::run::RunOptions {
                 seed,

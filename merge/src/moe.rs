@@ -92,13 +92,17 @@ pub struct ExpertSpec {
     #[serde(default, deserialize_with = "null_as_empty")]
     pub positive_prompts: Vec<String>,
     /// Prompts it should not receive (their gate feature is subtracted).
-    #[serde(default, deserialize_with = "null_as_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_empty",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub negative_prompts: Vec<String>,
     /// Standard deviation of Gaussian noise added to the expert's weights.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_scale: Option<f32>,
     /// Factor on the expert's `down_proj` (its contribution to the residual).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residual_scale: Option<f32>,
 }
 
@@ -120,10 +124,10 @@ pub struct MoeConfig {
     #[serde(default = "two")]
     pub experts_per_token: usize,
     /// Always-active experts (Qwen-MoE / DeepSeek outputs): refused here.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_experts: Option<serde_yaml_ng::Value>,
     /// Output architecture; only `mixtral` (case-insensitive prefix) is built.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
 }
 
@@ -147,6 +151,11 @@ impl MoeConfig {
         })?;
         cfg.check(path)?;
         Ok(cfg)
+    }
+
+    /// The config as mergekit-moe YAML (what [`MoeConfig::parse`] reads back).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).expect("a MoeConfig serialises")
     }
 
     /// Reads and checks a YAML file.

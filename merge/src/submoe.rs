@@ -88,7 +88,7 @@
 //!    not implemented: the truncation here is the plain SVD one.
 
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, s};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use spectra::linalg::thin_svd;
 
 use crate::{MergeError, Result};
@@ -131,7 +131,7 @@ pub struct ExpertWeights {
 }
 
 /// Which weight of an expert.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WeightKind {
     /// gate_proj, `[ffn, hidden]`.
     W1,
@@ -770,7 +770,7 @@ pub fn union_merge(
 }
 
 /// What [`submoe_merge`] did to one weight kind of one cluster.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WeightReport {
     /// Which weight.
     pub kind: WeightKind,
@@ -795,7 +795,7 @@ pub struct WeightReport {
 }
 
 /// What [`submoe_merge`] did to one cluster.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClusterReport {
     /// The original experts merged into this one, ascending.
     pub members: Vec<usize>,
@@ -806,7 +806,7 @@ pub struct ClusterReport {
 }
 
 /// What [`submoe_merge`] did to a layer.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SubMoeReport {
     /// One entry per merged expert (cluster), in order.
     pub clusters: Vec<ClusterReport>,

@@ -1187,3 +1187,222 @@ fn merge_study_names_bad_real_model_input_before_writing_a_report() {
     a.llm.densities = Some(vec![1.5]);
     fails(a, &["--densities"]);
 }
+
+fn moe_args(model: &Path, finetunes: &Path, out: &Path) -> experiments::studies::moe::MoeArgs {
+    experiments::studies::moe::MoeArgs {
+        model: Some(model.to_path_buf()),
+        finetunes: Some(finetunes.to_path_buf()),
+        quick: true,
+        experts_per_token: 1,
+        prompts: Some(2),
+        calibration: Some(2),
+        eval_examples: Some(3),
+        keep: Some(vec![0.5]),
+        run: RunArgs::quiet_to(out),
+        ..Default::default()
+    }
+}
+
+/// The MoE study end to end at tiny size on the full fine-tunes the
+/// real-model s2ft study saved: three gate modes, three compressions, the
+/// table's bookkeeping, and the mixture it saves equal to what its own
+/// mergekit-moe config builds through `experiments merge-moe`.
+#[test]
+fn moe_study_builds_a_mixture_from_fine_tunes_and_compresses_it() {
+    use experiments::studies::moe::Metrics;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_hf_model(dir.path(), 512);
+    let ft = dir.path().join("s2ft");
+    experiments::studies::s2ft::run(&llm_args(&model, &ft)).unwrap();
+    let out = dir.path().join("moe");
+    experiments::studies::moe::run(&moe_args(&model, &ft, &out)).unwrap();
+    assert!(!out.join("metrics.partial.json").exists());
+    check_png(&out.join("accuracy_vs_experts.png"));
+    check_png(&out.join("routing_moe_hidden.png"));
+    let m: Metrics = serde_json::from_value(metrics(&out)["metrics"].clone()).unwrap();
+    let labels: Vec<&str> = m.models.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "base",
+            "expert date",
+            "expert reverse",
+            "moe hidden",
+            "moe cheap_embed",
+            "moe random",
+            "submoe 1/2",
+            "prune 1/2",
+            "average 1/2"
+        ]
+    );
+    // Parameter counts: two experts' MLPs and a router per block on top of
+    // the dense model; top-1 routing passes a token through one MLP.
+    let c = s2ft_core::Pretrained::load(&model).unwrap().config;
+    let mlp = 3 * c.hidden_size * c.intermediate_size;
+    let router = 2 * c.hidden_size;
+    let dense = m.models[0].params;
+    let moe = &m.models[3];
+    assert_eq!(moe.params, dense + c.num_hidden_layers * (mlp + router));
+    assert_eq!(moe.active_params, dense + c.num_hidden_layers * router);
+    assert_eq!((moe.experts, moe.top_k), (Some(2), Some(1)));
+    let pruned = &m.models[7];
+    assert_eq!((pruned.experts, pruned.top_k), (Some(1), Some(1)));
+    assert_eq!(pruned.params, dense + c.num_hidden_layers * c.hidden_size);
+    // Normalised accuracy recomputed from the table.
+    let own: Vec<f64> = ["date", "reverse"]
+        .iter()
+        .map(|t| {
+            m.models
+                .iter()
+                .find(|r| r.label == format!("expert {t}"))
+                .unwrap()
+                .test[*t]
+        })
+        .collect();
+    for r in &m.models {
+        let ratios: Vec<f64> = ["date", "reverse"]
+            .iter()
+            .zip(&own)
+            .filter(|(_, o)| **o > 0.0)
+            .map(|(t, o)| r.test[*t] / o)
+            .collect();
+        match r.normalised {
+            Some(v) => {
+                assert!((v - ratios.iter().sum::<f64>() / ratios.len() as f64).abs() < 1e-12)
+            }
+            None => assert!(ratios.is_empty()),
+        }
+        let mean = (r.test["date"] + r.test["reverse"]) / 2.0;
+        assert!((r.test_mean - mean).abs() < 1e-12, "{}", r.label);
+    }
+    // Routing: each row a distribution; three mixtures.
+    assert_eq!(m.routing.len(), 3);
+    for r in &m.routing {
+        for row in r.shares.iter().chain(&r.per_layer) {
+            assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{}", r.model);
+        }
+        assert!(r.own_expert.iter().all(|x| (0.0..=1.0).contains(x)));
+    }
+    // Compressions: to one expert every cluster holds both experts.
+    assert_eq!(m.compressions.len(), 3);
+    for cr in &m.compressions {
+        assert_eq!(cr.experts, 1);
+        assert!(cr.assignment.iter().all(|a| a.iter().all(|&x| x == 0)));
+        for f in &cr.frequencies {
+            assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        }
+    }
+    assert_eq!(m.expert_similarity.len(), c.num_hidden_layers);
+    // The saved mixture loads as a Mixtral model, and its own mergekit-moe
+    // config run through `experiments merge-moe` gives it bit for bit.
+    let saved = s2ft_core::Pretrained::load(&out.join("moe")).unwrap();
+    assert_eq!(saved.config.moe.unwrap().num_local_experts, 2);
+    let again = dir.path().join("again");
+    experiments::moe::merge_moe(&out.join("configs/moe_hidden.yml"), &again, 0).unwrap();
+    let rebuilt = weights::Checkpoint::open(&again)
+        .unwrap()
+        .load_all()
+        .unwrap();
+    assert_eq!(rebuilt.len(), saved.weights.len());
+    for (name, t) in saved.weights.iter() {
+        assert_eq!(rebuilt.get(name).unwrap().data, t.data, "{name}");
+    }
+}
+
+#[test]
+fn moe_study_names_bad_input_before_writing_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_hf_model(dir.path(), 512);
+    let ft = dir.path().join("s2ft");
+    experiments::studies::s2ft::run(&llm_args(&model, &ft)).unwrap();
+    let out = dir.path().join("moe");
+    type Change = Box<dyn Fn(&mut experiments::studies::moe::MoeArgs)>;
+    let cases: Vec<(Change, &str)> = vec![
+        (
+            Box::new(|a| a.group = "lora r9".into()),
+            "--group 'lora r9'",
+        ),
+        (
+            Box::new(|a| a.experts_per_token = 3),
+            "--experts-per-token 3",
+        ),
+        (
+            Box::new(|a| a.keep = Some(vec![0.1])),
+            "keeps 0 of 2 experts",
+        ),
+        (Box::new(|a| a.keep = Some(vec![1.5])), "--keep 1.5"),
+        (
+            Box::new(|a| a.gate_modes = Some(vec!["hiden".into()])),
+            "unknown mode 'hiden'",
+        ),
+        (
+            Box::new(|a| a.compress = Some(vec!["zip".into()])),
+            "unknown method 'zip'",
+        ),
+        (Box::new(|a| a.rank = Some(0)), "--rank 0"),
+        (Box::new(|a| a.model = None), "--model PATH is required"),
+        (
+            Box::new(|a| a.expert = vec!["sort=/nonexistent".into()]),
+            "/nonexistent",
+        ),
+    ];
+    for (change, want) in cases {
+        let mut a = moe_args(&model, &ft, &out);
+        change(&mut a);
+        let e = format!("{:#}", experiments::studies::moe::run(&a).unwrap_err());
+        assert!(e.contains(want), "{want}: {e}");
+        assert!(!out.exists(), "{want}: a report folder was written");
+    }
+}
+
+/// `experiments merge-moe` on mergekit-moe's own `hidden` fixture: our f32
+/// forward pass gives mergekit's (bfloat16) gates to its rounding, and every
+/// other tensor bit for bit.
+#[test]
+fn merge_moe_hidden_gates_match_mergekit_moe() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("../merge/tests/fixtures/moe");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("moe");
+    experiments::moe::merge_moe(&fx.join("hidden.yml"), &out, 0).unwrap();
+    let ours = weights::Checkpoint::open(&out).unwrap().load_all().unwrap();
+    let theirs_dir = fx.join("out_hidden");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(theirs_dir.join("config.json")).unwrap())
+            .unwrap();
+    let cfg = weights::LlamaConfig::from_hf(&v).unwrap();
+    let mut theirs = weights::Checkpoint::open(&theirs_dir)
+        .unwrap()
+        .load_all()
+        .unwrap();
+    weights::llama::unfuse_experts(&mut theirs, &cfg).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    // The f32 gates of the fixture (mergekit's formula on transformers' f32 hidden states).
+    let fxj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("hidden_states.json")).unwrap())
+            .unwrap();
+    for (name, t) in theirs.iter() {
+        let o = ours.get(name).unwrap();
+        if name.contains("block_sparse_moe.gate") {
+            let l: usize = name.split('.').nth(2).unwrap().parse().unwrap();
+            let dev = o
+                .data
+                .iter()
+                .zip(t.data.iter())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(dev < 1e-2, "{name}: {dev} from mergekit's bfloat16 gates");
+            for (e, ex) in fxj["experts"].as_array().unwrap().iter().enumerate() {
+                let want = ex["gate_f32"][l].as_array().unwrap();
+                for (j, w) in want.iter().enumerate() {
+                    let got = o.data[[e, j]];
+                    assert!(
+                        (got - w.as_f64().unwrap() as f32).abs() < 1e-5,
+                        "{name}[{e},{j}]"
+                    );
+                }
+            }
+        } else {
+            assert_eq!(o.data, t.data, "{name}");
+        }
+    }
+}

@@ -495,7 +495,7 @@ impl Plan {
 }
 
 /// A fine-tune, read (its fused weights are kept beside it, see [`Prepared`]).
-struct Finetune {
+pub(crate) struct Finetune {
     source: Source,
     task: InstructTask,
     lora: Option<merge::lora::LoraAdapter>,
@@ -525,7 +525,10 @@ fn same_shapes(ft: &StateDict, base: &StateDict, what: &str) -> anyhow::Result<(
 }
 
 /// Reads a fine-tune and fuses it onto the base.
-fn load_finetune(base: &Pretrained, s: &Source) -> anyhow::Result<(Finetune, StateDict)> {
+pub(crate) fn load_finetune(
+    base: &Pretrained,
+    s: &Source,
+) -> anyhow::Result<(Finetune, StateDict)> {
     let what = format!("fine-tune {} ({} on {})", s.path.display(), s.group, s.task);
     let task = InstructTask::parse_list(std::slice::from_ref(&s.task)).context(what.clone())?[0];
     let (weights, lora) = match s.format {

@@ -4,6 +4,7 @@ pub mod lmc;
 pub mod many;
 pub mod merge_llm;
 pub mod merging;
+pub mod moe;
 pub mod pleas;
 pub mod s2ft;
 pub mod s2ft_llm;

@@ -279,6 +279,55 @@ fn burn_mixtral_matches_an_independent_ndarray_mixtral() {
     }
 }
 
+/// A mixture whose experts are all copies of one MLP is that dense model,
+/// whatever its router says (the top-k weights are renormalised to one).
+#[test]
+fn a_mixture_of_identical_experts_is_the_dense_model() {
+    let device = Default::default();
+    let c = LlamaConfig::tiny(50, 32, 2, 4, 2, 24);
+    let mut dense = random_state_dict(&c, 9);
+    perturb_norms(&mut dense);
+    let mc = c.clone().with_experts(3, 2);
+    let mut sd = StateDict::new();
+    let gates = random_state_dict(&mc, 4);
+    for (name, t) in dense.iter() {
+        match name.split_once(".mlp.") {
+            None => {
+                sd.insert(name, t.clone());
+            }
+            Some((p, rest)) => {
+                let w = match rest {
+                    "gate_proj.weight" => "w1",
+                    "down_proj.weight" => "w2",
+                    _ => "w3",
+                };
+                for e in 0..3 {
+                    sd.insert(
+                        format!("{p}.block_sparse_moe.experts.{e}.{w}.weight"),
+                        t.clone(),
+                    );
+                }
+                let router = format!("{p}.block_sparse_moe.gate.weight");
+                let mut g = gates.get(&router).unwrap().clone();
+                g.data.mapv_inplace(|x| x * 100.0);
+                sd.insert(router, g);
+            }
+        }
+    }
+    let a = Llama::<Cpu>::from_state_dict(&c, &dense, false, &device).unwrap();
+    let b = Llama::<Cpu>::from_state_dict(&mc, &sd, false, &device).unwrap();
+    let ids: Vec<i64> = vec![3, 17, 42, 8, 8, 0, 49, 1, 2, 3];
+    let tokens = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(ids, [2, 5]), &device);
+    let x: Vec<f32> = a.forward(tokens.clone()).into_data().into_vec().unwrap();
+    let y: Vec<f32> = b.forward(tokens).into_data().into_vec().unwrap();
+    let worst = x
+        .iter()
+        .zip(&y)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "{worst}");
+}
+
 #[test]
 fn top_k_routing_breaks_ties_to_the_lower_expert() {
     let picks = s2ft_core::model::top_k_experts(&[0.25, 0.25, 0.5, 0.1, 0.6, 0.3], 3, 2);
