@@ -636,8 +636,11 @@ pub fn write_folder(
         DType::F16 => "float16",
         _ => "float32",
     };
+    // transformers 4 reads `torch_dtype`, 5 `dtype` (and still the old name).
     obj.insert("torch_dtype".into(), torch.into());
-    obj.remove("dtype");
+    if obj.contains_key("dtype") {
+        obj.insert("dtype".into(), torch.into());
+    }
     let json = serde_json::to_vec_pretty(&cfg).expect("JSON values serialise");
     weights::atomic::write_atomic(tmp.path().join("config.json"), &json)?;
     weights::atomic::write_atomic(tmp.path().join("mergekit_moe_config.yml"), yaml.as_bytes())?;

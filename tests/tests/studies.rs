@@ -1405,4 +1405,43 @@ fn merge_moe_hidden_gates_match_mergekit_moe() {
             assert_eq!(o.data, t.data, "{name}");
         }
     }
+    // transformers reads our folder as we do: its logits on it (written by
+    // moe_ours_reference.py) equal our forward pass.
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("logits_ours_hidden.json")).unwrap())
+            .unwrap();
+    let p = s2ft_core::Pretrained::load(&out).unwrap();
+    let m = s2ft_core::Llama::<s2ft_core::Cpu>::from_state_dict(
+        &p.config,
+        &p.weights,
+        false,
+        &Default::default(),
+    )
+    .unwrap();
+    for pr in want["prompts"].as_array().unwrap() {
+        let ids: Vec<i64> = pr["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect();
+        let n = ids.len();
+        let t = burn::tensor::Tensor::<s2ft_core::Cpu, 2, burn::tensor::Int>::from_data(
+            burn::tensor::TensorData::new(ids, [1, n]),
+            &Default::default(),
+        );
+        let got: Vec<f32> = m.forward(t).into_data().into_vec().unwrap();
+        let rows = pr["logits"].as_array().unwrap();
+        let mut worst = 0f32;
+        for (i, row) in rows.iter().enumerate() {
+            for (j, x) in row.as_array().unwrap().iter().enumerate() {
+                worst = worst.max((got[i * 384 + j] - x.as_f64().unwrap() as f32).abs());
+            }
+        }
+        assert!(
+            worst < 1e-4,
+            "{}: {worst} from transformers' logits",
+            pr["name"]
+        );
+    }
 }
