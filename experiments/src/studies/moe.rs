@@ -894,30 +894,44 @@ fn run_on<B: AutodiffBackend>(
     bar.finish_and_clear();
     m.models.extend(dense_merges);
 
-    // The first mixture as a Hugging Face folder transformers loads.
+    run.write("models.csv", models_csv(&m.models, &plan.tasks).as_bytes())?;
+    plots(&run, plan, &m)?;
+    // The first mixture as a Hugging Face folder transformers loads (config
+    // and tokenizer files written from the base's description and tokenizer,
+    // so a GGUF base, which carries them in its header, works too).
     if !no_save {
         let job_cfg = moe_config(plan, &data, first_mode);
         let mut moe = merge::moe::Assembled {
             weights: moe_sd,
             config: moe_cfg,
         };
-        let base_dir = if plan.model.is_dir() {
-            plan.model.clone()
-        } else {
-            // A GGUF base: its tokenizer files are written from the header.
-            let dir = run.dir.join(".tokenizer");
-            base.tokenizer.save(&dir)?;
-            dir
-        };
+        let scratch = run.dir.join(".tokenizer");
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
+        base.tokenizer.save(&scratch)?;
+        // The base's description with its special tokens, as s2ft-core saves a model.
+        let mut cfg = c.to_hf();
+        if let Some(bos) = base
+            .tokenizer
+            .bos_token()
+            .and_then(|b| base.tokenizer.token_id(&b))
+        {
+            cfg["bos_token_id"] = bos.into();
+        }
+        if let Some(&eos) = base.tokenizer.stop_ids().first() {
+            cfg["eos_token_id"] = eos.into();
+        }
+        run.write(
+            ".tokenizer/config.json",
+            serde_json::to_string_pretty(&cfg)?.as_bytes(),
+        )?;
         let out = run.dir.join("moe");
-        run.phase("save mixture", || {
-            merge::moe::write_folder(&out, &mut moe, &base_dir, &job_cfg.to_yaml(), 2 << 30)
-        })?;
-        let _ = std::fs::remove_dir_all(run.dir.join(".tokenizer"));
+        let saved = run.phase("save mixture", || {
+            merge::moe::write_folder(&out, &mut moe, &scratch, &job_cfg.to_yaml(), 2 << 30)
+        });
+        let _ = std::fs::remove_dir_all(&scratch);
+        saved?;
     }
-
-    run.write("models.csv", models_csv(&m.models, &plan.tasks).as_bytes())?;
-    plots(&run, plan, &m)?;
     let md = report(plan, &m);
     run.finish(json!({"plan": plan, "metrics": m}), &md)?;
     Ok(run.dir.clone())
