@@ -176,6 +176,29 @@ fn perturb_norms(sd: &mut StateDict) {
     }
 }
 
+/// Two sequences of 7 tokens (ids below 50) the forward tests feed.
+const SEQS: [[usize; 7]; 2] = [[3, 17, 42, 8, 8, 0, 49], [1, 2, 3, 4, 5, 6, 7]];
+
+/// The largest relative deviation of `model`'s logits on [`SEQS`] from the
+/// ndarray reference's.
+fn worst_against_reference(c: &LlamaConfig, sd: &StateDict, model: &Llama<Cpu>) -> f64 {
+    let flat: Vec<i64> = SEQS.iter().flatten().map(|&x| x as i64).collect();
+    let tokens =
+        Tensor::<Cpu, 2, Int>::from_data(TensorData::new(flat, [2, 7]), &Default::default());
+    let logits: Vec<f32> = model.forward(tokens).into_data().into_vec().unwrap();
+    let mut worst = 0f64;
+    for (b, seq) in SEQS.iter().enumerate() {
+        let r = reference(c, sd, seq);
+        for i in 0..7 {
+            for j in 0..c.vocab_size {
+                let got = logits[(b * 7 + i) * c.vocab_size + j] as f64;
+                worst = worst.max((got - r[[i, j]]).abs() / (1.0 + r[[i, j]].abs()));
+            }
+        }
+    }
+    worst
+}
+
 #[test]
 fn burn_forward_matches_an_independent_ndarray_llama() {
     let device = Default::default();
@@ -189,20 +212,7 @@ fn burn_forward_matches_an_independent_ndarray_llama() {
         }
         perturb_norms(&mut sd);
         let model = Llama::<Cpu>::from_state_dict(&c, &sd, false, &device).unwrap();
-        let seqs = [[3usize, 17, 42, 8, 8, 0, 49], [1, 2, 3, 4, 5, 6, 7]];
-        let flat: Vec<i64> = seqs.iter().flatten().map(|&x| x as i64).collect();
-        let tokens = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(flat, [2, 7]), &device);
-        let logits: Vec<f32> = model.forward(tokens).into_data().into_vec().unwrap();
-        let mut worst = 0f64;
-        for (b, seq) in seqs.iter().enumerate() {
-            let r = reference(&c, &sd, seq);
-            for i in 0..7 {
-                for j in 0..c.vocab_size {
-                    let got = logits[(b * 7 + i) * c.vocab_size + j] as f64;
-                    worst = worst.max((got - r[[i, j]]).abs() / (1.0 + r[[i, j]].abs()));
-                }
-            }
-        }
+        let worst = worst_against_reference(&c, &sd, &model);
         assert!(
             worst < 1e-4,
             "tied {tied}: worst relative deviation {worst}"
@@ -237,24 +247,11 @@ fn burn_mixtral_matches_an_independent_ndarray_mixtral() {
         assert!(sd.contains("model.layers.1.block_sparse_moe.experts.3.w2.weight"));
         assert!(!sd.contains("model.layers.0.mlp.gate_proj.weight"));
         let model = Llama::<Cpu>::from_state_dict(&c, &sd, false, &device).unwrap();
-        let seqs = [[3usize, 17, 42, 8, 8, 0, 49], [1, 2, 3, 4, 5, 6, 7]];
-        let flat: Vec<i64> = seqs.iter().flatten().map(|&x| x as i64).collect();
-        let tokens = Tensor::<Cpu, 2, Int>::from_data(TensorData::new(flat, [2, 7]), &device);
-        let logits: Vec<f32> = model
-            .forward(tokens.clone())
-            .into_data()
-            .into_vec()
-            .unwrap();
-        let mut worst = 0f64;
-        for (b, seq) in seqs.iter().enumerate() {
-            let r = reference(&c, &sd, seq);
-            for i in 0..7 {
-                for j in 0..c.vocab_size {
-                    let got = logits[(b * 7 + i) * c.vocab_size + j] as f64;
-                    worst = worst.max((got - r[[i, j]]).abs() / (1.0 + r[[i, j]].abs()));
-                }
-            }
-        }
+        let worst = worst_against_reference(&c, &sd, &model);
+        let tokens = Tensor::<Cpu, 2, Int>::from_data(
+            TensorData::new(SEQS.iter().flatten().map(|&x| x as i64).collect(), [2, 7]),
+            &device,
+        );
         assert!(
             worst < 1e-4,
             "top-{top_k}: worst relative deviation {worst}"

@@ -33,6 +33,13 @@ fn tokens(ids: &[u32]) -> Tensor<Cpu, 2, Int> {
     Tensor::from_data(TensorData::new(v, [1, ids.len()]), &Default::default())
 }
 
+fn ids_of(prompt: &Value) -> Vec<u32> {
+    floats(&prompt["ids"])
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
+}
+
 fn floats(v: &Value) -> Vec<f32> {
     fn walk(v: &Value, out: &mut Vec<f32>) {
         match v {
@@ -52,12 +59,7 @@ fn mixtral_logits_and_routing_match_transformers() {
         assert_eq!(model.config.moe.unwrap().num_local_experts, 3);
         let fx = json(&format!("logits_{mode}.json"));
         for p in fx["prompts"].as_array().unwrap() {
-            let ids: Vec<u32> = p["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect();
+            let ids = ids_of(p);
             let got: Vec<f32> = model.forward(tokens(&ids)).into_data().into_vec().unwrap();
             let want = floats(&p["logits"]);
             assert_eq!(got.len(), want.len());
@@ -94,12 +96,7 @@ fn hidden_states_entering_each_block_match_transformers() {
     for ex in fx["experts"].as_array().unwrap() {
         for key in ["positive", "negative"] {
             for p in ex[key].as_array().into_iter().flatten() {
-                let ids: Vec<u32> = p["ids"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap() as u32)
-                    .collect();
+                let ids = ids_of(p);
                 let want = floats(&p["hidden_f32"]);
                 let h = base.config.hidden_size;
                 for (l, inputs) in base.linear_inputs(tokens(&ids)).into_iter().enumerate() {
