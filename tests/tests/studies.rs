@@ -1245,6 +1245,8 @@ fn moe_study_builds_a_mixture_from_fine_tunes_and_compresses_it() {
     assert_eq!(moe.params, dense + c.num_hidden_layers * (mlp + router));
     assert_eq!(moe.active_params, dense + c.num_hidden_layers * router);
     assert_eq!((moe.experts, moe.top_k), (Some(2), Some(1)));
+    // Sample answers (what check_moe.py compares with transformers'), three per task.
+    assert_eq!(moe.samples.len(), 6);
     let pruned = &m.models[7];
     assert_eq!((pruned.experts, pruned.top_k), (Some(1), Some(1)));
     assert_eq!(pruned.params, dense + c.num_hidden_layers * c.hidden_size);

@@ -395,6 +395,9 @@ pub struct ModelRow {
     pub normalised: Option<f64>,
     /// Seconds to build it (assembly or compression).
     pub build_seconds: Option<f64>,
+    /// The first few test prompts of each task: (task, prompt, reference, greedy answer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<(String, String, String, String)>,
 }
 
 /// Where one task's tokens go in a mixture.
@@ -505,6 +508,7 @@ fn read_merges(dir: &Path, group: &str, tasks: &[InstructTask]) -> anyhow::Resul
             ood,
             normalised: r["normalised"]["mean"].as_f64(),
             build_seconds: r["merge_seconds"].as_f64(),
+            samples: Vec::new(),
         });
     }
     ensure!(
@@ -556,12 +560,16 @@ impl Scorer<'_> {
         build_seconds: Option<f64>,
     ) -> anyhow::Result<ModelRow> {
         let (mut test, mut ood) = (BTreeMap::new(), BTreeMap::new());
+        let mut samples = Vec::new();
         for d in self.data {
             let name = d.task.name().to_string();
-            test.insert(
-                name.clone(),
-                score_set(model, &d.test, &self.prompter, self.batch)?.acc,
+            let t = score_set(model, &d.test, &self.prompter, self.batch)?;
+            samples.extend(
+                t.samples
+                    .into_iter()
+                    .map(|(p, r, a)| (name.clone(), p, r, a)),
             );
+            test.insert(name.clone(), t.acc);
             ood.insert(
                 name,
                 score_set(model, &d.ood, &self.prompter, self.batch)?.acc,
@@ -583,6 +591,7 @@ impl Scorer<'_> {
             test,
             ood,
             build_seconds,
+            samples,
         })
     }
 }
