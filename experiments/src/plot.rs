@@ -108,20 +108,24 @@ where
             .copied()
             .filter(|(x, y)| x.is_finite() && y.is_finite())
             .collect();
+        // A series without a name draws no legend entry (markers over a named line).
         if s.dots {
-            chart
+            let anno = chart
                 .draw_series(p.iter().map(|&xy| Circle::new(xy, 2, color.filled())))
-                .map_err(|e| anyhow!("{e:?}"))?
-                .label(&s.name)
-                .legend(move |(x, y)| Circle::new((x + 10, y), 3, color.filled()));
+                .map_err(|e| anyhow!("{e:?}"))?;
+            if !s.name.is_empty() {
+                anno.label(&s.name)
+                    .legend(move |(x, y)| Circle::new((x + 10, y), 3, color.filled()));
+            }
         } else {
-            chart
+            let anno = chart
                 .draw_series(LineSeries::new(p, color.stroke_width(2)))
-                .map_err(|e| anyhow!("{e:?}"))?
-                .label(&s.name)
-                .legend(move |(x, y)| {
+                .map_err(|e| anyhow!("{e:?}"))?;
+            if !s.name.is_empty() {
+                anno.label(&s.name).legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
                 });
+            }
         }
     }
     chart

@@ -982,12 +982,18 @@ fn models_csv(rows: &[ModelRow], tasks: &[InstructTask]) -> String {
 }
 
 fn plots(run: &Run, plan: &Plan, m: &Metrics) -> anyhow::Result<()> {
-    let n = plan.experts.len();
+    let n = plan.experts.len() as f64;
+    let lo = plan
+        .keep
+        .iter()
+        .copied()
+        .min()
+        .unwrap_or(plan.experts.len()) as f64;
     let full = m
         .models
         .iter()
         .find(|r| r.kind == "moe")
-        .map(|r| (n as f64, r.test_mean));
+        .map(|r| (n, r.test_mean));
     let mut series = Vec::new();
     for (i, method) in plan.compress.iter().enumerate() {
         let mut pts: Vec<(f64, f64)> = full.into_iter().collect();
@@ -998,25 +1004,38 @@ fn plots(run: &Run, plan: &Plan, m: &Metrics) -> anyhow::Result<()> {
                 .map(|r| (r.experts.unwrap_or(0) as f64, r.test_mean)),
         );
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-        series.push(Series::line(method.name(), pts).colored(i));
+        series.push(Series::line(method.name(), pts.clone()).colored(i));
+        series.push(Series::dots("", pts).colored(i));
     }
-    let experts_mean = mean(
-        m.models
-            .iter()
-            .filter(|r| r.kind == "expert")
-            .map(|r| r.normalised.unwrap_or(f64::NAN)),
-    );
+    // References: each expert on its own task, and the best dense merge (one model's size).
     let own = mean(plan.tasks.iter().filter_map(|t| {
         m.models
             .iter()
             .find(|r| r.label == format!("expert {}", t.name()))
             .and_then(|r| r.test.get(t.name()).copied())
     }));
-    let _ = experts_mean;
-    series.push(Series::dots("each expert on its own task", vec![(n as f64, own)]).colored(5));
+    series.push(Series::line("each expert on its own task", vec![(lo, own), (n, own)]).colored(4));
+    if let Some(best) = m
+        .models
+        .iter()
+        .filter(|r| r.kind == "dense merge")
+        .max_by(|a, b| a.test_mean.total_cmp(&b.test_mean))
+    {
+        series.push(
+            Series::line(
+                format!("best dense {}", best.label),
+                vec![(lo, best.test_mean), (n, best.test_mean)],
+            )
+            .colored(5),
+        );
+    }
     line_chart(
         &run.dir.join("accuracy_vs_experts"),
-        "Mixture accuracy as experts are removed",
+        &format!(
+            "Mixture of {} fine-tunes ({} gates) as experts are removed",
+            plan.experts.len(),
+            mode_name(plan.gate_modes[0])
+        ),
         "experts per block",
         "mean test accuracy over tasks",
         &series,
