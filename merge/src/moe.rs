@@ -33,7 +33,6 @@
 
 use std::path::{Path, PathBuf};
 
-use indexmap::IndexMap;
 use ndarray::{Array2, Array3, ArrayView2, ArrayView3, Axis};
 use serde::Deserialize;
 use weights::llama::names;
@@ -802,32 +801,33 @@ pub fn load_gates(path: &Path) -> Result<Array3<f32>> {
         })
 }
 
-/// A summary of a mixture's gates per layer: the cosine similarity of each
-/// pair of experts' router rows (mergekit warns when gates are degenerate).
-pub fn gate_cosines(gates: ArrayView3<f32>) -> Vec<IndexMap<(usize, usize), f64>> {
+/// Per block, the cosine similarity of each pair of experts' router rows
+/// (`[experts, experts]`, ones on the diagonal; a zero row has cosine 0 with
+/// every other). Rows that are (nearly) parallel leave the choice between
+/// their experts to tie-breaking: mergekit warns about such degenerate gates.
+pub fn gate_cosines(gates: ArrayView3<f32>) -> Vec<Array2<f64>> {
     gates
         .outer_iter()
         .map(|g| {
-            let mut m = IndexMap::new();
-            let norm = |i: usize| {
-                g.row(i)
-                    .iter()
-                    .map(|x| (*x as f64).powi(2))
-                    .sum::<f64>()
-                    .sqrt()
-            };
-            for i in 0..g.nrows() {
-                for j in i + 1..g.nrows() {
-                    let dot: f64 = g
-                        .row(i)
-                        .iter()
-                        .zip(g.row(j))
-                        .map(|(a, b)| *a as f64 * *b as f64)
-                        .sum();
-                    m.insert((i, j), dot / (norm(i) * norm(j)).max(f64::MIN_POSITIVE));
+            let e = g.nrows();
+            let norms: Vec<f64> = g
+                .rows()
+                .into_iter()
+                .map(|r| r.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt())
+                .collect();
+            Array2::from_shape_fn((e, e), |(i, j)| {
+                if i == j {
+                    return 1.0;
                 }
-            }
-            m
+                let dot: f64 = g
+                    .row(i)
+                    .iter()
+                    .zip(g.row(j))
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                let d = norms[i] * norms[j];
+                if d > 0.0 { dot / d } else { 0.0 }
+            })
         })
         .collect()
 }

@@ -362,6 +362,23 @@ fn random_gates_build_a_mixture_and_bad_input_is_named() {
 }
 
 #[test]
+fn gate_cosines_find_parallel_rows() {
+    let mut g = Array3::<f32>::zeros((2, 3, 2));
+    g[[0, 0, 0]] = 1.0;
+    g[[0, 1, 0]] = 2.0; // parallel to row 0
+    g[[0, 2, 1]] = 1.0; // orthogonal
+    g[[1, 0, 0]] = 1.0;
+    g[[1, 1, 0]] = -1.0;
+    let c = merge::moe::gate_cosines(g.view());
+    assert_eq!(
+        c[0],
+        ndarray::array![[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    );
+    assert_eq!(c[1][[0, 1]], -1.0);
+    assert_eq!(c[1][[0, 2]], 0.0, "a zero row");
+}
+
+#[test]
 fn hidden_and_cheap_embed_gates_name_bad_input() {
     let e = hidden_gate(&[], &[]).unwrap_err().to_string();
     assert!(

@@ -1284,6 +1284,12 @@ fn moe_study_builds_a_mixture_from_fine_tunes_and_compresses_it() {
             assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{}", r.model);
         }
         assert!(r.own_expert.iter().all(|x| (0.0..=1.0).contains(x)));
+        assert_eq!(r.gate_max_cosine.len(), c.num_hidden_layers);
+        assert!(
+            r.gate_max_cosine
+                .iter()
+                .all(|x| (-1.0 - 1e-9..=1.0 + 1e-9).contains(x))
+        );
     }
     // Compressions: to one expert every cluster holds both experts.
     assert_eq!(m.compressions.len(), 3);

@@ -412,6 +412,10 @@ pub struct Routing {
     pub own_expert: Vec<f64>,
     /// Per block, the share of each expert over every task's tokens.
     pub per_layer: Vec<Vec<f64>>,
+    /// Per block, the largest cosine between two experts' router rows (1:
+    /// two experts get the same logit for every token, and tie-breaking
+    /// decides between them).
+    pub gate_max_cosine: Vec<f64>,
 }
 
 /// A compression's record.
@@ -615,7 +619,12 @@ fn routing_counts<B: Backend>(model: &Llama<B>, prompts: &[Vec<u32>]) -> Vec<Vec
     counts
 }
 
-fn routing<B: Backend>(label: &str, model: &Llama<B>, data: &[TaskData]) -> Routing {
+fn routing<B: Backend>(
+    label: &str,
+    model: &Llama<B>,
+    data: &[TaskData],
+    gates: &ndarray::Array3<f32>,
+) -> Routing {
     let e = model.config.moe.expect("a mixture").num_local_experts;
     let layers = model.config.num_hidden_layers;
     let mut shares = Vec::new();
@@ -645,11 +654,22 @@ fn routing<B: Backend>(label: &str, model: &Llama<B>, data: &[TaskData]) -> Rout
         let total: f64 = row.iter().sum();
         row.iter_mut().for_each(|x| *x /= total.max(1.0));
     }
+    let gate_max_cosine = merge::moe::gate_cosines(gates.view())
+        .iter()
+        .map(|c| {
+            let e = c.nrows();
+            (0..e)
+                .flat_map(|i| (i + 1..e).map(move |j| (i, j)))
+                .map(|ij| c[ij])
+                .fold(f64::NEG_INFINITY, f64::max)
+        })
+        .collect();
     Routing {
         model: label.into(),
         shares,
         own_expert: own,
         per_layer,
+        gate_max_cosine,
     }
 }
 
@@ -799,7 +819,7 @@ fn run_on<B: AutodiffBackend>(
         })?;
         m.models.push(row);
         m.routing.push(run.phase(&format!("routing {label}"), || {
-            routing(&label, &model, &data)
+            routing(&label, &model, &data, &gates)
         }));
         bar.inc(1);
         partial(&run, &m)?;
@@ -1131,6 +1151,15 @@ fn report(plan: &Plan, m: &Metrics) -> String {
             }
             md.push_str(&format!(" {:.2} |\n", r.own_expert[i]));
         }
+        let g = &r.gate_max_cosine;
+        let tied = g.iter().filter(|c| **c > 0.9999).count();
+        md.push_str(&format!(
+            "\nLargest cosine between two experts' router rows per block: min {:.3}, max {:.3}; \
+             {tied} of {} blocks have two identical rows (tie-breaking picks between them).\n",
+            g.iter().copied().fold(f64::INFINITY, f64::min),
+            g.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            g.len()
+        ));
         md.push('\n');
     }
     if let Some(first) = m
