@@ -1,5 +1,6 @@
 //! Permutation specs of common architectures, built as data.
 
+use weights::llama::names;
 use weights::{LlamaConfig, StateDict};
 
 use crate::error::{PermuteError, Result};
@@ -115,11 +116,11 @@ pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
     c.check()
         .map_err(|e| PermuteError::InvalidSpec(e.to_string()))?;
     let mut residual: Vec<(String, usize)> = Vec::new();
-    push_if(None, &mut residual, "model.embed_tokens.weight".into(), 1);
+    push_if(None, &mut residual, names::EMBED.into(), 1);
     let mut groups = Vec::new();
     let n_rep = c.num_attention_heads / c.num_key_value_heads;
     for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
+        let p = names::layer(l);
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
             residual.push((format!("{p}.{n}"), 0));
         }
@@ -174,8 +175,8 @@ pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
             members: heads,
         });
     }
-    residual.push(("model.norm.weight".into(), 0));
-    push_if(Some(sd), &mut residual, "lm_head.weight".into(), 1);
+    residual.push((names::NORM.into(), 0));
+    push_if(Some(sd), &mut residual, names::LM_HEAD.into(), 1);
     let mut all = vec![group_of("residual".into(), c.hidden_size, &residual)];
     all.extend(groups);
     Ok(PermutationSpec { groups: all })
@@ -402,7 +403,7 @@ pub fn resnet(sd: &StateDict) -> Result<PermutationSpec> {
 
 /// Which builder fits a checkpoint, from its tensor names.
 pub fn infer_arch(sd: &StateDict) -> Option<&'static str> {
-    if sd.contains("model.embed_tokens.weight") {
+    if sd.contains(names::EMBED) {
         Some("llama")
     } else if sd
         .keys()

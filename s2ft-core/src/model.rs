@@ -292,7 +292,7 @@ pub struct LinearInputs<B: Backend> {
 
 /// The HF name prefix of block `l`.
 pub fn layer_prefix(l: usize) -> String {
-    format!("model.layers.{l}")
+    names::layer(l)
 }
 
 /// Every projection of a block with its HF suffix.
@@ -822,16 +822,13 @@ impl<B: Backend> Llama<B> {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(proj("lm_head.weight".into(), [v, h])?)
+            Some(proj(names::LM_HEAD.into(), [v, h])?)
         };
         Ok(Llama {
-            embed_tokens: Param::from_tensor(to_burn(
-                get("model.embed_tokens.weight", &[v, h])?,
-                device,
-            ))
-            .set_require_grad(trainable),
+            embed_tokens: Param::from_tensor(to_burn(get(names::EMBED, &[v, h])?, device))
+                .set_require_grad(trainable),
             layers,
-            norm: norm("model.norm.weight".into())?,
+            norm: norm(names::NORM.into())?,
             lm_head,
             config: c.clone(),
         })
@@ -845,10 +842,7 @@ impl<B: Backend> Llama<B> {
     /// The weights under Hugging Face names, with every S²FT delta and LoRA folded in.
     pub fn to_state_dict(&self) -> StateDict {
         let mut sd = StateDict::new();
-        sd.insert(
-            "model.embed_tokens.weight",
-            to_weights(self.embed_tokens.val()),
-        );
+        sd.insert(names::EMBED, to_weights(self.embed_tokens.val()));
         for (l, blk) in self.layers.iter().enumerate() {
             let p = layer_prefix(l);
             sd.insert(
@@ -866,9 +860,9 @@ impl<B: Backend> Llama<B> {
                 to_weights(blk.post_attention_layernorm.weight.val()),
             );
         }
-        sd.insert("model.norm.weight", to_weights(self.norm.weight.val()));
+        sd.insert(names::NORM, to_weights(self.norm.weight.val()));
         if let Some(head) = &self.lm_head {
-            sd.insert("lm_head.weight", to_weights(head.merged_weight()));
+            sd.insert(names::LM_HEAD, to_weights(head.merged_weight()));
         }
         sd
     }
@@ -1154,7 +1148,7 @@ pub fn random_state_dict(config: &LlamaConfig, seed: u64) -> StateDict {
     let ones = |sd: &mut StateDict, name: String| {
         sd.insert(name, WTensor::f32(ndarray::ArrayD::ones(vec![h])));
     };
-    mat("model.embed_tokens.weight".into(), v, h, &mut sd);
+    mat(names::EMBED.into(), v, h, &mut sd);
     for l in 0..c.num_hidden_layers {
         let p = layer_prefix(l);
         ones(&mut sd, format!("{p}.input_layernorm.weight"));
@@ -1179,9 +1173,9 @@ pub fn random_state_dict(config: &LlamaConfig, seed: u64) -> StateDict {
             }
         }
     }
-    ones(&mut sd, "model.norm.weight".into());
+    ones(&mut sd, names::NORM.into());
     if !c.tie_word_embeddings {
-        mat("lm_head.weight".into(), v, h, &mut sd);
+        mat(names::LM_HEAD.into(), v, h, &mut sd);
     }
     sd
 }

@@ -24,6 +24,7 @@ use memmap2::Mmap;
 
 use crate::dtype::DType;
 use crate::error::{Result, WeightsError};
+use crate::llama::names;
 use crate::safetensors_io::{decode_tensor, map_file};
 use crate::tensor::{Tensor, TensorInfo, TensorSource};
 
@@ -221,9 +222,9 @@ pub fn ggml_type_of(dtype: DType) -> Option<u32> {
 /// Returns `None` for names without a Hugging Face counterpart.
 pub fn hf_name(gguf_name: &str) -> Option<String> {
     let top = match gguf_name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
+        "token_embd.weight" => Some(names::EMBED),
+        "output_norm.weight" => Some(names::NORM),
+        "output.weight" => Some(names::LM_HEAD),
         _ => None,
     };
     if let Some(t) = top {
@@ -231,7 +232,7 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
     }
     let rest = gguf_name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
-    layer.parse::<usize>().ok()?;
+    let layer: usize = layer.parse().ok()?;
     let (module, param) = rest.rsplit_once('.')?;
     let hf = match module {
         "attn_norm" => "input_layernorm",
@@ -245,7 +246,7 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
         "ffn_down" => "mlp.down_proj",
         _ => return None,
     };
-    Some(format!("model.layers.{layer}.{hf}.{param}"))
+    Some(format!("{}.{hf}.{param}", names::layer(layer)))
 }
 
 /// Undoes llama.cpp's RoPE row permutation of a q or k projection.

@@ -166,14 +166,14 @@ pub mod names {
 
     /// The router of block `l` of a Mixtral model, `[experts, hidden]`.
     pub fn router(l: usize) -> String {
-        format!("model.layers.{l}.block_sparse_moe.gate.weight")
+        format!("{}.block_sparse_moe.gate.weight", layer(l))
     }
 
     /// Expert `e`'s weight `w` of block `l` of a Mixtral model: `w1` is the
     /// gate projection (LLaMA's `gate_proj`), `w2` the down projection
     /// (`down_proj`), `w3` the up projection (`up_proj`).
     pub fn expert(l: usize, e: usize, w: &str) -> String {
-        format!("model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight")
+        format!("{}.block_sparse_moe.experts.{e}.{w}.weight", layer(l))
     }
 
     /// Mixtral's expert weight for a LLaMA MLP projection (`gate_proj` →
@@ -299,9 +299,9 @@ impl LlamaConfig {
                 .filter(|s| s.len() == 2)
                 .ok_or_else(|| WeightsError::Config(format!("no 2-D weight '{name}'")))
         };
-        let embed = shape("model.embed_tokens.weight")?;
+        let embed = shape(names::EMBED)?;
         let layers = (0..)
-            .take_while(|l| sd.contains(&format!("model.layers.{l}.input_layernorm.weight")))
+            .take_while(|&l| sd.contains(&format!("{}.input_layernorm.weight", names::layer(l))))
             .count();
         // A Mixtral checkpoint: experts counted by name, top-2 routing (Mixtral's default).
         let experts = (0..)
@@ -319,7 +319,7 @@ impl LlamaConfig {
         if experts > 0 {
             c = c.with_experts(experts, experts.min(2));
         }
-        c.tie_word_embeddings = !sd.contains("lm_head.weight");
+        c.tie_word_embeddings = !sd.contains(names::LM_HEAD);
         c.check()?;
         Ok(c)
     }
