@@ -374,28 +374,43 @@ pub fn init_state_dict(in_channels: usize, width: usize, classes: usize, seed: u
     sd
 }
 
+/// A network that maps image rows `[n, pixels]` to logits: what
+/// [`train`] and [`evaluate_model`] need of a model.
+pub trait Classifier<B: Backend> {
+    /// Logits `[n, classes]`.
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2>;
+    /// The device its parameters live on.
+    fn device(&self) -> B::Device;
+}
+
+impl<B: Backend> Classifier<B> for ResNet<B> {
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.forward(x)
+    }
+    fn device(&self) -> B::Device {
+        self.conv1.val().device()
+    }
+}
+
 /// Trains with Adam (mini-batches in a seeded order).
-pub fn train<B: AutodiffBackend>(
-    mut model: ResNet<B>,
+pub fn train<B: AutodiffBackend, M: AutodiffModule<B> + Classifier<B>>(
+    mut model: M,
     data: &Split,
     epochs: usize,
     batch_size: usize,
     lr: f64,
     seed: u64,
     bar: &indicatif::ProgressBar,
-) -> ResNet<B>
-where
-    ResNet<B>: AutodiffModule<B>,
-{
-    let device = model.conv1.val().device();
-    let mut optim = AdamConfig::new().init::<B, ResNet<B>>();
+) -> M {
+    let device = model.device();
+    let mut optim = AdamConfig::new().init::<B, M>();
     let mut order: Vec<usize> = (0..data.y.len()).collect();
     let mut rng = spectra::rng::Rng::new(seed ^ 0xA5A5);
     for _ in 0..epochs {
         rng.shuffle(&mut order);
         for chunk in order.chunks(batch_size) {
             let b = data.rows(chunk);
-            let loss = cross_entropy(model.forward(crate::mlp::batch::<B>(&b.x, &device)), &b.y);
+            let loss = cross_entropy(model.logits(crate::mlp::batch::<B>(&b.x, &device)), &b.y);
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(lr, model, grads);
             bar.inc(1);
@@ -404,17 +419,15 @@ where
     model
 }
 
-/// Mean cross-entropy and accuracy of a state dict on `data` (CPU backend).
-pub fn evaluate(sd: &StateDict, data: &Split) -> anyhow::Result<(f64, f64)> {
-    type C = s2ft_core::Cpu;
-    let device = Default::default();
-    let model = ResNet::<C>::from_state_dict(sd, &device)?;
+/// Mean cross-entropy and accuracy of `model` on `data`, in batches of 500.
+pub fn evaluate_model<B: Backend, M: Classifier<B>>(model: &M, data: &Split) -> (f64, f64) {
+    let device = model.device();
     let (mut loss, mut hits) = (0f64, 0usize);
     let n = data.y.len();
     for start in (0..n).step_by(500) {
         let idx: Vec<usize> = (start..(start + 500).min(n)).collect();
         let b = data.rows(&idx);
-        let logits = model.forward(crate::mlp::batch::<C>(&b.x, &device));
+        let logits = model.logits(crate::mlp::batch::<B>(&b.x, &device));
         let l: f32 = cross_entropy(logits.clone(), &b.y).into_scalar().elem();
         loss += l as f64 * idx.len() as f64;
         let pred: Vec<i64> = logits
@@ -429,7 +442,267 @@ pub fn evaluate(sd: &StateDict, data: &Split) -> anyhow::Result<(f64, f64)> {
             .filter(|(p, y)| **p as usize == **y)
             .count();
     }
-    Ok((loss / n.max(1) as f64, hits as f64 / n.max(1) as f64))
+    (loss / n.max(1) as f64, hits as f64 / n.max(1) as f64)
+}
+
+/// Mean cross-entropy and accuracy of a ResNet state dict on `data` (CPU backend).
+pub fn evaluate(sd: &StateDict, data: &Split) -> anyhow::Result<(f64, f64)> {
+    let model = ResNet::<s2ft_core::Cpu>::from_state_dict(sd, &Default::default())?;
+    Ok(evaluate_model(&model, data))
+}
+
+/// A VGG-style CNN under torchvision's names: 3×3 convolutions with bias
+/// (`features.{3i}`), each followed by a ReLU and, all but the last, a 2×2
+/// max-pool; the last one's `C × H × W` outputs flattened channel-major into
+/// a ReLU MLP (`classifier.{2j}`). `permute::builders::vgg` aligns it.
+#[derive(Module, Debug)]
+pub struct Vgg<B: Backend> {
+    /// `[out, in, 3, 3]` per convolution.
+    pub conv_weights: Vec<Param<Tensor<B, 4>>>,
+    /// `[out]` per convolution.
+    pub conv_biases: Vec<Param<Tensor<B, 1>>>,
+    /// `[out, in]` per classifier layer.
+    pub fc_weights: Vec<Param<Tensor<B, 2>>>,
+    /// `[out]` per classifier layer.
+    pub fc_biases: Vec<Param<Tensor<B, 1>>>,
+}
+
+/// The shape of a [`Vgg`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct VggShape {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Input side (square images).
+    pub side: usize,
+    /// Output channels of each convolution.
+    pub convs: Vec<usize>,
+    /// Hidden widths of the classifier.
+    pub hidden: Vec<usize>,
+    /// Classes.
+    pub classes: usize,
+}
+
+impl VggShape {
+    /// The side after the convolutions (`side` halved once per pool); an
+    /// error when a pool meets an odd side.
+    pub fn final_side(&self) -> anyhow::Result<usize> {
+        anyhow::ensure!(
+            !self.convs.is_empty(),
+            "a VGG needs at least one convolution"
+        );
+        let mut s = self.side;
+        for _ in 1..self.convs.len() {
+            anyhow::ensure!(
+                s % 2 == 0,
+                "{} convolutions pool {} times: the side {} meets an odd side {s}",
+                self.convs.len(),
+                self.convs.len() - 1,
+                self.side
+            );
+            s /= 2;
+        }
+        Ok(s)
+    }
+
+    /// The layer names in depth order (`features.0`, `features.3`, …, `classifier.0`, …).
+    pub fn layer_names(&self) -> Vec<String> {
+        (0..self.convs.len())
+            .map(|i| format!("features.{}", 3 * i))
+            .chain((0..=self.hidden.len()).map(|j| format!("classifier.{}", 2 * j)))
+            .collect()
+    }
+}
+
+/// A seeded VGG state dict: PyTorch's default initialisation
+/// (`U(−1/√fan_in, 1/√fan_in)` for weights and biases of convolutions and
+/// linears alike).
+pub fn init_vgg(shape: &VggShape, seed: u64) -> anyhow::Result<StateDict> {
+    let last = shape.final_side()?;
+    let mut rng = spectra::rng::Rng::new(seed ^ 0x5647_4700);
+    let mut sd = StateDict::new();
+    let mut uniform = |sd: &mut StateDict, name: &str, dims: Vec<usize>, fan_in: usize| {
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
+            .collect();
+        sd.insert(
+            name,
+            WTensor::f32(ndarray::ArrayD::from_shape_vec(dims, v).expect("shape")),
+        );
+    };
+    let mut c = shape.in_channels;
+    for (i, &o) in shape.convs.iter().enumerate() {
+        let p = format!("features.{}", 3 * i);
+        uniform(&mut sd, &format!("{p}.weight"), vec![o, c, 3, 3], c * 9);
+        uniform(&mut sd, &format!("{p}.bias"), vec![o], c * 9);
+        c = o;
+    }
+    let mut f = c * last * last;
+    for (j, &o) in shape.hidden.iter().chain([&shape.classes]).enumerate() {
+        let p = format!("classifier.{}", 2 * j);
+        uniform(&mut sd, &format!("{p}.weight"), vec![o, f], f);
+        uniform(&mut sd, &format!("{p}.bias"), vec![o], f);
+        f = o;
+    }
+    Ok(sd)
+}
+
+impl<B: Backend> Vgg<B> {
+    /// From `features.{3i}.{weight,bias}` and `classifier.{2j}.{weight,bias}`;
+    /// every tensor is checked (present, shaped consistently, finite).
+    pub fn from_state_dict(sd: &StateDict, device: &B::Device) -> anyhow::Result<Self> {
+        let (mut conv_weights, mut conv_biases) = (Vec::new(), Vec::new());
+        let mut c: Option<usize> = None;
+        for i in 0.. {
+            let p = format!("features.{}", 3 * i);
+            if !sd.contains(&format!("{p}.weight")) {
+                break;
+            }
+            let w: Param<Tensor<B, 4>> = burn_tensor(sd, &format!("{p}.weight"), None, device)?;
+            let [o, inp, k, k2] = w.val().dims();
+            anyhow::ensure!(
+                k == 3 && k2 == 3,
+                "'{p}.weight' is a {k}×{k2} kernel, expected 3×3"
+            );
+            anyhow::ensure!(
+                c.is_none_or(|c| c == inp),
+                "'{p}.weight' reads {inp} channels, the previous convolution writes {}",
+                c.unwrap_or(0)
+            );
+            conv_biases.push(burn_tensor(sd, &format!("{p}.bias"), Some(&[o]), device)?);
+            conv_weights.push(w);
+            c = Some(o);
+        }
+        let c = c.ok_or_else(|| {
+            anyhow::anyhow!("'features.0.weight' is missing from the VGG state dict")
+        })?;
+        let (mut fc_weights, mut fc_biases) = (Vec::new(), Vec::new());
+        let mut prev: Option<usize> = None;
+        for j in 0.. {
+            let p = format!("classifier.{}", 2 * j);
+            if !sd.contains(&format!("{p}.weight")) {
+                break;
+            }
+            let w: Param<Tensor<B, 2>> = burn_tensor(sd, &format!("{p}.weight"), None, device)?;
+            let [o, inp] = w.val().dims();
+            match prev {
+                Some(p0) => anyhow::ensure!(
+                    inp == p0,
+                    "'{p}.weight' reads {inp} features, the previous layer writes {p0}"
+                ),
+                None => anyhow::ensure!(
+                    inp % c == 0 && ((inp / c) as f64).sqrt().fract() == 0.0,
+                    "'{p}.weight' reads {inp} features, not {c} channels × a square side"
+                ),
+            }
+            fc_biases.push(burn_tensor(sd, &format!("{p}.bias"), Some(&[o]), device)?);
+            fc_weights.push(w);
+            prev = Some(o);
+        }
+        anyhow::ensure!(
+            !fc_weights.is_empty(),
+            "'classifier.0.weight' is missing from the VGG state dict"
+        );
+        Ok(Vgg {
+            conv_weights,
+            conv_biases,
+            fc_weights,
+            fc_biases,
+        })
+    }
+
+    /// To torchvision-style names.
+    pub fn to_state_dict(&self) -> StateDict {
+        let mut sd = StateDict::new();
+        for (i, (w, b)) in self.conv_weights.iter().zip(&self.conv_biases).enumerate() {
+            sd.insert(format!("features.{}.weight", 3 * i), to_weights(w.val()));
+            sd.insert(format!("features.{}.bias", 3 * i), to_weights(b.val()));
+        }
+        for (j, (w, b)) in self.fc_weights.iter().zip(&self.fc_biases).enumerate() {
+            sd.insert(format!("classifier.{}.weight", 2 * j), to_weights(w.val()));
+            sd.insert(format!("classifier.{}.bias", 2 * j), to_weights(b.val()));
+        }
+        sd
+    }
+
+    /// Logits for images as rows `[n, channels · side²]`. The side must
+    /// halve evenly at every pool ([`VggShape::final_side`]).
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [n, d] = x.dims();
+        let cin = self.conv_weights[0].val().dims()[1];
+        let side = ((d / cin) as f64).sqrt() as usize;
+        let mut h = x.reshape([n, cin, side, side]).permute([0, 2, 3, 1]);
+        let last = self.conv_weights.len() - 1;
+        for (i, (w, b)) in self.conv_weights.iter().zip(&self.conv_biases).enumerate() {
+            let o = w.val().dims()[0];
+            h = relu(conv(h, w, 1) + b.val().reshape([1, 1, 1, o]));
+            if i < last {
+                let [n, hh, ww, c] = h.dims();
+                h = h
+                    .reshape([n, hh / 2, 2, ww / 2, 2, c])
+                    .max_dim(4)
+                    .max_dim(2)
+                    .reshape([n, hh / 2, ww / 2, c]);
+            }
+        }
+        // Flatten channel-major (PyTorch's NCHW order).
+        let [n, hh, ww, c] = h.dims();
+        let mut x = h.permute([0, 3, 1, 2]).reshape([n, c * hh * ww]);
+        let ws: Vec<Tensor<B, 2>> = self.fc_weights.iter().map(|w| w.val()).collect();
+        let bs: Vec<Tensor<B, 1>> = self.fc_biases.iter().map(|b| b.val()).collect();
+        x = crate::mlp::forward_with(&ws, &bs, x);
+        x
+    }
+}
+
+impl<B: Backend> Vgg<B> {
+    /// Whether images of `pixels` values fit: square, of the input
+    /// channels, halving evenly at every pool, and flattening to what
+    /// `classifier.0` reads.
+    pub fn check_input(&self, pixels: usize) -> anyhow::Result<()> {
+        let cin = self.conv_weights[0].val().dims()[1];
+        let side = ((pixels / cin) as f64).sqrt().round() as usize;
+        anyhow::ensure!(
+            side * side * cin == pixels,
+            "the VGG reads {cin}-channel square images; the data has {pixels} values per image"
+        );
+        let shape = VggShape {
+            in_channels: cin,
+            side,
+            convs: self
+                .conv_weights
+                .iter()
+                .map(|w| w.val().dims()[0])
+                .collect(),
+            hidden: vec![],
+            classes: 0,
+        };
+        let s = shape.final_side()?;
+        let c = *shape.convs.last().expect("one convolution");
+        let reads = self.fc_weights[0].val().dims()[1];
+        anyhow::ensure!(
+            reads == c * s * s,
+            "'classifier.0.weight' reads {reads} features; {side}×{side} images give {c}×{s}×{s}"
+        );
+        Ok(())
+    }
+}
+
+impl<B: Backend> Classifier<B> for Vgg<B> {
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.forward(x)
+    }
+    fn device(&self) -> B::Device {
+        self.conv_weights[0].val().device()
+    }
+}
+
+/// Mean cross-entropy and accuracy of a VGG state dict on `data` (CPU backend).
+pub fn evaluate_vgg(sd: &StateDict, data: &Split) -> anyhow::Result<(f64, f64)> {
+    let model = Vgg::<s2ft_core::Cpu>::from_state_dict(sd, &Default::default())?;
+    model.check_input(data.x.ncols())?;
+    Ok(evaluate_model(&model, data))
 }
 
 #[cfg(test)]
@@ -573,5 +846,133 @@ mod tests {
             e.to_string().contains("fc.weight") && e.to_string().contains("non-finite"),
             "{e}"
         );
+    }
+
+    fn small_vgg() -> VggShape {
+        VggShape {
+            in_channels: 1,
+            side: 28,
+            convs: vec![4, 6, 6],
+            hidden: vec![16],
+            classes: 10,
+        }
+    }
+
+    #[test]
+    fn vgg_round_trips_and_its_permutations_keep_the_function() {
+        let shape = small_vgg();
+        let sd = init_vgg(&shape, 2).unwrap();
+        let names: Vec<&str> = sd.keys().collect();
+        assert_eq!(
+            names,
+            [
+                "features.0.weight",
+                "features.0.bias",
+                "features.3.weight",
+                "features.3.bias",
+                "features.6.weight",
+                "features.6.bias",
+                "classifier.0.weight",
+                "classifier.0.bias",
+                "classifier.2.weight",
+                "classifier.2.bias"
+            ]
+        );
+        assert_eq!(
+            sd.get("classifier.0.weight").unwrap().shape(),
+            [16, 6 * 7 * 7]
+        );
+        assert_eq!(
+            shape.layer_names(),
+            [
+                "features.0",
+                "features.3",
+                "features.6",
+                "classifier.0",
+                "classifier.2"
+            ]
+        );
+        let device = Default::default();
+        let m = Vgg::<C>::from_state_dict(&sd, &device).unwrap();
+        assert_eq!(m.to_state_dict(), sd);
+        // torchvision's flatten order: permuting channels with the VGG spec
+        // (blocks of H·W classifier columns) keeps the logits.
+        let spec = permute::builders::vgg(&sd).unwrap();
+        let permuted = permute::apply(&spec, &spec.random(4), &sd).unwrap();
+        assert_ne!(permuted, sd);
+        let x = images(3, 8);
+        let logits = |sd: &StateDict| -> Vec<f32> {
+            Vgg::<C>::from_state_dict(sd, &device)
+                .unwrap()
+                .forward(crate::mlp::batch::<C>(&x, &device))
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .unwrap()
+        };
+        let (a, b) = (logits(&sd), logits(&permuted));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(diff < 1e-4, "max |Δlogit| = {diff}");
+    }
+
+    #[test]
+    fn vgg_max_pool_matches_a_hand_computed_forward() {
+        // One 1→1 convolution with only the centre tap (identity) and bias 0,
+        // then pooling, then a 2×2 conv output flattened into one linear.
+        let mut sd = StateDict::new();
+        let mut k = vec![0f32; 9];
+        k[4] = 1.0;
+        let t = |v: Vec<f32>, s: Vec<usize>| {
+            WTensor::f32(ndarray::ArrayD::from_shape_vec(s, v).unwrap())
+        };
+        sd.insert("features.0.weight", t(k.clone(), vec![1, 1, 3, 3]));
+        sd.insert("features.0.bias", t(vec![0.0], vec![1]));
+        sd.insert("features.3.weight", t(k, vec![1, 1, 3, 3]));
+        sd.insert("features.3.bias", t(vec![-0.5], vec![1]));
+        sd.insert(
+            "classifier.0.weight",
+            t(vec![1.0, 2.0, 3.0, 4.0], vec![1, 4]),
+        );
+        sd.insert("classifier.0.bias", t(vec![0.25], vec![1]));
+        // 4×4 image: pixel (y, x) = y·4 + x − 5 (negative ones die in the ReLU).
+        let img: Vec<f32> = (0..16).map(|i| i as f32 - 5.0).collect();
+        let x = ndarray::Array2::from_shape_vec((1, 16), img).unwrap();
+        let device = Default::default();
+        let m = Vgg::<C>::from_state_dict(&sd, &device).unwrap();
+        m.check_input(16).unwrap();
+        let y: Vec<f32> = m
+            .forward(crate::mlp::batch::<C>(&x, &device))
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap();
+        // Pooled maxima of relu(x): 0 (pixel 5 − 5), 2, 8, 10; minus 0.5 and
+        // relu: 0, 1.5, 7.5, 9.5 → 1.5·2 + 7.5·3 + 9.5·4 + 0.25.
+        let want = 1.5 * 2.0 + 7.5 * 3.0 + 9.5 * 4.0 + 0.25;
+        assert!((y[0] - want).abs() < 1e-5, "{y:?} vs {want}");
+    }
+
+    #[test]
+    fn bad_vgg_shapes_and_inputs_are_named() {
+        let mut shape = small_vgg();
+        shape.side = 30; // 30 → 15, then a pool meets 15
+        let e = init_vgg(&shape, 0).unwrap_err().to_string();
+        assert!(e.contains("odd side 15"), "{e}");
+        let sd = init_vgg(&small_vgg(), 0).unwrap();
+        let device = Default::default();
+        let m = Vgg::<C>::from_state_dict(&sd, &device).unwrap();
+        let e = m.check_input(27 * 27).unwrap_err().to_string();
+        assert!(e.contains("odd side"), "{e}");
+        let e = m.check_input(700).unwrap_err().to_string();
+        assert!(e.contains("square"), "{e}");
+        let mut bad = sd.clone();
+        bad.remove("features.3.bias");
+        let e = Vgg::<C>::from_state_dict(&bad, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("features.3.bias"), "{e}");
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod alloc;
 pub mod cnn;
+pub mod corrupt;
 pub mod data;
 pub mod device;
 pub mod gpu_check;

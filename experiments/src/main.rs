@@ -61,6 +61,11 @@ const STUDIES: &[Study] = &[
         about: "two MLPs trained on disjoint label sets: partial matching ratios, least squares (PLeaS) vs averaging",
         ready: true,
     },
+    Study {
+        name: "rws",
+        about: "robust weight signatures: robustness to image corruptions as a weight patch (where it lives, how it composes, transfers and compresses)",
+        ready: true,
+    },
 ];
 
 #[derive(Parser)]
@@ -93,6 +98,8 @@ enum Cmd {
     Moe(Box<studies::moe::MoeArgs>),
     /// PLeaS: two MLPs trained on disjoint label sets merged by partial matching, with least squares vs averaging.
     Pleas(studies::pleas::PleasArgs),
+    /// Robust weight signatures: corruption fine-tunes of a CNN and an MLP as weight patches on MNIST and Fashion-MNIST.
+    Rws(Box<studies::rws::RwsArgs>),
     /// Run a mergekit YAML config (same as `cargo run -p merge`).
     MergeConfig {
         /// The config.
@@ -158,6 +165,7 @@ fn main() -> ExitCode {
         Some(Cmd::S2ft(a)) => studies::s2ft::run(&a).map(|_| ()),
         Some(Cmd::Merge(a)) => studies::merging::run(&a).map(|_| ()),
         Some(Cmd::Pleas(a)) => studies::pleas::run(&a).map(|_| ()),
+        Some(Cmd::Rws(a)) => studies::rws::run(&a).map(|_| ()),
         Some(Cmd::Moe(a)) => studies::moe::run(&a).map(|_| ()),
         Some(Cmd::MergeMoe { config, out, seed }) => {
             experiments::moe::merge_moe(&config, &out, seed)

@@ -75,6 +75,10 @@ pub enum MergeError {
     /// (`what` names the config field, layer, expert or option).
     #[error("{what}: {msg}")]
     Moe { what: String, msg: String },
+    /// A weight patch (robust weight signature) that does not fit its model
+    /// or option (`what` names the signature, tensor or option).
+    #[error("{what}: {msg}")]
+    Patch { what: String, msg: String },
 }
 
 /// The crate's result type.

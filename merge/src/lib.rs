@@ -25,6 +25,7 @@ pub mod methods;
 pub mod moe;
 pub mod regmean;
 pub mod run;
+pub mod rws;
 pub mod sparsify;
 pub mod submoe;
 pub mod subspace;

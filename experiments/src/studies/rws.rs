@@ -1,0 +1,1396 @@
+//! `rws`: Robust Weight Signatures (Ruan et al., ICML 2023) on MNIST and
+//! Fashion-MNIST. A clean model is fine-tuned on corrupted images (and, as
+//! a contrast, trained from scratch on them); the weight difference is the
+//! corruption's signature. The study asks the paper's four questions:
+//! where the signature lives (per-layer relative norms, stable ranks), how
+//! specific and consistent it is (cosines across corruptions, seeds —
+//! raw and after re-basin alignment — and datasets), whether it patches
+//! robustness in and out (α and depth sweeps, bit-exact removal,
+//! composition, transfer to other clean models) and how small it can be
+//! stored (first k layers at 8 and 4 bits).
+
+use std::path::PathBuf;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
+use merge::rws::{Patched, Signature};
+use serde::Serialize;
+use weights::StateDict;
+
+use crate::cnn::{Vgg, VggShape};
+use crate::corrupt::{Corruption, corrupt};
+use crate::data::{Split, default_mnist_dir, mnist};
+use crate::device::Device;
+use crate::mlp::{self, Mlp};
+use crate::plot::{Series, heatmap, line_chart};
+use crate::report::{Run, RunArgs};
+
+/// The networks the study patches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Net {
+    /// VGG-style CNN ([`crate::cnn::Vgg`]): three 3×3 convolutions, two
+    /// max-pools, a two-layer classifier.
+    Cnn,
+    /// ReLU MLP ([`crate::mlp`]).
+    Mlp,
+}
+
+/// Options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RwsArgs {
+    /// Tiny size for tests (CNN 4/8/8 channels, MLP 32×2, 1000 training and
+    /// 300 test images, two epochs, two corruptions).
+    #[arg(long)]
+    pub quick: bool,
+    /// Networks (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Net::Cnn, Net::Mlp])]
+    pub nets: Vec<Net>,
+    /// Corruptions (comma-separated: gaussian_noise, shot_noise,
+    /// impulse_noise, gaussian_blur, contrast, brightness, rotate; default
+    /// all, or gaussian_noise,contrast with `--quick`).
+    #[arg(long, value_delimiter = ',')]
+    pub corruptions: Vec<String>,
+    /// Severity of the corrupted training and test data (1–5).
+    #[arg(long, default_value_t = 5)]
+    pub severity: u8,
+    /// Epochs of the clean and from-scratch models (default 5; 2 with `--quick`).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Epochs of each fine-tune on corrupted data (default 1).
+    #[arg(long)]
+    pub ft_epochs: Option<usize>,
+    /// Seed of the first model (the second MNIST model uses seed + 1).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// MNIST idx folder (default: the vendored MNIST-10k).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Fashion-MNIST idx folder (default: the vendored Fashion-MNIST-10k).
+    #[arg(long)]
+    pub fashion_dir: Option<PathBuf>,
+    /// Patch coefficients α of the α sweep (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0])]
+    pub alphas: Vec<f64>,
+    /// Depths k of the storage table (comma-separated; default every layer).
+    #[arg(long, value_delimiter = ',')]
+    pub ks: Vec<usize>,
+    /// Device, report folder, progress.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+crate::studies::cli_defaults!(RwsArgs);
+
+/// Sizes after `--quick` and explicit options.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    /// Corruptions studied.
+    pub corruptions: Vec<Corruption>,
+    /// Their severity.
+    pub severity: u8,
+    /// Clean / scratch epochs.
+    pub epochs: usize,
+    /// Fine-tune epochs.
+    pub ft_epochs: usize,
+    /// Training images used per dataset (all when `None`).
+    pub train_n: Option<usize>,
+    /// Test images per dataset (all when `None`).
+    pub test_n: Option<usize>,
+    /// CNN shape.
+    pub cnn: VggShape,
+    /// MLP layer sizes.
+    pub mlp: Vec<usize>,
+}
+
+impl RwsArgs {
+    /// Checks every option and fixes the sizes: unknown corruptions,
+    /// severities, non-finite α and depths beyond the network are named
+    /// errors here, before anything trains.
+    pub fn plan(&self) -> anyhow::Result<Plan> {
+        let corruptions: Vec<Corruption> = if self.corruptions.is_empty() {
+            if self.quick {
+                vec![Corruption::GaussianNoise, Corruption::Contrast]
+            } else {
+                Corruption::ALL.to_vec()
+            }
+        } else {
+            let mut v = Vec::new();
+            for c in &self.corruptions {
+                let c =
+                    Corruption::from_name(c).map_err(|e| anyhow::anyhow!("--corruptions: {e}"))?;
+                if !v.contains(&c) {
+                    v.push(c);
+                }
+            }
+            v
+        };
+        anyhow::ensure!(
+            !self.nets.is_empty(),
+            "--nets: name at least one of cnn, mlp"
+        );
+        corruptions[0]
+            .parameter(self.severity)
+            .map_err(|e| anyhow::anyhow!("--severity: {e}"))?;
+        if let Some(a) = self.alphas.iter().find(|a| !a.is_finite()) {
+            anyhow::bail!("--alphas: α = {a} is not a finite number");
+        }
+        anyhow::ensure!(!self.alphas.is_empty(), "--alphas: give at least one α");
+        let epochs = self.epochs.unwrap_or(if self.quick { 2 } else { 5 });
+        let ft_epochs = self.ft_epochs.unwrap_or(1);
+        anyhow::ensure!(
+            epochs > 0 && ft_epochs > 0,
+            "--epochs and --ft-epochs must be positive"
+        );
+        let cnn = VggShape {
+            in_channels: 1,
+            side: 28,
+            convs: if self.quick {
+                vec![4, 8, 8]
+            } else {
+                vec![8, 16, 16]
+            },
+            hidden: vec![if self.quick { 16 } else { 64 }],
+            classes: 10,
+        };
+        let mlp = if self.quick {
+            mlp::layer_sizes(784, 32, 2, 10)
+        } else {
+            mlp::layer_sizes(784, 256, 3, 10)
+        };
+        for net in &self.nets {
+            let layers = match net {
+                Net::Cnn => cnn.layer_names().len(),
+                Net::Mlp => mlp.len() - 1,
+            };
+            if let Some(k) = self.ks.iter().find(|&&k| k == 0 || k > layers) {
+                anyhow::bail!(
+                    "--ks: k = {k} layers, but the {net:?} has {layers} (k must be 1 to {layers})"
+                );
+            }
+        }
+        Ok(Plan {
+            corruptions,
+            severity: self.severity,
+            epochs,
+            ft_epochs,
+            train_n: self.quick.then_some(1000),
+            test_n: self.quick.then_some(300),
+            cnn,
+            mlp,
+        })
+    }
+}
+
+/// A dataset with its corrupted copies.
+struct Data {
+    train: Split,
+    test: Split,
+    /// Per corruption: (train, test).
+    corrupted: Vec<(Split, Split)>,
+}
+
+fn load(dir: &std::path::Path, plan: &Plan, seed: u64) -> anyhow::Result<Data> {
+    let (train, test) = mnist(dir)?;
+    anyhow::ensure!(
+        train.x.ncols() == 784 && test.x.ncols() == 784,
+        "{}: the rws study needs 28×28 grey images; these have {} pixels",
+        dir.display(),
+        train.x.ncols()
+    );
+    let train = train.take(plan.train_n.unwrap_or(usize::MAX));
+    let test = test.take(plan.test_n.unwrap_or(usize::MAX));
+    let corrupted = plan
+        .corruptions
+        .iter()
+        .map(|&c| {
+            Ok((
+                corrupt(&train, c, plan.severity, seed.wrapping_mul(2))?,
+                corrupt(&test, c, plan.severity, seed.wrapping_mul(2) + 1)?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Data {
+        train,
+        test,
+        corrupted,
+    })
+}
+
+fn default_fashion_dir() -> PathBuf {
+    let mnist = default_mnist_dir();
+    mnist.with_file_name("fashion-mnist-10k")
+}
+
+impl Net {
+    fn init(self, plan: &Plan, seed: u64) -> anyhow::Result<StateDict> {
+        match self {
+            Net::Cnn => crate::cnn::init_vgg(&plan.cnn, seed),
+            Net::Mlp => Ok(mlp::init_state_dict(&plan.mlp, seed)),
+        }
+    }
+
+    /// Accuracy of `sd` on `data` (CPU).
+    fn accuracy(self, sd: &StateDict, data: &Split) -> anyhow::Result<f64> {
+        Ok(match self {
+            Net::Cnn => crate::cnn::evaluate_vgg(sd, data)?.1,
+            Net::Mlp => {
+                mlp::layer_params(sd)?;
+                mlp::evaluate(sd, data).1
+            }
+        })
+    }
+
+    fn spec(self, sd: &StateDict) -> anyhow::Result<permute::PermutationSpec> {
+        Ok(match self {
+            Net::Cnn => permute::builders::vgg(sd)?,
+            Net::Mlp => permute::builders::mlp(sd)?,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Net::Cnn => "cnn",
+            Net::Mlp => "mlp",
+        }
+    }
+}
+
+fn train_one<B: AutodiffBackend>(
+    net: Net,
+    init: &StateDict,
+    data: &Split,
+    epochs: usize,
+    seed: u64,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<StateDict>
+where
+    Mlp<B>: AutodiffModule<B>,
+    Vgg<B>: AutodiffModule<B>,
+{
+    let device = Default::default();
+    Ok(match net {
+        Net::Cnn => {
+            let m = Vgg::<B>::from_state_dict(init, &device)?;
+            m.check_input(data.x.ncols())?;
+            crate::cnn::train(m, data, epochs, 64, 1e-3, seed, bar).to_state_dict()
+        }
+        Net::Mlp => {
+            let m = Mlp::<B>::from_state_dict(init, &device)?;
+            mlp::train(m, data, epochs, 64, 1e-3, seed, bar).to_state_dict()
+        }
+    })
+}
+
+fn train_on(
+    dev: Device,
+    net: Net,
+    init: &StateDict,
+    data: &Split,
+    epochs: usize,
+    seed: u64,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<StateDict> {
+    crate::device::on_device!(dev, train_one(net, init, data, epochs, seed, bar))
+}
+
+/// A clean model, its fine-tunes per corruption and their signatures.
+struct Source {
+    data: usize,
+    clean: StateDict,
+    signatures: Vec<Signature>,
+}
+
+/// Per-layer relative norms of one signature.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerRow {
+    /// Which signature (`mnist0/gaussian_noise`, `scratch/…`, `clean-ft`).
+    pub signature: String,
+    /// ‖δ_l‖/‖W_l‖ per layer.
+    pub relative: Vec<f64>,
+    /// Stable rank ‖δ_l‖²_F/σ₁² of each layer's weight (reshaped `[out, rest]`).
+    pub stable_rank: Vec<f64>,
+}
+
+/// One point of the α or k sweep.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepRow {
+    /// Corruption.
+    pub corruption: Corruption,
+    /// α.
+    pub alpha: f64,
+    /// Layers patched (from the input).
+    pub k: usize,
+    /// Accuracy on the corrupted test images.
+    pub corrupted_acc: f64,
+    /// Accuracy on the clean test images.
+    pub clean_acc: f64,
+}
+
+/// A patch of several signatures at once.
+#[derive(Clone, Debug, Serialize)]
+pub struct ComposeRow {
+    /// The signatures added (α = 1 each).
+    pub corruptions: Vec<Corruption>,
+    /// Per corruption of the set: accuracy on its test images with all patches.
+    pub together: Vec<f64>,
+    /// … with its own patch alone.
+    pub alone: Vec<f64>,
+    /// Clean test accuracy with all patches.
+    pub clean_acc: f64,
+}
+
+/// A signature moved to another clean model.
+#[derive(Clone, Debug, Serialize)]
+pub struct TransferRow {
+    /// Target model.
+    pub target: String,
+    /// Where the signature came from.
+    pub from: String,
+    /// Corruption.
+    pub corruption: Corruption,
+    /// Target alone on the corrupted test images of its dataset.
+    pub target_acc: f64,
+    /// Target + the transferred signature.
+    pub patched_acc: f64,
+    /// Target + its own signature (the in-place reference), when it has one.
+    pub own_acc: Option<f64>,
+    /// Clean accuracy of the patched target.
+    pub patched_clean_acc: f64,
+}
+
+/// A stored signature.
+#[derive(Clone, Debug, Serialize)]
+pub struct StorageRow {
+    /// First k layers.
+    pub k: usize,
+    /// 32 (f32), 8 or 4.
+    pub bits: u8,
+    /// Bytes (mean over corruptions; equal for all).
+    pub bytes: usize,
+    /// Full model bytes (f32) ÷ these bytes.
+    pub compression: f64,
+    /// Mean corrupted-test accuracy of the patched model over corruptions.
+    pub corrupted_acc: f64,
+    /// Mean clean-test accuracy.
+    pub clean_acc: f64,
+}
+
+/// Cosine summaries.
+#[derive(Clone, Debug, Serialize)]
+pub struct CosineSummary {
+    /// On which tensors (`all layers` or the first layer).
+    pub scope: String,
+    /// Mean over corruptions of cos(MNIST seed 0, MNIST seed 1), raw.
+    pub same_corruption_other_seed_raw: f64,
+    /// … after aligning seed 1 to seed 0 by weight matching.
+    pub same_corruption_other_seed_aligned: f64,
+    /// … cos(MNIST seed 0, Fashion seed 0) (same initialisation).
+    pub same_corruption_other_dataset: f64,
+    /// Mean over pairs of different corruptions of one model.
+    pub different_corruptions: f64,
+    /// Mean cos(signature, the clean fine-tune's delta).
+    pub vs_clean_finetune: f64,
+    /// Nearest-neighbour identification of the corruption of seed 1
+    /// (aligned) and Fashion signatures among seed 0's: hits / tries.
+    pub identified: (usize, usize),
+}
+
+/// One network's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct NetResult {
+    /// Which network.
+    pub net: Net,
+    /// Its layers, input first.
+    pub layers: Vec<String>,
+    /// Parameters.
+    pub params: usize,
+    /// Per model (mnist0, mnist1, fashion0) × corruption: clean model and
+    /// fine-tune accuracy on clean and corrupted test data.
+    pub accuracy: Vec<AccRow>,
+    /// Per-layer norms and stable ranks.
+    pub layer_rows: Vec<LayerRow>,
+    /// Stable rank of each clean layer (MNIST seed 0).
+    pub clean_stable_rank: Vec<f64>,
+    /// Signature labels of the cosine matrix.
+    pub cosine_labels: Vec<String>,
+    /// Cosine matrix over all layers.
+    pub cosine: Vec<Vec<f64>>,
+    /// Summaries.
+    pub cosine_summary: Vec<CosineSummary>,
+    /// α sweep (k = all).
+    pub alpha_sweep: Vec<SweepRow>,
+    /// Depth sweep (α = 1).
+    pub k_sweep: Vec<SweepRow>,
+    /// Removal: elements restored bit for bit / elements, over all corruptions.
+    pub removal_exact: (usize, usize),
+    /// Composition.
+    pub compose: Vec<ComposeRow>,
+    /// Transfer.
+    pub transfer: Vec<TransferRow>,
+    /// Storage.
+    pub storage: Vec<StorageRow>,
+}
+
+/// Accuracies of one clean model and its fine-tune.
+#[derive(Clone, Debug, Serialize)]
+pub struct AccRow {
+    /// mnist0, mnist1, fashion0 or scratch.
+    pub model: String,
+    /// Corruption.
+    pub corruption: Corruption,
+    /// Clean model on clean test data.
+    pub clean_on_clean: f64,
+    /// Clean model on corrupted test data.
+    pub clean_on_corrupted: f64,
+    /// Robust (fine-tuned or scratch) model on clean test data.
+    pub robust_on_clean: f64,
+    /// Robust model on corrupted test data.
+    pub robust_on_corrupted: f64,
+}
+
+/// The study's `metrics.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RwsMetrics {
+    /// Sizes.
+    pub plan: Plan,
+    /// Per network.
+    pub nets: Vec<NetResult>,
+}
+
+fn stable_rank(t: &weights::Tensor) -> anyhow::Result<f64> {
+    let rows = t.shape()[0];
+    let m = t
+        .data
+        .view()
+        .into_shape_with_order((rows, t.data.len() / rows))?
+        .mapv(|v| v as f64);
+    let s = spectra::linalg::singular_values(m.view(), "rws layer")?;
+    let top = s.first().copied().unwrap_or(0.0);
+    let fro: f64 = s.iter().map(|v| v * v).sum();
+    Ok(if top > 0.0 { fro / (top * top) } else { 0.0 })
+}
+
+/// Stable rank of each layer's weight (its first ≥ 2-D tensor).
+fn layer_stable_ranks(sd: &StateDict, layers: &[String]) -> anyhow::Result<Vec<f64>> {
+    layers
+        .iter()
+        .map(|l| {
+            let w = sd
+                .get(&format!("{l}.weight"))
+                .ok_or_else(|| anyhow::anyhow!("'{l}.weight' is missing"))?;
+            stable_rank(w)
+        })
+        .collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// Runs the study; returns the report folder.
+pub fn run(args: &RwsArgs) -> anyhow::Result<PathBuf> {
+    let plan = args.plan()?;
+    let mut run = args.run.open("rws")?;
+    let mnist_dir = args.data_dir.clone().unwrap_or_else(default_mnist_dir);
+    let fashion_dir = args.fashion_dir.clone().unwrap_or_else(default_fashion_dir);
+    let datasets = run.phase("load and corrupt data", || -> anyhow::Result<Vec<Data>> {
+        Ok(vec![
+            load(&mnist_dir, &plan, args.seed)?,
+            load(&fashion_dir, &plan, args.seed)?,
+        ])
+    })?;
+    let mut md = format!(
+        "# Robust weight signatures\n\nCorruptions at severity {}: {}. Clean models trained {} epoch(s), fine-tuned {} epoch(s) on each corrupted training set (Adam, lr 1e-3, batch 64); {} training and {} test images per dataset.\n",
+        plan.severity,
+        plan.corruptions
+            .iter()
+            .map(|c| c.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.epochs,
+        plan.ft_epochs,
+        datasets[0].train.y.len(),
+        datasets[0].test.y.len(),
+    );
+    let mut nets = Vec::new();
+    for &net in &args.nets {
+        let r = study_net(net, args, &plan, &datasets, &mut run, &mut md)?;
+        nets.push(r);
+        run.partial(&serde_json::json!({ "nets": nets }))?;
+    }
+    let metrics = RwsMetrics { plan, nets };
+    run.finish(serde_json::to_value(&metrics)?, &md)?;
+    Ok(run.dir.clone())
+}
+
+fn study_net(
+    net: Net,
+    args: &RwsArgs,
+    plan: &Plan,
+    datasets: &[Data],
+    run: &mut Run,
+    md: &mut String,
+) -> anyhow::Result<NetResult> {
+    let dev = run.device;
+    let cs = &plan.corruptions;
+    let nc = cs.len();
+    let n = net.name();
+    let s = args.seed;
+    // Models: MNIST seed s, MNIST seed s+1, Fashion seed s (same init as
+    // MNIST seed s), each fine-tuned per corruption; MNIST seed s also
+    // fine-tuned on clean data and trained from scratch per corruption.
+    let steps = |d: &Data, e: usize| (d.train.y.len().div_ceil(64) * e) as u64;
+    let total = 2 * steps(&datasets[0], plan.epochs)
+        + steps(&datasets[1], plan.epochs)
+        + (2 * nc as u64 + 1) * steps(&datasets[0], plan.ft_epochs)
+        + nc as u64 * steps(&datasets[1], plan.ft_epochs)
+        + nc as u64 * steps(&datasets[0], plan.epochs);
+    let bar = run.progress(total);
+    let specs = [
+        ("mnist0", 0usize, s),
+        ("mnist1", 0, s + 1),
+        ("fashion0", 1, s),
+    ];
+    let mut sources: Vec<Source> = Vec::new();
+    let mut accuracy = Vec::new();
+    for (label, d, seed) in specs {
+        let data = &datasets[d];
+        let init = net.init(plan, seed)?;
+        let clean = run.phase(&format!("{n}: train {label}"), || {
+            train_on(dev, net, &init, &data.train, plan.epochs, seed, &bar)
+        })?;
+        let clean_on_clean = net.accuracy(&clean, &data.test)?;
+        let mut signatures = Vec::new();
+        for (ci, &c) in cs.iter().enumerate() {
+            let (tr, te) = &data.corrupted[ci];
+            let ft = run.phase(&format!("{n}: fine-tune {label} on {c}"), || {
+                train_on(
+                    dev,
+                    net,
+                    &clean,
+                    tr,
+                    plan.ft_epochs,
+                    seed + 100 + ci as u64,
+                    &bar,
+                )
+            })?;
+            accuracy.push(AccRow {
+                model: label.into(),
+                corruption: c,
+                clean_on_clean,
+                clean_on_corrupted: net.accuracy(&clean, te)?,
+                robust_on_clean: net.accuracy(&ft, &data.test)?,
+                robust_on_corrupted: net.accuracy(&ft, te)?,
+            });
+            signatures.push(Signature::extract(&format!("{label}/{c}"), &clean, &ft)?);
+        }
+        sources.push(Source {
+            data: d,
+            clean,
+            signatures,
+        });
+    }
+    let m0 = &sources[0];
+    let mnist = &datasets[0];
+    let clean_ft = run.phase(&format!("{n}: fine-tune mnist0 on clean data"), || {
+        train_on(
+            dev,
+            net,
+            &m0.clean,
+            &mnist.train,
+            plan.ft_epochs,
+            s + 99,
+            &bar,
+        )
+    })?;
+    let clean_ft_sig = Signature::extract("mnist0/clean-ft", &m0.clean, &clean_ft)?;
+    let mut scratch = Vec::new();
+    let init0 = net.init(plan, s)?;
+    for (ci, &c) in cs.iter().enumerate() {
+        let (tr, te) = &mnist.corrupted[ci];
+        let m = run.phase(&format!("{n}: train from scratch on {c}"), || {
+            train_on(dev, net, &init0, tr, plan.epochs, s, &bar)
+        })?;
+        accuracy.push(AccRow {
+            model: "scratch".into(),
+            corruption: c,
+            clean_on_clean: net.accuracy(&m0.clean, &mnist.test)?,
+            clean_on_corrupted: net.accuracy(&m0.clean, te)?,
+            robust_on_clean: net.accuracy(&m, &mnist.test)?,
+            robust_on_corrupted: net.accuracy(&m, te)?,
+        });
+        scratch.push(Signature::extract(&format!("scratch/{c}"), &m0.clean, &m)?);
+    }
+    bar.finish_and_clear();
+    let layers = merge::rws::layers(&m0.clean);
+    let nl = layers.len();
+
+    // Where the signature lives.
+    let mut layer_rows = Vec::new();
+    for sig in m0.signatures.iter().chain(&scratch).chain([&clean_ft_sig]) {
+        layer_rows.push(LayerRow {
+            signature: sig.name.clone(),
+            relative: sig
+                .layer_norms(&m0.clean)?
+                .iter()
+                .map(|l| l.relative)
+                .collect(),
+            stable_rank: layer_stable_ranks(&sig.deltas, &layers)?,
+        });
+    }
+    let clean_stable_rank = layer_stable_ranks(&m0.clean, &layers)?;
+
+    // Cosines: seed 1 aligned to seed 0 by weight matching; its signatures
+    // moved by the same permutation.
+    let spec = net.spec(&m0.clean)?;
+    let wm = run.phase(&format!("{n}: weight matching mnist1 → mnist0"), || {
+        permute::weight_matching(&spec, &m0.clean, &sources[1].clean, &Default::default())
+    })?;
+    let aligned: Vec<Signature> = sources[1]
+        .signatures
+        .iter()
+        .map(|sig| -> anyhow::Result<Signature> {
+            Ok(Signature {
+                name: format!("{}~aligned", sig.name),
+                deltas: permute::apply(&spec, &wm.perm, &sig.deltas)?,
+                model_layers: sig.model_layers.clone(),
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let matrix_sigs: Vec<&Signature> = m0
+        .signatures
+        .iter()
+        .chain(&aligned)
+        .chain(&sources[2].signatures)
+        .collect();
+    let cosine_labels: Vec<String> = matrix_sigs.iter().map(|s| s.name.clone()).collect();
+    let cosine: Vec<Vec<f64>> = matrix_sigs
+        .iter()
+        .map(|a| {
+            matrix_sigs
+                .iter()
+                .map(|b| a.cosine(b))
+                .collect::<merge::Result<_>>()
+        })
+        .collect::<merge::Result<_>>()?;
+    let mut cosine_summary = Vec::new();
+    for (scope, k) in [("all layers", nl), ("first layer", 1)] {
+        let cut = |sig: &Signature| sig.first_layers(k);
+        let cos =
+            |a: &Signature, b: &Signature| -> anyhow::Result<f64> { Ok(cut(a)?.cosine(&cut(b)?)?) };
+        let mut raw = Vec::new();
+        let mut al = Vec::new();
+        let mut ds = Vec::new();
+        let mut diff = Vec::new();
+        let mut ctl = Vec::new();
+        let mut hits = 0;
+        for i in 0..nc {
+            let a = &m0.signatures[i];
+            raw.push(cos(a, &sources[1].signatures[i])?);
+            al.push(cos(a, &aligned[i])?);
+            ds.push(cos(a, &sources[2].signatures[i])?);
+            ctl.push(cos(a, &clean_ft_sig)?);
+            for j in 0..nc {
+                if j != i {
+                    diff.push(cos(a, &m0.signatures[j])?);
+                }
+            }
+            for probe in [&aligned[i], &sources[2].signatures[i]] {
+                let sims: Vec<f64> = m0
+                    .signatures
+                    .iter()
+                    .map(|r| cos(r, probe))
+                    .collect::<anyhow::Result<_>>()?;
+                let best = (0..nc)
+                    .max_by(|&x, &y| sims[x].total_cmp(&sims[y]))
+                    .expect("one corruption");
+                hits += usize::from(best == i);
+            }
+        }
+        cosine_summary.push(CosineSummary {
+            scope: scope.into(),
+            same_corruption_other_seed_raw: mean(&raw),
+            same_corruption_other_seed_aligned: mean(&al),
+            same_corruption_other_dataset: mean(&ds),
+            different_corruptions: mean(&diff),
+            vs_clean_finetune: mean(&ctl),
+            identified: (hits, 2 * nc),
+        });
+    }
+
+    // Patching MNIST seed 0 with its own signatures.
+    let acc_pair = |model: &StateDict, ci: usize| -> anyhow::Result<(f64, f64)> {
+        Ok((
+            net.accuracy(model, &mnist.corrupted[ci].1)?,
+            net.accuracy(model, &mnist.test)?,
+        ))
+    };
+    let (alpha_sweep, k_sweep) = run.phase(
+        &format!("{n}: α and depth sweeps"),
+        || -> anyhow::Result<_> {
+            let mut alpha_sweep = Vec::new();
+            let mut k_sweep = Vec::new();
+            for (ci, &c) in cs.iter().enumerate() {
+                let sig = &m0.signatures[ci];
+                for &alpha in &args.alphas {
+                    let (corrupted_acc, clean_acc) =
+                        acc_pair(&merge::rws::patch(&m0.clean, &[(sig, alpha)])?, ci)?;
+                    alpha_sweep.push(SweepRow {
+                        corruption: c,
+                        alpha,
+                        k: nl,
+                        corrupted_acc,
+                        clean_acc,
+                    });
+                }
+                for k in 1..=nl {
+                    let part = sig.first_layers(k)?;
+                    let (corrupted_acc, clean_acc) =
+                        acc_pair(&merge::rws::patch(&m0.clean, &[(&part, 1.0)])?, ci)?;
+                    k_sweep.push(SweepRow {
+                        corruption: c,
+                        alpha: 1.0,
+                        k,
+                        corrupted_acc,
+                        clean_acc,
+                    });
+                }
+            }
+            Ok((alpha_sweep, k_sweep))
+        },
+    )?;
+
+    // Removal, bit for bit, after patching with every signature at awkward α.
+    let mut removal_exact = (0usize, 0usize);
+    {
+        let patches: Vec<(&Signature, f64)> = m0
+            .signatures
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s, 0.3 + 0.37 * i as f64))
+            .collect();
+        let back = Patched::new(&m0.clean, &patches)?
+            .unpatch(&patches)?
+            .to_state_dict();
+        for (k, t) in m0.clean.iter() {
+            let b = back.get(k).expect("same tensors");
+            removal_exact.1 += t.data.len();
+            removal_exact.0 += t
+                .data
+                .iter()
+                .zip(b.data.iter())
+                .filter(|(x, y)| x.to_bits() == y.to_bits())
+                .count();
+        }
+    }
+
+    // Composition: every pair, and consecutive triples.
+    let mut sets: Vec<Vec<usize>> = Vec::new();
+    for i in 0..nc {
+        for j in i + 1..nc {
+            sets.push(vec![i, j]);
+        }
+    }
+    if nc >= 3 {
+        for i in 0..nc {
+            sets.push(vec![i, (i + 1) % nc, (i + 2) % nc]);
+        }
+    }
+    let compose = run.phase(
+        &format!("{n}: composition"),
+        || -> anyhow::Result<Vec<ComposeRow>> {
+            // Each signature alone, on its own corruption: the α = 1 row.
+            let alone_acc = |i: usize| {
+                alpha_sweep
+                    .iter()
+                    .find(|x| x.corruption == cs[i] && x.alpha == 1.0)
+                    .map(|x| Ok(x.corrupted_acc))
+                    .unwrap_or_else(|| {
+                        let single = merge::rws::patch(&m0.clean, &[(&m0.signatures[i], 1.0)])?;
+                        net.accuracy(&single, &mnist.corrupted[i].1)
+                    })
+            };
+            sets.iter()
+                .map(|set| {
+                    let patches: Vec<(&Signature, f64)> =
+                        set.iter().map(|&i| (&m0.signatures[i], 1.0)).collect();
+                    let model = merge::rws::patch(&m0.clean, &patches)?;
+                    Ok(ComposeRow {
+                        corruptions: set.iter().map(|&i| cs[i]).collect(),
+                        together: set
+                            .iter()
+                            .map(|&i| net.accuracy(&model, &mnist.corrupted[i].1))
+                            .collect::<anyhow::Result<_>>()?,
+                        alone: set
+                            .iter()
+                            .map(|&i| alone_acc(i))
+                            .collect::<anyhow::Result<_>>()?,
+                        clean_acc: net.accuracy(&model, &mnist.test)?,
+                    })
+                })
+                .collect()
+        },
+    )?;
+
+    // Transfer.
+    let inverse = permute::invert(&wm.perm);
+    let transfer = run.phase(
+        &format!("{n}: transfer"),
+        || -> anyhow::Result<Vec<TransferRow>> {
+            let mut rows = Vec::new();
+            for (ci, &c) in cs.iter().enumerate() {
+                let mut push = |target: &Source,
+                                target_name: &str,
+                                from: String,
+                                sig: &Signature,
+                                own: Option<&Signature>|
+                 -> anyhow::Result<()> {
+                    let d = &datasets[target.data];
+                    let te = &d.corrupted[ci].1;
+                    let patched = merge::rws::patch(&target.clean, &[(sig, 1.0)])?;
+                    rows.push(TransferRow {
+                        target: target_name.into(),
+                        from,
+                        corruption: c,
+                        target_acc: net.accuracy(&target.clean, te)?,
+                        patched_acc: net.accuracy(&patched, te)?,
+                        own_acc: own
+                            .map(|o| {
+                                net.accuracy(&merge::rws::patch(&target.clean, &[(o, 1.0)])?, te)
+                            })
+                            .transpose()?,
+                        patched_clean_acc: net.accuracy(&patched, &d.test)?,
+                    });
+                    Ok(())
+                };
+                let (f0, m1) = (&sources[2], &sources[1]);
+                push(
+                    f0,
+                    "fashion0",
+                    "mnist0".into(),
+                    &m0.signatures[ci],
+                    Some(&f0.signatures[ci]),
+                )?;
+                push(
+                    m0,
+                    "mnist0",
+                    "fashion0".into(),
+                    &f0.signatures[ci],
+                    Some(&m0.signatures[ci]),
+                )?;
+                push(
+                    m1,
+                    "mnist1",
+                    "mnist0 (raw)".into(),
+                    &m0.signatures[ci],
+                    Some(&m1.signatures[ci]),
+                )?;
+                let moved = Signature {
+                    name: format!("{}~to-mnist1", m0.signatures[ci].name),
+                    deltas: permute::apply(&spec, &inverse, &m0.signatures[ci].deltas)?,
+                    model_layers: layers.clone(),
+                };
+                push(
+                    m1,
+                    "mnist1",
+                    "mnist0 (re-basin)".into(),
+                    &moved,
+                    Some(&m1.signatures[ci]),
+                )?;
+                let further = Source {
+                    data: 0,
+                    clean: clean_ft.clone(),
+                    signatures: Vec::new(),
+                };
+                push(
+                    &further,
+                    "mnist0 after clean fine-tune",
+                    "mnist0".into(),
+                    &m0.signatures[ci],
+                    None,
+                )?;
+            }
+            Ok(rows)
+        },
+    )?;
+
+    // Storage: the first k layers at f32, 8 and 4 bits.
+    let full_bytes = 4 * m0.clean.numel();
+    let ks: Vec<usize> = if args.ks.is_empty() {
+        (1..=nl).collect()
+    } else {
+        args.ks.clone()
+    };
+    let storage = run.phase(
+        &format!("{n}: storage"),
+        || -> anyhow::Result<Vec<StorageRow>> {
+            let mut rows = Vec::new();
+            for &k in &ks {
+                for bits in [32u8, 8, 4] {
+                    let (mut acc, mut clean, mut bytes) = (Vec::new(), Vec::new(), 0);
+                    for (ci, sig) in m0.signatures.iter().enumerate() {
+                        let part = sig.first_layers(k)?;
+                        let (stored, b) = if bits == 32 {
+                            let b = part.bytes_f32();
+                            (part, b)
+                        } else {
+                            let q = part.quantise(bits)?;
+                            let b = q.bytes();
+                            (q.dequantise(), b)
+                        };
+                        bytes = b;
+                        let (a, c) =
+                            acc_pair(&merge::rws::patch(&m0.clean, &[(&stored, 1.0)])?, ci)?;
+                        acc.push(a);
+                        clean.push(c);
+                    }
+                    rows.push(StorageRow {
+                        k,
+                        bits,
+                        bytes,
+                        compression: full_bytes as f64 / bytes.max(1) as f64,
+                        corrupted_acc: mean(&acc),
+                        clean_acc: mean(&clean),
+                    });
+                }
+            }
+            Ok(rows)
+        },
+    )?;
+
+    let result = NetResult {
+        net,
+        layers: layers.clone(),
+        params: m0.clean.numel(),
+        accuracy,
+        layer_rows,
+        clean_stable_rank,
+        cosine_labels,
+        cosine,
+        cosine_summary,
+        alpha_sweep,
+        k_sweep,
+        removal_exact,
+        compose,
+        transfer,
+        storage,
+    };
+    report_net(&result, run, md)?;
+    write_csvs(&result, run)?;
+    Ok(result)
+}
+
+fn write_csvs(r: &NetResult, run: &Run) -> anyhow::Result<()> {
+    let n = r.net.name();
+    let mut s = String::from(
+        "model,corruption,clean_on_clean,clean_on_corrupted,robust_on_clean,robust_on_corrupted\n",
+    );
+    for a in &r.accuracy {
+        s.push_str(&format!(
+            "{},{},{:.4},{:.4},{:.4},{:.4}\n",
+            a.model,
+            a.corruption,
+            a.clean_on_clean,
+            a.clean_on_corrupted,
+            a.robust_on_clean,
+            a.robust_on_corrupted
+        ));
+    }
+    run.write(&format!("{n}_accuracy.csv"), s.as_bytes())?;
+    let mut s = format!(
+        "signature,{}\n",
+        r.layers
+            .iter()
+            .map(|l| format!("rel_{l}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    for row in &r.layer_rows {
+        s.push_str(&format!(
+            "{},{}\n",
+            row.signature,
+            row.relative
+                .iter()
+                .map(|v| format!("{v:.5}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    run.write(&format!("{n}_layer_norms.csv"), s.as_bytes())?;
+    let mut s = String::from("sweep,corruption,alpha,k,corrupted_acc,clean_acc\n");
+    for (name, rows) in [("alpha", &r.alpha_sweep), ("k", &r.k_sweep)] {
+        for x in rows {
+            s.push_str(&format!(
+                "{name},{},{},{},{:.4},{:.4}\n",
+                x.corruption, x.alpha, x.k, x.corrupted_acc, x.clean_acc
+            ));
+        }
+    }
+    run.write(&format!("{n}_sweeps.csv"), s.as_bytes())?;
+    let mut s = format!("signature,{}\n", r.cosine_labels.join(","));
+    for (l, row) in r.cosine_labels.iter().zip(&r.cosine) {
+        s.push_str(&format!(
+            "{l},{}\n",
+            row.iter()
+                .map(|v| format!("{v:.4}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    run.write(&format!("{n}_cosine.csv"), s.as_bytes())?;
+    let mut s = String::from("k,bits,bytes,compression,corrupted_acc,clean_acc\n");
+    for x in &r.storage {
+        s.push_str(&format!(
+            "{},{},{},{:.2},{:.4},{:.4}\n",
+            x.k, x.bits, x.bytes, x.compression, x.corrupted_acc, x.clean_acc
+        ));
+    }
+    run.write(&format!("{n}_storage.csv"), s.as_bytes())?;
+    Ok(())
+}
+
+fn report_net(r: &NetResult, run: &Run, md: &mut String) -> anyhow::Result<()> {
+    let n = r.net.name();
+    let nl = r.layers.len();
+    md.push_str(&format!(
+        "\n## {} ({} parameters; layers {})\n\n### Models\n\n| model | corruption | clean model, clean test | clean model, corrupted test | robust model, clean test | robust model, corrupted test |\n|---|---|---|---|---|---|\n",
+        n.to_uppercase(),
+        r.params,
+        r.layers.join(", ")
+    ));
+    for a in &r.accuracy {
+        md.push_str(&format!(
+            "| {} | {} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+            a.model,
+            a.corruption,
+            a.clean_on_clean,
+            a.clean_on_corrupted,
+            a.robust_on_clean,
+            a.robust_on_corrupted
+        ));
+    }
+    md.push_str(&format!(
+        "\n### Where the signature lives\n\n‖δ_l‖/‖W_l‖ per layer (fine-tunes of mnist0; `scratch/…` = trained from the same initialisation on corrupted data only; `clean-ft` = the same fine-tune on clean data):\n\n| signature | {} |\n|---|{}\n",
+        r.layers.join(" | "),
+        "---|".repeat(nl)
+    ));
+    for row in &r.layer_rows {
+        md.push_str(&format!(
+            "| {} | {} |\n",
+            row.signature,
+            row.relative
+                .iter()
+                .map(|v| format!("{v:.4}"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ));
+    }
+    md.push_str(&format!(
+        "\nStable rank of each layer's weight: clean {}; fine-tune signatures (mean) {}.\n",
+        r.clean_stable_rank
+            .iter()
+            .map(|v| format!("{v:.2}"))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        (0..nl)
+            .map(|l| {
+                let v: Vec<f64> = r
+                    .layer_rows
+                    .iter()
+                    .filter(|x| {
+                        x.signature.starts_with("mnist0/") && !x.signature.ends_with("clean-ft")
+                    })
+                    .map(|x| x.stable_rank[l])
+                    .collect();
+                format!("{:.2}", mean(&v))
+            })
+            .collect::<Vec<_>>()
+            .join(" / ")
+    ));
+    let x = |i: usize| (i + 1) as f64;
+    let series: Vec<Series> = r
+        .layer_rows
+        .iter()
+        .filter(|row| row.signature.starts_with("mnist0/"))
+        .map(|row| {
+            Series::line(
+                row.signature.trim_start_matches("mnist0/"),
+                row.relative
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (x(i), v))
+                    .collect(),
+            )
+        })
+        .collect();
+    line_chart(
+        &run.dir.join(format!("{n}_layer_norms")),
+        &format!("{n}: where the signature lives (fine-tunes)"),
+        "layer (1 = input)",
+        "‖δ‖ / ‖W‖",
+        &series,
+    )?;
+    let series: Vec<Series> = r
+        .layer_rows
+        .iter()
+        .filter(|row| row.signature.starts_with("scratch/"))
+        .map(|row| {
+            Series::line(
+                row.signature.trim_start_matches("scratch/"),
+                row.relative
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (x(i), v))
+                    .collect(),
+            )
+        })
+        .collect();
+    line_chart(
+        &run.dir.join(format!("{n}_layer_norms_scratch")),
+        &format!("{n}: trained from scratch on corrupted data"),
+        "layer (1 = input)",
+        "‖δ‖ / ‖W‖",
+        &series,
+    )?;
+    md.push_str(&format!(
+        "\n![{n} layer norms]({n}_layer_norms.png)\n\n![{n} scratch]({n}_layer_norms_scratch.png)\n"
+    ));
+    md.push_str("\n### Are signatures specific and consistent?\n\n| scope | same corruption, other seed (raw) | … after weight matching | same corruption, Fashion (same init) | different corruptions | vs clean fine-tune | corruption identified by nearest signature |\n|---|---|---|---|---|---|---|\n");
+    for c in &r.cosine_summary {
+        md.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {}/{} |\n",
+            c.scope,
+            c.same_corruption_other_seed_raw,
+            c.same_corruption_other_seed_aligned,
+            c.same_corruption_other_dataset,
+            c.different_corruptions,
+            c.vs_clean_finetune,
+            c.identified.0,
+            c.identified.1
+        ));
+    }
+    heatmap(
+        &run.dir.join(format!("{n}_cosine")),
+        &format!("{n}: cosine of signatures (mnist0 | mnist1 aligned | fashion0)"),
+        "signature",
+        "signature",
+        &r.cosine,
+    )?;
+    md.push_str(&format!(
+        "\nRows and columns of the heatmap (negative cosines drawn as 0): {}.\n\n![{n} cosine]({n}_cosine.png)\n",
+        r.cosine_labels.join(", ")
+    ));
+    md.push_str(&format!(
+        "\n### Patching mnist0\n\nRemoval after adding every signature at once (α = 0.3, 0.67, …): {} of {} weights restored bit for bit.\n\nCorrupted-test accuracy vs α (all layers):\n\n| corruption | {} |\n|---|{}\n",
+        r.removal_exact.0,
+        r.removal_exact.1,
+        r.alpha_sweep.iter().filter(|x| x.corruption == r.alpha_sweep[0].corruption).map(|x| format!("α={}", x.alpha)).collect::<Vec<_>>().join(" | "),
+        "---|".repeat(r.alpha_sweep.iter().filter(|x| x.corruption == r.alpha_sweep[0].corruption).count())
+    ));
+    let corruptions: Vec<Corruption> = {
+        let mut v: Vec<Corruption> = r.alpha_sweep.iter().map(|x| x.corruption).collect();
+        v.dedup();
+        v
+    };
+    for &c in &corruptions {
+        let rows: Vec<&SweepRow> = r.alpha_sweep.iter().filter(|x| x.corruption == c).collect();
+        md.push_str(&format!(
+            "| {c} | {} |\n",
+            rows.iter()
+                .map(|x| format!("{:.3} ({:.3})", x.corrupted_acc, x.clean_acc))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ));
+    }
+    md.push_str("\n(clean-test accuracy in brackets)\n\nAccuracy vs depth k (α = 1, the first k layers patched):\n\n");
+    md.push_str(&format!(
+        "| corruption | {} |\n|---|{}\n",
+        (1..=nl)
+            .map(|k| format!("k={k}"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(nl)
+    ));
+    for &c in &corruptions {
+        let rows: Vec<&SweepRow> = r.k_sweep.iter().filter(|x| x.corruption == c).collect();
+        md.push_str(&format!(
+            "| {c} | {} |\n",
+            rows.iter()
+                .map(|x| format!("{:.3} ({:.3})", x.corrupted_acc, x.clean_acc))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ));
+    }
+    let mut alpha_series = Vec::new();
+    let mut k_series = Vec::new();
+    for (i, &c) in corruptions.iter().enumerate() {
+        alpha_series.push(
+            Series::line(
+                c.name(),
+                r.alpha_sweep
+                    .iter()
+                    .filter(|x| x.corruption == c)
+                    .map(|x| (x.alpha, x.corrupted_acc))
+                    .collect(),
+            )
+            .colored(i),
+        );
+        alpha_series.push(
+            Series::dots(
+                "",
+                r.alpha_sweep
+                    .iter()
+                    .filter(|x| x.corruption == c)
+                    .map(|x| (x.alpha, x.clean_acc))
+                    .collect(),
+            )
+            .colored(i),
+        );
+        k_series.push(
+            Series::line(
+                c.name(),
+                r.k_sweep
+                    .iter()
+                    .filter(|x| x.corruption == c)
+                    .map(|x| (x.k as f64, x.corrupted_acc))
+                    .collect(),
+            )
+            .colored(i),
+        );
+        k_series.push(
+            Series::dots(
+                "",
+                r.k_sweep
+                    .iter()
+                    .filter(|x| x.corruption == c)
+                    .map(|x| (x.k as f64, x.clean_acc))
+                    .collect(),
+            )
+            .colored(i),
+        );
+    }
+    line_chart(
+        &run.dir.join(format!("{n}_accuracy_vs_alpha")),
+        &format!("{n}: clean + α·RWS (lines: corrupted test; dots: clean test)"),
+        "α",
+        "accuracy",
+        &alpha_series,
+    )?;
+    line_chart(
+        &run.dir.join(format!("{n}_accuracy_vs_k")),
+        &format!("{n}: first k layers patched, α = 1 (lines: corrupted; dots: clean)"),
+        "k",
+        "accuracy",
+        &k_series,
+    )?;
+    md.push_str(&format!("\n![{n} accuracy vs α]({n}_accuracy_vs_alpha.png)\n\n![{n} accuracy vs k]({n}_accuracy_vs_k.png)\n"));
+    md.push_str("\n### Composition (α = 1 each)\n\n| signatures | accuracy on each corruption, together | … each alone | clean accuracy |\n|---|---|---|---|\n");
+    for c in &r.compose {
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.3} |\n",
+            c.corruptions
+                .iter()
+                .map(|x| x.name())
+                .collect::<Vec<_>>()
+                .join(" + "),
+            c.together
+                .iter()
+                .map(|v| format!("{v:.3}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            c.alone
+                .iter()
+                .map(|v| format!("{v:.3}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            c.clean_acc
+        ));
+    }
+    md.push_str("\n### Transfer (α = 1, all layers)\n\n| target | signature from | corruption | target alone | + transferred | + its own | clean acc. patched |\n|---|---|---|---|---|---|---|\n");
+    for t in &r.transfer {
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.3} | {:.3} | {} | {:.3} |\n",
+            t.target,
+            t.from,
+            t.corruption,
+            t.target_acc,
+            t.patched_acc,
+            t.own_acc.map_or("—".into(), |v| format!("{v:.3}")),
+            t.patched_clean_acc
+        ));
+    }
+    md.push_str("\n### Storage (first k layers; mean over corruptions)\n\n| k | bits | bytes | × smaller than the model | corrupted acc. | clean acc. |\n|---|---|---|---|---|---|\n");
+    for s in &r.storage {
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.1} | {:.3} | {:.3} |\n",
+            s.k, s.bits, s.bytes, s.compression, s.corrupted_acc, s.clean_acc
+        ));
+    }
+    let series: Vec<Series> = [32u8, 8, 4]
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            Series::line(
+                format!("{b}-bit"),
+                r.storage
+                    .iter()
+                    .filter(|s| s.bits == b)
+                    .map(|s| (s.compression.log2(), s.corrupted_acc))
+                    .collect(),
+            )
+            .colored(i)
+        })
+        .collect();
+    line_chart(
+        &run.dir.join(format!("{n}_storage")),
+        &format!("{n}: stored signature (points: k = 1…{nl} from the right)"),
+        "log2(model bytes / signature bytes)",
+        "corrupted-test accuracy",
+        &series,
+    )?;
+    md.push_str(&format!("\n![{n} storage]({n}_storage.png)\n"));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_options_are_named_before_training() {
+        let args = |f: &dyn Fn(&mut RwsArgs)| {
+            let mut a = RwsArgs {
+                quick: true,
+                ..Default::default()
+            };
+            f(&mut a);
+            a.plan().map(|_| ()).unwrap_err().to_string()
+        };
+        let e = args(&|a| a.corruptions = vec!["fog".into()]);
+        assert!(e.contains("--corruptions") && e.contains("'fog'"), "{e}");
+        let e = args(&|a| a.severity = 6);
+        assert!(e.contains("--severity") && e.contains("severity 6"), "{e}");
+        let e = args(&|a| a.alphas = vec![1.0, f64::INFINITY]);
+        assert!(e.contains("--alphas") && e.contains("inf"), "{e}");
+        let e = args(&|a| a.ks = vec![9]);
+        assert!(e.contains("--ks") && e.contains("k = 9"), "{e}");
+        let e = args(&|a| a.epochs = Some(0));
+        assert!(e.contains("--epochs"), "{e}");
+        let ok = RwsArgs {
+            quick: true,
+            ..Default::default()
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(
+            ok.corruptions,
+            [Corruption::GaussianNoise, Corruption::Contrast]
+        );
+        assert_eq!(ok.cnn.layer_names().len(), 5);
+    }
+}
