@@ -203,6 +203,46 @@ impl Signature {
         })
     }
 
+    /// `self − other` over the same tensors (e.g. a corruption's signature
+    /// net of what fine-tuning on clean data alone moves).
+    pub fn minus(&self, other: &Signature, name: &str) -> Result<Signature> {
+        if other.deltas.len() != self.deltas.len() {
+            return Err(patch_err(
+                &other.name,
+                format!(
+                    "patches {} tensors, '{}' patches {}",
+                    other.deltas.len(),
+                    self.name,
+                    self.deltas.len()
+                ),
+            ));
+        }
+        let mut deltas = StateDict::new();
+        for (t, a) in self.deltas.iter() {
+            let b = other
+                .deltas
+                .get(t)
+                .ok_or_else(|| MergeError::MissingTensor {
+                    tensor: t.to_string(),
+                    model: other.name.clone(),
+                })?;
+            if a.shape() != b.shape() {
+                return Err(MergeError::ShapeMismatch {
+                    tensor: t.to_string(),
+                    model: other.name.clone(),
+                    expected: a.shape().to_vec(),
+                    got: b.shape().to_vec(),
+                });
+            }
+            deltas.insert(t, Tensor::f32(&a.data - &b.data));
+        }
+        Ok(Signature {
+            name: name.to_string(),
+            deltas,
+            model_layers: self.model_layers.clone(),
+        })
+    }
+
     /// Values it stores.
     pub fn numel(&self) -> usize {
         self.deltas.numel()
@@ -475,6 +515,14 @@ mod tests {
         other.get_mut("features.0.bias").unwrap().data[[1]] += 1.0;
         let o = Signature::extract("o", &clean, &other).unwrap();
         assert_eq!(s.cosine(&o).unwrap(), 0.0);
+        // Net of another signature: robust − other, tensor by tensor.
+        let net = s.minus(&o, "net").unwrap();
+        assert_eq!(net.deltas.get("features.0.bias").unwrap().data[[1]], -1.0);
+        assert_eq!(
+            net.deltas.get("classifier.0.weight").unwrap().data[[1, 2]],
+            s.deltas.get("classifier.0.weight").unwrap().data[[1, 2]]
+        );
+        assert!(s.minus(&first, "x").is_err());
     }
 
     #[test]

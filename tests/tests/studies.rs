@@ -1453,3 +1453,141 @@ fn merge_moe_hidden_gates_match_mergekit_moe() {
         );
     }
 }
+
+#[test]
+fn rws_study_patches_unpatches_and_stores_signatures_consistently() {
+    use experiments::studies::rws::{RwsArgs, run};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("rws");
+    let args = RwsArgs {
+        quick: true,
+        alphas: vec![0.0, 0.5, 1.0],
+        run: RunArgs::quiet_to(&out),
+        ..Default::default()
+    };
+    run(&args).unwrap();
+    assert!(!out.join("metrics.partial.json").exists());
+    let m = metrics(&out);
+    let nets = m["nets"].as_array().unwrap();
+    assert_eq!(nets.len(), 2);
+    let f = |v: &serde_json::Value| v.as_f64().unwrap();
+    for r in nets {
+        let n = r["net"].as_str().unwrap();
+        for stem in [
+            "layer_norms",
+            "accuracy_vs_alpha",
+            "accuracy_vs_k",
+            "cosine",
+            "storage",
+        ] {
+            check_png(&out.join(format!("{n}_{stem}.png")));
+        }
+        for csv in ["accuracy", "layer_norms", "sweeps", "cosine", "storage"] {
+            assert!(out.join(format!("{n}_{csv}.csv")).is_file(), "{n}_{csv}");
+        }
+        let nl = r["layers"].as_array().unwrap().len();
+        assert_eq!(nl, if n == "cnn" { 5 } else { 3 });
+        // Removal is exact.
+        let (exact, total) = (&r["removal_exact"][0], &r["removal_exact"][1]);
+        assert_eq!(exact, total, "{n}");
+        assert_eq!(total.as_u64().unwrap() as f64, f(&r["params"]));
+        let acc = r["accuracy"].as_array().unwrap();
+        for c in ["gaussian_noise", "contrast"] {
+            let row = acc
+                .iter()
+                .find(|a| a["model"] == "mnist0" && a["corruption"] == c)
+                .unwrap();
+            let sweep = |alpha: f64, k: usize| {
+                r["alpha_sweep"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .chain(r["k_sweep"].as_array().unwrap())
+                    .find(|x| x["corruption"] == c && f(&x["alpha"]) == alpha && x["k"] == k)
+                    .unwrap_or_else(|| panic!("{n} {c} α {alpha} k {k}"))
+                    .clone()
+            };
+            // α = 0 is the clean model; α = 1 on every layer is the
+            // fine-tune (to one rounding of each weight: at most one test image).
+            let s0 = sweep(0.0, nl);
+            assert_eq!(
+                f(&s0["corrupted_acc"]),
+                f(&row["clean_on_corrupted"]),
+                "{n} {c}"
+            );
+            assert_eq!(f(&s0["clean_acc"]), f(&row["clean_on_clean"]), "{n} {c}");
+            let s1 = sweep(1.0, nl);
+            assert!(
+                (f(&s1["corrupted_acc"]) - f(&row["robust_on_corrupted"])).abs()
+                    <= 1.0 / 300.0 + 1e-9,
+                "{n} {c}"
+            );
+            assert!(
+                (f(&s1["clean_acc"]) - f(&row["robust_on_clean"])).abs() <= 1.0 / 300.0 + 1e-9,
+                "{n} {c}"
+            );
+            // The mnist0 → mnist0 "own" transfer is the same patch.
+            let own = r["transfer"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["target"] == "mnist0" && t["corruption"] == c)
+                .unwrap();
+            assert_eq!(f(&own["own_acc"]), f(&s1["corrupted_acc"]), "{n} {c}");
+            assert_eq!(
+                f(&own["target_acc"]),
+                f(&row["clean_on_corrupted"]),
+                "{n} {c}"
+            );
+        }
+        // Storage: all layers at f32 is the model's size; 8 bits is a bit
+        // under 4× smaller (the scales); fewer layers, smaller.
+        let storage = r["storage"].as_array().unwrap();
+        let st = |k: usize, bits: u64| {
+            storage
+                .iter()
+                .find(|s| s["k"] == k && s["bits"] == bits)
+                .unwrap()
+        };
+        assert_eq!(f(&st(nl, 32)["compression"]), 1.0);
+        let c8 = f(&st(nl, 8)["compression"]);
+        assert!(c8 > 3.5 && c8 < 4.0, "{n}: {c8}");
+        assert!(f(&st(nl, 4)["compression"]) > 1.8 * c8);
+        assert!(f(&st(1, 4)["compression"]) > f(&st(nl, 4)["compression"]));
+        // Cosine matrix: symmetric with a unit diagonal, 3 sources × 2 corruptions.
+        let cos = r["cosine"].as_array().unwrap();
+        assert_eq!(cos.len(), 6);
+        for i in 0..6 {
+            assert!((f(&cos[i][i]) - 1.0).abs() < 1e-9);
+            for j in 0..6 {
+                assert!((f(&cos[i][j]) - f(&cos[j][i])).abs() < 1e-12);
+            }
+        }
+        // Composition of the two: one pair, each accuracy alone equals the α = 1 row.
+        let comp = r["compose"].as_array().unwrap();
+        assert_eq!(comp.len(), 1);
+        // Layer norms: relative norms positive for every fine-tune layer.
+        for row in r["layer_rows"].as_array().unwrap() {
+            assert_eq!(row["relative"].as_array().unwrap().len(), nl);
+            assert!(
+                row["relative"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|v| f(v) > 0.0),
+                "{row}"
+            );
+        }
+    }
+    // Bad input is refused before training, naming the option.
+    let bad = RwsArgs {
+        quick: true,
+        ks: vec![6],
+        nets: vec![experiments::studies::rws::Net::Cnn],
+        run: RunArgs::quiet_to(dir.path().join("bad")),
+        ..Default::default()
+    };
+    let e = run(&bad).unwrap_err().to_string();
+    assert!(e.contains("--ks") && e.contains("k = 6"), "{e}");
+    assert!(!dir.path().join("bad").exists());
+}

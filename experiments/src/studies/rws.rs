@@ -391,6 +391,9 @@ pub struct CosineSummary {
     pub different_corruptions: f64,
     /// Mean cos(signature, the clean fine-tune's delta).
     pub vs_clean_finetune: f64,
+    /// Mean over pairs of different corruptions of the signatures net of
+    /// the clean fine-tune's delta.
+    pub different_corruptions_net: f64,
     /// Nearest-neighbour identification of the corruption of seed 1
     /// (aligned) and Fashion signatures among seed 0's: hits / tries.
     pub identified: (usize, usize),
@@ -630,9 +633,21 @@ fn study_net(
     let layers = merge::rws::layers(&m0.clean);
     let nl = layers.len();
 
-    // Where the signature lives.
+    // Where the signature lives; fine-tuning on clean data also moves the
+    // weights, so each signature is also shown net of that move.
+    let net_sigs: Vec<Signature> = m0
+        .signatures
+        .iter()
+        .map(|sig| sig.minus(&clean_ft_sig, &format!("{} − clean-ft", sig.name)))
+        .collect::<merge::Result<_>>()?;
     let mut layer_rows = Vec::new();
-    for sig in m0.signatures.iter().chain(&scratch).chain([&clean_ft_sig]) {
+    for sig in m0
+        .signatures
+        .iter()
+        .chain(&scratch)
+        .chain([&clean_ft_sig])
+        .chain(&net_sigs)
+    {
         layer_rows.push(LayerRow {
             signature: sig.name.clone(),
             relative: sig
@@ -688,6 +703,7 @@ fn study_net(
         let mut ds = Vec::new();
         let mut diff = Vec::new();
         let mut ctl = Vec::new();
+        let mut diff_net = Vec::new();
         let mut hits = 0;
         for i in 0..nc {
             let a = &m0.signatures[i];
@@ -698,6 +714,7 @@ fn study_net(
             for j in 0..nc {
                 if j != i {
                     diff.push(cos(a, &m0.signatures[j])?);
+                    diff_net.push(cos(&net_sigs[i], &net_sigs[j])?);
                 }
             }
             for probe in [&aligned[i], &sources[2].signatures[i]] {
@@ -719,6 +736,7 @@ fn study_net(
             same_corruption_other_dataset: mean(&ds),
             different_corruptions: mean(&diff),
             vs_clean_finetune: mean(&ctl),
+            different_corruptions_net: mean(&diff_net),
             identified: (hits, 2 * nc),
         });
     }
@@ -907,6 +925,13 @@ fn study_net(
                     clean: clean_ft.clone(),
                     signatures: Vec::new(),
                 };
+                push(
+                    m0,
+                    "mnist0",
+                    "mnist0, net of clean fine-tune".into(),
+                    &net_sigs[ci],
+                    None,
+                )?;
                 push(
                     &further,
                     "mnist0 after clean fine-tune",
@@ -1160,16 +1185,17 @@ fn report_net(r: &NetResult, run: &Run, md: &mut String) -> anyhow::Result<()> {
     md.push_str(&format!(
         "\n![{n} layer norms]({n}_layer_norms.png)\n\n![{n} scratch]({n}_layer_norms_scratch.png)\n"
     ));
-    md.push_str("\n### Are signatures specific and consistent?\n\n| scope | same corruption, other seed (raw) | … after weight matching | same corruption, Fashion (same init) | different corruptions | vs clean fine-tune | corruption identified by nearest signature |\n|---|---|---|---|---|---|---|\n");
+    md.push_str("\n### Are signatures specific and consistent?\n\n| scope | same corruption, other seed (raw) | … after weight matching | same corruption, Fashion (same init) | different corruptions | vs clean fine-tune | different corruptions, net of clean fine-tune | corruption identified by nearest signature |\n|---|---|---|---|---|---|---|---|\n");
     for c in &r.cosine_summary {
         md.push_str(&format!(
-            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {}/{} |\n",
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {}/{} |\n",
             c.scope,
             c.same_corruption_other_seed_raw,
             c.same_corruption_other_seed_aligned,
             c.same_corruption_other_dataset,
             c.different_corruptions,
             c.vs_clean_finetune,
+            c.different_corruptions_net,
             c.identified.0,
             c.identified.1
         ));
