@@ -493,7 +493,7 @@ impl VggShape {
         let mut s = self.side;
         for _ in 1..self.convs.len() {
             anyhow::ensure!(
-                s % 2 == 0,
+                s.is_multiple_of(2),
                 "{} convolutions pool {} times: the side {} meets an odd side {s}",
                 self.convs.len(),
                 self.convs.len() - 1,

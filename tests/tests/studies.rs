@@ -1557,10 +1557,10 @@ fn rws_study_patches_unpatches_and_stores_signatures_consistently() {
         // Cosine matrix: symmetric with a unit diagonal, 3 sources × 2 corruptions.
         let cos = r["cosine"].as_array().unwrap();
         assert_eq!(cos.len(), 6);
-        for i in 0..6 {
-            assert!((f(&cos[i][i]) - 1.0).abs() < 1e-9);
-            for j in 0..6 {
-                assert!((f(&cos[i][j]) - f(&cos[j][i])).abs() < 1e-12);
+        for (i, row) in cos.iter().enumerate() {
+            assert!((f(&row[i]) - 1.0).abs() < 1e-9);
+            for (j, v) in row.as_array().unwrap().iter().enumerate() {
+                assert!((f(v) - f(&cos[j][i])).abs() < 1e-12);
             }
         }
         // Composition of the two: one pair, each accuracy alone equals the α = 1 row.
