@@ -522,7 +522,14 @@ pub fn run(args: &RwsArgs) -> anyhow::Result<PathBuf> {
     );
     let mut nets = Vec::new();
     for &net in &args.nets {
-        let r = study_net(net, args, &plan, &datasets, &mut run, &mut md)?;
+        let ctx = Ctx {
+            net,
+            args,
+            plan: &plan,
+            datasets: &datasets,
+            dev: run.device,
+        };
+        let r = study_net(&ctx, &mut run, &mut md)?;
         nets.push(r);
         run.partial(&serde_json::json!({ "nets": nets }))?;
     }
@@ -531,79 +538,141 @@ pub fn run(args: &RwsArgs) -> anyhow::Result<PathBuf> {
     Ok(run.dir.clone())
 }
 
-fn study_net(
+/// What one network's training phase leaves: the three clean models with
+/// their fine-tunes' signatures, mnist0's clean fine-tune and scratch models.
+struct Trained {
+    /// mnist0, mnist1, fashion0.
+    sources: Vec<Source>,
+    /// mnist0 fine-tuned on clean data.
+    clean_ft: StateDict,
+    /// Its move from mnist0.
+    clean_ft_sig: Signature,
+    /// Per corruption: trained from mnist0's initialisation on corrupted data, minus mnist0.
+    scratch: Vec<Signature>,
+    /// mnist0's signatures net of the clean fine-tune's move.
+    net_sigs: Vec<Signature>,
+    /// Accuracies of every model.
+    accuracy: Vec<AccRow>,
+}
+
+/// The options every phase of one network needs.
+struct Ctx<'a> {
     net: Net,
-    args: &RwsArgs,
-    plan: &Plan,
-    datasets: &[Data],
-    run: &mut Run,
-    md: &mut String,
-) -> anyhow::Result<NetResult> {
-    let dev = run.device;
-    let cs = &plan.corruptions;
-    let nc = cs.len();
-    let n = net.name();
-    let s = args.seed;
-    // Models: MNIST seed s, MNIST seed s+1, Fashion seed s (same init as
-    // MNIST seed s), each fine-tuned per corruption; MNIST seed s also
-    // fine-tuned on clean data and trained from scratch per corruption.
+    args: &'a RwsArgs,
+    plan: &'a Plan,
+    datasets: &'a [Data],
+    dev: Device,
+}
+
+impl Ctx<'_> {
+    fn cs(&self) -> &[Corruption] {
+        &self.plan.corruptions
+    }
+
+    /// Phase label `"<net>: <what>"`.
+    fn label(&self, what: &str) -> String {
+        format!("{}: {what}", self.net.name())
+    }
+
+    /// Accuracy on mnist's corrupted test set `ci` and its clean test set.
+    fn acc_pair(&self, model: &StateDict, ci: usize) -> anyhow::Result<(f64, f64)> {
+        let mnist = &self.datasets[0];
+        Ok((
+            self.net.accuracy(model, &mnist.corrupted[ci].1)?,
+            self.net.accuracy(model, &mnist.test)?,
+        ))
+    }
+}
+
+fn study_net(ctx: &Ctx, run: &mut Run, md: &mut String) -> anyhow::Result<NetResult> {
+    let t = train_all(ctx, run)?;
+    let m0 = &t.sources[0];
+    let layers = merge::rws::layers(&m0.clean);
+    let (layer_rows, clean_stable_rank) = where_it_lives(&t, &layers)?;
+    let spec = ctx.net.spec(&m0.clean)?;
+    let wm = run.phase(&ctx.label("weight matching mnist1 → mnist0"), || {
+        permute::weight_matching(&spec, &m0.clean, &t.sources[1].clean, &Default::default())
+    })?;
+    let aligned = t.sources[1]
+        .signatures
+        .iter()
+        .map(|sig| moved(sig, &spec, &wm.perm, "aligned"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (cosine_labels, cosine) = cosine_matrix(&t, &aligned)?;
+    let cosine_summary = [("all layers", layers.len()), ("first layer", 1)]
+        .into_iter()
+        .map(|(scope, k)| summarise_cosines(&t, &aligned, scope, k))
+        .collect::<anyhow::Result<_>>()?;
+    let (alpha_sweep, k_sweep) = run.phase(&ctx.label("α and depth sweeps"), || {
+        sweeps(ctx, &t, layers.len())
+    })?;
+    let compose = run.phase(&ctx.label("composition"), || {
+        composition(ctx, &t, &alpha_sweep)
+    })?;
+    let inverse = permute::invert(&wm.perm);
+    let transfer = run.phase(&ctx.label("transfer"), || {
+        transfer(ctx, &t, &spec, &inverse)
+    })?;
+    let storage = run.phase(&ctx.label("storage"), || storage(ctx, &t, layers.len()))?;
+    let result = NetResult {
+        net: ctx.net,
+        params: m0.clean.numel(),
+        removal_exact: removal(&t)?,
+        layers,
+        accuracy: t.accuracy,
+        layer_rows,
+        clean_stable_rank,
+        cosine_labels,
+        cosine,
+        cosine_summary,
+        alpha_sweep,
+        k_sweep,
+        compose,
+        transfer,
+        storage,
+    };
+    report_net(&result, run, md)?;
+    write_csvs(&result, run)?;
+    Ok(result)
+}
+
+/// MNIST seed s, MNIST seed s+1, Fashion seed s (the same initialisation as
+/// MNIST seed s), each fine-tuned per corruption; MNIST seed s also
+/// fine-tuned on clean data, and trained from scratch per corruption.
+fn train_all(ctx: &Ctx, run: &mut Run) -> anyhow::Result<Trained> {
+    let (plan, d) = (ctx.plan, ctx.datasets);
+    let nc = ctx.cs().len() as u64;
     let steps = |d: &Data, e: usize| (d.train.y.len().div_ceil(64) * e) as u64;
-    let total = 2 * steps(&datasets[0], plan.epochs)
-        + steps(&datasets[1], plan.epochs)
-        + (2 * nc as u64 + 1) * steps(&datasets[0], plan.ft_epochs)
-        + nc as u64 * steps(&datasets[1], plan.ft_epochs)
-        + nc as u64 * steps(&datasets[0], plan.epochs);
+    let total = 2 * steps(&d[0], plan.epochs)
+        + steps(&d[1], plan.epochs)
+        + (2 * nc + 1) * steps(&d[0], plan.ft_epochs)
+        + nc * steps(&d[1], plan.ft_epochs)
+        + nc * steps(&d[0], plan.epochs);
     let bar = run.progress(total);
-    let specs = [
+    let s = ctx.args.seed;
+    let mut accuracy = Vec::new();
+    let mut sources = Vec::new();
+    for (label, data, seed) in [
         ("mnist0", 0usize, s),
         ("mnist1", 0, s + 1),
         ("fashion0", 1, s),
-    ];
-    let mut sources: Vec<Source> = Vec::new();
-    let mut accuracy = Vec::new();
-    for (label, d, seed) in specs {
-        let data = &datasets[d];
-        let init = net.init(plan, seed)?;
-        let clean = run.phase(&format!("{n}: train {label}"), || {
-            train_on(dev, net, &init, &data.train, plan.epochs, seed, &bar)
-        })?;
-        let clean_on_clean = net.accuracy(&clean, &data.test)?;
-        let mut signatures = Vec::new();
-        for (ci, &c) in cs.iter().enumerate() {
-            let (tr, te) = &data.corrupted[ci];
-            let ft = run.phase(&format!("{n}: fine-tune {label} on {c}"), || {
-                train_on(
-                    dev,
-                    net,
-                    &clean,
-                    tr,
-                    plan.ft_epochs,
-                    seed + 100 + ci as u64,
-                    &bar,
-                )
-            })?;
-            accuracy.push(AccRow {
-                model: label.into(),
-                corruption: c,
-                clean_on_clean,
-                clean_on_corrupted: net.accuracy(&clean, te)?,
-                robust_on_clean: net.accuracy(&ft, &data.test)?,
-                robust_on_corrupted: net.accuracy(&ft, te)?,
-            });
-            signatures.push(Signature::extract(&format!("{label}/{c}"), &clean, &ft)?);
-        }
-        sources.push(Source {
-            data: d,
-            clean,
-            signatures,
-        });
+    ] {
+        sources.push(train_source(
+            ctx,
+            run,
+            &bar,
+            label,
+            data,
+            seed,
+            &mut accuracy,
+        )?);
     }
     let m0 = &sources[0];
-    let mnist = &datasets[0];
-    let clean_ft = run.phase(&format!("{n}: fine-tune mnist0 on clean data"), || {
+    let mnist = &d[0];
+    let clean_ft = run.phase(&ctx.label("fine-tune mnist0 on clean data"), || {
         train_on(
-            dev,
-            net,
+            ctx.dev,
+            ctx.net,
             &m0.clean,
             &mnist.train,
             plan.ft_epochs,
@@ -612,402 +681,445 @@ fn study_net(
         )
     })?;
     let clean_ft_sig = Signature::extract("mnist0/clean-ft", &m0.clean, &clean_ft)?;
-    let mut scratch = Vec::new();
-    let init0 = net.init(plan, s)?;
-    for (ci, &c) in cs.iter().enumerate() {
-        let (tr, te) = &mnist.corrupted[ci];
-        let m = run.phase(&format!("{n}: train from scratch on {c}"), || {
-            train_on(dev, net, &init0, tr, plan.epochs, s, &bar)
-        })?;
-        accuracy.push(AccRow {
-            model: "scratch".into(),
-            corruption: c,
-            clean_on_clean: net.accuracy(&m0.clean, &mnist.test)?,
-            clean_on_corrupted: net.accuracy(&m0.clean, te)?,
-            robust_on_clean: net.accuracy(&m, &mnist.test)?,
-            robust_on_corrupted: net.accuracy(&m, te)?,
-        });
-        scratch.push(Signature::extract(&format!("scratch/{c}"), &m0.clean, &m)?);
-    }
+    let scratch = train_scratch(ctx, run, &bar, &m0.clean, &mut accuracy)?;
     bar.finish_and_clear();
-    let layers = merge::rws::layers(&m0.clean);
-    let nl = layers.len();
-
-    // Where the signature lives; fine-tuning on clean data also moves the
-    // weights, so each signature is also shown net of that move.
-    let net_sigs: Vec<Signature> = m0
+    let net_sigs = m0
         .signatures
         .iter()
         .map(|sig| sig.minus(&clean_ft_sig, &format!("{} − clean-ft", sig.name)))
         .collect::<merge::Result<_>>()?;
-    let mut layer_rows = Vec::new();
-    for sig in m0
-        .signatures
-        .iter()
-        .chain(&scratch)
-        .chain([&clean_ft_sig])
-        .chain(&net_sigs)
-    {
-        layer_rows.push(LayerRow {
-            signature: sig.name.clone(),
-            relative: sig
-                .layer_norms(&m0.clean)?
-                .iter()
-                .map(|l| l.relative)
-                .collect(),
-            stable_rank: layer_stable_ranks(&sig.deltas, &layers)?,
-        });
-    }
-    let clean_stable_rank = layer_stable_ranks(&m0.clean, &layers)?;
+    Ok(Trained {
+        sources,
+        clean_ft,
+        clean_ft_sig,
+        scratch,
+        net_sigs,
+        accuracy,
+    })
+}
 
-    // Cosines: seed 1 aligned to seed 0 by weight matching; its signatures
-    // moved by the same permutation.
-    let spec = net.spec(&m0.clean)?;
-    let wm = run.phase(&format!("{n}: weight matching mnist1 → mnist0"), || {
-        permute::weight_matching(&spec, &m0.clean, &sources[1].clean, &Default::default())
+/// One clean model and its fine-tune per corruption.
+fn train_source(
+    ctx: &Ctx,
+    run: &mut Run,
+    bar: &indicatif::ProgressBar,
+    label: &str,
+    d: usize,
+    seed: u64,
+    accuracy: &mut Vec<AccRow>,
+) -> anyhow::Result<Source> {
+    let (net, data) = (ctx.net, &ctx.datasets[d]);
+    let init = net.init(ctx.plan, seed)?;
+    let clean = run.phase(&ctx.label(&format!("train {label}")), || {
+        train_on(ctx.dev, net, &init, &data.train, ctx.plan.epochs, seed, bar)
     })?;
-    let aligned: Vec<Signature> = sources[1]
+    let clean_on_clean = net.accuracy(&clean, &data.test)?;
+    let mut signatures = Vec::new();
+    for (ci, &c) in ctx.cs().iter().enumerate() {
+        let (tr, te) = &data.corrupted[ci];
+        let ft = run.phase(&ctx.label(&format!("fine-tune {label} on {c}")), || {
+            train_on(
+                ctx.dev,
+                net,
+                &clean,
+                tr,
+                ctx.plan.ft_epochs,
+                seed + 100 + ci as u64,
+                bar,
+            )
+        })?;
+        accuracy.push(AccRow {
+            model: label.into(),
+            corruption: c,
+            clean_on_clean,
+            clean_on_corrupted: net.accuracy(&clean, te)?,
+            robust_on_clean: net.accuracy(&ft, &data.test)?,
+            robust_on_corrupted: net.accuracy(&ft, te)?,
+        });
+        signatures.push(Signature::extract(&format!("{label}/{c}"), &clean, &ft)?);
+    }
+    Ok(Source {
+        data: d,
+        clean,
+        signatures,
+    })
+}
+
+/// Per corruption, a model trained from mnist0's initialisation on the
+/// corrupted images only; its signature is taken against mnist0.
+fn train_scratch(
+    ctx: &Ctx,
+    run: &mut Run,
+    bar: &indicatif::ProgressBar,
+    m0: &StateDict,
+    accuracy: &mut Vec<AccRow>,
+) -> anyhow::Result<Vec<Signature>> {
+    let (net, mnist, s) = (ctx.net, &ctx.datasets[0], ctx.args.seed);
+    let init0 = net.init(ctx.plan, s)?;
+    let mut scratch = Vec::new();
+    for (ci, &c) in ctx.cs().iter().enumerate() {
+        let (tr, te) = &mnist.corrupted[ci];
+        let m = run.phase(&ctx.label(&format!("train from scratch on {c}")), || {
+            train_on(ctx.dev, net, &init0, tr, ctx.plan.epochs, s, bar)
+        })?;
+        accuracy.push(AccRow {
+            model: "scratch".into(),
+            corruption: c,
+            clean_on_clean: net.accuracy(m0, &mnist.test)?,
+            clean_on_corrupted: net.accuracy(m0, te)?,
+            robust_on_clean: net.accuracy(&m, &mnist.test)?,
+            robust_on_corrupted: net.accuracy(&m, te)?,
+        });
+        scratch.push(Signature::extract(&format!("scratch/{c}"), m0, &m)?);
+    }
+    Ok(scratch)
+}
+
+/// Relative norms and stable ranks per layer of mnist0's signatures (and of
+/// the scratch, clean fine-tune and net ones); the clean layers' stable ranks.
+fn where_it_lives(t: &Trained, layers: &[String]) -> anyhow::Result<(Vec<LayerRow>, Vec<f64>)> {
+    let m0 = &t.sources[0];
+    let sigs = m0
         .signatures
         .iter()
-        .map(|sig| -> anyhow::Result<Signature> {
-            Ok(Signature {
-                name: format!("{}~aligned", sig.name),
-                deltas: permute::apply(&spec, &wm.perm, &sig.deltas)?,
-                model_layers: sig.model_layers.clone(),
+        .chain(&t.scratch)
+        .chain([&t.clean_ft_sig])
+        .chain(&t.net_sigs);
+    let rows = sigs
+        .map(|sig| {
+            Ok(LayerRow {
+                signature: sig.name.clone(),
+                relative: sig
+                    .layer_norms(&m0.clean)?
+                    .iter()
+                    .map(|l| l.relative)
+                    .collect(),
+                stable_rank: layer_stable_ranks(&sig.deltas, layers)?,
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let matrix_sigs: Vec<&Signature> = m0
+    Ok((rows, layer_stable_ranks(&m0.clean, layers)?))
+}
+
+/// A signature carried through a permutation of its model (`perm` applied
+/// to its deltas, which a permutation moves like weights).
+fn moved(
+    sig: &Signature,
+    spec: &permute::PermutationSpec,
+    perm: &permute::Permutation,
+    tag: &str,
+) -> anyhow::Result<Signature> {
+    Ok(Signature {
+        name: format!("{}~{tag}", sig.name),
+        deltas: permute::apply(spec, perm, &sig.deltas)?,
+        model_layers: sig.model_layers.clone(),
+    })
+}
+
+/// Cosines over all layers between mnist0's, mnist1's (aligned) and
+/// fashion0's signatures.
+fn cosine_matrix(
+    t: &Trained,
+    aligned: &[Signature],
+) -> anyhow::Result<(Vec<String>, Vec<Vec<f64>>)> {
+    let sigs: Vec<&Signature> = t.sources[0]
         .signatures
         .iter()
-        .chain(&aligned)
-        .chain(&sources[2].signatures)
+        .chain(aligned)
+        .chain(&t.sources[2].signatures)
         .collect();
-    let cosine_labels: Vec<String> = matrix_sigs.iter().map(|s| s.name.clone()).collect();
-    let cosine: Vec<Vec<f64>> = matrix_sigs
+    let m = sigs
         .iter()
         .map(|a| {
-            matrix_sigs
-                .iter()
+            sigs.iter()
                 .map(|b| a.cosine(b))
                 .collect::<merge::Result<_>>()
         })
         .collect::<merge::Result<_>>()?;
-    let mut cosine_summary = Vec::new();
-    for (scope, k) in [("all layers", nl), ("first layer", 1)] {
-        let cut = |sig: &Signature| sig.first_layers(k);
-        let cos =
-            |a: &Signature, b: &Signature| -> anyhow::Result<f64> { Ok(cut(a)?.cosine(&cut(b)?)?) };
-        let mut raw = Vec::new();
-        let mut al = Vec::new();
-        let mut ds = Vec::new();
-        let mut diff = Vec::new();
-        let mut ctl = Vec::new();
-        let mut diff_net = Vec::new();
-        let mut hits = 0;
-        for i in 0..nc {
-            let a = &m0.signatures[i];
-            raw.push(cos(a, &sources[1].signatures[i])?);
-            al.push(cos(a, &aligned[i])?);
-            ds.push(cos(a, &sources[2].signatures[i])?);
-            ctl.push(cos(a, &clean_ft_sig)?);
-            for j in 0..nc {
-                if j != i {
-                    diff.push(cos(a, &m0.signatures[j])?);
-                    diff_net.push(cos(&net_sigs[i], &net_sigs[j])?);
-                }
-            }
-            for probe in [&aligned[i], &sources[2].signatures[i]] {
-                let sims: Vec<f64> = m0
-                    .signatures
-                    .iter()
-                    .map(|r| cos(r, probe))
-                    .collect::<anyhow::Result<_>>()?;
-                let best = (0..nc)
-                    .max_by(|&x, &y| sims[x].total_cmp(&sims[y]))
-                    .expect("one corruption");
-                hits += usize::from(best == i);
-            }
-        }
-        cosine_summary.push(CosineSummary {
-            scope: scope.into(),
-            same_corruption_other_seed_raw: mean(&raw),
-            same_corruption_other_seed_aligned: mean(&al),
-            same_corruption_other_dataset: mean(&ds),
-            different_corruptions: mean(&diff),
-            vs_clean_finetune: mean(&ctl),
-            different_corruptions_net: mean(&diff_net),
-            identified: (hits, 2 * nc),
-        });
-    }
+    Ok((sigs.iter().map(|s| s.name.clone()).collect(), m))
+}
 
-    // Patching MNIST seed 0 with its own signatures.
-    let acc_pair = |model: &StateDict, ci: usize| -> anyhow::Result<(f64, f64)> {
-        Ok((
-            net.accuracy(model, &mnist.corrupted[ci].1)?,
-            net.accuracy(model, &mnist.test)?,
-        ))
+/// The cosine summaries over the first `k` layers.
+fn summarise_cosines(
+    t: &Trained,
+    aligned: &[Signature],
+    scope: &str,
+    k: usize,
+) -> anyhow::Result<CosineSummary> {
+    let m0 = &t.sources[0].signatures;
+    let nc = m0.len();
+    let cos = |a: &Signature, b: &Signature| -> anyhow::Result<f64> {
+        Ok(a.first_layers(k)?.cosine(&b.first_layers(k)?)?)
     };
-    let (alpha_sweep, k_sweep) = run.phase(
-        &format!("{n}: α and depth sweeps"),
-        || -> anyhow::Result<_> {
-            let mut alpha_sweep = Vec::new();
-            let mut k_sweep = Vec::new();
-            for (ci, &c) in cs.iter().enumerate() {
-                let sig = &m0.signatures[ci];
-                for &alpha in &args.alphas {
-                    let (corrupted_acc, clean_acc) =
-                        acc_pair(&merge::rws::patch(&m0.clean, &[(sig, alpha)])?, ci)?;
-                    alpha_sweep.push(SweepRow {
-                        corruption: c,
-                        alpha,
-                        k: nl,
-                        corrupted_acc,
-                        clean_acc,
-                    });
-                }
-                for k in 1..=nl {
-                    let part = sig.first_layers(k)?;
-                    let (corrupted_acc, clean_acc) =
-                        acc_pair(&merge::rws::patch(&m0.clean, &[(&part, 1.0)])?, ci)?;
-                    k_sweep.push(SweepRow {
-                        corruption: c,
-                        alpha: 1.0,
-                        k,
-                        corrupted_acc,
-                        clean_acc,
-                    });
-                }
-            }
-            Ok((alpha_sweep, k_sweep))
-        },
-    )?;
-
-    // Removal, bit for bit, after patching with every signature at awkward α.
-    let mut removal_exact = (0usize, 0usize);
-    {
-        let patches: Vec<(&Signature, f64)> = m0
-            .signatures
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s, 0.3 + 0.37 * i as f64))
-            .collect();
-        let back = Patched::new(&m0.clean, &patches)?
-            .unpatch(&patches)?
-            .to_state_dict();
-        for (k, t) in m0.clean.iter() {
-            let b = back.get(k).expect("same tensors");
-            removal_exact.1 += t.data.len();
-            removal_exact.0 += t
-                .data
-                .iter()
-                .zip(b.data.iter())
-                .filter(|(x, y)| x.to_bits() == y.to_bits())
-                .count();
-        }
-    }
-
-    // Composition: every pair, and consecutive triples.
-    let mut sets: Vec<Vec<usize>> = Vec::new();
+    let per = |other: &[Signature]| -> anyhow::Result<Vec<f64>> {
+        (0..nc).map(|i| cos(&m0[i], &other[i])).collect()
+    };
+    let (mut diff, mut diff_net, mut hits) = (Vec::new(), Vec::new(), 0);
     for i in 0..nc {
-        for j in i + 1..nc {
-            sets.push(vec![i, j]);
+        for j in (0..nc).filter(|&j| j != i) {
+            diff.push(cos(&m0[i], &m0[j])?);
+            diff_net.push(cos(&t.net_sigs[i], &t.net_sigs[j])?);
+        }
+        for probe in [&aligned[i], &t.sources[2].signatures[i]] {
+            let sims = m0
+                .iter()
+                .map(|r| cos(r, probe))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let best = (0..nc)
+                .max_by(|&x, &y| sims[x].total_cmp(&sims[y]))
+                .expect("one corruption");
+            hits += usize::from(best == i);
         }
     }
+    let ctl = (0..nc)
+        .map(|i| cos(&m0[i], &t.clean_ft_sig))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(CosineSummary {
+        scope: scope.into(),
+        same_corruption_other_seed_raw: mean(&per(&t.sources[1].signatures)?),
+        same_corruption_other_seed_aligned: mean(&per(aligned)?),
+        same_corruption_other_dataset: mean(&per(&t.sources[2].signatures)?),
+        different_corruptions: mean(&diff),
+        vs_clean_finetune: mean(&ctl),
+        different_corruptions_net: mean(&diff_net),
+        identified: (hits, 2 * nc),
+    })
+}
+
+/// mnist0 + α·RWS on all layers for every α, and RWS on the first k layers (α = 1).
+fn sweeps(ctx: &Ctx, t: &Trained, nl: usize) -> anyhow::Result<(Vec<SweepRow>, Vec<SweepRow>)> {
+    let m0 = &t.sources[0];
+    let (mut alpha_sweep, mut k_sweep) = (Vec::new(), Vec::new());
+    for (ci, &c) in ctx.cs().iter().enumerate() {
+        let sig = &m0.signatures[ci];
+        for &alpha in &ctx.args.alphas {
+            let (corrupted_acc, clean_acc) =
+                ctx.acc_pair(&merge::rws::patch(&m0.clean, &[(sig, alpha)])?, ci)?;
+            alpha_sweep.push(SweepRow {
+                corruption: c,
+                alpha,
+                k: nl,
+                corrupted_acc,
+                clean_acc,
+            });
+        }
+        for k in 1..=nl {
+            let part = sig.first_layers(k)?;
+            let (corrupted_acc, clean_acc) =
+                ctx.acc_pair(&merge::rws::patch(&m0.clean, &[(&part, 1.0)])?, ci)?;
+            k_sweep.push(SweepRow {
+                corruption: c,
+                alpha: 1.0,
+                k,
+                corrupted_acc,
+                clean_acc,
+            });
+        }
+    }
+    Ok((alpha_sweep, k_sweep))
+}
+
+/// Every signature of mnist0 added at once (α = 0.3, 0.67, …) then removed:
+/// (weights restored bit for bit, weights).
+fn removal(t: &Trained) -> anyhow::Result<(usize, usize)> {
+    let m0 = &t.sources[0];
+    let patches: Vec<(&Signature, f64)> = m0
+        .signatures
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s, 0.3 + 0.37 * i as f64))
+        .collect();
+    let back = Patched::new(&m0.clean, &patches)?
+        .unpatch(&patches)?
+        .to_state_dict();
+    let mut out = (0usize, 0usize);
+    for (k, w) in m0.clean.iter() {
+        let b = back.get(k).expect("same tensors");
+        out.1 += w.data.len();
+        out.0 += w
+            .data
+            .iter()
+            .zip(b.data.iter())
+            .filter(|(x, y)| x.to_bits() == y.to_bits())
+            .count();
+    }
+    Ok(out)
+}
+
+/// Every pair of signatures, and consecutive triples, added at once (α = 1 each).
+fn composition(
+    ctx: &Ctx,
+    t: &Trained,
+    alpha_sweep: &[SweepRow],
+) -> anyhow::Result<Vec<ComposeRow>> {
+    let (cs, net, mnist, m0) = (ctx.cs(), ctx.net, &ctx.datasets[0], &t.sources[0]);
+    let nc = cs.len();
+    let mut sets: Vec<Vec<usize>> = (0..nc)
+        .flat_map(|i| (i + 1..nc).map(move |j| vec![i, j]))
+        .collect();
     if nc >= 3 {
-        for i in 0..nc {
-            sets.push(vec![i, (i + 1) % nc, (i + 2) % nc]);
-        }
+        sets.extend((0..nc).map(|i| vec![i, (i + 1) % nc, (i + 2) % nc]));
     }
-    let compose = run.phase(
-        &format!("{n}: composition"),
-        || -> anyhow::Result<Vec<ComposeRow>> {
-            // Each signature alone, on its own corruption: the α = 1 row.
-            let alone_acc = |i: usize| {
-                alpha_sweep
+    // Each signature alone on its own corruption: the α = 1 row.
+    let alone_acc = |i: usize| {
+        alpha_sweep
+            .iter()
+            .find(|x| x.corruption == cs[i] && x.alpha == 1.0)
+            .map(|x| Ok(x.corrupted_acc))
+            .unwrap_or_else(|| {
+                let single = merge::rws::patch(&m0.clean, &[(&m0.signatures[i], 1.0)])?;
+                net.accuracy(&single, &mnist.corrupted[i].1)
+            })
+    };
+    sets.iter()
+        .map(|set| {
+            let patches: Vec<(&Signature, f64)> =
+                set.iter().map(|&i| (&m0.signatures[i], 1.0)).collect();
+            let model = merge::rws::patch(&m0.clean, &patches)?;
+            Ok(ComposeRow {
+                corruptions: set.iter().map(|&i| cs[i]).collect(),
+                together: set
                     .iter()
-                    .find(|x| x.corruption == cs[i] && x.alpha == 1.0)
-                    .map(|x| Ok(x.corrupted_acc))
-                    .unwrap_or_else(|| {
-                        let single = merge::rws::patch(&m0.clean, &[(&m0.signatures[i], 1.0)])?;
-                        net.accuracy(&single, &mnist.corrupted[i].1)
-                    })
-            };
-            sets.iter()
-                .map(|set| {
-                    let patches: Vec<(&Signature, f64)> =
-                        set.iter().map(|&i| (&m0.signatures[i], 1.0)).collect();
-                    let model = merge::rws::patch(&m0.clean, &patches)?;
-                    Ok(ComposeRow {
-                        corruptions: set.iter().map(|&i| cs[i]).collect(),
-                        together: set
-                            .iter()
-                            .map(|&i| net.accuracy(&model, &mnist.corrupted[i].1))
-                            .collect::<anyhow::Result<_>>()?,
-                        alone: set
-                            .iter()
-                            .map(|&i| alone_acc(i))
-                            .collect::<anyhow::Result<_>>()?,
-                        clean_acc: net.accuracy(&model, &mnist.test)?,
-                    })
-                })
-                .collect()
-        },
-    )?;
+                    .map(|&i| net.accuracy(&model, &mnist.corrupted[i].1))
+                    .collect::<anyhow::Result<_>>()?,
+                alone: set
+                    .iter()
+                    .map(|&i| alone_acc(i))
+                    .collect::<anyhow::Result<_>>()?,
+                clean_acc: net.accuracy(&model, &mnist.test)?,
+            })
+        })
+        .collect()
+}
 
-    // Transfer.
-    let inverse = permute::invert(&wm.perm);
-    let transfer = run.phase(
-        &format!("{n}: transfer"),
-        || -> anyhow::Result<Vec<TransferRow>> {
-            let mut rows = Vec::new();
-            for (ci, &c) in cs.iter().enumerate() {
-                let mut push = |target: &Source,
-                                target_name: &str,
-                                from: String,
-                                sig: &Signature,
-                                own: Option<&Signature>|
-                 -> anyhow::Result<()> {
-                    let d = &datasets[target.data];
-                    let te = &d.corrupted[ci].1;
-                    let patched = merge::rws::patch(&target.clean, &[(sig, 1.0)])?;
-                    rows.push(TransferRow {
-                        target: target_name.into(),
-                        from,
-                        corruption: c,
-                        target_acc: net.accuracy(&target.clean, te)?,
-                        patched_acc: net.accuracy(&patched, te)?,
-                        own_acc: own
-                            .map(|o| {
-                                net.accuracy(&merge::rws::patch(&target.clean, &[(o, 1.0)])?, te)
-                            })
-                            .transpose()?,
-                        patched_clean_acc: net.accuracy(&patched, &d.test)?,
-                    });
-                    Ok(())
-                };
-                let (f0, m1) = (&sources[2], &sources[1]);
-                push(
-                    f0,
-                    "fashion0",
-                    "mnist0".into(),
-                    &m0.signatures[ci],
-                    Some(&f0.signatures[ci]),
-                )?;
-                push(
-                    m0,
-                    "mnist0",
-                    "fashion0".into(),
-                    &f0.signatures[ci],
-                    Some(&m0.signatures[ci]),
-                )?;
-                push(
-                    m1,
-                    "mnist1",
-                    "mnist0 (raw)".into(),
-                    &m0.signatures[ci],
-                    Some(&m1.signatures[ci]),
-                )?;
-                let moved = Signature {
-                    name: format!("{}~to-mnist1", m0.signatures[ci].name),
-                    deltas: permute::apply(&spec, &inverse, &m0.signatures[ci].deltas)?,
-                    model_layers: layers.clone(),
-                };
-                push(
-                    m1,
-                    "mnist1",
-                    "mnist0 (re-basin)".into(),
-                    &moved,
-                    Some(&m1.signatures[ci]),
-                )?;
-                let further = Source {
-                    data: 0,
-                    clean: clean_ft.clone(),
-                    signatures: Vec::new(),
-                };
-                push(
-                    m0,
-                    "mnist0",
-                    "mnist0, net of clean fine-tune".into(),
-                    &net_sigs[ci],
-                    None,
-                )?;
-                push(
-                    &further,
-                    "mnist0 after clean fine-tune",
-                    "mnist0".into(),
-                    &m0.signatures[ci],
-                    None,
-                )?;
-            }
-            Ok(rows)
-        },
-    )?;
+/// One transfer row: `sig` added (α = 1) to `target`, scored on the
+/// corruption `ci` of the target's dataset.
+fn transfer_row(
+    ctx: &Ctx,
+    ci: usize,
+    (target, target_name): (&Source, &str),
+    (sig, from): (&Signature, &str),
+    own: Option<&Signature>,
+) -> anyhow::Result<TransferRow> {
+    let (net, d) = (ctx.net, &ctx.datasets[target.data]);
+    let te = &d.corrupted[ci].1;
+    let patched = merge::rws::patch(&target.clean, &[(sig, 1.0)])?;
+    Ok(TransferRow {
+        target: target_name.into(),
+        from: from.into(),
+        corruption: ctx.cs()[ci],
+        target_acc: net.accuracy(&target.clean, te)?,
+        patched_acc: net.accuracy(&patched, te)?,
+        own_acc: own
+            .map(|o| net.accuracy(&merge::rws::patch(&target.clean, &[(o, 1.0)])?, te))
+            .transpose()?,
+        patched_clean_acc: net.accuracy(&patched, &d.test)?,
+    })
+}
 
-    // Storage: the first k layers at f32, 8 and 4 bits.
+/// Signatures moved between datasets (same initialisation), to the other
+/// seed (raw and through weight matching's permutation), net of the clean
+/// fine-tune, and onto mnist0 after a further clean fine-tune.
+fn transfer(
+    ctx: &Ctx,
+    t: &Trained,
+    spec: &permute::PermutationSpec,
+    to_m1: &permute::Permutation,
+) -> anyhow::Result<Vec<TransferRow>> {
+    let (m0, m1, f0) = (&t.sources[0], &t.sources[1], &t.sources[2]);
+    let further = Source {
+        data: 0,
+        clean: t.clean_ft.clone(),
+        signatures: Vec::new(),
+    };
+    let mut rows = Vec::new();
+    for ci in 0..ctx.cs().len() {
+        let (s0, sf, s1) = (&m0.signatures[ci], &f0.signatures[ci], &m1.signatures[ci]);
+        let to_mnist1 = moved(s0, spec, to_m1, "to-mnist1")?;
+        rows.push(transfer_row(
+            ctx,
+            ci,
+            (f0, "fashion0"),
+            (s0, "mnist0"),
+            Some(sf),
+        )?);
+        rows.push(transfer_row(
+            ctx,
+            ci,
+            (m0, "mnist0"),
+            (sf, "fashion0"),
+            Some(s0),
+        )?);
+        rows.push(transfer_row(
+            ctx,
+            ci,
+            (m1, "mnist1"),
+            (s0, "mnist0 (raw)"),
+            Some(s1),
+        )?);
+        rows.push(transfer_row(
+            ctx,
+            ci,
+            (m1, "mnist1"),
+            (&to_mnist1, "mnist0 (re-basin)"),
+            Some(s1),
+        )?);
+        rows.push(transfer_row(
+            ctx,
+            ci,
+            (m0, "mnist0"),
+            (&t.net_sigs[ci], "mnist0, net of clean fine-tune"),
+            None,
+        )?);
+        rows.push(transfer_row(
+            ctx,
+            ci,
+            (&further, "mnist0 after clean fine-tune"),
+            (s0, "mnist0"),
+            None,
+        )?);
+    }
+    Ok(rows)
+}
+
+/// mnist0's signatures on their first k layers at f32, 8 and 4 bits.
+fn storage(ctx: &Ctx, t: &Trained, nl: usize) -> anyhow::Result<Vec<StorageRow>> {
+    let m0 = &t.sources[0];
     let full_bytes = 4 * m0.clean.numel();
-    let ks: Vec<usize> = if args.ks.is_empty() {
+    let ks: Vec<usize> = if ctx.args.ks.is_empty() {
         (1..=nl).collect()
     } else {
-        args.ks.clone()
+        ctx.args.ks.clone()
     };
-    let storage = run.phase(
-        &format!("{n}: storage"),
-        || -> anyhow::Result<Vec<StorageRow>> {
-            let mut rows = Vec::new();
-            for &k in &ks {
-                for bits in [32u8, 8, 4] {
-                    let (mut acc, mut clean, mut bytes) = (Vec::new(), Vec::new(), 0);
-                    for (ci, sig) in m0.signatures.iter().enumerate() {
-                        let part = sig.first_layers(k)?;
-                        let (stored, b) = if bits == 32 {
-                            let b = part.bytes_f32();
-                            (part, b)
-                        } else {
-                            let q = part.quantise(bits)?;
-                            let b = q.bytes();
-                            (q.dequantise(), b)
-                        };
-                        bytes = b;
-                        let (a, c) =
-                            acc_pair(&merge::rws::patch(&m0.clean, &[(&stored, 1.0)])?, ci)?;
-                        acc.push(a);
-                        clean.push(c);
-                    }
-                    rows.push(StorageRow {
-                        k,
-                        bits,
-                        bytes,
-                        compression: full_bytes as f64 / bytes.max(1) as f64,
-                        corrupted_acc: mean(&acc),
-                        clean_acc: mean(&clean),
-                    });
-                }
+    let mut rows = Vec::new();
+    for &k in &ks {
+        for bits in [32u8, 8, 4] {
+            let (mut acc, mut clean, mut bytes) = (Vec::new(), Vec::new(), 0);
+            for (ci, sig) in m0.signatures.iter().enumerate() {
+                let part = sig.first_layers(k)?;
+                let stored = if bits == 32 {
+                    bytes = part.bytes_f32();
+                    part
+                } else {
+                    let q = part.quantise(bits)?;
+                    bytes = q.bytes();
+                    q.dequantise()
+                };
+                let (a, c) = ctx.acc_pair(&merge::rws::patch(&m0.clean, &[(&stored, 1.0)])?, ci)?;
+                acc.push(a);
+                clean.push(c);
             }
-            Ok(rows)
-        },
-    )?;
-
-    let result = NetResult {
-        net,
-        layers: layers.clone(),
-        params: m0.clean.numel(),
-        accuracy,
-        layer_rows,
-        clean_stable_rank,
-        cosine_labels,
-        cosine,
-        cosine_summary,
-        alpha_sweep,
-        k_sweep,
-        removal_exact,
-        compose,
-        transfer,
-        storage,
-    };
-    report_net(&result, run, md)?;
-    write_csvs(&result, run)?;
-    Ok(result)
+            rows.push(StorageRow {
+                k,
+                bits,
+                bytes,
+                compression: full_bytes as f64 / bytes.max(1) as f64,
+                corrupted_acc: mean(&acc),
+                clean_acc: mean(&clean),
+            });
+        }
+    }
+    Ok(rows)
 }
 
 fn write_csvs(r: &NetResult, run: &Run) -> anyhow::Result<()> {
@@ -1080,8 +1192,16 @@ fn write_csvs(r: &NetResult, run: &Run) -> anyhow::Result<()> {
 }
 
 fn report_net(r: &NetResult, run: &Run, md: &mut String) -> anyhow::Result<()> {
+    report_models(r, md);
+    report_layers(r, run, md)?;
+    report_cosines(r, run, md)?;
+    report_patching(r, run, md)?;
+    report_tables(r, run, md)
+}
+
+/// The models' accuracy table.
+fn report_models(r: &NetResult, md: &mut String) {
     let n = r.net.name();
-    let nl = r.layers.len();
     md.push_str(&format!(
         "\n## {} ({} parameters; layers {})\n\n### Models\n\n| model | corruption | clean model, clean test | clean model, corrupted test | robust model, clean test | robust model, corrupted test |\n|---|---|---|---|---|---|\n",
         n.to_uppercase(),
@@ -1099,6 +1219,11 @@ fn report_net(r: &NetResult, run: &Run, md: &mut String) -> anyhow::Result<()> {
             a.robust_on_corrupted
         ));
     }
+}
+
+/// Where the signature lives: the relative-norm table, stable ranks and plots.
+fn report_layers(r: &NetResult, run: &Run, md: &mut String) -> anyhow::Result<()> {
+    let nl = r.layers.len();
     md.push_str(&format!(
         "\n### Where the signature lives\n\n‖δ_l‖/‖W_l‖ per layer (fine-tunes of mnist0; `scratch/…` = trained from the same initialisation on corrupted data only; `clean-ft` = the same fine-tune on clean data):\n\n| signature | {} |\n|---|{}\n",
         r.layers.join(" | "),
@@ -1137,54 +1262,65 @@ fn report_net(r: &NetResult, run: &Run, md: &mut String) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" / ")
     ));
-    let x = |i: usize| (i + 1) as f64;
-    let series: Vec<Series> = r
-        .layer_rows
-        .iter()
-        .filter(|row| row.signature.starts_with("mnist0/"))
-        .map(|row| {
-            Series::line(
-                row.signature.trim_start_matches("mnist0/"),
-                row.relative
+    layer_plots(r, run, md)
+}
+
+/// A layer-norm plot: file stem, title, which signatures it draws.
+type LayerPlot = (&'static str, &'static str, fn(&str) -> bool);
+
+/// Relative norms across depth: fine-tunes, scratch models, net signatures.
+fn layer_plots(r: &NetResult, run: &Run, md: &mut String) -> anyhow::Result<()> {
+    let n = r.net.name();
+    let plots: [LayerPlot; 3] = [
+        (
+            "layer_norms",
+            "fine-tunes on corrupted data (and on clean data)",
+            |s| s.starts_with("mnist0/") && !s.contains(" − "),
+        ),
+        (
+            "layer_norms_scratch",
+            "trained from scratch on corrupted data",
+            |s| s.starts_with("scratch/"),
+        ),
+        (
+            "layer_norms_net",
+            "fine-tunes net of the clean fine-tune",
+            |s| s.contains(" − "),
+        ),
+    ];
+    for (stem, title, keep) in plots {
+        let series: Vec<Series> = r
+            .layer_rows
+            .iter()
+            .filter(|row| keep(&row.signature))
+            .map(|row| {
+                let name = row
+                    .signature
+                    .trim_start_matches("mnist0/")
+                    .trim_start_matches("scratch/");
+                let pts = row
+                    .relative
                     .iter()
                     .enumerate()
-                    .map(|(i, &v)| (x(i), v))
-                    .collect(),
-            )
-        })
-        .collect();
-    line_chart(
-        &run.dir.join(format!("{n}_layer_norms")),
-        &format!("{n}: where the signature lives (fine-tunes)"),
-        "layer (1 = input)",
-        "‖δ‖ / ‖W‖",
-        &series,
-    )?;
-    let series: Vec<Series> = r
-        .layer_rows
-        .iter()
-        .filter(|row| row.signature.starts_with("scratch/"))
-        .map(|row| {
-            Series::line(
-                row.signature.trim_start_matches("scratch/"),
-                row.relative
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| (x(i), v))
-                    .collect(),
-            )
-        })
-        .collect();
-    line_chart(
-        &run.dir.join(format!("{n}_layer_norms_scratch")),
-        &format!("{n}: trained from scratch on corrupted data"),
-        "layer (1 = input)",
-        "‖δ‖ / ‖W‖",
-        &series,
-    )?;
-    md.push_str(&format!(
-        "\n![{n} layer norms]({n}_layer_norms.png)\n\n![{n} scratch]({n}_layer_norms_scratch.png)\n"
-    ));
+                    .map(|(i, &v)| ((i + 1) as f64, v));
+                Series::line(name, pts.collect())
+            })
+            .collect();
+        line_chart(
+            &run.dir.join(format!("{n}_{stem}")),
+            &format!("{n}: {title}"),
+            "layer (1 = input)",
+            "‖δ‖ / ‖W‖",
+            &series,
+        )?;
+        md.push_str(&format!("\n![{n}: {title}]({n}_{stem}.png)\n"));
+    }
+    Ok(())
+}
+
+/// Cosine summaries and heatmap.
+fn report_cosines(r: &NetResult, run: &Run, md: &mut String) -> anyhow::Result<()> {
+    let n = r.net.name();
     md.push_str("\n### Are signatures specific and consistent?\n\n| scope | same corruption, other seed (raw) | … after weight matching | same corruption, Fashion (same init) | different corruptions | vs clean fine-tune | different corruptions, net of clean fine-tune | corruption identified by nearest signature |\n|---|---|---|---|---|---|---|---|\n");
     for c in &r.cosine_summary {
         md.push_str(&format!(
@@ -1211,110 +1347,93 @@ fn report_net(r: &NetResult, run: &Run, md: &mut String) -> anyhow::Result<()> {
         "\nRows and columns of the heatmap (negative cosines drawn as 0): {}.\n\n![{n} cosine]({n}_cosine.png)\n",
         r.cosine_labels.join(", ")
     ));
+    Ok(())
+}
+
+/// Removal, α and depth sweeps with their plots.
+fn report_patching(r: &NetResult, run: &Run, md: &mut String) -> anyhow::Result<()> {
+    let n = r.net.name();
     md.push_str(&format!(
-        "\n### Patching mnist0\n\nRemoval after adding every signature at once (α = 0.3, 0.67, …): {} of {} weights restored bit for bit.\n\nCorrupted-test accuracy vs α (all layers):\n\n| corruption | {} |\n|---|{}\n",
-        r.removal_exact.0,
-        r.removal_exact.1,
-        r.alpha_sweep.iter().filter(|x| x.corruption == r.alpha_sweep[0].corruption).map(|x| format!("α={}", x.alpha)).collect::<Vec<_>>().join(" | "),
-        "---|".repeat(r.alpha_sweep.iter().filter(|x| x.corruption == r.alpha_sweep[0].corruption).count())
+        "\n### Patching mnist0\n\nRemoval after adding every signature at once (α = 0.3, 0.67, …): {} of {} weights restored bit for bit.\n\nCorrupted-test accuracy vs α (all layers; clean-test accuracy in brackets):\n\n",
+        r.removal_exact.0, r.removal_exact.1,
     ));
-    let corruptions: Vec<Corruption> = {
-        let mut v: Vec<Corruption> = r.alpha_sweep.iter().map(|x| x.corruption).collect();
-        v.dedup();
-        v
-    };
-    for &c in &corruptions {
-        let rows: Vec<&SweepRow> = r.alpha_sweep.iter().filter(|x| x.corruption == c).collect();
-        md.push_str(&format!(
-            "| {c} | {} |\n",
-            rows.iter()
-                .map(|x| format!("{:.3} ({:.3})", x.corrupted_acc, x.clean_acc))
-                .collect::<Vec<_>>()
-                .join(" | ")
-        ));
-    }
-    md.push_str("\n(clean-test accuracy in brackets)\n\nAccuracy vs depth k (α = 1, the first k layers patched):\n\n");
+    sweep_section(
+        md,
+        run,
+        n,
+        &r.alpha_sweep,
+        ("α", |x| x.alpha),
+        "clean + α·RWS",
+    )?;
+    md.push_str("\nAccuracy vs depth k (α = 1, the first k layers patched):\n\n");
+    sweep_section(
+        md,
+        run,
+        n,
+        &r.k_sweep,
+        ("k", |x| x.k as f64),
+        "first k layers patched, α = 1",
+    )?;
+    Ok(())
+}
+
+/// One sweep's table (a row per corruption, a column per value of `x`) and
+/// its plot `<net>_accuracy_vs_<x>` (lines: corrupted test; dots: clean test).
+fn sweep_section(
+    md: &mut String,
+    run: &Run,
+    n: &str,
+    rows: &[SweepRow],
+    (x_name, x): (&str, fn(&SweepRow) -> f64),
+    title: &str,
+) -> anyhow::Result<()> {
+    let mut corruptions: Vec<Corruption> = rows.iter().map(|r| r.corruption).collect();
+    corruptions.dedup();
+    let of = |c: Corruption| rows.iter().filter(move |r| r.corruption == c);
+    let xs: Vec<f64> = corruptions
+        .first()
+        .map_or(Vec::new(), |&c| of(c).map(x).collect());
     md.push_str(&format!(
         "| corruption | {} |\n|---|{}\n",
-        (1..=nl)
-            .map(|k| format!("k={k}"))
+        xs.iter()
+            .map(|v| format!("{x_name}={v}"))
             .collect::<Vec<_>>()
             .join(" | "),
-        "---|".repeat(nl)
+        "---|".repeat(xs.len())
     ));
-    for &c in &corruptions {
-        let rows: Vec<&SweepRow> = r.k_sweep.iter().filter(|x| x.corruption == c).collect();
+    let mut series = Vec::new();
+    for (i, &c) in corruptions.iter().enumerate() {
         md.push_str(&format!(
             "| {c} | {} |\n",
-            rows.iter()
-                .map(|x| format!("{:.3} ({:.3})", x.corrupted_acc, x.clean_acc))
+            of(c)
+                .map(|r| format!("{:.3} ({:.3})", r.corrupted_acc, r.clean_acc))
                 .collect::<Vec<_>>()
                 .join(" | ")
         ));
+        series.push(
+            Series::line(c.name(), of(c).map(|r| (x(r), r.corrupted_acc)).collect()).colored(i),
+        );
+        series.push(Series::dots("", of(c).map(|r| (x(r), r.clean_acc)).collect()).colored(i));
     }
-    let mut alpha_series = Vec::new();
-    let mut k_series = Vec::new();
-    for (i, &c) in corruptions.iter().enumerate() {
-        alpha_series.push(
-            Series::line(
-                c.name(),
-                r.alpha_sweep
-                    .iter()
-                    .filter(|x| x.corruption == c)
-                    .map(|x| (x.alpha, x.corrupted_acc))
-                    .collect(),
-            )
-            .colored(i),
-        );
-        alpha_series.push(
-            Series::dots(
-                "",
-                r.alpha_sweep
-                    .iter()
-                    .filter(|x| x.corruption == c)
-                    .map(|x| (x.alpha, x.clean_acc))
-                    .collect(),
-            )
-            .colored(i),
-        );
-        k_series.push(
-            Series::line(
-                c.name(),
-                r.k_sweep
-                    .iter()
-                    .filter(|x| x.corruption == c)
-                    .map(|x| (x.k as f64, x.corrupted_acc))
-                    .collect(),
-            )
-            .colored(i),
-        );
-        k_series.push(
-            Series::dots(
-                "",
-                r.k_sweep
-                    .iter()
-                    .filter(|x| x.corruption == c)
-                    .map(|x| (x.k as f64, x.clean_acc))
-                    .collect(),
-            )
-            .colored(i),
-        );
-    }
+    let stem = format!(
+        "{n}_accuracy_vs_{}",
+        if x_name == "α" { "alpha" } else { x_name }
+    );
     line_chart(
-        &run.dir.join(format!("{n}_accuracy_vs_alpha")),
-        &format!("{n}: clean + α·RWS (lines: corrupted test; dots: clean test)"),
-        "α",
+        &run.dir.join(&stem),
+        &format!("{n}: {title} (lines: corrupted test; dots: clean test)"),
+        x_name,
         "accuracy",
-        &alpha_series,
+        &series,
     )?;
-    line_chart(
-        &run.dir.join(format!("{n}_accuracy_vs_k")),
-        &format!("{n}: first k layers patched, α = 1 (lines: corrupted; dots: clean)"),
-        "k",
-        "accuracy",
-        &k_series,
-    )?;
-    md.push_str(&format!("\n![{n} accuracy vs α]({n}_accuracy_vs_alpha.png)\n\n![{n} accuracy vs k]({n}_accuracy_vs_k.png)\n"));
+    md.push_str(&format!("\n![{n} accuracy vs {x_name}]({stem}.png)\n"));
+    Ok(())
+}
+
+/// Composition, transfer and storage tables, the storage plot.
+fn report_tables(r: &NetResult, run: &Run, md: &mut String) -> anyhow::Result<()> {
+    let n = r.net.name();
+    let nl = r.layers.len();
     md.push_str("\n### Composition (α = 1 each)\n\n| signatures | accuracy on each corruption, together | … each alone | clean accuracy |\n|---|---|---|---|\n");
     for c in &r.compose {
         md.push_str(&format!(
