@@ -14,7 +14,6 @@
 //! global average pooling and a linear classifier.
 
 use burn::module::{AutodiffModule, Param};
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::activation::relu;
@@ -25,6 +24,7 @@ use weights::{StateDict, Tensor as WTensor};
 
 use crate::data::Split;
 use crate::mlp::cross_entropy;
+pub use crate::train::Classifier;
 
 /// LayerNorm over the channel axis, ε = 1e-5. Activations are kept
 /// channels-last (`[n, h, w, c]`) inside the network, so this reduction and
@@ -374,15 +374,6 @@ pub fn init_state_dict(in_channels: usize, width: usize, classes: usize, seed: u
     sd
 }
 
-/// A network that maps image rows `[n, pixels]` to logits: what
-/// [`train`] and [`evaluate_model`] need of a model.
-pub trait Classifier<B: Backend> {
-    /// Logits `[n, classes]`.
-    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2>;
-    /// The device its parameters live on.
-    fn device(&self) -> B::Device;
-}
-
 impl<B: Backend> Classifier<B> for ResNet<B> {
     fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.forward(x)
@@ -392,9 +383,10 @@ impl<B: Backend> Classifier<B> for ResNet<B> {
     }
 }
 
-/// Trains with Adam (mini-batches in a seeded order).
+/// Trains a ResNet or VGG with Adam (batches in an order shuffled each epoch
+/// by `Rng::new(seed ^ 0xA5A5)`; see [`crate::train::train`]).
 pub fn train<B: AutodiffBackend, M: AutodiffModule<B> + Classifier<B>>(
-    mut model: M,
+    model: M,
     data: &Split,
     epochs: usize,
     batch_size: usize,
@@ -402,21 +394,14 @@ pub fn train<B: AutodiffBackend, M: AutodiffModule<B> + Classifier<B>>(
     seed: u64,
     bar: &indicatif::ProgressBar,
 ) -> M {
-    let device = model.device();
-    let mut optim = AdamConfig::new().init::<B, M>();
-    let mut order: Vec<usize> = (0..data.y.len()).collect();
     let mut rng = spectra::rng::Rng::new(seed ^ 0xA5A5);
-    for _ in 0..epochs {
-        rng.shuffle(&mut order);
-        for chunk in order.chunks(batch_size) {
-            let b = data.rows(chunk);
-            let loss = cross_entropy(model.logits(crate::mlp::batch::<B>(&b.x, &device)), &b.y);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
-            bar.inc(1);
-        }
-    }
-    model
+    crate::train::train(
+        model,
+        data,
+        (epochs, batch_size, lr),
+        |o| rng.shuffle(o),
+        bar,
+    )
 }
 
 /// Mean cross-entropy and accuracy of `model` on `data`, in batches of 500.
@@ -716,6 +701,10 @@ mod tests {
         ndarray::Array2::from_shape_fn((n, 784), |_| rng.uniform() as f32)
     }
 
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).fold(0f32, |m, (p, q)| m.max((p - q).abs()))
+    }
+
     fn logits(sd: &StateDict, x: &ndarray::Array2<f32>) -> Vec<f32> {
         let device = Default::default();
         let m = ResNet::<C>::from_state_dict(sd, &device).unwrap();
@@ -757,10 +746,7 @@ mod tests {
         );
         let x = images(4, 1);
         let (a, b) = (logits(&sd, &x), logits(&permuted, &x));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        let diff = max_abs_diff(&a, &b);
         assert!(diff < 1e-4, "max |Δlogit| = {diff}");
     }
 
@@ -825,10 +811,7 @@ mod tests {
             .into_vec()
             .unwrap();
             assert_eq!(got.len(), want.len(), "k {k} stride {stride} side {side}");
-            let diff = got
-                .iter()
-                .zip(&want)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let diff = max_abs_diff(&got, &want);
             assert!(diff < 1e-4, "k {k} stride {stride} side {side}: {diff}");
         }
     }
@@ -911,10 +894,7 @@ mod tests {
                 .unwrap()
         };
         let (a, b) = (logits(&sd), logits(&permuted));
-        let diff = a
-            .iter()
-            .zip(&b)
-            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        let diff = max_abs_diff(&a, &b);
         assert!(diff < 1e-4, "max |Δlogit| = {diff}");
     }
 

@@ -15,3 +15,4 @@ pub mod plot;
 pub mod report;
 pub mod studies;
 pub mod tasks;
+pub mod train;

@@ -4,7 +4,6 @@
 
 use anyhow::Context;
 use burn::module::{AutodiffModule, Param};
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::activation::{log_softmax, relu};
@@ -182,9 +181,19 @@ pub fn batch<B: Backend>(x: &Array2<f32>, device: &B::Device) -> Tensor<B, 2> {
     )
 }
 
-/// Trains an MLP with Adam (mini-batches in a seeded order) and returns it.
+impl<B: Backend> crate::train::Classifier<B> for Mlp<B> {
+    fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.forward(x)
+    }
+    fn device(&self) -> B::Device {
+        self.weights[0].val().device()
+    }
+}
+
+/// Trains an MLP with Adam (batches in an order shuffled each epoch by a
+/// SplitMix64 stream from `seed ^ 0xA5A5`; see [`crate::train::train`]).
 pub fn train<B: AutodiffBackend>(
-    mut model: Mlp<B>,
+    model: Mlp<B>,
     data: &Split,
     epochs: usize,
     batch_size: usize,
@@ -195,25 +204,14 @@ pub fn train<B: AutodiffBackend>(
 where
     Mlp<B>: AutodiffModule<B>,
 {
-    let device = model.weights[0].val().device();
-    let mut optim = AdamConfig::new().init::<B, Mlp<B>>();
-    let n = data.y.len();
-    let mut order: Vec<usize> = (0..n).collect();
     let mut s = seed ^ 0xA5A5;
-    for _ in 0..epochs {
-        for i in (1..n).rev() {
+    let shuffle = |order: &mut [usize]| {
+        for i in (1..order.len()).rev() {
             let j = (splitmix(&mut s) * (i + 1) as f64) as usize % (i + 1);
             order.swap(i, j);
         }
-        for chunk in order.chunks(batch_size) {
-            let b = data.rows(chunk);
-            let loss = cross_entropy(model.forward(batch::<B>(&b.x, &device)), &b.y);
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
-            bar.inc(1);
-        }
-    }
-    model
+    };
+    crate::train::train(model, data, (epochs, batch_size, lr), shuffle, bar)
 }
 
 /// Every layer's pre-activation output `h·Wᵀ + b` in plain ndarray (the

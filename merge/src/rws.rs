@@ -159,32 +159,12 @@ impl Signature {
             .collect())
     }
 
-    /// Cosine similarity of the two signatures as flat vectors (over the
-    /// same tensors); 0 when either is zero.
-    pub fn cosine(&self, other: &Signature) -> Result<f64> {
-        let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
-        for (t, a) in self.deltas.iter() {
-            let b = other
-                .deltas
-                .get(t)
-                .ok_or_else(|| MergeError::MissingTensor {
-                    tensor: t.to_string(),
-                    model: other.name.clone(),
-                })?;
-            if a.shape() != b.shape() {
-                return Err(MergeError::ShapeMismatch {
-                    tensor: t.to_string(),
-                    model: other.name.clone(),
-                    expected: a.shape().to_vec(),
-                    got: b.shape().to_vec(),
-                });
-            }
-            for (&x, &y) in a.data.iter().zip(b.data.iter()) {
-                dot += x as f64 * y as f64;
-                na += x as f64 * x as f64;
-                nb += y as f64 * y as f64;
-            }
-        }
+    /// The tensors of `self` with `other`'s of the same name: an error
+    /// when `other` patches other tensors or shapes one differently.
+    fn paired<'a>(
+        &'a self,
+        other: &'a Signature,
+    ) -> Result<Vec<(&'a str, &'a Tensor, &'a Tensor)>> {
         if other.deltas.len() != self.deltas.len() {
             return Err(patch_err(
                 &other.name,
@@ -195,6 +175,40 @@ impl Signature {
                     self.deltas.len()
                 ),
             ));
+        }
+        self.deltas
+            .iter()
+            .map(|(t, a)| {
+                let b = other
+                    .deltas
+                    .get(t)
+                    .ok_or_else(|| MergeError::MissingTensor {
+                        tensor: t.to_string(),
+                        model: other.name.clone(),
+                    })?;
+                if a.shape() != b.shape() {
+                    return Err(MergeError::ShapeMismatch {
+                        tensor: t.to_string(),
+                        model: other.name.clone(),
+                        expected: a.shape().to_vec(),
+                        got: b.shape().to_vec(),
+                    });
+                }
+                Ok((t, a, b))
+            })
+            .collect()
+    }
+
+    /// Cosine similarity of the two signatures as flat vectors (over the
+    /// same tensors); 0 when either is zero.
+    pub fn cosine(&self, other: &Signature) -> Result<f64> {
+        let (mut dot, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
+        for (_, a, b) in self.paired(other)? {
+            for (&x, &y) in a.data.iter().zip(b.data.iter()) {
+                dot += x as f64 * y as f64;
+                na += x as f64 * x as f64;
+                nb += y as f64 * y as f64;
+            }
         }
         Ok(if na > 0.0 && nb > 0.0 {
             dot / (na.sqrt() * nb.sqrt())
@@ -206,36 +220,11 @@ impl Signature {
     /// `self − other` over the same tensors (e.g. a corruption's signature
     /// net of what fine-tuning on clean data alone moves).
     pub fn minus(&self, other: &Signature, name: &str) -> Result<Signature> {
-        if other.deltas.len() != self.deltas.len() {
-            return Err(patch_err(
-                &other.name,
-                format!(
-                    "patches {} tensors, '{}' patches {}",
-                    other.deltas.len(),
-                    self.name,
-                    self.deltas.len()
-                ),
-            ));
-        }
-        let mut deltas = StateDict::new();
-        for (t, a) in self.deltas.iter() {
-            let b = other
-                .deltas
-                .get(t)
-                .ok_or_else(|| MergeError::MissingTensor {
-                    tensor: t.to_string(),
-                    model: other.name.clone(),
-                })?;
-            if a.shape() != b.shape() {
-                return Err(MergeError::ShapeMismatch {
-                    tensor: t.to_string(),
-                    model: other.name.clone(),
-                    expected: a.shape().to_vec(),
-                    got: b.shape().to_vec(),
-                });
-            }
-            deltas.insert(t, Tensor::f32(&a.data - &b.data));
-        }
+        let deltas = self
+            .paired(other)?
+            .into_iter()
+            .map(|(t, a, b)| (t.to_string(), Tensor::f32(&a.data - &b.data)))
+            .collect();
         Ok(Signature {
             name: name.to_string(),
             deltas,
