@@ -440,6 +440,37 @@ fn merge_study_merges_beat_chance_rmm_rebuilds_each_task_and_one_model_holds_all
 }
 
 #[test]
+fn lmc_study_runs_on_the_vgg_and_weight_matching_brings_it_closer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lmc-vgg");
+    let args = experiments::studies::lmc::LmcArgs {
+        quick: true,
+        arch: experiments::studies::lmc::Arch::Vgg,
+        grid: 5,
+        run: RunArgs::quiet_to(&out),
+        ..Default::default()
+    };
+    experiments::studies::lmc::run(&args).unwrap();
+    check_png(&out.join("loss_test.png"));
+    let m = metrics(&out);
+    assert_eq!(m["arch"], "vgg");
+    assert_eq!(m["sizes"], serde_json::json!([4, 8, 8]));
+    // Weight matching over torchvision's VGG spec (the flatten moves blocks
+    // of H·W classifier columns) brings B closer to A.
+    let l2 = |k: &str| m[k]["l2"].as_f64().unwrap();
+    assert!(l2("wm") < l2("naive"), "{} vs {}", l2("wm"), l2("naive"));
+    assert!(m["am"].is_null() && m["ste"].is_null());
+    // Options of the MLP are refused by name.
+    let e = experiments::studies::lmc::run(&experiments::studies::lmc::LmcArgs {
+        depth: Some(2),
+        run: RunArgs::quiet_to(dir.path().join("lmc-vgg-depth")),
+        ..args.clone()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("--depth"), "{e}");
+}
+
+#[test]
 fn lmc_study_runs_on_the_layernorm_resnet() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("lmc-resnet");

@@ -26,6 +26,9 @@ pub enum Arch {
     Mlp,
     /// Small ResNet with channel LayerNorm (torchvision names; see [`crate::cnn`]).
     Resnet,
+    /// VGG-style CNN: three 3×3 convolutions of widths w, 2w, 2w with two
+    /// max-pools, a 64-unit classifier (torchvision names; [`crate::cnn::Vgg`]).
+    Vgg,
 }
 
 impl Arch {
@@ -34,14 +37,19 @@ impl Arch {
         Ok(match self {
             Arch::Mlp => permute::builders::mlp(sd)?,
             Arch::Resnet => permute::builders::resnet(sd)?,
+            Arch::Vgg => permute::builders::vgg(sd)?,
         })
     }
 
     /// Mean cross-entropy and accuracy of a state dict on `data` (CPU).
     pub fn evaluate(self, sd: &StateDict, data: &Split) -> anyhow::Result<(f64, f64)> {
         match self {
-            Arch::Mlp => Ok(mlp::evaluate(sd, data)),
+            Arch::Mlp => {
+                mlp::layer_params(sd)?;
+                Ok(mlp::evaluate(sd, data))
+            }
             Arch::Resnet => crate::cnn::evaluate(sd, data),
+            Arch::Vgg => crate::cnn::evaluate_vgg(sd, data),
         }
     }
 
@@ -50,6 +58,7 @@ impl Arch {
         match self {
             Arch::Mlp => "mlp",
             Arch::Resnet => "resnet",
+            Arch::Vgg => "vgg",
         }
     }
 }
@@ -57,19 +66,19 @@ impl Arch {
 /// Options.
 #[derive(Clone, Debug, clap::Args)]
 pub struct LmcArgs {
-    /// Tiny size for tests (MLP width 64 × 2 layers, 2000 samples; ResNet width 4, 500 samples).
+    /// Tiny size for tests (MLP width 64 × 2 layers, 2000 samples; ResNet width 4, 500 samples; VGG width 4, 1000 samples).
     #[arg(long)]
     pub quick: bool,
-    /// Network: a ReLU MLP, or a small ResNet with LayerNorm.
+    /// Network: a ReLU MLP, a small ResNet with LayerNorm, or a VGG-style CNN.
     #[arg(long, value_enum, default_value_t = Arch::Mlp)]
     pub arch: Arch,
-    /// Hidden width of the MLP (default 512) or stem width of the ResNet (default 8).
+    /// Hidden width of the MLP (default 512) or stem width of the ResNet and the VGG (default 8).
     #[arg(long)]
     pub width: Option<usize>,
     /// Hidden layers of the MLP (default 3; 2 with `--quick`).
     #[arg(long)]
     pub depth: Option<usize>,
-    /// Training epochs per model (default 5 for the MLP, 3 for the ResNet).
+    /// Training epochs per model (default 5 for the MLP, 3 for the ResNet and the VGG).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Seeds of the two models.
@@ -316,28 +325,34 @@ pub struct TrainedSet {
     pub steps_per_epoch: usize,
 }
 
-/// Trains one network from `init` on backend `B` (Adam, batch 128, lr 1e-3).
+/// Trains one network from `init` on backend `B` (Adam, lr 1e-3).
 fn train_one<B: AutodiffBackend>(
     arch: Arch,
     init: &StateDict,
     train: &Split,
-    epochs: usize,
+    (epochs, batch_size): (usize, usize),
     seed: u64,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<StateDict>
 where
     Mlp<B>: AutodiffModule<B>,
     crate::cnn::ResNet<B>: AutodiffModule<B>,
+    crate::cnn::Vgg<B>: AutodiffModule<B>,
 {
     let device = Default::default();
     Ok(match arch {
         Arch::Mlp => {
             let m = Mlp::<B>::from_state_dict(init, &device)?;
-            mlp::train(m, train, epochs, 128, 1e-3, seed, bar).to_state_dict()
+            mlp::train(m, train, epochs, batch_size, 1e-3, seed, bar).to_state_dict()
         }
         Arch::Resnet => {
             let m = crate::cnn::ResNet::<B>::from_state_dict(init, &device)?;
-            crate::cnn::train(m, train, epochs, 128, 1e-3, seed, bar).to_state_dict()
+            crate::cnn::train(m, train, epochs, batch_size, 1e-3, seed, bar).to_state_dict()
+        }
+        Arch::Vgg => {
+            let m = crate::cnn::Vgg::<B>::from_state_dict(init, &device)?;
+            m.check_input(train.x.ncols())?;
+            crate::cnn::train(m, train, epochs, batch_size, 1e-3, seed, bar).to_state_dict()
         }
     })
 }
@@ -352,7 +367,33 @@ pub(crate) fn train_on(
     seed: u64,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<StateDict> {
-    crate::device::on_device!(dev, train_one(arch, init, train, epochs, seed, bar))
+    train_batched_on(dev, arch, init, train, (epochs, 128), seed, bar)
+}
+
+/// Trains one network from `init` on `dev` (Adam, lr 1e-3) for `epochs`
+/// in batches of `batch_size`.
+pub(crate) fn train_batched_on(
+    dev: Device,
+    arch: Arch,
+    init: &StateDict,
+    train: &Split,
+    epochs_batch: (usize, usize),
+    seed: u64,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<StateDict> {
+    crate::device::on_device!(dev, train_one(arch, init, train, epochs_batch, seed, bar))
+}
+
+/// The VGG of stem width `w`: convolutions w, 2w, 2w on 28×28 grey images,
+/// a 64-unit classifier, 10 classes.
+pub fn vgg_shape(w: usize, side: usize) -> crate::cnn::VggShape {
+    crate::cnn::VggShape {
+        in_channels: 1,
+        side,
+        convs: vec![w, 2 * w, 2 * w],
+        hidden: vec![64],
+        classes: 10,
+    }
 }
 
 /// Trains `n` MLPs of the study's shape from different seeds.
@@ -363,12 +404,14 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
     let (width, depth, epochs, n_train) = match (args.quick, arch) {
         (true, Arch::Mlp) => (64, 2, 3, 2000),
         (true, Arch::Resnet) => (4, 0, 2, 500),
+        (true, Arch::Vgg) => (4, 0, 2, 1000),
+        (false, Arch::Vgg) => (8, 0, 3, usize::MAX),
         (false, Arch::Mlp) => (512, 3, 5, usize::MAX),
         (false, Arch::Resnet) => (8, 0, 3, usize::MAX),
     };
     anyhow::ensure!(
         arch == Arch::Mlp || args.depth.is_none(),
-        "--depth applies to the MLP; the ResNet has one block per stage"
+        "--depth applies to the MLP; the ResNet has one block per stage and the VGG three convolutions"
     );
     let (width, depth, epochs) = (
         args.width.unwrap_or(width),
@@ -386,13 +429,15 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
     let side = (pixels as f64).sqrt().round() as usize;
     anyhow::ensure!(
         arch == Arch::Mlp || side * side == pixels,
-        "--arch resnet needs square single-channel images; {} has {pixels} pixels per image",
+        "--arch {} needs square single-channel images; {} has {pixels} pixels per image",
+        arch.name(),
         dir.display()
     );
     let sizes = match arch {
         Arch::Mlp => mlp::layer_sizes(train.x.ncols(), width, depth, 10),
         // Stage widths.
         Arch::Resnet => vec![width, 2 * width, 4 * width],
+        Arch::Vgg => vec![width, 2 * width, 2 * width],
     };
     let steps_per_epoch = train.y.len().div_ceil(128);
     let bar = run.progress((n * epochs * steps_per_epoch) as u64);
@@ -403,6 +448,7 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
                 let init = match arch {
                     Arch::Mlp => mlp::init_state_dict(&sizes, seed),
                     Arch::Resnet => crate::cnn::init_state_dict(1, width, 10, seed),
+                    Arch::Vgg => crate::cnn::init_vgg(&vgg_shape(width, side), seed)?,
                 };
                 train_on(dev, arch, &init, &train, epochs, seed, &bar)
             })
@@ -549,8 +595,8 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     // The ResNet's CPU forward is ~100× the MLP's: score it on subsets.
     let eval_n = match (arch, args.quick) {
         (Arch::Mlp, _) => usize::MAX,
-        (Arch::Resnet, true) => 128,
-        (Arch::Resnet, false) => 1000,
+        (Arch::Resnet | Arch::Vgg, true) => 128,
+        (Arch::Resnet | Arch::Vgg, false) => 1000,
     };
     let eval_train = pair.train.take(eval_n.min(2000));
     let eval_test = pair.test.take(eval_n);
@@ -570,6 +616,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         match arch {
             Arch::Mlp => "MLPs",
             Arch::Resnet => "ResNets (LayerNorm; stage widths)",
+            Arch::Vgg => "VGG-style CNNs (convolution widths)",
         },
         pair.sizes,
         pair.epochs,

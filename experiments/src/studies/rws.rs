@@ -11,19 +11,18 @@
 
 use std::path::PathBuf;
 
-use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
 use merge::rws::{Patched, Signature};
 use serde::Serialize;
 use weights::StateDict;
 
-use crate::cnn::{Vgg, VggShape};
+use crate::cnn::VggShape;
 use crate::corrupt::{Corruption, corrupt};
 use crate::data::{Split, default_mnist_dir, mnist};
 use crate::device::Device;
-use crate::mlp::{self, Mlp};
+use crate::mlp;
 use crate::plot::{Series, heatmap, line_chart};
 use crate::report::{Run, RunArgs};
+use crate::studies::lmc::Arch;
 
 /// The networks the study patches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -230,22 +229,21 @@ impl Net {
         }
     }
 
+    /// The `lmc` architecture it is.
+    fn arch(self) -> Arch {
+        match self {
+            Net::Cnn => Arch::Vgg,
+            Net::Mlp => Arch::Mlp,
+        }
+    }
+
     /// Accuracy of `sd` on `data` (CPU).
     fn accuracy(self, sd: &StateDict, data: &Split) -> anyhow::Result<f64> {
-        Ok(match self {
-            Net::Cnn => crate::cnn::evaluate_vgg(sd, data)?.1,
-            Net::Mlp => {
-                mlp::layer_params(sd)?;
-                mlp::evaluate(sd, data).1
-            }
-        })
+        Ok(self.arch().evaluate(sd, data)?.1)
     }
 
     fn spec(self, sd: &StateDict) -> anyhow::Result<permute::PermutationSpec> {
-        Ok(match self {
-            Net::Cnn => permute::builders::vgg(sd)?,
-            Net::Mlp => permute::builders::mlp(sd)?,
-        })
+        self.arch().spec(sd)
     }
 
     fn name(self) -> &'static str {
@@ -256,32 +254,7 @@ impl Net {
     }
 }
 
-fn train_one<B: AutodiffBackend>(
-    net: Net,
-    init: &StateDict,
-    data: &Split,
-    epochs: usize,
-    seed: u64,
-    bar: &indicatif::ProgressBar,
-) -> anyhow::Result<StateDict>
-where
-    Mlp<B>: AutodiffModule<B>,
-    Vgg<B>: AutodiffModule<B>,
-{
-    let device = Default::default();
-    Ok(match net {
-        Net::Cnn => {
-            let m = Vgg::<B>::from_state_dict(init, &device)?;
-            m.check_input(data.x.ncols())?;
-            crate::cnn::train(m, data, epochs, 64, 1e-3, seed, bar).to_state_dict()
-        }
-        Net::Mlp => {
-            let m = Mlp::<B>::from_state_dict(init, &device)?;
-            mlp::train(m, data, epochs, 64, 1e-3, seed, bar).to_state_dict()
-        }
-    })
-}
-
+/// Trains on `dev` with Adam (lr 1e-3, batch 64).
 fn train_on(
     dev: Device,
     net: Net,
@@ -291,7 +264,7 @@ fn train_on(
     seed: u64,
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<StateDict> {
-    crate::device::on_device!(dev, train_one(net, init, data, epochs, seed, bar))
+    crate::studies::lmc::train_batched_on(dev, net.arch(), init, data, (epochs, 64), seed, bar)
 }
 
 /// A clean model, its fine-tunes per corruption and their signatures.
