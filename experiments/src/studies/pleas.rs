@@ -26,13 +26,13 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure};
 use ndarray::{Array1, Array2, Axis, concatenate, s};
-use serde_json::{Value, json};
+use serde::Serialize;
 use weights::{StateDict, Tensor};
 
 use crate::data::{Split, default_mnist_dir, mnist};
 use crate::mlp;
 use crate::plot::{Series, line_chart};
-use crate::report::RunArgs;
+use crate::report::{Run, RunArgs};
 use crate::studies::lmc::{Arch, train_on};
 use permute::many::{Correlation, activation_matching, correlation};
 use permute::{MatchOptions, weight_matching};
@@ -640,15 +640,18 @@ impl Scores {
     pub fn task_mean(&self) -> f64 {
         (self.task_a_acc + self.task_b_acc) / 2.0
     }
+}
 
-    fn json(&self) -> Value {
-        json!({
-            "joint_loss": self.joint_loss,
-            "joint_acc": self.joint_acc,
-            "task_a_acc": self.task_a_acc,
-            "task_b_acc": self.task_b_acc,
-            "task_mean_acc": self.task_mean(),
-        })
+impl Serialize for Scores {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Scores", 5)?;
+        st.serialize_field("joint_loss", &self.joint_loss)?;
+        st.serialize_field("joint_acc", &self.joint_acc)?;
+        st.serialize_field("task_a_acc", &self.task_a_acc)?;
+        st.serialize_field("task_b_acc", &self.task_b_acc)?;
+        st.serialize_field("task_mean_acc", &self.task_mean())?;
+        st.end()
     }
 }
 
@@ -693,21 +696,96 @@ fn labels_in(data: &Split, range: std::ops::Range<usize>) -> Split {
 }
 
 /// Runs the study; returns the report folder.
-pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
+/// The two source models, their ensemble, and every merge: `metrics.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct PleasMetrics {
+    /// MLP layer sizes.
+    pub sizes: Vec<usize>,
+    /// Task A's labels are below this.
+    pub split: usize,
+    /// `uniform` or `global`.
+    pub allocation: &'static str,
+    /// A, B and their ensemble.
+    pub models: Models,
+    /// One row per matching and ratio.
+    pub merges: Vec<MergeRow>,
+    /// Seconds each matching took.
+    pub matching_seconds: indexmap::IndexMap<&'static str, f64>,
+    /// Per matching: L2 of the aligned B to A, mean matched correlation per layer.
+    pub matching: indexmap::IndexMap<&'static str, MatchingStats>,
+}
+
+/// The unmerged models' scores.
+#[derive(Clone, Debug, Serialize)]
+pub struct Models {
+    /// Model A (task A's labels).
+    pub a: Scores,
+    /// Model B.
+    pub b: Scores,
+    /// Both side by side, each head on its task (or averaged).
+    pub ensemble: Scores,
+}
+
+/// One matching's alignment quality.
+#[derive(Clone, Debug, Serialize)]
+pub struct MatchingStats {
+    /// ‖A − P·B‖.
+    pub l2: f64,
+    /// Mean correlation of the matched pairs, per hidden layer.
+    pub mean_correlation: Vec<f64>,
+}
+
+/// One merge plan merged three ways.
+#[derive(Clone, Debug, Serialize)]
+pub struct MergeRow {
+    /// `none`, `wm` or `am`.
+    pub matching: &'static str,
+    /// Fraction of unit pairs merged.
+    pub ratio: f64,
+    /// Merged hidden units per hidden unit of one model (1 to 2).
+    pub width: f64,
+    /// Pairs merged per hidden layer.
+    pub merged_pairs: Vec<usize>,
+    /// Parameters of the merged MLP.
+    pub params: usize,
+    /// … per parameter of one model.
+    pub params_ratio: f64,
+    /// Zip merge, averaging each merged pair.
+    pub average: Scores,
+    /// PLeaS: every layer solved by least squares.
+    pub least_squares: Scores,
+    /// Only the last layer solved.
+    pub least_squares_head: Scores,
+    /// Seconds the least-squares merge took.
+    pub least_squares_seconds: f64,
+}
+
+/// The sizes `run` works with after `--quick` and the options.
+struct Sizes {
+    width: usize,
+    depth: usize,
+    epochs: usize,
+    n_train: usize,
+    samples: usize,
+}
+
+/// Checks the options (named errors) and fixes the sizes.
+fn sizes_of(args: &PleasArgs) -> anyhow::Result<Sizes> {
     // `--quick` changes the defaults; options given explicitly still apply.
     let (width, depth, epochs, n_train, samples) = if args.quick {
         (64, 2, 3, 2000, 500)
     } else {
         (512, 3, 5, usize::MAX, 2000)
     };
-    let (width, depth, epochs, samples) = (
-        args.width.unwrap_or(width),
-        args.depth.unwrap_or(depth),
-        args.epochs.unwrap_or(epochs),
-        args.samples.unwrap_or(samples),
-    );
+    let z = Sizes {
+        width: args.width.unwrap_or(width),
+        depth: args.depth.unwrap_or(depth),
+        epochs: args.epochs.unwrap_or(epochs),
+        n_train,
+        samples: args.samples.unwrap_or(samples),
+    };
     ensure!(
-        width > 0 && depth > 0 && epochs > 0 && samples > 0,
+        z.width > 0 && z.depth > 0 && z.epochs > 0 && z.samples > 0,
         "--width, --depth, --epochs and --samples must be positive"
     );
     ensure!(
@@ -726,116 +804,130 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         "--ridge: {} (must be finite and ≥ 0)",
         args.ridge
     );
-    let classes = 10;
     ensure!(
-        (1..classes).contains(&args.split),
+        (1..CLASSES).contains(&args.split),
         "--split {}: must be between 1 and {} so both tasks have labels",
         args.split,
-        classes - 1
+        CLASSES - 1
     );
-    let mut run = args.run.open("pleas")?;
-    let dev = run.device;
+    Ok(z)
+}
+
+const CLASSES: usize = 10;
+
+/// The data: the two tasks' training sets, the probe and the test set.
+struct Data {
+    task_a: Split,
+    task_b: Split,
+    probe: Split,
+    test: Split,
+}
+
+fn load_data(args: &PleasArgs, z: &Sizes, run: &mut Run) -> anyhow::Result<Data> {
     let dir = args.data_dir.clone().unwrap_or_else(default_mnist_dir);
     let (train, test) = run.phase("load data", || mnist(&dir))?;
-    let train = train.take(n_train);
-    if let Some(&bad) = train.y.iter().chain(&test.y).find(|&&y| y >= classes) {
+    let train = train.take(z.n_train);
+    if let Some(&bad) = train.y.iter().chain(&test.y).find(|&&y| y >= CLASSES) {
         bail!(
             "{}: label {bad}; this study expects 10 classes",
             dir.display()
         );
     }
-    let head = match args.head {
-        HeadArg::Task => Head::Split(args.split),
-        HeadArg::Average => Head::Average,
-    };
     let task_a = labels_in(&train, 0..args.split);
-    let task_b = labels_in(&train, args.split..classes);
+    let task_b = labels_in(&train, args.split..CLASSES);
     ensure!(
         !task_a.y.is_empty() && !task_b.y.is_empty(),
         "--split {}: one task has no training samples",
         args.split
     );
-    let probe = train.take(samples);
-    let sizes = mlp::layer_sizes(train.x.ncols(), width, depth, classes);
+    Ok(Data {
+        task_a,
+        task_b,
+        probe: train.take(z.samples),
+        test,
+    })
+}
 
-    let steps = (task_a.y.len().div_ceil(128) + task_b.y.len().div_ceil(128)) * epochs;
+/// Models A and B (seeds `2·seed` and `2·seed + 1`), each on its task.
+fn train_models(
+    args: &PleasArgs,
+    z: &Sizes,
+    d: &Data,
+    sizes: &[usize],
+    run: &mut Run,
+) -> anyhow::Result<(StateDict, StateDict)> {
+    let dev = run.device;
+    let steps = (d.task_a.y.len().div_ceil(128) + d.task_b.y.len().div_ceil(128)) * z.epochs;
     let bar = run.progress(steps as u64);
-    let (a, b) = run.phase("train", || -> anyhow::Result<(StateDict, StateDict)> {
+    let out = run.phase("train", || -> anyhow::Result<(StateDict, StateDict)> {
         let seeds = (2 * args.seed, 2 * args.seed + 1);
-        let a = mlp::init_state_dict(&sizes, seeds.0);
-        let b = mlp::init_state_dict(&sizes, seeds.1);
+        let a = mlp::init_state_dict(sizes, seeds.0);
+        let b = mlp::init_state_dict(sizes, seeds.1);
         Ok((
-            train_on(dev, Arch::Mlp, &a, &task_a, epochs, seeds.0, &bar)?,
-            train_on(dev, Arch::Mlp, &b, &task_b, epochs, seeds.1, &bar)?,
+            train_on(dev, Arch::Mlp, &a, &d.task_a, z.epochs, seeds.0, &bar)?,
+            train_on(dev, Arch::Mlp, &b, &d.task_b, z.epochs, seeds.1, &bar)?,
         ))
     })?;
     bar.finish_and_clear();
-    let ls_probe = run.phase("least-squares probe", || Probe::new(&a, &b, &probe.x))?;
+    Ok(out)
+}
 
-    let one = a.numel() as f64;
-    let (logits_a, logits_b) = (logits(&a, &test.x), logits(&b, &test.x));
-    let score = |l: &Array2<f32>| score_logits(l, &test.y, args.split);
-    let (sa, sb) = (score(&logits_a), score(&logits_b));
-    let se = score(&head.combine(&logits_a, &logits_b)?);
-    let mut metrics = serde_json::Map::new();
-    metrics.insert("sizes".into(), json!(sizes));
-    metrics.insert("split".into(), json!(args.split));
-    metrics.insert("allocation".into(), json!(args.allocation.name()));
-    metrics.insert(
-        "models".into(),
-        json!({"a": sa.json(), "b": sb.json(), "ensemble": se.json()}),
-    );
-    run.partial(&Value::Object(metrics.clone()))?;
+/// What every merge needs: the models, the least-squares probe, the head.
+struct MergeInputs<'a> {
+    args: &'a PleasArgs,
+    a: &'a StateDict,
+    b: &'a StateDict,
+    probe: &'a Split,
+    ls_probe: Probe,
+    head: Head,
+    test: &'a Split,
+    depth: usize,
+}
 
-    let bar = run.progress((args.matchings.len() * args.ratios.len()) as u64);
-    let mut merges = Vec::new();
-    let mut csv = String::from(
-        "matching,ratio,width,params_ratio,method,joint_loss,joint_acc,task_a_acc,task_b_acc,task_mean_acc\n",
-    );
-    let mut matching_seconds = serde_json::Map::new();
-    let mut matching_stats = serde_json::Map::new();
-    for &matching in &args.matchings {
+impl MergeInputs<'_> {
+    fn score(&self, sd: &StateDict) -> Scores {
+        score_logits(&logits(sd, &self.test.x), &self.test.y, self.args.split)
+    }
+
+    /// One matching: its stats, then a merge row per ratio (and their CSV lines).
+    fn matching(
+        &self,
+        matching: Matching,
+        run: &mut Run,
+        m: &mut PleasMetrics,
+        csv: &mut String,
+        bar: &indicatif::ProgressBar,
+    ) -> anyhow::Result<()> {
         let t = Instant::now();
         let units = run.phase(&format!("match {}", matching.name()), || {
-            match_units(matching, &a, &b, &probe.x, args.seed)
+            match_units(matching, self.a, self.b, &self.probe.x, self.args.seed)
         })?;
-        matching_seconds.insert(matching.name().into(), json!(t.elapsed().as_secs_f64()));
-        let spec = permute::builders::mlp(&a)?;
-        let b_aligned = permute::apply(&spec, &permutation_of(&units, &a)?, &b)?;
-        matching_stats.insert(
-            matching.name().into(),
-            json!({
-                "l2": permute::matching::l2_distance(&a, &b_aligned),
-                "mean_correlation": units
+        m.matching_seconds
+            .insert(matching.name(), t.elapsed().as_secs_f64());
+        let spec = permute::builders::mlp(self.a)?;
+        let b_aligned = permute::apply(&spec, &permutation_of(&units, self.a)?, self.b)?;
+        m.matching.insert(
+            matching.name(),
+            MatchingStats {
+                l2: permute::matching::l2_distance(self.a, &b_aligned),
+                mean_correlation: units
                     .iter()
                     .map(|(_, sc)| sc.iter().sum::<f64>() / sc.len() as f64)
-                    .collect::<Vec<_>>(),
-            }),
+                    .collect(),
+            },
         );
-        for &ratio in &args.ratios {
-            let plans = plan_layers(&units, ratio, args.allocation)?;
-            let avg = zip_merge(&a, &b, &plans, head)?;
-            let t = Instant::now();
-            let ls = run.phase(
-                &format!("least squares {} {ratio}", matching.name()),
-                || ls_probe.least_squares_merge(&plans, head, args.ridge, 0),
-            )?;
-            let ls_seconds = t.elapsed().as_secs_f64();
-            let ls_head = ls_probe.least_squares_merge(&plans, head, args.ridge, depth)?;
-            // Hidden units of the merged model per hidden unit of one model (1 to 2).
-            let width = plans.iter().map(LayerPlan::width).sum::<usize>() as f64
-                / plans.iter().map(LayerPlan::source_width).sum::<usize>() as f64;
-            let params_ratio = avg.numel() as f64 / one;
-            let (s_avg, s_ls) = (score(&logits(&avg, &test.x)), score(&logits(&ls, &test.x)));
-            let s_head = score(&logits(&ls_head, &test.x));
+        for &ratio in &self.args.ratios {
+            let row = self.merge(matching, &units, ratio, run)?;
             for (method, s) in [
-                ("average", s_avg),
-                ("least_squares", s_ls),
-                ("least_squares_head", s_head),
+                ("average", row.average),
+                ("least_squares", row.least_squares),
+                ("least_squares_head", row.least_squares_head),
             ] {
                 csv.push_str(&format!(
-                    "{},{ratio},{width:.4},{params_ratio:.4},{method},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
+                    "{},{ratio},{:.4},{:.4},{method},{:.6},{:.6},{:.6},{:.6},{:.6}\n",
                     matching.name(),
+                    row.width,
+                    row.params_ratio,
                     s.joint_loss,
                     s.joint_acc,
                     s.task_a_acc,
@@ -843,67 +935,142 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
                     s.task_mean()
                 ));
             }
-            merges.push(json!({
-                "matching": matching.name(),
-                "ratio": ratio,
-                "width": width,
-                "merged_pairs": plans.iter().map(|p| p.pairs.len()).collect::<Vec<_>>(),
-                "params": avg.numel(),
-                "params_ratio": params_ratio,
-                "average": s_avg.json(),
-                "least_squares": s_ls.json(),
-                "least_squares_head": s_head.json(),
-                "least_squares_seconds": ls_seconds,
-            }));
+            m.merges.push(row);
             bar.inc(1);
         }
-        metrics.insert("merges".into(), json!(merges));
-        metrics.insert(
-            "matching_seconds".into(),
-            Value::Object(matching_seconds.clone()),
-        );
-        metrics.insert("matching".into(), Value::Object(matching_stats.clone()));
+        Ok(())
+    }
+
+    /// The plan at `ratio`, merged by averaging, least squares and least squares of the head.
+    fn merge(
+        &self,
+        matching: Matching,
+        units: &[(Vec<usize>, Vec<f64>)],
+        ratio: f64,
+        run: &mut Run,
+    ) -> anyhow::Result<MergeRow> {
+        let plans = plan_layers(units, ratio, self.args.allocation)?;
+        let avg = zip_merge(self.a, self.b, &plans, self.head)?;
+        let t = Instant::now();
+        let ls = run.phase(
+            &format!("least squares {} {ratio}", matching.name()),
+            || {
+                self.ls_probe
+                    .least_squares_merge(&plans, self.head, self.args.ridge, 0)
+            },
+        )?;
+        let least_squares_seconds = t.elapsed().as_secs_f64();
+        let ls_head =
+            self.ls_probe
+                .least_squares_merge(&plans, self.head, self.args.ridge, self.depth)?;
+        Ok(MergeRow {
+            matching: matching.name(),
+            ratio,
+            width: plans.iter().map(LayerPlan::width).sum::<usize>() as f64
+                / plans.iter().map(LayerPlan::source_width).sum::<usize>() as f64,
+            merged_pairs: plans.iter().map(|p| p.pairs.len()).collect(),
+            params: avg.numel(),
+            params_ratio: avg.numel() as f64 / self.a.numel() as f64,
+            average: self.score(&avg),
+            least_squares: self.score(&ls),
+            least_squares_head: self.score(&ls_head),
+            least_squares_seconds,
+        })
+    }
+}
+
+/// Runs the study; returns the report folder.
+pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
+    let z = sizes_of(args)?;
+    let mut run = args.run.open("pleas")?;
+    let d = load_data(args, &z, &mut run)?;
+    let head = match args.head {
+        HeadArg::Task => Head::Split(args.split),
+        HeadArg::Average => Head::Average,
+    };
+    let sizes = mlp::layer_sizes(d.probe.x.ncols(), z.width, z.depth, CLASSES);
+    let (a, b) = train_models(args, &z, &d, &sizes, &mut run)?;
+    let ls_probe = run.phase("least-squares probe", || Probe::new(&a, &b, &d.probe.x))?;
+    let (logits_a, logits_b) = (logits(&a, &d.test.x), logits(&b, &d.test.x));
+    let score = |l: &Array2<f32>| score_logits(l, &d.test.y, args.split);
+    let mut m = PleasMetrics {
+        sizes,
+        split: args.split,
+        allocation: args.allocation.name(),
+        models: Models {
+            a: score(&logits_a),
+            b: score(&logits_b),
+            ensemble: score(&head.combine(&logits_a, &logits_b)?),
+        },
+        merges: Vec::new(),
+        matching_seconds: Default::default(),
+        matching: Default::default(),
+    };
+    run.partial(&serde_json::to_value(&m)?)?;
+    let inputs = MergeInputs {
+        args,
+        a: &a,
+        b: &b,
+        probe: &d.probe,
+        ls_probe,
+        head,
+        test: &d.test,
+        depth: z.depth,
+    };
+    let bar = run.progress((args.matchings.len() * args.ratios.len()) as u64);
+    let mut csv = String::from(
+        "matching,ratio,width,params_ratio,method,joint_loss,joint_acc,task_a_acc,task_b_acc,task_mean_acc\n",
+    );
+    for &matching in &args.matchings {
+        inputs.matching(matching, &mut run, &mut m, &mut csv, &bar)?;
         run.write("merges.csv", csv.as_bytes())?;
-        run.partial(&Value::Object(metrics.clone()))?;
+        run.partial(&serde_json::to_value(&m)?)?;
     }
     bar.finish_and_clear();
+    plot_merges(&m, args, &run)?;
+    let md = report(&m, args, &z, &d);
+    run.finish(serde_json::to_value(&m)?, &md)?;
+    Ok(run.dir.clone())
+}
 
-    // Plots: accuracy against merged width, one line per matching × method.
-    let get = |m: &Value, method: &str, key: &str| m[method][key].as_f64().unwrap_or(f64::NAN);
-    for (key, stem, title) in [
+/// Accuracy against merged width, one line per matching × method.
+fn plot_merges(m: &PleasMetrics, args: &PleasArgs, run: &Run) -> anyhow::Result<()> {
+    let joint: fn(&Scores) -> f64 = |s| s.joint_acc;
+    let task: fn(&Scores) -> f64 = |s| s.task_mean();
+    for (value, stem, title) in [
         (
-            "joint_acc",
+            joint,
             "joint_accuracy_vs_size",
             "Accuracy on all 10 classes vs merged width",
         ),
         (
-            "task_mean_acc",
+            task,
             "task_accuracy_vs_size",
             "Mean per-task accuracy vs merged width",
         ),
     ] {
         let mut series = Vec::new();
         for &matching in &args.matchings {
-            for method in ["average", "least_squares"] {
-                let mut pts: Vec<(f64, f64)> = merges
+            for (label, method) in [
+                ("avg", (|r: &MergeRow| r.average) as fn(&MergeRow) -> Scores),
+                ("LS", |r: &MergeRow| r.least_squares),
+            ] {
+                let mut pts: Vec<(f64, f64)> = m
+                    .merges
                     .iter()
-                    .filter(|m| m["matching"] == matching.name())
-                    .map(|m| (m["width"].as_f64().unwrap_or(f64::NAN), get(m, method, key)))
+                    .filter(|r| r.matching == matching.name())
+                    .map(|r| (r.width, value(&method(r))))
                     .collect();
                 pts.sort_by(|x, y| x.0.total_cmp(&y.0));
-                let label = if method == "average" { "avg" } else { "LS" };
                 series.push(Series::line(format!("{} {label}", matching.name()), pts));
             }
         }
-        let reference = |s: &Scores| match key {
-            "joint_acc" => s.joint_acc,
-            _ => s.task_mean(),
-        };
+        let ms = &m.models;
         series.push(Series::dots(
             "A, B alone",
-            vec![(1.0, reference(&sa)), (1.0, reference(&sb))],
+            vec![(1.0, value(&ms.a)), (1.0, value(&ms.b))],
         ));
-        series.push(Series::dots("ensemble", vec![(2.0, reference(&se))]));
+        series.push(Series::dots("ensemble", vec![(2.0, value(&ms.ensemble))]));
         line_chart(
             &run.dir.join(stem),
             title,
@@ -912,41 +1079,50 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
             &series,
         )?;
     }
+    Ok(())
+}
 
+/// `report.md`.
+fn report(m: &PleasMetrics, args: &PleasArgs, z: &Sizes, d: &Data) -> String {
     let mut md = format!(
-        "# PLeaS: partial matching and least squares\n\nMLP {sizes:?}; model A trained on labels 0–{} ({} samples), model B on {}–9 ({} samples), {epochs} epoch(s) each; {} unlabelled samples for matching and least squares (ridge {}); merge ratios spread over the layers: {}.\n\n| model | joint acc | task A acc | task B acc | joint loss |\n|---|---|---|---|---|\n",
+        "# PLeaS: partial matching and least squares\n\nMLP {:?}; model A trained on labels 0–{} ({} samples), model B on {}–9 ({} samples), {} epoch(s) each; {} unlabelled samples for matching and least squares (ridge {}); merge ratios spread over the layers: {}.\n\n| model | joint acc | task A acc | task B acc | joint loss |\n|---|---|---|---|---|\n",
+        m.sizes,
         args.split - 1,
-        task_a.y.len(),
+        d.task_a.y.len(),
         args.split,
-        task_b.y.len(),
-        probe.y.len(),
+        d.task_b.y.len(),
+        z.epochs,
+        d.probe.y.len(),
         args.ridge,
-        args.allocation.name()
+        m.allocation
     );
-    for (name, s) in [("A", sa), ("B", sb), ("ensemble (2×)", se)] {
+    for (name, s) in [
+        ("A", m.models.a),
+        ("B", m.models.b),
+        ("ensemble (2×)", m.models.ensemble),
+    ] {
         md.push_str(&format!(
             "| {name} | {:.4} | {:.4} | {:.4} | {:.4} |\n",
             s.joint_acc, s.task_a_acc, s.task_b_acc, s.joint_loss
         ));
     }
     md.push_str("\n| matching | merged fraction | width | parameters | average: joint acc | average: per-task acc | least squares: joint acc | least squares: per-task acc | LS of the head only: per-task acc |\n|---|---|---|---|---|---|---|---|---|\n");
-    for m in &merges {
+    for r in &m.merges {
         md.push_str(&format!(
             "| {} | {} | {:.2}× | {:.2}× | {:.4} | {:.4} | {:.4} | {:.4} | {:.4} |\n",
-            m["matching"].as_str().unwrap_or(""),
-            m["ratio"],
-            m["width"].as_f64().unwrap_or(f64::NAN),
-            m["params_ratio"].as_f64().unwrap_or(f64::NAN),
-            get(m, "average", "joint_acc"),
-            get(m, "average", "task_mean_acc"),
-            get(m, "least_squares", "joint_acc"),
-            get(m, "least_squares", "task_mean_acc"),
-            get(m, "least_squares_head", "task_mean_acc"),
+            r.matching,
+            serde_json::json!(r.ratio),
+            r.width,
+            r.params_ratio,
+            r.average.joint_acc,
+            r.average.task_mean(),
+            r.least_squares.joint_acc,
+            r.least_squares.task_mean(),
+            r.least_squares_head.task_mean(),
         ));
     }
     md.push_str("\n![joint accuracy](joint_accuracy_vs_size.png)\n\n![per-task accuracy](task_accuracy_vs_size.png)\n");
-    run.finish(Value::Object(metrics), &md)?;
-    Ok(run.dir.clone())
+    md
 }
 
 #[cfg(test)]
