@@ -21,6 +21,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
+use serde::Serialize;
 use serde_json::{Value, json};
 use weights::StateDict;
 
@@ -505,7 +506,7 @@ where
 
 /// Median milliseconds of switching adapters at width `w` (one block): LoRA
 /// of rank `r` on [`LORA_TARGETS`] vs S²FT at the same parameter count.
-fn switch_time(w: usize, r: usize, reps: usize) -> anyhow::Result<Value> {
+fn switch_time(w: usize, r: usize, reps: usize) -> anyhow::Result<SwitchRow> {
     use ndarray::{Array2, linalg::general_mat_mul};
     use s2ft_core::adapter::{S2ftAdapter, unfuse};
     let heads = (w / 64).max(1);
@@ -585,15 +586,158 @@ fn switch_time(w: usize, r: usize, reps: usize) -> anyhow::Result<Value> {
         undo = next.fuse(&mut sd)?;
         s2ft_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    Ok(json!({
-        "width": w,
-        "ffn": ffn,
-        "lora_rank": r,
-        "lora_params": lora_params,
-        "s2ft_params": s2ft_params,
-        "lora_ms": weights::stats::median(&lora_ms),
-        "s2ft_ms": weights::stats::median(&s2ft_ms),
-    }))
+    Ok(SwitchRow {
+        width: w,
+        ffn,
+        lora_rank: r,
+        lora_params,
+        s2ft_params,
+        lora_ms: weights::stats::median(&lora_ms),
+        s2ft_ms: weights::stats::median(&s2ft_ms),
+    })
+}
+
+/// One adapter-switch timing: LoRA (unmerge + merge) vs S²FT (restore +
+/// add columns) at the same parameter count, one block of width `width`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SwitchRow {
+    /// Hidden width.
+    pub width: usize,
+    /// FFN width.
+    pub ffn: usize,
+    /// LoRA rank.
+    pub lora_rank: usize,
+    /// LoRA's parameters.
+    pub lora_params: usize,
+    /// S²FT's parameters (matched to LoRA's).
+    pub s2ft_params: usize,
+    /// Median ms per LoRA switch.
+    pub lora_ms: f64,
+    /// Median ms per S²FT switch.
+    pub s2ft_ms: f64,
+}
+
+/// One fine-tune of the sweep.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunRow {
+    /// `full`, `lora r4`, `s2ft-random r4`, …
+    pub method: String,
+    /// `full`, `lora`, `s2ft-random` or `s2ft-act`.
+    pub family: &'static str,
+    /// The LoRA rank whose parameter count the method matches.
+    pub lora_rank_budget: Option<usize>,
+    /// Seed.
+    pub seed: u64,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Task B after fine-tuning.
+    pub task_b: Eval,
+    /// Task A (the pretraining text) after fine-tuning.
+    pub task_a: Eval,
+    /// Increase of task-A loss over the base.
+    pub forgetting: f64,
+    /// Median ms per step.
+    pub step_ms: f64,
+    /// Peak heap while fine-tuning (when the counting allocator is installed).
+    pub peak_bytes: Option<usize>,
+    /// Last training loss.
+    pub final_train_loss: Option<f32>,
+}
+
+/// A method's means over seeds.
+#[derive(Clone, Debug, Serialize)]
+pub struct SummaryRow {
+    /// Method label.
+    pub method: String,
+    /// Its family.
+    pub family: &'static str,
+    /// LoRA rank budget.
+    pub lora_rank_budget: Option<usize>,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// Mean task-B accuracy.
+    pub task_b_acc: f64,
+    /// Mean task-B loss.
+    pub task_b_loss: f64,
+    /// Mean forgetting.
+    pub forgetting: f64,
+    /// Mean step time.
+    pub step_ms: f64,
+    /// Mean peak heap in MB (NaN, written as null, when not measured).
+    pub peak_mb: f64,
+}
+
+/// Task scores of one model of the fusion experiment.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct FusionScore {
+    /// Task-A loss.
+    pub task_a_loss: f64,
+    /// Task-B accuracy.
+    pub task_b_acc: f64,
+    /// Task-C accuracy.
+    pub task_c_acc: f64,
+}
+
+/// Adapters for tasks B and C alone and fused.
+#[derive(Clone, Debug, Serialize)]
+pub struct FusionRow {
+    /// Method label.
+    pub method: String,
+    /// Trained on B only.
+    pub only_b: FusionScore,
+    /// Trained on C only.
+    pub only_c: FusionScore,
+    /// Both task vectors added to the base.
+    pub fused: FusionScore,
+}
+
+/// Pretraining of the base.
+#[derive(Clone, Debug, Serialize)]
+pub struct Pretrain {
+    /// Steps run (0 when the base was loaded).
+    pub steps: usize,
+    /// Loss per step.
+    pub losses: Vec<f32>,
+}
+
+/// The base before fine-tuning.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct BaseScores {
+    /// On the pretraining text.
+    pub task_a: Eval,
+    /// On task B.
+    pub task_b: Eval,
+}
+
+/// The study's `metrics.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct S2ftMetrics {
+    /// The model.
+    pub config: LlamaConfig,
+    /// What task A is.
+    pub task_a: &'static str,
+    /// Task B's name.
+    pub task_b: &'static str,
+    /// Task C's name.
+    pub task_c: &'static str,
+    /// Pretraining.
+    pub pretrain: Pretrain,
+    /// The base's scores.
+    pub base: BaseScores,
+    /// Every fine-tune.
+    pub runs: Vec<RunRow>,
+    /// Means over seeds.
+    pub summary: Vec<SummaryRow>,
+    /// Adapter fusion.
+    pub fusion: Vec<FusionRow>,
+    /// Adapter switch times.
+    pub switch: Vec<SwitchRow>,
+    /// Whether peak heap was measured.
+    pub memory_measured: bool,
 }
 
 /// The base every fine-tune starts from: `--base`, or pretrained on task A
@@ -683,7 +827,7 @@ where
     let base_b = base_tasks[0].1;
 
     // The sweep: every method × seed on task B.
-    let mut rows: Vec<Value> = Vec::new();
+    let mut rows: Vec<RunRow> = Vec::new();
     let mut csv = String::from(
         "method,family,lora_rank_budget,seed,trainable_params,task_b_acc,task_b_loss,task_a_loss,forgetting,step_ms,peak_bytes\n",
     );
@@ -713,34 +857,48 @@ where
             ));
             // Written after every run: an interrupted study keeps what finished.
             run.write("runs.csv", csv.as_bytes())?;
-            rows.push(json!({
-                "method": m.label(), "family": m.family(), "lora_rank_budget": m.rank(), "seed": seed,
-                "trainable_params": ft.trainable, "lr": lm.lr(m), "steps": s.steps,
-                "task_b": b, "task_a": a, "forgetting": forgetting,
-                "step_ms": ft.step_ms, "peak_bytes": ft.peak_bytes,
-                "final_train_loss": ft.losses.last(),
-            }));
-            run.partial(&json!({"base": {"task_a": base_a, "task_b": base_b}, "runs": rows}))?;
+            rows.push(RunRow {
+                method: m.label(),
+                family: m.family(),
+                lora_rank_budget: m.rank(),
+                seed,
+                trainable_params: ft.trainable,
+                lr: lm.lr(m),
+                steps: s.steps,
+                task_b: b,
+                task_a: a,
+                forgetting,
+                step_ms: ft.step_ms,
+                peak_bytes: ft.peak_bytes,
+                final_train_loss: ft.losses.last().copied(),
+            });
+            let base = BaseScores {
+                task_a: base_a,
+                task_b: base_b,
+            };
+            run.partial(&json!({"base": base, "runs": rows}))?;
             if seed_k == 0 {
                 kept.push((m, ft));
             }
         }
     }
     // Means over seeds, per method.
-    let summary: Vec<Value> = methods
+    let summary: Vec<SummaryRow> = methods
         .iter()
         .map(|m| {
-            let rs: Vec<&Value> = rows.iter().filter(|r| r["method"] == m.label()).collect();
-            let f = |key: &dyn Fn(&Value) -> f64| mean(rs.iter().map(|r| key(r)));
-            json!({
-                "method": m.label(), "family": m.family(), "lora_rank_budget": m.rank(),
-                "trainable_params": rs[0]["trainable_params"],
-                "task_b_acc": f(&|r| r["task_b"]["acc"].as_f64().unwrap_or(f64::NAN)),
-                "task_b_loss": f(&|r| r["task_b"]["loss"].as_f64().unwrap_or(f64::NAN)),
-                "forgetting": f(&|r| r["forgetting"].as_f64().unwrap_or(f64::NAN)),
-                "step_ms": f(&|r| r["step_ms"].as_f64().unwrap_or(f64::NAN)),
-                "peak_mb": f(&|r| r["peak_bytes"].as_f64().map_or(f64::NAN, |b| b / 1e6)),
-            })
+            let rs: Vec<&RunRow> = rows.iter().filter(|r| r.method == m.label()).collect();
+            let f = |key: &dyn Fn(&RunRow) -> f64| mean(rs.iter().map(|r| key(r)));
+            SummaryRow {
+                method: m.label(),
+                family: m.family(),
+                lora_rank_budget: m.rank(),
+                trainable_params: rs[0].trainable_params,
+                task_b_acc: f(&|r| r.task_b.acc),
+                task_b_loss: f(&|r| r.task_b.loss),
+                forgetting: f(&|r| r.forgetting),
+                step_ms: f(&|r| r.step_ms),
+                peak_mb: f(&|r| r.peak_bytes.map_or(f64::NAN, |b| b as f64 / 1e6)),
+            }
         })
         .collect();
 
@@ -774,16 +932,20 @@ where
                 0,
             )
         })?;
-        let score = |sd: &StateDict| -> anyhow::Result<Value> {
+        let score = |sd: &StateDict| -> anyhow::Result<FusionScore> {
             let (a, t) = evals.score::<B>(&c, sd, device)?;
-            Ok(json!({"task_a_loss": a.loss, "task_b_acc": t[0].1.acc, "task_c_acc": t[1].1.acc}))
+            Ok(FusionScore {
+                task_a_loss: a.loss,
+                task_b_acc: t[0].1.acc,
+                task_c_acc: t[1].1.acc,
+            })
         };
-        fusion.push(json!({
-            "method": m.label(),
-            "only_b": score(&on_b.weights)?,
-            "only_c": score(&on_c.weights)?,
-            "fused": score(&fused)?,
-        }));
+        fusion.push(FusionRow {
+            method: m.label(),
+            only_b: score(&on_b.weights)?,
+            only_c: score(&on_c.weights)?,
+            fused: score(&fused)?,
+        });
     }
     bar.finish_and_clear();
 
@@ -802,13 +964,8 @@ where
         .map(|(i, fam)| {
             let pts = rows
                 .iter()
-                .filter(|r| r["family"] == *fam)
-                .map(|r| {
-                    (
-                        r["forgetting"].as_f64().unwrap_or(f64::NAN),
-                        r["task_b"]["acc"].as_f64().unwrap_or(f64::NAN),
-                    )
-                })
+                .filter(|r| r.family == *fam)
+                .map(|r| (r.forgetting, r.task_b.acc))
                 .collect();
             Series::dots(*fam, pts).colored(i)
         })
@@ -820,26 +977,21 @@ where
         &format!("task {} accuracy", task_b.name()),
         &tradeoff,
     )?;
-    let at_mid: Vec<&Value> = summary
+    let at_mid: Vec<&SummaryRow> = summary
         .iter()
-        .filter(|r| r["lora_rank_budget"].is_null() || r["lora_rank_budget"] == mid)
+        .filter(|r| r.lora_rank_budget.is_none_or(|r| r == mid))
         .collect();
-    let bars = |key: &str| -> Vec<(String, f64)> {
+    let bars = |key: fn(&SummaryRow) -> f64| -> Vec<(String, f64)> {
         at_mid
             .iter()
-            .map(|r| {
-                (
-                    r["family"].as_str().unwrap_or("?").to_string(),
-                    r[key].as_f64().unwrap_or(f64::NAN),
-                )
-            })
+            .map(|r| (r.family.to_string(), key(r)))
             .collect()
     };
     bar_chart(
         &run.dir.join("step_time"),
         &format!("Step time (LoRA rank {mid} budget)"),
         "median ms per step",
-        &bars("step_ms"),
+        &bars(|r| r.step_ms),
     )?;
     let memory_measured = crate::alloc::installed();
     if memory_measured {
@@ -847,7 +999,7 @@ where
             &run.dir.join("memory"),
             &format!("Peak heap during fine-tuning (LoRA rank {mid} budget)"),
             "MB",
-            &bars("peak_mb"),
+            &bars(|r| r.peak_mb),
         )?;
     }
     let curves: Vec<Series> = kept
@@ -872,16 +1024,8 @@ where
         &curves,
     )?;
     if !switch.is_empty() {
-        let pts = |k: &str| -> Vec<(f64, f64)> {
-            switch
-                .iter()
-                .map(|r| {
-                    (
-                        r["width"].as_f64().unwrap_or(f64::NAN),
-                        r[k].as_f64().unwrap_or(f64::NAN),
-                    )
-                })
-                .collect()
+        let pts = |k: fn(&SwitchRow) -> f64| -> Vec<(f64, f64)> {
+            switch.iter().map(|r| (r.width as f64, k(r))).collect()
         };
         line_chart(
             &run.dir.join("switch_time"),
@@ -889,8 +1033,11 @@ where
             "hidden width",
             "ms",
             &[
-                Series::line("LoRA r8 (unmerge + merge)", pts("lora_ms")),
-                Series::line("S²FT, same budget (restore + add columns)", pts("s2ft_ms")),
+                Series::line("LoRA r8 (unmerge + merge)", pts(|r| r.lora_ms)),
+                Series::line(
+                    "S²FT, same budget (restore + add columns)",
+                    pts(|r| r.s2ft_ms),
+                ),
             ],
         )?;
     }
@@ -929,14 +1076,13 @@ where
     for r in &summary {
         md.push_str(&format!(
             "| {} | {} | {:.3} | {:.3} | {:+.4} | {:.1} | {} |\n",
-            r["method"].as_str().unwrap_or("?"),
-            r["trainable_params"],
-            r["task_b_acc"].as_f64().unwrap_or(f64::NAN),
-            r["task_b_loss"].as_f64().unwrap_or(f64::NAN),
-            r["forgetting"].as_f64().unwrap_or(f64::NAN),
-            r["step_ms"].as_f64().unwrap_or(f64::NAN),
-            r["peak_mb"]
-                .as_f64()
+            r.method,
+            r.trainable_params,
+            r.task_b_acc,
+            r.task_b_loss,
+            r.forgetting,
+            r.step_ms,
+            Some(r.peak_mb)
                 .filter(|v| v.is_finite())
                 .map_or("not measured".into(), |v| format!("{v:.1}")),
         ));
@@ -952,47 +1098,49 @@ where
         cc = task_c.name(),
     ));
     for f in &fusion {
-        let g = |a: &str, b: &str| f[a][b].as_f64().unwrap_or(f64::NAN);
         md.push_str(&format!(
             "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
-            f["method"].as_str().unwrap_or("?"),
-            g("only_b", "task_b_acc"),
-            g("only_c", "task_c_acc"),
-            g("fused", "task_b_acc"),
-            g("fused", "task_c_acc"),
-            g("fused", "task_a_loss"),
+            f.method,
+            f.only_b.task_b_acc,
+            f.only_c.task_c_acc,
+            f.fused.task_b_acc,
+            f.fused.task_c_acc,
+            f.fused.task_a_loss,
         ));
     }
     if !switch.is_empty() {
         md.push_str("\n## Adapter switch time (one block, CPU)\n\n| width | LoRA r8 params | LoRA ms | S²FT params | S²FT ms | ratio |\n|---|---|---|---|---|---|\n");
         for r in &switch {
-            let (l, x) = (
-                r["lora_ms"].as_f64().unwrap_or(f64::NAN),
-                r["s2ft_ms"].as_f64().unwrap_or(f64::NAN),
-            );
+            let (l, x) = (r.lora_ms, r.s2ft_ms);
             md.push_str(&format!(
                 "| {} | {} | {l:.3} | {} | {x:.3} | {:.1}× |\n",
-                r["width"],
-                r["lora_params"],
-                r["s2ft_params"],
+                r.width,
+                r.lora_params,
+                r.s2ft_params,
                 l / x
             ));
         }
         md.push_str("\n![switch time](switch_time.png)\n");
     }
-    let metrics = json!({
-        "config": c,
-        "task_a": "moby-dick character LM",
-        "task_b": task_b.name(),
-        "task_c": task_c.name(),
-        "pretrain": {"steps": pre_losses.len(), "losses": pre_losses},
-        "base": {"task_a": base_a, "task_b": base_b},
-        "runs": rows,
-        "summary": summary,
-        "fusion": fusion,
-        "switch": switch,
-        "memory_measured": memory_measured,
-    });
-    run.finish(metrics, &md)?;
+    let metrics = S2ftMetrics {
+        config: c,
+        task_a: "moby-dick character LM",
+        task_b: task_b.name(),
+        task_c: task_c.name(),
+        pretrain: Pretrain {
+            steps: pre_losses.len(),
+            losses: pre_losses,
+        },
+        base: BaseScores {
+            task_a: base_a,
+            task_b: base_b,
+        },
+        runs: rows,
+        summary,
+        fusion,
+        switch,
+        memory_measured,
+    };
+    run.finish(serde_json::to_value(&metrics)?, &md)?;
     Ok(run.dir.clone())
 }
