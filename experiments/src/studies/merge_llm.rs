@@ -334,29 +334,37 @@ pub fn read_training(run_dir: &Path) -> anyhow::Result<Training> {
             path.display()
         )
     })?;
-    let m: serde_json::Value =
+    /// What a merge run needs of a `s2ft --model` run's `metrics.json`
+    /// (fields of its `Plan` and `RunRow`; the others are ignored).
+    #[derive(serde::Deserialize)]
+    struct RunMetrics {
+        plan: PlanFields,
+        runs: Vec<RunFields>,
+    }
+    #[derive(serde::Deserialize)]
+    struct PlanFields {
+        steps: usize,
+        batch: usize,
+        seed: u64,
+        lora_dropout: f64,
+    }
+    #[derive(serde::Deserialize)]
+    struct RunFields {
+        method: String,
+        lr: f64,
+        diverged: Option<String>,
+    }
+    let m: RunMetrics =
         serde_json::from_str(&text).with_context(|| format!("--finetunes: {}", path.display()))?;
-    let plan = &m["plan"];
-    let num = |k: &str| {
-        plan[k]
-            .as_f64()
-            .with_context(|| format!("--finetunes: {} has no plan.{k}", path.display()))
-    };
     let mut lrs = BTreeMap::new();
-    for r in m["runs"].as_array().into_iter().flatten() {
-        if let (Some(method), Some(lr), true) = (
-            r["method"].as_str(),
-            r["lr"].as_f64(),
-            r["diverged"].is_null(),
-        ) {
-            lrs.entry(method.to_string()).or_insert(lr);
-        }
+    for r in m.runs.into_iter().filter(|r| r.diverged.is_none()) {
+        lrs.entry(r.method).or_insert(r.lr);
     }
     Ok(Training {
-        steps: num("steps")? as usize,
-        batch: num("batch")? as usize,
-        seed: num("seed")? as u64,
-        lora_dropout: num("lora_dropout")?,
+        steps: m.plan.steps,
+        batch: m.plan.batch,
+        seed: m.plan.seed,
+        lora_dropout: m.plan.lora_dropout,
         lrs,
     })
 }
@@ -642,14 +650,14 @@ fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
 }
 
 /// Accuracy per task, and the mean.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct Accs {
     /// Exact-match accuracy per task.
     pub tasks: BTreeMap<String, f64>,
     /// Teacher-forced answer loss per task.
     pub loss: BTreeMap<String, f64>,
     /// The first few (task, prompt, reference, greedy answer) of each task.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub samples: Vec<(String, String, String, String)>,
 }
 
@@ -667,7 +675,7 @@ impl Accs {
 /// model's accuracy ÷ the individual fine-tune's on its own task, and the
 /// mean over the tasks where it is defined (an individual accuracy of 0
 /// leaves the task out).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Normalised {
     /// Per task (`None` where the individual scored 0).
     pub tasks: BTreeMap<String, Option<f64>>,
@@ -695,7 +703,7 @@ pub fn normalised(
 }
 
 /// One grid point of a method.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct GridPoint {
     /// Its hyper-parameters.
     pub hyper: BTreeMap<String, f64>,
@@ -706,7 +714,7 @@ pub struct GridPoint {
 }
 
 /// A method's row of the table (one group).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct MergeRow {
     /// The group (fine-tuning method).
     pub group: String,
@@ -2118,6 +2126,32 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn training_settings_are_read_from_a_s2ft_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = serde_json::json!({
+            "plan": {"steps": 150, "batch": 8, "seed": 3, "lora_dropout": 0.05, "model": "x"},
+            "runs": [
+                {"method": "full", "lr": 1e-4, "diverged": null, "task": "date"},
+                {"method": "lora r4", "lr": 3e-3, "diverged": "loss NaN at step 9"},
+                {"method": "lora r4", "lr": 1e-3, "diverged": null},
+                {"method": "full", "lr": 3e-4, "diverged": null}
+            ]
+        });
+        std::fs::write(dir.path().join("metrics.json"), m.to_string()).unwrap();
+        let t = read_training(dir.path()).unwrap();
+        assert_eq!(
+            (t.steps, t.batch, t.seed, t.lora_dropout),
+            (150, 8, 3, 0.05)
+        );
+        // The first run of each method that did not diverge.
+        assert_eq!(t.lrs["full"], 1e-4);
+        assert_eq!(t.lrs["lora r4"], 1e-3);
+        std::fs::write(dir.path().join("metrics.json"), r#"{"plan": {"steps": 1}}"#).unwrap();
+        let e = format!("{:#}", read_training(dir.path()).unwrap_err());
+        assert!(e.contains("--finetunes") && e.contains("batch"), "{e}");
+    }
 
     fn map(kv: &[(&str, f64)]) -> BTreeMap<String, f64> {
         kv.iter().map(|(k, v)| (k.to_string(), *v)).collect()

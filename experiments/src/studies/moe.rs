@@ -478,30 +478,28 @@ fn read_merges(dir: &Path, group: &str, tasks: &[InstructTask]) -> anyhow::Resul
     let path = dir.join("metrics.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("--merge-run: reading {}", path.display()))?;
-    let m: serde_json::Value =
+    /// The merge rows of a `merge --model` run's `metrics.json`.
+    #[derive(serde::Deserialize)]
+    struct MergeRun {
+        merges: Vec<crate::studies::merge_llm::MergeRow>,
+    }
+    let m: MergeRun =
         serde_json::from_str(&text).with_context(|| format!("--merge-run: {}", path.display()))?;
     let mut rows = Vec::new();
-    for r in m["merges"].as_array().into_iter().flatten() {
-        if r["group"].as_str() != Some(group) {
-            continue;
-        }
-        let accs = |k: &str| -> BTreeMap<String, f64> {
+    for r in m.merges.into_iter().filter(|r| r.group == group) {
+        let accs = |a: &crate::studies::merge_llm::Accs| -> BTreeMap<String, f64> {
             tasks
                 .iter()
-                .filter_map(|t| {
-                    r[k]["tasks"][t.name()]
-                        .as_f64()
-                        .map(|v| (t.name().to_string(), v))
-                })
+                .filter_map(|t| a.tasks.get(t.name()).map(|&v| (t.name().to_string(), v)))
                 .collect()
         };
-        let (test, ood) = (accs("test"), accs("ood"));
+        let (test, ood) = (accs(&r.test), accs(&r.ood));
         if test.len() != tasks.len() {
             continue;
         }
         rows.push(ModelRow {
             kind: "dense merge".into(),
-            label: format!("merge {}", r["method"].as_str().unwrap_or("?")),
+            label: format!("merge {}", r.method),
             experts: None,
             top_k: None,
             params: 0,
@@ -510,8 +508,8 @@ fn read_merges(dir: &Path, group: &str, tasks: &[InstructTask]) -> anyhow::Resul
             ood_mean: mean(ood.values().copied()),
             test,
             ood,
-            normalised: r["normalised"]["mean"].as_f64(),
-            build_seconds: r["merge_seconds"].as_f64(),
+            normalised: r.normalised.mean,
+            build_seconds: Some(r.merge_seconds),
             samples: Vec::new(),
         });
     }
@@ -1181,4 +1179,62 @@ fn report(plan: &Plan, m: &Metrics) -> String {
         ));
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::studies::merge_llm::{Accs, MergeRow, normalised};
+
+    fn row(group: &str, method: &str, date: f64) -> MergeRow {
+        let accs = |v: f64| Accs {
+            tasks: [("date".to_string(), v), ("reverse".to_string(), 0.5)].into(),
+            ..Default::default()
+        };
+        let ind: BTreeMap<String, f64> =
+            [("date".to_string(), 0.8), ("reverse".to_string(), 1.0)].into();
+        MergeRow {
+            group: group.into(),
+            method: method.into(),
+            hyper: BTreeMap::new(),
+            grid: Vec::new(),
+            test: accs(date),
+            ood: accs(date / 2.0),
+            normalised: normalised(&accs(date).tasks, &ind),
+            normalised_ood: normalised(&accs(date / 2.0).tasks, &ind),
+            merge_seconds: 1.5,
+            peak_mb: None,
+            yaml: None,
+            yaml_identical: None,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn merge_runs_are_read_back_through_the_merge_study_s_own_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = serde_json::json!({
+            "merges": [row("full", "ties", 0.4), row("lora", "ties", 0.9), row("full", "tsv_m", 0.6)],
+            "other": "ignored",
+        });
+        std::fs::write(dir.path().join("metrics.json"), metrics.to_string()).unwrap();
+        let tasks = [InstructTask::Date, InstructTask::Reverse];
+        let rows = read_merges(dir.path(), "full", &tasks).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].label, "merge ties");
+        assert_eq!(rows[0].test["date"], 0.4);
+        assert_eq!(rows[0].ood["date"], 0.2);
+        assert!((rows[0].test_mean - 0.45).abs() < 1e-12);
+        // (0.4 / 0.8 + 0.5 / 1) / 2
+        assert!((rows[0].normalised.unwrap() - 0.5).abs() < 1e-12);
+        assert_eq!(rows[1].build_seconds, Some(1.5));
+        // A group the run does not have, and a file that is not a merge run, are named.
+        let e = read_merges(dir.path(), "s2ft", &tasks)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'s2ft'"), "{e}");
+        std::fs::write(dir.path().join("metrics.json"), r#"{"runs": []}"#).unwrap();
+        let e = format!("{:#}", read_merges(dir.path(), "full", &tasks).unwrap_err());
+        assert!(e.contains("--merge-run") && e.contains("merges"), "{e}");
+    }
 }
