@@ -793,6 +793,172 @@ pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
     crate::device::on_device!(dev, run_on(args, s, sw, run, corpus, &Default::default()))
 }
 
+/// The first seed's fine-tune of each method (fused and plotted later).
+type Kept = Vec<(Method, Finetuned)>;
+
+/// What every phase of the character study shares: the sizes, the base and
+/// its scores, the held-out sets, the device and the progress bar.
+struct Ctx<'a, B: AutodiffBackend> {
+    args: &'a S2ftArgs,
+    s: Sizes,
+    base: StateDict,
+    c: LlamaConfig,
+    evals: EvalSets,
+    base_scores: BaseScores,
+    device: &'a B::Device,
+    bar: indicatif::ProgressBar,
+}
+
+impl<B: AutodiffBackend> Ctx<'_, B>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    /// Fine-tunes the base with `m` on `task`.
+    fn finetune(&self, m: Method, task: Task, seed: u64) -> anyhow::Result<Finetuned> {
+        let lr = self.args.lm.lr(m);
+        finetune::<B>(
+            &self.base,
+            &self.s,
+            m,
+            &[task],
+            lr,
+            seed,
+            None,
+            self.device,
+            &self.bar,
+        )
+    }
+
+    /// Every method × seed on task B; the first seed's fine-tunes are kept.
+    fn sweep(
+        &self,
+        run: &mut Run,
+        methods: &[Method],
+        seeds: usize,
+    ) -> anyhow::Result<(Vec<RunRow>, Kept)> {
+        let (lm, task_b) = (&self.args.lm, self.args.task);
+        let mut rows: Vec<RunRow> = Vec::new();
+        let mut csv = String::from(
+            "method,family,lora_rank_budget,seed,trainable_params,task_b_acc,task_b_loss,task_a_loss,forgetting,step_ms,peak_bytes\n",
+        );
+        let mut kept = Vec::new();
+        for seed_k in 0..seeds as u64 {
+            let seed = lm.seed * 1000 + seed_k;
+            for &m in methods {
+                self.bar.set_message(format!("{} seed {seed}", m.label()));
+                let ft = run.phase(&format!("{} seed {seed}", m.label()), || {
+                    self.finetune(m, task_b, seed)
+                })?;
+                let (a, tasks) = self.evals.score::<B>(&self.c, &ft.weights, self.device)?;
+                let b = tasks[0].1;
+                let row = RunRow {
+                    method: m.label(),
+                    family: m.family(),
+                    lora_rank_budget: m.rank(),
+                    seed,
+                    trainable_params: ft.trainable,
+                    lr: lm.lr(m),
+                    steps: self.s.steps,
+                    task_b: b,
+                    task_a: a,
+                    forgetting: a.loss - self.base_scores.task_a.loss,
+                    step_ms: ft.step_ms,
+                    peak_bytes: ft.peak_bytes,
+                    final_train_loss: ft.losses.last().copied(),
+                };
+                csv.push_str(&format!(
+                    "{},{},{},{seed},{},{:.5},{:.5},{:.5},{:.5},{:.3},{}\n",
+                    row.method,
+                    row.family,
+                    m.rank().map_or(String::new(), |r| r.to_string()),
+                    row.trainable_params,
+                    b.acc,
+                    b.loss,
+                    a.loss,
+                    row.forgetting,
+                    row.step_ms,
+                    row.peak_bytes.map_or(String::new(), |p| p.to_string())
+                ));
+                // Written after every run: an interrupted study keeps what finished.
+                run.write("runs.csv", csv.as_bytes())?;
+                rows.push(row);
+                run.partial(&json!({"base": self.base_scores, "runs": rows}))?;
+                if seed_k == 0 {
+                    kept.push((m, ft));
+                }
+            }
+        }
+        Ok((rows, kept))
+    }
+
+    /// Adapter fusion: τ_B + τ_C on the base, vs each alone.
+    fn fusion(
+        &self,
+        run: &mut Run,
+        methods: &[Method],
+        kept: &[(Method, Finetuned)],
+    ) -> anyhow::Result<Vec<FusionRow>> {
+        let task_c = self.args.fusion_task;
+        let mut fusion = Vec::new();
+        for &m in methods {
+            self.bar.set_message(format!("fusion {}", m.label()));
+            let on_b = &kept.iter().find(|(k, _)| *k == m).expect("swept").1;
+            let on_c = run.phase(&format!("{} on {}", m.label(), task_c.name()), || {
+                self.finetune(m, task_c, self.args.lm.seed * 1000 + 1)
+            })?;
+            let fused = run.phase(&format!("fuse {}", m.label()), || {
+                merge::merge_state_dicts(
+                    &merge::Method::from_name("task_arithmetic")?,
+                    Some(&self.base),
+                    &[on_b.weights.clone(), on_c.weights.clone()],
+                    &[("weight".to_string(), merge::Value::Num(1.0))]
+                        .into_iter()
+                        .collect(),
+                    &[merge::Params::new(), merge::Params::new()],
+                    0,
+                )
+            })?;
+            let score = |sd: &StateDict| -> anyhow::Result<FusionScore> {
+                let (a, t) = self.evals.score::<B>(&self.c, sd, self.device)?;
+                Ok(FusionScore {
+                    task_a_loss: a.loss,
+                    task_b_acc: t[0].1.acc,
+                    task_c_acc: t[1].1.acc,
+                })
+            };
+            fusion.push(FusionRow {
+                method: m.label(),
+                only_b: score(&on_b.weights)?,
+                only_c: score(&on_c.weights)?,
+                fused: score(&fused)?,
+            });
+        }
+        Ok(fusion)
+    }
+}
+
+/// Means over seeds, per method.
+fn summarise(methods: &[Method], rows: &[RunRow]) -> Vec<SummaryRow> {
+    methods
+        .iter()
+        .map(|m| {
+            let rs: Vec<&RunRow> = rows.iter().filter(|r| r.method == m.label()).collect();
+            let f = |key: &dyn Fn(&RunRow) -> f64| mean(rs.iter().map(|r| key(r)));
+            SummaryRow {
+                method: m.label(),
+                family: m.family(),
+                lora_rank_budget: m.rank(),
+                trainable_params: rs[0].trainable_params,
+                task_b_acc: f(&|r| r.task_b.acc),
+                task_b_loss: f(&|r| r.task_b.loss),
+                forgetting: f(&|r| r.forgetting),
+                step_ms: f(&|r| r.step_ms),
+                peak_mb: f(&|r| r.peak_bytes.map_or(f64::NAN, |b| b as f64 / 1e6)),
+            }
+        })
+        .collect()
+}
+
 fn run_on<B: AutodiffBackend>(
     args: &S2ftArgs,
     mut s: Sizes,
@@ -824,138 +990,62 @@ where
     let c = s.config.clone();
     let evals = EvalSets::new(&corpus, &[task_b, task_c], &s);
     let (base_a, base_tasks) = evals.score::<B>(&c, &base, device)?;
-    let base_b = base_tasks[0].1;
-
-    // The sweep: every method × seed on task B.
-    let mut rows: Vec<RunRow> = Vec::new();
-    let mut csv = String::from(
-        "method,family,lora_rank_budget,seed,trainable_params,task_b_acc,task_b_loss,task_a_loss,forgetting,step_ms,peak_bytes\n",
-    );
-    let mut kept: Vec<(Method, Finetuned)> = Vec::new();
-    for seed_k in 0..sw.seeds as u64 {
-        let seed = lm.seed * 1000 + seed_k;
-        for &m in &methods {
-            bar.set_message(format!("{} seed {seed}", m.label()));
-            let ft = run.phase(&format!("{} seed {seed}", m.label()), || {
-                finetune::<B>(&base, &s, m, &[task_b], lm.lr(m), seed, None, device, &bar)
-            })?;
-            let (a, tasks) = evals.score::<B>(&c, &ft.weights, device)?;
-            let b = tasks[0].1;
-            let forgetting = a.loss - base_a.loss;
-            csv.push_str(&format!(
-                "{},{},{},{seed},{},{:.5},{:.5},{:.5},{:.5},{:.3},{}\n",
-                m.label(),
-                m.family(),
-                m.rank().map_or(String::new(), |r| r.to_string()),
-                ft.trainable,
-                b.acc,
-                b.loss,
-                a.loss,
-                forgetting,
-                ft.step_ms,
-                ft.peak_bytes.map_or(String::new(), |p| p.to_string())
-            ));
-            // Written after every run: an interrupted study keeps what finished.
-            run.write("runs.csv", csv.as_bytes())?;
-            rows.push(RunRow {
-                method: m.label(),
-                family: m.family(),
-                lora_rank_budget: m.rank(),
-                seed,
-                trainable_params: ft.trainable,
-                lr: lm.lr(m),
-                steps: s.steps,
-                task_b: b,
-                task_a: a,
-                forgetting,
-                step_ms: ft.step_ms,
-                peak_bytes: ft.peak_bytes,
-                final_train_loss: ft.losses.last().copied(),
-            });
-            let base = BaseScores {
-                task_a: base_a,
-                task_b: base_b,
-            };
-            run.partial(&json!({"base": base, "runs": rows}))?;
-            if seed_k == 0 {
-                kept.push((m, ft));
-            }
-        }
-    }
-    // Means over seeds, per method.
-    let summary: Vec<SummaryRow> = methods
+    let base_scores = BaseScores {
+        task_a: base_a,
+        task_b: base_tasks[0].1,
+    };
+    let ctx = Ctx::<B> {
+        args,
+        s,
+        base,
+        c,
+        evals,
+        base_scores,
+        device,
+        bar,
+    };
+    let (rows, kept) = ctx.sweep(&mut run, &methods, sw.seeds)?;
+    let summary = summarise(&methods, &rows);
+    let fusion = ctx.fusion(&mut run, &fusion_methods, &kept)?;
+    ctx.bar.finish_and_clear();
+    let switch = sw
+        .switch_widths
         .iter()
-        .map(|m| {
-            let rs: Vec<&RunRow> = rows.iter().filter(|r| r.method == m.label()).collect();
-            let f = |key: &dyn Fn(&RunRow) -> f64| mean(rs.iter().map(|r| key(r)));
-            SummaryRow {
-                method: m.label(),
-                family: m.family(),
-                lora_rank_budget: m.rank(),
-                trainable_params: rs[0].trainable_params,
-                task_b_acc: f(&|r| r.task_b.acc),
-                task_b_loss: f(&|r| r.task_b.loss),
-                forgetting: f(&|r| r.forgetting),
-                step_ms: f(&|r| r.step_ms),
-                peak_mb: f(&|r| r.peak_bytes.map_or(f64::NAN, |b| b as f64 / 1e6)),
-            }
-        })
-        .collect();
+        .map(|&w| run.phase(&format!("switch width {w}"), || switch_time(w, 8, 7)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let Ctx { s, base, c, .. } = ctx;
+    let metrics = S2ftMetrics {
+        config: c,
+        task_a: "moby-dick character LM",
+        task_b: task_b.name(),
+        task_c: task_c.name(),
+        pretrain: Pretrain {
+            steps: pre_losses.len(),
+            losses: pre_losses,
+        },
+        base: base_scores,
+        runs: rows,
+        summary,
+        fusion,
+        switch,
+        memory_measured: crate::alloc::installed(),
+    };
+    plots(&metrics, &kept, mid, &run)?;
+    let md = report(&metrics, args, &s, base.numel(), sw.seeds);
+    run.finish(serde_json::to_value(&metrics)?, &md)?;
+    Ok(run.dir.clone())
+}
 
-    // Adapter fusion: τ_B + τ_C on the base, vs each alone.
-    let mut fusion = Vec::new();
-    for &m in &fusion_methods {
-        bar.set_message(format!("fusion {}", m.label()));
-        let on_b = &kept.iter().find(|(k, _)| *k == m).expect("swept").1;
-        let on_c = run.phase(&format!("{} on {}", m.label(), task_c.name()), || {
-            finetune::<B>(
-                &base,
-                &s,
-                m,
-                &[task_c],
-                lm.lr(m),
-                lm.seed * 1000 + 1,
-                None,
-                device,
-                &bar,
-            )
-        })?;
-        let fused = run.phase(&format!("fuse {}", m.label()), || {
-            merge::merge_state_dicts(
-                &merge::Method::from_name("task_arithmetic")?,
-                Some(&base),
-                &[on_b.weights.clone(), on_c.weights.clone()],
-                &[("weight".to_string(), merge::Value::Num(1.0))]
-                    .into_iter()
-                    .collect(),
-                &[merge::Params::new(), merge::Params::new()],
-                0,
-            )
-        })?;
-        let score = |sd: &StateDict| -> anyhow::Result<FusionScore> {
-            let (a, t) = evals.score::<B>(&c, sd, device)?;
-            Ok(FusionScore {
-                task_a_loss: a.loss,
-                task_b_acc: t[0].1.acc,
-                task_c_acc: t[1].1.acc,
-            })
-        };
-        fusion.push(FusionRow {
-            method: m.label(),
-            only_b: score(&on_b.weights)?,
-            only_c: score(&on_c.weights)?,
-            fused: score(&fused)?,
-        });
-    }
-    bar.finish_and_clear();
-
-    // Adapter switch time vs width.
-    let mut switch = Vec::new();
-    for &w in &sw.switch_widths {
-        let row = run.phase(&format!("switch width {w}"), || switch_time(w, 8, 7))?;
-        switch.push(row);
-    }
-
+/// Trade-off, step time, memory, fine-tuning loss and switch-time plots.
+fn plots(
+    m: &S2ftMetrics,
+    kept: &[(Method, Finetuned)],
+    mid: usize,
+    run: &Run,
+) -> anyhow::Result<()> {
+    let (rows, summary, switch) = (&m.runs, &m.summary, &m.switch);
+    let task_b = m.task_b;
+    let memory_measured = m.memory_measured;
     // Plots.
     let palette = ["full", "lora", "s2ft-random", "s2ft-act"];
     let tradeoff: Vec<Series> = palette
@@ -972,9 +1062,9 @@ where
         .collect();
     line_chart(
         &run.dir.join("tradeoff"),
-        &format!("Task {} accuracy vs forgetting of task A", task_b.name()),
+        &format!("Task {} accuracy vs forgetting of task A", task_b),
         "forgetting: increase of task-A loss (nats/char)",
-        &format!("task {} accuracy", task_b.name()),
+        &format!("task {} accuracy", task_b),
         &tradeoff,
     )?;
     let at_mid: Vec<&SummaryRow> = summary
@@ -993,7 +1083,6 @@ where
         "median ms per step",
         &bars(|r| r.step_ms),
     )?;
-    let memory_measured = crate::alloc::installed();
     if memory_measured {
         bar_chart(
             &run.dir.join("memory"),
@@ -1018,7 +1107,7 @@ where
         .collect();
     line_chart(
         &run.dir.join("finetune_loss"),
-        &format!("Fine-tuning loss on task {}", task_b.name()),
+        &format!("Fine-tuning loss on task {}", task_b),
         "step",
         "answer-token loss",
         &curves,
@@ -1042,6 +1131,15 @@ where
         )?;
     }
 
+    Ok(())
+}
+
+/// `report.md`.
+fn report(m: &S2ftMetrics, args: &S2ftArgs, s: &Sizes, base_params: usize, seeds: usize) -> String {
+    let (lm, c, summary, fusion, switch) = (&args.lm, &m.config, &m.summary, &m.fusion, &m.switch);
+    let (task_b, task_c) = (args.task, args.fusion_task);
+    let (base_a, base_b) = (m.base.task_a, m.base.task_b);
+    let memory_measured = m.memory_measured;
     // Report.
     let mut md = format!(
         "# S²FT vs LoRA vs full fine-tuning\n\n\
@@ -1055,7 +1153,7 @@ where
         c.num_attention_heads,
         c.intermediate_size,
         c.vocab_size,
-        base.numel(),
+        base_params,
         match &lm.base {
             Some(p) => format!("loaded from {}", p.display()),
             None => format!("pretrained {} steps", s.pretrain_steps),
@@ -1070,10 +1168,10 @@ where
         s.seq,
         lm.lr_full,
         lm.lr_peft,
-        sw.seeds,
+        seeds,
         LORA_TARGETS.join(", "),
     );
-    for r in &summary {
+    for r in summary {
         md.push_str(&format!(
             "| {} | {} | {:.3} | {:.3} | {:+.4} | {:.1} | {} |\n",
             r.method,
@@ -1097,7 +1195,7 @@ where
         b = task_b.name(),
         cc = task_c.name(),
     ));
-    for f in &fusion {
+    for f in fusion {
         md.push_str(&format!(
             "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
             f.method,
@@ -1110,7 +1208,7 @@ where
     }
     if !switch.is_empty() {
         md.push_str("\n## Adapter switch time (one block, CPU)\n\n| width | LoRA r8 params | LoRA ms | S²FT params | S²FT ms | ratio |\n|---|---|---|---|---|---|\n");
-        for r in &switch {
+        for r in switch {
             let (l, x) = (r.lora_ms, r.s2ft_ms);
             md.push_str(&format!(
                 "| {} | {} | {l:.3} | {} | {x:.3} | {:.1}× |\n",
@@ -1122,25 +1220,5 @@ where
         }
         md.push_str("\n![switch time](switch_time.png)\n");
     }
-    let metrics = S2ftMetrics {
-        config: c,
-        task_a: "moby-dick character LM",
-        task_b: task_b.name(),
-        task_c: task_c.name(),
-        pretrain: Pretrain {
-            steps: pre_losses.len(),
-            losses: pre_losses,
-        },
-        base: BaseScores {
-            task_a: base_a,
-            task_b: base_b,
-        },
-        runs: rows,
-        summary,
-        fusion,
-        switch,
-        memory_measured,
-    };
-    run.finish(serde_json::to_value(&metrics)?, &md)?;
-    Ok(run.dir.clone())
+    md
 }
