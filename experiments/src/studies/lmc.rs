@@ -636,24 +636,11 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     }
     for (name, perm, secs, repaired) in &rows {
         let bp = apply(&spec, perm, b)?;
-        // REPAIR's cost (statistics and corrections at every λ) adds to WM's.
-        let repair_secs = std::cell::Cell::new(0.0);
-        let c = run.phase(&format!("curve {name}"), || {
-            if *repaired {
-                let t = Instant::now();
-                let rep = MlpRepair::new(a, &bp, &repair_probe);
-                repair_secs.set(t.elapsed().as_secs_f64());
-                curve_of(arch, args.grid, &eval_train, &eval_test, |l| {
-                    let t = Instant::now();
-                    let m = rep.at(l);
-                    repair_secs.set(repair_secs.get() + t.elapsed().as_secs_f64());
-                    m
-                })
-            } else {
-                curve(arch, a, &bp, args.grid, &eval_train, &eval_test)
-            }
+        let probe = repaired.then_some(&repair_probe);
+        let (c, repair_secs) = run.phase(&format!("curve {name}"), || {
+            method_curve(arch, args.grid, (a, &bp), probe, (&eval_train, &eval_test))
         })?;
-        let secs = secs + repair_secs.get();
+        let secs = secs + repair_secs;
         let l2 = permute::matching::l2_distance(a, &bp);
         md.push_str(&format!(
             "| {name} | {:.4} | {:.4} | {:.4} | {:.3} | {:.2} |\n",
@@ -668,67 +655,24 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         train_series.push(Series::line(name.as_str(), c.train));
         test_series.push(Series::line(name.as_str(), c.test));
     }
-    line_chart(
-        &run.dir.join("loss_train"),
-        "Train loss along the interpolation",
-        "λ",
-        "loss",
-        &train_series,
-    )?;
-    line_chart(
-        &run.dir.join("loss_test"),
-        "Test loss along the interpolation",
-        "λ",
-        "loss",
-        &test_series,
-    )?;
+    for (stem, title, series) in [
+        (
+            "loss_train",
+            "Train loss along the interpolation",
+            &train_series,
+        ),
+        (
+            "loss_test",
+            "Test loss along the interpolation",
+            &test_series,
+        ),
+    ] {
+        line_chart(&run.dir.join(stem), title, "λ", "loss", series)?;
+    }
     md.push_str("\n![train loss](loss_train.png)\n\n![test loss](loss_test.png)\n");
     if !args.widths.is_empty() {
-        let mut sweep = Vec::new();
-        let (mut naive_pts, mut wm_pts) = (Vec::new(), Vec::new());
-        for &w in &args.widths {
-            let sub = LmcArgs {
-                width: Some(w),
-                quick: false,
-                widths: Vec::new(),
-                ..args.clone()
-            };
-            let p = train_pair(&sub, &mut run)?;
-            let spec_w = arch.spec(&p.a)?;
-            let wm_w = run.phase(&format!("WM width {w}"), || {
-                weight_matching(
-                    &spec_w,
-                    &p.a,
-                    &p.b,
-                    &MatchOptions {
-                        seed: args.seed,
-                        ..Default::default()
-                    },
-                )
-            })?;
-            let eval = p.train.take(2000);
-            let naive_c = curve(arch, &p.a, &p.b, args.grid, &eval, &p.test)?;
-            let wm_c = curve(
-                arch,
-                &p.a,
-                &apply(&spec_w, &wm_w.perm, &p.b)?,
-                args.grid,
-                &eval,
-                &p.test,
-            )?;
-            naive_pts.push((w as f64, naive_c.loss_barrier));
-            wm_pts.push((w as f64, wm_c.loss_barrier));
-            sweep.push(json!({"width": w, "naive_loss_barrier": naive_c.loss_barrier, "wm_loss_barrier": wm_c.loss_barrier}));
-        }
-        line_chart(
-            &run.dir.join("barrier_vs_width"),
-            "Loss barrier vs width",
-            "hidden width",
-            "loss barrier",
-            &[Series::line("naive", naive_pts), Series::line("wm", wm_pts)],
-        )?;
-        md.push_str("\n![barrier vs width](barrier_vs_width.png)\n");
-        metrics.insert("width_sweep".into(), json!(sweep));
+        let sweep = width_sweep(args, arch, &mut run, &mut md)?;
+        metrics.insert("width_sweep".into(), sweep);
     }
     // Per method at the top level (naive, wm, am, ste), as the README documents.
     metrics.insert("arch".into(), json!(arch.name()));
@@ -740,6 +684,86 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     metrics.insert("wm_passes".into(), json!(wm_passes));
     run.finish(serde_json::Value::Object(metrics), &md)?;
     Ok(run.dir.clone())
+}
+
+/// The curve from A to the aligned B, with REPAIR at every λ when a probe
+/// is given; also the seconds REPAIR took (its statistics and corrections
+/// add to weight matching's cost).
+fn method_curve(
+    arch: Arch,
+    grid: usize,
+    (a, bp): (&StateDict, &StateDict),
+    repair_probe: Option<&ndarray::Array2<f32>>,
+    (eval_train, eval_test): (&Split, &Split),
+) -> anyhow::Result<(Curve, f64)> {
+    let Some(probe) = repair_probe else {
+        return Ok((curve(arch, a, bp, grid, eval_train, eval_test)?, 0.0));
+    };
+    let t = Instant::now();
+    let rep = MlpRepair::new(a, bp, probe);
+    let secs = std::cell::Cell::new(t.elapsed().as_secs_f64());
+    let c = curve_of(arch, grid, eval_train, eval_test, |l| {
+        let t = Instant::now();
+        let m = rep.at(l);
+        secs.set(secs.get() + t.elapsed().as_secs_f64());
+        m
+    })?;
+    Ok((c, secs.get()))
+}
+
+/// `--widths`: a pair trained at each width, naive and weight-matching
+/// barriers, the `barrier_vs_width` plot; its rows as JSON.
+fn width_sweep(
+    args: &LmcArgs,
+    arch: Arch,
+    run: &mut Run,
+    md: &mut String,
+) -> anyhow::Result<serde_json::Value> {
+    let mut sweep = Vec::new();
+    let (mut naive_pts, mut wm_pts) = (Vec::new(), Vec::new());
+    for &w in &args.widths {
+        let sub = LmcArgs {
+            width: Some(w),
+            quick: false,
+            widths: Vec::new(),
+            ..args.clone()
+        };
+        let p = train_pair(&sub, run)?;
+        let spec_w = arch.spec(&p.a)?;
+        let wm_w = run.phase(&format!("WM width {w}"), || {
+            weight_matching(
+                &spec_w,
+                &p.a,
+                &p.b,
+                &MatchOptions {
+                    seed: args.seed,
+                    ..Default::default()
+                },
+            )
+        })?;
+        let eval = p.train.take(2000);
+        let naive_c = curve(arch, &p.a, &p.b, args.grid, &eval, &p.test)?;
+        let wm_c = curve(
+            arch,
+            &p.a,
+            &apply(&spec_w, &wm_w.perm, &p.b)?,
+            args.grid,
+            &eval,
+            &p.test,
+        )?;
+        naive_pts.push((w as f64, naive_c.loss_barrier));
+        wm_pts.push((w as f64, wm_c.loss_barrier));
+        sweep.push(json!({"width": w, "naive_loss_barrier": naive_c.loss_barrier, "wm_loss_barrier": wm_c.loss_barrier}));
+    }
+    line_chart(
+        &run.dir.join("barrier_vs_width"),
+        "Loss barrier vs width",
+        "hidden width",
+        "loss barrier",
+        &[Series::line("naive", naive_pts), Series::line("wm", wm_pts)],
+    )?;
+    md.push_str("\n![barrier vs width](barrier_vs_width.png)\n");
+    Ok(json!(sweep))
 }
 
 #[cfg(test)]

@@ -713,6 +713,17 @@ pub struct GridPoint {
     pub val_loss: Option<f64>,
 }
 
+/// The best merge of a group, saved as a Hugging Face folder.
+#[derive(Clone, Debug, Serialize)]
+pub struct BestModel {
+    /// The group (fine-tuning method).
+    pub group: String,
+    /// Its best merge method.
+    pub method: String,
+    /// The folder, relative to the report folder.
+    pub path: String,
+}
+
 /// A method's row of the table (one group).
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct MergeRow {
@@ -1249,7 +1260,11 @@ where
                     weights::DEFAULT_SHARD_BYTES,
                 )
             })?;
-            best_models.push(json!({"group": g.name, "method": method, "path": rel}));
+            best_models.push(BestModel {
+                group: g.name.clone(),
+                method,
+                path: rel,
+            });
         }
     }
     bar.finish_and_clear();
@@ -1916,7 +1931,7 @@ fn report(
     own: &OwnScores,
     rows: &[MergeRow],
     analyses: &[Analysis],
-    best: &[serde_json::Value],
+    best: &[BestModel],
 ) -> String {
     let tasks: Vec<&str> = plan.tasks.iter().map(|t| t.name()).collect();
     let mut md = format!(
@@ -2111,9 +2126,7 @@ fn report(
     for b in best {
         md.push_str(&format!(
             "- best merge of `{}` ({}): Hugging Face folder `{}`\n",
-            b["group"].as_str().unwrap_or("?"),
-            b["method"].as_str().unwrap_or("?"),
-            b["path"].as_str().unwrap_or("?")
+            b.group, b.method, b.path
         ));
     }
     md.push_str(&format!(
