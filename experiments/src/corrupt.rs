@@ -157,27 +157,25 @@ fn blur(img: &[f32], side: usize, sigma: f64) -> Vec<f32> {
     let k = gaussian_kernel(sigma);
     let r = (k.len() / 2) as i64;
     let at = |i: i64| i.clamp(0, side as i64 - 1) as usize;
-    let mut rows = vec![0f64; side * side];
-    for y in 0..side {
-        for x in 0..side {
-            rows[y * side + x] = k
-                .iter()
-                .enumerate()
-                .map(|(j, w)| w * img[y * side + at(x as i64 + j as i64 - r)] as f64)
-                .sum();
+    // One 1-D pass of the kernel; `index(y, x, shifted)` picks the neighbour
+    // along the pass's axis.
+    let pass = |src: &[f64], index: &dyn Fn(usize, usize, usize) -> usize| -> Vec<f64> {
+        let mut out = vec![0f64; side * side];
+        for y in 0..side {
+            for x in 0..side {
+                out[y * side + x] = k
+                    .iter()
+                    .enumerate()
+                    .map(|(j, w)| w * src[index(y, x, j)])
+                    .sum();
+            }
         }
-    }
-    let mut out = vec![0f32; side * side];
-    for y in 0..side {
-        for x in 0..side {
-            out[y * side + x] = k
-                .iter()
-                .enumerate()
-                .map(|(j, w)| w * rows[at(y as i64 + j as i64 - r) * side + x])
-                .sum::<f64>() as f32;
-        }
-    }
-    out
+        out
+    };
+    let img: Vec<f64> = img.iter().map(|&v| v as f64).collect();
+    let rows = pass(&img, &|y, x, j| y * side + at(x as i64 + j as i64 - r));
+    let cols = pass(&rows, &|y, x, j| at(y as i64 + j as i64 - r) * side + x);
+    cols.into_iter().map(|v| v as f32).collect()
 }
 
 /// Rotation by `degrees` (counter-clockwise on screen) about the centre,

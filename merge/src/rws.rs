@@ -441,10 +441,15 @@ impl Patched {
     /// The model in f32 (each value rounded once), with the input's dtypes
     /// and metadata.
     pub fn to_state_dict(&self) -> StateDict {
-        let mut sd = self.template.clone();
-        for (k, t) in sd.iter_mut() {
-            t.data = self.values[k].mapv(|v| v as f32);
-        }
+        let mut sd: StateDict = self
+            .template
+            .iter()
+            .map(|(k, t)| {
+                let data = self.values[k].mapv(|v| v as f32);
+                (k.to_string(), Tensor::new(data, t.dtype))
+            })
+            .collect();
+        sd.metadata = self.template.metadata.clone();
         sd
     }
 }

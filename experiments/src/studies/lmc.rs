@@ -384,14 +384,14 @@ pub(crate) fn train_batched_on(
     crate::device::on_device!(dev, train_one(arch, init, train, epochs_batch, seed, bar))
 }
 
-/// The VGG of stem width `w`: convolutions w, 2w, 2w on 28×28 grey images,
-/// a 64-unit classifier, 10 classes.
-pub fn vgg_shape(w: usize, side: usize) -> crate::cnn::VggShape {
+/// The VGG of stem width `w` for grey `side × side` images: convolutions
+/// w, 2w, 2w, a classifier with one hidden layer of `hidden` units, 10 classes.
+pub fn vgg_shape(w: usize, side: usize, hidden: usize) -> crate::cnn::VggShape {
     crate::cnn::VggShape {
         in_channels: 1,
         side,
         convs: vec![w, 2 * w, 2 * w],
-        hidden: vec![64],
+        hidden: vec![hidden],
         classes: 10,
     }
 }
@@ -448,7 +448,7 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
                 let init = match arch {
                     Arch::Mlp => mlp::init_state_dict(&sizes, seed),
                     Arch::Resnet => crate::cnn::init_state_dict(1, width, 10, seed),
-                    Arch::Vgg => crate::cnn::init_vgg(&vgg_shape(width, side), seed)?,
+                    Arch::Vgg => crate::cnn::init_vgg(&vgg_shape(width, side, 64), seed)?,
                 };
                 train_on(dev, arch, &init, &train, epochs, seed, &bar)
             })

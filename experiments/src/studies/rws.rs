@@ -22,7 +22,7 @@ use crate::device::Device;
 use crate::mlp;
 use crate::plot::{Series, heatmap, line_chart};
 use crate::report::{Run, RunArgs};
-use crate::studies::lmc::Arch;
+use crate::studies::lmc::{Arch, vgg_shape};
 
 /// The networks the study patches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -141,16 +141,10 @@ impl RwsArgs {
             epochs > 0 && ft_epochs > 0,
             "--epochs and --ft-epochs must be positive"
         );
-        let cnn = VggShape {
-            in_channels: 1,
-            side: 28,
-            convs: if self.quick {
-                vec![4, 8, 8]
-            } else {
-                vec![8, 16, 16]
-            },
-            hidden: vec![if self.quick { 16 } else { 64 }],
-            classes: 10,
+        let cnn = if self.quick {
+            vgg_shape(4, 28, 16)
+        } else {
+            vgg_shape(8, 28, 64)
         };
         let mlp = if self.quick {
             mlp::layer_sizes(784, 32, 2, 10)
@@ -516,8 +510,8 @@ pub fn run(args: &RwsArgs) -> anyhow::Result<PathBuf> {
 struct Trained {
     /// mnist0, mnist1, fashion0.
     sources: Vec<Source>,
-    /// mnist0 fine-tuned on clean data.
-    clean_ft: StateDict,
+    /// mnist0 fine-tuned on clean data (a source without signatures).
+    clean_ft: Source,
     /// Its move from mnist0.
     clean_ft_sig: Signature,
     /// Per corruption: trained from mnist0's initialisation on corrupted data, minus mnist0.
@@ -663,7 +657,11 @@ fn train_all(ctx: &Ctx, run: &mut Run) -> anyhow::Result<Trained> {
         .collect::<merge::Result<_>>()?;
     Ok(Trained {
         sources,
-        clean_ft,
+        clean_ft: Source {
+            data: 0,
+            clean: clean_ft,
+            signatures: Vec::new(),
+        },
         clean_ft_sig,
         scratch,
         net_sigs,
@@ -735,11 +733,16 @@ fn train_scratch(
         let m = run.phase(&ctx.label(&format!("train from scratch on {c}")), || {
             train_on(ctx.dev, net, &init0, tr, ctx.plan.epochs, s, bar)
         })?;
+        // mnist0 itself was scored on these sets when it was fine-tuned.
+        let clean = accuracy
+            .iter()
+            .find(|a| a.model == "mnist0" && a.corruption == c)
+            .expect("mnist0 is scored on every corruption first");
         accuracy.push(AccRow {
             model: "scratch".into(),
             corruption: c,
-            clean_on_clean: net.accuracy(m0, &mnist.test)?,
-            clean_on_corrupted: net.accuracy(m0, te)?,
+            clean_on_clean: clean.clean_on_clean,
+            clean_on_corrupted: clean.clean_on_corrupted,
             robust_on_clean: net.accuracy(&m, &mnist.test)?,
             robust_on_corrupted: net.accuracy(&m, te)?,
         });
@@ -819,41 +822,48 @@ fn summarise_cosines(
     scope: &str,
     k: usize,
 ) -> anyhow::Result<CosineSummary> {
-    let m0 = &t.sources[0].signatures;
-    let nc = m0.len();
-    let cos = |a: &Signature, b: &Signature| -> anyhow::Result<f64> {
-        Ok(a.first_layers(k)?.cosine(&b.first_layers(k)?)?)
+    let cut = |sigs: &[Signature]| -> merge::Result<Vec<Signature>> {
+        sigs.iter().map(|s| s.first_layers(k)).collect()
     };
-    let per = |other: &[Signature]| -> anyhow::Result<Vec<f64>> {
-        (0..nc).map(|i| cos(&m0[i], &other[i])).collect()
+    let m0 = cut(&t.sources[0].signatures)?;
+    let (m1, al, f0) = (
+        cut(&t.sources[1].signatures)?,
+        cut(aligned)?,
+        cut(&t.sources[2].signatures)?,
+    );
+    let (net, ctl) = (cut(&t.net_sigs)?, t.clean_ft_sig.first_layers(k)?);
+    let nc = m0.len();
+    let per = |other: &[Signature]| -> merge::Result<Vec<f64>> {
+        (0..nc).map(|i| m0[i].cosine(&other[i])).collect()
     };
     let (mut diff, mut diff_net, mut hits) = (Vec::new(), Vec::new(), 0);
     for i in 0..nc {
         for j in (0..nc).filter(|&j| j != i) {
-            diff.push(cos(&m0[i], &m0[j])?);
-            diff_net.push(cos(&t.net_sigs[i], &t.net_sigs[j])?);
+            diff.push(m0[i].cosine(&m0[j])?);
+            diff_net.push(net[i].cosine(&net[j])?);
         }
-        for probe in [&aligned[i], &t.sources[2].signatures[i]] {
+        for probe in [&al[i], &f0[i]] {
             let sims = m0
                 .iter()
-                .map(|r| cos(r, probe))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+                .map(|r| r.cosine(probe))
+                .collect::<merge::Result<Vec<_>>>()?;
             let best = (0..nc)
                 .max_by(|&x, &y| sims[x].total_cmp(&sims[y]))
                 .expect("one corruption");
             hits += usize::from(best == i);
         }
     }
-    let ctl = (0..nc)
-        .map(|i| cos(&m0[i], &t.clean_ft_sig))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let vs_ctl = m0
+        .iter()
+        .map(|s| s.cosine(&ctl))
+        .collect::<merge::Result<Vec<_>>>()?;
     Ok(CosineSummary {
         scope: scope.into(),
-        same_corruption_other_seed_raw: mean(&per(&t.sources[1].signatures)?),
-        same_corruption_other_seed_aligned: mean(&per(aligned)?),
-        same_corruption_other_dataset: mean(&per(&t.sources[2].signatures)?),
+        same_corruption_other_seed_raw: mean(&per(&m1)?),
+        same_corruption_other_seed_aligned: mean(&per(&al)?),
+        same_corruption_other_dataset: mean(&per(&f0)?),
         different_corruptions: mean(&diff),
-        vs_clean_finetune: mean(&ctl),
+        vs_clean_finetune: mean(&vs_ctl),
         different_corruptions_net: mean(&diff_net),
         identified: (hits, 2 * nc),
     })
@@ -965,29 +975,55 @@ fn composition(
         .collect()
 }
 
-/// One transfer row: `sig` added (α = 1) to `target`, scored on the
-/// corruption `ci` of the target's dataset.
-fn transfer_row(
-    ctx: &Ctx,
-    ci: usize,
-    (target, target_name): (&Source, &str),
-    (sig, from): (&Signature, &str),
-    own: Option<&Signature>,
-) -> anyhow::Result<TransferRow> {
-    let (net, d) = (ctx.net, &ctx.datasets[target.data]);
-    let te = &d.corrupted[ci].1;
-    let patched = merge::rws::patch(&target.clean, &[(sig, 1.0)])?;
-    Ok(TransferRow {
-        target: target_name.into(),
-        from: from.into(),
-        corruption: ctx.cs()[ci],
-        target_acc: net.accuracy(&target.clean, te)?,
-        patched_acc: net.accuracy(&patched, te)?,
-        own_acc: own
-            .map(|o| net.accuracy(&merge::rws::patch(&target.clean, &[(o, 1.0)])?, te))
-            .transpose()?,
-        patched_clean_acc: net.accuracy(&patched, &d.test)?,
-    })
+/// A clean model that signatures are moved onto, scored once per
+/// corruption: alone, and with its own signature (when it has one).
+struct Target<'a> {
+    source: &'a Source,
+    name: &'a str,
+    alone: f64,
+    own: Option<f64>,
+}
+
+impl<'a> Target<'a> {
+    fn new(
+        ctx: &Ctx,
+        ci: usize,
+        (source, name): (&'a Source, &'a str),
+        own: Option<&Signature>,
+    ) -> anyhow::Result<Self> {
+        let te = &ctx.datasets[source.data].corrupted[ci].1;
+        let patched_acc = |sig| -> anyhow::Result<f64> {
+            ctx.net
+                .accuracy(&merge::rws::patch(&source.clean, &[(sig, 1.0)])?, te)
+        };
+        Ok(Target {
+            source,
+            name,
+            alone: ctx.net.accuracy(&source.clean, te)?,
+            own: own.map(patched_acc).transpose()?,
+        })
+    }
+
+    /// `sig` added (α = 1) to the target, scored on the corruption `ci`
+    /// of the target's dataset and on its clean test set.
+    fn row(
+        &self,
+        ctx: &Ctx,
+        ci: usize,
+        (sig, from): (&Signature, &str),
+    ) -> anyhow::Result<TransferRow> {
+        let d = &ctx.datasets[self.source.data];
+        let patched = merge::rws::patch(&self.source.clean, &[(sig, 1.0)])?;
+        Ok(TransferRow {
+            target: self.name.into(),
+            from: from.into(),
+            corruption: ctx.cs()[ci],
+            target_acc: self.alone,
+            patched_acc: ctx.net.accuracy(&patched, &d.corrupted[ci].1)?,
+            own_acc: self.own,
+            patched_clean_acc: ctx.net.accuracy(&patched, &d.test)?,
+        })
+    }
 }
 
 /// Signatures moved between datasets (same initialisation), to the other
@@ -1000,57 +1036,24 @@ fn transfer(
     to_m1: &permute::Permutation,
 ) -> anyhow::Result<Vec<TransferRow>> {
     let (m0, m1, f0) = (&t.sources[0], &t.sources[1], &t.sources[2]);
-    let further = Source {
-        data: 0,
-        clean: t.clean_ft.clone(),
-        signatures: Vec::new(),
-    };
     let mut rows = Vec::new();
     for ci in 0..ctx.cs().len() {
         let (s0, sf, s1) = (&m0.signatures[ci], &f0.signatures[ci], &m1.signatures[ci]);
         let to_mnist1 = moved(s0, spec, to_m1, "to-mnist1")?;
-        rows.push(transfer_row(
-            ctx,
-            ci,
-            (f0, "fashion0"),
-            (s0, "mnist0"),
-            Some(sf),
-        )?);
-        rows.push(transfer_row(
-            ctx,
-            ci,
-            (m0, "mnist0"),
-            (sf, "fashion0"),
-            Some(s0),
-        )?);
-        rows.push(transfer_row(
-            ctx,
-            ci,
-            (m1, "mnist1"),
-            (s0, "mnist0 (raw)"),
-            Some(s1),
-        )?);
-        rows.push(transfer_row(
-            ctx,
-            ci,
-            (m1, "mnist1"),
-            (&to_mnist1, "mnist0 (re-basin)"),
-            Some(s1),
-        )?);
-        rows.push(transfer_row(
-            ctx,
-            ci,
-            (m0, "mnist0"),
-            (&t.net_sigs[ci], "mnist0, net of clean fine-tune"),
-            None,
-        )?);
-        rows.push(transfer_row(
-            ctx,
-            ci,
-            (&further, "mnist0 after clean fine-tune"),
-            (s0, "mnist0"),
-            None,
-        )?);
+        let on_f0 = Target::new(ctx, ci, (f0, "fashion0"), Some(sf))?;
+        let on_m0 = Target::new(ctx, ci, (m0, "mnist0"), Some(s0))?;
+        let on_m1 = Target::new(ctx, ci, (m1, "mnist1"), Some(s1))?;
+        let on_further = Target::new(ctx, ci, (&t.clean_ft, "mnist0 after clean fine-tune"), None)?;
+        let net_sig = &t.net_sigs[ci];
+        rows.push(on_f0.row(ctx, ci, (s0, "mnist0"))?);
+        rows.push(on_m0.row(ctx, ci, (sf, "fashion0"))?);
+        rows.push(on_m1.row(ctx, ci, (s0, "mnist0 (raw)"))?);
+        rows.push(on_m1.row(ctx, ci, (&to_mnist1, "mnist0 (re-basin)"))?);
+        let mut net_row = on_m0.row(ctx, ci, (net_sig, "mnist0, net of clean fine-tune"))?;
+        // The net signature is mnist0's own, reduced: no separate reference.
+        net_row.own_acc = None;
+        rows.push(net_row);
+        rows.push(on_further.row(ctx, ci, (s0, "mnist0"))?);
     }
     Ok(rows)
 }
