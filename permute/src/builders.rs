@@ -182,6 +182,47 @@ pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
     Ok(PermutationSpec { groups: all })
 }
 
+/// Git Re-Basin's unit-wise spec of a multi-head (not grouped-query) LLaMA
+/// checkpoint: [`llama`]'s residual and FFN groups, and per block two plain
+/// unit groups in place of its head group — `layers.N.qk` (q and k rows,
+/// with their biases) and `layers.N.vo` (v rows with bias, o columns) of
+/// `heads·head_dim` units each, free to move across heads and to split
+/// rotary pairs.
+///
+/// **Not a symmetry**: a unit moved to another head changes that head's
+/// attention scores, and a rotary dimension moved to another frequency
+/// changes its rotation, so applying it changes the function. It is the
+/// ablation the head-aware spec is measured against. Grouped-query
+/// checkpoints are refused: q and k rows have different counts there.
+pub fn llama_units(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
+    if c.num_key_value_heads != c.num_attention_heads {
+        return Err(PermuteError::InvalidSpec(format!(
+            "the unit-wise LLaMA spec needs multi-head attention; this config has {} query and {} key/value heads",
+            c.num_attention_heads, c.num_key_value_heads
+        )));
+    }
+    let mut spec = llama(c, sd)?;
+    let units = c.num_attention_heads * c.head_dim;
+    let mut groups = Vec::with_capacity(spec.groups.len() + c.num_hidden_layers);
+    for g in spec.groups.drain(..) {
+        let Some(p) = g.name.strip_suffix(".heads") else {
+            groups.push(g);
+            continue;
+        };
+        // Family 0 of the head group is q/k, family 1 is v/o.
+        for (suffix, family) in [("qk", 0), ("vo", 1)] {
+            let members: Vec<(String, usize)> = g
+                .members
+                .iter()
+                .filter(|m| m.family == family)
+                .map(|m| (m.weight.clone(), m.axis))
+                .collect();
+            groups.push(group_of(format!("{p}.{suffix}"), units, &members));
+        }
+    }
+    Ok(PermutationSpec { groups })
+}
+
 /// The spec of a Hugging Face BERT encoder (`[bert.]embeddings.*`,
 /// `[bert.]encoder.layer.N.*`, optional pooler), from the checkpoint itself
 /// (`heads` is needed: shapes do not tell it).

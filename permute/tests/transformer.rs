@@ -6,7 +6,7 @@ mod common;
 use common::{linear, matrix, vector};
 
 use ndarray::{Array2, ArrayD, Ix1, IxDyn, s};
-use permute::builders::{bert, llama};
+use permute::builders::{bert, llama, llama_units};
 use permute::spec::{Inner, apply};
 use permute::{MatchOptions, weight_matching};
 use spectra::rng::Rng;
@@ -271,6 +271,75 @@ fn llama_spec_preserves_the_function_with_gqa_and_rope() {
             );
         }
     }
+}
+
+/// A multi-head version of the test model (the unit-wise spec refuses GQA).
+const MHA: Dims = Dims {
+    layers: 2,
+    hidden: 16,
+    heads: 4,
+    kv_heads: 4,
+    head_dim: 4,
+    ffn: 24,
+};
+
+#[test]
+fn the_unit_wise_spec_changes_the_function_the_head_aware_one_keeps() {
+    let sd = random_llama_of(&MHA, 8, false);
+    let c = config_of(&MHA);
+    let units = llama_units(&c, &sd).unwrap();
+    units.validate(&sd, "llama").unwrap();
+    // Residual and FFN groups as the head-aware spec; per block a q/k and a
+    // v/o group of heads·head_dim plain units.
+    let names: Vec<&str> = units.groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "residual",
+            "model.layers.0.ffn",
+            "model.layers.0.qk",
+            "model.layers.0.vo",
+            "model.layers.1.ffn",
+            "model.layers.1.qk",
+            "model.layers.1.vo"
+        ]
+    );
+    let qk = units.group("model.layers.0.qk").unwrap();
+    assert_eq!((qk.blocks, qk.block_size), (16, 1));
+    let members: Vec<(&str, usize)> = qk
+        .members
+        .iter()
+        .map(|m| (m.weight.as_str(), m.axis))
+        .collect();
+    assert_eq!(
+        members,
+        [
+            ("model.layers.0.self_attn.q_proj.weight", 0),
+            ("model.layers.0.self_attn.k_proj.weight", 0)
+        ]
+    );
+    let tokens = [3usize, 1, 4, 1, 5, 9, 2];
+    let before = forward_of(&MHA, &sd, &tokens);
+    let scale = before.iter().fold(1f32, |m, v| m.max(v.abs()));
+    for seed in 0..3 {
+        // Any value of the head-aware spec keeps the function ...
+        let heads = llama(&c, &sd).unwrap();
+        let kept = apply(&heads, &heads.random(20 + seed), &sd).unwrap();
+        assert!(max_diff(&before, &forward_of(&MHA, &kept, &tokens)) < 1e-4 * scale);
+        // ... a random value of the unit-wise one does not.
+        let moved = apply(&units, &units.random(20 + seed), &sd).unwrap();
+        let d = max_diff(&before, &forward_of(&MHA, &moved, &tokens));
+        assert!(
+            d > 1e-2 * scale,
+            "seed {seed}: the unit-wise permutation kept the function ({d})"
+        );
+        // Weight matching over the unit-wise spec still recovers its own planted value.
+        let res = weight_matching(&units, &sd, &moved, &MatchOptions::default()).unwrap();
+        assert!(res.l2_after < 1e-4, "{} -> {}", res.l2_before, res.l2_after);
+    }
+    // Grouped-query attention is refused by name.
+    let e = llama_units(&config(), &random_llama(1, false)).unwrap_err();
+    assert!(e.to_string().contains("multi-head"), "{e}");
 }
 
 #[test]

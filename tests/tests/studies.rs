@@ -471,6 +471,131 @@ fn lmc_study_runs_on_the_vgg_and_weight_matching_brings_it_closer() {
 }
 
 #[test]
+fn lmc_study_aligns_two_llama_decoders_head_by_head() {
+    use experiments::studies::lmc::{Arch, LmcArgs, run};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lmc-llama");
+    let args = LmcArgs {
+        quick: true,
+        arch: Arch::Llama,
+        grid: 7,
+        widths: vec![32, 48],
+        run: RunArgs::quiet_to(&out),
+        ..Default::default()
+    };
+    run(&args).unwrap();
+    for png in ["loss_train.png", "loss_test.png", "barrier_vs_width.png"] {
+        check_png(&out.join(png));
+    }
+    let m = metrics(&out);
+    assert_eq!(m["arch"], "llama");
+    let f = |k: &str, f: &str| m[k][f].as_f64().unwrap();
+    // Head-aware weight and activation matching are symmetries: B's function
+    // is kept (its held-out loss to rounding) and B comes closer to A, with
+    // a lower barrier than naive interpolation.
+    for k in ["wm", "am"] {
+        assert!(
+            f(k, "b_loss_change").abs() < 1e-4,
+            "{k}: {}",
+            f(k, "b_loss_change")
+        );
+        assert!(f(k, "l2") < f("naive", "l2"), "{k}");
+        assert!(
+            f(k, "loss_barrier") < 0.7 * f("naive", "loss_barrier"),
+            "{k}: {} vs naive {}",
+            f(k, "loss_barrier"),
+            f("naive", "loss_barrier")
+        );
+    }
+    // The unit-wise spec is not a symmetry: the permutation alone changes B.
+    assert!(
+        f("wm_units", "b_loss_change").abs() > 1e-2,
+        "{}",
+        m["wm_units"]
+    );
+    let sweep = m["width_sweep"].as_array().unwrap();
+    assert_eq!(sweep.len(), 2);
+    assert!(sweep.iter().all(
+        |r| r["wm_loss_barrier"].as_f64().unwrap() < r["naive_loss_barrier"].as_f64().unwrap()
+    ));
+    // Grouped-query attention: the head-aware spec still keeps B's function;
+    // the unit-wise ablation is left out (its spec needs multi-head attention).
+    let gqa = dir.path().join("lmc-llama-gqa");
+    run(&LmcArgs {
+        kv_heads: Some(1),
+        widths: vec![],
+        run: RunArgs::quiet_to(&gqa),
+        ..args.clone()
+    })
+    .unwrap();
+    let g = metrics(&gqa);
+    assert_eq!(g["shape"]["kv_heads"], 1);
+    assert!(g["wm_units"].is_null());
+    assert!(g["wm"]["b_loss_change"].as_f64().unwrap().abs() < 1e-4);
+    // Options that do not apply, and shapes the model cannot have, are refused by name.
+    for (bad, flag) in [
+        (
+            LmcArgs {
+                repair: true,
+                ..args.clone()
+            },
+            "--repair",
+        ),
+        (
+            LmcArgs {
+                epochs: Some(2),
+                ..args.clone()
+            },
+            "--epochs",
+        ),
+        (
+            LmcArgs {
+                width: Some(40),
+                ..args.clone()
+            },
+            "--width 40",
+        ),
+        (
+            LmcArgs {
+                kv_heads: Some(3),
+                width: Some(64),
+                ..args.clone()
+            },
+            "--kv-heads 3",
+        ),
+        (
+            LmcArgs {
+                widths: vec![32, 20],
+                ..args.clone()
+            },
+            "--width 20",
+        ),
+    ] {
+        let e = run(&LmcArgs {
+            run: RunArgs::quiet_to(dir.path().join("refused")),
+            ..bad
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains(flag), "{flag}: {e}");
+    }
+    assert!(
+        !dir.path().join("refused").exists(),
+        "a refused run wrote a report folder"
+    );
+    // The image-network studies built on lmc's options refuse the text model.
+    let e = experiments::studies::many::run(&experiments::studies::many::ManyArgs {
+        lmc: LmcArgs {
+            run: RunArgs::quiet_to(dir.path().join("many")),
+            ..args.clone()
+        },
+        models: 3,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("--arch llama"), "{e}");
+    assert!(!dir.path().join("many").exists());
+}
+
+#[test]
 fn lmc_study_runs_on_the_layernorm_resnet() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("lmc-resnet");

@@ -29,6 +29,9 @@ pub enum Arch {
     /// VGG-style CNN: three 3×3 convolutions of widths w, 2w, 2w with two
     /// max-pools, a 64-unit classifier (torchvision names; [`crate::cnn::Vgg`]).
     Vgg,
+    /// Character-level LLaMA-style decoder on the vendored text
+    /// ([`crate::studies::lmc_llama`]).
+    Llama,
 }
 
 impl Arch {
@@ -38,6 +41,9 @@ impl Arch {
             Arch::Mlp => permute::builders::mlp(sd)?,
             Arch::Resnet => permute::builders::resnet(sd)?,
             Arch::Vgg => permute::builders::vgg(sd)?,
+            Arch::Llama => {
+                permute::builders::llama(&crate::studies::lmc_llama::config_of(sd)?, sd)?
+            }
         })
     }
 
@@ -50,6 +56,9 @@ impl Arch {
             }
             Arch::Resnet => crate::cnn::evaluate(sd, data),
             Arch::Vgg => crate::cnn::evaluate_vgg(sd, data),
+            Arch::Llama => anyhow::bail!(
+                "--arch llama models are scored on text (lmc_llama::EvalSets), not on images"
+            ),
         }
     }
 
@@ -59,6 +68,7 @@ impl Arch {
             Arch::Mlp => "mlp",
             Arch::Resnet => "resnet",
             Arch::Vgg => "vgg",
+            Arch::Llama => "llama",
         }
     }
 }
@@ -69,13 +79,16 @@ pub struct LmcArgs {
     /// Tiny size for tests (MLP width 64 × 2 layers, 2000 samples; ResNet width 4, 500 samples; VGG width 4, 1000 samples).
     #[arg(long)]
     pub quick: bool,
-    /// Network: a ReLU MLP, a small ResNet with LayerNorm, or a VGG-style CNN.
+    /// Network: a ReLU MLP, a small ResNet with LayerNorm, a VGG-style CNN
+    /// (on MNIST), or a character-level LLaMA-style decoder (on the vendored text).
     #[arg(long, value_enum, default_value_t = Arch::Mlp)]
     pub arch: Arch,
-    /// Hidden width of the MLP (default 512) or stem width of the ResNet and the VGG (default 8).
+    /// Hidden width of the MLP (default 512), stem width of the ResNet and the
+    /// VGG (default 8), residual width of the LLaMA (default 128, quick 32;
+    /// heads of 16).
     #[arg(long)]
     pub width: Option<usize>,
-    /// Hidden layers of the MLP (default 3; 2 with `--quick`).
+    /// Hidden layers of the MLP (default 3; 2 with `--quick`) or blocks of the LLaMA (default 2).
     #[arg(long)]
     pub depth: Option<usize>,
     /// Training epochs per model (default 5 for the MLP, 3 for the ResNet and the VGG).
@@ -84,7 +97,8 @@ pub struct LmcArgs {
     /// Seeds of the two models.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// idx folder (default: the vendored MNIST-10k).
+    /// idx folder (default: the vendored MNIST-10k); with --arch llama the
+    /// folder with moby-dick.txt(.gz) (default: the vendored data/text).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// λ grid points.
@@ -101,6 +115,13 @@ pub struct LmcArgs {
     /// statistics (a `wm_repair` row and curve).
     #[arg(long)]
     pub repair: bool,
+    /// Training steps of each LLaMA (--arch llama; default 1500, quick 150).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Key/value heads of the LLaMA (--arch llama; default: one per query
+    /// head, which the unit-wise ablation needs).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
     /// Also sweep these hidden widths (comma-separated) for naive vs WM barriers.
     #[arg(long, value_delimiter = ',')]
     pub widths: Vec<usize>,
@@ -174,16 +195,29 @@ pub(crate) fn curve_of(
     test: &Split,
     model_at: impl Fn(f64) -> anyhow::Result<StateDict>,
 ) -> anyhow::Result<Curve> {
+    curve_scored(grid, model_at, |m| {
+        Ok([arch.evaluate(m, train)?, arch.evaluate(m, test)?])
+    })
+}
+
+/// The curve of the models `model_at(λ)` on a grid of `grid` values of λ,
+/// each scored by `score` as `[(train loss, train accuracy), (test loss,
+/// test accuracy)]`: barriers of the train loss, and the largest drop of the
+/// train accuracy below the endpoints' line.
+pub(crate) fn curve_scored(
+    grid: usize,
+    model_at: impl Fn(f64) -> anyhow::Result<StateDict>,
+    score: impl Fn(&StateDict) -> anyhow::Result<[(f64, f64); 2]>,
+) -> anyhow::Result<Curve> {
     let lambdas = lambda_grid(grid);
     let (mut tr, mut te) = (Vec::new(), Vec::new());
     for &l in &lambdas {
-        let m = model_at(l)?;
-        tr.push(arch.evaluate(&m, train)?);
-        te.push(arch.evaluate(&m, test)?);
+        let [a, b] = score(&model_at(l)?)?;
+        tr.push(a);
+        te.push(b);
     }
     let losses: Vec<f64> = tr.iter().map(|x| x.0).collect();
     let bar = barrier_of_curve(&lambdas, &losses)?;
-    // Accuracy barrier: the largest drop below the endpoints' line.
     let acc: Vec<f64> = tr.iter().map(|x| x.1).collect();
     let n = acc.len() - 1;
     let acc_barrier = lambdas
@@ -354,6 +388,7 @@ where
             m.check_input(train.x.ncols())?;
             crate::cnn::train(m, train, epochs, batch_size, 1e-3, seed, bar).to_state_dict()
         }
+        Arch::Llama => anyhow::bail!("--arch llama is trained on text by lmc_llama, not on images"),
     })
 }
 
@@ -400,6 +435,14 @@ pub fn vgg_shape(w: usize, side: usize, hidden: usize) -> crate::cnn::VggShape {
 pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<TrainedSet> {
     let dev = run.device;
     let arch = args.arch;
+    anyhow::ensure!(
+        arch != Arch::Llama,
+        "--arch llama is a text model that only `lmc` trains (lmc_llama); this study needs an image network"
+    );
+    anyhow::ensure!(
+        args.steps.is_none() && args.kv_heads.is_none(),
+        "--steps and --kv-heads apply to --arch llama; the image networks train for --epochs"
+    );
     // `--quick` changes the defaults; options given explicitly still apply.
     let (width, depth, epochs, n_train) = match (args.quick, arch) {
         (true, Arch::Mlp) => (64, 2, 3, 2000),
@@ -408,6 +451,7 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
         (false, Arch::Vgg) => (8, 0, 3, usize::MAX),
         (false, Arch::Mlp) => (512, 3, 5, usize::MAX),
         (false, Arch::Resnet) => (8, 0, 3, usize::MAX),
+        (_, Arch::Llama) => unreachable!("refused above"),
     };
     anyhow::ensure!(
         arch == Arch::Mlp || args.depth.is_none(),
@@ -438,6 +482,7 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
         // Stage widths.
         Arch::Resnet => vec![width, 2 * width, 4 * width],
         Arch::Vgg => vec![width, 2 * width, 2 * width],
+        Arch::Llama => unreachable!("refused above"),
     };
     let steps_per_epoch = train.y.len().div_ceil(128);
     let bar = run.progress((n * epochs * steps_per_epoch) as u64);
@@ -449,6 +494,7 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
                     Arch::Mlp => mlp::init_state_dict(&sizes, seed),
                     Arch::Resnet => crate::cnn::init_state_dict(1, width, 10, seed),
                     Arch::Vgg => crate::cnn::init_vgg(&vgg_shape(width, side, 64), seed)?,
+                    Arch::Llama => unreachable!("refused above"),
                 };
                 train_on(dev, arch, &init, &train, epochs, seed, &bar)
             })
@@ -583,6 +629,9 @@ pub fn align_all(
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
+    if args.arch == Arch::Llama {
+        return crate::studies::lmc_llama::run(args);
+    }
     anyhow::ensure!(
         !args.repair || args.arch == Arch::Mlp,
         "--repair is implemented for --arch mlp only (the ResNet's LayerNorm channels need their own correction)"
@@ -595,8 +644,8 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     // The ResNet's CPU forward is ~100× the MLP's: score it on subsets.
     let eval_n = match (arch, args.quick) {
         (Arch::Mlp, _) => usize::MAX,
-        (Arch::Resnet | Arch::Vgg, true) => 128,
-        (Arch::Resnet | Arch::Vgg, false) => 1000,
+        (_, true) => 128,
+        (_, false) => 1000,
     };
     let eval_train = pair.train.take(eval_n.min(2000));
     let eval_test = pair.test.take(eval_n);
@@ -617,6 +666,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
             Arch::Mlp => "MLPs",
             Arch::Resnet => "ResNets (LayerNorm; stage widths)",
             Arch::Vgg => "VGG-style CNNs (convolution widths)",
+            Arch::Llama => unreachable!("lmc_llama::run"),
         },
         pair.sizes,
         pair.epochs,

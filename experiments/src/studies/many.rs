@@ -29,6 +29,10 @@ pub struct ManyArgs {
 /// Runs the study; returns the report folder.
 pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(
+        args.lmc.arch != Arch::Llama,
+        "--arch llama: this study merges image networks (mlp, resnet, vgg); `lmc --arch llama` aligns the text model"
+    );
+    anyhow::ensure!(
         args.models >= 3,
         "--models {}: this study needs at least 3 models",
         args.models

@@ -1,6 +1,7 @@
 //! One module per study.
 
 pub mod lmc;
+pub mod lmc_llama;
 pub mod many;
 pub mod merge_llm;
 pub mod merging;
