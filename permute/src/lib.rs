@@ -8,7 +8,8 @@
 //! [`matching`]) over a linear-assignment solver ([`lap`]), MergeMany,
 //! activation matching and per-unit similarities for partial matching
 //! ([`many`]), interpolation with loss barriers ([`interp`]), and REPAIR's
-//! renormalisation of the interpolated model's channels ([`repair`]).
+//! renormalisation of the interpolated model's channels ([`repair`]), and
+//! orthogonal (Procrustes) alignment of a LLaMA's residual stream ([`orthogonal`]).
 
 pub mod builders;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod interp;
 pub mod lap;
 pub mod many;
 pub mod matching;
+pub mod orthogonal;
 pub mod repair;
 pub mod spec;
 

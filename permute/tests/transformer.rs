@@ -7,6 +7,7 @@ use common::{linear, matrix, vector};
 
 use ndarray::{Array2, ArrayD, Ix1, IxDyn, s};
 use permute::builders::{bert, llama, llama_units};
+use permute::orthogonal::{fold_rms_norms, residual_procrustes, rotate_residual};
 use permute::spec::{Inner, apply};
 use permute::{MatchOptions, weight_matching};
 use spectra::rng::Rng;
@@ -340,6 +341,76 @@ fn the_unit_wise_spec_changes_the_function_the_head_aware_one_keeps() {
     // Grouped-query attention is refused by name.
     let e = llama_units(&config(), &random_llama(1, false)).unwrap_err();
     assert!(e.to_string().contains("multi-head"), "{e}");
+}
+
+/// A random `n × n` orthogonal matrix (the polar factor of a Gaussian one).
+fn random_orthogonal(n: usize, seed: u64) -> Array2<f64> {
+    let mut rng = Rng::new(seed);
+    let g = Array2::from_shape_fn((n, n), |_| rng.normal());
+    let svd = spectra::linalg::full_svd(g.view(), "g").unwrap();
+    svd.u.dot(&svd.vt)
+}
+
+#[test]
+fn folded_norms_and_any_residual_rotation_keep_the_function() {
+    let tokens = [3usize, 1, 4, 1, 5, 9, 2];
+    let c = config();
+    let sd = random_llama(4, false);
+    let before = forward(&sd, &tokens);
+    let scale = before.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let folded = fold_rms_norms(&c, &sd).unwrap();
+    assert_ne!(folded, sd);
+    assert!(
+        folded
+            .get("model.norm.weight")
+            .unwrap()
+            .data
+            .iter()
+            .all(|&g| g == 1.0)
+    );
+    assert!(max_diff(&before, &forward(&folded, &tokens)) < 1e-4 * scale);
+    for seed in 0..3 {
+        let q = random_orthogonal(DIMS.hidden, 30 + seed);
+        let rotated = rotate_residual(&c, &folded, q.view()).unwrap();
+        let d = max_diff(&before, &forward(&rotated, &tokens));
+        assert!(d < 1e-4 * scale, "seed {seed}: {d}");
+        // Procrustes finds the rotation back: Qᵀ, and B rotated equals A.
+        let back = residual_procrustes(&c, &folded, &rotated).unwrap();
+        let err = (&back - &q.t()).iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(err < 1e-6, "seed {seed}: |Q̂ − Qᵀ| = {err}");
+        let aligned = rotate_residual(&c, &rotated, back.view()).unwrap();
+        assert!(permute::matching::l2_distance(&folded, &aligned) < 1e-4);
+    }
+    // Unfolded gains would not commute with the rotation: refused by name.
+    let q = random_orthogonal(DIMS.hidden, 1);
+    let e = rotate_residual(&c, &sd, q.view()).unwrap_err();
+    assert!(e.to_string().contains("fold_rms_norms"), "{e}");
+    // So are a non-orthogonal matrix, a wrong size, and tied embeddings.
+    let e = rotate_residual(&c, &folded, (2.0 * &q).view()).unwrap_err();
+    assert!(e.to_string().contains("not orthogonal"), "{e}");
+    let e = rotate_residual(&c, &folded, Array2::<f64>::eye(3).view()).unwrap_err();
+    assert!(
+        e.to_string().contains("3 × 3") || e.to_string().contains("(3, 3)"),
+        "{e}"
+    );
+    let e = fold_rms_norms(&c, &random_llama(4, true)).unwrap_err();
+    assert!(e.to_string().contains("untied"), "{e}");
+}
+
+#[test]
+fn a_residual_permutation_is_the_rotation_by_its_permutation_matrix() {
+    let c = config();
+    let folded = fold_rms_norms(&c, &random_llama(5, false)).unwrap();
+    let spec = llama(&c, &folded).unwrap();
+    let mut p = spec.identity();
+    p["residual"] = spec.random(9)["residual"].clone();
+    let permuted = apply(&spec, &p, &folded).unwrap();
+    let outer = &p["residual"].outer;
+    let q = Array2::from_shape_fn((DIMS.hidden, DIMS.hidden), |(i, j)| {
+        f64::from(u8::from(outer[i] == j))
+    });
+    let rotated = rotate_residual(&c, &folded, q.view()).unwrap();
+    assert!(permute::matching::l2_distance(&permuted, &rotated) < 1e-6);
 }
 
 #[test]

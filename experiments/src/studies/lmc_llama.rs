@@ -12,6 +12,11 @@
 //! unit-wise spec ([`permute::builders::llama_units`]), which moves q/k and
 //! v/o units across heads and splits rotary pairs: not a symmetry, so the
 //! permuted B is a different (worse) function, and the table says by how much.
+//! Two more rows work on the models with their RMSNorm gains folded into the
+//! next weights (same functions): weight matching alone, and weight matching
+//! alternated with an orthogonal (Procrustes) map of the residual stream
+//! ([`permute::orthogonal`]), the wider symmetry class of "Generalized Linear
+//! Mode Connectivity for Transformers" (2025).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -82,7 +87,7 @@ impl Shape {
         let (hidden, layers, steps, batch, seq, eval_batches) = if args.quick {
             (32, 2, 150, 8, 32, 4)
         } else {
-            (128, 2, 1500, 16, 64, 16)
+            (128, 2, 1500, 16, 64, 8)
         };
         let hidden = width.or(args.width).unwrap_or(hidden);
         let layers = args.depth.unwrap_or(layers);
@@ -372,18 +377,25 @@ pub struct Metrics {
     pub width_sweep: Vec<WidthRow>,
 }
 
-/// A method's permutation of B, the spec it is a value of, and its seconds.
+/// A method's aligned B, whether its endpoints are the norm-folded models,
+/// and the seconds it took.
 struct Aligned {
     name: &'static str,
-    spec: PermutationSpec,
-    perm: Permutation,
+    folded: bool,
+    b: StateDict,
     seconds: f64,
 }
 
-/// The permutations of B: identity, head-aware WM, AM, and (multi-head
-/// attention only) unit-wise WM; also the head-aware WM's passes.
+/// Rounds of alternating weight matching and residual Procrustes.
+const ORTHOGONAL_ROUNDS: usize = 3;
+
+/// B aligned by each method: identity, head-aware WM, AM, unit-wise WM
+/// (multi-head attention only), and on the norm-folded models ([`fold`]) WM
+/// alone and WM alternated with an orthogonal map of the residual stream;
+/// also the head-aware WM's passes.
 fn align(
     pair: &TrainedPair,
+    folded_a: &StateDict,
     corpus: &Corpus,
     seed: u64,
     run: &mut Run,
@@ -394,53 +406,85 @@ fn align(
         seed,
         ..Default::default()
     };
-    let timed =
-        |f: &dyn Fn() -> anyhow::Result<Permutation>| -> anyhow::Result<(Permutation, f64)> {
-            let t = Instant::now();
-            Ok((f()?, t.elapsed().as_secs_f64()))
-        };
     let mut out = vec![Aligned {
         name: "naive",
-        perm: spec.identity(),
-        spec: spec.clone(),
+        folded: false,
+        b: b.clone(),
         seconds: 0.0,
     }];
-    let t = Instant::now();
-    let wm = run.phase("weight matching", || weight_matching(&spec, a, b, &opts))?;
-    let passes = wm.passes;
-    out.push(Aligned {
-        name: "wm",
-        perm: wm.perm,
-        spec: spec.clone(),
-        seconds: t.elapsed().as_secs_f64(),
-    });
+    let mut passes = 0;
+    let mut timed = |name: &'static str,
+                     folded: bool,
+                     run: &mut Run,
+                     f: &mut dyn FnMut() -> anyhow::Result<StateDict>|
+     -> anyhow::Result<()> {
+        let t = Instant::now();
+        let bp = run.phase(name, &mut *f)?;
+        out.push(Aligned {
+            name,
+            folded,
+            b: bp,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    };
+    timed("wm", false, run, &mut || {
+        let wm = weight_matching(&spec, a, b, &opts)?;
+        passes = wm.passes;
+        Ok(apply(&spec, &wm.perm, b)?)
+    })?;
     let probe = held_out(1, seed ^ 0xAC7, |r| {
         Sample::text(&corpus.train, 2 * pair.shape.batch, pair.shape.seq, r)
     })
     .pop()
     .expect("one batch");
-    let (am, secs) = run.phase("activation matching", || {
-        timed(&|| activation_matching(c, &spec, (a, b), &probe))
+    timed("am", false, run, &mut || {
+        let p = activation_matching(c, &spec, (a, b), &probe)?;
+        Ok(apply(&spec, &p, b)?)
     })?;
-    out.push(Aligned {
-        name: "am",
-        perm: am,
-        spec: spec.clone(),
-        seconds: secs,
-    });
     if c.num_key_value_heads == c.num_attention_heads {
-        let units = permute::builders::llama_units(c, a)?;
-        let (p, secs) = run.phase("weight matching (unit-wise spec)", || {
-            timed(&|| Ok(weight_matching(&units, a, b, &opts)?.perm))
+        timed("wm_units", false, run, &mut || {
+            let units = permute::builders::llama_units(c, a)?;
+            let wm = weight_matching(&units, a, b, &opts)?;
+            Ok(apply(&units, &wm.perm, b)?)
         })?;
-        out.push(Aligned {
-            name: "wm_units",
-            perm: p,
-            spec: units,
-            seconds: secs,
-        });
     }
+    timed("wm_folded", true, run, &mut || {
+        let fb = permute::orthogonal::fold_rms_norms(c, b)?;
+        let wm = weight_matching(&spec, folded_a, &fb, &opts)?;
+        Ok(apply(&spec, &wm.perm, &fb)?)
+    })?;
+    timed("wm_orthogonal", true, run, &mut || {
+        wm_orthogonal(c, &spec, folded_a, b, &opts)
+    })?;
     Ok((out, passes))
+}
+
+/// Weight matching alternated with residual Procrustes on the norm-folded
+/// models, for [`ORTHOGONAL_ROUNDS`] rounds or until ‖A − B‖ stops falling:
+/// B folded, permuted and rotated.
+fn wm_orthogonal(
+    c: &LlamaConfig,
+    spec: &PermutationSpec,
+    folded_a: &StateDict,
+    b: &StateDict,
+    opts: &MatchOptions,
+) -> anyhow::Result<StateDict> {
+    use permute::orthogonal::{fold_rms_norms, residual_procrustes, rotate_residual};
+    let mut cur = fold_rms_norms(c, b)?;
+    let mut dist = f64::INFINITY;
+    for _ in 0..ORTHOGONAL_ROUNDS {
+        let wm = weight_matching(spec, folded_a, &cur, opts)?;
+        let permuted = apply(spec, &wm.perm, &cur)?;
+        let q = residual_procrustes(c, folded_a, &permuted)?;
+        let next = rotate_residual(c, &permuted, q.view())?;
+        let d = permute::matching::l2_distance(folded_a, &next);
+        if d >= dist - 1e-9 * dist {
+            break;
+        }
+        (cur, dist) = (next, d);
+    }
+    Ok(cur)
 }
 
 /// Runs `lmc --arch llama`; returns the report folder.
@@ -456,7 +500,8 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     let c = pair.config.clone();
     let sets = EvalSets::new(&corpus, &pair.shape);
     let endpoints = [sets.score(&c, &pair.a)?[1], sets.score(&c, &pair.b)?[1]];
-    let (aligned, wm_passes) = align(&pair, &corpus, args.seed, &mut run)?;
+    let folded_a = permute::orthogonal::fold_rms_norms(&c, &pair.a)?;
+    let (aligned, wm_passes) = align(&pair, &folded_a, &corpus, args.seed, &mut run)?;
     let mut metrics = Metrics {
         arch: "llama",
         shape: pair.shape.clone(),
@@ -466,15 +511,15 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         width_sweep: Vec::new(),
     };
     for m in &aligned {
-        let bp = apply(&m.spec, &m.perm, &pair.b)?;
+        let a = if m.folded { &folded_a } else { &pair.a };
         let curve = run.phase(&format!("curve {}", m.name), || {
             curve_scored(
                 args.grid,
-                |l| Ok(permute::interp::lerp(&pair.a, &bp, l as f32)?),
+                |l| Ok(permute::interp::lerp(a, &m.b, l as f32)?),
                 |sd| sets.score(&c, sd),
             )
         })?;
-        let l2 = permute::matching::l2_distance(&pair.a, &bp);
+        let l2 = permute::matching::l2_distance(a, &m.b);
         metrics.methods.insert(
             m.name.into(),
             MethodRow::new(&curve, l2, m.seconds, endpoints[1].0),
@@ -632,6 +677,19 @@ fn report(m: &Metrics, pair: &TrainedPair, args: &LmcArgs) -> String {
             "No unit-wise row: its spec needs multi-head attention (q and k rows differ in count under grouped-query attention).\n",
         );
     }
+    let (folded, orth) = (&m.methods["wm_folded"], &m.methods["wm_orthogonal"]);
+    md.push_str(&format!(
+        "With the RMSNorm gains folded into the next weights (the same functions, other weights: `wm_folded` and `wm_orthogonal` interpolate the folded models, so their L2 is not comparable with the rows above), \
+         weight matching leaves a barrier of {:.4}; alternating it with an orthogonal map of the residual stream (Procrustes, a wider symmetry class than permutations) brings it to {:.4} ({:.0} % of the folded WM barrier): {}.\n",
+        folded.loss_barrier,
+        orth.loss_barrier,
+        100.0 * orth.loss_barrier / folded.loss_barrier,
+        if orth.loss_barrier < CLOSED {
+            format!("the barrier closes (below {CLOSED} nats/token)")
+        } else {
+            format!("it does not close (not below {CLOSED} nats/token)")
+        }
+    ));
     md.push_str("\n![train loss](loss_train.png)\n\n![test loss](loss_test.png)\n");
     if !m.width_sweep.is_empty() {
         md.push_str("\n| width | naive barrier | WM barrier |\n|---|---|---|\n");
