@@ -11,6 +11,11 @@
 //! renormalisation of the interpolated model's channels ([`repair`]), and
 //! orthogonal (Procrustes) alignment of a LLaMA's residual stream ([`orthogonal`]).
 
+// The README's examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
+
 pub mod builders;
 pub mod error;
 pub mod interp;

@@ -15,6 +15,11 @@
 //! feature; their autodiff versions train. Burn is compiled only here and in
 //! `experiments`.
 
+// The README's examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
+
 pub mod adapter;
 pub mod config;
 pub mod error;

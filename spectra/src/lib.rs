@@ -9,6 +9,11 @@
 //! ([`alignment`]) and a per-layer report over a whole checkpoint
 //! ([`report`]). Plain ndarray code, parallel over layers with rayon.
 
+// The README's examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
+
 pub mod alignment;
 pub mod error;
 pub mod esd;

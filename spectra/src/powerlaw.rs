@@ -98,6 +98,8 @@ impl std::fmt::Display for NotFitted {
     }
 }
 
+impl std::error::Error for NotFitted {}
+
 /// Fits a power law to `evals` (any order; NaN-free, checked by callers).
 /// `min_evals` is the least number of eigenvalues above [`EVALS_THRESH`].
 pub fn fit_power_law(

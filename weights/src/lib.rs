@@ -31,6 +31,11 @@
 //! # Ok::<(), weights::WeightsError>(())
 //! ```
 
+// The README's examples run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
+
 pub mod alloc;
 pub mod atomic;
 mod checkpoint;
