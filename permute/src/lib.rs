@@ -9,7 +9,8 @@
 //! activation matching and per-unit similarities for partial matching
 //! ([`many`]), interpolation with loss barriers ([`interp`]), and REPAIR's
 //! renormalisation of the interpolated model's channels ([`repair`]), and
-//! orthogonal (Procrustes) alignment of a LLaMA's residual stream ([`orthogonal`]).
+//! orthogonal (Procrustes) alignment of a LLaMA's residual stream ([`orthogonal`]),
+//! and partial (ZipIt!/PLeaS) merging over any spec ([`zip`]).
 
 // The README's examples run as doctests.
 #[cfg(doctest)]
@@ -25,6 +26,7 @@ pub mod matching;
 pub mod orthogonal;
 pub mod repair;
 pub mod spec;
+pub mod zip;
 
 pub use error::{PermuteError, Result};
 pub use matching::{MatchOptions, MatchResult, weight_matching};

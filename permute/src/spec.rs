@@ -459,7 +459,9 @@ pub fn permute_tensor(
 }
 
 /// `out[i₀, …, i_k] = data[idx₀[i₀], …, idx_k[i_k]]` in one pass (`None`: the
-/// axis is kept as it is). One gather instead of one `select` copy per axis.
+/// axis is kept as it is; an index may be longer or shorter than its axis,
+/// repeating or dropping positions). One gather instead of one `select` copy
+/// per axis.
 pub fn gather(data: &ArrayD<f32>, index: &[Option<Vec<usize>>]) -> ArrayD<f32> {
     if index.iter().all(Option::is_none) {
         return data.clone();
@@ -467,7 +469,12 @@ pub fn gather(data: &ArrayD<f32>, index: &[Option<Vec<usize>>]) -> ArrayD<f32> {
     let src = data.as_standard_layout();
     let src = src.as_slice().expect("standard layout");
     let shape = data.shape();
-    let Some((&last, outer)) = shape.split_last() else {
+    let out_shape: Vec<usize> = shape
+        .iter()
+        .zip(index)
+        .map(|(&n, p)| p.as_ref().map_or(n, Vec::len))
+        .collect();
+    let Some((&last, outer)) = out_shape.split_last() else {
         return data.clone();
     };
     // Row-major strides of the source.
@@ -476,13 +483,15 @@ pub fn gather(data: &ArrayD<f32>, index: &[Option<Vec<usize>>]) -> ArrayD<f32> {
         strides[a] = strides[a + 1] * shape[a + 1];
     }
     let at = |axis: usize, i: usize| index[axis].as_ref().map_or(i, |p| p[i]);
+    let total: usize = out_shape.iter().product();
     let mut out = Vec::new();
-    weights::mem::reserve_huge(&mut out, data.len());
+    weights::mem::reserve_huge(&mut out, total);
     let rows: usize = outer.iter().product();
     let mut pos = vec![0usize; outer.len()];
+    let src_last = shape[outer.len()];
     for _ in 0..rows {
         let base: usize = (0..outer.len()).map(|a| at(a, pos[a]) * strides[a]).sum();
-        let row = &src[base..base + last];
+        let row = &src[base..base + src_last];
         match &index[outer.len()] {
             None => out.extend_from_slice(row),
             Some(p) => out.extend(p.iter().map(|&j| row[j])),
@@ -496,7 +505,8 @@ pub fn gather(data: &ArrayD<f32>, index: &[Option<Vec<usize>>]) -> ArrayD<f32> {
             pos[a] = 0;
         }
     }
-    ArrayD::from_shape_vec(shape.to_vec(), out).expect("same element count")
+    debug_assert_eq!(out.len(), total, "{last}");
+    ArrayD::from_shape_vec(out_shape, out).expect("same element count")
 }
 
 /// Applies `perm` to every weight of `sd` the spec names (others are copied).

@@ -195,3 +195,82 @@ fn lap_agrees_with_kuhn_munkres_on_n200() {
     let ours = solve(&cost, n, Objective::Maximize, "n200").unwrap();
     assert_eq!(total(&cost, n, &ours) as i64, best);
 }
+
+fn max_abs(x: &Array2<f32>) -> f32 {
+    x.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+#[test]
+fn zip_spans_the_ensemble_and_the_aligned_average() {
+    use permute::zip::{GroupPlan, ZipOptions, plan_group, zip};
+    let (a, b) = (random_mlp(&[6, 8, 8, 3], 1), random_mlp(&[6, 8, 8, 3], 2));
+    let spec = mlp(&a).unwrap();
+    let mut rng = Rng::new(3);
+    let x = Array2::from_shape_fn((20, 6), |_| rng.normal() as f32);
+    let plan_at = |merged: usize| -> indexmap::IndexMap<String, GroupPlan> {
+        spec.groups
+            .iter()
+            .map(|g| {
+                let perm: Vec<usize> = (0..g.blocks).rev().collect();
+                let score: Vec<f64> = (0..g.blocks).map(|i| i as f64).collect();
+                (
+                    g.name.clone(),
+                    plan_group(&perm, &score, merged, &g.name).unwrap(),
+                )
+            })
+            .collect()
+    };
+    // Nothing merged: both models side by side, logits averaged (the ensemble).
+    let z = zip(&spec, &a, &b, &plan_at(0), &ZipOptions::default()).unwrap();
+    assert_eq!(z.get("layers.1.weight").unwrap().shape(), &[16, 16]);
+    let want = (forward(&a, &x) + forward(&b, &x)) * 0.5;
+    assert!(max_abs(&(forward(&z, &x) - &want)) < 1e-5);
+    // Everything merged with B's units reversed: the mean of A and the reversed B.
+    let z = zip(&spec, &a, &b, &plan_at(8), &ZipOptions::default()).unwrap();
+    let mut rev = spec.identity();
+    for g in rev.values_mut() {
+        g.outer.reverse();
+    }
+    let want = permute::many::mean(&[a.clone(), apply(&spec, &rev, &b).unwrap()]).unwrap();
+    for (name, t) in want.iter() {
+        let d = (&t.data - &z.get(name).unwrap().data)
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        assert!(d < 1e-6, "{name}: {d}");
+    }
+    // Half merged: 4 pairs and 4 + 4 units apart per layer.
+    let mix = vec![[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]];
+    let opts = ZipOptions {
+        output_mix: [
+            ("layers.2.weight".to_string(), mix.clone()),
+            ("layers.2.bias".to_string(), mix),
+        ]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    };
+    let half = plan_at(4);
+    assert_eq!(half[&mlp_group(0)].width(), 12);
+    // Nothing merged, and a mix of the outputs that takes class 0 from A and
+    // the others from B: each logit is its own model's.
+    let z = zip(&spec, &a, &b, &plan_at(0), &opts).unwrap();
+    let (ya, yb, yz) = (forward(&a, &x), forward(&b, &x), forward(&z, &x));
+    assert!(
+        max_abs(&(&yz.column(0).to_owned() - &ya.column(0)).insert_axis(ndarray::Axis(1))) < 1e-5
+    );
+    assert!(
+        max_abs(&(&yz.column(2).to_owned() - &yb.column(2)).insert_axis(ndarray::Axis(1))) < 1e-5
+    );
+    // Bad plans are named by group.
+    let mut bad = plan_at(4);
+    bad[&mlp_group(1)].only_b[0] = 99;
+    let e = zip(&spec, &a, &b, &bad, &ZipOptions::default()).unwrap_err();
+    assert!(e.to_string().contains(&mlp_group(1)), "{e}");
+    let mut missing = plan_at(4);
+    missing.shift_remove(&mlp_group(0));
+    let e = zip(&spec, &a, &b, &missing, &ZipOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("no entry"), "{e}");
+    let e = plan_group(&[0, 0], &[0.1, 0.2], 1, "g").unwrap_err();
+    assert!(e.to_string().contains("not a permutation"), "{e}");
+    assert!(permute::zip::check_ratio(1.5).is_err());
+}

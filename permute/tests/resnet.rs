@@ -158,3 +158,51 @@ fn weight_matching_recovers_planted_resnet_permutations() {
     let res = weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
     assert!(res.l2_after < 1e-4, "{} -> {}", res.l2_before, res.l2_after);
 }
+
+#[test]
+fn zip_of_resnets_spans_the_ensemble_and_the_aligned_average() {
+    use permute::zip::{GroupPlan, ZipOptions, zip};
+    let (a, b) = (random_resnet(6), random_resnet(7));
+    let spec = resnet(&a).unwrap();
+    let wm = weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
+    let bp = apply(&spec, &wm.perm, &b).unwrap();
+    let plan = |merged: bool| -> indexmap::IndexMap<String, GroupPlan> {
+        spec.groups
+            .iter()
+            .map(|g| {
+                let p = if merged {
+                    GroupPlan::merged(g.blocks)
+                } else {
+                    GroupPlan {
+                        pairs: vec![],
+                        only_a: (0..g.blocks).collect(),
+                        only_b: (0..g.blocks).collect(),
+                    }
+                };
+                (g.name.clone(), p)
+            })
+            .collect()
+    };
+    let mut rng = Rng::new(8);
+    let x = Array4::from_shape_fn((2, 3, 6, 6), |_| rng.normal() as f32);
+    let max_abs = |y: Array2<f32>| y.iter().fold(0f32, |m, v| m.max(v.abs()));
+    // All channels apart (BatchNorm is per channel, shortcuts stay in their
+    // stream): the ensemble, logits averaged.
+    let z = zip(&spec, &a, &bp, &plan(false), &ZipOptions::default()).unwrap();
+    assert_eq!(
+        z.get("conv1.weight").unwrap().shape()[0],
+        2 * a.get("conv1.weight").unwrap().shape()[0]
+    );
+    let want = (forward(&a, &x) + forward(&b, &x)) * 0.5;
+    let d = max_abs(forward(&z, &x) - &want);
+    assert!(d < 1e-4 * max_abs(want.clone()), "{d}");
+    // All merged: the average of A and the aligned B, tensor for tensor.
+    let z = zip(&spec, &a, &bp, &plan(true), &ZipOptions::default()).unwrap();
+    let mean = permute::many::mean(&[a.clone(), bp.clone()]).unwrap();
+    for (name, t) in mean.iter() {
+        let d = (&t.data - &z.get(name).unwrap().data)
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        assert!(d < 1e-6, "{name}: {d}");
+    }
+}

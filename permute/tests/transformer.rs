@@ -766,3 +766,73 @@ fn copy_orders_are_checked_and_inverted() {
     let e = p[name].check(heads).unwrap_err().to_string();
     assert!(e.contains("copies are fixed"), "{e}");
 }
+
+#[test]
+fn zip_of_llamas_keeps_apart_heads_channels_and_stream_side_by_side() {
+    use permute::zip::{GroupPlan, ZipOptions, lookup_tables, zip};
+    let c = config();
+    let a = random_llama(12, false);
+    let spec = llama(&c, &a).unwrap();
+    // B: A with every symmetry shuffled, aligned back by weight matching.
+    let b = apply(&spec, &spec.random(13), &a).unwrap();
+    let wm = weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
+    let bp = apply(&spec, &wm.perm, &b).unwrap();
+    let opts = ZipOptions {
+        lookups: lookup_tables(&a),
+        ..Default::default()
+    };
+    assert_eq!(opts.lookups, ["model.embed_tokens.weight"]);
+    let plan = |apart: &dyn Fn(&str) -> bool| -> indexmap::IndexMap<String, GroupPlan> {
+        spec.groups
+            .iter()
+            .map(|g| {
+                let p = if apart(&g.name) {
+                    GroupPlan {
+                        pairs: vec![],
+                        only_a: (0..g.blocks).collect(),
+                        only_b: (0..g.blocks).collect(),
+                    }
+                } else {
+                    GroupPlan::merged(g.blocks)
+                };
+                (g.name.clone(), p)
+            })
+            .collect()
+    };
+    let tokens = [3usize, 1, 4, 1, 5, 9, 2];
+    let before = forward(&a, &tokens);
+    let scale = before.iter().fold(1f32, |m, v| m.max(v.abs()));
+    // Key/value heads (with their query heads) and FFN channels kept apart,
+    // the residual stream merged: twice the heads and channels, each half
+    // of the output; two copies of one model make the same function.
+    let z = zip(&spec, &a, &bp, &plan(&|g| g != "residual"), &opts).unwrap();
+    let k = "model.layers.0.self_attn.k_proj.weight";
+    assert_eq!(
+        z.get(k).unwrap().shape(),
+        &[2 * DIMS.kv_heads * DIMS.head_dim, DIMS.hidden]
+    );
+    let wide = Dims {
+        heads: 2 * DIMS.heads,
+        kv_heads: 2 * DIMS.kv_heads,
+        ffn: 2 * DIMS.ffn,
+        ..DIMS
+    };
+    let d = max_diff(&before, &forward_of(&wide, &z, &tokens));
+    assert!(d < 1e-4 * scale, "heads and channels apart: {d}");
+    // The residual stream apart too (RMSNorm over two copies of a vector is
+    // the norm of one): the embeddings' columns are their output.
+    let z = zip(&spec, &a, &bp, &plan(&|_| true), &opts).unwrap();
+    let wider = Dims {
+        hidden: 2 * DIMS.hidden,
+        ..wide
+    };
+    let d = max_diff(&before, &forward_of(&wider, &z, &tokens));
+    assert!(d < 1e-4 * scale, "everything apart: {d}");
+    // Two different models, everything merged: the mean of A and aligned B.
+    let b2 = random_llama(14, false);
+    let wm = weight_matching(&spec, &a, &b2, &MatchOptions::default()).unwrap();
+    let bp2 = apply(&spec, &wm.perm, &b2).unwrap();
+    let z = zip(&spec, &a, &bp2, &plan(&|_| false), &opts).unwrap();
+    let mean = permute::many::mean(&[a.clone(), bp2]).unwrap();
+    assert!(permute::matching::l2_distance(&mean, &z) < 1e-5);
+}

@@ -69,26 +69,7 @@ pub enum HeadArg {
 }
 
 /// How a merge ratio is spread over the hidden layers (the `--allocation` option).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Allocation {
-    /// Every hidden layer merges the same fraction of its units.
-    Uniform,
-    /// The same total number of merged pairs, taken where the matched units
-    /// are most alike: the pairs of all layers ranked by their activation
-    /// correlation, and the best `round(ratio · Σ units)` merged. A layer
-    /// whose units have no counterpart in the other model stays apart.
-    Global,
-}
-
-impl Allocation {
-    /// The name in reports.
-    pub fn name(self) -> &'static str {
-        match self {
-            Allocation::Uniform => "uniform",
-            Allocation::Global => "global",
-        }
-    }
-}
+pub use permute::zip::Allocation;
 
 /// Options.
 #[derive(Clone, Debug, clap::Args)]
@@ -144,155 +125,46 @@ pub struct PleasArgs {
 
 crate::studies::cli_defaults!(PleasArgs);
 
-/// How one hidden layer of the merged model is made from A's and B's units.
-/// The merged layer's units are `pairs` (A's unit `i` and B's unit `j`,
-/// averaged), then `only_a`, then `only_b`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LayerPlan {
-    /// Merged pairs `(A's unit, B's unit)`.
-    pub pairs: Vec<(usize, usize)>,
-    /// A's units kept apart.
-    pub only_a: Vec<usize>,
-    /// B's units kept apart.
-    pub only_b: Vec<usize>,
-}
-
-impl LayerPlan {
-    /// Units of the merged layer.
-    pub fn width(&self) -> usize {
-        self.pairs.len() + self.only_a.len() + self.only_b.len()
-    }
-
-    /// Units of each source layer.
-    fn source_width(&self) -> usize {
-        self.pairs.len() + self.only_a.len()
-    }
-
-    /// The merge matrix `M` (`width × 2n`): merged features from `[f_A; f_B]`.
-    pub fn merge_matrix(&self) -> Array2<f64> {
-        let n = self.source_width();
-        let mut m = Array2::zeros((self.width(), 2 * n));
-        for (u, &(i, j)) in self.pairs.iter().enumerate() {
-            m[[u, i]] = 0.5;
-            m[[u, n + j]] = 0.5;
-        }
-        let base = self.pairs.len();
-        for (k, &i) in self.only_a.iter().enumerate() {
-            m[[base + k, i]] = 1.0;
-        }
-        let base = base + self.only_a.len();
-        for (k, &j) in self.only_b.iter().enumerate() {
-            m[[base + k, n + j]] = 1.0;
-        }
-        m
-    }
-
-    /// The unmerge matrices `(U_A, U_B)` (`n × width`): the merged unit that
-    /// stands for each of A's (B's) units.
-    pub fn unmerge_matrices(&self) -> (Array2<f64>, Array2<f64>) {
-        let (n, w) = (self.source_width(), self.width());
-        let (mut ua, mut ub) = (Array2::zeros((n, w)), Array2::zeros((n, w)));
-        for (u, &(i, j)) in self.pairs.iter().enumerate() {
-            ua[[i, u]] = 1.0;
-            ub[[j, u]] = 1.0;
-        }
-        let base = self.pairs.len();
-        for (k, &i) in self.only_a.iter().enumerate() {
-            ua[[i, base + k]] = 1.0;
-        }
-        let base = base + self.only_a.len();
-        for (k, &j) in self.only_b.iter().enumerate() {
-            ub[[j, base + k]] = 1.0;
-        }
-        (ua, ub)
-    }
-}
+/// How one hidden layer of the merged model is made from A's and B's units
+/// (the library's plan of one permutation group: merged pairs, then A's
+/// units kept apart, then B's).
+pub use permute::zip::GroupPlan as LayerPlan;
 
 /// Partial matching of one layer: A's unit `i` is matched with B's unit
 /// `perm[i]` with similarity `score[i]`; the `round(ratio · n)` most similar
 /// pairs are merged and both units of every other pair are kept apart.
 pub fn plan_layer(perm: &[usize], score: &[f64], ratio: f64) -> anyhow::Result<LayerPlan> {
     check_ratio(ratio)?;
-    plan_layer_merging(perm, score, (ratio * perm.len() as f64).round() as usize)
+    let merged = (ratio * perm.len() as f64).round() as usize;
+    Ok(permute::zip::plan_group(
+        perm,
+        score,
+        merged,
+        "hidden layer",
+    )?)
 }
 
 fn check_ratio(ratio: f64) -> anyhow::Result<()> {
-    ensure!(
-        (0.0..=1.0).contains(&ratio),
-        "--ratios: {ratio} is not a fraction in [0, 1]"
-    );
-    Ok(())
+    permute::zip::check_ratio(ratio).map_err(|e| anyhow::anyhow!("--ratios: {e}"))
 }
 
 /// Plans every hidden layer from its matched units (`(perm, score)` per layer,
 /// as [`match_units`] returns them) at one merge ratio, spread over the layers
-/// by `allocation`. Both allocations merge the same total number of pairs up
-/// to rounding; at ratio 0 and 1 they agree.
+/// by `allocation` ([`permute::zip::plan_groups`] over the MLP's groups).
 pub fn plan_layers(
     units: &[(Vec<usize>, Vec<f64>)],
     ratio: f64,
     allocation: Allocation,
 ) -> anyhow::Result<Vec<LayerPlan>> {
     check_ratio(ratio)?;
-    let counts: Vec<usize> = match allocation {
-        Allocation::Uniform => units
-            .iter()
-            .map(|(p, _)| (ratio * p.len() as f64).round() as usize)
-            .collect(),
-        Allocation::Global => {
-            let total: usize = units.iter().map(|(p, _)| p.len()).sum();
-            let mut all: Vec<(f64, usize, usize)> = Vec::with_capacity(total);
-            // Bad scores (wrong length, NaN) are refused per layer below.
-            for (l, (_, sc)) in units.iter().enumerate() {
-                all.extend(sc.iter().enumerate().map(|(i, &v)| (v, l, i)));
-            }
-            all.sort_by(|x, y| y.0.total_cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
-            let merged = ((ratio * total as f64).round() as usize).min(total);
-            let mut counts = vec![0; units.len()];
-            for &(_, l, _) in &all[..merged] {
-                counts[l] += 1;
-            }
-            counts
-        }
-    };
-    units
+    let named: Vec<(String, Vec<usize>, Vec<f64>)> = units
         .iter()
-        .zip(counts)
-        .map(|((p, sc), k)| plan_layer_merging(p, sc, k))
-        .collect()
-}
-
-/// [`plan_layer`] merging exactly the `merged` most similar pairs (at most all).
-fn plan_layer_merging(perm: &[usize], score: &[f64], merged: usize) -> anyhow::Result<LayerPlan> {
-    let n = perm.len();
-    ensure!(
-        score.len() == n,
-        "partial matching: {} scores for {n} units",
-        score.len()
-    );
-    let mut seen = vec![false; n];
-    for &j in perm {
-        ensure!(
-            j < n && !std::mem::replace(&mut seen[j], true),
-            "partial matching: {perm:?} is not a permutation of 0..{n}"
-        );
-    }
-    ensure!(
-        score.iter().all(|v| v.is_finite()),
-        "partial matching: non-finite unit similarity"
-    );
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&x, &y| score[y].total_cmp(&score[x]).then(x.cmp(&y)));
-    let merged = merged.min(n);
-    let mut plan = LayerPlan {
-        pairs: order[..merged].iter().map(|&i| (i, perm[i])).collect(),
-        only_a: order[merged..].to_vec(),
-        only_b: order[merged..].iter().map(|&i| perm[i]).collect(),
-    };
-    plan.pairs.sort_unstable();
-    plan.only_a.sort_unstable();
-    plan.only_b.sort_unstable();
-    Ok(plan)
+        .enumerate()
+        .map(|(l, (p, s))| (permute::builders::mlp_group(l), p.clone(), s.clone()))
+        .collect();
+    Ok(permute::zip::plan_groups(&named, ratio, allocation)?
+        .into_values()
+        .collect())
 }
 
 /// An MLP's layers as `f64` `(weight [out, in], bias)`.
@@ -420,34 +292,39 @@ fn to_state_dict(layers: &Layers) -> StateDict {
 }
 
 /// Zips A and B by `plans` (one per hidden layer), averaging each merged
-/// pair: `W_l = M_l · [W_A U_A; W_B U_B]_(l−1)`, `b_l = M_l · [b_A; b_B]`, and
-/// the logits merged by `head`. Ratio 0 everywhere is the ensemble, ratio 1
-/// with [`Head::Average`] the average of A and the permuted B.
+/// pair ([`permute::zip::zip`] over the MLP's spec), with the logits merged
+/// by `head`. Ratio 0 everywhere is the ensemble, ratio 1 with
+/// [`Head::Average`] the average of A and the permuted B.
 pub fn zip_merge(
     a: &StateDict,
     b: &StateDict,
     plans: &[LayerPlan],
     head: Head,
 ) -> anyhow::Result<StateDict> {
-    let (la, lb) = check_models(a, b)?;
+    let (la, _) = check_models(a, b)?;
     check_plans(&la, plans)?;
-    Ok(to_state_dict(&zip_layers(&la, &lb, plans, head)?))
-}
-
-fn zip_layers(la: &Layers, lb: &Layers, plans: &[LayerPlan], head: Head) -> anyhow::Result<Layers> {
-    let mut out = Layers::new();
-    for (l, ((wa, ba), (wb, bb))) in la.iter().zip(lb).enumerate() {
-        let (ra, rb) = match l.checked_sub(1).map(|p| plans[p].unmerge_matrices()) {
-            Some((ua, ub)) => (wa.dot(&ua), wb.dot(&ub)),
-            None => (wa.clone(), wb.clone()),
-        };
-        let m = merge_matrix_of(plans, head, l, wa.nrows())?;
-        out.push((
-            m.dot(&concatenate![Axis(0), ra, rb]),
-            m.dot(&concatenate![Axis(0), *ba, *bb]),
-        ));
-    }
-    Ok(out)
+    let spec = permute::builders::mlp(a)?;
+    let plan = plans
+        .iter()
+        .enumerate()
+        .map(|(l, p)| (permute::builders::mlp_group(l), p.clone()))
+        .collect();
+    let classes = la[la.len() - 1].0.nrows();
+    let m = head.merge_matrix(classes)?;
+    let mix: Vec<[f64; 2]> = (0..classes)
+        .map(|c| [m[[c, c]], m[[c, classes + c]]])
+        .collect();
+    let last = la.len() - 1;
+    let opts = permute::zip::ZipOptions {
+        lookups: vec![],
+        output_mix: [
+            (format!("layers.{last}.weight"), mix.clone()),
+            (format!("layers.{last}.bias"), mix),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    Ok(permute::zip::zip(&spec, a, b, &plan, &opts)?)
 }
 
 /// Every layer's pre-activation on `x` (the hidden ones before their ReLU).
@@ -517,7 +394,8 @@ impl Probe {
             "--ridge: {ridge} (must be finite and ≥ 0)"
         );
         let zipped = if first > 0 {
-            zip_layers(la, lb, plans, head)?
+            let zipped = zip_merge(&to_state_dict(la), &to_state_dict(lb), plans, head)?;
+            layers_of(&zipped, "zipped")?
         } else {
             Layers::new()
         };
