@@ -648,6 +648,82 @@ fn lmc_study_runs_on_the_layernorm_resnet() {
 }
 
 #[test]
+fn pleas_study_zips_two_llama_decoders_head_by_head() {
+    use experiments::studies::pleas::{Allocation, PleasArch, PleasArgs, run};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pleas-llama");
+    let args = PleasArgs {
+        quick: true,
+        arch: PleasArch::Llama,
+        ratios: vec![1.0, 0.5, 0.0],
+        run: RunArgs::quiet_to(&out),
+        ..Default::default()
+    };
+    run(&args).unwrap();
+    check_png(&out.join("loss_vs_ratio.png"));
+    let m = metrics(&out);
+    assert_eq!(m["arch"], "llama");
+    let rows = m["merges"].as_array().unwrap();
+    assert_eq!(rows.len(), 9, "three matchings × three ratios");
+    let row = |mt: &str, r: f64| {
+        rows.iter()
+            .find(|x| x["matching"] == mt && x["ratio"].as_f64() == Some(r))
+            .unwrap()
+    };
+    let kv = m["shape"]["kv_heads"].as_u64().unwrap();
+    for mt in ["none", "wm", "am"] {
+        // Ratio 1 is one model's size; 0 keeps every head and channel of both.
+        let (full, half, apart) = (row(mt, 1.0), row(mt, 0.5), row(mt, 0.0));
+        assert!((full["params_ratio"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+        assert_eq!(full["kv_heads"].as_u64(), Some(kv));
+        assert_eq!(apart["kv_heads"].as_u64(), Some(2 * kv));
+        let p = |r: &serde_json::Value| r["params_ratio"].as_f64().unwrap();
+        assert!(p(full) < p(half) && p(half) < p(apart));
+        for r in [full, half, apart] {
+            assert!(r["loss"]["mean"].as_f64().unwrap().is_finite());
+        }
+    }
+    // Aligning before merging matters: averaging unaligned decoders is worse
+    // than averaging aligned ones (measured at this size: 2.97 vs 2.61 nats).
+    let mean = |r: &serde_json::Value| r["loss"]["mean"].as_f64().unwrap();
+    for mt in ["wm", "am"] {
+        assert!(mean(row(mt, 1.0)) < mean(row("none", 1.0)) - 0.1, "{mt}");
+    }
+    // Options a LLaMA cannot take are refused before anything is written.
+    for (bad, flag) in [
+        (
+            PleasArgs {
+                allocation: Allocation::Global,
+                ..args.clone()
+            },
+            "--allocation",
+        ),
+        (
+            PleasArgs {
+                epochs: Some(2),
+                ..args.clone()
+            },
+            "--epochs",
+        ),
+        (
+            PleasArgs {
+                ratios: vec![1.5],
+                ..args.clone()
+            },
+            "--ratios",
+        ),
+    ] {
+        let e = run(&PleasArgs {
+            run: RunArgs::quiet_to(dir.path().join("refused")),
+            ..bad
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains(flag), "{flag}: {e}");
+    }
+    assert!(!dir.path().join("refused").exists());
+}
+
+#[test]
 fn pleas_study_least_squares_beats_averaging_and_partial_matching_trades_width_for_accuracy() {
     use experiments::studies::pleas::{PleasArgs, run};
     let dir = tempfile::tempdir().unwrap();

@@ -146,12 +146,13 @@ pub struct TrainedPair {
     pub final_loss: [f64; 2],
 }
 
-/// Trains the pair of `shape` on `corpus` (AdamW, lr 3e-3, seeds `2·seed`
-/// and `2·seed + 1` for the initialisation and the batch order).
+/// Trains the pair of `shape`, A on `corpora[0]` and B on `corpora[1]`
+/// (AdamW, lr 3e-3, seeds `2·seed` and `2·seed + 1` for the initialisation
+/// and the batch order).
 pub fn train_pair(
     shape: Shape,
     seed: u64,
-    corpus: &Corpus,
+    corpora: [&Corpus; 2],
     run: &mut Run,
 ) -> anyhow::Result<TrainedPair> {
     let sizes = Sizes {
@@ -166,7 +167,10 @@ pub fn train_pair(
     let dev = run.device;
     let mut models = run.phase(&format!("train width {}", shape.hidden), || {
         (0..2u64)
-            .map(|k| crate::device::on_device!(dev, train_one(&sizes, corpus, 2 * seed + k, &bar)))
+            .map(|k| {
+                let corpus = corpora[k as usize];
+                crate::device::on_device!(dev, train_one(&sizes, corpus, 2 * seed + k, &bar))
+            })
             .collect::<anyhow::Result<Vec<_>>>()
     })?;
     bar.finish_and_clear();
@@ -496,7 +500,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     let mut run = args.run.open("lmc")?;
     let dir = args.data_dir.clone().unwrap_or_else(default_text_dir);
     let corpus = run.phase("load data", || moby_dick(&dir))?;
-    let pair = train_pair(shape, args.seed, &corpus, &mut run)?;
+    let pair = train_pair(shape, args.seed, [&corpus; 2], &mut run)?;
     let c = pair.config.clone();
     let sets = EvalSets::new(&corpus, &pair.shape);
     let endpoints = [sets.score(&c, &pair.a)?[1], sets.score(&c, &pair.b)?[1]];
@@ -540,7 +544,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
 fn width_sweep(args: &LmcArgs, corpus: &Corpus, run: &mut Run) -> anyhow::Result<Vec<WidthRow>> {
     let mut rows = Vec::new();
     for &w in &args.widths {
-        let p = train_pair(Shape::of(args, Some(w))?, args.seed, corpus, run)?;
+        let p = train_pair(Shape::of(args, Some(w))?, args.seed, [corpus; 2], run)?;
         let sets = EvalSets::new(corpus, &p.shape);
         let spec = permute::builders::llama(&p.config, &p.a)?;
         let wm = run.phase(&format!("WM width {w}"), || {

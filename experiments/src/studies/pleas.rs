@@ -71,12 +71,30 @@ pub enum HeadArg {
 /// How a merge ratio is spread over the hidden layers (the `--allocation` option).
 pub use permute::zip::Allocation;
 
+/// The networks the `pleas` study merges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PleasArch {
+    /// ReLU MLPs on MNIST digit subsets (zip and least squares).
+    Mlp,
+    /// Character-level LLaMA decoders on two texts (zip over the head-aware
+    /// spec, [`crate::studies::pleas_llama`]).
+    Llama,
+}
+
 /// Options.
 #[derive(Clone, Debug, clap::Args)]
 pub struct PleasArgs {
     /// Tiny size for tests (width 64 × 2 layers, 2000 training samples, 3 epochs, 500 unlabelled samples).
     #[arg(long)]
     pub quick: bool,
+    /// The networks: MLPs on digit subsets, or LLaMA decoders on two texts
+    /// (which take --width, --depth, --steps, --ratios, --matchings, --seed
+    /// and --data-dir as the text folder).
+    #[arg(long, value_enum, default_value_t = PleasArch::Mlp)]
+    pub arch: PleasArch,
+    /// Training steps of each LLaMA (--arch llama; default 1500, quick 150).
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Hidden width (default 512; 64 with `--quick`).
     #[arg(long)]
     pub width: Option<usize>,
@@ -859,6 +877,13 @@ impl MergeInputs<'_> {
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
+    if args.arch == PleasArch::Llama {
+        return crate::studies::pleas_llama::run(args);
+    }
+    ensure!(
+        args.steps.is_none(),
+        "--steps applies to --arch llama; the MLPs train for --epochs"
+    );
     let z = sizes_of(args)?;
     let mut run = args.run.open("pleas")?;
     let d = load_data(args, &z, &mut run)?;
