@@ -12,7 +12,8 @@ use serde_json::json;
 use weights::StateDict;
 
 use crate::plot::{Series, line_chart};
-use crate::studies::lmc::{Arch, LmcArgs, curve, ste, train_models};
+use crate::report::Run;
+use crate::studies::lmc::{Arch, LmcArgs, TrainedSet, curve, ste, train_models};
 use permute::{MatchOptions, apply, weight_matching};
 
 /// Options (the `lmc` options choose the models).
@@ -38,72 +39,13 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
         args.models
     );
     let mut run = args.lmc.run.open("many")?;
-    let dev = run.device;
     let set = train_models(&args.lmc, args.models, &mut run)?;
-    let models = &set.models;
-    let arch = set.arch;
-    let spec = arch.spec(&models[0])?;
-    let individual: Vec<(f64, f64)> = models
+    let individual: Vec<(f64, f64)> = set
+        .models
         .iter()
-        .map(|m| arch.evaluate(m, &set.test))
+        .map(|m| set.arch.evaluate(m, &set.test))
         .collect::<anyhow::Result<_>>()?;
-    // Aligned copies per method (anchor = model 0).
-    let mut aligned: Vec<(&str, Vec<StateDict>, f64)> = vec![("naive", models.clone(), 0.0)];
-    let t = Instant::now();
-    let wm: Vec<StateDict> = run.phase("anchor WM", || -> anyhow::Result<Vec<StateDict>> {
-        let mut out = vec![models[0].clone()];
-        for m in &models[1..] {
-            let p = weight_matching(
-                &spec,
-                &models[0],
-                m,
-                &MatchOptions {
-                    seed: args.lmc.seed,
-                    ..Default::default()
-                },
-            )?
-            .perm;
-            out.push(apply(&spec, &p, m)?);
-        }
-        Ok(out)
-    })?;
-    aligned.push(("wm_anchor", wm, t.elapsed().as_secs_f64()));
-    let t = Instant::now();
-    let ste_opts = args.lmc.ste(set.steps_per_epoch)?;
-    // STE is implemented for the MLP only.
-    let st: Vec<StateDict> = run.phase("anchor STE", || -> anyhow::Result<Vec<StateDict>> {
-        if arch != Arch::Mlp {
-            return Ok(Vec::new());
-        }
-        let mut out = vec![models[0].clone()];
-        for m in &models[1..] {
-            let p = ste(&models[0], m, &set.train, ste_opts, dev)?;
-            out.push(apply(&spec, &p, m)?);
-        }
-        Ok(out)
-    })?;
-    if !st.is_empty() {
-        aligned.push(("ste_anchor", st, t.elapsed().as_secs_f64()));
-    }
-    let t = Instant::now();
-    let mm = run.phase("MergeMany", || {
-        permute::many::merge_many(
-            &spec,
-            models,
-            &MatchOptions {
-                seed: args.lmc.seed,
-                ..Default::default()
-            },
-            50,
-        )
-    })?;
-    let mm_models = models
-        .iter()
-        .zip(&mm.perms)
-        .map(|(m, p)| apply(&spec, p, m))
-        .collect::<permute::Result<Vec<_>>>()?;
-    aligned.push(("merge_many", mm_models, t.elapsed().as_secs_f64()));
-    let eval_train = set.train.take(2000);
+    let (aligned, rounds) = align(args, &set, &mut run)?;
     let mut metrics = serde_json::Map::new();
     metrics.insert(
         "individual".into(),
@@ -116,7 +58,7 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
     );
     let mut md = format!(
         "# Merging {} models\n\nMLPs {:?}, {} epoch(s) each. Individual test accuracy: {}.\n\n| method | merged test loss | merged test accuracy | mean barrier between non-anchor models | seconds |\n|---|---|---|---|---|\n",
-        models.len(),
+        set.models.len(),
         set.sizes,
         set.epochs,
         individual
@@ -127,24 +69,13 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
     );
     let mut series = Vec::new();
     for (name, ms, secs) in &aligned {
-        let merged = permute::many::mean(ms)?;
-        let (loss, acc) = arch.evaluate(&merged, &set.test)?;
-        // Barriers between every pair of non-anchor models after alignment.
-        let mut barriers = Vec::new();
-        for i in 1..ms.len() {
-            for j in i + 1..ms.len() {
-                let c = curve(arch, &ms[i], &ms[j], args.lmc.grid, &eval_train, &set.test)?;
-                if i == 1 && j == 2 {
-                    series.push(Series::line(*name, c.test.clone()));
-                }
-                barriers.push(c.loss_barrier);
-            }
-        }
-        let mean_barrier = barriers.iter().sum::<f64>() / barriers.len() as f64;
+        let (row, pair_1_2) = score(args, &set, ms, *secs)?;
         md.push_str(&format!(
-            "| {name} | {loss:.4} | {acc:.4} | {mean_barrier:.4} | {secs:.2} |\n"
+            "| {name} | {:.4} | {:.4} | {:.4} | {secs:.2} |\n",
+            row.test_loss, row.test_acc, row.pairwise_barrier,
         ));
-        metrics.insert(name.to_string(), json!({"test_loss": loss, "test_acc": acc, "pairwise_barrier": mean_barrier, "pairwise_barriers": barriers, "seconds": secs}));
+        series.push(Series::line(*name, pair_1_2));
+        metrics.insert(name.to_string(), serde_json::to_value(&row)?);
         run.partial(&serde_json::Value::Object(metrics.clone()))?;
     }
     line_chart(
@@ -155,7 +86,110 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
         &series,
     )?;
     md.push_str("\n![between models 1 and 2](pair_1_2_test_loss.png)\n");
-    metrics.insert("merge_many_rounds".into(), json!(mm.rounds));
+    metrics.insert("merge_many_rounds".into(), json!(rounds));
     run.finish(serde_json::Value::Object(metrics), &md)?;
     Ok(run.dir.clone())
+}
+
+/// A method's name, the models it aligned and its seconds.
+type Aligned = (&'static str, Vec<StateDict>, f64);
+
+/// The models aligned by each method: none, weight matching and STE (MLP
+/// only) to model 0, MergeMany; also MergeMany's rounds.
+fn align(
+    args: &ManyArgs,
+    set: &TrainedSet,
+    run: &mut Run,
+) -> anyhow::Result<(Vec<Aligned>, usize)> {
+    let (models, dev) = (&set.models, run.device);
+    let spec = set.arch.spec(&models[0])?;
+    let opts = MatchOptions {
+        seed: args.lmc.seed,
+        ..Default::default()
+    };
+    // Every other model aligned to model 0 by `perm_of`.
+    let to_anchor = |perm_of: &dyn Fn(&StateDict) -> anyhow::Result<permute::Permutation>| {
+        let mut out = vec![models[0].clone()];
+        for m in &models[1..] {
+            out.push(apply(&spec, &perm_of(m)?, m)?);
+        }
+        anyhow::Ok(out)
+    };
+    let mut aligned: Vec<Aligned> = vec![("naive", models.clone(), 0.0)];
+    let t = Instant::now();
+    let wm = run.phase("anchor WM", || {
+        to_anchor(&|m| Ok(weight_matching(&spec, &models[0], m, &opts)?.perm))
+    })?;
+    aligned.push(("wm_anchor", wm, t.elapsed().as_secs_f64()));
+    // STE is implemented for the MLP only.
+    if set.arch == Arch::Mlp {
+        let t = Instant::now();
+        let ste_opts = args.lmc.ste(set.steps_per_epoch)?;
+        let st = run.phase("anchor STE", || {
+            to_anchor(&|m| ste(&models[0], m, &set.train, ste_opts, dev))
+        })?;
+        aligned.push(("ste_anchor", st, t.elapsed().as_secs_f64()));
+    }
+    let t = Instant::now();
+    let mm = run.phase("MergeMany", || {
+        permute::many::merge_many(&spec, models, &opts, 50)
+    })?;
+    let mm_models = models
+        .iter()
+        .zip(&mm.perms)
+        .map(|(m, p)| apply(&spec, p, m))
+        .collect::<permute::Result<Vec<_>>>()?;
+    aligned.push(("merge_many", mm_models, t.elapsed().as_secs_f64()));
+    Ok((aligned, mm.rounds))
+}
+
+/// One method's entry of `metrics.json`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MethodRow {
+    /// Test loss of the merged (averaged) model.
+    pub test_loss: f64,
+    /// Its test accuracy.
+    pub test_acc: f64,
+    /// Mean loss barrier between the non-anchor models.
+    pub pairwise_barrier: f64,
+    /// Every such barrier.
+    pub pairwise_barriers: Vec<f64>,
+    /// Seconds to align.
+    pub seconds: f64,
+}
+
+/// The merged (averaged) model's test loss and accuracy and the barriers
+/// between every pair of non-anchor models; also the test-loss curve between
+/// models 1 and 2.
+fn score(
+    args: &ManyArgs,
+    set: &TrainedSet,
+    ms: &[StateDict],
+    secs: f64,
+) -> anyhow::Result<(MethodRow, Vec<(f64, f64)>)> {
+    let arch = set.arch;
+    let eval_train = set.train.take(2000);
+    let merged = permute::many::mean(ms)?;
+    let (loss, acc) = arch.evaluate(&merged, &set.test)?;
+    let (mut barriers, mut pair_1_2) = (Vec::new(), Vec::new());
+    for i in 1..ms.len() {
+        for j in i + 1..ms.len() {
+            let c = curve(arch, &ms[i], &ms[j], args.lmc.grid, &eval_train, &set.test)?;
+            if i == 1 && j == 2 {
+                pair_1_2 = c.test.clone();
+            }
+            barriers.push(c.loss_barrier);
+        }
+    }
+    let mean_barrier = barriers.iter().sum::<f64>() / barriers.len() as f64;
+    Ok((
+        MethodRow {
+            test_loss: loss,
+            test_acc: acc,
+            pairwise_barrier: mean_barrier,
+            pairwise_barriers: barriers,
+            seconds: secs,
+        },
+        pair_1_2,
+    ))
 }

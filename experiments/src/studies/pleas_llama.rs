@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use anyhow::ensure;
 use indexmap::IndexMap;
 use permute::zip::{GroupPlan, ZipOptions, lookup_tables, plan_group, zip};
-use permute::{MatchOptions, apply, weight_matching};
+use permute::{MatchOptions, Permutation, PermutationSpec, apply, weight_matching};
 use s2ft_core::LlamaConfig;
 use serde::Serialize;
 use weights::StateDict;
@@ -26,7 +26,9 @@ use crate::lm::{Corpus, Sample, ascii, default_text_dir, held_out, moby_dick};
 use crate::plot::{Series, line_chart};
 use crate::report::Run;
 use crate::studies::lmc::LmcArgs;
-use crate::studies::lmc_llama::{EvalSets, HEAD_DIM, Shape, activation_matching, train_pair};
+use crate::studies::lmc_llama::{
+    EvalSets, HEAD_DIM, Shape, TrainedPair, activation_matching, train_pair,
+};
 use crate::studies::pleas::{Allocation, Matching, PleasArgs};
 
 /// Held-out loss (nats/token) on each text.
@@ -84,25 +86,7 @@ fn sotu(dir: &std::path::Path) -> anyhow::Result<Corpus> {
 
 /// Runs `pleas --arch llama`; returns the report folder.
 pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
-    ensure!(
-        args.allocation == Allocation::Uniform,
-        "--allocation global: a LLaMA has as many heads and channels in every block; use --allocation uniform with --arch llama"
-    );
-    for r in &args.ratios {
-        permute::zip::check_ratio(*r).map_err(|e| anyhow::anyhow!("--ratios: {e}"))?;
-    }
-    let shape = Shape::of(
-        &LmcArgs {
-            quick: args.quick,
-            width: args.width,
-            depth: args.depth,
-            epochs: args.epochs,
-            steps: args.steps,
-            seed: args.seed,
-            ..Default::default()
-        },
-        None,
-    )?;
+    let shape = check(args)?;
     let mut run = args.run.open("pleas")?;
     let dir = args.data_dir.clone().unwrap_or_else(default_text_dir);
     let texts = run.phase("load data", || -> anyhow::Result<[Corpus; 2]> {
@@ -127,81 +111,23 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         merges: Vec::new(),
     };
     let spec = permute::builders::llama(c, &pair.a)?;
-    // Activation matching's probe: windows of both texts.
-    let probe = {
-        let draw = |k: usize| {
-            held_out(1, args.seed ^ 0xAC7, |r| {
-                Sample::text(&texts[k].train, pair.shape.batch, pair.shape.seq, r)
-            })
-            .pop()
-            .expect("one batch")
-        };
-        let (x, y) = (draw(0), draw(1));
-        Sample {
-            tokens: [x.tokens, y.tokens].concat(),
-            mask: [x.mask, y.mask].concat(),
-            b: x.b + y.b,
-            t: x.t,
-        }
-    };
-    let opts = ZipOptions {
-        lookups: lookup_tables(&pair.a),
-        ..Default::default()
-    };
+    let probe = probe(&texts, &pair.shape, args.seed);
     for &matching in &args.matchings {
         let perm = run.phase(&format!("match {}", matching.name()), || {
-            anyhow::Ok(match matching {
-                Matching::None => spec.identity(),
-                Matching::Wm => {
-                    let o = MatchOptions {
-                        seed: args.seed,
-                        ..Default::default()
-                    };
-                    weight_matching(&spec, &pair.a, &pair.b, &o)?.perm
-                }
-                Matching::Am => activation_matching(c, &spec, (&pair.a, &pair.b), &probe)?,
-            })
+            align(matching, &spec, &pair, &probe, args.seed)
         })?;
         let bp = apply(&spec, &perm, &pair.b)?;
         // How alike each aligned block pair is: the blocks kept apart are the least alike.
         let sims = permute::many::pair_similarities(&spec, &spec.identity(), &pair.a, &bp)?;
         for &ratio in &args.ratios {
-            let plan: IndexMap<String, GroupPlan> = spec
-                .groups
-                .iter()
-                .map(|g| {
-                    let merged = if g.name == "residual" {
-                        g.blocks
-                    } else {
-                        (ratio * g.blocks as f64).round() as usize
-                    };
-                    let identity: Vec<usize> = (0..g.blocks).collect();
-                    Ok((
-                        g.name.clone(),
-                        plan_group(&identity, &sims[&g.name], merged, &g.name)?,
-                    ))
-                })
-                .collect::<anyhow::Result<_>>()?;
-            let z = run.phase(&format!("zip {} {ratio}", matching.name()), || {
-                zip(&spec, &pair.a, &bp, &plan, &opts)
+            let (z, zc) = run.phase(&format!("zip {} {ratio}", matching.name()), || {
+                merge(&spec, c, (&pair.a, &bp), &sims, ratio)
             })?;
-            let layer0 = weights::llama::names::layer(0);
-            let kv = plan[&format!("{layer0}.heads")].width();
-            let ffn = plan[&format!("{layer0}.ffn")].width();
-            let mut zc = LlamaConfig::tiny(
-                c.vocab_size,
-                c.hidden_size,
-                c.num_hidden_layers,
-                kv * (c.num_attention_heads / c.num_key_value_heads),
-                kv,
-                ffn,
-            );
-            zc.head_dim = HEAD_DIM;
             m.merges.push(Row {
                 matching: matching.name(),
                 ratio,
-                kv_heads: kv,
-                ffn,
+                kv_heads: zc.num_key_value_heads,
+                ffn: zc.intermediate_size,
                 params_ratio: z.numel() as f64 / pair.a.numel() as f64,
                 loss: score(&zc, &z)?,
             });
@@ -212,6 +138,113 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     let md = report(&m);
     run.finish(serde_json::to_value(&m)?, &md)?;
     Ok(run.dir.clone())
+}
+
+/// The options checked (before any output is written) and the models' sizes.
+fn check(args: &PleasArgs) -> anyhow::Result<Shape> {
+    ensure!(
+        args.allocation == Allocation::Uniform,
+        "--allocation global: a LLaMA has as many heads and channels in every block; use --allocation uniform with --arch llama"
+    );
+    for r in &args.ratios {
+        permute::zip::check_ratio(*r).map_err(|e| anyhow::anyhow!("--ratios: {e}"))?;
+    }
+    Shape::of(
+        &LmcArgs {
+            quick: args.quick,
+            width: args.width,
+            depth: args.depth,
+            epochs: args.epochs,
+            steps: args.steps,
+            seed: args.seed,
+            ..Default::default()
+        },
+        None,
+    )
+}
+
+/// Activation matching's probe: one batch of windows of each text.
+fn probe(texts: &[Corpus; 2], shape: &Shape, seed: u64) -> Sample {
+    let draw = |k: usize| {
+        held_out(1, seed ^ 0xAC7, |r| {
+            Sample::text(&texts[k].train, shape.batch, shape.seq, r)
+        })
+        .pop()
+        .expect("one batch")
+    };
+    let (x, y) = (draw(0), draw(1));
+    Sample {
+        tokens: [x.tokens, y.tokens].concat(),
+        mask: [x.mask, y.mask].concat(),
+        b: x.b + y.b,
+        t: x.t,
+    }
+}
+
+/// The permutation of B `matching` finds over the head-aware spec.
+fn align(
+    matching: Matching,
+    spec: &PermutationSpec,
+    pair: &TrainedPair,
+    probe: &Sample,
+    seed: u64,
+) -> anyhow::Result<Permutation> {
+    Ok(match matching {
+        Matching::None => spec.identity(),
+        Matching::Wm => {
+            let o = MatchOptions {
+                seed,
+                ..Default::default()
+            };
+            weight_matching(spec, &pair.a, &pair.b, &o)?.perm
+        }
+        Matching::Am => activation_matching(&pair.config, spec, (&pair.a, &pair.b), probe)?,
+    })
+}
+
+/// A and the aligned B zipped at `ratio` (the residual stream merged whole,
+/// heads and FFN channels by similarity), and the merged model's config.
+fn merge(
+    spec: &PermutationSpec,
+    c: &LlamaConfig,
+    (a, bp): (&StateDict, &StateDict),
+    sims: &IndexMap<String, Vec<f64>>,
+    ratio: f64,
+) -> anyhow::Result<(StateDict, LlamaConfig)> {
+    let plan: IndexMap<String, GroupPlan> = spec
+        .groups
+        .iter()
+        .map(|g| {
+            let merged = if g.name == "residual" {
+                g.blocks
+            } else {
+                (ratio * g.blocks as f64).round() as usize
+            };
+            let identity: Vec<usize> = (0..g.blocks).collect();
+            Ok((
+                g.name.clone(),
+                plan_group(&identity, &sims[&g.name], merged, &g.name)?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let opts = ZipOptions {
+        lookups: lookup_tables(a),
+        ..Default::default()
+    };
+    let z = zip(spec, a, bp, &plan, &opts)?;
+    let layer0 = weights::llama::names::layer(0);
+    let kv = plan[&format!("{layer0}.heads")].width();
+    let ffn = plan[&format!("{layer0}.ffn")].width();
+    let mut zc = LlamaConfig::tiny(
+        c.vocab_size,
+        c.hidden_size,
+        c.num_hidden_layers,
+        kv * (c.num_attention_heads / c.num_key_value_heads),
+        kv,
+        ffn,
+    );
+    zc.head_dim = HEAD_DIM;
+    Ok((z, zc))
 }
 
 fn plot(run: &Run, m: &Metrics, args: &PleasArgs) -> anyhow::Result<()> {

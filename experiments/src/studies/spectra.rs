@@ -94,43 +94,12 @@ pub fn run(args: &SpectraArgs) -> anyhow::Result<PathBuf> {
         crate::device::Device::Cpu,
         args.quiet,
     )?;
-    let minilm = Path::new("models/all-MiniLM-L6-v2/model.safetensors");
-    let (label, sd) = match (&args.model, args.quick) {
-        (Some(p), _) => {
-            let src = Checkpoint::open(p).with_context(|| format!("opening {}", p.display()))?;
-            (
-                p.display().to_string(),
-                run.phase("load", || src.load_all())?,
-            )
-        }
-        (None, false) if minilm.is_file() => (
-            minilm.display().to_string(),
-            run.phase("load", || Checkpoint::open(minilm)?.load_all())?,
-        ),
-        (None, quick) => (
-            format!("synthetic Student-t (ν = 3) checkpoint, seed {}", args.seed),
-            synthetic(args.seed, quick),
-        ),
-    };
+    let (label, sd) = load(args, &mut run)?;
     let opts = ReportOptions {
         farms: (!args.no_farms).then(FarmsOptions::default),
         ..Default::default()
     };
-    let names: Vec<String> = sd.keys().map(String::from).collect();
-    let bar = run.progress(names.len() as u64);
-    let analyses: Vec<LayerAnalysis> =
-        run.phase("analyze", || -> anyhow::Result<Vec<LayerAnalysis>> {
-            let rows: Vec<Option<LayerAnalysis>> = names
-                .par_iter()
-                .map(|n| {
-                    let r = analyze_tensor(n, sd.get(n).expect("listed").data.view(), &opts);
-                    bar.inc(1);
-                    r.with_context(|| format!("analysing {n}"))
-                })
-                .collect::<anyhow::Result<_>>()?;
-            Ok(rows.into_iter().flatten().collect())
-        })?;
-    bar.finish_and_clear();
+    let analyses = analyze(&sd, &opts, &mut run)?;
     anyhow::ensure!(
         !analyses.is_empty(),
         "{label}: no weight matrices to analyse"
@@ -149,50 +118,107 @@ pub fn run(args: &SpectraArgs) -> anyhow::Result<PathBuf> {
         .collect();
     let plan = spectra::welore::welore_plan(&layers, args.welore_reduction, 0.1)?;
     let dir = run.dir.clone();
-    run.phase("plots", || -> anyhow::Result<()> {
-        let idx = |f: &dyn Fn(&spectra::report::LayerReport) -> Option<f64>| -> Vec<(f64, f64)> {
-            rows.iter()
-                .enumerate()
-                .filter_map(|(i, r)| f(r).map(|v| (i as f64, v)))
-                .collect()
-        };
-        let mut series = vec![Series::line("alpha (CSN)", idx(&|r| r.alpha))];
-        if !args.no_farms {
-            series.push(Series::line(
-                "FARMS alpha",
-                idx(&|r| r.farms_alpha.flatten()),
-            ));
+    run.phase("plots", || plots(&dir, &analyses, !args.no_farms))?;
+    let (metrics, md) = report(&label, &rows, &plan);
+    run.finish(metrics, &md)?;
+    Ok(run.dir.clone())
+}
+
+/// The checkpoint to analyse and its label: `--model`, else the fetched
+/// MiniLM, else (and with `--quick`) a synthetic heavy-tailed one.
+fn load(args: &SpectraArgs, run: &mut Run) -> anyhow::Result<(String, StateDict)> {
+    let minilm = Path::new("models/all-MiniLM-L6-v2/model.safetensors");
+    Ok(match (&args.model, args.quick) {
+        (Some(p), _) => {
+            let src = Checkpoint::open(p).with_context(|| format!("opening {}", p.display()))?;
+            (
+                p.display().to_string(),
+                run.phase("load", || src.load_all())?,
+            )
         }
-        line_chart(
-            &dir.join("alpha_per_layer"),
-            "Power-law exponent per layer",
-            "layer index",
-            "alpha",
-            &series,
-        )?;
-        // ESD tails of up to four layers with their fits.
-        let mut esd_series = Vec::new();
-        for (k, a) in analyses
-            .iter()
-            .filter(|a| a.fit.is_some())
-            .take(4)
-            .enumerate()
-        {
-            let fit = a.fit.as_ref().expect("filtered");
-            let pts = ccdf(&a.esd.evals);
-            esd_series.push(Series::dots(a.report.name.clone(), pts).colored(k));
-            let line = fit_line(fit, a.esd.evals.len());
-            esd_series.push(Series::line(format!("fit α = {:.2}", fit.alpha), line).colored(k));
-        }
-        line_chart(
-            &dir.join("esd_tails"),
-            "ESD tails (CCDF) and power-law fits",
-            "log10 eigenvalue",
-            "log10 P(λ ≥ x)",
-            &esd_series,
-        )?;
-        Ok(())
+        (None, false) if minilm.is_file() => (
+            minilm.display().to_string(),
+            run.phase("load", || Checkpoint::open(minilm)?.load_all())?,
+        ),
+        (None, quick) => (
+            format!("synthetic Student-t (ν = 3) checkpoint, seed {}", args.seed),
+            synthetic(args.seed, quick),
+        ),
+    })
+}
+
+/// Every weight matrix of `sd` analysed, in parallel (others skipped).
+fn analyze(
+    sd: &StateDict,
+    opts: &ReportOptions,
+    run: &mut Run,
+) -> anyhow::Result<Vec<LayerAnalysis>> {
+    let names: Vec<&str> = sd.keys().collect();
+    let bar = run.progress(names.len() as u64);
+    let analyses = run.phase("analyze", || -> anyhow::Result<Vec<LayerAnalysis>> {
+        let rows: Vec<Option<LayerAnalysis>> = names
+            .par_iter()
+            .map(|&n| {
+                let t = sd
+                    .get(n)
+                    .ok_or_else(|| anyhow::anyhow!("no tensor '{n}'"))?;
+                let r = analyze_tensor(n, t.data.view(), opts);
+                bar.inc(1);
+                r.with_context(|| format!("analysing {n}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(rows.into_iter().flatten().collect())
     })?;
+    bar.finish_and_clear();
+    Ok(analyses)
+}
+
+/// α per layer (and FARMS α), and the ESD tails of up to four layers with their fits.
+fn plots(dir: &Path, analyses: &[LayerAnalysis], farms: bool) -> anyhow::Result<()> {
+    let idx = |f: &dyn Fn(&spectra::report::LayerReport) -> Option<f64>| -> Vec<(f64, f64)> {
+        analyses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| f(&a.report).map(|v| (i as f64, v)))
+            .collect()
+    };
+    let mut series = vec![Series::line("alpha (CSN)", idx(&|r| r.alpha))];
+    if farms {
+        series.push(Series::line(
+            "FARMS alpha",
+            idx(&|r| r.farms_alpha.flatten()),
+        ));
+    }
+    line_chart(
+        &dir.join("alpha_per_layer"),
+        "Power-law exponent per layer",
+        "layer index",
+        "alpha",
+        &series,
+    )?;
+    let mut esd_series = Vec::new();
+    let fitted = analyses.iter().filter_map(|a| Some((a, a.fit.as_ref()?)));
+    for (k, (a, fit)) in fitted.take(4).enumerate() {
+        let pts = ccdf(&a.esd.evals);
+        esd_series.push(Series::dots(a.report.name.clone(), pts).colored(k));
+        let line = fit_line(fit, a.esd.evals.len());
+        esd_series.push(Series::line(format!("fit α = {:.2}", fit.alpha), line).colored(k));
+    }
+    line_chart(
+        &dir.join("esd_tails"),
+        "ESD tails (CCDF) and power-law fits",
+        "log10 eigenvalue",
+        "log10 P(λ ≥ x)",
+        &esd_series,
+    )
+}
+
+/// `metrics.json` and `report.md` from the layers' rows and the WeLore plan.
+fn report(
+    label: &str,
+    rows: &[spectra::report::LayerReport],
+    plan: &[spectra::welore::WeloreLayer],
+) -> (serde_json::Value, String) {
     let fitted: Vec<f64> = rows.iter().filter_map(|r| r.alpha).collect();
     let mean = |v: &[f64]| {
         if v.is_empty() {
@@ -217,7 +243,7 @@ pub fn run(args: &SpectraArgs) -> anyhow::Result<PathBuf> {
     );
     md.push_str("| layer | shape | α | weighted α | stable rank | MP spikes | FARMS α | WeLore rank |\n|---|---|---|---|---|---|---|---|\n");
     let f = |v: Option<f64>| v.map_or("–".to_string(), |x| format!("{x:.3}"));
-    for r in &rows {
+    for r in rows {
         let wl = plan
             .iter()
             .find(|p| p.name == r.name)
@@ -235,8 +261,7 @@ pub fn run(args: &SpectraArgs) -> anyhow::Result<PathBuf> {
         ));
     }
     md.push_str("\n![alpha per layer](alpha_per_layer.png)\n\n![ESD tails](esd_tails.png)\n");
-    run.finish(metrics, &md)?;
-    Ok(run.dir.clone())
+    (metrics, md)
 }
 
 #[cfg(test)]

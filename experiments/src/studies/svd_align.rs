@@ -5,11 +5,11 @@
 
 use std::path::PathBuf;
 
-use serde_json::json;
-use spectra::alignment::singular_vector_alignment;
+use spectra::alignment::{Alignment, singular_vector_alignment};
+use weights::StateDict;
 
 use crate::plot::{Series, heatmap, line_chart};
-use crate::studies::lmc::{LmcArgs, align_all, train_pair};
+use crate::studies::lmc::{LmcArgs, TrainedPair, align_all, train_pair};
 
 /// Options (the `lmc` options choose the models).
 #[derive(Clone, Debug, clap::Args)]
@@ -46,36 +46,19 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
     for (name, perm, _) in &methods {
         let mut per_layer = Vec::new();
         for (li, w) in layers.iter().enumerate() {
-            let i = li + 1;
-            let a = pair
-                .a
-                .get(w)
-                .expect("layer")
-                .data
-                .view()
-                .into_dimensionality::<ndarray::Ix2>()?;
-            let b = pair
-                .b
-                .get(w)
-                .expect("layer")
-                .data
-                .view()
-                .into_dimensionality::<ndarray::Ix2>()?;
-            let p = &perm[&permute::builders::mlp_group(i)].outer;
-            let q = &perm[&permute::builders::mlp_group(i - 1)].outer;
             let al = run.phase(&format!("{name} {w}"), || {
-                singular_vector_alignment(a, b, Some(p), Some(q), args.top, &[0.0, 0.3])
+                align_layer(&pair, perm, li + 1, args.top)
             })?;
             md.push_str(&format!(
                 "| {name} | {w} | {:.1e} | {:.3} | {:.3} | {:.3} |\n",
                 al.sv_max_rel_diff, al.score, al.thresholded[0].1, al.thresholded[1].1
             ));
+            let diagonal_top: Vec<f64> = al.diagonal.iter().take(args.top).copied().collect();
             if li == 0 {
                 series.push(Series::line(
                     *name,
-                    al.diagonal
+                    diagonal_top
                         .iter()
-                        .take(args.top)
                         .enumerate()
                         .map(|(k, &v)| (k as f64, v))
                         .collect(),
@@ -90,10 +73,16 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
                     )?;
                 }
             }
-            per_layer.push(json!({"layer": w, "sv_max_rel_diff": al.sv_max_rel_diff, "score": al.score,
-                "r_gamma_0": al.thresholded[0].1, "r_gamma_0_3": al.thresholded[1].1, "diagonal_top": al.diagonal.iter().take(args.top).collect::<Vec<_>>()}));
+            per_layer.push(LayerRow {
+                layer: w.clone(),
+                sv_max_rel_diff: al.sv_max_rel_diff,
+                score: al.score,
+                r_gamma_0: al.thresholded[0].1,
+                r_gamma_0_3: al.thresholded[1].1,
+                diagonal_top,
+            });
         }
-        metrics.insert(name.to_string(), json!(per_layer));
+        metrics.insert(name.to_string(), serde_json::to_value(&per_layer)?);
         run.partial(&serde_json::Value::Object(metrics.clone()))?;
     }
     line_chart(
@@ -106,4 +95,52 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
     md.push_str("\n![alignment vs rank](alignment_vs_rank.png)\n\n![WM overlaps](overlap_wm.png) ![no permutation](overlap_naive.png)\n");
     run.finish(serde_json::Value::Object(metrics), &md)?;
     Ok(run.dir.clone())
+}
+
+/// One layer of one method in `metrics.json`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LayerRow {
+    /// The weight's name.
+    pub layer: String,
+    /// Largest change of B's singular values under the permutation, relative to σ₁.
+    pub sv_max_rel_diff: f64,
+    /// Score S over the top singular vectors.
+    pub score: f64,
+    /// R at threshold γ = 0.
+    pub r_gamma_0: f64,
+    /// R at threshold γ = 0.3.
+    pub r_gamma_0_3: f64,
+    /// Alignment of each of the top components.
+    pub diagonal_top: Vec<f64>,
+}
+
+/// Singular-vector alignment of hidden-to-hidden layer `i` of A and of B
+/// under `perm` (its rows by group `i`, its columns by group `i − 1`).
+fn align_layer(
+    pair: &TrainedPair,
+    perm: &permute::Permutation,
+    i: usize,
+    top: usize,
+) -> anyhow::Result<Alignment> {
+    let w = format!("layers.{i}.weight");
+    let matrix = |sd: &StateDict| -> anyhow::Result<ndarray::Array2<f32>> {
+        let t = sd
+            .get(&w)
+            .ok_or_else(|| anyhow::anyhow!("the MLP has no '{w}'"))?;
+        Ok(t.data
+            .view()
+            .into_dimensionality::<ndarray::Ix2>()?
+            .to_owned())
+    };
+    let (a, b) = (matrix(&pair.a)?, matrix(&pair.b)?);
+    let p = &perm[&permute::builders::mlp_group(i)].outer;
+    let q = &perm[&permute::builders::mlp_group(i - 1)].outer;
+    Ok(singular_vector_alignment(
+        a.view(),
+        b.view(),
+        Some(p),
+        Some(q),
+        top,
+        &[0.0, 0.3],
+    )?)
 }
