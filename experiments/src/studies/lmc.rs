@@ -627,6 +627,25 @@ pub fn align_all(
     Ok((out, wm.passes))
 }
 
+/// One method's entry of `metrics.json`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MethodRow {
+    /// Barrier of the train loss over the endpoints' line.
+    pub loss_barrier: f64,
+    /// Barrier over the endpoints' mean.
+    pub loss_barrier_mean: f64,
+    /// Largest drop of the train accuracy below the endpoints' line.
+    pub acc_barrier: f64,
+    /// ‖A − P·B‖.
+    pub l2: f64,
+    /// Seconds to align (and to REPAIR).
+    pub seconds: f64,
+    /// (λ, train loss).
+    pub train_loss: Vec<(f64, f64)>,
+    /// (λ, test loss).
+    pub test_loss: Vec<(f64, f64)>,
+}
+
 /// Runs the study; returns the report folder.
 pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     if args.arch == Arch::Llama {
@@ -638,72 +657,29 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     );
     let mut run = args.run.open("lmc")?;
     let pair = train_pair(args, &mut run)?;
-    let (a, b) = (&pair.a, &pair.b);
-    let arch = pair.arch;
-    let spec = arch.spec(a)?;
+    let (a, b, arch) = (&pair.a, &pair.b, pair.arch);
     // The ResNet's CPU forward is ~100× the MLP's: score it on subsets.
     let eval_n = match (arch, args.quick) {
         (Arch::Mlp, _) => usize::MAX,
         (_, true) => 128,
         (_, false) => 1000,
     };
-    let eval_train = pair.train.take(eval_n.min(2000));
-    let eval_test = pair.test.take(eval_n);
+    let eval = (pair.train.take(eval_n.min(2000)), pair.test.take(eval_n));
     let endpoints: Vec<(f64, f64)> = [a, b]
         .iter()
-        .map(|m| arch.evaluate(m, &eval_test))
+        .map(|m| arch.evaluate(m, &eval.1))
         .collect::<anyhow::Result<_>>()?;
     let (perms, wm_passes) = align_all(&pair, args, &mut run)?;
-    // REPAIR on top of weight matching: its statistics come from the same
-    // 1000 training samples activation matching uses.
-    let repair_probe = pair.train.take(1000).x;
     let mut metrics = serde_json::Map::new();
-    let mut train_series = Vec::new();
-    let mut test_series = Vec::new();
-    let mut md = format!(
-        "# Linear mode connectivity\n\nTwo {} {:?} trained {} epoch(s) with Adam on {} samples (seeds {} and {}); test accuracy {:.3} and {:.3}.\n\n| method | loss barrier | loss barrier (vs mean) | accuracy barrier | L2 to A | seconds |\n|---|---|---|---|---|---|\n",
-        match arch {
-            Arch::Mlp => "MLPs",
-            Arch::Resnet => "ResNets (LayerNorm; stage widths)",
-            Arch::Vgg => "VGG-style CNNs (convolution widths)",
-            Arch::Llama => unreachable!("lmc_llama::run"),
-        },
-        pair.sizes,
-        pair.epochs,
-        pair.train.y.len(),
-        args.seed * 2,
-        args.seed * 2 + 1,
-        endpoints[0].1,
-        endpoints[1].1
-    );
-    let mut rows: Vec<(String, &permute::Permutation, f64, bool)> = perms
-        .iter()
-        .map(|(n, p, s)| (n.to_string(), p, *s, false))
-        .collect();
-    if args.repair {
-        let (_, wm, secs) = perms.iter().find(|p| p.0 == "wm").expect("wm row");
-        rows.push(("wm_repair".into(), wm, *secs, true));
-    }
-    for (name, perm, secs, repaired) in &rows {
-        let bp = apply(&spec, perm, b)?;
-        let probe = repaired.then_some(&repair_probe);
-        let (c, repair_secs) = run.phase(&format!("curve {name}"), || {
-            method_curve(arch, args.grid, (a, &bp), probe, (&eval_train, &eval_test))
-        })?;
-        let secs = secs + repair_secs;
-        let l2 = permute::matching::l2_distance(a, &bp);
+    let mut md = header(&pair, args, &endpoints);
+    let (mut train_series, mut test_series) = (Vec::new(), Vec::new());
+    for (name, row) in method_rows(args, &pair, &perms, &eval, &mut run, &mut metrics)? {
         md.push_str(&format!(
             "| {name} | {:.4} | {:.4} | {:.4} | {:.3} | {:.2} |\n",
-            c.loss_barrier, c.loss_barrier_mean, c.acc_barrier, l2, secs
+            row.loss_barrier, row.loss_barrier_mean, row.acc_barrier, row.l2, row.seconds
         ));
-        metrics.insert(
-            name.to_string(),
-            json!({"loss_barrier": c.loss_barrier, "loss_barrier_mean": c.loss_barrier_mean, "acc_barrier": c.acc_barrier, "l2": l2, "seconds": secs,
-                   "train_loss": c.train, "test_loss": c.test}),
-        );
-        run.partial(&serde_json::Value::Object(metrics.clone()))?;
-        train_series.push(Series::line(name.as_str(), c.train));
-        test_series.push(Series::line(name.as_str(), c.test));
+        train_series.push(Series::line(name.as_str(), row.train_loss));
+        test_series.push(Series::line(name.as_str(), row.test_loss));
     }
     for (stem, title, series) in [
         (
@@ -734,6 +710,71 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     metrics.insert("wm_passes".into(), json!(wm_passes));
     run.finish(serde_json::Value::Object(metrics), &md)?;
     Ok(run.dir.clone())
+}
+
+/// Every method's curve and row (REPAIR on top of weight matching with
+/// `--repair`, its statistics from the 1000 training samples activation
+/// matching uses), each written to `metrics` and the partial metrics as it ends.
+fn method_rows(
+    args: &LmcArgs,
+    pair: &TrainedPair,
+    perms: &[Aligned],
+    (eval_train, eval_test): &(Split, Split),
+    run: &mut Run,
+    metrics: &mut serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<Vec<(String, MethodRow)>> {
+    let (a, b, arch) = (&pair.a, &pair.b, pair.arch);
+    let spec = arch.spec(a)?;
+    let repair_probe = pair.train.take(1000).x;
+    let mut rows: Vec<(String, &permute::Permutation, f64, bool)> = perms
+        .iter()
+        .map(|(n, p, s)| (n.to_string(), p, *s, false))
+        .collect();
+    if args.repair {
+        let (_, wm, secs) = perms.iter().find(|p| p.0 == "wm").expect("wm row");
+        rows.push(("wm_repair".into(), wm, *secs, true));
+    }
+    let mut out = Vec::new();
+    for (name, perm, secs, repaired) in rows {
+        let bp = apply(&spec, perm, b)?;
+        let probe = repaired.then_some(&repair_probe);
+        let (c, repair_secs) = run.phase(&format!("curve {name}"), || {
+            method_curve(arch, args.grid, (a, &bp), probe, (eval_train, eval_test))
+        })?;
+        let row = MethodRow {
+            loss_barrier: c.loss_barrier,
+            loss_barrier_mean: c.loss_barrier_mean,
+            acc_barrier: c.acc_barrier,
+            l2: permute::matching::l2_distance(a, &bp),
+            seconds: secs + repair_secs,
+            train_loss: c.train,
+            test_loss: c.test,
+        };
+        metrics.insert(name.clone(), serde_json::to_value(&row)?);
+        run.partial(&serde_json::Value::Object(metrics.clone()))?;
+        out.push((name, row));
+    }
+    Ok(out)
+}
+
+/// The report's opening and the head of its table.
+fn header(pair: &TrainedPair, args: &LmcArgs, endpoints: &[(f64, f64)]) -> String {
+    format!(
+        "# Linear mode connectivity\n\nTwo {} {:?} trained {} epoch(s) with Adam on {} samples (seeds {} and {}); test accuracy {:.3} and {:.3}.\n\n| method | loss barrier | loss barrier (vs mean) | accuracy barrier | L2 to A | seconds |\n|---|---|---|---|---|---|\n",
+        match pair.arch {
+            Arch::Mlp => "MLPs",
+            Arch::Resnet => "ResNets (LayerNorm; stage widths)",
+            Arch::Vgg => "VGG-style CNNs (convolution widths)",
+            Arch::Llama => "LLaMA decoders",
+        },
+        pair.sizes,
+        pair.epochs,
+        pair.train.y.len(),
+        args.seed * 2,
+        args.seed * 2 + 1,
+        endpoints[0].1,
+        endpoints[1].1
+    )
 }
 
 /// The curve from A to the aligned B, with REPAIR at every λ when a probe
