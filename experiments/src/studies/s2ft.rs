@@ -504,19 +504,20 @@ where
     Ok((model.to_state_dict(), c.clone(), losses))
 }
 
+/// One LoRA adapter: per target, (weight name, B `[out, r]`, A `[r, in]`).
+type LoraMods = Vec<(String, ndarray::Array2<f32>, ndarray::Array2<f32>)>;
+
 /// Median milliseconds of switching adapters at width `w` (one block): LoRA
 /// of rank `r` on [`LORA_TARGETS`] vs S²FT at the same parameter count.
 fn switch_time(w: usize, r: usize, reps: usize) -> anyhow::Result<SwitchRow> {
-    use ndarray::{Array2, linalg::general_mat_mul};
-    use s2ft_core::adapter::{S2ftAdapter, unfuse};
     let heads = (w / 64).max(1);
     let ffn = (8 * w / 3).div_ceil(64) * 64;
     let c = LlamaConfig::tiny(VOCAB, w, 1, heads, heads, ffn);
     let mut sd = s2ft_core::model::random_state_dict(&c, 0);
     let mut rng = Rng::new(w as u64);
-    let mut rand =
-        |r: usize, k: usize| Array2::from_shape_fn((r, k), |_| (0.01 * rng.normal()) as f32);
-    // Two LoRA adapters: per target (weight name, B [out, r], A [r, in]).
+    let mut rand = |r: usize, k: usize| {
+        ndarray::Array2::from_shape_fn((r, k), |_| (0.01 * rng.normal()) as f32)
+    };
     let lora_params = lora_param_count(&c, r, &LORA_TARGETS);
     let mut loras = Vec::new();
     for _ in 0..2 {
@@ -542,59 +543,69 @@ fn switch_time(w: usize, r: usize, reps: usize) -> anyhow::Result<SwitchRow> {
             ..Default::default()
         };
         let sel = select(&c, &sc, None)?;
-        let dev = Default::default();
-        let m = Llama::<s2ft_core::Cpu>::from_state_dict(&c, &sd, false, &dev)?;
-        let mut a = S2ftAdapter::extract(&apply_s2ft(m, &sel, &sc)?)?;
+        let m = Llama::<s2ft_core::Cpu>::from_state_dict(&c, &sd, false, &Default::default())?;
+        let mut a = s2ft_core::adapter::S2ftAdapter::extract(&apply_s2ft(m, &sel, &sc)?)?;
         for d in a.deltas.values_mut() {
             let fresh = rand(d.nrows(), d.ncols());
             d.assign(&fresh);
         }
         adapters.push(a);
     }
-    let s2ft_params = adapters[0].num_params();
-    let scale = 2.0f32;
-    let lora_apply =
-        |sd: &mut StateDict, mods: &[(String, Array2<f32>, Array2<f32>)], sign: f32| {
-            for (key, b, a) in mods {
-                let w = sd.get_mut(key).expect("weight");
-                let mut w2 = w
-                    .data
-                    .view_mut()
-                    .into_dimensionality::<ndarray::Ix2>()
-                    .expect("2-D");
-                general_mat_mul(sign * scale, b, a, 1.0, &mut w2);
-            }
-        };
-    // LoRA: unmerge the current adapter, merge the next.
-    lora_apply(&mut sd, &loras[0], 1.0);
-    let mut lora_ms = Vec::new();
-    for k in 0..reps {
-        let (cur, next) = (&loras[k % 2], &loras[(k + 1) % 2]);
-        let t = Instant::now();
-        lora_apply(&mut sd, cur, -1.0);
-        lora_apply(&mut sd, next, 1.0);
-        lora_ms.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    lora_apply(&mut sd, &loras[reps % 2], -1.0);
-    // S²FT: restore the current adapter's columns, add the next one's.
-    let mut undo = adapters[0].fuse(&mut sd)?;
-    let mut s2ft_ms = Vec::new();
-    for k in 0..reps {
-        let next = &adapters[(k + 1) % 2];
-        let t = Instant::now();
-        unfuse(&mut sd, undo)?;
-        undo = next.fuse(&mut sd)?;
-        s2ft_ms.push(t.elapsed().as_secs_f64() * 1e3);
-    }
     Ok(SwitchRow {
         width: w,
         ffn,
         lora_rank: r,
         lora_params,
-        s2ft_params,
-        lora_ms: weights::stats::median(&lora_ms),
-        s2ft_ms: weights::stats::median(&s2ft_ms),
+        s2ft_params: adapters[0].num_params(),
+        lora_ms: lora_switch_ms(&mut sd, &loras, reps),
+        s2ft_ms: s2ft_switch_ms(&mut sd, &adapters, reps)?,
     })
+}
+
+/// Median milliseconds of a LoRA switch (unmerge the current adapter, merge
+/// the next: `W ∓= 2·B·A`) between two adapters, over `reps`.
+fn lora_switch_ms(sd: &mut StateDict, loras: &[LoraMods], reps: usize) -> f64 {
+    let apply = |sd: &mut StateDict, mods: &LoraMods, sign: f32| {
+        for (key, b, a) in mods {
+            let w = sd.get_mut(key).expect("weight");
+            let mut w2 = w
+                .data
+                .view_mut()
+                .into_dimensionality::<ndarray::Ix2>()
+                .expect("2-D");
+            ndarray::linalg::general_mat_mul(sign * 2.0, b, a, 1.0, &mut w2);
+        }
+    };
+    apply(sd, &loras[0], 1.0);
+    let mut ms = Vec::new();
+    for k in 0..reps {
+        let (cur, next) = (&loras[k % 2], &loras[(k + 1) % 2]);
+        let t = Instant::now();
+        apply(sd, cur, -1.0);
+        apply(sd, next, 1.0);
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    apply(sd, &loras[reps % 2], -1.0);
+    weights::stats::median(&ms)
+}
+
+/// Median milliseconds of an S²FT switch (restore the current adapter's
+/// columns, add the next one's) between two adapters, over `reps`.
+fn s2ft_switch_ms(
+    sd: &mut StateDict,
+    adapters: &[s2ft_core::adapter::S2ftAdapter],
+    reps: usize,
+) -> anyhow::Result<f64> {
+    let mut undo = adapters[0].fuse(sd)?;
+    let mut ms = Vec::new();
+    for k in 0..reps {
+        let next = &adapters[(k + 1) % 2];
+        let t = Instant::now();
+        s2ft_core::adapter::unfuse(sd, undo)?;
+        undo = next.fuse(sd)?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(weights::stats::median(&ms))
 }
 
 /// One adapter-switch timing: LoRA (unmerge + merge) vs S²FT (restore +
@@ -1091,6 +1102,17 @@ fn plots(
             &bars(|r| r.peak_mb),
         )?;
     }
+    finetune_loss_plot(kept, mid, task_b, run)?;
+    switch_plot(switch, run)
+}
+
+/// The fine-tuning loss of the first seed of each method at the mid budget.
+fn finetune_loss_plot(
+    kept: &[(Method, Finetuned)],
+    mid: usize,
+    task_b: &str,
+    run: &Run,
+) -> anyhow::Result<()> {
     let curves: Vec<Series> = kept
         .iter()
         .filter(|(m, _)| m.rank().is_none_or(|r| r == mid))
@@ -1111,7 +1133,11 @@ fn plots(
         "step",
         "answer-token loss",
         &curves,
-    )?;
+    )
+}
+
+/// Adapter switch time against the width (when measured).
+fn switch_plot(switch: &[SwitchRow], run: &Run) -> anyhow::Result<()> {
     if !switch.is_empty() {
         let pts = |k: fn(&SwitchRow) -> f64| -> Vec<(f64, f64)> {
             switch.iter().map(|r| (r.width as f64, k(r))).collect()
@@ -1130,8 +1156,41 @@ fn plots(
             ],
         )?;
     }
-
     Ok(())
+}
+
+/// The adapter-fusion rows of `report.md`.
+fn fusion_table(md: &mut String, fusion: &[FusionRow]) {
+    for f in fusion {
+        md.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+            f.method,
+            f.only_b.task_b_acc,
+            f.only_c.task_c_acc,
+            f.fused.task_b_acc,
+            f.fused.task_c_acc,
+            f.fused.task_a_loss,
+        ));
+    }
+}
+
+/// The adapter switch-time section of `report.md` (when measured).
+fn switch_table(md: &mut String, switch: &[SwitchRow]) {
+    if switch.is_empty() {
+        return;
+    }
+    md.push_str("\n## Adapter switch time (one block, CPU)\n\n| width | LoRA r8 params | LoRA ms | S²FT params | S²FT ms | ratio |\n|---|---|---|---|---|---|\n");
+    for r in switch {
+        let (l, x) = (r.lora_ms, r.s2ft_ms);
+        md.push_str(&format!(
+            "| {} | {} | {l:.3} | {} | {x:.3} | {:.1}× |\n",
+            r.width,
+            r.lora_params,
+            r.s2ft_params,
+            l / x
+        ));
+    }
+    md.push_str("\n![switch time](switch_time.png)\n");
 }
 
 /// `report.md`.
@@ -1195,30 +1254,7 @@ fn report(m: &S2ftMetrics, args: &S2ftArgs, s: &Sizes, base_params: usize, seeds
         b = task_b.name(),
         cc = task_c.name(),
     ));
-    for f in fusion {
-        md.push_str(&format!(
-            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
-            f.method,
-            f.only_b.task_b_acc,
-            f.only_c.task_c_acc,
-            f.fused.task_b_acc,
-            f.fused.task_c_acc,
-            f.fused.task_a_loss,
-        ));
-    }
-    if !switch.is_empty() {
-        md.push_str("\n## Adapter switch time (one block, CPU)\n\n| width | LoRA r8 params | LoRA ms | S²FT params | S²FT ms | ratio |\n|---|---|---|---|---|---|\n");
-        for r in switch {
-            let (l, x) = (r.lora_ms, r.s2ft_ms);
-            md.push_str(&format!(
-                "| {} | {} | {l:.3} | {} | {x:.3} | {:.1}× |\n",
-                r.width,
-                r.lora_params,
-                r.s2ft_params,
-                l / x
-            ));
-        }
-        md.push_str("\n![switch time](switch_time.png)\n");
-    }
+    fusion_table(&mut md, fusion);
+    switch_table(&mut md, switch);
     md
 }
