@@ -752,64 +752,50 @@ impl<B: Backend> Llama<B> {
             c.num_attention_heads * c.head_dim,
             c.num_key_value_heads * c.head_dim,
         );
-        let get = |name: &str, shape: &[usize]| -> Result<&WTensor> {
-            let t = sd.get(name).ok_or_else(|| S2ftError::Weight {
-                name: name.into(),
-                msg: "missing from the checkpoint".into(),
-            })?;
-            if t.shape() != shape {
-                return Err(S2ftError::Weight {
-                    name: name.into(),
-                    msg: format!("has shape {:?}, the config implies {shape:?}", t.shape()),
-                });
-            }
-            if let Some(x) = t.data.iter().find(|x| !x.is_finite()) {
-                return Err(S2ftError::Weight {
-                    name: name.into(),
-                    msg: format!("holds a non-finite value {x}"),
-                });
-            }
-            Ok(t)
-        };
-        let proj = |name: String, shape: [usize; 2]| -> Result<Proj<B>> {
+        let root = sd.scope("");
+        let proj = |scope: &weights::Scope, name: &str, shape: [usize; 2]| -> Result<Proj<B>> {
             Ok(Proj::from_transposed(
-                to_burn_t(get(&name, &shape)?, device),
+                to_burn_t(scope.get_finite(name, &shape)?, device),
                 trainable,
             ))
         };
-        let norm = |name: String| -> Result<RmsNorm<B>> {
+        let norm = |scope: &weights::Scope, name: &str| -> Result<RmsNorm<B>> {
             Ok(RmsNorm {
-                weight: Param::from_tensor(to_burn(get(&name, &[h])?, device))
+                weight: Param::from_tensor(to_burn(scope.get_finite(name, &[h])?, device))
                     .set_require_grad(trainable),
                 eps: c.rms_norm_eps,
             })
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
-            let p = layer_prefix(l);
+            let layer = sd.scope(&layer_prefix(l));
+            let attn = layer.scope("self_attn");
             layers.push(Block {
-                input_layernorm: norm(format!("{p}.input_layernorm.weight"))?,
+                input_layernorm: norm(&layer, "input_layernorm.weight")?,
                 self_attn: Attention {
-                    q_proj: proj(format!("{p}.self_attn.q_proj.weight"), [q_out, h])?,
-                    k_proj: proj(format!("{p}.self_attn.k_proj.weight"), [kv_out, h])?,
-                    v_proj: proj(format!("{p}.self_attn.v_proj.weight"), [kv_out, h])?,
-                    o_proj: proj(format!("{p}.self_attn.o_proj.weight"), [h, q_out])?,
+                    q_proj: proj(&attn, "q_proj.weight", [q_out, h])?,
+                    k_proj: proj(&attn, "k_proj.weight", [kv_out, h])?,
+                    v_proj: proj(&attn, "v_proj.weight", [kv_out, h])?,
+                    o_proj: proj(&attn, "o_proj.weight", [h, q_out])?,
                 },
-                post_attention_layernorm: norm(format!("{p}.post_attention_layernorm.weight"))?,
+                post_attention_layernorm: norm(&layer, "post_attention_layernorm.weight")?,
                 mlp: match c.moe {
-                    None => FeedForward::Dense(Mlp {
-                        gate_proj: proj(format!("{p}.mlp.gate_proj.weight"), [f, h])?,
-                        up_proj: proj(format!("{p}.mlp.up_proj.weight"), [f, h])?,
-                        down_proj: proj(format!("{p}.mlp.down_proj.weight"), [h, f])?,
-                    }),
+                    None => {
+                        let mlp = layer.scope("mlp");
+                        FeedForward::Dense(Mlp {
+                            gate_proj: proj(&mlp, "gate_proj.weight", [f, h])?,
+                            up_proj: proj(&mlp, "up_proj.weight", [f, h])?,
+                            down_proj: proj(&mlp, "down_proj.weight", [h, f])?,
+                        })
+                    }
                     Some(m) => FeedForward::Sparse(SparseMoe {
-                        gate: proj(names::router(l), [m.num_local_experts, h])?,
+                        gate: proj(&root, &names::router(l), [m.num_local_experts, h])?,
                         experts: (0..m.num_local_experts)
                             .map(|e| {
                                 Ok(Mlp {
-                                    gate_proj: proj(names::expert(l, e, "w1"), [f, h])?,
-                                    up_proj: proj(names::expert(l, e, "w3"), [f, h])?,
-                                    down_proj: proj(names::expert(l, e, "w2"), [h, f])?,
+                                    gate_proj: proj(&root, &names::expert(l, e, "w1"), [f, h])?,
+                                    up_proj: proj(&root, &names::expert(l, e, "w3"), [f, h])?,
+                                    down_proj: proj(&root, &names::expert(l, e, "w2"), [h, f])?,
                                 })
                             })
                             .collect::<Result<Vec<_>>>()?,
@@ -822,13 +808,16 @@ impl<B: Backend> Llama<B> {
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(proj(names::LM_HEAD.into(), [v, h])?)
+            Some(proj(&root, names::LM_HEAD, [v, h])?)
         };
         Ok(Llama {
-            embed_tokens: Param::from_tensor(to_burn(get(names::EMBED, &[v, h])?, device))
-                .set_require_grad(trainable),
+            embed_tokens: Param::from_tensor(to_burn(
+                root.get_finite(names::EMBED, &[v, h])?,
+                device,
+            ))
+            .set_require_grad(trainable),
             layers,
-            norm: norm(names::NORM.into())?,
+            norm: norm(&root, names::NORM)?,
             lm_head,
             config: c.clone(),
         })

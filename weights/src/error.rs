@@ -130,6 +130,10 @@ pub enum WeightsError {
     /// A model configuration is missing a field or inconsistent.
     #[error("model config: {0}")]
     Config(String),
+    /// A tensor of an in-memory state dict is missing, misshapen or not
+    /// finite ([`crate::tensor::Scope`]), named by its full path.
+    #[error("weight '{name}': {msg}")]
+    Tensor { name: String, msg: String },
     /// The path is not a checkpoint this crate recognises.
     #[error("{}: {msg}", path.display())]
     UnknownFormat { path: PathBuf, msg: String },

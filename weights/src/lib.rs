@@ -63,7 +63,7 @@ pub use hf_tokenizer::HfTokenizerFiles;
 pub use llama::{LlamaConfig, MoeShape};
 pub use safetensors_io::{SafetensorsFile, SafetensorsWriter, output_dtype};
 pub use sharded::{ShardedCheckpoint, ShardedWriter};
-pub use tensor::{StateDict, Tensor, TensorInfo, TensorSource};
+pub use tensor::{Scope, StateDict, Tensor, TensorInfo, TensorSource};
 
 /// Hugging Face's default maximum shard size (5 GB) for sharded output.
 pub const DEFAULT_SHARD_BYTES: u64 = 5_000_000_000;

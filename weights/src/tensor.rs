@@ -131,6 +131,17 @@ impl StateDict {
             })
     }
 
+    /// A shape-checked view of the tensors under `prefix` (in the spirit of
+    /// candle's `VarBuilder`): `sd.scope("model.layers.3").get("mlp.up_proj.weight",
+    /// &[1536, 576])` names the full path and both shapes when it fails.
+    /// An empty prefix is the whole state dict.
+    pub fn scope(&self, prefix: &str) -> Scope<'_> {
+        Scope {
+            sd: self,
+            prefix: prefix.to_string(),
+        }
+    }
+
     /// Mutable access to the tensor `name`.
     pub fn get_mut(&mut self, name: &str) -> Option<&mut Tensor> {
         self.tensors.get_mut(name)
@@ -231,5 +242,121 @@ impl IntoIterator for StateDict {
     type IntoIter = indexmap::map::IntoIter<String, Tensor>;
     fn into_iter(self) -> Self::IntoIter {
         self.tensors.into_iter()
+    }
+}
+
+/// A view of a [`StateDict`] under a name prefix ([`StateDict::scope`]).
+#[derive(Clone, Debug)]
+pub struct Scope<'a> {
+    sd: &'a StateDict,
+    prefix: String,
+}
+
+impl<'a> Scope<'a> {
+    /// The view one level down: `scope("model").scope("layers.0")` is `model.layers.0`.
+    pub fn scope(&self, sub: &str) -> Scope<'a> {
+        Scope {
+            sd: self.sd,
+            prefix: self.path(sub),
+        }
+    }
+
+    /// The full name of `name` in this scope.
+    pub fn path(&self, name: &str) -> String {
+        match (self.prefix.is_empty(), name.is_empty()) {
+            (true, _) => name.to_string(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}.{name}", self.prefix),
+        }
+    }
+
+    /// Whether the scope holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.sd.contains(&self.path(name))
+    }
+
+    /// The tensor `name`, which must exist with exactly `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
+        let path = self.path(name);
+        let err = |msg: String| WeightsError::Tensor {
+            name: path.clone(),
+            msg,
+        };
+        let t = self
+            .sd
+            .get(&path)
+            .ok_or_else(|| err("missing from the checkpoint".into()))?;
+        if t.shape() != shape {
+            return Err(err(format!(
+                "has shape {:?}, expected {shape:?}",
+                t.shape()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// [`Scope::get`], and every value finite.
+    pub fn get_finite(&self, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
+        let t = self.get(name, shape)?;
+        if let Some(x) = t.data.iter().find(|x| !x.is_finite()) {
+            return Err(WeightsError::Tensor {
+                name: self.path(name),
+                msg: format!("holds a non-finite value {x}"),
+            });
+        }
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_name_the_full_path_and_both_shapes() {
+        let mut sd = StateDict::new();
+        sd.insert(
+            "model.layers.3.mlp.up_proj.weight",
+            Tensor::f32(ArrayD::zeros(vec![4, 2])),
+        );
+        sd.insert(
+            "model.norm.weight",
+            Tensor::f32(ArrayD::from_elem(vec![2], f32::NAN)),
+        );
+        let layer = sd.scope("model").scope("layers.3");
+        assert_eq!(
+            layer.path("mlp.up_proj.weight"),
+            "model.layers.3.mlp.up_proj.weight"
+        );
+        assert!(layer.contains("mlp.up_proj.weight"));
+        let mlp = layer.scope("mlp");
+        assert_eq!(mlp.get("up_proj.weight", &[4, 2]).unwrap().shape(), &[4, 2]);
+        let e = mlp.get("up_proj.weight", &[2, 4]).unwrap_err().to_string();
+        assert!(
+            e.contains("model.layers.3.mlp.up_proj.weight")
+                && e.contains("[4, 2]")
+                && e.contains("[2, 4]"),
+            "{e}"
+        );
+        let e = mlp
+            .get("down_proj.weight", &[2, 4])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.layers.3.mlp.down_proj.weight") && e.contains("missing"),
+            "{e}"
+        );
+        // The empty prefix is the whole state dict; get_finite refuses NaN.
+        let root = sd.scope("");
+        assert_eq!(root.path("model.norm.weight"), "model.norm.weight");
+        assert!(root.get("model.norm.weight", &[2]).is_ok());
+        let e = root
+            .get_finite("model.norm.weight", &[2])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.norm.weight") && e.contains("non-finite"),
+            "{e}"
+        );
     }
 }
