@@ -12,6 +12,30 @@ use weights::{StateDict, Tensor};
 
 use crate::error::{PermuteError, Result};
 
+/// Every tensor of `a` with B's tensor of the same name, which must exist
+/// with the same shape (errors name the tensor).
+pub(crate) fn paired<'a>(
+    a: &'a StateDict,
+    b: &'a StateDict,
+) -> Result<Vec<(&'a str, &'a Tensor, &'a Tensor)>> {
+    a.iter()
+        .map(|(name, ta)| {
+            let tb = b.get(name).ok_or_else(|| PermuteError::MissingWeight {
+                model: "model B".into(),
+                weight: name.to_string(),
+            })?;
+            if ta.shape() != tb.shape() {
+                return Err(PermuteError::ShapeMismatch {
+                    weight: name.to_string(),
+                    a: ta.shape().to_vec(),
+                    b: tb.shape().to_vec(),
+                });
+            }
+            Ok((name, ta, tb))
+        })
+        .collect()
+}
+
 /// `(1 − λ)·a + λ·b` over every tensor; both models must have the same names
 /// and shapes. Tensors stored as integers (counters, ids) must be equal and are copied.
 pub fn lerp(a: &StateDict, b: &StateDict, lambda: f32) -> Result<StateDict> {
@@ -23,18 +47,7 @@ pub fn lerp(a: &StateDict, b: &StateDict, lambda: f32) -> Result<StateDict> {
     }
     let mut out = StateDict::new();
     out.metadata = a.metadata.clone();
-    for (name, ta) in a.iter() {
-        let tb = b.get(name).ok_or_else(|| PermuteError::MissingWeight {
-            model: "model B".into(),
-            weight: name.to_string(),
-        })?;
-        if ta.shape() != tb.shape() {
-            return Err(PermuteError::ShapeMismatch {
-                weight: name.to_string(),
-                a: ta.shape().to_vec(),
-                b: tb.shape().to_vec(),
-            });
-        }
+    for (name, ta, tb) in paired(a, b)? {
         let data = if ta.dtype.is_float() {
             &ta.data * (1.0 - lambda) + &tb.data * lambda
         } else if ta.data == tb.data {

@@ -317,18 +317,7 @@ pub fn zip(
     let by_weight = spec.by_weight();
     let mut out = StateDict::new();
     out.metadata = a.metadata.clone();
-    for (name, ta) in a.iter() {
-        let tb = b.get(name).ok_or_else(|| PermuteError::MissingWeight {
-            model: "model B".into(),
-            weight: name.to_string(),
-        })?;
-        if ta.shape() != tb.shape() {
-            return Err(PermuteError::ShapeMismatch {
-                weight: name.to_string(),
-                a: ta.shape().to_vec(),
-                b: tb.shape().to_vec(),
-            });
-        }
+    for (name, ta, tb) in crate::interp::paired(a, b)? {
         let ndim = ta.shape().len();
         let output_axis = match ndim {
             0 => None,

@@ -133,6 +133,14 @@ pub struct LmcArgs {
 crate::studies::cli_defaults!(LmcArgs);
 
 impl LmcArgs {
+    /// Weight matching's options: the group order seeded by `--seed`.
+    pub(crate) fn matching(&self) -> MatchOptions {
+        MatchOptions {
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+
     /// The STE options: `--ste-steps` (0: one epoch of `steps_per_epoch`,
     /// 30 with `--quick`), `--ste-lr`, batch 128, `--seed`.
     pub(crate) fn ste(&self, steps_per_epoch: usize) -> anyhow::Result<Ste> {
@@ -594,15 +602,7 @@ pub fn align_all(
     let mut out = vec![("naive", spec.identity(), 0.0)];
     let t = Instant::now();
     let wm = run.phase("weight matching", || {
-        weight_matching(
-            &spec,
-            a,
-            b,
-            &MatchOptions {
-                seed: args.seed,
-                ..Default::default()
-            },
-        )
+        weight_matching(&spec, a, b, &args.matching())
     })?;
     out.push(("wm", wm.perm, t.elapsed().as_secs_f64()));
     if pair.arch != Arch::Mlp {
@@ -644,6 +644,21 @@ pub struct MethodRow {
     pub train_loss: Vec<(f64, f64)>,
     /// (λ, test loss).
     pub test_loss: Vec<(f64, f64)>,
+}
+
+impl MethodRow {
+    /// The row of a curve, with the aligned B's distance to A and the seconds.
+    pub(crate) fn new(c: Curve, l2: f64, seconds: f64) -> MethodRow {
+        MethodRow {
+            loss_barrier: c.loss_barrier,
+            loss_barrier_mean: c.loss_barrier_mean,
+            acc_barrier: c.acc_barrier,
+            l2,
+            seconds,
+            train_loss: c.train,
+            test_loss: c.test,
+        }
+    }
 }
 
 /// Runs the study; returns the report folder.
@@ -741,15 +756,11 @@ fn method_rows(
         let (c, repair_secs) = run.phase(&format!("curve {name}"), || {
             method_curve(arch, args.grid, (a, &bp), probe, (eval_train, eval_test))
         })?;
-        let row = MethodRow {
-            loss_barrier: c.loss_barrier,
-            loss_barrier_mean: c.loss_barrier_mean,
-            acc_barrier: c.acc_barrier,
-            l2: permute::matching::l2_distance(a, &bp),
-            seconds: secs + repair_secs,
-            train_loss: c.train,
-            test_loss: c.test,
-        };
+        let row = MethodRow::new(
+            c,
+            permute::matching::l2_distance(a, &bp),
+            secs + repair_secs,
+        );
         metrics.insert(name.clone(), serde_json::to_value(&row)?);
         run.partial(&serde_json::Value::Object(metrics.clone()))?;
         out.push((name, row));
@@ -822,15 +833,7 @@ fn width_sweep(
         let p = train_pair(&sub, run)?;
         let spec_w = arch.spec(&p.a)?;
         let wm_w = run.phase(&format!("WM width {w}"), || {
-            weight_matching(
-                &spec_w,
-                &p.a,
-                &p.b,
-                &MatchOptions {
-                    seed: args.seed,
-                    ..Default::default()
-                },
-            )
+            weight_matching(&spec_w, &p.a, &p.b, &args.matching())
         })?;
         let eval = p.train.take(2000);
         let naive_c = curve(arch, &p.a, &p.b, args.grid, &eval, &p.test)?;

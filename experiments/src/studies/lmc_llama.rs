@@ -314,38 +314,24 @@ fn units_first(x: Array2<f32>) -> WTensor {
     WTensor::f32(x.reversed_axes().as_standard_layout().to_owned().into_dyn())
 }
 
-/// One row of the table.
+/// One row of the table: [`crate::studies::lmc::MethodRow`]'s fields (the
+/// barriers along the training text, L2, seconds to align, the curves) and
+/// how much the permutation alone changes B.
 #[derive(Clone, Debug, Serialize)]
 pub struct MethodRow {
-    /// Barrier of the training-text loss over the endpoints' line (nats/token).
-    pub loss_barrier: f64,
-    /// Barrier over the endpoints' mean.
-    pub loss_barrier_mean: f64,
-    /// Largest drop of the token accuracy below the endpoints' line.
-    pub acc_barrier: f64,
-    /// ‖A − P·B‖.
-    pub l2: f64,
-    /// Seconds to find the permutation.
-    pub seconds: f64,
+    /// Barriers, distance, seconds and curves.
+    #[serde(flatten)]
+    pub curve: crate::studies::lmc::MethodRow,
     /// Test loss of P·B minus B's: 0 when P is a symmetry.
     pub b_loss_change: f64,
-    /// (λ, training-text loss).
-    pub train_loss: Vec<(f64, f64)>,
-    /// (λ, test-text loss).
-    pub test_loss: Vec<(f64, f64)>,
 }
 
 impl MethodRow {
-    fn new(c: &Curve, l2: f64, seconds: f64, b_test_loss: f64) -> MethodRow {
+    fn new(c: Curve, l2: f64, seconds: f64, b_test_loss: f64) -> MethodRow {
+        let b_loss_change = c.test.last().map_or(f64::NAN, |x| x.1) - b_test_loss;
         MethodRow {
-            loss_barrier: c.loss_barrier,
-            loss_barrier_mean: c.loss_barrier_mean,
-            acc_barrier: c.acc_barrier,
-            l2,
-            seconds,
-            b_loss_change: c.test.last().map_or(f64::NAN, |x| x.1) - b_test_loss,
-            train_loss: c.train.clone(),
-            test_loss: c.test.clone(),
+            curve: crate::studies::lmc::MethodRow::new(c, l2, seconds),
+            b_loss_change,
         }
     }
 }
@@ -526,7 +512,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         let l2 = permute::matching::l2_distance(a, &m.b);
         metrics.methods.insert(
             m.name.into(),
-            MethodRow::new(&curve, l2, m.seconds, endpoints[1].0),
+            MethodRow::new(curve, l2, m.seconds, endpoints[1].0),
         );
         run.partial(&serde_json::to_value(&metrics)?)?;
     }
@@ -548,15 +534,7 @@ fn width_sweep(args: &LmcArgs, corpus: &Corpus, run: &mut Run) -> anyhow::Result
         let sets = EvalSets::new(corpus, &p.shape);
         let spec = permute::builders::llama(&p.config, &p.a)?;
         let wm = run.phase(&format!("WM width {w}"), || {
-            weight_matching(
-                &spec,
-                &p.a,
-                &p.b,
-                &MatchOptions {
-                    seed: args.seed,
-                    ..Default::default()
-                },
-            )
+            weight_matching(&spec, &p.a, &p.b, &args.matching())
         })?;
         let bp = apply(&spec, &wm.perm, &p.b)?;
         let barrier = |x: &StateDict| -> anyhow::Result<f64> {
@@ -606,7 +584,12 @@ fn plots(run: &Run, m: &Metrics) -> anyhow::Result<()> {
             .map(|(name, r)| {
                 Series::line(
                     name.as_str(),
-                    if test { &r.test_loss } else { &r.train_loss }.clone(),
+                    if test {
+                        &r.curve.test_loss
+                    } else {
+                        &r.curve.train_loss
+                    }
+                    .clone(),
                 )
             })
             .collect();
@@ -666,16 +649,21 @@ fn report(m: &Metrics, pair: &TrainedPair, args: &LmcArgs) -> String {
     for (name, r) in &m.methods {
         md.push_str(&format!(
             "| {name} | {:.4} | {:.4} | {:.4} | {:.3} | {:+.2e} | {:.2} |\n",
-            r.loss_barrier, r.loss_barrier_mean, r.acc_barrier, r.l2, r.b_loss_change, r.seconds
+            r.curve.loss_barrier,
+            r.curve.loss_barrier_mean,
+            r.curve.acc_barrier,
+            r.curve.l2,
+            r.b_loss_change,
+            r.curve.seconds
         ));
     }
     let (naive, wm) = (&m.methods["naive"], &m.methods["wm"]);
     md.push_str(&format!(
         "\nWeight matching over the head-aware spec takes the barrier from {:.4} to {:.4} nats/token ({:.0} % of naive): {}.\n",
-        naive.loss_barrier,
-        wm.loss_barrier,
-        100.0 * wm.loss_barrier / naive.loss_barrier,
-        verdict(naive.loss_barrier, wm.loss_barrier)
+        naive.curve.loss_barrier,
+        wm.curve.loss_barrier,
+        100.0 * wm.curve.loss_barrier / naive.curve.loss_barrier,
+        verdict(naive.curve.loss_barrier, wm.curve.loss_barrier)
     ));
     md.push_str(
         "Published work finds that permutations shrink the barrier of text transformers without closing it, and that wider symmetry classes (orthogonal maps of the residual stream) go further.\n",
@@ -694,10 +682,10 @@ fn report(m: &Metrics, pair: &TrainedPair, args: &LmcArgs) -> String {
     md.push_str(&format!(
         "With the RMSNorm gains folded into the next weights (the same functions, other weights: `wm_folded` and `wm_orthogonal` interpolate the folded models, so their L2 is not comparable with the rows above), \
          weight matching leaves a barrier of {:.4}; alternating it with an orthogonal map of the residual stream (Procrustes, a wider symmetry class than permutations) brings it to {:.4} ({:.0} % of the folded WM barrier): {}.\n",
-        folded.loss_barrier,
-        orth.loss_barrier,
-        100.0 * orth.loss_barrier / folded.loss_barrier,
-        verdict(folded.loss_barrier, orth.loss_barrier)
+        folded.curve.loss_barrier,
+        orth.curve.loss_barrier,
+        100.0 * orth.curve.loss_barrier / folded.curve.loss_barrier,
+        verdict(folded.curve.loss_barrier, orth.curve.loss_barrier)
     ));
     md.push_str("\n![train loss](loss_train.png)\n\n![test loss](loss_test.png)\n");
     if !m.width_sweep.is_empty() {
