@@ -121,21 +121,22 @@ pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
     let n_rep = c.num_attention_heads / c.num_key_value_heads;
     for l in 0..c.num_hidden_layers {
         let p = names::layer(l);
-        for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
-            residual.push((format!("{p}.{n}"), 0));
+        let w = |part: &str| names::weight(l, part);
+        for n in [names::INPUT_NORM, names::POST_ATTENTION_NORM] {
+            residual.push((w(n), 0));
         }
-        for n in ["q_proj", "k_proj", "v_proj"] {
-            residual.push((format!("{p}.self_attn.{n}.weight"), 1));
+        for n in [names::Q_PROJ, names::K_PROJ, names::V_PROJ] {
+            residual.push((w(n), 1));
         }
-        residual.push((format!("{p}.self_attn.o_proj.weight"), 0));
-        for n in ["gate_proj", "up_proj"] {
-            residual.push((format!("{p}.mlp.{n}.weight"), 1));
+        residual.push((w(names::O_PROJ), 0));
+        for n in [names::GATE_PROJ, names::UP_PROJ] {
+            residual.push((w(n), 1));
         }
-        residual.push((format!("{p}.mlp.down_proj.weight"), 0));
+        residual.push((w(names::DOWN_PROJ), 0));
         let ffn = [
-            (format!("{p}.mlp.gate_proj.weight"), 0),
-            (format!("{p}.mlp.up_proj.weight"), 0),
-            (format!("{p}.mlp.down_proj.weight"), 1),
+            (w(names::GATE_PROJ), 0),
+            (w(names::UP_PROJ), 0),
+            (w(names::DOWN_PROJ), 1),
         ];
         groups.push(group_of(format!("{p}.ffn"), c.intermediate_size, &ffn));
         let mut heads = Vec::new();
@@ -146,22 +147,17 @@ pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
             family,
         };
         for (proj, repeat, family) in [
-            ("q_proj", n_rep, 0usize),
-            ("k_proj", 1, 0),
-            ("v_proj", 1, 1),
+            (names::Q_PROJ, n_rep, 0usize),
+            (names::K_PROJ, 1, 0),
+            (names::V_PROJ, 1, 1),
         ] {
-            heads.push(member(
-                format!("{p}.self_attn.{proj}.weight"),
-                0,
-                repeat,
-                family,
-            ));
-            let bias = format!("{p}.self_attn.{proj}.bias");
+            heads.push(member(w(proj), 0, repeat, family));
+            let bias = names::bias(l, proj);
             if sd.contains(&bias) {
                 heads.push(member(bias, 0, repeat, family));
             }
         }
-        heads.push(member(format!("{p}.self_attn.o_proj.weight"), 1, n_rep, 1));
+        heads.push(member(w(names::O_PROJ), 1, n_rep, 1));
         groups.push(Group {
             name: format!("{p}.heads"),
             blocks: c.num_key_value_heads,

@@ -26,15 +26,10 @@ use crate::error::{PermuteError, Result};
 fn residual_weights(c: &LlamaConfig, sd: &StateDict) -> Vec<(String, usize)> {
     let mut out = vec![(names::EMBED.to_string(), 1)];
     for l in 0..c.num_hidden_layers {
-        let p = names::layer(l);
-        for n in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
-            out.push((format!("{p}.{n}.weight"), 1));
+        for part in names::PROJS {
+            let writes = part == names::O_PROJ || part == names::DOWN_PROJ;
+            out.push((names::weight(l, part), usize::from(!writes)));
         }
-        out.push((format!("{p}.self_attn.o_proj.weight"), 0));
-        for n in ["mlp.gate_proj", "mlp.up_proj"] {
-            out.push((format!("{p}.{n}.weight"), 1));
-        }
-        out.push((format!("{p}.mlp.down_proj.weight"), 0));
     }
     if sd.contains(names::LM_HEAD) {
         out.push((names::LM_HEAD.to_string(), 1));
@@ -46,18 +41,14 @@ fn residual_weights(c: &LlamaConfig, sd: &StateDict) -> Vec<(String, usize)> {
 fn norms(c: &LlamaConfig) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
     for l in 0..c.num_hidden_layers {
-        let p = names::layer(l);
+        let readers = |parts: &[&str]| parts.iter().map(|p| names::weight(l, p)).collect();
         out.push((
-            format!("{p}.input_layernorm.weight"),
-            ["q_proj", "k_proj", "v_proj"]
-                .map(|n| format!("{p}.self_attn.{n}.weight"))
-                .to_vec(),
+            names::weight(l, names::INPUT_NORM),
+            readers(&[names::Q_PROJ, names::K_PROJ, names::V_PROJ]),
         ));
         out.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            ["gate_proj", "up_proj"]
-                .map(|n| format!("{p}.mlp.{n}.weight"))
-                .to_vec(),
+            names::weight(l, names::POST_ATTENTION_NORM),
+            readers(&[names::GATE_PROJ, names::UP_PROJ]),
         ));
     }
     out.push((names::NORM.to_string(), vec![names::LM_HEAD.to_string()]));

@@ -296,28 +296,20 @@ pub fn layer_prefix(l: usize) -> String {
 }
 
 /// Every projection of a block with its HF suffix.
-pub const PROJ_NAMES: [&str; 7] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-];
+pub const PROJ_NAMES: [&str; 7] = names::PROJS;
 
 impl<B: Backend> Block<B> {
     /// The projection called `name` (one of [`PROJ_NAMES`]; the `mlp.*`
     /// ones exist in dense blocks only).
     pub fn proj(&self, name: &str) -> &Proj<B> {
         match name {
-            "self_attn.q_proj" => &self.self_attn.q_proj,
-            "self_attn.k_proj" => &self.self_attn.k_proj,
-            "self_attn.v_proj" => &self.self_attn.v_proj,
-            "self_attn.o_proj" => &self.self_attn.o_proj,
-            "mlp.gate_proj" => &self.mlp.dense().gate_proj,
-            "mlp.up_proj" => &self.mlp.dense().up_proj,
-            "mlp.down_proj" => &self.mlp.dense().down_proj,
+            names::Q_PROJ => &self.self_attn.q_proj,
+            names::K_PROJ => &self.self_attn.k_proj,
+            names::V_PROJ => &self.self_attn.v_proj,
+            names::O_PROJ => &self.self_attn.o_proj,
+            names::GATE_PROJ => &self.mlp.dense().gate_proj,
+            names::UP_PROJ => &self.mlp.dense().up_proj,
+            names::DOWN_PROJ => &self.mlp.dense().down_proj,
             _ => panic!("unknown projection {name}"),
         }
     }
@@ -325,13 +317,13 @@ impl<B: Backend> Block<B> {
     /// Mutable access to the projection called `name`.
     pub fn proj_mut(&mut self, name: &str) -> &mut Proj<B> {
         match name {
-            "self_attn.q_proj" => &mut self.self_attn.q_proj,
-            "self_attn.k_proj" => &mut self.self_attn.k_proj,
-            "self_attn.v_proj" => &mut self.self_attn.v_proj,
-            "self_attn.o_proj" => &mut self.self_attn.o_proj,
-            "mlp.gate_proj" => &mut self.mlp.dense_mut().gate_proj,
-            "mlp.up_proj" => &mut self.mlp.dense_mut().up_proj,
-            "mlp.down_proj" => &mut self.mlp.dense_mut().down_proj,
+            names::Q_PROJ => &mut self.self_attn.q_proj,
+            names::K_PROJ => &mut self.self_attn.k_proj,
+            names::V_PROJ => &mut self.self_attn.v_proj,
+            names::O_PROJ => &mut self.self_attn.o_proj,
+            names::GATE_PROJ => &mut self.mlp.dense_mut().gate_proj,
+            names::UP_PROJ => &mut self.mlp.dense_mut().up_proj,
+            names::DOWN_PROJ => &mut self.mlp.dense_mut().down_proj,
             _ => panic!("unknown projection {name}"),
         }
     }
@@ -389,12 +381,7 @@ impl<B: Backend> Block<B> {
 }
 
 /// The attention projections of a block, by Hugging Face name.
-pub const ATTN_NAMES: [&str; 4] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-];
+pub const ATTN_NAMES: [&str; 4] = [names::Q_PROJ, names::K_PROJ, names::V_PROJ, names::O_PROJ];
 
 /// A 2-D `weights` tensor, transposed, as a contiguous Burn tensor.
 fn to_burn_t<B: Backend>(t: &WTensor, device: &B::Device) -> Tensor<B, 2> {

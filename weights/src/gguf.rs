@@ -235,15 +235,15 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
     let layer: usize = layer.parse().ok()?;
     let (module, param) = rest.rsplit_once('.')?;
     let hf = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => names::INPUT_NORM,
+        "ffn_norm" => names::POST_ATTENTION_NORM,
+        "attn_q" => names::Q_PROJ,
+        "attn_k" => names::K_PROJ,
+        "attn_v" => names::V_PROJ,
+        "attn_output" => names::O_PROJ,
+        "ffn_gate" => names::GATE_PROJ,
+        "ffn_up" => names::UP_PROJ,
+        "ffn_down" => names::DOWN_PROJ,
         _ => return None,
     };
     Some(format!("{}.{hf}.{param}", names::layer(layer)))

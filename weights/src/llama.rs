@@ -164,6 +164,40 @@ pub mod names {
         format!("model.layers.{l}")
     }
 
+    /// The query projection inside a block.
+    pub const Q_PROJ: &str = "self_attn.q_proj";
+    /// The key projection inside a block.
+    pub const K_PROJ: &str = "self_attn.k_proj";
+    /// The value projection inside a block.
+    pub const V_PROJ: &str = "self_attn.v_proj";
+    /// The attention output projection inside a block.
+    pub const O_PROJ: &str = "self_attn.o_proj";
+    /// The FFN gate projection inside a block.
+    pub const GATE_PROJ: &str = "mlp.gate_proj";
+    /// The FFN up projection inside a block.
+    pub const UP_PROJ: &str = "mlp.up_proj";
+    /// The FFN down projection inside a block.
+    pub const DOWN_PROJ: &str = "mlp.down_proj";
+    /// Every projection of a block, attention first.
+    pub const PROJS: [&str; 7] = [
+        Q_PROJ, K_PROJ, V_PROJ, O_PROJ, GATE_PROJ, UP_PROJ, DOWN_PROJ,
+    ];
+    /// The norm before attention inside a block.
+    pub const INPUT_NORM: &str = "input_layernorm";
+    /// The norm before the FFN inside a block.
+    pub const POST_ATTENTION_NORM: &str = "post_attention_layernorm";
+
+    /// The weight of projection or norm `part` (one of the constants above)
+    /// of block `l`: `model.layers.{l}.{part}.weight`.
+    pub fn weight(l: usize, part: &str) -> String {
+        format!("{}.{part}.weight", layer(l))
+    }
+
+    /// The bias of projection `part` of block `l` (q/k/v biases of Qwen-style models).
+    pub fn bias(l: usize, part: &str) -> String {
+        format!("{}.{part}.bias", layer(l))
+    }
+
     /// The router of block `l` of a Mixtral model, `[experts, hidden]`.
     pub fn router(l: usize) -> String {
         format!("{}.block_sparse_moe.gate.weight", layer(l))
