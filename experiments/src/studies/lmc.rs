@@ -687,29 +687,22 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     let (perms, wm_passes) = align_all(&pair, args, &mut run)?;
     let mut metrics = serde_json::Map::new();
     let mut md = header(&pair, args, &endpoints);
-    let (mut train_series, mut test_series) = (Vec::new(), Vec::new());
-    for (name, row) in method_rows(args, &pair, &perms, &eval, &mut run, &mut metrics)? {
+    let rows = method_rows(args, &pair, &perms, &eval, &mut run, &mut metrics)?;
+    for (name, row) in &rows {
         md.push_str(&format!(
             "| {name} | {:.4} | {:.4} | {:.4} | {:.3} | {:.2} |\n",
             row.loss_barrier, row.loss_barrier_mean, row.acc_barrier, row.l2, row.seconds
         ));
-        train_series.push(Series::line(name.as_str(), row.train_loss));
-        test_series.push(Series::line(name.as_str(), row.test_loss));
     }
-    for (stem, title, series) in [
-        (
-            "loss_train",
+    loss_plots(
+        &run.dir,
+        rows.iter().map(|(n, r)| (n.as_str(), r)),
+        [
             "Train loss along the interpolation",
-            &train_series,
-        ),
-        (
-            "loss_test",
             "Test loss along the interpolation",
-            &test_series,
-        ),
-    ] {
-        line_chart(&run.dir.join(stem), title, "λ", "loss", series)?;
-    }
+        ],
+        "loss",
+    )?;
     md.push_str("\n![train loss](loss_train.png)\n\n![test loss](loss_test.png)\n");
     if !args.widths.is_empty() {
         let sweep = width_sweep(args, arch, &mut run, &mut md)?;
@@ -766,6 +759,30 @@ fn method_rows(
         out.push((name, row));
     }
     Ok(out)
+}
+
+/// Every method's train and test loss along λ, as `loss_train` and
+/// `loss_test` (titles in that order).
+pub(crate) fn loss_plots<'a>(
+    dir: &std::path::Path,
+    rows: impl Iterator<Item = (&'a str, &'a MethodRow)> + Clone,
+    titles: [&str; 2],
+    y_label: &str,
+) -> anyhow::Result<()> {
+    for (stem, title, test) in [
+        ("loss_train", titles[0], false),
+        ("loss_test", titles[1], true),
+    ] {
+        let series: Vec<Series> = rows
+            .clone()
+            .map(|(name, r)| {
+                let curve = if test { &r.test_loss } else { &r.train_loss };
+                Series::line(name, curve.clone())
+            })
+            .collect();
+        line_chart(&dir.join(stem), title, "λ", y_label, &series)?;
+    }
+    Ok(())
 }
 
 /// The report's opening and the head of its table.

@@ -194,10 +194,11 @@ where
     Llama<B>: AutodiffModule<B>,
 {
     let (sd, _, losses) = pretrain::<B>(None, sizes, corpus, LR, seed, &Default::default(), bar)?;
-    let tail = &losses[losses.len().saturating_sub(20)..];
-    let mut tail: Vec<f64> = tail.iter().map(|&l| l as f64).collect();
-    tail.sort_by(f64::total_cmp);
-    Ok((sd, tail.get(tail.len() / 2).copied().unwrap_or(f64::NAN)))
+    let tail: Vec<f64> = losses[losses.len().saturating_sub(20)..]
+        .iter()
+        .map(|&l| l as f64)
+        .collect();
+    Ok((sd, weights::stats::median(&tail)))
 }
 
 /// Held-out windows of the training text and of the test text.
@@ -223,10 +224,20 @@ impl EvalSets {
     /// `[(train loss, train token accuracy), (test loss, test token accuracy)]`
     /// of `sd` (CPU).
     pub fn score(&self, c: &LlamaConfig, sd: &StateDict) -> anyhow::Result<[(f64, f64); 2]> {
-        let model = Llama::<s2ft_core::Cpu>::from_state_dict(c, sd, false, &Default::default())?;
+        let model = cpu_model(c, sd)?;
         let [a, b] = [&self.train, &self.test].map(|s| evaluate(&model, s));
         Ok([(a.loss, a.acc), (b.loss, b.acc)])
     }
+
+    /// Loss and token accuracy of `model` on the test text alone.
+    pub fn test(&self, model: &Llama<s2ft_core::Cpu>) -> crate::lm::Eval {
+        evaluate(model, &self.test)
+    }
+}
+
+/// `sd` as a CPU model of configuration `c` (every weight checked).
+pub fn cpu_model(c: &LlamaConfig, sd: &StateDict) -> anyhow::Result<Llama<s2ft_core::Cpu>> {
+    Ok(Llama::from_state_dict(c, sd, false, &Default::default())?)
 }
 
 /// Activation matching over `spec`'s groups: the residual stream entering
@@ -489,7 +500,11 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     let pair = train_pair(shape, args.seed, [&corpus; 2], &mut run)?;
     let c = pair.config.clone();
     let sets = EvalSets::new(&corpus, &pair.shape);
-    let endpoints = [sets.score(&c, &pair.a)?[1], sets.score(&c, &pair.b)?[1]];
+    let test_of = |m: &StateDict| -> anyhow::Result<(f64, f64)> {
+        let e = sets.test(&cpu_model(&c, m)?);
+        Ok((e.loss, e.acc))
+    };
+    let endpoints = [test_of(&pair.a)?, test_of(&pair.b)?];
     let folded_a = permute::orthogonal::fold_rms_norms(&c, &pair.a)?;
     let (aligned, wm_passes) = align(&pair, &folded_a, &corpus, args.seed, &mut run)?;
     let mut metrics = Metrics {
@@ -566,42 +581,15 @@ fn width_sweep(args: &LmcArgs, corpus: &Corpus, run: &mut Run) -> anyhow::Result
 }
 
 fn plots(run: &Run, m: &Metrics) -> anyhow::Result<()> {
-    for (stem, title, test) in [
-        (
-            "loss_train",
+    crate::studies::lmc::loss_plots(
+        &run.dir,
+        m.methods.iter().map(|(name, r)| (name.as_str(), &r.curve)),
+        [
             "Training-text loss along the interpolation",
-            false,
-        ),
-        (
-            "loss_test",
             "Held-out-text loss along the interpolation",
-            true,
-        ),
-    ] {
-        let series: Vec<Series> = m
-            .methods
-            .iter()
-            .map(|(name, r)| {
-                Series::line(
-                    name.as_str(),
-                    if test {
-                        &r.curve.test_loss
-                    } else {
-                        &r.curve.train_loss
-                    }
-                    .clone(),
-                )
-            })
-            .collect();
-        line_chart(
-            &run.dir.join(stem),
-            title,
-            "λ",
-            "loss (nats/token)",
-            &series,
-        )?;
-    }
-    Ok(())
+        ],
+        "loss (nats/token)",
+    )
 }
 
 /// Whether a barrier counts as closed: below 0.01 nats/token.

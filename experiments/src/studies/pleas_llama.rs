@@ -27,7 +27,7 @@ use crate::plot::{Series, line_chart};
 use crate::report::Run;
 use crate::studies::lmc::LmcArgs;
 use crate::studies::lmc_llama::{
-    EvalSets, HEAD_DIM, Shape, TrainedPair, activation_matching, train_pair,
+    EvalSets, HEAD_DIM, Shape, TrainedPair, activation_matching, cpu_model, train_pair,
 };
 use crate::studies::pleas::{Allocation, Matching, PleasArgs};
 
@@ -94,8 +94,10 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     })?;
     let pair = train_pair(shape, args.seed, [&texts[0], &texts[1]], &mut run)?;
     let sets = [0, 1].map(|k| EvalSets::new(&texts[k], &pair.shape));
+    // One CPU model per merge, scored on each text's held-out windows.
     let score = |c: &LlamaConfig, sd: &StateDict| -> anyhow::Result<TextLoss> {
-        let (x, y) = (sets[0].score(c, sd)?[1].0, sets[1].score(c, sd)?[1].0);
+        let model = cpu_model(c, sd)?;
+        let [x, y] = sets.each_ref().map(|s| s.test(&model).loss);
         Ok(TextLoss {
             moby_dick: x,
             sotu: y,
