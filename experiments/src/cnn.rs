@@ -150,12 +150,29 @@ fn conv<B: Backend>(x: Tensor<B, 4>, w: &Param<Tensor<B, 4>>, stride: usize) -> 
     }
 }
 
+/// Where a forward pass hands out the output channels REPAIR corrects, as
+/// `[samples, channels]` (every pixel of every image a sample).
+type Tap<'t, B> = &'t mut dyn FnMut(Tensor<B, 2>);
+
+/// `[n, h, w, c]` → `[n·h·w, c]`, for a tap.
+fn pixels<B: Backend>(x: &Tensor<B, 4>) -> Tensor<B, 2> {
+    let [n, h, w, c] = x.dims();
+    x.clone().reshape([n * h * w, c])
+}
+
 impl<B: Backend> BasicBlock<B> {
-    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = relu(self.bn1.forward(conv(x.clone(), &self.conv1, self.stride)));
-        let h = self.bn2.forward(conv(h, &self.conv2, 1));
+    /// The block, with its norms' outputs (bn1, bn2, then the shortcut's) to `tap`.
+    fn forward(&self, x: Tensor<B, 4>, tap: Tap<'_, B>) -> Tensor<B, 4> {
+        let h = self.bn1.forward(conv(x.clone(), &self.conv1, self.stride));
+        tap(pixels(&h));
+        let h = self.bn2.forward(conv(relu(h), &self.conv2, 1));
+        tap(pixels(&h));
         let short = match (&self.down_conv, &self.down_norm) {
-            (Some(c), Some(n)) => n.forward(conv(x, c, self.stride)),
+            (Some(c), Some(n)) => {
+                let s = n.forward(conv(x, c, self.stride));
+                tap(pixels(&s));
+                s
+            }
             _ => x,
         };
         relu(h + short)
@@ -223,15 +240,21 @@ impl<B: Backend> ResNet<B> {
                 "'{p}.conv1.weight' reads {inp} channels, the previous stage writes {c}"
             );
             let has_down = sd.contains(&format!("{p}.downsample.0.weight"));
+            // conv1's channels and the stage's stream are separate groups: a
+            // partial (zip) merge can widen them differently.
+            let inner = out;
+            let c2: Param<Tensor<B, 4>> =
+                burn_tensor(sd, &format!("{p}.conv2.weight"), None, device)?;
+            let [out, c2_in, k, k2] = c2.val().dims();
+            anyhow::ensure!(
+                c2_in == inner && k == 3 && k2 == 3,
+                "'{p}.conv2.weight' has shape {:?}, expected [·, {inner}, 3, 3]",
+                c2.val().dims()
+            );
             blocks.push(BasicBlock {
                 conv1: c1,
-                bn1: norm_from(sd, &format!("{p}.bn1"), out, device)?,
-                conv2: burn_tensor(
-                    sd,
-                    &format!("{p}.conv2.weight"),
-                    Some(&[out, out, 3, 3]),
-                    device,
-                )?,
+                bn1: norm_from(sd, &format!("{p}.bn1"), inner, device)?,
+                conv2: c2,
                 bn2: norm_from(sd, &format!("{p}.bn2"), out, device)?,
                 down_conv: if has_down {
                     Some(burn_tensor(
@@ -299,19 +322,88 @@ impl<B: Backend> ResNet<B> {
 
     /// Logits for images as rows `[n, channels · side²]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.forward_tapped(x, &mut |_| {})
+    }
+
+    /// Logits, with every channel norm's output (as `[n·h·w, channels]`)
+    /// handed to `tap` in the order of [`ResNet::norm_prefixes`].
+    pub fn forward_tapped(&self, x: Tensor<B, 2>, tap: Tap<'_, B>) -> Tensor<B, 2> {
         let [n, d] = x.dims();
         let cin = self.conv1.val().dims()[1];
         let side = ((d / cin) as f64).sqrt() as usize;
         // Rows are channel-major (PyTorch's NCHW flattened) → channels-last.
         let x = x.reshape([n, cin, side, side]).permute([0, 2, 3, 1]);
-        let mut h = relu(self.bn1.forward(conv(x, &self.conv1, 1)));
+        let stem = self.bn1.forward(conv(x, &self.conv1, 1));
+        tap(pixels(&stem));
+        let mut h = relu(stem);
         for b in &self.blocks {
-            h = b.forward(h);
+            h = b.forward(h, tap);
         }
         let [n, hh, ww, c] = h.dims();
         let pooled = h.reshape([n, hh * ww, c]).mean_dim(1).reshape([n, c]);
         pooled.matmul(self.fc_weight.val().transpose()) + self.fc_bias.val().unsqueeze()
     }
+
+    /// The state-dict prefixes of the channel norms, in forward order:
+    /// `bn1`, then per block `layerS.0.bn1`, `layerS.0.bn2` and, with a
+    /// projection shortcut, `layerS.0.downsample.1`.
+    pub fn norm_prefixes(&self) -> Vec<String> {
+        let mut out = vec!["bn1".to_string()];
+        for (s, b) in self.blocks.iter().enumerate() {
+            let p = format!("layer{}.0", s + 1);
+            out.push(format!("{p}.bn1"));
+            out.push(format!("{p}.bn2"));
+            if b.down_norm.is_some() {
+                out.push(format!("{p}.downsample.1"));
+            }
+        }
+        out
+    }
+}
+
+/// The layers REPAIR corrects in an image network's state dict (a ResNet's
+/// channel norms, whose per-channel affine takes the correction exactly; a
+/// VGG's convolutions and hidden classifier layers, through their biases)
+/// and a function giving their output channels on `probe` (CPU forward, as
+/// [`RepairedInterpolation`](permute::repair::RepairedInterpolation) asks).
+pub fn repair_taps<'p>(
+    vgg: bool,
+    sd: &StateDict,
+    probe: &'p ndarray::Array2<f32>,
+) -> anyhow::Result<(
+    Vec<permute::repair::RepairLayer>,
+    crate::studies::lmc::Taps<'p>,
+)> {
+    type Cpu = s2ft_core::Cpu;
+    let dev = Default::default();
+    let prefixes = if vgg {
+        Vgg::<Cpu>::from_state_dict(sd, &dev)?.layer_prefixes()
+    } else {
+        ResNet::<Cpu>::from_state_dict(sd, &dev)?.norm_prefixes()
+    };
+    let layers = prefixes
+        .iter()
+        .map(|p| permute::repair::RepairLayer::named(p))
+        .collect();
+    let taps = move |sd: &StateDict| -> anyhow::Result<Vec<ndarray::Array2<f32>>> {
+        let dev = Default::default();
+        let x = crate::mlp::batch::<Cpu>(probe, &dev);
+        let mut out = Vec::new();
+        let mut tap = |t: Tensor<Cpu, 2>| {
+            let [n, c] = t.dims();
+            let v: Vec<f32> = t.into_data().convert::<f32>().into_vec().expect("f32");
+            out.push(ndarray::Array2::from_shape_vec((n, c), v).expect("shape"));
+        };
+        if vgg {
+            let model = Vgg::<Cpu>::from_state_dict(sd, &dev)?;
+            model.check_input(probe.ncols())?;
+            model.forward_tapped(x, &mut tap);
+        } else {
+            ResNet::<Cpu>::from_state_dict(sd, &dev)?.forward_tapped(x, &mut tap);
+        }
+        Ok(out)
+    };
+    Ok((layers, Box::new(taps)))
 }
 
 /// A seeded initial state dict: Kaiming-normal convolutions, unit norms,
@@ -614,6 +706,13 @@ impl<B: Backend> Vgg<B> {
     /// Logits for images as rows `[n, channels · side²]`. The side must
     /// halve evenly at every pool ([`VggShape::final_side`]).
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.forward_tapped(x, &mut |_| {})
+    }
+
+    /// Logits, with the pre-activations of every convolution (as
+    /// `[n·h·w, channels]`) and hidden classifier layer handed to `tap` in
+    /// the order of [`Vgg::layer_prefixes`].
+    pub fn forward_tapped(&self, x: Tensor<B, 2>, tap: Tap<'_, B>) -> Tensor<B, 2> {
         let [n, d] = x.dims();
         let cin = self.conv_weights[0].val().dims()[1];
         let side = ((d / cin) as f64).sqrt() as usize;
@@ -621,7 +720,9 @@ impl<B: Backend> Vgg<B> {
         let last = self.conv_weights.len() - 1;
         for (i, (w, b)) in self.conv_weights.iter().zip(&self.conv_biases).enumerate() {
             let o = w.val().dims()[0];
-            h = relu(conv(h, w, 1) + b.val().reshape([1, 1, 1, o]));
+            let pre = conv(h, w, 1) + b.val().reshape([1, 1, 1, o]);
+            tap(pixels(&pre));
+            h = relu(pre);
             if i < last {
                 let [n, hh, ww, c] = h.dims();
                 h = h
@@ -634,10 +735,23 @@ impl<B: Backend> Vgg<B> {
         // Flatten channel-major (PyTorch's NCHW order).
         let [n, hh, ww, c] = h.dims();
         let mut x = h.permute([0, 3, 1, 2]).reshape([n, c * hh * ww]);
-        let ws: Vec<Tensor<B, 2>> = self.fc_weights.iter().map(|w| w.val()).collect();
-        let bs: Vec<Tensor<B, 1>> = self.fc_biases.iter().map(|b| b.val()).collect();
-        x = crate::mlp::forward_with(&ws, &bs, x);
+        let last = self.fc_weights.len() - 1;
+        for (j, (w, b)) in self.fc_weights.iter().zip(&self.fc_biases).enumerate() {
+            x = x.matmul(w.val().transpose()) + b.val().unsqueeze::<2>();
+            if j < last {
+                tap(x.clone());
+                x = relu(x);
+            }
+        }
         x
+    }
+
+    /// The state-dict prefixes of the convolutions and hidden classifier
+    /// layers, in forward order: `features.{3i}`, `classifier.{2j}`.
+    pub fn layer_prefixes(&self) -> Vec<String> {
+        let convs = (0..self.conv_weights.len()).map(|i| format!("features.{}", 3 * i));
+        let fcs = (0..self.fc_weights.len() - 1).map(|j| format!("classifier.{}", 2 * j));
+        convs.chain(fcs).collect()
     }
 }
 
@@ -829,6 +943,72 @@ mod tests {
             e.to_string().contains("fc.weight") && e.to_string().contains("non-finite"),
             "{e}"
         );
+    }
+
+    /// REPAIR through the taps of both image networks: after `at(λ)` every
+    /// tapped channel (a ResNet's channel norms, a VGG's convolutions and
+    /// hidden classifier layer) has the endpoints' interpolated mean and
+    /// standard deviation on the probe — which holds only if the taps come in
+    /// the order of the named layers — and the classifier's output layer is
+    /// untouched.
+    #[test]
+    fn repair_taps_restore_the_interpolated_statistics_of_every_layer() {
+        use permute::repair::{ChannelStats, RepairedInterpolation};
+        for vgg in [false, true] {
+            let (a, b, out, count) = if vgg {
+                let s = small_vgg();
+                let (a, b) = (init_vgg(&s, 1).unwrap(), init_vgg(&s, 2).unwrap());
+                (a, b, "classifier.2.weight", 4)
+            } else {
+                (
+                    init_state_dict(1, 4, 10, 1),
+                    init_state_dict(1, 4, 10, 2),
+                    "fc.weight",
+                    9,
+                )
+            };
+            let x = images(24, 3);
+            let (layers, taps) = repair_taps(vgg, &a, &x).unwrap();
+            assert_eq!(layers.len(), count, "vgg {vgg}");
+            for l in &layers {
+                assert!(a.contains(&l.weight), "{}", l.weight);
+            }
+            let rep = RepairedInterpolation::new(&a, &b, layers, &taps).unwrap();
+            let lambda = 0.3;
+            let m = rep.at(lambda).unwrap();
+            let [sa, sb] = rep.endpoint_stats();
+            let got = taps(&m).unwrap();
+            let (mut collapsed, mut channels) = (0, 0);
+            let plain = taps(&permute::interp::lerp(&a, &b, lambda as f32).unwrap()).unwrap();
+            for (l, h) in got.iter().enumerate() {
+                let target = ChannelStats::interpolate(&sa[l], &sb[l], lambda).unwrap();
+                let got = ChannelStats::of_columns(h.view());
+                let before = ChannelStats::of_columns(plain[l].view());
+                for c in 0..target.len() {
+                    let tol = 1e-3 * target.std[c].max(1.0);
+                    assert!(
+                        (got.mean[c] - target.mean[c]).abs() < tol
+                            && (got.std[c] - target.std[c]).abs() < tol,
+                        "vgg {vgg} layer {l} channel {c}: {} / {} vs {} / {}",
+                        got.mean[c],
+                        got.std[c],
+                        target.mean[c],
+                        target.std[c]
+                    );
+                    collapsed += usize::from(before.std[c] < target.std[c]);
+                    channels += 1;
+                }
+            }
+            eprintln!(
+                "vgg {vgg}: {collapsed} of {channels} channels narrower than the target before REPAIR"
+            );
+            assert_eq!(
+                m.get(out),
+                permute::interp::lerp(&a, &b, lambda as f32)
+                    .unwrap()
+                    .get(out)
+            );
+        }
     }
 
     fn small_vgg() -> VggShape {

@@ -16,7 +16,14 @@
 //! model code): [`ChannelStats::of_columns`] computes them from a matrix of
 //! activations, and [`repair`] asks a callback for the current statistics of
 //! each layer. For BatchNorm networks the same effect is the "reset" of the
-//! running statistics, which needs no folding.
+//! running statistics, which needs no folding. Where the layer has a
+//! per-channel bias or shift (linear and convolution biases, a LayerNorm's
+//! affine `bias`) the correction is exact; a bias-free channel (a LLaMA's
+//! RMSNorm gain, `up_proj`'s rows) can only be rescaled
+//! ([`RepairLayer::scale_only`]): [`RepairedInterpolation`] then measures it
+//! by its root mean square ([`ChannelStats::rms_of_columns`]) and gives it
+//! the interpolated one, since one factor cannot set both a mean and a
+//! standard deviation.
 
 use ndarray::{ArrayD, ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
@@ -50,6 +57,23 @@ impl ChannelStats {
         ChannelStats {
             mean,
             std: var.into_iter().map(|s| (s / n).sqrt()).collect(),
+        }
+    }
+
+    /// The uncentered statistics of each column of `x`: mean 0 and, as
+    /// "standard deviation", the root mean square `√E[x²]` (what a scale
+    /// alone can set; [`RepairedInterpolation`] measures bias-free layers so).
+    pub fn rms_of_columns(x: ArrayView2<'_, f32>) -> ChannelStats {
+        let n = x.nrows().max(1) as f64;
+        let mut sq = vec![0f64; x.ncols()];
+        for row in x.axis_iter(Axis(0)) {
+            sq.iter_mut()
+                .zip(row)
+                .for_each(|(s, &v)| *s += (v as f64).powi(2));
+        }
+        ChannelStats {
+            mean: vec![0.0; x.ncols()],
+            std: sq.into_iter().map(|s| (s / n).sqrt()).collect(),
         }
     }
 
@@ -110,12 +134,14 @@ impl ChannelStats {
 }
 
 /// A layer whose output channels REPAIR corrects: `weight` has the channels
-/// on axis 0 (`[out, in]` linear, `[out, in, kh, kw]` convolution); `bias`
-/// (`[out]`) is created (zeros) when the model has none.
+/// on axis 0 (`[out, in]` linear, `[out, in, kh, kw]` convolution, `[out]`
+/// a normalisation's per-channel scale); `bias` (`[out]`) is created (zeros)
+/// when the model has none. Without a bias (`None`) only the scale is
+/// corrected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepairLayer {
     pub weight: String,
-    pub bias: String,
+    pub bias: Option<String>,
 }
 
 impl RepairLayer {
@@ -123,7 +149,18 @@ impl RepairLayer {
     pub fn named(prefix: &str) -> RepairLayer {
         RepairLayer {
             weight: format!("{prefix}.weight"),
-            bias: format!("{prefix}.bias"),
+            bias: Some(format!("{prefix}.bias")),
+        }
+    }
+
+    /// A channel-producing weight of an architecture without biases (a
+    /// LLaMA's RMSNorm gains or `up_proj`): corrected by scale only
+    /// (`target.std / current.std`; with the uncentered statistics
+    /// [`RepairedInterpolation`] gives such layers, the ratio of root mean squares).
+    pub fn scale_only(weight: &str) -> RepairLayer {
+        RepairLayer {
+            weight: weight.to_string(),
+            bias: None,
         }
     }
 }
@@ -132,9 +169,10 @@ impl RepairLayer {
 const TINY_STD: f64 = 1e-12;
 
 /// Folds `y ↦ (target.std/current.std)(y − current.mean) + target.mean` into
-/// the rows of `layer` in `sd`. A channel that is constant now but should
-/// vary cannot be rescaled: that is an error naming the layer and channel; a
-/// channel constant in both is only shifted.
+/// the rows of `layer` in `sd` (with no bias, `y ↦ (target.std/current.std)·y`).
+/// A channel that is constant now but should vary cannot be rescaled: that
+/// is an error naming the layer and channel; a channel constant in both is
+/// only shifted.
 pub fn correct(
     sd: &mut StateDict,
     layer: &RepairLayer,
@@ -186,28 +224,33 @@ pub fn correct(
     for (c, mut row) in wd.axis_iter_mut(Axis(0)).enumerate() {
         row.mapv_inplace(|v| (v as f64 * scale[c]) as f32);
     }
-    let bias = match sd.get(&layer.bias) {
-        Some(b) if b.shape() == [rows] => b.data.iter().map(|&v| v as f64).collect(),
-        Some(b) => {
-            return Err(PermuteError::Shape {
-                what: what(&format!("bias '{}'", layer.bias)),
-                msg: format!("shape {:?}, expected [{rows}]", b.shape()),
-            });
+    // The new bias is computed (and its shape checked) before anything is
+    // written, so an error leaves `sd` as it was.
+    let new_bias = match &layer.bias {
+        None => None,
+        Some(name) => {
+            let bias = match sd.get(name) {
+                Some(b) if b.shape() == [rows] => b.data.iter().map(|&v| v as f64).collect(),
+                Some(b) => {
+                    return Err(PermuteError::Shape {
+                        what: what(&format!("bias '{name}'")),
+                        msg: format!("shape {:?}, expected [{rows}]", b.shape()),
+                    });
+                }
+                None => vec![0f64; rows],
+            };
+            let nb: Vec<f32> = (0..rows)
+                .map(|c| (scale[c] * (bias[c] - current.mean[c]) + target.mean[c]) as f32)
+                .collect();
+            let bias_dtype = sd.get(name).map_or(dtype, |b| b.dtype);
+            let t = ArrayD::from_shape_vec(vec![rows], nb).expect("rows");
+            Some((name.clone(), Tensor::new(t, bias_dtype)))
         }
-        None => vec![0f64; rows],
     };
-    let bias_dtype = sd.get(&layer.bias).map_or(dtype, |b| b.dtype);
-    let nb: Vec<f32> = (0..rows)
-        .map(|c| (scale[c] * (bias[c] - current.mean[c]) + target.mean[c]) as f32)
-        .collect();
     sd.insert(layer.weight.clone(), Tensor::new(wd, dtype));
-    sd.insert(
-        layer.bias.clone(),
-        Tensor::new(
-            ArrayD::from_shape_vec(vec![rows], nb).expect("rows"),
-            bias_dtype,
-        ),
-    );
+    if let Some((name, t)) = new_bias {
+        sd.insert(name, t);
+    }
     Ok(())
 }
 
@@ -242,4 +285,108 @@ where
         correct(&mut sd, layer, &current, target)?;
     }
     Ok(sd)
+}
+
+/// A layer's statistics: centered, or uncentered when it has no bias.
+fn stats_of(layer: &RepairLayer, x: &ndarray::Array2<f32>) -> ChannelStats {
+    match layer.bias {
+        Some(_) => ChannelStats::of_columns(x.view()),
+        None => ChannelStats::rms_of_columns(x.view()),
+    }
+}
+
+/// REPAIR along the line between two aligned models: the endpoints'
+/// statistics at every layer in `layers` are measured once, and
+/// [`RepairedInterpolation::at`] gives `(1 − λ)·A + λ·B` repaired to their
+/// interpolation (mean and standard deviation; for a
+/// [`scale_only`](RepairLayer::scale_only) layer the root mean square). `taps(model)` is the caller's forward pass: for every
+/// layer, in order, its output channels' activations as `[samples,
+/// channels]` on the same probe inputs each time. It is called once per
+/// layer per λ (each layer is measured after the ones before it were
+/// corrected), so a probe of a few hundred samples keeps it cheap.
+pub struct RepairedInterpolation<'a, F> {
+    a: &'a StateDict,
+    b: &'a StateDict,
+    layers: Vec<RepairLayer>,
+    stats: [Vec<ChannelStats>; 2],
+    taps: F,
+}
+
+impl<'a, F, E> RepairedInterpolation<'a, F>
+where
+    F: Fn(&StateDict) -> std::result::Result<Vec<ndarray::Array2<f32>>, E>,
+    E: From<PermuteError>,
+{
+    /// Measures `a` and `b`; an error when `taps` gives another number of
+    /// activation matrices than there are layers.
+    pub fn new(
+        a: &'a StateDict,
+        b: &'a StateDict,
+        layers: Vec<RepairLayer>,
+        taps: F,
+    ) -> std::result::Result<Self, E> {
+        let measure = |sd: &StateDict, name: &str| -> std::result::Result<Vec<ChannelStats>, E> {
+            let acts = taps(sd)?;
+            if acts.len() != layers.len() {
+                return Err(PermuteError::Shape {
+                    what: format!("REPAIR taps of model {name}"),
+                    msg: format!(
+                        "{} activation matrices for {} layers",
+                        acts.len(),
+                        layers.len()
+                    ),
+                }
+                .into());
+            }
+            Ok(acts
+                .iter()
+                .zip(&layers)
+                .map(|(x, l)| stats_of(l, x))
+                .collect())
+        };
+        let stats = [measure(a, "A")?, measure(b, "B")?];
+        Ok(RepairedInterpolation {
+            a,
+            b,
+            layers,
+            stats,
+            taps,
+        })
+    }
+
+    /// The endpoints' statistics, per layer.
+    pub fn endpoint_stats(&self) -> &[Vec<ChannelStats>; 2] {
+        &self.stats
+    }
+
+    /// `(1 − λ)·A + λ·B`, repaired.
+    pub fn at(&self, lambda: f64) -> std::result::Result<StateDict, E> {
+        let [sa, sb] = &self.stats;
+        let targets = sa
+            .iter()
+            .zip(sb)
+            .map(|(x, y)| ChannelStats::interpolate(x, y, lambda))
+            .collect::<Result<Vec<_>>>()?;
+        let m = crate::interp::lerp(self.a, self.b, lambda as f32)?;
+        // `repair` reports PermuteError; the caller's error is carried out beside it.
+        let mut caller: Option<E> = None;
+        let out = repair(&m, &self.layers, &targets, |sd, i| match (self.taps)(sd) {
+            Ok(acts) if i < acts.len() => Ok(stats_of(&self.layers[i], &acts[i])),
+            Ok(acts) => Err(PermuteError::Shape {
+                what: "REPAIR taps".into(),
+                msg: format!("{} activation matrices, layer {i} asked for", acts.len()),
+            }),
+            Err(e) => {
+                caller = Some(e);
+                Err(PermuteError::Shape {
+                    what: "REPAIR taps".into(),
+                    msg: "the forward pass failed".into(),
+                })
+            }
+        });
+        match (out, caller) {
+            (_, Some(e)) => Err(e),
+            (r, None) => Ok(r?),
+        }
+    }
 }

@@ -251,8 +251,163 @@ fn bad_statistics_are_named_errors() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("1 layers but 0 target"), "{e}");
+    // A bias of the wrong shape is named, and the layer is left as it was.
+    let mut bad = sd.clone();
+    bad.insert("layers.0.bias", Tensor::f32(ArrayD::zeros(vec![3])));
+    let before = bad.clone();
+    let e = correct(&mut bad, &layer, &ok, &dead)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layers.0.bias") && e.contains("[3]"), "{e}");
+    assert_eq!(bad, before);
     // A missing bias is created.
     sd.remove("layers.0.bias");
     correct(&mut sd, &layer, &ok, &ok).unwrap();
     assert_eq!(sd.get("layers.0.bias").unwrap().shape(), &[4]);
+}
+
+/// A bias-free layer (here a per-channel gain `y = g ⊙ x` followed by a
+/// bias-free linear map, as a LLaMA's RMSNorm gain and `up_proj`) can only
+/// be rescaled: after [`RepairLayer::scale_only`] each channel has the target
+/// standard deviation exactly, its mean is scaled by the same factor, and
+/// no bias appears. Closed form on `x ~ N(mu, diag(var))`.
+#[test]
+fn scale_only_repair_sets_the_standard_deviation_and_scales_the_mean() {
+    let mut rng = Rng::new(11);
+    let gains = |rng: &mut Rng| {
+        Tensor::f32(ArrayD::from_shape_fn(vec![4], |_| {
+            (1.0 + 0.5 * rng.normal()) as f32
+        }))
+    };
+    let linear = |rng: &mut Rng| {
+        Tensor::f32(ArrayD::from_shape_fn(vec![5, 4], |_| {
+            (0.5 * rng.normal()) as f32
+        }))
+    };
+    let (mut a, mut b) = (StateDict::new(), StateDict::new());
+    for sd in [&mut a, &mut b] {
+        sd.insert("norm.weight", gains(&mut rng));
+        sd.insert("up.weight", linear(&mut rng));
+    }
+    let mu = Array1::from_vec(vec![0.3, -0.7, 1.0, 0.0]);
+    let var = Array1::from_vec(vec![1.0, 2.0, 0.5, 1.5]);
+    // Layer 0: the gain's output g ⊙ x; layer 1: W (g ⊙ x).
+    let stats = |sd: &StateDict, l: usize| -> ChannelStats {
+        let g = vec1(sd, "norm.weight");
+        let m = &g * &mu;
+        let c = Array2::from_diag(&(&g * &g * &var));
+        if l == 0 {
+            return ChannelStats {
+                mean: m.to_vec(),
+                std: c.diag().iter().map(|v| v.sqrt()).collect(),
+            };
+        }
+        let w = mat(sd, "up.weight");
+        let c = w.dot(&c).dot(&w.t());
+        ChannelStats {
+            mean: w.dot(&m).to_vec(),
+            std: c.diag().iter().map(|v| v.sqrt()).collect(),
+        }
+    };
+    let layers = [
+        RepairLayer::scale_only("norm.weight"),
+        RepairLayer::scale_only("up.weight"),
+    ];
+    let lambda = 0.4;
+    let m = lerp(&a, &b, lambda as f32).unwrap();
+    let targets: Vec<ChannelStats> = (0..2)
+        .map(|l| ChannelStats::interpolate(&stats(&a, l), &stats(&b, l), lambda).unwrap())
+        .collect();
+    let mut before = Vec::new();
+    let fixed = repair(&m, &layers, &targets, |sd, i| {
+        let s = stats(sd, i);
+        before.push(s.clone());
+        Ok(s)
+    })
+    .unwrap();
+    for (l, target) in targets.iter().enumerate() {
+        let got = stats(&fixed, l);
+        close(&got.std, &target.std, 1e-5, &format!("layer {l} std"));
+        let scaled: Vec<f64> = before[l]
+            .mean
+            .iter()
+            .zip(&target.std)
+            .zip(&before[l].std)
+            .map(|((m, t), s)| m * t / s)
+            .collect();
+        close(&got.mean, &scaled, 1e-5, &format!("layer {l} mean"));
+    }
+    assert_eq!(fixed.len(), 2, "no bias is created");
+}
+
+/// [`RepairedInterpolation`] on a layer with a bias and a bias-free gain
+/// after it (`y = g ⊙ relu(W x + b)`): the first gets the interpolated mean
+/// and standard deviation, the gain the interpolated root mean square
+/// (uncentered statistics), measured on the same samples; the endpoints are
+/// left as they are; a forward pass that returns too few activation
+/// matrices is a named error.
+#[test]
+fn repaired_interpolation_sets_moments_and_the_rms_of_bias_free_layers() {
+    use permute::repair::RepairedInterpolation;
+    let mut rng = Rng::new(21);
+    let mut model = |seed: u64| {
+        let mut sd = random_layers(&[5, 6], seed);
+        sd.insert(
+            "gain.weight",
+            Tensor::f32(ArrayD::from_shape_fn(vec![6], |_| {
+                (1.0 + 0.3 * rng.normal()) as f32
+            })),
+        );
+        sd
+    };
+    let (a, b) = (model(1), model(2));
+    let mut xr = Rng::new(4);
+    let x = Array2::from_shape_fn((300, 5), |_| xr.normal() as f32);
+    let taps = |sd: &StateDict| -> Result<Vec<Array2<f32>>, permute::PermuteError> {
+        let h = common::linear(&x, sd, "layers.0");
+        let g = common::vector(sd, "gain.weight");
+        let y = h.mapv(|v| v.max(0.0)) * &g.insert_axis(ndarray::Axis(0));
+        Ok(vec![h, y])
+    };
+    let layers = vec![
+        RepairLayer::named("layers.0"),
+        RepairLayer::scale_only("gain.weight"),
+    ];
+    let rep = RepairedInterpolation::new(&a, &b, layers.clone(), taps).unwrap();
+    let lambda = 0.6;
+    let m = rep.at(lambda).unwrap();
+    let acts = taps(&m).unwrap();
+    let [sa, sb] = rep.endpoint_stats();
+    let t0 = ChannelStats::interpolate(&sa[0], &sb[0], lambda).unwrap();
+    let got0 = ChannelStats::of_columns(acts[0].view());
+    close(&got0.mean, &t0.mean, 1e-4, "layer 0 mean");
+    close(&got0.std, &t0.std, 1e-4, "layer 0 std");
+    let rms = |sd: &StateDict| ChannelStats::rms_of_columns(taps(sd).unwrap()[1].view()).std;
+    let want: Vec<f64> = rms(&a)
+        .iter()
+        .zip(rms(&b))
+        .map(|(p, q)| (1.0 - lambda) * p + lambda * q)
+        .collect();
+    close(&rms(&m), &want, 1e-4, "gain rms");
+    assert_eq!(
+        sa[1].mean,
+        vec![0.0; 6],
+        "bias-free layers are measured uncentered"
+    );
+    // λ = 0 is A itself.
+    let m0 = rep.at(0.0).unwrap();
+    for (name, t) in a.iter() {
+        let d = (&m0.get(name).unwrap().data - &t.data)
+            .iter()
+            .fold(0f32, |mx, v| mx.max(v.abs()));
+        assert!(d < 1e-5, "{name}: {d}");
+    }
+    let short = |_: &StateDict| -> Result<Vec<Array2<f32>>, permute::PermuteError> {
+        Ok(vec![Array2::zeros((3, 6))])
+    };
+    let e = RepairedInterpolation::new(&a, &b, layers, short)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("1 activation matrices for 2 layers"), "{e}");
 }

@@ -110,9 +110,12 @@ pub struct LmcArgs {
     /// STE learning rate (Adam on θ̃).
     #[arg(long, default_value_t = 1e-3)]
     pub ste_lr: f64,
-    /// Add REPAIR (Jordan et al. 2023) on top of weight matching: every hidden
-    /// layer of each interpolated MLP gets the endpoints' interpolated channel
-    /// statistics (a `wm_repair` row and curve).
+    /// Add REPAIR (Jordan et al. 2023) on top of weight matching: each
+    /// interpolated model's channels get the endpoints' interpolated
+    /// statistics (a `wm_repair` row and curve): the MLP's hidden layers, the
+    /// ResNet's channel norms, the VGG's convolutions and hidden classifier
+    /// layer, the LLaMA's RMSNorm outputs and FFN channels (by scale only:
+    /// it has no biases).
     #[arg(long)]
     pub repair: bool,
     /// Training steps of each LLaMA (--arch llama; default 1500, quick 150).
@@ -540,58 +543,44 @@ pub fn train_pair(args: &LmcArgs, run: &mut Run) -> anyhow::Result<TrainedPair> 
 /// A method's name, the permutation of B it found, and its run time in seconds.
 pub type Aligned = (&'static str, permute::Permutation, f64);
 
-/// The permutation of B each method finds (`naive`: identity), with its run time,
-/// and the number of weight-matching passes.
-/// REPAIR of the interpolations `(1 − λ)·A + λ·B` of two aligned MLPs: each
-/// hidden layer's pre-activations on `probe` get the interpolation of A's and
-/// B's channel statistics, corrected layer after layer
-/// ([`permute::repair::repair`]). The endpoints' statistics are computed
-/// once, for every λ.
-pub struct MlpRepair<'a> {
+/// A forward pass giving the output channels of every layer REPAIR corrects.
+pub type Taps<'a> = Box<dyn Fn(&StateDict) -> anyhow::Result<Vec<ndarray::Array2<f32>>> + 'a>;
+
+/// REPAIR of the interpolations `(1 − λ)·A + λ·B` of two aligned image
+/// networks on `probe` ([`permute::repair::RepairedInterpolation`]): an MLP's
+/// hidden pre-activations (each `layers.i` but the logits'), a ResNet's
+/// channel-norm outputs, a VGG's convolution and hidden classifier
+/// pre-activations.
+pub fn repaired<'a>(
+    arch: Arch,
     a: &'a StateDict,
     b: &'a StateDict,
     probe: &'a ndarray::Array2<f32>,
-    stats: [Vec<permute::repair::ChannelStats>; 2],
-}
-
-impl<'a> MlpRepair<'a> {
-    /// The statistics of `a` and `b` on `probe`.
-    pub fn new(a: &'a StateDict, b: &'a StateDict, probe: &'a ndarray::Array2<f32>) -> Self {
-        let stats = |sd: &StateDict| {
-            let mut pre = mlp::pre_activations(sd, probe);
-            pre.pop(); // the logits are not repaired
-            pre.iter()
-                .map(|h| permute::repair::ChannelStats::of_columns(h.view()))
-                .collect()
-        };
-        MlpRepair {
-            a,
-            b,
-            probe,
-            stats: [stats(a), stats(b)],
+) -> anyhow::Result<permute::repair::RepairedInterpolation<'a, Taps<'a>>> {
+    use permute::repair::{RepairLayer, RepairedInterpolation};
+    let (layers, taps): (Vec<RepairLayer>, Taps<'a>) = match arch {
+        Arch::Mlp => {
+            let hidden = mlp::layer_params(a)?.len() - 1;
+            let layers = (0..hidden)
+                .map(|l| RepairLayer::named(&format!("layers.{l}")))
+                .collect();
+            let taps = move |sd: &StateDict| {
+                let mut pre = mlp::pre_activations(sd, probe);
+                pre.pop(); // the logits are not repaired
+                Ok(pre)
+            };
+            (layers, Box::new(taps))
         }
-    }
-
-    /// The repaired interpolation at `lambda`.
-    pub fn at(&self, lambda: f64) -> anyhow::Result<StateDict> {
-        use permute::repair::{ChannelStats, RepairLayer, repair};
-        let [sa, sb] = &self.stats;
-        let targets = sa
-            .iter()
-            .zip(sb)
-            .map(|(x, y)| ChannelStats::interpolate(x, y, lambda))
-            .collect::<permute::Result<Vec<_>>>()?;
-        let layers: Vec<RepairLayer> = (0..targets.len())
-            .map(|l| RepairLayer::named(&format!("layers.{l}")))
-            .collect();
-        let m = lerp(self.a, self.b, lambda as f32)?;
-        Ok(repair(&m, &layers, &targets, |sd, i| {
-            let h = mlp::pre_activations(sd, self.probe).swap_remove(i);
-            Ok(ChannelStats::of_columns(h.view()))
-        })?)
-    }
+        Arch::Resnet | Arch::Vgg => crate::cnn::repair_taps(arch == Arch::Vgg, a, probe)?,
+        Arch::Llama => {
+            anyhow::bail!("--arch llama is repaired on text (lmc_llama::repaired), not on images")
+        }
+    };
+    RepairedInterpolation::new(a, b, layers, taps)
 }
 
+/// The permutation of B each method finds (`naive`: identity), with its run time,
+/// and the number of weight-matching passes.
 pub fn align_all(
     pair: &TrainedPair,
     args: &LmcArgs,
@@ -666,10 +655,6 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     if args.arch == Arch::Llama {
         return crate::studies::lmc_llama::run(args);
     }
-    anyhow::ensure!(
-        !args.repair || args.arch == Arch::Mlp,
-        "--repair is implemented for --arch mlp only (the ResNet's LayerNorm channels need their own correction)"
-    );
     let mut run = args.run.open("lmc")?;
     let pair = train_pair(args, &mut run)?;
     let (a, b, arch) = (&pair.a, &pair.b, pair.arch);
@@ -722,7 +707,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
 
 /// Every method's curve and row (REPAIR on top of weight matching with
 /// `--repair`, its statistics from the 1000 training samples activation
-/// matching uses), each written to `metrics` and the partial metrics as it ends.
+/// matching uses for the MLP, 256 training images for the CNNs, 128 quick), each written to `metrics` and the partial metrics as it ends.
 fn method_rows(
     args: &LmcArgs,
     pair: &TrainedPair,
@@ -733,7 +718,15 @@ fn method_rows(
 ) -> anyhow::Result<Vec<(String, MethodRow)>> {
     let (a, b, arch) = (&pair.a, &pair.b, pair.arch);
     let spec = arch.spec(a)?;
-    let repair_probe = pair.train.take(1000).x;
+    // The CNNs' CPU forward is far dearer than the MLP's and REPAIR runs one
+    // per layer per λ: their statistics come from fewer images (each pixel
+    // is a sample of its channels).
+    let probe_n = match (arch, args.quick) {
+        (Arch::Mlp, _) => 1000,
+        (_, true) => 128,
+        (_, false) => 256,
+    };
+    let repair_probe = pair.train.take(probe_n).x;
     let mut rows: Vec<(String, &permute::Permutation, f64, bool)> = perms
         .iter()
         .map(|(n, p, s)| (n.to_string(), p, *s, false))
@@ -819,7 +812,7 @@ fn method_curve(
         return Ok((curve(arch, a, bp, grid, eval_train, eval_test)?, 0.0));
     };
     let t = Instant::now();
-    let rep = MlpRepair::new(a, bp, probe);
+    let rep = repaired(arch, a, bp, probe)?;
     let secs = std::cell::Cell::new(t.elapsed().as_secs_f64());
     let c = curve_of(arch, grid, eval_train, eval_test, |l| {
         let t = Instant::now();
@@ -976,7 +969,7 @@ mod tests {
             let stats = |sd: &StateDict, l: usize| {
                 ChannelStats::of_columns(mlp::pre_activations(sd, &probe)[l].view())
             };
-            let rep = MlpRepair::new(a, &wb, &probe);
+            let rep = repaired(Arch::Mlp, a, &wb, &probe).unwrap();
             let m = rep.at(0.5).unwrap();
             let (mut collapsed, mut channels) = (0, 0);
             for l in 0..2 {

@@ -77,10 +77,6 @@ impl Shape {
             "--epochs applies to the image networks; --arch llama trains for --steps"
         );
         ensure!(
-            !args.repair,
-            "--repair is implemented for --arch mlp only (a LLaMA's RMSNorm channels need their own correction)"
-        );
-        ensure!(
             args.ste_steps == 0,
             "--ste-steps applies to --arch mlp (STE is implemented for the MLP only)"
         );
@@ -289,21 +285,11 @@ pub fn activation_matching(
 /// Per group of [`permute::builders::llama`]'s spec, the activations it
 /// permutes as `[units, positions]`.
 fn activations(c: &LlamaConfig, sd: &StateDict, probe: &Sample) -> anyhow::Result<StateDict> {
-    let dev = Default::default();
-    let model = Llama::<s2ft_core::Cpu>::from_state_dict(c, sd, false, &dev)?;
-    let tokens: Tensor<s2ft_core::Cpu, 2, Int> = Tensor::from_data(
-        TensorData::new(probe.tokens.clone(), [probe.b, probe.t + 1]),
-        &dev,
-    );
-    let to_array = |t: Tensor<s2ft_core::Cpu, 2>| -> Array2<f32> {
-        let [n, d] = t.dims();
-        let v: Vec<f32> = t.into_data().convert::<f32>().into_vec().expect("f32");
-        Array2::from_shape_vec((n, d), v).expect("shape")
-    };
+    let model = cpu_model(c, sd)?;
     let mut out = StateDict::new();
     let mut residual = Vec::new();
     for (l, x) in model
-        .linear_inputs(tokens.narrow(1, 0, probe.t))
+        .linear_inputs(probe_tokens(probe))
         .into_iter()
         .enumerate()
     {
@@ -319,6 +305,70 @@ fn activations(c: &LlamaConfig, sd: &StateDict, probe: &Sample) -> anyhow::Resul
     let stacked = ndarray::concatenate(ndarray::Axis(0), &views)?;
     out.insert("residual", units_first(stacked));
     Ok(out)
+}
+
+fn to_array(t: Tensor<s2ft_core::Cpu, 2>) -> Array2<f32> {
+    let [n, d] = t.dims();
+    let v: Vec<f32> = t.into_data().convert::<f32>().into_vec().expect("f32");
+    Array2::from_shape_vec((n, d), v).expect("shape")
+}
+
+/// The probe's tokens (inputs only) as a CPU tensor.
+fn probe_tokens(probe: &Sample) -> Tensor<s2ft_core::Cpu, 2, Int> {
+    let t: Tensor<s2ft_core::Cpu, 2, Int> = Tensor::from_data(
+        TensorData::new(probe.tokens.clone(), [probe.b, probe.t + 1]),
+        &Default::default(),
+    );
+    t.narrow(1, 0, probe.t)
+}
+
+/// REPAIR of the interpolations of two aligned decoders on the `probe`
+/// tokens ([`permute::repair::RepairedInterpolation`]), by scale only (the
+/// LLaMA has no biases to take a shift, so each channel gets the
+/// interpolated root mean square): per block the outputs of input_layernorm
+/// and post_attention_layernorm (through their gains) and the FFN channels
+/// `silu(gate)·up` (through up_proj's rows), then the final norm.
+pub fn repaired<'a>(
+    c: &'a LlamaConfig,
+    a: &'a StateDict,
+    b: &'a StateDict,
+    probe: &'a Sample,
+) -> anyhow::Result<permute::repair::RepairedInterpolation<'a, crate::studies::lmc::Taps<'a>>> {
+    use permute::repair::{RepairLayer, RepairedInterpolation};
+    use weights::llama::names;
+    let mut layers = Vec::new();
+    for l in 0..c.num_hidden_layers {
+        for part in [
+            names::INPUT_NORM,
+            names::POST_ATTENTION_NORM,
+            names::UP_PROJ,
+        ] {
+            layers.push(RepairLayer::scale_only(&names::weight(l, part)));
+        }
+    }
+    layers.push(RepairLayer::scale_only(names::NORM));
+
+    let taps = move |sd: &StateDict| -> anyhow::Result<Vec<Array2<f32>>> {
+        let model = cpu_model(c, sd)?;
+        let tokens = probe_tokens(probe);
+        let mut out = Vec::new();
+        for (l, x) in model.linear_inputs(tokens.clone()).into_iter().enumerate() {
+            let down = x
+                .down_proj
+                .ok_or_else(|| anyhow::anyhow!("block {l} has no dense FFN"))?;
+            out.extend([to_array(x.attn), to_array(x.mlp), to_array(down)]);
+        }
+        let h = model.hidden(tokens);
+        let [bb, t, d] = h.dims();
+        out.push(to_array(h.reshape([bb * t, d])));
+        Ok(out)
+    };
+    RepairedInterpolation::new(
+        a,
+        b,
+        layers,
+        Box::new(taps) as crate::studies::lmc::Taps<'a>,
+    )
 }
 
 fn units_first(x: Array2<f32>) -> WTensor {
@@ -379,10 +429,11 @@ pub struct Metrics {
 }
 
 /// A method's aligned B, whether its endpoints are the norm-folded models,
-/// and the seconds it took.
+/// whether its interpolations are repaired, and the seconds it took.
 struct Aligned {
     name: &'static str,
     folded: bool,
+    repaired: bool,
     b: StateDict,
     seconds: f64,
 }
@@ -397,7 +448,7 @@ const ORTHOGONAL_ROUNDS: usize = 3;
 fn align(
     pair: &TrainedPair,
     folded_a: &StateDict,
-    corpus: &Corpus,
+    probe: &Sample,
     seed: u64,
     run: &mut Run,
 ) -> anyhow::Result<(Vec<Aligned>, usize)> {
@@ -410,6 +461,7 @@ fn align(
     let mut out = vec![Aligned {
         name: "naive",
         folded: false,
+        repaired: false,
         b: b.clone(),
         seconds: 0.0,
     }];
@@ -424,6 +476,7 @@ fn align(
         out.push(Aligned {
             name,
             folded,
+            repaired: false,
             b: bp,
             seconds: t.elapsed().as_secs_f64(),
         });
@@ -434,13 +487,8 @@ fn align(
         passes = wm.passes;
         Ok(apply(&spec, &wm.perm, b)?)
     })?;
-    let probe = held_out(1, seed ^ 0xAC7, |r| {
-        Sample::text(&corpus.train, 2 * pair.shape.batch, pair.shape.seq, r)
-    })
-    .pop()
-    .expect("one batch");
     timed("am", false, run, &mut || {
-        let p = activation_matching(c, &spec, (a, b), &probe)?;
+        let p = activation_matching(c, &spec, (a, b), probe)?;
         Ok(apply(&spec, &p, b)?)
     })?;
     if c.num_key_value_heads == c.num_attention_heads {
@@ -506,7 +554,28 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     };
     let endpoints = [test_of(&pair.a)?, test_of(&pair.b)?];
     let folded_a = permute::orthogonal::fold_rms_norms(&c, &pair.a)?;
-    let (aligned, wm_passes) = align(&pair, &folded_a, &corpus, args.seed, &mut run)?;
+    // Activation matching's and REPAIR's tokens: windows of the training text.
+    let probe = held_out(1, args.seed ^ 0xAC7, |r| {
+        Sample::text(&corpus.train, 2 * pair.shape.batch, pair.shape.seq, r)
+    })
+    .pop()
+    .expect("one batch");
+    let (mut aligned, wm_passes) = align(&pair, &folded_a, &probe, args.seed, &mut run)?;
+    if args.repair {
+        let at = aligned
+            .iter()
+            .position(|m| m.name == "wm")
+            .expect("a wm row");
+        let wm = &aligned[at];
+        let row = Aligned {
+            name: "wm_repair",
+            folded: false,
+            repaired: true,
+            b: wm.b.clone(),
+            seconds: wm.seconds,
+        };
+        aligned.insert(at + 1, row);
+    }
     let mut metrics = Metrics {
         arch: "llama",
         shape: pair.shape.clone(),
@@ -517,17 +586,34 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     };
     for m in &aligned {
         let a = if m.folded { &folded_a } else { &pair.a };
+        // REPAIR's cost (its statistics and corrections) adds to WM's.
+        let repair_secs = std::cell::Cell::new(0.0);
         let curve = run.phase(&format!("curve {}", m.name), || {
-            curve_scored(
-                args.grid,
-                |l| Ok(permute::interp::lerp(a, &m.b, l as f32)?),
-                |sd| sets.score(&c, sd),
-            )
+            let score = |sd: &StateDict| sets.score(&c, sd);
+            if m.repaired {
+                let t = Instant::now();
+                let rep = repaired(&c, a, &m.b, &probe)?;
+                repair_secs.set(t.elapsed().as_secs_f64());
+                let at = |l| {
+                    let t = Instant::now();
+                    let r = rep.at(l);
+                    repair_secs.set(repair_secs.get() + t.elapsed().as_secs_f64());
+                    r
+                };
+                curve_scored(args.grid, at, score)
+            } else {
+                curve_scored(
+                    args.grid,
+                    |l| Ok(permute::interp::lerp(a, &m.b, l as f32)?),
+                    score,
+                )
+            }
         })?;
+        let seconds = m.seconds + repair_secs.get();
         let l2 = permute::matching::l2_distance(a, &m.b);
         metrics.methods.insert(
             m.name.into(),
-            MethodRow::new(curve, l2, m.seconds, endpoints[1].0),
+            MethodRow::new(curve, l2, seconds, endpoints[1].0),
         );
         run.partial(&serde_json::to_value(&metrics)?)?;
     }
@@ -656,6 +742,15 @@ fn report(m: &Metrics, pair: &TrainedPair, args: &LmcArgs) -> String {
     md.push_str(
         "Published work finds that permutations shrink the barrier of text transformers without closing it, and that wider symmetry classes (orthogonal maps of the residual stream) go further.\n",
     );
+    if let Some(r) = m.methods.get("wm_repair") {
+        md.push_str(&format!(
+            "REPAIR on top of weight matching, by scale only (every RMSNorm output and FFN channel gets the endpoints' interpolated root mean square through the norm gains and up_proj's rows; a LLaMA has no biases to take REPAIR's shift), takes the WM barrier from {:.4} to {:.4} ({:.0} %): {}.\n",
+            wm.curve.loss_barrier,
+            r.curve.loss_barrier,
+            100.0 * r.curve.loss_barrier / wm.curve.loss_barrier,
+            verdict(wm.curve.loss_barrier, r.curve.loss_barrier)
+        ));
+    }
     if let Some(u) = m.methods.get("wm_units") {
         md.push_str(&format!(
             "The unit-wise spec moves units across heads and splits rotary pairs: it is not a symmetry, and the permutation alone changes B's held-out loss by {:+.3} nats/token (head-aware: {:+.1e}).\n",
@@ -736,6 +831,42 @@ mod tests {
             let back = apply(&spec, &p, &b).unwrap();
             let d = permute::matching::l2_distance(&a, &back);
             assert!(d < 1e-5, "heads {heads} / kv {kv}: ‖A − P·B‖ = {d}");
+        }
+    }
+
+    /// REPAIR of a LLaMA interpolation through the taps: after `at(λ)` every
+    /// repaired channel (both norms' outputs and the FFN channels of each
+    /// block, then the final norm) has the endpoints' interpolated root mean
+    /// square on the probe — which holds only if the taps come in the order
+    /// of the named layers — and no tensor is added (no biases).
+    #[test]
+    fn repair_gives_every_channel_the_interpolated_rms() {
+        let c = LlamaConfig::tiny(VOCAB, 32, 2, 2, 2, 48);
+        let a = s2ft_core::model::random_state_dict(&c, 1);
+        let mut b = s2ft_core::model::random_state_dict(&c, 2);
+        // Gains away from 1, so that the norms' outputs differ between models.
+        let g = weights::llama::names::weight(1, weights::llama::names::INPUT_NORM);
+        b.get_mut(&g).unwrap().data.mapv_inplace(|v| 1.7 * v);
+        let text: Vec<u8> = (0..4000u32).map(|i| b'a' + (i * 7 % 26) as u8).collect();
+        let probe = held_out(1, 5, |r| Sample::text(&text, 4, 32, r))
+            .pop()
+            .unwrap();
+        let rep = repaired(&c, &a, &b, &probe).unwrap();
+        let lambda = 0.4;
+        let m = rep.at(lambda).unwrap();
+        assert_eq!(m.len(), a.len(), "no tensor added");
+        let [sa, sb] = rep.endpoint_stats();
+        assert_eq!(sa.len(), 3 * 2 + 1);
+        let got = repaired(&c, &m, &m, &probe).unwrap();
+        for (l, now) in got.endpoint_stats()[0].iter().enumerate() {
+            for ch in 0..now.len() {
+                let want = (1.0 - lambda) * sa[l].std[ch] + lambda * sb[l].std[ch];
+                assert!(
+                    (now.std[ch] - want).abs() < 1e-3 * want.max(1.0),
+                    "layer {l} channel {ch}: rms {} vs {want}",
+                    now.std[ch]
+                );
+            }
         }
     }
 
