@@ -1839,3 +1839,37 @@ fn rws_study_patches_unpatches_and_stores_signatures_consistently() {
     assert!(e.contains("--ks") && e.contains("k = 6"), "{e}");
     assert!(!dir.path().join("bad").exists());
 }
+
+#[test]
+fn pleas_study_zips_two_vggs_between_their_average_and_their_ensemble() {
+    use experiments::studies::pleas::{PleasArch, PleasArgs, run};
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pleas-vgg");
+    run(&PleasArgs {
+        quick: true,
+        arch: PleasArch::Vgg,
+        ratios: vec![1.0, 0.5, 0.0],
+        run: RunArgs::quiet_to(&out),
+        ..Default::default()
+    })
+    .unwrap();
+    check_png(&out.join("joint_accuracy_vs_size.png"));
+    let m = metrics(&out);
+    assert_eq!(m["arch"], "vgg");
+    let rows = m["merges"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "none and wm × three ratios");
+    for r in rows {
+        let (ratio, width) = (r["ratio"].as_f64().unwrap(), r["width"].as_f64().unwrap());
+        assert!((width - (2.0 - ratio)).abs() < 0.05, "{r}");
+        // A VGG has no normalisation: every channel kept apart is its own
+        // model's, so ratio 0 scores exactly as the ensemble.
+        if ratio == 0.0 {
+            let (z, e) = (&r["scores"], &m["models"]["ensemble"]);
+            for k in ["joint_loss", "joint_acc", "task_a_acc", "task_b_acc"] {
+                let d = (z[k].as_f64().unwrap() - e[k].as_f64().unwrap()).abs();
+                assert!(d < 1e-4, "{k}: {z} vs {e}");
+            }
+        }
+    }
+    assert!(m["matching_l2"]["wm"].as_f64().unwrap() < m["matching_l2"]["none"].as_f64().unwrap());
+}

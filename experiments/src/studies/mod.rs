@@ -7,6 +7,7 @@ pub mod merge_llm;
 pub mod merging;
 pub mod moe;
 pub mod pleas;
+pub mod pleas_cnn;
 pub mod pleas_llama;
 pub mod rws;
 pub mod s2ft;

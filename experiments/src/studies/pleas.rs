@@ -79,6 +79,11 @@ pub enum PleasArch {
     /// Character-level LLaMA decoders on two texts (zip over the head-aware
     /// spec, [`crate::studies::pleas_llama`]).
     Llama,
+    /// Small ResNets with channel LayerNorm on MNIST digit subsets (zip over
+    /// the ResNet spec, [`crate::studies::pleas_cnn`]).
+    Resnet,
+    /// VGG-style CNNs on MNIST digit subsets (zip over the VGG spec).
+    Vgg,
 }
 
 /// Options.
@@ -87,7 +92,9 @@ pub struct PleasArgs {
     /// Tiny size for tests (width 64 × 2 layers, 2000 training samples, 3 epochs, 500 unlabelled samples).
     #[arg(long)]
     pub quick: bool,
-    /// The networks: MLPs on digit subsets, or LLaMA decoders on two texts
+    /// The networks: MLPs, ResNets or VGG-style CNNs on digit subsets (the
+    /// CNNs take --width, --epochs, --head, --ratios, --allocation,
+    /// --matchings none,wm, --split, --seed), or LLaMA decoders on two texts
     /// (which take --width, --depth, --steps, --ratios, --matchings, --seed
     /// and --data-dir as the text folder).
     #[arg(long, value_enum, default_value_t = PleasArch::Mlp)]
@@ -95,13 +102,14 @@ pub struct PleasArgs {
     /// Training steps of each LLaMA (--arch llama; default 1500, quick 150).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Hidden width (default 512; 64 with `--quick`).
+    /// Hidden width (default 512; 64 with `--quick`); the CNNs' stem width
+    /// (default 8; 4 with `--quick`).
     #[arg(long)]
     pub width: Option<usize>,
     /// Hidden layers (default 3; 2 with `--quick`).
     #[arg(long)]
     pub depth: Option<usize>,
-    /// Training epochs per model (default 5; 3 with `--quick`).
+    /// Training epochs per model (default 5, CNNs 3; quick 3, CNNs 2).
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Model A learns the labels below this one, model B the others.
@@ -118,8 +126,9 @@ pub struct PleasArgs {
     /// every layer, or the most correlated pairs of all layers.
     #[arg(long, value_enum, default_value_t = Allocation::Uniform)]
     pub allocation: Allocation,
-    /// How units are matched, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Matching::None, Matching::Wm, Matching::Am])]
+    /// How units are matched, comma-separated (default none,wm,am; none,wm
+    /// for the CNNs, which have no activation matching).
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub matchings: Vec<Matching>,
     /// Unlabelled training samples (both tasks) for activation matching, the
     /// partial-matching correlations and the least-squares solves (default
@@ -142,6 +151,17 @@ pub struct PleasArgs {
 }
 
 crate::studies::cli_defaults!(PleasArgs);
+
+impl PleasArgs {
+    /// The matchings asked for, or the architecture's default.
+    pub fn matchings(&self) -> Vec<Matching> {
+        match (self.matchings.is_empty(), self.arch) {
+            (false, _) => self.matchings.clone(),
+            (true, PleasArch::Resnet | PleasArch::Vgg) => vec![Matching::None, Matching::Wm],
+            (true, _) => vec![Matching::None, Matching::Wm, Matching::Am],
+        }
+    }
+}
 
 /// How one hidden layer of the merged model is made from A's and B's units
 /// (the library's plan of one permutation group: merged pairs, then A's
@@ -584,7 +604,7 @@ fn logits(sd: &StateDict, x: &Array2<f32>) -> Array2<f32> {
 }
 
 /// The samples of `data` whose label is in `range`.
-fn labels_in(data: &Split, range: std::ops::Range<usize>) -> Split {
+pub(crate) fn labels_in(data: &Split, range: std::ops::Range<usize>) -> Split {
     let idx: Vec<usize> = (0..data.y.len())
         .filter(|&i| range.contains(&data.y[i]))
         .collect();
@@ -694,7 +714,6 @@ fn sizes_of(args: &PleasArgs) -> anyhow::Result<Sizes> {
             "--ratios: {r} is not a fraction in [0, 1]"
         );
     }
-    ensure!(!args.matchings.is_empty(), "--matchings: give at least one");
     ensure!(
         args.ridge.is_finite() && args.ridge >= 0.0,
         "--ridge: {} (must be finite and ≥ 0)",
@@ -709,7 +728,8 @@ fn sizes_of(args: &PleasArgs) -> anyhow::Result<Sizes> {
     Ok(z)
 }
 
-const CLASSES: usize = 10;
+/// Digit classes.
+pub(crate) const CLASSES: usize = 10;
 
 /// The data: the two tasks' training sets, the probe and the test set.
 struct Data {
@@ -877,8 +897,10 @@ impl MergeInputs<'_> {
 
 /// Runs the study; returns the report folder.
 pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
-    if args.arch == PleasArch::Llama {
-        return crate::studies::pleas_llama::run(args);
+    match args.arch {
+        PleasArch::Llama => return crate::studies::pleas_llama::run(args),
+        PleasArch::Resnet | PleasArch::Vgg => return crate::studies::pleas_cnn::run(args),
+        PleasArch::Mlp => {}
     }
     ensure!(
         args.steps.is_none(),
@@ -920,11 +942,11 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         test: &d.test,
         depth: z.depth,
     };
-    let bar = run.progress((args.matchings.len() * args.ratios.len()) as u64);
+    let bar = run.progress((args.matchings().len() * args.ratios.len()) as u64);
     let mut csv = String::from(
         "matching,ratio,width,params_ratio,method,joint_loss,joint_acc,task_a_acc,task_b_acc,task_mean_acc\n",
     );
-    for &matching in &args.matchings {
+    for matching in args.matchings() {
         inputs.matching(matching, &mut run, &mut m, &mut csv, &bar)?;
         run.write("merges.csv", csv.as_bytes())?;
         run.partial(&serde_json::to_value(&m)?)?;
@@ -953,7 +975,7 @@ fn plot_merges(m: &PleasMetrics, args: &PleasArgs, run: &Run) -> anyhow::Result<
         ),
     ] {
         let mut series = Vec::new();
-        for &matching in &args.matchings {
+        for matching in args.matchings() {
             for (label, method) in [
                 ("avg", (|r: &MergeRow| r.average) as fn(&MergeRow) -> Scores),
                 ("LS", |r: &MergeRow| r.least_squares),

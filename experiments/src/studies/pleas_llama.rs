@@ -114,7 +114,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     };
     let spec = permute::builders::llama(c, &pair.a)?;
     let probe = probe(&texts, &pair.shape, args.seed);
-    for &matching in &args.matchings {
+    for matching in args.matchings() {
         let perm = run.phase(&format!("match {}", matching.name()), || {
             align(matching, &spec, &pair, &probe, args.seed)
         })?;
@@ -251,7 +251,7 @@ fn merge(
 
 fn plot(run: &Run, m: &Metrics, args: &PleasArgs) -> anyhow::Result<()> {
     let mut series: Vec<Series> = args
-        .matchings
+        .matchings()
         .iter()
         .map(|mt| {
             let pts = m
