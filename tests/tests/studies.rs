@@ -167,6 +167,19 @@ fn svd_align_study_weight_matching_aligns_top_singular_vectors() {
         );
     }
     let r = |method: &str| layer(method)["r_gamma_0_3"].as_f64().unwrap();
+    // `lmc`'s --repair has no curve to act on here: a named error, nothing written.
+    let bad = dir.path().join("svd-repair");
+    let e = experiments::studies::svd_align::run(&experiments::studies::svd_align::SvdAlignArgs {
+        lmc: experiments::studies::lmc::LmcArgs {
+            repair: true,
+            run: RunArgs::quiet_to(&bad),
+            ..Default::default()
+        },
+        top: 32,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("--repair"), "{e}");
+    assert!(!bad.exists());
     // WM aligns the large-σ vectors; random and no permutation do not.
     assert!(
         r("wm") > 5.0 * r("random") && r("wm") > 5.0 * r("naive"),
@@ -212,6 +225,18 @@ fn many_study_aligned_merges_beat_plain_averaging() {
         bar("naive")
     );
     assert_eq!(m["individual"].as_array().unwrap().len(), 3);
+    let bad = dir.path().join("many-repair");
+    let e = experiments::studies::many::run(&experiments::studies::many::ManyArgs {
+        lmc: experiments::studies::lmc::LmcArgs {
+            repair: true,
+            run: RunArgs::quiet_to(&bad),
+            ..Default::default()
+        },
+        models: 3,
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("--repair"), "{e}");
+    assert!(!bad.exists());
 }
 
 #[test]
