@@ -164,6 +164,14 @@ fn logits(arch: Arch, sd: &StateDict, x: &Array2<f32>) -> anyhow::Result<Array2<
     Ok(Array2::from_shape_vec((x.nrows(), classes), rows)?)
 }
 
+/// The `--head` option as a merge of the logits.
+fn head_of(args: &PleasArgs) -> Head {
+    match args.head {
+        HeadArg::Task => Head::Split(args.split),
+        HeadArg::Average => Head::Average,
+    }
+}
+
 /// The output layer's tensors, mixed per class by the head in a zip.
 fn head_mix(arch: Arch, a: &StateDict, head: Head) -> anyhow::Result<ZipOptions> {
     let prefix = match arch {
@@ -239,17 +247,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         dir.display()
     );
     let [a, b] = train(arch, args, &z, [&tasks[0], &tasks[1]], &mut run)?;
-    let head = match args.head {
-        HeadArg::Task => Head::Split(args.split),
-        HeadArg::Average => Head::Average,
-    };
-    let score = |sd: &StateDict| -> anyhow::Result<Scores> {
-        Ok(score_logits(
-            &logits(arch, sd, &test.x)?,
-            &test.y,
-            args.split,
-        ))
-    };
+    let head = head_of(args);
     let (la, lb) = (logits(arch, &a, &test.x)?, logits(arch, &b, &test.x)?);
     let mut m = Metrics {
         arch: arch.name(),
@@ -266,44 +264,74 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         merges: Vec::new(),
     };
     let spec = arch.spec(&a)?;
-    let opts = head_mix(arch, &a, head)?;
     for matching in args.matchings() {
-        let t = Instant::now();
-        let perm = run.phase(&format!("match {}", matching.name()), || {
-            anyhow::Ok(match matching {
-                Matching::Wm => {
-                    let o = MatchOptions {
-                        seed: args.seed,
-                        ..Default::default()
-                    };
-                    weight_matching(&spec, &a, &b, &o)?.perm
-                }
-                _ => spec.identity(),
-            })
-        })?;
-        m.matching_seconds
-            .insert(matching.name(), t.elapsed().as_secs_f64());
-        let bp = apply(&spec, &perm, &b)?;
-        m.matching_l2
-            .insert(matching.name(), permute::matching::l2_distance(&a, &bp));
-        for &ratio in &args.ratios {
-            let merged = run.phase(&format!("zip {} {ratio}", matching.name()), || {
-                merge(&spec, (&a, &bp), ratio, args, &opts)
-            })?;
-            m.merges.push(Row {
-                matching: matching.name(),
-                ratio,
-                width: merged.1,
-                params_ratio: merged.0.numel() as f64 / a.numel() as f64,
-                scores: score(&merged.0)?,
-            });
-            run.partial(&serde_json::to_value(&m)?)?;
-        }
+        merges(
+            (arch, matching),
+            &spec,
+            (&a, &b),
+            args,
+            &test,
+            &mut m,
+            &mut run,
+        )?;
     }
     plot(&run, &m, args)?;
     let md = report(&m, args, [&tasks[0], &tasks[1]]);
     run.finish(serde_json::to_value(&m)?, &md)?;
     Ok(run.dir.clone())
+}
+
+/// One matching: B aligned, then A and the aligned B zipped at every ratio
+/// and scored on the test images (rows appended to `m`, partial metrics written).
+fn merges(
+    (arch, matching): (Arch, Matching),
+    spec: &PermutationSpec,
+    (a, b): (&StateDict, &StateDict),
+    args: &PleasArgs,
+    test: &Split,
+    m: &mut Metrics,
+    run: &mut Run,
+) -> anyhow::Result<()> {
+    let opts = head_mix(arch, a, head_of(args))?;
+    let score = |sd: &StateDict| -> anyhow::Result<Scores> {
+        Ok(score_logits(
+            &logits(arch, sd, &test.x)?,
+            &test.y,
+            args.split,
+        ))
+    };
+    let t = Instant::now();
+    let perm = run.phase(&format!("match {}", matching.name()), || {
+        anyhow::Ok(match matching {
+            Matching::Wm => {
+                let o = MatchOptions {
+                    seed: args.seed,
+                    ..Default::default()
+                };
+                weight_matching(spec, a, b, &o)?.perm
+            }
+            _ => spec.identity(),
+        })
+    })?;
+    m.matching_seconds
+        .insert(matching.name(), t.elapsed().as_secs_f64());
+    let bp = apply(spec, &perm, b)?;
+    m.matching_l2
+        .insert(matching.name(), permute::matching::l2_distance(a, &bp));
+    for &ratio in &args.ratios {
+        let merged = run.phase(&format!("zip {} {ratio}", matching.name()), || {
+            merge(spec, (a, &bp), ratio, args, &opts)
+        })?;
+        m.merges.push(Row {
+            matching: matching.name(),
+            ratio,
+            width: merged.1,
+            params_ratio: merged.0.numel() as f64 / a.numel() as f64,
+            scores: score(&merged.0)?,
+        });
+        run.partial(&serde_json::to_value(&*m)?)?;
+    }
+    Ok(())
 }
 
 /// A and the aligned B zipped at `ratio` (the most alike channel pairs of
