@@ -768,23 +768,25 @@ fn report(m: &Metrics, pair: &TrainedPair, args: &LmcArgs) -> String {
 fn findings(m: &Metrics) -> String {
     let mut md = String::new();
     let (naive, wm) = (&m.methods["naive"], &m.methods["wm"]);
+    // "x to y, z % of it: verdict" for a barrier before and after a method.
+    let from_to = |before: f64, after: f64| {
+        format!(
+            "{before:.4} to {after:.4} nats/token, {:.0} % of it: {}",
+            100.0 * after / before,
+            verdict(before, after)
+        )
+    };
     md.push_str(&format!(
-        "\nWeight matching over the head-aware spec takes the barrier from {:.4} to {:.4} nats/token ({:.0} % of naive): {}.\n",
-        naive.curve.loss_barrier,
-        wm.curve.loss_barrier,
-        100.0 * wm.curve.loss_barrier / naive.curve.loss_barrier,
-        verdict(naive.curve.loss_barrier, wm.curve.loss_barrier)
+        "\nWeight matching over the head-aware spec takes the barrier from {}.\n",
+        from_to(naive.curve.loss_barrier, wm.curve.loss_barrier)
     ));
     md.push_str(
         "Published work finds that permutations shrink the barrier of text transformers without closing it, and that wider symmetry classes (orthogonal maps of the residual stream) go further.\n",
     );
     if let Some(r) = m.methods.get("wm_repair") {
         md.push_str(&format!(
-            "REPAIR on top of weight matching, by scale only (every RMSNorm output and FFN channel gets the endpoints' interpolated root mean square through the norm gains and up_proj's rows; a LLaMA has no biases to take REPAIR's shift), takes the WM barrier from {:.4} to {:.4} ({:.0} %): {}.\n",
-            wm.curve.loss_barrier,
-            r.curve.loss_barrier,
-            100.0 * r.curve.loss_barrier / wm.curve.loss_barrier,
-            verdict(wm.curve.loss_barrier, r.curve.loss_barrier)
+            "REPAIR on top of weight matching, by scale only (every RMSNorm output and FFN channel gets the endpoints' interpolated root mean square through the norm gains and up_proj's rows; a LLaMA has no biases to take REPAIR's shift), takes the WM barrier from {}.\n",
+            from_to(wm.curve.loss_barrier, r.curve.loss_barrier)
         ));
     }
     if let Some(u) = m.methods.get("wm_units") {
