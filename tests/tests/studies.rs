@@ -470,6 +470,7 @@ fn lmc_study_runs_on_the_vgg_and_weight_matching_brings_it_closer() {
     let out = dir.path().join("lmc-vgg");
     let args = experiments::studies::lmc::LmcArgs {
         quick: true,
+        repair: true,
         arch: experiments::studies::lmc::Arch::Vgg,
         grid: 5,
         run: RunArgs::quiet_to(&out),
@@ -485,6 +486,9 @@ fn lmc_study_runs_on_the_vgg_and_weight_matching_brings_it_closer() {
     let l2 = |k: &str| m[k]["l2"].as_f64().unwrap();
     assert!(l2("wm") < l2("naive"), "{} vs {}", l2("wm"), l2("naive"));
     assert!(m["am"].is_null() && m["ste"].is_null());
+    // REPAIR through the convolution and classifier biases, over the same aligned B.
+    assert_eq!(m["wm_repair"]["l2"], m["wm"]["l2"]);
+    assert!(m["wm_repair"]["loss_barrier"].is_number());
     // Options of the MLP are refused by name.
     let e = experiments::studies::lmc::run(&experiments::studies::lmc::LmcArgs {
         depth: Some(2),
