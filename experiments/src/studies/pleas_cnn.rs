@@ -100,6 +100,10 @@ fn check(args: &PleasArgs) -> anyhow::Result<(Arch, Sizes)> {
         "--depth applies to the MLP; --arch {name} has a fixed depth"
     );
     ensure!(
+        args.samples.is_none(),
+        "--samples sizes the MLP's activation matching and least squares; --arch {name} has neither"
+    );
+    ensure!(
         !args.matchings.contains(&Matching::Am),
         "--matchings am: activation matching is implemented for --arch mlp and llama; use none,wm with --arch {name}"
     );
@@ -548,6 +552,13 @@ mod tests {
                     ..base.clone()
                 },
                 "--depth",
+            ),
+            (
+                PleasArgs {
+                    samples: Some(100),
+                    ..base.clone()
+                },
+                "--samples",
             ),
             (
                 PleasArgs {
