@@ -30,12 +30,12 @@ pub struct ManyArgs {
 /// Runs the study; returns the report folder.
 pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(
-        !args.lmc.repair,
-        "--repair applies to `lmc` (REPAIR of the interpolation curves); `many` has no such curve"
-    );
-    anyhow::ensure!(
         args.lmc.arch != Arch::Llama,
         "--arch llama: this study merges image networks (mlp, resnet, vgg); `lmc --arch llama` aligns the text model"
+    );
+    anyhow::ensure!(
+        !args.lmc.repair,
+        "--repair applies to `lmc` (REPAIR of the interpolation curves); `many` has no such curve"
     );
     anyhow::ensure!(
         args.models >= 3,

@@ -25,13 +25,13 @@ pub struct SvdAlignArgs {
 /// Runs the study; returns the report folder.
 pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(
-        !args.lmc.repair,
-        "--repair applies to `lmc` (REPAIR of the interpolation curves); `svd-align` has no such curve"
-    );
-    anyhow::ensure!(
         args.lmc.arch == crate::studies::lmc::Arch::Mlp,
         "--arch {}: svd-align analyses the MLP's hidden-to-hidden matrices; use --arch mlp",
         args.lmc.arch.name()
+    );
+    anyhow::ensure!(
+        !args.lmc.repair,
+        "--repair applies to `lmc` (REPAIR of the interpolation curves); `svd-align` has no such curve"
     );
     let mut run = args.lmc.run.open("svd-align")?;
     let pair = train_pair(&args.lmc, &mut run)?;
