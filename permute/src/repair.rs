@@ -259,15 +259,17 @@ pub fn correct(
 /// output channels (the caller's forward pass on a few hundred inputs), and
 /// the layer is corrected to `targets[i]`
 /// ([`ChannelStats::interpolate`] of the endpoints' statistics). The input is
-/// not modified.
-pub fn repair<F>(
+/// not modified. `measure`'s own error type passes through (it only needs to
+/// hold this crate's errors too).
+pub fn repair<F, E>(
     model: &StateDict,
     layers: &[RepairLayer],
     targets: &[ChannelStats],
     mut measure: F,
-) -> Result<StateDict>
+) -> std::result::Result<StateDict, E>
 where
-    F: FnMut(&StateDict, usize) -> Result<ChannelStats>,
+    F: FnMut(&StateDict, usize) -> std::result::Result<ChannelStats, E>,
+    E: From<PermuteError>,
 {
     if layers.len() != targets.len() {
         return Err(PermuteError::Shape {
@@ -277,7 +279,8 @@ where
                 layers.len(),
                 targets.len()
             ),
-        });
+        }
+        .into());
     }
     let mut sd = model.clone();
     for (i, (layer, target)) in layers.iter().zip(targets).enumerate() {
@@ -368,25 +371,16 @@ where
             .map(|(x, y)| ChannelStats::interpolate(x, y, lambda))
             .collect::<Result<Vec<_>>>()?;
         let m = crate::interp::lerp(self.a, self.b, lambda as f32)?;
-        // `repair` reports PermuteError; the caller's error is carried out beside it.
-        let mut caller: Option<E> = None;
-        let out = repair(&m, &self.layers, &targets, |sd, i| match (self.taps)(sd) {
-            Ok(acts) if i < acts.len() => Ok(stats_of(&self.layers[i], &acts[i])),
-            Ok(acts) => Err(PermuteError::Shape {
-                what: "REPAIR taps".into(),
-                msg: format!("{} activation matrices, layer {i} asked for", acts.len()),
-            }),
-            Err(e) => {
-                caller = Some(e);
-                Err(PermuteError::Shape {
+        repair(&m, &self.layers, &targets, |sd, i| {
+            let acts = (self.taps)(sd)?;
+            match acts.get(i) {
+                Some(x) => Ok(stats_of(&self.layers[i], x)),
+                None => Err(PermuteError::Shape {
                     what: "REPAIR taps".into(),
-                    msg: "the forward pass failed".into(),
-                })
+                    msg: format!("{} activation matrices, layer {i} asked for", acts.len()),
+                }
+                .into()),
             }
-        });
-        match (out, caller) {
-            (_, Some(e)) => Err(e),
-            (r, None) => Ok(r?),
-        }
+        })
     }
 }

@@ -107,7 +107,7 @@ fn repaired_linear_network_has_the_interpolated_statistics_in_closed_form() {
             shrunk > sizes[1] / 2,
             "λ={lambda}: {shrunk} channels shrank"
         );
-        let fixed = repair(&m, &layers, &targets, |sd, i| {
+        let fixed = repair::<_, permute::PermuteError>(&m, &layers, &targets, |sd, i| {
             Ok(linear_stats(sd, i + 1, &mu, &var).pop().unwrap())
         })
         .unwrap();
@@ -130,7 +130,7 @@ fn repaired_linear_network_has_the_interpolated_statistics_in_closed_form() {
         assert_eq!(m, lerp(&a, &b, lambda as f32).unwrap());
     }
     // At the endpoints the interpolated statistics are the model's own: REPAIR changes nothing.
-    let fixed = repair(&a, &layers, &sa, |sd, i| {
+    let fixed = repair::<_, permute::PermuteError>(&a, &layers, &sa, |sd, i| {
         Ok(linear_stats(sd, i + 1, &mu, &var).pop().unwrap())
     })
     .unwrap();
@@ -166,7 +166,8 @@ fn repaired_relu_mlp_has_the_target_statistics_on_its_samples() {
     let targets: Vec<ChannelStats> = (0..2)
         .map(|l| ChannelStats::interpolate(&stats(&a, l), &stats(&b, l), 0.5).unwrap())
         .collect();
-    let fixed = repair(&m, &layers, &targets, |sd, i| Ok(stats(sd, i))).unwrap();
+    let fixed = repair::<_, permute::PermuteError>(&m, &layers, &targets, |sd, i| Ok(stats(sd, i)))
+        .unwrap();
     for (l, target) in targets.iter().enumerate() {
         let got = stats(&fixed, l);
         close(&got.mean, &target.mean, 1e-4, &format!("layer {l} mean"));
@@ -242,12 +243,9 @@ fn bad_statistics_are_named_errors() {
             .to_string()
             .contains("layers.7.weight")
     );
-    let e = repair(
-        &sd,
-        std::slice::from_ref(&layer),
-        &[],
-        |_, _| Ok(ok.clone()),
-    )
+    let e = repair::<_, permute::PermuteError>(&sd, std::slice::from_ref(&layer), &[], |_, _| {
+        Ok(ok.clone())
+    })
     .unwrap_err()
     .to_string();
     assert!(e.contains("1 layers but 0 target"), "{e}");
@@ -319,7 +317,7 @@ fn scale_only_repair_sets_the_standard_deviation_and_scales_the_mean() {
         .map(|l| ChannelStats::interpolate(&stats(&a, l), &stats(&b, l), lambda).unwrap())
         .collect();
     let mut before = Vec::new();
-    let fixed = repair(&m, &layers, &targets, |sd, i| {
+    let fixed = repair::<_, permute::PermuteError>(&m, &layers, &targets, |sd, i| {
         let s = stats(sd, i);
         before.push(s.clone());
         Ok(s)

@@ -430,6 +430,22 @@ pub(crate) fn train_batched_on(
     crate::device::on_device!(dev, train_one(arch, init, train, epochs_batch, seed, bar))
 }
 
+/// A seeded initial image CNN for 10 classes of square single-channel
+/// images of side `side`: the ResNet of stem width `width`, or the VGG of
+/// convolution widths `width, 2·width, 2·width` and a 64-unit classifier.
+pub(crate) fn init_cnn(
+    arch: Arch,
+    width: usize,
+    side: usize,
+    seed: u64,
+) -> anyhow::Result<StateDict> {
+    match arch {
+        Arch::Resnet => Ok(crate::cnn::init_state_dict(1, width, 10, seed)),
+        Arch::Vgg => crate::cnn::init_vgg(&vgg_shape(width, side, 64), seed),
+        _ => anyhow::bail!("--arch {} is not an image CNN", arch.name()),
+    }
+}
+
 /// The VGG of stem width `w` for grey `side × side` images: convolutions
 /// w, 2w, 2w, a classifier with one hidden layer of `hidden` units, 10 classes.
 pub fn vgg_shape(w: usize, side: usize, hidden: usize) -> crate::cnn::VggShape {
@@ -503,9 +519,7 @@ pub fn train_models(args: &LmcArgs, n: usize, run: &mut Run) -> anyhow::Result<T
                 let seed = args.seed * n as u64 + k;
                 let init = match arch {
                     Arch::Mlp => mlp::init_state_dict(&sizes, seed),
-                    Arch::Resnet => crate::cnn::init_state_dict(1, width, 10, seed),
-                    Arch::Vgg => crate::cnn::init_vgg(&vgg_shape(width, side, 64), seed)?,
-                    Arch::Llama => unreachable!("refused above"),
+                    _ => init_cnn(arch, width, side, seed)?,
                 };
                 train_on(dev, arch, &init, &train, epochs, seed, &bar)
             })
@@ -813,13 +827,29 @@ fn method_curve(
     };
     let t = Instant::now();
     let rep = repaired(arch, a, bp, probe)?;
-    let secs = std::cell::Cell::new(t.elapsed().as_secs_f64());
-    let c = curve_of(arch, grid, eval_train, eval_test, |l| {
+    let build = t.elapsed().as_secs_f64();
+    let (c, secs) = repaired_curve(grid, &rep, |m| {
+        Ok([arch.evaluate(m, eval_train)?, arch.evaluate(m, eval_test)?])
+    })?;
+    Ok((c, build + secs))
+}
+
+/// The curve of `rep`'s repaired interpolations scored by `score` (as
+/// [`curve_scored`]), and the seconds the corrections took apart from the
+/// scoring.
+pub(crate) fn repaired_curve(
+    grid: usize,
+    rep: &permute::repair::RepairedInterpolation<'_, Taps<'_>>,
+    score: impl Fn(&StateDict) -> anyhow::Result<[(f64, f64); 2]>,
+) -> anyhow::Result<(Curve, f64)> {
+    let secs = std::cell::Cell::new(0.0);
+    let at = |l| {
         let t = Instant::now();
         let m = rep.at(l);
         secs.set(secs.get() + t.elapsed().as_secs_f64());
         m
-    })?;
+    };
+    let c = curve_scored(grid, at, score)?;
     Ok((c, secs.get()))
 }
 

@@ -37,7 +37,7 @@ use weights::{StateDict, Tensor as WTensor};
 use crate::lm::{Corpus, Sample, VOCAB, default_text_dir, evaluate, held_out, moby_dick};
 use crate::plot::{Series, line_chart};
 use crate::report::Run;
-use crate::studies::lmc::{Curve, LmcArgs, curve_scored};
+use crate::studies::lmc::{Curve, LmcArgs, curve_scored, repaired_curve};
 use crate::studies::s2ft::{Sizes, pretrain};
 
 /// Every head of the study's models is this wide (heads = hidden / 16).
@@ -429,11 +429,10 @@ pub struct Metrics {
 }
 
 /// A method's aligned B, whether its endpoints are the norm-folded models,
-/// whether its interpolations are repaired, and the seconds it took.
+/// and the seconds it took.
 struct Aligned {
     name: &'static str,
     folded: bool,
-    repaired: bool,
     b: StateDict,
     seconds: f64,
 }
@@ -461,7 +460,6 @@ fn align(
     let mut out = vec![Aligned {
         name: "naive",
         folded: false,
-        repaired: false,
         b: b.clone(),
         seconds: 0.0,
     }];
@@ -476,7 +474,6 @@ fn align(
         out.push(Aligned {
             name,
             folded,
-            repaired: false,
             b: bp,
             seconds: t.elapsed().as_secs_f64(),
         });
@@ -560,22 +557,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     })
     .pop()
     .expect("one batch");
-    let (mut aligned, wm_passes) = align(&pair, &folded_a, &probe, args.seed, &mut run)?;
-    if args.repair {
-        let at = aligned
-            .iter()
-            .position(|m| m.name == "wm")
-            .expect("a wm row");
-        let wm = &aligned[at];
-        let row = Aligned {
-            name: "wm_repair",
-            folded: false,
-            repaired: true,
-            b: wm.b.clone(),
-            seconds: wm.seconds,
-        };
-        aligned.insert(at + 1, row);
-    }
+    let (aligned, wm_passes) = align(&pair, &folded_a, &probe, args.seed, &mut run)?;
     let mut metrics = Metrics {
         arch: "llama",
         shape: pair.shape.clone(),
@@ -586,15 +568,23 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     };
     for m in &aligned {
         let a = if m.folded { &folded_a } else { &pair.a };
-        let row = method_row(
-            m,
-            (a, endpoints[1].0),
-            (&c, &sets, &probe),
-            args.grid,
-            &mut run,
-        )?;
-        metrics.methods.insert(m.name.into(), row);
-        run.partial(&serde_json::to_value(&metrics)?)?;
+        // With --repair, weight matching's row is followed by its repaired twin.
+        let repairs: &[bool] = match (m.name, args.repair) {
+            ("wm", true) => &[false, true],
+            _ => &[false],
+        };
+        for &repair in repairs {
+            let row = method_row(
+                (m, repair),
+                (a, endpoints[1].0),
+                (&c, &sets, &probe),
+                args.grid,
+                &mut run,
+            )?;
+            let name = if repair { "wm_repair" } else { m.name };
+            metrics.methods.insert(name.into(), row);
+            run.partial(&serde_json::to_value(&metrics)?)?;
+        }
     }
     plots(&run, &metrics)?;
     if !args.widths.is_empty() {
@@ -605,42 +595,33 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     Ok(run.dir.clone())
 }
 
-/// One method's curve from `a` to its aligned B (repaired at every λ for
-/// `wm_repair`, whose statistics and corrections add to WM's seconds), scored
+/// One method's curve from `a` to its aligned B (repaired at every λ when
+/// `repair`: the `wm_repair` row, whose statistics and corrections add to
+/// WM's seconds), scored
 /// on the training and test windows, with the change of B's held-out loss
 /// (`b_test_loss`, unaligned) that the alignment alone makes.
 fn method_row(
-    m: &Aligned,
+    (m, repair): (&Aligned, bool),
     (a, b_test_loss): (&StateDict, f64),
     (c, sets, probe): (&LlamaConfig, &EvalSets, &Sample),
     grid: usize,
     run: &mut Run,
 ) -> anyhow::Result<MethodRow> {
-    let repair_secs = std::cell::Cell::new(0.0);
-    let curve = run.phase(&format!("curve {}", m.name), || {
+    let name = if repair { "wm_repair" } else { m.name };
+    let (curve, secs) = run.phase(&format!("curve {name}"), || {
         let score = |sd: &StateDict| sets.score(c, sd);
-        if !m.repaired {
+        if !repair {
             let lerp = |l: f64| Ok(permute::interp::lerp(a, &m.b, l as f32)?);
-            return curve_scored(grid, lerp, score);
+            return Ok((curve_scored(grid, lerp, score)?, 0.0));
         }
         let t = Instant::now();
         let rep = repaired(c, a, &m.b, probe)?;
-        repair_secs.set(t.elapsed().as_secs_f64());
-        let at = |l| {
-            let t = Instant::now();
-            let r = rep.at(l);
-            repair_secs.set(repair_secs.get() + t.elapsed().as_secs_f64());
-            r
-        };
-        curve_scored(grid, at, score)
+        let build = t.elapsed().as_secs_f64();
+        let (curve, secs) = repaired_curve(grid, &rep, score)?;
+        anyhow::Ok((curve, build + secs))
     })?;
     let l2 = permute::matching::l2_distance(a, &m.b);
-    Ok(MethodRow::new(
-        curve,
-        l2,
-        m.seconds + repair_secs.get(),
-        b_test_loss,
-    ))
+    Ok(MethodRow::new(curve, l2, m.seconds + secs, b_test_loss))
 }
 
 /// `--widths`: a pair trained at each residual width, naive and head-aware

@@ -29,7 +29,7 @@ use weights::StateDict;
 use crate::data::{Split, default_mnist_dir, mnist};
 use crate::plot::{Series, line_chart};
 use crate::report::Run;
-use crate::studies::lmc::{Arch, train_on, vgg_shape};
+use crate::studies::lmc::{Arch, init_cnn, train_on};
 use crate::studies::pleas::{
     CLASSES, Head, HeadArg, Matching, PleasArch, PleasArgs, Scores, labels_in, score_logits,
 };
@@ -41,9 +41,9 @@ pub struct Sizes {
     pub width: usize,
     /// Epochs per model.
     pub epochs: usize,
-    /// Training images of both tasks together.
+    /// Training images of both tasks together (at most; the data's count once loaded).
     pub train_images: usize,
-    /// Test images scored.
+    /// Test images scored (likewise).
     pub test_images: usize,
 }
 
@@ -221,10 +221,7 @@ fn train(
     let out = run.phase("train", || -> anyhow::Result<[StateDict; 2]> {
         let one = |k: usize| -> anyhow::Result<StateDict> {
             let seed = 2 * args.seed + k as u64;
-            let init = match arch {
-                Arch::Resnet => crate::cnn::init_state_dict(1, z.width, CLASSES, seed),
-                _ => crate::cnn::init_vgg(&vgg_shape(z.width, side, 64), seed)?,
-            };
+            let init = init_cnn(arch, z.width, side, seed)?;
             train_on(dev, arch, &init, tasks[k], z.epochs, seed, &bar)
         };
         Ok([one(0)?, one(1)?])
@@ -235,12 +232,13 @@ fn train(
 
 /// Runs `pleas --arch resnet|vgg`; returns the report folder.
 pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
-    let (arch, z) = check(args)?;
+    let (arch, mut z) = check(args)?;
     let mut run = args.run.open("pleas")?;
     let dir = args.data_dir.clone().unwrap_or_else(default_mnist_dir);
     let (train_set, test) = run.phase("load data", || mnist(&dir))?;
     let train_set = train_set.take(z.train_images);
     let test = test.take(z.test_images);
+    (z.train_images, z.test_images) = (train_set.y.len(), test.y.len());
     let tasks = [
         labels_in(&train_set, 0..args.split),
         labels_in(&train_set, args.split..CLASSES),
@@ -417,7 +415,7 @@ fn report(m: &Metrics, args: &PleasArgs, tasks: [&Split; 2]) -> String {
         args.split,
         tasks[1].y.len(),
         z.epochs,
-        z.test_images.min(10_000),
+        z.test_images,
         m.allocation
     );
     for (name, s) in [
@@ -480,7 +478,7 @@ mod tests {
         for arch in [Arch::Vgg, Arch::Resnet] {
             let (a, b) = match arch {
                 Arch::Vgg => {
-                    let s = vgg_shape(4, 28, 16);
+                    let s = crate::studies::lmc::vgg_shape(4, 28, 16);
                     (
                         crate::cnn::init_vgg(&s, 1).unwrap(),
                         crate::cnn::init_vgg(&s, 2).unwrap(),
