@@ -6,6 +6,8 @@ github.com/samuela/git-re-basin, src/weight_matching.py), medians.
 
     pip install numpy scipy
     python3 permute/benches/reference.py [max_n]   # after cargo bench -p permute
+    python3 permute/benches/reference.py 0         # weight matching only (after
+                                                   # the wm_speed example has run)
 """
 
 import statistics
@@ -41,9 +43,9 @@ for n in [512, 1024, 2048, 4096]:
         print(f"scipy lap {label}/{n}: {t * 1e3:.1f} ms")
 
 
-def mlp(seed):
+def mlp(seed, width=512):
     r = np.random.default_rng(seed)
-    sizes = [784, 512, 512, 512, 10]
+    sizes = [784, width, width, width, 10]
     p = {}
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         p[f"layers.{i}.weight"] = (r.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
@@ -61,7 +63,7 @@ def make_spec(axes_to_perm):
     return axes_to_perm, perm_to_axes
 
 
-# Git Re-Basin's permutation spec for an MLP.
+# Git Re-Basin's permutation spec for an MLP (any width).
 mlp_spec = make_spec(
     {
         **{f"layers.{i}.weight": (f"P_{i}" if i < 3 else None, f"P_{i - 1}" if i > 0 else None) for i in range(4)},
@@ -142,10 +144,14 @@ def bench_models(stem):
     return load_file(a), load_file(os.path.join(bench_dir, f"{stem}_b.safetensors"))
 
 
-pa, pb = bench_models("mlp") or (mlp(3), mlp(4))
-_, passes = weight_matching(mlp_spec, pa, pb)
-t = median_time(lambda: weight_matching(mlp_spec, pa, pb), 5)
-print(f"git-re-basin weight_matching mlp 784-512x3-10: {t * 1e3:.1f} ms ({passes} passes)")
+for width, stem in [(512, "mlp"), (1024, "mlp1024")]:
+    models = bench_models(stem)
+    if models is None and width != 512:
+        continue  # written by `cargo run -p permute --release --example wm_speed -- mlp 1024`
+    pa, pb = models or (mlp(3, width), mlp(4, width))
+    _, passes = weight_matching(mlp_spec, pa, pb)
+    t = median_time(lambda: weight_matching(mlp_spec, pa, pb), 5)
+    print(f"git-re-basin weight_matching mlp 784-{width}x3-10: {t * 1e3:.1f} ms ({passes} passes)")
 
 models = bench_models("transformer")
 if models is not None:

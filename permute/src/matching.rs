@@ -14,14 +14,14 @@
 //! block assignment is solved on those scores. Passes stop when none of the groups improves the objective
 //! by more than `tol`, or after `max_iter`.
 
-use ndarray::{Array2, ArrayD, ArrayViewMut2, Ix2};
+use ndarray::{ArrayD, ArrayView2, CowArray, Ix2};
 use rayon::prelude::*;
 use serde::Serialize;
 use weights::StateDict;
 
 use crate::error::{PermuteError, Result};
 use crate::lap::{Duals, Objective, solve, solve_warm};
-use crate::spec::{Group, GroupPerm, Inner, Permutation, PermutationSpec, apply, permute_tensor};
+use crate::spec::{Group, GroupPerm, Inner, Permutation, PermutationSpec, permute_tensor};
 
 /// Options of [`weight_matching`].
 #[derive(Debug, Clone)]
@@ -64,18 +64,31 @@ pub struct MatchResult {
 
 /// `‖A − B‖₂` over the tensors with equal names and shapes.
 pub fn l2_distance(a: &StateDict, b: &StateDict) -> f64 {
-    let mut s = 0f64;
-    for (name, ta) in a.iter() {
-        if let Some(tb) = b.get(name).filter(|tb| tb.shape() == ta.shape()) {
-            s += ta
-                .data
-                .iter()
-                .zip(tb.data.iter())
-                .map(|(x, y)| ((x - y) as f64).powi(2))
-                .sum::<f64>();
-        }
-    }
-    s.sqrt()
+    squared_distance(a, b, |_| true).sqrt()
+}
+
+/// `Σ ‖A − B‖²` over the tensors with equal names and shapes that `keep`
+/// accepts, in parallel, summed in A's order (the same value as one loop).
+fn squared_distance(a: &StateDict, b: &StateDict, keep: impl Fn(&str) -> bool + Sync) -> f64 {
+    let tensors: Vec<_> = a.iter().collect();
+    let per: Vec<f64> = tensors
+        .par_iter()
+        .map(|(name, ta)| {
+            match b
+                .get(name)
+                .filter(|tb| tb.shape() == ta.shape() && keep(name))
+            {
+                Some(tb) => ta
+                    .data
+                    .iter()
+                    .zip(tb.data.iter())
+                    .map(|(x, y)| ((x - y) as f64).powi(2))
+                    .sum::<f64>(),
+                None => 0.0,
+            }
+        })
+        .collect();
+    per.iter().sum()
 }
 
 /// Checks that both models fit the spec, share shapes, and are finite.
@@ -107,8 +120,28 @@ pub(crate) fn check_models(spec: &PermutationSpec, a: &StateDict, b: &StateDict)
 }
 
 /// A tensor with `axis` moved first and the rest flattened: `(len, rest)`.
-pub(crate) fn unfold(data: &ArrayD<f32>, axis: usize) -> Array2<f32> {
+/// A view where the layout allows (1-D tensors, and 2-D ones either way
+/// round, as a transposed view), a copy otherwise.
+pub(crate) fn unfold(data: &ArrayD<f32>, axis: usize) -> CowArray<'_, f32, Ix2> {
     let len = data.shape()[axis];
+    let view = data.view();
+    match data.ndim() {
+        1 if data.is_standard_layout() => {
+            return view
+                .into_shape_with_order((len, 1))
+                .expect("contiguous")
+                .into();
+        }
+        2 => {
+            let m = view.into_dimensionality::<Ix2>().expect("2-D");
+            return if axis == 0 {
+                m.into()
+            } else {
+                m.reversed_axes().into()
+            };
+        }
+        _ => {}
+    }
     let rest = data.len() / len.max(1);
     let mut order: Vec<usize> = (0..data.ndim()).collect();
     order.remove(axis);
@@ -121,6 +154,7 @@ pub(crate) fn unfold(data: &ArrayD<f32>, axis: usize) -> Array2<f32> {
         .expect("contiguous")
         .into_dimensionality::<Ix2>()
         .expect("2-D")
+        .into()
 }
 
 /// Summed similarities of a group, per family: `sim[f][((a·B + b)·bs + i)·bs + i']`.
@@ -178,16 +212,15 @@ impl GroupSimilarity {
         &mut self,
         family: usize,
         repeat: usize,
-        a: &Array2<f32>,
-        b: &Array2<f32>,
+        a: ArrayView2<'_, f32>,
+        b: ArrayView2<'_, f32>,
         prod: &mut Vec<f32>,
     ) {
         let n = a.nrows();
         if prod.len() != n * n {
             *prod = weights::mem::filled(n * n, 0.0);
         }
-        let mut s = ArrayViewMut2::from_shape((n, n), prod).expect("n·n buffer");
-        ndarray::linalg::general_mat_mul(1.0, a, &b.t(), 0.0, &mut s);
+        spectra::linalg::matmul_nt(a, b, prod, "similarity").expect("members share their shapes");
         let s: &[f32] = prod;
         let (nb, bs) = (self.blocks, self.bs);
         if repeat > 1 && self.copies > 1 {
@@ -400,7 +433,12 @@ impl GroupSimilarity {
             Inner::Identity => vec![],
             Inner::Free => vec![(0..self.copies).collect(); nb * nb],
         };
-        if self.copies == 1 {
+        if bs == 1 && self.copies == 1 && g.families.iter().all(|f| *f == Inner::Identity) {
+            // Units, not blocks: the similarity is the cost matrix itself.
+            for fam in &self.sim {
+                outer_cost.iter_mut().zip(fam).for_each(|(c, &s)| *c += s);
+            }
+        } else if self.copies == 1 {
             // Family by family over the similarity blocks, without per-pair
             // records (an MLP group of 512 units has 262,144 block pairs).
             for (f, kind) in g.families.iter().enumerate() {
@@ -485,16 +523,26 @@ pub(crate) fn group_similarity(
     by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
 ) -> GroupSimilarity {
     let g = &spec.groups[gi];
-    let member = |m: &crate::spec::Member| {
-        let wa = &a.get(&m.weight).expect("validated").data;
-        let wb = permute_tensor(
+    // B's member with the other groups applied; A's is read in place.
+    let permuted_b = |m: &crate::spec::Member| {
+        permute_tensor(
             spec,
             perm,
             &by_weight[m.weight.as_str()],
             &b.get(&m.weight).expect("validated").data,
             Some(gi),
+        )
+    };
+    let add = |acc: &mut GroupSimilarity, prod: &mut Vec<f32>, m: &crate::spec::Member| {
+        let wb = permuted_b(m);
+        let ua = unfold(&a.get(&m.weight).expect("validated").data, m.axis);
+        acc.add(
+            m.family,
+            m.repeat,
+            ua.view(),
+            unfold(&wb, m.axis).view(),
+            prod,
         );
-        (unfold(wa, m.axis), unfold(&wb, m.axis))
     };
     let units = g.blocks * g.block_size;
     if units * units >= LARGE_GROUP {
@@ -504,8 +552,7 @@ pub(crate) fn group_similarity(
         let mut acc = GroupSimilarity::new(g);
         let mut prod = Vec::new();
         for m in &g.members {
-            let (ua, ub) = member(m);
-            acc.add(m.family, m.repeat, &ua, &ub, &mut prod);
+            add(&mut acc, &mut prod, m);
         }
         return acc;
     }
@@ -515,8 +562,7 @@ pub(crate) fn group_similarity(
         .fold(
             || (GroupSimilarity::new(g), Vec::new()),
             |(mut acc, mut prod), m| {
-                let (ua, ub) = member(m);
-                acc.add(m.family, m.repeat, &ua, &ub, &mut prod);
+                add(&mut acc, &mut prod, m);
                 (acc, prod)
             },
         )
@@ -539,6 +585,115 @@ pub(crate) fn group_similarity(
 /// after the other with multi-threaded GEMMs instead of in parallel.
 const LARGE_GROUP: usize = 1 << 18;
 
+/// Which groups a pass solves, and when.
+///
+/// Groups that share no weight commute (neither enters the other's
+/// similarity), so any schedule that keeps the order of each pair of
+/// neighbours gives what visiting the pass's order one group at a time
+/// gives. Each round takes the groups whose earlier neighbours are done,
+/// largest first, one per core: [`weight_matching`] forms their
+/// similarities one after the other (each GEMM uses every core) and solves
+/// their assignments in parallel (each LAP uses one core).
+struct Schedule {
+    /// The groups sharing a weight with each group (whose values enter its similarity).
+    neighbours: Vec<Vec<usize>>,
+    /// Step at which each group's value last changed (0: never).
+    changed_at: Vec<usize>,
+    /// Step at which each group was last solved.
+    solved_at: Vec<Option<usize>>,
+    step: usize,
+    /// Groups per round: one per core (and one similarity per core in memory).
+    cap: usize,
+}
+
+impl Schedule {
+    fn new(
+        spec: &PermutationSpec,
+        by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
+    ) -> Self {
+        let neighbours = spec
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(gi, g)| {
+                let mut n: Vec<usize> = g
+                    .members
+                    .iter()
+                    .flat_map(|m| by_weight[m.weight.as_str()].iter().map(|&(o, _)| o))
+                    .filter(|&o| o != gi)
+                    .collect();
+                n.sort_unstable();
+                n.dedup();
+                n
+            })
+            .collect();
+        Schedule {
+            neighbours,
+            changed_at: vec![0; spec.groups.len()],
+            solved_at: vec![None; spec.groups.len()],
+            step: 0,
+            cap: rayon::current_num_threads().max(1),
+        }
+    }
+
+    /// The rounds of one pass over `order`, in turn.
+    fn pass(&self, order: &[usize]) -> Pass {
+        let mut pos = vec![0; order.len()];
+        for (p, &gi) in order.iter().enumerate() {
+            pos[gi] = p;
+        }
+        Pass {
+            order: order.to_vec(),
+            pos,
+            done: vec![false; order.len()],
+        }
+    }
+
+    /// The next round of `pass` (empty when the pass is over), marked solved.
+    fn round(&mut self, spec: &PermutationSpec, pass: &mut Pass) -> Vec<usize> {
+        let mut batch: Vec<usize> = Vec::new();
+        for p in 0..pass.order.len() {
+            let gi = pass.order[p];
+            let waits = |n: &usize| pass.pos[*n] < p && !pass.done[pass.pos[*n]];
+            if pass.done[p] || self.neighbours[gi].iter().any(waits) {
+                continue;
+            }
+            // A group's similarity depends only on its neighbours' values. If
+            // none changed since it was last solved, solving again would
+            // reproduce its current (already optimal) value: skip it.
+            let unchanged = |t: usize| self.neighbours[gi].iter().all(|&n| self.changed_at[n] < t);
+            if self.solved_at[gi].is_some_and(unchanged) {
+                pass.done[p] = true;
+                continue;
+            }
+            batch.push(gi);
+        }
+        batch.sort_by_key(|&gi| {
+            std::cmp::Reverse(spec.groups[gi].blocks * spec.groups[gi].block_size)
+        });
+        batch.truncate(self.cap);
+        for &gi in &batch {
+            self.step += 1;
+            self.solved_at[gi] = Some(self.step);
+            pass.done[pass.pos[gi]] = true;
+        }
+        batch
+    }
+
+    /// Records that group `gi` took a new value when it was last solved.
+    fn changed(&mut self, gi: usize) {
+        self.changed_at[gi] = self.solved_at[gi].expect("solved before it changes");
+    }
+}
+
+/// One pass's order and how far it has come.
+struct Pass {
+    order: Vec<usize>,
+    /// Each group's place in `order`.
+    pos: Vec<usize>,
+    done: Vec<bool>,
+}
+
 /// Aligns model `b` to model `a` (see the module docs).
 pub fn weight_matching(
     spec: &PermutationSpec,
@@ -556,71 +711,64 @@ pub fn weight_matching(
     };
     let by_weight = spec.by_weight();
     let mut rng = spectra::rng::Rng::new(opts.seed);
-    let mut objective = Vec::new();
-    let mut passes = 0;
+    let (mut objective, mut passes) = (Vec::new(), 0);
     // Each group's block-assignment duals, reused by its next solve.
     let mut duals: Vec<Option<Duals>> = vec![None; spec.groups.len()];
-    // The groups sharing a weight with each group (whose values enter its similarity).
-    let neighbours: Vec<Vec<usize>> = spec
-        .groups
-        .iter()
-        .enumerate()
-        .map(|(gi, g)| {
-            let mut n: Vec<usize> = g
-                .members
-                .iter()
-                .flat_map(|m| by_weight[m.weight.as_str()].iter().map(|&(o, _)| o))
-                .filter(|&o| o != gi)
-                .collect();
-            n.sort_unstable();
-            n.dedup();
-            n
-        })
-        .collect();
-    let (mut step, mut changed_at, mut solved_at) = (
-        0usize,
-        vec![0usize; spec.groups.len()],
-        vec![None::<usize>; spec.groups.len()],
-    );
+    let mut schedule = Schedule::new(spec, &by_weight);
+    // `Σ ‖W_A − P W_B‖²` over the spec's weights after the last pass.
+    let mut spec_distance = None;
     for _ in 0..opts.max_iter {
         passes += 1;
         let mut order: Vec<usize> = (0..spec.groups.len()).collect();
         rng.shuffle(&mut order);
         let mut progress = false;
-        for gi in order {
-            let g = &spec.groups[gi];
-            // A group's similarity depends only on its neighbours' values. If
-            // none changed since it was last solved, solving again would
-            // reproduce its current (already optimal) value: skip it.
-            if solved_at[gi].is_some_and(|t| neighbours[gi].iter().all(|&n| changed_at[n] < t)) {
-                continue;
+        let mut pass = schedule.pass(&order);
+        loop {
+            let batch = schedule.round(spec, &mut pass);
+            if batch.is_empty() {
+                break;
             }
-            step += 1;
-            solved_at[gi] = Some(step);
-            let sim = group_similarity(spec, gi, &perm, a, b, &by_weight);
-            let old = sim.score(g, &perm[&g.name]);
-            let (candidate, d) = sim.solve(g, duals[gi].as_ref())?;
-            duals[gi] = Some(d);
-            let new = sim.score(g, &candidate);
-            if new > old + opts.tol {
-                progress = true;
-                perm.insert(g.name.clone(), candidate);
-                changed_at[gi] = step;
+            let sims: Vec<GroupSimilarity> = batch
+                .iter()
+                .map(|&gi| group_similarity(spec, gi, &perm, a, b, &by_weight))
+                .collect();
+            let solved: Vec<(f64, GroupPerm, Duals, f64)> = batch
+                .par_iter()
+                .zip(sims.par_iter())
+                .map(|(&gi, sim)| {
+                    let g = &spec.groups[gi];
+                    let (candidate, d) = sim.solve(g, duals[gi].as_ref())?;
+                    let (old, new) = (sim.score(g, &perm[&g.name]), sim.score(g, &candidate));
+                    Ok((old, candidate, d, new))
+                })
+                .collect::<Result<_>>()?;
+            for (&gi, (old, candidate, d, new)) in batch.iter().zip(solved) {
+                duals[gi] = Some(d);
+                if new > old + opts.tol {
+                    progress = true;
+                    perm.insert(spec.groups[gi].name.clone(), candidate);
+                    schedule.changed(gi);
+                }
             }
         }
-        objective.push(total_objective(spec, &perm, a, b, &by_weight));
+        let (value, distance) = objective_and_distance(spec, &perm, a, b, &by_weight);
+        objective.push(value);
+        spec_distance = Some(distance);
         if !progress {
             break;
         }
     }
     let l2_before = l2_distance(a, b);
-    let l2_after = l2_distance(a, &apply(spec, &perm, b)?);
+    // The spec's weights as the last pass left them, the others unpermuted.
+    let spec_distance =
+        spec_distance.unwrap_or_else(|| objective_and_distance(spec, &perm, a, b, &by_weight).1);
+    let rest = squared_distance(a, b, |name| !by_weight.contains_key(name));
     Ok(MatchResult {
         perm,
         objective,
         passes,
         l2_before,
-        l2_after,
+        l2_after: (spec_distance + rest).sqrt(),
     })
 }
 
@@ -632,8 +780,20 @@ pub fn total_objective(
     b: &StateDict,
     by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
 ) -> f64 {
+    objective_and_distance(spec, perm, a, b, by_weight).0
+}
+
+/// `Σ ⟨W_A, P W_B⟩` and `Σ ‖W_A − P W_B‖²` over the weights the spec names,
+/// from one permuted copy of each weight (in parallel, summed in the spec's order).
+fn objective_and_distance(
+    spec: &PermutationSpec,
+    perm: &Permutation,
+    a: &StateDict,
+    b: &StateDict,
+    by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
+) -> (f64, f64) {
     let weights: Vec<_> = by_weight.iter().collect();
-    weights
+    let per: Vec<(f64, f64)> = weights
         .par_iter()
         .map(|(name, entries)| {
             let wa = &a.get(name).expect("validated").data;
@@ -646,10 +806,16 @@ pub fn total_objective(
             );
             wa.iter()
                 .zip(wb.iter())
-                .map(|(x, y)| (*x as f64) * (*y as f64))
-                .sum::<f64>()
+                .fold((0.0, 0.0), |(dot, sq), (x, y)| {
+                    (
+                        dot + (*x as f64) * (*y as f64),
+                        sq + ((x - y) as f64).powi(2),
+                    )
+                })
         })
-        .sum()
+        .collect();
+    per.iter()
+        .fold((0.0, 0.0), |(dot, sq), (d, q)| (dot + d, sq + q))
 }
 
 #[cfg(test)]

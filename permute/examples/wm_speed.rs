@@ -1,0 +1,128 @@
+//! Weight matching end to end on the bench's models, for the side-by-side
+//! with the numpy + scipy port of Git Re-Basin (`permute/benches/reference.py`):
+//!
+//!     cargo run -p permute --release --example wm_speed -- mlp 512
+//!     cargo run -p permute --release --example wm_speed -- mlp 1024
+//!     cargo run -p permute --release --example wm_speed -- transformer
+//!     python3 permute/benches/reference.py 0     # reads the same models
+//!
+//! Each run writes its two models to `target/bench-data/` (the reference
+//! matches identical weights) and prints medians: MLPs to convergence (5
+//! runs), the 12 × 768 transformer for one pass (3 runs) and to convergence.
+use std::time::Instant;
+
+use ndarray::{ArrayD, IxDyn};
+use permute::builders::{llama, mlp};
+use permute::{MatchOptions, PermutationSpec, weight_matching};
+use spectra::rng::Rng;
+use weights::{StateDict, Tensor};
+
+/// The bench's generator: every tensor `N(0, 1/fan_in)`, one stream in order.
+fn random_sd(shapes: &[(String, Vec<usize>)], seed: u64) -> StateDict {
+    let mut rng = Rng::new(seed);
+    let mut sd = StateDict::new();
+    for (name, shape) in shapes {
+        let scale = (1.0 / *shape.last().expect("not a scalar") as f64).sqrt();
+        sd.insert(
+            name.clone(),
+            Tensor::f32(ArrayD::from_shape_fn(IxDyn(shape), |_| {
+                (scale * rng.normal()) as f32
+            })),
+        );
+    }
+    sd
+}
+
+fn mlp_shapes(width: usize) -> Vec<(String, Vec<usize>)> {
+    let sizes = [784, width, width, width, 10];
+    sizes
+        .windows(2)
+        .enumerate()
+        .flat_map(|(i, w)| {
+            [
+                (format!("layers.{i}.weight"), vec![w[1], w[0]]),
+                (format!("layers.{i}.bias"), vec![w[1]]),
+            ]
+        })
+        .collect()
+}
+
+/// GPT-2-small's sizes in LLaMA names (12 × 768, 12 heads, FFN 3072, vocabulary 1000).
+fn transformer_shapes() -> Vec<(String, Vec<usize>)> {
+    let (h, f) = (768, 3072);
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![1000, h])];
+    for l in 0..12 {
+        let p = format!("model.layers.{l}");
+        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            v.push((format!("{p}.self_attn.{n}.weight"), vec![h, h]));
+        }
+        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        v.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
+        v.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
+        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
+    }
+    v.push(("model.norm.weight".to_string(), vec![h]));
+    v
+}
+
+fn median_secs(runs: usize, mut f: impl FnMut() -> usize) -> (f64, usize) {
+    let mut ts = Vec::new();
+    let mut passes = 0;
+    for _ in 0..runs {
+        let t = Instant::now();
+        passes = f();
+        ts.push(t.elapsed().as_secs_f64());
+    }
+    ts.sort_by(f64::total_cmp);
+    (ts[runs / 2], passes)
+}
+
+fn save(stem: &str, a: &StateDict, b: &StateDict) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data");
+    std::fs::create_dir_all(&dir).expect("target/bench-data");
+    a.save_safetensors(dir.join(format!("{stem}_a.safetensors")))
+        .expect("write model A");
+    b.save_safetensors(dir.join(format!("{stem}_b.safetensors")))
+        .expect("write model B");
+}
+
+fn run(spec: &PermutationSpec, a: &StateDict, b: &StateDict, max_iter: usize) -> usize {
+    let opts = MatchOptions {
+        max_iter,
+        ..Default::default()
+    };
+    weight_matching(spec, a, b, &opts)
+        .expect("weight matching")
+        .passes
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("mlp") => {
+            let width: usize = args.get(1).map_or(512, |w| w.parse().expect("width"));
+            let shapes = mlp_shapes(width);
+            let (a, b) = (random_sd(&shapes, 3), random_sd(&shapes, 4));
+            save(if width == 512 { "mlp" } else { "mlp1024" }, &a, &b);
+            let spec = mlp(&a).expect("MLP spec");
+            let (t, passes) = median_secs(5, || run(&spec, &a, &b, 100));
+            println!(
+                "weight matching mlp 784-{width}x3-10: {:.1} ms ({passes} passes)",
+                t * 1e3
+            );
+        }
+        Some("transformer") => {
+            let shapes = transformer_shapes();
+            let (a, b) = (random_sd(&shapes, 5), random_sd(&shapes, 6));
+            save("transformer", &a, &b);
+            let cfg = weights::LlamaConfig::tiny(1000, 768, 12, 12, 12, 3072);
+            let spec = llama(&cfg, &a).expect("LLaMA spec");
+            let (t, _) = median_secs(3, || run(&spec, &a, &b, 1));
+            println!("weight matching transformer 12x768, one pass: {t:.2} s");
+            let (t, passes) = median_secs(1, || run(&spec, &a, &b, 100));
+            println!("  to convergence: {t:.1} s ({passes} passes)");
+        }
+        _ => eprintln!("usage: wm_speed mlp [WIDTH] | transformer"),
+    }
+}
