@@ -43,6 +43,19 @@ for n in [512, 1024, 2048, 4096]:
         print(f"scipy lap {label}/{n}: {t * 1e3:.1f} ms")
 
 
+if max_n == 0:
+    # What a transformer pass is made of (`wm_speed bound` times the same).
+    a = rng.standard_normal((3072, 768), dtype=np.float32)
+    b = rng.standard_normal((3072, 768), dtype=np.float32)
+    t = median_time(lambda: a @ b.T, 5)
+    print(f"numpy GEMM 3072x768 . 768x3072 f32: {t * 1e3:.1f} ms")
+    a = rng.standard_normal((3072, 4 * 3072), dtype=np.float32)
+    b = rng.standard_normal((3072, 4 * 3072), dtype=np.float32)
+    wm = (a @ b.T).astype(np.float64)
+    t = median_time(lambda: linear_sum_assignment(wm, maximize=True), 3)
+    print(f"scipy lap wm_like/3072: {t * 1e3:.1f} ms")
+
+
 def mlp(seed, width=512):
     r = np.random.default_rng(seed)
     sizes = [784, width, width, width, 10]

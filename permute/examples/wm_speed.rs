@@ -4,7 +4,12 @@
 //!     cargo run -p permute --release --example wm_speed -- mlp 512
 //!     cargo run -p permute --release --example wm_speed -- mlp 1024
 //!     cargo run -p permute --release --example wm_speed -- transformer
+//!     cargo run -p permute --release --example wm_speed -- bound
 //!     python3 permute/benches/reference.py 0     # reads the same models
+//!
+//! `bound` times what a pass is made of on the transformer's largest group:
+//! one 3072 × 768 · 768 × 3072 f32 product (the reference prints numpy's on
+//! the same shape) and a cold 3072 assignment on weight-matching-like costs.
 //!
 //! Each run writes its two models to `target/bench-data/` (the reference
 //! matches identical weights) and prints medians: MLPs to convergence (5
@@ -123,6 +128,27 @@ fn main() {
             let (t, passes) = median_secs(1, || run(&spec, &a, &b, 100));
             println!("  to convergence: {t:.1} s ({passes} passes)");
         }
-        _ => eprintln!("usage: wm_speed mlp [WIDTH] | transformer"),
+        Some("bound") => {
+            let (n, k) = (3072, 768);
+            let mut rng = Rng::new(2);
+            let a = ndarray::Array2::from_shape_fn((n, k), |_| rng.normal() as f32);
+            let b = ndarray::Array2::from_shape_fn((n, k), |_| rng.normal() as f32);
+            let mut c = vec![0f32; n * n];
+            let (t, _) = median_secs(5, || {
+                spectra::linalg::matmul_nt(a.view(), b.view(), &mut c, "bound").expect("shapes");
+                0
+            });
+            println!("GEMM {n}x{k} . {k}x{n} f32: {:.1} ms", t * 1e3);
+            let a = ndarray::Array2::from_shape_fn((n, 4 * n), |_| rng.normal() as f32);
+            let b = ndarray::Array2::from_shape_fn((n, 4 * n), |_| rng.normal() as f32);
+            let cost: Vec<f64> = a.dot(&b.t()).iter().map(|&v| v as f64).collect();
+            let (t, _) = median_secs(3, || {
+                permute::lap::solve(&cost, n, permute::lap::Objective::Maximize, "bound")
+                    .expect("finite")
+                    .len()
+            });
+            println!("LAP wm_like/{n} cold: {:.1} ms", t * 1e3);
+        }
+        _ => eprintln!("usage: wm_speed mlp [WIDTH] | transformer | bound"),
     }
 }

@@ -75,15 +75,19 @@ pub fn solve_warm(
     if n == 0 {
         return Ok((vec![], Duals { v: vec![] }));
     }
-    let c: Vec<f64> = cost.iter().map(|&x| sign * x - lo).collect();
+    let shifted = Shifted {
+        raw: cost,
+        sign,
+        lo,
+    };
     // Stored duals live in the unshifted space: v_raw = v + lo.
     let v0 = warm
         .filter(|d| d.v.len() == n)
         .map(|d| d.v.iter().map(|v| v - lo).collect());
     let (assignment, v) = if n >= SPARSE_FROM {
-        candidates_then_verify(&c, n, hi - lo, v0)
+        candidates_then_verify(&shifted, n, hi - lo, v0)
     } else {
-        shortest_augmenting_path(&c, n, v0)
+        shortest_augmenting_path(&shifted.to_vec(), n, v0)
     };
     Ok((
         assignment,
@@ -94,6 +98,32 @@ pub fn solve_warm(
 }
 
 const NONE: usize = usize::MAX;
+
+/// The costs as the search sees them, `sign·cost − lo` (minimisation, all
+/// `≥ 0`), read in place rather than copied.
+struct Shifted<'a> {
+    raw: &'a [f64],
+    sign: f64,
+    lo: f64,
+}
+
+impl Shifted<'_> {
+    #[inline]
+    fn at(&self, k: usize) -> f64 {
+        self.sign * self.raw[k] - self.lo
+    }
+
+    /// Row `i` of an `n`-column matrix.
+    fn row(&self, i: usize, n: usize) -> impl Iterator<Item = f64> + '_ {
+        self.raw[i * n..(i + 1) * n]
+            .iter()
+            .map(|&x| self.sign * x - self.lo)
+    }
+
+    fn to_vec(&self) -> Vec<f64> {
+        self.raw.iter().map(|&x| self.sign * x - self.lo).collect()
+    }
+}
 
 /// Sizes from which [`candidates_then_verify`] runs instead of the dense search.
 const SPARSE_FROM: usize = 128;
@@ -112,65 +142,67 @@ const CANDIDATES: usize = 32;
 /// weight-matching costs the optimum lies among a few dozen columns per row,
 /// so one check usually suffices.
 fn candidates_then_verify(
-    c: &[f64],
+    c: &Shifted<'_>,
     n: usize,
     range: f64,
     warm_v: Option<Vec<f64>>,
 ) -> (Vec<usize>, Vec<f64>) {
     // Far above the rounding of the dual updates, far below any real gap.
     let tol = 1e-10 * (range + 1.0);
-    let mut v = warm_v.unwrap_or_else(|| vec![0.0; n]);
     let mut k = CANDIDATES.min(n);
+    let v = warm_v.unwrap_or_else(|| vec![0.0; n]);
     let mut cand = cheapest_columns(c, n, &v, k);
+    let mut sparse = Sparse::start(c, n, &cand, v);
+    let mut member = vec![false; n];
     loop {
-        let Some((col4row, u, v_new)) = sparse_search(c, n, &cand, v.clone()) else {
+        if !sparse.augment(c, n, &cand) {
             k *= 2;
             if k > n / 4 {
-                return shortest_augmenting_path(c, n, Some(v));
+                return shortest_augmenting_path(&c.to_vec(), n, Some(sparse.v));
             }
-            cand = cheapest_columns(c, n, &v, k);
+            cand = cheapest_columns(c, n, &sparse.v, k);
+            sparse = Sparse::start(c, n, &cand, sparse.v);
             continue;
-        };
-        v = v_new;
+        }
         let mut violated = false;
-        let mut member = vec![false; n];
-        for (i, row) in c.chunks_exact(n).enumerate() {
-            let ui = u[i];
-            let mut first = true;
-            for (j, (&cij, &vj)) in row.iter().zip(&v).enumerate() {
+        for (i, cols) in cand.iter_mut().enumerate() {
+            let ui = sparse.u[i];
+            let mut grew = false;
+            for (j, (cij, &vj)) in c.row(i, n).zip(&sparse.v).enumerate() {
                 if cij - ui - vj < -tol {
-                    if first {
-                        cand[i].iter().for_each(|&j| member[j] = true);
-                        first = false;
+                    if !grew {
+                        cols.iter().for_each(|&j| member[j] = true);
+                        grew = true;
                     }
                     if !member[j] {
-                        cand[i].push(j);
+                        cols.push(j);
                         member[j] = true;
-                        violated = true;
                     }
                 }
             }
-            if !first {
-                cand[i].iter().for_each(|&j| member[j] = false);
+            if grew {
+                cols.iter().for_each(|&j| member[j] = false);
+                sparse.reseat(c, n, i, cols);
+                violated = true;
             }
         }
         if !violated {
-            return (col4row, v);
+            return (sparse.col4row, sparse.v);
         }
     }
 }
 
 /// Per row, the `k` columns of least reduced cost `c_ij − v_j`.
-fn cheapest_columns(c: &[f64], n: usize, v: &[f64], k: usize) -> Vec<Vec<usize>> {
+fn cheapest_columns(c: &Shifted<'_>, n: usize, v: &[f64], k: usize) -> Vec<Vec<usize>> {
     let mut keyed: Vec<(f64, usize)> = Vec::with_capacity(n);
-    c.chunks_exact(n)
-        .map(|row| {
+    (0..n)
+        .map(|i| {
             keyed.clear();
             keyed.extend(
-                row.iter()
+                c.row(i, n)
                     .zip(v)
                     .enumerate()
-                    .map(|(j, (&cij, &vj))| (cij - vj, j)),
+                    .map(|(j, (cij, &vj))| (cij - vj, j)),
             );
             if k < n {
                 keyed.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
@@ -204,103 +236,140 @@ impl Ord for Label {
     }
 }
 
-/// The shortest-augmenting-path algorithm on the edges `cand` only, from
-/// column duals `v`: `(col4row, u, v)`, or `None` when the edges hold no
-/// perfect matching.
-fn sparse_search(
-    c: &[f64],
-    n: usize,
-    cand: &[Vec<usize>],
-    mut v: Vec<f64>,
-) -> Option<(Vec<usize>, Vec<f64>, Vec<f64>)> {
-    let mut u = vec![0.0; n];
-    let mut col4row = vec![NONE; n];
-    let mut row4col = vec![NONE; n];
-    for (i, cols) in cand.iter().enumerate() {
+/// The sparse problem's matching and duals: every candidate edge has a
+/// non-negative reduced cost `c_ij − u_i − v_j`, every matched one zero.
+struct Sparse {
+    u: Vec<f64>,
+    v: Vec<f64>,
+    col4row: Vec<usize>,
+    row4col: Vec<usize>,
+}
+
+impl Sparse {
+    /// From column duals `v`: each row's dual is its least reduced cost over
+    /// its candidates, and it takes that column if no earlier row has.
+    fn start(c: &Shifted<'_>, n: usize, cand: &[Vec<usize>], v: Vec<f64>) -> Sparse {
+        let mut s = Sparse {
+            u: vec![0.0; n],
+            v,
+            col4row: vec![NONE; n],
+            row4col: vec![NONE; n],
+        };
+        for (i, cols) in cand.iter().enumerate() {
+            let arg = s.lower_u(c, n, i, cols);
+            if s.row4col[arg] == NONE {
+                s.row4col[arg] = i;
+                s.col4row[i] = arg;
+            }
+        }
+        s
+    }
+
+    /// Sets `u_i` to row `i`'s least reduced cost; returns its column.
+    fn lower_u(&mut self, c: &Shifted<'_>, n: usize, i: usize, cols: &[usize]) -> usize {
         let (mut best, mut arg) = (f64::INFINITY, NONE);
         for &j in cols {
-            let r = c[i * n + j] - v[j];
+            let r = c.at(i * n + j) - self.v[j];
             if r < best {
                 best = r;
                 arg = j;
             }
         }
-        u[i] = best;
-        if row4col[arg] == NONE {
-            row4col[arg] = i;
-            col4row[i] = arg;
+        self.u[i] = best;
+        arg
+    }
+
+    /// Row `i`'s candidates grew by edges its dual violated: lowering `u_i`
+    /// restores the invariant except on its matched edge, which is no longer
+    /// tight, so the row is freed (the next [`Sparse::augment`] places it).
+    fn reseat(&mut self, c: &Shifted<'_>, n: usize, i: usize, cols: &[usize]) {
+        self.lower_u(c, n, i, cols);
+        let j = std::mem::replace(&mut self.col4row[i], NONE);
+        if j != NONE {
+            self.row4col[j] = NONE;
         }
     }
-    let mut shortest = vec![f64::INFINITY; n];
-    let mut path = vec![NONE; n];
-    let mut scanned = vec![false; n];
-    let (mut touched, mut rows, mut cols) = (Vec::new(), Vec::new(), Vec::new());
-    let mut heap = std::collections::BinaryHeap::new();
-    for cur_row in 0..n {
-        if col4row[cur_row] != NONE {
-            continue;
-        }
-        let mut min_val = 0.0;
-        let mut i = cur_row;
-        let sink = loop {
-            rows.push(i);
-            let ui = u[i];
-            for &j in &cand[i] {
-                if scanned[j] {
-                    continue;
-                }
-                let r = min_val + c[i * n + j] - ui - v[j];
-                if r < shortest[j] {
-                    if shortest[j] == f64::INFINITY {
-                        touched.push(j);
-                    }
-                    shortest[j] = r;
-                    path[j] = i;
-                    heap.push(Label(r, row4col[j] != NONE, j));
-                }
+
+    /// The shortest-augmenting-path search from every free row on the edges
+    /// `cand` only (a heap instead of a scan over every column); `false`
+    /// when the edges hold no perfect matching.
+    fn augment(&mut self, c: &Shifted<'_>, n: usize, cand: &[Vec<usize>]) -> bool {
+        let (u, v) = (&mut self.u, &mut self.v);
+        let (col4row, row4col) = (&mut self.col4row, &mut self.row4col);
+        let mut shortest = vec![f64::INFINITY; n];
+        let mut path = vec![NONE; n];
+        let mut scanned = vec![false; n];
+        let (mut touched, mut rows, mut cols) = (Vec::new(), Vec::new(), Vec::new());
+        let mut heap = std::collections::BinaryHeap::new();
+        for cur_row in 0..n {
+            if col4row[cur_row] != NONE {
+                continue;
             }
-            let j = loop {
-                let Label(r, _, j) = heap.pop()?;
-                if !scanned[j] && r == shortest[j] {
+            let mut min_val = 0.0;
+            let mut i = cur_row;
+            let sink = loop {
+                rows.push(i);
+                let ui = u[i];
+                for &j in &cand[i] {
+                    if scanned[j] {
+                        continue;
+                    }
+                    let r = min_val + c.at(i * n + j) - ui - v[j];
+                    if r < shortest[j] {
+                        if shortest[j] == f64::INFINITY {
+                            touched.push(j);
+                        }
+                        shortest[j] = r;
+                        path[j] = i;
+                        heap.push(Label(r, row4col[j] != NONE, j));
+                    }
+                }
+                let j = loop {
+                    let Some(Label(r, _, j)) = heap.pop() else {
+                        return false;
+                    };
+                    if !scanned[j] && r == shortest[j] {
+                        break j;
+                    }
+                };
+                min_val = shortest[j];
+                scanned[j] = true;
+                cols.push(j);
+                if row4col[j] == NONE {
                     break j;
                 }
+                i = row4col[j];
             };
-            min_val = shortest[j];
-            scanned[j] = true;
-            cols.push(j);
-            if row4col[j] == NONE {
-                break j;
+            u[cur_row] += min_val;
+            for &r in &rows[1..] {
+                u[r] += min_val - shortest[col4row[r]];
             }
-            i = row4col[j];
-        };
-        u[cur_row] += min_val;
-        for &r in &rows[1..] {
-            u[r] += min_val - shortest[col4row[r]];
-        }
-        for &j in &cols {
-            v[j] -= min_val - shortest[j];
-        }
-        let mut j = sink;
-        loop {
-            let r = path[j];
-            row4col[j] = r;
-            std::mem::swap(&mut col4row[r], &mut j);
-            if r == cur_row {
-                break;
+            for &j in &cols {
+                v[j] -= min_val - shortest[j];
             }
+            let mut j = sink;
+            loop {
+                let r = path[j];
+                row4col[j] = r;
+                std::mem::swap(&mut col4row[r], &mut j);
+                if r == cur_row {
+                    break;
+                }
+            }
+            for &j in &touched {
+                shortest[j] = f64::INFINITY;
+                scanned[j] = false;
+            }
+            touched.clear();
+            rows.clear();
+            cols.clear();
+            heap.clear();
         }
-        for &j in &touched {
-            shortest[j] = f64::INFINITY;
-            scanned[j] = false;
-        }
-        touched.clear();
-        rows.clear();
-        cols.clear();
-        heap.clear();
+        true
     }
-    Some((col4row, u, v))
 }
 
+/// The dense search (scipy's): every column scanned at each step.
 fn shortest_augmenting_path(
     c: &[f64],
     n: usize,

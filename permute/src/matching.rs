@@ -418,6 +418,19 @@ impl GroupSimilarity {
     /// The best value for this similarity.
     pub(crate) fn solve(&self, g: &Group, warm: Option<&Duals>) -> Result<(GroupPerm, Duals)> {
         let (nb, bs) = (self.blocks, self.bs);
+        // Units with one fixed family: the similarity is the cost matrix itself.
+        if bs == 1 && self.copies == 1 && g.families == [Inner::Identity] {
+            let (outer, duals) = solve_warm(&self.sim[0], nb, Objective::Maximize, warm, &g.name)?;
+            let inner = vec![vec![]];
+            return Ok((
+                GroupPerm {
+                    outer,
+                    inner,
+                    copies: vec![],
+                },
+                duals,
+            ));
+        }
         let mut outer_cost = vec![0.0; nb * nb];
         // Inner solutions per (family, a·B + b) and copy orders per block
         // pair, kept to avoid solving twice.
