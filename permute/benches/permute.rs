@@ -4,12 +4,14 @@
 //! `linear_sum_assignment` and a numpy port of Git Re-Basin's weight matching.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use ndarray::{Array2, ArrayD, IxDyn};
+use models::{mlp_shapes, random_sd, transformer_config, transformer_shapes};
+use ndarray::Array2;
 use permute::builders::{llama, mlp};
 use permute::lap::{Objective, solve, solve_warm};
 use permute::{MatchOptions, weight_matching};
 use spectra::rng::Rng;
-use weights::{StateDict, Tensor};
+
+mod models;
 
 /// Uniform [0, 1) costs.
 pub fn uniform_costs(n: usize, seed: u64) -> Vec<f64> {
@@ -23,66 +25,6 @@ pub fn wm_costs(n: usize, seed: u64) -> Vec<f64> {
     let a = Array2::from_shape_fn((n, 4 * n), |_| rng.normal() as f32);
     let b = Array2::from_shape_fn((n, 4 * n), |_| rng.normal() as f32);
     a.dot(&b.t()).iter().map(|&v| v as f64).collect()
-}
-
-fn random_sd(shapes: &[(String, Vec<usize>)], seed: u64) -> StateDict {
-    let mut rng = Rng::new(seed);
-    let mut sd = StateDict::new();
-    for (name, shape) in shapes {
-        let scale = (1.0 / *shape.last().unwrap() as f64).sqrt();
-        sd.insert(
-            name.clone(),
-            Tensor::f32(ArrayD::from_shape_fn(IxDyn(shape), |_| {
-                (scale * rng.normal()) as f32
-            })),
-        );
-    }
-    sd
-}
-
-fn mlp_shapes() -> Vec<(String, Vec<usize>)> {
-    let sizes = [784, 512, 512, 512, 10];
-    sizes
-        .windows(2)
-        .enumerate()
-        .flat_map(|(i, w)| {
-            [
-                (format!("layers.{i}.weight"), vec![w[1], w[0]]),
-                (format!("layers.{i}.bias"), vec![w[1]]),
-            ]
-        })
-        .collect()
-}
-
-/// GPT-2-small's sizes (12 × 768, 12 heads, FFN 3072, vocabulary 1000 here).
-struct Gpt {
-    layers: usize,
-    hidden: usize,
-    ffn: usize,
-}
-
-const GPT: Gpt = Gpt {
-    layers: 12,
-    hidden: 768,
-    ffn: 3072,
-};
-
-fn transformer_shapes() -> Vec<(String, Vec<usize>)> {
-    let (h, f) = (GPT.hidden, GPT.ffn);
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![1000, h])];
-    for l in 0..GPT.layers {
-        let p = format!("model.layers.{l}");
-        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            v.push((format!("{p}.self_attn.{n}.weight"), vec![h, h]));
-        }
-        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        v.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
-        v.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
-        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
-    }
-    v.push(("model.norm.weight".to_string(), vec![h]));
-    v
 }
 
 fn bench(c: &mut Criterion) {
@@ -111,7 +53,10 @@ fn bench(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("weight_matching");
     g.sample_size(10);
-    let (a, b) = (random_sd(&mlp_shapes(), 3), random_sd(&mlp_shapes(), 4));
+    let (a, b) = (
+        random_sd(&mlp_shapes(512), 3),
+        random_sd(&mlp_shapes(512), 4),
+    );
     // The same two models for benches/reference.py, so both sides match identical weights.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data");
     if std::fs::create_dir_all(&dir).is_ok() {
@@ -137,7 +82,7 @@ fn bench(c: &mut Criterion) {
         b.save_safetensors(dir.join("transformer_b.safetensors"))
             .unwrap();
     }
-    let spec = llama(&weights::LlamaConfig::tiny(1000, 768, 12, 12, 12, 3072), &a).unwrap();
+    let spec = llama(&transformer_config(), &a).unwrap();
     let opts = MatchOptions {
         max_iter: 1,
         ..Default::default()

@@ -16,60 +16,14 @@
 //! runs), the 12 × 768 transformer for one pass (3 runs) and to convergence.
 use std::time::Instant;
 
-use ndarray::{ArrayD, IxDyn};
+#[path = "../benches/models.rs"]
+mod models;
+
+use models::{mlp_shapes, random_sd, transformer_config, transformer_shapes};
 use permute::builders::{llama, mlp};
 use permute::{MatchOptions, PermutationSpec, weight_matching};
 use spectra::rng::Rng;
-use weights::{StateDict, Tensor};
-
-/// The bench's generator: every tensor `N(0, 1/fan_in)`, one stream in order.
-fn random_sd(shapes: &[(String, Vec<usize>)], seed: u64) -> StateDict {
-    let mut rng = Rng::new(seed);
-    let mut sd = StateDict::new();
-    for (name, shape) in shapes {
-        let scale = (1.0 / *shape.last().expect("not a scalar") as f64).sqrt();
-        sd.insert(
-            name.clone(),
-            Tensor::f32(ArrayD::from_shape_fn(IxDyn(shape), |_| {
-                (scale * rng.normal()) as f32
-            })),
-        );
-    }
-    sd
-}
-
-fn mlp_shapes(width: usize) -> Vec<(String, Vec<usize>)> {
-    let sizes = [784, width, width, width, 10];
-    sizes
-        .windows(2)
-        .enumerate()
-        .flat_map(|(i, w)| {
-            [
-                (format!("layers.{i}.weight"), vec![w[1], w[0]]),
-                (format!("layers.{i}.bias"), vec![w[1]]),
-            ]
-        })
-        .collect()
-}
-
-/// GPT-2-small's sizes in LLaMA names (12 × 768, 12 heads, FFN 3072, vocabulary 1000).
-fn transformer_shapes() -> Vec<(String, Vec<usize>)> {
-    let (h, f) = (768, 3072);
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![1000, h])];
-    for l in 0..12 {
-        let p = format!("model.layers.{l}");
-        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            v.push((format!("{p}.self_attn.{n}.weight"), vec![h, h]));
-        }
-        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        v.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
-        v.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
-        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
-    }
-    v.push(("model.norm.weight".to_string(), vec![h]));
-    v
-}
+use weights::StateDict;
 
 fn median_secs(runs: usize, mut f: impl FnMut() -> usize) -> (f64, usize) {
     let mut ts = Vec::new();
@@ -121,7 +75,7 @@ fn main() {
             let shapes = transformer_shapes();
             let (a, b) = (random_sd(&shapes, 5), random_sd(&shapes, 6));
             save("transformer", &a, &b);
-            let cfg = weights::LlamaConfig::tiny(1000, 768, 12, 12, 12, 3072);
+            let cfg = transformer_config();
             let spec = llama(&cfg, &a).expect("LLaMA spec");
             let (t, _) = median_secs(3, || run(&spec, &a, &b, 1));
             println!("weight matching transformer 12x768, one pass: {t:.2} s");

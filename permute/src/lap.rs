@@ -361,15 +361,7 @@ impl Sparse {
             for &j in &cols {
                 v[j] -= min_val - shortest[j];
             }
-            let mut j = sink;
-            loop {
-                let r = path[j];
-                row4col[j] = r;
-                std::mem::swap(&mut col4row[r], &mut j);
-                if r == cur_row {
-                    break;
-                }
-            }
+            flip(path.as_slice(), row4col, col4row, sink, cur_row);
             for &j in &touched {
                 shortest[j] = f64::INFINITY;
                 scanned[j] = false;
@@ -465,18 +457,24 @@ fn shortest_augmenting_path(
                 v[j] -= min_val - shortest[j];
             }
         }
-        // Flip the augmenting path.
-        let mut j = sink;
-        loop {
-            let r = path[j];
-            row4col[j] = r;
-            std::mem::swap(&mut col4row[r], &mut j);
-            if r == cur_row {
-                break;
-            }
-        }
+        flip(&path, &mut row4col, &mut col4row, sink, cur_row);
     }
     (col4row, v)
+}
+
+/// Flips the augmenting path that ends at free column `sink` (each column's
+/// predecessor row in `path`) back to `cur_row`: every row on it moves to the
+/// next column.
+fn flip(path: &[usize], row4col: &mut [usize], col4row: &mut [usize], sink: usize, cur_row: usize) {
+    let mut j = sink;
+    loop {
+        let r = path[j];
+        row4col[j] = r;
+        std::mem::swap(&mut col4row[r], &mut j);
+        if r == cur_row {
+            break;
+        }
+    }
 }
 
 /// The total of `cost` under an assignment.
