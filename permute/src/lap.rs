@@ -143,6 +143,9 @@ impl Shifted<'_> {
 const SPARSE_FROM: usize = 128;
 /// Candidate columns per row in its first round.
 const CANDIDATES: usize = 32;
+/// Sparse rounds (each ending in a check of the full matrix) before the
+/// dense search takes over.
+const MAX_ROUNDS: usize = 16;
 
 /// The exact optimum through a sparse problem first: each row keeps only its
 /// `k` cheapest columns (by reduced cost under the starting duals), the
@@ -150,11 +153,12 @@ const CANDIDATES: usize = 32;
 /// of a scan over every column), and the resulting duals are then checked
 /// against **every** entry. Duals feasible on the whole matrix prove the
 /// matching optimal (LP duality: the matching's cost equals the duals' sum);
-/// every entry that violates them joins its row's candidates and the sparse
-/// problem is solved again from the new duals. A sparse problem without a
-/// perfect matching doubles `k`; past `n/4` the dense search finishes. On
+/// every entry that violates them joins its row's candidates, and those rows
+/// alone are freed and placed again ([`Sparse::reseat`]). A sparse problem
+/// without a perfect matching doubles `k`; past `n/4`, or after
+/// `MAX_ROUNDS` checks, the dense search finishes from the duals reached. On
 /// weight-matching costs the optimum lies among a few dozen columns per row,
-/// so one check usually suffices.
+/// so one or two checks suffice.
 fn candidates_then_verify(
     c: &Shifted<'_>,
     n: usize,
@@ -168,7 +172,7 @@ fn candidates_then_verify(
     let mut cand = cheapest_columns(c, n, &v, k);
     let mut sparse = Sparse::start(c, n, &cand, v);
     let mut member = vec![false; n];
-    loop {
+    for _ in 0..MAX_ROUNDS {
         if !sparse.augment(c, n, &cand) {
             k *= 2;
             if k > n / 4 {
@@ -204,6 +208,9 @@ fn candidates_then_verify(
             return (sparse.col4row, sparse.v);
         }
     }
+    // Candidates that keep missing the optimum: the dense search finishes
+    // from the duals reached (a valid warm start).
+    shortest_augmenting_path(&c.to_vec(), n, Some(sparse.v))
 }
 
 /// Per row, the `k` columns of least reduced cost `c_ij − v_j`.
