@@ -98,7 +98,8 @@ pub fn solve_warm(
     let v0 = warm
         .filter(|d| d.v.len() == n)
         .map(|d| d.v.iter().map(|v| v - lo).collect());
-    let (assignment, v) = if n >= SPARSE_FROM {
+    // (A range that overflows leaves no tolerance to check against.)
+    let (assignment, v) = if n >= SPARSE_FROM && (hi - lo).is_finite() {
         candidates_then_verify(&shifted, n, hi - lo, v0)
     } else {
         shortest_augmenting_path(&shifted.to_vec(), n, v0)
@@ -165,8 +166,9 @@ fn candidates_then_verify(
     range: f64,
     warm_v: Option<Vec<f64>>,
 ) -> (Vec<usize>, Vec<f64>) {
-    // Far above the rounding of the dual updates, far below any real gap.
-    let tol = 1e-10 * (range + 1.0);
+    // Relative to the costs' range: far above the rounding of the dual
+    // updates, far below any real gap, whatever the costs' scale.
+    let tol = 1e-10 * range.max(f64::MIN_POSITIVE);
     let mut k = CANDIDATES.min(n);
     let v = warm_v.unwrap_or_else(|| vec![0.0; n]);
     let mut cand = cheapest_columns(c, n, &v, k);
@@ -620,11 +622,24 @@ mod tests {
                     })
                     .collect()
             };
+            let noise: Vec<f64> = (0..n * n).map(|_| 1e-3 * rng.normal()).collect();
+            let tiny = |rank: usize, scale: f64| -> Vec<f64> {
+                wm(rank)
+                    .iter()
+                    .zip(&noise)
+                    .map(|(c, e)| scale * (c + e))
+                    .collect()
+            };
             let costs = [
                 (0..n * n).map(|_| rng.normal()).collect::<Vec<f64>>(),
                 wm(3),
                 wm(1),
                 (0..n * n).map(|_| rng.below(5) as f64).collect(),
+                // Low rank plus noise at tiny scales: the check's tolerance
+                // must follow the costs' range, not an absolute floor.
+                tiny(1, 1e-12),
+                tiny(2, 1e-9),
+                tiny(3, 1e-12),
             ];
             for (kind, cost) in costs.iter().enumerate() {
                 for obj in [Objective::Minimize, Objective::Maximize] {
@@ -639,19 +654,24 @@ mod tests {
                     let (p, duals) = solve_warm(cost, n, obj, None, "t").unwrap();
                     assert!(is_permutation(&p));
                     let (want, got) = (total(cost, n, &dense), total(cost, n, &p));
+                    let scale = cost.iter().fold(0.0f64, |m, x| m.max(x.abs()));
                     assert!(
-                        (want - got).abs() < 1e-9 * (1.0 + want.abs()),
+                        (want - got).abs() <= 1e-9 * scale * n as f64,
                         "n={n} kind={kind} {obj:?}: {got} vs dense {want}"
                     );
-                    let near: Vec<f64> = cost.iter().map(|x| x + 0.01 * rng.normal()).collect();
+                    let near: Vec<f64> = cost
+                        .iter()
+                        .map(|x| x + 0.01 * scale * rng.normal())
+                        .collect();
                     let (hot, _) = solve_warm(&near, n, obj, Some(&duals), "t").unwrap();
                     let shifted: Vec<f64> = near.iter().map(|&x| sign * x).collect();
                     let lo = shifted.iter().copied().fold(f64::INFINITY, f64::min);
                     let shifted: Vec<f64> = shifted.iter().map(|x| x - lo).collect();
                     let (dense, _) = shortest_augmenting_path(&shifted, n, None);
                     let (want, got) = (total(&near, n, &dense), total(&near, n, &hot));
+                    let scale = near.iter().fold(0.0f64, |m, x| m.max(x.abs()));
                     assert!(
-                        (want - got).abs() < 1e-9 * (1.0 + want.abs()),
+                        (want - got).abs() <= 1e-9 * scale * n as f64,
                         "warm n={n} kind={kind} {obj:?}: {got} vs dense {want}"
                     );
                 }

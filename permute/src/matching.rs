@@ -419,7 +419,7 @@ impl GroupSimilarity {
     pub(crate) fn solve(&self, g: &Group, warm: Option<&Duals>) -> Result<(GroupPerm, Duals)> {
         let (nb, bs) = (self.blocks, self.bs);
         // Units with one fixed family: the similarity is the cost matrix itself.
-        if bs == 1 && self.copies == 1 && g.families == [Inner::Identity] {
+        if bs == 1 && g.copies == Inner::Identity && g.families == [Inner::Identity] {
             let (outer, duals) = solve_warm(&self.sim[0], nb, Objective::Maximize, warm, &g.name)?;
             let inner = vec![vec![]];
             return Ok((
@@ -834,6 +834,32 @@ fn objective_and_distance(
 #[cfg(test)]
 mod tests {
     use super::permutations;
+    use crate::spec::{Group, Inner, PermutationSpec, apply};
+    use ndarray::{ArrayD, IxDyn};
+    use weights::{StateDict, Tensor};
+
+    /// A unit group whose copies are declared free while no member repeats
+    /// (one copy per block) is solved by the general path, whose value carries
+    /// the one-copy orders that `apply` checks for.
+    #[test]
+    fn free_copies_of_single_copy_units_give_an_applicable_value() {
+        let mut rng = spectra::rng::Rng::new(5);
+        let model = |rng: &mut spectra::rng::Rng| {
+            let mut sd = StateDict::new();
+            for (name, shape) in [("l0.weight", vec![6, 4]), ("l1.weight", vec![3, 6])] {
+                let data = ArrayD::from_shape_fn(IxDyn(&shape), |_| rng.normal() as f32);
+                sd.insert(name, Tensor::f32(data));
+            }
+            sd
+        };
+        let (a, b) = (model(&mut rng), model(&mut rng));
+        let mut g = Group::units("h", 6, &[("l0.weight", 0), ("l1.weight", 1)]);
+        g.copies = Inner::Free;
+        let spec = PermutationSpec { groups: vec![g] };
+        let res = super::weight_matching(&spec, &a, &b, &Default::default()).unwrap();
+        let aligned = apply(&spec, &res.perm, &b).unwrap();
+        assert!((super::l2_distance(&a, &aligned) - res.l2_after).abs() < 1e-9);
+    }
 
     #[test]
     fn permutations_lists_each_order_once() {
