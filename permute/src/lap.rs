@@ -124,19 +124,22 @@ struct Shifted<'a> {
 
 impl Shifted<'_> {
     #[inline]
+    fn shift(&self, x: f64) -> f64 {
+        self.sign * x - self.lo
+    }
+
+    #[inline]
     fn at(&self, k: usize) -> f64 {
-        self.sign * self.raw[k] - self.lo
+        self.shift(self.raw[k])
     }
 
     /// Row `i` of an `n`-column matrix.
     fn row(&self, i: usize, n: usize) -> impl Iterator<Item = f64> + '_ {
-        self.raw[i * n..(i + 1) * n]
-            .iter()
-            .map(|&x| self.sign * x - self.lo)
+        self.raw[i * n..(i + 1) * n].iter().map(|&x| self.shift(x))
     }
 
     fn to_vec(&self) -> Vec<f64> {
-        self.raw.iter().map(|&x| self.sign * x - self.lo).collect()
+        self.raw.iter().map(|&x| self.shift(x)).collect()
     }
 }
 
@@ -643,37 +646,38 @@ mod tests {
             ];
             for (kind, cost) in costs.iter().enumerate() {
                 for obj in [Objective::Minimize, Objective::Maximize] {
-                    let sign = if obj == Objective::Maximize {
-                        -1.0
-                    } else {
-                        1.0
+                    // `p`'s total against the dense search's on `cost`.
+                    let check = |cost: &[f64], p: &[usize], what: &str| {
+                        let sign = if obj == Objective::Maximize {
+                            -1.0
+                        } else {
+                            1.0
+                        };
+                        let lo = cost.iter().map(|&x| sign * x).fold(f64::INFINITY, f64::min);
+                        let shifted = Shifted {
+                            raw: cost,
+                            sign,
+                            lo,
+                        }
+                        .to_vec();
+                        let dense = shortest_augmenting_path(&shifted, n, None).0;
+                        let (want, got) = (total(cost, n, &dense), total(cost, n, p));
+                        let scale = cost.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                        assert!(is_permutation(p));
+                        assert!(
+                            (want - got).abs() <= 1e-9 * scale * n as f64,
+                            "{what} n={n} kind={kind} {obj:?}: {got} vs dense {want}"
+                        );
                     };
-                    let lo = cost.iter().map(|&x| sign * x).fold(f64::INFINITY, f64::min);
-                    let shifted: Vec<f64> = cost.iter().map(|&x| sign * x - lo).collect();
-                    let (dense, _) = shortest_augmenting_path(&shifted, n, None);
                     let (p, duals) = solve_warm(cost, n, obj, None, "t").unwrap();
-                    assert!(is_permutation(&p));
-                    let (want, got) = (total(cost, n, &dense), total(cost, n, &p));
+                    check(cost, &p, "cold");
                     let scale = cost.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-                    assert!(
-                        (want - got).abs() <= 1e-9 * scale * n as f64,
-                        "n={n} kind={kind} {obj:?}: {got} vs dense {want}"
-                    );
                     let near: Vec<f64> = cost
                         .iter()
                         .map(|x| x + 0.01 * scale * rng.normal())
                         .collect();
                     let (hot, _) = solve_warm(&near, n, obj, Some(&duals), "t").unwrap();
-                    let shifted: Vec<f64> = near.iter().map(|&x| sign * x).collect();
-                    let lo = shifted.iter().copied().fold(f64::INFINITY, f64::min);
-                    let shifted: Vec<f64> = shifted.iter().map(|x| x - lo).collect();
-                    let (dense, _) = shortest_augmenting_path(&shifted, n, None);
-                    let (want, got) = (total(&near, n, &dense), total(&near, n, &hot));
-                    let scale = near.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-                    assert!(
-                        (want - got).abs() <= 1e-9 * scale * n as f64,
-                        "warm n={n} kind={kind} {obj:?}: {got} vs dense {want}"
-                    );
+                    check(&near, &hot, "warm");
                 }
             }
         }

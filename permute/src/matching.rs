@@ -418,20 +418,10 @@ impl GroupSimilarity {
     /// The best value for this similarity.
     pub(crate) fn solve(&self, g: &Group, warm: Option<&Duals>) -> Result<(GroupPerm, Duals)> {
         let (nb, bs) = (self.blocks, self.bs);
-        // Units with one fixed family: the similarity is the cost matrix itself.
-        if bs == 1 && g.copies == Inner::Identity && g.families == [Inner::Identity] {
-            let (outer, duals) = solve_warm(&self.sim[0], nb, Objective::Maximize, warm, &g.name)?;
-            let inner = vec![vec![]];
-            return Ok((
-                GroupPerm {
-                    outer,
-                    inner,
-                    copies: vec![],
-                },
-                duals,
-            ));
-        }
-        let mut outer_cost = vec![0.0; nb * nb];
+        // Units (one unit per block, one copy, fixed families): the cost
+        // matrix is the families' similarities summed, and the similarity
+        // itself, not a copy, when there is one family.
+        let units = bs == 1 && self.copies == 1 && g.families.iter().all(|f| *f == Inner::Identity);
         // Inner solutions per (family, a·B + b) and copy orders per block
         // pair, kept to avoid solving twice.
         let mut inner_best: Vec<Vec<Vec<usize>>> = g
@@ -446,40 +436,45 @@ impl GroupSimilarity {
             Inner::Identity => vec![],
             Inner::Free => vec![(0..self.copies).collect(); nb * nb],
         };
-        if bs == 1 && self.copies == 1 && g.families.iter().all(|f| *f == Inner::Identity) {
-            // Units, not blocks: the similarity is the cost matrix itself.
-            for fam in &self.sim {
-                outer_cost.iter_mut().zip(fam).for_each(|(c, &s)| *c += s);
-            }
-        } else if self.copies == 1 {
-            // Family by family over the similarity blocks, without per-pair
-            // records (an MLP group of 512 units has 262,144 block pairs).
-            for (f, kind) in g.families.iter().enumerate() {
-                for (ab, cost) in outer_cost.iter_mut().enumerate() {
-                    let blk = self.block(f, ab / nb, ab % nb);
-                    *cost += match kind {
-                        Inner::Identity => (0..bs).map(|i| blk[i * bs + i]).sum::<f64>(),
-                        Inner::Free => {
-                            let p = solve(blk, bs, Objective::Maximize, &g.name)?;
-                            let v = (0..bs).map(|i| blk[i * bs + p[i]]).sum::<f64>();
-                            inner_best[f][ab] = p;
-                            v
-                        }
-                    };
-                }
-            }
+        let outer_cost: std::borrow::Cow<'_, [f64]> = if units && self.sim.len() == 1 {
+            std::borrow::Cow::Borrowed(&self.sim[0])
         } else {
-            for (ab, cost) in outer_cost.iter_mut().enumerate() {
-                let best = self.best_pair(g, ab / nb, ab % nb)?;
-                *cost = best.score;
-                for (f, p) in best.inner.into_iter().enumerate() {
-                    if g.families[f] == Inner::Free {
-                        inner_best[f][ab] = p;
+            let mut outer_cost = vec![0.0; nb * nb];
+            if units {
+                for fam in &self.sim {
+                    outer_cost.iter_mut().zip(fam).for_each(|(c, &s)| *c += s);
+                }
+            } else if self.copies == 1 {
+                // Family by family over the similarity blocks, without per-pair
+                // records (an MLP group of 512 units has 262,144 block pairs).
+                for (f, kind) in g.families.iter().enumerate() {
+                    for (ab, cost) in outer_cost.iter_mut().enumerate() {
+                        let blk = self.block(f, ab / nb, ab % nb);
+                        *cost += match kind {
+                            Inner::Identity => (0..bs).map(|i| blk[i * bs + i]).sum::<f64>(),
+                            Inner::Free => {
+                                let p = solve(blk, bs, Objective::Maximize, &g.name)?;
+                                let v = (0..bs).map(|i| blk[i * bs + p[i]]).sum::<f64>();
+                                inner_best[f][ab] = p;
+                                v
+                            }
+                        };
                     }
                 }
-                copies_best[ab] = best.copies;
+            } else {
+                for (ab, cost) in outer_cost.iter_mut().enumerate() {
+                    let best = self.best_pair(g, ab / nb, ab % nb)?;
+                    *cost = best.score;
+                    for (f, p) in best.inner.into_iter().enumerate() {
+                        if g.families[f] == Inner::Free {
+                            inner_best[f][ab] = p;
+                        }
+                    }
+                    copies_best[ab] = best.copies;
+                }
             }
-        }
+            std::borrow::Cow::Owned(outer_cost)
+        };
         let (outer, duals) = solve_warm(&outer_cost, nb, Objective::Maximize, warm, &g.name)?;
         let chosen = |v: &mut Vec<Vec<usize>>| -> Vec<Vec<usize>> {
             (0..nb)
@@ -537,17 +532,15 @@ pub(crate) fn group_similarity(
 ) -> GroupSimilarity {
     let g = &spec.groups[gi];
     // B's member with the other groups applied; A's is read in place.
-    let permuted_b = |m: &crate::spec::Member| {
-        permute_tensor(
+    let add = |acc: &mut GroupSimilarity, prod: &mut Vec<f32>, m: &crate::spec::Member| {
+        let entries = &by_weight[m.weight.as_str()];
+        let wb = permute_tensor(
             spec,
             perm,
-            &by_weight[m.weight.as_str()],
+            entries,
             &b.get(&m.weight).expect("validated").data,
             Some(gi),
-        )
-    };
-    let add = |acc: &mut GroupSimilarity, prod: &mut Vec<f32>, m: &crate::spec::Member| {
-        let wb = permuted_b(m);
+        );
         let ua = unfold(&a.get(&m.weight).expect("validated").data, m.axis);
         acc.add(
             m.family,
@@ -649,19 +642,6 @@ impl Schedule {
         }
     }
 
-    /// The rounds of one pass over `order`, in turn.
-    fn pass(&self, order: &[usize]) -> Pass {
-        let mut pos = vec![0; order.len()];
-        for (p, &gi) in order.iter().enumerate() {
-            pos[gi] = p;
-        }
-        Pass {
-            order: order.to_vec(),
-            pos,
-            done: vec![false; order.len()],
-        }
-    }
-
     /// The next round of `pass` (empty when the pass is over), marked solved.
     fn round(&mut self, spec: &PermutationSpec, pass: &mut Pass) -> Vec<usize> {
         let mut batch: Vec<usize> = Vec::new();
@@ -707,6 +687,18 @@ struct Pass {
     done: Vec<bool>,
 }
 
+impl Pass {
+    /// A pass that visits the groups in `order`, none done yet.
+    fn new(order: Vec<usize>) -> Pass {
+        let mut pos = vec![0; order.len()];
+        for (p, &gi) in order.iter().enumerate() {
+            pos[gi] = p;
+        }
+        let done = vec![false; order.len()];
+        Pass { order, pos, done }
+    }
+}
+
 /// Aligns model `b` to model `a` (see the module docs).
 pub fn weight_matching(
     spec: &PermutationSpec,
@@ -735,7 +727,7 @@ pub fn weight_matching(
         let mut order: Vec<usize> = (0..spec.groups.len()).collect();
         rng.shuffle(&mut order);
         let mut progress = false;
-        let mut pass = schedule.pass(&order);
+        let mut pass = Pass::new(order);
         loop {
             let batch = schedule.round(spec, &mut pass);
             if batch.is_empty() {
@@ -771,17 +763,18 @@ pub fn weight_matching(
             break;
         }
     }
-    let l2_before = l2_distance(a, b);
-    // The spec's weights as the last pass left them, the others unpermuted.
-    let spec_distance =
+    // The weights the spec names before and as the last pass left them; the
+    // others, which no permutation moves, once for both.
+    let spec_before = squared_distance(a, b, |name| by_weight.contains_key(name));
+    let spec_after =
         spec_distance.unwrap_or_else(|| objective_and_distance(spec, &perm, a, b, &by_weight).1);
     let rest = squared_distance(a, b, |name| !by_weight.contains_key(name));
     Ok(MatchResult {
         perm,
         objective,
         passes,
-        l2_before,
-        l2_after: (spec_distance + rest).sqrt(),
+        l2_before: (spec_before + rest).sqrt(),
+        l2_after: (spec_after + rest).sqrt(),
     })
 }
 

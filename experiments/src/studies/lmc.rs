@@ -825,24 +825,24 @@ fn method_curve(
     let Some(probe) = repair_probe else {
         return Ok((curve(arch, a, bp, grid, eval_train, eval_test)?, 0.0));
     };
-    let t = Instant::now();
-    let rep = repaired(arch, a, bp, probe)?;
-    let build = t.elapsed().as_secs_f64();
-    let (c, secs) = repaired_curve(grid, &rep, |m| {
-        Ok([arch.evaluate(m, eval_train)?, arch.evaluate(m, eval_test)?])
-    })?;
-    Ok((c, build + secs))
+    repaired_curve(
+        grid,
+        || repaired(arch, a, bp, probe),
+        |m| Ok([arch.evaluate(m, eval_train)?, arch.evaluate(m, eval_test)?]),
+    )
 }
 
-/// The curve of `rep`'s repaired interpolations scored by `score` (as
-/// [`curve_scored`]), and the seconds the corrections took apart from the
-/// scoring.
-pub(crate) fn repaired_curve(
+/// The curve of the repaired interpolations that `build` prepares, scored by
+/// `score` (as [`curve_scored`]), and the seconds REPAIR took (preparing and
+/// correcting) apart from the scoring.
+pub(crate) fn repaired_curve<'m>(
     grid: usize,
-    rep: &permute::repair::RepairedInterpolation<'_, Taps<'_>>,
+    build: impl FnOnce() -> anyhow::Result<permute::repair::RepairedInterpolation<'m, Taps<'m>>>,
     score: impl Fn(&StateDict) -> anyhow::Result<[(f64, f64); 2]>,
 ) -> anyhow::Result<(Curve, f64)> {
-    let secs = std::cell::Cell::new(0.0);
+    let t = Instant::now();
+    let rep = build()?;
+    let secs = std::cell::Cell::new(t.elapsed().as_secs_f64());
     let at = |l| {
         let t = Instant::now();
         let m = rep.at(l);

@@ -614,11 +614,7 @@ fn method_row(
             let lerp = |l: f64| Ok(permute::interp::lerp(a, &m.b, l as f32)?);
             return Ok((curve_scored(grid, lerp, score)?, 0.0));
         }
-        let t = Instant::now();
-        let rep = repaired(c, a, &m.b, probe)?;
-        let build = t.elapsed().as_secs_f64();
-        let (curve, secs) = repaired_curve(grid, &rep, score)?;
-        anyhow::Ok((curve, build + secs))
+        repaired_curve(grid, || repaired(c, a, &m.b, probe), score)
     })?;
     let l2 = permute::matching::l2_distance(a, &m.b);
     Ok(MethodRow::new(curve, l2, m.seconds + secs, b_test_loss))
