@@ -14,22 +14,9 @@ const FFN: usize = 2048;
 const LAYERS: usize = 4;
 const VOCAB: usize = 8000;
 
+/// A 4-layer LLaMA of hidden 768 (12 heads), FFN 2048, vocabulary 8000, untied head.
 fn shapes() -> Vec<(String, Vec<usize>)> {
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![VOCAB, HIDDEN])];
-    for l in 0..LAYERS {
-        let p = format!("model.layers.{l}");
-        v.push((format!("{p}.input_layernorm.weight"), vec![HIDDEN]));
-        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            v.push((format!("{p}.self_attn.{n}.weight"), vec![HIDDEN, HIDDEN]));
-        }
-        v.push((format!("{p}.post_attention_layernorm.weight"), vec![HIDDEN]));
-        v.push((format!("{p}.mlp.gate_proj.weight"), vec![FFN, HIDDEN]));
-        v.push((format!("{p}.mlp.up_proj.weight"), vec![FFN, HIDDEN]));
-        v.push((format!("{p}.mlp.down_proj.weight"), vec![HIDDEN, FFN]));
-    }
-    v.push(("model.norm.weight".to_string(), vec![HIDDEN]));
-    v.push(("lm_head.weight".to_string(), vec![VOCAB, HIDDEN]));
-    v
+    weights::LlamaConfig::tiny(VOCAB, HIDDEN, LAYERS, 12, 12, FFN).weight_shapes()
 }
 
 /// A cheap deterministic value of model `m` at flat position `i`.

@@ -37,26 +37,14 @@ pub fn mlp_shapes(width: usize) -> Vec<(String, Vec<usize>)> {
 }
 
 /// GPT-2-small's sizes in LLaMA names: 12 layers, hidden 768, 12 heads, FFN
-/// 3072, vocabulary 1000 (its config: [`transformer_config`]).
-pub fn transformer_shapes() -> Vec<(String, Vec<usize>)> {
-    let (h, f) = (768, 3072);
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![1000, h])];
-    for l in 0..12 {
-        let p = format!("model.layers.{l}");
-        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            v.push((format!("{p}.self_attn.{n}.weight"), vec![h, h]));
-        }
-        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        v.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
-        v.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
-        v.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
-    }
-    v.push(("model.norm.weight".to_string(), vec![h]));
-    v
+/// 3072, vocabulary 1000, the head tied to the embedding.
+pub fn transformer_config() -> weights::LlamaConfig {
+    let mut c = weights::LlamaConfig::tiny(1000, 768, 12, 12, 12, 3072);
+    c.tie_word_embeddings = true;
+    c
 }
 
-/// The configuration of [`transformer_shapes`].
-pub fn transformer_config() -> weights::LlamaConfig {
-    weights::LlamaConfig::tiny(1000, 768, 12, 12, 12, 3072)
+/// The weights of [`transformer_config`], in checkpoint order.
+pub fn transformer_shapes() -> Vec<(String, Vec<usize>)> {
+    transformer_config().weight_shapes()
 }

@@ -396,6 +396,52 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// Every weight of a checkpoint of this shape with its `[out, in]` shape,
+    /// in checkpoint order: the embedding; per block the input norm, q, k,
+    /// v, o, the post-attention norm and the FFN (gate, up, down, or with
+    /// [`LlamaConfig::moe`] the router and each expert's `w1`, `w2`, `w3`);
+    /// the final norm; the LM head unless tied.
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, f) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        );
+        let mut v = vec![(names::EMBED.to_string(), vec![self.vocab_size, h])];
+        for l in 0..self.num_hidden_layers {
+            v.push((names::weight(l, names::INPUT_NORM), vec![h]));
+            for (part, shape) in [
+                (names::Q_PROJ, vec![q, h]),
+                (names::K_PROJ, vec![kv, h]),
+                (names::V_PROJ, vec![kv, h]),
+                (names::O_PROJ, vec![h, q]),
+            ] {
+                v.push((names::weight(l, part), shape));
+            }
+            v.push((names::weight(l, names::POST_ATTENTION_NORM), vec![h]));
+            match &self.moe {
+                None => {
+                    v.push((names::weight(l, names::GATE_PROJ), vec![f, h]));
+                    v.push((names::weight(l, names::UP_PROJ), vec![f, h]));
+                    v.push((names::weight(l, names::DOWN_PROJ), vec![h, f]));
+                }
+                Some(moe) => {
+                    v.push((names::router(l), vec![moe.num_local_experts, h]));
+                    for e in 0..moe.num_local_experts {
+                        v.push((names::expert(l, e, "w1"), vec![f, h]));
+                        v.push((names::expert(l, e, "w2"), vec![h, f]));
+                        v.push((names::expert(l, e, "w3"), vec![f, h]));
+                    }
+                }
+            }
+        }
+        v.push((names::NORM.to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            v.push((names::LM_HEAD.to_string(), vec![self.vocab_size, h]));
+        }
+        v
+    }
+
     /// The Hugging Face `config.json` for this shape: `LlamaForCausalLM`, or
     /// `MixtralForCausalLM` with [`LlamaConfig::moe`] (no sliding window,
     /// router logits not output, transformers' default auxiliary-loss weight).
@@ -437,6 +483,30 @@ impl LlamaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint laid out by `weight_shapes` reads back as the same shape
+    /// (`from_state_dict`, which infers from names and shapes), dense and
+    /// Mixtral, tied and untied; GQA shrinks k/v to the key/value heads.
+    #[test]
+    fn weight_shapes_read_back_as_the_same_config() {
+        let dense = LlamaConfig::tiny(50, 24, 3, 4, 4, 40);
+        let mut tied = dense.clone();
+        tied.tie_word_embeddings = true;
+        let mixtral = dense.clone().with_experts(4, 2);
+        for c in [dense, tied, mixtral] {
+            let mut sd = StateDict::new();
+            for (name, shape) in c.weight_shapes() {
+                sd.insert(name, crate::Tensor::f32(ndarray::ArrayD::zeros(shape)));
+            }
+            assert_eq!(LlamaConfig::from_state_dict(&sd, 4).unwrap(), c);
+        }
+        let gqa = LlamaConfig::tiny(50, 24, 2, 4, 2, 40).weight_shapes();
+        let k = gqa
+            .iter()
+            .find(|(n, _)| n == &names::weight(1, names::K_PROJ));
+        assert_eq!(k.unwrap().1, vec![12, 24]);
+        assert_eq!(gqa.len(), 1 + 2 * 9 + 2);
+    }
 
     #[test]
     fn a_mixtral_config_round_trips_and_is_checked() {
