@@ -72,10 +72,7 @@ pub fn solve_warm(
     };
     // Branch-free (vectorised) bounds; a non-finite entry is looked for only
     // when the sum says there is one.
-    let (lo, hi, sum) = cost.iter().fold(
-        (f64::INFINITY, f64::NEG_INFINITY, 0.0),
-        |(lo, hi, sum), &x| (lo.min(sign * x), hi.max(sign * x), sum + x * 0.0),
-    );
+    let (lo, hi, sum) = bounds(cost, sign);
     if !sum.is_finite() {
         let k = cost
             .iter()
@@ -110,6 +107,37 @@ pub fn solve_warm(
             v: v.into_iter().map(|x| x + lo).collect(),
         },
     ))
+}
+
+/// `(min, max, Σ 0·x)` of `sign·cost` in eight independent lanes (one
+/// running minimum waits on the previous one's latency at every entry); the
+/// sum is NaN exactly when an entry is not finite.
+fn bounds(cost: &[f64], sign: f64) -> (f64, f64, f64) {
+    const LANES: usize = 8;
+    let (mut lo, mut hi, mut sum) = (
+        [f64::INFINITY; LANES],
+        [f64::NEG_INFINITY; LANES],
+        [0.0; LANES],
+    );
+    let chunks = cost.chunks_exact(LANES);
+    for (k, &x) in chunks.remainder().iter().enumerate() {
+        lo[k] = lo[k].min(sign * x);
+        hi[k] = hi[k].max(sign * x);
+        sum[k] += x * 0.0;
+    }
+    for chunk in chunks {
+        for k in 0..LANES {
+            lo[k] = lo[k].min(sign * chunk[k]);
+            hi[k] = hi[k].max(sign * chunk[k]);
+            sum[k] += chunk[k] * 0.0;
+        }
+    }
+    let fold = |xs: [f64; LANES], f: fn(f64, f64) -> f64, init: f64| xs.into_iter().fold(init, f);
+    (
+        fold(lo, f64::min, f64::INFINITY),
+        fold(hi, f64::max, f64::NEG_INFINITY),
+        sum.iter().sum(),
+    )
 }
 
 const NONE: usize = usize::MAX;
@@ -175,16 +203,18 @@ fn candidates_then_verify(
     let mut k = CANDIDATES.min(n);
     let v = warm_v.unwrap_or_else(|| vec![0.0; n]);
     let mut cand = cheapest_columns(c, n, &v, k);
-    let mut sparse = Sparse::start(c, n, &cand, v);
+    let mut sparse = Sparse::start(n, &cand, v);
+    sparse.reduce(&cand);
     let mut member = vec![false; n];
     for _ in 0..MAX_ROUNDS {
-        if !sparse.augment(c, n, &cand) {
+        if !sparse.augment(n, &cand) {
             k *= 2;
             if k > n / 4 {
                 return shortest_augmenting_path(&c.to_vec(), n, Some(sparse.v));
             }
             cand = cheapest_columns(c, n, &sparse.v, k);
-            sparse = Sparse::start(c, n, &cand, sparse.v);
+            sparse = Sparse::start(n, &cand, sparse.v);
+            sparse.reduce(&cand);
             continue;
         }
         let mut violated = false;
@@ -194,18 +224,18 @@ fn candidates_then_verify(
             for (j, (cij, &vj)) in c.row(i, n).zip(&sparse.v).enumerate() {
                 if cij - ui - vj < -tol {
                     if !grew {
-                        cols.iter().for_each(|&j| member[j] = true);
+                        cols.iter().for_each(|&(j, _)| member[j] = true);
                         grew = true;
                     }
                     if !member[j] {
-                        cols.push(j);
+                        cols.push((j, cij));
                         member[j] = true;
                     }
                 }
             }
             if grew {
-                cols.iter().for_each(|&j| member[j] = false);
-                sparse.reseat(c, n, i, cols);
+                cols.iter().for_each(|&(j, _)| member[j] = false);
+                sparse.reseat(i, cols);
                 violated = true;
             }
         }
@@ -218,22 +248,47 @@ fn candidates_then_verify(
     shortest_augmenting_path(&c.to_vec(), n, Some(sparse.v))
 }
 
-/// Per row, the `k` columns of least reduced cost `c_ij − v_j`.
-fn cheapest_columns(c: &Shifted<'_>, n: usize, v: &[f64], k: usize) -> Vec<Vec<usize>> {
-    let mut keyed: Vec<(f64, usize)> = Vec::with_capacity(n);
+/// A row's candidate edges: `(j, c_ij)`, the cost kept beside its column so
+/// that the sparse search reads a few compact rows instead of scattered
+/// entries of the whole matrix.
+type Edges = Vec<(usize, f64)>;
+
+/// Per row, the `k` columns of least reduced cost `c_ij − v_j`, with their costs.
+///
+/// A strided sample of the row gives a threshold that about `2k` of its
+/// entries pass; only those are ranked (the whole row when fewer than `k` do).
+fn cheapest_columns(c: &Shifted<'_>, n: usize, v: &[f64], k: usize) -> Vec<Edges> {
+    let stride = (n / (4 * k)).max(1);
+    let (mut reduced, mut sample, mut keyed) = (Vec::with_capacity(n), Vec::new(), Vec::new());
     (0..n)
         .map(|i| {
+            reduced.clear();
+            reduced.extend(c.row(i, n).zip(v).map(|(cij, &vj)| cij - vj));
             keyed.clear();
-            keyed.extend(
-                c.row(i, n)
-                    .zip(v)
-                    .enumerate()
-                    .map(|(j, (cij, &vj))| (cij - vj, j)),
-            );
             if k < n {
+                sample.clear();
+                sample.extend(reduced.iter().step_by(stride));
+                let q = ((2 * k * sample.len()).div_ceil(n)).min(sample.len() - 1);
+                let (_, &mut threshold, _) = sample.select_nth_unstable_by(q, f64::total_cmp);
+                keyed.extend(
+                    reduced
+                        .iter()
+                        .enumerate()
+                        .filter(|&(_, &r)| r <= threshold)
+                        .map(|(j, &r)| (r, j)),
+                );
+            }
+            if keyed.len() < k {
+                keyed.clear();
+                keyed.extend(reduced.iter().enumerate().map(|(j, &r)| (r, j)));
+            }
+            if k < keyed.len() {
                 keyed.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
             }
-            keyed[..k].iter().map(|&(_, j)| j).collect()
+            keyed[..k]
+                .iter()
+                .map(|&(_, j)| (j, c.at(i * n + j)))
+                .collect()
         })
         .collect()
 }
@@ -274,7 +329,7 @@ struct Sparse {
 impl Sparse {
     /// From column duals `v`: each row's dual is its least reduced cost over
     /// its candidates, and it takes that column if no earlier row has.
-    fn start(c: &Shifted<'_>, n: usize, cand: &[Vec<usize>], v: Vec<f64>) -> Sparse {
+    fn start(n: usize, cand: &[Edges], v: Vec<f64>) -> Sparse {
         let mut s = Sparse {
             u: vec![0.0; n],
             v,
@@ -282,7 +337,7 @@ impl Sparse {
             row4col: vec![NONE; n],
         };
         for (i, cols) in cand.iter().enumerate() {
-            let arg = s.lower_u(c, n, i, cols);
+            let arg = s.lower_u(i, cols);
             if s.row4col[arg] == NONE {
                 s.row4col[arg] = i;
                 s.col4row[i] = arg;
@@ -291,11 +346,70 @@ impl Sparse {
         s
     }
 
+    /// Jonker & Volgenant's augmenting row reduction on the candidate edges:
+    /// a free row takes its cheapest column and lowers that column's dual by
+    /// the gap to its second cheapest, so that the row it displaces (placed
+    /// next) sees the column as dearer, an auction step that places most rows
+    /// before any shortest-path search. Duals only fall, so every candidate
+    /// edge keeps a non-negative reduced cost and every matched edge a zero
+    /// one. Two sweeps, each at most `8n` steps; the rows left free get their
+    /// least reduced cost as dual for [`Sparse::augment`].
+    fn reduce(&mut self, cand: &[Edges]) {
+        let n = self.u.len();
+        let mut free: Vec<usize> = (0..n).filter(|&i| self.col4row[i] == NONE).collect();
+        for _ in 0..2 {
+            let mut next = Vec::new();
+            let (mut k, mut steps) = (0, 0);
+            while k < free.len() {
+                let i = free[k];
+                k += 1;
+                steps += 1;
+                let (mut u1, mut j1, mut u2, mut j2) = (f64::INFINITY, NONE, f64::INFINITY, NONE);
+                for &(j, cij) in &cand[i] {
+                    let r = cij - self.v[j];
+                    if r < u1 {
+                        (u2, j2, u1, j1) = (u1, j1, r, j);
+                    } else if r < u2 {
+                        (u2, j2) = (r, j);
+                    }
+                }
+                let mut i0 = self.row4col[j1];
+                let lowers = u1 < u2 && u2.is_finite() && steps <= 8 * n;
+                if lowers {
+                    self.v[j1] -= u2 - u1;
+                } else if i0 != NONE && j2 != NONE && u2 == u1 {
+                    // A tie: the second column, which may be free.
+                    j1 = j2;
+                    i0 = self.row4col[j2];
+                }
+                if i0 != NONE {
+                    self.col4row[i0] = NONE;
+                    if lowers {
+                        k -= 1;
+                        free[k] = i0;
+                    } else {
+                        next.push(i0);
+                    }
+                }
+                self.u[i] = cand[i]
+                    .iter()
+                    .find(|&&(j, _)| j == j1)
+                    .map_or(u1, |&(_, cij)| cij - self.v[j1]);
+                self.col4row[i] = j1;
+                self.row4col[j1] = i;
+            }
+            free = next;
+        }
+        for &i in &free {
+            self.lower_u(i, &cand[i]);
+        }
+    }
+
     /// Sets `u_i` to row `i`'s least reduced cost; returns its column.
-    fn lower_u(&mut self, c: &Shifted<'_>, n: usize, i: usize, cols: &[usize]) -> usize {
+    fn lower_u(&mut self, i: usize, cols: &[(usize, f64)]) -> usize {
         let (mut best, mut arg) = (f64::INFINITY, NONE);
-        for &j in cols {
-            let r = c.at(i * n + j) - self.v[j];
+        for &(j, cij) in cols {
+            let r = cij - self.v[j];
             if r < best {
                 best = r;
                 arg = j;
@@ -308,8 +422,8 @@ impl Sparse {
     /// Row `i`'s candidates grew by edges its dual violated: lowering `u_i`
     /// restores the invariant except on its matched edge, which is no longer
     /// tight, so the row is freed (the next [`Sparse::augment`] places it).
-    fn reseat(&mut self, c: &Shifted<'_>, n: usize, i: usize, cols: &[usize]) {
-        self.lower_u(c, n, i, cols);
+    fn reseat(&mut self, i: usize, cols: &[(usize, f64)]) {
+        self.lower_u(i, cols);
         let j = std::mem::replace(&mut self.col4row[i], NONE);
         if j != NONE {
             self.row4col[j] = NONE;
@@ -319,7 +433,7 @@ impl Sparse {
     /// The shortest-augmenting-path search from every free row on the edges
     /// `cand` only (a heap instead of a scan over every column); `false`
     /// when the edges hold no perfect matching.
-    fn augment(&mut self, c: &Shifted<'_>, n: usize, cand: &[Vec<usize>]) -> bool {
+    fn augment(&mut self, n: usize, cand: &[Edges]) -> bool {
         let (u, v) = (&mut self.u, &mut self.v);
         let (col4row, row4col) = (&mut self.col4row, &mut self.row4col);
         let mut shortest = vec![f64::INFINITY; n];
@@ -336,11 +450,11 @@ impl Sparse {
             let sink = loop {
                 rows.push(i);
                 let ui = u[i];
-                for &j in &cand[i] {
+                for &(j, cij) in &cand[i] {
                     if scanned[j] {
                         continue;
                     }
-                    let r = min_val + c.at(i * n + j) - ui - v[j];
+                    let r = min_val + cij - ui - v[j];
                     if r < shortest[j] {
                         if shortest[j] == f64::INFINITY {
                             touched.push(j);
