@@ -7,7 +7,9 @@ use weights::{StateDict, Tensor};
 
 use crate::error::{PermuteError, Result};
 use crate::lap::{Objective, solve};
-use crate::matching::{MatchOptions, check_models, group_similarity, l2_distance, weight_matching};
+use crate::matching::{
+    MatchOptions, Slot, check_models, group_similarity, l2_distance, weight_matching,
+};
 use crate::spec::{GroupPerm, Permutation, PermutationSpec, apply};
 
 /// The element-wise mean of models (same names and shapes).
@@ -221,7 +223,8 @@ pub fn pair_similarities(
     let mut out = IndexMap::new();
     for (gi, g) in spec.groups.iter().enumerate() {
         let p = &perm[&g.name];
-        let sim = group_similarity(spec, gi, perm, a, b, &by_weight);
+        let mut slots = vec![Slot::default(); g.members.len()];
+        let sim = group_similarity(spec, gi, perm, a, b, &by_weight, &mut slots);
         out.insert(
             g.name.clone(),
             (0..g.blocks)

@@ -21,7 +21,10 @@ use weights::StateDict;
 
 use crate::error::{PermuteError, Result};
 use crate::lap::{Duals, Objective, solve, solve_warm};
-use crate::spec::{Group, GroupPerm, Inner, Permutation, PermutationSpec, permute_tensor};
+use crate::spec::{
+    Group, GroupPerm, Inner, Permutation, PermutationSpec, gathered_rows, permute_index,
+    permute_tensor,
+};
 
 /// Options of [`weight_matching`].
 #[derive(Debug, Clone)]
@@ -78,17 +81,52 @@ fn squared_distance(a: &StateDict, b: &StateDict, keep: impl Fn(&str) -> bool + 
                 .get(name)
                 .filter(|tb| tb.shape() == ta.shape() && keep(name))
             {
-                Some(tb) => ta
-                    .data
-                    .iter()
-                    .zip(tb.data.iter())
-                    .map(|(x, y)| ((x - y) as f64).powi(2))
-                    .sum::<f64>(),
+                Some(tb) => dot_and_squared(&ta.data, &tb.data).1,
                 None => 0.0,
             }
         })
         .collect();
     per.iter().sum()
+}
+
+/// Partial sums of `(Σ x·y, Σ (x − y)²)` in f64, eight interleaved lanes.
+#[derive(Default)]
+struct DotSquared {
+    dot: [f64; 8],
+    sq: [f64; 8],
+}
+
+impl DotSquared {
+    fn add(&mut self, xs: &[f32], ys: &[f32]) {
+        let (cx, cy) = (xs.chunks_exact(8), ys.chunks_exact(8));
+        for (&a, &b) in cx.remainder().iter().zip(cy.remainder()) {
+            let (a, b) = (a as f64, b as f64);
+            self.dot[0] += a * b;
+            self.sq[0] += (a - b) * (a - b);
+        }
+        for (cx, cy) in cx.zip(cy) {
+            for k in 0..8 {
+                let (a, b) = (cx[k] as f64, cy[k] as f64);
+                self.dot[k] += a * b;
+                self.sq[k] += (a - b) * (a - b);
+            }
+        }
+    }
+
+    fn sums(&self) -> (f64, f64) {
+        (self.dot.iter().sum(), self.sq.iter().sum())
+    }
+}
+
+/// `(Σ x·y, Σ (x − y)²)` over two tensors of one shape.
+fn dot_and_squared(x: &ArrayD<f32>, y: &ArrayD<f32>) -> (f64, f64) {
+    let (x, y) = (x.as_standard_layout(), y.as_standard_layout());
+    let mut acc = DotSquared::default();
+    acc.add(
+        x.as_slice().expect("standard"),
+        y.as_slice().expect("standard"),
+    );
+    acc.sums()
 }
 
 /// Checks that both models fit the spec, share shapes, and are finite.
@@ -206,22 +244,9 @@ impl GroupSimilarity {
         }
     }
 
-    /// Adds `A_mat · B_matᵀ` of one member (both `(axis_len, rest)`), using
-    /// `prod` as room for the product.
-    pub(crate) fn add(
-        &mut self,
-        family: usize,
-        repeat: usize,
-        a: ArrayView2<'_, f32>,
-        b: ArrayView2<'_, f32>,
-        prod: &mut Vec<f32>,
-    ) {
-        let n = a.nrows();
-        if prod.len() != n * n {
-            *prod = weights::mem::filled(n * n, 0.0);
-        }
-        spectra::linalg::matmul_nt(a, b, prod, "similarity").expect("members share their shapes");
-        let s: &[f32] = prod;
+    /// Adds one member's product `A_mat · B_matᵀ` (`n × n`, row-major; see [`product`]).
+    pub(crate) fn add(&mut self, family: usize, repeat: usize, s: &[f32]) {
+        let n = s.len().isqrt();
         let (nb, bs) = (self.blocks, self.bs);
         if repeat > 1 && self.copies > 1 {
             // Every copy pair of every block pair, kept apart.
@@ -521,7 +546,29 @@ fn permutations(n: usize) -> Vec<Vec<usize>> {
     out
 }
 
+/// `A_mat · B_matᵀ` of one member (both `(axis_len, rest)`) into `prod`.
+fn product(a: ArrayView2<'_, f32>, b: ArrayView2<'_, f32>, prod: &mut Vec<f32>) {
+    let n = a.nrows();
+    if prod.len() != n * n {
+        *prod = weights::mem::filled(n * n, 0.0);
+    }
+    spectra::linalg::matmul_nt(a, b, prod, "similarity").expect("members share their shapes");
+}
+
+/// What [`group_similarity`] does with one member's product.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Slot {
+    /// `prod` holds the product for the current values of the member's other groups: use it.
+    pub(crate) reuse: bool,
+    /// Keep the product in `prod` for a later solve.
+    pub(crate) keep: bool,
+    pub(crate) prod: Vec<f32>,
+}
+
 /// The similarity of group `gi` between A and B with the other groups of `perm` applied to B.
+///
+/// `slots` (one per member) say which members' products are already known
+/// and which to keep; the products of the others are formed here.
 pub(crate) fn group_similarity(
     spec: &PermutationSpec,
     gi: usize,
@@ -529,27 +576,39 @@ pub(crate) fn group_similarity(
     a: &StateDict,
     b: &StateDict,
     by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
+    slots: &mut [Slot],
 ) -> GroupSimilarity {
     let g = &spec.groups[gi];
     // B's member with the other groups applied; A's is read in place.
-    let add = |acc: &mut GroupSimilarity, prod: &mut Vec<f32>, m: &crate::spec::Member| {
-        let entries = &by_weight[m.weight.as_str()];
-        let wb = permute_tensor(
-            spec,
-            perm,
-            entries,
-            &b.get(&m.weight).expect("validated").data,
-            Some(gi),
-        );
-        let ua = unfold(&a.get(&m.weight).expect("validated").data, m.axis);
-        acc.add(
-            m.family,
-            m.repeat,
-            ua.view(),
-            unfold(&wb, m.axis).view(),
-            prod,
-        );
+    let add = |acc: &mut GroupSimilarity,
+               prod: &mut Vec<f32>,
+               m: &crate::spec::Member,
+               slot: &mut Slot| {
+        if !slot.reuse {
+            let entries = &by_weight[m.weight.as_str()];
+            let wb = permute_tensor(
+                spec,
+                perm,
+                entries,
+                &b.get(&m.weight).expect("validated").data,
+                Some(gi),
+            );
+            let ua = unfold(&a.get(&m.weight).expect("validated").data, m.axis);
+            let room = if slot.keep {
+                &mut slot.prod
+            } else {
+                &mut *prod
+            };
+            product(ua.view(), unfold(&wb, m.axis).view(), room);
+        }
+        let s = if slot.reuse || slot.keep {
+            &slot.prod
+        } else {
+            &*prod
+        };
+        acc.add(m.family, m.repeat, s);
     };
+    assert_eq!(slots.len(), g.members.len(), "one slot per member");
     let units = g.blocks * g.block_size;
     if units * units >= LARGE_GROUP {
         // Large products: one member at a time, each GEMM using every core,
@@ -557,18 +616,19 @@ pub(crate) fn group_similarity(
         // per thread cost more in page faults than the sums themselves).
         let mut acc = GroupSimilarity::new(g);
         let mut prod = Vec::new();
-        for m in &g.members {
-            add(&mut acc, &mut prod, m);
+        for (m, slot) in g.members.iter().zip(slots) {
+            add(&mut acc, &mut prod, m, slot);
         }
         return acc;
     }
     // Small products: members in parallel, each thread summing into its own accumulator.
     g.members
         .par_iter()
+        .zip(slots.par_iter_mut())
         .fold(
             || (GroupSimilarity::new(g), Vec::new()),
-            |(mut acc, mut prod), m| {
-                add(&mut acc, &mut prod, m);
+            |(mut acc, mut prod), (m, slot)| {
+                add(&mut acc, &mut prod, m, slot);
                 (acc, prod)
             },
         )
@@ -679,6 +739,91 @@ impl Schedule {
     }
 }
 
+/// Member products kept from one solve of a group to the next.
+///
+/// A member's product depends only on the values of the other groups on its
+/// weight. Where those are fewer than the group's neighbours, the group can be
+/// solved again (another neighbour changed) while the product still holds; it
+/// is then reused instead of formed again (an MLP's hidden group has two
+/// members, each depending on one neighbour). Kept products take at most
+/// [`KEPT_BYTES`], members taken in the spec's order.
+struct Kept {
+    /// Per group, per member.
+    slots: Vec<Vec<Slot>>,
+    /// Per group and member: the groups whose values the product depends on.
+    deps: Vec<Vec<Vec<usize>>>,
+    /// Per group and member: the step of the solve that formed the kept product.
+    at: Vec<Vec<Option<usize>>>,
+}
+
+/// Most bytes of member products [`Kept`] holds.
+const KEPT_BYTES: usize = 256 << 20;
+
+impl Kept {
+    fn new(
+        spec: &PermutationSpec,
+        b: &StateDict,
+        by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
+        schedule: &Schedule,
+    ) -> Self {
+        let mut room = KEPT_BYTES;
+        let mut slots = Vec::new();
+        let mut deps = Vec::new();
+        for (gi, g) in spec.groups.iter().enumerate() {
+            let mut group_slots = Vec::new();
+            let mut group_deps = Vec::new();
+            for m in &g.members {
+                let mut d: Vec<usize> = by_weight[m.weight.as_str()]
+                    .iter()
+                    .map(|&(o, _)| o)
+                    .filter(|&o| o != gi)
+                    .collect();
+                d.sort_unstable();
+                d.dedup();
+                let n = b.get(&m.weight).expect("validated").data.shape()[m.axis];
+                let bytes = n * n * std::mem::size_of::<f32>();
+                let keep = d.len() < schedule.neighbours[gi].len() && bytes <= room;
+                if keep {
+                    room -= bytes;
+                }
+                group_slots.push(Slot {
+                    keep,
+                    ..Slot::default()
+                });
+                group_deps.push(d);
+            }
+            slots.push(group_slots);
+            deps.push(group_deps);
+        }
+        let at = deps.iter().map(|d| vec![None; d.len()]).collect();
+        Kept { slots, deps, at }
+    }
+
+    /// Group `gi`'s slots for its solve at `step`: kept products whose
+    /// groups have not changed since they were formed are reused.
+    fn slots(&mut self, gi: usize, schedule: &Schedule) -> &mut [Slot] {
+        for ((slot, deps), at) in self.slots[gi]
+            .iter_mut()
+            .zip(&self.deps[gi])
+            .zip(&self.at[gi])
+        {
+            slot.reuse =
+                slot.keep && at.is_some_and(|t| deps.iter().all(|&n| schedule.changed_at[n] < t));
+        }
+        &mut self.slots[gi]
+    }
+
+    /// Records that group `gi`'s products formed at its last solve are kept.
+    fn formed(&mut self, gi: usize, schedule: &Schedule) {
+        let step = schedule.solved_at[gi];
+        for (slot, at) in self.slots[gi].iter().zip(&mut self.at[gi]) {
+            if slot.keep && !slot.reuse {
+                *at = step;
+            }
+        }
+    }
+}
+
 /// One pass's order and how far it has come.
 struct Pass {
     order: Vec<usize>,
@@ -720,6 +865,7 @@ pub fn weight_matching(
     // Each group's block-assignment duals, reused by its next solve.
     let mut duals: Vec<Option<Duals>> = vec![None; spec.groups.len()];
     let mut schedule = Schedule::new(spec, &by_weight);
+    let mut kept = Kept::new(spec, b, &by_weight, &schedule);
     // `Σ ‖W_A − P W_B‖²` over the spec's weights after the last pass.
     let mut spec_distance = None;
     for _ in 0..opts.max_iter {
@@ -735,7 +881,12 @@ pub fn weight_matching(
             }
             let sims: Vec<GroupSimilarity> = batch
                 .iter()
-                .map(|&gi| group_similarity(spec, gi, &perm, a, b, &by_weight))
+                .map(|&gi| {
+                    let slots = kept.slots(gi, &schedule);
+                    let sim = group_similarity(spec, gi, &perm, a, b, &by_weight, slots);
+                    kept.formed(gi, &schedule);
+                    sim
+                })
                 .collect();
             let solved: Vec<(f64, GroupPerm, Duals, f64)> = batch
                 .par_iter()
@@ -802,22 +953,22 @@ fn objective_and_distance(
     let per: Vec<(f64, f64)> = weights
         .par_iter()
         .map(|(name, entries)| {
-            let wa = &a.get(name).expect("validated").data;
-            let wb = permute_tensor(
-                spec,
-                perm,
-                entries,
-                &b.get(name).expect("validated").data,
-                None,
-            );
-            wa.iter()
-                .zip(wb.iter())
-                .fold((0.0, 0.0), |(dot, sq), (x, y)| {
-                    (
-                        dot + (*x as f64) * (*y as f64),
-                        sq + ((x - y) as f64).powi(2),
-                    )
-                })
+            // B's rows permuted one at a time against A's, without a permuted copy.
+            let wa = a.get(name).expect("validated").data.as_standard_layout();
+            let wb = &b.get(name).expect("validated").data;
+            let index = permute_index(spec, perm, entries, wb.ndim(), None);
+            if wb.ndim() == 0 {
+                return dot_and_squared(&wa.to_owned(), wb);
+            }
+            let mut rows_a = wa
+                .as_slice()
+                .expect("standard")
+                .chunks(wb.shape()[wb.ndim() - 1]);
+            let mut acc = DotSquared::default();
+            gathered_rows(wb, &index, |row| {
+                acc.add(rows_a.next().expect("same shape"), row)
+            });
+            acc.sums()
         })
         .collect();
     per.iter()

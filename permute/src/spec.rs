@@ -446,7 +446,18 @@ pub fn permute_tensor(
     data: &ArrayD<f32>,
     skip: Option<usize>,
 ) -> ArrayD<f32> {
-    let mut index: Vec<Option<Vec<usize>>> = vec![None; data.ndim()];
+    gather(data, &permute_index(spec, perm, entries, data.ndim(), skip))
+}
+
+/// [`gather`]'s per-axis indices that [`permute_tensor`] applies.
+pub(crate) fn permute_index(
+    spec: &PermutationSpec,
+    perm: &Permutation,
+    entries: &[(usize, usize)],
+    ndim: usize,
+    skip: Option<usize>,
+) -> Vec<Option<Vec<usize>>> {
+    let mut index: Vec<Option<Vec<usize>>> = vec![None; ndim];
     for &(gi, mi) in entries {
         if Some(gi) == skip {
             continue;
@@ -455,7 +466,7 @@ pub fn permute_tensor(
         let m = &g.members[mi];
         index[m.axis] = Some(perm[&g.name].flat(g, m));
     }
-    gather(data, &index)
+    index
 }
 
 /// `out[i₀, …, i_k] = data[idx₀[i₀], …, idx_k[i_k]]` in one pass (`None`: the
@@ -463,38 +474,58 @@ pub fn permute_tensor(
 /// repeating or dropping positions). One gather instead of one `select` copy
 /// per axis.
 pub fn gather(data: &ArrayD<f32>, index: &[Option<Vec<usize>>]) -> ArrayD<f32> {
-    if index.iter().all(Option::is_none) {
+    if index.iter().all(Option::is_none) || data.ndim() == 0 {
         return data.clone();
     }
-    let src = data.as_standard_layout();
-    let src = src.as_slice().expect("standard layout");
-    let shape = data.shape();
-    let out_shape: Vec<usize> = shape
+    let out_shape: Vec<usize> = data
+        .shape()
         .iter()
         .zip(index)
         .map(|(&n, p)| p.as_ref().map_or(n, Vec::len))
         .collect();
-    let Some((&last, outer)) = out_shape.split_last() else {
-        return data.clone();
-    };
+    let total: usize = out_shape.iter().product();
+    let mut out = Vec::new();
+    weights::mem::reserve_huge(&mut out, total);
+    gathered_rows(data, index, |row| out.extend_from_slice(row));
+    debug_assert_eq!(out.len(), total);
+    ArrayD::from_shape_vec(out_shape, out).expect("same element count")
+}
+
+/// The rows (last axis) of [`gather`]'s result, in order, each handed to `f`
+/// without forming the result (`data` must have at least one axis).
+pub(crate) fn gathered_rows(
+    data: &ArrayD<f32>,
+    index: &[Option<Vec<usize>>],
+    mut f: impl FnMut(&[f32]),
+) {
+    let src = data.as_standard_layout();
+    let src = src.as_slice().expect("standard layout");
+    let shape = data.shape();
+    let outer: Vec<usize> = shape[..shape.len() - 1]
+        .iter()
+        .zip(index)
+        .map(|(&n, p)| p.as_ref().map_or(n, Vec::len))
+        .collect();
     // Row-major strides of the source.
     let mut strides = vec![1usize; shape.len()];
     for a in (0..shape.len().saturating_sub(1)).rev() {
         strides[a] = strides[a + 1] * shape[a + 1];
     }
     let at = |axis: usize, i: usize| index[axis].as_ref().map_or(i, |p| p[i]);
-    let total: usize = out_shape.iter().product();
-    let mut out = Vec::new();
-    weights::mem::reserve_huge(&mut out, total);
     let rows: usize = outer.iter().product();
     let mut pos = vec![0usize; outer.len()];
     let src_last = shape[outer.len()];
+    let mut buf = Vec::new();
     for _ in 0..rows {
         let base: usize = (0..outer.len()).map(|a| at(a, pos[a]) * strides[a]).sum();
         let row = &src[base..base + src_last];
         match &index[outer.len()] {
-            None => out.extend_from_slice(row),
-            Some(p) => out.extend(p.iter().map(|&j| row[j])),
+            None => f(row),
+            Some(p) => {
+                buf.clear();
+                buf.extend(p.iter().map(|&j| row[j]));
+                f(&buf);
+            }
         }
         // Odometer over the outer axes.
         for a in (0..outer.len()).rev() {
@@ -505,8 +536,6 @@ pub fn gather(data: &ArrayD<f32>, index: &[Option<Vec<usize>>]) -> ArrayD<f32> {
             pos[a] = 0;
         }
     }
-    debug_assert_eq!(out.len(), total, "{last}");
-    ArrayD::from_shape_vec(out_shape, out).expect("same element count")
 }
 
 /// Applies `perm` to every weight of `sd` the spec names (others are copied).
