@@ -169,6 +169,17 @@ for width, stem in [(512, "mlp"), (1024, "mlp1024")]:
     _, passes = weight_matching(mlp_spec, pa, pb)
     t = median_time(lambda: weight_matching(mlp_spec, pa, pb), 5)
     print(f"git-re-basin weight_matching mlp 784-{width}x3-10: {t * 1e3:.1f} ms ({passes} passes)")
+    # The visiting order's seed sets the pass count: seeds 0-4, one run each.
+    times, counts = [], []
+    for seed in range(5):
+        t = time.perf_counter()
+        counts.append(weight_matching(mlp_spec, pa, pb, seed=seed)[1])
+        times.append(time.perf_counter() - t)
+    per_pass = statistics.median(t / c for t, c in zip(times, counts))
+    print(
+        f"  seeds 0-4: median {statistics.median(times) * 1e3:.1f} ms, passes {counts}, "
+        f"median {per_pass * 1e3:.1f} ms per pass"
+    )
 
 models = bench_models("transformer")
 if models is not None:

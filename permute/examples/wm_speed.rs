@@ -33,8 +33,13 @@ fn median_secs(runs: usize, mut f: impl FnMut() -> usize) -> (f64, usize) {
         passes = f();
         ts.push(t.elapsed().as_secs_f64());
     }
-    ts.sort_by(f64::total_cmp);
-    (ts[runs / 2], passes)
+    (median(&ts), passes)
+}
+
+fn median(xs: &[f64]) -> f64 {
+    let mut xs = xs.to_vec();
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
 }
 
 fn save(stem: &str, a: &StateDict, b: &StateDict) {
@@ -47,8 +52,19 @@ fn save(stem: &str, a: &StateDict, b: &StateDict) {
 }
 
 fn run(spec: &PermutationSpec, a: &StateDict, b: &StateDict, max_iter: usize) -> usize {
+    run_seeded(spec, a, b, max_iter, 0)
+}
+
+fn run_seeded(
+    spec: &PermutationSpec,
+    a: &StateDict,
+    b: &StateDict,
+    max_iter: usize,
+    seed: u64,
+) -> usize {
     let opts = MatchOptions {
         max_iter,
+        seed,
         ..Default::default()
     };
     weight_matching(spec, a, b, &opts)
@@ -69,6 +85,24 @@ fn main() {
             println!(
                 "weight matching mlp 784-{width}x3-10: {:.1} ms ({passes} passes)",
                 t * 1e3
+            );
+            // The visiting order's seed sets the pass count: the same seeds,
+            // one run each, and the time per pass.
+            let (mut times, mut counts) = (Vec::new(), Vec::new());
+            for seed in 0..5 {
+                let t = Instant::now();
+                counts.push(run_seeded(&spec, &a, &b, 100, seed));
+                times.push(t.elapsed().as_secs_f64());
+            }
+            let per_pass: Vec<f64> = times
+                .iter()
+                .zip(&counts)
+                .map(|(t, &c)| t / c as f64)
+                .collect();
+            println!(
+                "  seeds 0-4: median {:.1} ms, passes {counts:?}, median {:.1} ms per pass",
+                median(&times) * 1e3,
+                median(&per_pass) * 1e3
             );
         }
         Some("transformer") => {

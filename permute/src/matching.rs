@@ -14,7 +14,7 @@
 //! block assignment is solved on those scores. Passes stop when none of the groups improves the objective
 //! by more than `tol`, or after `max_iter`.
 
-use ndarray::{ArrayD, ArrayView2, CowArray, Ix2};
+use ndarray::{ArrayD, ArrayView2, Axis, CowArray, Ix2};
 use rayon::prelude::*;
 use serde::Serialize;
 use weights::StateDict;
@@ -562,7 +562,48 @@ pub(crate) struct Slot {
     pub(crate) reuse: bool,
     /// Keep the product in `prod` for a later solve.
     pub(crate) keep: bool,
+    /// The member is a matrix whose other axis one other group permutes:
+    /// a kept product can be brought up to date by the columns that moved.
+    pub(crate) update: bool,
     pub(crate) prod: Vec<f32>,
+    /// The other axis's order when `prod` was last brought up to date (empty: none yet).
+    index: Vec<usize>,
+    /// Columns added by updates since `prod` was last formed whole.
+    since_whole: usize,
+}
+
+/// An update moving more than `1/UPDATE_SHARE` of a product's columns (or
+/// more than its column count since the product was last formed whole, which
+/// bounds the rounding that updates add) forms the product whole instead.
+const UPDATE_SHARE: usize = 3;
+
+/// Brings a kept product `A·(B[:, old])ᵀ` up to date with the order `new` of
+/// B's columns: `+= A[:, C]·(B[:, new[C]] − B[:, old[C]])ᵀ` over the columns
+/// `C` that moved (`a`, `b`: the member unfolded, B not permuted). `false`
+/// (nothing done) when too many moved.
+fn update_product(
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    slot: &mut Slot,
+    new: &[usize],
+) -> bool {
+    let moved: Vec<usize> = (0..new.len())
+        .filter(|&c| new[c] != slot.index[c])
+        .collect();
+    let cols = new.len();
+    if moved.len() * UPDATE_SHARE > cols || slot.since_whole + moved.len() > cols {
+        return false;
+    }
+    if !moved.is_empty() {
+        let to: Vec<usize> = moved.iter().map(|&c| new[c]).collect();
+        let from: Vec<usize> = moved.iter().map(|&c| slot.index[c]).collect();
+        let diff = &b.select(Axis(1), &to) - &b.select(Axis(1), &from);
+        let a_moved = a.select(Axis(1), &moved);
+        spectra::linalg::matmul_nt_add(a_moved.view(), diff.view(), &mut slot.prod, "update")
+            .expect("members share their shapes");
+    }
+    slot.since_whole += moved.len();
+    true
 }
 
 /// The similarity of group `gi` between A and B with the other groups of `perm` applied to B.
@@ -586,20 +627,37 @@ pub(crate) fn group_similarity(
                slot: &mut Slot| {
         if !slot.reuse {
             let entries = &by_weight[m.weight.as_str()];
-            let wb = permute_tensor(
-                spec,
-                perm,
-                entries,
+            let (wa, wb) = (
+                &a.get(&m.weight).expect("validated").data,
                 &b.get(&m.weight).expect("validated").data,
-                Some(gi),
             );
-            let ua = unfold(&a.get(&m.weight).expect("validated").data, m.axis);
-            let room = if slot.keep {
-                &mut slot.prod
-            } else {
-                &mut *prod
+            let ua = unfold(wa, m.axis);
+            // The other axis's new order, for members a kept product can follow.
+            let order = (slot.keep && slot.update).then(|| {
+                let mut index = permute_index(spec, perm, entries, 2, Some(gi));
+                index[1 - m.axis]
+                    .take()
+                    .unwrap_or_else(|| (0..wb.shape()[1 - m.axis]).collect())
+            });
+            let updated = match &order {
+                Some(new) if !slot.index.is_empty() => {
+                    update_product(ua.view(), unfold(wb, m.axis).view(), slot, new)
+                }
+                _ => false,
             };
-            product(ua.view(), unfold(&wb, m.axis).view(), room);
+            if !updated {
+                let wb = permute_tensor(spec, perm, entries, wb, Some(gi));
+                let room = if slot.keep {
+                    &mut slot.prod
+                } else {
+                    &mut *prod
+                };
+                product(ua.view(), unfold(&wb, m.axis).view(), room);
+                slot.since_whole = 0;
+            }
+            if let Some(new) = order {
+                slot.index = new;
+            }
         }
         let s = if slot.reuse || slot.keep {
             &slot.prod
@@ -745,7 +803,11 @@ impl Schedule {
 /// weight. Where those are fewer than the group's neighbours, the group can be
 /// solved again (another neighbour changed) while the product still holds; it
 /// is then reused instead of formed again (an MLP's hidden group has two
-/// members, each depending on one neighbour). Kept products take at most
+/// members, each depending on one neighbour). Where the member is a matrix
+/// whose other axis one group permutes, a changed order moves only some of
+/// the product's columns, and the product is brought up to date by a
+/// low-rank update ([`update_product`]): after the first passes a group's
+/// new value moves 1–20 % of its units. Kept products take at most
 /// [`KEPT_BYTES`], members taken in the spec's order.
 struct Kept {
     /// Per group, per member.
@@ -765,8 +827,8 @@ impl Kept {
         b: &StateDict,
         by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
         schedule: &Schedule,
+        mut room: usize,
     ) -> Self {
-        let mut room = KEPT_BYTES;
         let mut slots = Vec::new();
         let mut deps = Vec::new();
         for (gi, g) in spec.groups.iter().enumerate() {
@@ -780,14 +842,19 @@ impl Kept {
                     .collect();
                 d.sort_unstable();
                 d.dedup();
-                let n = b.get(&m.weight).expect("validated").data.shape()[m.axis];
-                let bytes = n * n * std::mem::size_of::<f32>();
-                let keep = d.len() < schedule.neighbours[gi].len() && bytes <= room;
+                let shape = b.get(&m.weight).expect("validated").data.shape();
+                let bytes = shape[m.axis].pow(2) * std::mem::size_of::<f32>();
+                let update = shape.len() == 2
+                    && by_weight[m.weight.as_str()]
+                        .iter()
+                        .any(|&(o, mi)| o != gi && spec.groups[o].members[mi].axis == 1 - m.axis);
+                let keep = (d.len() < schedule.neighbours[gi].len() || update) && bytes <= room;
                 if keep {
                     room -= bytes;
                 }
                 group_slots.push(Slot {
                     keep,
+                    update,
                     ..Slot::default()
                 });
                 group_deps.push(d);
@@ -851,6 +918,17 @@ pub fn weight_matching(
     b: &StateDict,
     opts: &MatchOptions,
 ) -> Result<MatchResult> {
+    weight_matching_keeping(spec, a, b, opts, KEPT_BYTES)
+}
+
+/// [`weight_matching`] keeping at most `kept_bytes` of member products.
+fn weight_matching_keeping(
+    spec: &PermutationSpec,
+    a: &StateDict,
+    b: &StateDict,
+    opts: &MatchOptions,
+    kept_bytes: usize,
+) -> Result<MatchResult> {
     check_models(spec, a, b)?;
     let mut perm = match &opts.init {
         Some(p) => {
@@ -865,7 +943,7 @@ pub fn weight_matching(
     // Each group's block-assignment duals, reused by its next solve.
     let mut duals: Vec<Option<Duals>> = vec![None; spec.groups.len()];
     let mut schedule = Schedule::new(spec, &by_weight);
-    let mut kept = Kept::new(spec, b, &by_weight, &schedule);
+    let mut kept = Kept::new(spec, b, &by_weight, &schedule, kept_bytes);
     // `Σ ‖W_A − P W_B‖²` over the spec's weights after the last pass.
     let mut spec_distance = None;
     for _ in 0..opts.max_iter {
@@ -1003,6 +1081,85 @@ mod tests {
         let res = super::weight_matching(&spec, &a, &b, &Default::default()).unwrap();
         let aligned = apply(&spec, &res.perm, &b).unwrap();
         assert!((super::l2_distance(&a, &aligned) - res.l2_after).abs() < 1e-9);
+    }
+
+    /// A kept product brought up to date by the columns that moved equals
+    /// the product formed whole; too many moved columns are refused.
+    #[test]
+    fn updated_products_equal_products_formed_whole() {
+        let mut rng = spectra::rng::Rng::new(11);
+        let (n, cols) = (40, 60);
+        let a = ndarray::Array2::from_shape_fn((n, cols), |_| rng.normal() as f32);
+        let b = ndarray::Array2::from_shape_fn((n, cols), |_| rng.normal() as f32);
+        let whole = |order: &[usize]| {
+            let mut prod = Vec::new();
+            super::product(
+                a.view(),
+                b.select(ndarray::Axis(1), order).view(),
+                &mut prod,
+            );
+            prod
+        };
+        let mut old: Vec<usize> = (0..cols).collect();
+        rng.shuffle(&mut old);
+        let mut slot = super::Slot {
+            keep: true,
+            update: true,
+            prod: whole(&old),
+            index: old.clone(),
+            ..Default::default()
+        };
+        // Two rounds of a few swaps, then one that moves too many columns.
+        let mut new = old.clone();
+        for round in 0..2 {
+            for k in 0..4 {
+                new.swap(7 * k + round, 50 - 3 * k);
+            }
+            assert!(super::update_product(a.view(), b.view(), &mut slot, &new));
+            slot.index = new.clone();
+            let expected = whole(&new);
+            for (x, y) in slot.prod.iter().zip(&expected) {
+                assert!((x - y).abs() < 1e-4 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        }
+        new.reverse();
+        assert!(!super::update_product(a.view(), b.view(), &mut slot, &new));
+    }
+
+    /// Kept and updated products change nothing: the same permutations,
+    /// passes and objectives as forming every product whole, on MLPs wide
+    /// enough for the sparse LAP.
+    #[test]
+    fn kept_products_give_the_results_of_products_formed_whole() {
+        let mut rng = spectra::rng::Rng::new(3);
+        let widths = [20, 160, 160, 160, 10];
+        let mut model = || {
+            let mut sd = StateDict::new();
+            for (i, w) in widths.windows(2).enumerate() {
+                let shape = [vec![w[1], w[0]], vec![w[1]]];
+                for (suffix, shape) in ["weight", "bias"].iter().zip(shape) {
+                    let data = ArrayD::from_shape_fn(IxDyn(&shape), |_| rng.normal() as f32);
+                    sd.insert(format!("layers.{i}.{suffix}"), Tensor::f32(data));
+                }
+            }
+            sd
+        };
+        let (a, b) = (model(), model());
+        let spec = crate::builders::mlp(&a).unwrap();
+        for seed in 0..4 {
+            let opts = super::MatchOptions {
+                seed,
+                ..Default::default()
+            };
+            let kept = super::weight_matching(&spec, &a, &b, &opts).unwrap();
+            let whole = super::weight_matching_keeping(&spec, &a, &b, &opts, 0).unwrap();
+            assert!(kept.passes > 2, "seed {seed}: {} passes", kept.passes);
+            assert_eq!(kept.perm, whole.perm, "seed {seed}");
+            assert_eq!(kept.passes, whole.passes);
+            for (x, y) in kept.objective.iter().zip(&whole.objective) {
+                assert!((x - y).abs() < 1e-9 * y.abs(), "{x} vs {y}");
+            }
+        }
     }
 
     #[test]

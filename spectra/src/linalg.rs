@@ -218,6 +218,26 @@ pub fn matmul_nt(
     out: &mut [f32],
     name: &str,
 ) -> Result<()> {
+    gemm_nt(a, b, out, faer::Accum::Replace, name)
+}
+
+/// `out += A · Bᵀ`, otherwise as [`matmul_nt`] (a low-rank update of a kept product).
+pub fn matmul_nt_add(
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    out: &mut [f32],
+    name: &str,
+) -> Result<()> {
+    gemm_nt(a, b, out, faer::Accum::Add, name)
+}
+
+fn gemm_nt(
+    a: ArrayView2<'_, f32>,
+    b: ArrayView2<'_, f32>,
+    out: &mut [f32],
+    accum: faer::Accum,
+    name: &str,
+) -> Result<()> {
     let ((m, k), (n, k2)) = (a.dim(), b.dim());
     if k != k2 || out.len() != m * n {
         return Err(SpectraError::Shape {
@@ -233,7 +253,7 @@ pub fn matmul_nt(
     let c = faer::MatMut::from_row_major_slice_mut(out, m, n);
     faer::linalg::matmul::matmul(
         c,
-        faer::Accum::Replace,
+        accum,
         faer_view(a),
         faer_view(b).transpose(),
         1.0f32,
