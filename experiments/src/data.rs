@@ -49,10 +49,10 @@ fn find(dir: &Path, stems: &[&str]) -> anyhow::Result<std::path::PathBuf> {
 fn load_split(dir: &Path, images: &[&str], labels: &[&str]) -> anyhow::Result<Split> {
     let ip = find(dir, images)?;
     let lp = find(dir, labels)?;
-    let img = weights::idx::read_idx(&ip)?
+    let img = crate::idx::read_idx(&ip)?
         .into_u8()
         .with_context(|| format!("{}: not u8 images", ip.display()))?;
-    let lab = weights::idx::read_idx(&lp)?
+    let lab = crate::idx::read_idx(&lp)?
         .into_u8()
         .with_context(|| format!("{}: not u8 labels", lp.display()))?;
     let n = img.shape()[0];

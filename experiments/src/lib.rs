@@ -7,6 +7,7 @@ pub mod corrupt;
 pub mod data;
 pub mod device;
 pub mod gpu_check;
+pub mod idx;
 pub mod llm;
 pub mod lm;
 pub mod mlp;

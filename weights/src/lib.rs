@@ -10,7 +10,6 @@
 //! | safetensors (F64/F32/F16/BF16/FP8, integers, bool) | [`SafetensorsFile`] | [`SafetensorsWriter`], [`StateDict::save_safetensors`] |
 //! | sharded Hugging Face folder (`model.safetensors.index.json`) | [`ShardedCheckpoint`] | [`ShardedWriter`], [`StateDict::save_sharded`] |
 //! | GGUF v2/v3 (F32, F16, BF16, Q4_0, Q4_1, Q8_0, …) | [`GgufFile`] | — |
-//! | idx (MNIST) | [`idx::read_idx`] | — |
 //!
 //! [`Checkpoint::open`] recognises the format of a path. Every reader
 //! implements [`TensorSource`], so algorithms can stream a model much larger
@@ -45,7 +44,6 @@ pub mod dtype;
 mod error;
 pub mod gguf;
 pub mod hf_tokenizer;
-pub mod idx;
 pub mod llama;
 pub mod mem;
 mod quant;

@@ -5,11 +5,31 @@
 //! big-endian `u32`, then the values, big-endian, row-major.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
 
-use crate::error::{Result, WeightsError};
+/// Why an idx file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum IdxError {
+    /// The file could not be read or decompressed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Not an idx file: the first two bytes are not zero.
+    #[error("{path}: not an idx file (the first two bytes must be zero)")]
+    BadMagic { path: PathBuf },
+    /// A type code outside 0x08, 0x09, 0x0B–0x0E.
+    #[error("{path}: unknown idx type code 0x{code:02x}")]
+    UnknownType { path: PathBuf, code: u8 },
+    /// Fewer (or more) bytes than the header declares.
+    #[error("{path}: truncated: {what}")]
+    Truncated { path: PathBuf, what: String },
+}
+
+type Result<T> = std::result::Result<T, IdxError>;
 
 /// An idx array: `u8` data (images, labels) kept as bytes, anything else as `f32`.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,12 +61,16 @@ impl IdxArray {
 /// Reads an idx file; gzip compression is detected from the magic bytes.
 pub fn read_idx(path: impl AsRef<Path>) -> Result<IdxArray> {
     let path = path.as_ref();
-    let raw = std::fs::read(path).map_err(|e| WeightsError::io(path, e))?;
+    let io = |source| IdxError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let raw = std::fs::read(path).map_err(io)?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .map_err(|e| WeightsError::io(path, e))?;
+            .map_err(io)?;
         out
     } else {
         raw
@@ -56,7 +80,7 @@ pub fn read_idx(path: impl AsRef<Path>) -> Result<IdxArray> {
 
 /// Parses idx bytes (already decompressed); `path` is used in errors.
 pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
-    let truncated = |what: String| WeightsError::Truncated {
+    let truncated = |what: String| IdxError::Truncated {
         path: path.to_path_buf(),
         what,
     };
@@ -64,9 +88,8 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
         return Err(truncated("idx header needs 4 bytes".into()));
     }
     if bytes[0] != 0 || bytes[1] != 0 {
-        return Err(WeightsError::BadMagic {
+        return Err(IdxError::BadMagic {
             path: path.to_path_buf(),
-            format: "idx",
         });
     }
     let code = bytes[2];
@@ -77,9 +100,9 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
         0x0C | 0x0D => 4,
         0x0E => 8,
         _ => {
-            return Err(WeightsError::InvalidHeader {
+            return Err(IdxError::UnknownType {
                 path: path.to_path_buf(),
-                msg: format!("unknown idx type code 0x{code:02x}"),
+                code,
             });
         }
     };
@@ -131,3 +154,7 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray> {
         ArrayD::from_shape_vec(shape, f32s).expect("checked"),
     ))
 }
+
+#[cfg(test)]
+#[path = "idx_tests.rs"]
+mod tests;

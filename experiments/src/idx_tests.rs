@@ -3,8 +3,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use weights::WeightsError;
-use weights::idx::{IdxArray, read_idx};
+use super::{IdxArray, IdxError, read_idx};
 
 fn idx_bytes(code: u8, dims: &[u32], body: &[u8]) -> Vec<u8> {
     let mut b = vec![0, 0, code, dims.len() as u8];
@@ -41,14 +40,16 @@ fn malformed_idx_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.idx");
     std::fs::write(&p, idx_bytes(0x08, &[2, 3], &[1, 2, 3])).unwrap();
-    assert!(matches!(read_idx(&p), Err(WeightsError::Truncated { .. })));
+    assert!(matches!(read_idx(&p), Err(IdxError::Truncated { .. })));
     std::fs::write(&p, idx_bytes(0x07, &[1], &[1])).unwrap();
     assert!(matches!(
         read_idx(&p),
-        Err(WeightsError::InvalidHeader { .. })
+        Err(IdxError::UnknownType { code: 0x07, .. })
     ));
     std::fs::write(&p, [1, 0, 8, 1]).unwrap();
-    assert!(matches!(read_idx(&p), Err(WeightsError::BadMagic { .. })));
+    let e = read_idx(&p).unwrap_err();
+    assert!(matches!(e, IdxError::BadMagic { .. }));
+    assert!(e.to_string().contains("x.idx"), "{e}");
 }
 
 #[test]
