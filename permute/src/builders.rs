@@ -29,6 +29,16 @@ pub fn mlp_group(k: usize) -> String {
     format!("P_{k}")
 }
 
+/// The name of the FFN channel group of layer `l` in [`llama`]'s spec.
+pub fn llama_ffn_group(l: usize) -> String {
+    format!("{}.ffn", names::layer(l))
+}
+
+/// The name of the attention head group of layer `l` in [`llama`]'s spec.
+pub fn llama_heads_group(l: usize) -> String {
+    format!("{}.heads", names::layer(l))
+}
+
 /// The spec of a multilayer perceptron, inferred from parameter names.
 ///
 /// Accepted names: `<stem>.weight` (2-D, `[out, in]`) with an optional
@@ -120,7 +130,6 @@ pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
     let mut groups = Vec::new();
     let n_rep = c.num_attention_heads / c.num_key_value_heads;
     for l in 0..c.num_hidden_layers {
-        let p = names::layer(l);
         let w = |part: &str| names::weight(l, part);
         for n in [names::INPUT_NORM, names::POST_ATTENTION_NORM] {
             residual.push((w(n), 0));
@@ -138,7 +147,7 @@ pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
             (w(names::UP_PROJ), 0),
             (w(names::DOWN_PROJ), 1),
         ];
-        groups.push(group_of(format!("{p}.ffn"), c.intermediate_size, &ffn));
+        groups.push(group_of(llama_ffn_group(l), c.intermediate_size, &ffn));
         let mut heads = Vec::new();
         let member = |w: String, axis, repeat, family| Member {
             weight: w,
@@ -159,7 +168,7 @@ pub fn llama(c: &LlamaConfig, sd: &StateDict) -> Result<PermutationSpec> {
         }
         heads.push(member(w(names::O_PROJ), 1, n_rep, 1));
         groups.push(Group {
-            name: format!("{p}.heads"),
+            name: llama_heads_group(l),
             blocks: c.num_key_value_heads,
             block_size: c.head_dim,
             families: vec![Inner::Identity, Inner::Free],

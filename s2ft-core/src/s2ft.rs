@@ -591,20 +591,20 @@ pub fn trainable_params<B: Backend>(model: &Llama<B>) -> usize {
 /// selected FFN channels come first (gate/up rows, down columns) and the
 /// selected heads come first (q rows and o columns by query head, k/v rows by
 /// key/value head), returning the permuted weights and the selection in the
-/// new positions. The function is unchanged (a permutation of hidden units).
-/// With GQA a query head cannot leave its key/value group, so key/value
-/// groups holding selected heads move first and selected heads lead within
-/// each group: the selection is contiguous when it fills whole groups (always
-/// with one query head per group).
+/// new positions. The function is unchanged: the reordering is a value of
+/// `permute`'s LLaMA spec ([`permute::builders::llama`]), applied by
+/// [`permute::apply`]. With GQA a query head cannot leave its key/value
+/// group, so key/value groups holding selected heads move first and selected
+/// heads lead within each group: the selection is contiguous when it fills
+/// whole groups (always with one query head per group).
 pub fn co_permute(
     c: &LlamaConfig,
     sd: &weights::StateDict,
     sel: &Selection,
 ) -> Result<(weights::StateDict, Selection)> {
-    let (h, kv, d, f) = (
+    let (h, kv, f) = (
         c.num_attention_heads,
         c.num_key_value_heads,
-        c.head_dim,
         c.intermediate_size,
     );
     let g = h / kv;
@@ -613,16 +613,24 @@ pub fn co_permute(
             "selection and model have different layer counts".into(),
         ));
     }
-    let mut out = sd.clone();
+    // A missing or misshapen weight is named by permute's error.
+    let spec_err = |e: permute::PermuteError| match e {
+        permute::PermuteError::MissingWeight { weight, .. } => S2ftError::Weight {
+            name: weight,
+            msg: "missing".into(),
+        },
+        permute::PermuteError::GroupSize { ref weight, .. }
+        | permute::PermuteError::ShapeMismatch { ref weight, .. } => S2ftError::Weight {
+            name: weight.clone(),
+            msg: e.to_string(),
+        },
+        e => S2ftError::Selection(format!("co-permutation: {e}")),
+    };
+    let spec = permute::builders::llama(c, sd).map_err(spec_err)?;
+    let mut perm = spec.identity();
     let mut new_sel = Selection {
         heads: Vec::new(),
         channels: Vec::new(),
-    };
-    let blocks = |order: &[usize], size: usize| -> Vec<usize> {
-        order
-            .iter()
-            .flat_map(|&b| b * size..(b + 1) * size)
-            .collect()
     };
     for l in 0..c.num_hidden_layers {
         let (heads, chans) = (&sel.heads[l], &sel.channels[l]);
@@ -636,64 +644,39 @@ pub fn co_permute(
             .filter(|&k| has(k))
             .chain((0..kv).filter(|&k| !has(k)))
             .collect();
-        let q_order: Vec<usize> = kv_order
+        // Within each key/value group (in its new place), the selected query heads first.
+        let copies: Vec<Vec<usize>> = kv_order
             .iter()
-            .flat_map(|&k| {
-                let group: Vec<usize> = (k * g..(k + 1) * g).collect();
+            .map(|&k| {
                 let (s, u): (Vec<usize>, Vec<usize>) =
-                    group.into_iter().partition(|q| heads.contains(q));
-                s.into_iter().chain(u)
+                    (0..g).partition(|&r| heads.contains(&(k * g + r)));
+                s.into_iter().chain(u).collect()
             })
             .collect();
-        let c_order: Vec<usize> = chans
+        let q_order: Vec<usize> = kv_order
+            .iter()
+            .zip(&copies)
+            .flat_map(|(&k, order)| order.iter().map(move |&r| k * g + r))
+            .collect();
+        let heads_value = perm
+            .get_mut(&permute::builders::llama_heads_group(l))
+            .expect("the spec has every layer's heads");
+        heads_value.outer = kv_order;
+        if g > 1 {
+            heads_value.copies = copies;
+        }
+        perm.get_mut(&permute::builders::llama_ffn_group(l))
+            .expect("the spec has every layer's FFN")
+            .outer = chans
             .iter()
             .copied()
             .chain((0..f).filter(|x| !chans.contains(x)))
             .collect();
-        let p = crate::model::layer_prefix(l);
-        let perm = |out: &mut weights::StateDict,
-                    name: String,
-                    axis: usize,
-                    idx: &[usize]|
-         -> Result<()> {
-            let t = out.get_mut(&name).ok_or_else(|| S2ftError::Weight {
-                name: name.clone(),
-                msg: "missing".into(),
-            })?;
-            t.data = t.data.select(ndarray::Axis(axis), idx);
-            Ok(())
-        };
-        perm(
-            &mut out,
-            format!("{p}.self_attn.q_proj.weight"),
-            0,
-            &blocks(&q_order, d),
-        )?;
-        perm(
-            &mut out,
-            format!("{p}.self_attn.k_proj.weight"),
-            0,
-            &blocks(&kv_order, d),
-        )?;
-        perm(
-            &mut out,
-            format!("{p}.self_attn.v_proj.weight"),
-            0,
-            &blocks(&kv_order, d),
-        )?;
-        perm(
-            &mut out,
-            format!("{p}.self_attn.o_proj.weight"),
-            1,
-            &blocks(&q_order, d),
-        )?;
-        perm(&mut out, format!("{p}.mlp.gate_proj.weight"), 0, &c_order)?;
-        perm(&mut out, format!("{p}.mlp.up_proj.weight"), 0, &c_order)?;
-        perm(&mut out, format!("{p}.mlp.down_proj.weight"), 1, &c_order)?;
         let mut nh: Vec<usize> = (0..h).filter(|&j| heads.contains(&q_order[j])).collect();
         nh.sort_unstable();
         new_sel.heads.push(nh);
         new_sel.channels.push((0..chans.len()).collect());
     }
+    let out = permute::apply(&spec, &perm, sd).map_err(spec_err)?;
     Ok((out, new_sel))
 }

@@ -7,7 +7,7 @@ use burn::tensor::TensorData;
 use s2ft_core::model::{Proj, random_state_dict};
 use s2ft_core::s2ft::*;
 use s2ft_core::train::{TrainConfig, lm_loss, train};
-use s2ft_core::{CpuTrain, Llama, LlamaConfig};
+use s2ft_core::{CpuTrain, Llama, LlamaConfig, S2ftError};
 
 type B = CpuTrain;
 
@@ -438,6 +438,15 @@ fn co_permutation_keeps_the_function_and_makes_the_selection_contiguous() {
             channels: vec![vec![40, 3, 17], vec![0, 47]],
         };
         let (psd, psel) = co_permute(&c, &sd, &sel).unwrap();
+        // A checkpoint without a weight the reordering moves: named, typed.
+        let mut partial = sd.clone();
+        partial.remove("model.layers.1.mlp.down_proj.weight");
+        match co_permute(&c, &partial, &sel) {
+            Err(S2ftError::Weight { name, .. }) => {
+                assert_eq!(name, "model.layers.1.mlp.down_proj.weight")
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
         let tokens = batch(4, 2, 9, c.vocab_size);
         let a = Llama::<B>::from_state_dict(&c, &sd, false, &device)
             .unwrap()
