@@ -11,6 +11,7 @@ use permute::orthogonal::{fold_rms_norms, residual_procrustes, rotate_residual};
 use permute::spec::{Inner, apply};
 use permute::{MatchOptions, weight_matching};
 use spectra::rng::Rng;
+use weights::llama::names;
 use weights::{LlamaConfig, StateDict, Tensor};
 
 /// The test model's sizes (the spec gets them as a [`LlamaConfig`], [`config`]).
@@ -71,92 +72,18 @@ fn config_of(dims: &Dims) -> LlamaConfig {
 
 fn random_llama_of(dims: &Dims, seed: u64, tied: bool) -> StateDict {
     let mut rng = Rng::new(seed);
+    let mut c = config_of(dims);
+    c.tie_word_embeddings = tied;
     let mut sd = StateDict::new();
-    let mut t = |sd: &mut StateDict, name: String, shape: &[usize], scale: f64, offset: f64| {
-        sd.insert(
-            name,
-            Tensor::f32(ArrayD::from_shape_fn(IxDyn(shape), |_| {
-                (offset + scale * rng.normal()) as f32
-            })),
-        );
-    };
-    let (h, d) = (dims.hidden, dims.head_dim);
-    t(
-        &mut sd,
-        "model.embed_tokens.weight".into(),
-        &[VOCAB, h],
-        1.0,
-        0.0,
-    );
-    for l in 0..dims.layers {
-        let p = format!("model.layers.{l}");
-        t(
-            &mut sd,
-            format!("{p}.input_layernorm.weight"),
-            &[h],
-            0.1,
-            1.0,
-        );
-        t(
-            &mut sd,
-            format!("{p}.self_attn.q_proj.weight"),
-            &[dims.heads * d, h],
-            0.5,
-            0.0,
-        );
-        t(
-            &mut sd,
-            format!("{p}.self_attn.k_proj.weight"),
-            &[dims.kv_heads * d, h],
-            0.5,
-            0.0,
-        );
-        t(
-            &mut sd,
-            format!("{p}.self_attn.v_proj.weight"),
-            &[dims.kv_heads * d, h],
-            0.5,
-            0.0,
-        );
-        t(
-            &mut sd,
-            format!("{p}.self_attn.o_proj.weight"),
-            &[h, dims.heads * d],
-            0.5,
-            0.0,
-        );
-        t(
-            &mut sd,
-            format!("{p}.post_attention_layernorm.weight"),
-            &[h],
-            0.1,
-            1.0,
-        );
-        t(
-            &mut sd,
-            format!("{p}.mlp.gate_proj.weight"),
-            &[dims.ffn, h],
-            0.5,
-            0.0,
-        );
-        t(
-            &mut sd,
-            format!("{p}.mlp.up_proj.weight"),
-            &[dims.ffn, h],
-            0.5,
-            0.0,
-        );
-        t(
-            &mut sd,
-            format!("{p}.mlp.down_proj.weight"),
-            &[h, dims.ffn],
-            0.5,
-            0.0,
-        );
-    }
-    t(&mut sd, "model.norm.weight".into(), &[h], 0.1, 1.0);
-    if !tied {
-        t(&mut sd, "lm_head.weight".into(), &[VOCAB, h], 1.0, 0.0);
+    for (name, shape) in c.weight_shapes() {
+        // Norms near one, projections at scale 0.5, embedding and head at 1.
+        let (scale, offset) = match shape.len() {
+            1 => (0.1, 1.0),
+            _ if name == names::EMBED || name == names::LM_HEAD => (1.0, 0.0),
+            _ => (0.5, 0.0),
+        };
+        let data = ArrayD::from_shape_fn(IxDyn(&shape), |_| (offset + scale * rng.normal()) as f32);
+        sd.insert(name, Tensor::f32(data));
     }
     sd
 }

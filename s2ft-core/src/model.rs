@@ -1104,54 +1104,20 @@ pub fn dense_only(config: &LlamaConfig, what: &str) -> Result<()> {
     }
 }
 
-/// A seeded random state dict of `config`'s shape (N(0, 0.02²) weights, unit norms).
+/// A seeded random state dict of `config`'s shape (N(0, 0.02²) weights, unit
+/// norms), the weights in [`LlamaConfig::weight_shapes`]'s order.
 pub fn random_state_dict(config: &LlamaConfig, seed: u64) -> StateDict {
-    let c = config;
     let mut rng = SplitMix(seed);
-    let (h, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-    let (q_out, kv_out) = (
-        c.num_attention_heads * c.head_dim,
-        c.num_key_value_heads * c.head_dim,
-    );
     let mut sd = StateDict::new();
-    let mut mat = |name: String, r: usize, k: usize, sd: &mut StateDict| {
-        let data: Vec<f32> = (0..r * k).map(|_| 0.02 * rng.normal()).collect();
-        sd.insert(
-            name,
-            WTensor::f32(ndarray::ArrayD::from_shape_vec(vec![r, k], data).expect("shape")),
-        );
-    };
-    let ones = |sd: &mut StateDict, name: String| {
-        sd.insert(name, WTensor::f32(ndarray::ArrayD::ones(vec![h])));
-    };
-    mat(names::EMBED.into(), v, h, &mut sd);
-    for l in 0..c.num_hidden_layers {
-        let p = layer_prefix(l);
-        ones(&mut sd, format!("{p}.input_layernorm.weight"));
-        ones(&mut sd, format!("{p}.post_attention_layernorm.weight"));
-        mat(format!("{p}.self_attn.q_proj.weight"), q_out, h, &mut sd);
-        mat(format!("{p}.self_attn.k_proj.weight"), kv_out, h, &mut sd);
-        mat(format!("{p}.self_attn.v_proj.weight"), kv_out, h, &mut sd);
-        mat(format!("{p}.self_attn.o_proj.weight"), h, q_out, &mut sd);
-        match c.moe {
-            None => {
-                mat(format!("{p}.mlp.gate_proj.weight"), f, h, &mut sd);
-                mat(format!("{p}.mlp.up_proj.weight"), f, h, &mut sd);
-                mat(format!("{p}.mlp.down_proj.weight"), h, f, &mut sd);
-            }
-            Some(m) => {
-                mat(names::router(l), m.num_local_experts, h, &mut sd);
-                for e in 0..m.num_local_experts {
-                    mat(names::expert(l, e, "w1"), f, h, &mut sd);
-                    mat(names::expert(l, e, "w2"), h, f, &mut sd);
-                    mat(names::expert(l, e, "w3"), f, h, &mut sd);
-                }
-            }
-        }
-    }
-    ones(&mut sd, names::NORM.into());
-    if !c.tie_word_embeddings {
-        mat(names::LM_HEAD.into(), v, h, &mut sd);
+    for (name, shape) in config.weight_shapes() {
+        let data = if shape.len() == 1 {
+            ndarray::ArrayD::ones(shape)
+        } else {
+            let n = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|_| 0.02 * rng.normal()).collect();
+            ndarray::ArrayD::from_shape_vec(shape, values).expect("shape")
+        };
+        sd.insert(name, WTensor::f32(data));
     }
     sd
 }

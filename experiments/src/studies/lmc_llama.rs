@@ -28,6 +28,7 @@ use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
 use indexmap::IndexMap;
 use ndarray::Array2;
+use permute::builders::{llama_ffn_group, llama_heads_group};
 use permute::spec::{Group, Member};
 use permute::{MatchOptions, Permutation, PermutationSpec, apply, weight_matching};
 use s2ft_core::{Llama, LlamaConfig};
@@ -253,11 +254,13 @@ pub fn activation_matching(
     let acts_a = activations(c, a, probe)?;
     let acts_b = activations(c, b, probe)?;
     let n_rep = c.num_attention_heads / c.num_key_value_heads;
+    let head_groups: std::collections::HashSet<String> =
+        (0..c.num_hidden_layers).map(llama_heads_group).collect();
     let groups = spec
         .groups
         .iter()
         .map(|g| {
-            let (repeat, family) = if g.name.ends_with(".heads") {
+            let (repeat, family) = if head_groups.contains(&g.name) {
                 (n_rep, 1)
             } else {
                 (1, 0)
@@ -293,13 +296,12 @@ fn activations(c: &LlamaConfig, sd: &StateDict, probe: &Sample) -> anyhow::Resul
         .into_iter()
         .enumerate()
     {
-        let p = weights::llama::names::layer(l);
         residual.push(to_array(x.residual));
         let down = x
             .down_proj
             .ok_or_else(|| anyhow::anyhow!("block {l} has no dense FFN"))?;
-        out.insert(format!("{p}.ffn"), units_first(to_array(down)));
-        out.insert(format!("{p}.heads"), units_first(to_array(x.o_proj)));
+        out.insert(llama_ffn_group(l), units_first(to_array(down)));
+        out.insert(llama_heads_group(l), units_first(to_array(x.o_proj)));
     }
     let views: Vec<_> = residual.iter().map(|r| r.view()).collect();
     let stacked = ndarray::concatenate(ndarray::Axis(0), &views)?;

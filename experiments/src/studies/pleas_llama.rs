@@ -234,9 +234,8 @@ fn merge(
         ..Default::default()
     };
     let z = zip(spec, a, bp, &plan, &opts)?;
-    let layer0 = weights::llama::names::layer(0);
-    let kv = plan[&format!("{layer0}.heads")].width();
-    let ffn = plan[&format!("{layer0}.ffn")].width();
+    let kv = plan[&permute::builders::llama_heads_group(0)].width();
+    let ffn = plan[&permute::builders::llama_ffn_group(0)].width();
     let mut zc = LlamaConfig::tiny(
         c.vocab_size,
         c.hidden_size,
