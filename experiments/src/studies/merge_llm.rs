@@ -33,7 +33,7 @@ use crate::llm::{EncodedSet, Prompter, score_set};
 use crate::plot::{Series, grouped_bar_chart, heatmap, line_chart};
 use crate::report::Run;
 use crate::studies::merging::{MergeArgs, WeightStats, add, fixed_fraction, task_matrices};
-use crate::studies::s2ft_llm::EVAL_SEED;
+use crate::studies::s2ft_llm::{EVAL_SEED, ManifestEntry};
 use crate::tasks::{InstructTask, Split, Stream, Words, examples};
 use merge::regmean::RegMeanOptions;
 use merge::subspace::SubspaceMethod;
@@ -144,7 +144,7 @@ const QUICK_METHODS: [&str; 10] = [
 ];
 
 /// How a fine-tune is stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// A Hugging Face model folder (full fine-tune).
@@ -215,39 +215,17 @@ pub fn read_manifest(run_dir: &Path) -> anyhow::Result<Vec<Source>> {
     let path = run_dir.join("finetunes").join("manifest.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("--finetunes: reading {}", path.display()))?;
-    let v: serde_json::Value =
+    let entries: Vec<ManifestEntry> =
         serde_json::from_str(&text).with_context(|| format!("--finetunes: {}", path.display()))?;
-    let list = v
-        .as_array()
-        .with_context(|| format!("--finetunes: {} is not a list", path.display()))?;
-    list.iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let field = |k: &str| {
-                e.get(k).and_then(|x| x.as_str()).with_context(|| {
-                    format!(
-                        "--finetunes: {} entry {i} has no string '{k}'",
-                        path.display()
-                    )
-                })
-            };
-            let format = match field("format")? {
-                "hf" => Format::Hf,
-                "peft" => Format::Peft,
-                "s2ft" => Format::S2ft,
-                f => bail!(
-                    "--finetunes: {} entry {i}: unknown format '{f}'",
-                    path.display()
-                ),
-            };
-            Ok(Source {
-                task: field("task")?.to_string(),
-                group: field("method")?.to_string(),
-                format,
-                path: run_dir.join(field("path")?),
-            })
+    Ok(entries
+        .into_iter()
+        .map(|e| Source {
+            task: e.task,
+            group: e.method,
+            format: e.format,
+            path: run_dir.join(e.path),
         })
-        .collect()
+        .collect())
 }
 
 /// Parses `--finetune TASK=PATH`.
@@ -2139,6 +2117,36 @@ fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The manifest a `s2ft --model` run writes is read back into typed
+    /// entries; an unknown format or a missing field is an error naming the file.
+    #[test]
+    fn manifests_are_read_back_and_bad_ones_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("finetunes")).unwrap();
+        let entry = |format: &str| {
+            serde_json::json!({"task": "date", "method": "lora r8", "family": "lora",
+                "rank": 8, "format": format, "path": "finetunes/date/lora-r8"})
+        };
+        let write = |v: serde_json::Value| {
+            std::fs::write(dir.path().join("finetunes/manifest.json"), v.to_string()).unwrap()
+        };
+        write(serde_json::json!([entry("peft"), entry("hf")]));
+        let sources = read_manifest(dir.path()).unwrap();
+        assert_eq!(sources.len(), 2);
+        assert_eq!(
+            (sources[0].format, sources[1].format),
+            (Format::Peft, Format::Hf)
+        );
+        assert_eq!(sources[0].group, "lora r8");
+        assert_eq!(sources[0].path, dir.path().join("finetunes/date/lora-r8"));
+        write(serde_json::json!([entry("gguf")]));
+        let e = format!("{:#}", read_manifest(dir.path()).unwrap_err());
+        assert!(e.contains("manifest.json") && e.contains("gguf"), "{e}");
+        write(serde_json::json!([{"task": "date"}]));
+        let e = format!("{:#}", read_manifest(dir.path()).unwrap_err());
+        assert!(e.contains("manifest.json") && e.contains("method"), "{e}");
+    }
 
     #[test]
     fn training_settings_are_read_from_a_s2ft_run() {

@@ -32,6 +32,7 @@ use serde_json::json;
 use crate::llm::{EncodedSet, Prompter, SetScore, score_set, sft_batch, text_loss, text_windows};
 use crate::plot::{Series, bar_chart, line_chart};
 use crate::report::Run;
+use crate::studies::merge_llm::Format;
 use crate::studies::s2ft::{Method, S2ftArgs};
 use crate::tasks::{InstructTask, Split, Stream, Words, examples};
 use s2ft_core::s2ft::{
@@ -523,8 +524,9 @@ pub struct SummaryRow {
     pub peak_mb: Option<f64>,
 }
 
-/// One saved fine-tune (the merge study's input).
-#[derive(Clone, Debug, Serialize)]
+/// One saved fine-tune (the merge study's input: `merge --finetunes` reads
+/// `finetunes/manifest.json` back into these).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ManifestEntry {
     /// Task.
     pub task: String,
@@ -535,7 +537,7 @@ pub struct ManifestEntry {
     /// LoRA rank (budget).
     pub rank: Option<usize>,
     /// `hf` (Hugging Face folder), `peft` (PEFT LoRA adapter), `s2ft` (our adapter + dense ΔW).
-    pub format: String,
+    pub format: Format,
     /// Path relative to the report folder.
     pub path: String,
 }
@@ -959,11 +961,11 @@ where
                 &prep.base.tokenizer,
                 weights::DEFAULT_SHARD_BYTES,
             )?;
-            "hf"
+            Format::Hf
         }
         Method::Lora(_) => {
             s2ft_core::adapter::save_lora_peft(&t.model, &out)?;
-            "peft"
+            Format::Peft
         }
         Method::S2ft(..) => {
             let a = s2ft_core::adapter::S2ftAdapter::extract(&t.model)?;
@@ -973,7 +975,7 @@ where
                 dense.insert(name, weights::Tensor::f32(d.into_dyn()));
             }
             dense.save_safetensors(out.join("delta.safetensors"))?;
-            "s2ft"
+            Format::S2ft
         }
     };
     manifest.push(ManifestEntry {
@@ -981,7 +983,7 @@ where
         method: method.label(),
         family: method.family().into(),
         rank: method.rank(),
-        format: format.into(),
+        format,
         path: rel.clone(),
     });
     row.saved = Some(rel);
