@@ -694,84 +694,153 @@ where
     Llama<B>: AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
 {
     let prompter = Prompter::new(&prep.base.tokenizer)?;
-    let c = prep.base.config.clone();
     let methods = plan.methods(quick);
     let lr_count: usize = methods.iter().map(|&m| plan.lrs[family_lrs(m)].len()).sum();
     let total = (lr_count + methods.len() * (plan.tasks.len() - 1)) * plan.steps;
     let bar = run.progress(total as u64);
-    let eb = plan.eval_batch;
-
-    // Base scores.
     bar.set_message("scoring the base model");
-    let base_scores = run.phase("base", || -> anyhow::Result<BaseScores> {
-        let m = Llama::<B::InnerBackend>::from_state_dict(&c, &prep.base.weights, false, device)?;
-        let mut tasks = BTreeMap::new();
-        for ts in &prep.sets {
-            tasks.insert(
-                ts.task.name().to_string(),
-                TaskAcc {
-                    test: score_set(&m, &ts.test, &prompter, eb)?,
-                    ood: score_set(&m, &ts.ood, &prompter, eb)?,
-                },
-            );
-        }
-        let text_loss = prep
-            .text
-            .iter()
-            .map(|(n, w)| (n.to_string(), text_loss(&m, w, eb)))
-            .collect();
-        Ok(BaseScores { tasks, text_loss })
+    let base = run.phase("base", || {
+        score_base::<B>(&prep, &prompter, plan.eval_batch, device)
     })?;
-    let mut sweep: Vec<SweepRow> = Vec::new();
-    let mut rows: Vec<RunRow> = Vec::new();
-    let mut manifest: Vec<ManifestEntry> = Vec::new();
-    let write_partial = |run: &Run, sweep: &[SweepRow], rows: &[RunRow]| -> anyhow::Result<()> {
-        run.write("sweep.csv", sweep_csv(sweep).as_bytes())?;
-        run.write("runs.csv", runs_csv(rows).as_bytes())?;
-        run.partial(&json!({"plan": plan, "base": base_scores, "sweep": sweep, "runs": rows}))
+    let study = Study::<B> {
+        plan,
+        prep: &prep,
+        prompter: &prompter,
+        device,
+        bar: &bar,
+        base: &base,
     };
-    write_partial(&run, &sweep, &rows)?;
-
+    let mut res = Results::default();
+    res.write_partial(&run, &study)?;
     for &method in &methods {
-        let family = method.family().to_string();
-        // Sweep on the first task; keep the best run.
+        match study.sweep(method, &mut run, &mut res)? {
+            Some((lr, first)) => study.every_task(method, lr, first, &mut run, &mut res)?,
+            None => {
+                // Every rate diverged: reported, left out, the study goes on.
+                for &task in &plan.tasks {
+                    res.rows.push(diverged_row(
+                        method,
+                        task,
+                        "every learning rate of the sweep diverged",
+                    ));
+                }
+                res.write_partial(&run, &study)?;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    finish(&study, &methods, res, run)
+}
+
+/// The base model's scores on every task and its held-out text loss.
+fn score_base<B: AutodiffBackend>(
+    prep: &Prepared,
+    prompter: &Prompter<'_>,
+    eb: usize,
+    device: &B::Device,
+) -> anyhow::Result<BaseScores> {
+    let c = &prep.base.config;
+    let m = Llama::<B::InnerBackend>::from_state_dict(c, &prep.base.weights, false, device)?;
+    let mut tasks = BTreeMap::new();
+    for ts in &prep.sets {
+        tasks.insert(
+            ts.task.name().to_string(),
+            TaskAcc {
+                test: score_set(&m, &ts.test, prompter, eb)?,
+                ood: score_set(&m, &ts.ood, prompter, eb)?,
+            },
+        );
+    }
+    let text_loss = prep
+        .text
+        .iter()
+        .map(|(n, w)| (n.to_string(), text_loss(&m, w, eb)))
+        .collect();
+    Ok(BaseScores { tasks, text_loss })
+}
+
+/// What the study's phases share.
+struct Study<'a, B: AutodiffBackend> {
+    plan: &'a Plan,
+    prep: &'a Prepared,
+    prompter: &'a Prompter<'a>,
+    device: &'a B::Device,
+    bar: &'a indicatif::ProgressBar,
+    base: &'a BaseScores,
+}
+
+/// The rows so far: written after every run, so that a run cut short leaves
+/// what it measured.
+#[derive(Default)]
+struct Results {
+    sweep: Vec<SweepRow>,
+    rows: Vec<RunRow>,
+    manifest: Vec<ManifestEntry>,
+}
+
+impl Results {
+    fn write_partial<B: AutodiffBackend>(&self, run: &Run, s: &Study<'_, B>) -> anyhow::Result<()> {
+        run.write("sweep.csv", sweep_csv(&self.sweep).as_bytes())?;
+        run.write("runs.csv", runs_csv(&self.rows).as_bytes())?;
+        run.partial(
+            &json!({"plan": s.plan, "base": s.base, "sweep": self.sweep, "runs": self.rows}),
+        )
+    }
+}
+
+impl<B: AutodiffBackend> Study<'_, B>
+where
+    Llama<B>: AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
+{
+    fn finetune(&self, method: Method, task: InstructTask, lr: f64) -> anyhow::Result<Trained<B>> {
+        let p = self.prep;
+        finetune::<B>(
+            &p.base,
+            &p.words,
+            self.prompter,
+            self.plan,
+            method,
+            &[task],
+            lr,
+            self.device,
+            self.bar,
+        )
+    }
+
+    /// The learning-rate sweep of `method` on the first task, scored on its
+    /// validation split: the chosen rate and its run (`None`: all diverged).
+    fn sweep(
+        &self,
+        method: Method,
+        run: &mut Run,
+        res: &mut Results,
+    ) -> anyhow::Result<Option<(f64, Trained<B>)>> {
+        let (plan, eb) = (self.plan, self.plan.eval_batch);
         let sweep_task = plan.tasks[0];
-        let val = &prep.sets[0].validation;
+        let val = &self.prep.sets[0].validation;
         let mut best: Option<(f64, f64, f64, Trained<B>)> = None;
-        let first_row = sweep.len();
+        let first_row = res.sweep.len();
         let grid = &plan.lrs[family_lrs(method)];
         for &lr in grid {
-            bar.set_message(format!(
+            self.bar.set_message(format!(
                 "{} on {} at lr {lr:e}",
                 method.label(),
                 sweep_task.name()
             ));
             let t = run.phase(
                 &format!("{} {} lr {lr:e}", label(method), sweep_task.name()),
-                || {
-                    finetune::<B>(
-                        &prep.base,
-                        &prep.words,
-                        &prompter,
-                        plan,
-                        method,
-                        &[sweep_task],
-                        lr,
-                        device,
-                        &bar,
-                    )
-                },
+                || self.finetune(method, sweep_task, lr),
             )?;
             // A grid of one rate has nothing to choose: its validation score is skipped.
             let (acc, loss) = if t.diverged.is_some() || grid.len() == 1 {
                 (None, None)
             } else {
-                let s = score_set(&t.model.valid(), val, &prompter, eb)?;
+                let s = score_set(&t.model.valid(), val, self.prompter, eb)?;
                 (Some(s.acc), Some(s.answer_loss))
             };
-            sweep.push(SweepRow {
+            res.sweep.push(SweepRow {
                 method: method.label(),
-                family: family.clone(),
+                family: method.family().to_string(),
                 rank: method.rank(),
                 task: sweep_task.name().into(),
                 lr,
@@ -790,83 +859,86 @@ where
                     best = Some((a, l, lr, t));
                 }
             }
-            write_partial(&run, &sweep, &rows)?;
+            res.write_partial(run, self)?;
         }
         let Some((_, _, lr, first)) = best else {
-            // Every rate diverged: reported, left out, the study goes on.
-            for &task in &plan.tasks {
-                rows.push(diverged_row(
-                    method,
-                    task,
-                    "every learning rate of the sweep diverged",
-                ));
-            }
-            write_partial(&run, &sweep, &rows)?;
-            continue;
+            return Ok(None);
         };
-        for r in &mut sweep[first_row..] {
+        for r in &mut res.sweep[first_row..] {
             r.chosen = r.lr == lr;
         }
+        Ok(Some((lr, first)))
+    }
+
+    /// `method` at rate `lr` on every task (the sweep's run stands for the
+    /// first), each scored and saved where the merge study finds it.
+    fn every_task(
+        &self,
+        method: Method,
+        lr: f64,
+        first: Trained<B>,
+        run: &mut Run,
+        res: &mut Results,
+    ) -> anyhow::Result<()> {
         let mut trained = Some(first);
-        for (k, &task) in plan.tasks.iter().enumerate() {
+        for &task in &self.plan.tasks {
             let t = match trained.take() {
                 Some(t) => t,
                 None => {
-                    bar.set_message(format!("{} on {}", method.label(), task.name()));
+                    self.bar
+                        .set_message(format!("{} on {}", method.label(), task.name()));
                     run.phase(&format!("{} {}", label(method), task.name()), || {
-                        finetune::<B>(
-                            &prep.base,
-                            &prep.words,
-                            &prompter,
-                            plan,
-                            method,
-                            &[task],
-                            lr,
-                            device,
-                            &bar,
-                        )
+                        self.finetune(method, task, lr)
                     })?
                 }
             };
             let dir = run.dir.clone();
             let row = run.phase(&format!("score {} {}", label(method), task.name()), || {
                 score_and_save(
-                    &prep,
-                    &prompter,
-                    plan,
-                    &base_scores,
+                    self.prep,
+                    self.prompter,
+                    self.plan,
+                    self.base,
                     method,
                     task,
                     lr,
                     t,
                     &dir,
-                    &mut manifest,
+                    &mut res.manifest,
                 )
             })?;
-            debug_assert_eq!(row.task, plan.tasks[k].name());
-            rows.push(row);
+            res.rows.push(row);
             run.write(
                 "finetunes/manifest.json",
-                serde_json::to_string_pretty(&manifest)?.as_bytes(),
+                serde_json::to_string_pretty(&res.manifest)?.as_bytes(),
             )?;
-            write_partial(&run, &sweep, &rows)?;
+            res.write_partial(run, self)?;
         }
+        Ok(())
     }
-    bar.finish_and_clear();
+}
 
-    let summary = summarize(&methods, &rows);
+/// Summary, plots, report and metrics of a finished run.
+fn finish<B: AutodiffBackend>(
+    s: &Study<'_, B>,
+    methods: &[Method],
+    res: Results,
+    run: Run,
+) -> anyhow::Result<PathBuf> {
+    let (plan, c) = (s.plan, &s.prep.base.config);
+    let summary = summarize(methods, &res.rows);
     run.write("summary.csv", summary_csv(&summary).as_bytes())?;
-    plots(&run, plan, &summary, &rows, &sweep)?;
-    let md = report(plan, &c, &prep, &base_scores, &summary, &rows, &sweep);
+    plots(&run, plan, &summary, &res.rows, &res.sweep)?;
+    let md = report(plan, c, s.prep, s.base, &summary, &res.rows, &res.sweep);
     let metrics = json!({
         "model": plan.model,
         "config": c,
         "plan": plan,
-        "base": base_scores,
-        "sweep": sweep,
-        "runs": rows,
+        "base": s.base,
+        "sweep": res.sweep,
+        "runs": res.rows,
         "summary": summary,
-        "finetunes": manifest,
+        "finetunes": res.manifest,
         "memory_measured": crate::alloc::installed(),
     });
     run.finish(metrics, &md)?;
