@@ -14,22 +14,35 @@ use half::{bf16, f16};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[allow(non_camel_case_types)]
 pub enum DType {
+    /// IEEE-754 binary64; rounded to nearest `f32` when read.
     F64,
+    /// IEEE-754 binary32, the in-memory type.
     F32,
+    /// IEEE-754 binary16 (half precision).
     F16,
+    /// bfloat16: the top 16 bits of an `f32` (8 exponent, 7 mantissa bits).
     BF16,
     /// 8-bit float, 4 exponent bits, 3 mantissa bits, no infinities (OCP `E4M3FN`).
     F8_E4M3,
     /// 8-bit float, 5 exponent bits, 2 mantissa bits (the top byte of an F16).
     F8_E5M2,
+    /// Signed 64-bit integer; must be exactly representable in `f32`.
     I64,
+    /// Signed 32-bit integer; must be exactly representable in `f32`.
     I32,
+    /// Signed 16-bit integer.
     I16,
+    /// Signed 8-bit integer.
     I8,
+    /// Unsigned 64-bit integer; must be exactly representable in `f32`.
     U64,
+    /// Unsigned 32-bit integer; must be exactly representable in `f32`.
     U32,
+    /// Unsigned 16-bit integer.
     U16,
+    /// Unsigned 8-bit integer.
     U8,
+    /// One byte per value: nonzero reads as `1.0`; only `0.0` and `1.0` can be written.
     Bool,
     /// GGML block quantisation: 32 values share an f16 scale `d`; value = d·(q − 8), q ∈ [0, 15].
     Q4_0,

@@ -31,18 +31,32 @@ use crate::tensor::{Tensor, TensorInfo, TensorSource};
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GgufValue {
+    /// Type tag 0: unsigned 8-bit integer.
     U8(u8),
+    /// Type tag 1: signed 8-bit integer.
     I8(i8),
+    /// Type tag 2: unsigned 16-bit integer.
     U16(u16),
+    /// Type tag 3: signed 16-bit integer.
     I16(i16),
+    /// Type tag 4: unsigned 32-bit integer.
     U32(u32),
+    /// Type tag 5: signed 32-bit integer.
     I32(i32),
+    /// Type tag 10: unsigned 64-bit integer.
     U64(u64),
+    /// Type tag 11: signed 64-bit integer.
     I64(i64),
+    /// Type tag 6: 32-bit float.
     F32(f32),
+    /// Type tag 12: 64-bit float.
     F64(f64),
+    /// Type tag 7: one byte, nonzero is `true`.
     Bool(bool),
+    /// Type tag 8: UTF-8 string with a `u64` byte length.
     String(String),
+    /// Type tag 9: `u32` element type, `u64` count, then the elements, all of
+    /// that one type (arrays of arrays are rejected).
     Array(Vec<GgufValue>),
 }
 

@@ -30,6 +30,8 @@
 //! # Ok::<(), weights::WeightsError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 // The README's examples run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -11,11 +11,18 @@ use serde::Serialize;
 /// `None` (JSON `null`), never NaN.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TensorStats {
+    /// Number of elements, NaNs included.
     pub numel: usize,
+    /// Smallest non-NaN value (may be `-inf`); `None` when every value is NaN.
     pub min: Option<f64>,
+    /// Largest non-NaN value (may be `inf`); `None` when every value is NaN.
     pub max: Option<f64>,
+    /// Mean of the non-NaN values; `None` when there is none or it is not finite.
     pub mean: Option<f64>,
+    /// Population standard deviation of the non-NaN values; `None` when there
+    /// is none or it is not finite.
     pub std: Option<f64>,
+    /// Number of NaN elements.
     pub nan: usize,
 }
 
