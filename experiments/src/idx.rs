@@ -15,18 +15,33 @@ pub enum IdxError {
     /// The file could not be read or decompressed.
     #[error("{path}: {source}")]
     Io {
+        /// The idx file.
         path: PathBuf,
+        /// The read or gzip-decoding error.
         source: std::io::Error,
     },
     /// Not an idx file: the first two bytes are not zero.
     #[error("{path}: not an idx file (the first two bytes must be zero)")]
-    BadMagic { path: PathBuf },
+    BadMagic {
+        /// The file (or the name given to [`parse_idx`]).
+        path: PathBuf,
+    },
     /// A type code outside 0x08, 0x09, 0x0B–0x0E.
     #[error("{path}: unknown idx type code 0x{code:02x}")]
-    UnknownType { path: PathBuf, code: u8 },
+    UnknownType {
+        /// The file (or the name given to [`parse_idx`]).
+        path: PathBuf,
+        /// The type code found in the header's third byte.
+        code: u8,
+    },
     /// Fewer (or more) bytes than the header declares.
     #[error("{path}: truncated: {what}")]
-    Truncated { path: PathBuf, what: String },
+    Truncated {
+        /// The file (or the name given to [`parse_idx`]).
+        path: PathBuf,
+        /// How many bytes the header or data needed and how many were found.
+        what: String,
+    },
 }
 
 type Result<T> = std::result::Result<T, IdxError>;

@@ -1,6 +1,8 @@
 //! The studies behind `cargo run -p experiments --release -- <study>`, as a
 //! library so the `tests` crate runs them at tiny size.
 
+#![warn(missing_docs)]
+
 pub mod alloc;
 pub mod cnn;
 pub mod corrupt;

@@ -18,29 +18,50 @@ pub enum MergeError {
     /// An operating-system error on `path`.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory being read, written or created.
         path: PathBuf,
+        /// The underlying I/O error.
         #[source]
         source: std::io::Error,
     },
     /// The merge config is malformed or asks for something unsupported.
     #[error("config {}: {msg}", path.display())]
-    Config { path: PathBuf, msg: String },
+    Config {
+        /// The config file at fault, or the option, output or model
+        /// directory the problem is about.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
     /// A `merge_method` this crate does not implement.
     #[error("unknown merge method '{name}' (known: {known})")]
-    UnknownMethod { name: String, known: String },
+    UnknownMethod {
+        /// The method name as given.
+        name: String,
+        /// The supported method names, comma-separated.
+        known: String,
+    },
     /// A parameter is missing, has the wrong type or is out of range.
     #[error("tensor '{tensor}': parameter '{param}': {msg}")]
     Parameter {
+        /// The tensor the parameter was resolved for (or the command, such
+        /// as `extract-lora`, for options that are not per tensor).
         tensor: String,
+        /// The parameter's name (`weight`, `density`, ...).
         param: String,
+        /// What is wrong with its value.
         msg: String,
     },
     /// Two inputs of one tensor disagree in shape.
     #[error("tensor '{tensor}': model '{model}' has shape {got:?}, expected {expected:?}")]
     ShapeMismatch {
+        /// The tensor's name.
         tensor: String,
+        /// The model (or adapter, task) whose tensor has the wrong shape.
         model: String,
+        /// The shape of the reference (base or first) input.
         expected: Vec<usize>,
+        /// The shape `model` has.
         got: Vec<usize>,
     },
     /// Embedding-like tensors whose vocabulary sizes differ.
@@ -50,35 +71,68 @@ pub enum MergeError {
          and truncate the extra ones"
     )]
     VocabMismatch {
+        /// The embedding-like tensor's name.
         tensor: String,
+        /// The model whose vocabulary size differs from the base's.
         model: String,
+        /// The number of vocabulary rows (dimension 0) `model` has.
         rows: usize,
+        /// The number of vocabulary rows the base model has.
         base_rows: usize,
     },
     /// A tensor one model has and another lacks.
     #[error("tensor '{tensor}' is missing from model '{model}'")]
-    MissingTensor { tensor: String, model: String },
+    MissingTensor {
+        /// The name of the missing tensor.
+        tensor: String,
+        /// The model (or adapter, task) that lacks it.
+        model: String,
+    },
     /// A NaN or infinite input value.
     #[error("tensor '{tensor}' of model '{model}' holds a non-finite value ({value})")]
     NonFinite {
+        /// The tensor holding the value.
         tensor: String,
+        /// The model (or Gram-matrix file) the tensor comes from.
         model: String,
+        /// The first non-finite value found (NaN or ±∞).
         value: f32,
     },
     /// The method cannot take these inputs (count, base, ...).
     #[error("method '{method}': {msg}")]
-    Inputs { method: String, msg: String },
+    Inputs {
+        /// The merge method's name.
+        method: String,
+        /// Why the inputs do not suit it (often naming the tensor).
+        msg: String,
+    },
     /// A low-rank / LoRA operation got inconsistent factors.
     #[error("{what}: {msg}")]
-    LowRank { what: String, msg: String },
+    LowRank {
+        /// The tensor at fault, or the operation (`rmm`, `shared_basis`,
+        /// `lora_lego`, ...) that got the bad input.
+        what: String,
+        /// What is inconsistent.
+        msg: String,
+    },
     /// A mixture-of-experts assembly or compression got inconsistent input
     /// (`what` names the config field, layer, expert or option).
     #[error("{what}: {msg}")]
-    Moe { what: String, msg: String },
+    Moe {
+        /// The config field, layer, expert or option at fault.
+        what: String,
+        /// What is inconsistent.
+        msg: String,
+    },
     /// A weight patch (robust weight signature) that does not fit its model
     /// or option (`what` names the signature, tensor or option).
     #[error("{what}: {msg}")]
-    Patch { what: String, msg: String },
+    Patch {
+        /// The signature, tensor or option at fault.
+        what: String,
+        /// Why it does not fit.
+        msg: String,
+    },
 }
 
 /// The crate's result type.

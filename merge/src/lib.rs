@@ -10,6 +10,8 @@
 //! - [`run`]: streaming execution of a config over lazily read checkpoints into
 //!   sharded safetensors.
 
+#![warn(missing_docs)]
+
 // The README's examples run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

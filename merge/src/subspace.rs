@@ -22,14 +22,22 @@ pub enum SubspaceMethod {
     /// TSV-M: each task's top `⌊rank/T⌋` singular triplets, the stacked left
     /// and right bases orthogonalised (polar factors), the singular values kept.
     /// `rank: None` is the full rank `min(m, n)`.
-    TsvM { rank: Option<usize> },
+    TsvM {
+        /// The total rank `k` kept across all tasks, in `1..=min(m, n)`
+        /// (each task gets `⌊k/T⌋` triplets); `None` for `min(m, n)`.
+        rank: Option<usize>,
+    },
     /// Iso-C: the SVD of the summed task matrix with every singular value
     /// replaced by their mean.
     IsoC,
     /// Iso-CTS: the top `common_space_fraction` of the summed matrix's
     /// directions plus each task's top directions orthogonal to them, the
     /// spectrum made isotropic.
-    IsoCts { common_space_fraction: f64 },
+    IsoCts {
+        /// The share of the `min(m, n)` directions given to the common
+        /// subspace, in `[0, 1]`; the rest is split evenly among the tasks.
+        common_space_fraction: f64,
+    },
 }
 
 /// The merged task vector of one tensor: the subspace merge of the task
