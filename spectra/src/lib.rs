@@ -9,6 +9,8 @@
 //! ([`alignment`]) and a per-layer report over a whole checkpoint
 //! ([`report`]). Plain ndarray code, parallel over layers with rayon.
 
+#![warn(missing_docs)]
+
 // The README's examples run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

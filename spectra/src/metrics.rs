@@ -44,11 +44,18 @@ use crate::rng::Rng;
 /// Norm-based metrics of one ESD.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct NormMetrics {
+    /// `log10 Σλ`, the log of the squared Frobenius norm.
     pub log_norm: f64,
+    /// `log10 λmax`, the log of the squared spectral norm.
     pub log_spectral_norm: f64,
+    /// `Σλ / λmax`.
     pub stable_rank: f64,
+    /// Normalised spectral entropy `−Σ pᵢ ln pᵢ / ln r`, `pᵢ = λᵢ/Σλ`;
+    /// `None` when the numerical rank `r` is at most 1.
     pub entropy: Option<f64>,
+    /// `exp(−Σ pᵢ ln pᵢ)` (Roy & Vetterli 2007).
     pub effective_rank: f64,
+    /// Numerical rank: singular values above `σmax · N · ε`.
     pub rank: usize,
 }
 

@@ -82,7 +82,12 @@ pub struct PowerLawFit {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum NotFitted {
     /// Fewer eigenvalues above [`EVALS_THRESH`] than required.
-    TooFewEigenvalues { have: usize, need: usize },
+    TooFewEigenvalues {
+        /// Eigenvalues above [`EVALS_THRESH`].
+        have: usize,
+        /// The least number required (`min_evals`, at least 2).
+        need: usize,
+    },
     /// All eigenvalues are equal (no tail to fit).
     Degenerate,
 }

@@ -61,38 +61,69 @@ impl Default for ReportOptions {
 /// (JSON `null`, empty in CSV), never NaN; `status` says why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LayerReport {
+    /// Tensor name in the checkpoint.
     pub name: String,
+    /// Tensor shape as stored (4-D for a convolution kernel).
     pub shape: Vec<usize>,
-    /// Larger / smaller matrix dimension.
+    /// Larger matrix dimension `N` (0 in `error` rows).
     pub n: usize,
+    /// Smaller matrix dimension `M`, eigenvalues per matrix (0 in `error` rows).
     pub m: usize,
     /// Matrices pooled (kernel positions of a conv layer).
     pub num_matrices: usize,
+    /// Eigenvalues in the pooled ESD (`num_matrices · m`; 0 when skipped).
     pub num_evals: usize,
     /// `fitted`, `not fitted: …`, `skipped: …` or `error: …`.
     pub status: String,
+    /// Power-law exponent α of the ESD tail ([`PowerLawFit::alpha`]).
     pub alpha: Option<f64>,
+    /// Lower bound of the fitted tail.
     pub xmin: Option<f64>,
+    /// Largest eigenvalue used in the fit.
     pub xmax: Option<f64>,
+    /// Kolmogorov–Smirnov distance `D` of the fit at `xmin`.
     pub ks_distance: Option<f64>,
+    /// Standard error of α, `(α − 1)/√n` for `n` tail eigenvalues.
     pub sigma: Option<f64>,
+    /// Eigenvalues `≥ xmin` (the power-law tail).
     pub num_pl_spikes: Option<usize>,
+    /// Fingers clipped by `ClipXmax` (0: none).
     pub num_fingers: Option<usize>,
+    /// `α · log10 λmax`.
     pub alpha_weighted: Option<f64>,
+    /// `log10 Σ λ^α`.
     pub log_alpha_norm: Option<f64>,
+    /// `log10 Σλ`, the log of the squared Frobenius norm.
     pub log_norm: Option<f64>,
+    /// `log10 λmax`, the log of the squared spectral norm.
     pub log_spectral_norm: Option<f64>,
+    /// Stable rank `Σλ / λmax`.
     pub stable_rank: Option<f64>,
+    /// Normalised spectral entropy `−Σ pᵢ ln pᵢ / ln rank`, `pᵢ = λᵢ/Σλ`
+    /// (`None` when rank ≤ 1).
     pub entropy: Option<f64>,
+    /// Effective rank `exp(−Σ pᵢ ln pᵢ)`.
     pub effective_rank: Option<f64>,
+    /// Numerical rank: singular values above `σmax · N · ε` (ε of `f32`).
     pub rank: Option<usize>,
+    /// Upper edge `λ₊` of the fitted Marchenko–Pastur bulk.
     pub mp_bulk_max: Option<f64>,
+    /// Eigenvalues above `λ₊` plus four Tracy–Widom scales.
     pub num_spikes: Option<usize>,
+    /// `λ₊ / λmax`.
     pub mp_softrank: Option<f64>,
+    /// FARMS α: outer `None` (field omitted) when FARMS was not requested or
+    /// the row is `skipped`/`error`; inner `None` when it could not be computed
+    /// (several pooled matrices, a matrix too small for the windows, no fit).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub farms_alpha: Option<Option<f64>>,
+    /// KS distance of the FARMS fit; `None`s as for `farms_alpha`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub farms_ks_distance: Option<Option<f64>>,
+    /// Jensen–Shannon divergence between the ESDs of `W` and of `W` with its
+    /// entries shuffled ([`crate::metrics::rand_distance`]), in `[0, 1]`; outer
+    /// `None` (field omitted) when the control was not requested or the row is
+    /// `skipped`/`error`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rand_distance: Option<Option<f64>>,
     /// `over-trained` (α < 2) or `under-trained` (α > 6).
@@ -138,6 +169,7 @@ impl LayerReport {
 /// Everything computed for one layer: the row, and the data an ESD plot needs.
 #[derive(Debug, Clone)]
 pub struct LayerAnalysis {
+    /// The report row.
     pub report: LayerReport,
     /// The ESD (for the log–log histogram).
     pub esd: Esd,

@@ -71,7 +71,9 @@ pub fn welore_rank(singular_values: &[f64], threshold: f64) -> usize {
 /// One layer of a WeLore plan.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WeloreLayer {
+    /// Layer (tensor) name, as given to [`welore_plan`].
     pub name: String,
+    /// Tensor shape, as given to [`welore_plan`].
     pub shape: Vec<usize>,
     /// `min(m, n)`.
     pub full_rank: usize,
