@@ -72,7 +72,9 @@ pub fn lambda_grid(n: usize) -> Vec<f64> {
 /// A loss curve along the interpolation path and its barriers.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Barrier {
+    /// The interpolation weights `λ`, ascending from 0 (model A) to 1 (model B).
     pub lambdas: Vec<f64>,
+    /// The loss `L(λ)` at each of `lambdas`.
     pub losses: Vec<f64>,
     /// `max_λ L(λ) − ((1 − λ)L(0) + λL(1))`.
     pub barrier_linear: f64,

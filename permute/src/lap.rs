@@ -24,7 +24,9 @@ use crate::error::{PermuteError, Result};
 /// Which way to optimise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Objective {
+    /// Find the assignment of least total cost.
     Minimize,
+    /// Find the assignment of greatest total (a similarity, as in weight matching).
     Maximize,
 }
 

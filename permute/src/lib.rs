@@ -12,6 +12,8 @@
 //! orthogonal (Procrustes) alignment of a LLaMA's residual stream ([`orthogonal`]),
 //! and partial (ZipIt!/PLeaS) merging over any spec ([`zip`]).
 
+#![warn(missing_docs)]
+
 // The README's examples run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

@@ -51,6 +51,8 @@ pub struct MergeManyResult {
     pub merged: StateDict,
     /// `Σᵢ ‖Pᵢ θᵢ − mean‖` after each round.
     pub distance: Vec<f64>,
+    /// The rounds run (at most `max_rounds`), counting a last one that did
+    /// not lower the distance.
     pub rounds: usize,
 }
 

@@ -34,7 +34,10 @@ use crate::error::{PermuteError, Result};
 /// Per-channel mean and (population) standard deviation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChannelStats {
+    /// The mean of each channel (0 for uncentered statistics).
     pub mean: Vec<f64>,
+    /// The standard deviation of each channel (the root mean square for
+    /// uncentered statistics).
     pub std: Vec<f64>,
 }
 
@@ -140,7 +143,10 @@ impl ChannelStats {
 /// corrected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepairLayer {
+    /// The state-dict name of the weight whose axis 0 holds the output channels.
     pub weight: String,
+    /// The state-dict name of the bias (created if the model lacks it);
+    /// `None` corrects by scale only.
     pub bias: Option<String>,
 }
 

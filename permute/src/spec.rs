@@ -50,7 +50,10 @@ pub enum Inner {
 /// One `(weight, axis)` a group acts on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
+    /// The state-dict name of the weight.
     pub weight: String,
+    /// The axis of that weight the group permutes (0 for a linear layer's
+    /// outputs, 1 for its inputs).
     pub axis: usize,
     /// Copies of each block side by side on this axis.
     pub repeat: usize,
@@ -61,14 +64,24 @@ pub struct Member {
 /// A permutation group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Group {
+    /// The group's name, unique in its spec; a [`Permutation`] holds the
+    /// group's value under this name.
     pub name: String,
+    /// The number of blocks the outer permutation reorders (hidden units, or
+    /// key/value heads).
     pub blocks: usize,
+    /// The units per block (1 for plain units, the head dimension for
+    /// attention heads).
     pub block_size: usize,
+    /// One entry per inner-permutation family: whether it permutes the units
+    /// inside each block ([`Member::family`] indexes this).
     pub families: Vec<Inner>,
     /// Whether the copies of a block (members with `repeat > 1`, which must
     /// then all have the same `repeat`) may be reordered inside the block.
     #[serde(default)]
     pub copies: Inner,
+    /// Every `(weight, axis)` the group acts on; permuting them all together
+    /// leaves the network's function unchanged.
     pub members: Vec<Member>,
 }
 
@@ -111,12 +124,14 @@ impl Group {
 /// The permutation groups of an architecture.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PermutationSpec {
+    /// The groups, each permuting its own axes independently of the others.
     pub groups: Vec<Group>,
 }
 
 /// A value of one group: block order and, per family, per-block unit orders.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupPerm {
+    /// `outer[j]`: the original block that new block `j` takes.
     pub outer: Vec<usize>,
     /// `inner[f][j]`: unit order inside new block `j` for family `f` (empty for identity families).
     pub inner: Vec<Vec<Vec<usize>>>,

@@ -11,7 +11,12 @@ pub enum S2ftError {
     Config(String),
     /// A weight the architecture needs is missing or has the wrong shape.
     #[error("weight '{name}': {msg}")]
-    Weight { name: String, msg: String },
+    Weight {
+        /// The Hugging Face name of the weight.
+        name: String,
+        /// What is wrong with it (missing, or the shapes found and expected).
+        msg: String,
+    },
     /// A selection or budget that cannot be satisfied.
     #[error("selection: {0}")]
     Selection(String),
@@ -21,7 +26,9 @@ pub enum S2ftError {
     /// A tokenizer file that is missing or not understood, or text it cannot encode.
     #[error("tokenizer {}: {msg}", path.display())]
     Tokenizer {
+        /// The tokenizer file, or the model folder or GGUF file it came from.
         path: std::path::PathBuf,
+        /// What went wrong reading it or encoding with it.
         msg: String,
     },
     /// A prompt that cannot be decoded (empty, too long for the context).
@@ -29,7 +36,12 @@ pub enum S2ftError {
     Generation(String),
     /// Training diverged.
     #[error("training stopped at step {step}: {msg}")]
-    Training { step: usize, msg: String },
+    Training {
+        /// The step (counted from 0) whose loss was not finite.
+        step: usize,
+        /// The loss value and which model is returned instead.
+        msg: String,
+    },
 }
 
 /// The crate's result type.

@@ -15,6 +15,8 @@
 //! feature; their autodiff versions train. Burn is compiled only here and in
 //! `experiments`.
 
+#![warn(missing_docs)]
+
 // The README's examples run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
