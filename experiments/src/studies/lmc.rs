@@ -8,7 +8,6 @@ use std::time::Instant;
 use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use serde_json::json;
 use weights::StateDict;
 
 use crate::data::{Split, default_mnist_dir, mnist};
@@ -664,6 +663,42 @@ impl MethodRow {
     }
 }
 
+/// `metrics.json` of an MLP or CNN run: every method's row at the top level
+/// (naive, wm, am, ste, wm_repair, as the README documents), then the
+/// run's facts. The partial files written while methods run hold the rows so far.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LmcMetrics {
+    /// Per method, in the order they ran.
+    #[serde(flatten)]
+    pub methods: indexmap::IndexMap<String, MethodRow>,
+    /// `--widths`: the barriers of a fresh pair per width.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width_sweep: Option<Vec<WidthRow>>,
+    /// The architecture's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arch: Option<&'static str>,
+    /// Layer sizes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sizes: Option<Vec<usize>>,
+    /// Test accuracy of A and B.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint_test_accuracy: Option<[f64; 2]>,
+    /// Passes weight matching took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wm_passes: Option<usize>,
+}
+
+/// One width of `--widths`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WidthRow {
+    /// Hidden width.
+    pub width: usize,
+    /// Loss barrier of the naive interpolation.
+    pub naive_loss_barrier: f64,
+    /// Loss barrier after weight matching.
+    pub wm_loss_barrier: f64,
+}
+
 /// Runs the study; returns the report folder.
 pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     if args.arch == Arch::Llama {
@@ -684,7 +719,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         .map(|m| arch.evaluate(m, &eval.1))
         .collect::<anyhow::Result<_>>()?;
     let (perms, wm_passes) = align_all(&pair, args, &mut run)?;
-    let mut metrics = serde_json::Map::new();
+    let mut metrics = LmcMetrics::default();
     let mut md = header(&pair, args, &endpoints);
     let rows = method_rows(args, &pair, &perms, &eval, &mut run, &mut metrics)?;
     for (name, row) in &rows {
@@ -704,18 +739,13 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     )?;
     md.push_str("\n![train loss](loss_train.png)\n\n![test loss](loss_test.png)\n");
     if !args.widths.is_empty() {
-        let sweep = width_sweep(args, arch, &mut run, &mut md)?;
-        metrics.insert("width_sweep".into(), sweep);
+        metrics.width_sweep = Some(width_sweep(args, arch, &mut run, &mut md)?);
     }
-    // Per method at the top level (naive, wm, am, ste), as the README documents.
-    metrics.insert("arch".into(), json!(arch.name()));
-    metrics.insert("sizes".into(), json!(pair.sizes));
-    metrics.insert(
-        "endpoint_test_accuracy".into(),
-        json!([endpoints[0].1, endpoints[1].1]),
-    );
-    metrics.insert("wm_passes".into(), json!(wm_passes));
-    run.finish(serde_json::Value::Object(metrics), &md)?;
+    metrics.arch = Some(arch.name());
+    metrics.sizes = Some(pair.sizes.clone());
+    metrics.endpoint_test_accuracy = Some([endpoints[0].1, endpoints[1].1]);
+    metrics.wm_passes = Some(wm_passes);
+    run.finish(serde_json::to_value(&metrics)?, &md)?;
     Ok(run.dir.clone())
 }
 
@@ -728,7 +758,7 @@ fn method_rows(
     perms: &[Aligned],
     (eval_train, eval_test): &(Split, Split),
     run: &mut Run,
-    metrics: &mut serde_json::Map<String, serde_json::Value>,
+    metrics: &mut LmcMetrics,
 ) -> anyhow::Result<Vec<(String, MethodRow)>> {
     let (a, b, arch) = (&pair.a, &pair.b, pair.arch);
     let spec = arch.spec(a)?;
@@ -761,8 +791,8 @@ fn method_rows(
             permute::matching::l2_distance(a, &bp),
             secs + repair_secs,
         );
-        metrics.insert(name.clone(), serde_json::to_value(&row)?);
-        run.partial(&serde_json::Value::Object(metrics.clone()))?;
+        metrics.methods.insert(name.clone(), row.clone());
+        run.partial(&serde_json::to_value(&*metrics)?)?;
         out.push((name, row));
     }
     Ok(out)
@@ -860,7 +890,7 @@ fn width_sweep(
     arch: Arch,
     run: &mut Run,
     md: &mut String,
-) -> anyhow::Result<serde_json::Value> {
+) -> anyhow::Result<Vec<WidthRow>> {
     let mut sweep = Vec::new();
     let (mut naive_pts, mut wm_pts) = (Vec::new(), Vec::new());
     for &w in &args.widths {
@@ -887,7 +917,11 @@ fn width_sweep(
         )?;
         naive_pts.push((w as f64, naive_c.loss_barrier));
         wm_pts.push((w as f64, wm_c.loss_barrier));
-        sweep.push(json!({"width": w, "naive_loss_barrier": naive_c.loss_barrier, "wm_loss_barrier": wm_c.loss_barrier}));
+        sweep.push(WidthRow {
+            width: w,
+            naive_loss_barrier: naive_c.loss_barrier,
+            wm_loss_barrier: wm_c.loss_barrier,
+        });
     }
     line_chart(
         &run.dir.join("barrier_vs_width"),
@@ -897,7 +931,7 @@ fn width_sweep(
         &[Series::line("naive", naive_pts), Series::line("wm", wm_pts)],
     )?;
     md.push_str("\n![barrier vs width](barrier_vs_width.png)\n");
-    Ok(json!(sweep))
+    Ok(sweep)
 }
 
 #[cfg(test)]
