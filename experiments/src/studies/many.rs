@@ -8,7 +8,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use serde_json::json;
 use weights::StateDict;
 
 use crate::plot::{Series, line_chart};
@@ -50,16 +49,16 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
         .map(|m| set.arch.evaluate(m, &set.test))
         .collect::<anyhow::Result<_>>()?;
     let (aligned, rounds) = align(args, &set, &mut run)?;
-    let mut metrics = serde_json::Map::new();
-    metrics.insert(
-        "individual".into(),
-        json!(
-            individual
-                .iter()
-                .map(|(l, a)| json!({"test_loss": l, "test_acc": a}))
-                .collect::<Vec<_>>()
-        ),
-    );
+    let mut metrics = ManyMetrics {
+        individual: individual
+            .iter()
+            .map(|&(test_loss, test_acc)| Individual {
+                test_loss,
+                test_acc,
+            })
+            .collect(),
+        ..Default::default()
+    };
     let mut md = format!(
         "# Merging {} models\n\nMLPs {:?}, {} epoch(s) each. Individual test accuracy: {}.\n\n| method | merged test loss | merged test accuracy | mean barrier between non-anchor models | seconds |\n|---|---|---|---|---|\n",
         set.models.len(),
@@ -79,8 +78,8 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
             row.test_loss, row.test_acc, row.pairwise_barrier,
         ));
         series.push(Series::line(*name, pair_1_2));
-        metrics.insert(name.to_string(), serde_json::to_value(&row)?);
-        run.partial(&serde_json::Value::Object(metrics.clone()))?;
+        metrics.methods.insert(name.to_string(), row);
+        run.partial(&serde_json::to_value(&metrics)?)?;
     }
     line_chart(
         &run.dir.join("pair_1_2_test_loss"),
@@ -90,9 +89,33 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
         &series,
     )?;
     md.push_str("\n![between models 1 and 2](pair_1_2_test_loss.png)\n");
-    metrics.insert("merge_many_rounds".into(), json!(rounds));
-    run.finish(serde_json::Value::Object(metrics), &md)?;
+    metrics.merge_many_rounds = Some(rounds);
+    run.finish(serde_json::to_value(&metrics)?, &md)?;
     Ok(run.dir.clone())
+}
+
+/// `metrics.json`: the individual models, then every method's row at the
+/// top level under its name, then MergeMany's rounds (the partial files hold
+/// the rows so far).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ManyMetrics {
+    /// Each model alone on the test split.
+    pub individual: Vec<Individual>,
+    /// Per method, in the order they ran.
+    #[serde(flatten)]
+    pub methods: indexmap::IndexMap<String, MethodRow>,
+    /// Rounds MergeMany took.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub merge_many_rounds: Option<usize>,
+}
+
+/// One model alone.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Individual {
+    /// Its test loss.
+    pub test_loss: f64,
+    /// Its test accuracy.
+    pub test_acc: f64,
 }
 
 /// A method's name, the models it aligned and its seconds.

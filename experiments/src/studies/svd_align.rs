@@ -42,7 +42,8 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
     let layers: Vec<String> = (1..pair.sizes.len() - 2)
         .map(|i| format!("layers.{i}.weight"))
         .collect();
-    let mut metrics = serde_json::Map::new();
+    // `metrics.json`: per method, its rows per layer.
+    let mut metrics: indexmap::IndexMap<String, Vec<LayerRow>> = indexmap::IndexMap::new();
     let mut md = String::from(
         "# Singular-vector alignment after permutation\n\n| method | layer | max rel. σ change | score S (top k) | R(γ=0) | R(γ=0.3) |\n|---|---|---|---|---|---|\n",
     );
@@ -86,8 +87,8 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
                 diagonal_top,
             });
         }
-        metrics.insert(name.to_string(), serde_json::to_value(&per_layer)?);
-        run.partial(&serde_json::Value::Object(metrics.clone()))?;
+        metrics.insert(name.to_string(), per_layer);
+        run.partial(&serde_json::to_value(&metrics)?)?;
     }
     line_chart(
         &run.dir.join("alignment_vs_rank"),
@@ -97,7 +98,7 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
         &series,
     )?;
     md.push_str("\n![alignment vs rank](alignment_vs_rank.png)\n\n![WM overlaps](overlap_wm.png) ![no permutation](overlap_naive.png)\n");
-    run.finish(serde_json::Value::Object(metrics), &md)?;
+    run.finish(serde_json::to_value(&metrics)?, &md)?;
     Ok(run.dir.clone())
 }
 
