@@ -146,56 +146,103 @@ fn family_lrs(m: Method) -> &'static str {
     }
 }
 
+/// Options of the character model make no sense with a checkpoint: refused by name.
+fn refuse_character_options(args: &S2ftArgs) -> anyhow::Result<()> {
+    let lm = &args.lm;
+    let d = crate::studies::s2ft::LmArgs::default();
+    let ignored = [
+        ("--hidden", lm.hidden != d.hidden),
+        ("--layers", lm.layers != d.layers),
+        ("--heads", lm.heads != d.heads),
+        ("--ffn", lm.ffn != d.ffn),
+        ("--seq", lm.seq != d.seq),
+        ("--pretrain-steps", lm.pretrain_steps != d.pretrain_steps),
+        ("--lr-pretrain", lm.lr_pretrain != d.lr_pretrain),
+        ("--lr-full", lm.lr_full != d.lr_full),
+        ("--lr-peft", lm.lr_peft != d.lr_peft),
+        ("--base", lm.base.is_some()),
+        ("--seeds", args.seeds.is_some()),
+    ];
+    if let Some((flag, _)) = ignored.iter().find(|(_, set)| *set) {
+        bail!(
+            "{flag} applies to the character model; with --model the shape comes from the \
+             checkpoint (learning rates: --lrs-full/--lrs-lora/--lrs-s2ft)"
+        );
+    }
+    Ok(())
+}
+
+/// The tasks, the sweep's task first, and that task.
+fn task_order(llm: &LlmArgs, quick: bool) -> anyhow::Result<(Vec<InstructTask>, InstructTask)> {
+    let names = llm.tasks.clone().unwrap_or_else(|| {
+        let all: &[&str] = if quick {
+            &["date", "reverse"]
+        } else {
+            &["date", "reverse", "acronym", "lookup"]
+        };
+        all.iter().map(|s| s.to_string()).collect()
+    });
+    let mut tasks = InstructTask::parse_list(&names).context("--tasks")?;
+    let sweep_task = match &llm.sweep_task {
+        Some(n) => *InstructTask::parse_list(std::slice::from_ref(n))
+            .context("--sweep-task")?
+            .first()
+            .expect("one"),
+        None => tasks[0],
+    };
+    ensure!(
+        tasks.contains(&sweep_task),
+        "--sweep-task {} is not among --tasks",
+        sweep_task.name()
+    );
+    tasks.retain(|t| *t != sweep_task);
+    tasks.insert(0, sweep_task);
+    Ok((tasks, sweep_task))
+}
+
+/// Each family's learning-rate grid (one rate with `--quick`), checked positive and finite.
+fn lr_grids(llm: &LlmArgs, quick: bool) -> anyhow::Result<BTreeMap<&'static str, Vec<f64>>> {
+    let grid = |given: &Option<Vec<f64>>, default: &[f64], quick_one: f64, flag: &str| {
+        let v = given.clone().unwrap_or_else(|| {
+            if quick {
+                vec![quick_one]
+            } else {
+                default.to_vec()
+            }
+        });
+        ensure!(!v.is_empty(), "{flag}: give at least one learning rate");
+        for lr in &v {
+            ensure!(
+                lr.is_finite() && *lr > 0.0,
+                "{flag}: learning rate {lr} must be positive and finite"
+            );
+        }
+        Ok(v)
+    };
+    let mut lrs = BTreeMap::new();
+    lrs.insert(
+        "full",
+        grid(&llm.lrs_full, &[3e-5, 1e-4, 3e-4], 1e-4, "--lrs-full")?,
+    );
+    lrs.insert(
+        "lora",
+        grid(&llm.lrs_lora, &[3e-4, 1e-3, 3e-3], 1e-3, "--lrs-lora")?,
+    );
+    lrs.insert(
+        "s2ft",
+        grid(&llm.lrs_s2ft, &[3e-4, 1e-3, 3e-3], 1e-3, "--lrs-s2ft")?,
+    );
+    Ok(lrs)
+}
+
 impl Plan {
     /// Resolves and checks the options; reads no file.
     pub fn new(args: &S2ftArgs) -> anyhow::Result<Plan> {
         let (lm, llm) = (&args.lm, &args.llm);
         let model = llm.model.clone().context("--model is required here")?;
-        // Options of the character model make no sense with a checkpoint.
-        let d = crate::studies::s2ft::LmArgs::default();
-        let ignored = [
-            ("--hidden", lm.hidden != d.hidden),
-            ("--layers", lm.layers != d.layers),
-            ("--heads", lm.heads != d.heads),
-            ("--ffn", lm.ffn != d.ffn),
-            ("--seq", lm.seq != d.seq),
-            ("--pretrain-steps", lm.pretrain_steps != d.pretrain_steps),
-            ("--lr-pretrain", lm.lr_pretrain != d.lr_pretrain),
-            ("--lr-full", lm.lr_full != d.lr_full),
-            ("--lr-peft", lm.lr_peft != d.lr_peft),
-            ("--base", lm.base.is_some()),
-            ("--seeds", args.seeds.is_some()),
-        ];
-        if let Some((flag, _)) = ignored.iter().find(|(_, set)| *set) {
-            bail!(
-                "{flag} applies to the character model; with --model the shape comes from the \
-                 checkpoint (learning rates: --lrs-full/--lrs-lora/--lrs-s2ft)"
-            );
-        }
+        refuse_character_options(args)?;
         let quick = lm.quick;
-        let names = llm.tasks.clone().unwrap_or_else(|| {
-            let all: &[&str] = if quick {
-                &["date", "reverse"]
-            } else {
-                &["date", "reverse", "acronym", "lookup"]
-            };
-            all.iter().map(|s| s.to_string()).collect()
-        });
-        let mut tasks = InstructTask::parse_list(&names).context("--tasks")?;
-        let sweep_task = match &llm.sweep_task {
-            Some(n) => *InstructTask::parse_list(std::slice::from_ref(n))
-                .context("--sweep-task")?
-                .first()
-                .expect("one"),
-            None => tasks[0],
-        };
-        ensure!(
-            tasks.contains(&sweep_task),
-            "--sweep-task {} is not among --tasks",
-            sweep_task.name()
-        );
-        tasks.retain(|t| *t != sweep_task);
-        tasks.insert(0, sweep_task);
+        let (tasks, sweep_task) = task_order(llm, quick)?;
         let ranks = args
             .ranks
             .clone()
@@ -204,36 +251,7 @@ impl Plan {
             !ranks.is_empty() && !ranks.contains(&0),
             "--ranks {ranks:?}: give at least one positive rank"
         );
-        let grid = |given: &Option<Vec<f64>>, default: &[f64], quick_one: f64, flag: &str| {
-            let v = given.clone().unwrap_or_else(|| {
-                if quick {
-                    vec![quick_one]
-                } else {
-                    default.to_vec()
-                }
-            });
-            ensure!(!v.is_empty(), "{flag}: give at least one learning rate");
-            for lr in &v {
-                ensure!(
-                    lr.is_finite() && *lr > 0.0,
-                    "{flag}: learning rate {lr} must be positive and finite"
-                );
-            }
-            Ok(v)
-        };
-        let mut lrs = BTreeMap::new();
-        lrs.insert(
-            "full",
-            grid(&llm.lrs_full, &[3e-5, 1e-4, 3e-4], 1e-4, "--lrs-full")?,
-        );
-        lrs.insert(
-            "lora",
-            grid(&llm.lrs_lora, &[3e-4, 1e-3, 3e-3], 1e-3, "--lrs-lora")?,
-        );
-        lrs.insert(
-            "s2ft",
-            grid(&llm.lrs_s2ft, &[3e-4, 1e-3, 3e-3], 1e-3, "--lrs-s2ft")?,
-        );
+        let lrs = lr_grids(llm, quick)?;
         let pick =
             |v: Option<usize>, full: usize, q: usize| v.unwrap_or(if quick { q } else { full });
         let plan = Plan {
