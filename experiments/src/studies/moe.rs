@@ -172,6 +172,92 @@ pub struct Plan {
     pub quick: bool,
 }
 
+/// The experts: a `s2ft --model` run's fine-tunes of `--group`, then every `--expert`.
+fn experts_of(a: &MoeArgs) -> anyhow::Result<Vec<Source>> {
+    let mut experts: Vec<Source> = match &a.finetunes {
+        Some(dir) => {
+            let all = read_manifest(dir)?;
+            let groups: Vec<&str> = all.iter().map(|s| s.group.as_str()).collect();
+            let mine: Vec<Source> = all.iter().filter(|s| s.group == a.group).cloned().collect();
+            ensure!(
+                !mine.is_empty(),
+                "--group '{}': {} has no fine-tunes of that group (it has {:?})",
+                a.group,
+                dir.display(),
+                groups
+            );
+            mine
+        }
+        None => Vec::new(),
+    };
+    for e in &a.expert {
+        experts.push(parse_finetune(e)?);
+    }
+    ensure!(
+        experts.len() >= 2,
+        "a mixture needs two experts or more: give --finetunes RUN_DIR or --expert TASK=PATH (got {})",
+        experts.len()
+    );
+    Ok(experts)
+}
+
+/// Each expert's task, one expert per task.
+fn tasks_of(experts: &[Source]) -> anyhow::Result<Vec<InstructTask>> {
+    let mut tasks = Vec::new();
+    for s in experts {
+        let t = InstructTask::parse_list(std::slice::from_ref(&s.task))
+            .with_context(|| format!("expert {}", s.path.display()))?[0];
+        ensure!(
+            !tasks.contains(&t),
+            "two experts of task '{}': give one per task",
+            t.name()
+        );
+        tasks.push(t);
+    }
+    Ok(tasks)
+}
+
+/// `--gate-modes`, parsed.
+fn gate_modes_of(a: &MoeArgs) -> anyhow::Result<Vec<GateMode>> {
+    let gate_modes: Vec<GateMode> = a
+        .gate_modes
+        .clone()
+        .unwrap_or_else(|| vec!["hidden".into(), "cheap_embed".into(), "random".into()])
+        .iter()
+        .map(|m| {
+            serde_json::from_value(json!(m.trim())).map_err(|_| {
+                anyhow::anyhow!(
+                    "--gate-modes: unknown mode '{m}' (hidden, hidden_last, hidden_avg, cheap_embed, random, uniform_random)"
+                )
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(!gate_modes.is_empty(), "--gate-modes: give at least one");
+    Ok(gate_modes)
+}
+
+/// `--keep` fractions as expert counts below `n`, largest first, each once.
+fn keep_counts(a: &MoeArgs, n: usize) -> anyhow::Result<Vec<usize>> {
+    let fractions = a.keep.clone().unwrap_or_else(|| vec![0.75, 0.5]);
+    let mut keep = Vec::new();
+    for f in &fractions {
+        ensure!(
+            f.is_finite() && *f > 0.0 && *f < 1.0,
+            "--keep {f}: a fraction of the experts in (0, 1)"
+        );
+        let k = (f * n as f64).round() as usize;
+        ensure!(
+            k >= 1,
+            "--keep {f}: keeps {k} of {n} experts; a compressed mixture needs one at least"
+        );
+        if k < n && !keep.contains(&k) {
+            keep.push(k);
+        }
+    }
+    keep.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(keep)
+}
+
 impl Plan {
     /// Resolves and checks the options (reads only manifests and listings).
     pub fn new(a: &MoeArgs) -> anyhow::Result<Plan> {
@@ -179,79 +265,16 @@ impl Plan {
             .model
             .clone()
             .context("--model PATH is required: the base the experts were fine-tuned from")?;
-        let mut experts: Vec<Source> = match &a.finetunes {
-            Some(dir) => {
-                let all = read_manifest(dir)?;
-                let groups: Vec<&str> = all.iter().map(|s| s.group.as_str()).collect();
-                let mine: Vec<Source> =
-                    all.iter().filter(|s| s.group == a.group).cloned().collect();
-                ensure!(
-                    !mine.is_empty(),
-                    "--group '{}': {} has no fine-tunes of that group (it has {:?})",
-                    a.group,
-                    dir.display(),
-                    groups
-                );
-                mine
-            }
-            None => Vec::new(),
-        };
-        for e in &a.expert {
-            experts.push(parse_finetune(e)?);
-        }
-        ensure!(
-            experts.len() >= 2,
-            "a mixture needs two experts or more: give --finetunes RUN_DIR or --expert TASK=PATH (got {})",
-            experts.len()
-        );
-        let mut tasks = Vec::new();
-        for s in &experts {
-            let t = InstructTask::parse_list(std::slice::from_ref(&s.task))
-                .with_context(|| format!("expert {}", s.path.display()))?[0];
-            ensure!(
-                !tasks.contains(&t),
-                "two experts of task '{}': give one per task",
-                t.name()
-            );
-            tasks.push(t);
-        }
-        let gate_modes: Vec<GateMode> = a
-            .gate_modes
-            .clone()
-            .unwrap_or_else(|| vec!["hidden".into(), "cheap_embed".into(), "random".into()])
-            .iter()
-            .map(|m| {
-                serde_json::from_value(json!(m.trim())).map_err(|_| {
-                    anyhow::anyhow!(
-                        "--gate-modes: unknown mode '{m}' (hidden, hidden_last, hidden_avg, cheap_embed, random, uniform_random)"
-                    )
-                })
-            })
-            .collect::<anyhow::Result<_>>()?;
-        ensure!(!gate_modes.is_empty(), "--gate-modes: give at least one");
+        let experts = experts_of(a)?;
+        let tasks = tasks_of(&experts)?;
+        let gate_modes = gate_modes_of(a)?;
         let n = experts.len();
         ensure!(
             (1..=n).contains(&a.experts_per_token),
             "--experts-per-token {} must be in 1..={n} (the number of experts)",
             a.experts_per_token
         );
-        let fractions = a.keep.clone().unwrap_or_else(|| vec![0.75, 0.5]);
-        let mut keep = Vec::new();
-        for f in &fractions {
-            ensure!(
-                f.is_finite() && *f > 0.0 && *f < 1.0,
-                "--keep {f}: a fraction of the experts in (0, 1)"
-            );
-            let k = (f * n as f64).round() as usize;
-            ensure!(
-                k >= 1,
-                "--keep {f}: keeps {k} of {n} experts; a compressed mixture needs one at least"
-            );
-            if k < n && !keep.contains(&k) {
-                keep.push(k);
-            }
-        }
-        keep.sort_unstable_by(|a, b| b.cmp(a));
+        let keep = keep_counts(a, n)?;
         let compress = a
             .compress
             .clone()
