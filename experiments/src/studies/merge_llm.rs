@@ -347,79 +347,105 @@ pub fn read_training(run_dir: &Path) -> anyhow::Result<Training> {
     })
 }
 
+/// Options of the character-model study make no sense here: refused by name.
+fn refuse_character_options(args: &MergeArgs) -> anyhow::Result<()> {
+    let lm = &args.lm;
+    let d = MergeArgs::default();
+    let ignored = [
+        ("--tasks", args.tasks != d.tasks),
+        ("--rank", args.rank != d.rank),
+        ("--density", args.density != d.density),
+        ("--lambda", args.lambda != d.lambda),
+        ("--base", lm.base.is_some()),
+        ("--steps", lm.steps.is_some()),
+        ("--hidden", lm.hidden != d.lm.hidden),
+        ("--layers", lm.layers != d.lm.layers),
+    ];
+    if let Some((flag, _)) = ignored.iter().find(|(_, set)| *set) {
+        bail!(
+            "{flag} applies to the character-model study; with --model the fine-tunes come \
+             from --finetunes/--finetune (grids: --lambdas, --svd-lambdas, --densities)"
+        );
+    }
+    Ok(())
+}
+
+/// The fine-tunes: a `s2ft --model` run's, then every `--finetune`.
+fn sources_of(o: &MergeLlmArgs) -> anyhow::Result<Vec<Source>> {
+    let mut sources = match &o.finetunes {
+        Some(dir) => read_manifest(dir)?,
+        None => Vec::new(),
+    };
+    for f in &o.finetune {
+        sources.push(parse_finetune(f)?);
+    }
+    ensure!(
+        !sources.is_empty(),
+        "no fine-tunes: give --finetunes RUN_DIR (a `s2ft --model` report folder) or --finetune TASK=PATH"
+    );
+    Ok(sources)
+}
+
+/// The tasks and groups in order of appearance; each group needs two tasks
+/// or more, one fine-tune each.
+fn tasks_and_groups(sources: &[Source]) -> anyhow::Result<(Vec<InstructTask>, Vec<String>)> {
+    let mut tasks: Vec<InstructTask> = Vec::new();
+    let mut groups: Vec<String> = Vec::new();
+    for s in sources {
+        let t = InstructTask::parse_list(std::slice::from_ref(&s.task))
+            .with_context(|| format!("fine-tune {}", s.path.display()))?[0];
+        if !tasks.contains(&t) {
+            tasks.push(t);
+        }
+        if !groups.contains(&s.group) {
+            groups.push(s.group.clone());
+        }
+    }
+    for g in &groups {
+        let ts: Vec<&str> = sources
+            .iter()
+            .filter(|s| &s.group == g)
+            .map(|s| s.task.as_str())
+            .collect();
+        if let Some(t) = ts.iter().find(|t| ts.iter().filter(|u| u == t).count() > 1) {
+            bail!("group '{g}' has two fine-tunes of task '{t}': give one per task");
+        }
+        ensure!(
+            ts.len() >= 2,
+            "group '{g}' has one fine-tune ({}): merging needs two tasks or more",
+            ts[0]
+        );
+    }
+    Ok((tasks, groups))
+}
+
+/// `--methods` (or the defaults), each a known method.
+fn methods_of(o: &MergeLlmArgs, quick: bool) -> anyhow::Result<Vec<String>> {
+    let methods: Vec<String> = match &o.methods {
+        Some(m) => m.clone(),
+        None if quick => QUICK_METHODS.iter().map(|s| s.to_string()).collect(),
+        None => METHODS.iter().map(|s| s.to_string()).collect(),
+    };
+    for m in &methods {
+        ensure!(
+            METHODS.contains(&m.as_str()),
+            "--methods: unknown method '{m}' (known: {})",
+            METHODS.join(", ")
+        );
+    }
+    Ok(methods)
+}
+
 impl Plan {
     /// Resolves and checks the options; reads only the manifest and folder listings.
     pub fn new(args: &MergeArgs) -> anyhow::Result<Plan> {
         let (lm, o) = (&args.lm, &args.llm);
         let model = o.model.clone().context("--model is required here")?;
-        let d = MergeArgs::default();
-        let ignored = [
-            ("--tasks", args.tasks != d.tasks),
-            ("--rank", args.rank != d.rank),
-            ("--density", args.density != d.density),
-            ("--lambda", args.lambda != d.lambda),
-            ("--base", lm.base.is_some()),
-            ("--steps", lm.steps.is_some()),
-            ("--hidden", lm.hidden != d.lm.hidden),
-            ("--layers", lm.layers != d.lm.layers),
-        ];
-        if let Some((flag, _)) = ignored.iter().find(|(_, set)| *set) {
-            bail!(
-                "{flag} applies to the character-model study; with --model the fine-tunes come \
-                 from --finetunes/--finetune (grids: --lambdas, --svd-lambdas, --densities)"
-            );
-        }
-        let mut sources = match &o.finetunes {
-            Some(dir) => read_manifest(dir)?,
-            None => Vec::new(),
-        };
-        for f in &o.finetune {
-            sources.push(parse_finetune(f)?);
-        }
-        ensure!(
-            !sources.is_empty(),
-            "no fine-tunes: give --finetunes RUN_DIR (a `s2ft --model` report folder) or --finetune TASK=PATH"
-        );
-        let mut tasks: Vec<InstructTask> = Vec::new();
-        let mut groups: Vec<String> = Vec::new();
-        for s in &sources {
-            let t = InstructTask::parse_list(std::slice::from_ref(&s.task))
-                .with_context(|| format!("fine-tune {}", s.path.display()))?[0];
-            if !tasks.contains(&t) {
-                tasks.push(t);
-            }
-            if !groups.contains(&s.group) {
-                groups.push(s.group.clone());
-            }
-        }
-        for g in &groups {
-            let ts: Vec<&str> = sources
-                .iter()
-                .filter(|s| &s.group == g)
-                .map(|s| s.task.as_str())
-                .collect();
-            if let Some(t) = ts.iter().find(|t| ts.iter().filter(|u| u == t).count() > 1) {
-                bail!("group '{g}' has two fine-tunes of task '{t}': give one per task");
-            }
-            ensure!(
-                ts.len() >= 2,
-                "group '{g}' has one fine-tune ({}): merging needs two tasks or more",
-                ts[0]
-            );
-        }
+        refuse_character_options(args)?;
+        let sources = sources_of(o)?;
+        let (tasks, groups) = tasks_and_groups(&sources)?;
         let quick = lm.quick;
-        let methods: Vec<String> = match &o.methods {
-            Some(m) => m.clone(),
-            None if quick => QUICK_METHODS.iter().map(|s| s.to_string()).collect(),
-            None => METHODS.iter().map(|s| s.to_string()).collect(),
-        };
-        for m in &methods {
-            ensure!(
-                METHODS.contains(&m.as_str()),
-                "--methods: unknown method '{m}' (known: {})",
-                METHODS.join(", ")
-            );
-        }
+        let methods = methods_of(o, quick)?;
         let grid = |given: &Option<Vec<f64>>, full: &[f64], q: &[f64], flag: &str| {
             let v = given
                 .clone()
