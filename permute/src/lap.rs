@@ -206,7 +206,6 @@ fn candidates_then_verify(
     let v = warm_v.unwrap_or_else(|| vec![0.0; n]);
     let mut cand = cheapest_columns(c, n, &v, k);
     let mut sparse = Sparse::start(n, &cand, v);
-    sparse.reduce(&cand);
     let mut member = vec![false; n];
     for _ in 0..MAX_ROUNDS {
         if !sparse.augment(n, &cand) {
@@ -216,7 +215,6 @@ fn candidates_then_verify(
             }
             cand = cheapest_columns(c, n, &sparse.v, k);
             sparse = Sparse::start(n, &cand, sparse.v);
-            sparse.reduce(&cand);
             continue;
         }
         let mut violated = false;
@@ -330,7 +328,8 @@ struct Sparse {
 
 impl Sparse {
     /// From column duals `v`: each row's dual is its least reduced cost over
-    /// its candidates, and it takes that column if no earlier row has.
+    /// its candidates, and it takes that column if no earlier row has; then
+    /// [`Sparse::reduce`] places most of the rows left free.
     fn start(n: usize, cand: &[Edges], v: Vec<f64>) -> Sparse {
         let mut s = Sparse {
             u: vec![0.0; n],
@@ -345,6 +344,7 @@ impl Sparse {
                 s.col4row[i] = arg;
             }
         }
+        s.reduce(cand);
         s
     }
 
@@ -366,22 +366,24 @@ impl Sparse {
                 let i = free[k];
                 k += 1;
                 steps += 1;
-                let (mut u1, mut j1, mut u2, mut j2) = (f64::INFINITY, NONE, f64::INFINITY, NONE);
+                // The least and second least reduced costs, with their edges.
+                let (mut u1, mut e1, mut u2, mut e2) = (f64::INFINITY, None, f64::INFINITY, None);
                 for &(j, cij) in &cand[i] {
                     let r = cij - self.v[j];
                     if r < u1 {
-                        (u2, j2, u1, j1) = (u1, j1, r, j);
+                        (u2, e2, u1, e1) = (u1, e1, r, Some((j, cij)));
                     } else if r < u2 {
-                        (u2, j2) = (r, j);
+                        (u2, e2) = (r, Some((j, cij)));
                     }
                 }
+                let (mut j1, mut c1) = e1.expect("every row has candidates");
                 let mut i0 = self.row4col[j1];
                 let lowers = u1 < u2 && u2.is_finite() && steps <= 8 * n;
                 if lowers {
                     self.v[j1] -= u2 - u1;
-                } else if i0 != NONE && j2 != NONE && u2 == u1 {
+                } else if let Some((j2, c2)) = e2.filter(|_| i0 != NONE && u2 == u1) {
                     // A tie: the second column, which may be free.
-                    j1 = j2;
+                    (j1, c1) = (j2, c2);
                     i0 = self.row4col[j2];
                 }
                 if i0 != NONE {
@@ -393,10 +395,7 @@ impl Sparse {
                         next.push(i0);
                     }
                 }
-                self.u[i] = cand[i]
-                    .iter()
-                    .find(|&&(j, _)| j == j1)
-                    .map_or(u1, |&(_, cij)| cij - self.v[j1]);
+                self.u[i] = c1 - self.v[j1];
                 self.col4row[i] = j1;
                 self.row4col[j1] = i;
             }

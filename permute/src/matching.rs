@@ -637,7 +637,7 @@ pub(crate) fn group_similarity(
                 let mut index = permute_index(spec, perm, entries, 2, Some(gi));
                 index[1 - m.axis]
                     .take()
-                    .unwrap_or_else(|| (0..wb.shape()[1 - m.axis]).collect())
+                    .expect("an updatable member has a group on its other axis")
             });
             let updated = match &order {
                 Some(new) if !slot.index.is_empty() => {
@@ -743,8 +743,7 @@ impl Schedule {
                 let mut n: Vec<usize> = g
                     .members
                     .iter()
-                    .flat_map(|m| by_weight[m.weight.as_str()].iter().map(|&(o, _)| o))
-                    .filter(|&o| o != gi)
+                    .flat_map(|m| other_groups(by_weight, &m.weight, gi))
                     .collect();
                 n.sort_unstable();
                 n.dedup();
@@ -797,6 +796,23 @@ impl Schedule {
     }
 }
 
+/// The groups other than `gi` on `weight`'s axes (sorted, each once): those
+/// whose values enter the product of `gi`'s member on that weight.
+fn other_groups(
+    by_weight: &indexmap::IndexMap<&str, Vec<(usize, usize)>>,
+    weight: &str,
+    gi: usize,
+) -> Vec<usize> {
+    let mut d: Vec<usize> = by_weight[weight]
+        .iter()
+        .map(|&(o, _)| o)
+        .filter(|&o| o != gi)
+        .collect();
+    d.sort_unstable();
+    d.dedup();
+    d
+}
+
 /// Member products kept from one solve of a group to the next.
 ///
 /// A member's product depends only on the values of the other groups on its
@@ -835,13 +851,7 @@ impl Kept {
             let mut group_slots = Vec::new();
             let mut group_deps = Vec::new();
             for m in &g.members {
-                let mut d: Vec<usize> = by_weight[m.weight.as_str()]
-                    .iter()
-                    .map(|&(o, _)| o)
-                    .filter(|&o| o != gi)
-                    .collect();
-                d.sort_unstable();
-                d.dedup();
+                let d = other_groups(by_weight, &m.weight, gi);
                 let shape = b.get(&m.weight).expect("validated").data.shape();
                 let bytes = shape[m.axis].pow(2) * std::mem::size_of::<f32>();
                 let update = shape.len() == 2
@@ -1034,10 +1044,8 @@ fn objective_and_distance(
             // B's rows permuted one at a time against A's, without a permuted copy.
             let wa = a.get(name).expect("validated").data.as_standard_layout();
             let wb = &b.get(name).expect("validated").data;
+            // (A weight the spec names has an axis a group permutes.)
             let index = permute_index(spec, perm, entries, wb.ndim(), None);
-            if wb.ndim() == 0 {
-                return dot_and_squared(&wa.to_owned(), wb);
-            }
             let mut rows_a = wa
                 .as_slice()
                 .expect("standard")
