@@ -102,10 +102,7 @@ impl MergeLlmArgs {
             ("--analysis-layers", self.analysis_layers.is_some()),
             ("--keep-inputs", self.keep_inputs),
         ];
-        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
-            bail!("{flag} applies to a real model: give --model PATH");
-        }
-        Ok(())
+        super::refuse_given(&given, "applies to a real model: give --model PATH")
     }
 }
 
@@ -361,13 +358,11 @@ fn refuse_character_options(args: &MergeArgs) -> anyhow::Result<()> {
         ("--hidden", lm.hidden != d.lm.hidden),
         ("--layers", lm.layers != d.lm.layers),
     ];
-    if let Some((flag, _)) = ignored.iter().find(|(_, set)| *set) {
-        bail!(
-            "{flag} applies to the character-model study; with --model the fine-tunes come \
-             from --finetunes/--finetune (grids: --lambdas, --svd-lambdas, --densities)"
-        );
-    }
-    Ok(())
+    super::refuse_given(
+        &ignored,
+        "applies to the character-model study; with --model the fine-tunes come \
+         from --finetunes/--finetune (grids: --lambdas, --svd-lambdas, --densities)",
+    )
 }
 
 /// The fine-tunes: a `s2ft --model` run's, then every `--finetune`.

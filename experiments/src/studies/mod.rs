@@ -15,6 +15,15 @@ pub mod s2ft_llm;
 pub mod spectra;
 pub mod svd_align;
 
+/// Refuses the first option of `given` that was set, as `"{flag} {why}"`
+/// (options that belong to another mode of the study).
+pub(crate) fn refuse_given(given: &[(&str, bool)], why: &str) -> anyhow::Result<()> {
+    match given.iter().find(|(_, set)| *set) {
+        Some((flag, _)) => anyhow::bail!("{flag} {why}"),
+        None => Ok(()),
+    }
+}
+
 /// `impl Default` for clap argument structs: the values the command line
 /// gives when no option is passed (so tests and library users start from
 /// exactly the CLI defaults).

@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
@@ -96,12 +96,10 @@ impl LlmArgs {
             ("--lora-dropout", self.lora_dropout.is_some()),
             ("--text-windows", self.text_windows.is_some()),
         ];
-        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
-            bail!(
-                "{flag} applies to a real model: give --model PATH (the character study's task is --task)"
-            );
-        }
-        Ok(())
+        super::refuse_given(
+            &given,
+            "applies to a real model: give --model PATH (the character study's task is --task)",
+        )
     }
 }
 
@@ -163,13 +161,11 @@ fn refuse_character_options(args: &S2ftArgs) -> anyhow::Result<()> {
         ("--base", lm.base.is_some()),
         ("--seeds", args.seeds.is_some()),
     ];
-    if let Some((flag, _)) = ignored.iter().find(|(_, set)| *set) {
-        bail!(
-            "{flag} applies to the character model; with --model the shape comes from the \
-             checkpoint (learning rates: --lrs-full/--lrs-lora/--lrs-s2ft)"
-        );
-    }
-    Ok(())
+    super::refuse_given(
+        &ignored,
+        "applies to the character model; with --model the shape comes from the \
+         checkpoint (learning rates: --lrs-full/--lrs-lora/--lrs-s2ft)",
+    )
 }
 
 /// The tasks, the sweep's task first, and that task.
