@@ -1050,8 +1050,16 @@ fn objective_and_distance(
                 .as_slice()
                 .expect("standard")
                 .chunks(wb.shape()[wb.ndim() - 1]);
-            let mut acc = DotSquared::default();
-            gathered_rows(wb, &index, |row| {
+            let (mut acc, mut buf) = (DotSquared::default(), Vec::new());
+            gathered_rows(wb, &index, |row, last| {
+                let row = match last {
+                    None => row,
+                    Some(p) => {
+                        buf.clear();
+                        buf.extend(p.iter().map(|&j| row[j]));
+                        &buf
+                    }
+                };
                 acc.add(rows_a.next().expect("same shape"), row)
             });
             acc.sums()

@@ -489,7 +489,7 @@ pub(crate) fn permute_index(
 /// repeating or dropping positions). One gather instead of one `select` copy
 /// per axis.
 pub fn gather(data: &ArrayD<f32>, index: &[Option<Vec<usize>>]) -> ArrayD<f32> {
-    if index.iter().all(Option::is_none) || data.ndim() == 0 {
+    if index.iter().all(Option::is_none) {
         return data.clone();
     }
     let out_shape: Vec<usize> = data
@@ -501,17 +501,22 @@ pub fn gather(data: &ArrayD<f32>, index: &[Option<Vec<usize>>]) -> ArrayD<f32> {
     let total: usize = out_shape.iter().product();
     let mut out = Vec::new();
     weights::mem::reserve_huge(&mut out, total);
-    gathered_rows(data, index, |row| out.extend_from_slice(row));
+    gathered_rows(data, index, |row, last| match last {
+        None => out.extend_from_slice(row),
+        Some(p) => out.extend(p.iter().map(|&j| row[j])),
+    });
     debug_assert_eq!(out.len(), total);
     ArrayD::from_shape_vec(out_shape, out).expect("same element count")
 }
 
-/// The rows (last axis) of [`gather`]'s result, in order, each handed to `f`
-/// without forming the result (`data` must have at least one axis).
+/// The rows (last axis) of [`gather`]'s result, in order, without forming
+/// the result: `f` gets each source row and the last axis's index (`None`:
+/// the row as it is), so a caller reads `row[j]` for `j` in the index
+/// without a copy (`data` must have at least one axis).
 pub(crate) fn gathered_rows(
     data: &ArrayD<f32>,
     index: &[Option<Vec<usize>>],
-    mut f: impl FnMut(&[f32]),
+    mut f: impl FnMut(&[f32], Option<&[usize]>),
 ) {
     let src = data.as_standard_layout();
     let src = src.as_slice().expect("standard layout");
@@ -530,18 +535,10 @@ pub(crate) fn gathered_rows(
     let rows: usize = outer.iter().product();
     let mut pos = vec![0usize; outer.len()];
     let src_last = shape[outer.len()];
-    let mut buf = Vec::new();
+    let last = index[outer.len()].as_deref();
     for _ in 0..rows {
         let base: usize = (0..outer.len()).map(|a| at(a, pos[a]) * strides[a]).sum();
-        let row = &src[base..base + src_last];
-        match &index[outer.len()] {
-            None => f(row),
-            Some(p) => {
-                buf.clear();
-                buf.extend(p.iter().map(|&j| row[j]));
-                f(&buf);
-            }
-        }
+        f(&src[base..base + src_last], last);
         // Odometer over the outer axes.
         for a in (0..outer.len()).rev() {
             pos[a] += 1;
