@@ -39,17 +39,9 @@ pub fn llama_heads_group(l: usize) -> String {
     format!("{}.heads", names::layer(l))
 }
 
-/// The spec of a multilayer perceptron, inferred from parameter names.
-///
-/// Accepted names: `<stem>.weight` (2-D, `[out, in]`) with an optional
-/// `<stem>.bias`, where the stem ends in the layer's integer index —
-/// `layers.0`, `layers.1`, … (PyTorch `nn.Sequential` style), `fc1`, `fc2`, …,
-/// `Dense_0`, `Dense_1`, … (Flax naming, with `[out, in]` weights). Layers are
-/// ordered by that index; consecutive layers must chain
-/// (`out` of one = `in` of the next). Hidden group `P_i` permutes the rows of
-/// layer `i`'s weight and bias and the columns of layer `i+1`'s weight; the
-/// last layer's outputs stay fixed.
-pub fn mlp(sd: &StateDict) -> Result<PermutationSpec> {
+/// The layer stems of an MLP in forward order (`layers.0`, `layers.1`, … or
+/// `fc1`, `fc2`, …): the names [`mlp`] accepts, ordered by their index.
+pub fn mlp_layers(sd: &StateDict) -> Result<Vec<String>> {
     let mut layers: Vec<(usize, String)> = Vec::new();
     for (name, t) in sd.iter() {
         if let Some(stem) = name.strip_suffix(".weight")
@@ -73,9 +65,24 @@ pub fn mlp(sd: &StateDict) -> Result<PermutationSpec> {
             layers.len()
         )));
     }
+    Ok(layers.into_iter().map(|(_, stem)| stem).collect())
+}
+
+/// The spec of a multilayer perceptron, inferred from parameter names.
+///
+/// Accepted names: `<stem>.weight` (2-D, `[out, in]`) with an optional
+/// `<stem>.bias`, where the stem ends in the layer's integer index —
+/// `layers.0`, `layers.1`, … (PyTorch `nn.Sequential` style), `fc1`, `fc2`, …,
+/// `Dense_0`, `Dense_1`, … (Flax naming, with `[out, in]` weights). Layers are
+/// ordered by that index; consecutive layers must chain
+/// (`out` of one = `in` of the next). Hidden group `P_i` permutes the rows of
+/// layer `i`'s weight and bias and the columns of layer `i+1`'s weight; the
+/// last layer's outputs stay fixed.
+pub fn mlp(sd: &StateDict) -> Result<PermutationSpec> {
+    let layers = mlp_layers(sd)?;
     let mut groups = Vec::new();
     for (k, w) in layers.windows(2).enumerate() {
-        let (cur, next) = (&w[0].1, &w[1].1);
+        let (cur, next) = (&w[0], &w[1]);
         let out = sd.get(&format!("{cur}.weight")).expect("listed").shape()[0];
         let next_in = sd.get(&format!("{next}.weight")).expect("listed").shape()[1];
         if out != next_in {

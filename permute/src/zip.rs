@@ -289,17 +289,82 @@ impl AxisMap {
     }
 }
 
-/// The merged model of `a` and `b` by `plan` (one [`GroupPlan`] per group of
-/// `spec`); see the module docs. Tensors no group touches are averaged (or
-/// mixed by `output_mix`).
-pub fn zip(
+/// The output axis of a tensor in a zip: none for a scalar, the last for a
+/// lookup table, else axis 0.
+fn output_axis(opts: &ZipOptions, name: &str, ndim: usize) -> Option<usize> {
+    match ndim {
+        0 => None,
+        _ if opts.lookups.iter().any(|l| l == name) => Some(ndim - 1),
+        _ => Some(0),
+    }
+}
+
+/// The `[A's, B's]` weights of each of `n` outputs of tensor `name`
+/// ([`ZipOptions::output_mix`], default the mean).
+fn mix_of(opts: &ZipOptions, name: &str, n: usize) -> Result<Vec<[f64; 2]>> {
+    match opts.output_mix.get(name) {
+        None => Ok(vec![[0.5, 0.5]; n]),
+        Some(m) if m.len() == n => Ok(m.clone()),
+        Some(m) => Err(PermuteError::Shape {
+            what: format!("output mix of '{name}'"),
+            msg: format!("{} rows for an output axis of {n}", m.len()),
+        }),
+    }
+}
+
+/// Per axis of tensor `name` (of `shape`), where each position of the merged
+/// tensor reads A and B and with what weights: the plan's blocks on the axes
+/// a group permutes, the output mix on an output axis no group permutes.
+fn axis_maps(
     spec: &PermutationSpec,
-    a: &StateDict,
-    b: &StateDict,
+    by_weight: &IndexMap<&str, Vec<(usize, usize)>>,
     plan: &IndexMap<String, GroupPlan>,
     opts: &ZipOptions,
-) -> Result<StateDict> {
-    check_models(spec, a, b)?;
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<AxisMap>> {
+    let ndim = shape.len();
+    let output_axis = output_axis(opts, name, ndim);
+    let mut axes: Vec<AxisMap> = (0..ndim)
+        .map(|k| AxisMap::fixed(shape[k], [1.0, 1.0]))
+        .collect();
+    if let Some(o) = output_axis {
+        let m = mix_of(opts, name, shape[o])?;
+        axes[o].wa = m.iter().map(|x| x[0]).collect();
+        axes[o].wb = m.iter().map(|x| x[1]).collect();
+    }
+    for &(gi, mi) in by_weight.get(name).map_or(&[][..], Vec::as_slice) {
+        let g = &spec.groups[gi];
+        let m = &g.members[mi];
+        let unit = m.repeat * g.block_size;
+        let output = Some(m.axis) == output_axis;
+        let mut ax = AxisMap {
+            a: vec![],
+            b: vec![],
+            wa: vec![],
+            wb: vec![],
+        };
+        for (sa, sb) in plan[&g.name].sources() {
+            let both = sa.is_some() && sb.is_some();
+            let w = |present: bool| match (present, output && both) {
+                (false, _) => 0.0,
+                (true, true) => 0.5,
+                (true, false) => 1.0,
+            };
+            for off in 0..unit {
+                ax.a.push(sa.map_or(0, |i| i * unit + off));
+                ax.b.push(sb.map_or(0, |j| j * unit + off));
+                ax.wa.push(w(sa.is_some()));
+                ax.wb.push(w(sb.is_some()));
+            }
+        }
+        axes[m.axis] = ax;
+    }
+    Ok(axes)
+}
+
+/// Checks `plan` against `spec`: one entry per group, covering its blocks.
+fn check_plan(spec: &PermutationSpec, plan: &IndexMap<String, GroupPlan>) -> Result<()> {
     for g in &spec.groups {
         let p = plan
             .get(&g.name)
@@ -314,61 +379,27 @@ pub fn zip(
             "the zip plan names group '{extra}', which the spec does not have"
         )));
     }
+    Ok(())
+}
+
+/// The merged model of `a` and `b` by `plan` (one [`GroupPlan`] per group of
+/// `spec`); see the module docs. Tensors no group touches are averaged (or
+/// mixed by `output_mix`).
+pub fn zip(
+    spec: &PermutationSpec,
+    a: &StateDict,
+    b: &StateDict,
+    plan: &IndexMap<String, GroupPlan>,
+    opts: &ZipOptions,
+) -> Result<StateDict> {
+    check_models(spec, a, b)?;
+    check_plan(spec, plan)?;
     let by_weight = spec.by_weight();
     let mut out = StateDict::new();
     out.metadata = a.metadata.clone();
     for (name, ta, tb) in crate::interp::paired(a, b)? {
         let ndim = ta.shape().len();
-        let output_axis = match ndim {
-            0 => None,
-            _ if opts.lookups.iter().any(|l| l == name) => Some(ndim - 1),
-            _ => Some(0),
-        };
-        let mix = |n: usize| -> Result<Vec<[f64; 2]>> {
-            match opts.output_mix.get(name) {
-                None => Ok(vec![[0.5, 0.5]; n]),
-                Some(m) if m.len() == n => Ok(m.clone()),
-                Some(m) => Err(PermuteError::Shape {
-                    what: format!("output mix of '{name}'"),
-                    msg: format!("{} rows for an output axis of {n}", m.len()),
-                }),
-            }
-        };
-        let mut axes: Vec<AxisMap> = (0..ndim)
-            .map(|k| AxisMap::fixed(ta.shape()[k], [1.0, 1.0]))
-            .collect();
-        if let Some(o) = output_axis {
-            let m = mix(ta.shape()[o])?;
-            axes[o].wa = m.iter().map(|x| x[0]).collect();
-            axes[o].wb = m.iter().map(|x| x[1]).collect();
-        }
-        for &(gi, mi) in by_weight.get(name).map_or(&[][..], Vec::as_slice) {
-            let g = &spec.groups[gi];
-            let m = &g.members[mi];
-            let unit = m.repeat * g.block_size;
-            let output = Some(m.axis) == output_axis;
-            let mut ax = AxisMap {
-                a: vec![],
-                b: vec![],
-                wa: vec![],
-                wb: vec![],
-            };
-            for (sa, sb) in plan[&g.name].sources() {
-                let both = sa.is_some() && sb.is_some();
-                let w = |present: bool| match (present, output && both) {
-                    (false, _) => 0.0,
-                    (true, true) => 0.5,
-                    (true, false) => 1.0,
-                };
-                for off in 0..unit {
-                    ax.a.push(sa.map_or(0, |i| i * unit + off));
-                    ax.b.push(sb.map_or(0, |j| j * unit + off));
-                    ax.wa.push(w(sa.is_some()));
-                    ax.wb.push(w(sb.is_some()));
-                }
-            }
-            axes[m.axis] = ax;
-        }
+        let axes = axis_maps(spec, &by_weight, plan, opts, name, ta.shape())?;
         let term = |data: &ArrayD<f32>, pick: fn(&AxisMap) -> (&Vec<usize>, &Vec<f64>)| {
             let index: Vec<Option<Vec<usize>>> =
                 axes.iter().map(|ax| Some(pick(ax).0.clone())).collect();
@@ -382,10 +413,426 @@ pub fn zip(
             t
         };
         // A scalar (a step counter) has no axis to carry the mix: mean of both.
-        let [sa, sb] = if ndim == 0 { mix(1)?[0] } else { [1.0, 1.0] };
+        let [sa, sb] = if ndim == 0 {
+            mix_of(opts, name, 1)?[0]
+        } else {
+            [1.0, 1.0]
+        };
         let merged =
             term(&ta.data, |ax| (&ax.a, &ax.wa)) * sa + term(&tb.data, |ax| (&ax.b, &ax.wb)) * sb;
         out.insert(name, Tensor::new(merged.mapv(|v| v as f32), ta.dtype));
     }
     Ok(out)
+}
+
+/// Which model a [`Probe`] is asked about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// Model A (unchanged through a solve: its inputs may be cached).
+    A,
+    /// Model B (unchanged through a solve: its inputs may be cached).
+    B,
+    /// The merged model, as solved so far.
+    Merged,
+}
+
+/// The error a [`Probe`] returns (its forward pass failing).
+pub type ProbeError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The forward pass that [`least_squares`] needs: the input features of a
+/// linear weight of a model on the same unlabelled samples, every time.
+pub trait Probe {
+    /// The inputs of weight `weight` of `model` (`sd`) as `[samples, in]`,
+    /// where `in` is the product of the weight's axes after the first (a
+    /// convolution's im2col patches in its `[in, kh, kw]` order). Every call
+    /// must use the same samples in the same order.
+    fn inputs(
+        &mut self,
+        source: Source,
+        sd: &StateDict,
+        weight: &str,
+    ) -> std::result::Result<Array2<f64>, ProbeError>;
+}
+
+/// Options of [`least_squares`].
+#[derive(Clone, Debug)]
+pub struct LeastSquaresOptions {
+    /// The linear weights to solve, in forward order, in steps: the weights
+    /// of one step share their input (a LLaMA's q, k and v) and are solved
+    /// from one call of the probe on the merged model. A weight's bias is
+    /// `….bias` beside `….weight` when the model has one. Weights not named
+    /// keep their zipped values.
+    pub steps: Vec<Vec<String>>,
+    /// Ridge relative to the inputs: `λ = ridge · ‖[X 1]‖²_F / columns`.
+    pub ridge: f64,
+}
+
+/// PLeaS's per-layer least squares (Nasery et al., 2024) over any spec: the
+/// merged model is first zipped by `plan` ([`zip`]); then each step's weights
+/// are solved in turn by ridge least squares,
+/// `[W b] = argmin ‖[X 1] [W b]ᵀ − T‖² + λ‖[W b]‖²`, where `X` is the merged
+/// model's *own* input to the weight (so each solve corrects the error of
+/// the layers solved before it) and `T` is the zip of both models' outputs
+/// `Z_A = X_A W_Aᵀ + b_A` and `Z_B` by the plan's rule for the weight's output
+/// axis: a merged pair's output is the mean of A's and B's, a block kept
+/// apart its own model's, an output no group permutes the
+/// [`ZipOptions::output_mix`] of both. To solve several plans of the same
+/// two models, [`LeastSquares`] keeps A's and B's outputs between them.
+pub fn least_squares(
+    spec: &PermutationSpec,
+    a: &StateDict,
+    b: &StateDict,
+    plan: &IndexMap<String, GroupPlan>,
+    zip_opts: &ZipOptions,
+    opts: &LeastSquaresOptions,
+    probe: &mut dyn Probe,
+) -> Result<StateDict> {
+    LeastSquares::new(spec, a, b).merge(plan, zip_opts, opts, probe)
+}
+
+/// [`least_squares`] of two models under several plans: A's and B's outputs
+/// of each solved weight are computed once and kept.
+pub struct LeastSquares<'m> {
+    spec: PermutationSpec,
+    a: &'m StateDict,
+    b: &'m StateDict,
+    /// A's and B's outputs of each weight solved so far.
+    outputs: IndexMap<String, [Array2<f64>; 2]>,
+}
+
+impl<'m> LeastSquares<'m> {
+    /// The solver of merges of `a` and `b` (the models of `spec`).
+    pub fn new(spec: &PermutationSpec, a: &'m StateDict, b: &'m StateDict) -> Self {
+        LeastSquares {
+            spec: spec.clone(),
+            a,
+            b,
+            outputs: IndexMap::new(),
+        }
+    }
+
+    /// [`least_squares`] of the two models by `plan`.
+    pub fn merge(
+        &mut self,
+        plan: &IndexMap<String, GroupPlan>,
+        zip_opts: &ZipOptions,
+        opts: &LeastSquaresOptions,
+        probe: &mut dyn Probe,
+    ) -> Result<StateDict> {
+        if !(opts.ridge.is_finite() && opts.ridge >= 0.0) {
+            return Err(PermuteError::InvalidSpec(format!(
+                "least-squares ridge {} (must be finite and ≥ 0)",
+                opts.ridge
+            )));
+        }
+        let (spec, a, b) = (&self.spec, self.a, self.b);
+        let mut merged = zip(spec, a, b, plan, zip_opts)?;
+        let by_weight = spec.by_weight();
+        for step in &opts.steps {
+            let Some(first) = step.first() else { continue };
+            for w in step {
+                let t = tensor(&merged, w)?;
+                if t.shape().len() < 2 || zip_opts.lookups.contains(w) {
+                    return Err(PermuteError::Shape {
+                        what: format!("least squares of '{w}'"),
+                        msg: "not a linear weight (a matrix or convolution with outputs on axis 0)"
+                            .into(),
+                    });
+                }
+            }
+            let x = ask(probe, Source::Merged, &merged, first)?;
+            outputs_of(&mut self.outputs, (a, b), step, probe)?;
+            // Solve weights with a bias and weights without apart (at most two solves).
+            let biased: Vec<bool> = step
+                .iter()
+                .map(|w| merged.contains(&bias_name(w)))
+                .collect();
+            for bias in [true, false] {
+                let ws: Vec<&String> = step
+                    .iter()
+                    .zip(&biased)
+                    .filter(|&(_, &has)| has == bias)
+                    .map(|(w, _)| w)
+                    .collect();
+                if ws.is_empty() {
+                    continue;
+                }
+                let mut targets = Vec::with_capacity(ws.len());
+                for w in &ws {
+                    let [za, zb] = &self.outputs[w.as_str()];
+                    let shape = tensor(&merged, w)?.shape();
+                    let axes = axis_maps(spec, &by_weight, plan, zip_opts, w, shape)?;
+                    targets.push(zipped_outputs(&axes[0], za, zb, w)?);
+                }
+                let views: Vec<_> = targets.iter().map(|t| t.view()).collect();
+                let target =
+                    ndarray::concatenate(Axis(1), &views).map_err(|e| PermuteError::Shape {
+                        what: format!("least squares of '{first}'"),
+                        msg: e.to_string(),
+                    })?;
+                let d = w_in(&merged, ws[0])?;
+                let theta = solve(&x, &target, bias, opts.ridge, d, first)?;
+                let mut col = 0;
+                for w in ws {
+                    let (shape, dtype) = {
+                        let t = tensor(&merged, w)?;
+                        (t.shape().to_vec(), t.dtype)
+                    };
+                    let out = shape[0];
+                    let block = theta.slice(ndarray::s![.., col..col + out]);
+                    let weight = block
+                        .slice(ndarray::s![..d, ..])
+                        .t()
+                        .mapv(|v| v as f32)
+                        .into_shape_clone(ndarray::IxDyn(&shape))
+                        .expect("the solved weight has the merged weight's size");
+                    merged.insert(w.as_str(), Tensor::new(weight, dtype));
+                    if bias {
+                        let name = bias_name(w);
+                        let dtype = tensor(&merged, &name)?.dtype;
+                        let row = block.row(d).mapv(|v| v as f32).into_dyn();
+                        merged.insert(name.as_str(), Tensor::new(row, dtype));
+                    }
+                    col += out;
+                }
+            }
+        }
+        Ok(merged)
+    }
+}
+
+/// A's and B's outputs of every weight of `step` (from one probe of each
+/// model, the step's weights sharing their input), unless already kept.
+fn outputs_of(
+    kept: &mut IndexMap<String, [Array2<f64>; 2]>,
+    (a, b): (&StateDict, &StateDict),
+    step: &[String],
+    probe: &mut dyn Probe,
+) -> Result<()> {
+    if step.iter().all(|w| kept.contains_key(w)) {
+        return Ok(());
+    }
+    let first = &step[0];
+    let xa = ask(probe, Source::A, a, first)?;
+    let xb = ask(probe, Source::B, b, first)?;
+    for w in step {
+        let za = outputs(a, w, &xa, "A")?;
+        let zb = outputs(b, w, &xb, "B")?;
+        kept.insert(w.clone(), [za, zb]);
+    }
+    Ok(())
+}
+
+/// The probe's inputs of `weight` in `source`, its failure named.
+fn ask(probe: &mut dyn Probe, source: Source, sd: &StateDict, weight: &str) -> Result<Array2<f64>> {
+    probe
+        .inputs(source, sd, weight)
+        .map_err(|e| PermuteError::Shape {
+            what: format!("probe of '{weight}' in {source:?}"),
+            msg: e.to_string(),
+        })
+}
+
+/// `….weight` → `….bias`.
+fn bias_name(weight: &str) -> String {
+    format!("{}.bias", weight.strip_suffix(".weight").unwrap_or(weight))
+}
+
+/// The input width of a linear weight: the product of its axes after the first.
+fn w_in(sd: &StateDict, weight: &str) -> Result<usize> {
+    Ok(tensor(sd, weight)?.shape()[1..].iter().product())
+}
+
+/// Tensor `name` of `sd`, or an error naming it.
+fn tensor<'s>(sd: &'s StateDict, name: &str) -> Result<&'s Tensor> {
+    sd.get(name).ok_or_else(|| PermuteError::MissingWeight {
+        model: "least squares".into(),
+        weight: name.to_string(),
+    })
+}
+
+/// A weight of `sd` as `[out, in]` in f64.
+fn flat(sd: &StateDict, weight: &str) -> Result<Array2<f64>> {
+    let t = tensor(sd, weight)?;
+    let out = t.shape()[0];
+    let d = w_in(sd, weight)?;
+    Ok(t.data
+        .mapv(f64::from)
+        .into_shape_clone((out, d))
+        .expect("a linear weight flattens to [out, in]"))
+}
+
+/// Checks a probe's inputs of `weight`: `[samples, in]` with finite values.
+fn check_inputs(x: &Array2<f64>, d: usize, weight: &str, model: &str) -> Result<()> {
+    if x.ncols() != d || x.nrows() == 0 {
+        return Err(PermuteError::Shape {
+            what: format!("probe inputs of '{weight}' in {model}"),
+            msg: format!(
+                "{:?}, the weight takes {d} features (and ≥ 1 sample)",
+                x.dim()
+            ),
+        });
+    }
+    if let Some(v) = x.iter().find(|v| !v.is_finite()) {
+        return Err(PermuteError::NonFinite {
+            what: format!("probe inputs of '{weight}' in {model}"),
+            msg: v.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// A model's outputs of linear weight `weight` on its inputs `x`: `x Wᵀ + b`.
+fn outputs(sd: &StateDict, weight: &str, x: &Array2<f64>, model: &str) -> Result<Array2<f64>> {
+    check_inputs(x, w_in(sd, weight)?, weight, model)?;
+    let mut z = x.dot(&flat(sd, weight)?.t());
+    if let Some(b) = sd.get(&bias_name(weight)) {
+        let b = b.data.mapv(f64::from);
+        let b = b.as_slice().ok_or_else(|| PermuteError::Shape {
+            what: bias_name(weight),
+            msg: "not contiguous".into(),
+        })?;
+        if b.len() != z.ncols() {
+            return Err(PermuteError::Shape {
+                what: bias_name(weight),
+                msg: format!("{} values for {} outputs", b.len(), z.ncols()),
+            });
+        }
+        for mut row in z.rows_mut() {
+            row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
+        }
+    }
+    Ok(z)
+}
+
+/// The zip of both models' outputs along the merged output axis `ax`.
+fn zipped_outputs(
+    ax: &AxisMap,
+    za: &Array2<f64>,
+    zb: &Array2<f64>,
+    weight: &str,
+) -> Result<Array2<f64>> {
+    if za.nrows() != zb.nrows() {
+        return Err(PermuteError::Shape {
+            what: format!("probe inputs of '{weight}'"),
+            msg: format!("{} samples in A, {} in B", za.nrows(), zb.nrows()),
+        });
+    }
+    let mut t = Array2::zeros((za.nrows(), ax.a.len()));
+    for (u, mut col) in t.columns_mut().into_iter().enumerate() {
+        let (ia, ib, wa, wb) = (ax.a[u], ax.b[u], ax.wa[u], ax.wb[u]);
+        for (r, v) in col.iter_mut().enumerate() {
+            *v = wa * za[[r, ia]] + wb * zb[[r, ib]];
+        }
+    }
+    Ok(t)
+}
+
+/// Ridge least squares of `[x 1]` (or `x` without a bias) onto `target`;
+/// `θ` is `[in (+1), outputs]`.
+fn solve(
+    x: &Array2<f64>,
+    target: &Array2<f64>,
+    bias: bool,
+    ridge: f64,
+    d: usize,
+    weight: &str,
+) -> Result<Array2<f64>> {
+    check_inputs(x, d, weight, "the merged model")?;
+    if x.nrows() != target.nrows() {
+        return Err(PermuteError::Shape {
+            what: format!("probe inputs of '{weight}'"),
+            msg: format!(
+                "{} samples in the merged model, {} in A and B",
+                x.nrows(),
+                target.nrows()
+            ),
+        });
+    }
+    let x1 = if bias {
+        ndarray::concatenate![Axis(1), *x, Array2::<f64>::ones((x.nrows(), 1))]
+    } else {
+        x.clone()
+    };
+    let lambda = ridge * x1.iter().map(|v| v * v).sum::<f64>() / x1.ncols() as f64;
+    spectra::linalg::ridge_least_squares(x1.view(), target.view(), lambda, weight).map_err(|e| {
+        PermuteError::Shape {
+            what: format!("least squares of '{weight}'"),
+            msg: e.to_string(),
+        }
+    })
+}
+
+/// The [`Probe`] of a ReLU MLP ([`crate::builders::mlp_layers`]'s names) on
+/// samples `x`: each layer's input is the previous layer's output through a
+/// ReLU (the first layer's is `x`). The inputs of the last model asked are
+/// kept: a later ask whose layers before the weight hold the same values
+/// (a least-squares solve moving forward) goes on from them.
+pub struct MlpProbe {
+    x: Array2<f64>,
+    /// Layer `j`'s weight and bias as last asked, and its input (computed
+    /// from the layers before it).
+    kept: Vec<(Tensor, Option<Tensor>, Array2<f64>)>,
+}
+
+impl MlpProbe {
+    /// The probe on samples `x` (`[samples, inputs]`).
+    pub fn new(x: Array2<f64>) -> MlpProbe {
+        MlpProbe { x, kept: vec![] }
+    }
+}
+
+impl Probe for MlpProbe {
+    fn inputs(
+        &mut self,
+        _: Source,
+        sd: &StateDict,
+        weight: &str,
+    ) -> std::result::Result<Array2<f64>, ProbeError> {
+        let layers = crate::builders::mlp_layers(sd)?;
+        let stop = layers
+            .iter()
+            .position(|stem| format!("{stem}.weight") == weight)
+            .ok_or_else(|| format!("'{weight}' is not a layer of the MLP"))?;
+        let params = |stem: &str| {
+            let w = tensor(sd, &format!("{stem}.weight")).cloned();
+            w.map(|w| (w, sd.get(&format!("{stem}.bias")).cloned()))
+        };
+        // Layer j's kept input holds while layers 0..j are unchanged.
+        let mut valid = 0;
+        while valid < self.kept.len().min(stop) {
+            let (w, b, _) = &self.kept[valid];
+            let (w2, b2) = params(&layers[valid])?;
+            if w.data != w2.data || b.as_ref().map(|t| &t.data) != b2.as_ref().map(|t| &t.data) {
+                break;
+            }
+            valid += 1;
+        }
+        // kept[valid]'s input is right (it depends on layers before it only).
+        self.kept.truncate(valid + 1);
+        if self.kept.is_empty() {
+            let (w, b) = params(&layers[0])?;
+            self.kept.push((w, b, self.x.clone()));
+        }
+        while self.kept.len() <= stop {
+            let j = self.kept.len() - 1;
+            let stem = &layers[j];
+            let (w, b) = params(stem)?;
+            self.kept[j].0 = w;
+            self.kept[j].1 = b;
+            let mut h = outputs(
+                sd,
+                &format!("{stem}.weight"),
+                &self.kept[j].2,
+                "the MLP probe",
+            )?;
+            h.mapv_inplace(|v| v.max(0.0));
+            let (w, b) = params(&layers[j + 1])?;
+            self.kept.push((w, b, h));
+        }
+        let (w, b) = params(&layers[stop])?;
+        self.kept[stop].0 = w;
+        self.kept[stop].1 = b;
+        Ok(self.kept[stop].2.clone())
+    }
 }

@@ -274,3 +274,219 @@ fn zip_spans_the_ensemble_and_the_aligned_average() {
     assert!(e.to_string().contains("not a permutation"), "{e}");
     assert!(permute::zip::check_ratio(1.5).is_err());
 }
+
+/// A plan per hidden layer: A's unit `i` with B's `perm[i]` (B's units
+/// reversed), the `merged` first units merged.
+fn reversed_plan(
+    spec: &permute::PermutationSpec,
+    merged: usize,
+) -> indexmap::IndexMap<String, permute::zip::GroupPlan> {
+    spec.groups
+        .iter()
+        .map(|g| {
+            let perm: Vec<usize> = (0..g.blocks).rev().collect();
+            let score: Vec<f64> = (0..g.blocks).map(|i| -(i as f64)).collect();
+            let p = permute::zip::plan_group(&perm, &score, merged, &g.name).unwrap();
+            (g.name.clone(), p)
+        })
+        .collect()
+}
+
+fn every_layer(n: usize) -> Vec<Vec<String>> {
+    (0..n).map(|l| vec![format!("layers.{l}.weight")]).collect()
+}
+
+#[test]
+fn least_squares_of_an_mlp_equals_the_merge_matrix_solve() {
+    use ndarray::{Axis, concatenate};
+    use permute::zip::{LeastSquaresOptions, MlpProbe, ZipOptions, least_squares};
+    let sizes = [5, 8, 8, 3];
+    let (a, b) = (random_mlp(&sizes, 4), random_mlp(&sizes, 5));
+    let spec = mlp(&a).unwrap();
+    let plan = reversed_plan(&spec, 5);
+    let mut rng = Rng::new(6);
+    let x = Array2::from_shape_fn((40, 5), |_| rng.normal());
+    let ridge = 1e-3;
+    let opts = LeastSquaresOptions {
+        steps: every_layer(3),
+        ridge,
+    };
+    let mut probe = MlpProbe::new(x.clone());
+    let got = least_squares(
+        &spec,
+        &a,
+        &b,
+        &plan,
+        &ZipOptions::default(),
+        &opts,
+        &mut probe,
+    )
+    .unwrap();
+
+    // The reference: PLeaS's matrix form, one layer after the other in f64,
+    // `[Z_A Z_B] M_lᵀ` with the plan's merge matrix (the head's: the mean).
+    let f64_of = |sd: &StateDict, n: &str| sd.get(n).unwrap().data.mapv(f64::from);
+    let pre = |sd: &StateDict| {
+        let mut h = x.clone();
+        let mut zs = vec![];
+        for l in 0..3 {
+            let w = f64_of(sd, &format!("layers.{l}.weight"))
+                .into_dimensionality::<Ix2>()
+                .unwrap();
+            let bias = f64_of(sd, &format!("layers.{l}.bias"))
+                .into_dimensionality::<ndarray::Ix1>()
+                .unwrap();
+            let z = h.dot(&w.t()) + &bias;
+            h = z.mapv(|v| v.max(0.0));
+            zs.push(z);
+        }
+        zs
+    };
+    let (za, zb) = (pre(&a), pre(&b));
+    let mut h = x.clone();
+    for l in 0..3 {
+        let m = match spec.groups.get(l) {
+            Some(g) => plan[&g.name].merge_matrix(),
+            None => concatenate![
+                Axis(1),
+                Array2::<f64>::eye(3) * 0.5,
+                Array2::<f64>::eye(3) * 0.5
+            ],
+        };
+        let target = concatenate![Axis(1), za[l], zb[l]].dot(&m.t());
+        let x1 = concatenate![Axis(1), h, Array2::<f64>::ones((h.nrows(), 1))];
+        let lambda = ridge * x1.iter().map(|v| v * v).sum::<f64>() / x1.ncols() as f64;
+        let theta =
+            spectra::linalg::ridge_least_squares(x1.view(), target.view(), lambda, "ref").unwrap();
+        let d = h.ncols();
+        let w = theta.slice(ndarray::s![..d, ..]).t().to_owned();
+        let bias = theta.row(d).to_owned();
+        let ours = f64_of(&got, &format!("layers.{l}.weight"))
+            .into_dimensionality::<Ix2>()
+            .unwrap();
+        let ours_b = f64_of(&got, &format!("layers.{l}.bias"))
+            .into_dimensionality::<ndarray::Ix1>()
+            .unwrap();
+        let scale = w.iter().fold(1f64, |m, v| m.max(v.abs()));
+        let dw = (&ours - &w).iter().fold(0f64, |m, v| m.max(v.abs())) / scale;
+        let db = (&ours_b - &bias).iter().fold(0f64, |m, v| m.max(v.abs())) / scale;
+        assert!(dw < 1e-5 && db < 1e-5, "layer {l}: {dw} {db}");
+        assert_eq!(ours.dim(), (m.nrows(), d));
+        // The next layer's input: this solve's output (through the f32 weights
+        // the merged model holds).
+        let wf = ours.mapv(|v| v as f32 as f64);
+        h = (h.dot(&wf.t()) + &ours_b).mapv(|v| v.max(0.0));
+    }
+}
+
+#[test]
+fn least_squares_at_ratio_0_is_the_ensemble_and_at_ratio_1_recovers_a_permuted_copy() {
+    use permute::zip::{LeastSquaresOptions, MlpProbe, ZipOptions, least_squares};
+    let sizes = [6, 8, 8, 3];
+    let (a, b) = (random_mlp(&sizes, 7), random_mlp(&sizes, 8));
+    let spec = mlp(&a).unwrap();
+    let mut rng = Rng::new(9);
+    let x = Array2::from_shape_fn((200, 6), |_| rng.normal());
+    let xf = x.mapv(|v| v as f32);
+    let opts = LeastSquaresOptions {
+        steps: every_layer(3),
+        ridge: 1e-12,
+    };
+    // Nothing merged: the wide model that fits every target exactly is the ensemble.
+    let mut probe = MlpProbe::new(x.clone());
+    let z = least_squares(
+        &spec,
+        &a,
+        &b,
+        &reversed_plan(&spec, 0),
+        &ZipOptions::default(),
+        &opts,
+        &mut probe,
+    )
+    .unwrap();
+    let want = (forward(&a, &xf) + forward(&b, &xf)) * 0.5;
+    let err = max_abs(&(forward(&z, &xf) - &want)) / max_abs(&want);
+    assert!(err < 1e-4, "{err}");
+    // Everything merged with a permuted copy of A: A itself, whatever B's order.
+    let mut perm = spec.identity();
+    for g in perm.values_mut() {
+        g.outer.reverse();
+    }
+    let b = apply(&spec, &perm, &a).unwrap();
+    let mut probe = MlpProbe::new(x);
+    let z = least_squares(
+        &spec,
+        &a,
+        &b,
+        &reversed_plan(&spec, 8),
+        &ZipOptions::default(),
+        &opts,
+        &mut probe,
+    )
+    .unwrap();
+    for (name, t) in a.iter() {
+        let d = (&t.data - &z.get(name).unwrap().data)
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        assert!(d < 1e-3, "{name}: {d}");
+    }
+}
+
+#[test]
+fn least_squares_names_bad_input() {
+    use permute::zip::{
+        LeastSquaresOptions, MlpProbe, Probe, ProbeError, Source, ZipOptions, least_squares,
+    };
+    let sizes = [4, 6, 2];
+    let (a, b) = (random_mlp(&sizes, 1), random_mlp(&sizes, 2));
+    let spec = mlp(&a).unwrap();
+    let plan = reversed_plan(&spec, 3);
+    let x = Array2::from_shape_fn((10, 4), |(i, j)| (i * 4 + j) as f64 * 0.1);
+    let run = |steps: Vec<Vec<String>>, ridge: f64, probe: &mut dyn Probe| {
+        let opts = LeastSquaresOptions { steps, ridge };
+        least_squares(&spec, &a, &b, &plan, &ZipOptions::default(), &opts, probe)
+            .unwrap_err()
+            .to_string()
+    };
+    let e = run(every_layer(2), -1.0, &mut MlpProbe::new(x.clone()));
+    assert!(e.contains("ridge -1"), "{e}");
+    let e = run(
+        vec![vec!["layers.7.weight".into()]],
+        0.1,
+        &mut MlpProbe::new(x.clone()),
+    );
+    assert!(e.contains("layers.7.weight"), "{e}");
+    let e = run(
+        vec![vec!["layers.0.bias".into()]],
+        0.1,
+        &mut MlpProbe::new(x.clone()),
+    );
+    assert!(e.contains("not a linear weight"), "{e}");
+    // Samples with the wrong number of features.
+    let e = run(
+        every_layer(2),
+        0.1,
+        &mut MlpProbe::new(Array2::zeros((10, 3))),
+    );
+    assert!(e.contains("layers.0.weight"), "{e}");
+    // A probe that fails, and one that hands out NaN.
+    struct Broken(f64);
+    impl Probe for Broken {
+        fn inputs(&mut self, _: Source, _: &StateDict, _: &str) -> Result<Array2<f64>, ProbeError> {
+            if self.0.is_nan() {
+                return Ok(Array2::from_elem((10, 4), self.0));
+            }
+            Err("the forward pass broke".into())
+        }
+    }
+    let e = run(every_layer(2), 0.1, &mut Broken(0.0));
+    assert!(
+        e.contains("the forward pass broke") && e.contains("layers.0.weight"),
+        "{e}"
+    );
+    let e = run(every_layer(2), 0.1, &mut Broken(f64::NAN));
+    assert!(
+        e.contains("non-finite") && e.contains("layers.0.weight"),
+        "{e}"
+    );
+}

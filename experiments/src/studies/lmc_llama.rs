@@ -309,14 +309,14 @@ fn activations(c: &LlamaConfig, sd: &StateDict, probe: &Sample) -> anyhow::Resul
     Ok(out)
 }
 
-fn to_array(t: Tensor<s2ft_core::Cpu, 2>) -> Array2<f32> {
+pub(crate) fn to_array(t: Tensor<s2ft_core::Cpu, 2>) -> Array2<f32> {
     let [n, d] = t.dims();
     let v: Vec<f32> = t.into_data().convert::<f32>().into_vec().expect("f32");
     Array2::from_shape_vec((n, d), v).expect("shape")
 }
 
 /// The probe's tokens (inputs only) as a CPU tensor.
-fn probe_tokens(probe: &Sample) -> Tensor<s2ft_core::Cpu, 2, Int> {
+pub(crate) fn probe_tokens(probe: &Sample) -> Tensor<s2ft_core::Cpu, 2, Int> {
     let t: Tensor<s2ft_core::Cpu, 2, Int> = Tensor::from_data(
         TensorData::new(probe.tokens.clone(), [probe.b, probe.t + 1]),
         &Default::default(),

@@ -25,9 +25,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, ensure};
-use ndarray::{Array1, Array2, Axis, concatenate, s};
+use ndarray::{Array2, Axis, concatenate};
 use serde::Serialize;
-use weights::{StateDict, Tensor};
+use weights::StateDict;
 
 use crate::data::{Split, default_mnist_dir, mnist};
 use crate::mlp;
@@ -35,6 +35,7 @@ use crate::plot::{Series, line_chart};
 use crate::report::{Run, RunArgs};
 use crate::studies::lmc::{Arch, train_on};
 use permute::many::{Correlation, activation_matching, correlation};
+use permute::zip::{LeastSquares, LeastSquaresOptions, MlpProbe};
 use permute::{MatchOptions, weight_matching};
 
 /// How B's hidden units are paired with A's.
@@ -205,19 +206,16 @@ pub fn plan_layers(
         .collect())
 }
 
-/// An MLP's layers as `f64` `(weight [out, in], bias)`.
-type Layers = Vec<(Array2<f64>, Array1<f64>)>;
+/// An MLP's weight shapes `[out, in]`, layer by layer.
+type Layers = Vec<(usize, usize)>;
 
 fn layers_of(sd: &StateDict, model: &str) -> anyhow::Result<Layers> {
     let layers = mlp::layer_params(sd).map_err(|e| anyhow::anyhow!("model {model}: {e}"))?;
-    let f64_of = |t: &weights::Tensor| t.data.mapv(f64::from);
     layers
         .into_iter()
-        .map(|(w, b)| {
-            Ok((
-                f64_of(w).into_dimensionality()?,
-                f64_of(b).into_dimensionality()?,
-            ))
+        .map(|(w, _)| match w.shape() {
+            &[out, inp] => Ok((out, inp)),
+            s => bail!("model {model}: a weight of shape {s:?} is not a matrix"),
         })
         .collect()
 }
@@ -232,12 +230,7 @@ fn check_models(a: &StateDict, b: &StateDict) -> anyhow::Result<(Layers, Layers)
         lb.len()
     );
     for (i, (x, y)) in la.iter().zip(&lb).enumerate() {
-        ensure!(
-            x.0.dim() == y.0.dim(),
-            "layers.{i}.weight is {:?} in A but {:?} in B",
-            x.0.dim(),
-            y.0.dim()
-        );
+        ensure!(x == y, "layers.{i}.weight is {x:?} in A but {y:?} in B",);
     }
     Ok((la, lb))
 }
@@ -252,10 +245,10 @@ fn check_plans(la: &Layers, plans: &[LayerPlan]) -> anyhow::Result<()> {
     );
     for (i, p) in plans.iter().enumerate() {
         ensure!(
-            p.source_width() == la[i].0.nrows() && p.only_b.len() == p.only_a.len(),
+            p.source_width() == la[i].0 && p.only_b.len() == p.only_a.len(),
             "the plan of hidden layer {i} covers {} units, the layer has {}",
             p.source_width(),
-            la[i].0.nrows()
+            la[i].0
         );
     }
     Ok(())
@@ -301,44 +294,21 @@ impl Head {
     }
 }
 
-/// The merge matrix of layer `l`: the plan's for hidden layers, the head's for the logits.
-fn merge_matrix_of(
-    plans: &[LayerPlan],
-    head: Head,
-    l: usize,
-    n_out: usize,
-) -> anyhow::Result<Array2<f64>> {
-    match plans.get(l) {
-        Some(p) => Ok(p.merge_matrix()),
-        None => head.merge_matrix(n_out),
-    }
-}
+/// The library's view of an MLP merge: the MLP's spec, the plans by group
+/// name, and the head as the output mix of the last layer.
+type ZipParts = (
+    permute::PermutationSpec,
+    indexmap::IndexMap<String, LayerPlan>,
+    permute::zip::ZipOptions,
+);
 
-fn to_state_dict(layers: &Layers) -> StateDict {
-    let mut sd = StateDict::new();
-    for (i, (w, b)) in layers.iter().enumerate() {
-        sd.insert(
-            format!("layers.{i}.weight"),
-            Tensor::f32(w.mapv(|v| v as f32).into_dyn()),
-        );
-        sd.insert(
-            format!("layers.{i}.bias"),
-            Tensor::f32(b.mapv(|v| v as f32).into_dyn()),
-        );
-    }
-    sd
-}
-
-/// Zips A and B by `plans` (one per hidden layer), averaging each merged
-/// pair ([`permute::zip::zip`] over the MLP's spec), with the logits merged
-/// by `head`. Ratio 0 everywhere is the ensemble, ratio 1 with
-/// [`Head::Average`] the average of A and the permuted B.
-pub fn zip_merge(
+/// Checks A, B and the plans (one per hidden layer) and gives them as [`ZipParts`].
+fn zip_parts(
     a: &StateDict,
     b: &StateDict,
     plans: &[LayerPlan],
     head: Head,
-) -> anyhow::Result<StateDict> {
+) -> anyhow::Result<ZipParts> {
     let (la, _) = check_models(a, b)?;
     check_plans(&la, plans)?;
     let spec = permute::builders::mlp(a)?;
@@ -347,7 +317,7 @@ pub fn zip_merge(
         .enumerate()
         .map(|(l, p)| (permute::builders::mlp_group(l), p.clone()))
         .collect();
-    let classes = la[la.len() - 1].0.nrows();
+    let classes = la[la.len() - 1].0;
     let m = head.merge_matrix(classes)?;
     let mix: Vec<[f64; 2]> = (0..classes)
         .map(|c| [m[[c, c]], m[[c, classes + c]]])
@@ -362,113 +332,90 @@ pub fn zip_merge(
         .into_iter()
         .collect(),
     };
+    Ok((spec, plan, opts))
+}
+
+/// Zips A and B by `plans` (one per hidden layer), averaging each merged
+/// pair ([`permute::zip::zip`] over the MLP's spec), with the logits merged
+/// by `head`. Ratio 0 everywhere is the ensemble, ratio 1 with
+/// [`Head::Average`] the average of A and the permuted B.
+pub fn zip_merge(
+    a: &StateDict,
+    b: &StateDict,
+    plans: &[LayerPlan],
+    head: Head,
+) -> anyhow::Result<StateDict> {
+    let (spec, plan, opts) = zip_parts(a, b, plans, head)?;
     Ok(permute::zip::zip(&spec, a, b, &plan, &opts)?)
 }
 
-/// Every layer's pre-activation on `x` (the hidden ones before their ReLU).
-fn pre_activations(layers: &Layers, x: &Array2<f64>) -> Vec<Array2<f64>> {
-    let mut outs: Vec<Array2<f64>> = Vec::new();
-    for (w, b) in layers {
-        let h = match outs.last() {
-            Some(z) => z.mapv(|v| v.max(0.0)),
-            None => x.clone(),
-        };
-        outs.push(h.dot(&w.t()) + b.view().insert_axis(Axis(0)));
-    }
-    outs
+/// PLeaS's least squares of two MLPs on unlabelled samples: A's and B's
+/// pre-activations are computed on the first solve and kept for every plan.
+pub struct MlpSolver<'m> {
+    a: &'m StateDict,
+    b: &'m StateDict,
+    solver: LeastSquares<'m>,
+    probe: MlpProbe,
 }
 
-/// Models A and B on the unlabelled samples of the least-squares solves:
-/// their layers and every layer's pre-activations, computed once and reused
-/// by every plan's [`Probe::least_squares_merge`].
-pub struct Probe {
-    la: Layers,
-    lb: Layers,
-    x: Array2<f64>,
-    za: Vec<Array2<f64>>,
-    zb: Vec<Array2<f64>>,
-}
-
-impl Probe {
-    /// Checks A and B (same MLP shape) and the samples `x` (`[n, inputs]`, n > 0).
-    pub fn new(a: &StateDict, b: &StateDict, x: &Array2<f32>) -> anyhow::Result<Probe> {
-        let (la, lb) = check_models(a, b)?;
-        ensure!(
-            x.ncols() == la[0].0.ncols(),
-            "least squares: samples have {} features, the models take {}",
-            x.ncols(),
-            la[0].0.ncols()
-        );
-        ensure!(x.nrows() > 0, "least squares: no samples");
-        let x = x.mapv(f64::from);
-        let (za, zb) = (pre_activations(&la, &x), pre_activations(&lb, &x));
-        Ok(Probe { la, lb, x, za, zb })
+impl<'m> MlpSolver<'m> {
+    /// Checks A and B (same MLP shape) and takes the samples `x` (`[n, inputs]`).
+    pub fn new(a: &'m StateDict, b: &'m StateDict, x: &Array2<f32>) -> anyhow::Result<Self> {
+        check_models(a, b)?;
+        let spec = permute::builders::mlp(a)?;
+        Ok(MlpSolver {
+            a,
+            b,
+            solver: LeastSquares::new(&spec, a, b),
+            probe: MlpProbe::new(x.mapv(f64::from)),
+        })
     }
 
     /// PLeaS: the merged model's layers, one after the other, by ridge least
-    /// squares — `[W_l b_l] = argmin ‖[X_l 1] [W_l b_l]ᵀ − [Z_A Z_B] M_lᵀ‖² + λ‖·‖²`,
+    /// squares ([`permute::zip::least_squares`] over the MLP's spec) —
+    /// `[W_l b_l] = argmin ‖[X_l 1] [W_l b_l]ᵀ − [Z_A Z_B] M_lᵀ‖² + λ‖·‖²`,
     /// where `X_l` is the merged model's own input to layer `l` on the
-    /// unlabelled samples (so each solve corrects the error of the layers
-    /// before it) and `Z_A`, `Z_B` are the two models' pre-activations.
-    /// `ridge` is relative: `λ = ridge · ‖[X_l 1]‖²_F / d`. Layers before
-    /// `first` are zipped ([`zip_merge`]) instead: `first = 0` is PLeaS, the
-    /// last layer's index refits only the head on the averaged body (an ablation).
-    pub fn least_squares_merge(
-        &self,
+    /// samples (so each solve corrects the error of the layers before it)
+    /// and `Z_A`, `Z_B` are the two models' pre-activations. `ridge` is
+    /// relative: `λ = ridge · ‖[X_l 1]‖²_F / d`. Layers before `first` are
+    /// zipped ([`zip_merge`]) instead: `first = 0` is PLeaS, the last layer's
+    /// index refits only the head on the averaged body (an ablation).
+    pub fn merge(
+        &mut self,
         plans: &[LayerPlan],
         head: Head,
         ridge: f64,
         first: usize,
     ) -> anyhow::Result<StateDict> {
-        let (la, lb) = (&self.la, &self.lb);
-        check_plans(la, plans)?;
+        let (_, plan, opts) = zip_parts(self.a, self.b, plans, head)?;
+        let layers = permute::builders::mlp_layers(self.a)?;
         ensure!(
-            first < la.len(),
+            first < layers.len(),
             "least squares from layer {first}: the models have {} layers",
-            la.len()
+            layers.len()
         );
-        ensure!(
-            ridge.is_finite() && ridge >= 0.0,
-            "--ridge: {ridge} (must be finite and ≥ 0)"
-        );
-        let zipped = if first > 0 {
-            let zipped = zip_merge(&to_state_dict(la), &to_state_dict(lb), plans, head)?;
-            layers_of(&zipped, "zipped")?
-        } else {
-            Layers::new()
+        check_ridge(ridge)?;
+        let ls = LeastSquaresOptions {
+            steps: layers[first..]
+                .iter()
+                .map(|stem| vec![format!("{stem}.weight")])
+                .collect(),
+            ridge,
         };
-        let mut out = Layers::new();
-        let mut h = self.x.clone();
-        for l in 0..la.len() {
-            if l < first {
-                let (w, bias) = zipped[l].clone();
-                h = (h.dot(&w.t()) + bias.view().insert_axis(Axis(0))).mapv(|v| v.max(0.0));
-                out.push((w, bias));
-                continue;
-            }
-            let m = merge_matrix_of(plans, head, l, la[l].0.nrows())?;
-            let target = concatenate![Axis(1), self.za[l], self.zb[l]].dot(&m.t());
-            let ones = Array2::<f64>::ones((h.nrows(), 1));
-            let x1 = concatenate![Axis(1), h, ones];
-            let lambda = ridge * x1.iter().map(|v| v * v).sum::<f64>() / x1.ncols() as f64;
-            let theta = spectra::linalg::ridge_least_squares(
-                x1.view(),
-                target.view(),
-                lambda,
-                &format!("layers.{l}"),
-            )?;
-            let d = h.ncols();
-            let w = theta.slice(s![..d, ..]).t().to_owned();
-            let bias = theta.row(d).to_owned();
-            let z = h.dot(&w.t()) + bias.view().insert_axis(Axis(0));
-            h = z.mapv(|v| v.max(0.0));
-            out.push((w, bias));
-        }
-        Ok(to_state_dict(&out))
+        Ok(self.solver.merge(&plan, &opts, &ls, &mut self.probe)?)
     }
 }
 
-/// [`Probe::least_squares_merge`] for one plan (builds the [`Probe`] of `a`, `b`, `x`).
+/// Checks the `--ridge` of the least-squares solves: finite and ≥ 0.
+pub fn check_ridge(ridge: f64) -> anyhow::Result<()> {
+    ensure!(
+        ridge.is_finite() && ridge >= 0.0,
+        "--ridge: {ridge} (must be finite and ≥ 0)"
+    );
+    Ok(())
+}
+
+/// [`MlpSolver::merge`] for one plan (builds the solver of `a`, `b`, `x`).
 pub fn least_squares_merge(
     a: &StateDict,
     b: &StateDict,
@@ -478,7 +425,7 @@ pub fn least_squares_merge(
     ridge: f64,
     first: usize,
 ) -> anyhow::Result<StateDict> {
-    Probe::new(a, b, x)?.least_squares_merge(plans, head, ridge, first)
+    MlpSolver::new(a, b, x)?.merge(plans, head, ridge, first)
 }
 
 /// For each hidden layer, B's unit matched to each of A's units and the
@@ -714,11 +661,7 @@ fn sizes_of(args: &PleasArgs) -> anyhow::Result<Sizes> {
             "--ratios: {r} is not a fraction in [0, 1]"
         );
     }
-    ensure!(
-        args.ridge.is_finite() && args.ridge >= 0.0,
-        "--ridge: {} (must be finite and ≥ 0)",
-        args.ridge
-    );
+    check_ridge(args.ridge)?;
     ensure!(
         (1..CLASSES).contains(&args.split),
         "--split {}: must be between 1 and {} so both tasks have labels",
@@ -794,7 +737,7 @@ struct MergeInputs<'a> {
     a: &'a StateDict,
     b: &'a StateDict,
     probe: &'a Split,
-    ls_probe: Probe,
+    solver: std::cell::RefCell<MlpSolver<'a>>,
     head: Head,
     test: &'a Split,
     depth: usize,
@@ -857,6 +800,13 @@ impl MergeInputs<'_> {
         Ok(())
     }
 
+    /// [`MlpSolver::merge`] of A and B by `plans`, from layer `first`.
+    fn least_squares(&self, plans: &[LayerPlan], first: usize) -> anyhow::Result<StateDict> {
+        self.solver
+            .borrow_mut()
+            .merge(plans, self.head, self.args.ridge, first)
+    }
+
     /// The plan at `ratio`, merged by averaging, least squares and least squares of the head.
     fn merge(
         &self,
@@ -870,15 +820,10 @@ impl MergeInputs<'_> {
         let t = Instant::now();
         let ls = run.phase(
             &format!("least squares {} {ratio}", matching.name()),
-            || {
-                self.ls_probe
-                    .least_squares_merge(&plans, self.head, self.args.ridge, 0)
-            },
+            || self.least_squares(&plans, 0),
         )?;
         let least_squares_seconds = t.elapsed().as_secs_f64();
-        let ls_head =
-            self.ls_probe
-                .least_squares_merge(&plans, self.head, self.args.ridge, self.depth)?;
+        let ls_head = self.least_squares(&plans, self.depth)?;
         Ok(MergeRow {
             matching: matching.name(),
             ratio,
@@ -915,7 +860,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     };
     let sizes = mlp::layer_sizes(d.probe.x.ncols(), z.width, z.depth, CLASSES);
     let (a, b) = train_models(args, &z, &d, &sizes, &mut run)?;
-    let ls_probe = run.phase("least-squares probe", || Probe::new(&a, &b, &d.probe.x))?;
+    let solver = run.phase("least-squares probe", || MlpSolver::new(&a, &b, &d.probe.x))?;
     let (logits_a, logits_b) = (logits(&a, &d.test.x), logits(&b, &d.test.x));
     let score = |l: &Array2<f32>| score_logits(l, &d.test.y, args.split);
     let mut m = PleasMetrics {
@@ -937,7 +882,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         a: &a,
         b: &b,
         probe: &d.probe,
-        ls_probe,
+        solver: std::cell::RefCell::new(solver),
         head,
         test: &d.test,
         depth: z.depth,
@@ -1085,7 +1030,7 @@ mod tests {
         let m = p.merge_matrix();
         assert_eq!(m.dim(), (6, 8));
         assert_eq!(ua.dim(), (4, 6));
-        let f = Array1::from(vec![1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]);
+        let f = ndarray::Array1::from(vec![1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]);
         let merged = m.dot(&f);
         // Pair (A0, B2) averages 1 and 30; A1 alone is 2; B0 alone is 10.
         assert_eq!(ua.dot(&merged)[0], 15.5);

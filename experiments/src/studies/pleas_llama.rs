@@ -8,15 +8,17 @@
 //! heads) and FFN channels are merged and the others kept side by side, the
 //! residual stream merged whole (an RMSNorm over a wider stream is not the
 //! norm of either model's). The merged model is a LLaMA with more heads and
-//! FFN channels, scored by its held-out loss on both texts. PLeaS's
-//! per-layer least squares is not applied here (the `pleas` study solves it
-//! for MLPs).
+//! FFN channels, scored by its held-out loss on both texts, as zipped and
+//! after PLeaS's per-layer least squares of every projection
+//! ([`permute::zip::least_squares`] with [`LlamaProbe`]).
 
 use std::path::PathBuf;
 
 use anyhow::ensure;
 use indexmap::IndexMap;
-use permute::zip::{GroupPlan, ZipOptions, lookup_tables, plan_group, zip};
+use permute::zip::{
+    GroupPlan, LeastSquares, LeastSquaresOptions, ZipOptions, lookup_tables, plan_group, zip,
+};
 use permute::{MatchOptions, Permutation, PermutationSpec, apply, weight_matching};
 use s2ft_core::LlamaConfig;
 use serde::Serialize;
@@ -55,8 +57,12 @@ pub struct Row {
     pub ffn: usize,
     /// Parameters ÷ one model's.
     pub params_ratio: f64,
-    /// Its losses.
+    /// The zip's losses (merged pairs averaged).
     pub loss: TextLoss,
+    /// The losses after PLeaS's per-layer least squares.
+    pub least_squares: TextLoss,
+    /// Seconds of the least-squares solves (with their forward passes).
+    pub least_squares_seconds: f64,
 }
 
 /// What `metrics.json` holds.
@@ -66,6 +72,8 @@ pub struct Metrics {
     pub arch: &'static str,
     /// The two models' sizes.
     pub shape: Shape,
+    /// Relative ridge of the least-squares solves.
+    pub ridge: f64,
     /// Model A (trained on Moby-Dick).
     pub a: TextLoss,
     /// Model B (trained on the addresses).
@@ -108,6 +116,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     let mut m = Metrics {
         arch: "llama",
         shape: pair.shape.clone(),
+        ridge: args.ridge,
         a: score(c, &pair.a)?,
         b: score(c, &pair.b)?,
         merges: Vec::new(),
@@ -121,17 +130,21 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         let bp = apply(&spec, &perm, &pair.b)?;
         // How alike each aligned block pair is: the blocks kept apart are the least alike.
         let sims = permute::many::pair_similarities(&spec, &spec.identity(), &pair.a, &bp)?;
+        let mut solver = LeastSquares::new(&spec, &pair.a, &bp);
         for &ratio in &args.ratios {
-            let (z, zc) = run.phase(&format!("zip {} {ratio}", matching.name()), || {
-                merge(&spec, c, (&pair.a, &bp), &sims, ratio)
+            let z = run.phase(&format!("zip {} {ratio}", matching.name()), || {
+                let ls = (&mut solver, args.ridge);
+                merge(&spec, c, (&pair.a, &bp), (&sims, &probe), ratio, ls)
             })?;
             m.merges.push(Row {
                 matching: matching.name(),
                 ratio,
-                kv_heads: zc.num_key_value_heads,
-                ffn: zc.intermediate_size,
-                params_ratio: z.numel() as f64 / pair.a.numel() as f64,
-                loss: score(&zc, &z)?,
+                kv_heads: z.config.num_key_value_heads,
+                ffn: z.config.intermediate_size,
+                params_ratio: z.zipped.numel() as f64 / pair.a.numel() as f64,
+                loss: score(&z.config, &z.zipped)?,
+                least_squares: score(&z.config, &z.least_squares)?,
+                least_squares_seconds: z.least_squares_seconds,
             });
             run.partial(&serde_json::to_value(&m)?)?;
         }
@@ -151,6 +164,7 @@ fn check(args: &PleasArgs) -> anyhow::Result<Shape> {
     for r in &args.ratios {
         permute::zip::check_ratio(*r).map_err(|e| anyhow::anyhow!("--ratios: {e}"))?;
     }
+    crate::studies::pleas::check_ridge(args.ridge)?;
     Shape::of(
         &LmcArgs {
             quick: args.quick,
@@ -205,14 +219,18 @@ fn align(
 }
 
 /// A and the aligned B zipped at `ratio` (the residual stream merged whole,
-/// heads and FFN channels by similarity), and the merged model's config.
+/// heads and FFN channels by similarity), the same zip refined by PLeaS's
+/// per-layer least squares on the `probe` tokens (every projection of every
+/// block, [`least_squares_steps`]; `solver` keeps A's and B's outputs from
+/// one ratio to the next), and the merged model's config.
 fn merge(
     spec: &PermutationSpec,
     c: &LlamaConfig,
     (a, bp): (&StateDict, &StateDict),
-    sims: &IndexMap<String, Vec<f64>>,
+    (sims, probe): (&IndexMap<String, Vec<f64>>, &Sample),
     ratio: f64,
-) -> anyhow::Result<(StateDict, LlamaConfig)> {
+    (solver, ridge): (&mut LeastSquares, f64),
+) -> anyhow::Result<Merged> {
     let plan: IndexMap<String, GroupPlan> = spec
         .groups
         .iter()
@@ -233,10 +251,10 @@ fn merge(
         lookups: lookup_tables(a),
         ..Default::default()
     };
-    let z = zip(spec, a, bp, &plan, &opts)?;
+    let zipped = zip(spec, a, bp, &plan, &opts)?;
     let kv = plan[&permute::builders::llama_heads_group(0)].width();
     let ffn = plan[&permute::builders::llama_ffn_group(0)].width();
-    let mut zc = LlamaConfig::tiny(
+    let mut config = LlamaConfig::tiny(
         c.vocab_size,
         c.hidden_size,
         c.num_hidden_layers,
@@ -244,24 +262,46 @@ fn merge(
         kv,
         ffn,
     );
-    zc.head_dim = HEAD_DIM;
-    Ok((z, zc))
+    config.head_dim = HEAD_DIM;
+    let t = std::time::Instant::now();
+    let ls = LeastSquaresOptions {
+        steps: least_squares_steps(c),
+        ridge,
+    };
+    let mut llama_probe = LlamaProbe::new(c, &config, probe);
+    let least_squares = solver.merge(&plan, &opts, &ls, &mut llama_probe)?;
+    Ok(Merged {
+        zipped,
+        least_squares,
+        least_squares_seconds: t.elapsed().as_secs_f64(),
+        config,
+    })
+}
+
+/// One partial merge of two decoders.
+struct Merged {
+    zipped: StateDict,
+    least_squares: StateDict,
+    least_squares_seconds: f64,
+    config: LlamaConfig,
 }
 
 fn plot(run: &Run, m: &Metrics, args: &PleasArgs) -> anyhow::Result<()> {
-    let mut series: Vec<Series> = args
-        .matchings()
-        .iter()
-        .map(|mt| {
+    let mut series = Vec::new();
+    for mt in args.matchings() {
+        for (method, pick) in [
+            ("zip", (|r: &Row| r.loss.mean) as fn(&Row) -> f64),
+            ("least squares", |r: &Row| r.least_squares.mean),
+        ] {
             let pts = m
                 .merges
                 .iter()
                 .filter(|r| r.matching == mt.name())
-                .map(|r| (r.ratio, r.loss.mean))
+                .map(|r| (r.ratio, pick(r)))
                 .collect();
-            Series::line(mt.name(), pts)
-        })
-        .collect();
+            series.push(Series::line(format!("{} {method}", mt.name()), pts));
+        }
+    }
     for (name, l) in [("A alone", m.a.mean), ("B alone", m.b.mean)] {
         series.push(Series::line(name, vec![(0.0, l), (1.0, l)]));
     }
@@ -281,14 +321,17 @@ fn report(m: &Metrics) -> String {
          Two character-level decoders (width {}, {} blocks, {} heads of {HEAD_DIM}, FFN {}), trained {} steps each: \
          A on Moby-Dick, B on the State of the Union addresses. In every block the most alike fraction `ratio` of \
          key/value heads and FFN channels (after aligning B) is merged, the rest kept side by side; the residual stream is merged whole. \
-         Losses are held-out nats/token; no least squares (the `pleas` MLP study has it).\n\n\
+         *zip* averages each merged pair; *least squares* (PLeaS) then solves every projection of every block in turn, so that fed the merged \
+         model's own inputs it reproduces the zip of both models' outputs on one batch of each text (ridge {}). \
+         Losses are held-out nats/token.\n\n\
          | model | Moby-Dick | addresses | mean |\n|---|---|---|---|\n| A | {:.3} | {:.3} | {:.3} |\n| B | {:.3} | {:.3} | {:.3} |\n\n\
-         | matching | ratio | kv heads | FFN | params ÷ one model | Moby-Dick | addresses | mean |\n|---|---|---|---|---|---|---|---|\n",
+         | matching | ratio | kv heads | FFN | params ÷ one model | zip: Moby-Dick | zip: addresses | zip: mean | LS: Moby-Dick | LS: addresses | LS: mean | LS seconds |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         s.hidden,
         s.layers,
         s.heads,
         s.ffn,
         s.steps,
+        m.ridge,
         m.a.moby_dick,
         m.a.sotu,
         m.a.mean,
@@ -298,7 +341,7 @@ fn report(m: &Metrics) -> String {
     );
     for r in &m.merges {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} | {:.3} | {:.3} | {:.3} |\n",
+            "| {} | {} | {} | {} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} |\n",
             r.matching,
             r.ratio,
             r.kv_heads,
@@ -306,9 +349,190 @@ fn report(m: &Metrics) -> String {
             r.params_ratio,
             r.loss.moby_dick,
             r.loss.sotu,
-            r.loss.mean
+            r.loss.mean,
+            r.least_squares.moby_dick,
+            r.least_squares.sotu,
+            r.least_squares.mean,
+            r.least_squares_seconds
         ));
     }
     md.push_str("\n![loss vs ratio](loss_vs_ratio.png)\n");
     md
+}
+
+/// The least-squares steps of a LLaMA: per block, q/k/v (one input), o_proj,
+/// gate/up (one input), down_proj. The embeddings, norms and LM head keep
+/// their zipped values.
+pub fn least_squares_steps(c: &LlamaConfig) -> Vec<Vec<String>> {
+    use weights::llama::names;
+    let mut steps = Vec::with_capacity(4 * c.num_hidden_layers);
+    for l in 0..c.num_hidden_layers {
+        for parts in [
+            &[names::Q_PROJ, names::K_PROJ, names::V_PROJ][..],
+            &[names::O_PROJ],
+            &[names::GATE_PROJ, names::UP_PROJ],
+            &[names::DOWN_PROJ],
+        ] {
+            steps.push(parts.iter().map(|p| names::weight(l, p)).collect());
+        }
+    }
+    steps
+}
+
+/// The [`permute::zip::Probe`] of two LLaMA decoders and their zip on the
+/// probe tokens: every projection's input from the CPU model's
+/// [`s2ft_core::Llama::linear_inputs`] (A and B of one config, the merged
+/// model of another).
+pub struct LlamaProbe<'p> {
+    config: &'p LlamaConfig,
+    merged: &'p LlamaConfig,
+    probe: &'p Sample,
+}
+
+impl<'p> LlamaProbe<'p> {
+    /// The probe of models of `config` zipped into a model of `merged`, on `probe`'s tokens.
+    pub fn new(config: &'p LlamaConfig, merged: &'p LlamaConfig, probe: &'p Sample) -> Self {
+        LlamaProbe {
+            config,
+            merged,
+            probe,
+        }
+    }
+}
+
+impl permute::zip::Probe for LlamaProbe<'_> {
+    fn inputs(
+        &mut self,
+        source: permute::zip::Source,
+        sd: &StateDict,
+        weight: &str,
+    ) -> Result<ndarray::Array2<f64>, permute::zip::ProbeError> {
+        use crate::studies::lmc_llama::{probe_tokens, to_array};
+        use weights::llama::names;
+        let c = match source {
+            permute::zip::Source::Merged => self.merged,
+            _ => self.config,
+        };
+        let (l, part) = (0..c.num_hidden_layers)
+            .find_map(|l| {
+                names::PROJS
+                    .iter()
+                    .find(|p| names::weight(l, p) == weight)
+                    .map(|p| (l, *p))
+            })
+            .ok_or_else(|| format!("'{weight}' is not a projection of the LLaMA"))?;
+        let model = cpu_model(c, sd)?;
+        let x = model
+            .linear_inputs(probe_tokens(self.probe))
+            .into_iter()
+            .nth(l)
+            .expect("one input set per block");
+        let t = match part {
+            names::Q_PROJ | names::K_PROJ | names::V_PROJ => x.attn,
+            names::O_PROJ => x.o_proj,
+            names::GATE_PROJ | names::UP_PROJ => x.mlp,
+            _ => x
+                .down_proj
+                .ok_or_else(|| format!("block {l} has no dense FFN"))?,
+        };
+        Ok(to_array(t).mapv(f64::from))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lm::{VOCAB, held_out};
+
+    fn probe_text() -> Sample {
+        // Every byte value, so that the inputs span the embedding's rows.
+        let text: Vec<u8> = (0..4000u32).map(|i| (i * 37 % 127) as u8).collect();
+        held_out(1, 5, |r| Sample::text(&text, 4, 32, r))
+            .pop()
+            .unwrap()
+    }
+
+    /// Least squares of a decoder with itself merged whole finds the decoder
+    /// again (every target is its own output on its own inputs); with a
+    /// different decoder, the first solve (q/k/v of block 0, whose input the
+    /// zip and the solve share) fits the zipped targets better than the zip.
+    #[test]
+    fn least_squares_of_a_llama_finds_itself_and_fits_better_than_the_zip() {
+        let c = LlamaConfig::tiny(VOCAB, 2 * HEAD_DIM, 2, 2, 2, 24);
+        let a = s2ft_core::model::random_state_dict(&c, 1);
+        let spec = permute::builders::llama(&c, &a).unwrap();
+        let probe = probe_text();
+        let sims: IndexMap<String, Vec<f64>> = spec
+            .groups
+            .iter()
+            .map(|g| (g.name.clone(), vec![1.0; g.blocks]))
+            .collect();
+        let mut solver = LeastSquares::new(&spec, &a, &a);
+        let m = merge(
+            &spec,
+            &c,
+            (&a, &a),
+            (&sims, &probe),
+            1.0,
+            (&mut solver, 1e-10),
+        )
+        .unwrap();
+        for (name, t) in a.iter() {
+            let got = m.least_squares.get(name).unwrap();
+            let d = (&t.data - &got.data)
+                .iter()
+                .fold(0f32, |x, v| x.max(v.abs()));
+            assert!(d < 2e-3, "{name}: {d}");
+        }
+        // Half the heads and channels merged with another decoder.
+        let b = s2ft_core::model::random_state_dict(&c, 2);
+        let mut solver = LeastSquares::new(&spec, &a, &b);
+        let m = merge(
+            &spec,
+            &c,
+            (&a, &b),
+            (&sims, &probe),
+            0.5,
+            (&mut solver, 1e-6),
+        )
+        .unwrap();
+        assert_eq!(m.config.intermediate_size, 36);
+        let q = weights::llama::names::weight(0, weights::llama::names::Q_PROJ);
+        let mut p = LlamaProbe::new(&c, &m.config, &probe);
+        use permute::zip::{Probe, Source};
+        let x = p.inputs(Source::Merged, &m.zipped, &q).unwrap();
+        let xa = p.inputs(Source::A, &a, &q).unwrap();
+        let xb = p.inputs(Source::B, &b, &q).unwrap();
+        let w = |sd: &StateDict| {
+            sd.get(&q)
+                .unwrap()
+                .data
+                .mapv(f64::from)
+                .into_dimensionality::<ndarray::Ix2>()
+                .unwrap()
+        };
+        let (za, zb) = (xa.dot(&w(&a).t()), xb.dot(&w(&b).t()));
+        // The merged pair is the query head of the merged kv head (one of
+        // the two, at ratio 0.5), then A's and B's kept apart.
+        assert_eq!(m.config.num_key_value_heads, 3);
+        let residual = |sd: &StateDict| {
+            let z = x.dot(&w(sd).t());
+            let mut r = 0.0;
+            for (u, col) in z.columns().into_iter().enumerate() {
+                // Units are [merged head | A's head | B's head] × HEAD_DIM.
+                let (h, off) = (u / HEAD_DIM, u % HEAD_DIM);
+                for (i, v) in col.iter().enumerate() {
+                    let t = match h {
+                        0 => 0.5 * (za[[i, off]] + zb[[i, off]]),
+                        1 => za[[i, HEAD_DIM + off]],
+                        _ => zb[[i, HEAD_DIM + off]],
+                    };
+                    r += (v - t).powi(2);
+                }
+            }
+            r
+        };
+        let (ls, zip) = (residual(&m.least_squares), residual(&m.zipped));
+        assert!(ls < 0.9 * zip, "least squares {ls} vs zip {zip}");
+    }
 }
