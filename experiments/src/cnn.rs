@@ -154,6 +154,104 @@ fn conv<B: Backend>(x: Tensor<B, 4>, w: &Param<Tensor<B, 4>>, stride: usize) -> 
 /// `[samples, channels]` (every pixel of every image a sample).
 type Tap<'t, B> = &'t mut dyn FnMut(Tensor<B, 2>);
 
+/// The input of one convolution or linear layer, for least squares: a
+/// convolution's as its im2col patches (`[n·h'·w', c·k·k]`, [`patches`]).
+pub struct LayerInput {
+    /// The layer's weight (`layer2.0.conv1.weight`, `fc.weight`, …).
+    pub weight: String,
+    /// Its inputs, one row per sample (per output pixel of a convolution).
+    pub x: ndarray::Array2<f32>,
+}
+
+/// Where a forward pass hands out its layers' inputs, when asked.
+pub struct Inputs<B: Backend> {
+    /// The inputs collected, in forward order; `None`: none asked.
+    pub collected: Option<Vec<LayerInput>>,
+    _backend: std::marker::PhantomData<B>,
+}
+
+impl<B: Backend> Inputs<B> {
+    /// Collects every layer's input (or none).
+    pub fn new(collect: bool) -> Self {
+        Inputs {
+            collected: collect.then(Vec::new),
+            _backend: std::marker::PhantomData,
+        }
+    }
+
+    /// Convolution `weight`'s input `x` (`[n, h, w, c]`), at `stride`.
+    fn conv(&mut self, weight: &str, x: &Tensor<B, 4>, w: &Param<Tensor<B, 4>>, stride: usize) {
+        if let Some(out) = &mut self.collected {
+            let dims = x.dims();
+            let v: Vec<f32> = x
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32");
+            let x = ndarray::Array4::from_shape_vec(dims, v).expect("shape");
+            out.push(LayerInput {
+                weight: weight.to_string(),
+                x: patches(&x, w.val().dims()[2], stride),
+            });
+        }
+    }
+
+    /// Linear layer `weight`'s input `x` (`[n, in]`).
+    fn dense(&mut self, weight: &str, x: &Tensor<B, 2>) {
+        if let Some(out) = &mut self.collected {
+            let [n, d] = x.dims();
+            let v: Vec<f32> = x
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .expect("f32");
+            out.push(LayerInput {
+                weight: weight.to_string(),
+                x: ndarray::Array2::from_shape_vec((n, d), v).expect("shape"),
+            });
+        }
+    }
+}
+
+/// The im2col patches of channels-last `x` (`[n, h, w, c]`) for a `k × k`
+/// "same"-padded convolution at `stride` (the positions [`conv`] keeps: every
+/// `stride`-th row and column): `[n·h'·w', c·k·k]`, columns in the
+/// `[c, kh, kw]` order of a PyTorch weight `[o, c, k, k]` flattened, so that
+/// `patches · W_flatᵀ` is the convolution.
+pub fn patches(x: &ndarray::Array4<f32>, k: usize, stride: usize) -> ndarray::Array2<f32> {
+    let (n, h, w, c) = x.dim();
+    let p = k / 2;
+    let rows: Vec<usize> = (0..h).step_by(stride).collect();
+    let cols: Vec<usize> = (0..w).step_by(stride).collect();
+    let mut out = ndarray::Array2::zeros((n * rows.len() * cols.len(), c * k * k));
+    let mut r = 0;
+    for img in 0..n {
+        for &i in &rows {
+            for &j in &cols {
+                let mut row = out.row_mut(r);
+                for di in 0..k {
+                    for dj in 0..k {
+                        let (y, xx) = (
+                            (i + di) as isize - p as isize,
+                            (j + dj) as isize - p as isize,
+                        );
+                        if y < 0 || xx < 0 || y >= h as isize || xx >= w as isize {
+                            continue;
+                        }
+                        for ch in 0..c {
+                            row[ch * k * k + di * k + dj] = x[[img, y as usize, xx as usize, ch]];
+                        }
+                    }
+                }
+                r += 1;
+            }
+        }
+    }
+    out
+}
+
 /// `[n, h, w, c]` → `[n·h·w, c]`, for a tap.
 fn pixels<B: Backend>(x: &Tensor<B, 4>) -> Tensor<B, 2> {
     let [n, h, w, c] = x.dims();
@@ -161,14 +259,25 @@ fn pixels<B: Backend>(x: &Tensor<B, 4>) -> Tensor<B, 2> {
 }
 
 impl<B: Backend> BasicBlock<B> {
-    /// The block, with its norms' outputs (bn1, bn2, then the shortcut's) to `tap`.
-    fn forward(&self, x: Tensor<B, 4>, tap: Tap<'_, B>) -> Tensor<B, 4> {
+    /// Block `p` (`layerS.0`), with its norms' outputs (bn1, bn2, then the
+    /// shortcut's) to `tap` and its convolutions' inputs to `inputs`.
+    fn forward(
+        &self,
+        x: Tensor<B, 4>,
+        tap: Tap<'_, B>,
+        inputs: &mut Inputs<B>,
+        p: &str,
+    ) -> Tensor<B, 4> {
+        inputs.conv(&format!("{p}.conv1.weight"), &x, &self.conv1, self.stride);
         let h = self.bn1.forward(conv(x.clone(), &self.conv1, self.stride));
         tap(pixels(&h));
-        let h = self.bn2.forward(conv(relu(h), &self.conv2, 1));
+        let h = relu(h);
+        inputs.conv(&format!("{p}.conv2.weight"), &h, &self.conv2, 1);
+        let h = self.bn2.forward(conv(h, &self.conv2, 1));
         tap(pixels(&h));
         let short = match (&self.down_conv, &self.down_norm) {
             (Some(c), Some(n)) => {
+                inputs.conv(&format!("{p}.downsample.0.weight"), &x, c, self.stride);
                 let s = n.forward(conv(x, c, self.stride));
                 tap(pixels(&s));
                 s
@@ -328,19 +437,37 @@ impl<B: Backend> ResNet<B> {
     /// Logits, with every channel norm's output (as `[n·h·w, channels]`)
     /// handed to `tap` in the order of [`ResNet::norm_prefixes`].
     pub fn forward_tapped(&self, x: Tensor<B, 2>, tap: Tap<'_, B>) -> Tensor<B, 2> {
+        self.forward_with(x, tap, &mut Inputs::new(false))
+    }
+
+    /// Every convolution's and the classifier's input on `x`, in forward order.
+    pub fn layer_inputs(&self, x: Tensor<B, 2>) -> Vec<LayerInput> {
+        let mut inputs = Inputs::new(true);
+        self.forward_with(x, &mut |_| {}, &mut inputs);
+        inputs.collected.unwrap_or_default()
+    }
+
+    fn forward_with(
+        &self,
+        x: Tensor<B, 2>,
+        tap: Tap<'_, B>,
+        inputs: &mut Inputs<B>,
+    ) -> Tensor<B, 2> {
         let [n, d] = x.dims();
         let cin = self.conv1.val().dims()[1];
         let side = ((d / cin) as f64).sqrt() as usize;
         // Rows are channel-major (PyTorch's NCHW flattened) → channels-last.
         let x = x.reshape([n, cin, side, side]).permute([0, 2, 3, 1]);
+        inputs.conv("conv1.weight", &x, &self.conv1, 1);
         let stem = self.bn1.forward(conv(x, &self.conv1, 1));
         tap(pixels(&stem));
         let mut h = relu(stem);
-        for b in &self.blocks {
-            h = b.forward(h, tap);
+        for (s, b) in self.blocks.iter().enumerate() {
+            h = b.forward(h, tap, inputs, &format!("layer{}.0", s + 1));
         }
         let [n, hh, ww, c] = h.dims();
         let pooled = h.reshape([n, hh * ww, c]).mean_dim(1).reshape([n, c]);
+        inputs.dense("fc.weight", &pooled);
         pooled.matmul(self.fc_weight.val().transpose()) + self.fc_bias.val().unsqueeze()
     }
 
@@ -713,12 +840,29 @@ impl<B: Backend> Vgg<B> {
     /// `[n·h·w, channels]`) and hidden classifier layer handed to `tap` in
     /// the order of [`Vgg::layer_prefixes`].
     pub fn forward_tapped(&self, x: Tensor<B, 2>, tap: Tap<'_, B>) -> Tensor<B, 2> {
+        self.forward_with(x, tap, &mut Inputs::new(false))
+    }
+
+    /// Every convolution's and classifier layer's input on `x`, in forward order.
+    pub fn layer_inputs(&self, x: Tensor<B, 2>) -> Vec<LayerInput> {
+        let mut inputs = Inputs::new(true);
+        self.forward_with(x, &mut |_| {}, &mut inputs);
+        inputs.collected.unwrap_or_default()
+    }
+
+    fn forward_with(
+        &self,
+        x: Tensor<B, 2>,
+        tap: Tap<'_, B>,
+        inputs: &mut Inputs<B>,
+    ) -> Tensor<B, 2> {
         let [n, d] = x.dims();
         let cin = self.conv_weights[0].val().dims()[1];
         let side = ((d / cin) as f64).sqrt() as usize;
         let mut h = x.reshape([n, cin, side, side]).permute([0, 2, 3, 1]);
         let last = self.conv_weights.len() - 1;
         for (i, (w, b)) in self.conv_weights.iter().zip(&self.conv_biases).enumerate() {
+            inputs.conv(&format!("features.{}.weight", 3 * i), &h, w, 1);
             let o = w.val().dims()[0];
             let pre = conv(h, w, 1) + b.val().reshape([1, 1, 1, o]);
             tap(pixels(&pre));
@@ -737,6 +881,7 @@ impl<B: Backend> Vgg<B> {
         let mut x = h.permute([0, 3, 1, 2]).reshape([n, c * hh * ww]);
         let last = self.fc_weights.len() - 1;
         for (j, (w, b)) in self.fc_weights.iter().zip(&self.fc_biases).enumerate() {
+            inputs.dense(&format!("classifier.{}.weight", 2 * j), &x);
             x = x.matmul(w.val().transpose()) + b.val().unsqueeze::<2>();
             if j < last {
                 tap(x.clone());
@@ -891,6 +1036,38 @@ mod tests {
             (y[0] - (-2.0 * s + 0.5)).abs() < 1e-6 && (y[1] - (s - 1.0)).abs() < 1e-6,
             "{y:?}"
         );
+    }
+
+    /// The patches the least squares reads, times the flattened weight, are
+    /// the convolution (every kernel size, stride and odd side the nets use).
+    #[test]
+    fn patches_times_the_flat_weight_are_the_convolution() {
+        let device = Default::default();
+        let mut rng = spectra::rng::Rng::new(4);
+        for (k, stride, side) in [(3, 1, 6), (3, 2, 6), (1, 2, 6), (3, 2, 7), (1, 1, 5)] {
+            let xv: Vec<f32> = (0..2 * side * side * 3)
+                .map(|_| rng.normal() as f32)
+                .collect();
+            let wv: Vec<f32> = (0..4 * 3 * k * k).map(|_| rng.normal() as f32).collect();
+            let x =
+                Tensor::<C, 4>::from_data(TensorData::new(xv.clone(), [2, side, side, 3]), &device);
+            let w = Param::from_tensor(Tensor::<C, 4>::from_data(
+                TensorData::new(wv.clone(), [4, 3, k, k]),
+                &device,
+            ));
+            let want: Vec<f32> = conv(x, &w, stride)
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .unwrap();
+            let xa = ndarray::Array4::from_shape_vec((2, side, side, 3), xv).unwrap();
+            let wf = ndarray::Array2::from_shape_vec((4, 3 * k * k), wv).unwrap();
+            let got = patches(&xa, k, stride).dot(&wf.t());
+            let got: Vec<f32> = got.iter().copied().collect();
+            assert_eq!(got.len(), want.len(), "k {k} stride {stride} side {side}");
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-4, "k {k} stride {stride} side {side}: {diff}");
+        }
     }
 
     #[test]

@@ -1911,7 +1911,18 @@ fn pleas_study_zips_two_vggs_between_their_average_and_their_ensemble() {
                 let d = (z[k].as_f64().unwrap() - e[k].as_f64().unwrap()).abs();
                 assert!(d < 1e-4, "{k}: {z} vs {e}");
             }
+            // The ensemble is a least-squares solution too: the solves keep it
+            // (up to the small ridge).
+            let ls = r["least_squares"]["joint_loss"].as_f64().unwrap();
+            let d = (ls - e["joint_loss"].as_f64().unwrap()).abs();
+            assert!(d < 1e-2, "{r}");
         }
+        assert!(
+            r["least_squares"]["joint_loss"]
+                .as_f64()
+                .unwrap()
+                .is_finite()
+        );
     }
     assert!(m["matching_l2"]["wm"].as_f64().unwrap() < m["matching_l2"]["none"].as_f64().unwrap());
 }

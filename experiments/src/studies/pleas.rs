@@ -95,9 +95,9 @@ pub struct PleasArgs {
     pub quick: bool,
     /// The networks: MLPs, ResNets or VGG-style CNNs on digit subsets (the
     /// CNNs take --width, --epochs, --head, --ratios, --allocation,
-    /// --matchings none,wm, --split, --seed), or LLaMA decoders on two texts
-    /// (which take --width, --depth, --steps, --ratios, --matchings, --seed
-    /// and --data-dir as the text folder).
+    /// --matchings none,wm, --split, --samples, --ridge, --seed), or LLaMA
+    /// decoders on two texts (which take --width, --depth, --steps, --ratios,
+    /// --matchings, --ridge, --seed and --data-dir as the text folder).
     #[arg(long, value_enum, default_value_t = PleasArch::Mlp)]
     pub arch: PleasArch,
     /// Training steps of each LLaMA (--arch llama; default 1500, quick 150).
@@ -133,7 +133,8 @@ pub struct PleasArgs {
     pub matchings: Vec<Matching>,
     /// Unlabelled training samples (both tasks) for activation matching, the
     /// partial-matching correlations and the least-squares solves (default
-    /// 2000; 500 with `--quick`).
+    /// 2000; 500 with `--quick`; the CNNs' least squares: 256 images, 128
+    /// with `--quick`).
     #[arg(long)]
     pub samples: Option<usize>,
     /// Ridge of the least-squares solves, relative to the mean squared input

@@ -12,8 +12,10 @@
 //! so ratio 0 is exactly the ensemble; a ResNet's channel LayerNorm
 //! normalises over the whole widened stream, mixing A's and B's channels, so
 //! its ratio 0 is *not* the ensemble (the `pleas` MLP and LLaMA studies, and
-//! `permute`'s tests on BatchNorm ResNets, show the exact case). No
-//! per-layer least squares here (the MLP study solves it).
+//! `permute`'s tests on BatchNorm ResNets, show the exact case). Each zip is
+//! then refined by PLeaS's per-layer least squares of every convolution and
+//! classifier layer ([`permute::zip::least_squares`] with [`CnnProbe`]'s
+//! im2col patches) on unlabelled training images (`--samples`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -21,7 +23,10 @@ use std::time::Instant;
 use anyhow::ensure;
 use indexmap::IndexMap;
 use ndarray::Array2;
-use permute::zip::{ZipOptions, plan_groups, zip};
+use permute::zip::{
+    GroupPlan, LeastSquares, LeastSquaresOptions, Probe, ProbeError, Source, ZipOptions,
+    plan_groups, zip,
+};
 use permute::{MatchOptions, PermutationSpec, apply, weight_matching};
 use serde::Serialize;
 use weights::StateDict;
@@ -45,6 +50,10 @@ pub struct Sizes {
     pub train_images: usize,
     /// Test images scored (likewise).
     pub test_images: usize,
+    /// Unlabelled training images (both tasks) of the least-squares solves.
+    pub samples: usize,
+    /// Relative ridge of the least-squares solves.
+    pub ridge: f64,
 }
 
 /// One merged model.
@@ -58,8 +67,12 @@ pub struct Row {
     pub width: f64,
     /// Parameters ÷ one model's.
     pub params_ratio: f64,
-    /// Its scores on the test images.
+    /// The zip's scores on the test images (merged pairs averaged).
     pub scores: Scores,
+    /// The scores after PLeaS's per-layer least squares.
+    pub least_squares: Scores,
+    /// Seconds of the least-squares solves (with their forward passes).
+    pub least_squares_seconds: f64,
 }
 
 /// What `metrics.json` holds.
@@ -100,10 +113,6 @@ fn check(args: &PleasArgs) -> anyhow::Result<(Arch, Sizes)> {
         "--depth applies to the MLP; --arch {name} has a fixed depth"
     );
     ensure!(
-        args.samples.is_none(),
-        "--samples sizes the MLP's activation matching and least squares; --arch {name} has neither"
-    );
-    ensure!(
         !args.matchings.contains(&Matching::Am),
         "--matchings am: activation matching is implemented for --arch mlp and llama; use none,wm with --arch {name}"
     );
@@ -121,20 +130,23 @@ fn check(args: &PleasArgs) -> anyhow::Result<(Arch, Sizes)> {
         CLASSES - 1
     );
     // The CNNs' CPU steps cost ~100× the MLP's: quick sizes are small.
-    let (width, epochs, train_images, test_images) = if args.quick {
-        (4, 2, 1000, 200)
+    let (width, epochs, train_images, test_images, samples) = if args.quick {
+        (4, 2, 1000, 200, 128)
     } else {
-        (8, 3, usize::MAX, 2000)
+        (8, 3, usize::MAX, 2000, 256)
     };
+    crate::studies::pleas::check_ridge(args.ridge)?;
     let sizes = Sizes {
         width: args.width.unwrap_or(width),
         epochs: args.epochs.unwrap_or(epochs),
         train_images,
         test_images,
+        samples: args.samples.unwrap_or(samples),
+        ridge: args.ridge,
     };
     ensure!(
-        sizes.width > 0 && sizes.epochs > 0,
-        "--width and --epochs must be positive"
+        sizes.width > 0 && sizes.epochs > 0 && sizes.samples > 0,
+        "--width, --epochs and --samples must be positive"
     );
     Ok((arch, sizes))
 }
@@ -249,6 +261,9 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         dir.display()
     );
     let [a, b] = train(arch, args, &z, [&tasks[0], &tasks[1]], &mut run)?;
+    // The least-squares samples: the first training images (both tasks, unlabelled).
+    z.samples = z.samples.min(train_set.y.len());
+    let probe = train_set.x.slice(ndarray::s![..z.samples, ..]).to_owned();
     let head = head_of(args);
     let (la, lb) = (logits(arch, &a, &test.x)?, logits(arch, &b, &test.x)?);
     let mut m = Metrics {
@@ -272,7 +287,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
             &spec,
             (&a, &b),
             args,
-            &test,
+            (&test, &probe),
             &mut m,
             &mut run,
         )?;
@@ -290,7 +305,7 @@ fn merges(
     spec: &PermutationSpec,
     (a, b): (&StateDict, &StateDict),
     args: &PleasArgs,
-    test: &Split,
+    (test, probe): (&Split, &Array2<f32>),
     m: &mut Metrics,
     run: &mut Run,
 ) -> anyhow::Result<()> {
@@ -320,16 +335,33 @@ fn merges(
     let bp = apply(spec, &perm, b)?;
     m.matching_l2
         .insert(matching.name(), permute::matching::l2_distance(a, &bp));
+    let mut solver = LeastSquares::new(spec, a, &bp);
+    let mut cnn_probe = CnnProbe { arch, x: probe };
+    let steps = least_squares_steps(arch, a, probe)?;
     for &ratio in &args.ratios {
         let merged = run.phase(&format!("zip {} {ratio}", matching.name()), || {
             merge(spec, (a, &bp), ratio, args, &opts)
         })?;
+        let t = Instant::now();
+        let ls = run.phase(
+            &format!("least squares {} {ratio}", matching.name()),
+            || {
+                let o = LeastSquaresOptions {
+                    steps: steps.clone(),
+                    ridge: args.ridge,
+                };
+                solver.merge(&merged.2, &opts, &o, &mut cnn_probe)
+            },
+        )?;
+        let least_squares_seconds = t.elapsed().as_secs_f64();
         m.merges.push(Row {
             matching: matching.name(),
             ratio,
             width: merged.1,
             params_ratio: merged.0.numel() as f64 / a.numel() as f64,
             scores: score(&merged.0)?,
+            least_squares: score(&ls)?,
+            least_squares_seconds,
         });
         run.partial(&serde_json::to_value(&*m)?)?;
     }
@@ -337,14 +369,14 @@ fn merges(
 }
 
 /// A and the aligned B zipped at `ratio` (the most alike channel pairs of
-/// each group merged), and the merged channels ÷ one model's.
+/// each group merged), the merged channels ÷ one model's, and the plan.
 fn merge(
     spec: &PermutationSpec,
     (a, bp): (&StateDict, &StateDict),
     ratio: f64,
     args: &PleasArgs,
     opts: &ZipOptions,
-) -> anyhow::Result<(StateDict, f64)> {
+) -> anyhow::Result<(StateDict, f64, IndexMap<String, GroupPlan>)> {
     let sims = permute::many::pair_similarities(spec, &spec.identity(), a, bp)?;
     let units: Vec<(String, Vec<usize>, Vec<f64>)> = spec
         .groups
@@ -363,24 +395,91 @@ fn merge(
         .values()
         .map(|p| (p.width(), p.source_width()))
         .fold((0, 0), |(x, y), (p, q)| (x + p, y + q));
-    Ok((z, wide as f64 / one.max(1) as f64))
+    Ok((z, wide as f64 / one.max(1) as f64, plan))
+}
+
+/// The [`Probe`] of an image CNN on images `x`: every convolution's im2col
+/// patches and the classifier layers' inputs from a CPU forward pass
+/// ([`crate::cnn::ResNet::layer_inputs`], [`crate::cnn::Vgg::layer_inputs`]).
+pub struct CnnProbe<'x> {
+    /// The network.
+    pub arch: Arch,
+    /// Images as rows.
+    pub x: &'x Array2<f32>,
+}
+
+impl CnnProbe<'_> {
+    /// Every layer's input on the images, in forward order.
+    fn layer_inputs(&self, sd: &StateDict) -> anyhow::Result<Vec<crate::cnn::LayerInput>> {
+        use crate::cnn::{ResNet, Vgg};
+        type Cpu = s2ft_core::Cpu;
+        let dev = Default::default();
+        let x = crate::mlp::batch::<Cpu>(self.x, &dev);
+        Ok(match self.arch {
+            Arch::Resnet => ResNet::<Cpu>::from_state_dict(sd, &dev)?.layer_inputs(x),
+            _ => {
+                let v = Vgg::<Cpu>::from_state_dict(sd, &dev)?;
+                v.check_input(self.x.ncols())?;
+                v.layer_inputs(x)
+            }
+        })
+    }
+}
+
+impl Probe for CnnProbe<'_> {
+    fn inputs(
+        &mut self,
+        _: Source,
+        sd: &StateDict,
+        weight: &str,
+    ) -> Result<Array2<f64>, ProbeError> {
+        let found = self
+            .layer_inputs(sd)?
+            .into_iter()
+            .find(|l| l.weight == weight)
+            .ok_or_else(|| {
+                format!(
+                    "'{weight}' is not a convolution or classifier layer of the {}",
+                    self.arch.name()
+                )
+            })?;
+        Ok(found.x.mapv(f64::from))
+    }
+}
+
+/// The least-squares steps of a CNN: every convolution and classifier layer,
+/// one at a time, in the order a forward pass of `sd` on one image reaches them.
+pub fn least_squares_steps(
+    arch: Arch,
+    sd: &StateDict,
+    x: &Array2<f32>,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let one = x.slice(ndarray::s![..1, ..]).to_owned();
+    let probe = CnnProbe { arch, x: &one };
+    Ok(probe
+        .layer_inputs(sd)?
+        .into_iter()
+        .map(|l| vec![l.weight])
+        .collect())
 }
 
 fn plot(run: &Run, m: &Metrics, args: &PleasArgs) -> anyhow::Result<()> {
-    let mut series: Vec<Series> = args
-        .matchings()
-        .iter()
-        .map(|mt| {
+    let mut series = Vec::new();
+    for mt in args.matchings() {
+        for (method, pick) in [
+            ("zip", (|r: &Row| r.scores.joint_acc) as fn(&Row) -> f64),
+            ("least squares", |r: &Row| r.least_squares.joint_acc),
+        ] {
             let mut pts: Vec<(f64, f64)> = m
                 .merges
                 .iter()
                 .filter(|r| r.matching == mt.name())
-                .map(|r| (r.width, r.scores.joint_acc))
+                .map(|r| (r.width, pick(r)))
                 .collect();
             pts.sort_by(|x, y| x.0.total_cmp(&y.0));
-            Series::line(mt.name(), pts)
-        })
-        .collect();
+            series.push(Series::line(format!("{} {method}", mt.name()), pts));
+        }
+    }
     let s = &m.models;
     series.push(Series::dots(
         "A, B alone",
@@ -407,7 +506,9 @@ fn report(m: &Metrics, args: &PleasArgs, tasks: [&Split; 2]) -> String {
         "# Partial merging of two {what} (ZipIt!/PLeaS zip)\n\n\
          Width {}; model A trained on labels 0–{} ({} images), model B on {}–9 ({} images), {} epoch(s) each; \
          scored on {} test images. In every group the most alike fraction `ratio` of channel pairs (after aligning B) \
-         is merged, the rest kept side by side (allocation {}); no least squares.\n\n\
+         is merged, the rest kept side by side (allocation {}). *zip* averages each merged pair; *least squares* (PLeaS) then \
+         solves every convolution and classifier layer in turn, so that fed the merged model's own inputs it reproduces the zip of \
+         both models' outputs on {} unlabelled training images (ridge {}).\n\n\
          | model | joint acc | task A acc | task B acc | joint loss |\n|---|---|---|---|---|\n",
         z.width,
         args.split - 1,
@@ -416,7 +517,9 @@ fn report(m: &Metrics, args: &PleasArgs, tasks: [&Split; 2]) -> String {
         tasks[1].y.len(),
         z.epochs,
         z.test_images,
-        m.allocation
+        m.allocation,
+        z.samples,
+        z.ridge
     );
     for (name, s) in [
         ("A", &m.models.a),
@@ -428,11 +531,11 @@ fn report(m: &Metrics, args: &PleasArgs, tasks: [&Split; 2]) -> String {
             s.joint_acc, s.task_a_acc, s.task_b_acc, s.joint_loss
         ));
     }
-    md.push_str("\n| matching | ratio | width | params ÷ one model | joint acc | task A acc | task B acc | joint loss |\n|---|---|---|---|---|---|---|---|\n");
+    md.push_str("\n| matching | ratio | width | params ÷ one model | zip: joint acc | zip: task A / B acc | zip: joint loss | LS: joint acc | LS: task A / B acc | LS: joint loss | LS seconds |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in &m.merges {
-        let s = &r.scores;
+        let (s, l) = (&r.scores, &r.least_squares);
         md.push_str(&format!(
-            "| {} | {} | {:.2} | {:.2} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+            "| {} | {} | {:.2} | {:.2} | {:.3} | {:.3} / {:.3} | {:.3} | {:.3} | {:.3} / {:.3} | {:.3} | {:.1} |\n",
             r.matching,
             r.ratio,
             r.width,
@@ -440,7 +543,12 @@ fn report(m: &Metrics, args: &PleasArgs, tasks: [&Split; 2]) -> String {
             s.joint_acc,
             s.task_a_acc,
             s.task_b_acc,
-            s.joint_loss
+            s.joint_loss,
+            l.joint_acc,
+            l.task_a_acc,
+            l.task_b_acc,
+            l.joint_loss,
+            r.least_squares_seconds
         ));
     }
     if m.arch == "resnet" {
@@ -472,6 +580,69 @@ mod tests {
     /// LayerNorm mixes the two models, so its ratio-0 logits are not; every
     /// partial merge loads (stream and block-internal groups widened by
     /// different amounts) and gives finite logits.
+    /// Least squares through the CNN probe: a network merged whole with
+    /// itself is found again (its convolutions solved from their im2col
+    /// patches, stride-2 ones included, give its logits back), and the
+    /// VGG's ratio 0, which the zip makes its ensemble exactly, stays it.
+    #[test]
+    fn least_squares_finds_a_cnn_again_and_keeps_the_vgg_ensemble() {
+        let x = images(40, 3);
+        for arch in [Arch::Vgg, Arch::Resnet] {
+            let (a, b) = match arch {
+                Arch::Vgg => {
+                    let s = crate::studies::lmc::vgg_shape(4, 28, 16);
+                    (
+                        crate::cnn::init_vgg(&s, 1).unwrap(),
+                        crate::cnn::init_vgg(&s, 2).unwrap(),
+                    )
+                }
+                _ => (
+                    crate::cnn::init_state_dict(1, 4, CLASSES, 1),
+                    crate::cnn::init_state_dict(1, 4, CLASSES, 2),
+                ),
+            };
+            let spec = arch.spec(&a).unwrap();
+            let steps = least_squares_steps(arch, &a, &x).unwrap();
+            let convs = steps
+                .iter()
+                .filter(|s| a.get(&s[0]).unwrap().shape().len() == 4)
+                .count();
+            assert!(convs >= 3 && steps.len() > convs, "{arch:?}: {steps:?}");
+            let args = PleasArgs::default();
+            let opts = head_mix(arch, &a, Head::Average).unwrap();
+            let o = LeastSquaresOptions {
+                steps: steps.clone(),
+                ridge: 1e-12,
+            };
+            let mut probe = CnnProbe { arch, x: &x };
+            let (_, _, plan) = merge(&spec, (&a, &a), 1.0, &args, &opts).unwrap();
+            let got = LeastSquares::new(&spec, &a, &a)
+                .merge(&plan, &opts, &o, &mut probe)
+                .unwrap();
+            // Channels a ReLU leaves dead on these images leave the weights
+            // free there: compare functions, and the stem's weights, whose
+            // patches (raw pixels) have full rank.
+            let la = logits(arch, &a, &x).unwrap();
+            let d = max_abs(&(logits(arch, &got, &x).unwrap() - &la));
+            assert!(d < 1e-3 * max_abs(&la).max(1.0), "{arch:?}: {d}");
+            let (t, g) = (a.get(&steps[0][0]).unwrap(), got.get(&steps[0][0]).unwrap());
+            let d = (&t.data - &g.data).iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(d < 1e-3, "{arch:?} {}: {d}", steps[0][0]);
+            if arch == Arch::Vgg {
+                let head = Head::Split(5);
+                let task = head_mix(arch, &a, head).unwrap();
+                let (la, lb) = (logits(arch, &a, &x).unwrap(), logits(arch, &b, &x).unwrap());
+                let ensemble = head.combine(&la, &lb).unwrap();
+                let (_, _, plan) = merge(&spec, (&a, &b), 0.0, &args, &task).unwrap();
+                let z = LeastSquares::new(&spec, &a, &b)
+                    .merge(&plan, &task, &o, &mut probe)
+                    .unwrap();
+                let d = max_abs(&(logits(arch, &z, &x).unwrap() - &ensemble));
+                assert!(d < 1e-3 * max_abs(&ensemble).max(1.0), "VGG ratio 0: {d}");
+            }
+        }
+    }
+
     #[test]
     fn zip_spans_the_aligned_average_and_for_the_vgg_the_ensemble() {
         let x = images(16, 1);
@@ -494,7 +665,7 @@ mod tests {
             let bp = apply(&spec, &wm.perm, &b).unwrap();
             let args = PleasArgs::default();
             let avg = head_mix(arch, &a, Head::Average).unwrap();
-            let (z, width) = merge(&spec, (&a, &bp), 1.0, &args, &avg).unwrap();
+            let (z, width, _) = merge(&spec, (&a, &bp), 1.0, &args, &avg).unwrap();
             assert_eq!(width, 1.0);
             let mean = permute::many::mean(&[a.clone(), bp.clone()]).unwrap();
             for (name, t) in mean.iter() {
@@ -507,7 +678,7 @@ mod tests {
             let task = head_mix(arch, &a, head).unwrap();
             let (la, lb) = (logits(arch, &a, &x).unwrap(), logits(arch, &b, &x).unwrap());
             let ensemble = head.combine(&la, &lb).unwrap();
-            let (z, width) = merge(&spec, (&a, &bp), 0.0, &args, &task).unwrap();
+            let (z, width, _) = merge(&spec, (&a, &bp), 0.0, &args, &task).unwrap();
             assert_eq!(width, 2.0);
             let d = max_abs(&(logits(arch, &z, &x).unwrap() - &ensemble));
             let scale = max_abs(&ensemble);
@@ -515,7 +686,7 @@ mod tests {
                 Arch::Vgg => assert!(d < 1e-4 * scale.max(1.0), "VGG ratio 0: {d}"),
                 _ => assert!(d > 1e-3 * scale, "ResNet ratio 0 equals the ensemble: {d}"),
             }
-            let (z, width) = merge(&spec, (&a, &bp), 0.5, &args, &task).unwrap();
+            let (z, width, _) = merge(&spec, (&a, &bp), 0.5, &args, &task).unwrap();
             assert!(width > 1.0 && width < 2.0, "{width}");
             assert!(logits(arch, &z, &x).unwrap().iter().all(|v| v.is_finite()));
         }
@@ -553,10 +724,17 @@ mod tests {
             ),
             (
                 PleasArgs {
-                    samples: Some(100),
+                    samples: Some(0),
                     ..base.clone()
                 },
                 "--samples",
+            ),
+            (
+                PleasArgs {
+                    ridge: f64::NAN,
+                    ..base.clone()
+                },
+                "--ridge",
             ),
             (
                 PleasArgs {
