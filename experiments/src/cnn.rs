@@ -215,6 +215,52 @@ impl<B: Backend> Inputs<B> {
     }
 }
 
+/// An image network whose forward pass hands out what REPAIR and least
+/// squares read ([`ResNet`], [`Vgg`]).
+pub trait Tapped<B: Backend> {
+    /// Logits, with the tapped outputs to `tap` and the layers' inputs to `inputs`.
+    fn forward_with(
+        &self,
+        x: Tensor<B, 2>,
+        tap: Tap<'_, B>,
+        inputs: &mut Inputs<B>,
+    ) -> Tensor<B, 2>;
+
+    /// Logits, with the tapped outputs to `tap`.
+    fn forward_tapped(&self, x: Tensor<B, 2>, tap: Tap<'_, B>) -> Tensor<B, 2> {
+        self.forward_with(x, tap, &mut Inputs::new(false))
+    }
+
+    /// Every convolution's and classifier layer's input on `x`, in forward order.
+    fn layer_inputs(&self, x: Tensor<B, 2>) -> Vec<LayerInput> {
+        let mut inputs = Inputs::new(true);
+        self.forward_with(x, &mut |_| {}, &mut inputs);
+        inputs.collected.unwrap_or_default()
+    }
+}
+
+impl<B: Backend> Tapped<B> for ResNet<B> {
+    fn forward_with(
+        &self,
+        x: Tensor<B, 2>,
+        tap: Tap<'_, B>,
+        inputs: &mut Inputs<B>,
+    ) -> Tensor<B, 2> {
+        ResNet::forward_with(self, x, tap, inputs)
+    }
+}
+
+impl<B: Backend> Tapped<B> for Vgg<B> {
+    fn forward_with(
+        &self,
+        x: Tensor<B, 2>,
+        tap: Tap<'_, B>,
+        inputs: &mut Inputs<B>,
+    ) -> Tensor<B, 2> {
+        Vgg::forward_with(self, x, tap, inputs)
+    }
+}
+
 /// The im2col patches of channels-last `x` (`[n, h, w, c]`) for a `k × k`
 /// "same"-padded convolution at `stride` (the positions [`conv`] keeps: every
 /// `stride`-th row and column): `[n·h'·w', c·k·k]`, columns in the
@@ -435,19 +481,9 @@ impl<B: Backend> ResNet<B> {
     }
 
     /// Logits, with every channel norm's output (as `[n·h·w, channels]`)
-    /// handed to `tap` in the order of [`ResNet::norm_prefixes`].
-    pub fn forward_tapped(&self, x: Tensor<B, 2>, tap: Tap<'_, B>) -> Tensor<B, 2> {
-        self.forward_with(x, tap, &mut Inputs::new(false))
-    }
-
-    /// Every convolution's and the classifier's input on `x`, in forward order.
-    pub fn layer_inputs(&self, x: Tensor<B, 2>) -> Vec<LayerInput> {
-        let mut inputs = Inputs::new(true);
-        self.forward_with(x, &mut |_| {}, &mut inputs);
-        inputs.collected.unwrap_or_default()
-    }
-
-    fn forward_with(
+    /// handed to `tap` in the order of [`ResNet::norm_prefixes`], and every
+    /// convolution's and the classifier's input to `inputs`.
+    pub fn forward_with(
         &self,
         x: Tensor<B, 2>,
         tap: Tap<'_, B>,
@@ -838,19 +874,9 @@ impl<B: Backend> Vgg<B> {
 
     /// Logits, with the pre-activations of every convolution (as
     /// `[n·h·w, channels]`) and hidden classifier layer handed to `tap` in
-    /// the order of [`Vgg::layer_prefixes`].
-    pub fn forward_tapped(&self, x: Tensor<B, 2>, tap: Tap<'_, B>) -> Tensor<B, 2> {
-        self.forward_with(x, tap, &mut Inputs::new(false))
-    }
-
-    /// Every convolution's and classifier layer's input on `x`, in forward order.
-    pub fn layer_inputs(&self, x: Tensor<B, 2>) -> Vec<LayerInput> {
-        let mut inputs = Inputs::new(true);
-        self.forward_with(x, &mut |_| {}, &mut inputs);
-        inputs.collected.unwrap_or_default()
-    }
-
-    fn forward_with(
+    /// the order of [`Vgg::layer_prefixes`], and every convolution's and
+    /// classifier layer's input to `inputs`.
+    pub fn forward_with(
         &self,
         x: Tensor<B, 2>,
         tap: Tap<'_, B>,

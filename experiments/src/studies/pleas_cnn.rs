@@ -411,7 +411,7 @@ pub struct CnnProbe<'x> {
 impl CnnProbe<'_> {
     /// Every layer's input on the images, in forward order.
     fn layer_inputs(&self, sd: &StateDict) -> anyhow::Result<Vec<crate::cnn::LayerInput>> {
-        use crate::cnn::{ResNet, Vgg};
+        use crate::cnn::{ResNet, Tapped, Vgg};
         type Cpu = s2ft_core::Cpu;
         let dev = Default::default();
         let x = crate::mlp::batch::<Cpu>(self.x, &dev);
@@ -569,17 +569,21 @@ mod tests {
         Array2::from_shape_fn((n, 784), |_| rng.uniform() as f32)
     }
 
+    /// A random width-4 network of `arch` for 28 × 28 images.
+    fn init(arch: Arch, seed: u64) -> StateDict {
+        match arch {
+            Arch::Vgg => {
+                let s = crate::studies::lmc::vgg_shape(4, 28, 16);
+                crate::cnn::init_vgg(&s, seed).unwrap()
+            }
+            _ => crate::cnn::init_state_dict(1, 4, CLASSES, seed),
+        }
+    }
+
     fn max_abs(x: &Array2<f32>) -> f32 {
         x.iter().fold(0f32, |m, v| m.max(v.abs()))
     }
 
-    /// The zip spans the ensemble and the aligned average on both CNNs: at
-    /// ratio 1 every tensor is the mean of A's and the aligned B's (head
-    /// averaged); at ratio 0 the VGG's logits are the ensemble's (each task's
-    /// classes from its own model), while the ResNet's widened channel
-    /// LayerNorm mixes the two models, so its ratio-0 logits are not; every
-    /// partial merge loads (stream and block-internal groups widened by
-    /// different amounts) and gives finite logits.
     /// Least squares through the CNN probe: a network merged whole with
     /// itself is found again (its convolutions solved from their im2col
     /// patches, stride-2 ones included, give its logits back), and the
@@ -588,19 +592,7 @@ mod tests {
     fn least_squares_finds_a_cnn_again_and_keeps_the_vgg_ensemble() {
         let x = images(40, 3);
         for arch in [Arch::Vgg, Arch::Resnet] {
-            let (a, b) = match arch {
-                Arch::Vgg => {
-                    let s = crate::studies::lmc::vgg_shape(4, 28, 16);
-                    (
-                        crate::cnn::init_vgg(&s, 1).unwrap(),
-                        crate::cnn::init_vgg(&s, 2).unwrap(),
-                    )
-                }
-                _ => (
-                    crate::cnn::init_state_dict(1, 4, CLASSES, 1),
-                    crate::cnn::init_state_dict(1, 4, CLASSES, 2),
-                ),
-            };
+            let (a, b) = (init(arch, 1), init(arch, 2));
             let spec = arch.spec(&a).unwrap();
             let steps = least_squares_steps(arch, &a, &x).unwrap();
             let convs = steps
@@ -643,23 +635,18 @@ mod tests {
         }
     }
 
+    /// The zip spans the ensemble and the aligned average on both CNNs: at
+    /// ratio 1 every tensor is the mean of A's and the aligned B's (head
+    /// averaged); at ratio 0 the VGG's logits are the ensemble's (each task's
+    /// classes from its own model), while the ResNet's widened channel
+    /// LayerNorm mixes the two models, so its ratio-0 logits are not; every
+    /// partial merge loads (stream and block-internal groups widened by
+    /// different amounts) and gives finite logits.
     #[test]
     fn zip_spans_the_aligned_average_and_for_the_vgg_the_ensemble() {
         let x = images(16, 1);
         for arch in [Arch::Vgg, Arch::Resnet] {
-            let (a, b) = match arch {
-                Arch::Vgg => {
-                    let s = crate::studies::lmc::vgg_shape(4, 28, 16);
-                    (
-                        crate::cnn::init_vgg(&s, 1).unwrap(),
-                        crate::cnn::init_vgg(&s, 2).unwrap(),
-                    )
-                }
-                _ => (
-                    crate::cnn::init_state_dict(1, 4, CLASSES, 1),
-                    crate::cnn::init_state_dict(1, 4, CLASSES, 2),
-                ),
-            };
+            let (a, b) = (init(arch, 1), init(arch, 2));
             let spec = arch.spec(&a).unwrap();
             let wm = weight_matching(&spec, &a, &b, &MatchOptions::default()).unwrap();
             let bp = apply(&spec, &wm.perm, &b).unwrap();
