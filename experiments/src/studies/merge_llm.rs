@@ -26,7 +26,6 @@ use anyhow::{Context, bail, ensure};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use ndarray::{Array2, ArrayView2};
 use serde::Serialize;
-use serde_json::json;
 use weights::StateDict;
 
 use crate::llm::{EncodedSet, Prompter, score_set};
@@ -953,17 +952,14 @@ impl Group<'_> {
 fn run_on<B: AutodiffBackend>(
     plan: &Plan,
     prep: Prepared,
-    mut run: Run,
+    run: Run,
     device: &B::Device,
 ) -> anyhow::Result<PathBuf>
 where
     Llama<B>: burn::module::AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
 {
     let mut prep = prep;
-    let mut weights: Vec<Option<StateDict>> = std::mem::take(&mut prep.weights)
-        .into_iter()
-        .map(Some)
-        .collect();
+    let weights = std::mem::take(&mut prep.weights);
     let c = prep.base.config.clone();
     let scorer = Scorer::<B::InnerBackend> {
         config: &c,
@@ -973,42 +969,129 @@ where
         device: device.clone(),
     };
     let bar = run.progress((plan.groups.len() * plan.methods.len()) as u64);
-
-    // Baselines: the base and every fine-tune on every task.
     bar.set_message("scoring the base and the fine-tunes");
-    let base_scores = run.phase("score base", || -> anyhow::Result<(Accs, Accs)> {
-        let m = scorer.model(&prep.base.weights)?;
+    let mut run = run;
+    let baselines = score_baselines(plan, &prep, &weights, &scorer, &mut run)?;
+    let groups = groups_of(plan, &prep, weights);
+    let mut study = Study {
+        plan,
+        prep: &prep,
+        scorer: &scorer,
+        baselines: &baselines,
+        inputs: run.dir.join("inputs"),
+        run,
+        bar,
+        results: Results::default(),
+    };
+    study.partial()?;
+    let (base_path, config_dir) = study.inputs_and_configs()?;
+    for g in &groups {
+        study.merge_group::<B>(g, &base_path, &config_dir, device)?;
+    }
+    study.finish(&groups, &c)
+}
+
+/// The base model's scores (test, OOD) on every task.
+#[derive(Clone, Debug, Serialize)]
+struct BaseScores {
+    test: Accs,
+    ood: Accs,
+}
+
+/// One fine-tune scored on every task.
+#[derive(Clone, Debug, Serialize)]
+struct Individual {
+    group: String,
+    task: String,
+    format: Format,
+    path: PathBuf,
+    test: Accs,
+    ood: Accs,
+}
+
+/// The baselines: the base and every fine-tune on every task.
+struct Baselines {
+    base: BaseScores,
+    /// Per group, each fine-tune on its own task (the normaliser).
+    own: OwnScores,
+    individual: Vec<Individual>,
+}
+
+/// What `metrics.partial.json` holds while the study runs.
+#[derive(Serialize)]
+struct Partial<'a> {
+    plan: &'a Plan,
+    base: &'a BaseScores,
+    individual: &'a [Individual],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    merges: Option<&'a [MergeRow]>,
+}
+
+/// What `metrics.json` holds.
+#[derive(Serialize)]
+struct Metrics<'a> {
+    model: &'a Path,
+    config: &'a LlamaConfig,
+    plan: &'a Plan,
+    base: &'a BaseScores,
+    individual: &'a [Individual],
+    merges: &'a [MergeRow],
+    task_vectors: &'a [Analysis],
+    best: &'a [BestModel],
+    memory_measured: bool,
+}
+
+/// Scores the base and every fine-tune (test and OOD) on every task; an
+/// interrupted run keeps the fine-tunes that finished (scoring them takes
+/// minutes on a real model).
+fn score_baselines<B: Backend>(
+    plan: &Plan,
+    prep: &Prepared,
+    weights: &[StateDict],
+    scorer: &Scorer<'_, B>,
+    run: &mut Run,
+) -> anyhow::Result<Baselines> {
+    let both = |sd: &StateDict| -> anyhow::Result<(Accs, Accs)> {
+        let m = scorer.model(sd)?;
         Ok((
             scorer.score(&m, Which::Test, None)?,
             scorer.score(&m, Which::Ood, None)?,
         ))
-    })?;
-    let mut individual: Vec<serde_json::Value> = Vec::new();
-    // Per group: the fine-tune of each task on its own task (test, OOD).
-    let mut own: OwnScores = BTreeMap::new();
-    for (f, sd) in prep.finetunes.iter().zip(&weights) {
+    };
+    let (test, ood) = run.phase("score base", || both(&prep.base.weights))?;
+    let mut out = Baselines {
+        base: BaseScores { test, ood },
+        own: BTreeMap::new(),
+        individual: Vec::new(),
+    };
+    for (f, sd) in prep.finetunes.iter().zip(weights) {
         let (g, t) = (&f.source.group, f.task.name());
-        let sd = sd.as_ref().expect("not moved yet");
-        let (test, ood) = run.phase(
-            &format!("score {g} {t}"),
-            || -> anyhow::Result<(Accs, Accs)> {
-                let m = scorer.model(sd)?;
-                Ok((
-                    scorer.score(&m, Which::Test, None)?,
-                    scorer.score(&m, Which::Ood, None)?,
-                ))
-            },
-        )?;
-        let e = own.entry(g.clone()).or_default();
+        let (test, ood) = run.phase(&format!("score {g} {t}"), || both(sd))?;
+        let e = out.own.entry(g.clone()).or_default();
         e.0.insert(t.into(), test.tasks[t]);
         e.1.insert(t.into(), ood.tasks[t]);
-        individual.push(json!({"group": g, "task": t, "format": f.source.format, "path": f.source.path, "test": test, "ood": ood}));
-        // Scoring the fine-tunes takes minutes on a real model: an
-        // interrupted run keeps what finished.
-        run.partial(&json!({"plan": plan, "base": {"test": base_scores.0, "ood": base_scores.1}, "individual": individual}))?;
+        out.individual.push(Individual {
+            group: g.clone(),
+            task: t.into(),
+            format: f.source.format,
+            path: f.source.path.clone(),
+            test,
+            ood,
+        });
+        run.partial(&serde_json::to_value(Partial {
+            plan,
+            base: &out.base,
+            individual: &out.individual,
+            merges: None,
+        })?)?;
     }
-    let groups: Vec<Group> = plan
-        .groups
+    Ok(out)
+}
+
+/// The fine-tunes by group, each group owning its members' weights.
+fn groups_of<'p>(plan: &Plan, prep: &'p Prepared, weights: Vec<StateDict>) -> Vec<Group<'p>> {
+    let mut weights: Vec<Option<StateDict>> = weights.into_iter().map(Some).collect();
+    plan.groups
         .iter()
         .map(|g| {
             let (members, ws) = prep
@@ -1024,43 +1107,74 @@ where
                 weights: ws,
             }
         })
-        .collect();
-    let partial = |run: &Run, rows: &[MergeRow]| {
-        run.partial(&json!({"plan": plan, "base": {"test": base_scores.0, "ood": base_scores.1}, "individual": individual, "merges": rows}))
-    };
-    partial(&run, &[])?;
+        .collect()
+}
 
-    // Inputs the YAML configs read: the base as HF-named safetensors unless
-    // it is a Hugging Face folder, fused adapters, Gram matrices.
-    let inputs = run.dir.join("inputs");
-    let base_path = if plan.model.is_dir() {
-        plan.model.clone()
-    } else {
-        let p = inputs.join("base.safetensors");
-        std::fs::create_dir_all(&inputs)?;
-        prep.base.weights.save_safetensors(&p)?;
-        p
-    };
-    let config_dir = run.dir.join("configs");
-    std::fs::create_dir_all(&config_dir)?;
+/// What the groups' merges add up to.
+#[derive(Default)]
+struct Results {
+    rows: Vec<MergeRow>,
+    analyses: Vec<Analysis>,
+    best: Vec<BestModel>,
+}
 
-    let mut rows: Vec<MergeRow> = Vec::new();
-    let mut analyses = Vec::new();
-    let mut best_models = Vec::new();
-    for g in &groups {
-        let tasks = g.tasks();
-        let sds = &g.weights;
-        let (ind_test, ind_ood) = own[&g.name].clone();
-        // Input paths for the YAML configs.
-        let model_paths: Vec<PathBuf> = g
-            .members
+/// The running study: what every group's merges read, and their results.
+struct Study<'s, B: Backend> {
+    plan: &'s Plan,
+    prep: &'s Prepared,
+    scorer: &'s Scorer<'s, B>,
+    baselines: &'s Baselines,
+    /// Scratch inputs of the YAML configs (fine-tunes as safetensors, Gram matrices).
+    inputs: PathBuf,
+    run: Run,
+    bar: indicatif::ProgressBar,
+    results: Results,
+}
+
+/// A merge built from a candidate: the model, the typed method (for its
+/// YAML), and a note.
+type Built = (StateDict, Option<Merge>, Option<String>);
+
+impl<B: Backend> Study<'_, B> {
+    /// Writes the partial metrics (the baselines and the rows so far).
+    fn partial(&self) -> anyhow::Result<()> {
+        let b = self.baselines;
+        self.run.partial(&serde_json::to_value(Partial {
+            plan: self.plan,
+            base: &b.base,
+            individual: &b.individual,
+            merges: Some(&self.results.rows),
+        })?)
+    }
+
+    /// The base path the YAML configs read (a Hugging Face folder as it is,
+    /// else written as HF-named safetensors) and the configs' folder.
+    fn inputs_and_configs(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let base_path = if self.plan.model.is_dir() {
+            self.plan.model.clone()
+        } else {
+            let p = self.inputs.join("base.safetensors");
+            std::fs::create_dir_all(&self.inputs)?;
+            self.prep.base.weights.save_safetensors(&p)?;
+            p
+        };
+        let config_dir = self.run.dir.join("configs");
+        std::fs::create_dir_all(&config_dir)?;
+        Ok((base_path, config_dir))
+    }
+
+    /// The YAML configs' paths of the group's fine-tunes: Hugging Face
+    /// folders as they are, the others written as safetensors.
+    fn model_paths(&self, g: &Group<'_>) -> anyhow::Result<Vec<PathBuf>> {
+        g.members
             .iter()
             .zip(&g.weights)
             .map(|(f, w)| -> anyhow::Result<PathBuf> {
                 Ok(match f.source.format {
                     Format::Hf => f.source.path.clone(),
                     _ => {
-                        let p = inputs
+                        let p = self
+                            .inputs
                             .join(g.file_name())
                             .join(format!("{}.safetensors", f.task.name()));
                         std::fs::create_dir_all(p.parent().expect("folder"))?;
@@ -1069,233 +1183,303 @@ where
                     }
                 })
             })
-            .collect::<anyhow::Result<_>>()?;
+            .collect()
+    }
+
+    /// Every method on group `g` (its row each), then its task vectors, and
+    /// its best merge saved as a Hugging Face folder.
+    fn merge_group<A: AutodiffBackend<InnerBackend = B>>(
+        &mut self,
+        g: &Group<'_>,
+        base_path: &Path,
+        config_dir: &Path,
+        device: &A::Device,
+    ) -> anyhow::Result<()>
+    where
+        Llama<A>: burn::module::AutodiffModule<A, InnerModule = Llama<B>>,
+    {
+        let model_paths = self.model_paths(g)?;
+        let (ind_test, ind_ood) = self.baselines.own[&g.name].clone();
         let mut grams: Option<Vec<PathBuf>> = None;
         let mut best: Option<(f64, StateDict, String)> = None;
-        for method in &plan.methods {
-            bar.inc(1);
-            let cands = grid(plan, method, g.members.iter().all(|f| f.lora.is_some()));
-            if cands.is_empty() {
+        for method in &self.plan.methods {
+            self.bar.inc(1);
+            let cands = grid(
+                self.plan,
+                method,
+                g.members.iter().all(|f| f.lora.is_some()),
+            );
+            let Some(first) = cands.first().map(|c| c.1.clone()) else {
                 continue;
-            }
-            bar.set_message(format!("{} {method}", g.name));
-            if matches!(cands[0].1, Candidate::RegMean) && grams.is_none() {
-                grams = Some(run.phase(&format!("{} grams", g.name), || {
-                    write_grams::<B::InnerBackend>(&scorer, g, &prep.sets, &inputs)
+            };
+            self.bar.set_message(format!("{} {method}", g.name));
+            if matches!(first, Candidate::RegMean) && grams.is_none() {
+                grams = Some(self.run.phase(&format!("{} grams", g.name), || {
+                    write_grams(self.scorer, g, &self.prep.sets, &self.inputs)
                 })?);
             }
-            let build =
-                |cand: &Candidate| -> anyhow::Result<(StateDict, Option<Merge>, Option<String>)> {
-                    match cand {
-                        Candidate::Typed(m) => Ok((
-                            m.merge(Some(&prep.base.weights), sds, plan.seed)?,
-                            Some(m.clone()),
-                            None,
-                        )),
-                        Candidate::RegMean => {
-                            let m = Merge::RegMean {
-                                grams: grams.clone().expect("grams written"),
-                                options: RegMeanOptions {
-                                    alpha: plan.regmean_alpha,
-                                    ridge: 1e-6,
-                                },
-                            };
-                            Ok((
-                                m.merge(Some(&prep.base.weights), sds, plan.seed)?,
-                                Some(m),
-                                None,
-                            ))
-                        }
-                        Candidate::LoraLego => {
-                            let adapters: Vec<_> = g
-                                .members
-                                .iter()
-                                .map(|f| f.lora.clone().expect("lora group"))
-                                .collect();
-                            let r = adapters[0].config.r;
-                            let lego = merge::lora::lora_lego(&adapters, r, plan.seed, true)?;
-                            Ok((
-                                lego.fuse(&prep.base.weights, 1.0)?,
-                                None,
-                                Some(format!("merged rank {r}")),
-                            ))
-                        }
-                        Candidate::Rmm => bail!("rmm is scored per task"),
-                        Candidate::WmCheck => bail!("wm_check is no merge"),
-                        Candidate::Mtl => bail!("mtl is trained"),
-                    }
-                };
-            // RMM (one store, each task rebuilt) and the permutation check
-            // are not one merged model: their own rows.
-            if matches!(cands[0].1, Candidate::Rmm) {
-                let row = run.phase(&format!("{} rmm", g.name), || {
-                    rmm_row(&scorer, &prep.base.weights, g, &ind_test, &ind_ood)
-                })?;
-                rows.push(row);
-                partial(&run, &rows)?;
+            // RMM (one store, each task rebuilt), multi-task training and
+            // the permutation check are not one merged model: their own rows.
+            let (plan, prep, scorer) = (self.plan, self.prep, self.scorer);
+            let own_row = match first {
+                Candidate::Rmm => Some(self.run.phase(&format!("{} rmm", g.name), || {
+                    rmm_row(scorer, &prep.base.weights, g, &ind_test, &ind_ood)
+                })?),
+                Candidate::Mtl => Some(self.run.phase(&format!("{} mtl", g.name), || {
+                    mtl_row::<A>(plan, prep, scorer, g, &ind_test, &ind_ood, device)
+                })?),
+                Candidate::WmCheck => Some(self.run.phase(&format!("{} wm", g.name), || {
+                    wm_row(&prep.base.config, &prep.base.weights, g, plan.seed)
+                })?),
+                _ => None,
+            };
+            if let Some(row) = own_row {
+                self.results.rows.push(row);
+                self.partial()?;
                 continue;
             }
-            if matches!(cands[0].1, Candidate::Mtl) {
-                let row = run.phase(&format!("{} mtl", g.name), || {
-                    mtl_row::<B>(plan, &prep, &scorer, g, &ind_test, &ind_ood, device)
-                })?;
-                rows.push(row);
-                partial(&run, &rows)?;
-                continue;
-            }
-            if matches!(cands[0].1, Candidate::WmCheck) {
-                let row = run.phase(&format!("{} wm", g.name), || {
-                    wm_row(&c, &prep.base.weights, g, plan.seed)
-                })?;
-                rows.push(row);
-                partial(&run, &rows)?;
-                continue;
-            }
-            // The grid on the validation split (a grid of one is not
-            // scored); the chosen point's merge is kept, with its time and
-            // peak heap growth.
-            let timed = |cand: &Candidate| {
-                let before = crate::alloc::reset_peak();
-                let t0 = Instant::now();
-                let out = build(cand)?;
-                let peak = crate::alloc::installed()
-                    .then(|| crate::alloc::peak().saturating_sub(before) as f64 / 1e6);
-                anyhow::Ok((out, t0.elapsed().as_secs_f64(), peak))
-            };
-            let mut points = Vec::new();
-            let mut kept = None;
-            let mut best_key = (f64::NEG_INFINITY, f64::INFINITY);
-            for (k, (hyper, cand)) in cands.iter().enumerate() {
-                let built = run.phase(&format!("{} {method} {hyper:?}", g.name), || timed(cand))?;
-                if cands.len() == 1 {
-                    points.push(GridPoint {
-                        hyper: hyper.clone(),
-                        val_acc: None,
-                        val_loss: None,
-                    });
-                    kept = Some((k, built));
-                    break;
-                }
-                let v =
-                    scorer.score(&scorer.model(&built.0.0)?, Which::Validation, Some(&tasks))?;
-                let key = (v.mean(), v.mean_loss());
-                points.push(GridPoint {
-                    hyper: hyper.clone(),
-                    val_acc: Some(key.0),
-                    val_loss: Some(key.1),
-                });
-                if key.0 > best_key.0 || (key.0 == best_key.0 && key.1 < best_key.1) {
-                    best_key = key;
-                    kept = Some((k, built));
-                }
-            }
-            let (chosen, ((sd, typed, note), merge_seconds, peak_mb)) =
-                kept.expect("a grid of at least one point");
-            let hyper = &cands[chosen].0;
-            let m = scorer.model(&sd)?;
-            let test = scorer.score(&m, Which::Test, Some(&tasks))?;
-            let ood = scorer.score(&m, Which::Ood, Some(&tasks))?;
-            drop(m);
-            // The same merge from a mergekit YAML config.
-            let (yaml, yaml_identical) = match &typed {
-                Some(t) => {
-                    let (rel, same) = run.phase(&format!("{} {method} yaml", g.name), || {
-                        yaml_check(
-                            t,
-                            &sd,
-                            &base_path,
-                            &model_paths,
-                            &config_dir,
-                            &g.file_name(),
-                            method,
-                            plan.seed,
-                        )
-                    })?;
-                    (Some(rel), Some(same))
-                }
-                None => (None, None),
-            };
-            let row = MergeRow {
-                group: g.name.clone(),
-                method: method.clone(),
-                hyper: hyper.clone(),
-                grid: points,
-                normalised: normalised(&test.tasks, &ind_test),
-                normalised_ood: normalised(&ood.tasks, &ind_ood),
-                test,
-                ood,
-                merge_seconds,
-                peak_mb,
-                yaml,
-                yaml_identical,
-                note,
-            };
+            let (row, sd) =
+                self.grid_row(g, method, &cands, grams.as_deref(), (&ind_test, &ind_ood))?;
+            let (row, sd) =
+                self.with_yaml(row, sd, g, method, base_path, &model_paths, config_dir)?;
             let score = row.normalised.mean.unwrap_or(f64::NEG_INFINITY);
             if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
-                best = Some((score, sd, method.clone()));
+                best = Some((score, sd.0, method.clone()));
             }
-            rows.push(row);
-            partial(&run, &rows)?;
+            self.results.rows.push(row);
+            self.partial()?;
         }
-        // Task vectors, and how each pair of tasks merges.
-        let ta_lambda = rows
+        self.analyse(g, &ind_test)?;
+        if let Some((_, sd, method)) = best {
+            self.save_best(g, sd, method)?;
+        }
+        Ok(())
+    }
+
+    /// Builds the merge of one candidate on the group's weights.
+    fn build(
+        (plan, base): (&Plan, &StateDict),
+        g: &Group<'_>,
+        cand: &Candidate,
+        grams: Option<&[PathBuf]>,
+    ) -> anyhow::Result<Built> {
+        let typed = |m: Merge| -> anyhow::Result<Built> {
+            Ok((m.merge(Some(base), &g.weights, plan.seed)?, Some(m), None))
+        };
+        match cand {
+            Candidate::Typed(m) => typed(m.clone()),
+            Candidate::RegMean => typed(Merge::RegMean {
+                grams: grams.expect("grams written").to_vec(),
+                options: RegMeanOptions {
+                    alpha: plan.regmean_alpha,
+                    ridge: 1e-6,
+                },
+            }),
+            Candidate::LoraLego => {
+                let adapters: Vec<_> = g
+                    .members
+                    .iter()
+                    .map(|f| f.lora.clone().expect("lora group"))
+                    .collect();
+                let r = adapters[0].config.r;
+                let lego = merge::lora::lora_lego(&adapters, r, plan.seed, true)?;
+                Ok((
+                    lego.fuse(base, 1.0)?,
+                    None,
+                    Some(format!("merged rank {r}")),
+                ))
+            }
+            Candidate::Rmm => bail!("rmm is scored per task"),
+            Candidate::WmCheck => bail!("wm_check is no merge"),
+            Candidate::Mtl => bail!("mtl is trained"),
+        }
+    }
+
+    /// A method's grid on the validation split (a grid of one is not
+    /// scored); the chosen point's merge is kept, with its time and peak
+    /// heap growth, and scored on the test and OOD splits. The row's YAML
+    /// fields are left empty ([`Study::with_yaml`] fills them).
+    fn grid_row(
+        &mut self,
+        g: &Group<'_>,
+        method: &str,
+        cands: &[(BTreeMap<String, f64>, Candidate)],
+        grams: Option<&[PathBuf]>,
+        (ind_test, ind_ood): (&BTreeMap<String, f64>, &BTreeMap<String, f64>),
+    ) -> anyhow::Result<(MergeRow, Built)> {
+        let (scorer, plan, base) = (self.scorer, self.plan, &self.prep.base.weights);
+        let tasks = g.tasks();
+        let timed = |cand: &Candidate| {
+            let before = crate::alloc::reset_peak();
+            let t0 = Instant::now();
+            let out = Self::build((plan, base), g, cand, grams)?;
+            let peak = crate::alloc::installed()
+                .then(|| crate::alloc::peak().saturating_sub(before) as f64 / 1e6);
+            anyhow::Ok((out, t0.elapsed().as_secs_f64(), peak))
+        };
+        let mut points = Vec::new();
+        let mut kept = None;
+        let mut best_key = (f64::NEG_INFINITY, f64::INFINITY);
+        for (k, (hyper, cand)) in cands.iter().enumerate() {
+            let built = self
+                .run
+                .phase(&format!("{} {method} {hyper:?}", g.name), || timed(cand))?;
+            if cands.len() == 1 {
+                points.push(GridPoint {
+                    hyper: hyper.clone(),
+                    val_acc: None,
+                    val_loss: None,
+                });
+                kept = Some((k, built));
+                break;
+            }
+            let v = scorer.score(&scorer.model(&built.0.0)?, Which::Validation, Some(&tasks))?;
+            let key = (v.mean(), v.mean_loss());
+            points.push(GridPoint {
+                hyper: hyper.clone(),
+                val_acc: Some(key.0),
+                val_loss: Some(key.1),
+            });
+            if key.0 > best_key.0 || (key.0 == best_key.0 && key.1 < best_key.1) {
+                best_key = key;
+                kept = Some((k, built));
+            }
+        }
+        let (chosen, (built, merge_seconds, peak_mb)) = kept.expect("a grid of at least one point");
+        let m = scorer.model(&built.0)?;
+        let test = scorer.score(&m, Which::Test, Some(&tasks))?;
+        let ood = scorer.score(&m, Which::Ood, Some(&tasks))?;
+        let row = MergeRow {
+            group: g.name.clone(),
+            method: method.to_string(),
+            hyper: cands[chosen].0.clone(),
+            grid: points,
+            normalised: normalised(&test.tasks, ind_test),
+            normalised_ood: normalised(&ood.tasks, ind_ood),
+            test,
+            ood,
+            merge_seconds,
+            peak_mb,
+            yaml: None,
+            yaml_identical: None,
+            note: built.2.clone(),
+        };
+        Ok((row, built))
+    }
+
+    /// The same merge from a mergekit YAML config ([`yaml_check`]), for
+    /// the typed methods: its path and whether its tensors are identical.
+    #[allow(clippy::too_many_arguments)]
+    fn with_yaml(
+        &mut self,
+        mut row: MergeRow,
+        built: Built,
+        g: &Group<'_>,
+        method: &str,
+        base_path: &Path,
+        model_paths: &[PathBuf],
+        config_dir: &Path,
+    ) -> anyhow::Result<(MergeRow, Built)> {
+        if let Some(t) = &built.1 {
+            let seed = self.plan.seed;
+            let (rel, same) = self.run.phase(&format!("{} {method} yaml", g.name), || {
+                yaml_check(
+                    t,
+                    &built.0,
+                    base_path,
+                    model_paths,
+                    config_dir,
+                    &g.file_name(),
+                    method,
+                    seed,
+                )
+            })?;
+            (row.yaml, row.yaml_identical) = (Some(rel), Some(same));
+        }
+        Ok((row, built))
+    }
+
+    /// The group's task vectors, and how each pair of tasks merges (at
+    /// task arithmetic's chosen λ).
+    fn analyse(&mut self, g: &Group<'_>, ind_test: &BTreeMap<String, f64>) -> anyhow::Result<()> {
+        let ta_lambda = self
+            .results
+            .rows
             .iter()
             .find(|r| r.group == g.name && r.method == "task_arithmetic")
             .and_then(|r| r.hyper.get("lambda").copied())
-            .unwrap_or(plan.lambdas[0]);
-        let analysis = run.phase(&format!("{} task vectors", g.name), || {
-            task_vectors(plan, &scorer, &prep.base.weights, g, ta_lambda, &ind_test)
+            .unwrap_or(self.plan.lambdas[0]);
+        let (plan, scorer, base) = (self.plan, self.scorer, &self.prep.base.weights);
+        let analysis = self.run.phase(&format!("{} task vectors", g.name), || {
+            task_vectors(plan, scorer, base, g, ta_lambda, ind_test)
         })?;
-        analyses.push(analysis);
-        if let Some((_, mut sd, method)) = best {
-            let rel = format!("best/{}", g.file_name());
-            let dir = run.dir.join(&rel);
-            run.phase(&format!("{} save best", g.name), || {
-                s2ft_core::pretrained::save_hf_folder(
-                    &dir,
-                    &c,
-                    &mut sd,
-                    &prep.base.tokenizer,
-                    weights::DEFAULT_SHARD_BYTES,
-                )
-            })?;
-            best_models.push(BestModel {
-                group: g.name.clone(),
-                method,
-                path: rel,
-            });
-        }
-    }
-    bar.finish_and_clear();
-    if !plan.keep_inputs {
-        let _ = std::fs::remove_dir_all(&inputs);
+        self.results.analyses.push(analysis);
+        Ok(())
     }
 
-    run.write("merges.csv", merges_csv(&rows).as_bytes())?;
-    plots(&run, plan, &groups, &rows, &analyses)?;
-    let md = report(
-        plan,
-        &c,
-        &prep,
-        &base_scores,
-        &own,
-        &rows,
-        &analyses,
-        &best_models,
-    );
-    let metrics = json!({
-        "model": plan.model,
-        "config": c,
-        "plan": plan,
-        "base": {"test": base_scores.0, "ood": base_scores.1},
-        "individual": individual,
-        "merges": rows,
-        "task_vectors": analyses,
-        "best": best_models,
-        "memory_measured": crate::alloc::installed(),
-    });
-    run.finish(metrics, &md)?;
-    Ok(run.dir.clone())
+    /// Saves the group's best merge as a Hugging Face folder under `best/`.
+    fn save_best(
+        &mut self,
+        g: &Group<'_>,
+        mut sd: StateDict,
+        method: String,
+    ) -> anyhow::Result<()> {
+        let rel = format!("best/{}", g.file_name());
+        let dir = self.run.dir.join(&rel);
+        let prep = self.prep;
+        self.run.phase(&format!("{} save best", g.name), || {
+            s2ft_core::pretrained::save_hf_folder(
+                &dir,
+                &prep.base.config,
+                &mut sd,
+                &prep.base.tokenizer,
+                weights::DEFAULT_SHARD_BYTES,
+            )
+        })?;
+        self.results.best.push(BestModel {
+            group: g.name.clone(),
+            method,
+            path: rel,
+        });
+        Ok(())
+    }
+
+    /// Removes the scratch inputs (unless kept), writes the CSV, the plots,
+    /// the report and the metrics; returns the report folder.
+    fn finish(self, groups: &[Group<'_>], c: &LlamaConfig) -> anyhow::Result<PathBuf> {
+        self.bar.finish_and_clear();
+        if !self.plan.keep_inputs {
+            let _ = std::fs::remove_dir_all(&self.inputs);
+        }
+        let (plan, b, r) = (self.plan, self.baselines, &self.results);
+        self.run
+            .write("merges.csv", merges_csv(&r.rows).as_bytes())?;
+        plots(&self.run, plan, groups, &r.rows, &r.analyses)?;
+        let base = (b.base.test.clone(), b.base.ood.clone());
+        let md = report(
+            plan,
+            c,
+            self.prep,
+            &base,
+            &b.own,
+            &r.rows,
+            &r.analyses,
+            &r.best,
+        );
+        let metrics = serde_json::to_value(Metrics {
+            model: &plan.model,
+            config: c,
+            plan,
+            base: &b.base,
+            individual: &b.individual,
+            merges: &r.rows,
+            task_vectors: &r.analyses,
+            best: &r.best,
+            memory_measured: crate::alloc::installed(),
+        })?;
+        self.run.finish(metrics, &md)?;
+        Ok(self.run.dir.clone())
+    }
 }
 
 /// The Gram matrices of every fine-tune on its own task's unlabelled
