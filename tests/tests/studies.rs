@@ -1085,6 +1085,35 @@ fn s2ft_study_fine_tunes_a_hugging_face_model_and_saves_what_others_load() {
             "{e}: trained"
         );
     }
+    // A rerun saves the same fine-tunes byte for byte: LoRA's dropout masks
+    // come from a seeded generator (they did not before, and the LoRA rows of
+    // two runs differed).
+    let again = dir.path().join("again");
+    experiments::studies::s2ft::run(&llm_args(&model, &again)).unwrap();
+    let mut files = Vec::new();
+    let mut stack = vec![out.join("finetunes")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "safetensors") {
+                files.push(p);
+            }
+        }
+    }
+    assert!(
+        files.iter().any(|f| f.to_string_lossy().contains("lora")),
+        "{files:?}"
+    );
+    for f in files {
+        let twin = again.join(f.strip_prefix(&out).unwrap());
+        assert!(
+            std::fs::read(&f).unwrap() == std::fs::read(&twin).unwrap(),
+            "{}",
+            f.display()
+        );
+    }
 }
 
 #[test]

@@ -602,6 +602,9 @@ where
     let before = crate::alloc::reset_peak();
     let model = Llama::<B>::from_state_dict(c, &base.weights, method == Method::Full, device)?;
     let seed = plan.seed;
+    // LoRA dropout draws its masks from the backend's generator: seeded, so
+    // that a rerun trains the same adapters.
+    B::seed(device, seed);
     let mut streams: Vec<Stream> = tasks
         .iter()
         .map(|&t| Stream::new(t, Split::Train, words, seed))
