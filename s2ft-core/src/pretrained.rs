@@ -117,6 +117,20 @@ impl Pretrained {
     }
 }
 
+/// A model's `config.json` for transformers: [`LlamaConfig::to_hf`] with the
+/// tokenizer's beginning-of-sequence and first stop token as
+/// `bos_token_id` / `eos_token_id` (where it has them).
+pub fn hf_config_with_special_tokens(config: &LlamaConfig, tokenizer: &Tokenizer) -> Value {
+    let mut cfg = config.to_hf();
+    if let Some(bos) = tokenizer.bos_token().and_then(|b| tokenizer.token_id(&b)) {
+        cfg["bos_token_id"] = bos.into();
+    }
+    if let Some(&eos) = tokenizer.stop_ids().first() {
+        cfg["eos_token_id"] = eos.into();
+    }
+    cfg
+}
+
 /// Writes `weights` as a Hugging Face model folder `dir` that `transformers`
 /// loads with `AutoModelForCausalLM` and `AutoTokenizer`: `config.json`,
 /// `generation_config.json`, sharded safetensors (`max_shard_bytes` each,

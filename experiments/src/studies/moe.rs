@@ -757,111 +757,213 @@ fn run_on<B: AutodiffBackend>(
     prep: Prepared,
     dense_merges: Vec<ModelRow>,
     no_save: bool,
-    mut run: Run,
+    run: Run,
     device: &B::Device,
 ) -> anyhow::Result<PathBuf> {
-    type Inner<B> = <B as AutodiffBackend>::InnerBackend;
     let Prepared {
         base,
         experts,
         data,
     } = prep;
-    let c = base.config.clone();
-    let mut scorer = Scorer {
-        data: &data,
-        prompter: Prompter::new(&base.tokenizer)?,
-        batch: plan.eval_batch,
-        own: BTreeMap::new(),
-    };
     let n_models =
         1 + experts.len() + plan.gate_modes.len() + plan.keep.len() * plan.compress.len();
-    let bar = run.progress(n_models as u64);
-    let mut m = Metrics {
-        models: Vec::new(),
-        routing: Vec::new(),
-        compressions: Vec::new(),
-        expert_similarity: Vec::new(),
+    let mut study = Mixing::<B::InnerBackend> {
+        plan,
+        base: &base,
+        experts: &experts,
+        data: &data,
+        scorer: Scorer {
+            data: &data,
+            prompter: Prompter::new(&base.tokenizer)?,
+            batch: plan.eval_batch,
+            own: BTreeMap::new(),
+        },
+        bar: run.progress(n_models as u64),
+        run,
+        m: Metrics {
+            models: Vec::new(),
+            routing: Vec::new(),
+            compressions: Vec::new(),
+            expert_similarity: Vec::new(),
+        },
+        device: device.clone(),
     };
-    let partial = |run: &Run, m: &Metrics| run.partial(&json!({"plan": plan, "metrics": m}));
-
-    // Baselines.
-    bar.set_message("scoring the base and the experts");
-    let base_model = Llama::<Inner<B>>::from_state_dict(&c, &base.weights, false, device)?;
-    let row = run.phase("score base", || {
-        scorer.row("base", "base".into(), &base_model, None)
-    })?;
-    m.models.push(row);
-    bar.inc(1);
-    for (sd, d) in experts.iter().zip(&data) {
-        let label = format!("expert {}", d.task.name());
-        let model = Llama::<Inner<B>>::from_state_dict(&c, sd, false, device)?;
-        let row = run.phase(&format!("score {label}"), || {
-            scorer.row("expert", label.clone(), &model, None)
-        })?;
-        scorer
-            .own
-            .insert(d.task.name().into(), row.test[d.task.name()]);
-        m.models.push(row);
-        bar.inc(1);
-        partial(&run, &m)?;
-    }
-    for row in m.models.iter_mut().filter(|r| r.kind == "expert") {
-        row.normalised = normalised(&row.test, &scorer.own).mean;
-    }
-    m.models[0].normalised = normalised(&m.models[0].test, &scorer.own).mean;
-
-    // Mixtures, one per gate mode.
-    let sources: Vec<&dyn TensorSource> = experts.iter().map(|s| s as &dyn TensorSource).collect();
-    let mut first: Option<(StateDict, LlamaConfig, GateMode)> = None;
-    for &mode in &plan.gate_modes {
-        let name = mode_name(mode);
-        bar.set_message(format!("mixture with {name} gates"));
-        let cfg = moe_config(plan, &data, mode);
-        let yaml = cfg.to_yaml();
-        std::fs::create_dir_all(run.dir.join("configs"))?;
-        run.write(&format!("configs/moe_{name}.yml"), yaml.as_bytes())?;
-        let t = Instant::now();
-        let job = MoeJob {
-            config: cfg.clone(),
-            yaml,
-            base_dir: plan.model.clone(),
-            expert_dirs: plan.experts.iter().map(|s| s.path.clone()).collect(),
-            base_config: c.clone(),
-        };
-        let gates = run.phase(&format!("gates {name}"), || {
-            crate::moe::gates(&job, &base_model, &base.tokenizer, plan.seed)
-        })?;
-        let moe = merge::moe::assemble(&cfg, &base.weights, &c, &sources, gates.view(), plan.seed)?;
-        let secs = t.elapsed().as_secs_f64();
-        let model = Llama::<Inner<B>>::from_state_dict(&moe.config, &moe.weights, false, device)?;
-        let label = format!("moe {name}");
-        let row = run.phase(&format!("score {label}"), || {
-            scorer.row("moe", label.clone(), &model, Some(secs))
-        })?;
-        m.models.push(row);
-        m.routing.push(run.phase(&format!("routing {label}"), || {
-            routing(&label, &model, &data, &gates)
-        }));
-        bar.inc(1);
-        partial(&run, &m)?;
-        if first.is_none() {
-            first = Some((moe.weights, moe.config, mode));
-        }
-    }
-    let (moe_sd, moe_cfg, first_mode) = first.expect("at least one gate mode");
-
-    // Compression of the first mixture.
+    let base_model = study.load(&base.config, &base.weights)?;
+    study.score_baselines(&base_model)?;
+    let (moe_sd, moe_cfg, first_mode) = study.mixtures(&base_model)?;
+    drop(base_model);
     if !plan.keep.is_empty() && !plan.compress.is_empty() {
-        bar.set_message("calibrating for compression");
-        let moe_model = Llama::<Inner<B>>::from_state_dict(&moe_cfg, &moe_sd, false, device)?;
-        let k = plan.experts_per_token;
-        let (layers, freqs, sims) = run.phase("calibration", || -> anyhow::Result<_> {
-            let xs = calibration_inputs(&moe_model, &data);
+        study.compressions(&moe_sd, &moe_cfg)?;
+    }
+    study.bar.finish_and_clear();
+    study.m.models.extend(dense_merges);
+    study.run.write(
+        "models.csv",
+        models_csv(&study.m.models, &plan.tasks).as_bytes(),
+    )?;
+    plots(&study.run, plan, &study.m)?;
+    if !no_save {
+        study.save_mixture(moe_sd, moe_cfg, first_mode)?;
+    }
+    let md = report(plan, &study.m);
+    study.run.finish(
+        serde_json::to_value(Output {
+            plan,
+            metrics: &study.m,
+        })?,
+        &md,
+    )?;
+    Ok(study.run.dir.clone())
+}
+
+/// What `metrics.json` (and, while the study runs, `metrics.partial.json`) holds.
+#[derive(Serialize)]
+struct Output<'a> {
+    plan: &'a Plan,
+    metrics: &'a Metrics,
+}
+
+/// The running study: its inputs, the scorer, and the metrics so far.
+struct Mixing<'a, B: Backend> {
+    plan: &'a Plan,
+    base: &'a Pretrained,
+    experts: &'a [StateDict],
+    data: &'a [TaskData],
+    scorer: Scorer<'a>,
+    run: Run,
+    bar: indicatif::ProgressBar,
+    m: Metrics,
+    device: B::Device,
+}
+
+/// One block's experts compressed: the new layers and Sub-MoE's reports.
+type Compressed = (
+    Vec<merge::submoe::MoeLayer>,
+    Vec<merge::submoe::SubMoeReport>,
+);
+
+impl<B: Backend> Mixing<'_, B> {
+    fn load(&self, c: &LlamaConfig, sd: &StateDict) -> anyhow::Result<Llama<B>> {
+        Ok(Llama::<B>::from_state_dict(c, sd, false, &self.device)?)
+    }
+
+    fn partial(&self) -> anyhow::Result<()> {
+        self.run.partial(&serde_json::to_value(Output {
+            plan: self.plan,
+            metrics: &self.m,
+        })?)
+    }
+
+    /// The base and every expert on every task; each expert's own-task
+    /// accuracy becomes the normaliser of every row.
+    fn score_baselines(&mut self, base_model: &Llama<B>) -> anyhow::Result<()> {
+        self.bar.set_message("scoring the base and the experts");
+        let scorer = &self.scorer;
+        let row = self.run.phase("score base", || {
+            scorer.row("base", "base".into(), base_model, None)
+        })?;
+        self.m.models.push(row);
+        self.bar.inc(1);
+        for (sd, d) in self.experts.iter().zip(self.data) {
+            let label = format!("expert {}", d.task.name());
+            let model = self.load(&self.base.config, sd)?;
+            let scorer = &self.scorer;
+            let row = self.run.phase(&format!("score {label}"), || {
+                scorer.row("expert", label.clone(), &model, None)
+            })?;
+            self.scorer
+                .own
+                .insert(d.task.name().into(), row.test[d.task.name()]);
+            self.m.models.push(row);
+            self.bar.inc(1);
+            self.partial()?;
+        }
+        let own = &self.scorer.own;
+        for row in self.m.models.iter_mut().filter(|r| r.kind == "expert") {
+            row.normalised = normalised(&row.test, own).mean;
+        }
+        self.m.models[0].normalised = normalised(&self.m.models[0].test, own).mean;
+        Ok(())
+    }
+
+    /// One mixture per gate mode (its YAML config written, its gates, the
+    /// assembled model scored and its routing measured); returns the first.
+    fn mixtures(
+        &mut self,
+        base_model: &Llama<B>,
+    ) -> anyhow::Result<(StateDict, LlamaConfig, GateMode)> {
+        let (plan, base) = (self.plan, self.base);
+        let c = &base.config;
+        let sources: Vec<&dyn TensorSource> = self
+            .experts
+            .iter()
+            .map(|s| s as &dyn TensorSource)
+            .collect();
+        let mut first: Option<(StateDict, LlamaConfig, GateMode)> = None;
+        for &mode in &plan.gate_modes {
+            let name = mode_name(mode);
+            self.bar.set_message(format!("mixture with {name} gates"));
+            let cfg = moe_config(plan, self.data, mode);
+            let yaml = cfg.to_yaml();
+            std::fs::create_dir_all(self.run.dir.join("configs"))?;
+            self.run
+                .write(&format!("configs/moe_{name}.yml"), yaml.as_bytes())?;
+            let t = Instant::now();
+            let job = MoeJob {
+                config: cfg.clone(),
+                yaml,
+                base_dir: plan.model.clone(),
+                expert_dirs: plan.experts.iter().map(|s| s.path.clone()).collect(),
+                base_config: c.clone(),
+            };
+            let gates = self.run.phase(&format!("gates {name}"), || {
+                crate::moe::gates(&job, base_model, &base.tokenizer, plan.seed)
+            })?;
+            let moe =
+                merge::moe::assemble(&cfg, &base.weights, c, &sources, gates.view(), plan.seed)?;
+            let secs = t.elapsed().as_secs_f64();
+            let model = self.load(&moe.config, &moe.weights)?;
+            let label = format!("moe {name}");
+            let (scorer, data) = (&self.scorer, self.data);
+            let row = self.run.phase(&format!("score {label}"), || {
+                scorer.row("moe", label.clone(), &model, Some(secs))
+            })?;
+            self.m.models.push(row);
+            let routed = self.run.phase(&format!("routing {label}"), || {
+                routing(&label, &model, data, &gates)
+            });
+            self.m.routing.push(routed);
+            self.bar.inc(1);
+            self.partial()?;
+            if first.is_none() {
+                first = Some((moe.weights, moe.config, mode));
+            }
+        }
+        Ok(first.expect("at least one gate mode"))
+    }
+
+    /// The mixture's blocks as layers, each block's router frequencies and
+    /// its experts' output similarities on the calibration tokens.
+    #[allow(clippy::type_complexity)]
+    fn calibrate(
+        &mut self,
+        moe_sd: &StateDict,
+        moe_cfg: &LlamaConfig,
+    ) -> anyhow::Result<(
+        Vec<merge::submoe::MoeLayer>,
+        Vec<Vec<f64>>,
+        Vec<Array2<f64>>,
+    )> {
+        self.bar.set_message("calibrating for compression");
+        let moe_model = self.load(moe_cfg, moe_sd)?;
+        let (k, data) = (self.plan.experts_per_token, self.data);
+        self.run.phase("calibration", || -> anyhow::Result<_> {
+            let xs = calibration_inputs(&moe_model, data);
             let mut layers = Vec::new();
             let mut freqs = Vec::new();
             let mut sims = Vec::new();
             for (l, x) in xs.iter().enumerate() {
-                let layer = crate::moe::moe_layer(&moe_sd, &moe_cfg, l)?;
+                let layer = crate::moe::moe_layer(moe_sd, moe_cfg, l)?;
                 freqs.push(merge::submoe::router_frequencies(
                     layer.gate.view(),
                     x.view(),
@@ -874,58 +976,40 @@ fn run_on<B: AutodiffBackend>(
                 layers.push(layer);
             }
             Ok((layers, freqs, sims))
-        })?;
-        m.expert_similarity = sims
+        })
+    }
+
+    /// The first mixture compressed to every `--keep` count by every
+    /// `--compress` method, each scored.
+    fn compressions(&mut self, moe_sd: &StateDict, moe_cfg: &LlamaConfig) -> anyhow::Result<()> {
+        let (layers, freqs, sims) = self.calibrate(moe_sd, moe_cfg)?;
+        self.m.expert_similarity = sims
             .iter()
             .map(|s| s.outer_iter().map(|r| r.to_vec()).collect())
             .collect();
-        drop(moe_model);
+        let plan = self.plan;
         for &keep in &plan.keep {
             let assignment: Vec<Vec<usize>> = sims
                 .iter()
                 .map(|s| merge::submoe::cluster_experts(s.view(), keep, plan.seed))
                 .collect::<Result<_, _>>()?;
             for &method in &plan.compress {
-                bar.set_message(format!("{} to {keep} experts", method.name()));
+                self.bar
+                    .set_message(format!("{} to {keep} experts", method.name()));
                 let t = Instant::now();
-                let mut reports = Vec::new();
-                let new_layers = layers
-                    .iter()
-                    .enumerate()
-                    .map(|(l, layer)| -> anyhow::Result<_> {
-                        Ok(match method {
-                            Compression::Submoe => {
-                                let opts = SubMoeOptions {
-                                    rank: plan.rank,
-                                    ..Default::default()
-                                };
-                                let (out, rep) = merge::submoe::submoe_merge(
-                                    layer,
-                                    &assignment[l],
-                                    &freqs[l],
-                                    &opts,
-                                )?;
-                                reports.push(rep);
-                                out
-                            }
-                            Compression::Prune => {
-                                merge::submoe::prune_experts(layer, &freqs[l], keep)?
-                            }
-                            Compression::Average => {
-                                merge::submoe::average_clusters(layer, &assignment[l], None)?
-                            }
-                        })
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let (sd, cfg) = crate::moe::with_layers(&moe_sd, &moe_cfg, &new_layers, k)?;
+                let (new_layers, reports) =
+                    self.compress(method, keep, &layers, &assignment, &freqs)?;
+                let (sd, cfg) =
+                    crate::moe::with_layers(moe_sd, moe_cfg, &new_layers, plan.experts_per_token)?;
                 let secs = t.elapsed().as_secs_f64();
-                let model = Llama::<Inner<B>>::from_state_dict(&cfg, &sd, false, device)?;
-                let label = format!("{} {keep}/{}", method.name(), experts.len());
-                let row = run.phase(&format!("score {label}"), || {
+                let model = self.load(&cfg, &sd)?;
+                let label = format!("{} {keep}/{}", method.name(), self.experts.len());
+                let scorer = &self.scorer;
+                let row = self.run.phase(&format!("score {label}"), || {
                     scorer.row(method.name(), label.clone(), &model, Some(secs))
                 })?;
-                m.models.push(row);
-                m.compressions.push(CompressionRow {
+                self.m.models.push(row);
+                self.m.compressions.push(CompressionRow {
                     method,
                     experts: keep,
                     assignment: if method == Compression::Prune {
@@ -936,55 +1020,78 @@ fn run_on<B: AutodiffBackend>(
                     frequencies: freqs.clone(),
                     submoe: (method == Compression::Submoe).then_some(reports),
                 });
-                bar.inc(1);
-                partial(&run, &m)?;
+                self.bar.inc(1);
+                self.partial()?;
             }
         }
+        Ok(())
     }
-    bar.finish_and_clear();
-    m.models.extend(dense_merges);
 
-    run.write("models.csv", models_csv(&m.models, &plan.tasks).as_bytes())?;
-    plots(&run, plan, &m)?;
-    // The first mixture as a Hugging Face folder transformers loads (config
-    // and tokenizer files written from the base's description and tokenizer,
-    // so a GGUF base, which carries them in its header, works too).
-    if !no_save {
-        let job_cfg = moe_config(plan, &data, first_mode);
-        let mut moe = merge::moe::Assembled {
-            weights: moe_sd,
-            config: moe_cfg,
-        };
-        let scratch = run.dir.join(".tokenizer");
+    /// Every block compressed to `keep` experts by `method`.
+    fn compress(
+        &self,
+        method: Compression,
+        keep: usize,
+        layers: &[merge::submoe::MoeLayer],
+        assignment: &[Vec<usize>],
+        freqs: &[Vec<f64>],
+    ) -> anyhow::Result<Compressed> {
+        let mut reports = Vec::new();
+        let new_layers = layers
+            .iter()
+            .enumerate()
+            .map(|(l, layer)| -> anyhow::Result<_> {
+                Ok(match method {
+                    Compression::Submoe => {
+                        let opts = SubMoeOptions {
+                            rank: self.plan.rank,
+                            ..Default::default()
+                        };
+                        let (out, rep) =
+                            merge::submoe::submoe_merge(layer, &assignment[l], &freqs[l], &opts)?;
+                        reports.push(rep);
+                        out
+                    }
+                    Compression::Prune => merge::submoe::prune_experts(layer, &freqs[l], keep)?,
+                    Compression::Average => {
+                        merge::submoe::average_clusters(layer, &assignment[l], None)?
+                    }
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok((new_layers, reports))
+    }
+
+    /// The first mixture as a Hugging Face folder transformers loads (config
+    /// and tokenizer files written from the base's description and
+    /// tokenizer, so a GGUF base, which carries them in its header, works too).
+    fn save_mixture(
+        &mut self,
+        weights: StateDict,
+        config: LlamaConfig,
+        mode: GateMode,
+    ) -> anyhow::Result<()> {
+        let job_cfg = moe_config(self.plan, self.data, mode);
+        let mut moe = merge::moe::Assembled { weights, config };
+        let scratch = self.run.dir.join(".tokenizer");
         std::fs::create_dir_all(&scratch)
             .with_context(|| format!("creating {}", scratch.display()))?;
-        base.tokenizer.save(&scratch)?;
-        // The base's description with its special tokens, as s2ft-core saves a model.
-        let mut cfg = c.to_hf();
-        if let Some(bos) = base
-            .tokenizer
-            .bos_token()
-            .and_then(|b| base.tokenizer.token_id(&b))
-        {
-            cfg["bos_token_id"] = bos.into();
-        }
-        if let Some(&eos) = base.tokenizer.stop_ids().first() {
-            cfg["eos_token_id"] = eos.into();
-        }
-        run.write(
+        let tokenizer = &self.base.tokenizer;
+        tokenizer.save(&scratch)?;
+        let cfg =
+            s2ft_core::pretrained::hf_config_with_special_tokens(&self.base.config, tokenizer);
+        self.run.write(
             ".tokenizer/config.json",
             serde_json::to_string_pretty(&cfg)?.as_bytes(),
         )?;
-        let out = run.dir.join("moe");
-        let saved = run.phase("save mixture", || {
+        let out = self.run.dir.join("moe");
+        let saved = self.run.phase("save mixture", || {
             merge::moe::write_folder(&out, &mut moe, &scratch, &job_cfg.to_yaml(), 2 << 30)
         });
         let _ = std::fs::remove_dir_all(&scratch);
         saved?;
+        Ok(())
     }
-    let md = report(plan, &m);
-    run.finish(json!({"plan": plan, "metrics": m}), &md)?;
-    Ok(run.dir.clone())
 }
 
 fn models_csv(rows: &[ModelRow], tasks: &[InstructTask]) -> String {
