@@ -44,7 +44,7 @@ use sparsify::{Sparsification, SparsifyParams};
 use subspace::SubspaceMethod;
 
 /// A resolved parameter value.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
 #[serde(untagged)]
 pub enum Value {
     /// A number (YAML int or float).

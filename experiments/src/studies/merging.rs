@@ -197,8 +197,45 @@ pub struct MergeRow {
     pub method: String,
     /// Scores on every task.
     pub scores: Scores,
-    /// Method-specific facts: parameters, `fixed_fraction` of WM, RMM's `storage_ratio`, MTL's steps.
-    pub details: serde_json::Value,
+    /// Method-specific facts.
+    pub details: Details,
+}
+
+/// What a merge row records besides its scores (one JSON object each, as
+/// the fields below).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Details {
+    /// Weight matching to the base, then TIES: the fraction of units the
+    /// permutations left in place.
+    WmTies {
+        /// Units left in place, over all groups and fine-tunes.
+        fixed_fraction: f64,
+    },
+    /// Reversible model merging: one store of this rank, each task rebuilt.
+    Rmm {
+        /// The store's rank.
+        rank: usize,
+        /// The store's size ÷ the task vectors'.
+        storage_ratio: f64,
+        /// How it is scored.
+        note: String,
+    },
+    /// LoRA-LEGO: the merged adapter's rank.
+    LoraLego {
+        /// Rank of the merged adapter.
+        merged_rank: usize,
+    },
+    /// Multi-task fine-tuning.
+    Mtl {
+        /// Training steps (as many as the task fine-tunes together).
+        steps: usize,
+        /// How it is trained.
+        note: String,
+    },
+    /// A registry method's parameters as the registry takes them (one
+    /// model's and the shared).
+    Params(merge::Params),
 }
 
 /// Cosine similarity of two task vectors.
@@ -512,7 +549,7 @@ where
                 run: &Run,
                 method: &str,
                 scores: Scores,
-                details: serde_json::Value|
+                details: Details|
      -> anyhow::Result<()> {
         merges.push(MergeRow {
             family: name.into(),
@@ -532,8 +569,13 @@ where
         let (_, shared, per_model) = merge.lower(fam.weights.len())?;
         let mut params = per_model.into_iter().next().unwrap_or_default();
         params.extend(shared);
-        let details = serde_json::to_value(params)?;
-        push(merges, run, label, st.score(&merged)?, details)?;
+        push(
+            merges,
+            run,
+            label,
+            st.score(&merged)?,
+            Details::Params(params),
+        )?;
     }
     let (merged, details) = run.phase(&format!("{name} wm+ties"), || wm_ties(st, fam))?;
     push(merges, run, "wm_ties", st.score(&merged)?, details)?;
@@ -558,7 +600,7 @@ where
             run,
             "lora_lego",
             scores,
-            serde_json::json!({"merged_rank": r}),
+            Details::LoraLego { merged_rank: r },
         )?;
     }
     // Multi-task fine-tuning (FusionBench's MTL row): the family's method on
@@ -567,10 +609,10 @@ where
     let ft = run.phase(&format!("{name} mtl"), || {
         st.finetune(fam.method, st.tasks, seed * 1000 + 900, None, bar)
     })?;
-    let details = serde_json::json!({
-        "steps": st.s.steps * st.tasks.len(),
-        "note": "one fine-tune on all tasks (rows of each batch from the tasks in turn), as many steps as the task fine-tunes together",
-    });
+    let details = Details::Mtl {
+        steps: st.s.steps * st.tasks.len(),
+        note: "one fine-tune on all tasks (rows of each batch from the tasks in turn), as many steps as the task fine-tunes together".into(),
+    };
     push(merges, run, "mtl", st.score(&ft.weights)?, details)
 }
 
@@ -578,7 +620,7 @@ where
 fn wm_ties<B: AutodiffBackend>(
     st: &Study<'_, B>,
     fam: &Family,
-) -> anyhow::Result<(StateDict, serde_json::Value)> {
+) -> anyhow::Result<(StateDict, Details)> {
     let spec = permute::builders::llama(&st.s.config, &st.base)?;
     let (method, params, per_model) = ties(st.args).lower(fam.weights.len())?;
     let (merged, aligned) = merge::aligned::permutation_aware_merge(
@@ -594,7 +636,9 @@ fn wm_ties<B: AutodiffBackend>(
             ..Default::default()
         },
     )?;
-    let details = serde_json::json!({"fixed_fraction": fixed_fraction(&aligned.perms)});
+    let details = Details::WmTies {
+        fixed_fraction: fixed_fraction(&aligned.perms),
+    };
     Ok((merged, details))
 }
 
@@ -627,7 +671,7 @@ fn aligned_task_vectors(
 fn rmm<B: AutodiffBackend>(
     st: &Study<'_, B>,
     tvs: &[IndexMap<String, Array2<f32>>],
-) -> anyhow::Result<(Scores, serde_json::Value)>
+) -> anyhow::Result<(Scores, Details)>
 where
     Llama<B>: AutodiffModule<B>,
 {
@@ -646,7 +690,11 @@ where
         mean_acc: mean(acc.values().copied()),
         acc,
     };
-    let details = serde_json::json!({"rank": p, "storage_ratio": store.storage_ratio(), "note": "each task scored with its own reconstruction"});
+    let details = Details::Rmm {
+        rank: p,
+        storage_ratio: store.storage_ratio(),
+        note: "each task scored with its own reconstruction".into(),
+    };
     Ok((scores, details))
 }
 
@@ -848,4 +896,54 @@ fn report<B: AutodiffBackend>(st: &Study<'_, B>, m: &Metrics) -> String {
     }
     md.push_str("\n![full](accuracy_full.png)\n\n![lora](accuracy_lora.png)\n\n![s2ft](accuracy_s2ft-random.png)\n\n![spectra](task_vector_spectra.png)\n");
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each kind of details is written as the fields it names and read back
+    /// as the same kind (`compare-runs` reads the rows back).
+    #[test]
+    fn details_are_written_as_their_fields_and_read_back_as_the_same_kind() {
+        let params: merge::Params = [("density".to_string(), merge::Value::Num(0.5))]
+            .into_iter()
+            .collect();
+        let cases = [
+            (
+                Details::WmTies {
+                    fixed_fraction: 0.25,
+                },
+                r#"{"fixed_fraction":0.25}"#,
+            ),
+            (
+                Details::Rmm {
+                    rank: 2,
+                    storage_ratio: 0.5,
+                    note: "n".into(),
+                },
+                r#"{"rank":2,"storage_ratio":0.5,"note":"n"}"#,
+            ),
+            (Details::LoraLego { merged_rank: 8 }, r#"{"merged_rank":8}"#),
+            (
+                Details::Mtl {
+                    steps: 6,
+                    note: "n".into(),
+                },
+                r#"{"steps":6,"note":"n"}"#,
+            ),
+            (Details::Params(params), r#"{"density":0.5}"#),
+        ];
+        for (d, want) in cases {
+            let text = serde_json::to_string(&d).unwrap();
+            assert_eq!(text, want);
+            let back: Details = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                std::mem::discriminant(&back),
+                std::mem::discriminant(&d),
+                "{text}"
+            );
+            assert_eq!(serde_json::to_string(&back).unwrap(), want);
+        }
+    }
 }
