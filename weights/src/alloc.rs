@@ -7,7 +7,7 @@
 //! It counts host heap only: on the CUDA backend, device memory is not seen.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 /// The allocator: `#[global_allocator] static A: Counting = Counting;`.
 pub struct Counting;
@@ -16,10 +16,79 @@ static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
-/// Counts `n` more live bytes and raises the peak.
+/// Concurrent [`PeakWindow`]s at most (more get no measurement).
+const WINDOWS: usize = 32;
+/// Which window slots are open (bit `i`: slot `i`).
+static OPEN: AtomicU32 = AtomicU32::new(0);
+/// Each open window's peak of live bytes.
+static WINDOW_PEAK: [AtomicUsize; WINDOWS] = [const { AtomicUsize::new(0) }; WINDOWS];
+
+/// Counts `n` more live bytes and raises the peaks.
 fn grow(n: usize) {
     let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
     PEAK.fetch_max(now, Ordering::Relaxed);
+    let mut open = OPEN.load(Ordering::Relaxed);
+    while open != 0 {
+        WINDOW_PEAK[open.trailing_zeros() as usize].fetch_max(now, Ordering::Relaxed);
+        open &= open - 1;
+    }
+}
+
+/// A peak measurement of its own: the largest live heap between
+/// [`PeakWindow::open`] and [`PeakWindow::growth`], which no other window
+/// (another thread's measurement) resets, unlike [`reset_peak`]. The heap is
+/// still the process's: other threads' allocations count.
+pub struct PeakWindow {
+    slot: Option<usize>,
+    start: usize,
+}
+
+impl PeakWindow {
+    /// Opens a window at the current live bytes.
+    pub fn open() -> PeakWindow {
+        loop {
+            let open = OPEN.load(Ordering::Acquire);
+            if open == u32::MAX {
+                return PeakWindow {
+                    slot: None,
+                    start: live(),
+                };
+            }
+            let i = (!open).trailing_zeros() as usize;
+            let start = live();
+            WINDOW_PEAK[i].store(start, Ordering::Relaxed);
+            if OPEN
+                .compare_exchange(open, open | 1 << i, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                // Bytes allocated between the store and the opening count too.
+                WINDOW_PEAK[i].fetch_max(live(), Ordering::Relaxed);
+                return PeakWindow {
+                    slot: Some(i),
+                    start,
+                };
+            }
+        }
+    }
+
+    /// How far the live heap rose above the window's start, at most, so far;
+    /// `None` where [`Counting`] is not installed or all slots were taken.
+    pub fn growth(&self) -> Option<usize> {
+        let i = self.slot.filter(|_| installed())?;
+        Some(
+            WINDOW_PEAK[i]
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.start),
+        )
+    }
+}
+
+impl Drop for PeakWindow {
+    fn drop(&mut self) {
+        if let Some(i) = self.slot {
+            OPEN.fetch_and(!(1 << i), Ordering::AcqRel);
+        }
+    }
 }
 
 // SAFETY: every call forwards to the system allocator with the same layout;

@@ -1310,11 +1310,10 @@ impl<B: Backend> Study<'_, B> {
         let (scorer, plan, base) = (self.scorer, self.plan, &self.prep.base.weights);
         let tasks = g.tasks();
         let timed = |cand: &Candidate| {
-            let before = crate::alloc::reset_peak();
+            let window = crate::alloc::PeakWindow::open();
             let t0 = Instant::now();
             let out = Self::build((plan, base), g, cand, grams)?;
-            let peak = crate::alloc::installed()
-                .then(|| crate::alloc::peak().saturating_sub(before) as f64 / 1e6);
+            let peak = window.growth().map(|b| b as f64 / 1e6);
             anyhow::Ok((out, t0.elapsed().as_secs_f64(), peak))
         };
         let mut points = Vec::new();

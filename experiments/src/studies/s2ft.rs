@@ -394,7 +394,7 @@ where
     Llama<B>: AutodiffModule<B>,
 {
     let c = &s.config;
-    let before = crate::alloc::reset_peak();
+    let window = crate::alloc::PeakWindow::open();
     let model = Llama::<B>::from_state_dict(c, base, method == Method::Full, device)?;
     anyhow::ensure!(!tasks.is_empty(), "fine-tuning needs at least one task");
     let mut rng = Rng::new(seed.wrapping_mul(7919).wrapping_add(tasks[0] as u64));
@@ -437,7 +437,7 @@ where
         bar,
         &what,
     )?;
-    let peak_bytes = crate::alloc::installed().then(|| crate::alloc::peak().saturating_sub(before));
+    let peak_bytes = window.growth();
     if let Some(dir) = adapter_dir {
         match method {
             Method::Full => {}

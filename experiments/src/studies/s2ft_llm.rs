@@ -27,7 +27,6 @@ use anyhow::{Context, ensure};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
-use serde_json::json;
 
 use crate::llm::{EncodedSet, Prompter, SetScore, score_set, sft_batch, text_loss, text_windows};
 use crate::plot::{Series, bar_chart, line_chart};
@@ -599,7 +598,7 @@ where
 {
     let c = &base.config;
     let started = Instant::now();
-    let before = crate::alloc::reset_peak();
+    let window = crate::alloc::PeakWindow::open();
     let model = Llama::<B>::from_state_dict(c, &base.weights, method == Method::Full, device)?;
     let seed = plan.seed;
     // LoRA dropout draws its masks from the backend's generator: seeded, so
@@ -672,8 +671,7 @@ where
     if let Some(e) = failure {
         return Err(e.context("drawing a training batch"));
     }
-    let peak_mb =
-        crate::alloc::installed().then(|| crate::alloc::peak().saturating_sub(before) as f64 / 1e6);
+    let peak_mb = window.growth().map(|b| b as f64 / 1e6);
     Ok(Trained {
         diverged: divergence(&out.losses, out.stopped.as_ref()),
         step_ms: out.median_step_ms(),
@@ -799,10 +797,36 @@ impl Results {
     fn write_partial<B: AutodiffBackend>(&self, run: &Run, s: &Study<'_, B>) -> anyhow::Result<()> {
         run.write("sweep.csv", sweep_csv(&self.sweep).as_bytes())?;
         run.write("runs.csv", runs_csv(&self.rows).as_bytes())?;
-        run.partial(
-            &json!({"plan": s.plan, "base": s.base, "sweep": self.sweep, "runs": self.rows}),
-        )
+        run.partial(&serde_json::to_value(Partial {
+            plan: s.plan,
+            base: s.base,
+            sweep: &self.sweep,
+            runs: &self.rows,
+        })?)
     }
+}
+
+/// What `metrics.partial.json` holds while the study runs.
+#[derive(Serialize)]
+struct Partial<'a> {
+    plan: &'a Plan,
+    base: &'a BaseScores,
+    sweep: &'a [SweepRow],
+    runs: &'a [RunRow],
+}
+
+/// What `metrics.json` holds.
+#[derive(Serialize)]
+struct Metrics<'a> {
+    model: &'a Path,
+    config: &'a LlamaConfig,
+    plan: &'a Plan,
+    base: &'a BaseScores,
+    sweep: &'a [SweepRow],
+    runs: &'a [RunRow],
+    summary: &'a [SummaryRow],
+    finetunes: &'a [ManifestEntry],
+    memory_measured: bool,
 }
 
 impl<B: AutodiffBackend> Study<'_, B>
@@ -947,17 +971,17 @@ fn finish<B: AutodiffBackend>(
     run.write("summary.csv", summary_csv(&summary).as_bytes())?;
     plots(&run, plan, &summary, &res.rows, &res.sweep)?;
     let md = report(plan, c, s.prep, s.base, &summary, &res.rows, &res.sweep);
-    let metrics = json!({
-        "model": plan.model,
-        "config": c,
-        "plan": plan,
-        "base": s.base,
-        "sweep": res.sweep,
-        "runs": res.rows,
-        "summary": summary,
-        "finetunes": res.manifest,
-        "memory_measured": crate::alloc::installed(),
-    });
+    let metrics = serde_json::to_value(Metrics {
+        model: &plan.model,
+        config: c,
+        plan,
+        base: s.base,
+        sweep: &res.sweep,
+        runs: &res.rows,
+        summary: &summary,
+        finetunes: &res.manifest,
+        memory_measured: crate::alloc::installed(),
+    })?;
     run.finish(metrics, &md)?;
     Ok(run.dir.clone())
 }
