@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
-use serde_json::json;
+use serde::Serialize;
 use spectra::farms::FarmsOptions;
 use spectra::report::{LayerAnalysis, ReportOptions, analyze_tensor, to_csv};
 use weights::{Checkpoint, StateDict, Tensor, TensorSource};
@@ -119,7 +119,7 @@ pub fn run(args: &SpectraArgs) -> anyhow::Result<PathBuf> {
     let plan = spectra::welore::welore_plan(&layers, args.welore_reduction, 0.1)?;
     let dir = run.dir.clone();
     run.phase("plots", || plots(&dir, &analyses, !args.no_farms))?;
-    let (metrics, md) = report(&label, &rows, &plan);
+    let (metrics, md) = report(&label, &rows, &plan)?;
     run.finish(metrics, &md)?;
     Ok(run.dir.clone())
 }
@@ -213,12 +213,22 @@ fn plots(dir: &Path, analyses: &[LayerAnalysis], farms: bool) -> anyhow::Result<
     )
 }
 
+/// What `metrics.json` holds.
+#[derive(Serialize)]
+struct Metrics<'a> {
+    source: &'a str,
+    layers: &'a [spectra::report::LayerReport],
+    mean_alpha: Option<f64>,
+    mean_alpha_weighted: Option<f64>,
+    welore: &'a [spectra::welore::WeloreLayer],
+}
+
 /// `metrics.json` and `report.md` from the layers' rows and the WeLore plan.
 fn report(
     label: &str,
     rows: &[spectra::report::LayerReport],
     plan: &[spectra::welore::WeloreLayer],
-) -> (serde_json::Value, String) {
+) -> anyhow::Result<(serde_json::Value, String)> {
     let fitted: Vec<f64> = rows.iter().filter_map(|r| r.alpha).collect();
     let mean = |v: &[f64]| {
         if v.is_empty() {
@@ -228,13 +238,13 @@ fn report(
         }
     };
     let weighted: Vec<f64> = rows.iter().filter_map(|r| r.alpha_weighted).collect();
-    let metrics = json!({
-        "source": label,
-        "layers": rows,
-        "mean_alpha": mean(&fitted),
-        "mean_alpha_weighted": mean(&weighted),
-        "welore": plan,
-    });
+    let metrics = serde_json::to_value(Metrics {
+        source: label,
+        layers: rows,
+        mean_alpha: mean(&fitted),
+        mean_alpha_weighted: mean(&weighted),
+        welore: plan,
+    })?;
     let mut md = format!(
         "# Spectra of {label}\n\n{} weight matrices analysed; mean α {}, mean weighted α {}.\n\n",
         rows.len(),
@@ -261,7 +271,7 @@ fn report(
         ));
     }
     md.push_str("\n![alpha per layer](alpha_per_layer.png)\n\n![ESD tails](esd_tails.png)\n");
-    (metrics, md)
+    Ok((metrics, md))
 }
 
 #[cfg(test)]
