@@ -162,13 +162,17 @@ impl Format {
         if path.join("adapter_config.json").is_file() {
             let text = std::fs::read_to_string(path.join("adapter_config.json"))
                 .with_context(|| format!("fine-tune {}", path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
+            /// What tells an adapter's kind in its `adapter_config.json`.
+            #[derive(serde::Deserialize)]
+            struct Kind {
+                peft_type: Option<String>,
+                adapter_type: Option<String>,
+            }
+            let v: Kind = serde_json::from_str(&text)
                 .with_context(|| format!("fine-tune {}: adapter_config.json", path.display()))?;
-            return match v.get("peft_type").and_then(|t| t.as_str()) {
+            return match v.peft_type.as_deref() {
                 Some("LORA") => Ok(Format::Peft),
-                _ if v.get("adapter_type").and_then(|t| t.as_str()) == Some("s2ft") => {
-                    Ok(Format::S2ft)
-                }
+                _ if v.adapter_type.as_deref() == Some("s2ft") => Ok(Format::S2ft),
                 other => bail!(
                     "fine-tune {}: adapter_config.json has peft_type {other:?}; only LoRA adapters are merged",
                     path.display()
