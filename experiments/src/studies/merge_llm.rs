@@ -1857,19 +1857,6 @@ fn task_vectors<B: Backend>(
     pair_lambda: f64,
     ind_test: &BTreeMap<String, f64>,
 ) -> anyhow::Result<Analysis> {
-    let n = g.members.len();
-    let layers = scorer.config.num_hidden_layers;
-    let analysed: Vec<usize> = match &plan.analysis_layers {
-        Some(l) => l.clone(),
-        None if plan.quick => {
-            let mut v = vec![0, layers / 2, layers - 1];
-            v.dedup();
-            v
-        }
-        None => (0..layers).collect(),
-    };
-    let in_analysis =
-        |name: &str| merge::run::layer_of(name).is_some_and(|(l, _)| analysed.contains(&l));
     let tvs: Vec<Vec<(String, Array2<f32>)>> =
         g.weights.iter().map(|w| task_matrices(w, base)).collect();
     let dot = |a: &[(String, Array2<f32>)], b: &[(String, Array2<f32>)]| -> f64 {
@@ -1884,78 +1871,21 @@ fn task_vectors<B: Backend>(
             .sum()
     };
     let norms: Vec<f64> = tvs.iter().map(|t| dot(t, t).sqrt()).collect();
-    let mut cosines = vec![vec![1.0; n]; n];
-    for i in 0..n {
-        for j in i + 1..n {
-            let c = dot(&tvs[i], &tvs[j]) / (norms[i] * norms[j]).max(1e-30);
-            cosines[i][j] = c;
-            cosines[j][i] = c;
-        }
-    }
-    // SVDs of the analysed weights.
-    let mut weights = Vec::new();
-    let mut svds: Vec<Vec<Option<spectra::linalg::Svd<f64>>>> = vec![Vec::new(); n];
-    for (k, tv) in tvs.iter().enumerate() {
-        for (name, d) in tv.iter() {
-            if !in_analysis(name) {
-                continue;
-            }
-            let d64: Array2<f64> = d.mapv(f64::from);
-            let top = d64.iter().fold(0f64, |a, b| a.max(b.abs()));
-            if top == 0.0 {
-                // An untouched weight (S²FT trains only o_proj and down_proj).
-                svds[k].push(None);
-                continue;
-            }
-            let svd = spectra::linalg::thin_svd(ArrayView2::from(&d64), name)?;
-            weights.push(WeightStats::from_singular_values(
-                g.members[k].task.name(),
-                name,
-                &svd.s.to_vec(),
-            ));
-            svds[k].push(Some(svd));
-        }
-    }
-    let mut overlaps = vec![vec![1.0; n]; n];
-    for i in 0..n {
-        for j in i + 1..n {
-            let mut v = Vec::new();
-            for (a, b) in svds[i].iter().zip(&svds[j]) {
-                if let (Some(a), Some(b)) = (a, b) {
-                    v.push(spectra::alignment::subspace_overlap(a, b, plan.overlap_k)?);
-                }
-            }
-            let o = mean(v);
-            overlaps[i][j] = o;
-            overlaps[j][i] = o;
-        }
-    }
-    drop(svds);
-    // Each pair merged alone.
-    let mut pairs = Vec::new();
-    for i in 0..n {
-        for j in i + 1..n {
-            let pair = [g.weights[i].clone(), g.weights[j].clone()];
-            let merged = tv(TaskVectorPreset::TaskArithmetic, pair_lambda, None).merge(
-                Some(base),
-                &pair,
-                plan.seed,
-            )?;
-            let only = [g.members[i].task, g.members[j].task];
-            let acc = scorer.score(&scorer.model(&merged)?, Which::Test, Some(&only))?;
-            let ind: BTreeMap<String, f64> = only
-                .iter()
-                .map(|t| (t.name().to_string(), ind_test[t.name()]))
-                .collect();
-            pairs.push(PairStats {
-                a: only[0].name().into(),
-                b: only[1].name().into(),
-                cosine: cosines[i][j],
-                overlap: overlaps[i][j],
-                pair_normalised: normalised(&acc.tasks, &ind).mean,
-            });
-        }
-    }
+    let cosines = symmetric(tvs.len(), |i, j| {
+        Ok(dot(&tvs[i], &tvs[j]) / (norms[i] * norms[j]).max(1e-30))
+    })?;
+    let analysed = analysed_layers(plan, scorer.config.num_hidden_layers);
+    let (weights, overlaps) = spectra_of(plan, g, &tvs, &analysed)?;
+    drop(tvs);
+    let pairs = pair_merges(
+        plan,
+        scorer,
+        base,
+        g,
+        pair_lambda,
+        ind_test,
+        (&cosines, &overlaps),
+    )?;
     let ok: Vec<&PairStats> = pairs
         .iter()
         .filter(|p| p.pair_normalised.is_some())
@@ -1989,6 +1919,121 @@ fn task_vectors<B: Backend>(
         pair_lambda,
         weights,
     })
+}
+
+/// An `n × n` symmetric matrix with 1 on the diagonal and `f(i, j)` above it.
+#[allow(clippy::needless_range_loop)] // i and j name the pair as well as index the matrix
+fn symmetric(
+    n: usize,
+    mut f: impl FnMut(usize, usize) -> anyhow::Result<f64>,
+) -> anyhow::Result<Vec<Vec<f64>>> {
+    let mut m = vec![vec![1.0; n]; n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let v = f(i, j)?;
+            m[i][j] = v;
+            m[j][i] = v;
+        }
+    }
+    Ok(m)
+}
+
+/// The blocks whose weights are analysed: `--analysis-layers`, else the
+/// first, middle and last with `--quick`, else all.
+fn analysed_layers(plan: &Plan, layers: usize) -> Vec<usize> {
+    match &plan.analysis_layers {
+        Some(l) => l.clone(),
+        None if plan.quick => {
+            let mut v = vec![0, layers / 2, layers - 1];
+            v.dedup();
+            v
+        }
+        None => (0..layers).collect(),
+    }
+}
+
+/// Singular-value statistics of every task's analysed weights, and per pair
+/// of tasks the mean top-k subspace overlap over the weights both touched.
+fn spectra_of(
+    plan: &Plan,
+    g: &Group<'_>,
+    tvs: &[Vec<(String, Array2<f32>)>],
+    analysed: &[usize],
+) -> anyhow::Result<(Vec<WeightStats>, Vec<Vec<f64>>)> {
+    let in_analysis =
+        |name: &str| merge::run::layer_of(name).is_some_and(|(l, _)| analysed.contains(&l));
+    let mut weights = Vec::new();
+    let mut svds: Vec<Vec<Option<spectra::linalg::Svd<f64>>>> = vec![Vec::new(); tvs.len()];
+    for (k, tv) in tvs.iter().enumerate() {
+        for (name, d) in tv.iter() {
+            if !in_analysis(name) {
+                continue;
+            }
+            let d64: Array2<f64> = d.mapv(f64::from);
+            let top = d64.iter().fold(0f64, |a, b| a.max(b.abs()));
+            if top == 0.0 {
+                // An untouched weight (S²FT trains only o_proj and down_proj).
+                svds[k].push(None);
+                continue;
+            }
+            let svd = spectra::linalg::thin_svd(ArrayView2::from(&d64), name)?;
+            weights.push(WeightStats::from_singular_values(
+                g.members[k].task.name(),
+                name,
+                &svd.s.to_vec(),
+            ));
+            svds[k].push(Some(svd));
+        }
+    }
+    let overlaps = symmetric(tvs.len(), |i, j| {
+        let mut v = Vec::new();
+        for (a, b) in svds[i].iter().zip(&svds[j]) {
+            if let (Some(a), Some(b)) = (a, b) {
+                v.push(spectra::alignment::subspace_overlap(a, b, plan.overlap_k)?);
+            }
+        }
+        Ok(mean(v))
+    })?;
+    Ok((weights, overlaps))
+}
+
+/// Each pair of the group's tasks merged alone by task arithmetic at
+/// `pair_lambda`, scored (normalised) on its two tasks.
+fn pair_merges<B: Backend>(
+    plan: &Plan,
+    scorer: &Scorer<'_, B>,
+    base: &StateDict,
+    g: &Group<'_>,
+    pair_lambda: f64,
+    ind_test: &BTreeMap<String, f64>,
+    (cosines, overlaps): (&[Vec<f64>], &[Vec<f64>]),
+) -> anyhow::Result<Vec<PairStats>> {
+    let n = g.members.len();
+    let mut pairs = Vec::new();
+    for i in 0..n {
+        for j in i + 1..n {
+            let pair = [g.weights[i].clone(), g.weights[j].clone()];
+            let merged = tv(TaskVectorPreset::TaskArithmetic, pair_lambda, None).merge(
+                Some(base),
+                &pair,
+                plan.seed,
+            )?;
+            let only = [g.members[i].task, g.members[j].task];
+            let acc = scorer.score(&scorer.model(&merged)?, Which::Test, Some(&only))?;
+            let ind: BTreeMap<String, f64> = only
+                .iter()
+                .map(|t| (t.name().to_string(), ind_test[t.name()]))
+                .collect();
+            pairs.push(PairStats {
+                a: only[0].name().into(),
+                b: only[1].name().into(),
+                cosine: cosines[i][j],
+                overlap: overlaps[i][j],
+                pair_normalised: normalised(&acc.tasks, &ind).mean,
+            });
+        }
+    }
+    Ok(pairs)
 }
 
 fn fmt(v: Option<f64>) -> String {
