@@ -604,58 +604,15 @@ where
     // LoRA dropout draws its masks from the backend's generator: seeded, so
     // that a rerun trains the same adapters.
     B::seed(device, seed);
-    let mut streams: Vec<Stream> = tasks
-        .iter()
-        .map(|&t| Stream::new(t, Split::Train, words, seed))
-        .collect();
-    let mut drawn = 0usize;
-    let mut next_batch = |n: usize| -> anyhow::Result<Vec<(Vec<u32>, Vec<u32>)>> {
-        (0..n)
-            .map(|_| {
-                let k = drawn % streams.len();
-                drawn += 1;
-                let ex = streams[k].next().expect("endless stream");
-                Ok((prompter.prompt(&ex)?, prompter.completion(&ex)?))
-            })
-            .collect()
-    };
-    let model = match method {
-        Method::Full => model,
-        Method::Lora(r) => apply_lora_with_dropout(
-            model,
-            r,
-            2.0 * r as f64,
-            plan.lora_dropout,
-            &LORA_TARGETS_ALL,
-            seed,
-        )?,
-        Method::S2ft(r, strategy) => {
-            let sc = plan.s2ft_config(c, r, strategy, seed)?;
-            let scores = match strategy {
-                Strategy::Random => None,
-                _ => {
-                    // A calibration batch of training examples (prompt and answer).
-                    let calib = next_batch(plan.batch)?;
-                    let pairs: Vec<(&[u32], &[u32])> =
-                        calib.iter().map(|(p, a)| (&p[..], &a[..])).collect();
-                    let b = sft_batch::<B>(&pairs, prompter.pad, device);
-                    Some(activation_scores(&model, b.tokens))
-                }
-            };
-            let sel = select(c, &sc, scores.as_ref())?;
-            debug_assert!(
-                s2ft_param_count(c, &sel, &sc) <= lora_param_count(c, r, &LORA_TARGETS_ALL)
-            );
-            apply_s2ft(model, &sel, &sc)?
-        }
-    };
+    let mut batches = Batches::new(tasks, words, seed, prompter);
+    let model = adapt(model, method, plan, &mut batches, device)?;
     let trainable = trainable_params(&model);
     let mut failure: Option<anyhow::Error> = None;
     let out = train(
         model,
         |_| {
             bar.inc(1);
-            let rows = next_batch(plan.batch).unwrap_or_else(|e| {
+            let rows = batches.next(plan.batch).unwrap_or_else(|e| {
                 failure.get_or_insert(e);
                 Vec::new()
             });
@@ -680,6 +637,87 @@ where
         trainable,
         peak_mb,
         seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Training examples of the tasks in turn, as (prompt, completion) token ids.
+struct Batches<'w, 'p> {
+    streams: Vec<Stream<'w>>,
+    drawn: usize,
+    prompter: &'p Prompter<'p>,
+}
+
+impl<'w, 'p> Batches<'w, 'p> {
+    fn new(
+        tasks: &[InstructTask],
+        words: &'w Words,
+        seed: u64,
+        prompter: &'p Prompter<'p>,
+    ) -> Self {
+        Batches {
+            streams: tasks
+                .iter()
+                .map(|&t| Stream::new(t, Split::Train, words, seed))
+                .collect(),
+            drawn: 0,
+            prompter,
+        }
+    }
+
+    /// The next `n` examples, one task after the other.
+    fn next(&mut self, n: usize) -> anyhow::Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        (0..n)
+            .map(|_| {
+                let k = self.drawn % self.streams.len();
+                self.drawn += 1;
+                let ex = self.streams[k].next().expect("endless stream");
+                Ok((self.prompter.prompt(&ex)?, self.prompter.completion(&ex)?))
+            })
+            .collect()
+    }
+}
+
+/// The model made ready for `method`: as it is (full fine-tuning), with
+/// LoRA adapters, or with S²FT's selected rows and columns trainable (the
+/// activation-based strategies score one calibration batch of `batches`).
+fn adapt<B: AutodiffBackend>(
+    model: Llama<B>,
+    method: Method,
+    plan: &Plan,
+    batches: &mut Batches<'_, '_>,
+    device: &B::Device,
+) -> anyhow::Result<Llama<B>> {
+    let c = &model.config.clone();
+    let seed = plan.seed;
+    Ok(match method {
+        Method::Full => model,
+        Method::Lora(r) => apply_lora_with_dropout(
+            model,
+            r,
+            2.0 * r as f64,
+            plan.lora_dropout,
+            &LORA_TARGETS_ALL,
+            seed,
+        )?,
+        Method::S2ft(r, strategy) => {
+            let sc = plan.s2ft_config(c, r, strategy, seed)?;
+            let scores = match strategy {
+                Strategy::Random => None,
+                _ => {
+                    // A calibration batch of training examples (prompt and answer).
+                    let calib = batches.next(plan.batch)?;
+                    let pairs: Vec<(&[u32], &[u32])> =
+                        calib.iter().map(|(p, a)| (&p[..], &a[..])).collect();
+                    let b = sft_batch::<B>(&pairs, batches.prompter.pad, device);
+                    Some(activation_scores(&model, b.tokens))
+                }
+            };
+            let sel = select(c, &sc, scores.as_ref())?;
+            debug_assert!(
+                s2ft_param_count(c, &sel, &sc) <= lora_param_count(c, r, &LORA_TARGETS_ALL)
+            );
+            apply_s2ft(model, &sel, &sc)?
+        }
     })
 }
 
