@@ -1599,6 +1599,41 @@ fn group_method(group: &str) -> Option<crate::studies::s2ft::Method> {
         .find(|m| m.label() == group)
 }
 
+/// The group's fine-tuning method, the learning rate the `s2ft` run chose
+/// for it, and the `s2ft` plan of one fine-tune on all the group's tasks
+/// for as many steps as its task fine-tunes together.
+fn mtl_plan(
+    plan: &Plan,
+    tr: &Training,
+    g: &Group<'_>,
+    tasks: &[InstructTask],
+) -> anyhow::Result<(
+    crate::studies::s2ft::Method,
+    f64,
+    crate::studies::s2ft_llm::Plan,
+)> {
+    let method = group_method(&g.name).with_context(|| {
+        format!(
+            "mtl: group '{}' is no fine-tuning method of the s2ft study",
+            g.name
+        )
+    })?;
+    let lr = *tr
+        .lrs
+        .get(&g.name)
+        .with_context(|| format!("mtl: the s2ft run chose no learning rate for '{}'", g.name))?;
+    let mut args = crate::studies::s2ft::S2ftArgs::default();
+    args.lm.steps = Some(tr.steps * tasks.len());
+    args.lm.batch = Some(tr.batch);
+    args.lm.seed = tr.seed;
+    args.llm.model = Some(plan.model.clone());
+    args.llm.tasks = Some(tasks.iter().map(|t| t.name().to_string()).collect());
+    args.llm.lora_dropout = Some(tr.lora_dropout);
+    args.ranks = method.rank().map(|r| vec![r]);
+    let s2ft_plan = crate::studies::s2ft_llm::Plan::new(&args)?;
+    Ok((method, lr, s2ft_plan))
+}
+
 /// Multi-task fine-tuning (FusionBench's MTL row): the group's method
 /// trained on all its tasks in turn, for as many examples as its
 /// individual fine-tunes saw together, at the learning rate the `s2ft` run chose.
@@ -1620,28 +1655,9 @@ where
         .training
         .as_ref()
         .expect("mtl needs the run's training settings");
-    let method = group_method(&g.name).with_context(|| {
-        format!(
-            "mtl: group '{}' is no fine-tuning method of the s2ft study",
-            g.name
-        )
-    })?;
-    let lr = *tr
-        .lrs
-        .get(&g.name)
-        .with_context(|| format!("mtl: the s2ft run chose no learning rate for '{}'", g.name))?;
     let tasks = g.tasks();
+    let (method, lr, s2ft_plan) = mtl_plan(plan, tr, g, &tasks)?;
     let steps = tr.steps * tasks.len();
-    let names: Vec<String> = tasks.iter().map(|t| t.name().to_string()).collect();
-    let mut args = crate::studies::s2ft::S2ftArgs::default();
-    args.lm.steps = Some(steps);
-    args.lm.batch = Some(tr.batch);
-    args.lm.seed = tr.seed;
-    args.llm.model = Some(plan.model.clone());
-    args.llm.tasks = Some(names);
-    args.llm.lora_dropout = Some(tr.lora_dropout);
-    args.ranks = method.rank().map(|r| vec![r]);
-    let s2ft_plan = crate::studies::s2ft_llm::Plan::new(&args)?;
     let prompter = Prompter::new(&prep.base.tokenizer)?;
     let t = crate::studies::s2ft_llm::finetune::<B>(
         &prep.base,
