@@ -1101,34 +1101,7 @@ where
     row.forgetting = forgetting.iter().sum::<f64>() / forgetting.len() as f64;
     // Save it where the merge study finds it.
     let rel = format!("finetunes/{}/{}", task.name(), label(method));
-    let out = dir.join(&rel);
-    let format = match method {
-        Method::Full => {
-            let mut sd = t.model.to_state_dict();
-            s2ft_core::pretrained::save_hf_folder(
-                &out,
-                &prep.base.config,
-                &mut sd,
-                &prep.base.tokenizer,
-                weights::DEFAULT_SHARD_BYTES,
-            )?;
-            Format::Hf
-        }
-        Method::Lora(_) => {
-            s2ft_core::adapter::save_lora_peft(&t.model, &out)?;
-            Format::Peft
-        }
-        Method::S2ft(..) => {
-            let a = s2ft_core::adapter::S2ftAdapter::extract(&t.model)?;
-            a.save(&out)?;
-            let mut dense = weights::StateDict::new();
-            for (name, d) in a.dense() {
-                dense.insert(name, weights::Tensor::f32(d.into_dyn()));
-            }
-            dense.save_safetensors(out.join("delta.safetensors"))?;
-            Format::S2ft
-        }
-    };
+    let format = save_finetune(prep, method, &t.model, &dir.join(&rel))?;
     manifest.push(ManifestEntry {
         task: task.name().into(),
         method: method.label(),
@@ -1139,6 +1112,44 @@ where
     });
     row.saved = Some(rel);
     Ok(row)
+}
+
+/// Saves a fine-tune in its method's format at `out`: full fine-tuning as a
+/// Hugging Face folder, LoRA as a PEFT adapter, S²FT as its adapter with the
+/// dense deltas beside it.
+fn save_finetune<B: burn::tensor::backend::Backend>(
+    prep: &Prepared,
+    method: Method,
+    model: &Llama<B>,
+    out: &Path,
+) -> anyhow::Result<Format> {
+    Ok(match method {
+        Method::Full => {
+            let mut sd = model.to_state_dict();
+            s2ft_core::pretrained::save_hf_folder(
+                out,
+                &prep.base.config,
+                &mut sd,
+                &prep.base.tokenizer,
+                weights::DEFAULT_SHARD_BYTES,
+            )?;
+            Format::Hf
+        }
+        Method::Lora(_) => {
+            s2ft_core::adapter::save_lora_peft(model, out)?;
+            Format::Peft
+        }
+        Method::S2ft(..) => {
+            let a = s2ft_core::adapter::S2ftAdapter::extract(model)?;
+            a.save(out)?;
+            let mut dense = weights::StateDict::new();
+            for (name, d) in a.dense() {
+                dense.insert(name, weights::Tensor::f32(d.into_dyn()));
+            }
+            dense.save_safetensors(out.join("delta.safetensors"))?;
+            Format::S2ft
+        }
+    })
 }
 
 fn summarize(methods: &[Method], rows: &[RunRow]) -> Vec<SummaryRow> {
