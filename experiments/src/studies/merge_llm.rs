@@ -2180,7 +2180,6 @@ fn report(
     analyses: &[Analysis],
     best: &[BestModel],
 ) -> String {
-    let tasks: Vec<&str> = plan.tasks.iter().map(|t| t.name()).collect();
     let mut md = format!(
         "# Merging real fine-tunes of {}\n\nBase `{}` ({} layers, hidden {}, vocabulary {}, {} parameters); {} fine-tunes in {} groups: {}. \
          Every merged model is scored by exact match of greedy decoding on {} test and {} out-of-domain examples of each of its tasks; \
@@ -2209,6 +2208,15 @@ fn report(
         plan.regmean_prompts,
         plan.regmean_alpha,
     );
+    normalised_table(&mut md, plan, rows);
+    task_table(&mut md, plan, base, own, rows);
+    grids_and_vectors(&mut md, plan, rows, analyses);
+    outputs(&mut md, plan, best);
+    md
+}
+
+/// The report's table of normalised accuracy, method by group.
+fn normalised_table(md: &mut String, plan: &Plan, rows: &[MergeRow]) {
     md.push_str("## Normalised accuracy (in-domain test, mean over tasks)\n\n| method |");
     for g in &plan.groups {
         md.push_str(&format!(" {g} |"));
@@ -2235,6 +2243,17 @@ fn report(
         }
         md.push('\n');
     }
+}
+
+/// The report's table of every model's accuracy per task, and the rows' notes.
+fn task_table(
+    md: &mut String,
+    plan: &Plan,
+    base: &(Accs, Accs),
+    own: &OwnScores,
+    rows: &[MergeRow],
+) {
+    let tasks: Vec<&str> = plan.tasks.iter().map(|t| t.name()).collect();
     md.push_str("\n![normalised accuracy](normalised_accuracy.png)\n\n## Accuracy per task (test / OOD)\n\n| group | model | ");
     md.push_str(
         &tasks
@@ -2311,6 +2330,10 @@ fn report(
     if !notes.is_empty() {
         md.push_str(&format!("\n{}\n", notes.join("\n")));
     }
+}
+
+/// The report's validation grids and task-vector analysis.
+fn grids_and_vectors(md: &mut String, plan: &Plan, rows: &[MergeRow], analyses: &[Analysis]) {
     md.push_str("\n## Grids (validation, mean accuracy over tasks)\n\n| group | method | grid point | val acc | val answer loss |\n|---|---|---|---|---|\n");
     for r in rows.iter().filter(|r| r.grid.len() > 1) {
         for p in &r.grid {
@@ -2369,6 +2392,10 @@ fn report(
             a.group.replace(' ', "-")
         ));
     }
+}
+
+/// The report's list of outputs.
+fn outputs(md: &mut String, plan: &Plan, best: &[BestModel]) {
     md.push_str("\n## Outputs\n\n");
     for b in best {
         md.push_str(&format!(
@@ -2380,7 +2407,6 @@ fn report(
         "- mergekit YAML configs of every merge in `configs/`, each run through `merge::run` during the study and compared with the in-memory merge bit for bit (column *YAML = in-memory*); their inputs (fused adapters, the base as safetensors, RegMean's Gram matrices) {}.\n",
         if plan.keep_inputs { "are kept in `inputs/`" } else { "were written to `inputs/` and removed after the check (`--keep-inputs` keeps them)" }
     ));
-    md
 }
 
 #[cfg(test)]
