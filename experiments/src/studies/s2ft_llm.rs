@@ -1419,6 +1419,14 @@ fn report(
             ex.answer
         ));
     }
+    methods_table(&mut md, base, summary);
+    runs_and_sweep(&mut md, plan, rows, sweep);
+    greedy_answers(&mut md, rows);
+    md
+}
+
+/// The report's table of methods (means over tasks) and its figures.
+fn methods_table(md: &mut String, base: &BaseScores, summary: &[SummaryRow]) {
     md.push_str(&format!(
         "\nBase held-out loss: {}.\n\n## Methods (means over tasks)\n\n\
          | method | trainable params | lr | in-domain acc | OOD acc | Δ other tasks | forgetting (Δ nats/token) | step ms | peak MB | tasks |\n\
@@ -1448,6 +1456,10 @@ fn report(
     if crate::alloc::installed() {
         md.push_str("\n![memory](memory.png)\n");
     }
+}
+
+/// The report's table of every run and of the learning-rate sweep.
+fn runs_and_sweep(md: &mut String, plan: &Plan, rows: &[RunRow], sweep: &[SweepRow]) {
     md.push_str("\n## Every run\n\n| method | task | lr | test acc | OOD acc | other tasks | forgetting | step ms | diverged |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         md.push_str(&format!(
@@ -1486,6 +1498,10 @@ fn report(
     if plan.lrs.values().any(|v| v.len() > 1) {
         md.push_str("\n![learning-rate sweep](lr_sweep.png)\n");
     }
+}
+
+/// The report's first greedy answers of every run.
+fn greedy_answers(md: &mut String, rows: &[RunRow]) {
     md.push_str("\n## Greedy answers (first test prompts)\n\n");
     for r in rows.iter().filter(|r| r.diverged.is_none()) {
         for (p, a, g) in r.samples.iter().take(1) {
@@ -1504,5 +1520,4 @@ fn report(
          full fine-tunes as Hugging Face folders, LoRA as PEFT adapters, S²FT as `adapter.safetensors` + \
          `adapter_config.json` with the dense ΔW in `delta.safetensors`.\n",
     );
-    md
 }
