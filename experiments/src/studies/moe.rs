@@ -1204,7 +1204,6 @@ fn plots(run: &Run, plan: &Plan, m: &Metrics) -> anyhow::Result<()> {
 }
 
 fn report(plan: &Plan, m: &Metrics) -> String {
-    let tasks: Vec<&str> = plan.tasks.iter().map(|t| t.name()).collect();
     let mut md = format!(
         "# Mixture of experts from fine-tunes (`moe`)\n\nExperts (router order): {}. Top-{} routing; \
          {} positive prompts per expert; {} test + {} OOD examples per task; compression on the \
@@ -1221,6 +1220,14 @@ fn report(plan: &Plan, m: &Metrics) -> String {
         mode_name(plan.gate_modes[0]),
         plan.calibration
     );
+    models_table(&mut md, plan, m);
+    routing_and_compression(&mut md, plan, m);
+    md
+}
+
+/// The report's table of every model on every task.
+fn models_table(md: &mut String, plan: &Plan, m: &Metrics) {
+    let tasks: Vec<&str> = plan.tasks.iter().map(|t| t.name()).collect();
     md.push_str("| model | experts | params (M) | active (M) |");
     for t in &tasks {
         md.push_str(&format!(" {t} |"));
@@ -1260,6 +1267,11 @@ fn report(plan: &Plan, m: &Metrics) -> String {
             r.normalised.map_or("–".into(), |v| format!("{v:.3}"))
         ));
     }
+}
+
+/// The report's routing tables and what compression found.
+fn routing_and_compression(md: &mut String, plan: &Plan, m: &Metrics) {
+    let tasks: Vec<&str> = plan.tasks.iter().map(|t| t.name()).collect();
     md.push_str("\nPer task: test / OOD accuracy. Normalised: test accuracy ÷ the task's own expert, averaged.\n\n## Routing\n\n");
     for r in &m.routing {
         md.push_str(&format!(
@@ -1308,7 +1320,6 @@ fn report(plan: &Plan, m: &Metrics) -> String {
             first.experts, err
         ));
     }
-    md
 }
 
 #[cfg(test)]
