@@ -1329,36 +1329,41 @@ fn plots(
         )?;
     }
     if plan.lrs.values().any(|v| v.len() > 1) {
-        let methods: Vec<String> = {
-            let mut m: Vec<String> = sweep.iter().map(|r| r.method.clone()).collect();
-            m.dedup();
-            m
-        };
-        let series: Vec<Series> = methods
-            .iter()
-            .map(|m| {
-                Series::line(
-                    m.clone(),
-                    sweep
-                        .iter()
-                        .filter(|r| &r.method == m)
-                        .map(|r| (r.lr.log10(), r.val_acc.unwrap_or(f64::NAN)))
-                        .collect(),
-                )
-            })
-            .collect();
-        line_chart(
-            &run.dir.join("lr_sweep"),
-            &format!(
-                "Learning-rate sweep on {} (validation)",
-                plan.tasks[0].name()
-            ),
-            "log10 learning rate",
-            "validation accuracy",
-            &series,
-        )?;
+        sweep_plot(run, plan, sweep)?;
     }
     Ok(())
+}
+
+/// Validation accuracy against the learning rate, one line per method.
+fn sweep_plot(run: &Run, plan: &Plan, sweep: &[SweepRow]) -> anyhow::Result<()> {
+    let methods: Vec<String> = {
+        let mut m: Vec<String> = sweep.iter().map(|r| r.method.clone()).collect();
+        m.dedup();
+        m
+    };
+    let series: Vec<Series> = methods
+        .iter()
+        .map(|m| {
+            Series::line(
+                m.clone(),
+                sweep
+                    .iter()
+                    .filter(|r| &r.method == m)
+                    .map(|r| (r.lr.log10(), r.val_acc.unwrap_or(f64::NAN)))
+                    .collect(),
+            )
+        })
+        .collect();
+    line_chart(
+        &run.dir.join("lr_sweep"),
+        &format!(
+            "Learning-rate sweep on {} (validation)",
+            plan.tasks[0].name()
+        ),
+        "log10 learning rate",
+        "validation accuracy",
+        &series,
+    )
 }
 
 fn report(
