@@ -240,24 +240,78 @@ pub trait Tapped<B: Backend> {
 }
 
 impl<B: Backend> Tapped<B> for ResNet<B> {
+    /// Logits, with every channel norm's output (as `[n·h·w, channels]`)
+    /// handed to `tap` in the order of [`ResNet::norm_prefixes`], and every
+    /// convolution's and the classifier's input to `inputs`.
     fn forward_with(
         &self,
         x: Tensor<B, 2>,
         tap: Tap<'_, B>,
         inputs: &mut Inputs<B>,
     ) -> Tensor<B, 2> {
-        ResNet::forward_with(self, x, tap, inputs)
+        let [n, d] = x.dims();
+        let cin = self.conv1.val().dims()[1];
+        let side = ((d / cin) as f64).sqrt() as usize;
+        // Rows are channel-major (PyTorch's NCHW flattened) → channels-last.
+        let x = x.reshape([n, cin, side, side]).permute([0, 2, 3, 1]);
+        inputs.conv("conv1.weight", &x, &self.conv1, 1);
+        let stem = self.bn1.forward(conv(x, &self.conv1, 1));
+        tap(pixels(&stem));
+        let mut h = relu(stem);
+        for (s, b) in self.blocks.iter().enumerate() {
+            h = b.forward(h, tap, inputs, &format!("layer{}.0", s + 1));
+        }
+        let [n, hh, ww, c] = h.dims();
+        let pooled = h.reshape([n, hh * ww, c]).mean_dim(1).reshape([n, c]);
+        inputs.dense("fc.weight", &pooled);
+        pooled.matmul(self.fc_weight.val().transpose()) + self.fc_bias.val().unsqueeze()
     }
 }
 
 impl<B: Backend> Tapped<B> for Vgg<B> {
+    /// Logits, with the pre-activations of every convolution (as
+    /// `[n·h·w, channels]`) and hidden classifier layer handed to `tap` in
+    /// the order of [`Vgg::layer_prefixes`], and every convolution's and
+    /// classifier layer's input to `inputs`.
     fn forward_with(
         &self,
         x: Tensor<B, 2>,
         tap: Tap<'_, B>,
         inputs: &mut Inputs<B>,
     ) -> Tensor<B, 2> {
-        Vgg::forward_with(self, x, tap, inputs)
+        let [n, d] = x.dims();
+        let cin = self.conv_weights[0].val().dims()[1];
+        let side = ((d / cin) as f64).sqrt() as usize;
+        let mut h = x.reshape([n, cin, side, side]).permute([0, 2, 3, 1]);
+        let last = self.conv_weights.len() - 1;
+        for (i, (w, b)) in self.conv_weights.iter().zip(&self.conv_biases).enumerate() {
+            inputs.conv(&format!("features.{}.weight", 3 * i), &h, w, 1);
+            let o = w.val().dims()[0];
+            let pre = conv(h, w, 1) + b.val().reshape([1, 1, 1, o]);
+            tap(pixels(&pre));
+            h = relu(pre);
+            if i < last {
+                let [n, hh, ww, c] = h.dims();
+                h = h
+                    .reshape([n, hh / 2, 2, ww / 2, 2, c])
+                    .max_dim(4)
+                    .max_dim(2)
+                    .reshape([n, hh / 2, ww / 2, c]);
+            }
+        }
+        // Flatten channel-major (PyTorch's NCHW order).
+        let [n, hh, ww, c] = h.dims();
+        let mut x = h.permute([0, 3, 1, 2]).reshape([n, c * hh * ww]);
+        let last = self.fc_weights.len() - 1;
+        for (j, (w, b)) in self.fc_weights.iter().zip(&self.fc_biases).enumerate() {
+            inputs.dense(&format!("classifier.{}.weight", 2 * j), &x);
+            x = x.matmul(w.val().transpose()) + b.val().unsqueeze::<2>();
+            if j < last {
+                tap(x.clone());
+                x = relu(x);
+            }
+        }
+        x
     }
 }
 
@@ -478,33 +532,6 @@ impl<B: Backend> ResNet<B> {
     /// Logits for images as rows `[n, channels · side²]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.forward_tapped(x, &mut |_| {})
-    }
-
-    /// Logits, with every channel norm's output (as `[n·h·w, channels]`)
-    /// handed to `tap` in the order of [`ResNet::norm_prefixes`], and every
-    /// convolution's and the classifier's input to `inputs`.
-    pub fn forward_with(
-        &self,
-        x: Tensor<B, 2>,
-        tap: Tap<'_, B>,
-        inputs: &mut Inputs<B>,
-    ) -> Tensor<B, 2> {
-        let [n, d] = x.dims();
-        let cin = self.conv1.val().dims()[1];
-        let side = ((d / cin) as f64).sqrt() as usize;
-        // Rows are channel-major (PyTorch's NCHW flattened) → channels-last.
-        let x = x.reshape([n, cin, side, side]).permute([0, 2, 3, 1]);
-        inputs.conv("conv1.weight", &x, &self.conv1, 1);
-        let stem = self.bn1.forward(conv(x, &self.conv1, 1));
-        tap(pixels(&stem));
-        let mut h = relu(stem);
-        for (s, b) in self.blocks.iter().enumerate() {
-            h = b.forward(h, tap, inputs, &format!("layer{}.0", s + 1));
-        }
-        let [n, hh, ww, c] = h.dims();
-        let pooled = h.reshape([n, hh * ww, c]).mean_dim(1).reshape([n, c]);
-        inputs.dense("fc.weight", &pooled);
-        pooled.matmul(self.fc_weight.val().transpose()) + self.fc_bias.val().unsqueeze()
     }
 
     /// The state-dict prefixes of the channel norms, in forward order:
@@ -870,51 +897,6 @@ impl<B: Backend> Vgg<B> {
     /// halve evenly at every pool ([`VggShape::final_side`]).
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         self.forward_tapped(x, &mut |_| {})
-    }
-
-    /// Logits, with the pre-activations of every convolution (as
-    /// `[n·h·w, channels]`) and hidden classifier layer handed to `tap` in
-    /// the order of [`Vgg::layer_prefixes`], and every convolution's and
-    /// classifier layer's input to `inputs`.
-    pub fn forward_with(
-        &self,
-        x: Tensor<B, 2>,
-        tap: Tap<'_, B>,
-        inputs: &mut Inputs<B>,
-    ) -> Tensor<B, 2> {
-        let [n, d] = x.dims();
-        let cin = self.conv_weights[0].val().dims()[1];
-        let side = ((d / cin) as f64).sqrt() as usize;
-        let mut h = x.reshape([n, cin, side, side]).permute([0, 2, 3, 1]);
-        let last = self.conv_weights.len() - 1;
-        for (i, (w, b)) in self.conv_weights.iter().zip(&self.conv_biases).enumerate() {
-            inputs.conv(&format!("features.{}.weight", 3 * i), &h, w, 1);
-            let o = w.val().dims()[0];
-            let pre = conv(h, w, 1) + b.val().reshape([1, 1, 1, o]);
-            tap(pixels(&pre));
-            h = relu(pre);
-            if i < last {
-                let [n, hh, ww, c] = h.dims();
-                h = h
-                    .reshape([n, hh / 2, 2, ww / 2, 2, c])
-                    .max_dim(4)
-                    .max_dim(2)
-                    .reshape([n, hh / 2, ww / 2, c]);
-            }
-        }
-        // Flatten channel-major (PyTorch's NCHW order).
-        let [n, hh, ww, c] = h.dims();
-        let mut x = h.permute([0, 3, 1, 2]).reshape([n, c * hh * ww]);
-        let last = self.fc_weights.len() - 1;
-        for (j, (w, b)) in self.fc_weights.iter().zip(&self.fc_biases).enumerate() {
-            inputs.dense(&format!("classifier.{}.weight", 2 * j), &x);
-            x = x.matmul(w.val().transpose()) + b.val().unsqueeze::<2>();
-            if j < last {
-                tap(x.clone());
-                x = relu(x);
-            }
-        }
-        x
     }
 
     /// The state-dict prefixes of the convolutions and hidden classifier
