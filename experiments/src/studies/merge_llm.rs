@@ -2126,6 +2126,23 @@ fn plots(
             .collect::<Vec<_>>(),
         &series,
     )?;
+    lambda_plot(run, groups, rows)?;
+    for a in analyses {
+        heatmap(
+            &run.dir
+                .join(format!("cosine_{}", a.group.replace(' ', "-"))),
+            &format!("Task-vector cosines, {} ({})", a.group, a.tasks.join(", ")),
+            "task",
+            "task",
+            &a.cosines,
+        )?;
+    }
+    Ok(())
+}
+
+/// Validation accuracy against λ for task arithmetic and TIES (at its
+/// chosen density), one line per group and method.
+fn lambda_plot(run: &Run, groups: &[Group<'_>], rows: &[MergeRow]) -> anyhow::Result<()> {
     let mut lines = Vec::new();
     for (i, g) in groups.iter().enumerate() {
         for (method, dash) in [("task_arithmetic", "TA"), ("ties", "TIES")] {
@@ -2154,16 +2171,6 @@ fn plots(
             "λ",
             "mean validation accuracy",
             &lines,
-        )?;
-    }
-    for a in analyses {
-        heatmap(
-            &run.dir
-                .join(format!("cosine_{}", a.group.replace(' ', "-"))),
-            &format!("Task-vector cosines, {} ({})", a.group, a.tasks.join(", ")),
-            "task",
-            "task",
-            &a.cosines,
         )?;
     }
     Ok(())
@@ -2299,24 +2306,7 @@ fn task_table(
             for task in &tasks {
                 md.push_str(&format!(" {} |", cell(&r.test, &r.ood, task)));
             }
-            md.push_str(&format!(
-                " {:.3} | {} | {} | {} | {:.1} | {} | {} |\n",
-                r.test.mean(),
-                fmt(r.normalised.mean),
-                fmt(r.normalised_ood.mean),
-                r.hyper
-                    .iter()
-                    .map(|(k, v)| format!("{k} {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                r.merge_seconds,
-                r.peak_mb.map_or("–".into(), |v| format!("{v:.0}")),
-                r.yaml_identical.map_or("–".into(), |v| if v {
-                    "identical".into()
-                } else {
-                    "DIFFERS".to_string()
-                }),
-            ));
+            md.push_str(&row_tail(r));
         }
     }
     let notes: Vec<String> = rows
@@ -2330,6 +2320,29 @@ fn task_table(
     if !notes.is_empty() {
         md.push_str(&format!("\n{}\n", notes.join("\n")));
     }
+}
+
+/// A merge row's cells after its per-task ones: mean, normalised (test and
+/// OOD), hyper-parameters, seconds, peak MB, YAML check.
+fn row_tail(r: &MergeRow) -> String {
+    format!(
+        " {:.3} | {} | {} | {} | {:.1} | {} | {} |\n",
+        r.test.mean(),
+        fmt(r.normalised.mean),
+        fmt(r.normalised_ood.mean),
+        r.hyper
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        r.merge_seconds,
+        r.peak_mb.map_or("–".into(), |v| format!("{v:.0}")),
+        r.yaml_identical.map_or("–".into(), |v| if v {
+            "identical".into()
+        } else {
+            "DIFFERS".to_string()
+        }),
+    )
 }
 
 /// The report's validation grids and task-vector analysis.

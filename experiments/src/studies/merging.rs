@@ -582,26 +582,9 @@ where
     let (scores, details) = run.phase(&format!("{name} rmm"), || rmm(st, tvs))?;
     push(merges, run, "rmm", scores, details)?;
     if let Method::Lora(r) = fam.method {
-        let adapters = st
-            .tasks
-            .iter()
-            .map(|t| {
-                merge::lora::LoraAdapter::load(
-                    run.dir.join("adapters").join(format!("lora_{}", t.name())),
-                )
-            })
-            .collect::<merge::Result<Vec<_>>>()?;
-        let lego = run.phase("lora-lego", || {
-            merge::lora::lora_lego(&adapters, r, seed, true)
-        })?;
-        let scores = st.score(&lego.fuse(&st.base, 1.0)?)?;
-        push(
-            merges,
-            run,
-            "lora_lego",
-            scores,
-            Details::LoraLego { merged_rank: r },
-        )?;
+        let scores = lora_lego(st, run, r)?;
+        let details = Details::LoraLego { merged_rank: r };
+        push(merges, run, "lora_lego", scores, details)?;
     }
     // Multi-task fine-tuning (FusionBench's MTL row): the family's method on
     // every task at once, for as many steps as its task fine-tunes together.
@@ -614,6 +597,32 @@ where
         note: "one fine-tune on all tasks (rows of each batch from the tasks in turn), as many steps as the task fine-tunes together".into(),
     };
     push(merges, run, "mtl", st.score(&ft.weights)?, details)
+}
+
+/// LoRA-LEGO of the family's task adapters (saved in `adapters/`) at rank
+/// `r`, fused into the base and scored.
+fn lora_lego<B: AutodiffBackend>(
+    st: &Study<'_, B>,
+    run: &mut Run,
+    r: usize,
+) -> anyhow::Result<Scores>
+where
+    Llama<B>: AutodiffModule<B>,
+{
+    let adapters = st
+        .tasks
+        .iter()
+        .map(|t| {
+            merge::lora::LoraAdapter::load(
+                run.dir.join("adapters").join(format!("lora_{}", t.name())),
+            )
+        })
+        .collect::<merge::Result<Vec<_>>>()?;
+    let seed = st.args.lm.seed;
+    let lego = run.phase("lora-lego", || {
+        merge::lora::lora_lego(&adapters, r, seed, true)
+    })?;
+    st.score(&lego.fuse(&st.base, 1.0)?)
 }
 
 /// Permutation-aware merging: each fine-tune weight-matched to the base, then TIES.
