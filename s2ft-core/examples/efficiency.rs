@@ -103,7 +103,7 @@ fn main() {
             other => panic!("--methods: unknown method '{other}' (full, lora, s2ft)"),
         };
         let trainable = trainable_params(&model);
-        weights::alloc::reset_peak();
+        let window = weights::alloc::PeakWindow::open();
         let out = train(
             model,
             |_| tokens.clone(),
@@ -114,7 +114,7 @@ fn main() {
             },
         );
         assert!(out.stopped.is_none());
-        let peak = weights::alloc::peak();
+        let peak = window.peak().unwrap_or(0);
         // The first step is warm-up.
         let median = out.median_step_ms();
         drop(out);

@@ -19,7 +19,7 @@ type B = CpuTrain;
 
 /// Heap bytes above the live model that `steps` training steps peak at.
 fn training_peak(model: Llama<B>, tokens: &Tensor<B, 2, Int>, steps: usize) -> usize {
-    let before = weights::alloc::reset_peak();
+    let window = weights::alloc::PeakWindow::open();
     let out = train(
         model,
         |_| tokens.clone(),
@@ -30,7 +30,9 @@ fn training_peak(model: Llama<B>, tokens: &Tensor<B, 2, Int>, steps: usize) -> u
         },
     );
     assert!(out.stopped.is_none());
-    weights::alloc::peak().saturating_sub(before)
+    window
+        .growth()
+        .expect("the counting allocator is installed")
 }
 
 #[test]

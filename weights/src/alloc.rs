@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 pub struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Concurrent [`PeakWindow`]s at most (more get no measurement).
@@ -23,10 +22,9 @@ static OPEN: AtomicU32 = AtomicU32::new(0);
 /// Each open window's peak of live bytes.
 static WINDOW_PEAK: [AtomicUsize; WINDOWS] = [const { AtomicUsize::new(0) }; WINDOWS];
 
-/// Counts `n` more live bytes and raises the peaks.
+/// Counts `n` more live bytes and raises the open windows' peaks.
 fn grow(n: usize) {
     let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
-    PEAK.fetch_max(now, Ordering::Relaxed);
     let mut open = OPEN.load(Ordering::Relaxed);
     while open != 0 {
         WINDOW_PEAK[open.trailing_zeros() as usize].fetch_max(now, Ordering::Relaxed);
@@ -35,8 +33,8 @@ fn grow(n: usize) {
 }
 
 /// A peak measurement of its own: the largest live heap between
-/// [`PeakWindow::open`] and [`PeakWindow::growth`], which no other window
-/// (another thread's measurement) resets, unlike [`reset_peak`]. The heap is
+/// [`PeakWindow::open`] and [`PeakWindow::growth`] / [`PeakWindow::peak`],
+/// which no other window (another thread's measurement) resets. The heap is
 /// still the process's: other threads' allocations count.
 pub struct PeakWindow {
     slot: Option<usize>,
@@ -74,12 +72,14 @@ impl PeakWindow {
     /// How far the live heap rose above the window's start, at most, so far;
     /// `None` where [`Counting`] is not installed or all slots were taken.
     pub fn growth(&self) -> Option<usize> {
+        Some(self.peak()?.saturating_sub(self.start))
+    }
+
+    /// The largest live heap since the window opened, in bytes; `None` as
+    /// for [`PeakWindow::growth`].
+    pub fn peak(&self) -> Option<usize> {
         let i = self.slot.filter(|_| installed())?;
-        Some(
-            WINDOW_PEAK[i]
-                .load(Ordering::Relaxed)
-                .saturating_sub(self.start),
-        )
+        Some(WINDOW_PEAK[i].load(Ordering::Relaxed))
     }
 }
 
@@ -134,16 +134,4 @@ pub fn installed() -> bool {
 /// Live heap bytes now.
 pub fn live() -> usize {
     LIVE.load(Ordering::Relaxed)
-}
-
-/// Starts a new peak window at the current live bytes; returns them.
-pub fn reset_peak() -> usize {
-    let now = LIVE.load(Ordering::Relaxed);
-    PEAK.store(now, Ordering::Relaxed);
-    now
-}
-
-/// The largest live heap since the last [`reset_peak`].
-pub fn peak() -> usize {
-    PEAK.load(Ordering::Relaxed)
 }
