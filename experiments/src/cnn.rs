@@ -182,14 +182,10 @@ impl<B: Backend> Inputs<B> {
     /// Convolution `weight`'s input `x` (`[n, h, w, c]`), at `stride`.
     fn conv(&mut self, weight: &str, x: &Tensor<B, 4>, w: &Param<Tensor<B, 4>>, stride: usize) {
         if let Some(out) = &mut self.collected {
-            let dims = x.dims();
-            let v: Vec<f32> = x
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .expect("f32");
-            let x = ndarray::Array4::from_shape_vec(dims, v).expect("shape");
+            let x = to_weights(x.clone())
+                .data
+                .into_dimensionality::<ndarray::Ix4>()
+                .expect("4-D");
             out.push(LayerInput {
                 weight: weight.to_string(),
                 x: patches(&x, w.val().dims()[2], stride),
@@ -200,16 +196,12 @@ impl<B: Backend> Inputs<B> {
     /// Linear layer `weight`'s input `x` (`[n, in]`).
     fn dense(&mut self, weight: &str, x: &Tensor<B, 2>) {
         if let Some(out) = &mut self.collected {
-            let [n, d] = x.dims();
-            let v: Vec<f32> = x
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .into_vec()
-                .expect("f32");
             out.push(LayerInput {
                 weight: weight.to_string(),
-                x: ndarray::Array2::from_shape_vec((n, d), v).expect("shape"),
+                x: to_weights(x.clone())
+                    .data
+                    .into_dimensionality::<ndarray::Ix2>()
+                    .expect("2-D"),
             });
         }
     }

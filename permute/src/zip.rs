@@ -539,6 +539,15 @@ impl<'m> LeastSquares<'m> {
                             .into(),
                     });
                 }
+                let (d, d0) = (w_in(&merged, w)?, w_in(&merged, first)?);
+                if d != d0 {
+                    return Err(PermuteError::Shape {
+                        what: format!("least squares of '{w}'"),
+                        msg: format!(
+                            "it takes {d} inputs and '{first}' {d0}: one step's weights share their input"
+                        ),
+                    });
+                }
             }
             let x = ask(probe, Source::Merged, &merged, first)?;
             outputs_of(&mut self.outputs, (a, b), step, probe)?;
@@ -687,19 +696,16 @@ fn outputs(sd: &StateDict, weight: &str, x: &Array2<f64>, model: &str) -> Result
     check_inputs(x, w_in(sd, weight)?, weight, model)?;
     let mut z = x.dot(&flat(sd, weight)?.t());
     if let Some(b) = sd.get(&bias_name(weight)) {
-        let b = b.data.mapv(f64::from);
-        let b = b.as_slice().ok_or_else(|| PermuteError::Shape {
-            what: bias_name(weight),
-            msg: "not contiguous".into(),
-        })?;
-        if b.len() != z.ncols() {
+        if b.data.len() != z.ncols() {
             return Err(PermuteError::Shape {
                 what: bias_name(weight),
-                msg: format!("{} values for {} outputs", b.len(), z.ncols()),
+                msg: format!("{} values for {} outputs", b.data.len(), z.ncols()),
             });
         }
         for mut row in z.rows_mut() {
-            row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
+            row.iter_mut()
+                .zip(b.data.iter())
+                .for_each(|(v, &bi)| *v += f64::from(bi));
         }
     }
     Ok(z)
@@ -769,16 +775,20 @@ fn solve(
 /// kept: a later ask whose layers before the weight hold the same values
 /// (a least-squares solve moving forward) goes on from them.
 pub struct MlpProbe {
-    x: Array2<f64>,
-    /// Layer `j`'s weight and bias as last asked, and its input (computed
-    /// from the layers before it).
-    kept: Vec<(Tensor, Option<Tensor>, Array2<f64>)>,
+    /// Inputs of layers 0, 1, … computed so far (the first is the samples).
+    inputs: Vec<Array2<f64>>,
+    /// The weight and bias of each layer those inputs went through (one
+    /// fewer than `inputs`).
+    through: Vec<(Tensor, Option<Tensor>)>,
 }
 
 impl MlpProbe {
     /// The probe on samples `x` (`[samples, inputs]`).
     pub fn new(x: Array2<f64>) -> MlpProbe {
-        MlpProbe { x, kept: vec![] }
+        MlpProbe {
+            inputs: vec![x],
+            through: Vec::new(),
+        }
     }
 }
 
@@ -794,45 +804,32 @@ impl Probe for MlpProbe {
             .iter()
             .position(|stem| format!("{stem}.weight") == weight)
             .ok_or_else(|| format!("'{weight}' is not a layer of the MLP"))?;
-        let params = |stem: &str| {
-            let w = tensor(sd, &format!("{stem}.weight")).cloned();
-            w.map(|w| (w, sd.get(&format!("{stem}.bias")).cloned()))
-        };
         // Layer j's kept input holds while layers 0..j are unchanged.
-        let mut valid = 0;
-        while valid < self.kept.len().min(stop) {
-            let (w, b, _) = &self.kept[valid];
-            let (w2, b2) = params(&layers[valid])?;
-            if w.data != w2.data || b.as_ref().map(|t| &t.data) != b2.as_ref().map(|t| &t.data) {
-                break;
-            }
-            valid += 1;
-        }
-        // kept[valid]'s input is right (it depends on layers before it only).
-        self.kept.truncate(valid + 1);
-        if self.kept.is_empty() {
-            let (w, b) = params(&layers[0])?;
-            self.kept.push((w, b, self.x.clone()));
-        }
-        while self.kept.len() <= stop {
-            let j = self.kept.len() - 1;
-            let stem = &layers[j];
-            let (w, b) = params(stem)?;
-            self.kept[j].0 = w;
-            self.kept[j].1 = b;
-            let mut h = outputs(
-                sd,
-                &format!("{stem}.weight"),
-                &self.kept[j].2,
-                "the MLP probe",
-            )?;
+        let unchanged = |j: usize, (w, b): &(Tensor, Option<Tensor>)| {
+            let same = |name: String, t: Option<&Tensor>| {
+                sd.get(&name).map(|x| &x.data) == t.map(|t| &t.data)
+            };
+            same(format!("{}.weight", layers[j]), Some(w))
+                && same(format!("{}.bias", layers[j]), b.as_ref())
+        };
+        let valid = self
+            .through
+            .iter()
+            .take(stop)
+            .enumerate()
+            .take_while(|(j, p)| unchanged(*j, p))
+            .count();
+        self.through.truncate(valid);
+        self.inputs.truncate(valid + 1);
+        while self.inputs.len() <= stop {
+            let j = self.inputs.len() - 1;
+            let name = format!("{}.weight", layers[j]);
+            let mut h = outputs(sd, &name, &self.inputs[j], "the MLP probe")?;
             h.mapv_inplace(|v| v.max(0.0));
-            let (w, b) = params(&layers[j + 1])?;
-            self.kept.push((w, b, h));
+            let bias = sd.get(&bias_name(&name)).cloned();
+            self.through.push((tensor(sd, &name)?.clone(), bias));
+            self.inputs.push(h);
         }
-        let (w, b) = params(&layers[stop])?;
-        self.kept[stop].0 = w;
-        self.kept[stop].1 = b;
-        Ok(self.kept[stop].2.clone())
+        Ok(self.inputs[stop].clone())
     }
 }

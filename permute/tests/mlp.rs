@@ -462,6 +462,13 @@ fn least_squares_names_bad_input() {
         &mut MlpProbe::new(x.clone()),
     );
     assert!(e.contains("not a linear weight"), "{e}");
+    // One step of weights that do not share an input.
+    let step = vec!["layers.0.weight".into(), "layers.1.weight".into()];
+    let e = run(vec![step], 0.1, &mut MlpProbe::new(x.clone()));
+    assert!(
+        e.contains("layers.1.weight") && e.contains("share their input"),
+        "{e}"
+    );
     // Samples with the wrong number of features.
     let e = run(
         every_layer(2),

@@ -1458,12 +1458,11 @@ impl<B: Backend> Study<'_, B> {
         self.run
             .write("merges.csv", merges_csv(&r.rows).as_bytes())?;
         plots(&self.run, plan, groups, &r.rows, &r.analyses)?;
-        let base = (b.base.test.clone(), b.base.ood.clone());
         let md = report(
             plan,
             c,
             self.prep,
-            &base,
+            &b.base,
             &b.own,
             &r.rows,
             &r.analyses,
@@ -2181,7 +2180,7 @@ fn report(
     plan: &Plan,
     c: &LlamaConfig,
     prep: &Prepared,
-    base: &(Accs, Accs),
+    base: &BaseScores,
     own: &OwnScores,
     rows: &[MergeRow],
     analyses: &[Analysis],
@@ -2253,13 +2252,7 @@ fn normalised_table(md: &mut String, plan: &Plan, rows: &[MergeRow]) {
 }
 
 /// The report's table of every model's accuracy per task, and the rows' notes.
-fn task_table(
-    md: &mut String,
-    plan: &Plan,
-    base: &(Accs, Accs),
-    own: &OwnScores,
-    rows: &[MergeRow],
-) {
+fn task_table(md: &mut String, plan: &Plan, base: &BaseScores, own: &OwnScores, rows: &[MergeRow]) {
     let tasks: Vec<&str> = plan.tasks.iter().map(|t| t.name()).collect();
     md.push_str("\n![normalised accuracy](normalised_accuracy.png)\n\n## Accuracy per task (test / OOD)\n\n| group | model | ");
     md.push_str(
@@ -2278,9 +2271,9 @@ fn task_table(
     };
     md.push_str("| – | base |");
     for t in &tasks {
-        md.push_str(&format!(" {} |", cell(&base.0, &base.1, t)));
+        md.push_str(&format!(" {} |", cell(&base.test, &base.ood, t)));
     }
-    md.push_str(&format!(" {:.3} | | | | | | |\n", base.0.mean()));
+    md.push_str(&format!(" {:.3} | | | | | | |\n", base.test.mean()));
     for g in &plan.groups {
         let (it, io) = &own[g];
         let (t, o) = (
