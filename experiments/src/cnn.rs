@@ -591,7 +591,7 @@ pub fn repair_taps<'p>(
 /// A seeded initial state dict: Kaiming-normal convolutions, unit norms,
 /// PyTorch's default uniform classifier. `width` is the stem's channels.
 pub fn init_state_dict(in_channels: usize, width: usize, classes: usize, seed: u64) -> StateDict {
-    let mut rng = spectra::rng::Rng::new(seed);
+    let mut rng = weights::rng::Rng::new(seed);
     let mut sd = StateDict::new();
     let mut conv = |sd: &mut StateDict, name: String, o: usize, i: usize, k: usize| {
         let std = (2.0 / (i * k * k) as f64).sqrt();
@@ -630,7 +630,7 @@ pub fn init_state_dict(in_channels: usize, width: usize, classes: usize, seed: u
         c = w;
     }
     let bound = 1.0 / (c as f64).sqrt();
-    let mut rng = spectra::rng::Rng::new(seed ^ 0xFC);
+    let mut rng = weights::rng::Rng::new(seed ^ 0xFC);
     let fc: Vec<f32> = (0..classes * c)
         .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
         .collect();
@@ -668,7 +668,7 @@ pub fn train<B: AutodiffBackend, M: AutodiffModule<B> + Classifier<B>>(
     seed: u64,
     bar: &indicatif::ProgressBar,
 ) -> M {
-    let mut rng = spectra::rng::Rng::new(seed ^ 0xA5A5);
+    let mut rng = weights::rng::Rng::new(seed ^ 0xA5A5);
     crate::train::train(
         model,
         data,
@@ -777,7 +777,7 @@ impl VggShape {
 /// linears alike).
 pub fn init_vgg(shape: &VggShape, seed: u64) -> anyhow::Result<StateDict> {
     let last = shape.final_side()?;
-    let mut rng = spectra::rng::Rng::new(seed ^ 0x5647_4700);
+    let mut rng = weights::rng::Rng::new(seed ^ 0x5647_4700);
     let mut sd = StateDict::new();
     let mut uniform = |sd: &mut StateDict, name: &str, dims: Vec<usize>, fan_in: usize| {
         let bound = 1.0 / (fan_in as f64).sqrt();
@@ -956,7 +956,7 @@ mod tests {
     type C = s2ft_core::Cpu;
 
     fn images(n: usize, seed: u64) -> ndarray::Array2<f32> {
-        let mut rng = spectra::rng::Rng::new(seed);
+        let mut rng = weights::rng::Rng::new(seed);
         ndarray::Array2::from_shape_fn((n, 784), |_| rng.uniform() as f32)
     }
 
@@ -1043,7 +1043,7 @@ mod tests {
     #[test]
     fn patches_times_the_flat_weight_are_the_convolution() {
         let device = Default::default();
-        let mut rng = spectra::rng::Rng::new(4);
+        let mut rng = weights::rng::Rng::new(4);
         for (k, stride, side) in [(3, 1, 6), (3, 2, 6), (1, 2, 6), (3, 2, 7), (1, 1, 5)] {
             let xv: Vec<f32> = (0..2 * side * side * 3)
                 .map(|_| rng.normal() as f32)
@@ -1075,7 +1075,7 @@ mod tests {
         use burn::tensor::module::conv2d;
         use burn::tensor::ops::ConvOptions;
         let device = Default::default();
-        let mut rng = spectra::rng::Rng::new(9);
+        let mut rng = weights::rng::Rng::new(9);
         let mut t = |shape: [usize; 4]| {
             let v: Vec<f32> = (0..shape.iter().product::<usize>())
                 .map(|_| rng.normal() as f32)

@@ -12,7 +12,7 @@
 //! the same whatever order or subset it is computed in.
 
 use anyhow::{Context, bail};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 
 use crate::data::Split;
 

@@ -16,7 +16,7 @@ use burn::tensor::TensorData;
 use burn::tensor::activation::log_softmax;
 use s2ft_core::Llama;
 use s2ft_core::train::Batch;
-use spectra::rng::Rng;
+use weights::rng::Rng;
 
 /// Vocabulary size: ASCII.
 pub const VOCAB: usize = 128;

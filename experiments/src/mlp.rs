@@ -10,6 +10,7 @@ use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::backend::AutodiffBackend;
 use ndarray::{Array2, Axis};
 use s2ft_core::model::to_weights;
+use weights::rng::SplitMix64;
 use weights::{StateDict, Tensor as WTensor};
 
 use crate::data::Split;
@@ -23,14 +24,6 @@ pub struct Mlp<B: Backend> {
     pub biases: Vec<Param<Tensor<B, 1>>>,
 }
 
-fn splitmix(state: &mut u64) -> f64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// Layer sizes of an MLP: `inputs`, `depth` hidden layers of `width`, `outputs`.
 pub fn layer_sizes(inputs: usize, width: usize, depth: usize, outputs: usize) -> Vec<usize> {
     let mut s = vec![inputs];
@@ -41,13 +34,13 @@ pub fn layer_sizes(inputs: usize, width: usize, depth: usize, outputs: usize) ->
 
 /// PyTorch's default `nn.Linear` initialisation, seeded: `U(−1/√in, 1/√in)`.
 pub fn init_state_dict(sizes: &[usize], seed: u64) -> StateDict {
-    let mut s = seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x1234;
+    let mut rng = SplitMix64::new(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x1234);
     let mut sd = StateDict::new();
     for (i, w) in sizes.windows(2).enumerate() {
         let bound = 1.0 / (w[0] as f64).sqrt();
         let mut u = |n: usize| -> Vec<f32> {
             (0..n)
-                .map(|_| ((2.0 * splitmix(&mut s) - 1.0) * bound) as f32)
+                .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
                 .collect()
         };
         let wv = u(w[1] * w[0]);
@@ -204,14 +197,14 @@ pub fn train<B: AutodiffBackend>(
 where
     Mlp<B>: AutodiffModule<B>,
 {
-    let mut s = seed ^ 0xA5A5;
-    let shuffle = |order: &mut [usize]| {
-        for i in (1..order.len()).rev() {
-            let j = (splitmix(&mut s) * (i + 1) as f64) as usize % (i + 1);
-            order.swap(i, j);
-        }
-    };
-    crate::train::train(model, data, (epochs, batch_size, lr), shuffle, bar)
+    let mut rng = SplitMix64::new(seed ^ 0xA5A5);
+    crate::train::train(
+        model,
+        data,
+        (epochs, batch_size, lr),
+        |o| rng.shuffle(o),
+        bar,
+    )
 }
 
 /// Every layer's pre-activation output `h·Wᵀ + b` in plain ndarray (the

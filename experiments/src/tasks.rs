@@ -20,7 +20,7 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, bail, ensure};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 
 /// A task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]

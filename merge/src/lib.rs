@@ -635,7 +635,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
             Ok(if *method == Method::Nearswap {
                 methods::nearswap(x.req(None, "t")?, base, x.models[0])
             } else {
-                let mut rng = spectra::rng::Rng::new(name_seed(x.seed, x.name, 0));
+                let mut rng = weights::rng::Rng::new(name_seed(x.seed, x.name, 0));
                 methods::arcee_fusion(x.shape, base, x.models[0], &mut rng)
             })
         }

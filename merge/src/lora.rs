@@ -638,7 +638,7 @@ pub fn kmeans(x: ArrayView2<f32>, k: usize, seed: u64) -> Result<(Array2<f32>, V
             .map(|(p, q)| ((p - q) as f64).powi(2))
             .sum()
     };
-    let mut rng = spectra::rng::Rng::new(seed);
+    let mut rng = weights::rng::Rng::new(seed);
     let mut chosen = vec![rng.below(n)];
     let mut d2: Vec<f64> = (0..n).map(|i| dist(x.row(i), x.row(chosen[0]))).collect();
     while chosen.len() < k {

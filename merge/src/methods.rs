@@ -8,7 +8,7 @@
 //! [`TASK_VECTOR_PRESETS`].
 
 use serde::Serialize;
-use spectra::rng::Rng;
+use weights::rng::Rng;
 
 use crate::sparsify::{Sparsification, SparsifyParams, sparsify};
 

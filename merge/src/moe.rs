@@ -387,7 +387,7 @@ pub fn random_gates(
     hidden: usize,
     seed: u64,
 ) -> Result<Array3<f32>> {
-    let mut rng = spectra::rng::Rng::new(seed);
+    let mut rng = weights::rng::Rng::new(seed);
     let bound = 1.0 / (hidden as f64).sqrt();
     let mut g = Array3::<f32>::zeros((layers, experts, hidden));
     match mode {
@@ -487,7 +487,7 @@ pub fn assemble(
         let t = base.load(&name)?;
         put(&mut sd, name, t);
     }
-    let mut rng = spectra::rng::Rng::new(seed);
+    let mut rng = weights::rng::Rng::new(seed);
     for (e, (src, spec)) in experts.iter().zip(&cfg.experts).enumerate() {
         let who = format!("experts[{e}] ({})", spec.source_model);
         // A fine-tune of the same base: same vocabulary and shapes.

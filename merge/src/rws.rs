@@ -464,7 +464,7 @@ mod tests {
     use super::*;
 
     fn model(seed: u64) -> StateDict {
-        let mut rng = spectra::rng::Rng::new(seed);
+        let mut rng = weights::rng::Rng::new(seed);
         let mut t = |s: Vec<usize>| {
             let n: usize = s.iter().product();
             Tensor::f32(

@@ -15,7 +15,7 @@
 //! Ties in magnitude are broken by position (lower index ranks lower), where
 //! torch's unstable `argsort` leaves it open.
 
-use spectra::rng::Rng;
+use weights::rng::Rng;
 
 /// Which entries of a task vector survive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

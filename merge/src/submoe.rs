@@ -486,7 +486,7 @@ pub fn cluster_experts(similarity: ArrayView2<f64>, k: usize, seed: u64) -> Resu
             .map(|(p, q)| (f64::from(*p) - f64::from(*q)).powi(2))
             .sum()
     };
-    let mut rng = spectra::rng::Rng::new(seed);
+    let mut rng = weights::rng::Rng::new(seed);
     let mut best: Option<(f64, Array2<f32>, Vec<usize>)> = None;
     for _ in 0..10 {
         let (c, assign) = crate::lora::kmeans(x.view(), k, rng.next_u64())?;

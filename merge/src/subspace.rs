@@ -228,7 +228,7 @@ mod tests {
     use ndarray::array;
 
     fn rand(m: usize, n: usize, seed: u64) -> Array2<f64> {
-        let mut r = spectra::rng::Rng::new(seed);
+        let mut r = weights::rng::Rng::new(seed);
         Array2::from_shape_fn((m, n), |_| r.normal())
     }
 

@@ -13,7 +13,7 @@ use permute::{MatchOptions, apply, builders::mlp};
 use weights::{StateDict, Tensor};
 
 fn mlp_model(seed: u64) -> StateDict {
-    let mut r = spectra::rng::Rng::new(seed);
+    let mut r = weights::rng::Rng::new(seed);
     let sizes = [32, 64, 64, 8];
     let mut sd = StateDict::new();
     for (i, w) in sizes.windows(2).enumerate() {
@@ -82,7 +82,7 @@ fn three_models_merge_many_then_ties_with_a_base() {
     let tuned: Vec<StateDict> = (0..3)
         .map(|i| {
             let mut m = base.clone();
-            let mut r = spectra::rng::Rng::new(100 + i);
+            let mut r = weights::rng::Rng::new(100 + i);
             for (_, t) in m.iter_mut() {
                 t.data.mapv_inplace(|v| v + 0.01 * r.normal() as f32);
             }

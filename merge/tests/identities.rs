@@ -12,7 +12,7 @@ use ndarray::{ArrayD, IxDyn};
 use weights::{Checkpoint, StateDict, Tensor, TensorSource};
 
 fn rng_tensor(shape: &[usize], seed: u64) -> ArrayD<f32> {
-    let mut r = spectra::rng::Rng::new(seed);
+    let mut r = weights::rng::Rng::new(seed);
     ArrayD::from_shape_fn(IxDyn(shape), |_| r.normal() as f32)
 }
 

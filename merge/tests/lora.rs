@@ -6,7 +6,7 @@ use ndarray::{Array2, array};
 use weights::{StateDict, Tensor};
 
 fn gauss(r: usize, c: usize, seed: u64) -> Array2<f32> {
-    let mut g = spectra::rng::Rng::new(seed);
+    let mut g = weights::rng::Rng::new(seed);
     Array2::from_shape_fn((r, c), |_| g.normal() as f32)
 }
 

@@ -16,11 +16,11 @@ use serde::Deserialize;
 const HIDDEN: usize = 6;
 const FFN: usize = 4;
 
-fn gauss(r: usize, c: usize, rng: &mut spectra::rng::Rng) -> Array2<f32> {
+fn gauss(r: usize, c: usize, rng: &mut weights::rng::Rng) -> Array2<f32> {
     Array2::from_shape_fn((r, c), |_| rng.normal() as f32)
 }
 
-fn expert(rng: &mut spectra::rng::Rng) -> ExpertWeights {
+fn expert(rng: &mut weights::rng::Rng) -> ExpertWeights {
     ExpertWeights {
         w1: gauss(FFN, HIDDEN, rng),
         w2: gauss(HIDDEN, FFN, rng),
@@ -29,7 +29,7 @@ fn expert(rng: &mut spectra::rng::Rng) -> ExpertWeights {
 }
 
 fn layer(n: usize, seed: u64) -> MoeLayer {
-    let mut rng = spectra::rng::Rng::new(seed);
+    let mut rng = weights::rng::Rng::new(seed);
     MoeLayer {
         gate: gauss(n, HIDDEN, &mut rng),
         experts: (0..n).map(|_| expert(&mut rng)).collect(),
@@ -240,7 +240,7 @@ fn one_expert_per_cluster_at_full_rank_returns_the_layer() {
 fn kmeans_on_output_similarity_recovers_expert_groups() {
     // Three groups of experts, each a base expert plus small noise, interleaved.
     let groups = [0, 1, 0, 2, 1, 2, 0];
-    let mut rng = spectra::rng::Rng::new(6);
+    let mut rng = weights::rng::Rng::new(6);
     let bases: Vec<ExpertWeights> = (0..3).map(|_| expert(&mut rng)).collect();
     let experts: Vec<ExpertWeights> = groups
         .iter()
@@ -349,7 +349,7 @@ fn average_clusters_by_hand() {
 
 #[test]
 fn router_frequencies_match_brute_force() {
-    let mut rng = spectra::rng::Rng::new(9);
+    let mut rng = weights::rng::Rng::new(9);
     let (e, t) = (5, 50);
     let gate = gauss(e, HIDDEN, &mut rng);
     let hidden = gauss(t, HIDDEN, &mut rng);

@@ -2,7 +2,7 @@
 //! match (and write to `target/bench-data/` for `reference.py`).
 
 use ndarray::{ArrayD, IxDyn};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 use weights::{StateDict, Tensor};
 
 /// Every tensor `N(0, 1/fan_in)` (fan-in: the last axis), one stream in order.

@@ -9,7 +9,7 @@ use ndarray::Array2;
 use permute::builders::{llama, mlp};
 use permute::lap::{Objective, solve, solve_warm};
 use permute::{MatchOptions, weight_matching};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 
 mod models;
 

@@ -22,8 +22,8 @@ mod models;
 use models::{mlp_shapes, random_sd, transformer_config, transformer_shapes};
 use permute::builders::{llama, mlp};
 use permute::{MatchOptions, PermutationSpec, weight_matching};
-use spectra::rng::Rng;
 use weights::StateDict;
+use weights::rng::Rng;
 
 fn median_secs(runs: usize, mut f: impl FnMut() -> usize) -> (f64, usize) {
     let mut ts = Vec::new();

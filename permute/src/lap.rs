@@ -659,7 +659,7 @@ mod tests {
 
     #[test]
     fn agrees_with_brute_force_up_to_eight() {
-        let mut rng = spectra::rng::Rng::new(7);
+        let mut rng = weights::rng::Rng::new(7);
         for n in 1..=8 {
             for trial in 0..20 {
                 // Mix continuous costs with small integers (many ties).
@@ -687,7 +687,7 @@ mod tests {
 
     #[test]
     fn warm_starts_give_the_same_optimum() {
-        let mut rng = spectra::rng::Rng::new(3);
+        let mut rng = weights::rng::Rng::new(3);
         for n in [1usize, 5, 40, 200] {
             let base: Vec<f64> = (0..n * n).map(|_| rng.normal()).collect();
             let (p0, duals) = solve_warm(&base, n, Objective::Maximize, None, "t").unwrap();
@@ -727,7 +727,7 @@ mod tests {
     /// ties; cold and warm, both objectives.
     #[test]
     fn candidate_rounds_reach_the_dense_optimum() {
-        let mut rng = spectra::rng::Rng::new(11);
+        let mut rng = weights::rng::Rng::new(11);
         for n in [SPARSE_FROM, 300, 700] {
             let a: Vec<f64> = (0..n * 3).map(|_| rng.normal()).collect();
             let b: Vec<f64> = (0..n * 3).map(|_| rng.normal()).collect();

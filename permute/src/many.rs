@@ -81,7 +81,7 @@ pub fn merge_many(
         Ok(aligned.iter().map(|a| l2_distance(a, &m)).sum())
     };
     let mut distance = vec![total(&aligned)?];
-    let mut rng = spectra::rng::Rng::new(opts.seed);
+    let mut rng = weights::rng::Rng::new(opts.seed);
     let mut rounds = 0;
     for _ in 0..max_rounds {
         rounds += 1;

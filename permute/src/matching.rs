@@ -948,7 +948,7 @@ fn weight_matching_keeping(
         None => spec.identity(),
     };
     let by_weight = spec.by_weight();
-    let mut rng = spectra::rng::Rng::new(opts.seed);
+    let mut rng = weights::rng::Rng::new(opts.seed);
     let (mut objective, mut passes) = (Vec::new(), 0);
     // Each group's block-assignment duals, reused by its next solve.
     let mut duals: Vec<Option<Duals>> = vec![None; spec.groups.len()];
@@ -1081,8 +1081,8 @@ mod tests {
     /// the one-copy orders that `apply` checks for.
     #[test]
     fn free_copies_of_single_copy_units_give_an_applicable_value() {
-        let mut rng = spectra::rng::Rng::new(5);
-        let model = |rng: &mut spectra::rng::Rng| {
+        let mut rng = weights::rng::Rng::new(5);
+        let model = |rng: &mut weights::rng::Rng| {
             let mut sd = StateDict::new();
             for (name, shape) in [("l0.weight", vec![6, 4]), ("l1.weight", vec![3, 6])] {
                 let data = ArrayD::from_shape_fn(IxDyn(&shape), |_| rng.normal() as f32);
@@ -1103,7 +1103,7 @@ mod tests {
     /// the product formed whole; too many moved columns are refused.
     #[test]
     fn updated_products_equal_products_formed_whole() {
-        let mut rng = spectra::rng::Rng::new(11);
+        let mut rng = weights::rng::Rng::new(11);
         let (n, cols) = (40, 60);
         let a = ndarray::Array2::from_shape_fn((n, cols), |_| rng.normal() as f32);
         let b = ndarray::Array2::from_shape_fn((n, cols), |_| rng.normal() as f32);
@@ -1147,7 +1147,7 @@ mod tests {
     /// enough for the sparse LAP.
     #[test]
     fn kept_products_give_the_results_of_products_formed_whole() {
-        let mut rng = spectra::rng::Rng::new(3);
+        let mut rng = weights::rng::Rng::new(3);
         let widths = [20, 160, 160, 160, 10];
         let mut model = || {
             let mut sd = StateDict::new();

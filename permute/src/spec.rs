@@ -398,7 +398,7 @@ impl PermutationSpec {
     /// families and free copies, each block's unit and copy orders), seeded: the random-permutation
     /// baseline of alignment studies, and planted permutations in tests.
     pub fn random(&self, seed: u64) -> Permutation {
-        let mut rng = spectra::rng::Rng::new(seed);
+        let mut rng = weights::rng::Rng::new(seed);
         let mut shuffled = |n: usize| {
             let mut p: Vec<usize> = (0..n).collect();
             rng.shuffle(&mut p);

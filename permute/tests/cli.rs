@@ -5,7 +5,7 @@ use std::process::Command;
 use ndarray::{ArrayD, IxDyn};
 use permute::builders::mlp;
 use permute::spec::apply;
-use spectra::rng::Rng;
+use weights::rng::Rng;
 use weights::{StateDict, Tensor};
 
 #[test]

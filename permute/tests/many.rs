@@ -7,7 +7,7 @@ use permute::many::{Correlation, activation_matching, mean, merge_many, pair_sim
 use permute::matching::l2_distance;
 use permute::spec::apply;
 use permute::{MatchOptions, PermuteError};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 use weights::{StateDict, Tensor};
 
 fn random_mlp(sizes: &[usize], seed: u64, noise_of: Option<(&StateDict, f64)>) -> StateDict {

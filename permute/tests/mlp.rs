@@ -8,7 +8,7 @@ use permute::builders::{mlp, mlp_group};
 use permute::lap::{Objective, solve, total};
 use permute::spec::{apply, invert};
 use permute::{MatchOptions, PermuteError, weight_matching};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 use weights::{StateDict, Tensor};
 
 fn random_mlp(sizes: &[usize], seed: u64) -> StateDict {

@@ -9,7 +9,7 @@ mod common;
 use ndarray::{Array1, Array2, ArrayD};
 use permute::interp::lerp;
 use permute::repair::{ChannelStats, RepairLayer, correct, repair};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 use weights::{StateDict, Tensor};
 
 fn random_layers(sizes: &[usize], seed: u64) -> StateDict {

@@ -9,7 +9,7 @@ use ndarray::{Array2, Array4, ArrayD, IxDyn};
 use permute::builders::{infer_arch, resnet};
 use permute::spec::apply;
 use permute::{MatchOptions, weight_matching};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 use weights::{DType, StateDict, Tensor};
 
 fn add(sd: &mut StateDict, rng: &mut Rng, name: &str, shape: &[usize], scale: f64, offset: f64) {

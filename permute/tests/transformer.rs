@@ -10,8 +10,8 @@ use permute::builders::{bert, llama, llama_units};
 use permute::orthogonal::{fold_rms_norms, residual_procrustes, rotate_residual};
 use permute::spec::{Inner, apply};
 use permute::{MatchOptions, weight_matching};
-use spectra::rng::Rng;
 use weights::llama::names;
+use weights::rng::Rng;
 use weights::{LlamaConfig, StateDict, Tensor};
 
 /// The test model's sizes (the spec gets them as a [`LlamaConfig`], [`config`]).

@@ -7,7 +7,7 @@ use ndarray::{Array2, Array4, ArrayD, IxDyn};
 use permute::builders::{infer_arch, vgg};
 use permute::spec::apply;
 use permute::{MatchOptions, weight_matching};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 use weights::{StateDict, Tensor};
 
 fn random_vgg(seed: u64) -> StateDict {

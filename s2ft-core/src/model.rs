@@ -12,6 +12,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{IndexingUpdateOp, TensorData};
 use weights::llama::names;
+use weights::rng::SplitMix64;
 use weights::{StateDict, Tensor as WTensor};
 
 use crate::config::LlamaConfig;
@@ -1107,37 +1108,17 @@ pub fn dense_only(config: &LlamaConfig, what: &str) -> Result<()> {
 /// A seeded random state dict of `config`'s shape (N(0, 0.02²) weights, unit
 /// norms), the weights in [`LlamaConfig::weight_shapes`]'s order.
 pub fn random_state_dict(config: &LlamaConfig, seed: u64) -> StateDict {
-    let mut rng = SplitMix(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut sd = StateDict::new();
     for (name, shape) in config.weight_shapes() {
         let data = if shape.len() == 1 {
             ndarray::ArrayD::ones(shape)
         } else {
             let n = shape.iter().product();
-            let values: Vec<f32> = (0..n).map(|_| 0.02 * rng.normal()).collect();
+            let values: Vec<f32> = (0..n).map(|_| 0.02 * rng.normal() as f32).collect();
             ndarray::ArrayD::from_shape_vec(shape, values).expect("shape")
         };
         sd.insert(name, WTensor::f32(data));
     }
     sd
-}
-
-/// A tiny seeded generator (SplitMix64 + Box–Muller) so this crate needs no RNG dependency.
-pub(crate) struct SplitMix(pub u64);
-
-impl SplitMix {
-    pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub(crate) fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    pub(crate) fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.uniform().max(1e-300), self.uniform());
-        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-    }
 }

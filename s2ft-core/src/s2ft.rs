@@ -19,7 +19,8 @@ use burn::tensor::TensorData;
 
 use crate::config::LlamaConfig;
 use crate::error::{Result, S2ftError};
-use crate::model::{DeltaAxis, Llama, SplitMix};
+use crate::model::{DeltaAxis, Llama};
+use weights::rng::SplitMix64;
 
 /// How heads and channels are scored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -125,7 +126,7 @@ fn pick(
     layers: usize,
     k_total: usize,
     cfg: &S2ftConfig,
-    rng: &mut SplitMix,
+    rng: &mut SplitMix64,
 ) -> Vec<Vec<usize>> {
     // (layer, unit, key): random keys when no scores.
     let mut all: Vec<(usize, usize, f64)> = Vec::with_capacity(layers * per_layer);
@@ -198,7 +199,7 @@ pub fn select(c: &LlamaConfig, cfg: &S2ftConfig, scores: Option<&Scores>) -> Res
             )));
         }
     };
-    let mut rng = SplitMix(cfg.seed);
+    let mut rng = SplitMix64::new(cfg.seed);
     Ok(Selection {
         heads: pick(
             scores.map(|s| s.heads.as_slice()),
@@ -442,7 +443,7 @@ pub fn apply_lora_with_dropout<B: Backend>(
     }
     let mut model = freeze(model);
     let device = model.embed_tokens.val().device();
-    let mut rng = SplitMix(seed);
+    let mut rng = SplitMix64::new(seed);
     for blk in model.layers.iter_mut() {
         for name in crate::model::PROJ_NAMES {
             if !targets.iter().any(|t| name.ends_with(t)) {

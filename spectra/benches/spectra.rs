@@ -10,7 +10,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use ndarray::Array2;
 use spectra::linalg::{ridge_least_squares, singular_values};
 use spectra::report::{ReportOptions, analyze_source};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("singular_values_f32");

@@ -176,7 +176,7 @@ pub fn subspace_overlap(a: &Svd<f64>, b: &Svd<f64>, k: usize) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use weights::rng::Rng;
 
     fn gaussian(m: usize, n: usize, seed: u64) -> Array2<f32> {
         let mut rng = Rng::new(seed);

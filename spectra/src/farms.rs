@@ -123,7 +123,7 @@ mod tests {
     use super::*;
     use crate::esd::esd;
     use crate::powerlaw::{FixFingers, fit_power_law};
-    use crate::rng::Rng;
+    use weights::rng::Rng;
 
     fn gaussian(n: usize, m: usize, seed: u64) -> Array2<f32> {
         let mut rng = Rng::new(seed);

@@ -24,7 +24,6 @@ pub mod linalg;
 pub mod metrics;
 pub mod powerlaw;
 pub mod report;
-pub mod rng;
 pub mod welore;
 
 pub use error::{Result, SpectraError};

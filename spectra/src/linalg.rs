@@ -382,7 +382,7 @@ mod tests {
     use ndarray::{Array2, array};
 
     fn gaussian(m: usize, n: usize, seed: u64) -> Array2<f64> {
-        let mut rng = crate::rng::Rng::new(seed);
+        let mut rng = weights::rng::Rng::new(seed);
         Array2::from_shape_fn((m, n), |_| rng.normal())
     }
 

@@ -39,7 +39,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::esd::{Esd, esd};
 use crate::powerlaw::PowerLawFit;
-use crate::rng::Rng;
+use weights::rng::Rng;
 
 /// Norm-based metrics of one ESD.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

@@ -378,7 +378,7 @@ fn clip_fingers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use weights::rng::Rng;
 
     /// Pareto samples with density ∝ x^{−α} on [xmin, ∞): x = xmin·(1−u)^{−1/(α−1)}.
     fn pareto(n: usize, alpha: f64, xmin: f64, seed: u64) -> Vec<f64> {

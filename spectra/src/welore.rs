@@ -164,7 +164,7 @@ pub fn low_rank_factors<T: Scalar + ndarray::LinalgScalar>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use weights::rng::Rng;
 
     #[test]
     fn thresholds_from_the_table() {

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use ndarray::{ArrayD, IxDyn};
 use spectra::report::{ReportOptions, analyze_source, to_csv};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 use weights::{DType, StateDict, Tensor};
 
 fn gaussian(shape: &[usize], seed: u64) -> ArrayD<f32> {

@@ -49,6 +49,7 @@ pub mod hf_tokenizer;
 pub mod llama;
 pub mod mem;
 mod quant;
+pub mod rng;
 mod safetensors_io;
 pub mod sharded;
 pub mod stats;

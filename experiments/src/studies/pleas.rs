@@ -1005,7 +1005,7 @@ mod tests {
     }
 
     fn inputs(n: usize, d: usize, seed: u64) -> Array2<f32> {
-        let mut rng = spectra::rng::Rng::new(seed);
+        let mut rng = weights::rng::Rng::new(seed);
         Array2::from_shape_fn((n, d), |_| rng.normal() as f32)
     }
 

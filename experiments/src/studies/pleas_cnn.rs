@@ -565,7 +565,7 @@ mod tests {
     use super::*;
 
     fn images(n: usize, seed: u64) -> Array2<f32> {
-        let mut rng = spectra::rng::Rng::new(seed);
+        let mut rng = weights::rng::Rng::new(seed);
         Array2::from_shape_fn((n, 784), |_| rng.uniform() as f32)
     }
 

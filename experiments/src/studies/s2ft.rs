@@ -36,7 +36,7 @@ use s2ft_core::s2ft::{
 };
 use s2ft_core::train::{TrainConfig, train};
 use s2ft_core::{Llama, LlamaConfig};
-use spectra::rng::Rng;
+use weights::rng::Rng;
 use weights::stats::mean;
 
 /// LoRA's target projections (the S²FT paper's LoRA baseline: q, k, v, up, down).

@@ -44,7 +44,7 @@ pub struct SpectraArgs {
 
 /// A seeded checkpoint whose weights are Student-t (ν = 3): heavy-tailed ESDs like trained layers.
 pub fn synthetic(seed: u64, quick: bool) -> StateDict {
-    let mut rng = spectra::rng::Rng::new(seed);
+    let mut rng = weights::rng::Rng::new(seed);
     let dims: &[(usize, usize)] = if quick {
         &[(96, 64), (128, 96), (64, 128)]
     } else {
@@ -283,7 +283,7 @@ mod tests {
     /// eigenvalue fitted, never past the data, stopping below clipped fingers.
     #[test]
     fn the_fit_line_spans_the_fitted_tail_only() {
-        let mut rng = spectra::rng::Rng::new(4);
+        let mut rng = weights::rng::Rng::new(4);
         let mut evals: Vec<f64> = (0..500)
             .map(|_| 0.5 * (1.0 - rng.uniform()).powf(-1.0 / 1.5))
             .collect();
