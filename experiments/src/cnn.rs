@@ -231,6 +231,14 @@ pub trait Tapped<B: Backend> {
     }
 }
 
+/// Image rows `[n, cin·side·side]`, channel-major (PyTorch's NCHW
+/// flattened, square images), as a channels-last batch `[n, side, side, cin]`.
+fn channels_last<B: Backend>(x: Tensor<B, 2>, cin: usize) -> Tensor<B, 4> {
+    let [n, d] = x.dims();
+    let side = ((d / cin) as f64).sqrt() as usize;
+    x.reshape([n, cin, side, side]).permute([0, 2, 3, 1])
+}
+
 impl<B: Backend> Tapped<B> for ResNet<B> {
     /// Logits, with every channel norm's output (as `[n·h·w, channels]`)
     /// handed to `tap` in the order of [`ResNet::norm_prefixes`], and every
@@ -241,11 +249,7 @@ impl<B: Backend> Tapped<B> for ResNet<B> {
         tap: Tap<'_, B>,
         inputs: &mut Inputs<B>,
     ) -> Tensor<B, 2> {
-        let [n, d] = x.dims();
-        let cin = self.conv1.val().dims()[1];
-        let side = ((d / cin) as f64).sqrt() as usize;
-        // Rows are channel-major (PyTorch's NCHW flattened) → channels-last.
-        let x = x.reshape([n, cin, side, side]).permute([0, 2, 3, 1]);
+        let x = channels_last(x, self.conv1.val().dims()[1]);
         inputs.conv("conv1.weight", &x, &self.conv1, 1);
         let stem = self.bn1.forward(conv(x, &self.conv1, 1));
         tap(pixels(&stem));
@@ -271,10 +275,7 @@ impl<B: Backend> Tapped<B> for Vgg<B> {
         tap: Tap<'_, B>,
         inputs: &mut Inputs<B>,
     ) -> Tensor<B, 2> {
-        let [n, d] = x.dims();
-        let cin = self.conv_weights[0].val().dims()[1];
-        let side = ((d / cin) as f64).sqrt() as usize;
-        let mut h = x.reshape([n, cin, side, side]).permute([0, 2, 3, 1]);
+        let mut h = channels_last(x, self.conv_weights[0].val().dims()[1]);
         let last = self.conv_weights.len() - 1;
         for (i, (w, b)) in self.conv_weights.iter().zip(&self.conv_biases).enumerate() {
             inputs.conv(&format!("features.{}.weight", 3 * i), &h, w, 1);

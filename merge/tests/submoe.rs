@@ -17,7 +17,7 @@ const HIDDEN: usize = 6;
 const FFN: usize = 4;
 
 fn gauss(r: usize, c: usize, rng: &mut weights::rng::Rng) -> Array2<f32> {
-    Array2::from_shape_fn((r, c), |_| rng.normal() as f32)
+    rng.normal_array((r, c))
 }
 
 fn expert(rng: &mut weights::rng::Rng) -> ExpertWeights {

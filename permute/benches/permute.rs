@@ -5,7 +5,6 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use models::{mlp_shapes, random_sd, transformer_config, transformer_shapes};
-use ndarray::Array2;
 use permute::builders::{llama, mlp};
 use permute::lap::{Objective, solve, solve_warm};
 use permute::{MatchOptions, weight_matching};
@@ -22,8 +21,8 @@ pub fn uniform_costs(n: usize, seed: u64) -> Vec<f64> {
 /// Weight-matching-like costs `C = A·Bᵀ`, A and B Gaussian `n × 4n`.
 pub fn wm_costs(n: usize, seed: u64) -> Vec<f64> {
     let mut rng = Rng::new(seed);
-    let a = Array2::from_shape_fn((n, 4 * n), |_| rng.normal() as f32);
-    let b = Array2::from_shape_fn((n, 4 * n), |_| rng.normal() as f32);
+    let a = rng.normal_array((n, 4 * n));
+    let b = rng.normal_array((n, 4 * n));
     a.dot(&b.t()).iter().map(|&v| v as f64).collect()
 }
 

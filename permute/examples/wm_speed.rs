@@ -119,16 +119,16 @@ fn main() {
         Some("bound") => {
             let (n, k) = (3072, 768);
             let mut rng = Rng::new(2);
-            let a = ndarray::Array2::from_shape_fn((n, k), |_| rng.normal() as f32);
-            let b = ndarray::Array2::from_shape_fn((n, k), |_| rng.normal() as f32);
+            let a = rng.normal_array((n, k));
+            let b = rng.normal_array((n, k));
             let mut c = vec![0f32; n * n];
             let (t, _) = median_secs(5, || {
                 spectra::linalg::matmul_nt(a.view(), b.view(), &mut c, "bound").expect("shapes");
                 0
             });
             println!("GEMM {n}x{k} . {k}x{n} f32: {:.1} ms", t * 1e3);
-            let a = ndarray::Array2::from_shape_fn((n, 4 * n), |_| rng.normal() as f32);
-            let b = ndarray::Array2::from_shape_fn((n, 4 * n), |_| rng.normal() as f32);
+            let a = rng.normal_array((n, 4 * n));
+            let b = rng.normal_array((n, 4 * n));
             let cost: Vec<f64> = a.dot(&b.t()).iter().map(|&v| v as f64).collect();
             let (t, _) = median_secs(3, || {
                 permute::lap::solve(&cost, n, permute::lap::Objective::Maximize, "bound")

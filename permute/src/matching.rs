@@ -1073,7 +1073,7 @@ fn objective_and_distance(
 mod tests {
     use super::permutations;
     use crate::spec::{Group, Inner, PermutationSpec, apply};
-    use ndarray::{ArrayD, IxDyn};
+    use ndarray::IxDyn;
     use weights::{StateDict, Tensor};
 
     /// A unit group whose copies are declared free while no member repeats
@@ -1085,7 +1085,7 @@ mod tests {
         let model = |rng: &mut weights::rng::Rng| {
             let mut sd = StateDict::new();
             for (name, shape) in [("l0.weight", vec![6, 4]), ("l1.weight", vec![3, 6])] {
-                let data = ArrayD::from_shape_fn(IxDyn(&shape), |_| rng.normal() as f32);
+                let data = rng.normal_array(IxDyn(&shape));
                 sd.insert(name, Tensor::f32(data));
             }
             sd
@@ -1105,8 +1105,8 @@ mod tests {
     fn updated_products_equal_products_formed_whole() {
         let mut rng = weights::rng::Rng::new(11);
         let (n, cols) = (40, 60);
-        let a = ndarray::Array2::from_shape_fn((n, cols), |_| rng.normal() as f32);
-        let b = ndarray::Array2::from_shape_fn((n, cols), |_| rng.normal() as f32);
+        let a = rng.normal_array((n, cols));
+        let b = rng.normal_array((n, cols));
         let whole = |order: &[usize]| {
             let mut prod = Vec::new();
             super::product(
@@ -1154,7 +1154,7 @@ mod tests {
             for (i, w) in widths.windows(2).enumerate() {
                 let shape = [vec![w[1], w[0]], vec![w[1]]];
                 for (suffix, shape) in ["weight", "bias"].iter().zip(shape) {
-                    let data = ArrayD::from_shape_fn(IxDyn(&shape), |_| rng.normal() as f32);
+                    let data = rng.normal_array(IxDyn(&shape));
                     sd.insert(format!("layers.{i}.{suffix}"), Tensor::f32(data));
                 }
             }

@@ -24,7 +24,7 @@ fn match_writes_the_aligned_model_and_reports_json() {
         );
         a.insert(
             format!("fc{}.bias", i + 1),
-            Tensor::f32(ArrayD::from_shape_fn(IxDyn(&[o]), |_| rng.normal() as f32)),
+            Tensor::f32(rng.normal_array(IxDyn(&[o]))),
         );
     }
     let spec = mlp(&a).unwrap();

@@ -1,7 +1,7 @@
 //! MergeMany, activation matching and per-unit pair similarities.
 
 use indexmap::IndexMap;
-use ndarray::{Array2, ArrayD, IxDyn};
+use ndarray::{Array2, IxDyn};
 use permute::builders::{mlp, mlp_group};
 use permute::many::{Correlation, activation_matching, mean, merge_many, pair_similarities};
 use permute::matching::l2_distance;
@@ -24,7 +24,7 @@ fn random_mlp(sizes: &[usize], seed: u64, noise_of: Option<(&StateDict, f64)>) -
                     .unwrap()
                     .data
                     .mapv(|v| v + (eps * rng.normal()) as f32),
-                None => ArrayD::from_shape_fn(IxDyn(&shape), |_| rng.normal() as f32),
+                None => rng.normal_array(IxDyn(&shape)),
             };
             sd.insert(name, Tensor::f32(data));
         }
@@ -63,7 +63,7 @@ fn merge_many_aligns_permuted_noisy_copies() {
 #[test]
 fn activation_matching_recovers_a_unit_permutation() {
     let mut rng = Rng::new(3);
-    let a = Array2::from_shape_fn((500, 16), |_| rng.normal() as f32);
+    let a = rng.normal_array((500, 16));
     let mut p: Vec<usize> = (0..16).collect();
     rng.shuffle(&mut p);
     // B's unit p[i] is A's unit i (plus noise); unit 5 of A is constant.

@@ -73,7 +73,7 @@ fn permuting_preserves_the_function_and_singular_values() {
     let p = spec.random(3);
     let permuted = apply(&spec, &p, &sd).unwrap();
     let mut rng = Rng::new(4);
-    let x = Array2::from_shape_fn((64, 20), |_| rng.normal() as f32);
+    let x = rng.normal_array((64, 20));
     let (y0, y1) = (forward(&sd, &x), forward(&permuted, &x));
     let diff = (&y0 - &y1).iter().fold(0f32, |m, v| m.max(v.abs()));
     assert!(diff < 1e-5, "max |Δ| = {diff}");
@@ -206,7 +206,7 @@ fn zip_spans_the_ensemble_and_the_aligned_average() {
     let (a, b) = (random_mlp(&[6, 8, 8, 3], 1), random_mlp(&[6, 8, 8, 3], 2));
     let spec = mlp(&a).unwrap();
     let mut rng = Rng::new(3);
-    let x = Array2::from_shape_fn((20, 6), |_| rng.normal() as f32);
+    let x = rng.normal_array((20, 6));
     let plan_at = |merged: usize| -> indexmap::IndexMap<String, GroupPlan> {
         spec.groups
             .iter()

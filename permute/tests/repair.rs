@@ -156,7 +156,7 @@ fn repaired_relu_mlp_has_the_target_statistics_on_its_samples() {
     let sizes = [8, 16, 16, 3];
     let (a, b) = (random_layers(&sizes, 3), random_layers(&sizes, 4));
     let mut rng = Rng::new(9);
-    let x = Array2::from_shape_fn((400, 8), |_| rng.normal() as f32);
+    let x = rng.normal_array((400, 8));
     let layers: Vec<RepairLayer> = (0..2)
         .map(|l| RepairLayer::named(&format!("layers.{l}")))
         .collect();

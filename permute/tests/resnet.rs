@@ -138,7 +138,7 @@ fn resnet_spec_preserves_the_function() {
     );
     assert_eq!(sizes.iter().filter(|(n, _)| n.contains("inner")).count(), 4);
     let mut rng = Rng::new(2);
-    let x = Array4::from_shape_fn((2, 3, 6, 6), |_| rng.normal() as f32);
+    let x = rng.normal_array((2, 3, 6, 6));
     let y0 = forward(&sd, &x);
     let permuted = apply(&spec, &spec.random(3), &sd).unwrap();
     assert_ne!(permuted, sd);
@@ -184,7 +184,7 @@ fn zip_of_resnets_spans_the_ensemble_and_the_aligned_average() {
             .collect()
     };
     let mut rng = Rng::new(8);
-    let x = Array4::from_shape_fn((2, 3, 6, 6), |_| rng.normal() as f32);
+    let x = rng.normal_array((2, 3, 6, 6));
     let max_abs = |y: Array2<f32>| y.iter().fold(0f32, |m, v| m.max(v.abs()));
     // All channels apart (BatchNorm is per channel, shortcuts stay in their
     // stream): the ensemble, logits averaged.

@@ -514,10 +514,7 @@ fn bert_spec_from_minilm_style_names() {
     let (h, f, heads) = (12usize, 20usize, 3usize);
     let mut sd = StateDict::new();
     let mut t = |name: &str, shape: &[usize]| {
-        sd.insert(
-            name,
-            Tensor::f32(ArrayD::from_shape_fn(IxDyn(shape), |_| rng.normal() as f32)),
-        );
+        sd.insert(name, Tensor::f32(rng.normal_array(IxDyn(shape))));
     };
     t("embeddings.word_embeddings.weight", &[30, h]);
     t("embeddings.position_embeddings.weight", &[8, h]);

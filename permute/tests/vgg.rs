@@ -100,7 +100,7 @@ fn vgg_spec_preserves_the_function_through_the_flatten() {
     let mut rng = Rng::new(2);
     let perm = spec.random(2);
     let permuted = apply(&spec, &perm, &sd).unwrap();
-    let x = Array4::from_shape_fn((2, 3, 4, 4), |_| rng.normal() as f32);
+    let x = rng.normal_array((2, 3, 4, 4));
     let (y0, y1) = (forward(&sd, &x), forward(&permuted, &x));
     let d = (&y0 - &y1).iter().fold(0f32, |m, v| m.max(v.abs()));
     assert!(

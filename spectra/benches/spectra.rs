@@ -17,7 +17,7 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     for &(m, n) in &[(768usize, 768usize), (768, 3072), (2048, 2048)] {
         let mut rng = Rng::new(1);
-        let a = Array2::from_shape_fn((m, n), |_| rng.normal() as f32);
+        let a = rng.normal_array((m, n));
         g.bench_function(format!("{m}x{n}"), |b| {
             b.iter(|| singular_values(a.view(), "a").unwrap())
         });

@@ -180,7 +180,7 @@ mod tests {
 
     fn gaussian(m: usize, n: usize, seed: u64) -> Array2<f32> {
         let mut rng = Rng::new(seed);
-        Array2::from_shape_fn((m, n), |_| rng.normal() as f32)
+        rng.normal_array((m, n))
     }
 
     fn random_perm(n: usize, seed: u64) -> Vec<usize> {

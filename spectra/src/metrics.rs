@@ -220,7 +220,7 @@ mod tests {
 
     fn gaussian(n: usize, m: usize, seed: u64) -> Array2<f32> {
         let mut rng = Rng::new(seed);
-        Array2::from_shape_fn((n, m), |_| rng.normal() as f32)
+        rng.normal_array((n, m))
     }
 
     #[test]

@@ -9,7 +9,7 @@ use weights::{DType, StateDict, Tensor};
 
 fn gaussian(shape: &[usize], seed: u64) -> ArrayD<f32> {
     let mut rng = Rng::new(seed);
-    ArrayD::from_shape_fn(IxDyn(shape), |_| rng.normal() as f32)
+    rng.normal_array(IxDyn(shape))
 }
 
 fn model() -> StateDict {

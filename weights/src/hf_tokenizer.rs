@@ -132,40 +132,17 @@ impl HfTokenizerFiles {
                 }));
             }
         }
-        let tokenizer = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {
-                "type": "BPE", "dropout": null, "unk_token": unk,
-                "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                "vocab": vocab, "merges": merges,
-            },
-        });
-        let mut config = json!({
-            "tokenizer_class": "GPT2Tokenizer",
-            "add_prefix_space": false,
-            "add_bos_token": kv.get("tokenizer.ggml.add_bos_token").is_some_and(|v| *v == GgufValue::Bool(true)),
-            "clean_up_tokenization_spaces": false,
-            "bos_token": bos,
-            "eos_token": eos,
-            "unk_token": unk,
-            "pad_token": pad,
-            "model_max_length": g.config().context_length.unwrap_or(2048),
-        });
-        if let Some(t) = kv
-            .get("tokenizer.chat_template")
-            .and_then(GgufValue::as_str)
-        {
-            config["chat_template"] = json!(t);
-        }
-        Ok(HfTokenizerFiles { tokenizer, config })
+        Ok(HfTokenizerFiles {
+            tokenizer: bpe_json(added, pre_tokenizer, unk, vocab, json!(merges)),
+            config: gpt2_config(
+                kv.get("tokenizer.ggml.add_bos_token")
+                    .is_some_and(|v| *v == GgufValue::Bool(true)),
+                [bos, eos, unk, pad],
+                g.config().context_length.unwrap_or(2048),
+                kv.get("tokenizer.chat_template")
+                    .and_then(GgufValue::as_str),
+            ),
+        })
     }
 
     /// A byte-level BPE without merges: `specials` (ids `0..specials.len()`,
@@ -204,37 +181,10 @@ impl HfTokenizerFiles {
             }
         }
         let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-        let tokenizer = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": byte_level,
-            "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {
-                "type": "BPE", "dropout": null, "unk_token": null,
-                "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                "vocab": vocab, "merges": [],
-            },
-        });
-        let mut config = json!({
-            "tokenizer_class": "GPT2Tokenizer",
-            "add_prefix_space": false,
-            "add_bos_token": false,
-            "clean_up_tokenization_spaces": false,
-            "bos_token": null,
-            "eos_token": eos,
-            "unk_token": null,
-            "pad_token": null,
-            "model_max_length": 2048,
-        });
-        if let Some(t) = chat_template {
-            config["chat_template"] = json!(t);
-        }
-        Ok(HfTokenizerFiles { tokenizer, config })
+        Ok(HfTokenizerFiles {
+            tokenizer: bpe_json(added, byte_level, None, vocab, json!([])),
+            config: gpt2_config(false, [None, Some(eos), None, None], 2048, chat_template),
+        })
     }
 
     /// Writes `tokenizer.json` and `tokenizer_config.json` into `dir`, atomically.
@@ -245,6 +195,57 @@ impl HfTokenizerFiles {
         crate::atomic::write_atomic(dir.join("tokenizer_config.json"), &to_bytes(&self.config))?;
         Ok(())
     }
+}
+
+/// `tokenizer.json` of a byte-level BPE (GPT-2's post-processor and decoder).
+fn bpe_json(
+    added: Vec<Value>,
+    pre_tokenizer: Value,
+    unk: Option<&str>,
+    vocab: serde_json::Map<String, Value>,
+    merges: Value,
+) -> Value {
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk,
+            "continuing_subword_prefix": null, "end_of_word_suffix": null,
+            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        },
+    })
+}
+
+/// `tokenizer_config.json` of a GPT-2-class tokenizer; `specials` are the
+/// bos, eos, unk and pad tokens.
+fn gpt2_config(
+    add_bos_token: bool,
+    [bos, eos, unk, pad]: [Option<&str>; 4],
+    model_max_length: usize,
+    chat_template: Option<&str>,
+) -> Value {
+    let mut config = json!({
+        "tokenizer_class": "GPT2Tokenizer",
+        "add_prefix_space": false,
+        "add_bos_token": add_bos_token,
+        "clean_up_tokenization_spaces": false,
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": unk,
+        "pad_token": pad,
+        "model_max_length": model_max_length,
+    });
+    if let Some(t) = chat_template {
+        config["chat_template"] = json!(t);
+    }
+    config
 }
 
 /// GPT-2's `bytes_to_unicode`: byte `b` as the printable character the

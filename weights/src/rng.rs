@@ -123,6 +123,15 @@ impl Rng {
         }
     }
 
+    /// An `f32` array of standard normal draws, filled in logical
+    /// (row-major) order: `rng.normal_array((3, 4))` is an `Array2`.
+    pub fn normal_array<Sh: ndarray::ShapeBuilder>(
+        &mut self,
+        shape: Sh,
+    ) -> ndarray::Array<f32, Sh::Dim> {
+        ndarray::Array::from_shape_fn(shape, |_| self.normal() as f32)
+    }
+
     /// Shuffles `xs` in place (Fisher–Yates).
     pub fn shuffle<T>(&mut self, xs: &mut [T]) {
         for i in (1..xs.len()).rev() {

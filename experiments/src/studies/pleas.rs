@@ -1006,7 +1006,7 @@ mod tests {
 
     fn inputs(n: usize, d: usize, seed: u64) -> Array2<f32> {
         let mut rng = weights::rng::Rng::new(seed);
-        Array2::from_shape_fn((n, d), |_| rng.normal() as f32)
+        rng.normal_array((n, d))
     }
 
     fn max_diff(x: &Array2<f32>, y: &Array2<f32>) -> f32 {
