@@ -728,7 +728,7 @@ pub struct Vgg<B: Backend> {
 }
 
 /// The shape of a [`Vgg`].
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VggShape {
     /// Input channels.
     pub in_channels: usize,

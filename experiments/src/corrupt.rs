@@ -17,7 +17,20 @@ use weights::rng::Rng;
 use crate::data::Split;
 
 /// A corruption type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum Corruption {
     /// Additive Gaussian noise, σ per severity.
     GaussianNoise,
@@ -107,12 +120,6 @@ impl Corruption {
 impl std::fmt::Display for Corruption {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-impl serde::Serialize for Corruption {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
     }
 }
 
@@ -289,6 +296,15 @@ pub fn corrupt(split: &Split, c: Corruption, severity: u8, seed: u64) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn corruptions_are_written_and_read_by_name() {
+        for c in Corruption::ALL {
+            let v = serde_json::to_value(c).unwrap();
+            assert_eq!(v, c.name());
+            assert_eq!(serde_json::from_value::<Corruption>(v).unwrap(), c);
+        }
+    }
 
     /// A 5×5 image: value (y·5 + x)/24.
     fn ramp() -> Vec<f32> {

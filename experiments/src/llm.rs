@@ -122,11 +122,12 @@ pub fn sft_batch<B: Backend>(pairs: &[(&[u32], &[u32])], pad: u32, device: &B::D
 }
 
 /// A model's score on one evaluation set.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct SetScore {
     /// Exact-match accuracy of greedy decoding.
     pub acc: f64,
     /// Teacher-forced cross-entropy of the reference completion (nats/token).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub answer_loss: f64,
     /// Examples scored.
     pub n: usize,

@@ -205,11 +205,13 @@ impl Sample {
 }
 
 /// Loss and accuracy on the counted positions.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Eval {
     /// Mean cross-entropy (nats per token).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub loss: f64,
     /// Share of counted positions whose argmax is the target.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub acc: f64,
 }
 

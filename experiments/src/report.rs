@@ -10,7 +10,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 
 use crate::device::Device;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// The options every training study takes: the device, the report folder
 /// and progress output (flattened into each study's arguments).
@@ -143,29 +144,36 @@ impl Run {
     }
 
     /// The `run` record of `metrics.json`.
-    pub fn record(&self) -> Value {
-        json!({
-            "study": self.study,
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
-            "git_commit": git_commit(),
-            "backend": self.device.label(),
-            "versions": {
-                "experiments": env!("CARGO_PKG_VERSION"),
-                "burn": "0.21",
-                "rustc_target": std::env::consts::ARCH,
+    pub fn record(&self) -> RunRecord {
+        RunRecord {
+            study: self.study.clone(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            git_commit: git_commit(),
+            backend: self.device.label().into(),
+            versions: Versions {
+                experiments: env!("CARGO_PKG_VERSION").into(),
+                burn: "0.21".into(),
+                rustc_target: std::env::consts::ARCH.into(),
             },
-            "threads": available_threads(),
-            "phases_seconds": self.phases.iter().map(|(n, s)| json!({"phase": n, "seconds": s})).collect::<Vec<_>>(),
-            "wall_seconds": self.start.elapsed().as_secs_f64(),
-        })
+            threads: available_threads(),
+            phases_seconds: self
+                .phases
+                .iter()
+                .map(|(phase, seconds)| PhaseTime {
+                    phase: phase.clone(),
+                    seconds: *seconds,
+                })
+                .collect(),
+            wall_seconds: self.start.elapsed().as_secs_f64(),
+        }
     }
 
     /// Writes what is known so far to `metrics.partial.json` (with the run
     /// record and `"complete": false`), so an interrupted study (Ctrl-C)
     /// leaves its finished phases behind; [`Run::finish`] removes it.
-    pub fn partial(&self, metrics: &Value) -> anyhow::Result<()> {
-        let mut m = metrics.clone();
-        m["run"] = self.record();
+    pub fn partial<T: Serialize + ?Sized>(&self, metrics: &T) -> anyhow::Result<()> {
+        let mut m = serde_json::to_value(metrics)?;
+        m["run"] = serde_json::to_value(self.record())?;
         m["complete"] = Value::Bool(false);
         self.write(
             "metrics.partial.json",
@@ -175,9 +183,10 @@ impl Run {
     }
 
     /// Writes `metrics.json` (`metrics` plus the run record) and `report.md`.
-    pub fn finish(&self, mut metrics: Value, report_md: &str) -> anyhow::Result<()> {
+    pub fn finish<T: Serialize>(&self, metrics: T, report_md: &str) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(self.dir.join("metrics.partial.json"));
-        metrics["run"] = self.record();
+        let mut metrics = serde_json::to_value(metrics)?;
+        metrics["run"] = serde_json::to_value(self.record())?;
         self.write(
             "metrics.json",
             serde_json::to_string_pretty(&metrics)?.as_bytes(),
@@ -196,6 +205,72 @@ impl Run {
         }
         Ok(())
     }
+}
+
+/// The `run` record every study's `metrics.json` carries.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The study's name.
+    pub study: String,
+    /// The command line.
+    pub command: String,
+    /// `git rev-parse --short=12 HEAD`, or `unknown`.
+    pub git_commit: String,
+    /// The backend's label.
+    pub backend: String,
+    /// Versions of what ran.
+    pub versions: Versions,
+    /// Threads available.
+    pub threads: usize,
+    /// Wall time of each phase, in order.
+    pub phases_seconds: Vec<PhaseTime>,
+    /// Wall time of the whole run.
+    pub wall_seconds: f64,
+}
+
+/// Versions in a [`RunRecord`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Versions {
+    /// This crate's version.
+    pub experiments: String,
+    /// Burn's version.
+    pub burn: String,
+    /// The target architecture.
+    pub rustc_target: String,
+}
+
+/// One phase's wall time.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PhaseTime {
+    /// The phase.
+    pub phase: String,
+    /// Its seconds.
+    pub seconds: f64,
+}
+
+/// A `metrics.json` read back: the study's own metrics `T` and the run record.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Recorded<T> {
+    /// The run record.
+    pub run: RunRecord,
+    /// The study's metrics.
+    #[serde(flatten)]
+    pub metrics: T,
+}
+
+/// Reads `dir/metrics.json` as study metrics `T` (the study's own metrics
+/// type), naming the file and the field that does not fit.
+pub fn read_metrics<T: serde::de::DeserializeOwned>(dir: &Path) -> anyhow::Result<Recorded<T>> {
+    let p = dir.join("metrics.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de).with_context(|| format!("reading {}", p.display()))
+}
+
+/// Reads an `f64` that was NaN or infinite when written (`serde_json`
+/// writes those as `null`) back as NaN.
+pub fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 fn available_threads() -> usize {

@@ -630,17 +630,22 @@ pub fn align_all(
 }
 
 /// One method's entry of `metrics.json`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct MethodRow {
     /// Barrier of the train loss over the endpoints' line.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub loss_barrier: f64,
     /// Barrier over the endpoints' mean.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub loss_barrier_mean: f64,
     /// Largest drop of the train accuracy below the endpoints' line.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub acc_barrier: f64,
     /// ‖A − P·B‖.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub l2: f64,
     /// Seconds to align (and to REPAIR).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub seconds: f64,
     /// (λ, train loss).
     pub train_loss: Vec<(f64, f64)>,
@@ -666,7 +671,7 @@ impl MethodRow {
 /// `metrics.json` of an MLP or CNN run: every method's row at the top level
 /// (naive, wm, am, ste, wm_repair, as the README documents), then the
 /// run's facts. The partial files written while methods run hold the rows so far.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct LmcMetrics {
     /// Per method, in the order they ran.
     #[serde(flatten)]
@@ -676,7 +681,7 @@ pub struct LmcMetrics {
     pub width_sweep: Option<Vec<WidthRow>>,
     /// The architecture's name.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub arch: Option<&'static str>,
+    pub arch: Option<String>,
     /// Layer sizes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sizes: Option<Vec<usize>>,
@@ -689,13 +694,15 @@ pub struct LmcMetrics {
 }
 
 /// One width of `--widths`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct WidthRow {
     /// Hidden width.
     pub width: usize,
     /// Loss barrier of the naive interpolation.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub naive_loss_barrier: f64,
     /// Loss barrier after weight matching.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub wm_loss_barrier: f64,
 }
 
@@ -741,11 +748,11 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     if !args.widths.is_empty() {
         metrics.width_sweep = Some(width_sweep(args, arch, &mut run, &mut md)?);
     }
-    metrics.arch = Some(arch.name());
+    metrics.arch = Some(arch.name().into());
     metrics.sizes = Some(pair.sizes.clone());
     metrics.endpoint_test_accuracy = Some([endpoints[0].1, endpoints[1].1]);
     metrics.wm_passes = Some(wm_passes);
-    run.finish(serde_json::to_value(&metrics)?, &md)?;
+    run.finish(&metrics, &md)?;
     Ok(run.dir.clone())
 }
 
@@ -792,7 +799,7 @@ fn method_rows(
             secs + repair_secs,
         );
         metrics.methods.insert(name.clone(), row.clone());
-        run.partial(&serde_json::to_value(&*metrics)?)?;
+        run.partial(&*metrics)?;
         out.push((name, row));
     }
     Ok(out)

@@ -48,7 +48,7 @@ pub const HEAD_DIM: usize = 16;
 const LR: f64 = 3e-3;
 
 /// The sizes of one run after `--quick` and the options.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Shape {
     /// Residual width.
     pub hidden: usize,
@@ -380,12 +380,13 @@ fn units_first(x: Array2<f32>) -> WTensor {
 /// One row of the table: [`crate::studies::lmc::MethodRow`]'s fields (the
 /// barriers along the training text, L2, seconds to align, the curves) and
 /// how much the permutation alone changes B.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct MethodRow {
     /// Barriers, distance, seconds and curves.
     #[serde(flatten)]
     pub curve: crate::studies::lmc::MethodRow,
     /// Test loss of P·B minus B's: 0 when P is a symmetry.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub b_loss_change: f64,
 }
 
@@ -400,22 +401,24 @@ impl MethodRow {
 }
 
 /// One width of `--widths`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct WidthRow {
     /// Residual width.
     pub width: usize,
     /// Naive loss barrier.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub naive_loss_barrier: f64,
     /// Weight-matching loss barrier.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub wm_loss_barrier: f64,
 }
 
 /// What `metrics.json` holds: the methods by name at the top level
 /// (`naive`, `wm`, `am`, `wm_units`), as for the image networks.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Metrics {
     /// `llama`.
-    pub arch: &'static str,
+    pub arch: String,
     /// The sizes.
     pub shape: Shape,
     /// Test loss and token accuracy of A and B.
@@ -561,7 +564,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
     .expect("one batch");
     let (aligned, wm_passes) = align(&pair, &folded_a, &probe, args.seed, &mut run)?;
     let mut metrics = Metrics {
-        arch: "llama",
+        arch: "llama".to_string(),
         shape: pair.shape.clone(),
         endpoints,
         wm_passes,
@@ -585,7 +588,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
             )?;
             let name = if repair { "wm_repair" } else { m.name };
             metrics.methods.insert(name.into(), row);
-            run.partial(&serde_json::to_value(&metrics)?)?;
+            run.partial(&metrics)?;
         }
     }
     plots(&run, &metrics)?;
@@ -593,7 +596,7 @@ pub fn run(args: &LmcArgs) -> anyhow::Result<PathBuf> {
         metrics.width_sweep = width_sweep(args, &corpus, &mut run)?;
     }
     let md = report(&metrics, &pair, args);
-    run.finish(serde_json::to_value(&metrics)?, &md)?;
+    run.finish(&metrics, &md)?;
     Ok(run.dir.clone())
 }
 

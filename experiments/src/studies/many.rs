@@ -79,7 +79,7 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
         ));
         series.push(Series::line(*name, pair_1_2));
         metrics.methods.insert(name.to_string(), row);
-        run.partial(&serde_json::to_value(&metrics)?)?;
+        run.partial(&metrics)?;
     }
     line_chart(
         &run.dir.join("pair_1_2_test_loss"),
@@ -90,14 +90,14 @@ pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
     )?;
     md.push_str("\n![between models 1 and 2](pair_1_2_test_loss.png)\n");
     metrics.merge_many_rounds = Some(rounds);
-    run.finish(serde_json::to_value(&metrics)?, &md)?;
+    run.finish(&metrics, &md)?;
     Ok(run.dir.clone())
 }
 
 /// `metrics.json`: the individual models, then every method's row at the
 /// top level under its name, then MergeMany's rounds (the partial files hold
 /// the rows so far).
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct ManyMetrics {
     /// Each model alone on the test split.
     pub individual: Vec<Individual>,
@@ -110,11 +110,13 @@ pub struct ManyMetrics {
 }
 
 /// One model alone.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Individual {
     /// Its test loss.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub test_loss: f64,
     /// Its test accuracy.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub test_acc: f64,
 }
 
@@ -171,17 +173,21 @@ fn align(
 }
 
 /// One method's entry of `metrics.json`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct MethodRow {
     /// Test loss of the merged (averaged) model.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub test_loss: f64,
     /// Its test accuracy.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub test_acc: f64,
     /// Mean loss barrier between the non-anchor models.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub pairwise_barrier: f64,
     /// Every such barrier.
     pub pairwise_barriers: Vec<f64>,
     /// Seconds to align.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub seconds: f64,
 }
 

@@ -486,16 +486,21 @@ pub fn permutation_of(
     Ok(perm)
 }
 
-/// Joint and per-task quality of a (merged) MLP.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// Joint and per-task quality of a (merged) MLP (read back without the
+/// `task_mean_acc` it is written with).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Deserialize)]
 pub struct Scores {
     /// Cross-entropy over all classes.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub joint_loss: f64,
     /// Accuracy over all classes.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub joint_acc: f64,
     /// Task A's samples, argmax over its classes (`< split`).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub task_a_acc: f64,
     /// Task B's samples, argmax over its classes (`≥ split`).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub task_b_acc: f64,
 }
 
@@ -561,26 +566,26 @@ pub(crate) fn labels_in(data: &Split, range: std::ops::Range<usize>) -> Split {
 
 /// Runs the study; returns the report folder.
 /// The two source models, their ensemble, and every merge: `metrics.json`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct PleasMetrics {
     /// MLP layer sizes.
     pub sizes: Vec<usize>,
     /// Task A's labels are below this.
     pub split: usize,
     /// `uniform` or `global`.
-    pub allocation: &'static str,
+    pub allocation: String,
     /// A, B and their ensemble.
     pub models: Models,
     /// One row per matching and ratio.
     pub merges: Vec<MergeRow>,
     /// Seconds each matching took.
-    pub matching_seconds: indexmap::IndexMap<&'static str, f64>,
+    pub matching_seconds: indexmap::IndexMap<String, f64>,
     /// Per matching: L2 of the aligned B to A, mean matched correlation per layer.
-    pub matching: indexmap::IndexMap<&'static str, MatchingStats>,
+    pub matching: indexmap::IndexMap<String, MatchingStats>,
 }
 
 /// The unmerged models' scores.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Models {
     /// Model A (task A's labels).
     pub a: Scores,
@@ -591,28 +596,32 @@ pub struct Models {
 }
 
 /// One matching's alignment quality.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct MatchingStats {
     /// ‖A − P·B‖.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub l2: f64,
     /// Mean correlation of the matched pairs, per hidden layer.
     pub mean_correlation: Vec<f64>,
 }
 
 /// One merge plan merged three ways.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct MergeRow {
     /// `none`, `wm` or `am`.
-    pub matching: &'static str,
+    pub matching: String,
     /// Fraction of unit pairs merged.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub ratio: f64,
     /// Merged hidden units per hidden unit of one model (1 to 2).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub width: f64,
     /// Pairs merged per hidden layer.
     pub merged_pairs: Vec<usize>,
     /// Parameters of the merged MLP.
     pub params: usize,
     /// … per parameter of one model.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub params_ratio: f64,
     /// Zip merge, averaging each merged pair.
     pub average: Scores,
@@ -621,6 +630,7 @@ pub struct MergeRow {
     /// Only the last layer solved.
     pub least_squares_head: Scores,
     /// Seconds the least-squares merge took.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub least_squares_seconds: f64,
 }
 
@@ -763,11 +773,11 @@ impl MergeInputs<'_> {
             match_units(matching, self.a, self.b, &self.probe.x, self.args.seed)
         })?;
         m.matching_seconds
-            .insert(matching.name(), t.elapsed().as_secs_f64());
+            .insert(matching.name().to_string(), t.elapsed().as_secs_f64());
         let spec = permute::builders::mlp(self.a)?;
         let b_aligned = permute::apply(&spec, &permutation_of(&units, self.a)?, self.b)?;
         m.matching.insert(
-            matching.name(),
+            matching.name().to_string(),
             MatchingStats {
                 l2: permute::matching::l2_distance(self.a, &b_aligned),
                 mean_correlation: units
@@ -826,7 +836,7 @@ impl MergeInputs<'_> {
         let least_squares_seconds = t.elapsed().as_secs_f64();
         let ls_head = self.least_squares(&plans, self.depth)?;
         Ok(MergeRow {
-            matching: matching.name(),
+            matching: matching.name().to_string(),
             ratio,
             width: plans.iter().map(LayerPlan::width).sum::<usize>() as f64
                 / plans.iter().map(LayerPlan::source_width).sum::<usize>() as f64,
@@ -867,7 +877,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     let mut m = PleasMetrics {
         sizes,
         split: args.split,
-        allocation: args.allocation.name(),
+        allocation: args.allocation.name().to_string(),
         models: Models {
             a: score(&logits_a),
             b: score(&logits_b),
@@ -877,7 +887,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
         matching_seconds: Default::default(),
         matching: Default::default(),
     };
-    run.partial(&serde_json::to_value(&m)?)?;
+    run.partial(&m)?;
     let inputs = MergeInputs {
         args,
         a: &a,
@@ -895,12 +905,12 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     for matching in args.matchings() {
         inputs.matching(matching, &mut run, &mut m, &mut csv, &bar)?;
         run.write("merges.csv", csv.as_bytes())?;
-        run.partial(&serde_json::to_value(&m)?)?;
+        run.partial(&m)?;
     }
     bar.finish_and_clear();
     plot_merges(&m, args, &run)?;
     let md = report(&m, args, &z, &d);
-    run.finish(serde_json::to_value(&m)?, &md)?;
+    run.finish(&m, &md)?;
     Ok(run.dir.clone())
 }
 

@@ -40,7 +40,7 @@ use crate::studies::pleas::{
 };
 
 /// The sizes after `--quick` and the options.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Sizes {
     /// Stem width (ResNet stages w, 2w, 4w; VGG convolutions w, 2w, 2w).
     pub width: usize,
@@ -53,45 +53,50 @@ pub struct Sizes {
     /// Unlabelled training images (both tasks) of the least-squares solves.
     pub samples: usize,
     /// Relative ridge of the least-squares solves.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub ridge: f64,
 }
 
 /// One merged model.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Row {
     /// How B was aligned.
-    pub matching: &'static str,
+    pub matching: String,
     /// Fraction of each group's channel pairs merged.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub ratio: f64,
     /// Channels of the merged model ÷ one model's, over all groups.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub width: f64,
     /// Parameters ÷ one model's.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub params_ratio: f64,
     /// The zip's scores on the test images (merged pairs averaged).
     pub scores: Scores,
     /// The scores after PLeaS's per-layer least squares.
     pub least_squares: Scores,
     /// Seconds of the least-squares solves (with their forward passes).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub least_squares_seconds: f64,
 }
 
 /// What `metrics.json` holds.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Metrics {
     /// `resnet` or `vgg`.
-    pub arch: &'static str,
+    pub arch: String,
     /// The sizes.
     pub sizes: Sizes,
     /// Task A's labels are below this.
     pub split: usize,
     /// `uniform` or `global`.
-    pub allocation: &'static str,
+    pub allocation: String,
     /// A, B, and both side by side with the chosen head.
     pub models: crate::studies::pleas::Models,
     /// ‖A − P·B‖ per matching.
-    pub matching_l2: IndexMap<&'static str, f64>,
+    pub matching_l2: IndexMap<String, f64>,
     /// Seconds each matching took.
-    pub matching_seconds: IndexMap<&'static str, f64>,
+    pub matching_seconds: IndexMap<String, f64>,
     /// Every merge.
     pub merges: Vec<Row>,
 }
@@ -267,10 +272,10 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     let head = head_of(args);
     let (la, lb) = (logits(arch, &a, &test.x)?, logits(arch, &b, &test.x)?);
     let mut m = Metrics {
-        arch: arch.name(),
+        arch: arch.name().to_string(),
         sizes: z,
         split: args.split,
-        allocation: args.allocation.name(),
+        allocation: args.allocation.name().to_string(),
         models: crate::studies::pleas::Models {
             a: score_logits(&la, &test.y, args.split),
             b: score_logits(&lb, &test.y, args.split),
@@ -294,7 +299,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     }
     plot(&run, &m, args)?;
     let md = report(&m, args, [&tasks[0], &tasks[1]]);
-    run.finish(serde_json::to_value(&m)?, &md)?;
+    run.finish(&m, &md)?;
     Ok(run.dir.clone())
 }
 
@@ -331,10 +336,12 @@ fn merges(
         })
     })?;
     m.matching_seconds
-        .insert(matching.name(), t.elapsed().as_secs_f64());
+        .insert(matching.name().to_string(), t.elapsed().as_secs_f64());
     let bp = apply(spec, &perm, b)?;
-    m.matching_l2
-        .insert(matching.name(), permute::matching::l2_distance(a, &bp));
+    m.matching_l2.insert(
+        matching.name().to_string(),
+        permute::matching::l2_distance(a, &bp),
+    );
     let mut solver = LeastSquares::new(spec, a, &bp);
     let mut cnn_probe = CnnProbe { arch, x: probe };
     let steps = least_squares_steps(arch, a, probe)?;
@@ -355,7 +362,7 @@ fn merges(
         )?;
         let least_squares_seconds = t.elapsed().as_secs_f64();
         m.merges.push(Row {
-            matching: matching.name(),
+            matching: matching.name().to_string(),
             ratio,
             width: merged.1,
             params_ratio: merged.0.numel() as f64 / a.numel() as f64,
@@ -363,7 +370,7 @@ fn merges(
             least_squares: score(&ls)?,
             least_squares_seconds,
         });
-        run.partial(&serde_json::to_value(&*m)?)?;
+        run.partial(&*m)?;
     }
     Ok(())
 }

@@ -34,45 +34,52 @@ use crate::studies::lmc_llama::{
 use crate::studies::pleas::{Allocation, Matching, PleasArgs};
 
 /// Held-out loss (nats/token) on each text.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
 pub struct TextLoss {
     /// On Moby-Dick (A's text).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub moby_dick: f64,
     /// On the State of the Union addresses (B's text).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub sotu: f64,
     /// Their mean.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub mean: f64,
 }
 
 /// One merged model.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Row {
     /// How B was aligned.
-    pub matching: &'static str,
+    pub matching: String,
     /// Fraction of each block's heads and FFN channels merged.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub ratio: f64,
     /// Key/value heads per block of the merged model.
     pub kv_heads: usize,
     /// FFN channels per block.
     pub ffn: usize,
     /// Parameters ÷ one model's.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub params_ratio: f64,
     /// The zip's losses (merged pairs averaged).
     pub loss: TextLoss,
     /// The losses after PLeaS's per-layer least squares.
     pub least_squares: TextLoss,
     /// Seconds of the least-squares solves (with their forward passes).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub least_squares_seconds: f64,
 }
 
 /// What `metrics.json` holds.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Metrics {
     /// `llama`.
-    pub arch: &'static str,
+    pub arch: String,
     /// The two models' sizes.
     pub shape: Shape,
     /// Relative ridge of the least-squares solves.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub ridge: f64,
     /// Model A (trained on Moby-Dick).
     pub a: TextLoss,
@@ -114,7 +121,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
     };
     let c = &pair.config;
     let mut m = Metrics {
-        arch: "llama",
+        arch: "llama".to_string(),
         shape: pair.shape.clone(),
         ridge: args.ridge,
         a: score(c, &pair.a)?,
@@ -137,7 +144,7 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
                 merge(&spec, c, (&pair.a, &bp), (&sims, &probe), ratio, ls)
             })?;
             m.merges.push(Row {
-                matching: matching.name(),
+                matching: matching.name().to_string(),
                 ratio,
                 kv_heads: z.config.num_key_value_heads,
                 ffn: z.config.intermediate_size,
@@ -146,12 +153,12 @@ pub fn run(args: &PleasArgs) -> anyhow::Result<PathBuf> {
                 least_squares: score(&z.config, &z.least_squares)?,
                 least_squares_seconds: z.least_squares_seconds,
             });
-            run.partial(&serde_json::to_value(&m)?)?;
+            run.partial(&m)?;
         }
     }
     plot(&run, &m, args)?;
     let md = report(&m);
-    run.finish(serde_json::to_value(&m)?, &md)?;
+    run.finish(&m, &md)?;
     Ok(run.dir.clone())
 }
 

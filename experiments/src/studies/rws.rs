@@ -25,7 +25,7 @@ use crate::report::{Run, RunArgs};
 use crate::studies::lmc::{Arch, vgg_shape};
 
 /// The networks the study patches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Net {
     /// VGG-style CNN ([`crate::cnn::Vgg`]): three 3×3 convolutions, two
@@ -82,7 +82,7 @@ pub struct RwsArgs {
 crate::studies::cli_defaults!(RwsArgs);
 
 /// Sizes after `--quick` and explicit options.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Plan {
     /// Corruptions studied.
     pub corruptions: Vec<Corruption>,
@@ -269,7 +269,7 @@ struct Source {
 }
 
 /// Per-layer relative norms of one signature.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct LayerRow {
     /// Which signature (`mnist0/gaussian_noise`, `scratch/…`, `clean-ft`).
     pub signature: String,
@@ -280,22 +280,25 @@ pub struct LayerRow {
 }
 
 /// One point of the α or k sweep.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct SweepRow {
     /// Corruption.
     pub corruption: Corruption,
     /// α.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub alpha: f64,
     /// Layers patched (from the input).
     pub k: usize,
     /// Accuracy on the corrupted test images.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub corrupted_acc: f64,
     /// Accuracy on the clean test images.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub clean_acc: f64,
 }
 
 /// A patch of several signatures at once.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ComposeRow {
     /// The signatures added (α = 1 each).
     pub corruptions: Vec<Corruption>,
@@ -304,11 +307,12 @@ pub struct ComposeRow {
     /// … with its own patch alone.
     pub alone: Vec<f64>,
     /// Clean test accuracy with all patches.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub clean_acc: f64,
 }
 
 /// A signature moved to another clean model.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct TransferRow {
     /// Target model.
     pub target: String,
@@ -317,17 +321,20 @@ pub struct TransferRow {
     /// Corruption.
     pub corruption: Corruption,
     /// Target alone on the corrupted test images of its dataset.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub target_acc: f64,
     /// Target + the transferred signature.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub patched_acc: f64,
     /// Target + its own signature (the in-place reference), when it has one.
     pub own_acc: Option<f64>,
     /// Clean accuracy of the patched target.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub patched_clean_acc: f64,
 }
 
 /// A stored signature.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct StorageRow {
     /// First k layers.
     pub k: usize,
@@ -336,30 +343,39 @@ pub struct StorageRow {
     /// Bytes (mean over corruptions; equal for all).
     pub bytes: usize,
     /// Full model bytes (f32) ÷ these bytes.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub compression: f64,
     /// Mean corrupted-test accuracy of the patched model over corruptions.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub corrupted_acc: f64,
     /// Mean clean-test accuracy.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub clean_acc: f64,
 }
 
 /// Cosine summaries.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct CosineSummary {
     /// On which tensors (`all layers` or the first layer).
     pub scope: String,
     /// Mean over corruptions of cos(MNIST seed 0, MNIST seed 1), raw.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub same_corruption_other_seed_raw: f64,
     /// … after aligning seed 1 to seed 0 by weight matching.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub same_corruption_other_seed_aligned: f64,
     /// … cos(MNIST seed 0, Fashion seed 0) (same initialisation).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub same_corruption_other_dataset: f64,
     /// Mean over pairs of different corruptions of one model.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub different_corruptions: f64,
     /// Mean cos(signature, the clean fine-tune's delta).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub vs_clean_finetune: f64,
     /// Mean over pairs of different corruptions of the signatures net of
     /// the clean fine-tune's delta.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub different_corruptions_net: f64,
     /// Nearest-neighbour identification of the corruption of seed 1
     /// (aligned) and Fashion signatures among seed 0's: hits / tries.
@@ -367,7 +383,7 @@ pub struct CosineSummary {
 }
 
 /// One network's results.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct NetResult {
     /// Which network.
     pub net: Net,
@@ -403,24 +419,34 @@ pub struct NetResult {
 }
 
 /// Accuracies of one clean model and its fine-tune.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct AccRow {
     /// mnist0, mnist1, fashion0 or scratch.
     pub model: String,
     /// Corruption.
     pub corruption: Corruption,
     /// Clean model on clean test data.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub clean_on_clean: f64,
     /// Clean model on corrupted test data.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub clean_on_corrupted: f64,
     /// Robust (fine-tuned or scratch) model on clean test data.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub robust_on_clean: f64,
     /// Robust model on corrupted test data.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub robust_on_corrupted: f64,
 }
 
+/// What `metrics.partial.json` holds while the networks run.
+#[derive(Serialize)]
+struct RwsPartial<'a> {
+    nets: &'a [NetResult],
+}
+
 /// The study's `metrics.json`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct RwsMetrics {
     /// Sizes.
     pub plan: Plan,
@@ -498,10 +524,10 @@ pub fn run(args: &RwsArgs) -> anyhow::Result<PathBuf> {
         };
         let r = study_net(&ctx, &mut run, &mut md)?;
         nets.push(r);
-        run.partial(&serde_json::json!({ "nets": nets }))?;
+        run.partial(&RwsPartial { nets: &nets })?;
     }
     let metrics = RwsMetrics { plan, nets };
-    run.finish(serde_json::to_value(&metrics)?, &md)?;
+    run.finish(&metrics, &md)?;
     Ok(run.dir.clone())
 }
 

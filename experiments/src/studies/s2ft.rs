@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use weights::StateDict;
 
 use crate::lm::{
@@ -610,7 +610,7 @@ fn s2ft_switch_ms(
 
 /// One adapter-switch timing: LoRA (unmerge + merge) vs S²FT (restore +
 /// add columns) at the same parameter count, one block of width `width`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct SwitchRow {
     /// Hidden width.
     pub width: usize,
@@ -623,18 +623,20 @@ pub struct SwitchRow {
     /// S²FT's parameters (matched to LoRA's).
     pub s2ft_params: usize,
     /// Median ms per LoRA switch.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub lora_ms: f64,
     /// Median ms per S²FT switch.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub s2ft_ms: f64,
 }
 
 /// One fine-tune of the sweep.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct RunRow {
     /// `full`, `lora r4`, `s2ft-random r4`, …
     pub method: String,
     /// `full`, `lora`, `s2ft-random` or `s2ft-act`.
-    pub family: &'static str,
+    pub family: String,
     /// The LoRA rank whose parameter count the method matches.
     pub lora_rank_budget: Option<usize>,
     /// Seed.
@@ -642,6 +644,7 @@ pub struct RunRow {
     /// Trainable parameters.
     pub trainable_params: usize,
     /// Learning rate.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub lr: f64,
     /// Optimiser steps.
     pub steps: usize,
@@ -650,8 +653,10 @@ pub struct RunRow {
     /// Task A (the pretraining text) after fine-tuning.
     pub task_a: Eval,
     /// Increase of task-A loss over the base.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub forgetting: f64,
     /// Median ms per step.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub step_ms: f64,
     /// Peak heap while fine-tuning (when the counting allocator is installed).
     pub peak_bytes: Option<usize>,
@@ -660,41 +665,49 @@ pub struct RunRow {
 }
 
 /// A method's means over seeds.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct SummaryRow {
     /// Method label.
     pub method: String,
     /// Its family.
-    pub family: &'static str,
+    pub family: String,
     /// LoRA rank budget.
     pub lora_rank_budget: Option<usize>,
     /// Trainable parameters.
     pub trainable_params: usize,
     /// Mean task-B accuracy.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub task_b_acc: f64,
     /// Mean task-B loss.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub task_b_loss: f64,
     /// Mean forgetting.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub forgetting: f64,
     /// Mean step time.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub step_ms: f64,
     /// Mean peak heap in MB (NaN, written as null, when not measured).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub peak_mb: f64,
 }
 
 /// Task scores of one model of the fusion experiment.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
 pub struct FusionScore {
     /// Task-A loss.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub task_a_loss: f64,
     /// Task-B accuracy.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub task_b_acc: f64,
     /// Task-C accuracy.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub task_c_acc: f64,
 }
 
 /// Adapters for tasks B and C alone and fused.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct FusionRow {
     /// Method label.
     pub method: String,
@@ -707,7 +720,7 @@ pub struct FusionRow {
 }
 
 /// Pretraining of the base.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Pretrain {
     /// Steps run (0 when the base was loaded).
     pub steps: usize,
@@ -716,7 +729,7 @@ pub struct Pretrain {
 }
 
 /// The base before fine-tuning.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize)]
 pub struct BaseScores {
     /// On the pretraining text.
     pub task_a: Eval,
@@ -724,17 +737,24 @@ pub struct BaseScores {
     pub task_b: Eval,
 }
 
+/// What `metrics.partial.json` holds while the fine-tunes run.
+#[derive(Serialize)]
+struct S2ftPartial<'a> {
+    base: &'a BaseScores,
+    runs: &'a [RunRow],
+}
+
 /// The study's `metrics.json`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct S2ftMetrics {
     /// The model.
     pub config: LlamaConfig,
     /// What task A is.
-    pub task_a: &'static str,
+    pub task_a: String,
     /// Task B's name.
-    pub task_b: &'static str,
+    pub task_b: String,
     /// Task C's name.
-    pub task_c: &'static str,
+    pub task_c: String,
     /// Pretraining.
     pub pretrain: Pretrain,
     /// The base's scores.
@@ -864,7 +884,7 @@ where
                 let b = tasks[0].1;
                 let row = RunRow {
                     method: m.label(),
-                    family: m.family(),
+                    family: m.family().to_string(),
                     lora_rank_budget: m.rank(),
                     seed,
                     trainable_params: ft.trainable,
@@ -893,7 +913,10 @@ where
                 // Written after every run: an interrupted study keeps what finished.
                 run.write("runs.csv", csv.as_bytes())?;
                 rows.push(row);
-                run.partial(&json!({"base": self.base_scores, "runs": rows}))?;
+                run.partial(&S2ftPartial {
+                    base: &self.base_scores,
+                    runs: &rows,
+                })?;
                 if seed_k == 0 {
                     kept.push((m, ft));
                 }
@@ -957,7 +980,7 @@ fn summarise(methods: &[Method], rows: &[RunRow]) -> Vec<SummaryRow> {
             let f = |key: &dyn Fn(&RunRow) -> f64| mean(rs.iter().map(|r| key(r)));
             SummaryRow {
                 method: m.label(),
-                family: m.family(),
+                family: m.family().to_string(),
                 lora_rank_budget: m.rank(),
                 trainable_params: rs[0].trainable_params,
                 task_b_acc: f(&|r| r.task_b.acc),
@@ -1027,9 +1050,9 @@ where
     let Ctx { s, base, c, .. } = ctx;
     let metrics = S2ftMetrics {
         config: c,
-        task_a: "moby-dick character LM",
-        task_b: task_b.name(),
-        task_c: task_c.name(),
+        task_a: "moby-dick character LM".to_string(),
+        task_b: task_b.name().to_string(),
+        task_c: task_c.name().to_string(),
         pretrain: Pretrain {
             steps: pre_losses.len(),
             losses: pre_losses,
@@ -1043,7 +1066,7 @@ where
     };
     plots(&metrics, &kept, mid, &run)?;
     let md = report(&metrics, args, &s, base.numel(), sw.seeds);
-    run.finish(serde_json::to_value(&metrics)?, &md)?;
+    run.finish(&metrics, &md)?;
     Ok(run.dir.clone())
 }
 
@@ -1055,7 +1078,7 @@ fn plots(
     run: &Run,
 ) -> anyhow::Result<()> {
     let (rows, summary, switch) = (&m.runs, &m.summary, &m.switch);
-    let task_b = m.task_b;
+    let task_b = &m.task_b;
     let memory_measured = m.memory_measured;
     // Plots.
     let palette = ["full", "lora", "s2ft-random", "s2ft-act"];

@@ -420,7 +420,7 @@ fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
 }
 
 /// Accuracy on one task's two test splits.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct TaskAcc {
     /// In-domain test.
     pub test: SetScore,
@@ -429,7 +429,7 @@ pub struct TaskAcc {
 }
 
 /// The pretrained model's scores.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct BaseScores {
     /// Per task.
     pub tasks: BTreeMap<String, TaskAcc>,
@@ -438,7 +438,7 @@ pub struct BaseScores {
 }
 
 /// One run of the learning-rate sweep.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct SweepRow {
     /// Method label.
     pub method: String,
@@ -464,7 +464,7 @@ pub struct SweepRow {
 }
 
 /// One fine-tune, scored.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct RunRow {
     /// Method label.
     pub method: String,
@@ -479,10 +479,13 @@ pub struct RunRow {
     /// Trainable parameters, counted from the module.
     pub trainable_params: usize,
     /// Own task, in-domain test accuracy.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub test_acc: f64,
     /// Own task, out-of-domain accuracy.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub ood_acc: f64,
     /// Own task, in-domain answer loss.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub test_answer_loss: f64,
     /// The other tasks' test accuracy, and its change from the base model.
     pub other_tasks: BTreeMap<String, f64>,
@@ -491,12 +494,15 @@ pub struct RunRow {
     /// Held-out loss per corpus after fine-tuning.
     pub text_loss: BTreeMap<String, f64>,
     /// Mean over corpora of the held-out loss increase (nats/token): forgetting.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub forgetting: f64,
     /// Median step time (ms), first step left out.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub step_ms: f64,
     /// Peak heap growth during training (MB), where the binary counts it.
     pub peak_mb: Option<f64>,
     /// Wall time of training (s).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub train_seconds: f64,
     /// Training loss per step.
     pub losses: Vec<f32>,
@@ -509,7 +515,7 @@ pub struct RunRow {
 }
 
 /// Means over the tasks of one method (diverged runs left out).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct SummaryRow {
     /// Method label.
     pub method: String,
@@ -524,14 +530,19 @@ pub struct SummaryRow {
     /// Tasks averaged (not diverged).
     pub tasks: usize,
     /// Mean in-domain accuracy.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub test_acc: f64,
     /// Mean out-of-domain accuracy.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub ood_acc: f64,
     /// Mean change of the other tasks' accuracy.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub other_tasks_delta: f64,
     /// Mean forgetting (held-out loss increase).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub forgetting: f64,
     /// Median step ms (mean over tasks).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub step_ms: f64,
     /// Peak heap MB (mean over tasks).
     pub peak_mb: Option<f64>,
@@ -851,6 +862,24 @@ struct Partial<'a> {
     base: &'a BaseScores,
     sweep: &'a [SweepRow],
     runs: &'a [RunRow],
+}
+
+/// `metrics.json` read back ([`crate::report::read_metrics`]): its rows;
+/// the plan, the model's path and its config are written for the reader.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct Rows {
+    /// The pretrained model's scores.
+    pub base: BaseScores,
+    /// The learning-rate sweep.
+    pub sweep: Vec<SweepRow>,
+    /// Every fine-tune.
+    pub runs: Vec<RunRow>,
+    /// Means per method.
+    pub summary: Vec<SummaryRow>,
+    /// The saved fine-tunes.
+    pub finetunes: Vec<ManifestEntry>,
+    /// Whether peak heap was measured.
+    pub memory_measured: bool,
 }
 
 /// What `metrics.json` holds.

@@ -88,7 +88,7 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
             });
         }
         metrics.insert(name.to_string(), per_layer);
-        run.partial(&serde_json::to_value(&metrics)?)?;
+        run.partial(&metrics)?;
     }
     line_chart(
         &run.dir.join("alignment_vs_rank"),
@@ -98,22 +98,26 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
         &series,
     )?;
     md.push_str("\n![alignment vs rank](alignment_vs_rank.png)\n\n![WM overlaps](overlap_wm.png) ![no permutation](overlap_naive.png)\n");
-    run.finish(serde_json::to_value(&metrics)?, &md)?;
+    run.finish(&metrics, &md)?;
     Ok(run.dir.clone())
 }
 
 /// One layer of one method in `metrics.json`.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct LayerRow {
     /// The weight's name.
     pub layer: String,
     /// Largest change of B's singular values under the permutation, relative to σ₁.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub sv_max_rel_diff: f64,
     /// Score S over the top singular vectors.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub score: f64,
     /// R at threshold γ = 0.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub r_gamma_0: f64,
     /// R at threshold γ = 0.3.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub r_gamma_0_3: f64,
     /// Alignment of each of the top components.
     pub diagonal_top: Vec<f64>,
