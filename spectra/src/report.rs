@@ -10,7 +10,7 @@
 
 use ndarray::ArrayViewD;
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use weights::TensorSource;
 
 use crate::error::{Result, SpectraError};
@@ -59,7 +59,7 @@ impl Default for ReportOptions {
 
 /// One row of the report. Metrics that could not be computed are `None`
 /// (JSON `null`, empty in CSV), never NaN; `status` says why.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerReport {
     /// Tensor name in the checkpoint.
     pub name: String,
@@ -115,19 +115,39 @@ pub struct LayerReport {
     /// FARMS α: outer `None` (field omitted) when FARMS was not requested or
     /// the row is `skipped`/`error`; inner `None` when it could not be computed
     /// (several pooled matrices, a matrix too small for the windows, no fit).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub farms_alpha: Option<Option<f64>>,
     /// KS distance of the FARMS fit; `None`s as for `farms_alpha`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub farms_ks_distance: Option<Option<f64>>,
     /// Jensen–Shannon divergence between the ESDs of `W` and of `W` with its
     /// entries shuffled ([`crate::metrics::rand_distance`]), in `[0, 1]`; outer
     /// `None` (field omitted) when the control was not requested or the row is
     /// `skipped`/`error`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
     pub rand_distance: Option<Option<f64>>,
     /// `over-trained` (α < 2) or `under-trained` (α > 6).
     pub warning: Option<String>,
+}
+
+/// Reads a field that is present (`null` included) as `Some`: an omitted
+/// field is `None` (by `default`), a written `null` is `Some(None)`.
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<f64>>, D::Error> {
+    Option::<f64>::deserialize(d).map(Some)
 }
 
 impl LayerReport {
@@ -388,4 +408,20 @@ pub fn to_csv(rows: &[LayerReport]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_read_back_as_written_omitted_and_null_metrics_apart() {
+        let mut row = LayerReport::empty("w", &[4, 3], "ok".into());
+        row.farms_alpha = Some(None);
+        row.rand_distance = Some(Some(0.25));
+        let text = serde_json::to_string(&row).unwrap();
+        assert!(text.contains("\"farms_alpha\":null") && !text.contains("farms_ks_distance"));
+        let back: LayerReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, row);
+    }
 }

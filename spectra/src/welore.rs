@@ -12,7 +12,7 @@
 //! others stay dense.
 
 use ndarray::{Array2, ArrayView2, Axis};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SpectraError};
 use crate::linalg::{Scalar, thin_svd};
@@ -69,7 +69,7 @@ pub fn welore_rank(singular_values: &[f64], threshold: f64) -> usize {
 }
 
 /// One layer of a WeLore plan.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WeloreLayer {
     /// Layer (tensor) name, as given to [`welore_plan`].
     pub name: String,

@@ -11,11 +11,13 @@ use experiments::report::RunArgs;
 #[global_allocator]
 static ALLOC: experiments::alloc::Counting = experiments::alloc::Counting;
 
-/// A study's `metrics.json`.
-fn metrics(out: &Path) -> serde_json::Value {
-    let p = out.join("metrics.json");
-    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+/// A study's `metrics.json` read back as `$t`, the metrics type the study
+/// serialised ([`experiments::report::read_metrics`]), with its run record;
+/// panics naming the file and the field that does not fit. (A macro: this
+/// crate does not depend on serde, to name `DeserializeOwned`.)
+/// A study's `metrics.json`, read as the study's metrics type `T`.
+fn metrics<T: serde::de::DeserializeOwned>(out: &Path) -> experiments::report::Recorded<T> {
+    experiments::report::read_metrics::<T>(out).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn check_png(p: &Path) {
@@ -49,24 +51,18 @@ fn spectra_study_reports_heavy_tailed_layers() {
     }
     check_png(&out.join("alpha_per_layer.png"));
     check_png(&out.join("esd_tails.png"));
-    let m = metrics(&out);
-    let layers = m["layers"].as_array().unwrap();
+    let m = metrics::<experiments::studies::spectra::Rows>(&out);
+    let layers = &m.metrics.layers;
     assert_eq!(layers.len(), 3);
     // Student-t (ν = 3) weights: heavy-tailed ESDs, every layer fitted with 2 < α < 6.
     for l in layers {
-        let a = l["alpha"].as_f64().expect("fitted");
-        assert!((2.0..6.0).contains(&a), "{l}");
+        let a = l.alpha.expect("fitted");
+        assert!((2.0..6.0).contains(&a), "{l:?}");
     }
     // The WeLore plan keeps fewer components than the full rank somewhere.
-    assert!(
-        m["welore"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|w| w["rank"].as_u64() < w["full_rank"].as_u64())
-    );
-    assert!(m["run"]["phases_seconds"].as_array().unwrap().len() >= 2);
-    assert!(m["run"]["command"].is_string() && m["run"]["git_commit"].is_string());
+    assert!(m.metrics.welore.iter().any(|w| w.rank < w.full_rank));
+    assert!(m.run.phases_seconds.len() >= 2);
+    assert!(!m.run.command.is_empty() && !m.run.git_commit.is_empty());
 }
 
 #[test]
@@ -84,13 +80,24 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
     check_png(&out.join("loss_train.png"));
     check_png(&out.join("loss_test.png"));
     assert!(out.join("report.md").is_file() && out.join("loss_test.svg").is_file());
-    let m = metrics(&out);
+    let m = metrics::<experiments::studies::lmc::LmcMetrics>(&out).metrics;
+    let row = |k: &str| {
+        m.methods
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing: {:?}", m.methods.keys()))
+    };
     for method in ["naive", "wm", "am", "ste", "wm_repair"] {
-        for key in ["loss_barrier", "acc_barrier", "l2", "seconds"] {
-            assert!(m[method][key].is_number(), "{method}.{key}");
+        let r = row(method);
+        for (key, v) in [
+            ("loss_barrier", r.loss_barrier),
+            ("acc_barrier", r.acc_barrier),
+            ("l2", r.l2),
+            ("seconds", r.seconds),
+        ] {
+            assert!(v.is_finite(), "{method}.{key}");
         }
     }
-    let b = |k: &str| m[k]["loss_barrier"].as_f64().unwrap();
+    let b = |k: &str| row(k).loss_barrier;
     assert!(
         b("naive") > 0.05,
         "trained MLPs have a naive barrier: {}",
@@ -115,12 +122,12 @@ fn lmc_study_weight_matching_lowers_the_barrier() {
         b("wm_repair"),
         b("wm")
     );
-    assert_eq!(m["wm_repair"]["l2"], m["wm"]["l2"]);
+    assert_eq!(row("wm_repair").l2, row("wm").l2);
     // Permuting B moves it closer to A.
-    assert!(m["wm"]["l2"].as_f64().unwrap() < m["naive"]["l2"].as_f64().unwrap());
+    assert!(row("wm").l2 < row("naive").l2);
     // Both endpoints learned something (10 classes: chance is 0.1).
-    for acc in m["endpoint_test_accuracy"].as_array().unwrap() {
-        assert!(acc.as_f64().unwrap() > 0.5);
+    for acc in m.endpoint_test_accuracy.expect("endpoint_test_accuracy") {
+        assert!(acc > 0.5);
     }
     // `--quick` sets defaults; an option given with it applies (0 epochs
     // is refused, not dropped).
@@ -157,16 +164,16 @@ fn svd_align_study_weight_matching_aligns_top_singular_vectors() {
     check_png(&out.join("alignment_vs_rank.png"));
     check_png(&out.join("overlap_wm.png"));
     assert!(out.join("overlap_wm.svg").is_file() && out.join("alignment_vs_rank.svg").is_file());
-    let m = metrics(&out);
-    let layer = |method: &str| m[method][0].clone();
+    let m = metrics::<experiments::studies::svd_align::Metrics>(&out).metrics;
+    let layer = |method: &str| {
+        &m.get(method)
+            .unwrap_or_else(|| panic!("{method} missing: {:?}", m.keys()))[0]
+    };
     for method in ["naive", "wm", "am", "ste", "random"] {
         // Permutations are orthogonal: singular values unchanged.
-        assert!(
-            layer(method)["sv_max_rel_diff"].as_f64().unwrap() < 1e-10,
-            "{method}"
-        );
+        assert!(layer(method).sv_max_rel_diff < 1e-10, "{method}");
     }
-    let r = |method: &str| layer(method)["r_gamma_0_3"].as_f64().unwrap();
+    let r = |method: &str| layer(method).r_gamma_0_3;
     // `lmc`'s --repair has no curve to act on here: a named error, nothing written.
     let bad = dir.path().join("svd-repair");
     let e = experiments::studies::svd_align::run(&experiments::studies::svd_align::SvdAlignArgs {
@@ -206,9 +213,14 @@ fn many_study_aligned_merges_beat_plain_averaging() {
     experiments::studies::many::run(&experiments::studies::many::ManyArgs { lmc, models: 3 })
         .unwrap();
     check_png(&out.join("pair_1_2_test_loss.png"));
-    let m = metrics(&out);
-    let acc = |k: &str| m[k]["test_acc"].as_f64().unwrap();
-    let bar = |k: &str| m[k]["pairwise_barrier"].as_f64().unwrap();
+    let m = metrics::<experiments::studies::many::ManyMetrics>(&out).metrics;
+    let row = |k: &str| {
+        m.methods
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing: {:?}", m.methods.keys()))
+    };
+    let acc = |k: &str| row(k).test_acc;
+    let bar = |k: &str| row(k).pairwise_barrier;
     assert!(
         acc("merge_many") > 0.5,
         "merged model better than chance: {}",
@@ -216,7 +228,7 @@ fn many_study_aligned_merges_beat_plain_averaging() {
     );
     assert!(
         acc("merge_many") > acc("naive") && acc("wm_anchor") > acc("naive"),
-        "{m}"
+        "{m:?}"
     );
     assert!(
         bar("merge_many") < bar("naive"),
@@ -224,7 +236,7 @@ fn many_study_aligned_merges_beat_plain_averaging() {
         bar("merge_many"),
         bar("naive")
     );
-    assert_eq!(m["individual"].as_array().unwrap().len(), 3);
+    assert_eq!(m.individual.len(), 3);
     let bad = dir.path().join("many-repair");
     let e = experiments::studies::many::run(&experiments::studies::many::ManyArgs {
         lmc: experiments::studies::lmc::LmcArgs {
@@ -255,14 +267,11 @@ fn lmc_width_sweep_plots_barriers_per_width() {
     };
     experiments::studies::lmc::run(&args).unwrap();
     check_png(&out.join("barrier_vs_width.png"));
-    let m = metrics(&out);
-    let sweep = m["width_sweep"].as_array().unwrap();
+    let m = metrics::<experiments::studies::lmc::LmcMetrics>(&out).metrics;
+    let sweep = m.width_sweep.expect("width_sweep");
     assert_eq!(sweep.len(), 2);
-    for row in sweep {
-        assert!(
-            row["wm_loss_barrier"].as_f64().unwrap() < row["naive_loss_barrier"].as_f64().unwrap(),
-            "{row}"
-        );
+    for row in &sweep {
+        assert!(row.wm_loss_barrier < row.naive_loss_barrier, "{row:?}");
     }
 }
 
@@ -297,17 +306,13 @@ fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
     ] {
         assert!(out.join(f).is_file(), "{f}");
     }
-    let m = metrics(&out);
+    let m = metrics::<experiments::studies::s2ft::S2ftMetrics>(&out).metrics;
     let row = |family: &str| {
-        m["summary"]
-            .as_array()
-            .unwrap()
+        m.summary
             .iter()
-            .find(|r| r["family"] == family)
+            .find(|r| r.family == family)
             .unwrap_or_else(|| panic!("{family} missing"))
-            .clone()
     };
-    let num = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
     let (full, lora, rand, act) = (
         row("full"),
         row("lora"),
@@ -315,31 +320,28 @@ fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
         row("s2ft-act"),
     );
     // Same budget: S²FT's structured blocks never exceed LoRA's count, far below full.
-    for s in [&rand, &act] {
-        assert!(
-            num(s, "trainable_params") <= num(&lora, "trainable_params"),
-            "{s}"
-        );
-        assert!(num(s, "trainable_params") * 10.0 < num(&full, "trainable_params"));
+    for s in [rand, act] {
+        assert!(s.trainable_params <= lora.trainable_params, "{s:?}");
+        assert!(s.trainable_params * 10 < full.trainable_params);
     }
     // Full fine-tuning solves the task; LoRA learns most of it; S²FT at a
     // budget of 2 048 parameters learns it above twice chance (1/26).
     // Measured at quick size, seeds 0–3: full 1.0; LoRA 0.67–0.81; S²FT
     // random 0.18–0.72, smallest-activation 0.08–0.36 (seed 0, this test:
     // 0.18 and 0.14).
-    assert!(num(&full, "task_b_acc") > 0.9, "{full}");
-    assert!(num(&lora, "task_b_acc") > 0.5, "{lora}");
-    for r in [&rand, &act] {
-        assert!(num(r, "task_b_acc") > 2.0 / 26.0, "{r}");
+    assert!(full.task_b_acc > 0.9, "{full:?}");
+    assert!(lora.task_b_acc > 0.5, "{lora:?}");
+    for r in [rand, act] {
+        assert!(r.task_b_acc > 2.0 / 26.0, "{r:?}");
     }
     // S²FT forgets task A less than full fine-tuning (smallest-activation
     // selection, and the mean of both selections).
-    let f_full = num(&full, "forgetting");
+    let f_full = full.forgetting;
     assert!(f_full > 0.0);
-    assert!(num(&act, "forgetting") < f_full, "{act} vs {full}");
+    assert!(act.forgetting < f_full, "{act:?} vs {full:?}");
     assert!(
-        (num(&act, "forgetting") + num(&rand, "forgetting")) / 2.0 < f_full,
-        "{rand} {act} vs {full}"
+        (act.forgetting + rand.forgetting) / 2.0 < f_full,
+        "{rand:?} {act:?} vs {full:?}"
     );
     // Heap was measured. (The counter is process-wide and the other study
     // tests run in parallel threads, so the methods are not compared here;
@@ -347,33 +349,27 @@ fn s2ft_study_trains_fewer_parameters_and_forgets_less_than_full_fine_tuning() {
     // its own.)
     // Full fine-tuning holds at least its weights, gradients and two Adam
     // moments: 4 × 147 776 f32 = 2.36 MB (measured alone: 4.5 MB).
-    assert!(num(&full, "peak_mb") > 2.3, "{full}");
-    for r in [&lora, &rand, &act] {
-        assert!(num(r, "peak_mb") > 0.0, "{r}");
+    assert!(full.peak_mb > 2.3, "{full:?}");
+    for r in [lora, rand, act] {
+        assert!(r.peak_mb > 0.0, "{r:?}");
     }
     // Fusing the task-B and task-C adapters interferes: every method's fused
     // model scores task B below its task-B adapter alone, and full
     // fine-tuning's still holds both tasks above twice chance (seeds 0–3:
     // 0.13–0.36 and 0.14–0.43).
-    let fusion = m["fusion"].as_array().unwrap();
+    let fusion = &m.fusion;
     assert_eq!(fusion.len(), 3);
     for f in fusion {
-        let acc = |which: &str, task: &str| num(&f[which], task);
-        assert!(
-            acc("fused", "task_b_acc") < acc("only_b", "task_b_acc"),
-            "{f}"
-        );
+        assert!(f.fused.task_b_acc < f.only_b.task_b_acc, "{f:?}");
     }
-    let full_fused = &fusion[0]["fused"];
-    assert_eq!(fusion[0]["method"], "full");
-    assert!(
-        num(full_fused, "task_b_acc") > 2.0 / 26.0 && num(full_fused, "task_c_acc") > 2.0 / 26.0
-    );
-    let sw = m["switch"].as_array().unwrap();
+    let full_fused = &fusion[0].fused;
+    assert_eq!(fusion[0].method, "full");
+    assert!(full_fused.task_b_acc > 2.0 / 26.0 && full_fused.task_c_acc > 2.0 / 26.0);
+    let sw = &m.switch;
     assert_eq!(sw.len(), 2);
     for r in sw {
-        assert!(num(r, "lora_ms") > 0.0 && num(r, "s2ft_ms") > 0.0);
-        assert!(num(r, "s2ft_params") <= num(r, "lora_params"));
+        assert!(r.lora_ms > 0.0 && r.s2ft_ms > 0.0);
+        assert!(r.s2ft_params <= r.lora_params);
     }
 }
 
@@ -408,7 +404,7 @@ fn merge_study_merges_beat_chance_rmm_rebuilds_each_task_and_one_model_holds_all
         assert!(out.join(f).is_file(), "{f}");
     }
     // Read back through the study's own result type.
-    let m: experiments::studies::merging::Metrics = serde_json::from_value(metrics(&out)).unwrap();
+    let m = metrics::<experiments::studies::merging::Metrics>(&out).metrics;
     let chance = 1.0 / 26.0;
     assert!(m.base.mean_acc < 2.0 * chance);
     for fam in ["full", "lora", "s2ft-random"] {
@@ -478,17 +474,22 @@ fn lmc_study_runs_on_the_vgg_and_weight_matching_brings_it_closer() {
     };
     experiments::studies::lmc::run(&args).unwrap();
     check_png(&out.join("loss_test.png"));
-    let m = metrics(&out);
-    assert_eq!(m["arch"], "vgg");
-    assert_eq!(m["sizes"], serde_json::json!([4, 8, 8]));
+    let m = metrics::<experiments::studies::lmc::LmcMetrics>(&out).metrics;
+    assert_eq!(m.arch.as_deref(), Some("vgg"));
+    assert_eq!(m.sizes.as_deref(), Some(&[4, 8, 8][..]));
+    let row = |k: &str| {
+        m.methods
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing: {:?}", m.methods.keys()))
+    };
     // Weight matching over torchvision's VGG spec (the flatten moves blocks
     // of H·W classifier columns) brings B closer to A.
-    let l2 = |k: &str| m[k]["l2"].as_f64().unwrap();
+    let l2 = |k: &str| row(k).l2;
     assert!(l2("wm") < l2("naive"), "{} vs {}", l2("wm"), l2("naive"));
-    assert!(m["am"].is_null() && m["ste"].is_null());
+    assert!(!m.methods.contains_key("am") && !m.methods.contains_key("ste"));
     // REPAIR through the convolution and classifier biases, over the same aligned B.
-    assert_eq!(m["wm_repair"]["l2"], m["wm"]["l2"]);
-    assert!(m["wm_repair"]["loss_barrier"].is_number());
+    assert_eq!(row("wm_repair").l2, row("wm").l2);
+    assert!(row("wm_repair").loss_barrier.is_finite());
     // Options of the MLP are refused by name.
     let e = experiments::studies::lmc::run(&experiments::studies::lmc::LmcArgs {
         depth: Some(2),
@@ -517,24 +518,27 @@ fn lmc_study_aligns_two_llama_decoders_head_by_head() {
     for png in ["loss_train.png", "loss_test.png", "barrier_vs_width.png"] {
         check_png(&out.join(png));
     }
-    let m = metrics(&out);
-    assert_eq!(m["arch"], "llama");
-    let f = |k: &str, f: &str| m[k][f].as_f64().unwrap();
+    let m = metrics::<experiments::studies::lmc_llama::Metrics>(&out).metrics;
+    assert_eq!(m.arch, "llama");
+    let row = |k: &str| {
+        m.methods
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing: {:?}", m.methods.keys()))
+    };
+    // Barriers, distance and seconds of a method.
+    let c = |k: &str| &row(k).curve;
+    let change = |k: &str| row(k).b_loss_change;
     // Head-aware weight and activation matching are symmetries: B's function
     // is kept (its held-out loss to rounding) and B comes closer to A, with
     // a lower barrier than naive interpolation.
     for k in ["wm", "am"] {
+        assert!(change(k).abs() < 1e-4, "{k}: {}", change(k));
+        assert!(c(k).l2 < c("naive").l2, "{k}");
         assert!(
-            f(k, "b_loss_change").abs() < 1e-4,
-            "{k}: {}",
-            f(k, "b_loss_change")
-        );
-        assert!(f(k, "l2") < f("naive", "l2"), "{k}");
-        assert!(
-            f(k, "loss_barrier") < 0.7 * f("naive", "loss_barrier"),
+            c(k).loss_barrier < 0.7 * c("naive").loss_barrier,
             "{k}: {} vs naive {}",
-            f(k, "loss_barrier"),
-            f("naive", "loss_barrier")
+            c(k).loss_barrier,
+            c("naive").loss_barrier
         );
     }
     // Folding the RMSNorm gains and rotating the residual stream keep B's
@@ -542,38 +546,32 @@ fn lmc_study_aligns_two_llama_decoders_head_by_head() {
     // closer than weight matching alone on the same folded models, and
     // lowers the barrier (measured at this size: 0.066 vs 0.141).
     for k in ["wm_folded", "wm_orthogonal"] {
-        assert!(
-            f(k, "b_loss_change").abs() < 1e-4,
-            "{k}: {}",
-            f(k, "b_loss_change")
-        );
+        assert!(change(k).abs() < 1e-4, "{k}: {}", change(k));
     }
-    assert!(f("wm_orthogonal", "l2") < f("wm_folded", "l2"));
+    assert!(c("wm_orthogonal").l2 < c("wm_folded").l2);
     // REPAIR (scale only) renormalises WM's interpolations of the same B:
     // its endpoints and distance are WM's; its barrier is reported, not
     // promised (at this size it is within a third of WM's either way).
-    assert_eq!(m["wm_repair"]["l2"], m["wm"]["l2"]);
-    assert_eq!(m["wm_repair"]["b_loss_change"], m["wm"]["b_loss_change"]);
+    assert_eq!(c("wm_repair").l2, c("wm").l2);
+    assert_eq!(change("wm_repair"), change("wm"));
     assert!(
-        (f("wm_repair", "loss_barrier") - f("wm", "loss_barrier")).abs()
-            < f("wm", "loss_barrier") / 3.0,
+        (c("wm_repair").loss_barrier - c("wm").loss_barrier).abs() < c("wm").loss_barrier / 3.0,
         "{} vs {}",
-        f("wm_repair", "loss_barrier"),
-        f("wm", "loss_barrier")
+        c("wm_repair").loss_barrier,
+        c("wm").loss_barrier
     );
-    assert!(f("wm_repair", "seconds") > f("wm", "seconds"));
-    assert!(f("wm_orthogonal", "loss_barrier") < f("wm_folded", "loss_barrier"));
+    assert!(c("wm_repair").seconds > c("wm").seconds);
+    assert!(c("wm_orthogonal").loss_barrier < c("wm_folded").loss_barrier);
     // The unit-wise spec is not a symmetry: the permutation alone changes B.
-    assert!(
-        f("wm_units", "b_loss_change").abs() > 1e-2,
-        "{}",
-        m["wm_units"]
-    );
-    let sweep = m["width_sweep"].as_array().unwrap();
+    assert!(change("wm_units").abs() > 1e-2, "{:?}", row("wm_units"));
+    let sweep = &m.width_sweep;
     assert_eq!(sweep.len(), 2);
-    assert!(sweep.iter().all(
-        |r| r["wm_loss_barrier"].as_f64().unwrap() < r["naive_loss_barrier"].as_f64().unwrap()
-    ));
+    assert!(
+        sweep
+            .iter()
+            .all(|r| r.wm_loss_barrier < r.naive_loss_barrier),
+        "{sweep:?}"
+    );
     // Grouped-query attention: the head-aware spec still keeps B's function;
     // the unit-wise ablation is left out (its spec needs multi-head attention).
     let gqa = dir.path().join("lmc-llama-gqa");
@@ -584,10 +582,10 @@ fn lmc_study_aligns_two_llama_decoders_head_by_head() {
         ..args.clone()
     })
     .unwrap();
-    let g = metrics(&gqa);
-    assert_eq!(g["shape"]["kv_heads"], 1);
-    assert!(g["wm_units"].is_null());
-    assert!(g["wm"]["b_loss_change"].as_f64().unwrap().abs() < 1e-4);
+    let g = metrics::<experiments::studies::lmc_llama::Metrics>(&gqa).metrics;
+    assert_eq!(g.shape.kv_heads, 1);
+    assert!(!g.methods.contains_key("wm_units"));
+    assert!(g.methods["wm"].b_loss_change.abs() < 1e-4);
     // Options that do not apply, and shapes the model cannot have, are refused by name.
     for (bad, flag) in [
         (
@@ -658,18 +656,23 @@ fn lmc_study_runs_on_the_layernorm_resnet() {
     };
     experiments::studies::lmc::run(&args).unwrap();
     check_png(&out.join("loss_test.png"));
-    let m = metrics(&out);
-    assert_eq!(m["arch"], "resnet");
+    let m = metrics::<experiments::studies::lmc::LmcMetrics>(&out).metrics;
+    assert_eq!(m.arch.as_deref(), Some("resnet"));
     assert!(!out.join("metrics.partial.json").exists());
+    let row = |k: &str| {
+        m.methods
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing: {:?}", m.methods.keys()))
+    };
     // REPAIR through the channel norms' affine: a row over the same aligned B.
-    assert_eq!(m["wm_repair"]["l2"], m["wm"]["l2"]);
-    assert!(m["wm_repair"]["loss_barrier"].is_number());
+    assert_eq!(row("wm_repair").l2, row("wm").l2);
+    assert!(row("wm_repair").loss_barrier.is_finite());
     // Weight matching over the torchvision-named spec (streams through the
     // shortcuts, LayerNorm channels) brings B closer to A.
-    let l2 = |k: &str| m[k]["l2"].as_f64().unwrap();
+    let l2 = |k: &str| row(k).l2;
     assert!(l2("wm") < l2("naive"), "{} vs {}", l2("wm"), l2("naive"));
     // Activation matching and STE are MLP-only; svd-align refuses the ResNet.
-    assert!(m["am"].is_null() && m["ste"].is_null());
+    assert!(!m.methods.contains_key("am") && !m.methods.contains_key("ste"));
     args.run.out = Some(dir.path().join("svd"));
     let e = experiments::studies::svd_align::run(&experiments::studies::svd_align::SvdAlignArgs {
         lmc: args,
@@ -693,39 +696,39 @@ fn pleas_study_zips_two_llama_decoders_head_by_head() {
     };
     run(&args).unwrap();
     check_png(&out.join("loss_vs_ratio.png"));
-    let m = metrics(&out);
-    assert_eq!(m["arch"], "llama");
-    let rows = m["merges"].as_array().unwrap();
+    let m = metrics::<experiments::studies::pleas_llama::Metrics>(&out).metrics;
+    assert_eq!(m.arch, "llama");
+    let rows = &m.merges;
     assert_eq!(rows.len(), 9, "three matchings × three ratios");
     let row = |mt: &str, r: f64| {
         rows.iter()
-            .find(|x| x["matching"] == mt && x["ratio"].as_f64() == Some(r))
-            .unwrap()
+            .find(|x| x.matching == mt && x.ratio == r)
+            .unwrap_or_else(|| panic!("{mt} {r}"))
     };
-    let kv = m["shape"]["kv_heads"].as_u64().unwrap();
+    let kv = m.shape.kv_heads;
     for mt in ["none", "wm", "am"] {
         // Ratio 1 is one model's size; 0 keeps every head and channel of both.
         let (full, half, apart) = (row(mt, 1.0), row(mt, 0.5), row(mt, 0.0));
-        assert!((full["params_ratio"].as_f64().unwrap() - 1.0).abs() < 1e-9);
-        assert_eq!(full["kv_heads"].as_u64(), Some(kv));
-        assert_eq!(apart["kv_heads"].as_u64(), Some(2 * kv));
-        let p = |r: &serde_json::Value| r["params_ratio"].as_f64().unwrap();
-        assert!(p(full) < p(half) && p(half) < p(apart));
+        assert!((full.params_ratio - 1.0).abs() < 1e-9);
+        assert_eq!(full.kv_heads, kv);
+        assert_eq!(apart.kv_heads, 2 * kv);
+        assert!(full.params_ratio < half.params_ratio && half.params_ratio < apart.params_ratio);
         for r in [full, half, apart] {
-            assert!(r["loss"]["mean"].as_f64().unwrap().is_finite());
+            assert!(r.loss.mean.is_finite(), "{r:?}");
         }
     }
     // Aligning before merging matters: averaging unaligned decoders is worse
     // than averaging aligned ones (measured at this size: 2.97 vs 2.61 nats).
-    let mean = |r: &serde_json::Value| r["loss"]["mean"].as_f64().unwrap();
     for mt in ["wm", "am"] {
-        assert!(mean(row(mt, 1.0)) < mean(row("none", 1.0)) - 0.1, "{mt}");
+        assert!(
+            row(mt, 1.0).loss.mean < row("none", 1.0).loss.mean - 0.1,
+            "{mt}"
+        );
     }
     // PLeaS's least squares improves on the zip it starts from, for every
     // matching and ratio (measured at this size: by 0.003 to 0.19 nats).
     for r in rows {
-        let ls = r["least_squares"]["mean"].as_f64().unwrap();
-        assert!(ls < mean(r), "{r}");
+        assert!(r.least_squares.mean < r.loss.mean, "{r:?}");
     }
     // Options a LLaMA cannot take are refused before anything is written.
     for (bad, flag) in [
@@ -786,69 +789,59 @@ fn pleas_study_least_squares_beats_averaging_and_partial_matching_trades_width_f
     }
     assert!(out.join("merges.csv").is_file() && out.join("report.md").is_file());
     assert!(!out.join("metrics.partial.json").exists());
-    let m = metrics(&out);
-    let models = &m["models"];
+    let m = metrics::<experiments::studies::pleas::PleasMetrics>(&out).metrics;
+    let models = &m.models;
     // Each task keeps its own head: the ensemble is each model on its own task.
-    assert_eq!(models["ensemble"]["task_a_acc"], models["a"]["task_a_acc"]);
-    assert_eq!(models["ensemble"]["task_b_acc"], models["b"]["task_b_acc"]);
-    let merges = m["merges"].as_array().unwrap();
+    assert_eq!(models.ensemble.task_a_acc, models.a.task_a_acc);
+    assert_eq!(models.ensemble.task_b_acc, models.b.task_b_acc);
+    let merges = &m.merges;
     assert_eq!(merges.len(), 9);
     let find = |matching: &str, ratio: f64| {
         merges
             .iter()
-            .find(|x| x["matching"] == matching && x["ratio"].as_f64() == Some(ratio))
+            .find(|x| x.matching == matching && x.ratio == ratio)
             .unwrap_or_else(|| panic!("{matching} {ratio}"))
     };
-    let task = |x: &serde_json::Value, method: &str| x[method]["task_mean_acc"].as_f64().unwrap();
-    let ensemble_task = models["ensemble"]["task_mean_acc"].as_f64().unwrap();
+    // The mean of the two per-task accuracies (`task_mean_acc` in the file).
+    let task = |s: &experiments::studies::pleas::Scores| s.task_mean();
+    let ensemble_task = task(&models.ensemble);
     for matching in ["none", "wm", "am"] {
         let (full, half, apart) = (
             find(matching, 1.0),
             find(matching, 0.5),
             find(matching, 0.0),
         );
-        assert_eq!(full["width"].as_f64(), Some(1.0));
-        assert_eq!(half["width"].as_f64(), Some(1.5));
-        assert_eq!(apart["width"].as_f64(), Some(2.0));
+        assert_eq!(full.width, 1.0);
+        assert_eq!(half.width, 1.5);
+        assert_eq!(apart.width, 2.0);
         // Nothing merged is the ensemble.
         assert!(
-            (task(apart, "average") - ensemble_task).abs() < 0.005,
-            "{apart}"
+            (task(&apart.average) - ensemble_task).abs() < 0.005,
+            "{apart:?}"
         );
         // PLeaS: least squares beats averaging at one model's size, by a margin
         // (0.06–0.4 over seeds 0–3).
         assert!(
-            task(full, "least_squares") > task(full, "average") + 0.03,
-            "{full}"
+            task(&full.least_squares) > task(&full.average) + 0.03,
+            "{full:?}"
         );
-        assert!(
-            task(half, "least_squares") > task(half, "average"),
-            "{half}"
-        );
+        assert!(task(&half.least_squares) > task(&half.average), "{half:?}");
     }
     // Keeping the worst-matched units apart helps averaging (by 0.14–0.16 with
     // activation matching over seeds 0–3; not for every matching and seed).
-    assert!(task(find("am", 0.5), "average") > task(find("am", 1.0), "average") + 0.05);
+    assert!(task(&find("am", 0.5).average) > task(&find("am", 1.0).average) + 0.05);
     // Activation matching pairs units that correlate better than unit i with unit i.
-    let corr = |k: &str| {
-        m["matching"][k]["mean_correlation"]
-            .as_array()
-            .unwrap()
-            .clone()
-    };
-    for (am, none) in corr("am").iter().zip(&corr("none")) {
-        assert!(
-            am.as_f64().unwrap() > none.as_f64().unwrap() + 0.1,
-            "{am} vs {none}"
-        );
+    let corr = |k: &str| &m.matching[k].mean_correlation;
+    for (am, none) in corr("am").iter().zip(corr("none")) {
+        assert!(*am > none + 0.1, "{am} vs {none}");
     }
     // Refitting only the head recovers most of what least squares gains.
     let f = find("am", 1.0);
-    assert!(task(f, "least_squares_head") > task(f, "average"), "{f}");
+    assert!(task(&f.least_squares_head) > task(&f.average), "{f:?}");
     // The merged model of one model's size is far better than chance (0.2 per task).
-    assert!(task(find("am", 1.0), "least_squares") > 0.6);
-    assert_eq!(m["allocation"], "uniform");
-    assert_eq!(find("am", 0.5)["merged_pairs"], serde_json::json!([32, 32]));
+    assert!(task(&find("am", 1.0).least_squares) > 0.6);
+    assert_eq!(m.allocation, "uniform");
+    assert_eq!(find("am", 0.5).merged_pairs, [32, 32]);
 
     // The global allocation merges as many pairs in all, where they correlate best.
     let out = dir.path().join("pleas-global");
@@ -861,18 +854,12 @@ fn pleas_study_least_squares_beats_averaging_and_partial_matching_trades_width_f
         ..Default::default()
     };
     run(&args).unwrap();
-    let m = metrics(&out);
-    assert_eq!(m["allocation"], "global");
-    let g = &m["merges"][0];
-    let pairs: Vec<u64> = g["merged_pairs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
-    assert_eq!(pairs.iter().sum::<u64>(), 64, "{g}");
-    assert_eq!(g["width"].as_f64(), Some(1.5));
-    assert!(task(g, "least_squares") > task(g, "average"), "{g}");
+    let m = metrics::<experiments::studies::pleas::PleasMetrics>(&out).metrics;
+    assert_eq!(m.allocation, "global");
+    let g = &m.merges[0];
+    assert_eq!(g.merged_pairs.iter().sum::<usize>(), 64, "{g:?}");
+    assert_eq!(g.width, 1.5);
+    assert!(task(&g.least_squares) > task(&g.average), "{g:?}");
 }
 
 /// A tiny random LLaMA (GQA, untied head) with a byte-level ChatML tokenizer,
@@ -968,37 +955,32 @@ fn s2ft_study_fine_tunes_a_hugging_face_model_and_saves_what_others_load() {
         assert!(out.join(f).is_file(), "{f}");
     }
     assert!(!out.join("metrics.partial.json").exists());
-    let m = metrics(&out);
+    let m = metrics::<experiments::studies::s2ft_llm::Rows>(&out).metrics;
     // Base scores on both quick tasks, both splits, and both held-out corpora.
     for t in ["date", "reverse"] {
-        for s in ["test", "ood"] {
-            let acc = m["base"]["tasks"][t][s]["acc"].as_f64().unwrap();
-            assert!((0.0..=1.0).contains(&acc), "{t} {s}");
-            assert_eq!(m["base"]["tasks"][t][s]["n"], 4);
+        let ta = &m.base.tasks[t];
+        for (s, score) in [("test", &ta.test), ("ood", &ta.ood)] {
+            assert!((0.0..=1.0).contains(&score.acc), "{t} {s}");
+            assert_eq!(score.n, 4);
         }
     }
-    let base_loss = &m["base"]["text_loss"];
-    assert!(
-        base_loss["moby-dick"].as_f64().unwrap() > 0.0 && base_loss["sotu"].as_f64().unwrap() > 0.0
-    );
+    let base_loss = &m.base.text_loss;
+    assert!(base_loss["moby-dick"] > 0.0 && base_loss["sotu"] > 0.0);
     // The sweep: one rate each for full and S²FT (quick), the two given for LoRA, one chosen per method.
-    let sweep = m["sweep"].as_array().unwrap();
+    let sweep = &m.sweep;
     assert_eq!(sweep.len(), 4);
     for method in ["full", "lora r2", "s2ft-random r2"] {
-        let rows: Vec<_> = sweep.iter().filter(|r| r["method"] == method).collect();
-        assert_eq!(
-            rows.iter().filter(|r| r["chosen"] == true).count(),
-            1,
-            "{method}"
-        );
+        let rows: Vec<_> = sweep.iter().filter(|r| r.method == method).collect();
+        assert_eq!(rows.iter().filter(|r| r.chosen).count(), 1, "{method}");
     }
     // Every method on both tasks; trainable counts: S²FT ≤ LoRA ≪ full = every parameter.
-    let runs = m["runs"].as_array().unwrap();
+    let runs = &m.runs;
     assert_eq!(runs.len(), 6);
     let params = |fam: &str| {
-        runs.iter().find(|r| r["family"] == fam).unwrap()["trainable_params"]
-            .as_u64()
-            .unwrap()
+        runs.iter()
+            .find(|r| r.family == fam)
+            .unwrap_or_else(|| panic!("{fam} missing"))
+            .trainable_params as u64
     };
     let total = s2ft_core::model::random_state_dict(
         &s2ft_core::Pretrained::load(&model).unwrap().config,
@@ -1008,45 +990,44 @@ fn s2ft_study_fine_tunes_a_hugging_face_model_and_saves_what_others_load() {
     assert_eq!(params("full"), total);
     assert!(params("s2ft-random") <= params("lora") && params("lora") * 4 < total);
     for r in runs {
-        assert!(r["diverged"].is_null(), "{r}");
-        assert_eq!(r["losses"].as_array().unwrap().len(), 4);
-        assert!(r["step_ms"].as_f64().unwrap() > 0.0);
-        let other = if r["task"] == "date" {
-            "reverse"
-        } else {
-            "date"
-        };
-        assert!(r["other_tasks"][other].is_number(), "{r}");
-        assert!(r["forgetting"].is_number());
+        assert!(r.diverged.is_none(), "{r:?}");
+        assert_eq!(r.losses.len(), 4);
+        assert!(r.step_ms > 0.0);
+        let other = if r.task == "date" { "reverse" } else { "date" };
+        assert!(
+            r.other_tasks.get(other).is_some_and(|x| x.is_finite()),
+            "{r:?}"
+        );
+        assert!(r.forgetting.is_finite());
     }
     // The saved fine-tunes reload (HF folder, PEFT adapter through merge::lora,
     // S²FT adapter with its dense ΔW) to the model the study scored: same
     // teacher-forced test loss as the study reported.
     let base = s2ft_core::Pretrained::load(&model).unwrap();
-    let manifest: serde_json::Value = serde_json::from_str(
+    let manifest: Vec<experiments::studies::s2ft_llm::ManifestEntry> = serde_json::from_str(
         &std::fs::read_to_string(out.join("finetunes/manifest.json")).unwrap(),
     )
     .unwrap();
-    let manifest = manifest.as_array().unwrap();
     assert_eq!(manifest.len(), 6);
-    for e in manifest {
-        let path = out.join(e["path"].as_str().unwrap());
-        let task = InstructTask::parse_list(&[e["task"].as_str().unwrap().to_string()]).unwrap()[0];
+    for e in &manifest {
+        use experiments::studies::merge_llm::Format;
+        let path = out.join(&e.path);
+        let task = InstructTask::parse_list(std::slice::from_ref(&e.task)).unwrap()[0];
         let row = runs
             .iter()
-            .find(|r| r["method"] == e["method"] && r["task"] == e["task"])
-            .unwrap();
-        let weights = match e["format"].as_str().unwrap() {
-            "hf" => {
+            .find(|r| r.method == e.method && r.task == e.task)
+            .unwrap_or_else(|| panic!("no run of {e:?}"));
+        let weights = match e.format {
+            Format::Hf => {
                 let ft = s2ft_core::Pretrained::load(&path).unwrap();
                 assert_eq!(ft.tokenizer.stop_ids(), base.tokenizer.stop_ids());
                 ft.weights
             }
-            "peft" => merge::lora::LoraAdapter::load(&path)
+            Format::Peft => merge::lora::LoraAdapter::load(&path)
                 .unwrap()
                 .fuse(&base.weights, 1.0)
                 .unwrap(),
-            "s2ft" => {
+            Format::S2ft => {
                 let mut sd = base.weights.clone();
                 let adapter = s2ft_core::adapter::S2ftAdapter::load(&path).unwrap();
                 adapter.fuse(&mut sd).unwrap();
@@ -1072,17 +1053,16 @@ fn s2ft_study_fine_tunes_a_hugging_face_model_and_saves_what_others_load() {
                 }
                 sd
             }
-            f => panic!("format {f}"),
         };
         let got = test_answer_loss(&base.config, &weights, &base.tokenizer, task, 4);
-        let want = row["test_answer_loss"].as_f64().unwrap();
+        let want = row.test_answer_loss;
         assert!(
             (got - want).abs() < 1e-4 * want.max(1.0),
-            "{e}: {got} vs {want}"
+            "{e:?}: {got} vs {want}"
         );
         assert!(
             got != test_answer_loss(&base.config, &base.weights, &base.tokenizer, task, 4),
-            "{e}: trained"
+            "{e:?}: trained"
         );
     }
     // A rerun saves the same fine-tunes byte for byte: LoRA's dropout masks
@@ -1296,44 +1276,42 @@ fn merge_study_merges_real_model_fine_tunes_and_its_yaml_configs_are_mergekits()
     assert!(out.join("merges.csv").is_file() && out.join("report.md").is_file());
     assert!(!out.join("inputs").exists(), "scratch inputs removed");
     assert!(!out.join("metrics.partial.json").exists());
-    let m = metrics(&out);
+    let m = metrics::<experiments::studies::merge_llm::Rows>(&out).metrics;
     let groups = ["full", "lora r2", "s2ft-random r2"];
-    // Individual fine-tunes on their own task: the normaliser.
-    let own = |g: &str, t: &str, split: &str| -> f64 {
-        m["individual"]
-            .as_array()
-            .unwrap()
+    // Individual fine-tunes on their own task's test split: the normaliser.
+    let own = |g: &str, t: &str| -> f64 {
+        m.individual
             .iter()
-            .find(|r| r["group"] == g && r["task"] == t)
-            .unwrap()[split]["tasks"][t]
-            .as_f64()
-            .unwrap()
+            .find(|r| r.group == g && r.task == t)
+            .unwrap_or_else(|| panic!("{g} {t} missing"))
+            .test
+            .tasks[t]
     };
-    let rows = m["merges"].as_array().unwrap();
+    let rows = &m.merges;
     for g in groups {
-        let of_group: Vec<&serde_json::Value> = rows.iter().filter(|r| r["group"] == g).collect();
-        let methods: Vec<&str> = of_group
-            .iter()
-            .map(|r| r["method"].as_str().unwrap())
-            .collect();
+        let of_group: Vec<_> = rows.iter().filter(|r| r.group == g).collect();
+        let methods: Vec<&str> = of_group.iter().map(|r| r.method.as_str()).collect();
         // LoRA-LEGO only where the inputs are LoRA adapters.
         let want = experiments::studies::merge_llm::METHODS.len() - usize::from(g != "lora r2");
         assert_eq!(methods.len(), want, "{g}: {methods:?}");
         assert_eq!(methods.contains(&"lora_lego"), g == "lora r2");
         for r in &of_group {
-            let method = r["method"].as_str().unwrap();
+            let method = r.method.as_str();
             if method == "wm_check" {
                 // Fine-tunes of one base: weight matching finds the identity.
-                assert!(r["note"].as_str().unwrap().contains("leaves 1.0000"), "{r}");
+                assert!(
+                    r.note.as_deref().unwrap_or("").contains("leaves 1.0000"),
+                    "{r:?}"
+                );
                 continue;
             }
             // Normalised accuracy recomputed from the table's own numbers.
             let mut ratios = Vec::new();
             for t in ["date", "reverse"] {
-                let acc = r["test"]["tasks"][t].as_f64().unwrap();
+                let acc = r.test.tasks[t];
                 assert!((0.0..=1.0).contains(&acc));
-                let ind = own(g, t, "test");
-                match r["normalised"]["tasks"][t].as_f64() {
+                let ind = own(g, t);
+                match r.normalised.tasks.get(t).copied().flatten() {
                     Some(v) => {
                         assert!((v - acc / ind).abs() < 1e-12, "{g} {method} {t}");
                         ratios.push(v);
@@ -1346,28 +1324,28 @@ fn merge_study_merges_real_model_fine_tunes_and_its_yaml_configs_are_mergekits()
             }
             if !ratios.is_empty() {
                 let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
-                assert!((r["normalised"]["mean"].as_f64().unwrap() - mean).abs() < 1e-12);
+                let got = r.normalised.mean.expect("a mean of the defined ratios");
+                assert!((got - mean).abs() < 1e-12);
             }
             // Grids of several points are scored on validation and one is chosen.
-            let grid = r["grid"].as_array().unwrap();
+            let grid = &r.grid;
             if grid.len() > 1 {
-                assert!(grid.iter().all(|p| p["val_acc"].is_number()), "{r}");
-                assert!(grid.iter().any(|p| p["hyper"] == r["hyper"]), "{r}");
+                assert!(grid.iter().all(|p| p.val_acc.is_some()), "{r:?}");
+                assert!(grid.iter().any(|p| p.hyper == r.hyper), "{r:?}");
             }
             // Every mergekit method's YAML ran to the same tensors, bit for bit.
             if method == "mtl" {
                 // Multi-task fine-tuning: both tasks, the two fine-tunes' 2 × 4 steps.
-                assert_eq!(r["hyper"]["steps"].as_f64(), Some(8.0), "{r}");
-                assert!(r["note"].as_str().unwrap().contains("date, reverse"), "{r}");
+                assert_eq!(r.hyper.get("steps"), Some(&8.0), "{r:?}");
+                assert!(
+                    r.note.as_deref().unwrap_or("").contains("date, reverse"),
+                    "{r:?}"
+                );
             }
             let typed = !["lora_lego", "rmm", "mtl"].contains(&method);
-            assert_eq!(
-                r["yaml_identical"].as_bool(),
-                typed.then_some(true),
-                "{g} {method}"
-            );
+            assert_eq!(r.yaml_identical, typed.then_some(true), "{g} {method}");
             if typed {
-                let yaml = out.join(r["yaml"].as_str().unwrap());
+                let yaml = out.join(r.yaml.as_deref().expect("a YAML config"));
                 let text = std::fs::read_to_string(&yaml).unwrap();
                 assert!(
                     text.contains(&format!("merge_method: {method}")) || method == "average",
@@ -1378,18 +1356,12 @@ fn merge_study_merges_real_model_fine_tunes_and_its_yaml_configs_are_mergekits()
         // Task arithmetic and TIES grids cover the λ given.
         let ta = of_group
             .iter()
-            .find(|r| r["method"] == "task_arithmetic")
+            .find(|r| r.method == "task_arithmetic")
             .unwrap();
-        assert_eq!(ta["grid"].as_array().unwrap().len(), 2);
+        assert_eq!(ta.grid.len(), 2);
         // The best merge of the group is a model folder that loads.
-        let best = m["best"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["group"] == g)
-            .unwrap();
-        let loaded =
-            s2ft_core::Pretrained::load(&out.join(best["path"].as_str().unwrap())).unwrap();
+        let best = m.best.iter().find(|b| b.group == g).unwrap();
+        let loaded = s2ft_core::Pretrained::load(&out.join(&best.path)).unwrap();
         assert_eq!(
             loaded.config.vocab_size,
             s2ft_core::Pretrained::load(&model)
@@ -1399,14 +1371,14 @@ fn merge_study_merges_real_model_fine_tunes_and_its_yaml_configs_are_mergekits()
         );
     }
     // Task-vector analysis: symmetric matrices with a unit diagonal, and one pair.
-    for a in m["task_vectors"].as_array().unwrap() {
-        let cos = a["cosines"].as_array().unwrap();
+    for a in &m.task_vectors {
+        let cos = &a.cosines;
         assert_eq!(cos.len(), 2);
         assert_eq!(cos[0][1], cos[1][0]);
-        let o = a["overlaps"][0][1].as_f64().unwrap();
-        assert!((0.0..=1.0 + 1e-9).contains(&o), "{a}");
-        assert_eq!(a["pairs"].as_array().unwrap().len(), 1);
-        assert!(a["norms"][0].as_f64().unwrap() > 0.0);
+        let o = a.overlaps[0][1];
+        assert!((0.0..=1.0 + 1e-9).contains(&o), "{a:?}");
+        assert_eq!(a.pairs.len(), 1);
+        assert!(a.norms[0] > 0.0);
     }
 }
 
@@ -1538,7 +1510,9 @@ fn moe_study_builds_a_mixture_from_fine_tunes_and_compresses_it() {
     assert!(!out.join("metrics.partial.json").exists());
     check_png(&out.join("accuracy_vs_experts.png"));
     check_png(&out.join("routing_moe_hidden.png"));
-    let m: Metrics = serde_json::from_value(metrics(&out)["metrics"].clone()).unwrap();
+    let m: Metrics = metrics::<experiments::studies::moe::Rows>(&out)
+        .metrics
+        .metrics;
     let labels: Vec<&str> = m.models.iter().map(|r| r.label.as_str()).collect();
     assert_eq!(
         labels,
@@ -1775,7 +1749,8 @@ fn merge_moe_hidden_gates_match_mergekit_moe() {
 
 #[test]
 fn rws_study_patches_unpatches_and_stores_signatures_consistently() {
-    use experiments::studies::rws::{RwsArgs, run};
+    use experiments::corrupt::Corruption;
+    use experiments::studies::rws::{Net, RwsArgs, run};
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("rws");
     let args = RwsArgs {
@@ -1786,12 +1761,14 @@ fn rws_study_patches_unpatches_and_stores_signatures_consistently() {
     };
     run(&args).unwrap();
     assert!(!out.join("metrics.partial.json").exists());
-    let m = metrics(&out);
-    let nets = m["nets"].as_array().unwrap();
+    let m = metrics::<experiments::studies::rws::RwsMetrics>(&out).metrics;
+    let nets = &m.nets;
     assert_eq!(nets.len(), 2);
-    let f = |v: &serde_json::Value| v.as_f64().unwrap();
     for r in nets {
-        let n = r["net"].as_str().unwrap();
+        let n = match r.net {
+            Net::Cnn => "cnn",
+            Net::Mlp => "mlp",
+        };
         for stem in [
             "layer_norms",
             "accuracy_vs_alpha",
@@ -1804,105 +1781,85 @@ fn rws_study_patches_unpatches_and_stores_signatures_consistently() {
         for csv in ["accuracy", "layer_norms", "sweeps", "cosine", "storage"] {
             assert!(out.join(format!("{n}_{csv}.csv")).is_file(), "{n}_{csv}");
         }
-        let nl = r["layers"].as_array().unwrap().len();
+        let nl = r.layers.len();
         assert_eq!(nl, if n == "cnn" { 5 } else { 3 });
         // Removal is exact.
-        let (exact, total) = (&r["removal_exact"][0], &r["removal_exact"][1]);
+        let (exact, total) = r.removal_exact;
         assert_eq!(exact, total, "{n}");
-        assert_eq!(total.as_u64().unwrap() as f64, f(&r["params"]));
-        let acc = r["accuracy"].as_array().unwrap();
-        for c in ["gaussian_noise", "contrast"] {
-            let row = acc
+        assert_eq!(total, r.params);
+        for c in [Corruption::GaussianNoise, Corruption::Contrast] {
+            let cn = c.name();
+            let row = r
+                .accuracy
                 .iter()
-                .find(|a| a["model"] == "mnist0" && a["corruption"] == c)
-                .unwrap();
+                .find(|a| a.model == "mnist0" && a.corruption == c)
+                .unwrap_or_else(|| panic!("{n} mnist0 {cn}"));
             let sweep = |alpha: f64, k: usize| {
-                r["alpha_sweep"]
-                    .as_array()
-                    .unwrap()
+                r.alpha_sweep
                     .iter()
-                    .chain(r["k_sweep"].as_array().unwrap())
-                    .find(|x| x["corruption"] == c && f(&x["alpha"]) == alpha && x["k"] == k)
-                    .unwrap_or_else(|| panic!("{n} {c} α {alpha} k {k}"))
-                    .clone()
+                    .chain(&r.k_sweep)
+                    .find(|x| x.corruption == c && x.alpha == alpha && x.k == k)
+                    .unwrap_or_else(|| panic!("{n} {cn} α {alpha} k {k}"))
             };
             // α = 0 is the clean model; α = 1 on every layer is the
             // fine-tune (to one rounding of each weight: at most one test image).
             let s0 = sweep(0.0, nl);
-            assert_eq!(
-                f(&s0["corrupted_acc"]),
-                f(&row["clean_on_corrupted"]),
-                "{n} {c}"
-            );
-            assert_eq!(f(&s0["clean_acc"]), f(&row["clean_on_clean"]), "{n} {c}");
+            assert_eq!(s0.corrupted_acc, row.clean_on_corrupted, "{n} {cn}");
+            assert_eq!(s0.clean_acc, row.clean_on_clean, "{n} {cn}");
             let s1 = sweep(1.0, nl);
             assert!(
-                (f(&s1["corrupted_acc"]) - f(&row["robust_on_corrupted"])).abs()
-                    <= 1.0 / 300.0 + 1e-9,
-                "{n} {c}"
+                (s1.corrupted_acc - row.robust_on_corrupted).abs() <= 1.0 / 300.0 + 1e-9,
+                "{n} {cn}"
             );
             assert!(
-                (f(&s1["clean_acc"]) - f(&row["robust_on_clean"])).abs() <= 1.0 / 300.0 + 1e-9,
-                "{n} {c}"
+                (s1.clean_acc - row.robust_on_clean).abs() <= 1.0 / 300.0 + 1e-9,
+                "{n} {cn}"
             );
             // The mnist0 → mnist0 "own" transfer is the same patch.
-            let own = r["transfer"]
-                .as_array()
-                .unwrap()
+            let own = r
+                .transfer
                 .iter()
-                .find(|t| t["target"] == "mnist0" && t["corruption"] == c)
-                .unwrap();
-            assert_eq!(f(&own["own_acc"]), f(&s1["corrupted_acc"]), "{n} {c}");
-            assert_eq!(
-                f(&own["target_acc"]),
-                f(&row["clean_on_corrupted"]),
-                "{n} {c}"
-            );
+                .find(|t| t.target == "mnist0" && t.corruption == c)
+                .unwrap_or_else(|| panic!("{n} {cn}: no mnist0 transfer"));
+            assert_eq!(own.own_acc, Some(s1.corrupted_acc), "{n} {cn}");
+            assert_eq!(own.target_acc, row.clean_on_corrupted, "{n} {cn}");
         }
         // Storage: all layers at f32 is the model's size; 8 bits is a bit
         // under 4× smaller (the scales); fewer layers, smaller.
-        let storage = r["storage"].as_array().unwrap();
-        let st = |k: usize, bits: u64| {
-            storage
+        let st = |k: usize, bits: u8| {
+            r.storage
                 .iter()
-                .find(|s| s["k"] == k && s["bits"] == bits)
-                .unwrap()
+                .find(|s| s.k == k && s.bits == bits)
+                .unwrap_or_else(|| panic!("{n}: no storage row k {k} bits {bits}"))
+                .compression
         };
-        assert_eq!(f(&st(nl, 32)["compression"]), 1.0);
-        let c8 = f(&st(nl, 8)["compression"]);
+        assert_eq!(st(nl, 32), 1.0);
+        let c8 = st(nl, 8);
         assert!(c8 > 3.5 && c8 < 4.0, "{n}: {c8}");
-        assert!(f(&st(nl, 4)["compression"]) > 1.8 * c8);
-        assert!(f(&st(1, 4)["compression"]) > f(&st(nl, 4)["compression"]));
+        assert!(st(nl, 4) > 1.8 * c8);
+        assert!(st(1, 4) > st(nl, 4));
         // Cosine matrix: symmetric with a unit diagonal, 3 sources × 2 corruptions.
-        let cos = r["cosine"].as_array().unwrap();
+        let cos = &r.cosine;
         assert_eq!(cos.len(), 6);
         for (i, row) in cos.iter().enumerate() {
-            assert!((f(&row[i]) - 1.0).abs() < 1e-9);
-            for (j, v) in row.as_array().unwrap().iter().enumerate() {
-                assert!((f(v) - f(&cos[j][i])).abs() < 1e-12);
+            assert!((row[i] - 1.0).abs() < 1e-9);
+            for (j, v) in row.iter().enumerate() {
+                assert!((v - cos[j][i]).abs() < 1e-12);
             }
         }
         // Composition of the two: one pair, each accuracy alone equals the α = 1 row.
-        let comp = r["compose"].as_array().unwrap();
-        assert_eq!(comp.len(), 1);
+        assert_eq!(r.compose.len(), 1);
         // Layer norms: relative norms positive for every fine-tune layer.
-        for row in r["layer_rows"].as_array().unwrap() {
-            assert_eq!(row["relative"].as_array().unwrap().len(), nl);
-            assert!(
-                row["relative"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|v| f(v) > 0.0),
-                "{row}"
-            );
+        for row in &r.layer_rows {
+            assert_eq!(row.relative.len(), nl);
+            assert!(row.relative.iter().all(|v| *v > 0.0), "{row:?}");
         }
     }
     // Bad input is refused before training, naming the option.
     let bad = RwsArgs {
         quick: true,
         ks: vec![6],
-        nets: vec![experiments::studies::rws::Net::Cnn],
+        nets: vec![Net::Cnn],
         run: RunArgs::quiet_to(dir.path().join("bad")),
         ..Default::default()
     };
@@ -1925,33 +1882,32 @@ fn pleas_study_zips_two_vggs_between_their_average_and_their_ensemble() {
     })
     .unwrap();
     check_png(&out.join("joint_accuracy_vs_size.png"));
-    let m = metrics(&out);
-    assert_eq!(m["arch"], "vgg");
-    let rows = m["merges"].as_array().unwrap();
+    let m = metrics::<experiments::studies::pleas_cnn::Metrics>(&out).metrics;
+    assert_eq!(m.arch, "vgg");
+    let rows = &m.merges;
     assert_eq!(rows.len(), 6, "none and wm × three ratios");
     for r in rows {
-        let (ratio, width) = (r["ratio"].as_f64().unwrap(), r["width"].as_f64().unwrap());
-        assert!((width - (2.0 - ratio)).abs() < 0.05, "{r}");
+        let (ratio, width) = (r.ratio, r.width);
+        assert!((width - (2.0 - ratio)).abs() < 0.05, "{r:?}");
         // A VGG has no normalisation: every channel kept apart is its own
         // model's, so ratio 0 scores exactly as the ensemble.
         if ratio == 0.0 {
-            let (z, e) = (&r["scores"], &m["models"]["ensemble"]);
-            for k in ["joint_loss", "joint_acc", "task_a_acc", "task_b_acc"] {
-                let d = (z[k].as_f64().unwrap() - e[k].as_f64().unwrap()).abs();
-                assert!(d < 1e-4, "{k}: {z} vs {e}");
+            let (z, e) = (&r.scores, &m.models.ensemble);
+            for (k, zk, ek) in [
+                ("joint_loss", z.joint_loss, e.joint_loss),
+                ("joint_acc", z.joint_acc, e.joint_acc),
+                ("task_a_acc", z.task_a_acc, e.task_a_acc),
+                ("task_b_acc", z.task_b_acc, e.task_b_acc),
+            ] {
+                let d = (zk - ek).abs();
+                assert!(d < 1e-4, "{k}: {z:?} vs {e:?}");
             }
             // The ensemble is a least-squares solution too: the solves keep it
             // (up to the small ridge).
-            let ls = r["least_squares"]["joint_loss"].as_f64().unwrap();
-            let d = (ls - e["joint_loss"].as_f64().unwrap()).abs();
-            assert!(d < 1e-2, "{r}");
+            let d = (r.least_squares.joint_loss - e.joint_loss).abs();
+            assert!(d < 1e-2, "{r:?}");
         }
-        assert!(
-            r["least_squares"]["joint_loss"]
-                .as_f64()
-                .unwrap()
-                .is_finite()
-        );
+        assert!(r.least_squares.joint_loss.is_finite());
     }
-    assert!(m["matching_l2"]["wm"].as_f64().unwrap() < m["matching_l2"]["none"].as_f64().unwrap());
+    assert!(m.matching_l2["wm"] < m.matching_l2["none"]);
 }

@@ -429,7 +429,7 @@ pub struct Metrics {
     #[serde(flatten)]
     pub methods: IndexMap<String, MethodRow>,
     /// `--widths`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub width_sweep: Vec<WidthRow>,
 }
 

@@ -716,7 +716,7 @@ pub struct GridPoint {
 }
 
 /// The best merge of a group, saved as a Hugging Face folder.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct BestModel {
     /// The group (fine-tuning method).
     pub group: String,
@@ -996,21 +996,29 @@ where
 }
 
 /// The base model's scores (test, OOD) on every task.
-#[derive(Clone, Debug, Serialize)]
-struct BaseScores {
-    test: Accs,
-    ood: Accs,
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct BaseScores {
+    /// In-domain test accuracy per task.
+    pub test: Accs,
+    /// Out-of-domain accuracy per task.
+    pub ood: Accs,
 }
 
 /// One fine-tune scored on every task.
-#[derive(Clone, Debug, Serialize)]
-struct Individual {
-    group: String,
-    task: String,
-    format: Format,
-    path: PathBuf,
-    test: Accs,
-    ood: Accs,
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct Individual {
+    /// The group (fine-tuning method).
+    pub group: String,
+    /// The task it was tuned on.
+    pub task: String,
+    /// How it is stored.
+    pub format: Format,
+    /// Where it is stored.
+    pub path: PathBuf,
+    /// In-domain test accuracy per task.
+    pub test: Accs,
+    /// Out-of-domain accuracy per task.
+    pub ood: Accs,
 }
 
 /// The baselines: the base and every fine-tune on every task.
@@ -1029,6 +1037,24 @@ struct Partial<'a> {
     individual: &'a [Individual],
     #[serde(skip_serializing_if = "Option::is_none")]
     merges: Option<&'a [MergeRow]>,
+}
+
+/// `metrics.json` read back ([`crate::report::read_metrics`]): its rows;
+/// the plan, the model's path and its config are written for the reader.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Rows {
+    /// The base model's scores.
+    pub base: BaseScores,
+    /// Every fine-tune on every task.
+    pub individual: Vec<Individual>,
+    /// Every group's merges.
+    pub merges: Vec<MergeRow>,
+    /// Every group's task-vector analysis.
+    pub task_vectors: Vec<Analysis>,
+    /// The best merge of each group, saved.
+    pub best: Vec<BestModel>,
+    /// Whether peak heap was measured.
+    pub memory_measured: bool,
 }
 
 /// What `metrics.json` holds.
@@ -1808,22 +1834,24 @@ fn wm_row(c: &LlamaConfig, base: &StateDict, g: &Group<'_>, seed: u64) -> anyhow
 }
 
 /// One pair of tasks of a group.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct PairStats {
     /// The two tasks.
     pub a: String,
     /// Second task.
     pub b: String,
     /// Cosine of the whole task vectors.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub cosine: f64,
     /// Mean top-k subspace overlap over the analysed weights.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub overlap: f64,
     /// Normalised accuracy of the pair merged alone by task arithmetic (λ of the group's choice).
     pub pair_normalised: Option<f64>,
 }
 
 /// A group's task-vector analysis.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Analysis {
     /// The group.
     pub group: String,

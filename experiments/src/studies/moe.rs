@@ -469,6 +469,14 @@ pub struct Metrics {
     pub expert_similarity: Vec<Vec<Vec<f64>>>,
 }
 
+/// `metrics.json` read back ([`crate::report::read_metrics`]): the
+/// study's metrics; the plan is written for the reader.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Rows {
+    /// The models, routing and compressions.
+    pub metrics: Metrics,
+}
+
 /// Runs the study; returns the report folder.
 pub fn run(a: &MoeArgs) -> anyhow::Result<PathBuf> {
     let plan = Plan::new(a)?;

@@ -213,6 +213,21 @@ fn plots(dir: &Path, analyses: &[LayerAnalysis], farms: bool) -> anyhow::Result<
     )
 }
 
+/// `metrics.json` read back ([`crate::report::read_metrics`]).
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Rows {
+    /// The checkpoint analysed (its path, or the synthetic one's label).
+    pub source: String,
+    /// One row per weight matrix, in checkpoint order.
+    pub layers: Vec<spectra::report::LayerReport>,
+    /// Mean α over the fitted layers (`None`: none fitted).
+    pub mean_alpha: Option<f64>,
+    /// Mean weighted α over the layers that have one.
+    pub mean_alpha_weighted: Option<f64>,
+    /// The WeLore rank plan.
+    pub welore: Vec<spectra::welore::WeloreLayer>,
+}
+
 /// What `metrics.json` holds.
 #[derive(Serialize)]
 struct Metrics<'a> {

@@ -43,7 +43,7 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
         .map(|i| format!("layers.{i}.weight"))
         .collect();
     // `metrics.json`: per method, its rows per layer.
-    let mut metrics: indexmap::IndexMap<String, Vec<LayerRow>> = indexmap::IndexMap::new();
+    let mut metrics = Metrics::new();
     let mut md = String::from(
         "# Singular-vector alignment after permutation\n\n| method | layer | max rel. σ change | score S (top k) | R(γ=0) | R(γ=0.3) |\n|---|---|---|---|---|---|\n",
     );
@@ -101,6 +101,9 @@ pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
     run.finish(&metrics, &md)?;
     Ok(run.dir.clone())
 }
+
+/// `metrics.json`: per method, in the order they ran, its rows per layer.
+pub type Metrics = indexmap::IndexMap<String, Vec<LayerRow>>;
 
 /// One layer of one method in `metrics.json`.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
