@@ -178,11 +178,6 @@ mod tests {
     use super::*;
     use weights::rng::Rng;
 
-    fn gaussian(m: usize, n: usize, seed: u64) -> Array2<f32> {
-        let mut rng = Rng::new(seed);
-        rng.normal_array((m, n))
-    }
-
     fn random_perm(n: usize, seed: u64) -> Vec<usize> {
         let mut p: Vec<usize> = (0..n).collect();
         Rng::new(seed).shuffle(&mut p);
@@ -191,7 +186,7 @@ mod tests {
 
     #[test]
     fn a_matrix_aligns_perfectly_with_its_own_permutation() {
-        let a = gaussian(60, 40, 1);
+        let a = Rng::new(1).normal_array((60, 40));
         let (p, q) = (random_perm(60, 2), random_perm(40, 3));
         // b is a with rows/columns scrambled; passing the inverse maps it back.
         let mut b = Array2::zeros((60, 40));
@@ -219,8 +214,8 @@ mod tests {
 
     #[test]
     fn independent_matrices_score_near_zero() {
-        let a = gaussian(100, 80, 4);
-        let b = gaussian(100, 80, 5);
+        let a = Rng::new(4).normal_array((100, 80));
+        let b = Rng::new(5).normal_array((100, 80));
         let al =
             singular_vector_alignment(a.view(), b.view(), None, None, 20, &[0.0, 0.3]).unwrap();
         assert!(al.score < 0.05, "{}", al.score);
@@ -229,7 +224,7 @@ mod tests {
 
     #[test]
     fn bad_permutations_and_shapes_are_errors() {
-        let a = gaussian(4, 3, 1);
+        let a = Rng::new(1).normal_array((4, 3));
         assert!(
             singular_vector_alignment(a.view(), a.view(), Some(&[0, 1, 1, 2]), None, 2, &[])
                 .is_err()
@@ -237,7 +232,7 @@ mod tests {
         assert!(
             singular_vector_alignment(a.view(), a.view(), None, Some(&[0, 1]), 2, &[]).is_err()
         );
-        let b = gaussian(3, 4, 1);
+        let b = Rng::new(1).normal_array((3, 4));
         assert!(singular_vector_alignment(a.view(), b.view(), None, None, 2, &[]).is_err());
     }
 
@@ -256,11 +251,11 @@ mod tests {
         let c = ndarray::array![[0.0, 0.0], [0.0, 2.0]];
         assert!(subspace_overlap(&svd(&a), &svd(&c), 1).unwrap() < 1e-12);
         // A matrix and a scaled, sign-flipped copy share every top-k span.
-        let g = gaussian(30, 20, 7).mapv(f64::from);
+        let g = Rng::new(7).normal_array((30, 20)).mapv(f64::from);
         let h = &g * -3.0;
         assert!((subspace_overlap(&svd(&g), &svd(&h), 5).unwrap() - 1.0).abs() < 1e-9);
         // Independent matrices: about k/m and k/n.
-        let r = gaussian(30, 20, 8).mapv(f64::from);
+        let r = Rng::new(8).normal_array((30, 20)).mapv(f64::from);
         let o = subspace_overlap(&svd(&g), &svd(&r), 5).unwrap();
         assert!(o < 0.5, "{o}");
         // Different shapes are an error.

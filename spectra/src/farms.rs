@@ -125,18 +125,13 @@ mod tests {
     use crate::powerlaw::{FixFingers, fit_power_law};
     use weights::rng::Rng;
 
-    fn gaussian(n: usize, m: usize, seed: u64) -> Array2<f32> {
-        let mut rng = Rng::new(seed);
-        rng.normal_array((n, m))
-    }
-
     #[test]
     fn window_grid() {
         assert_eq!(starts(10, 10, 8), vec![0]);
         assert_eq!(starts(10, 4, 3), vec![0, 3, 6]);
         assert_eq!(starts(5, 4, 8), vec![0, 1]);
         let e = farms_esd(
-            gaussian(150, 300, 1).view(),
+            Rng::new(1).normal_array((150, 300)).view(),
             &FarmsOptions::default(),
             false,
             "w",
@@ -148,7 +143,7 @@ mod tests {
             aspect: 2.0,
             ..Default::default()
         };
-        let e = farms_esd(gaussian(300, 150, 1).view(), &q2, false, "w").unwrap();
+        let e = farms_esd(Rng::new(1).normal_array((300, 150)).view(), &q2, false, "w").unwrap();
         assert_eq!(
             (e.m, e.n),
             (100, 200),
@@ -194,7 +189,7 @@ mod tests {
 
     #[test]
     fn bad_options_are_errors() {
-        let w = gaussian(10, 10, 1);
+        let w = Rng::new(1).normal_array((10, 10));
         let bad = FarmsOptions {
             aspect: 0.5,
             ..Default::default()

@@ -218,15 +218,10 @@ pub fn alpha_warning(alpha: f64) -> Option<&'static str> {
 mod tests {
     use super::*;
 
-    fn gaussian(n: usize, m: usize, seed: u64) -> Array2<f32> {
-        let mut rng = Rng::new(seed);
-        rng.normal_array((n, m))
-    }
-
     #[test]
     fn gaussian_matrix_has_no_spikes_and_rank_one_signal_has_one() {
         for seed in 0..5 {
-            let w = gaussian(400, 200, seed);
+            let w = Rng::new(seed).normal_array((400, 200));
             let e = esd(std::slice::from_ref(&w), false, "noise").unwrap();
             let fit = mp_fit(&e, false).unwrap();
             assert_eq!(
@@ -291,7 +286,7 @@ mod tests {
         let r = randomized_esd(std::slice::from_ref(&w), false, 1, "w").unwrap();
         let d = rand_distance(&e.evals, &r.evals);
         assert!(d > 0.3, "{d}");
-        let noise = gaussian(200, 100, 5);
+        let noise = Rng::new(5).normal_array((200, 100));
         let e = esd(std::slice::from_ref(&noise), false, "n").unwrap();
         let r = randomized_esd(&[noise], false, 1, "n").unwrap();
         let d0 = rand_distance(&e.evals, &r.evals);

@@ -693,7 +693,7 @@ pub struct LmcMetrics {
     pub wm_passes: Option<usize>,
 }
 
-/// One width of `--widths`.
+/// One width of `--widths` (the MLP's hidden width, the LLaMA's residual width).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct WidthRow {
     /// Hidden width.

@@ -38,7 +38,7 @@ use weights::{StateDict, Tensor as WTensor};
 use crate::lm::{Corpus, Sample, VOCAB, default_text_dir, evaluate, held_out, moby_dick};
 use crate::plot::{Series, line_chart};
 use crate::report::Run;
-use crate::studies::lmc::{Curve, LmcArgs, curve_scored, repaired_curve};
+use crate::studies::lmc::{Curve, LmcArgs, WidthRow, curve_scored, repaired_curve};
 use crate::studies::s2ft::{Sizes, pretrain};
 
 /// Every head of the study's models is this wide (heads = hidden / 16).
@@ -398,19 +398,6 @@ impl MethodRow {
             b_loss_change,
         }
     }
-}
-
-/// One width of `--widths`.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
-pub struct WidthRow {
-    /// Residual width.
-    pub width: usize,
-    /// Naive loss barrier.
-    #[serde(deserialize_with = "crate::report::nan_if_null")]
-    pub naive_loss_barrier: f64,
-    /// Weight-matching loss barrier.
-    #[serde(deserialize_with = "crate::report::nan_if_null")]
-    pub wm_loss_barrier: f64,
 }
 
 /// What `metrics.json` holds: the methods by name at the top level

@@ -1108,12 +1108,12 @@ fn score_baselines<B: Backend>(
             test,
             ood,
         });
-        run.partial(&serde_json::to_value(Partial {
+        run.partial(&Partial {
             plan,
             base: &out.base,
             individual: &out.individual,
             merges: None,
-        })?)?;
+        })?;
     }
     Ok(out)
 }
@@ -1169,12 +1169,12 @@ impl<B: Backend> Study<'_, B> {
     /// Writes the partial metrics (the baselines and the rows so far).
     fn partial(&self) -> anyhow::Result<()> {
         let b = self.baselines;
-        self.run.partial(&serde_json::to_value(Partial {
+        self.run.partial(&Partial {
             plan: self.plan,
             base: &b.base,
             individual: &b.individual,
             merges: Some(&self.results.rows),
-        })?)
+        })
     }
 
     /// The base path the YAML configs read (a Hugging Face folder as it is,
@@ -1494,7 +1494,7 @@ impl<B: Backend> Study<'_, B> {
             &r.analyses,
             &r.best,
         );
-        let metrics = serde_json::to_value(Metrics {
+        let metrics = Metrics {
             model: &plan.model,
             config: c,
             plan,
@@ -1504,8 +1504,8 @@ impl<B: Backend> Study<'_, B> {
             task_vectors: &r.analyses,
             best: &r.best,
             memory_measured: crate::alloc::installed(),
-        })?;
-        self.run.finish(metrics, &md)?;
+        };
+        self.run.finish(&metrics, &md)?;
         Ok(self.run.dir.clone())
     }
 }

@@ -442,7 +442,7 @@ where
     };
     plots(&run, &metrics, &spectra_series)?;
     let md = report(&st, &metrics);
-    run.finish(serde_json::to_value(&metrics)?, &md)?;
+    run.finish(&metrics, &md)?;
     Ok(run.dir.clone())
 }
 

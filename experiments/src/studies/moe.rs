@@ -815,10 +815,10 @@ fn run_on<B: AutodiffBackend>(
     }
     let md = report(plan, &study.m);
     study.run.finish(
-        serde_json::to_value(Output {
+        Output {
             plan,
             metrics: &study.m,
-        })?,
+        },
         &md,
     )?;
     Ok(study.run.dir.clone())
@@ -856,10 +856,10 @@ impl<B: Backend> Mixing<'_, B> {
     }
 
     fn partial(&self) -> anyhow::Result<()> {
-        self.run.partial(&serde_json::to_value(Output {
+        self.run.partial(&Output {
             plan: self.plan,
             metrics: &self.m,
-        })?)
+        })
     }
 
     /// The base and every expert on every task; each expert's own-task

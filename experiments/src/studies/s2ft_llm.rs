@@ -846,12 +846,12 @@ impl Results {
     fn write_partial<B: AutodiffBackend>(&self, run: &Run, s: &Study<'_, B>) -> anyhow::Result<()> {
         run.write("sweep.csv", sweep_csv(&self.sweep).as_bytes())?;
         run.write("runs.csv", runs_csv(&self.rows).as_bytes())?;
-        run.partial(&serde_json::to_value(Partial {
+        run.partial(&Partial {
             plan: s.plan,
             base: s.base,
             sweep: &self.sweep,
             runs: &self.rows,
-        })?)
+        })
     }
 }
 
@@ -1038,7 +1038,7 @@ fn finish<B: AutodiffBackend>(
     run.write("summary.csv", summary_csv(&summary).as_bytes())?;
     plots(&run, plan, &summary, &res.rows, &res.sweep)?;
     let md = report(plan, c, s.prep, s.base, &summary, &res.rows, &res.sweep);
-    let metrics = serde_json::to_value(Metrics {
+    let metrics = Metrics {
         model: &plan.model,
         config: c,
         plan,
@@ -1048,8 +1048,8 @@ fn finish<B: AutodiffBackend>(
         summary: &summary,
         finetunes: &res.manifest,
         memory_measured: crate::alloc::installed(),
-    })?;
-    run.finish(metrics, &md)?;
+    };
+    run.finish(&metrics, &md)?;
     Ok(run.dir.clone())
 }
 

@@ -120,7 +120,7 @@ pub fn run(args: &SpectraArgs) -> anyhow::Result<PathBuf> {
     let dir = run.dir.clone();
     run.phase("plots", || plots(&dir, &analyses, !args.no_farms))?;
     let (metrics, md) = report(&label, &rows, &plan)?;
-    run.finish(metrics, &md)?;
+    run.finish(&metrics, &md)?;
     Ok(run.dir.clone())
 }
 
@@ -239,11 +239,11 @@ struct Metrics<'a> {
 }
 
 /// `metrics.json` and `report.md` from the layers' rows and the WeLore plan.
-fn report(
-    label: &str,
-    rows: &[spectra::report::LayerReport],
-    plan: &[spectra::welore::WeloreLayer],
-) -> anyhow::Result<(serde_json::Value, String)> {
+fn report<'a>(
+    label: &'a str,
+    rows: &'a [spectra::report::LayerReport],
+    plan: &'a [spectra::welore::WeloreLayer],
+) -> anyhow::Result<(Metrics<'a>, String)> {
     let fitted: Vec<f64> = rows.iter().filter_map(|r| r.alpha).collect();
     let mean = |v: &[f64]| {
         if v.is_empty() {
@@ -253,13 +253,13 @@ fn report(
         }
     };
     let weighted: Vec<f64> = rows.iter().filter_map(|r| r.alpha_weighted).collect();
-    let metrics = serde_json::to_value(Metrics {
+    let metrics = Metrics {
         source: label,
         layers: rows,
         mean_alpha: mean(&fitted),
         mean_alpha_weighted: mean(&weighted),
         welore: plan,
-    })?;
+    };
     let mut md = format!(
         "# Spectra of {label}\n\n{} weight matrices analysed; mean α {}, mean weighted α {}.\n\n",
         rows.len(),
