@@ -309,7 +309,7 @@ impl<B: Backend> Tapped<B> for Vgg<B> {
 }
 
 /// The im2col patches of channels-last `x` (`[n, h, w, c]`) for a `k × k`
-/// "same"-padded convolution at `stride` (the positions [`conv`] keeps: every
+/// "same"-padded convolution at `stride` (the positions the convolution keeps: every
 /// `stride`-th row and column): `[n·h'·w', c·k·k]`, columns in the
 /// `[c, kh, kw]` order of a PyTorch weight `[o, c, k, k]` flattened, so that
 /// `patches · W_flatᵀ` is the convolution.

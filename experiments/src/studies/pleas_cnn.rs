@@ -407,7 +407,7 @@ fn merge(
 
 /// The [`Probe`] of an image CNN on images `x`: every convolution's im2col
 /// patches and the classifier layers' inputs from a CPU forward pass
-/// ([`crate::cnn::ResNet::layer_inputs`], [`crate::cnn::Vgg::layer_inputs`]).
+/// ([`crate::cnn::Tapped::layer_inputs`] of the ResNet and the VGG).
 pub struct CnnProbe<'x> {
     /// The network.
     pub arch: Arch,
