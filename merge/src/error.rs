@@ -155,6 +155,17 @@ impl MergeError {
         }
     }
 
+    /// [`MergeError::check_finite`] of a slice, checked in blocks without
+    /// a branch per element (a tenth of a merge's time when done one by one).
+    pub(crate) fn check_finite_slice(tensor: &str, model: &str, data: &[f32]) -> Result<()> {
+        for block in data.chunks(1024) {
+            if !block.iter().fold(true, |ok, v| ok & v.is_finite()) {
+                return Self::check_finite(tensor, model, block);
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn param(tensor: &str, param: &str, msg: impl Into<String>) -> Self {
         MergeError::Parameter {
             tensor: tensor.to_string(),

@@ -48,7 +48,10 @@ pub fn merge_state_dicts(
                 got: t.shape().to_vec(),
             });
         }
-        MergeError::check_finite(name, &model, t.data.iter())
+        match t.data.as_slice_memory_order() {
+            Some(data) => MergeError::check_finite_slice(name, &model, data),
+            None => MergeError::check_finite(name, &model, t.data.iter()),
+        }
     };
     let merged: Vec<(String, Tensor)> = names
         .par_iter()

@@ -111,6 +111,9 @@ pub fn task_vector_merge(
     if inputs.is_empty() {
         return Ok(base.to_vec());
     }
+    if method.sparsification.is_none() && method.consensus.is_none() {
+        return Ok(dense_task_vector_merge(base, inputs, opts));
+    }
     let n = base.len();
     // Weighted (sparsified) deltas.
     let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(inputs.len());
@@ -169,6 +172,46 @@ pub fn task_vector_merge(
     Ok(out)
 }
 
+/// Elements per block of the fused loops: the block's accumulators stay in
+/// L1 while each input streams through once.
+const BLOCK: usize = 2048;
+
+/// [`task_vector_merge`] without sparsification or consensus (task
+/// arithmetic) in one pass over the inputs, block by block, with no delta
+/// buffers: the same f32 operations in the same order, so the same bits.
+fn dense_task_vector_merge(
+    base: &[f32],
+    inputs: &[TaskInput],
+    opts: &TaskVectorOptions,
+) -> Vec<f32> {
+    let weights: Vec<f32> = inputs.iter().map(|i| i.weight as f32).collect();
+    let div: f32 = weights.iter().sum();
+    let div = if div.abs() < 1e-8 { 1.0 } else { div };
+    let lambda = opts.lambda as f32;
+    let mut out = Vec::new();
+    weights::mem::reserve_huge(&mut out, base.len());
+    let mut acc = [0f32; BLOCK];
+    for (k, b) in base.chunks(BLOCK).enumerate() {
+        let acc = &mut acc[..b.len()];
+        // `Sum` of f32 folds from −0.0.
+        acc.fill(-0.0);
+        for (inp, &w) in inputs.iter().zip(&weights) {
+            let x = &inp.tensor[k * BLOCK..k * BLOCK + b.len()];
+            for ((a, &x), &bv) in acc.iter_mut().zip(x).zip(b) {
+                *a += (x - bv) * w;
+            }
+        }
+        out.extend(acc.iter().zip(b).map(|(&mixed, &bv)| {
+            let mut m = if opts.normalize { mixed / div } else { mixed };
+            if lambda != 1.0 {
+                m *= lambda;
+            }
+            bv + m
+        }));
+    }
+    out
+}
+
 fn sign(v: f32) -> f32 {
     if v > 0.0 {
         1.0
@@ -180,16 +223,25 @@ fn sign(v: f32) -> f32 {
 }
 
 /// `Σᵢ wᵢ xᵢ / (normalize ? Σᵢ wᵢ : 1)` (Wortsman et al. 2022, model soups).
+/// One pass over the inputs, block by block (see [`BLOCK`]).
 pub fn linear(tensors: &[&[f32]], weights: &[f64], normalize: bool) -> Vec<f32> {
     let n = tensors.first().map_or(0, |t| t.len());
-    let mut out = vec![0f32; n];
-    for (t, &w) in tensors.iter().zip(weights) {
-        let w = w as f32;
-        out.iter_mut().zip(t.iter()).for_each(|(o, &x)| *o += x * w);
-    }
-    if normalize {
-        let s: f32 = weights.iter().map(|&w| w as f32).sum();
-        out.iter_mut().for_each(|o| *o /= s);
+    let s: f32 = weights.iter().map(|&w| w as f32).sum();
+    let mut out = Vec::new();
+    weights::mem::reserve_huge(&mut out, n);
+    let mut acc = [0f32; BLOCK];
+    for start in (0..n).step_by(BLOCK) {
+        let acc = &mut acc[..BLOCK.min(n - start)];
+        acc.fill(0.0);
+        for (t, &w) in tensors.iter().zip(weights) {
+            let w = w as f32;
+            let x = &t[start..start + acc.len()];
+            acc.iter_mut().zip(x).for_each(|(o, &x)| *o += x * w);
+        }
+        if normalize {
+            acc.iter_mut().for_each(|o| *o /= s);
+        }
+        out.extend_from_slice(acc);
     }
     out
 }
@@ -719,6 +771,69 @@ mod tests {
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(b) {
             assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{a:?} vs {b:?}");
+        }
+    }
+
+    /// The fused, blocked loops against the per-element definitions they
+    /// replaced, bit for bit, over lengths that end inside and on block edges.
+    #[test]
+    fn fused_loops_give_the_bits_of_the_per_element_definitions() {
+        let mut rng = weights::rng::Rng::new(3);
+        for n in [1, BLOCK - 1, BLOCK, 2 * BLOCK + 17] {
+            let mut draw =
+                |scale: f32| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32 * scale).collect() };
+            let base = draw(1.0);
+            let models = [draw(1.0), draw(1e-3), draw(0.0)];
+            let weights = [0.5, -0.3, 0.2];
+            let inputs: Vec<TaskInput> = models
+                .iter()
+                .zip(weights)
+                .map(|(t, weight)| TaskInput {
+                    tensor: t,
+                    weight,
+                    sparsify: SparsifyParams {
+                        density: 1.0,
+                        gamma: 0.0,
+                        epsilon: 0.0,
+                        rescale: false,
+                        draws: Default::default(),
+                    },
+                    seed: 0,
+                })
+                .collect();
+            for (normalize, lambda) in [(true, 1.0), (false, 0.7)] {
+                let opts = TaskVectorOptions { normalize, lambda };
+                let got = dense_task_vector_merge(&base, &inputs, &opts);
+                let div: f32 = weights.iter().map(|&w| w as f32).sum();
+                let want: Vec<f32> = (0..n)
+                    .map(|e| {
+                        let mixed: f32 = models
+                            .iter()
+                            .zip(weights)
+                            .map(|(t, w)| (t[e] - base[e]) * w as f32)
+                            .sum();
+                        let mut m = if normalize { mixed / div } else { mixed };
+                        if lambda != 1.0 {
+                            m *= lambda as f32;
+                        }
+                        base[e] + m
+                    })
+                    .collect();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "n {n}");
+                let tensors: Vec<&[f32]> = models.iter().map(|m| m.as_slice()).collect();
+                let got = linear(&tensors, &weights, normalize);
+                let want: Vec<f32> = (0..n)
+                    .map(|e| {
+                        let mut o = 0f32;
+                        for (t, w) in models.iter().zip(weights) {
+                            o += t[e] * w as f32;
+                        }
+                        if normalize { o / div } else { o }
+                    })
+                    .collect();
+                assert_eq!(bits(&got), bits(&want), "n {n}");
+            }
         }
     }
 

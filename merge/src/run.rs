@@ -400,7 +400,7 @@ fn load_input(
     let t = src.load(&r.name)?;
     src.release(&r.name);
     let data = t.data.into_raw_vec_and_offset().0;
-    MergeError::check_finite(&r.name, label, &data)?;
+    MergeError::check_finite_slice(&r.name, label, &data)?;
     if info.shape == p.shape {
         return Ok(data);
     }
