@@ -8,6 +8,7 @@
 //! independent of model size; `max_memory` bounds the sum (one tensor larger
 //! than the budget runs alone).
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
@@ -384,25 +385,34 @@ impl Budget {
     }
 }
 
-/// Loads `r` as the shape `shape`, checking values and (embedding) vocabulary.
-fn load_input(
-    plan: &Plan,
+/// Loads `r` as the shape `shape`, checking values and (embedding)
+/// vocabulary. A tensor its file stores as `f32` is read in place from the
+/// memory map (borrowed: [`merge_one`] releases its pages once merged);
+/// others are converted into a buffer and their stored pages released now.
+fn load_input<'p>(
+    plan: &'p Plan,
     p: &Planned,
     r: &InputRef,
     base: Option<&[f32]>,
     embed: EmbedPolicy,
-) -> Result<Vec<f32>> {
+) -> Result<Cow<'p, [f32]>> {
     let (label, src) = (&plan.models[r.model].0, &plan.models[r.model].1);
     let info = src.info(&r.name).ok_or_else(|| MergeError::MissingTensor {
         tensor: r.name.clone(),
         model: label.clone(),
     })?;
+    if info.shape == p.shape
+        && let Some(view) = src.f32_view(&r.name)
+    {
+        MergeError::check_finite_slice(&r.name, label, view)?;
+        return Ok(Cow::Borrowed(view));
+    }
     let t = src.load(&r.name)?;
     src.release(&r.name);
     let data = t.data.into_raw_vec_and_offset().0;
     MergeError::check_finite_slice(&r.name, label, &data)?;
     if info.shape == p.shape {
-        return Ok(data);
+        return Ok(Cow::Owned(data));
     }
     let same_rest = info.shape.len() == p.shape.len() && info.shape[1..] == p.shape[1..];
     if is_embedding(&p.out) && same_rest {
@@ -413,7 +423,7 @@ fn load_input(
             let keep = info.shape[0].min(p.shape[0]) * row;
             let mut out = data[..keep].to_vec();
             out.extend_from_slice(&base[keep..]);
-            return Ok(out);
+            return Ok(Cow::Owned(out));
         }
         return Err(MergeError::VocabMismatch {
             tensor: r.name.clone(),
@@ -465,19 +475,31 @@ fn merge_one(plan: &Plan, method: &Method, p: &Planned, opts: &RunOptions) -> Re
             params
         })
         .collect();
-    merge_tensor(
+    let merged = merge_tensor(
         method,
         &TensorInputs {
             name: &p.out,
             shape: &p.shape,
             base: base.as_deref(),
-            models: inputs.iter().map(|v| v.as_slice()).collect(),
+            models: inputs.iter().map(|v| v.as_ref()).collect(),
             shared: &shared,
             per_model: &per_model,
             seed: opts.seed,
             draws: opts.draws,
         },
-    )
+    );
+    // The inputs read in place leave the resident set now.
+    for (r, data) in p
+        .base
+        .iter()
+        .chain(&p.inputs)
+        .zip(base.iter().chain(&inputs))
+    {
+        if let Cow::Borrowed(_) = data {
+            plan.models[r.model].1.release(&r.name);
+        }
+    }
+    merged
 }
 
 /// Files copied from the reference (base) model's folder next to the weights.

@@ -114,6 +114,9 @@ impl TensorSource for Checkpoint {
     fn release(&self, name: &str) {
         self.inner().release(name)
     }
+    fn f32_view(&self, name: &str) -> Option<&[f32]> {
+        self.inner().f32_view(name)
+    }
     fn metadata(&self) -> &IndexMap<String, String> {
         self.inner().metadata()
     }

@@ -220,6 +220,17 @@ impl TensorSource for SafetensorsFile {
             crate::mem::release_pages(bytes);
         }
     }
+    fn f32_view(&self, name: &str) -> Option<&[f32]> {
+        let e = self.entries.get(name)?;
+        if e.info.dtype != DType::F32 || cfg!(target_endian = "big") {
+            return None;
+        }
+        let bytes = self.raw(name).ok()?;
+        // SAFETY: every bit pattern is a valid f32; `align_to` hands back
+        // only the aligned middle, which is used when it is the whole slice.
+        let (head, values, tail) = unsafe { bytes.align_to::<f32>() };
+        (head.is_empty() && tail.is_empty()).then_some(values)
+    }
 }
 
 type Parsed = (IndexMap<String, Entry>, IndexMap<String, String>, usize);

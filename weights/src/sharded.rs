@@ -176,6 +176,9 @@ impl TensorSource for ShardedCheckpoint {
             s.release(name);
         }
     }
+    fn f32_view(&self, name: &str) -> Option<&[f32]> {
+        self.shard_of(name)?.f32_view(name)
+    }
 }
 
 /// Name of shard `i` (0-based) of `n`, as `transformers` writes it.

@@ -79,6 +79,16 @@ pub trait TensorSource: Sync {
     /// the next access). The default does nothing.
     fn release(&self, _name: &str) {}
 
+    /// The values of tensor `name` in place, without a copy, where the
+    /// source holds them as `f32` already: a memory-mapped safetensors
+    /// tensor stored as little-endian `F32` at an aligned offset, or an
+    /// in-memory tensor in standard layout. `None` otherwise (then
+    /// [`TensorSource::load`] converts). A streaming job that reads the view
+    /// calls [`TensorSource::release`] when it is done with it.
+    fn f32_view(&self, _name: &str) -> Option<&[f32]> {
+        None
+    }
+
     /// Names of all tensors, in file order.
     fn names(&self) -> Vec<String> {
         self.infos().into_iter().map(|i| i.name).collect()
@@ -221,6 +231,9 @@ impl TensorSource for StateDict {
     }
     fn load(&self, name: &str) -> Result<Tensor> {
         self.require(name).cloned()
+    }
+    fn f32_view(&self, name: &str) -> Option<&[f32]> {
+        self.tensors.get(name)?.data.as_slice()
     }
     fn metadata(&self) -> &IndexMap<String, String> {
         &self.metadata

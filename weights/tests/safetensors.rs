@@ -283,3 +283,37 @@ fn lazy_reader_gives_raw_bytes_and_single_tensors() {
         Err(WeightsError::TensorNotFound { .. })
     ));
 }
+
+#[test]
+fn f32_tensors_are_viewed_in_place_and_other_dtypes_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sd = StateDict::new();
+    let x = ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![1.0, -2.5, 0.1, 1e-3, 7.0, -0.0]).unwrap();
+    // A 1-byte tensor first, so that what follows starts at an odd offset
+    // unless the writer aligns it.
+    sd.insert(
+        "a.u8",
+        Tensor::new(ArrayD::from_elem(IxDyn(&[1]), 3.0), DType::U8),
+    );
+    sd.insert("b.f32", Tensor::new(x.clone(), DType::F32));
+    sd.insert("c.bf16", Tensor::new(x.clone(), DType::BF16));
+    let path = dir.path().join("m.safetensors");
+    sd.save_safetensors(&path).unwrap();
+    let f = SafetensorsFile::open(&path).unwrap();
+    let bf16 = f.load("c.bf16").unwrap();
+    assert!(f.f32_view("c.bf16").is_none() && f.f32_view("missing").is_none());
+    // Where the view exists it is the loaded tensor, bit for bit; a
+    // misaligned F32 tensor has none and still loads.
+    let loaded = f.load("b.f32").unwrap();
+    match f.f32_view("b.f32") {
+        Some(v) => assert_eq!(
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            loaded.data.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        ),
+        None => assert_eq!(f.raw("b.f32").unwrap().as_ptr() as usize % 4, 1),
+    }
+    assert_eq!(loaded.data, x);
+    // An in-memory state dict views its own buffers.
+    assert_eq!(sd.f32_view("b.f32").unwrap(), x.as_slice().unwrap());
+    assert!(bf16.data.iter().all(|v| v.is_finite()));
+}
