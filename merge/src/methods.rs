@@ -135,39 +135,67 @@ pub fn task_vector_merge(
     }
     let weights: Vec<f32> = inputs.iter().map(|i| i.weight as f32).collect();
     let lambda = opts.lambda as f32;
-    let mut out = Vec::with_capacity(n);
-    for e in 0..n {
-        let (mixed, divisor) = match method.consensus {
+    let total: f32 = weights.iter().sum();
+    let mut out = Vec::new();
+    weights::mem::reserve_huge(&mut out, n);
+    // Block by block, each delta streams once per pass; per element the
+    // same f32 operations in the same order as the definition above.
+    let (mut mixed, mut div, mut elect) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+    for start in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - start);
+        let (mixed, div, elect) = (&mut mixed[..len], &mut div[..len], &mut elect[..len]);
+        let range = start..start + len;
+        match method.consensus {
+            None => {
+                // `Sum` of f32 folds from −0.0.
+                mixed.fill(-0.0);
+                for d in &deltas {
+                    mixed
+                        .iter_mut()
+                        .zip(&d[range.clone()])
+                        .for_each(|(m, &v)| *m += v);
+                }
+                div.fill(if total.abs() < 1e-8 { 1.0 } else { total });
+            }
             Some(c) => {
-                let majority_positive = match c {
-                    Consensus::Sum => deltas.iter().map(|d| d[e]).sum::<f32>() >= 0.0,
-                    Consensus::Count => deltas.iter().map(|d| sign(d[e])).sum::<f32>() >= 0.0,
-                };
-                let majority = if majority_positive { 1.0 } else { -1.0 };
-                let (mut mixed, mut div) = (0f32, 0f32);
-                for (d, &w) in deltas.iter().zip(&weights) {
-                    if sign(d[e]) == majority {
-                        mixed += d[e];
-                        div += w;
+                elect.fill(-0.0);
+                for d in &deltas {
+                    for (s, &v) in elect.iter_mut().zip(&d[range.clone()]) {
+                        *s += match c {
+                            Consensus::Sum => v,
+                            Consensus::Count => sign(v),
+                        };
                     }
                 }
-                (mixed, if div == 0.0 { 1.0 } else { div })
+                mixed.fill(0.0);
+                div.fill(0.0);
+                for (d, &w) in deltas.iter().zip(&weights) {
+                    for (e, &v) in d[range.clone()].iter().enumerate() {
+                        let majority = if elect[e] >= 0.0 { 1.0 } else { -1.0 };
+                        // Adding +0.0 leaves these sums (never −0.0) as they are.
+                        let agrees = sign(v) == majority;
+                        mixed[e] += if agrees { v } else { 0.0 };
+                        div[e] += if agrees { w } else { 0.0 };
+                    }
+                }
+                div.iter_mut().for_each(|x| {
+                    if *x == 0.0 {
+                        *x = 1.0
+                    }
+                });
             }
-            None => {
-                let mixed: f32 = deltas.iter().map(|d| d[e]).sum();
-                let div: f32 = weights.iter().sum();
-                (mixed, if div.abs() < 1e-8 { 1.0 } else { div })
-            }
-        };
-        let mut m = if opts.normalize {
-            mixed / divisor
-        } else {
-            mixed
-        };
-        if lambda != 1.0 {
-            m *= lambda;
         }
-        out.push(base[e] + m);
+        out.extend((0..len).map(|e| {
+            let mut m = if opts.normalize {
+                mixed[e] / div[e]
+            } else {
+                mixed[e]
+            };
+            if lambda != 1.0 {
+                m *= lambda;
+            }
+            base[start + e] + m
+        }));
     }
     Ok(out)
 }
