@@ -251,7 +251,7 @@ fn sign(v: f32) -> f32 {
 }
 
 /// `Σᵢ wᵢ xᵢ / (normalize ? Σᵢ wᵢ : 1)` (Wortsman et al. 2022, model soups).
-/// One pass over the inputs, block by block (see [`BLOCK`]).
+/// One pass over the inputs, block by block.
 pub fn linear(tensors: &[&[f32]], weights: &[f64], normalize: bool) -> Vec<f32> {
     let n = tensors.first().map_or(0, |t| t.len());
     let s: f32 = weights.iter().map(|&w| w as f32).sum();
