@@ -28,7 +28,15 @@ pub struct RunArgs {
     pub quiet: bool,
 }
 
-crate::studies::cli_defaults!(RunArgs);
+impl Default for RunArgs {
+    fn default() -> Self {
+        RunArgs {
+            device: "cpu".into(),
+            out: None,
+            quiet: false,
+        }
+    }
+}
 
 impl RunArgs {
     /// The defaults, writing quietly to `out` (what tests and scripts want).

@@ -132,7 +132,27 @@ pub struct LmcArgs {
     pub run: RunArgs,
 }
 
-crate::studies::cli_defaults!(LmcArgs);
+impl Default for LmcArgs {
+    fn default() -> Self {
+        LmcArgs {
+            quick: false,
+            arch: Arch::Mlp,
+            width: None,
+            depth: None,
+            epochs: None,
+            seed: 0,
+            data_dir: None,
+            grid: 25,
+            ste_steps: 0,
+            ste_lr: 1e-3,
+            repair: false,
+            steps: None,
+            kv_heads: None,
+            widths: Vec::new(),
+            run: RunArgs::default(),
+        }
+    }
+}
 
 impl LmcArgs {
     /// Weight matching's options: the group order seeded by `--seed`.

@@ -26,6 +26,15 @@ pub struct ManyArgs {
     pub models: usize,
 }
 
+impl Default for ManyArgs {
+    fn default() -> Self {
+        ManyArgs {
+            lmc: LmcArgs::default(),
+            models: 3,
+        }
+    }
+}
+
 /// Runs the study; returns the report folder.
 pub fn run(args: &ManyArgs) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(

@@ -53,7 +53,18 @@ pub struct MergeArgs {
     pub llm: crate::studies::merge_llm::MergeLlmArgs,
 }
 
-crate::studies::cli_defaults!(MergeArgs);
+impl Default for MergeArgs {
+    fn default() -> Self {
+        MergeArgs {
+            lm: LmArgs::default(),
+            tasks: vec![Task::Shift, Task::Mirror, Task::Upper],
+            rank: 4,
+            density: 0.5,
+            lambda: 0.3,
+            llm: Default::default(),
+        }
+    }
+}
 
 impl MergeArgs {
     fn tasks(&self) -> anyhow::Result<Vec<Task>> {

@@ -24,21 +24,39 @@ pub(crate) fn refuse_given(given: &[(&str, bool)], why: &str) -> anyhow::Result<
     }
 }
 
-/// `impl Default` for clap argument structs: the values the command line
-/// gives when no option is passed (so tests and library users start from
-/// exactly the CLI defaults).
-macro_rules! cli_defaults {
-    ($($t:ty),*) => {$(
-        impl Default for $t {
-            fn default() -> Self {
-                #[derive(clap::Parser)]
-                struct Wrap {
-                    #[command(flatten)]
-                    args: $t,
-                }
-                <Wrap as clap::Parser>::parse_from(["study"]).args
-            }
+#[cfg(test)]
+mod tests {
+    /// The options an empty command line gives.
+    fn parsed<T: clap::Args>() -> T {
+        #[derive(clap::Parser)]
+        struct Wrap<T: clap::Args> {
+            #[command(flatten)]
+            args: T,
         }
-    )*};
+        <Wrap<T> as clap::Parser>::parse_from(["study"]).args
+    }
+
+    /// Each options struct's `Default` is what the command line gives when
+    /// no option is passed, so tests and library users start from the
+    /// defaults the README documents.
+    #[test]
+    fn defaults_are_the_command_lines() {
+        fn same<T: clap::Args + Default + std::fmt::Debug>() {
+            let (d, p) = (
+                format!("{:?}", T::default()),
+                format!("{:?}", parsed::<T>()),
+            );
+            assert_eq!(d, p, "{}", std::any::type_name::<T>());
+        }
+        same::<crate::report::RunArgs>();
+        same::<super::lmc::LmcArgs>();
+        same::<super::many::ManyArgs>();
+        same::<super::svd_align::SvdAlignArgs>();
+        same::<super::s2ft::LmArgs>();
+        same::<super::s2ft::S2ftArgs>();
+        same::<super::merging::MergeArgs>();
+        same::<super::moe::MoeArgs>();
+        same::<super::pleas::PleasArgs>();
+        same::<super::rws::RwsArgs>();
+    }
 }
-pub(crate) use cli_defaults;

@@ -105,7 +105,30 @@ pub struct MoeArgs {
     pub run: RunArgs,
 }
 
-crate::studies::cli_defaults!(MoeArgs);
+impl Default for MoeArgs {
+    fn default() -> Self {
+        MoeArgs {
+            model: None,
+            finetunes: None,
+            expert: Vec::new(),
+            group: "full".into(),
+            quick: false,
+            gate_modes: None,
+            experts_per_token: 2,
+            prompts: None,
+            keep: None,
+            compress: None,
+            rank: None,
+            calibration: None,
+            eval_examples: None,
+            merge_run: None,
+            seed: 0,
+            data_dir: None,
+            no_save: false,
+            run: RunArgs::default(),
+        }
+    }
+}
 
 /// A compression method.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -152,7 +152,28 @@ pub struct PleasArgs {
     pub run: RunArgs,
 }
 
-crate::studies::cli_defaults!(PleasArgs);
+impl Default for PleasArgs {
+    fn default() -> Self {
+        PleasArgs {
+            quick: false,
+            arch: PleasArch::Mlp,
+            steps: None,
+            width: None,
+            depth: None,
+            epochs: None,
+            split: 5,
+            head: HeadArg::Task,
+            ratios: vec![1.0, 0.75, 0.5, 0.25, 0.0],
+            allocation: Allocation::Uniform,
+            matchings: Vec::new(),
+            samples: None,
+            ridge: 1e-3,
+            seed: 0,
+            data_dir: None,
+            run: RunArgs::default(),
+        }
+    }
+}
 
 impl PleasArgs {
     /// The matchings asked for, or the architecture's default.

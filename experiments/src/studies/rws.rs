@@ -79,7 +79,24 @@ pub struct RwsArgs {
     pub run: RunArgs,
 }
 
-crate::studies::cli_defaults!(RwsArgs);
+impl Default for RwsArgs {
+    fn default() -> Self {
+        RwsArgs {
+            quick: false,
+            nets: vec![Net::Cnn, Net::Mlp],
+            corruptions: Vec::new(),
+            severity: 5,
+            epochs: None,
+            ft_epochs: None,
+            seed: 0,
+            data_dir: None,
+            fashion_dir: None,
+            alphas: vec![0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0],
+            ks: Vec::new(),
+            run: RunArgs::default(),
+        }
+    }
+}
 
 /// Sizes after `--quick` and explicit options.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]

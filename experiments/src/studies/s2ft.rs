@@ -124,7 +124,42 @@ pub struct S2ftArgs {
     pub llm: crate::studies::s2ft_llm::LlmArgs,
 }
 
-crate::studies::cli_defaults!(LmArgs, S2ftArgs);
+impl Default for LmArgs {
+    fn default() -> Self {
+        LmArgs {
+            quick: false,
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            ffn: 256,
+            seq: 32,
+            batch: None,
+            pretrain_steps: 400,
+            steps: None,
+            seed: 0,
+            lr_pretrain: 3e-3,
+            lr_full: 1e-3,
+            lr_peft: 1e-2,
+            base: None,
+            data_dir: None,
+            run: RunArgs::default(),
+        }
+    }
+}
+
+impl Default for S2ftArgs {
+    fn default() -> Self {
+        S2ftArgs {
+            lm: LmArgs::default(),
+            ranks: None,
+            seeds: None,
+            task: Task::Shift,
+            fusion_task: Task::Mirror,
+            switch_widths: vec![256, 512, 1024, 2048],
+            llm: Default::default(),
+        }
+    }
+}
 
 /// The sizes a run uses after `--quick`.
 #[derive(Clone, Debug)]

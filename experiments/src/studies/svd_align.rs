@@ -22,6 +22,15 @@ pub struct SvdAlignArgs {
     pub top: usize,
 }
 
+impl Default for SvdAlignArgs {
+    fn default() -> Self {
+        SvdAlignArgs {
+            lmc: LmcArgs::default(),
+            top: 32,
+        }
+    }
+}
+
 /// Runs the study; returns the report folder.
 pub fn run(args: &SvdAlignArgs) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(
