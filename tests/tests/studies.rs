@@ -51,7 +51,7 @@ fn spectra_study_reports_heavy_tailed_layers() {
     }
     check_png(&out.join("alpha_per_layer.png"));
     check_png(&out.join("esd_tails.png"));
-    let m = metrics::<experiments::studies::spectra::Rows>(&out);
+    let m = metrics::<experiments::studies::spectra::Metrics>(&out);
     let layers = &m.metrics.layers;
     assert_eq!(layers.len(), 3);
     // Student-t (ν = 3) weights: heavy-tailed ESDs, every layer fitted with 2 < α < 6.

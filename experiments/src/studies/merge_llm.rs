@@ -1039,9 +1039,10 @@ struct Partial<'a> {
     merges: Option<&'a [MergeRow]>,
 }
 
-/// `metrics.json` read back ([`crate::report::read_metrics`]): its rows;
-/// the plan, the model's path and its config are written for the reader.
-#[derive(Clone, Debug, serde::Deserialize)]
+/// The rows of `metrics.json`, which is these beside the model's path, its
+/// config and the plan ([`Metrics`]); read back with
+/// [`crate::report::read_metrics`].
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Rows {
     /// The base model's scores.
     pub base: BaseScores,
@@ -1063,12 +1064,8 @@ struct Metrics<'a> {
     model: &'a Path,
     config: &'a LlamaConfig,
     plan: &'a Plan,
-    base: &'a BaseScores,
-    individual: &'a [Individual],
-    merges: &'a [MergeRow],
-    task_vectors: &'a [Analysis],
-    best: &'a [BestModel],
-    memory_measured: bool,
+    #[serde(flatten)]
+    rows: Rows,
 }
 
 /// Scores the base and every fine-tune (test and OOD) on every task; an
@@ -1480,7 +1477,7 @@ impl<B: Backend> Study<'_, B> {
         if !self.plan.keep_inputs {
             let _ = std::fs::remove_dir_all(&self.inputs);
         }
-        let (plan, b, r) = (self.plan, self.baselines, &self.results);
+        let (plan, b, r) = (self.plan, self.baselines, self.results);
         self.run
             .write("merges.csv", merges_csv(&r.rows).as_bytes())?;
         plots(&self.run, plan, groups, &r.rows, &r.analyses)?;
@@ -1498,12 +1495,14 @@ impl<B: Backend> Study<'_, B> {
             model: &plan.model,
             config: c,
             plan,
-            base: &b.base,
-            individual: &b.individual,
-            merges: &r.rows,
-            task_vectors: &r.analyses,
-            best: &r.best,
-            memory_measured: crate::alloc::installed(),
+            rows: Rows {
+                base: b.base.clone(),
+                individual: b.individual.clone(),
+                merges: r.rows,
+                task_vectors: r.analyses,
+                best: r.best,
+                memory_measured: crate::alloc::installed(),
+            },
         };
         self.run.finish(&metrics, &md)?;
         Ok(self.run.dir.clone())

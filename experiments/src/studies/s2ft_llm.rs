@@ -864,8 +864,9 @@ struct Partial<'a> {
     runs: &'a [RunRow],
 }
 
-/// `metrics.json` read back ([`crate::report::read_metrics`]): its rows;
-/// the plan, the model's path and its config are written for the reader.
+/// The rows of `metrics.json`, which is these beside the model's path, its
+/// config and the plan ([`Metrics`]); read back with
+/// [`crate::report::read_metrics`].
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Rows {
     /// The pretrained model's scores.
@@ -888,12 +889,8 @@ struct Metrics<'a> {
     model: &'a Path,
     config: &'a LlamaConfig,
     plan: &'a Plan,
-    base: &'a BaseScores,
-    sweep: &'a [SweepRow],
-    runs: &'a [RunRow],
-    summary: &'a [SummaryRow],
-    finetunes: &'a [ManifestEntry],
-    memory_measured: bool,
+    #[serde(flatten)]
+    rows: Rows,
 }
 
 impl<B: AutodiffBackend> Study<'_, B>
@@ -1042,12 +1039,14 @@ fn finish<B: AutodiffBackend>(
         model: &plan.model,
         config: c,
         plan,
-        base: s.base,
-        sweep: &res.sweep,
-        runs: &res.rows,
-        summary: &summary,
-        finetunes: &res.manifest,
-        memory_measured: crate::alloc::installed(),
+        rows: Rows {
+            base: s.base.clone(),
+            sweep: res.sweep,
+            runs: res.rows,
+            summary,
+            finetunes: res.manifest,
+            memory_measured: crate::alloc::installed(),
+        },
     };
     run.finish(&metrics, &md)?;
     Ok(run.dir.clone())

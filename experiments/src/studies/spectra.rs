@@ -119,7 +119,7 @@ pub fn run(args: &SpectraArgs) -> anyhow::Result<PathBuf> {
     let plan = spectra::welore::welore_plan(&layers, args.welore_reduction, 0.1)?;
     let dir = run.dir.clone();
     run.phase("plots", || plots(&dir, &analyses, !args.no_farms))?;
-    let (metrics, md) = report(&label, &rows, &plan)?;
+    let (metrics, md) = report(&label, rows, plan)?;
     run.finish(&metrics, &md)?;
     Ok(run.dir.clone())
 }
@@ -213,9 +213,9 @@ fn plots(dir: &Path, analyses: &[LayerAnalysis], farms: bool) -> anyhow::Result<
     )
 }
 
-/// `metrics.json` read back ([`crate::report::read_metrics`]).
-#[derive(Clone, Debug, serde::Deserialize)]
-pub struct Rows {
+/// What `metrics.json` holds (read back by [`crate::report::read_metrics`]).
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct Metrics {
     /// The checkpoint analysed (its path, or the synthetic one's label).
     pub source: String,
     /// One row per weight matrix, in checkpoint order.
@@ -228,22 +228,12 @@ pub struct Rows {
     pub welore: Vec<spectra::welore::WeloreLayer>,
 }
 
-/// What `metrics.json` holds.
-#[derive(Serialize)]
-struct Metrics<'a> {
-    source: &'a str,
-    layers: &'a [spectra::report::LayerReport],
-    mean_alpha: Option<f64>,
-    mean_alpha_weighted: Option<f64>,
-    welore: &'a [spectra::welore::WeloreLayer],
-}
-
 /// `metrics.json` and `report.md` from the layers' rows and the WeLore plan.
-fn report<'a>(
-    label: &'a str,
-    rows: &'a [spectra::report::LayerReport],
-    plan: &'a [spectra::welore::WeloreLayer],
-) -> anyhow::Result<(Metrics<'a>, String)> {
+fn report(
+    label: &str,
+    rows: Vec<spectra::report::LayerReport>,
+    plan: Vec<spectra::welore::WeloreLayer>,
+) -> anyhow::Result<(Metrics, String)> {
     let fitted: Vec<f64> = rows.iter().filter_map(|r| r.alpha).collect();
     let mean = |v: &[f64]| {
         if v.is_empty() {
@@ -253,13 +243,6 @@ fn report<'a>(
         }
     };
     let weighted: Vec<f64> = rows.iter().filter_map(|r| r.alpha_weighted).collect();
-    let metrics = Metrics {
-        source: label,
-        layers: rows,
-        mean_alpha: mean(&fitted),
-        mean_alpha_weighted: mean(&weighted),
-        welore: plan,
-    };
     let mut md = format!(
         "# Spectra of {label}\n\n{} weight matrices analysed; mean α {}, mean weighted α {}.\n\n",
         rows.len(),
@@ -268,7 +251,7 @@ fn report<'a>(
     );
     md.push_str("| layer | shape | α | weighted α | stable rank | MP spikes | FARMS α | WeLore rank |\n|---|---|---|---|---|---|---|---|\n");
     let f = |v: Option<f64>| v.map_or("–".to_string(), |x| format!("{x:.3}"));
-    for r in rows {
+    for r in &rows {
         let wl = plan
             .iter()
             .find(|p| p.name == r.name)
@@ -286,6 +269,13 @@ fn report<'a>(
         ));
     }
     md.push_str("\n![alpha per layer](alpha_per_layer.png)\n\n![ESD tails](esd_tails.png)\n");
+    let metrics = Metrics {
+        source: label.to_string(),
+        mean_alpha: mean(&fitted),
+        mean_alpha_weighted: mean(&weighted),
+        layers: rows,
+        welore: plan,
+    };
     Ok((metrics, md))
 }
 
