@@ -865,7 +865,7 @@ struct Partial<'a> {
 }
 
 /// The rows of `metrics.json`, which is these beside the model's path, its
-/// config and the plan ([`Metrics`]); read back with
+/// config and the plan (the study's `Metrics`); read back with
 /// [`crate::report::read_metrics`].
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Rows {
