@@ -11,8 +11,10 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{IndexingUpdateOp, TensorData};
+use std::sync::{Arc, Mutex};
 use weights::llama::names;
-use weights::rng::SplitMix64;
+
+use weights::rng::{Rng, SplitMix64};
 use weights::{StateDict, Tensor as WTensor};
 
 use crate::config::LlamaConfig;
@@ -47,6 +49,10 @@ pub struct Proj<B: Backend> {
     /// LoRA dropout on the adapter's input, active only when training (autodiff backends).
     #[module(skip)]
     pub lora_dropout: f64,
+    /// Where the dropout masks come from: one seeded stream per fine-tune,
+    /// shared by all of a model's projections (see [`DropoutStream`]).
+    #[module(skip)]
+    pub dropout_stream: Option<DropoutStream>,
     /// S²FT delta: `[out, |S|]` for columns, `[|S|, in]` for rows.
     pub delta: Option<Param<Tensor<B, 2>>>,
     /// The axis the delta covers.
@@ -55,6 +61,43 @@ pub struct Proj<B: Backend> {
     /// The selected indices `S` on that axis.
     #[module(skip)]
     pub delta_idx: Vec<usize>,
+}
+
+/// The random stream LoRA dropout draws its masks from.
+///
+/// One stream per fine-tune, seeded by it and shared (by reference) by every
+/// projection of the model, so the masks depend only on the run's seed and on
+/// the order of the forward passes — not on Burn's process-global generator,
+/// which fine-tunes running side by side in one process would interleave.
+#[derive(Clone, Debug)]
+pub struct DropoutStream(Arc<Mutex<Rng>>);
+
+impl DropoutStream {
+    /// A stream seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        DropoutStream(Arc::new(Mutex::new(Rng::new(seed))))
+    }
+
+    /// An inverted-dropout mask of `shape`: each entry `1/(1-p)` with
+    /// probability `1-p`, else 0 (one 32-bit uniform per entry).
+    pub fn mask<const D: usize>(&self, shape: [usize; D], p: f64) -> TensorData {
+        let n: usize = shape.iter().product();
+        let keep = 1.0 - p;
+        // Entry kept when its 32-bit draw is below keep·2³².
+        let threshold = (keep * 4_294_967_296.0).round() as u64;
+        let scale = (1.0 / keep) as f32;
+        let mut rng = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let r = rng.next_u64();
+            for half in [r & 0xffff_ffff, r >> 32] {
+                if out.len() < n {
+                    out.push(if half < threshold { scale } else { 0.0 });
+                }
+            }
+        }
+        TensorData::new(out, shape)
+    }
 }
 
 fn index_tensor<B: Backend>(idx: &[usize], device: &B::Device) -> Tensor<B, 1, Int> {
@@ -82,6 +125,7 @@ impl<B: Backend> Proj<B> {
             lora_b: None,
             lora_scale: 0.0,
             lora_dropout: 0.0,
+            dropout_stream: None,
             delta: None,
             delta_axis: None,
             delta_idx: Vec::new(),
@@ -115,12 +159,12 @@ impl<B: Backend> Proj<B> {
         }
         if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
             // PEFT's LoRA dropout: on the adapter path only, while training (as burn's Dropout).
-            let xin = if self.lora_dropout > 0.0 && B::ad_enabled(&x.device()) {
-                let keep = 1.0 - self.lora_dropout;
-                let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
-                (x * mask).mul_scalar(1.0 / keep)
-            } else {
-                x
+            let xin = match &self.dropout_stream {
+                Some(stream) if self.lora_dropout > 0.0 && B::ad_enabled(&x.device()) => {
+                    let mask = stream.mask(x.dims(), self.lora_dropout);
+                    x.clone() * Tensor::from_data(mask, &x.device())
+                }
+                _ => x,
             };
             y = y + xin
                 .matmul(a.val().transpose())

@@ -19,8 +19,11 @@ use burn::tensor::TensorData;
 
 use crate::config::LlamaConfig;
 use crate::error::{Result, S2ftError};
-use crate::model::{DeltaAxis, Llama};
+use crate::model::{DeltaAxis, DropoutStream, Llama};
 use weights::rng::SplitMix64;
+
+/// Mixed into a LoRA run's seed to seed its dropout stream (apart from `A`'s init).
+const DROPOUT_SALT: u64 = 0x6c6f_7261_6472_6f70; // "loradrop"
 
 /// How heads and channels are scored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -444,6 +447,9 @@ pub fn apply_lora_with_dropout<B: Backend>(
     let mut model = freeze(model);
     let device = model.embed_tokens.val().device();
     let mut rng = SplitMix64::new(seed);
+    // The dropout masks' own stream, seeded from the run's seed.
+    let stream = (dropout > 0.0)
+        .then(|| DropoutStream::new(SplitMix64::new(seed ^ DROPOUT_SALT).next_u64()));
     for blk in model.layers.iter_mut() {
         for name in crate::model::PROJ_NAMES {
             if !targets.iter().any(|t| name.ends_with(t)) {
@@ -468,6 +474,7 @@ pub fn apply_lora_with_dropout<B: Backend>(
             p.lora_b = Some(zeros([out, r], &device));
             p.lora_scale = (alpha / r as f64) as f32;
             p.lora_dropout = dropout;
+            p.dropout_stream = stream.clone();
         }
     }
     Ok(model)

@@ -612,9 +612,6 @@ where
     let window = crate::alloc::PeakWindow::open();
     let model = Llama::<B>::from_state_dict(c, &base.weights, method == Method::Full, device)?;
     let seed = plan.seed;
-    // LoRA dropout draws its masks from the backend's generator: seeded, so
-    // that a rerun trains the same adapters.
-    B::seed(device, seed);
     let mut batches = Batches::new(tasks, words, seed, prompter);
     let model = adapt(model, method, plan, &mut batches, device)?;
     let trainable = trainable_params(&model);

@@ -518,6 +518,94 @@ fn lora_dropout_acts_only_while_training() {
     );
 }
 
+/// LoRA `B` of every adapted projection after a few dropout-LoRA steps from `seed`.
+fn lora_after_training(seed: u64, steps: usize) -> Vec<f32> {
+    let c = cfg();
+    let device = Default::default();
+    let m = apply_lora_with_dropout(
+        Llama::<B>::random(&c, 1, &device).unwrap(),
+        4,
+        8.0,
+        0.3,
+        &["q_proj", "v_proj", "down_proj"],
+        seed,
+    )
+    .unwrap();
+    let out = train(
+        m,
+        |step| batch(100 + step as u64, 4, 8, c.vocab_size),
+        &TrainConfig {
+            lr: 1e-2,
+            steps,
+            weight_decay: 0.0,
+        },
+    );
+    assert!(out.stopped.is_none());
+    out.model
+        .layers
+        .iter()
+        .flat_map(|blk| {
+            ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
+                .into_iter()
+                .flat_map(|n| {
+                    let p = blk.proj(n);
+                    vals(p.lora_b.as_ref().unwrap().val().inner())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn lora_dropout_masks_depend_only_on_the_run_seed() {
+    // Alone, then beside another fine-tune and a thread drawing from Burn's
+    // process-global generator: the same seed trains the same adapters.
+    let alone = lora_after_training(5, 6);
+    let (beside, other) = std::thread::scope(|s| {
+        let a = s.spawn(|| lora_after_training(5, 6));
+        let b = s.spawn(|| lora_after_training(6, 6));
+        s.spawn(|| {
+            let device = Default::default();
+            for i in 0..200 {
+                B::seed(&device, i);
+                let _ =
+                    Tensor::<B, 2>::random([64, 64], burn::tensor::Distribution::Default, &device);
+            }
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(alone, beside, "one seed, one set of adapters");
+    assert!(
+        max_rel(&alone, &other) > 1e-3,
+        "another seed draws other masks"
+    );
+}
+
+#[test]
+fn dropout_masks_keep_one_minus_p_scaled_by_its_inverse() {
+    use s2ft_core::model::DropoutStream;
+    let p = 0.25;
+    let mask: Vec<f32> = DropoutStream::new(3)
+        .mask([200, 500], p)
+        .into_vec()
+        .unwrap();
+    let kept = mask.iter().filter(|&&v| v != 0.0).count() as f64 / mask.len() as f64;
+    // 100,000 Bernoulli(0.75) draws: standard error 0.0014.
+    assert!((kept - 0.75).abs() < 0.007, "kept {kept}");
+    assert!(mask.iter().all(|&v| v == 0.0 || v == (1.0 / 0.75) as f32));
+    // The stream moves on: a second mask differs; a new stream of the same seed repeats.
+    let s = DropoutStream::new(3);
+    let first: Vec<f32> = s.mask([7, 9], p).into_vec().unwrap();
+    assert_ne!(first, s.mask([7, 9], p).into_vec::<f32>().unwrap());
+    assert_eq!(
+        first,
+        DropoutStream::new(3)
+            .mask([7, 9], p)
+            .into_vec::<f32>()
+            .unwrap()
+    );
+}
+
 #[test]
 fn masked_loss_counts_only_the_marked_positions() {
     use burn::tensor::activation::log_softmax;
