@@ -274,11 +274,76 @@ pub fn linear(tensors: &[&[f32]], weights: &[f64], normalize: bool) -> Vec<f32> 
     out
 }
 
+/// Partial sums per reduction: eight independent f64 chains, so a reduction
+/// runs at the adder's throughput instead of its latency (and vectorises).
+const LANES: usize = 8;
+
+/// `Σᵢ f(aᵢ, bᵢ)` in f64 over [`LANES`] interleaved partial sums, added
+/// pairwise at the end. Not the sequential sum's bits, but no less accurate.
+#[inline(always)]
+fn sum_pairs<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> f64) -> f64 {
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
+    let mut acc = [0f64; LANES];
+    for (x, y) in ca.zip(cb) {
+        for j in 0..LANES {
+            acc[j] += f(x[j], y[j]);
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// `Σᵢ aᵢ bᵢ` in f64.
+fn dot<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
+    sum_pairs(a, b, |x, y| x.into() * y.into())
+}
+
+/// Entries per block of [`delta_gram`]: its f64 rows stay in L1.
+const GRAM_BLOCK: usize = 512;
+
+/// The Gram matrix `Gᵢⱼ = Σₑ (xᵢₑ − bₑ)(xⱼₑ − bₑ)` of the inputs' task
+/// vectors (of the inputs themselves without a base), row-major `k × k`:
+/// differences in f32, products and sums in f64, all pairs in one pass.
+fn delta_gram(xs: &[&[f32]], base: Option<&[f32]>) -> Vec<f64> {
+    let k = xs.len();
+    let n = xs.first().map_or(0, |x| x.len());
+    let mut g = vec![0f64; k * k];
+    let mut d = vec![0f64; k * GRAM_BLOCK];
+    for s in (0..n).step_by(GRAM_BLOCK) {
+        let len = GRAM_BLOCK.min(n - s);
+        for (x, row) in xs.iter().zip(d.chunks_mut(GRAM_BLOCK)) {
+            let (x, row) = (&x[s..s + len], &mut row[..len]);
+            match base {
+                Some(b) => row
+                    .iter_mut()
+                    .zip(x)
+                    .zip(&b[s..s + len])
+                    .for_each(|((d, &x), &b)| *d = (x - b) as f64),
+                None => row.iter_mut().zip(x).for_each(|(d, &x)| *d = x as f64),
+            }
+        }
+        for i in 0..k {
+            for j in i..k {
+                let (di, dj) = (&d[i * GRAM_BLOCK..][..len], &d[j * GRAM_BLOCK..][..len]);
+                g[i * k + j] += dot(di, dj);
+            }
+        }
+    }
+    for i in 0..k {
+        for j in 0..i {
+            g[i * k + j] = g[j * k + i];
+        }
+    }
+    g
+}
+
 fn norm(x: &[f32]) -> f64 {
-    x.iter()
-        .map(|&v| (v as f64) * (v as f64))
-        .sum::<f64>()
-        .sqrt()
+    dot(x, x).sqrt()
 }
 
 /// Spherical interpolation of whole tensors, `t = 0` giving `v0`:
@@ -291,12 +356,7 @@ pub fn slerp(t: f64, v0: &[f32], v1: &[f32]) -> Vec<f32> {
         if n0 > 1e-8 { n0 } else { 1.0 },
         if n1 > 1e-8 { n1 } else { 1.0 },
     );
-    let dot = v0
-        .iter()
-        .zip(v1)
-        .map(|(&a, &b)| (a as f64 / n0) * (b as f64 / n1))
-        .sum::<f64>()
-        .clamp(-1.0, 1.0);
+    let dot = sum_pairs(v0, v1, |a, b| (a as f64 / n0) * (b as f64 / n1)).clamp(-1.0, 1.0);
     let (ca, cb) = if dot.abs() > 0.9995 {
         (1.0 - t, t)
     } else {
@@ -337,14 +397,12 @@ pub fn nuslerp(
     } else {
         weights[1] / total
     };
-    let (v0, v1): (Vec<f32>, Vec<f32>) = match base {
-        Some(b) => (
-            x0.iter().zip(b).map(|(x, b)| x - b).collect(),
-            x1.iter().zip(b).map(|(x, b)| x - b).collect(),
-        ),
-        None => (x0.to_vec(), x1.to_vec()),
+    let n = x0.len();
+    // Task vectors are taken entry by entry (`x − base` in f32), never stored.
+    let delta = |x: &[f32], e: usize| match base {
+        Some(b) => x[e] - b[e],
+        None => x[e],
     };
-    let n = v0.len();
     // Vectors as (count, len, stride) index sets.
     let (len, stride) = match (mode, shape.len()) {
         (NuslerpMode::Flatten, _) | (_, 0) => (n, 1),
@@ -362,13 +420,20 @@ pub fn nuslerp(
                 j * stride + c
             }
         };
-        let (mut n0, mut n1, mut dot) = (0f64, 0f64, 0f64);
-        for j in 0..len {
-            let (a, b) = (v0[idx(j)] as f64, v1[idx(j)] as f64);
-            n0 += a * a;
-            n1 += b * b;
-            dot += a * b;
-        }
+        let (n0, n1, dot) = if stride == 1 {
+            let r = c * len..(c + 1) * len;
+            let g = delta_gram(&[&x0[r.clone()], &x1[r.clone()]], base.map(|b| &b[r]));
+            (g[0], g[3], g[1])
+        } else {
+            let (mut n0, mut n1, mut dot) = (0f64, 0f64, 0f64);
+            for j in 0..len {
+                let (a, b) = (delta(x0, idx(j)) as f64, delta(x1, idx(j)) as f64);
+                n0 += a * a;
+                n1 += b * b;
+                dot += a * b;
+            }
+            (n0, n1, dot)
+        };
         let (n0, n1) = (n0.sqrt().max(1e-7), n1.sqrt().max(1e-7));
         let cos = (dot / (n0 * n1)).clamp(-1.0, 1.0);
         let (ca, cb) = if 1.0 - cos * cos <= 1e-16 {
@@ -379,13 +444,29 @@ pub fn nuslerp(
             (((1.0 - t) * theta).sin() / s, (t * theta).sin() / s)
         };
         let (ca, cb) = (ca as f32, cb as f32);
-        for j in 0..len {
-            let i = idx(j);
-            out[i] = ca * v0[i] + cb * v1[i];
+        if stride == 1 {
+            let r = c * len..(c + 1) * len;
+            let (o, a, b) = (&mut out[r.clone()], &x0[r.clone()], &x1[r.clone()]);
+            match base {
+                Some(w) => o
+                    .iter_mut()
+                    .zip(a.iter().zip(b))
+                    .zip(&w[r])
+                    .for_each(|((o, (&a, &b)), &w)| *o = (ca * (a - w) + cb * (b - w)) + w),
+                None => o
+                    .iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(o, (&a, &b))| *o = ca * a + cb * b),
+            }
+        } else {
+            for j in 0..len {
+                let i = idx(j);
+                out[i] = ca * delta(x0, i) + cb * delta(x1, i);
+                if let Some(b) = base {
+                    out[i] += b[i];
+                }
+            }
         }
-    }
-    if let Some(b) = base {
-        out.iter_mut().zip(b).for_each(|(o, b)| *o += b);
     }
     out
 }
@@ -405,32 +486,25 @@ pub fn model_stock(
         *shape.last().unwrap()
     } else {
         n
-    };
+    }
+    .max(1);
     let count = models.len();
-    let mut out = vec![0f32; n];
-    for r in 0..n / len.max(1) {
-        let range = r * len..(r + 1) * len;
-        let offs: Vec<Vec<f32>> = models
-            .iter()
-            .map(|m| {
-                m[range.clone()]
-                    .iter()
-                    .zip(&base[range.clone()])
-                    .map(|(x, b)| x - b)
-                    .collect()
-            })
-            .collect();
+    let mut out = Vec::new();
+    weights::mem::reserve_huge(&mut out, n);
+    let mut acc = [0f32; BLOCK];
+    for start in (0..n).step_by(len) {
+        let range = start..(start + len).min(n);
+        let b = &base[range.clone()];
+        let rows: Vec<&[f32]> = models.iter().map(|m| &m[range.clone()]).collect();
+        // The task vectors' norms and pairwise dots in one pass, then the cosines.
+        let g = delta_gram(&rows, Some(b));
+        let norms: Vec<f64> = (0..count).map(|i| g[i * count + i].sqrt()).collect();
         let mut cos_sum = 0f64;
         let mut pairs = 0usize;
         for i in 0..count {
             for j in i + 1..count {
-                let denom = (norm(&offs[i]) * norm(&offs[j])).max(1e-6);
-                let dot: f64 = offs[i]
-                    .iter()
-                    .zip(&offs[j])
-                    .map(|(&a, &b)| a as f64 * b as f64)
-                    .sum();
-                cos_sum += (dot / denom).clamp(-1.0, 1.0);
+                let denom = (norms[i] * norms[j]).max(1e-6);
+                cos_sum += (g[i * count + j] / denom).clamp(-1.0, 1.0);
                 pairs += 1;
             }
         }
@@ -441,9 +515,21 @@ pub fn model_stock(
         } else {
             count as f64 * cos / denom
         } as f32;
-        for (k, e) in range.enumerate() {
-            let avg = models.iter().map(|m| m[e]).sum::<f32>() / count as f32;
-            out[e] = t * avg + (1.0 - t) * base[r * len + k];
+        // t · mean(wᵢ) + (1 − t) · w₀, block by block (the mean summed from −0.0 as `Sum`).
+        for s0 in (0..b.len()).step_by(BLOCK) {
+            let bb = &b[s0..(s0 + BLOCK).min(b.len())];
+            let acc = &mut acc[..bb.len()];
+            acc.fill(-0.0);
+            for r in &rows {
+                acc.iter_mut()
+                    .zip(&r[s0..s0 + bb.len()])
+                    .for_each(|(a, &x)| *a += x);
+            }
+            out.extend(
+                acc.iter()
+                    .zip(bb)
+                    .map(|(&sum, &bv)| t * (sum / count as f32) + (1.0 - t) * bv),
+            );
         }
     }
     out
@@ -459,16 +545,8 @@ pub fn karcher(tensors: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
         return tensors[0].to_vec();
     }
     let alphas = vec![1.0 / k as f64; k];
-    let norms: Vec<f64> = tensors.iter().map(|t| norm(t)).collect();
-    let units: Vec<Vec<f64>> = tensors
-        .iter()
-        .zip(&norms)
-        .map(|(t, &nm)| {
-            t.iter()
-                .map(|&v| if nm == 0.0 { 0.0 } else { v as f64 / nm })
-                .collect()
-        })
-        .collect();
+    let g = delta_gram(tensors, None);
+    let norms: Vec<f64> = (0..k).map(|i| g[i * k + i].sqrt()).collect();
     let valid: Vec<usize> = (0..k).filter(|&i| norms[i] > tol).collect();
     let n = tensors[0].len();
     if valid.is_empty() {
@@ -476,54 +554,142 @@ pub fn karcher(tensors: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
     }
     let asum: f64 = valid.iter().map(|&i| alphas[i]).sum();
     let na: Vec<f64> = valid.iter().map(|&i| alphas[i] / asum).collect();
-    let mut mean = vec![0f64; n];
-    for (a, &i) in na.iter().zip(&valid) {
-        mean.iter_mut()
-            .zip(&units[i])
-            .for_each(|(m, u)| *m += a * u);
+    let dirs = Directions::new(
+        valid.iter().map(|&i| tensors[i]).collect(),
+        None,
+        valid
+            .iter()
+            .map(|&i| if norms[i] == 0.0 { 0.0 } else { 1.0 / norms[i] })
+            .collect(),
+    );
+    let mut u = dirs.scratch();
+    // The weighted mean of the directions, normalised (the first direction if it vanishes).
+    let mut mean = Vec::new();
+    weights::mem::reserve_huge(&mut mean, n);
+    for s in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - s);
+        dirs.fill(s, len, &mut u);
+        mean.extend((0..len).map(|j| {
+            let mut m = 0f64;
+            for (i, a) in na.iter().enumerate() {
+                m += a * u[i * BLOCK + j];
+            }
+            m
+        }));
     }
-    let l2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let mn = l2(&mean);
+    let mn = dot(&mean, &mean).sqrt();
     if mn < tol {
-        mean = units[valid[0]].clone();
+        for s in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - s);
+            dirs.fill(s, len, &mut u);
+            mean[s..s + len].copy_from_slice(&u[..len]);
+        }
     } else {
         mean.iter_mut().for_each(|m| *m /= mn);
     }
+    let mut dots = vec![0f64; dirs.len()];
+    let mut tangent = [0f64; BLOCK];
     for _ in 0..max_iter {
-        let mut tangent = vec![0f64; n];
-        for (a, &i) in na.iter().zip(&valid) {
-            let dot = mean
-                .iter()
-                .zip(&units[i])
-                .map(|(m, u)| m * u)
-                .sum::<f64>()
-                .clamp(-1.0, 1.0);
-            let theta = dot.acos();
-            if theta < tol {
-                continue;
+        // cos θᵢ = m·uᵢ, then the tangent τ = Σ cᵢ (uᵢ − cos θᵢ m), built
+        // block by block twice: once for ‖τ‖, once to move m along it.
+        dots.fill(0.0);
+        for s in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - s);
+            dirs.fill(s, len, &mut u);
+            for (i, d) in dots.iter_mut().enumerate() {
+                *d += dot(&u[i * BLOCK..i * BLOCK + len], &mean[s..s + len]);
             }
-            let c = a * theta / theta.sin();
-            tangent
-                .iter_mut()
-                .zip(&units[i])
-                .zip(&mean)
-                .for_each(|((t, u), m)| *t += c * (u - dot * m));
         }
-        let tn = l2(&tangent);
+        let terms: Vec<(usize, f64, f64)> = dots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &d)| {
+                let d = d.clamp(-1.0, 1.0);
+                let theta = d.acos();
+                (theta >= tol).then(|| (i, na[i] * theta / theta.sin(), d))
+            })
+            .collect();
+        let block_tangent = |u: &[f64], m: &[f64], t: &mut [f64]| {
+            t.fill(0.0);
+            for &(i, c, d) in &terms {
+                t.iter_mut()
+                    .zip(&u[i * BLOCK..])
+                    .zip(m)
+                    .for_each(|((t, u), m)| *t += c * (u - d * m));
+            }
+        };
+        let mut tn2 = 0f64;
+        for s in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - s);
+            dirs.fill(s, len, &mut u);
+            block_tangent(&u, &mean[s..s + len], &mut tangent[..len]);
+            tn2 += dot(&tangent[..len], &tangent[..len]);
+        }
+        let tn = tn2.sqrt();
         if tn < tol {
             break;
         }
-        let (c, s) = (tn.cos(), tn.sin());
-        mean.iter_mut()
-            .zip(&tangent)
-            .for_each(|(m, t)| *m = c * *m + s * t / tn);
-        let un = l2(&mean);
+        let (c, sn) = (tn.cos(), tn.sin());
+        let mut un2 = 0f64;
+        for s in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - s);
+            dirs.fill(s, len, &mut u);
+            let m = &mut mean[s..s + len];
+            block_tangent(&u, m, &mut tangent[..len]);
+            m.iter_mut()
+                .zip(&tangent[..len])
+                .for_each(|(m, t)| *m = c * *m + sn * t / tn);
+            un2 += dot(m, m);
+        }
+        let un = un2.sqrt();
         if un > tol {
             mean.iter_mut().for_each(|m| *m /= un);
         }
     }
     let scale: f64 = alphas.iter().zip(&norms).map(|(a, nm)| a * nm).sum();
     mean.iter().map(|&m| (scale * m) as f32).collect()
+}
+
+/// Unit directions `uᵢ = (xᵢ − base)·invᵢ` of some inputs, made in f64
+/// [`BLOCK`] entries at a time into a scratch buffer (one row per input)
+/// rather than held whole: the spherical means read them several times.
+struct Directions<'a> {
+    inputs: Vec<&'a [f32]>,
+    base: Option<&'a [f32]>,
+    inv: Vec<f64>,
+}
+
+impl<'a> Directions<'a> {
+    fn new(inputs: Vec<&'a [f32]>, base: Option<&'a [f32]>, inv: Vec<f64>) -> Self {
+        Directions { inputs, base, inv }
+    }
+
+    fn len(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// A buffer for [`Directions::fill`].
+    fn scratch(&self) -> Vec<f64> {
+        vec![0f64; self.inputs.len() * BLOCK]
+    }
+
+    /// Entries `s..s + len` of every direction, input `i` at `u[i·BLOCK..]`.
+    fn fill(&self, s: usize, len: usize, u: &mut [f64]) {
+        for ((x, &inv), row) in self.inputs.iter().zip(&self.inv).zip(u.chunks_mut(BLOCK)) {
+            let (x, row) = (&x[s..s + len], &mut row[..len]);
+            match self.base {
+                Some(b) => row
+                    .iter_mut()
+                    .zip(x)
+                    .zip(&b[s..s + len])
+                    .for_each(|((u, &x), &b)| *u = (x - b) as f64 * inv),
+                None => row
+                    .iter_mut()
+                    .zip(x)
+                    .for_each(|(u, &x)| *u = x as f64 * inv),
+            }
+        }
+    }
 }
 
 /// SCE (Wan et al. 2024, FuseChat: "select, calculate, erase"), mergekit's
@@ -606,6 +772,11 @@ pub fn sce(base: &[f32], models: &[&[f32]], select_topk: f64) -> Vec<f32> {
 /// by their sum when `normalize_weights`. One input is returned unchanged.
 /// Errors when the weighted mean direction vanishes (antipodal inputs) for more
 /// than two inputs; two such inputs are mixed linearly, as mergekit does.
+///
+/// With `M = Σ wᵢ uᵢ = ‖M‖ m` the tangent is `τ = M − (Σ wᵢ uᵢ·m) m = (‖M‖ −
+/// D) m` with `D = Σ wᵢ uᵢ·m`: parallel to `m` (and zero but for rounding), so
+/// it is computed as that scalar multiple of `m`, with the same `cos`/`sin`
+/// factors, in two passes over the inputs after their norms.
 pub fn multislerp(
     base: Option<&[f32]>,
     models: &[&[f32]],
@@ -616,31 +787,55 @@ pub fn multislerp(
     if models.len() == 1 {
         return Ok(models[0].to_vec());
     }
-    let xs: Vec<Vec<f32>> = models
-        .iter()
-        .map(|m| match base {
-            Some(b) => m.iter().zip(b).map(|(x, b)| x - b).collect(),
-            None => m.to_vec(),
-        })
-        .collect();
     let total: f64 = weights.iter().sum();
     let w: Vec<f64> = weights
         .iter()
         .map(|&v| if normalize_weights { v / total } else { v })
         .collect();
-    let n = xs[0].len();
-    let norms: Vec<f64> = xs.iter().map(|x| norm(x)).collect();
-    let units: Vec<Vec<f64>> = xs
-        .iter()
-        .zip(&norms)
-        .map(|(x, &nm)| x.iter().map(|&v| v as f64 / (nm + eps)).collect())
+    let n = models[0].len();
+    let k = models.len();
+    let g = delta_gram(models, base);
+    let norms: Vec<f64> = (0..k).map(|i| g[i * k + i].sqrt()).collect();
+    let dirs = Directions::new(
+        models.to_vec(),
+        base,
+        norms.iter().map(|nm| 1.0 / (nm + eps)).collect(),
+    );
+    let mut u = dirs.scratch();
+    // Nothing of size n but the output is held: each pass rebuilds the
+    // directions of a block and the weighted mean m = Σ wᵢ uᵢ from them.
+    let mut m = [0f64; BLOCK];
+    let mean_block = |u: &[f64], m: &mut [f64]| {
+        m.fill(0.0);
+        for (i, &wi) in w.iter().enumerate() {
+            m.iter_mut()
+                .zip(&u[i * BLOCK..])
+                .for_each(|(m, v)| *m += wi * v);
+        }
+    };
+    // ‖M‖² of the unnormalised mean M = Σ cᵢ δᵢ (cᵢ = wᵢ/(‖δᵢ‖ + ε)) and
+    // uᵢ·M from the Gram matrix; measured directly where the terms cancel
+    // (near-antipodal inputs), so that a vanishing mean is seen as zero.
+    let cs: Vec<f64> = w.iter().zip(&dirs.inv).map(|(wi, inv)| wi * inv).collect();
+    let gc: Vec<f64> = (0..k)
+        .map(|i| (0..k).map(|j| g[i * k + j] * cs[j]).sum())
         .collect();
-    let mut mean = vec![0f64; n];
-    for (u, &wi) in units.iter().zip(&w) {
-        mean.iter_mut().zip(u).for_each(|(m, v)| *m += wi * v);
+    let dots: Vec<f64> = (0..k).map(|i| dirs.inv[i] * gc[i]).collect();
+    let mut mean_sq: f64 = cs.iter().zip(&gc).map(|(c, g)| c * g).sum();
+    let magnitude: f64 = (0..k)
+        .flat_map(|i| (0..k).map(move |j| (i, j)))
+        .map(|(i, j)| (cs[i] * cs[j] * g[i * k + j]).abs())
+        .sum();
+    if mean_sq <= 1e-6 * magnitude {
+        mean_sq = 0.0;
+        for s in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - s);
+            dirs.fill(s, len, &mut u);
+            mean_block(&u, &mut m[..len]);
+            mean_sq += dot(&m[..len], &m[..len]);
+        }
     }
-    let l2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let mean_norm = l2(&mean);
+    let mean_norm = mean_sq.sqrt();
     let add_base = |mut r: Vec<f32>| {
         if let Some(b) = base {
             r.iter_mut().zip(b).for_each(|(o, b)| *o += b);
@@ -648,9 +843,13 @@ pub fn multislerp(
         r
     };
     if mean_norm < eps {
-        if xs.len() == 2 {
+        if models.len() == 2 {
+            let x = |i: usize, e: usize| match base {
+                Some(b) => models[i][e] - b[e],
+                None => models[i][e],
+            };
             let r = (0..n)
-                .map(|e| (xs[0][e] as f64 * w[0] + xs[1][e] as f64 * w[1]) as f32)
+                .map(|e| (x(0, e) as f64 * w[0] + x(1, e) as f64 * w[1]) as f32)
                 .collect();
             return Ok(add_base(r));
         }
@@ -661,24 +860,27 @@ pub fn multislerp(
                 .into(),
         });
     }
-    mean.iter_mut().for_each(|m| *m /= mean_norm);
-    let mut tangent = vec![0f64; n];
-    for (u, &wi) in units.iter().zip(&w) {
-        let dot: f64 = u.iter().zip(&mean).map(|(a, b)| a * b).sum();
-        tangent
-            .iter_mut()
-            .zip(u.iter().zip(&mean))
-            .for_each(|(t, (a, m))| *t += wi * (a - dot * m));
-    }
-    let tn = l2(&tangent) + eps;
-    let (c, s) = (tn.cos(), tn.sin() / tn);
+    // D = Σ wᵢ uᵢ·m, and τ = (‖M‖ − D) m.
+    let d: f64 = w.iter().zip(&dots).map(|(wi, d)| wi * d / mean_norm).sum();
+    let along = mean_norm - d;
+    let tn = along.abs() + eps;
+    let (c, sn) = (tn.cos(), tn.sin() / tn);
     let scale: f64 = norms.iter().zip(&w).map(|(nm, wi)| nm * wi).sum();
-    let r = mean
-        .iter()
-        .zip(&tangent)
-        .map(|(m, t)| ((m * c + t * s) * scale) as f32)
-        .collect();
-    Ok(add_base(r))
+    // The result m cos‖τ‖ + τ sin‖τ‖/‖τ‖, scaled: m · (cos + along·sin/‖τ‖) · scale.
+    let factor = (c + along * sn) * scale / mean_norm;
+    let mut r = Vec::new();
+    weights::mem::reserve_huge(&mut r, n);
+    for s in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - s);
+        dirs.fill(s, len, &mut u);
+        mean_block(&u, &mut m[..len]);
+        let merged = m[..len].iter().map(|&m| (m * factor) as f32);
+        match base {
+            Some(b) => r.extend(merged.zip(&b[s..s + len]).map(|(x, b)| x + b)),
+            None => r.extend(merged),
+        }
+    }
+    Ok(r)
 }
 
 /// NearSwap (alchemonaut 2024), mergekit's `nearswap`: take the other model's
@@ -1001,5 +1203,161 @@ mod tests {
         let h = std::f32::consts::FRAC_1_SQRT_2 * 2.0;
         close(&r, &[h, h], 1e-5);
         close(&karcher(&[&[1.0, 2.0]], 10, 1e-5), &[1.0, 2.0], 0.0);
+    }
+
+    /// mergekit's `multislerp` transcribed literally (every vector held, the
+    /// tangent summed entry by entry), in f64.
+    fn multislerp_reference(
+        base: &[f32],
+        xs: &[Vec<f32>],
+        w: &[f64],
+        eps: f64,
+    ) -> Option<Vec<f32>> {
+        let d: Vec<Vec<f64>> = xs
+            .iter()
+            .map(|x| x.iter().zip(base).map(|(&x, &b)| (x - b) as f64).collect())
+            .collect();
+        let l2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let norms: Vec<f64> = d.iter().map(|v| l2(v)).collect();
+        let u: Vec<Vec<f64>> = d
+            .iter()
+            .zip(&norms)
+            .map(|(v, nm)| v.iter().map(|x| x / (nm + eps)).collect())
+            .collect();
+        let n = base.len();
+        let mean: Vec<f64> = (0..n)
+            .map(|e| u.iter().zip(w).map(|(u, w)| w * u[e]).sum())
+            .collect();
+        let mn = l2(&mean);
+        if mn < eps {
+            return None;
+        }
+        let m: Vec<f64> = mean.iter().map(|x| x / mn).collect();
+        let dots: Vec<f64> = u
+            .iter()
+            .map(|u| u.iter().zip(&m).map(|(a, b)| a * b).sum())
+            .collect();
+        let t: Vec<f64> = (0..n)
+            .map(|e| {
+                (0..xs.len())
+                    .map(|i| w[i] * (u[i][e] - dots[i] * m[e]))
+                    .sum()
+            })
+            .collect();
+        let tn = l2(&t) + eps;
+        let scale: f64 = norms.iter().zip(w).map(|(a, b)| a * b).sum();
+        Some(
+            (0..n)
+                .map(|e| ((m[e] * tn.cos() + t[e] * tn.sin() / tn) * scale) as f32 + base[e])
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn multislerp_equals_mergekits_formula_and_refuses_a_vanishing_mean() {
+        let mut rng = weights::rng::Rng::new(9);
+        let n = 3 * BLOCK + 5;
+        let mut draw = |s: f32| -> Vec<f32> { (0..n).map(|_| rng.normal() as f32 * s).collect() };
+        let base = draw(1.0);
+        let offset = |d: &[f32], k: f32| -> Vec<f32> {
+            base.iter().zip(d).map(|(b, d)| b + k * d).collect()
+        };
+        let (d0, d1, d2) = (draw(0.1), draw(0.2), draw(1e-4));
+        // Generic inputs; and two nearly antipodal ones of equal weight (the
+        // mean is 0.05% of the vectors, where the Gram shortcut cancels and a
+        // direct pass measures it).
+        let near: Vec<f32> = d0.iter().zip(&d2).map(|(a, b)| -a + b).collect();
+        let cases = [
+            (
+                vec![offset(&d0, 1.0), offset(&d1, 1.0), offset(&d2, 1.0)],
+                [0.5, 0.3, 0.2],
+            ),
+            (
+                vec![offset(&d0, 1.0), offset(&near, 1.0), offset(&d1, 1.0)],
+                [0.5, 0.5, 0.0],
+            ),
+        ];
+        for (xs, w) in &cases {
+            let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+            let got = multislerp(Some(&base), &refs, w, true, 1e-8).unwrap();
+            let want = multislerp_reference(&base, xs, w, 1e-8).unwrap();
+            close(&got, &want, 1e-6);
+        }
+        // Exactly antipodal task vectors whose weights balance: refused for
+        // three inputs, mixed linearly for two (as mergekit does).
+        // (A zero base, so that the two task vectors are exactly opposite.)
+        let zero = vec![0f32; n];
+        let (a, b) = (d0.clone(), d0.iter().map(|v| -v).collect::<Vec<_>>());
+        let e = multislerp(Some(&zero), &[&a, &b, &a], &[0.25, 0.5, 0.25], false, 1e-8);
+        assert!(
+            matches!(e, Err(crate::MergeError::Inputs { .. })),
+            "{:?}",
+            e.map(|_| ())
+        );
+        let abc = [a.clone(), b.clone(), a.clone()];
+        assert!(multislerp_reference(&zero, &abc, &[0.25, 0.5, 0.25], 1e-8).is_none());
+        let two = multislerp(Some(&zero), &[&a, &b], &[0.5, 0.5], false, 1e-8).unwrap();
+        close(&two, &zero, 0.0);
+    }
+
+    /// Karcher's mean against a literal transcription of mergekit's loop
+    /// (every direction held in f64), on three random tensors.
+    #[test]
+    fn karcher_equals_the_literal_fixed_point_iteration() {
+        let mut rng = weights::rng::Rng::new(4);
+        let n = 2 * BLOCK + 9;
+        let xs: Vec<Vec<f32>> = (0..3)
+            .map(|i| {
+                (0..n)
+                    .map(|_| rng.normal() as f32 * (1.0 + i as f32) + 0.3)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let got = karcher(&refs, 10, 1e-5);
+        let l2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let norms: Vec<f64> = xs
+            .iter()
+            .map(|x| l2(&x.iter().map(|&v| v as f64).collect::<Vec<_>>()))
+            .collect();
+        let u: Vec<Vec<f64>> = xs
+            .iter()
+            .zip(&norms)
+            .map(|(x, nm)| x.iter().map(|&v| v as f64 / nm).collect())
+            .collect();
+        let a = 1.0 / 3.0;
+        let mut m: Vec<f64> = (0..n).map(|e| u.iter().map(|u| a * u[e]).sum()).collect();
+        let mn = l2(&m);
+        m.iter_mut().for_each(|x| *x /= mn);
+        for _ in 0..10 {
+            let mut t = vec![0f64; n];
+            for ui in &u {
+                let d: f64 = ui
+                    .iter()
+                    .zip(&m)
+                    .map(|(a, b)| a * b)
+                    .sum::<f64>()
+                    .clamp(-1.0, 1.0);
+                let th = d.acos();
+                if th < 1e-5 {
+                    continue;
+                }
+                for e in 0..n {
+                    t[e] += a * th / th.sin() * (ui[e] - d * m[e]);
+                }
+            }
+            let tn = l2(&t);
+            if tn < 1e-5 {
+                break;
+            }
+            for e in 0..n {
+                m[e] = tn.cos() * m[e] + tn.sin() * t[e] / tn;
+            }
+            let un = l2(&m);
+            m.iter_mut().for_each(|x| *x /= un);
+        }
+        let scale: f64 = norms.iter().map(|nm| a * nm).sum();
+        let want: Vec<f32> = m.iter().map(|&x| (scale * x) as f32).collect();
+        close(&got, &want, 1e-6);
     }
 }
