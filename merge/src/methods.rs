@@ -955,42 +955,68 @@ pub fn ram(base: &[f32], models: &[&[f32]], epsilon: f64, plus: Option<(f64, f64
     }
     let eps = epsilon as f32;
     let n = base.len();
-    let changed = |m: &[f32], e: usize| (m[e] - base[e]).abs() > eps;
-    let counts: Vec<u32> = (0..n)
-        .map(|e| models.iter().filter(|m| changed(m, e)).count() as u32)
-        .collect();
-    let lambdas: Vec<f32> = models
-        .iter()
-        .map(|m| match plus {
-            None => 1.0,
-            Some((r, alpha)) => {
-                let (mut shared, mut unique) = (0u64, 0u64);
-                for (e, &c) in counts.iter().enumerate() {
-                    if changed(m, e) {
-                        match c {
-                            1 => unique += 1,
-                            _ => shared += 1,
-                        }
+    // How many inputs changed each entry of the block starting at `s`.
+    let count_block = |s: usize, counts: &mut [u32]| {
+        counts.fill(0);
+        let b = &base[s..s + counts.len()];
+        for m in models {
+            counts
+                .iter_mut()
+                .zip(&m[s..s + b.len()])
+                .zip(b)
+                .for_each(|((c, &x), &b)| *c += u32::from((x - b).abs() > eps));
+        }
+    };
+    let mut counts = [0u32; BLOCK];
+    let lambdas: Vec<f32> = match plus {
+        None => vec![1.0; models.len()],
+        Some((r, alpha)) => {
+            // Each input's changes shared with another input and its own.
+            let mut tally = vec![(0u64, 0u64); models.len()];
+            for s in (0..n).step_by(BLOCK) {
+                let counts = &mut counts[..BLOCK.min(n - s)];
+                count_block(s, counts);
+                let b = &base[s..s + counts.len()];
+                for (m, (shared, unique)) in models.iter().zip(&mut tally) {
+                    for ((&x, &b), &c) in m[s..s + b.len()].iter().zip(b).zip(counts.iter()) {
+                        let changed = u64::from((x - b).abs() > eps);
+                        *unique += changed & u64::from(c == 1);
+                        *shared += changed & u64::from(c > 1);
                     }
                 }
-                let rho = shared as f32 / (unique as f32).max(eps);
-                1.0 + r as f32 * rho.clamp(0.0, alpha as f32)
             }
-        })
-        .collect();
-    (0..n)
-        .map(|e| {
-            let c = counts[e];
-            let mut acc = 0f32;
-            for (m, &lam) in models.iter().zip(&lambdas) {
-                if changed(m, e) {
-                    let d = m[e] - base[e];
-                    acc += if c == 1 { d * lam } else { d / c as f32 };
-                }
+            tally
+                .iter()
+                .map(|&(shared, unique)| {
+                    let rho = shared as f32 / (unique as f32).max(eps);
+                    1.0 + r as f32 * rho.clamp(0.0, alpha as f32)
+                })
+                .collect()
+        }
+    };
+    // Input by input over each block, adding in input order as the
+    // per-entry definition does (an unchanged entry adds +0.0, which leaves
+    // the sum's bits alone: it starts at +0.0 and never reaches −0.0).
+    let mut out = Vec::new();
+    weights::mem::reserve_huge(&mut out, n);
+    let mut acc = [0f32; BLOCK];
+    for s in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - s);
+        let (counts, acc) = (&mut counts[..len], &mut acc[..len]);
+        count_block(s, counts);
+        acc.fill(0.0);
+        let b = &base[s..s + len];
+        for (m, &lam) in models.iter().zip(&lambdas) {
+            for (((a, &x), &b), &c) in acc.iter_mut().zip(&m[s..s + len]).zip(b).zip(counts.iter())
+            {
+                let d = x - b;
+                let add = if c == 1 { d * lam } else { d / c as f32 };
+                *a += if d.abs() > eps { add } else { 0.0 };
             }
-            base[e] + acc
-        })
-        .collect()
+        }
+        out.extend(acc.iter().zip(b).map(|(&a, &b)| b + a));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1194,6 +1220,71 @@ mod tests {
         let t = 2.0 / 3.0;
         let avg = [(m1[0] + m2[0]) / 2.0, (m1[1] + m2[1]) / 2.0];
         close(&r, &[t * avg[0] + (1.0 - t), t * avg[1] + (1.0 - t)], 1e-6);
+    }
+
+    /// RAM's blocked loops give the bits of its per-entry definition, with
+    /// entries changed by none, one and several inputs, across block edges.
+    #[test]
+    fn ram_blocked_equals_its_per_entry_definition() {
+        let mut rng = weights::rng::Rng::new(8);
+        let n = 2 * BLOCK + 31;
+        let base: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
+        let models: Vec<Vec<f32>> = (0..3)
+            .map(|_| {
+                base.iter()
+                    .map(|&b| {
+                        if rng.uniform() < 0.5 {
+                            b
+                        } else {
+                            b + rng.normal() as f32 * 0.01
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = models.iter().map(|m| m.as_slice()).collect();
+        for plus in [None, Some((0.5, 2.0))] {
+            let eps = 1e-5f32;
+            let changed = |m: &[f32], e: usize| (m[e] - base[e]).abs() > eps;
+            let counts: Vec<u32> = (0..n)
+                .map(|e| refs.iter().filter(|m| changed(m, e)).count() as u32)
+                .collect();
+            let lambdas: Vec<f32> = refs
+                .iter()
+                .map(|m| match plus {
+                    None => 1.0,
+                    Some((r, alpha)) => {
+                        let unique = (0..n).filter(|&e| changed(m, e) && counts[e] == 1).count();
+                        let shared = (0..n).filter(|&e| changed(m, e) && counts[e] > 1).count();
+                        let rho = shared as f32 / (unique as f32).max(eps);
+                        1.0 + r as f32 * rho.clamp(0.0, alpha as f32)
+                    }
+                })
+                .collect();
+            let want: Vec<u32> = (0..n)
+                .map(|e| {
+                    let mut acc = 0f32;
+                    for (m, &lam) in refs.iter().zip(&lambdas) {
+                        if changed(m, e) {
+                            let d = m[e] - base[e];
+                            acc += if counts[e] == 1 {
+                                d * lam
+                            } else {
+                                d / counts[e] as f32
+                            };
+                        }
+                    }
+                    (base[e] + acc).to_bits()
+                })
+                .collect();
+            let got: Vec<u32> = ram(&base, &refs, eps as f64, plus)
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(got, want, "{plus:?}");
+            assert!(counts.iter().any(|&c| c == 0) && counts.iter().any(|&c| c == 1));
+            assert!(counts.iter().any(|&c| c > 1));
+        }
     }
 
     #[test]
