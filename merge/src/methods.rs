@@ -10,7 +10,7 @@
 use serde::Serialize;
 use weights::rng::Rng;
 
-use crate::sparsify::{Sparsification, SparsifyParams, sparsify};
+use crate::sparsify::{SparseDelta, Sparsification, SparsifyParams, weighted_sparse_delta};
 
 /// How the signs of the task vectors are reconciled (TIES' "elect").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -116,22 +116,18 @@ pub fn task_vector_merge(
     }
     let n = base.len();
     // Weighted (sparsified) deltas.
-    let mut deltas: Vec<Vec<f32>> = Vec::with_capacity(inputs.len());
+    let mut deltas: Vec<SparseDelta> = Vec::with_capacity(inputs.len());
     for inp in inputs {
-        let mut d: Vec<f32> = inp.tensor.iter().zip(base).map(|(x, b)| x - b).collect();
-        if let Some(s) = method.sparsification {
-            sparsify(
-                tensor,
-                &mut d,
-                shape,
-                s,
-                &inp.sparsify,
-                &mut Rng::new(inp.seed),
-            )?;
-        }
-        let w = inp.weight as f32;
-        d.iter_mut().for_each(|v| *v *= w);
-        deltas.push(d);
+        deltas.push(weighted_sparse_delta(
+            tensor,
+            inp.tensor,
+            base,
+            shape,
+            method.sparsification,
+            &inp.sparsify,
+            inp.weight as f32,
+            &mut Rng::new(inp.seed),
+        )?);
     }
     let weights: Vec<f32> = inputs.iter().map(|i| i.weight as f32).collect();
     let lambda = opts.lambda as f32;
@@ -141,26 +137,28 @@ pub fn task_vector_merge(
     // Block by block, each delta streams once per pass; per element the
     // same f32 operations in the same order as the definition above.
     let (mut mixed, mut div, mut elect) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+    let mut block = vec![0f32; deltas.len() * BLOCK];
     for start in (0..n).step_by(BLOCK) {
         let len = BLOCK.min(n - start);
         let (mixed, div, elect) = (&mut mixed[..len], &mut div[..len], &mut elect[..len]);
-        let range = start..start + len;
+        // This block of every delta, delta i at block[i·BLOCK..].
+        for (d, rows) in deltas.iter().zip(block.chunks_mut(BLOCK)) {
+            d.fill(start, &mut rows[..len]);
+        }
+        let rows = || block.chunks(BLOCK).map(|r| &r[..len]);
         match method.consensus {
             None => {
                 // `Sum` of f32 folds from −0.0.
                 mixed.fill(-0.0);
-                for d in &deltas {
-                    mixed
-                        .iter_mut()
-                        .zip(&d[range.clone()])
-                        .for_each(|(m, &v)| *m += v);
+                for d in rows() {
+                    mixed.iter_mut().zip(d).for_each(|(m, &v)| *m += v);
                 }
                 div.fill(if total.abs() < 1e-8 { 1.0 } else { total });
             }
             Some(c) => {
                 elect.fill(-0.0);
-                for d in &deltas {
-                    for (s, &v) in elect.iter_mut().zip(&d[range.clone()]) {
+                for d in rows() {
+                    for (s, &v) in elect.iter_mut().zip(d) {
                         *s += match c {
                             Consensus::Sum => v,
                             Consensus::Count => sign(v),
@@ -169,8 +167,8 @@ pub fn task_vector_merge(
                 }
                 mixed.fill(0.0);
                 div.fill(0.0);
-                for (d, &w) in deltas.iter().zip(&weights) {
-                    for (e, &v) in d[range.clone()].iter().enumerate() {
+                for (d, &w) in rows().zip(&weights) {
+                    for (e, &v) in d.iter().enumerate() {
                         let majority = if elect[e] >= 0.0 { 1.0 } else { -1.0 };
                         // Adding +0.0 leaves these sums (never −0.0) as they are.
                         let agrees = sign(v) == majority;
@@ -1282,7 +1280,7 @@ mod tests {
                 .map(|v| v.to_bits())
                 .collect();
             assert_eq!(got, want, "{plus:?}");
-            assert!(counts.iter().any(|&c| c == 0) && counts.iter().any(|&c| c == 1));
+            assert!(counts.contains(&0) && counts.contains(&1));
             assert!(counts.iter().any(|&c| c > 1));
         }
     }
