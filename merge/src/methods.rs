@@ -696,69 +696,143 @@ impl<'a> Directions<'a> {
 /// the inputs; (C) weight each input by its mean squared (selected) delta over
 /// their sum (uniform when that sum is below 1e-6); (E) drop entries whose sign
 /// disagrees with the sign of `Σᵢ δᵢ` (TIES' election, zeros dropped) and
-/// average the rest by those weights (divisor clamped to ≥ 1e-6).
+/// average the rest by those weights (divisor clamped to ≥ 1e-6). Among
+/// entries of equal variance at the selection's edge the lowest positions are
+/// kept (torch's `topk` leaves the choice open).
+///
+/// The task vectors are never held: each pass forms them block by block from
+/// the inputs; what is held is the variance (and a copy to select on) and the
+/// kept mask.
 pub fn sce(base: &[f32], models: &[&[f32]], select_topk: f64) -> Vec<f32> {
     if models.is_empty() {
         return base.to_vec();
     }
     let n = base.len();
     let k = models.len();
-    let mut tvs: Vec<Vec<f32>> = models
-        .iter()
-        .map(|m| m.iter().zip(base).map(|(x, b)| x - b).collect())
-        .collect();
-    if select_topk < 1.0 {
+    let mut deltas = vec![0f32; k * BLOCK];
+    // δᵢ of the block at `s`, input i at deltas[i·BLOCK..].
+    let fill = |s: usize, len: usize, deltas: &mut [f32]| {
+        let b = &base[s..s + len];
+        for (m, row) in models.iter().zip(deltas.chunks_mut(BLOCK)) {
+            row[..len]
+                .iter_mut()
+                .zip(&m[s..s + len])
+                .zip(b)
+                .for_each(|((d, &x), &b)| *d = x - b);
+        }
+    };
+    // (S) The kept entries, as a mask; None keeps all.
+    let keep: Option<Vec<bool>> = (select_topk < 1.0).then(|| {
         let mut keep = vec![false; n];
-        if select_topk > 0.0 {
-            // Population variance across inputs, per element.
-            let var: Vec<f32> = (0..n)
-                .map(|e| {
-                    let mean = tvs.iter().map(|t| t[e]).sum::<f32>() / k as f32;
-                    tvs.iter().map(|t| (t[e] - mean).powi(2)).sum::<f32>() / k as f32
-                })
-                .collect();
-            let nonzero = var.iter().filter(|v| **v != 0.0).count();
-            let top = (nonzero as f64 * select_topk) as usize;
-            if top > 0 {
-                let mut idx: Vec<usize> = (0..n).collect();
-                idx.select_nth_unstable_by(top - 1, |&a, &b| var[b].total_cmp(&var[a]));
-                idx[..top].iter().for_each(|&e| keep[e] = true);
+        if select_topk <= 0.0 {
+            return keep;
+        }
+        // Population variance across inputs, per entry (each sum in input order from −0.0, as `Sum`).
+        let mut var: Vec<f32> = Vec::new();
+        weights::mem::reserve_huge(&mut var, n);
+        let (mut mean, mut sq) = ([0f32; BLOCK], [0f32; BLOCK]);
+        for s in (0..n).step_by(BLOCK) {
+            let len = BLOCK.min(n - s);
+            fill(s, len, &mut deltas);
+            let (mean, sq) = (&mut mean[..len], &mut sq[..len]);
+            mean.fill(-0.0);
+            for row in deltas.chunks(BLOCK) {
+                mean.iter_mut().zip(row).for_each(|(m, &d)| *m += d);
+            }
+            mean.iter_mut().for_each(|m| *m /= k as f32);
+            sq.fill(-0.0);
+            for row in deltas.chunks(BLOCK) {
+                sq.iter_mut()
+                    .zip(row)
+                    .zip(mean.iter())
+                    .for_each(|((q, &d), &m)| *q += (d - m) * (d - m));
+            }
+            var.extend(sq.iter().map(|&q| q / k as f32));
+        }
+        let nonzero = var.iter().filter(|v| **v != 0.0).count();
+        let top = (nonzero as f64 * select_topk) as usize;
+        if top == 0 {
+            return keep;
+        }
+        // The top-th largest variance, then everything above it and the
+        // first entries equal to it.
+        let mut sorted = var.clone();
+        let (_, &mut edge, _) = sorted.select_nth_unstable_by(top - 1, |a, b| b.total_cmp(a));
+        drop(sorted);
+        let mut at_edge = top - var.iter().filter(|&&v| v > edge).count();
+        for (kp, &v) in keep.iter_mut().zip(&var) {
+            *kp = v > edge
+                || (v == edge && at_edge > 0 && {
+                    at_edge -= 1;
+                    true
+                });
+        }
+        keep
+    });
+    let kept = |s: usize, len: usize, deltas: &mut [f32]| {
+        fill(s, len, deltas);
+        if let Some(keep) = &keep {
+            for row in deltas.chunks_mut(BLOCK) {
+                row[..len]
+                    .iter_mut()
+                    .zip(&keep[s..s + len])
+                    .for_each(|(d, &kp)| *d = if kp { *d } else { 0.0 });
             }
         }
-        for t in &mut tvs {
-            t.iter_mut()
-                .zip(&keep)
-                .for_each(|(v, &kp)| *v = if kp { *v } else { 0.0 });
+    };
+    // (C) Per-input weights: mean squared (kept) delta, normalised.
+    let mut sums = vec![0f64; k];
+    for s in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - s);
+        kept(s, len, &mut deltas);
+        for (sum, row) in sums.iter_mut().zip(deltas.chunks(BLOCK)) {
+            *sum += dot(&row[..len], &row[..len]);
         }
     }
-    // Per-input weights: mean squared delta, normalised.
-    let mut w: Vec<f32> = tvs
-        .iter()
-        .map(|t| (t.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n.max(1) as f64) as f32)
-        .collect();
+    let mut w: Vec<f32> = sums.iter().map(|&q| (q / n.max(1) as f64) as f32).collect();
     let total: f32 = w.iter().sum();
     if total.abs() < 1e-6 {
         w.iter_mut().for_each(|v| *v = 1.0 / k as f32);
     } else {
         w.iter_mut().for_each(|v| *v /= total);
     }
-    (0..n)
-        .map(|e| {
-            let majority = if tvs.iter().map(|t| t[e]).sum::<f32>() >= 0.0 {
-                1.0
-            } else {
-                -1.0
-            };
-            let (mut mixed, mut div) = (0f32, 0f32);
-            for (t, &wi) in tvs.iter().zip(&w) {
-                if sign(t[e]) == majority {
-                    mixed += t[e] * wi;
-                    div += wi;
-                }
+    // (E) Sign election and the weighted average of the agreeing entries.
+    let mut out = Vec::new();
+    weights::mem::reserve_huge(&mut out, n);
+    let (mut elect, mut mixed, mut div) = ([0f32; BLOCK], [0f32; BLOCK], [0f32; BLOCK]);
+    for s in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - s);
+        kept(s, len, &mut deltas);
+        let (elect, mixed, div) = (&mut elect[..len], &mut mixed[..len], &mut div[..len]);
+        elect.fill(-0.0);
+        for row in deltas.chunks(BLOCK) {
+            elect.iter_mut().zip(row).for_each(|(e, &d)| *e += d);
+        }
+        mixed.fill(0.0);
+        div.fill(0.0);
+        for (row, &wi) in deltas.chunks(BLOCK).zip(&w) {
+            for (((m, dv), &e), &d) in mixed
+                .iter_mut()
+                .zip(div.iter_mut())
+                .zip(elect.iter())
+                .zip(row)
+            {
+                let majority = if e >= 0.0 { 1.0 } else { -1.0 };
+                // Adding +0.0 leaves these sums (never −0.0) as they are.
+                let agrees = sign(d) == majority;
+                *m += if agrees { d * wi } else { 0.0 };
+                *dv += if agrees { wi } else { 0.0 };
             }
-            base[e] + mixed / div.max(1e-6)
-        })
-        .collect()
+        }
+        out.extend(
+            mixed
+                .iter()
+                .zip(div.iter())
+                .zip(&base[s..s + len])
+                .map(|((&m, &dv), &b)| b + m / dv.max(1e-6)),
+        );
+    }
+    out
 }
 
 /// Multi-SLERP (Goddard 2024), mergekit's `multislerp`: barycentric
@@ -1283,6 +1357,20 @@ mod tests {
             assert!(counts.contains(&0) && counts.contains(&1));
             assert!(counts.iter().any(|&c| c > 1));
         }
+    }
+
+    #[test]
+    fn sce_keeps_the_first_of_equal_variances_at_the_selection_edge() {
+        // Variance 1 at entries 0–2, 0 at 3: ⌊0.5 · 3⌋ = 1 entry kept, the first.
+        // There the election is a tie (sum 0 → +), so only the positive input
+        // counts: 1·½ / ½ = 1. Elsewhere nothing is left.
+        let base = [0.0f32; 4];
+        let (a, b) = ([1.0f32, 1.0, 1.0, 0.0], [-1.0f32, -1.0, -1.0, 0.0]);
+        close(&sce(&base, &[&a, &b], 0.5), &[1.0, 0.0, 0.0, 0.0], 0.0);
+        // Keeping everything: the election is + everywhere, the same result
+        // on all three entries.
+        close(&sce(&base, &[&a, &b], 1.0), &[1.0, 1.0, 1.0, 0.0], 0.0);
+        close(&sce(&base, &[&a, &b], 0.0), &[0.0; 4], 0.0);
     }
 
     #[test]
