@@ -981,6 +981,9 @@ pub const ARCEE_FUSION_QUANTILE_SAMPLE: usize = 1_000_000;
 /// [`ARCEE_FUSION_QUANTILE_SAMPLE`] elements for larger tensors, drawn from `rng`).
 pub fn arcee_fusion(shape: &[usize], base: &[f32], model: &[f32], rng: &mut Rng) -> Vec<f32> {
     let n = base.len();
+    if n == 0 {
+        return Vec::new();
+    }
     let len = shape.last().copied().unwrap_or(n).max(1);
     let softmax = |x: &[f32]| -> Vec<f32> {
         let mx = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -988,32 +991,59 @@ pub fn arcee_fusion(shape: &[usize], base: &[f32], model: &[f32], rng: &mut Rng)
         let s: f32 = ex.iter().map(|&v| v as f64).sum::<f64>() as f32;
         ex.iter().map(|&v| v / s + 1e-8).collect()
     };
-    let mut importance = Vec::with_capacity(n);
-    for (rb, rm) in base.chunks(len).zip(model.chunks(len)) {
-        let (p, q) = (softmax(rm), softmax(rb));
-        let kl = p
-            .iter()
-            .zip(&q)
-            .map(|(&p, &q)| p as f64 * (p / q).ln() as f64)
-            .sum::<f64>() as f32;
-        importance.extend(rm.iter().zip(rb).map(|(m, b)| (m - b).abs() * kl));
-    }
-    let mut sorted: Vec<f32> = if n > ARCEE_FUSION_QUANTILE_SAMPLE {
+    // KL per row; an entry's importance |θ − base|·KL is formed where needed.
+    let kls: Vec<f32> = base
+        .chunks(len)
+        .zip(model.chunks(len))
+        .map(|(rb, rm)| {
+            let (p, q) = (softmax(rm), softmax(rb));
+            p.iter()
+                .zip(&q)
+                .map(|(&p, &q)| p as f64 * (p / q).ln() as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    let importance = |i: usize| (model[i] - base[i]).abs() * kls[i / len];
+    let mut sample: Vec<f32> = if n > ARCEE_FUSION_QUANTILE_SAMPLE {
         (0..ARCEE_FUSION_QUANTILE_SAMPLE)
-            .map(|_| importance[rng.below(n)])
+            .map(|_| importance(rng.below(n)))
             .collect()
     } else {
-        importance.clone()
+        (0..n).map(importance).collect()
     };
-    sorted.sort_unstable_by(f32::total_cmp);
-    let at = |q: f64| sorted[(q * (sorted.len() - 1) as f64) as usize];
-    let (q1, median, q3) = (at(0.25), at(0.5), at(0.75));
+    let [q1, median, q3] = order_statistics(&mut sample, [0.25, 0.5, 0.75]);
+    drop(sample);
     let threshold = median + 1.5 * (q3 - q1);
-    base.iter()
-        .zip(model)
-        .zip(&importance)
-        .map(|((&b, &m), &imp)| if imp >= threshold { b + (m - b) } else { b })
-        .collect()
+    let mut out = Vec::new();
+    weights::mem::reserve_huge(&mut out, n);
+    for ((rb, rm), &kl) in base.chunks(len).zip(model.chunks(len)).zip(&kls) {
+        out.extend(rb.iter().zip(rm).map(|(&b, &m)| {
+            if (m - b).abs() * kl >= threshold {
+                b + (m - b)
+            } else {
+                b
+            }
+        }));
+    }
+    out
+}
+
+/// The values at sorted positions `⌊qⱼ·(n − 1)⌋` of `v` (ascending `qⱼ`, by
+/// `total_cmp`): exactly what sorting would put there, by three selections
+/// rather than a sort. Reorders `v`.
+fn order_statistics<const K: usize>(v: &mut [f32], qs: [f64; K]) -> [f32; K] {
+    let mut out = [0f32; K];
+    // From the highest position down, each selection narrowing the next to the part below it.
+    let mut hi = v.len();
+    for (j, &q) in qs.iter().enumerate().rev() {
+        let at = (q * (v.len() - 1) as f64) as usize;
+        if at < hi {
+            v[..hi].select_nth_unstable_by(at, f32::total_cmp);
+            hi = at;
+        }
+        out[j] = v[at];
+    }
+    out
 }
 
 /// RAM, Reinforced Agent Merging (arXiv 2601.13572), mergekit's `ram` and
@@ -1371,6 +1401,23 @@ mod tests {
         // on all three entries.
         close(&sce(&base, &[&a, &b], 1.0), &[1.0, 1.0, 1.0, 0.0], 0.0);
         close(&sce(&base, &[&a, &b], 0.0), &[0.0; 4], 0.0);
+    }
+
+    /// Three selections give the sorted order's values at the quartile
+    /// positions, with ties and at every small length.
+    #[test]
+    fn order_statistics_equal_sorting() {
+        let mut rng = weights::rng::Rng::new(5);
+        for n in (1..40).chain([1000, 1001]) {
+            // Few distinct values, so ties are common.
+            let v: Vec<f32> = (0..n).map(|_| rng.below(7) as f32 - 3.0).collect();
+            let mut sorted = v.clone();
+            sorted.sort_unstable_by(f32::total_cmp);
+            let at = |q: f64| sorted[(q * (n - 1) as f64) as usize];
+            let mut w = v.clone();
+            let got = order_statistics(&mut w, [0.25, 0.5, 0.75]);
+            assert_eq!(got, [at(0.25), at(0.5), at(0.75)], "n {n}");
+        }
     }
 
     #[test]
