@@ -58,14 +58,6 @@ pub fn value_hash_uniform(v: f32, index: usize) -> f32 {
     (z >> 40) as f32 / (1u32 << 24) as f32
 }
 
-/// Whether entry `index` of value `v` survives with keep probability `p`.
-fn kept(draws: Draws, rng: &mut Rng, v: f32, index: usize, p: f64, p32: f32) -> bool {
-    match draws {
-        Draws::Seeded => rng.uniform() < p,
-        Draws::ValueHash => value_hash_uniform(v, index) < p32,
-    }
-}
-
 /// Per-input sparsification parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SparsifyParams {
@@ -342,39 +334,111 @@ fn della(x: &mut [f32], shape: &[usize], p: &SparsifyParams, rng: &mut Rng) {
         _ => (shape[0], shape[1]),
     };
     let rest = x.len() / (d0 * d1).max(1);
-    let mut order: Vec<usize> = Vec::with_capacity(d1);
-    let mut probs = vec![(0f64, 0f32); d1];
+    // Keep probability by ascending rank, in f64 and in torch's f32 arithmetic:
+    // (d − ε) + rank_norm·2·ε with rank_norm = rank/(d1 − 1) (one entry: 0,
+    // where torch gives NaN).
+    let by_rank: Vec<(f64, f32)> = (0..d1)
+        .map(|rank| {
+            let (norm, norm32) = if d1 > 1 {
+                (rank as f64 / (d1 - 1) as f64, rank as f32 / (d1 - 1) as f32)
+            } else {
+                (0.0, 0.0)
+            };
+            (
+                density - epsilon + norm * 2.0 * epsilon,
+                (density - epsilon) as f32 + norm32 * 2.0 * epsilon as f32,
+            )
+        })
+        .collect();
+    // Ranks by magnitude, ties by position: `|v|`'s bits order non-negative
+    // floats as `total_cmp` does, so (bits, position) packed in a u64 sorts
+    // as the comparison would, without an indirect key per comparison.
+    // The seeded draws compare the generator's 53 bits with an integer
+    // threshold: `uniform() < p` ⟺ `bits >> 11 < ⌈p·2⁵³⌉` (exact, as for DARE).
+    let thresholds: Vec<u64> = by_rank
+        .iter()
+        .map(|&(pr, _)| (pr.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64)
+        .collect();
+    let packed = u32::try_from(d1).is_ok();
+    let mut keys: Vec<u64> = Vec::with_capacity(d1);
+    let mut scratch: Vec<u64> = Vec::with_capacity(d1);
+    let mut order: Vec<usize> = Vec::new();
+    let mut rank = vec![0u32; d1];
     for i in 0..d0 {
         for r in 0..rest {
             let at = |j: usize| (i * d1 + j) * rest + r;
-            order.clear();
-            order.extend(0..d1);
-            order.sort_by(|&a, &b| x[at(a)].abs().total_cmp(&x[at(b)].abs()).then(a.cmp(&b)));
-            for (rank, &j) in order.iter().enumerate() {
-                // rank_norm = (r − min)/(max − min); one entry: 0 (torch gives NaN).
-                let norm = if d1 > 1 {
-                    rank as f64 / (d1 - 1) as f64
-                } else {
-                    0.0
-                };
-                // torch's f32 arithmetic: (d − ε) + rank_norm·2·ε.
-                let norm32 = if d1 > 1 {
-                    rank as f32 / (d1 - 1) as f32
-                } else {
-                    0.0
-                };
-                probs[j] = (
-                    density - epsilon + norm * 2.0 * epsilon,
-                    (density - epsilon) as f32 + norm32 * 2.0 * epsilon as f32,
+            if packed {
+                keys.clear();
+                keys.extend(
+                    (0..d1).map(|j| (u64::from(x[at(j)].abs().to_bits()) << 32) | j as u64),
                 );
+                radix_sort_high(&mut keys, &mut scratch);
+                for (k, key) in keys.iter().enumerate() {
+                    rank[(key & 0xffff_ffff) as usize] = k as u32;
+                }
+            } else {
+                order.clear();
+                order.extend(0..d1);
+                order.sort_by(|&a, &b| x[at(a)].abs().total_cmp(&x[at(b)].abs()).then(a.cmp(&b)));
+                for (k, &j) in order.iter().enumerate() {
+                    rank[j] = k as u32;
+                }
             }
-            for (j, &(pr, pr32)) in probs.iter().enumerate() {
-                let e = at(j);
-                if !kept(p.draws, rng, x[e], e, pr, pr32) {
-                    x[e] = 0.0;
+            // A dropped entry becomes +0.0, by mask rather than branch.
+            let drop_unless = |v: &mut f32, keep: bool| {
+                *v = f32::from_bits(v.to_bits() & u32::from(keep).wrapping_neg())
+            };
+            match p.draws {
+                Draws::Seeded => {
+                    // The generator's state in registers, as in DARE's loop.
+                    let mut local = rng.clone();
+                    for (j, &k) in rank.iter().enumerate() {
+                        let m = local.next_u64() >> 11;
+                        let keep = (m.wrapping_sub(thresholds[k as usize]) >> 63) == 1;
+                        drop_unless(&mut x[at(j)], keep);
+                    }
+                    *rng = local;
+                }
+                Draws::ValueHash => {
+                    for (j, &k) in rank.iter().enumerate() {
+                        let e = at(j);
+                        let keep = value_hash_uniform(x[e], e) < by_rank[k as usize].1;
+                        drop_unless(&mut x[e], keep);
+                    }
                 }
             }
         }
+    }
+}
+
+/// Sorts `keys` by their high 32 bits, stably (so keys built in ascending
+/// order of their low bits sort as whole u64s): an LSD radix sort, one byte
+/// per pass, skipping bytes all keys share.
+fn radix_sort_high(keys: &mut Vec<u64>, scratch: &mut Vec<u64>) {
+    let mut counts = [[0usize; 256]; 4];
+    for &k in keys.iter() {
+        for (b, c) in counts.iter_mut().enumerate() {
+            c[((k >> (32 + 8 * b)) & 0xff) as usize] += 1;
+        }
+    }
+    scratch.clear();
+    scratch.resize(keys.len(), 0);
+    for (b, c) in counts.iter_mut().enumerate() {
+        if c.contains(&keys.len()) {
+            continue;
+        }
+        let mut sum = 0;
+        for n in c.iter_mut() {
+            let here = *n;
+            *n = sum;
+            sum += here;
+        }
+        for &k in keys.iter() {
+            let d = ((k >> (32 + 8 * b)) & 0xff) as usize;
+            scratch[c[d]] = k;
+            c[d] += 1;
+        }
+        std::mem::swap(keys, scratch);
     }
 }
 
@@ -389,6 +453,94 @@ mod tests {
             epsilon: 0.0,
             rescale: false,
             draws: Draws::Seeded,
+        }
+    }
+
+    /// DELLA as first written (a comparison sort per row, a float draw per
+    /// entry), against the radix-ranked, integer-threshold version: the same
+    /// bits, for rows, 3-D rows with a trailing axis, 1-D tensors and ties.
+    #[test]
+    fn della_equals_its_per_row_definition() {
+        let mut g = Rng::new(2);
+        for shape in [vec![7usize, 33], vec![2, 5, 3], vec![40], vec![3, 1]] {
+            let n: usize = shape.iter().product();
+            // Few distinct magnitudes of either sign: many ties.
+            let x: Vec<f32> = (0..n).map(|_| (g.below(9) as f32 - 4.0) * 0.25).collect();
+            for draws in [Draws::Seeded, Draws::ValueHash] {
+                let params = SparsifyParams {
+                    epsilon: 0.2,
+                    draws,
+                    ..p(0.5)
+                };
+                let mut got = x.clone();
+                sparsify(
+                    "t",
+                    &mut got,
+                    &shape,
+                    Sparsification::DellaMagprune,
+                    &params,
+                    &mut Rng::new(3),
+                )
+                .unwrap();
+                // The reference.
+                let mut want = x.clone();
+                let mut rng = Rng::new(3);
+                let (d0, d1) = if shape.len() < 2 {
+                    (1, n)
+                } else {
+                    (shape[0], shape[1])
+                };
+                let rest = n / (d0 * d1);
+                for i in 0..d0 {
+                    for r in 0..rest {
+                        let at = |j: usize| (i * d1 + j) * rest + r;
+                        let mut order: Vec<usize> = (0..d1).collect();
+                        order.sort_by(|&a, &b| {
+                            want[at(a)]
+                                .abs()
+                                .total_cmp(&want[at(b)].abs())
+                                .then(a.cmp(&b))
+                        });
+                        let mut probs = vec![(0f64, 0f32); d1];
+                        for (rank, &j) in order.iter().enumerate() {
+                            let (nm, nm32) = if d1 > 1 {
+                                (rank as f64 / (d1 - 1) as f64, rank as f32 / (d1 - 1) as f32)
+                            } else {
+                                (0.0, 0.0)
+                            };
+                            probs[j] = (0.3 + nm * 2.0 * 0.2, 0.3f32 + nm32 * 2.0 * 0.2f32);
+                        }
+                        for (j, &(pr, pr32)) in probs.iter().enumerate() {
+                            let e = at(j);
+                            let keep = match draws {
+                                Draws::Seeded => rng.uniform() < pr,
+                                Draws::ValueHash => value_hash_uniform(want[e], e) < pr32,
+                            };
+                            if !keep {
+                                want[e] = 0.0;
+                            }
+                        }
+                    }
+                }
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{shape:?} {draws:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn radix_sort_of_the_high_words_equals_sorting() {
+        let mut g = Rng::new(6);
+        for n in [0usize, 1, 2, 17, 300, 1536] {
+            for spread in [3u64, 1 << 31] {
+                let mut keys: Vec<u64> = (0..n)
+                    .map(|j| (g.next_u64() % spread) << 32 | j as u64)
+                    .collect();
+                let mut want = keys.clone();
+                want.sort_unstable();
+                radix_sort_high(&mut keys, &mut Vec::new());
+                assert_eq!(keys, want, "n {n} spread {spread}");
+            }
         }
     }
 
