@@ -162,74 +162,67 @@ pub fn sparsify(
 }
 
 /// A weighted, sparsified task vector `w · sparsify(x − base)`, read block by
-/// block ([`SparseDelta::fill`]).
-pub(crate) enum SparseDelta<'a> {
-    /// Held whole.
-    Dense(Vec<f32>),
-    /// DARE's seeded draws kept as one bit per entry; the entries are formed
-    /// again from the input and the base when read, so no n-sized f32 copy
-    /// of each input is held.
-    Masked {
-        x: &'a [f32],
-        base: &'a [f32],
-        /// Bit `e % 64` of word `e / 64`: entry `e` kept.
-        bits: Vec<u64>,
-        /// The L1 rescale factor, where `rescale` applies.
-        scale: Option<f32>,
-        weight: f32,
-    },
+/// block ([`SparseDelta::fill`]). Every sparsification keeps some entries and
+/// zeroes the rest, then (with `rescale`) scales all by one factor, so what is
+/// held is one bit per entry and that factor; the entries are formed again
+/// from the input and the base when read, and no n-sized f32 copy of any
+/// input outlives its sparsification.
+pub(crate) struct SparseDelta<'a> {
+    x: &'a [f32],
+    base: &'a [f32],
+    /// Bit `e % 64` of word `e / 64`: entry `e` kept.
+    bits: Vec<u64>,
+    /// The L1 rescale factor, where `rescale` applies.
+    scale: Option<f32>,
+    weight: f32,
 }
 
 impl SparseDelta<'_> {
     /// Entries `start..start + out.len()`, with the f32 operations of
     /// [`sparsify`] followed by `× weight`, in that order (so the same bits).
     pub(crate) fn fill(&self, start: usize, out: &mut [f32]) {
-        match self {
-            SparseDelta::Dense(d) => out.copy_from_slice(&d[start..start + out.len()]),
-            SparseDelta::Masked {
-                x,
-                base,
-                bits,
-                scale,
-                weight,
-            } => {
-                let (x, b) = (
-                    &x[start..start + out.len()],
-                    &base[start..start + out.len()],
-                );
-                // Branch-free (a branch on a random bit mispredicts half the
-                // time): the kept bit widened to an all-ones or all-zeros mask.
-                let entry = |word: u64, j: usize, x: f32, b: f32| {
-                    let keep = ((word >> j) as u32 & 1).wrapping_neg();
-                    f32::from_bits((x - b).to_bits() & keep)
-                };
-                let words = |start: usize| start.is_multiple_of(64).then_some(start / 64);
-                match words(start) {
-                    Some(w0) => {
-                        let chunks = out.chunks_mut(64).zip(x.chunks(64)).zip(b.chunks(64));
-                        for (c, ((o, x), b)) in chunks.enumerate() {
-                            let word = bits[w0 + c];
-                            let it = o.iter_mut().zip(x).zip(b).enumerate();
-                            match scale {
-                                Some(s) => it.for_each(|(j, ((o, &x), &b))| {
-                                    *o = entry(word, j, x, b) * s * weight
-                                }),
-                                None => it.for_each(|(j, ((o, &x), &b))| {
-                                    *o = entry(word, j, x, b) * weight
-                                }),
-                            }
+        let SparseDelta {
+            x,
+            base,
+            bits,
+            scale,
+            weight,
+        } = self;
+        let (x, b) = (
+            &x[start..start + out.len()],
+            &base[start..start + out.len()],
+        );
+        // Branch-free (a branch on a random bit mispredicts half the
+        // time): the kept bit widened to an all-ones or all-zeros mask.
+        let entry = |word: u64, j: usize, x: f32, b: f32| {
+            let keep = ((word >> j) as u32 & 1).wrapping_neg();
+            f32::from_bits((x - b).to_bits() & keep)
+        };
+        let words = |start: usize| start.is_multiple_of(64).then_some(start / 64);
+        match words(start) {
+            Some(w0) => {
+                let chunks = out.chunks_mut(64).zip(x.chunks(64)).zip(b.chunks(64));
+                for (c, ((o, x), b)) in chunks.enumerate() {
+                    let word = bits[w0 + c];
+                    let it = o.iter_mut().zip(x).zip(b).enumerate();
+                    match scale {
+                        Some(s) => {
+                            it.for_each(|(j, ((o, &x), &b))| *o = entry(word, j, x, b) * s * weight)
+                        }
+                        None => {
+                            it.for_each(|(j, ((o, &x), &b))| *o = entry(word, j, x, b) * weight)
                         }
                     }
-                    None => {
-                        for (e, ((o, &x), &b)) in out.iter_mut().zip(x).zip(b).enumerate() {
-                            let i = start + e;
-                            let v = entry(bits[i / 64], i % 64, x, b);
-                            *o = match scale {
-                                Some(s) => v * s * weight,
-                                None => v * weight,
-                            };
-                        }
-                    }
+                }
+            }
+            None => {
+                for (e, ((o, &x), &b)) in out.iter_mut().zip(x).zip(b).enumerate() {
+                    let i = start + e;
+                    let v = entry(bits[i / 64], i % 64, x, b);
+                    *o = match scale {
+                        Some(s) => v * s * weight,
+                        None => v * weight,
+                    };
                 }
             }
         }
@@ -238,9 +231,10 @@ impl SparseDelta<'_> {
 
 /// The weighted, sparsified task vector `weight · sparsify(x − base)`, as
 /// [`sparsify`] gives it on `x − base`. DARE's seeded draws take one pass that
-/// draws the mask (kept as bits) and sums both L1 norms, in the shadow of the
-/// generator's own dependency chain; the other methods go through [`sparsify`]
-/// on a held copy.
+/// draws the mask and sums both L1 norms, in the shadow of the generator's own
+/// dependency chain; the other methods sparsify a temporary copy (without
+/// rescaling) and keep which entries survived, with the L1 factor that
+/// `rescale` would apply (the same sums in the same order, so the same factor).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn weighted_sparse_delta<'a>(
     tensor: &str,
@@ -252,40 +246,62 @@ pub(crate) fn weighted_sparse_delta<'a>(
     weight: f32,
     rng: &mut Rng,
 ) -> crate::Result<SparseDelta<'a>> {
-    let seeded_dare = method == Some(Sparsification::Random)
+    let words = x.len().div_ceil(64);
+    let Some(method) = method else {
+        return Ok(SparseDelta {
+            x,
+            base,
+            bits: vec![u64::MAX; words],
+            scale: None,
+            weight,
+        });
+    };
+    let seeded_dare = method == Sparsification::Random
         && p.draws == Draws::Seeded
         && p.density.is_finite()
         && p.density < 1.0;
-    if !seeded_dare {
+    let mut bits = vec![0u64; words];
+    let (before, after) = if seeded_dare {
+        // As `sparsify`'s `Random` arm: `uniform() < density` ⟺ `bits >> 11 < ⌈density·2⁵³⌉`.
+        let threshold = (p.density.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64;
+        // A plain loop over locals: the generator's state and the two sums stay
+        // in registers.
+        let mut local = rng.clone();
+        let (mut before, mut after) = (0f64, 0f64);
+        for ((word, x), b) in bits.iter_mut().zip(x.chunks(64)).zip(base.chunks(64)) {
+            for (j, (&x, &b)) in x.iter().zip(b).enumerate() {
+                let v = x - b;
+                let keep = ((local.next_u64() >> 11).wrapping_sub(threshold) >> 63) as u32;
+                *word |= u64::from(keep) << j;
+                if p.rescale {
+                    before += v.abs() as f64;
+                    after += f32::from_bits(v.to_bits() & keep.wrapping_neg()).abs() as f64;
+                }
+            }
+        }
+        *rng = local;
+        (before, after)
+    } else {
         let mut d = Vec::new();
         weights::mem::reserve_huge(&mut d, x.len());
         d.extend(x.iter().zip(base).map(|(x, b)| x - b));
-        if let Some(m) = method {
-            sparsify(tensor, &mut d, shape, m, p, rng)?;
-        }
-        d.iter_mut().for_each(|v| *v *= weight);
-        return Ok(SparseDelta::Dense(d));
-    }
-    // As `sparsify`'s `Random` arm: `uniform() < density` ⟺ `bits >> 11 < ⌈density·2⁵³⌉`.
-    let threshold = (p.density.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64;
-    // A plain loop over locals: the generator's state and the two sums stay
-    // in registers.
-    let mut local = rng.clone();
-    let (mut before, mut after) = (0f64, 0f64);
-    let mut bits = vec![0u64; x.len().div_ceil(64)];
-    for ((word, x), b) in bits.iter_mut().zip(x.chunks(64)).zip(base.chunks(64)) {
-        for (j, (&x, &b)) in x.iter().zip(b).enumerate() {
-            let v = x - b;
-            let keep = ((local.next_u64() >> 11).wrapping_sub(threshold) >> 63) as u32;
-            *word |= u64::from(keep) << j;
-            if p.rescale {
-                before += v.abs() as f64;
-                after += f32::from_bits(v.to_bits() & keep.wrapping_neg()).abs() as f64;
+        let before = if p.rescale { l1(&d) } else { 0.0 };
+        let unscaled = SparsifyParams {
+            rescale: false,
+            ..*p
+        };
+        sparsify(tensor, &mut d, shape, method, &unscaled, rng)?;
+        // Kept entries are unchanged and dropped ones +0.0 (a kept −0.0
+        // keeps its bit, so it reads back as −0.0).
+        for (word, d) in bits.iter_mut().zip(d.chunks(64)) {
+            for (j, v) in d.iter().enumerate() {
+                *word |= u64::from(v.to_bits() != 0) << j;
             }
         }
-    }
-    *rng = local;
-    Ok(SparseDelta::Masked {
+        let after = if p.rescale { l1(&d) } else { 0.0 };
+        (before, after)
+    };
+    Ok(SparseDelta {
         x,
         base,
         bits,
@@ -544,48 +560,71 @@ mod tests {
         }
     }
 
-    /// DARE's bit-mask path gives the bits of `sparsify` then `× weight`,
-    /// read whole or from an offset that is not a multiple of 64.
+    /// The bit-mask deltas give the bits of `sparsify` then `× weight`, read
+    /// whole or from an offset that is not a multiple of 64: every method,
+    /// with and without rescaling, at densities that keep none, some and all,
+    /// with exact zeros (of both signs) among the deltas.
     #[test]
-    fn dare_bit_masks_read_back_as_sparsify_then_weight() {
+    fn sparse_deltas_read_back_as_sparsify_then_weight() {
+        use Sparsification::*;
         let mut g = Rng::new(1);
-        let n = 5 * 64 + 7;
-        let x: Vec<f32> = (0..n).map(|_| g.normal() as f32).collect();
+        let shape = [5usize, 67];
+        let n = shape[0] * shape[1];
         let base: Vec<f32> = (0..n).map(|_| g.normal() as f32 * 0.1).collect();
-        for rescale in [false, true] {
-            let params = SparsifyParams { rescale, ..p(0.4) };
-            let mut want: Vec<f32> = x.iter().zip(&base).map(|(x, b)| x - b).collect();
-            sparsify(
-                "t",
-                &mut want,
-                &[n],
-                Sparsification::Random,
-                &params,
-                &mut Rng::new(7),
-            )
-            .unwrap();
-            want.iter_mut().for_each(|v| *v *= 0.3);
-            let d = weighted_sparse_delta(
-                "t",
-                &x,
-                &base,
-                &[n],
-                Some(Sparsification::Random),
-                &params,
-                0.3,
-                &mut Rng::new(7),
-            )
-            .unwrap();
-            assert!(matches!(d, SparseDelta::Masked { .. }));
-            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            let mut got = vec![0f32; n];
-            d.fill(0, &mut got);
-            assert_eq!(bits(&got), bits(&want), "rescale {rescale}");
-            let mut part = vec![0f32; 100];
-            d.fill(70, &mut part);
-            assert_eq!(bits(&part), bits(&want[70..170]), "rescale {rescale}");
-            let kept = want.iter().filter(|v| **v != 0.0).count();
-            assert!(kept > n / 4 && kept < n / 2 + n / 8, "{kept} of {n} kept");
+        let mut x: Vec<f32> = base.iter().map(|&b| b + g.normal() as f32).collect();
+        x[3] = base[3];
+        x[10] = -0.0;
+        let mut base = base;
+        base[10] = 0.0;
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for method in [
+            None,
+            Some(Magnitude),
+            Some(Random),
+            Some(MagnitudeOutliers),
+            Some(DellaMagprune),
+        ] {
+            for draws in [Draws::Seeded, Draws::ValueHash] {
+                for density in [0.0, 0.4, 1.0] {
+                    for rescale in [false, true] {
+                        let params = SparsifyParams {
+                            density,
+                            gamma: 0.05,
+                            epsilon: if method == Some(DellaMagprune) && density == 0.4 {
+                                0.2
+                            } else {
+                                0.0
+                            },
+                            rescale,
+                            draws,
+                        };
+                        let mut want: Vec<f32> = x.iter().zip(&base).map(|(x, b)| x - b).collect();
+                        if let Some(m) = method {
+                            sparsify("t", &mut want, &shape, m, &params, &mut Rng::new(7)).unwrap();
+                        }
+                        want.iter_mut().for_each(|v| *v *= 0.3);
+                        let d = weighted_sparse_delta(
+                            "t",
+                            &x,
+                            &base,
+                            &shape,
+                            method,
+                            &params,
+                            0.3,
+                            &mut Rng::new(7),
+                        )
+                        .unwrap();
+                        let mut got = vec![0f32; n];
+                        d.fill(0, &mut got);
+                        let case =
+                            format!("{method:?} {draws:?} density {density} rescale {rescale}");
+                        assert_eq!(bits(&got), bits(&want), "{case}");
+                        let mut part = vec![0f32; 100];
+                        d.fill(70, &mut part);
+                        assert_eq!(bits(&part), bits(&want[70..170]), "{case}");
+                    }
+                }
+            }
         }
     }
 
