@@ -561,7 +561,16 @@ pub fn karcher(tensors: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
             .collect(),
     );
     let mut u = dirs.scratch();
-    // The weighted mean of the directions, normalised (the first direction if it vanishes).
+    // The directions' Gram matrix uₐ·u_b, from the inputs'.
+    let kv = valid.len();
+    let gu: Vec<f64> = (0..kv * kv)
+        .map(|ab| {
+            let (a, b) = (ab / kv, ab % kv);
+            g[valid[a] * k + valid[b]] * dirs.inv[a] * dirs.inv[b]
+        })
+        .collect();
+    // The mean direction is held unnormalised: it is `mean · mscale`, of
+    // squared norm `msq` (1 once normalised), so no pass only rescales it.
     let mut mean = Vec::new();
     weights::mem::reserve_huge(&mut mean, n);
     for s in (0..n).step_by(BLOCK) {
@@ -576,20 +585,20 @@ pub fn karcher(tensors: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
         }));
     }
     let mn = dot(&mean, &mean).sqrt();
+    let (mut mscale, mut msq) = (1.0 / mn, 1.0);
     if mn < tol {
+        // The weighted mean vanishes: start from the first direction.
         for s in (0..n).step_by(BLOCK) {
             let len = BLOCK.min(n - s);
             dirs.fill(s, len, &mut u);
             mean[s..s + len].copy_from_slice(&u[..len]);
         }
-    } else {
-        mean.iter_mut().for_each(|m| *m /= mn);
+        (mscale, msq) = (1.0, gu[0]);
     }
-    let mut dots = vec![0f64; dirs.len()];
-    let mut tangent = [0f64; BLOCK];
+    let mut dots = vec![0f64; kv];
+    let (mut tangent, mut m) = ([0f64; BLOCK], [0f64; BLOCK]);
     for _ in 0..max_iter {
-        // cos θᵢ = m·uᵢ, then the tangent τ = Σ cᵢ (uᵢ − cos θᵢ m), built
-        // block by block twice: once for ‖τ‖, once to move m along it.
+        // cos θᵢ = uᵢ·m in one pass.
         dots.fill(0.0);
         for s in (0..n).step_by(BLOCK) {
             let len = BLOCK.min(n - s);
@@ -602,11 +611,12 @@ pub fn karcher(tensors: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
             .iter()
             .enumerate()
             .filter_map(|(i, &d)| {
-                let d = d.clamp(-1.0, 1.0);
+                let d = (d * mscale).clamp(-1.0, 1.0);
                 let theta = d.acos();
                 (theta >= tol).then(|| (i, na[i] * theta / theta.sin(), d))
             })
             .collect();
+        // The tangent τ = Σ cᵢ (uᵢ − cos θᵢ m) of a block.
         let block_tangent = |u: &[f64], m: &[f64], t: &mut [f64]| {
             t.fill(0.0);
             for &(i, c, d) in &terms {
@@ -616,35 +626,56 @@ pub fn karcher(tensors: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
                     .for_each(|((t, u), m)| *t += c * (u - d * m));
             }
         };
-        let mut tn2 = 0f64;
-        for s in (0..n).step_by(BLOCK) {
-            let len = BLOCK.min(n - s);
-            dirs.fill(s, len, &mut u);
-            block_tangent(&u, &mean[s..s + len], &mut tangent[..len]);
-            tn2 += dot(&tangent[..len], &tangent[..len]);
+        let scaled = |src: &[f64], m: &mut [f64]| {
+            m.iter_mut().zip(src).for_each(|(m, v)| *m = v * mscale);
+        };
+        // ‖τ‖² = Σₐ_b cₐc_b (uₐ·u_b − 2 cos θₐ cos θ_b + cos θₐ cos θ_b ‖m‖²)
+        // from the Gram matrix; where that is small enough for its
+        // cancellation to matter, τ is summed entry by entry instead.
+        let mut tn2: f64 = terms
+            .iter()
+            .flat_map(|a| terms.iter().map(move |b| (a, b)))
+            .map(|(&(a, ca, da), &(b, cb, db))| {
+                ca * cb * (gu[a * kv + b] - 2.0 * da * db + da * db * msq)
+            })
+            .sum();
+        if tn2 < 1e-10 {
+            tn2 = 0.0;
+            for s in (0..n).step_by(BLOCK) {
+                let len = BLOCK.min(n - s);
+                dirs.fill(s, len, &mut u);
+                scaled(&mean[s..s + len], &mut m[..len]);
+                block_tangent(&u, &m[..len], &mut tangent[..len]);
+                tn2 += dot(&tangent[..len], &tangent[..len]);
+            }
         }
-        let tn = tn2.sqrt();
+        let tn = tn2.max(0.0).sqrt();
         if tn < tol {
             break;
         }
+        // m ← cos‖τ‖ m + sin‖τ‖ τ/‖τ‖, then its norm.
         let (c, sn) = (tn.cos(), tn.sin());
         let mut un2 = 0f64;
         for s in (0..n).step_by(BLOCK) {
             let len = BLOCK.min(n - s);
             dirs.fill(s, len, &mut u);
-            let m = &mut mean[s..s + len];
-            block_tangent(&u, m, &mut tangent[..len]);
-            m.iter_mut()
+            scaled(&mean[s..s + len], &mut m[..len]);
+            block_tangent(&u, &m[..len], &mut tangent[..len]);
+            let out = &mut mean[s..s + len];
+            out.iter_mut()
+                .zip(&m[..len])
                 .zip(&tangent[..len])
-                .for_each(|(m, t)| *m = c * *m + sn * t / tn);
-            un2 += dot(m, m);
+                .for_each(|((o, m), t)| *o = c * m + sn * t / tn);
+            un2 += dot(out, out);
         }
         let un = un2.sqrt();
-        if un > tol {
-            mean.iter_mut().for_each(|m| *m /= un);
-        }
+        (mscale, msq) = if un > tol {
+            (1.0 / un, 1.0)
+        } else {
+            (1.0, un2)
+        };
     }
-    let scale: f64 = alphas.iter().zip(&norms).map(|(a, nm)| a * nm).sum();
+    let scale: f64 = alphas.iter().zip(&norms).map(|(a, nm)| a * nm).sum::<f64>() * mscale;
     mean.iter().map(|&m| (scale * m) as f32).collect()
 }
 
@@ -660,10 +691,6 @@ struct Directions<'a> {
 impl<'a> Directions<'a> {
     fn new(inputs: Vec<&'a [f32]>, base: Option<&'a [f32]>, inv: Vec<f64>) -> Self {
         Directions { inputs, base, inv }
-    }
-
-    fn len(&self) -> usize {
-        self.inputs.len()
     }
 
     /// A buffer for [`Directions::fill`].
@@ -1538,50 +1565,52 @@ mod tests {
             })
             .collect();
         let refs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
-        let got = karcher(&refs, 10, 1e-5);
-        let l2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let norms: Vec<f64> = xs
-            .iter()
-            .map(|x| l2(&x.iter().map(|&v| v as f64).collect::<Vec<_>>()))
-            .collect();
-        let u: Vec<Vec<f64>> = xs
-            .iter()
-            .zip(&norms)
-            .map(|(x, nm)| x.iter().map(|&v| v as f64 / nm).collect())
-            .collect();
-        let a = 1.0 / 3.0;
-        let mut m: Vec<f64> = (0..n).map(|e| u.iter().map(|u| a * u[e]).sum()).collect();
-        let mn = l2(&m);
-        m.iter_mut().for_each(|x| *x /= mn);
-        for _ in 0..10 {
-            let mut t = vec![0f64; n];
-            for ui in &u {
-                let d: f64 = ui
-                    .iter()
-                    .zip(&m)
-                    .map(|(a, b)| a * b)
-                    .sum::<f64>()
-                    .clamp(-1.0, 1.0);
-                let th = d.acos();
-                if th < 1e-5 {
-                    continue;
+        for tol in [1e-5, 1e-12] {
+            let got = karcher(&refs, 10, tol);
+            let l2 = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let norms: Vec<f64> = xs
+                .iter()
+                .map(|x| l2(&x.iter().map(|&v| v as f64).collect::<Vec<_>>()))
+                .collect();
+            let u: Vec<Vec<f64>> = xs
+                .iter()
+                .zip(&norms)
+                .map(|(x, nm)| x.iter().map(|&v| v as f64 / nm).collect())
+                .collect();
+            let a = 1.0 / 3.0;
+            let mut m: Vec<f64> = (0..n).map(|e| u.iter().map(|u| a * u[e]).sum()).collect();
+            let mn = l2(&m);
+            m.iter_mut().for_each(|x| *x /= mn);
+            for _ in 0..10 {
+                let mut t = vec![0f64; n];
+                for ui in &u {
+                    let d: f64 = ui
+                        .iter()
+                        .zip(&m)
+                        .map(|(a, b)| a * b)
+                        .sum::<f64>()
+                        .clamp(-1.0, 1.0);
+                    let th = d.acos();
+                    if th < tol {
+                        continue;
+                    }
+                    for e in 0..n {
+                        t[e] += a * th / th.sin() * (ui[e] - d * m[e]);
+                    }
+                }
+                let tn = l2(&t);
+                if tn < tol {
+                    break;
                 }
                 for e in 0..n {
-                    t[e] += a * th / th.sin() * (ui[e] - d * m[e]);
+                    m[e] = tn.cos() * m[e] + tn.sin() * t[e] / tn;
                 }
+                let un = l2(&m);
+                m.iter_mut().for_each(|x| *x /= un);
             }
-            let tn = l2(&t);
-            if tn < 1e-5 {
-                break;
-            }
-            for e in 0..n {
-                m[e] = tn.cos() * m[e] + tn.sin() * t[e] / tn;
-            }
-            let un = l2(&m);
-            m.iter_mut().for_each(|x| *x /= un);
+            let scale: f64 = norms.iter().map(|nm| a * nm).sum();
+            let want: Vec<f32> = m.iter().map(|&x| (scale * x) as f32).collect();
+            close(&got, &want, 1e-6);
         }
-        let scale: f64 = norms.iter().map(|nm| a * nm).sum();
-        let want: Vec<f32> = m.iter().map(|&x| (scale * x) as f32).collect();
-        close(&got, &want, 1e-6);
     }
 }
