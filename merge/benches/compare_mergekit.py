@@ -117,7 +117,12 @@ WRAP = "import resource,subprocess,sys;r=subprocess.run(sys.argv[1:],capture_out
 
 
 def measure(cmd):
-    """Wall seconds and peak RSS (MB) of `cmd` as a fresh grandchild."""
+    """Wall seconds and peak RSS (MB) of `cmd` as a fresh grandchild.
+
+    Dirty pages left by the previous run (mergekit does not fsync its output;
+    ours is committed with fsync) are flushed first, so that no run pays for
+    the writeback of another."""
+    os.sync()
     t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", WRAP, *cmd], cwd=DATA, check=True, capture_output=True, text=True)
     return time.perf_counter() - t, int(out.stdout.strip().splitlines()[-1]) / 1024

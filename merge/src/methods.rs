@@ -280,6 +280,7 @@ const LANES: usize = 8;
 /// pairwise at the end. Not the sequential sum's bits, but no less accurate.
 #[inline(always)]
 fn sum_pairs<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> f64) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f64 = ca
         .remainder()
@@ -632,14 +633,20 @@ pub fn karcher(tensors: &[&[f32]], max_iter: usize, tol: f64) -> Vec<f32> {
         // ‖τ‖² = Σₐ_b cₐc_b (uₐ·u_b − 2 cos θₐ cos θ_b + cos θₐ cos θ_b ‖m‖²)
         // from the Gram matrix; where that is small enough for its
         // cancellation to matter, τ is summed entry by entry instead.
-        let mut tn2: f64 = terms
-            .iter()
-            .flat_map(|a| terms.iter().map(move |b| (a, b)))
+        let pairs = || terms.iter().flat_map(|a| terms.iter().map(move |b| (a, b)));
+        let mut tn2: f64 = pairs()
             .map(|(&(a, ca, da), &(b, cb, db))| {
                 ca * cb * (gu[a * kv + b] - 2.0 * da * db + da * db * msq)
             })
             .sum();
-        if tn2 < 1e-10 {
+        // The size of the terms that cancel: large cᵢ (inputs nearly opposite
+        // the mean, θ/sin θ) make a small difference of large numbers.
+        let magnitude: f64 = pairs()
+            .map(|(&(a, ca, da), &(b, cb, db))| {
+                (ca * cb).abs() * (gu[a * kv + b].abs() + (2.0 + msq) * (da * db).abs())
+            })
+            .sum();
+        if tn2 < 1e-10 || tn2 < 1e-8 * magnitude {
             tn2 = 0.0;
             for s in (0..n).step_by(BLOCK) {
                 let len = BLOCK.min(n - s);
@@ -786,10 +793,11 @@ pub fn sce(base: &[f32], models: &[&[f32]], select_topk: f64) -> Vec<f32> {
         let mut sorted = var.clone();
         let (_, &mut edge, _) = sorted.select_nth_unstable_by(top - 1, |a, b| b.total_cmp(a));
         drop(sorted);
-        let mut at_edge = top - var.iter().filter(|&&v| v > edge).count();
-        for (kp, &v) in keep.iter_mut().zip(&var) {
-            *kp = v > edge
-                || (v == edge && at_edge > 0 && {
+        // (Compared as the selection ordered them, `total_cmp`, NaN included.)
+        let mut at_edge = top - var.iter().filter(|v| v.total_cmp(&edge).is_gt()).count();
+        for (kp, v) in keep.iter_mut().zip(&var) {
+            *kp = v.total_cmp(&edge).is_gt()
+                || (v.total_cmp(&edge).is_eq() && at_edge > 0 && {
                     at_edge -= 1;
                     true
                 });
@@ -875,7 +883,8 @@ pub fn sce(base: &[f32], models: &[&[f32]], select_topk: f64) -> Vec<f32> {
 /// With `M = Σ wᵢ uᵢ = ‖M‖ m` the tangent is `τ = M − (Σ wᵢ uᵢ·m) m = (‖M‖ −
 /// D) m` with `D = Σ wᵢ uᵢ·m`: parallel to `m` (and zero but for rounding), so
 /// it is computed as that scalar multiple of `m`, with the same `cos`/`sin`
-/// factors, in two passes over the inputs after their norms.
+/// factors: one pass for the inputs' Gram matrix, one for the output (and a
+/// third to measure `‖M‖` directly where the Gram terms cancel).
 pub fn multislerp(
     base: Option<&[f32]>,
     models: &[&[f32]],
@@ -963,7 +972,8 @@ pub fn multislerp(
     let d: f64 = w.iter().zip(&dots).map(|(wi, d)| wi * d / mean_norm).sum();
     let along = mean_norm - d;
     let tn = along.abs() + eps;
-    let (c, sn) = (tn.cos(), tn.sin() / tn);
+    // sin‖τ‖/‖τ‖ → 1 as ‖τ‖ → 0 (reached exactly with eps = 0).
+    let (c, sn) = (tn.cos(), if tn == 0.0 { 1.0 } else { tn.sin() / tn });
     let scale: f64 = norms.iter().zip(&w).map(|(nm, wi)| nm * wi).sum();
     // The result m cos‖τ‖ + τ sin‖τ‖/‖τ‖, scaled: m · (cos + along·sin/‖τ‖) · scale.
     let factor = (c + along * sn) * scale / mean_norm;
@@ -1057,7 +1067,7 @@ pub fn arcee_fusion(shape: &[usize], base: &[f32], model: &[f32], rng: &mut Rng)
 
 /// The values at sorted positions `⌊qⱼ·(n − 1)⌋` of `v` (ascending `qⱼ`, by
 /// `total_cmp`): exactly what sorting would put there, by three selections
-/// rather than a sort. Reorders `v`.
+/// rather than a sort. Reorders `v`, which must not be empty.
 fn order_statistics<const K: usize>(v: &mut [f32], qs: [f64; K]) -> [f32; K] {
     let mut out = [0f32; K];
     // From the highest position down, each selection narrowing the next to the part below it.

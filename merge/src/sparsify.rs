@@ -247,7 +247,16 @@ pub(crate) fn weighted_sparse_delta<'a>(
     rng: &mut Rng,
 ) -> crate::Result<SparseDelta<'a>> {
     let words = x.len().div_ceil(64);
-    let Some(method) = method else {
+    // Nothing dropped (no sparsification, or density 1, where `sparsify`
+    // returns at once without rescaling) — once a bad density is refused.
+    if method.is_some() && !p.density.is_finite() {
+        return Err(crate::MergeError::param(
+            tensor,
+            "density",
+            format!("{} is not a number", p.density),
+        ));
+    }
+    let Some(method) = method.filter(|_| p.density < 1.0) else {
         return Ok(SparseDelta {
             x,
             base,
@@ -379,7 +388,7 @@ fn della(x: &mut [f32], shape: &[usize], p: &SparsifyParams, rng: &mut Rng) {
     let mut keys: Vec<u64> = Vec::with_capacity(d1);
     let mut scratch: Vec<u64> = Vec::with_capacity(d1);
     let mut order: Vec<usize> = Vec::new();
-    let mut rank = vec![0u32; d1];
+    let mut rank = vec![0usize; d1];
     for i in 0..d0 {
         for r in 0..rest {
             let at = |j: usize| (i * d1 + j) * rest + r;
@@ -390,14 +399,14 @@ fn della(x: &mut [f32], shape: &[usize], p: &SparsifyParams, rng: &mut Rng) {
                 );
                 radix_sort_high(&mut keys, &mut scratch);
                 for (k, key) in keys.iter().enumerate() {
-                    rank[(key & 0xffff_ffff) as usize] = k as u32;
+                    rank[(key & 0xffff_ffff) as usize] = k;
                 }
             } else {
                 order.clear();
                 order.extend(0..d1);
                 order.sort_by(|&a, &b| x[at(a)].abs().total_cmp(&x[at(b)].abs()).then(a.cmp(&b)));
                 for (k, &j) in order.iter().enumerate() {
-                    rank[j] = k as u32;
+                    rank[j] = k;
                 }
             }
             // A dropped entry becomes +0.0, by mask rather than branch.
@@ -410,7 +419,7 @@ fn della(x: &mut [f32], shape: &[usize], p: &SparsifyParams, rng: &mut Rng) {
                     let mut local = rng.clone();
                     for (j, &k) in rank.iter().enumerate() {
                         let m = local.next_u64() >> 11;
-                        let keep = (m.wrapping_sub(thresholds[k as usize]) >> 63) == 1;
+                        let keep = (m.wrapping_sub(thresholds[k]) >> 63) == 1;
                         drop_unless(&mut x[at(j)], keep);
                     }
                     *rng = local;
@@ -418,7 +427,7 @@ fn della(x: &mut [f32], shape: &[usize], p: &SparsifyParams, rng: &mut Rng) {
                 Draws::ValueHash => {
                     for (j, &k) in rank.iter().enumerate() {
                         let e = at(j);
-                        let keep = value_hash_uniform(x[e], e) < by_rank[k as usize].1;
+                        let keep = value_hash_uniform(x[e], e) < by_rank[k].1;
                         drop_unless(&mut x[e], keep);
                     }
                 }

@@ -78,21 +78,18 @@ impl DropoutStream {
         DropoutStream(Arc::new(Mutex::new(Rng::new(seed))))
     }
 
-    /// An inverted-dropout mask of `shape`: each entry `1/(1-p)` with
-    /// probability `1-p`, else 0 (one 32-bit uniform per entry).
-    pub fn mask<const D: usize>(&self, shape: [usize; D], p: f64) -> TensorData {
+    /// Which entries of `shape` dropout keeps: each with probability `1-p`
+    /// (one 32-bit uniform per entry, kept when below `(1-p)·2³²`).
+    pub fn kept<const D: usize>(&self, shape: [usize; D], p: f64) -> TensorData {
         let n: usize = shape.iter().product();
-        let keep = 1.0 - p;
-        // Entry kept when its 32-bit draw is below keep·2³².
-        let threshold = (keep * 4_294_967_296.0).round() as u64;
-        let scale = (1.0 / keep) as f32;
+        let threshold = ((1.0 - p) * 4_294_967_296.0).round() as u64;
         let mut rng = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             let r = rng.next_u64();
             for half in [r & 0xffff_ffff, r >> 32] {
                 if out.len() < n {
-                    out.push(if half < threshold { scale } else { 0.0 });
+                    out.push(half < threshold);
                 }
             }
         }
@@ -159,12 +156,21 @@ impl<B: Backend> Proj<B> {
         }
         if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
             // PEFT's LoRA dropout: on the adapter path only, while training (as burn's Dropout).
-            let xin = match &self.dropout_stream {
-                Some(stream) if self.lora_dropout > 0.0 && B::ad_enabled(&x.device()) => {
-                    let mask = stream.mask(x.dims(), self.lora_dropout);
-                    x.clone() * Tensor::from_data(mask, &x.device())
-                }
-                _ => x,
+            let p = self.lora_dropout;
+            let xin = if p > 0.0 && B::ad_enabled(&x.device()) {
+                let keep = 1.0 - p;
+                // Kept entries as bools (a quarter of the bytes of a float
+                // mask to carry to the device), then 1/(1-p) where kept.
+                let kept: Tensor<B, 2, Bool> = match &self.dropout_stream {
+                    Some(stream) => Tensor::from_data(stream.kept(x.dims(), p), &x.device()),
+                    // Set by hand without a stream: Burn's own (process-global) generator.
+                    None => x
+                        .random_like(burn::tensor::Distribution::Bernoulli(keep))
+                        .equal_elem(1.0),
+                };
+                x * kept.float().mul_scalar((1.0 / keep) as f32)
+            } else {
+                x
             };
             y = y + xin
                 .matmul(a.val().transpose())

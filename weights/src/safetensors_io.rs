@@ -605,13 +605,15 @@ pub(crate) fn save(sd: &StateDict, path: &Path, float_dtype: Option<DType>) -> R
 }
 
 /// Asks the kernel to start writing `len` bytes at `pos` of `file` to disk
-/// now (Linux's `sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not
-/// wait), so that the fsync which commits the finished file finds most of
-/// it written while later tensors were being computed. A hint: failure is
-/// ignored, and elsewhere it does nothing.
+/// now (Linux's `sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait
+/// for the writes, though it may wait for room in the device's queue), so
+/// that the fsync which commits the finished file finds most of it written
+/// while later tensors were being computed. A hint: failure is ignored, and
+/// elsewhere it does nothing.
 fn start_writeback(file: &std::fs::File, pos: u64, len: u64) {
+    // (A zero length would mean "to the end of the file".)
     #[cfg(target_os = "linux")]
-    {
+    if len > 0 {
         use std::os::fd::AsRawFd;
         // SAFETY: a plain syscall on an open descriptor; no memory is passed.
         unsafe {
