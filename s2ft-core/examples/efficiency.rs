@@ -3,14 +3,16 @@
 //!
 //! ```text
 //! cargo run -p s2ft-core --release --example efficiency -- \
-//!     [--model PATH] [--batch 8] [--seq 64] [--rank 8] [--steps 8] [--methods full,lora,s2ft] [--json]
+//!     [--model PATH] [--batch 8] [--seq 64] [--rank 8] [--lora-dropout 0] [--steps 8]
+//!     [--methods full,lora,s2ft] [--json]
 //! ```
 //!
 //! `--model` takes a Hugging Face folder or a GGUF file (SmolLM2-135M-Instruct:
 //! `models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf`); without it
 //! a random LLaMA (vocabulary 4096, hidden 384, 6 layers) is used. LoRA is
 //! PEFT-style on every projection (q, k, v, o, gate, up, down) at `--rank`
-//! (alpha 2r); S²FT trains o_proj columns of random heads and down_proj
+//! (alpha 2r, dropout `--lora-dropout`, whose masks are drawn on the host from
+//! the run's seeded stream); S²FT trains o_proj columns of random heads and down_proj
 //! columns of random channels, with as many parameters as that LoRA. The
 //! batch is `--batch` sequences of `--seq` random tokens, every position
 //! counted. `benches/torch_reference.py` does the same in PyTorch + PEFT.
@@ -23,7 +25,7 @@
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use s2ft_core::s2ft::{
-    S2ftConfig, apply_lora, apply_s2ft, lora_param_count, ratios_for_budget, select,
+    S2ftConfig, apply_lora_with_dropout, apply_s2ft, lora_param_count, ratios_for_budget, select,
     trainable_params,
 };
 use s2ft_core::train::{TrainConfig, train};
@@ -54,6 +56,7 @@ fn main() {
     let batch: usize = opt(&args, "--batch", 8);
     let seq: usize = opt(&args, "--seq", 64);
     let rank: usize = opt(&args, "--rank", 8);
+    let dropout: f64 = opt(&args, "--lora-dropout", 0.0);
     let methods: String = opt(&args, "--methods", "full,lora,s2ft".to_string());
     let model_path: Option<String> = args
         .iter()
@@ -89,7 +92,8 @@ fn main() {
             Llama::<B>::from_state_dict(&c, &weights, method == "full", &device).expect("model");
         let model = match method {
             "full" => base,
-            "lora" => apply_lora(base, rank, 2.0 * rank as f64, &TARGETS, 0).expect("lora"),
+            "lora" => apply_lora_with_dropout(base, rank, 2.0 * rank as f64, dropout, &TARGETS, 0)
+                .expect("lora"),
             "s2ft" => {
                 let sc = S2ftConfig {
                     heads_ratio: hr,
