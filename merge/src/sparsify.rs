@@ -58,6 +58,20 @@ pub fn value_hash_uniform(v: f32, index: usize) -> f32 {
     (z >> 40) as f32 / (1u32 << 24) as f32
 }
 
+/// The integer form of a seeded keep draw: `Rng::uniform() < p` holds exactly
+/// when the draw's top 53 bits are below `⌈p·2⁵³⌉` (`uniform` is `(bits >>
+/// 11)·2⁻⁵³`, exact), so the same draws keep the same entries.
+fn draw_threshold(p: f64) -> u64 {
+    (p.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64
+}
+
+/// Whether the next draw of `rng` keeps an entry of threshold `t`
+/// ([`draw_threshold`]), as 1 or 0, without a branch.
+#[inline(always)]
+fn kept_bit(rng: &mut Rng, t: u64) -> u32 {
+    (((rng.next_u64() >> 11).wrapping_sub(t)) >> 63) as u32
+}
+
 /// Per-input sparsification parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SparsifyParams {
@@ -121,11 +135,10 @@ pub fn sparsify(
                     // `uniform() < d` ⟺ `bits >> 11 < ⌈d·2⁵³⌉`: `uniform` is
                     // `(bits >> 11)·2⁻⁵³`, exact, so the same draws keep the
                     // same entries. The local copy keeps the state in registers.
-                    let threshold = (d.min(1.0) * (1u64 << 53) as f64).ceil() as u64;
+                    let threshold = draw_threshold(d);
                     let mut local = rng.clone();
                     for v in x.iter_mut() {
-                        let m = local.next_u64() >> 11;
-                        *v = masked(*v, (m.wrapping_sub(threshold) >> 63) as u32);
+                        *v = masked(*v, kept_bit(&mut local, threshold));
                     }
                     *rng = local;
                 }
@@ -272,7 +285,7 @@ pub(crate) fn weighted_sparse_delta<'a>(
     let mut bits = vec![0u64; words];
     let (before, after) = if seeded_dare {
         // As `sparsify`'s `Random` arm: `uniform() < density` ⟺ `bits >> 11 < ⌈density·2⁵³⌉`.
-        let threshold = (p.density.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64;
+        let threshold = draw_threshold(p.density);
         // A plain loop over locals: the generator's state and the two sums stay
         // in registers.
         let mut local = rng.clone();
@@ -280,7 +293,7 @@ pub(crate) fn weighted_sparse_delta<'a>(
         for ((word, x), b) in bits.iter_mut().zip(x.chunks(64)).zip(base.chunks(64)) {
             for (j, (&x, &b)) in x.iter().zip(b).enumerate() {
                 let v = x - b;
-                let keep = ((local.next_u64() >> 11).wrapping_sub(threshold) >> 63) as u32;
+                let keep = kept_bit(&mut local, threshold);
                 *word |= u64::from(keep) << j;
                 if p.rescale {
                     before += v.abs() as f64;
@@ -380,10 +393,7 @@ fn della(x: &mut [f32], shape: &[usize], p: &SparsifyParams, rng: &mut Rng) {
     // as the comparison would, without an indirect key per comparison.
     // The seeded draws compare the generator's 53 bits with an integer
     // threshold: `uniform() < p` ⟺ `bits >> 11 < ⌈p·2⁵³⌉` (exact, as for DARE).
-    let thresholds: Vec<u64> = by_rank
-        .iter()
-        .map(|&(pr, _)| (pr.clamp(0.0, 1.0) * (1u64 << 53) as f64).ceil() as u64)
-        .collect();
+    let thresholds: Vec<u64> = by_rank.iter().map(|&(pr, _)| draw_threshold(pr)).collect();
     let packed = u32::try_from(d1).is_ok();
     let mut keys: Vec<u64> = Vec::with_capacity(d1);
     let mut scratch: Vec<u64> = Vec::with_capacity(d1);
@@ -418,8 +428,7 @@ fn della(x: &mut [f32], shape: &[usize], p: &SparsifyParams, rng: &mut Rng) {
                     // The generator's state in registers, as in DARE's loop.
                     let mut local = rng.clone();
                     for (j, &k) in rank.iter().enumerate() {
-                        let m = local.next_u64() >> 11;
-                        let keep = (m.wrapping_sub(thresholds[k]) >> 63) == 1;
+                        let keep = kept_bit(&mut local, thresholds[k]) == 1;
                         drop_unless(&mut x[at(j)], keep);
                     }
                     *rng = local;
