@@ -274,7 +274,7 @@ pub fn linear(tensors: &[&[f32]], weights: &[f64], normalize: bool) -> Vec<f32> 
 
 /// Partial sums per reduction: eight independent f64 chains, so a reduction
 /// runs at the adder's throughput instead of its latency (and vectorises).
-const LANES: usize = 8;
+pub(crate) const LANES: usize = 8;
 
 /// `Σᵢ f(aᵢ, bᵢ)` in f64 over [`LANES`] interleaved partial sums, added
 /// pairwise at the end. Not the sequential sum's bits, but no less accurate.
@@ -294,6 +294,20 @@ fn sum_pairs<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> f64) -> f64
             acc[j] += f(x[j], y[j]);
         }
     }
+    lanes_total(&acc, tail)
+}
+
+/// `Σᵢ f(aᵢ)` in f64, summed as [`sum_pairs`] sums.
+#[inline(always)]
+pub(crate) fn sum_of<A: Copy>(a: &[A], f: impl Fn(A) -> f64) -> f64 {
+    sum_pairs(a, a, |x, _| f(x))
+}
+
+/// The partial sums of [`sum_pairs`] (entry `i` of the whole chunks of
+/// [`LANES`] in `acc[i % LANES]`, the rest summed in order into `tail`) added
+/// up as it adds them, for loops that sum while doing something else.
+#[inline(always)]
+pub(crate) fn lanes_total(acc: &[f64; LANES], tail: f64) -> f64 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 

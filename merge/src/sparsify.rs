@@ -50,12 +50,24 @@ pub enum Draws {
 /// `splitmix64(bits(v) | index << 32)`'s top 24 bits as a uniform in `[0, 1)`,
 /// exact in f32.
 pub fn value_hash_uniform(v: f32, index: usize) -> f32 {
+    value_hash_bits(v, index) as f32 / (1u32 << 24) as f32
+}
+
+/// [`value_hash_uniform`]'s 24 bits as an integer.
+fn value_hash_bits(v: f32, index: usize) -> u64 {
     let mut z = (v.to_bits() as u64) | ((index as u64) << 32);
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^= z >> 31;
-    (z >> 40) as f32 / (1u32 << 24) as f32
+    z >> 40
+}
+
+/// The integer form of a value-hash keep draw: `value_hash_uniform < p`
+/// (compared in f32, as torch holds `p`) holds exactly when the hash's 24 bits
+/// are below `⌈p·2²⁴⌉` (the uniform is `bits·2⁻²⁴`, exact, and `p·2²⁴` is exact in f64).
+fn hash_threshold(p: f32) -> u64 {
+    (f64::from(p) * (1u64 << 24) as f64).ceil().max(0.0) as u64
 }
 
 /// The integer form of a seeded keep draw: `Rng::uniform() < p` holds exactly
@@ -288,21 +300,42 @@ pub(crate) fn weighted_sparse_delta<'a>(
         let threshold = draw_threshold(p.density);
         // A plain loop over locals: the generator's state and the two sums stay
         // in registers.
+        // Both L1 sums as `l1` forms them (so the same factor as `sparsify`).
+        use crate::methods::{LANES, lanes_total};
         let mut local = rng.clone();
-        let (mut before, mut after) = (0f64, 0f64);
-        for ((word, x), b) in bits.iter_mut().zip(x.chunks(64)).zip(base.chunks(64)) {
+        let whole = x.len() - x.len() % LANES;
+        let (mut before, mut after) = ([0f64; LANES], [0f64; LANES]);
+        let (mut tail_before, mut tail_after) = (-0f64, -0f64);
+        for (c, ((word, x), b)) in bits
+            .iter_mut()
+            .zip(x.chunks(64))
+            .zip(base.chunks(64))
+            .enumerate()
+        {
             for (j, (&x, &b)) in x.iter().zip(b).enumerate() {
                 let v = x - b;
                 let keep = kept_bit(&mut local, threshold);
                 *word |= u64::from(keep) << j;
                 if p.rescale {
-                    before += v.abs() as f64;
-                    after += f32::from_bits(v.to_bits() & keep.wrapping_neg()).abs() as f64;
+                    let (a, k) = (
+                        v.abs() as f64,
+                        f32::from_bits(v.to_bits() & keep.wrapping_neg()).abs() as f64,
+                    );
+                    if 64 * c + j < whole {
+                        before[j % LANES] += a;
+                        after[j % LANES] += k;
+                    } else {
+                        tail_before += a;
+                        tail_after += k;
+                    }
                 }
             }
         }
         *rng = local;
-        (before, after)
+        (
+            lanes_total(&before, tail_before),
+            lanes_total(&after, tail_after),
+        )
     } else {
         let mut d = Vec::new();
         weights::mem::reserve_huge(&mut d, x.len());
@@ -332,8 +365,10 @@ pub(crate) fn weighted_sparse_delta<'a>(
     })
 }
 
+/// `Σ|xᵢ|` in f64, over interleaved partial sums (a sequential sum is bound
+/// by the adder's latency).
 fn l1(x: &[f32]) -> f64 {
-    x.iter().map(|v| v.abs() as f64).sum()
+    crate::methods::sum_of(x, |v| v.abs() as f64)
 }
 
 /// Zeroes every entry whose ascending magnitude rank lies outside `[lo, hi)`.
@@ -388,58 +423,170 @@ fn della(x: &mut [f32], shape: &[usize], p: &SparsifyParams, rng: &mut Rng) {
             )
         })
         .collect();
-    // Ranks by magnitude, ties by position: `|v|`'s bits order non-negative
-    // floats as `total_cmp` does, so (bits, position) packed in a u64 sorts
-    // as the comparison would, without an indirect key per comparison.
     // The seeded draws compare the generator's 53 bits with an integer
     // threshold: `uniform() < p` ⟺ `bits >> 11 < ⌈p·2⁵³⌉` (exact, as for DARE).
     let thresholds: Vec<u64> = by_rank.iter().map(|&(pr, _)| draw_threshold(pr)).collect();
-    let packed = u32::try_from(d1).is_ok();
-    let mut keys: Vec<u64> = Vec::with_capacity(d1);
-    let mut scratch: Vec<u64> = Vec::with_capacity(d1);
-    let mut order: Vec<usize> = Vec::new();
-    let mut rank = vec![0usize; d1];
+    let hash_thresholds: Vec<u64> = by_rank.iter().map(|&(_, pr)| hash_threshold(pr)).collect();
+    let mut row = DellaRow::default();
     for i in 0..d0 {
         for r in 0..rest {
             let at = |j: usize| (i * d1 + j) * rest + r;
-            if packed {
-                keys.clear();
-                keys.extend(
-                    (0..d1).map(|j| (u64::from(x[at(j)].abs().to_bits()) << 32) | j as u64),
-                );
-                radix_sort_high(&mut keys, &mut scratch);
-                for (k, key) in keys.iter().enumerate() {
-                    rank[(key & 0xffff_ffff) as usize] = k;
-                }
+            // Rows without a trailing axis are contiguous: plain slice loops.
+            if rest == 1 {
+                row.load(x[i * d1..(i + 1) * d1].iter().copied());
             } else {
-                order.clear();
-                order.extend(0..d1);
-                order.sort_by(|&a, &b| x[at(a)].abs().total_cmp(&x[at(b)].abs()).then(a.cmp(&b)));
-                for (k, &j) in order.iter().enumerate() {
-                    rank[j] = k;
+                row.load((0..d1).map(|j| x[at(j)]));
+            }
+            match p.draws {
+                Draws::Seeded => {
+                    // The generator's state in registers, as in DARE's loop.
+                    let mut local = rng.clone();
+                    row.decide(&thresholds, |_| local.next_u64() >> 11);
+                    *rng = local;
+                }
+                Draws::ValueHash => {
+                    row.decide(&hash_thresholds, |j| value_hash_bits(x[at(j)], at(j)));
                 }
             }
             // A dropped entry becomes +0.0, by mask rather than branch.
             let drop_unless = |v: &mut f32, keep: bool| {
                 *v = f32::from_bits(v.to_bits() & u32::from(keep).wrapping_neg())
             };
-            match p.draws {
-                Draws::Seeded => {
-                    // The generator's state in registers, as in DARE's loop.
-                    let mut local = rng.clone();
-                    for (j, &k) in rank.iter().enumerate() {
-                        let keep = kept_bit(&mut local, thresholds[k]) == 1;
-                        drop_unless(&mut x[at(j)], keep);
-                    }
-                    *rng = local;
+            if rest == 1 {
+                let kept = row.keep.iter();
+                x[i * d1..(i + 1) * d1]
+                    .iter_mut()
+                    .zip(kept)
+                    .for_each(|(v, &k)| drop_unless(v, k));
+            } else {
+                for (j, &keep) in row.keep.iter().enumerate() {
+                    drop_unless(&mut x[at(j)], keep);
                 }
-                Draws::ValueHash => {
-                    for (j, &k) in rank.iter().enumerate() {
-                        let e = at(j);
-                        let keep = value_hash_uniform(x[e], e) < by_rank[k].1;
-                        drop_unless(&mut x[e], keep);
-                    }
-                }
+            }
+        }
+    }
+}
+
+/// One DELLA row's scratch: its magnitudes' bits and, after [`DellaRow::decide`],
+/// which entries it keeps.
+///
+/// An entry of ascending magnitude rank `k` (ties by position) is kept when its
+/// draw is below `threshold[k]`, and the thresholds are monotone in rank. So
+/// the rank is needed only to the precision of the threshold: the entries are
+/// counted into buckets of their magnitude's top bits (a counting sort's first
+/// pass), which bounds each entry's rank by its bucket's range of ranks, and
+/// the draw settles all but the few that fall between the thresholds at that
+/// range's ends. Those few are ranked exactly by counting, or by a radix sort
+/// of the row where there are many (rows of equal magnitudes).
+#[derive(Default)]
+struct DellaRow {
+    /// `|v|`'s bits, which order non-negative floats as `total_cmp` does.
+    bits: Vec<u32>,
+    /// Entries per bucket, then (prefix sums) each bucket's first rank.
+    counts: Vec<u32>,
+    /// The undecided entries and their draws.
+    open: Vec<usize>,
+    open_draws: Vec<u64>,
+    /// Packed `(bits, position)` keys and scratch for the radix sort.
+    keys: Vec<u64>,
+    scratch: Vec<u64>,
+    keep: Vec<bool>,
+}
+
+impl DellaRow {
+    /// Magnitude bits per bucket: 8 exponent and 4 mantissa bits, so a bucket
+    /// spans a sixteenth of an octave.
+    const SHIFT: u32 = 19;
+    /// Buckets per row: magnitudes below 2⁻⁶⁴ of the row's largest share the
+    /// lowest bucket.
+    const BUCKETS: u32 = 1024;
+    /// Undecided entries beyond which the row is sorted instead of each
+    /// entry's rank counted (each count is one pass over the row).
+    const MAX_COUNTED: usize = 48;
+
+    fn load(&mut self, row: impl Iterator<Item = f32>) {
+        self.bits.clear();
+        self.bits.extend(row.map(|v| v.abs().to_bits()));
+    }
+
+    /// Fills `keep` with `draw(j) < threshold[rank(j)]` for every entry `j`,
+    /// drawing in order of position. `threshold` must be monotone in rank.
+    fn decide(&mut self, threshold: &[u64], mut draw: impl FnMut(usize) -> u64) {
+        let m = self.bits.len();
+        self.keep.clear();
+        self.keep.resize(m, false);
+        if m == 0 {
+            return;
+        }
+        let (lo, hi) = self
+            .bits
+            .iter()
+            .fold((u32::MAX, 0), |(lo, hi), &b| (lo.min(b), hi.max(b)));
+        let offset = (hi >> Self::SHIFT).saturating_sub(Self::BUCKETS - 1);
+        let bucket = |b: u32| ((b >> Self::SHIFT).saturating_sub(offset)) as usize;
+        let (first, last) = (bucket(lo), bucket(hi));
+        self.counts.clear();
+        self.counts.resize(last + 2, 0);
+        for &b in &self.bits {
+            self.counts[bucket(b) + 1] += 1;
+        }
+        // counts[b] becomes bucket b's first rank, counts[b + 1] the next's.
+        for b in first + 1..=last + 1 {
+            self.counts[b] += self.counts[b - 1];
+        }
+        self.open.clear();
+        self.open_draws.clear();
+        for (j, (&b, keep)) in self.bits.iter().zip(self.keep.iter_mut()).enumerate() {
+            let u = draw(j);
+            let k = bucket(b);
+            let (ta, tb) = (
+                threshold[self.counts[k] as usize],
+                threshold[self.counts[k + 1] as usize - 1],
+            );
+            let (tmin, tmax) = if ta <= tb { (ta, tb) } else { (tb, ta) };
+            *keep = u < tmin;
+            // `tmin ≤ u < tmax` in one comparison: the keep draw is a coin
+            // flip, which a branch would mispredict; this one is rarely taken.
+            if u.wrapping_sub(tmin) < tmax - tmin {
+                self.open.push(j);
+                self.open_draws.push(u);
+            }
+        }
+        if self.open.len() <= Self::MAX_COUNTED {
+            for (&j, &u) in self.open.iter().zip(&self.open_draws) {
+                let v = self.bits[j];
+                let below = self.bits.iter().filter(|&&b| b < v).count();
+                let equal_before = self.bits[..j].iter().filter(|&&b| b == v).count();
+                self.keep[j] = u < threshold[below + equal_before];
+            }
+        } else if let Ok(m32) = u32::try_from(m) {
+            self.keys.clear();
+            self.keys.extend(
+                self.bits
+                    .iter()
+                    .zip(0..m32)
+                    .map(|(&b, j)| (u64::from(b) << 32) | u64::from(j)),
+            );
+            radix_sort_high(&mut self.keys, &mut self.scratch);
+            // The sorted keys' positions, reused as each position's rank.
+            let ranks = &mut self.scratch;
+            ranks.clear();
+            ranks.resize(m, 0);
+            for (k, key) in self.keys.iter().enumerate() {
+                ranks[(key & 0xffff_ffff) as usize] = k as u64;
+            }
+            for (&j, &u) in self.open.iter().zip(&self.open_draws) {
+                self.keep[j] = u < threshold[ranks[j] as usize];
+            }
+        } else {
+            let mut order: Vec<usize> = (0..m).collect();
+            order.sort_by_key(|&j| (self.bits[j], j));
+            let mut ranks = vec![0usize; m];
+            for (k, &j) in order.iter().enumerate() {
+                ranks[j] = k;
+            }
+            for (&j, &u) in self.open.iter().zip(&self.open_draws) {
+                self.keep[j] = u < threshold[ranks[j]];
             }
         }
     }
@@ -491,15 +638,37 @@ mod tests {
     }
 
     /// DELLA as first written (a comparison sort per row, a float draw per
-    /// entry), against the radix-ranked, integer-threshold version: the same
-    /// bits, for rows, 3-D rows with a trailing axis, 1-D tensors and ties.
+    /// entry), against the bucketed, integer-threshold version: the same
+    /// bits, for rows, 3-D rows with a trailing axis, 1-D tensors; with ties
+    /// (few distinct magnitudes: every rank counted, or, in long rows, the
+    /// row radix-sorted), Gaussian entries, magnitudes over 60 decades with
+    /// zeros (the lowest bucket shared), and rows of one value.
     #[test]
     fn della_equals_its_per_row_definition() {
         let mut g = Rng::new(2);
-        for shape in [vec![7usize, 33], vec![2, 5, 3], vec![40], vec![3, 1]] {
+        let ties = |g: &mut Rng| (g.below(9) as f32 - 4.0) * 0.25;
+        let gaussian = |g: &mut Rng| g.normal() as f32 * 0.01;
+        let wide = |g: &mut Rng| match g.below(4) {
+            0 => 0.0,
+            _ => (g.normal() * 10f64.powf(g.uniform() * 60.0 - 30.0)) as f32,
+        };
+        let constant = |_: &mut Rng| -0.5f32;
+        type Gen<'a> = &'a dyn Fn(&mut Rng) -> f32;
+        let cases: [(Vec<usize>, Gen); 10] = [
+            (vec![7, 33], &ties),
+            (vec![2, 5, 3], &ties),
+            (vec![40], &ties),
+            (vec![3, 1], &ties),
+            (vec![3, 1000], &ties),
+            (vec![4, 576], &gaussian),
+            (vec![3, 200, 2], &gaussian),
+            (vec![4, 700], &wide),
+            (vec![2, 300], &constant),
+            (vec![0, 5], &gaussian),
+        ];
+        for (shape, draw) in cases {
             let n: usize = shape.iter().product();
-            // Few distinct magnitudes of either sign: many ties.
-            let x: Vec<f32> = (0..n).map(|_| (g.below(9) as f32 - 4.0) * 0.25).collect();
+            let x: Vec<f32> = (0..n).map(|_| draw(&mut g)).collect();
             for draws in [Draws::Seeded, Draws::ValueHash] {
                 let params = SparsifyParams {
                     epsilon: 0.2,
@@ -524,7 +693,7 @@ mod tests {
                 } else {
                     (shape[0], shape[1])
                 };
-                let rest = n / (d0 * d1);
+                let rest = n / (d0 * d1).max(1);
                 for i in 0..d0 {
                     for r in 0..rest {
                         let at = |j: usize| (i * d1 + j) * rest + r;
