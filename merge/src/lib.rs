@@ -32,6 +32,7 @@ pub mod sparsify;
 pub mod submoe;
 pub mod subspace;
 pub mod typed;
+mod vmath;
 
 use indexmap::IndexMap;
 use serde::Serialize;

@@ -1036,33 +1036,34 @@ pub fn arcee_fusion(shape: &[usize], base: &[f32], model: &[f32], rng: &mut Rng)
         return Vec::new();
     }
     let len = shape.last().copied().unwrap_or(n).max(1);
-    let softmax = |x: &[f32]| -> Vec<f32> {
+    // Loops over slices with branch-free exp and ln, so that they vectorise.
+    let softmax = |x: &[f32], out: &mut Vec<f32>| {
         let mx = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let ex: Vec<f32> = x.iter().map(|&v| (v - mx).exp()).collect();
-        let s: f32 = ex.iter().map(|&v| v as f64).sum::<f64>() as f32;
-        ex.iter().map(|&v| v / s + 1e-8).collect()
+        out.clear();
+        out.extend(x.iter().map(|&v| crate::vmath::exp(v - mx)));
+        let s = sum_of(out, |v| v as f64) as f32;
+        out.iter_mut().for_each(|v| *v = *v / s + 1e-8);
     };
     // KL per row; an entry's importance |θ − base|·KL is formed where needed.
+    let (mut p, mut q) = (Vec::with_capacity(len), Vec::with_capacity(len));
     let kls: Vec<f32> = base
         .chunks(len)
         .zip(model.chunks(len))
         .map(|(rb, rm)| {
-            let (p, q) = (softmax(rm), softmax(rb));
-            p.iter()
-                .zip(&q)
-                .map(|(&p, &q)| p as f64 * (p / q).ln() as f64)
-                .sum::<f64>() as f32
+            softmax(rm, &mut p);
+            softmax(rb, &mut q);
+            sum_pairs(&p, &q, |p, q| p as f64 * crate::vmath::ln(p / q) as f64) as f32
         })
         .collect();
     let importance = |i: usize| (model[i] - base[i]).abs() * kls[i / len];
-    let mut sample: Vec<f32> = if n > ARCEE_FUSION_QUANTILE_SAMPLE {
+    let sample: Vec<f32> = if n > ARCEE_FUSION_QUANTILE_SAMPLE {
         (0..ARCEE_FUSION_QUANTILE_SAMPLE)
             .map(|_| importance(rng.below(n)))
             .collect()
     } else {
         (0..n).map(importance).collect()
     };
-    let [q1, median, q3] = order_statistics(&mut sample, [0.25, 0.5, 0.75]);
+    let [q1, median, q3] = order_statistics(&sample, [0.25, 0.5, 0.75]);
     drop(sample);
     let threshold = median + 1.5 * (q3 - q1);
     let mut out = Vec::new();
@@ -1080,19 +1081,50 @@ pub fn arcee_fusion(shape: &[usize], base: &[f32], model: &[f32], rng: &mut Rng)
 }
 
 /// The values at sorted positions `⌊qⱼ·(n − 1)⌋` of `v` (ascending `qⱼ`, by
-/// `total_cmp`): exactly what sorting would put there, by three selections
-/// rather than a sort. Reorders `v`, which must not be empty.
-fn order_statistics<const K: usize>(v: &mut [f32], qs: [f64; K]) -> [f32; K] {
-    let mut out = [0f32; K];
-    // From the highest position down, each selection narrowing the next to the part below it.
-    let mut hi = v.len();
-    for (j, &q) in qs.iter().enumerate().rev() {
-        let at = (q * (v.len() - 1) as f64) as usize;
-        if at < hi {
-            v[..hi].select_nth_unstable_by(at, f32::total_cmp);
-            hi = at;
+/// `total_cmp`): exactly what sorting would put there. A radix selection: one
+/// pass counts the values per bucket of their order key's top 16 bits, which
+/// places each position in one bucket, and a second gathers those buckets'
+/// values, where a selection finds each one (a bucket holds a small share of
+/// `v` unless its values are nearly all alike). `v` must not be empty.
+fn order_statistics<const K: usize>(v: &[f32], qs: [f64; K]) -> [f32; K] {
+    // `total_cmp`'s order as unsigned integers.
+    let key = |x: f32| {
+        let b = x.to_bits();
+        b ^ ((((b as i32) >> 31) as u32) >> 1) ^ 0x8000_0000
+    };
+    let mut counts = vec![0u32; 1 << 16];
+    for &x in v {
+        counts[(key(x) >> 16) as usize] += 1;
+    }
+    // Each position's bucket, and its rank among that bucket's values.
+    let positions = qs.map(|q| (q * (v.len() - 1) as f64) as usize);
+    let mut targets = [(0usize, 0usize); K];
+    let (mut bucket, mut below) = (0usize, 0usize);
+    for (t, &at) in targets.iter_mut().zip(&positions) {
+        while below + counts[bucket] as usize <= at {
+            below += counts[bucket] as usize;
+            bucket += 1;
         }
-        out[j] = v[at];
+        *t = (bucket, at - below);
+    }
+    let first_of = |b: usize| targets.iter().position(|&(t, _)| t == b);
+    let mut members: Vec<Vec<f32>> = (0..K)
+        .map(|j| match first_of(targets[j].0) == Some(j) {
+            true => Vec::with_capacity(counts[targets[j].0] as usize),
+            false => Vec::new(),
+        })
+        .collect();
+    for &x in v {
+        let b = (key(x) >> 16) as usize;
+        // Positions in one bucket share the first one's list.
+        if let Some(j) = first_of(b) {
+            members[j].push(x);
+        }
+    }
+    let mut out = [0f32; K];
+    for (j, &(b, rank)) in targets.iter().enumerate() {
+        let m = &mut members[first_of(b).unwrap_or(j)];
+        out[j] = *m.select_nth_unstable_by(rank, f32::total_cmp).1;
     }
     out
 }
@@ -1459,15 +1491,26 @@ mod tests {
     #[test]
     fn order_statistics_equal_sorting() {
         let mut rng = weights::rng::Rng::new(5);
-        for n in (1..40).chain([1000, 1001]) {
-            // Few distinct values, so ties are common.
-            let v: Vec<f32> = (0..n).map(|_| rng.below(7) as f32 - 3.0).collect();
-            let mut sorted = v.clone();
-            sorted.sort_unstable_by(f32::total_cmp);
-            let at = |q: f64| sorted[(q * (n - 1) as f64) as usize];
-            let mut w = v.clone();
-            let got = order_statistics(&mut w, [0.25, 0.5, 0.75]);
-            assert_eq!(got, [at(0.25), at(0.5), at(0.75)], "n {n}");
+        let bits = |v: [f32; 3]| v.map(f32::to_bits);
+        for n in (1..40).chain([1000, 1001, 70_000]) {
+            for spread in [false, true] {
+                let v: Vec<f32> = (0..n)
+                    .map(|_| match spread {
+                        // Few distinct values (signed zeros among them), so
+                        // ties are common and the positions share buckets.
+                        false => [-3.0, -1.0, -0.0, 0.0, 0.5, 2.0, 3.0][rng.below(7)],
+                        // Either sign over many decades, bucket by bucket.
+                        true => (rng.normal() * 10f64.powf(rng.uniform() * 20.0 - 10.0)) as f32,
+                    })
+                    .collect();
+                let mut sorted = v.clone();
+                sorted.sort_unstable_by(f32::total_cmp);
+                let at = |q: f64| sorted[(q * (n - 1) as f64) as usize];
+                for qs in [[0.25, 0.5, 0.75], [0.0, 0.5, 1.0], [0.5, 0.5, 0.5]] {
+                    let got = order_statistics(&v, qs);
+                    assert_eq!(bits(got), bits(qs.map(at)), "n {n} {qs:?}");
+                }
+            }
         }
     }
 
