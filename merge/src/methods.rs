@@ -1488,6 +1488,32 @@ mod tests {
 
     /// Three selections give the sorted order's values at the quartile
     /// positions, with ties and at every small length.
+    /// A row with an infinite or NaN entry has no finite KL (as with libm's
+    /// `expf`/`logf`): its importances are NaN, never above the threshold, so
+    /// the row stays the base's; the other rows are unaffected.
+    #[test]
+    fn arcee_fusion_keeps_the_base_on_rows_without_a_finite_kl() {
+        let mut g = weights::rng::Rng::new(3);
+        let (rows, cols) = (6, 16);
+        let base: Vec<f32> = (0..rows * cols).map(|_| g.normal() as f32).collect();
+        let model: Vec<f32> = base.iter().map(|b| b + g.normal() as f32).collect();
+        let clean = arcee_fusion(&[rows, cols], &base, &model, &mut weights::rng::Rng::new(1));
+        for bad in [f32::INFINITY, f32::NAN] {
+            let mut m = model.clone();
+            m[2 * cols + 5] = bad;
+            let got = arcee_fusion(&[rows, cols], &base, &m, &mut weights::rng::Rng::new(1));
+            assert_eq!(&got[2 * cols..3 * cols], &base[2 * cols..3 * cols], "{bad}");
+            // One row fewer among the importances moves the quartiles a
+            // little; elsewhere every kept entry is the model's, every other the base's.
+            for (e, ((&o, &b), &x)) in got.iter().zip(&base).zip(&model).enumerate() {
+                assert!(o == b || o == x, "entry {e}");
+            }
+            assert!(got.iter().all(|v| v.is_finite()), "{bad}");
+        }
+        // The clean merge keeps some of the model's changes.
+        assert!(clean.iter().zip(&base).any(|(o, b)| o != b));
+    }
+
     #[test]
     fn order_statistics_equal_sorting() {
         let mut rng = weights::rng::Rng::new(5);

@@ -483,7 +483,7 @@ struct DellaRow {
     /// `|v|`'s bits, which order non-negative floats as `total_cmp` does.
     bits: Vec<u32>,
     /// Entries per bucket, then (prefix sums) each bucket's first rank.
-    counts: Vec<u32>,
+    counts: Vec<usize>,
     /// The undecided entries and their draws.
     open: Vec<usize>,
     open_draws: Vec<u64>,
@@ -539,10 +539,7 @@ impl DellaRow {
         for (j, (&b, keep)) in self.bits.iter().zip(self.keep.iter_mut()).enumerate() {
             let u = draw(j);
             let k = bucket(b);
-            let (ta, tb) = (
-                threshold[self.counts[k] as usize],
-                threshold[self.counts[k + 1] as usize - 1],
-            );
+            let (ta, tb) = (threshold[self.counts[k]], threshold[self.counts[k + 1] - 1]);
             let (tmin, tmax) = if ta <= tb { (ta, tb) } else { (tb, ta) };
             *keep = u < tmin;
             // `tmin ≤ u < tmax` in one comparison: the keep draw is a coin
@@ -669,9 +666,15 @@ mod tests {
         for (shape, draw) in cases {
             let n: usize = shape.iter().product();
             let x: Vec<f32> = (0..n).map(|_| draw(&mut g)).collect();
-            for draws in [Draws::Seeded, Draws::ValueHash] {
+            // A negative ε makes the thresholds fall with rank.
+            for (draws, eps) in [
+                (Draws::Seeded, 0.2),
+                (Draws::ValueHash, 0.2),
+                (Draws::Seeded, -0.2),
+                (Draws::ValueHash, -0.2),
+            ] {
                 let params = SparsifyParams {
-                    epsilon: 0.2,
+                    epsilon: eps,
                     draws,
                     ..p(0.5)
                 };
@@ -711,7 +714,10 @@ mod tests {
                             } else {
                                 (0.0, 0.0)
                             };
-                            probs[j] = (0.3 + nm * 2.0 * 0.2, 0.3f32 + nm32 * 2.0 * 0.2f32);
+                            probs[j] = (
+                                0.5 - eps + nm * 2.0 * eps,
+                                (0.5 - eps) as f32 + nm32 * 2.0 * eps as f32,
+                            );
                         }
                         for (j, &(pr, pr32)) in probs.iter().enumerate() {
                             let e = at(j);
@@ -726,7 +732,7 @@ mod tests {
                     }
                 }
                 let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "{shape:?} {draws:?}");
+                assert_eq!(bits(&got), bits(&want), "{shape:?} {draws:?} ε {eps}");
             }
         }
     }

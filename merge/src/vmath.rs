@@ -14,7 +14,7 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 const ROUND: f32 = 12_582_912.0;
 
 /// `eˣ` for `x ≤ 88`: 0 below −87.3 (where `eˣ` leaves the normal range),
-/// within 1 ulp elsewhere. Not for NaN or larger `x`.
+/// within 1 ulp elsewhere; NaN stays NaN. Not for larger `x`.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     let xc = x.max(-87.336_55);
@@ -30,11 +30,17 @@ pub(crate) fn exp(x: f32) -> f32 {
         + 0.5;
     let y = p * r2 + r + 1.0;
     let scaled = y * f32::from_bits(((ni + 127) << 23) as u32);
-    if x < -87.336_55 { 0.0 } else { scaled }
+    if x < -87.336_55 {
+        0.0
+    } else if x.is_nan() {
+        x
+    } else {
+        scaled
+    }
 }
 
-/// `ln x` for positive normal `x` (not 0, subnormal, infinite or NaN), within
-/// 1 ulp.
+/// `ln x` for positive normal `x` (not 0, subnormal or infinite), within
+/// 1 ulp; NaN stays NaN.
 #[inline(always)]
 pub(crate) fn ln(x: f32) -> f32 {
     let bits = x.to_bits();
@@ -58,7 +64,8 @@ pub(crate) fn ln(x: f32) -> f32 {
         * m
         + 3.333_333e-1;
     let y = p * m * z + e * LN2_LO - 0.5 * z;
-    m + y + e * LN2_HI
+    let r = m + y + e * LN2_HI;
+    if x.is_nan() { x } else { r }
 }
 
 #[cfg(test)]
@@ -99,6 +106,7 @@ mod tests {
         assert_eq!(super::exp(-88.0), 0.0);
         assert_eq!(super::exp(-1e30), 0.0);
         assert_eq!(super::exp(f32::NEG_INFINITY), 0.0);
+        assert!(super::exp(f32::NAN).is_nan());
         assert!((super::exp(1.0) - std::f32::consts::E).abs() <= f32::EPSILON * 3.0);
     }
 
@@ -108,6 +116,7 @@ mod tests {
         sweep(0.5, 2.0, super::ln, f64::ln);
         sweep(2.0, f32::MAX, super::ln, f64::ln);
         assert_eq!(super::ln(1.0), 0.0);
+        assert!(super::ln(f32::NAN).is_nan());
         for (x, want) in [
             (2.0f32, std::f64::consts::LN_2),
             (1e-8, (1e-8f32 as f64).ln()),
