@@ -6,7 +6,9 @@ to target/bench-data/merge/, then runs every method both tools have through
 both, each as a child process, and reports wall time and the child's peak RSS
 (medians of `--runs`; `--methods` picks some). The two outputs of each
 deterministic method are compared tensor by tensor. TSV-M, Iso-C and Iso-CTS,
-which mergekit lacks, are timed alone.
+which mergekit lacks, are timed against their authors' algorithms re-run in
+torch float64 (`tests/fixtures/svd_reference.py`, the equality fixture's
+reference: load, merge, save), and the outputs compared.
 
     cargo build --release -p merge
     python3 -m venv /tmp/mk && /tmp/mk/bin/pip install mergekit==0.1.5
@@ -111,6 +113,14 @@ OURS_ONLY = {
 # Randomised in both tools with different generators (or sampled quantiles above 10⁶ entries).
 RANDOM = {"dare_ties", "dare_linear", "della", "della_linear", "arcee_fusion"}
 
+# The SVD merges' reference: the equality fixture's re-run of the authors' code.
+SVD_REFERENCE = (
+    "import os,sys,yaml;sys.path.insert(0," + repr(os.path.join(ROOT, "merge", "tests", "fixtures")) + ");"
+    "import svd_reference as r;from safetensors.torch import save_file;"
+    "cfg=yaml.safe_load(open(sys.argv[1]));os.makedirs(sys.argv[2]);"
+    "save_file(r.merge(cfg,os.path.dirname(sys.argv[1])),os.path.join(sys.argv[2],'model.safetensors'))"
+)
+
 WRAP = "import resource,subprocess,sys;r=subprocess.run(sys.argv[1:],capture_output=True);" \
        "sys.stderr.write(r.stderr.decode()[-2000:]) if r.returncode else None;" \
        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);sys.exit(r.returncode)"
@@ -174,7 +184,11 @@ def main():
             f.write(yaml)
         tm, rm = timed("merge", name, lambda out: [ours, cfg, out, "--quiet"], args.runs)
         if name in OURS_ONLY:
-            print(f"{name}: merge {tm:.2f} s {rm:.0f} MB | (not in mergekit)", flush=True)
+            tr, rr = timed("mergekit", name, lambda out: [sys.executable, "-c", SVD_REFERENCE, cfg, out], args.runs)
+            d, n, total = max_rel_dev(os.path.join(DATA, f"out-merge-{name}"), os.path.join(DATA, f"out-mergekit-{name}"))
+            print(f"{name}: merge {tm:.2f} s {rm:.0f} MB | authors' algorithm in torch f64 {tr:.2f} s {rr:.0f} MB | "
+                  f"{tr / tm:.1f}x faster, {rr / rm:.1f}x less memory | max rel. deviation {d:.1e}, "
+                  f"{n} of {total} entries differ", flush=True)
             drop_outputs(name)
             continue
         tk, rk = timed("mergekit", name,
