@@ -1087,11 +1087,7 @@ pub fn arcee_fusion(shape: &[usize], base: &[f32], model: &[f32], rng: &mut Rng)
 /// values, where a selection finds each one (a bucket holds a small share of
 /// `v` unless its values are nearly all alike). `v` must not be empty.
 fn order_statistics<const K: usize>(v: &[f32], qs: [f64; K]) -> [f32; K] {
-    // `total_cmp`'s order as unsigned integers.
-    let key = |x: f32| {
-        let b = x.to_bits();
-        b ^ ((((b as i32) >> 31) as u32) >> 1) ^ 0x8000_0000
-    };
+    let key = crate::vmath::total_order_key;
     let mut counts = vec![0u32; 1 << 16];
     for &x in v {
         counts[(key(x) >> 16) as usize] += 1;
@@ -1486,8 +1482,6 @@ mod tests {
         close(&sce(&base, &[&a, &b], 0.0), &[0.0; 4], 0.0);
     }
 
-    /// Three selections give the sorted order's values at the quartile
-    /// positions, with ties and at every small length.
     /// A row with an infinite or NaN entry has no finite KL (as with libm's
     /// `expf`/`logf`): its importances are NaN, never above the threshold, so
     /// the row stays the base's; the other rows are unaffected.
@@ -1514,6 +1508,8 @@ mod tests {
         assert!(clean.iter().zip(&base).any(|(o, b)| o != b));
     }
 
+    /// The radix selection gives the sorted order's values at the quartile
+    /// (and other) positions: with ties, at every small length, across buckets.
     #[test]
     fn order_statistics_equal_sorting() {
         let mut rng = weights::rng::Rng::new(5);

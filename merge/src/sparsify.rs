@@ -298,9 +298,8 @@ pub(crate) fn weighted_sparse_delta<'a>(
     let (before, after) = if seeded_dare {
         // As `sparsify`'s `Random` arm: `uniform() < density` ⟺ `bits >> 11 < ⌈density·2⁵³⌉`.
         let threshold = draw_threshold(p.density);
-        // A plain loop over locals: the generator's state and the two sums stay
-        // in registers.
-        // Both L1 sums as `l1` forms them (so the same factor as `sparsify`).
+        // A plain loop over locals (the generator's state stays in registers),
+        // summing both L1 norms in `l1`'s lanes, so the factor is `sparsify`'s.
         use crate::methods::{LANES, lanes_total};
         let mut local = rng.clone();
         let whole = x.len() - x.len() % LANES;
@@ -484,12 +483,13 @@ struct DellaRow {
     bits: Vec<u32>,
     /// Entries per bucket, then (prefix sums) each bucket's first rank.
     counts: Vec<usize>,
-    /// The undecided entries and their draws.
-    open: Vec<usize>,
-    open_draws: Vec<u64>,
-    /// Packed `(bits, position)` keys and scratch for the radix sort.
+    /// The undecided entries, with their draws.
+    open: Vec<(usize, u64)>,
+    /// Packed `(bits, position)` keys and scratch for the radix sort, and
+    /// each position's rank, where the whole row is ranked.
     keys: Vec<u64>,
     scratch: Vec<u64>,
+    ranks: Vec<usize>,
     keep: Vec<bool>,
 }
 
@@ -535,7 +535,6 @@ impl DellaRow {
             self.counts[b] += self.counts[b - 1];
         }
         self.open.clear();
-        self.open_draws.clear();
         for (j, (&b, keep)) in self.bits.iter().zip(self.keep.iter_mut()).enumerate() {
             let u = draw(j);
             let k = bucket(b);
@@ -545,18 +544,22 @@ impl DellaRow {
             // `tmin ≤ u < tmax` in one comparison: the keep draw is a coin
             // flip, which a branch would mispredict; this one is rarely taken.
             if u.wrapping_sub(tmin) < tmax - tmin {
-                self.open.push(j);
-                self.open_draws.push(u);
+                self.open.push((j, u));
             }
         }
         if self.open.len() <= Self::MAX_COUNTED {
-            for (&j, &u) in self.open.iter().zip(&self.open_draws) {
+            for &(j, u) in &self.open {
                 let v = self.bits[j];
                 let below = self.bits.iter().filter(|&&b| b < v).count();
                 let equal_before = self.bits[..j].iter().filter(|&&b| b == v).count();
                 self.keep[j] = u < threshold[below + equal_before];
             }
-        } else if let Ok(m32) = u32::try_from(m) {
+            return;
+        }
+        // Many undecided: rank the whole row, by (bits, position).
+        self.ranks.clear();
+        self.ranks.resize(m, 0);
+        if let Ok(m32) = u32::try_from(m) {
             self.keys.clear();
             self.keys.extend(
                 self.bits
@@ -565,26 +568,19 @@ impl DellaRow {
                     .map(|(&b, j)| (u64::from(b) << 32) | u64::from(j)),
             );
             radix_sort_high(&mut self.keys, &mut self.scratch);
-            // The sorted keys' positions, reused as each position's rank.
-            let ranks = &mut self.scratch;
-            ranks.clear();
-            ranks.resize(m, 0);
             for (k, key) in self.keys.iter().enumerate() {
-                ranks[(key & 0xffff_ffff) as usize] = k as u64;
-            }
-            for (&j, &u) in self.open.iter().zip(&self.open_draws) {
-                self.keep[j] = u < threshold[ranks[j] as usize];
+                self.ranks[(key & 0xffff_ffff) as usize] = k;
             }
         } else {
+            // Positions beyond 32 bits do not pack: a comparison sort.
             let mut order: Vec<usize> = (0..m).collect();
             order.sort_by_key(|&j| (self.bits[j], j));
-            let mut ranks = vec![0usize; m];
             for (k, &j) in order.iter().enumerate() {
-                ranks[j] = k;
+                self.ranks[j] = k;
             }
-            for (&j, &u) in self.open.iter().zip(&self.open_draws) {
-                self.keep[j] = u < threshold[ranks[j]];
-            }
+        }
+        for &(j, u) in &self.open {
+            self.keep[j] = u < threshold[self.ranks[j]];
         }
     }
 }
