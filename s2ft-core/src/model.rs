@@ -463,73 +463,89 @@ pub fn to_weights<B: Backend, const D: usize>(t: Tensor<B, D>) -> WTensor {
     WTensor::f32(ndarray::ArrayD::from_shape_vec(shape, data).expect("shape"))
 }
 
-/// The rotary tables `cos`, `sin` (`[t, head_dim]`, rotate-half layout) for positions `0..t`.
-pub fn rope_tables<B: Backend>(
-    cfg: &LlamaConfig,
-    t: usize,
-    device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let d = cfg.head_dim;
-    let half = d / 2;
-    let mut cos = Vec::with_capacity(t * d);
-    let mut sin = Vec::with_capacity(t * d);
-    for p in 0..t {
-        for j in 0..d {
-            let i = j % half;
-            let freq = cfg.rope_theta.powf(-2.0 * i as f64 / d as f64);
-            let a = p as f64 * freq;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
-        }
-    }
-    (
-        Tensor::from_data(TensorData::new(cos, [t, d]), device),
-        Tensor::from_data(TensorData::new(sin, [t, d]), device),
-    )
+/// The rotary embedding of one forward pass, laid out as the projections
+/// write their outputs: `cos`/`sin` per query row and head (`[b, t, heads, d]`,
+/// materialised once and shared by every block) and the rotate-half map as a
+/// `[d, d]` signed permutation. Every product of [`Rope::rotate`] then runs on
+/// contiguous tensors of one shape: Burn's CPU backend walks a broadcast or
+/// permuted operand element by element (its strided iterator was a quarter of
+/// a training step's serial time), while a matmul by the permutation is a
+/// small GEMM and exact (one non-zero term per output).
+struct Rope<B: Backend> {
+    /// Query heads' tables.
+    q: (Tensor<B, 4>, Tensor<B, 4>),
+    /// Key heads' tables.
+    k: (Tensor<B, 4>, Tensor<B, 4>),
+    /// `rotate_half` as a matrix: `x·R = cat(−x₂, x₁)`.
+    half_turn: Tensor<B, 2>,
 }
 
-/// Rotary embedding of `x` (`[b, heads, t, d]`) with tables `[r, t, d]`,
-/// `r` = 1 (every row at the same positions) or `b` (a position per row).
-fn rotate<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 4> {
-    let [b, h, t, d] = x.dims();
-    let r = cos.dims()[0];
-    let half = d / 2;
-    let x1 = x.clone().narrow(3, 0, half);
-    let x2 = x.clone().narrow(3, half, half);
-    let rot = Tensor::cat(vec![x2.neg(), x1], 3);
-    let c = cos.clone().reshape([r, 1, t, d]).expand([b, h, t, d]);
-    let s = sin.clone().reshape([r, 1, t, d]).expand([b, h, t, d]);
-    x * c + rot * s
-}
-
-/// Rotary tables `[b, t, head_dim]` for per-row positions `pos` (row-major `[b, t]`).
-fn rope_rows<B: Backend>(
-    cfg: &LlamaConfig,
-    pos: &[usize],
-    b: usize,
-    t: usize,
-    device: &B::Device,
-) -> (Tensor<B, 3>, Tensor<B, 3>) {
-    let d = cfg.head_dim;
-    let half = d / 2;
-    let mut cos = Vec::with_capacity(b * t * d);
-    let mut sin = Vec::with_capacity(b * t * d);
-    for &p in pos {
-        for j in 0..d {
-            let freq = cfg.rope_theta.powf(-2.0 * (j % half) as f64 / d as f64);
-            let a = p as f64 * freq;
-            cos.push(a.cos() as f32);
-            sin.push(a.sin() as f32);
+impl<B: Backend> Rope<B> {
+    /// The tables for rows `b` at positions `pos(row, q)`, `q < t`.
+    fn new(
+        cfg: &LlamaConfig,
+        b: usize,
+        t: usize,
+        pos: impl Fn(usize, usize) -> usize,
+        device: &B::Device,
+    ) -> Self {
+        let d = cfg.head_dim;
+        let half = d / 2;
+        let freqs: Vec<f64> = (0..d)
+            .map(|j| cfg.rope_theta.powf(-2.0 * (j % half) as f64 / d as f64))
+            .collect();
+        let table = |heads: usize| {
+            let mut cos = Vec::with_capacity(b * t * heads * d);
+            let mut sin = Vec::with_capacity(b * t * heads * d);
+            for row in 0..b {
+                for q in 0..t {
+                    let p = pos(row, q) as f64;
+                    let (c, s): (Vec<f32>, Vec<f32>) = freqs
+                        .iter()
+                        .map(|f| {
+                            let a = p * f;
+                            (a.cos() as f32, a.sin() as f32)
+                        })
+                        .unzip();
+                    for _ in 0..heads {
+                        cos.extend_from_slice(&c);
+                        sin.extend_from_slice(&s);
+                    }
+                }
+            }
+            let shape = [b, t, heads, d];
+            (
+                Tensor::from_data(TensorData::new(cos, shape), device),
+                Tensor::from_data(TensorData::new(sin, shape), device),
+            )
+        };
+        let mut r = vec![0f32; d * d];
+        for j in 0..half {
+            r[(j + half) * d + j] = -1.0;
+            r[j * d + j + half] = 1.0;
+        }
+        Rope {
+            q: table(cfg.num_attention_heads),
+            k: table(cfg.num_key_value_heads),
+            half_turn: Tensor::from_data(TensorData::new(r, [d, d]), device),
         }
     }
-    (
-        Tensor::from_data(TensorData::new(cos, [b, t, d]), device),
-        Tensor::from_data(TensorData::new(sin, [b, t, d]), device),
-    )
+
+    /// The rotated heads `[b, t, heads, d]` of a projection's output
+    /// `y` (`[b·t, heads·d]`), with `tables` = `self.q` or `self.k`.
+    fn rotate(&self, y: Tensor<B, 2>, tables: &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 4> {
+        let [b, t, heads, d] = tables.0.dims();
+        let rot = y
+            .clone()
+            .reshape([b * t * heads, d])
+            .matmul(self.half_turn.clone())
+            .reshape([b, t, heads, d]);
+        y.reshape([b, t, heads, d]) * tables.0.clone() + rot * tables.1.clone()
+    }
 }
 
 /// The keys and values of the positions a model has seen, per block
-/// (`[b, kv_heads, t, head_dim]`, after RoPE), so that decoding one more token
+/// (`[b, kv_heads, 1, t, head_dim]`, after RoPE), so that decoding one more token
 /// costs one position instead of the whole sequence.
 ///
 /// Rows of different lengths decode together when their tokens are padded
@@ -538,7 +554,7 @@ fn rope_rows<B: Backend>(
 /// shifts each row's positions so its real tokens sit where they would alone.
 #[derive(Clone, Debug)]
 pub struct KvCache<B: Backend> {
-    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    layers: Vec<Option<(Tensor<B, 5>, Tensor<B, 5>)>>,
     len: usize,
     /// Per row, the padding slots `pad_at..pad_at + pads[i]` (empty: none).
     pads: Vec<usize>,
@@ -611,9 +627,9 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         cfg: &LlamaConfig,
-        rope: &(Tensor<B, 3>, Tensor<B, 3>),
+        rope: &Rope<B>,
         mask: Option<&Tensor<B, 4, Bool>>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        cache: Option<&mut Option<(Tensor<B, 5>, Tensor<B, 5>)>>,
     ) -> Tensor<B, 2> {
         let [b, t, hidden] = x.dims();
         let (h, kv, d) = (
@@ -621,41 +637,32 @@ impl<B: Backend> Attention<B> {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
+        // GQA: query head j reads key/value head j / g. The queries are viewed
+        // as [b, kv, g, t, d] and the keys and values as [b, kv, 1, t, d], so
+        // the matmuls broadcast each key/value head over its g query heads
+        // (no copies) and their outputs are [b, h, t, ·] in memory.
+        let g = h / kv;
         let flat = x.reshape([b * t, hidden]);
-        let heads = |y: Tensor<B, 2>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
-        let q = rotate(
-            heads(self.q_proj.forward(flat.clone()), h),
-            &rope.0,
-            &rope.1,
-        );
-        let mut k = rotate(
-            heads(self.k_proj.forward(flat.clone()), kv),
-            &rope.0,
-            &rope.1,
-        );
-        let mut v = heads(self.v_proj.forward(flat), kv);
+        let q = rope
+            .rotate(self.q_proj.forward(flat.clone()), &rope.q)
+            .reshape([b, t, kv, g, d])
+            .permute([0, 2, 3, 1, 4]);
+        let per_kv_head = |y: Tensor<B, 4>| y.reshape([b, t, kv, 1, d]).permute([0, 2, 3, 1, 4]);
+        let mut k = per_kv_head(rope.rotate(self.k_proj.forward(flat.clone()), &rope.k));
+        let mut v = per_kv_head(self.v_proj.forward(flat).reshape([b, t, kv, d]));
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.take() {
-                k = Tensor::cat(vec![pk, k], 2);
-                v = Tensor::cat(vec![pv, v], 2);
+                k = Tensor::cat(vec![pk, k], 3);
+                v = Tensor::cat(vec![pv, v], 3);
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let total = k.dims()[2];
+        let total = k.dims()[3];
         let start = total - t;
-        // GQA: query head j reads key/value head j / (h / kv).
-        let g = h / kv;
-        let expand = |y: Tensor<B, 4>| {
-            if g == 1 {
-                y
-            } else {
-                y.reshape([b, kv, 1, total, d])
-                    .expand([b, kv, g, total, d])
-                    .reshape([b, h, total, d])
-            }
-        };
-        let (k, v) = (expand(k), expand(v));
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
+        let scores = q
+            .matmul(k.swap_dims(3, 4))
+            .reshape([b, h, t, total])
+            .div_scalar((d as f64).sqrt());
         let p = if let Some(m) = mask {
             // Padding slots and the future, per row (`[b, 1, t, total]`).
             softmax(
@@ -673,7 +680,11 @@ impl<B: Backend> Attention<B> {
                 .expand([b, h, t, total]);
             softmax(scores.mask_fill(mask, -1.0e9), 3)
         };
-        p.matmul(v).swap_dims(1, 2).reshape([b * t, h * d])
+        p.reshape([b, kv, g, t, total])
+            .matmul(v)
+            .reshape([b, h, t, d])
+            .swap_dims(1, 2)
+            .reshape([b * t, h * d])
     }
 }
 
@@ -1009,22 +1020,16 @@ impl<B: Backend> Llama<B> {
         let start = cache.as_ref().map_or(0, |c| c.len);
         let padded = cache.as_ref().filter(|c| !c.pads.is_empty());
         let (rope, mask) = match padded {
-            None => {
-                let (cos, sin) = rope_tables::<B>(&self.config, start + t, &device);
-                let rope = (
-                    cos.narrow(0, start, t).unsqueeze::<3>(),
-                    sin.narrow(0, start, t).unsqueeze::<3>(),
-                );
-                (rope, None)
-            }
+            None => (
+                Rope::new(&self.config, b, t, |_, q| start + q, &device),
+                None,
+            ),
             Some(c) => {
                 // Per-row positions, and a mask of the padding slots and the future.
                 let total = start + t;
-                let mut pos = Vec::with_capacity(b * t);
                 let mut m = Vec::with_capacity(b * t * total);
                 for row in 0..b {
                     for q in 0..t {
-                        pos.push(c.position(row, start + q));
                         m.extend((0..total).map(|k| k > start + q || c.is_pad(row, k)));
                     }
                 }
@@ -1032,7 +1037,13 @@ impl<B: Backend> Llama<B> {
                     Tensor::<B, 3, Bool>::from_data(TensorData::new(m, [b, t, total]), &device)
                         .reshape([b, 1, t, total]);
                 (
-                    rope_rows::<B>(&self.config, &pos, b, t, &device),
+                    Rope::new(
+                        &self.config,
+                        b,
+                        t,
+                        |row, q| c.position(row, start + q),
+                        &device,
+                    ),
                     Some(mask),
                 )
             }
@@ -1171,4 +1182,54 @@ pub fn random_state_dict(config: &LlamaConfig, seed: u64) -> StateDict {
         sd.insert(name, WTensor::f32(data));
     }
     sd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cpu;
+
+    /// `Rope::rotate` (contiguous tables, rotate-half as a matmul) equals
+    /// the textbook `x·cos + cat(−x₂, x₁)·sin` bit for bit, per row and head,
+    /// with per-row positions as left-padded decoding has them.
+    #[test]
+    fn rope_rotate_is_rotate_half_exactly() {
+        let c = LlamaConfig::tiny(40, 32, 2, 4, 2, 48);
+        let (b, t, d) = (3, 5, c.head_dim);
+        let heads = c.num_attention_heads;
+        let pos = |row: usize, q: usize| 7 * row + 3 * q;
+        let device = Default::default();
+        let rope = Rope::<Cpu>::new(&c, b, t, pos, &device);
+        let mut rng = SplitMix64::new(11);
+        let x: Vec<f32> = (0..b * t * heads * d)
+            .map(|_| (rng.uniform() * 8.0 - 4.0) as f32)
+            .collect();
+        let y =
+            Tensor::<Cpu, 2>::from_data(TensorData::new(x.clone(), [b * t, heads * d]), &device);
+        let got: Vec<f32> = rope.rotate(y, &rope.q).into_data().into_vec().unwrap();
+        let half = d / 2;
+        for row in 0..b {
+            for q in 0..t {
+                for h in 0..heads {
+                    let at = ((row * t + q) * heads + h) * d;
+                    for j in 0..d {
+                        let freq = c.rope_theta.powf(-2.0 * (j % half) as f64 / d as f64);
+                        let a = pos(row, q) as f64 * freq;
+                        let rot = if j < half {
+                            -x[at + j + half]
+                        } else {
+                            x[at + j - half]
+                        };
+                        let want = x[at + j] * a.cos() as f32 + rot * a.sin() as f32;
+                        assert_eq!(
+                            got[at + j].to_bits(),
+                            want.to_bits(),
+                            "row {row} pos {q} head {h} dim {j}"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(rope.k.0.dims(), [b, t, c.num_key_value_heads, d]);
+    }
 }
