@@ -186,6 +186,7 @@ mod tests {
             threads: 1,
             phases_seconds: vec![],
             wall_seconds: 0.0,
+            resumes: 0,
         };
         std::fs::create_dir_all(dir.join(name)).unwrap();
         let text = serde_json::to_string(&Written { run, metrics }).unwrap();

@@ -26,6 +26,11 @@ pub struct RunArgs {
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
+    /// Continue the interrupted run in `--out` (its `metrics.partial.json`):
+    /// what it finished is kept, the rest runs. Studies that cannot resume
+    /// refuse it.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 impl Default for RunArgs {
@@ -34,6 +39,7 @@ impl Default for RunArgs {
             device: "cpu".into(),
             out: None,
             quiet: false,
+            resume: false,
         }
     }
 }
@@ -48,11 +54,95 @@ impl RunArgs {
         }
     }
 
-    /// Parses `--device` (naming `study` in the rebuild hint) and opens the report folder.
+    /// Parses `--device` (naming `study` in the rebuild hint) and opens the
+    /// report folder; refuses `--resume` (for studies that cannot resume).
     pub fn open(&self, study: &str) -> anyhow::Result<Run> {
+        if self.resume {
+            anyhow::bail!(
+                "--resume: the `{study}` study cannot resume an interrupted run (`s2ft --model` can)"
+            );
+        }
         let device = Device::parse(&self.device, study)?;
         Run::create(study, self.out.as_deref(), device, self.quiet)
     }
+
+    /// [`RunArgs::open`] for a study that can resume: with `--resume`, the
+    /// folder of `--out` reopened with its phases and wall time so far, and
+    /// the `metrics.partial.json` it left (the study checks and reuses it).
+    pub fn open_resumable(&self, study: &str) -> anyhow::Result<(Run, Option<Value>)> {
+        if !self.resume {
+            return Ok((
+                RunArgs {
+                    resume: false,
+                    ..self.clone()
+                }
+                .open(study)?,
+                None,
+            ));
+        }
+        let device = Device::parse(&self.device, study)?;
+        let Some(dir) = self.out.as_deref() else {
+            anyhow::bail!("--resume needs --out DIR, the folder of the run to continue");
+        };
+        if dir.join("metrics.json").is_file() {
+            anyhow::bail!(
+                "--resume: {} holds a finished run (metrics.json); nothing to resume",
+                dir.display()
+            );
+        }
+        let p = dir.join("metrics.partial.json");
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "--resume: reading {} (the interrupted run's state)",
+                p.display()
+            )
+        })?;
+        let partial: Value =
+            serde_json::from_str(&text).with_context(|| format!("reading {}", p.display()))?;
+        let record: RunRecord = serde_json::from_value(partial["run"].clone())
+            .with_context(|| format!("reading the run record of {}", p.display()))?;
+        if record.study != study {
+            anyhow::bail!(
+                "--resume: {} holds a `{}` run, not `{study}`",
+                dir.display(),
+                record.study
+            );
+        }
+        let mut run = Run::create(study, Some(dir), device, self.quiet)?;
+        run.earlier_seconds = record.wall_seconds;
+        run.resumes = record.resumes + 1;
+        run.phases = record
+            .phases_seconds
+            .into_iter()
+            .map(|p| (p.phase, p.seconds))
+            .collect();
+        Ok((run, Some(partial)))
+    }
+}
+
+/// Checks that a resumed run's plan (`now`, as JSON) is the one the
+/// interrupted run saved (`saved`), naming every option that differs.
+pub fn same_plan(saved: &Value, now: &Value) -> anyhow::Result<()> {
+    let (Some(a), Some(b)) = (saved.as_object(), now.as_object()) else {
+        anyhow::bail!("--resume: the saved plan is not an object");
+    };
+    let differ: Vec<String> = b
+        .iter()
+        .filter(|(k, v)| a.get(*k) != Some(*v))
+        .map(|(k, v)| {
+            format!(
+                "{k}: {} then, {v} now",
+                a.get(k).map_or("absent".into(), Value::to_string)
+            )
+        })
+        .collect();
+    if !differ.is_empty() {
+        anyhow::bail!(
+            "--resume: the interrupted run had other options ({}); rerun with its options or start a new --out",
+            differ.join("; ")
+        );
+    }
+    Ok(())
 }
 
 /// An open report folder.
@@ -65,6 +155,10 @@ pub struct Run {
     pub device: Device,
     start: Instant,
     phases: Vec<(String, f64)>,
+    /// Wall time of the interrupted runs this one continues.
+    earlier_seconds: f64,
+    /// How many times the run was resumed.
+    resumes: usize,
     /// Suppresses progress output.
     pub quiet: bool,
 }
@@ -122,6 +216,8 @@ impl Run {
             device,
             start: Instant::now(),
             phases: Vec::new(),
+            earlier_seconds: 0.0,
+            resumes: 0,
             quiet,
         })
     }
@@ -172,8 +268,14 @@ impl Run {
                     seconds: *seconds,
                 })
                 .collect(),
-            wall_seconds: self.start.elapsed().as_secs_f64(),
+            wall_seconds: self.wall_seconds(),
+            resumes: self.resumes,
         }
+    }
+
+    /// Wall time so far, the interrupted runs' included.
+    pub fn wall_seconds(&self) -> f64 {
+        self.earlier_seconds + self.start.elapsed().as_secs_f64()
     }
 
     /// Writes what is known so far to `metrics.partial.json` (with the run
@@ -205,7 +307,7 @@ impl Run {
             std::env::args().collect::<Vec<_>>().join(" "),
             git_commit(),
             self.device.label(),
-            self.start.elapsed().as_secs_f64()
+            self.wall_seconds()
         ));
         self.write("report.md", md.as_bytes())?;
         if !self.quiet {
@@ -232,8 +334,11 @@ pub struct RunRecord {
     pub threads: usize,
     /// Wall time of each phase, in order.
     pub phases_seconds: Vec<PhaseTime>,
-    /// Wall time of the whole run.
+    /// Wall time of the whole run (over every resumed part).
     pub wall_seconds: f64,
+    /// How many times an interrupted run was resumed (`--resume`).
+    #[serde(default)]
+    pub resumes: usize,
 }
 
 /// Versions in a [`RunRecord`].

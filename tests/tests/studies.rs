@@ -1,7 +1,7 @@
 //! The studies at tiny size: their numbers make sense and their report files
 //! exist, with PNGs that decode.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use weights::TensorSource;
 
@@ -1094,6 +1094,167 @@ fn s2ft_study_fine_tunes_a_hugging_face_model_and_saves_what_others_load() {
             f.display()
         );
     }
+}
+
+/// Every file under `dir`, relative to it.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `v` without the fields that time or weigh a run (they differ run to run).
+fn without_timings(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => m
+            .iter()
+            .filter(|(k, _)| !["step_ms", "peak_mb", "train_seconds"].contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), without_timings(v)))
+            .collect(),
+        serde_json::Value::Array(a) => a.iter().map(without_timings).collect(),
+        other => other.clone(),
+    }
+}
+
+/// A run cut short — full fine-tuning done, LoRA stopped after its sweep and
+/// first task, S²FT's sweep run but not scored — resumes to the
+/// uninterrupted run's scores and fine-tunes, byte for byte; `--resume`
+/// refuses a finished run, other options, a missing folder, and studies
+/// that cannot resume.
+#[test]
+fn s2ft_study_resumes_an_interrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_hf_model(dir.path(), 512);
+    let out = dir.path().join("run");
+    experiments::studies::s2ft::run(&llm_args(&model, &out)).unwrap();
+    let done: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+
+    // The interrupted run's folder, as the study leaves it.
+    let cut = dir.path().join("cut");
+    for f in files_under(&out) {
+        let to = cut.join(&f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(out.join(&f), to).unwrap();
+    }
+    std::fs::remove_file(cut.join("metrics.json")).unwrap();
+    std::fs::remove_file(cut.join("report.md")).unwrap();
+    let keep_run = |r: &serde_json::Value| {
+        r["method"] == "full" || (r["method"] == "lora r2" && r["task"] == "date")
+    };
+    let mut runs: Vec<_> = done["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| keep_run(r))
+        .cloned()
+        .collect();
+    assert_eq!(runs.len(), 3);
+    // A mark on a kept row: a resumed run reuses the rows, it does not redo them.
+    runs[0]["test_answer_loss"] = serde_json::json!(123.0);
+    let partial = serde_json::json!({
+        "plan": done["plan"],
+        "base": done["base"],
+        "sweep": done["sweep"],
+        "runs": runs,
+        "run": done["run"],
+        "complete": false,
+    });
+    std::fs::write(cut.join("metrics.partial.json"), partial.to_string()).unwrap();
+    for e in done["finetunes"].as_array().unwrap() {
+        if !keep_run(e) {
+            std::fs::remove_dir_all(cut.join(e["path"].as_str().unwrap())).unwrap();
+        }
+    }
+    // The manifest still lists them (a fine-tune saved, then cut before scoring).
+
+    let resume = |out: &Path| {
+        let mut a = llm_args(&model, out);
+        a.lm.run.resume = true;
+        a
+    };
+    experiments::studies::s2ft::run(&resume(&cut)).unwrap();
+    assert!(!cut.join("metrics.partial.json").exists());
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cut.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(again["runs"][0]["test_answer_loss"], 123.0);
+    let mut unmarked = again.clone();
+    unmarked["runs"][0]["test_answer_loss"] = done["runs"][0]["test_answer_loss"].clone();
+    for k in ["base", "sweep", "runs", "finetunes"] {
+        assert_eq!(
+            without_timings(&unmarked[k]),
+            without_timings(&done[k]),
+            "{k}"
+        );
+    }
+    // The resumed part ran only what was missing: LoRA on reverse, S²FT's sweep and reverse.
+    let phases = |m: &serde_json::Value| -> Vec<String> {
+        m["run"]["phases_seconds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["phase"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let new = phases(&again)[phases(&done).len()..].to_vec();
+    let ran = |s: &str| new.iter().any(|p| p.contains(s));
+    assert!(
+        ran("lora-r2 reverse") && ran("s2ft-random-r2 date lr") && ran("s2ft-random-r2 reverse"),
+        "{new:?}"
+    );
+    assert!(
+        !ran("full") && !ran("base") && !ran("lora-r2 date"),
+        "{new:?}"
+    );
+    assert_eq!(again["run"]["resumes"], 1);
+    assert!(
+        again["run"]["wall_seconds"].as_f64().unwrap()
+            > done["run"]["wall_seconds"].as_f64().unwrap()
+    );
+    let fine = files_under(&out.join("finetunes"));
+    assert_eq!(files_under(&cut.join("finetunes")), fine);
+    for f in fine
+        .iter()
+        .filter(|f| f.extension().is_some_and(|x| x == "safetensors"))
+    {
+        assert!(
+            std::fs::read(out.join("finetunes").join(f)).unwrap()
+                == std::fs::read(cut.join("finetunes").join(f)).unwrap(),
+            "{}",
+            f.display()
+        );
+    }
+
+    // Refusals, each naming what is wrong.
+    let fails = |a: experiments::studies::s2ft::S2ftArgs, want: &str| {
+        let e = format!("{:#}", experiments::studies::s2ft::run(&a).unwrap_err());
+        assert!(e.contains(want), "{want:?} not in: {e}");
+    };
+    fails(resume(&out), "finished run");
+    fails(resume(&dir.path().join("nowhere")), "metrics.partial.json");
+    std::fs::remove_file(cut.join("metrics.json")).unwrap();
+    std::fs::write(cut.join("metrics.partial.json"), partial.to_string()).unwrap();
+    let mut other = resume(&cut);
+    other.lm.steps = Some(3);
+    fails(other, "steps: 4 then, 3 now");
+    let mut no_out = resume(&cut);
+    no_out.lm.run.out = None;
+    fails(no_out, "--resume needs --out");
+    let mut character = experiments::studies::s2ft::S2ftArgs::default();
+    character.lm.run = RunArgs::quiet_to(dir.path().join("char"));
+    character.lm.run.resume = true;
+    fails(character, "cannot resume");
 }
 
 #[test]

@@ -738,10 +738,71 @@ pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
         .clone()
         .unwrap_or_else(crate::lm::default_text_dir);
     let prep = prepare(&plan, &data_dir)?;
-    let run = args.lm.run.open("s2ft")?;
+    let (run, partial) = args.lm.run.open_resumable("s2ft")?;
+    let resumed = partial
+        .map(|p| Resumed::read(&plan, &p, &run.dir))
+        .transpose()?;
     let dev = run.device;
     let quick = args.lm.quick;
-    crate::device::on_device!(dev, run_on(&plan, quick, prep, run, &Default::default()))
+    crate::device::on_device!(
+        dev,
+        run_on(&plan, quick, prep, run, resumed, &Default::default())
+    )
+}
+
+/// What an interrupted run (`--resume`) finished: the base model's scores,
+/// the sweep and the fine-tunes scored and saved. A method with no
+/// fine-tune scored yet sweeps again (its sweep's best run is its first
+/// task's fine-tune); one with some keeps its chosen rate and trains the
+/// tasks it has no row for (fine-tunes are seeded, so the result is the
+/// uninterrupted run's).
+struct Resumed {
+    base: BaseScores,
+    results: Results,
+}
+
+impl Resumed {
+    fn read(plan: &Plan, partial: &serde_json::Value, dir: &Path) -> anyhow::Result<Self> {
+        crate::report::same_plan(&partial["plan"], &serde_json::to_value(plan)?)?;
+        fn field<T: serde::de::DeserializeOwned>(
+            partial: &serde_json::Value,
+            name: &str,
+            dir: &Path,
+        ) -> anyhow::Result<T> {
+            serde_path_to_error::deserialize(partial[name].clone()).with_context(|| {
+                format!(
+                    "--resume: reading `{name}` of {}",
+                    dir.join("metrics.partial.json").display()
+                )
+            })
+        }
+        let base: BaseScores = field(partial, "base", dir)?;
+        let sweep: Vec<SweepRow> = field(partial, "sweep", dir)?;
+        let rows: Vec<RunRow> = field(partial, "runs", dir)?;
+        let manifest_path = dir.join("finetunes/manifest.json");
+        let mut manifest: Vec<ManifestEntry> = match std::fs::read_to_string(&manifest_path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("--resume: reading {}", manifest_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("--resume: reading {}", manifest_path.display()));
+            }
+        };
+        // A fine-tune saved but not yet scored into the partial metrics runs again.
+        manifest.retain(|e| {
+            rows.iter()
+                .any(|r| r.method == e.method && r.task == e.task)
+        });
+        Ok(Resumed {
+            base,
+            results: Results {
+                sweep,
+                rows,
+                manifest,
+            },
+        })
+    }
 }
 
 fn run_on<B: AutodiffBackend>(
@@ -749,6 +810,7 @@ fn run_on<B: AutodiffBackend>(
     quick: bool,
     prep: Prepared,
     mut run: Run,
+    resumed: Option<Resumed>,
     device: &B::Device,
 ) -> anyhow::Result<PathBuf>
 where
@@ -759,10 +821,16 @@ where
     let lr_count: usize = methods.iter().map(|&m| plan.lrs[family_lrs(m)].len()).sum();
     let total = (lr_count + methods.len() * (plan.tasks.len() - 1)) * plan.steps;
     let bar = run.progress(total as u64);
-    bar.set_message("scoring the base model");
-    let base = run.phase("base", || {
-        score_base::<B>(&prep, &prompter, plan.eval_batch, device)
-    })?;
+    let (base, mut res) = match resumed {
+        Some(r) => (r.base, r.results),
+        None => {
+            bar.set_message("scoring the base model");
+            let base = run.phase("base", || {
+                score_base::<B>(&prep, &prompter, plan.eval_batch, device)
+            })?;
+            (base, Results::default())
+        }
+    };
     let study = Study::<B> {
         plan,
         prep: &prep,
@@ -771,11 +839,30 @@ where
         bar: &bar,
         base: &base,
     };
-    let mut res = Results::default();
     res.write_partial(&run, &study)?;
     for &method in &methods {
+        let name = method.label();
+        let done = res.rows.iter().filter(|r| r.method == name).count();
+        if done == plan.tasks.len() {
+            continue; // finished before an interruption
+        }
+        if done > 0 {
+            // Interrupted after its sweep: the rate it chose, the tasks left.
+            let lr = res
+                .sweep
+                .iter()
+                .find(|r| r.method == name && r.chosen)
+                .map(|r| r.lr)
+                .with_context(|| {
+                    format!("--resume: {name} has fine-tunes but no chosen learning rate in the saved sweep")
+                })?;
+            study.every_task(method, lr, None, &mut run, &mut res)?;
+            continue;
+        }
+        // Nothing scored yet: the sweep (cut short or not) runs again.
+        res.sweep.retain(|r| r.method != name);
         match study.sweep(method, &mut run, &mut res)? {
-            Some((lr, first)) => study.every_task(method, lr, first, &mut run, &mut res)?,
+            Some((lr, first)) => study.every_task(method, lr, Some(first), &mut run, &mut res)?,
             None => {
                 // Every rate diverged: reported, left out, the study goes on.
                 for &task in &plan.tasks {
@@ -972,18 +1059,27 @@ where
         Ok(Some((lr, first)))
     }
 
-    /// `method` at rate `lr` on every task (the sweep's run stands for the
-    /// first), each scored and saved where the merge study finds it.
+    /// `method` at rate `lr` on every task it has no row for yet (the
+    /// sweep's run, `first`, stands for the first), each scored and saved
+    /// where the merge study finds it.
     fn every_task(
         &self,
         method: Method,
         lr: f64,
-        first: Trained<B>,
+        first: Option<Trained<B>>,
         run: &mut Run,
         res: &mut Results,
     ) -> anyhow::Result<()> {
-        let mut trained = Some(first);
+        let mut trained = first;
+        let name = method.label();
         for &task in &self.plan.tasks {
+            if res
+                .rows
+                .iter()
+                .any(|r| r.method == name && r.task == task.name())
+            {
+                continue; // scored before an interruption
+            }
             let t = match trained.take() {
                 Some(t) => t,
                 None => {
