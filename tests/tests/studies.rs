@@ -1070,26 +1070,18 @@ fn s2ft_study_fine_tunes_a_hugging_face_model_and_saves_what_others_load() {
     // two runs differed).
     let again = dir.path().join("again");
     experiments::studies::s2ft::run(&llm_args(&model, &again)).unwrap();
-    let mut files = Vec::new();
-    let mut stack = vec![out.join("finetunes")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "safetensors") {
-                files.push(p);
-            }
-        }
-    }
+    let files: Vec<PathBuf> = files_under(&out.join("finetunes"))
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
     assert!(
         files.iter().any(|f| f.to_string_lossy().contains("lora")),
         "{files:?}"
     );
     for f in files {
-        let twin = again.join(f.strip_prefix(&out).unwrap());
         assert!(
-            std::fs::read(&f).unwrap() == std::fs::read(&twin).unwrap(),
+            std::fs::read(out.join("finetunes").join(&f)).unwrap()
+                == std::fs::read(again.join("finetunes").join(&f)).unwrap(),
             "{}",
             f.display()
         );
