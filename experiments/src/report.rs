@@ -292,9 +292,10 @@ impl Run {
         Ok(())
     }
 
-    /// Writes `metrics.json` (`metrics` plus the run record) and `report.md`.
+    /// Writes `metrics.json` (`metrics` plus the run record) and `report.md`,
+    /// then removes `metrics.partial.json` (in that order, so a run killed
+    /// in between still leaves one of the two).
     pub fn finish<T: Serialize>(&self, metrics: T, report_md: &str) -> anyhow::Result<()> {
-        let _ = std::fs::remove_file(self.dir.join("metrics.partial.json"));
         let mut metrics = serde_json::to_value(metrics)?;
         metrics["run"] = serde_json::to_value(self.record())?;
         self.write(
@@ -310,6 +311,7 @@ impl Run {
             self.wall_seconds()
         ));
         self.write("report.md", md.as_bytes())?;
+        let _ = std::fs::remove_file(self.dir.join("metrics.partial.json"));
         if !self.quiet {
             eprintln!("report written to {}", self.dir.display());
         }
