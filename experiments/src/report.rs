@@ -71,14 +71,7 @@ impl RunArgs {
     /// the `metrics.partial.json` it left (the study checks and reuses it).
     pub fn open_resumable(&self, study: &str) -> anyhow::Result<(Run, Option<Value>)> {
         if !self.resume {
-            return Ok((
-                RunArgs {
-                    resume: false,
-                    ..self.clone()
-                }
-                .open(study)?,
-                None,
-            ));
+            return Ok((self.open(study)?, None));
         }
         let device = Device::parse(&self.device, study)?;
         let Some(dir) = self.out.as_deref() else {
