@@ -59,7 +59,7 @@ impl RunArgs {
     pub fn open(&self, study: &str) -> anyhow::Result<Run> {
         if self.resume {
             anyhow::bail!(
-                "--resume: the `{study}` study cannot resume an interrupted run (`s2ft --model` can)"
+                "--resume: the `{study}` study cannot resume an interrupted run (`s2ft --model` and `merge --model` can)"
             );
         }
         let device = Device::parse(&self.device, study)?;
@@ -111,6 +111,22 @@ impl RunArgs {
             .collect();
         Ok((run, Some(partial)))
     }
+}
+
+/// Field `name` of the `metrics.partial.json` that
+/// [`RunArgs::open_resumable`] read from `dir`, typed; an error names the
+/// field and the file.
+pub fn partial_field<T: serde::de::DeserializeOwned>(
+    partial: &Value,
+    name: &str,
+    dir: &Path,
+) -> anyhow::Result<T> {
+    serde_path_to_error::deserialize(partial[name].clone()).with_context(|| {
+        format!(
+            "--resume: reading `{name}` of {}",
+            dir.join("metrics.partial.json").display()
+        )
+    })
 }
 
 /// Checks that a resumed run's plan (`now`, as JSON) is the one the

@@ -1111,7 +1111,9 @@ fn without_timings(v: &serde_json::Value) -> serde_json::Value {
     match v {
         serde_json::Value::Object(m) => m
             .iter()
-            .filter(|(k, _)| !["step_ms", "peak_mb", "train_seconds"].contains(&k.as_str()))
+            .filter(|(k, _)| {
+                !["step_ms", "peak_mb", "train_seconds", "merge_seconds"].contains(&k.as_str())
+            })
             .map(|(k, v)| (k.clone(), without_timings(v)))
             .collect(),
         serde_json::Value::Array(a) => a.iter().map(without_timings).collect(),
@@ -1533,6 +1535,142 @@ fn merge_study_merges_real_model_fine_tunes_and_its_yaml_configs_are_mergekits()
         assert_eq!(a.pairs.len(), 1);
         assert!(a.norms[0] > 0.0);
     }
+}
+
+/// A merge run cut short — the base and group `full` done, `lora r2` cut
+/// after four methods with its best model saved but not recorded,
+/// `s2ft-random r2` with one fine-tune scored — resumes to the
+/// uninterrupted run's rows, task-vector analyses and best models (byte for
+/// byte), running only what was missing.
+#[test]
+fn merge_study_resumes_an_interrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_hf_model(dir.path(), 512);
+    let ft = dir.path().join("s2ft");
+    experiments::studies::s2ft::run(&llm_args(&model, &ft)).unwrap();
+    let out = dir.path().join("merge");
+    experiments::studies::merging::run(&merge_llm_args(&model, Some(&ft), &out)).unwrap();
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let done = read(&out.join("metrics.json"));
+
+    // The interrupted run's folder, as the study leaves it.
+    let cut = dir.path().join("cut");
+    for f in files_under(&out) {
+        let to = cut.join(&f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(out.join(&f), to).unwrap();
+    }
+    std::fs::remove_file(cut.join("metrics.json")).unwrap();
+    std::fs::remove_file(cut.join("report.md")).unwrap();
+    let lora_kept = ["average", "task_arithmetic", "ties", "dare_ties"];
+    let kept = |key: &str, keep: &dyn Fn(&serde_json::Value) -> bool| -> Vec<serde_json::Value> {
+        done[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| keep(r))
+            .cloned()
+            .collect()
+    };
+    let full = |r: &serde_json::Value| r["group"] == "full";
+    let mut merges = kept("merges", &|r| {
+        full(r) || (r["group"] == "lora r2" && lora_kept.contains(&r["method"].as_str().unwrap()))
+    });
+    assert_eq!(merges.len(), 16 + 4);
+    // A mark on a kept row: a resumed run reuses the rows, it does not redo them.
+    merges[0]["note"] = serde_json::json!("kept, not redone");
+    let partial = serde_json::json!({
+        "plan": done["plan"],
+        "base": done["base"],
+        "individual": kept("individual", &|r| r["group"] != "s2ft-random r2" || r["task"] == "date"),
+        "merges": merges,
+        "task_vectors": kept("task_vectors", &full),
+        "best": kept("best", &full),
+        "run": done["run"],
+        "complete": false,
+    });
+    std::fs::write(cut.join("metrics.partial.json"), partial.to_string()).unwrap();
+    std::fs::remove_dir_all(cut.join("best/s2ft-random-r2")).unwrap();
+    // best/lora-r2 stays: saved, then cut before it was recorded.
+
+    let resume = |out: &Path| {
+        let mut a = merge_llm_args(&model, Some(&ft), out);
+        a.lm.run.resume = true;
+        a
+    };
+    experiments::studies::merging::run(&resume(&cut)).unwrap();
+    assert!(!cut.join("metrics.partial.json").exists());
+    assert!(!cut.join("inputs").exists(), "scratch inputs removed");
+    let again = read(&cut.join("metrics.json"));
+    assert_eq!(again["merges"][0]["note"], "kept, not redone");
+    let mut unmarked = again.clone();
+    unmarked["merges"][0]["note"] = done["merges"][0]["note"].clone();
+    for k in ["base", "individual", "merges", "task_vectors", "best"] {
+        assert_eq!(
+            without_timings(&unmarked[k]),
+            without_timings(&done[k]),
+            "{k}"
+        );
+    }
+    // Only what was missing ran.
+    let phases = |m: &serde_json::Value| -> Vec<String> {
+        m["run"]["phases_seconds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["phase"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let new = phases(&again)[phases(&done).len()..].to_vec();
+    let ran = |s: &str| new.iter().any(|p| p.contains(s));
+    for want in [
+        "lora r2 dare_linear",
+        "lora r2 task vectors",
+        "lora r2 save best",
+        "score s2ft-random r2 reverse",
+        "s2ft-random r2 save best",
+    ] {
+        assert!(ran(want), "{want} not in {new:?}");
+    }
+    for not in [
+        "score base",
+        "full",
+        "lora r2 ties",
+        "score lora r2",
+        "score s2ft-random r2 date",
+    ] {
+        assert!(!ran(not), "{not} in {new:?}");
+    }
+    assert_eq!(again["run"]["resumes"], 1);
+    // The best models, rebuilt from their rows, byte for byte.
+    let best = files_under(&out.join("best"));
+    assert_eq!(files_under(&cut.join("best")), best);
+    for f in &best {
+        assert!(
+            std::fs::read(out.join("best").join(f)).unwrap()
+                == std::fs::read(cut.join("best").join(f)).unwrap(),
+            "{}",
+            f.display()
+        );
+    }
+
+    // Refusals, each naming what is wrong.
+    let fails = |a: experiments::studies::merging::MergeArgs, want: &str| {
+        let e = format!("{:#}", experiments::studies::merging::run(&a).unwrap_err());
+        assert!(e.contains(want), "{want:?} not in: {e}");
+    };
+    fails(resume(&out), "finished run");
+    std::fs::remove_file(cut.join("metrics.json")).unwrap();
+    std::fs::write(cut.join("metrics.partial.json"), partial.to_string()).unwrap();
+    let mut other = resume(&cut);
+    other.llm.lambdas = Some(vec![0.5]);
+    fails(other, "lambdas: [0.5,1.0] then, [0.5] now");
+    let mut character = experiments::studies::merging::MergeArgs::default();
+    character.lm.run = RunArgs::quiet_to(dir.path().join("char"));
+    character.lm.run.resume = true;
+    fails(character, "cannot resume");
 }
 
 #[test]

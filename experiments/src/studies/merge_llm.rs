@@ -7,16 +7,24 @@
 //!    `--finetune TASK=PATH`), fuse each onto the base and check it against
 //!    the base (tensor names, shapes, vocabulary), draw every task's
 //!    validation, test and out-of-domain sets. Every check runs before the
-//!    report folder is created.
-//! 2. **baselines** — the base and each fine-tune scored on every task.
-//! 3. **merge** — per group of fine-tunes (one fine-tuning method), every
-//!    merge method; hyper-parameter grids scored on the validation split,
-//!    the best scored on test and OOD; the same merge written as a mergekit
-//!    YAML config, run through `merge::run`, and compared bit for bit.
-//! 4. **task vectors** — norms, stable and numerical ranks, cosines and
-//!    top-k subspace overlaps, against how each pair merges.
-//! 5. **report** — `metrics.json`, CSV, `report.md`, plots, the best merged
-//!    model of each group as a Hugging Face folder.
+//!    report folder is created; the fused weights are then dropped.
+//! 2. **base** — the base model scored on every task.
+//! 3. **per group** of fine-tunes (one fine-tuning method), its fine-tunes
+//!    read and fused again (one group in memory at a time):
+//!    - **baselines** — each fine-tune scored on every task;
+//!    - **merge** — every merge method; hyper-parameter grids scored on the
+//!      validation split, the best scored on test and OOD; the same merge
+//!      written as a mergekit YAML config, run through `merge::run`, and
+//!      compared bit for bit;
+//!    - **task vectors** — norms, stable and numerical ranks, cosines and
+//!      top-k subspace overlaps, against how each pair merges;
+//!    - **best** — the merge of highest normalised accuracy rebuilt and
+//!      saved as a Hugging Face folder.
+//! 4. **report** — `metrics.json`, CSV, `report.md`, plots.
+//!
+//! Every result is written to `metrics.partial.json` as it comes, and
+//! `--resume` continues an interrupted run from it: what it has is kept,
+//! the rest runs, and each group's best merge is rebuilt from its row.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -504,7 +512,7 @@ impl Plan {
     }
 }
 
-/// A fine-tune, read (its fused weights are kept beside it, see [`Prepared`]).
+/// A fine-tune, read and checked (its fused weights are read again per group, see [`load_group`]).
 pub(crate) struct Finetune {
     source: Source,
     task: InstructTask,
@@ -592,22 +600,21 @@ struct Prepared {
     base: Pretrained,
     words: Words,
     finetunes: Vec<Finetune>,
-    /// The fine-tunes' fused weights, in the order of `finetunes` (moved
-    /// into their groups once the baselines are scored).
-    weights: Vec<StateDict>,
     sets: Vec<TaskSets>,
 }
 
 fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
     let base = Pretrained::load(&plan.model)
         .with_context(|| format!("--model {}", plan.model.display()))?;
-    let (finetunes, weights): (Vec<Finetune>, Vec<StateDict>) = plan
+    // Every fine-tune is read, fused and checked here, before the report
+    // folder exists, then its fused weights are dropped: a group's are read
+    // again when the group is merged (a default run's 28 fused
+    // 135M-parameter fine-tunes would take 15 GB together).
+    let finetunes = plan
         .sources
         .iter()
-        .map(|s| load_finetune(&base, s))
-        .collect::<anyhow::Result<Vec<_>>>()?
-        .into_iter()
-        .unzip();
+        .map(|s| load_finetune(&base, s).map(|(f, _)| f))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     if let Some(ls) = &plan.analysis_layers {
         let n = base.config.num_hidden_layers;
         ensure!(
@@ -646,7 +653,6 @@ fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
         base,
         words,
         finetunes,
-        weights,
         sets,
     })
 }
@@ -878,6 +884,15 @@ enum Which {
 }
 
 impl<B: Backend> Scorer<'_, B> {
+    /// Test and out-of-domain accuracy of `sd` on every task.
+    fn both(&self, sd: &StateDict) -> anyhow::Result<(Accs, Accs)> {
+        let m = self.model(sd)?;
+        Ok((
+            self.score(&m, Which::Test, None)?,
+            self.score(&m, Which::Ood, None)?,
+        ))
+    }
+
     fn model(&self, sd: &StateDict) -> anyhow::Result<Llama<B>> {
         Ok(Llama::<B>::from_state_dict(
             self.config,
@@ -919,7 +934,8 @@ impl<B: Backend> Scorer<'_, B> {
     }
 }
 
-/// Runs the real-model merge study; returns the report folder.
+/// Runs the real-model merge study; returns the report folder. With
+/// `--resume` it continues the interrupted run in `--out`.
 pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
     let plan = Plan::new(args)?;
     let data_dir = args
@@ -928,13 +944,27 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
         .clone()
         .unwrap_or_else(crate::lm::default_text_dir);
     let prep = prepare(&plan, &data_dir)?;
-    let run = args.lm.run.open("merge")?;
+    let (run, partial) = args.lm.run.open_resumable("merge")?;
+    let resumed = partial
+        .map(|p| Resumed::read(&plan, &p, &run.dir))
+        .transpose()?;
     let dev = run.device;
-    crate::device::on_device!(dev, run_on(&plan, prep, run, &Default::default()))
+    crate::device::on_device!(dev, run_on(&plan, prep, run, resumed, &Default::default()))
 }
 
 /// Per group, each task's fine-tune on its own task: (test, OOD) accuracy by task.
 type OwnScores = BTreeMap<String, (BTreeMap<String, f64>, BTreeMap<String, f64>)>;
+
+/// The normalisers: each fine-tune's accuracy on its own task, by group.
+fn own_scores(individual: &[Individual]) -> OwnScores {
+    let mut own = OwnScores::new();
+    for i in individual {
+        let e = own.entry(i.group.clone()).or_default();
+        e.0.insert(i.task.clone(), i.test.tasks[&i.task]);
+        e.1.insert(i.task.clone(), i.ood.tasks[&i.task]);
+    }
+    own
+}
 
 /// One group's fine-tunes and their fused weights (owned: the merges take
 /// a slice of state dicts).
@@ -953,17 +983,35 @@ impl Group<'_> {
     }
 }
 
+/// Reads group `name`'s fine-tunes again and fuses them onto the base
+/// ([`prepare`] checked them).
+fn load_group<'p>(prep: &'p Prepared, name: &str) -> anyhow::Result<Group<'p>> {
+    let members: Vec<&Finetune> = prep
+        .finetunes
+        .iter()
+        .filter(|f| f.source.group == name)
+        .collect();
+    let weights = members
+        .iter()
+        .map(|f| load_finetune(&prep.base, &f.source).map(|(_, sd)| sd))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Group {
+        name: name.to_string(),
+        members,
+        weights,
+    })
+}
+
 fn run_on<B: AutodiffBackend>(
     plan: &Plan,
     prep: Prepared,
-    run: Run,
+    mut run: Run,
+    resumed: Option<Resumed>,
     device: &B::Device,
 ) -> anyhow::Result<PathBuf>
 where
     Llama<B>: burn::module::AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
 {
-    let mut prep = prep;
-    let weights = std::mem::take(&mut prep.weights);
     let c = prep.base.config.clone();
     let scorer = Scorer::<B::InnerBackend> {
         config: &c,
@@ -973,26 +1021,67 @@ where
         device: device.clone(),
     };
     let bar = run.progress((plan.groups.len() * plan.methods.len()) as u64);
-    bar.set_message("scoring the base and the fine-tunes");
-    let mut run = run;
-    let baselines = score_baselines(plan, &prep, &weights, &scorer, &mut run)?;
-    let groups = groups_of(plan, &prep, weights);
+    let (base, individual, results) = match resumed {
+        Some(r) => (r.base, r.individual, r.results),
+        None => {
+            bar.set_message("scoring the base");
+            let (test, ood) = run.phase("score base", || scorer.both(&prep.base.weights))?;
+            (BaseScores { test, ood }, Vec::new(), Results::default())
+        }
+    };
     let mut study = Study {
         plan,
         prep: &prep,
         scorer: &scorer,
-        baselines: &baselines,
+        base,
+        individual,
         inputs: run.dir.join("inputs"),
         run,
         bar,
-        results: Results::default(),
+        results,
     };
     study.partial()?;
     let (base_path, config_dir) = study.inputs_and_configs()?;
-    for g in &groups {
-        study.merge_group::<B>(g, &base_path, &config_dir, device)?;
+    for g in &plan.groups {
+        study.group::<B>(g, &base_path, &config_dir, device)?;
     }
-    study.finish(&groups, &c)
+    study.finish(&c)
+}
+
+/// What an interrupted run (`--resume`) finished: the base's scores, the
+/// fine-tunes scored, every merge row, task-vector analysis and best model
+/// saved. A group runs what it has no result for (a method without a row,
+/// the analysis, the best model); its best merge is rebuilt from the chosen
+/// row's hyper-parameters (merges are deterministic per seed, so the
+/// result is the uninterrupted run's).
+struct Resumed {
+    base: BaseScores,
+    individual: Vec<Individual>,
+    results: Results,
+}
+
+impl Resumed {
+    fn read(plan: &Plan, partial: &serde_json::Value, dir: &Path) -> anyhow::Result<Self> {
+        crate::report::same_plan(&partial["plan"], &serde_json::to_value(plan)?)?;
+        let results = Results {
+            rows: crate::report::partial_field(partial, "merges", dir)?,
+            analyses: crate::report::partial_field(partial, "task_vectors", dir)?,
+            best: crate::report::partial_field(partial, "best", dir)?,
+        };
+        // A best model saved but not yet recorded is saved again.
+        for g in &plan.groups {
+            let rel = format!("best/{}", g.replace(' ', "-"));
+            if !results.best.iter().any(|b| b.path == rel) && dir.join(&rel).exists() {
+                std::fs::remove_dir_all(dir.join(&rel))
+                    .with_context(|| format!("--resume: removing {}", dir.join(&rel).display()))?;
+            }
+        }
+        Ok(Resumed {
+            base: crate::report::partial_field(partial, "base", dir)?,
+            individual: crate::report::partial_field(partial, "individual", dir)?,
+            results,
+        })
+    }
 }
 
 /// The base model's scores (test, OOD) on every task.
@@ -1021,22 +1110,16 @@ pub struct Individual {
     pub ood: Accs,
 }
 
-/// The baselines: the base and every fine-tune on every task.
-struct Baselines {
-    base: BaseScores,
-    /// Per group, each fine-tune on its own task (the normaliser).
-    own: OwnScores,
-    individual: Vec<Individual>,
-}
-
-/// What `metrics.partial.json` holds while the study runs.
+/// What `metrics.partial.json` holds while the study runs (what
+/// `--resume` reads back).
 #[derive(Serialize)]
 struct Partial<'a> {
     plan: &'a Plan,
     base: &'a BaseScores,
     individual: &'a [Individual],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    merges: Option<&'a [MergeRow]>,
+    merges: &'a [MergeRow],
+    task_vectors: &'a [Analysis],
+    best: &'a [BestModel],
 }
 
 /// The rows of `metrics.json`, which is these beside the model's path, its
@@ -1068,75 +1151,6 @@ struct Metrics<'a> {
     rows: Rows,
 }
 
-/// Scores the base and every fine-tune (test and OOD) on every task; an
-/// interrupted run keeps the fine-tunes that finished (scoring them takes
-/// minutes on a real model).
-fn score_baselines<B: Backend>(
-    plan: &Plan,
-    prep: &Prepared,
-    weights: &[StateDict],
-    scorer: &Scorer<'_, B>,
-    run: &mut Run,
-) -> anyhow::Result<Baselines> {
-    let both = |sd: &StateDict| -> anyhow::Result<(Accs, Accs)> {
-        let m = scorer.model(sd)?;
-        Ok((
-            scorer.score(&m, Which::Test, None)?,
-            scorer.score(&m, Which::Ood, None)?,
-        ))
-    };
-    let (test, ood) = run.phase("score base", || both(&prep.base.weights))?;
-    let mut out = Baselines {
-        base: BaseScores { test, ood },
-        own: BTreeMap::new(),
-        individual: Vec::new(),
-    };
-    for (f, sd) in prep.finetunes.iter().zip(weights) {
-        let (g, t) = (&f.source.group, f.task.name());
-        let (test, ood) = run.phase(&format!("score {g} {t}"), || both(sd))?;
-        let e = out.own.entry(g.clone()).or_default();
-        e.0.insert(t.into(), test.tasks[t]);
-        e.1.insert(t.into(), ood.tasks[t]);
-        out.individual.push(Individual {
-            group: g.clone(),
-            task: t.into(),
-            format: f.source.format,
-            path: f.source.path.clone(),
-            test,
-            ood,
-        });
-        run.partial(&Partial {
-            plan,
-            base: &out.base,
-            individual: &out.individual,
-            merges: None,
-        })?;
-    }
-    Ok(out)
-}
-
-/// The fine-tunes by group, each group owning its members' weights.
-fn groups_of<'p>(plan: &Plan, prep: &'p Prepared, weights: Vec<StateDict>) -> Vec<Group<'p>> {
-    let mut weights: Vec<Option<StateDict>> = weights.into_iter().map(Some).collect();
-    plan.groups
-        .iter()
-        .map(|g| {
-            let (members, ws) = prep
-                .finetunes
-                .iter()
-                .zip(weights.iter_mut())
-                .filter(|(f, _)| &f.source.group == g)
-                .map(|(f, w)| (f, w.take().expect("each fine-tune in one group")))
-                .unzip();
-            Group {
-                name: g.clone(),
-                members,
-                weights: ws,
-            }
-        })
-        .collect()
-}
-
 /// What the groups' merges add up to.
 #[derive(Default)]
 struct Results {
@@ -1145,12 +1159,19 @@ struct Results {
     best: Vec<BestModel>,
 }
 
-/// The running study: what every group's merges read, and their results.
+/// Methods with a row of their own that is not one merged model: RMM (one
+/// store, each task rebuilt), the permutation check and multi-task training.
+const NOT_MERGES: [&str; 3] = ["rmm", "wm_check", "mtl"];
+
+/// The running study: what every group's merges read, and the results so far.
 struct Study<'s, B: Backend> {
     plan: &'s Plan,
     prep: &'s Prepared,
     scorer: &'s Scorer<'s, B>,
-    baselines: &'s Baselines,
+    /// The base model's scores.
+    base: BaseScores,
+    /// The fine-tunes scored so far, on every task.
+    individual: Vec<Individual>,
     /// Scratch inputs of the YAML configs (fine-tunes as safetensors, Gram matrices).
     inputs: PathBuf,
     run: Run,
@@ -1163,15 +1184,71 @@ struct Study<'s, B: Backend> {
 type Built = (StateDict, Option<Merge>, Option<String>);
 
 impl<B: Backend> Study<'_, B> {
-    /// Writes the partial metrics (the baselines and the rows so far).
+    /// Writes the partial metrics (everything so far: what `--resume` reads).
     fn partial(&self) -> anyhow::Result<()> {
-        let b = self.baselines;
         self.run.partial(&Partial {
             plan: self.plan,
-            base: &b.base,
-            individual: &b.individual,
-            merges: Some(&self.results.rows),
+            base: &self.base,
+            individual: &self.individual,
+            merges: &self.results.rows,
+            task_vectors: &self.results.analyses,
+            best: &self.results.best,
         })
+    }
+
+    /// Group `group`'s row of `method`, if it has one.
+    fn row(&self, group: &str, method: &str) -> Option<&MergeRow> {
+        self.results
+            .rows
+            .iter()
+            .find(|r| r.group == group && r.method == method)
+    }
+
+    /// Whether the fine-tune of `group` on `task` has its scores.
+    fn scored(&self, group: &str, task: InstructTask) -> bool {
+        self.individual
+            .iter()
+            .any(|i| i.group == group && i.task == task.name())
+    }
+
+    /// Whether every fine-tune of `group` is a LoRA adapter.
+    fn lora_group(&self, group: &str) -> bool {
+        self.prep
+            .finetunes
+            .iter()
+            .filter(|f| f.source.group == group)
+            .all(|f| f.lora.is_some())
+    }
+
+    /// The methods that apply to `group` and have no row yet.
+    fn methods_left(&self, group: &str) -> Vec<String> {
+        let lora = self.lora_group(group);
+        self.plan
+            .methods
+            .iter()
+            .filter(|m| !grid(self.plan, m, lora).is_empty() && self.row(group, m).is_none())
+            .cloned()
+            .collect()
+    }
+
+    /// The group's best merge: the merge row (not [`NOT_MERGES`]) of the
+    /// highest mean normalised accuracy, the first in method order on ties.
+    fn best_row(&self, group: &str) -> Option<&MergeRow> {
+        let score = |r: &MergeRow| r.normalised.mean.unwrap_or(f64::NEG_INFINITY);
+        let mut best: Option<&MergeRow> = None;
+        for m in self
+            .plan
+            .methods
+            .iter()
+            .filter(|m| !NOT_MERGES.contains(&m.as_str()))
+        {
+            if let Some(r) = self.row(group, m)
+                && best.is_none_or(|b| score(r) > score(b))
+            {
+                best = Some(r);
+            }
+        }
+        best
     }
 
     /// The base path the YAML configs read (a Hugging Face folder as it is,
@@ -1213,11 +1290,13 @@ impl<B: Backend> Study<'_, B> {
             .collect()
     }
 
-    /// Every method on group `g` (its row each), then its task vectors, and
-    /// its best merge saved as a Hugging Face folder.
-    fn merge_group<A: AutodiffBackend<InnerBackend = B>>(
+    /// Group `name`: its fine-tunes scored on every task, every method (a
+    /// row each), its task vectors, its best merge saved as a Hugging Face
+    /// folder. What a resumed run has already is skipped; a group with
+    /// nothing left is not read at all.
+    fn group<A: AutodiffBackend<InnerBackend = B>>(
         &mut self,
-        g: &Group<'_>,
+        name: &str,
         base_path: &Path,
         config_dir: &Path,
         device: &A::Device,
@@ -1225,28 +1304,102 @@ impl<B: Backend> Study<'_, B> {
     where
         Llama<A>: burn::module::AutodiffModule<A, InnerModule = Llama<B>>,
     {
-        let model_paths = self.model_paths(g)?;
-        let (ind_test, ind_ood) = self.baselines.own[&g.name].clone();
+        let unscored = self
+            .prep
+            .finetunes
+            .iter()
+            .filter(|f| f.source.group == name)
+            .any(|f| !self.scored(name, f.task));
+        let analysed = self.results.analyses.iter().any(|a| a.group == name);
+        let saved = self.results.best.iter().any(|b| b.group == name);
+        let nothing_left = !unscored
+            && self.methods_left(name).is_empty()
+            && analysed
+            && (saved || self.best_row(name).is_none());
+        if nothing_left {
+            self.bar.inc(self.plan.methods.len() as u64);
+            return Ok(());
+        }
+        self.bar.set_message(format!("reading {name}"));
+        let prep = self.prep;
+        let g = self
+            .run
+            .phase(&format!("{name} read"), || load_group(prep, name))?;
+        for (f, sd) in g.members.iter().zip(&g.weights) {
+            let t = f.task.name();
+            if self.scored(name, f.task) {
+                continue;
+            }
+            self.bar.set_message(format!("scoring {name} {t}"));
+            let scorer = self.scorer;
+            let (test, ood) = self
+                .run
+                .phase(&format!("score {name} {t}"), || scorer.both(sd))?;
+            self.individual.push(Individual {
+                group: name.to_string(),
+                task: t.into(),
+                format: f.source.format,
+                path: f.source.path.clone(),
+                test,
+                ood,
+            });
+            self.partial()?;
+        }
+        let mut grams = self.merge_group::<A>(&g, base_path, config_dir, device)?;
+        if !analysed {
+            let (ind_test, _) = &own_scores(&self.individual)[name];
+            self.analyse(&g, ind_test)?;
+            self.partial()?;
+        }
+        if !saved {
+            self.save_best(&g, &mut grams)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the group's Gram matrices (RegMean's inputs) unless written.
+    fn grams<'g>(
+        &mut self,
+        g: &Group<'_>,
+        grams: &'g mut Option<Vec<PathBuf>>,
+    ) -> anyhow::Result<&'g [PathBuf]> {
+        if grams.is_none() {
+            let (scorer, prep, inputs) = (self.scorer, self.prep, &self.inputs);
+            *grams = Some(self.run.phase(&format!("{} grams", g.name), || {
+                write_grams(scorer, g, &prep.sets, inputs)
+            })?);
+        }
+        Ok(grams.as_deref().expect("written"))
+    }
+
+    /// Every method of group `g` that has no row yet (a row each); returns
+    /// the Gram matrices' paths if it wrote them.
+    fn merge_group<A: AutodiffBackend<InnerBackend = B>>(
+        &mut self,
+        g: &Group<'_>,
+        base_path: &Path,
+        config_dir: &Path,
+        device: &A::Device,
+    ) -> anyhow::Result<Option<Vec<PathBuf>>>
+    where
+        Llama<A>: burn::module::AutodiffModule<A, InnerModule = Llama<B>>,
+    {
+        let (ind_test, ind_ood) = own_scores(&self.individual)[&g.name].clone();
+        let left = self.methods_left(&g.name);
         let mut grams: Option<Vec<PathBuf>> = None;
-        let mut best: Option<(f64, StateDict, String)> = None;
+        let mut model_paths: Option<Vec<PathBuf>> = None;
         for method in &self.plan.methods {
             self.bar.inc(1);
-            let cands = grid(
-                self.plan,
-                method,
-                g.members.iter().all(|f| f.lora.is_some()),
-            );
-            let Some(first) = cands.first().map(|c| c.1.clone()) else {
+            if !left.contains(method) {
                 continue;
-            };
-            self.bar.set_message(format!("{} {method}", g.name));
-            if matches!(first, Candidate::RegMean) && grams.is_none() {
-                grams = Some(self.run.phase(&format!("{} grams", g.name), || {
-                    write_grams(self.scorer, g, &self.prep.sets, &self.inputs)
-                })?);
             }
-            // RMM (one store, each task rebuilt), multi-task training and
-            // the permutation check are not one merged model: their own rows.
+            let cands = grid(self.plan, method, self.lora_group(&g.name));
+            let first = cands[0].1.clone();
+            self.bar.set_message(format!("{} {method}", g.name));
+            let grams = match first {
+                Candidate::RegMean => Some(self.grams(g, &mut grams)?),
+                _ => None,
+            };
             let (plan, prep, scorer) = (self.plan, self.prep, self.scorer);
             let own_row = match first {
                 Candidate::Rmm => Some(self.run.phase(&format!("{} rmm", g.name), || {
@@ -1260,27 +1413,22 @@ impl<B: Backend> Study<'_, B> {
                 })?),
                 _ => None,
             };
-            if let Some(row) = own_row {
-                self.results.rows.push(row);
-                self.partial()?;
-                continue;
-            }
-            let (row, sd) =
-                self.grid_row(g, method, &cands, grams.as_deref(), (&ind_test, &ind_ood))?;
-            let (row, sd) =
-                self.with_yaml(row, sd, g, method, base_path, &model_paths, config_dir)?;
-            let score = row.normalised.mean.unwrap_or(f64::NEG_INFINITY);
-            if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
-                best = Some((score, sd.0, method.clone()));
-            }
+            let row = match own_row {
+                Some(row) => row,
+                None => {
+                    let (row, built) =
+                        self.grid_row(g, method, &cands, grams, (&ind_test, &ind_ood))?;
+                    if model_paths.is_none() {
+                        model_paths = Some(self.model_paths(g)?);
+                    }
+                    let paths = model_paths.as_deref().expect("written");
+                    self.with_yaml(row, &built, g, method, base_path, paths, config_dir)?
+                }
+            };
             self.results.rows.push(row);
             self.partial()?;
         }
-        self.analyse(g, &ind_test)?;
-        if let Some((_, sd, method)) = best {
-            self.save_best(g, sd, method)?;
-        }
-        Ok(())
+        Ok(grams)
     }
 
     /// Builds the merge of one candidate on the group's weights.
@@ -1399,13 +1547,13 @@ impl<B: Backend> Study<'_, B> {
     fn with_yaml(
         &mut self,
         mut row: MergeRow,
-        built: Built,
+        built: &Built,
         g: &Group<'_>,
         method: &str,
         base_path: &Path,
         model_paths: &[PathBuf],
         config_dir: &Path,
-    ) -> anyhow::Result<(MergeRow, Built)> {
+    ) -> anyhow::Result<MergeRow> {
         if let Some(t) = &built.1 {
             let seed = self.plan.seed;
             let (rel, same) = self.run.phase(&format!("{} {method} yaml", g.name), || {
@@ -1422,7 +1570,7 @@ impl<B: Backend> Study<'_, B> {
             })?;
             (row.yaml, row.yaml_identical) = (Some(rel), Some(same));
         }
-        Ok((row, built))
+        Ok(row)
     }
 
     /// The group's task vectors, and how each pair of tasks merges (at
@@ -1443,50 +1591,67 @@ impl<B: Backend> Study<'_, B> {
         Ok(())
     }
 
-    /// Saves the group's best merge as a Hugging Face folder under `best/`.
-    fn save_best(
-        &mut self,
-        g: &Group<'_>,
-        mut sd: StateDict,
-        method: String,
-    ) -> anyhow::Result<()> {
+    /// Saves the group's best merge as a Hugging Face folder under `best/`,
+    /// rebuilt from its row's hyper-parameters (the merges are
+    /// deterministic per seed; a resumed run's best may be an earlier
+    /// part's row).
+    fn save_best(&mut self, g: &Group<'_>, grams: &mut Option<Vec<PathBuf>>) -> anyhow::Result<()> {
+        let Some(row) = self.best_row(&g.name).cloned() else {
+            return Ok(());
+        };
+        let cand = grid(self.plan, &row.method, self.lora_group(&g.name))
+            .into_iter()
+            .find(|(h, _)| *h == row.hyper)
+            .map(|(_, c)| c)
+            .with_context(|| {
+                format!(
+                    "{}: the chosen {} {:?} is not in its grid",
+                    g.name, row.method, row.hyper
+                )
+            })?;
+        let grams = match cand {
+            Candidate::RegMean => Some(self.grams(g, grams)?),
+            _ => None,
+        };
         let rel = format!("best/{}", g.file_name());
         let dir = self.run.dir.join(&rel);
-        let prep = self.prep;
+        let (plan, prep) = (self.plan, self.prep);
         self.run.phase(&format!("{} save best", g.name), || {
+            let (mut sd, _, _) = Self::build((plan, &prep.base.weights), g, &cand, grams)?;
             s2ft_core::pretrained::save_hf_folder(
                 &dir,
                 &prep.base.config,
                 &mut sd,
                 &prep.base.tokenizer,
                 weights::DEFAULT_SHARD_BYTES,
-            )
+            )?;
+            anyhow::Ok(())
         })?;
         self.results.best.push(BestModel {
             group: g.name.clone(),
-            method,
+            method: row.method,
             path: rel,
         });
-        Ok(())
+        self.partial()
     }
 
     /// Removes the scratch inputs (unless kept), writes the CSV, the plots,
     /// the report and the metrics; returns the report folder.
-    fn finish(self, groups: &[Group<'_>], c: &LlamaConfig) -> anyhow::Result<PathBuf> {
+    fn finish(self, c: &LlamaConfig) -> anyhow::Result<PathBuf> {
         self.bar.finish_and_clear();
         if !self.plan.keep_inputs {
             let _ = std::fs::remove_dir_all(&self.inputs);
         }
-        let (plan, b, r) = (self.plan, self.baselines, self.results);
+        let (plan, r) = (self.plan, self.results);
         self.run
             .write("merges.csv", merges_csv(&r.rows).as_bytes())?;
-        plots(&self.run, plan, groups, &r.rows, &r.analyses)?;
+        plots(&self.run, plan, &r.rows, &r.analyses)?;
         let md = report(
             plan,
             c,
             self.prep,
-            &b.base,
-            &b.own,
+            &self.base,
+            &own_scores(&self.individual),
             &r.rows,
             &r.analyses,
             &r.best,
@@ -1496,8 +1661,8 @@ impl<B: Backend> Study<'_, B> {
             config: c,
             plan,
             rows: Rows {
-                base: b.base.clone(),
-                individual: b.individual.clone(),
+                base: self.base,
+                individual: self.individual,
                 merges: r.rows,
                 task_vectors: r.analyses,
                 best: r.best,
@@ -2109,13 +2274,7 @@ fn merges_csv(rows: &[MergeRow]) -> String {
     s
 }
 
-fn plots(
-    run: &Run,
-    plan: &Plan,
-    groups: &[Group<'_>],
-    rows: &[MergeRow],
-    analyses: &[Analysis],
-) -> anyhow::Result<()> {
+fn plots(run: &Run, plan: &Plan, rows: &[MergeRow], analyses: &[Analysis]) -> anyhow::Result<()> {
     let methods: Vec<String> = plan
         .methods
         .iter()
@@ -2125,16 +2284,17 @@ fn plots(
         })
         .cloned()
         .collect();
-    let series: Vec<(String, Vec<f64>)> = groups
+    let series: Vec<(String, Vec<f64>)> = plan
+        .groups
         .iter()
         .map(|g| {
             (
-                g.name.clone(),
+                g.clone(),
                 methods
                     .iter()
                     .map(|m| {
                         rows.iter()
-                            .find(|r| r.group == g.name && &r.method == m)
+                            .find(|r| &r.group == g && &r.method == m)
                             .and_then(|r| r.normalised.mean)
                             .unwrap_or(f64::NAN)
                     })
@@ -2152,7 +2312,7 @@ fn plots(
             .collect::<Vec<_>>(),
         &series,
     )?;
-    lambda_plot(run, groups, rows)?;
+    lambda_plot(run, &plan.groups, rows)?;
     for a in analyses {
         heatmap(
             &run.dir
@@ -2168,14 +2328,11 @@ fn plots(
 
 /// Validation accuracy against λ for task arithmetic and TIES (at its
 /// chosen density), one line per group and method.
-fn lambda_plot(run: &Run, groups: &[Group<'_>], rows: &[MergeRow]) -> anyhow::Result<()> {
+fn lambda_plot(run: &Run, groups: &[String], rows: &[MergeRow]) -> anyhow::Result<()> {
     let mut lines = Vec::new();
     for (i, g) in groups.iter().enumerate() {
         for (method, dash) in [("task_arithmetic", "TA"), ("ties", "TIES")] {
-            if let Some(r) = rows
-                .iter()
-                .find(|r| r.group == g.name && r.method == method)
-            {
+            if let Some(r) = rows.iter().find(|r| &r.group == g && r.method == method) {
                 // TIES at its chosen density.
                 let d = r.hyper.get("density").copied();
                 let pts: Vec<(f64, f64)> = r
@@ -2185,7 +2342,7 @@ fn lambda_plot(run: &Run, groups: &[Group<'_>], rows: &[MergeRow]) -> anyhow::Re
                     .filter_map(|p| Some((p.hyper.get("lambda").copied()?, p.val_acc?)))
                     .collect();
                 if !pts.is_empty() {
-                    lines.push(Series::line(format!("{} {dash}", g.name), pts).colored(i));
+                    lines.push(Series::line(format!("{g} {dash}"), pts).colored(i));
                 }
             }
         }

@@ -764,21 +764,9 @@ struct Resumed {
 impl Resumed {
     fn read(plan: &Plan, partial: &serde_json::Value, dir: &Path) -> anyhow::Result<Self> {
         crate::report::same_plan(&partial["plan"], &serde_json::to_value(plan)?)?;
-        fn field<T: serde::de::DeserializeOwned>(
-            partial: &serde_json::Value,
-            name: &str,
-            dir: &Path,
-        ) -> anyhow::Result<T> {
-            serde_path_to_error::deserialize(partial[name].clone()).with_context(|| {
-                format!(
-                    "--resume: reading `{name}` of {}",
-                    dir.join("metrics.partial.json").display()
-                )
-            })
-        }
-        let base: BaseScores = field(partial, "base", dir)?;
-        let sweep: Vec<SweepRow> = field(partial, "sweep", dir)?;
-        let rows: Vec<RunRow> = field(partial, "runs", dir)?;
+        let base: BaseScores = crate::report::partial_field(partial, "base", dir)?;
+        let sweep: Vec<SweepRow> = crate::report::partial_field(partial, "sweep", dir)?;
+        let rows: Vec<RunRow> = crate::report::partial_field(partial, "runs", dir)?;
         let manifest_path = dir.join("finetunes/manifest.json");
         let mut manifest: Vec<ManifestEntry> = match std::fs::read_to_string(&manifest_path) {
             Ok(text) => serde_json::from_str(&text)
