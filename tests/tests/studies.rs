@@ -1107,6 +1107,45 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// `v` without the fields that time or weigh a run (they differ run to run).
+/// Copies every file under `from` to the same place under `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    for f in files_under(from) {
+        let dst = to.join(&f);
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(from.join(&f), dst).unwrap();
+    }
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// The phases a resumed run (`again`) added to the interrupted one's (`done`).
+fn phases_added(done: &serde_json::Value, again: &serde_json::Value) -> Vec<String> {
+    let phases = |m: &serde_json::Value| -> Vec<String> {
+        m["run"]["phases_seconds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["phase"].as_str().unwrap().to_string())
+            .collect()
+    };
+    phases(again)[phases(done).len()..].to_vec()
+}
+
+/// `a` and `b` hold the same files, and those `compared` are byte-identical.
+fn assert_same_files(a: &Path, b: &Path, compared: impl Fn(&Path) -> bool) {
+    let files = files_under(a);
+    assert_eq!(files_under(b), files);
+    for f in files.iter().filter(|f| compared(f)) {
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "{}",
+            f.display()
+        );
+    }
+}
+
 fn without_timings(v: &serde_json::Value) -> serde_json::Value {
     match v {
         serde_json::Value::Object(m) => m
@@ -1132,16 +1171,11 @@ fn s2ft_study_resumes_an_interrupted_run() {
     let model = tiny_hf_model(dir.path(), 512);
     let out = dir.path().join("run");
     experiments::studies::s2ft::run(&llm_args(&model, &out)).unwrap();
-    let done: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let done = read_json(&out.join("metrics.json"));
 
     // The interrupted run's folder, as the study leaves it.
     let cut = dir.path().join("cut");
-    for f in files_under(&out) {
-        let to = cut.join(&f);
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(out.join(&f), to).unwrap();
-    }
+    copy_tree(&out, &cut);
     std::fs::remove_file(cut.join("metrics.json")).unwrap();
     std::fs::remove_file(cut.join("report.md")).unwrap();
     let keep_run = |r: &serde_json::Value| {
@@ -1180,8 +1214,7 @@ fn s2ft_study_resumes_an_interrupted_run() {
     };
     experiments::studies::s2ft::run(&resume(&cut)).unwrap();
     assert!(!cut.join("metrics.partial.json").exists());
-    let again: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(cut.join("metrics.json")).unwrap()).unwrap();
+    let again = read_json(&cut.join("metrics.json"));
     assert_eq!(again["runs"][0]["test_answer_loss"], 123.0);
     let mut unmarked = again.clone();
     unmarked["runs"][0]["test_answer_loss"] = done["runs"][0]["test_answer_loss"].clone();
@@ -1193,15 +1226,7 @@ fn s2ft_study_resumes_an_interrupted_run() {
         );
     }
     // The resumed part ran only what was missing: LoRA on reverse, S²FT's sweep and reverse.
-    let phases = |m: &serde_json::Value| -> Vec<String> {
-        m["run"]["phases_seconds"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["phase"].as_str().unwrap().to_string())
-            .collect()
-    };
-    let new = phases(&again)[phases(&done).len()..].to_vec();
+    let new = phases_added(&done, &again);
     let ran = |s: &str| new.iter().any(|p| p.contains(s));
     assert!(
         ran("lora-r2 reverse") && ran("s2ft-random-r2 date lr") && ran("s2ft-random-r2 reverse"),
@@ -1216,19 +1241,9 @@ fn s2ft_study_resumes_an_interrupted_run() {
         again["run"]["wall_seconds"].as_f64().unwrap()
             > done["run"]["wall_seconds"].as_f64().unwrap()
     );
-    let fine = files_under(&out.join("finetunes"));
-    assert_eq!(files_under(&cut.join("finetunes")), fine);
-    for f in fine
-        .iter()
-        .filter(|f| f.extension().is_some_and(|x| x == "safetensors"))
-    {
-        assert!(
-            std::fs::read(out.join("finetunes").join(f)).unwrap()
-                == std::fs::read(cut.join("finetunes").join(f)).unwrap(),
-            "{}",
-            f.display()
-        );
-    }
+    assert_same_files(&out.join("finetunes"), &cut.join("finetunes"), |f| {
+        f.extension().is_some_and(|x| x == "safetensors")
+    });
 
     // Refusals, each naming what is wrong.
     let fails = |a: experiments::studies::s2ft::S2ftArgs, want: &str| {
@@ -1550,18 +1565,11 @@ fn merge_study_resumes_an_interrupted_run() {
     experiments::studies::s2ft::run(&llm_args(&model, &ft)).unwrap();
     let out = dir.path().join("merge");
     experiments::studies::merging::run(&merge_llm_args(&model, Some(&ft), &out)).unwrap();
-    let read = |p: &Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-    };
-    let done = read(&out.join("metrics.json"));
+    let done = read_json(&out.join("metrics.json"));
 
     // The interrupted run's folder, as the study leaves it.
     let cut = dir.path().join("cut");
-    for f in files_under(&out) {
-        let to = cut.join(&f);
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(out.join(&f), to).unwrap();
-    }
+    copy_tree(&out, &cut);
     std::fs::remove_file(cut.join("metrics.json")).unwrap();
     std::fs::remove_file(cut.join("report.md")).unwrap();
     let lora_kept = ["average", "task_arithmetic", "ties", "dare_ties"];
@@ -1603,7 +1611,7 @@ fn merge_study_resumes_an_interrupted_run() {
     experiments::studies::merging::run(&resume(&cut)).unwrap();
     assert!(!cut.join("metrics.partial.json").exists());
     assert!(!cut.join("inputs").exists(), "scratch inputs removed");
-    let again = read(&cut.join("metrics.json"));
+    let again = read_json(&cut.join("metrics.json"));
     assert_eq!(again["merges"][0]["note"], "kept, not redone");
     let mut unmarked = again.clone();
     unmarked["merges"][0]["note"] = done["merges"][0]["note"].clone();
@@ -1615,15 +1623,7 @@ fn merge_study_resumes_an_interrupted_run() {
         );
     }
     // Only what was missing ran.
-    let phases = |m: &serde_json::Value| -> Vec<String> {
-        m["run"]["phases_seconds"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["phase"].as_str().unwrap().to_string())
-            .collect()
-    };
-    let new = phases(&again)[phases(&done).len()..].to_vec();
+    let new = phases_added(&done, &again);
     let ran = |s: &str| new.iter().any(|p| p.contains(s));
     for want in [
         "lora r2 dare_linear",
@@ -1645,16 +1645,7 @@ fn merge_study_resumes_an_interrupted_run() {
     }
     assert_eq!(again["run"]["resumes"], 1);
     // The best models, rebuilt from their rows, byte for byte.
-    let best = files_under(&out.join("best"));
-    assert_eq!(files_under(&cut.join("best")), best);
-    for f in &best {
-        assert!(
-            std::fs::read(out.join("best").join(f)).unwrap()
-                == std::fs::read(cut.join("best").join(f)).unwrap(),
-            "{}",
-            f.display()
-        );
-    }
+    assert_same_files(&out.join("best"), &cut.join("best"), |_| true);
 
     // Refusals, each naming what is wrong.
     let fails = |a: experiments::studies::merging::MergeArgs, want: &str| {

@@ -831,6 +831,12 @@ where
     for &method in &methods {
         let name = method.label();
         let done = res.rows.iter().filter(|r| r.method == name).count();
+        // The steps an interrupted run finished: its sweep (the first
+        // task's fine-tune among them) and the other tasks done.
+        if done > 0 {
+            let swept = plan.lrs[family_lrs(method)].len();
+            bar.inc(((swept + done - 1) * plan.steps) as u64);
+        }
         if done == plan.tasks.len() {
             continue; // finished before an interruption
         }
