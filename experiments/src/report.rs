@@ -101,6 +101,15 @@ impl RunArgs {
                 record.study
             );
         }
+        // Another backend computes other bits: a resumed run's kept rows and
+        // its new ones would not be one run's.
+        if record.backend != device.label() {
+            anyhow::bail!(
+                "--resume: the interrupted run ran on {}, this one would on {}; give its --device",
+                record.backend,
+                device.label()
+            );
+        }
         let mut run = Run::create(study, Some(dir), device, self.quiet)?;
         run.earlier_seconds = record.wall_seconds;
         run.resumes = record.resumes + 1;
@@ -391,12 +400,93 @@ pub fn read_metrics<T: serde::de::DeserializeOwned>(dir: &Path) -> anyhow::Resul
     serde_path_to_error::deserialize(de).with_context(|| format!("reading {}", p.display()))
 }
 
-/// Reads an `f64` that was NaN or infinite when written (`serde_json`
-/// writes those as `null`) back as NaN.
-pub fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
-    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+/// Reads floats that were NaN or infinite when written (`serde_json`
+/// writes those as `null`) back as NaN: an `f64` or `f32`, or a vector or
+/// string-keyed map of them (for `#[serde(deserialize_with = ...)]`).
+pub fn nan_if_null<'de, D: serde::Deserializer<'de>, T: NullAsNan>(d: D) -> Result<T, D::Error> {
+    Ok(T::from_raw(T::Raw::deserialize(d)?))
+}
+
+/// A value whose floats may have been written as `null` (see [`nan_if_null`]).
+pub trait NullAsNan: Sized {
+    /// The same shape with `Option`s for the floats.
+    type Raw: serde::de::DeserializeOwned;
+    /// NaN for every `None`.
+    fn from_raw(raw: Self::Raw) -> Self;
+}
+
+impl NullAsNan for f64 {
+    type Raw = Option<f64>;
+    fn from_raw(raw: Option<f64>) -> f64 {
+        raw.unwrap_or(f64::NAN)
+    }
+}
+
+impl NullAsNan for f32 {
+    type Raw = Option<f32>;
+    fn from_raw(raw: Option<f32>) -> f32 {
+        raw.unwrap_or(f32::NAN)
+    }
+}
+
+impl<T: NullAsNan> NullAsNan for Vec<T> {
+    type Raw = Vec<T::Raw>;
+    fn from_raw(raw: Self::Raw) -> Self {
+        raw.into_iter().map(T::from_raw).collect()
+    }
+}
+
+impl<T: NullAsNan> NullAsNan for std::collections::BTreeMap<String, T> {
+    type Raw = std::collections::BTreeMap<String, T::Raw>;
+    fn from_raw(raw: Self::Raw) -> Self {
+        raw.into_iter().map(|(k, v)| (k, T::from_raw(v))).collect()
+    }
 }
 
 fn available_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// NaN and ±∞ are written as `null` and read back as NaN, at every depth.
+    #[test]
+    fn non_finite_floats_survive_a_json_round_trip_as_nan() {
+        #[derive(Serialize, Deserialize)]
+        struct Row {
+            #[serde(deserialize_with = "nan_if_null")]
+            x: f64,
+            #[serde(deserialize_with = "nan_if_null")]
+            losses: Vec<f32>,
+            #[serde(deserialize_with = "nan_if_null")]
+            by_task: BTreeMap<String, f64>,
+            #[serde(deserialize_with = "nan_if_null")]
+            matrix: Vec<Vec<f64>>,
+        }
+        let row = Row {
+            x: f64::NAN,
+            losses: vec![1.5, f32::INFINITY, f32::NAN],
+            by_task: [
+                ("a".to_string(), 0.25),
+                ("b".to_string(), f64::NEG_INFINITY),
+            ]
+            .into(),
+            matrix: vec![vec![1.0, f64::NAN], vec![f64::NAN, 1.0]],
+        };
+        let text = serde_json::to_string(&row).unwrap();
+        assert_eq!(text.matches("null").count(), 6, "{text}");
+        let back: Row = serde_json::from_str(&text).unwrap();
+        assert!(back.x.is_nan());
+        assert_eq!(back.losses[0], 1.5);
+        assert!(back.losses[1].is_nan() && back.losses[2].is_nan());
+        assert_eq!(back.by_task["a"], 0.25);
+        assert!(back.by_task["b"].is_nan());
+        assert_eq!(back.matrix[0][0], 1.0);
+        assert!(back.matrix[0][1].is_nan() && back.matrix[1][0].is_nan());
+        // Without the attribute the same text is refused: what the attribute is for.
+        assert!(serde_json::from_str::<Vec<f32>>(r#"[1.5, null]"#).is_err());
+    }
 }

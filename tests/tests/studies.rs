@@ -1106,7 +1106,6 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// `v` without the fields that time or weigh a run (they differ run to run).
 /// Copies every file under `from` to the same place under `to`.
 fn copy_tree(from: &Path, to: &Path) {
     for f in files_under(from) {
@@ -1146,6 +1145,7 @@ fn assert_same_files(a: &Path, b: &Path, compared: impl Fn(&Path) -> bool) {
     }
 }
 
+/// `v` without the fields that time or weigh a run (they differ run to run).
 fn without_timings(v: &serde_json::Value) -> serde_json::Value {
     match v {
         serde_json::Value::Object(m) => m
@@ -1552,11 +1552,12 @@ fn merge_study_merges_real_model_fine_tunes_and_its_yaml_configs_are_mergekits()
     }
 }
 
-/// A merge run cut short — the base and group `full` done, `lora r2` cut
-/// after four methods with its best model saved but not recorded,
-/// `s2ft-random r2` with one fine-tune scored — resumes to the
-/// uninterrupted run's rows, task-vector analyses and best models (byte for
-/// byte), running only what was missing.
+/// A merge run cut short — group `full` merged and analysed, its best model
+/// saved but not recorded; `lora r2` cut after four methods, its best saved
+/// but not recorded; one fine-tune of `s2ft-random r2` scored — resumes to
+/// the uninterrupted run's rows, task-vector analyses and best models (byte
+/// for byte), running only what was missing; each saved best model is the
+/// merge its mergekit YAML config gives.
 #[test]
 fn merge_study_resumes_an_interrupted_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -1564,10 +1565,17 @@ fn merge_study_resumes_an_interrupted_run() {
     let ft = dir.path().join("s2ft");
     experiments::studies::s2ft::run(&llm_args(&model, &ft)).unwrap();
     let out = dir.path().join("merge");
-    experiments::studies::merging::run(&merge_llm_args(&model, Some(&ft), &out)).unwrap();
+    // Inputs kept, so that every YAML config can be run again below.
+    let args = |out: &Path| {
+        let mut a = merge_llm_args(&model, Some(&ft), out);
+        a.llm.keep_inputs = true;
+        a
+    };
+    experiments::studies::merging::run(&args(&out)).unwrap();
     let done = read_json(&out.join("metrics.json"));
 
-    // The interrupted run's folder, as the study leaves it.
+    // An interrupted run's folder: one state per group, each one a cut can
+    // leave (a real cut leaves one group part done, the later ones untouched).
     let cut = dir.path().join("cut");
     copy_tree(&out, &cut);
     std::fs::remove_file(cut.join("metrics.json")).unwrap();
@@ -1595,22 +1603,21 @@ fn merge_study_resumes_an_interrupted_run() {
         "individual": kept("individual", &|r| r["group"] != "s2ft-random r2" || r["task"] == "date"),
         "merges": merges,
         "task_vectors": kept("task_vectors", &full),
-        "best": kept("best", &full),
+        "best": [],
         "run": done["run"],
         "complete": false,
     });
     std::fs::write(cut.join("metrics.partial.json"), partial.to_string()).unwrap();
     std::fs::remove_dir_all(cut.join("best/s2ft-random-r2")).unwrap();
-    // best/lora-r2 stays: saved, then cut before it was recorded.
+    // best/full and best/lora-r2 stay: saved, then cut before they were recorded.
 
     let resume = |out: &Path| {
-        let mut a = merge_llm_args(&model, Some(&ft), out);
+        let mut a = args(out);
         a.lm.run.resume = true;
         a
     };
     experiments::studies::merging::run(&resume(&cut)).unwrap();
     assert!(!cut.join("metrics.partial.json").exists());
-    assert!(!cut.join("inputs").exists(), "scratch inputs removed");
     let again = read_json(&cut.join("metrics.json"));
     assert_eq!(again["merges"][0]["note"], "kept, not redone");
     let mut unmarked = again.clone();
@@ -1626,6 +1633,8 @@ fn merge_study_resumes_an_interrupted_run() {
     let new = phases_added(&done, &again);
     let ran = |s: &str| new.iter().any(|p| p.contains(s));
     for want in [
+        "full read",
+        "full save best",
         "lora r2 dare_linear",
         "lora r2 task vectors",
         "lora r2 save best",
@@ -1636,7 +1645,10 @@ fn merge_study_resumes_an_interrupted_run() {
     }
     for not in [
         "score base",
-        "full",
+        "score full",
+        "full average",
+        "full regmean",
+        "full task vectors",
         "lora r2 ties",
         "score lora r2",
         "score s2ft-random r2 date",
@@ -1646,6 +1658,34 @@ fn merge_study_resumes_an_interrupted_run() {
     assert_eq!(again["run"]["resumes"], 1);
     // The best models, rebuilt from their rows, byte for byte.
     assert_same_files(&out.join("best"), &cut.join("best"), |_| true);
+    // Each is the merge its row's YAML config gives (which the run found
+    // equal to the merge it scored).
+    let m = metrics::<experiments::studies::merge_llm::Rows>(&cut).metrics;
+    let mut checked = 0;
+    for b in &m.best {
+        let row = m
+            .merges
+            .iter()
+            .find(|r| r.group == b.group && r.method == b.method)
+            .unwrap();
+        let Some(yaml) = &row.yaml else { continue };
+        let rerun = dir.path().join(format!("yaml-{}", b.group));
+        let opts = merge::run::RunOptions {
+            seed: again["plan"]["seed"].as_u64().unwrap(),
+            ..Default::default()
+        };
+        merge::run::run_file(&cut.join(yaml), &rerun, &opts).unwrap();
+        let (want, got) = (
+            weights::StateDict::load(&rerun).unwrap(),
+            weights::StateDict::load(cut.join(&b.path)).unwrap(),
+        );
+        assert_eq!(want.len(), got.len());
+        for (name, t) in want.iter() {
+            assert_eq!(got.get(name).unwrap().data, t.data, "{} {name}", b.group);
+        }
+        checked += 1;
+    }
+    assert!(checked >= 2, "{:?}", m.best);
 
     // Refusals, each naming what is wrong.
     let fails = |a: experiments::studies::merging::MergeArgs, want: &str| {
@@ -1658,6 +1698,13 @@ fn merge_study_resumes_an_interrupted_run() {
     let mut other = resume(&cut);
     other.llm.lambdas = Some(vec![0.5]);
     fails(other, "lambdas: [0.5,1.0] then, [0.5] now");
+    let mut on_gpu = partial.clone();
+    on_gpu["run"]["backend"] = serde_json::json!("cuda (burn cubecl)");
+    std::fs::write(cut.join("metrics.partial.json"), on_gpu.to_string()).unwrap();
+    fails(
+        resume(&cut),
+        "ran on cuda (burn cubecl), this one would on cpu",
+    );
     let mut character = experiments::studies::merging::MergeArgs::default();
     character.lm.run = RunArgs::quiet_to(dir.path().join("char"));
     character.lm.run.resume = true;

@@ -663,6 +663,7 @@ pub struct Accs {
     /// Exact-match accuracy per task.
     pub tasks: BTreeMap<String, f64>,
     /// Teacher-forced answer loss per task.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub loss: BTreeMap<String, f64>,
     /// The first few (task, prompt, reference, greedy answer) of each task.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
@@ -2022,14 +2023,19 @@ pub struct Analysis {
     /// Tasks, in matrix order.
     pub tasks: Vec<String>,
     /// Whole task-vector norm per task.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub norms: Vec<f64>,
     /// Mean stable rank per task (analysed weights).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub mean_stable_rank: Vec<f64>,
     /// Mean numerical rank per task (analysed weights).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub mean_numerical_rank: Vec<f64>,
     /// Cosine matrix.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub cosines: Vec<Vec<f64>>,
     /// Overlap matrix (1 on the diagonal).
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub overlaps: Vec<Vec<f64>>,
     /// Pairs.
     pub pairs: Vec<PairStats>,

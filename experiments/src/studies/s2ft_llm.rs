@@ -434,6 +434,7 @@ pub struct BaseScores {
     /// Per task.
     pub tasks: BTreeMap<String, TaskAcc>,
     /// Held-out loss (nats/token) per corpus.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub text_loss: BTreeMap<String, f64>,
 }
 
@@ -488,10 +489,12 @@ pub struct RunRow {
     #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub test_answer_loss: f64,
     /// The other tasks' test accuracy, and its change from the base model.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub other_tasks: BTreeMap<String, f64>,
     /// Mean over the other tasks of (accuracy − base accuracy).
     pub other_tasks_delta: Option<f64>,
     /// Held-out loss per corpus after fine-tuning.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub text_loss: BTreeMap<String, f64>,
     /// Mean over corpora of the held-out loss increase (nats/token): forgetting.
     #[serde(deserialize_with = "crate::report::nan_if_null")]
@@ -505,6 +508,7 @@ pub struct RunRow {
     #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub train_seconds: f64,
     /// Training loss per step.
+    #[serde(deserialize_with = "crate::report::nan_if_null")]
     pub losses: Vec<f32>,
     /// Set when the run diverged (then it is left out of the means).
     pub diverged: Option<String>,
