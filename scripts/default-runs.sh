@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The default-size real-model runs, one after the other, each resumable:
+#   1. `s2ft --model`  (fine-tunes of SmolLM2-135M per task and method)
+#   2. `merge --model --finetunes` on those fine-tunes
+# Rerun the same command after an interruption: a run with
+# `metrics.partial.json` continues with `--resume`, a finished one (its
+# `metrics.json`) is skipped. Progress is each run's `metrics.partial.json`
+# and CSV tables; the log is `OUT_DIR/<run>.log`.
+#   scripts/default-runs.sh [OUT_DIR]          (default results)
+# DEVICE=cuda (with a `--features cuda` build) runs them on the GPU;
+# MODEL=PATH picks another base (default: the GGUF fetch-models.sh pins).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-results}"
+model="${MODEL:-models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
+device="${DEVICE:-cpu}"
+bin=target/release/experiments
+if [ "$device" = cuda ]; then
+  cargo build -p experiments --release --features cuda
+else
+  cargo build -p experiments --release
+fi
+mkdir -p "$out"
+
+# Runs study $1 into folder $2 with the rest as options, resuming it if an
+# earlier call was interrupted, skipping it if it finished.
+run() {
+  local study="$1" dir="$2"
+  shift 2
+  if [ -f "$dir/metrics.json" ]; then
+    echo "$dir: finished earlier"
+    return
+  fi
+  local resume=()
+  [ -f "$dir/metrics.partial.json" ] && resume=(--resume)
+  echo "$(date -u +%FT%TZ) $study -> $dir ${resume[*]}"
+  "$bin" "$study" --model "$model" --device "$device" --out "$dir" --quiet "${resume[@]}" "$@" \
+    >> "$dir.log" 2>&1
+  echo "$(date -u +%FT%TZ) $dir: done"
+}
+
+run s2ft "$out/s2ft-llm-default"
+run merge "$out/merge-llm-default" --finetunes "$out/s2ft-llm-default"
