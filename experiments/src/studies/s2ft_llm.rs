@@ -55,7 +55,8 @@ pub struct LlmArgs {
     /// Instruction tasks: date, reverse, acronym, lookup (default all; quick: date, reverse).
     #[arg(long, value_delimiter = ',')]
     pub tasks: Option<Vec<String>>,
-    /// The task the learning rates are swept on (default: the first task).
+    /// The task the learning rates are swept on (default: the hardest task
+    /// given, in the order acronym, lookup, reverse, date; quick: the first).
     #[arg(long)]
     pub sweep_task: Option<String>,
     /// Learning rates swept for full fine-tuning (default 3e-5,1e-4,3e-4; quick: 1e-4).
@@ -167,6 +168,20 @@ fn refuse_character_options(args: &S2ftArgs) -> anyhow::Result<()> {
     )
 }
 
+/// The tasks in the order the default sweep task is picked: hardest first,
+/// by SmolLM2-135M-Instruct's zero-shot answer loss on their test splits
+/// (5.9, 2.7, 2.3 and 0.8 nats/token). On an easy task every rate learns
+/// it and the sweep cannot choose: in the first default run, swept on
+/// date, full fine-tuning's three rates all scored 1.00 there, the 3e-4
+/// chosen by a 2e-5 difference in validation loss then reached 0.54 on
+/// acronym with +1.14 nats/token of forgetting.
+const SWEEP_PREFERENCE: [InstructTask; 4] = [
+    InstructTask::Acronym,
+    InstructTask::Lookup,
+    InstructTask::Reverse,
+    InstructTask::Date,
+];
+
 /// The tasks, the sweep's task first, and that task.
 fn task_order(llm: &LlmArgs, quick: bool) -> anyhow::Result<(Vec<InstructTask>, InstructTask)> {
     let names = llm.tasks.clone().unwrap_or_else(|| {
@@ -183,7 +198,12 @@ fn task_order(llm: &LlmArgs, quick: bool) -> anyhow::Result<(Vec<InstructTask>, 
             .context("--sweep-task")?
             .first()
             .expect("one"),
-        None => tasks[0],
+        // Quick grids have one rate: nothing is chosen, the given order stays.
+        None if quick => tasks[0],
+        None => SWEEP_PREFERENCE
+            .into_iter()
+            .find(|t| tasks.contains(t))
+            .unwrap_or(tasks[0]),
     };
     ensure!(
         tasks.contains(&sweep_task),
@@ -1644,4 +1664,49 @@ fn greedy_answers(md: &mut String, rows: &[RunRow]) {
          full fine-tunes as Hugging Face folders, LoRA as PEFT adapters, S²FT as `adapter.safetensors` + \
          `adapter_config.json` with the dense ΔW in `delta.safetensors`.\n",
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order(tasks: Option<&[&str]>, sweep: Option<&str>, quick: bool) -> Vec<&'static str> {
+        let llm = LlmArgs {
+            tasks: tasks.map(|t| t.iter().map(|s| s.to_string()).collect()),
+            sweep_task: sweep.map(str::to_string),
+            ..Default::default()
+        };
+        let (tasks, sweep_task) = task_order(&llm, quick).unwrap();
+        assert_eq!(tasks[0], sweep_task);
+        tasks.iter().map(|t| t.name()).collect()
+    }
+
+    /// The default sweep runs on the hardest task given; quick runs and
+    /// `--sweep-task` keep theirs; the other tasks keep the given order.
+    #[test]
+    fn the_sweep_task_is_the_hardest_given_unless_named() {
+        assert_eq!(
+            order(None, None, false),
+            ["acronym", "date", "reverse", "lookup"]
+        );
+        assert_eq!(
+            order(Some(&["date", "reverse", "lookup"]), None, false),
+            ["lookup", "date", "reverse"]
+        );
+        assert_eq!(order(None, None, true), ["date", "reverse"]);
+        assert_eq!(
+            order(None, Some("date"), false),
+            ["date", "reverse", "acronym", "lookup"]
+        );
+        let llm = LlmArgs {
+            tasks: Some(vec!["date".into(), "reverse".into()]),
+            sweep_task: Some("lookup".into()),
+            ..Default::default()
+        };
+        let e = format!("{:#}", task_order(&llm, false).unwrap_err());
+        assert!(
+            e.contains("--sweep-task lookup is not among --tasks"),
+            "{e}"
+        );
+    }
 }
