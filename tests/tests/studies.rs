@@ -1119,6 +1119,31 @@ fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
+/// The finished `metrics.json` of the run resumed in `cut`: the mark set on
+/// a kept row (at JSON pointer `mark`) is still there — the row was reused,
+/// not redone — and, the mark put back, every field of `keys` equals the
+/// uninterrupted run's (`done`) but for timings.
+fn resumed_metrics(
+    done: &serde_json::Value,
+    cut: &Path,
+    (mark, marked): (&str, serde_json::Value),
+    keys: &[&str],
+) -> serde_json::Value {
+    assert!(!cut.join("metrics.partial.json").exists());
+    let again = read_json(&cut.join("metrics.json"));
+    assert_eq!(again.pointer(mark), Some(&marked), "{mark}");
+    let mut unmarked = again.clone();
+    *unmarked.pointer_mut(mark).unwrap() = done.pointer(mark).unwrap().clone();
+    for k in keys {
+        assert_eq!(
+            without_timings(&unmarked[k]),
+            without_timings(&done[k]),
+            "{k}"
+        );
+    }
+    again
+}
+
 /// The phases a resumed run (`again`) added to the interrupted one's (`done`).
 fn phases_added(done: &serde_json::Value, again: &serde_json::Value) -> Vec<String> {
     let phases = |m: &serde_json::Value| -> Vec<String> {
@@ -1213,18 +1238,12 @@ fn s2ft_study_resumes_an_interrupted_run() {
         a
     };
     experiments::studies::s2ft::run(&resume(&cut)).unwrap();
-    assert!(!cut.join("metrics.partial.json").exists());
-    let again = read_json(&cut.join("metrics.json"));
-    assert_eq!(again["runs"][0]["test_answer_loss"], 123.0);
-    let mut unmarked = again.clone();
-    unmarked["runs"][0]["test_answer_loss"] = done["runs"][0]["test_answer_loss"].clone();
-    for k in ["base", "sweep", "runs", "finetunes"] {
-        assert_eq!(
-            without_timings(&unmarked[k]),
-            without_timings(&done[k]),
-            "{k}"
-        );
-    }
+    let again = resumed_metrics(
+        &done,
+        &cut,
+        ("/runs/0/test_answer_loss", serde_json::json!(123.0)),
+        &["base", "sweep", "runs", "finetunes"],
+    );
     // The resumed part ran only what was missing: LoRA on reverse, S²FT's sweep and reverse.
     let new = phases_added(&done, &again);
     let ran = |s: &str| new.iter().any(|p| p.contains(s));
@@ -1617,18 +1636,12 @@ fn merge_study_resumes_an_interrupted_run() {
         a
     };
     experiments::studies::merging::run(&resume(&cut)).unwrap();
-    assert!(!cut.join("metrics.partial.json").exists());
-    let again = read_json(&cut.join("metrics.json"));
-    assert_eq!(again["merges"][0]["note"], "kept, not redone");
-    let mut unmarked = again.clone();
-    unmarked["merges"][0]["note"] = done["merges"][0]["note"].clone();
-    for k in ["base", "individual", "merges", "task_vectors", "best"] {
-        assert_eq!(
-            without_timings(&unmarked[k]),
-            without_timings(&done[k]),
-            "{k}"
-        );
-    }
+    let again = resumed_metrics(
+        &done,
+        &cut,
+        ("/merges/0/note", serde_json::json!("kept, not redone")),
+        &["base", "individual", "merges", "task_vectors", "best"],
+    );
     // Only what was missing ran.
     let new = phases_added(&done, &again);
     let ran = |s: &str| new.iter().any(|p| p.contains(s));

@@ -980,8 +980,18 @@ impl Group<'_> {
         self.members.iter().map(|f| f.task).collect()
     }
     fn file_name(&self) -> String {
-        self.name.replace(' ', "-")
+        file_name(&self.name)
     }
+}
+
+/// A group's name as it appears in file names (`lora r8` → `lora-r8`).
+fn file_name(group: &str) -> String {
+    group.replace(' ', "-")
+}
+
+/// Where a group's best merge is saved, relative to the report folder.
+fn best_path(group: &str) -> String {
+    format!("best/{}", file_name(group))
 }
 
 /// Reads group `name`'s fine-tunes again and fuses them onto the base
@@ -1071,7 +1081,7 @@ impl Resumed {
         };
         // A best model saved but not yet recorded is saved again.
         for g in &plan.groups {
-            let rel = format!("best/{}", g.replace(' ', "-"));
+            let rel = best_path(g);
             if !results.best.iter().any(|b| b.path == rel) && dir.join(&rel).exists() {
                 std::fs::remove_dir_all(dir.join(&rel))
                     .with_context(|| format!("--resume: removing {}", dir.join(&rel).display()))?;
@@ -1614,7 +1624,7 @@ impl<B: Backend> Study<'_, B> {
             Candidate::RegMean => Some(self.grams(g, grams)?),
             _ => None,
         };
-        let rel = format!("best/{}", g.file_name());
+        let rel = best_path(&g.name);
         let dir = self.run.dir.join(&rel);
         let (plan, prep) = (self.plan, self.prep);
         self.run.phase(&format!("{} save best", g.name), || {
@@ -2321,8 +2331,7 @@ fn plots(run: &Run, plan: &Plan, rows: &[MergeRow], analyses: &[Analysis]) -> an
     lambda_plot(run, &plan.groups, rows)?;
     for a in analyses {
         heatmap(
-            &run.dir
-                .join(format!("cosine_{}", a.group.replace(' ', "-"))),
+            &run.dir.join(format!("cosine_{}", file_name(&a.group))),
             &format!("Task-vector cosines, {} ({})", a.group, a.tasks.join(", ")),
             "task",
             "task",
@@ -2585,7 +2594,7 @@ fn grids_and_vectors(md: &mut String, plan: &Plan, rows: &[MergeRow], analyses: 
         md.push_str(&format!(
             "\n![cosines {}](cosine_{}.png)\n",
             a.group,
-            a.group.replace(' ', "-")
+            file_name(&a.group)
         ));
     }
 }
