@@ -95,6 +95,7 @@ fn main() -> anyhow::Result<()> {
                 lr: 1e-5,
                 steps: 4,
                 weight_decay: 0.0,
+                schedule: s2ft_core::train::LrSchedule::Constant,
             },
         );
         println!("{method}: median step {:.0} ms", out.median_step_ms());

@@ -115,6 +115,7 @@ fn main() {
                 lr: 1e-5,
                 steps: steps + 1,
                 weight_decay: 0.0,
+                schedule: s2ft_core::train::LrSchedule::Constant,
             },
         );
         assert!(out.stopped.is_none());

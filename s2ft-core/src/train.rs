@@ -98,6 +98,9 @@ pub struct TrainConfig {
     pub steps: usize,
     /// Decoupled weight decay (AdamW).
     pub weight_decay: f32,
+    /// How the rate moves over the steps.
+    #[serde(default)]
+    pub schedule: LrSchedule,
 }
 
 impl Default for TrainConfig {
@@ -106,6 +109,44 @@ impl Default for TrainConfig {
             lr: 1e-3,
             steps: 100,
             weight_decay: 0.0,
+            schedule: LrSchedule::Constant,
+        }
+    }
+}
+
+/// The learning rate over the steps, as a factor of [`TrainConfig::lr`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// The same rate at every step.
+    #[default]
+    Constant,
+    /// A linear warm-up from 0 over `warmup` steps, then a linear decay to 0
+    /// at the last step: transformers' `get_linear_schedule_with_warmup`
+    /// (the `Trainer`'s default `lr_scheduler_type="linear"`), step for step.
+    Linear {
+        /// Warm-up steps.
+        warmup: usize,
+    },
+}
+
+impl LrSchedule {
+    /// The linear schedule with `ceil(ratio · steps)` warm-up steps
+    /// (transformers' `warmup_ratio`).
+    pub fn linear_with_warmup_ratio(ratio: f64, steps: usize) -> Self {
+        LrSchedule::Linear {
+            warmup: (ratio * steps as f64).ceil() as usize,
+        }
+    }
+
+    /// The factor applied to the rate at `step` (0-based) of `steps`.
+    pub fn factor(&self, step: usize, steps: usize) -> f64 {
+        match *self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Linear { warmup } if step < warmup => step as f64 / warmup.max(1) as f64,
+            LrSchedule::Linear { warmup } => (steps.saturating_sub(step) as f64
+                / steps.saturating_sub(warmup).max(1) as f64)
+                .max(0.0),
         }
     }
 }
@@ -132,7 +173,8 @@ impl<B: AutodiffBackend> TrainOutcome<B> {
     }
 }
 
-/// Trains `model` for `cfg.steps` AdamW steps on `batch(step)`: token ids
+/// Trains `model` for `cfg.steps` AdamW steps (the rate following
+/// `cfg.schedule`) on `batch(step)`: token ids
 /// (every position counted) or a [`Batch`] with a loss mask.
 pub fn train<B: AutodiffBackend, T: Into<Batch<B>>>(
     model: Llama<B>,
@@ -174,7 +216,8 @@ where
         last_good = Some(model.clone());
         losses.push(value);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = optim.step(cfg.lr, model, grads);
+        let lr = cfg.lr * cfg.schedule.factor(step, cfg.steps);
+        model = optim.step(lr, model, grads);
         step_seconds.push(start.elapsed().as_secs_f64());
     }
     TrainOutcome {
@@ -182,5 +225,46 @@ where
         losses,
         stopped: None,
         step_seconds,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LrSchedule;
+
+    /// transformers 4.x `get_linear_schedule_with_warmup(opt, 3, 10)`: the
+    /// rate of each of the ten steps, read from `param_groups[0]["lr"]`
+    /// before each `optimizer.step()` (base rate 1).
+    #[test]
+    fn the_linear_schedule_is_transformers_step_for_step() {
+        let reference = [
+            0.0,
+            0.333_333_333_333_333_3,
+            0.666_666_666_666_666_6,
+            1.0,
+            0.857_142_857_142_857_1,
+            0.714_285_714_285_714_3,
+            0.571_428_571_428_571_4,
+            0.428_571_428_571_428_55,
+            0.285_714_285_714_285_7,
+            0.142_857_142_857_142_85,
+        ];
+        let s = LrSchedule::Linear { warmup: 3 };
+        for (step, want) in reference.iter().enumerate() {
+            let got = s.factor(step, 10);
+            assert!((got - want).abs() < 1e-15, "step {step}: {got} vs {want}");
+        }
+        // Without warm-up the first step runs at the full rate.
+        assert_eq!(LrSchedule::Linear { warmup: 0 }.factor(0, 10), 1.0);
+        assert_eq!(LrSchedule::Constant.factor(7, 10), 1.0);
+        // transformers' `warmup_ratio` rounds up.
+        assert_eq!(
+            LrSchedule::linear_with_warmup_ratio(0.1, 150),
+            LrSchedule::Linear { warmup: 15 }
+        );
+        assert_eq!(
+            LrSchedule::linear_with_warmup_ratio(0.1, 16),
+            LrSchedule::Linear { warmup: 2 }
+        );
     }
 }

@@ -27,6 +27,7 @@ fn training_peak(model: Llama<B>, tokens: &Tensor<B, 2, Int>, steps: usize) -> u
             lr: 1e-4,
             steps,
             weight_decay: 0.0,
+            schedule: s2ft_core::train::LrSchedule::Constant,
         },
     );
     assert!(out.stopped.is_none());

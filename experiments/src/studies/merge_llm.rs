@@ -40,7 +40,7 @@ use crate::llm::{EncodedSet, Prompter, score_set};
 use crate::plot::{Series, grouped_bar_chart, heatmap, line_chart};
 use crate::report::Run;
 use crate::studies::merging::{MergeArgs, WeightStats, add, fixed_fraction, task_matrices};
-use crate::studies::s2ft_llm::{EVAL_SEED, ManifestEntry};
+use crate::studies::s2ft_llm::{EVAL_SEED, ManifestEntry, ScheduleKind};
 use crate::tasks::{InstructTask, Split, Stream, Words, examples};
 use merge::regmean::RegMeanOptions;
 use merge::subspace::SubspaceMethod;
@@ -307,6 +307,10 @@ pub struct Training {
     pub seed: u64,
     /// LoRA dropout.
     pub lora_dropout: f64,
+    /// The learning-rate schedule (constant in runs recorded before it was an option).
+    pub lr_schedule: ScheduleKind,
+    /// Its warm-up, as a fraction of the steps.
+    pub warmup_ratio: f64,
     /// Learning rate per method label (the rate the run chose).
     pub lrs: BTreeMap<String, f64>,
 }
@@ -333,6 +337,10 @@ pub fn read_training(run_dir: &Path) -> anyhow::Result<Training> {
         batch: usize,
         seed: u64,
         lora_dropout: f64,
+        #[serde(default)]
+        lr_schedule: ScheduleKind,
+        #[serde(default)]
+        warmup_ratio: f64,
     }
     #[derive(serde::Deserialize)]
     struct RunFields {
@@ -351,6 +359,8 @@ pub fn read_training(run_dir: &Path) -> anyhow::Result<Training> {
         batch: m.plan.batch,
         seed: m.plan.seed,
         lora_dropout: m.plan.lora_dropout,
+        lr_schedule: m.plan.lr_schedule,
+        warmup_ratio: m.plan.warmup_ratio,
         lrs,
     })
 }
@@ -1829,6 +1839,8 @@ fn mtl_plan(
     args.llm.model = Some(plan.model.clone());
     args.llm.tasks = Some(tasks.iter().map(|t| t.name().to_string()).collect());
     args.llm.lora_dropout = Some(tr.lora_dropout);
+    args.llm.lr_schedule = Some(tr.lr_schedule);
+    args.llm.warmup_ratio = (tr.lr_schedule == ScheduleKind::Linear).then_some(tr.warmup_ratio);
     args.ranks = method.rank().map(|r| vec![r]);
     let s2ft_plan = crate::studies::s2ft_llm::Plan::new(&args)?;
     Ok((method, lr, s2ft_plan))
@@ -2669,6 +2681,17 @@ mod tests {
         // The first run of each method that did not diverge.
         assert_eq!(t.lrs["full"], 1e-4);
         assert_eq!(t.lrs["lora r4"], 1e-3);
+        // A run recorded before the schedule was an option trained at a constant rate.
+        assert_eq!(
+            (t.lr_schedule, t.warmup_ratio),
+            (ScheduleKind::Constant, 0.0)
+        );
+        let mut m = m;
+        m["plan"]["lr_schedule"] = "linear".into();
+        m["plan"]["warmup_ratio"] = 0.1.into();
+        std::fs::write(dir.path().join("metrics.json"), m.to_string()).unwrap();
+        let t = read_training(dir.path()).unwrap();
+        assert_eq!((t.lr_schedule, t.warmup_ratio), (ScheduleKind::Linear, 0.1));
         std::fs::write(dir.path().join("metrics.json"), r#"{"plan": {"steps": 1}}"#).unwrap();
         let e = format!("{:#}", read_training(dir.path()).unwrap_err());
         assert!(e.contains("--finetunes") && e.contains("batch"), "{e}");

@@ -401,6 +401,7 @@ where
             lr,
             steps,
             weight_decay: 0.0,
+            schedule: s2ft_core::train::LrSchedule::Constant,
         },
     );
     if let Some(e) = out.stopped {

@@ -38,7 +38,7 @@ use s2ft_core::s2ft::{
     Order, S2ftConfig, Strategy, activation_scores, apply_lora_with_dropout, apply_s2ft,
     lora_param_count, ratios_for_budget, s2ft_param_count, select, trainable_params,
 };
-use s2ft_core::train::{TrainConfig, train};
+use s2ft_core::train::{LrSchedule, TrainConfig, train};
 use s2ft_core::{Llama, LlamaConfig, Pretrained};
 use weights::stats::mean;
 
@@ -80,6 +80,45 @@ pub struct LlmArgs {
     /// Windows of held-out text per corpus for the language-modelling loss (default 8; quick 2).
     #[arg(long)]
     pub text_windows: Option<usize>,
+    /// How the learning rate moves over the steps (default constant;
+    /// linear: a warm-up, then a decay to 0, transformers' `Trainer` default).
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<ScheduleKind>,
+    /// Warm-up steps of the linear schedule as a fraction of the steps,
+    /// rounded up (transformers' `warmup_ratio`; default 0.1).
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+}
+
+/// The learning-rate schedules of `--lr-schedule`.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    /// The same rate at every step.
+    #[default]
+    Constant,
+    /// Linear warm-up over `--warmup-ratio` of the steps, then linear decay to 0.
+    Linear,
+}
+
+impl ScheduleKind {
+    fn is_constant(&self) -> bool {
+        *self == ScheduleKind::Constant
+    }
+
+    fn is_zero(ratio: &f64) -> bool {
+        *ratio == 0.0
+    }
+
+    /// The schedule of a run of `steps` steps.
+    pub fn schedule(self, warmup_ratio: f64, steps: usize) -> LrSchedule {
+        match self {
+            ScheduleKind::Constant => LrSchedule::Constant,
+            ScheduleKind::Linear => LrSchedule::linear_with_warmup_ratio(warmup_ratio, steps),
+        }
+    }
 }
 
 impl LlmArgs {
@@ -95,6 +134,8 @@ impl LlmArgs {
             ("--val-examples", self.val_examples.is_some()),
             ("--lora-dropout", self.lora_dropout.is_some()),
             ("--text-windows", self.text_windows.is_some()),
+            ("--lr-schedule", self.lr_schedule.is_some()),
+            ("--warmup-ratio", self.warmup_ratio.is_some()),
         ];
         super::refuse_given(
             &given,
@@ -128,6 +169,14 @@ pub struct Plan {
     pub val_examples: usize,
     /// LoRA dropout.
     pub lora_dropout: f64,
+    /// The learning-rate schedule (left out of the JSON when constant, as
+    /// in runs recorded before it was an option, so that those resume).
+    #[serde(skip_serializing_if = "ScheduleKind::is_constant")]
+    pub lr_schedule: ScheduleKind,
+    /// Warm-up steps of the linear schedule, as a fraction of the steps
+    /// (0 with the constant schedule; left out of the JSON when 0).
+    #[serde(skip_serializing_if = "ScheduleKind::is_zero")]
+    pub warmup_ratio: f64,
     /// Held-out text windows per corpus, and their length in tokens.
     pub text_windows: usize,
     /// Tokens per held-out window.
@@ -281,6 +330,17 @@ impl Plan {
             eval_examples: pick(llm.eval_examples, 100, 16),
             val_examples: pick(llm.val_examples, 50, 16),
             lora_dropout: llm.lora_dropout.unwrap_or(0.05),
+            lr_schedule: llm.lr_schedule.unwrap_or_default(),
+            warmup_ratio: match llm.lr_schedule.unwrap_or_default() {
+                ScheduleKind::Constant => {
+                    ensure!(
+                        llm.warmup_ratio.is_none(),
+                        "--warmup-ratio applies to --lr-schedule linear, not constant"
+                    );
+                    0.0
+                }
+                ScheduleKind::Linear => llm.warmup_ratio.unwrap_or(0.1),
+            },
             text_windows: pick(llm.text_windows, 8, 2),
             window_tokens: 128,
             eval_batch: 32,
@@ -292,6 +352,11 @@ impl Plan {
         ensure!(
             plan.eval_examples > 0 && plan.val_examples > 0 && plan.text_windows > 0,
             "--eval-examples, --val-examples and --text-windows must be positive"
+        );
+        ensure!(
+            (0.0..1.0).contains(&plan.warmup_ratio),
+            "--warmup-ratio {} is outside [0, 1)",
+            plan.warmup_ratio
         );
         ensure!(
             (0.0..1.0).contains(&plan.lora_dropout),
@@ -655,6 +720,7 @@ where
             lr,
             steps: plan.steps,
             weight_decay: 0.0,
+            schedule: plan.lr_schedule.schedule(plan.warmup_ratio, plan.steps),
         },
     );
     if let Some(e) = failure {
@@ -1519,7 +1585,7 @@ fn report(
         "# S²FT vs LoRA vs full fine-tuning of {}\n\n\
          Model: `{}` — {} layers, hidden {}, {} query / {} key-value heads, FFN {}, vocabulary {}, {} parameters. \
          Prompts use the model's chat template. Each method is fine-tuned on each task for {} steps of {} \
-         examples (AdamW, loss on the answer and end-of-turn tokens); {}. Scores are exact match of greedy decoding on {} test and {} out-of-domain \
+         examples (AdamW, {}, loss on the answer and end-of-turn tokens); {}. Scores are exact match of greedy decoding on {} test and {} out-of-domain \
          examples per task. LoRA on q, k, v, o, gate, up, down (alpha 2r, dropout {}); S²FT at each LoRA \
          rank's parameter budget trains o_proj columns of selected heads and down_proj columns of selected channels.\n\n",
         plan.model.file_name().map_or_else(
@@ -1536,6 +1602,11 @@ fn report(
         params,
         plan.steps,
         plan.batch,
+        match plan.lr_schedule.schedule(plan.warmup_ratio, plan.steps) {
+            LrSchedule::Constant => "constant rate".to_string(),
+            LrSchedule::Linear { warmup } =>
+                format!("{warmup} warm-up steps, then a linear decay to 0"),
+        },
         if plan.lrs.values().all(|v| v.len() == 1) {
             "one learning rate per method, not swept".to_string()
         } else {
@@ -1708,5 +1779,67 @@ mod tests {
             e.contains("--sweep-task lookup is not among --tasks"),
             "{e}"
         );
+    }
+
+    fn plan_with(schedule: Option<ScheduleKind>, ratio: Option<f64>) -> anyhow::Result<Plan> {
+        let mut args = S2ftArgs::default();
+        args.llm.model = Some("model.gguf".into());
+        args.llm.lr_schedule = schedule;
+        args.llm.warmup_ratio = ratio;
+        Plan::new(&args)
+    }
+
+    /// The default schedule is constant, and its plan's JSON is the one
+    /// runs had before the option (so they resume); the linear one takes a
+    /// tenth of the steps of warm-up unless told; bad ratios are named.
+    #[test]
+    fn the_learning_rate_schedule_is_resolved_and_checked() {
+        let p = plan_with(None, None).unwrap();
+        assert_eq!(
+            p.lr_schedule.schedule(p.warmup_ratio, p.steps),
+            LrSchedule::Constant
+        );
+        let json = serde_json::to_value(&p).unwrap();
+        assert!(json.get("lr_schedule").is_none() && json.get("warmup_ratio").is_none());
+        let p = plan_with(Some(ScheduleKind::Linear), None).unwrap();
+        assert_eq!(
+            p.lr_schedule.schedule(p.warmup_ratio, p.steps),
+            LrSchedule::Linear { warmup: 15 }
+        );
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(
+            (&json["lr_schedule"], &json["warmup_ratio"]),
+            (&"linear".into(), &0.1.into())
+        );
+        let p = plan_with(Some(ScheduleKind::Linear), Some(0.0)).unwrap();
+        assert_eq!(
+            p.lr_schedule.schedule(p.warmup_ratio, p.steps),
+            LrSchedule::Linear { warmup: 0 }
+        );
+        for (s, r, want) in [
+            (
+                Some(ScheduleKind::Linear),
+                Some(1.0),
+                "--warmup-ratio 1 is outside [0, 1)",
+            ),
+            (
+                Some(ScheduleKind::Linear),
+                Some(-0.1),
+                "--warmup-ratio -0.1 is outside [0, 1)",
+            ),
+            (
+                None,
+                Some(0.1),
+                "--warmup-ratio applies to --lr-schedule linear, not constant",
+            ),
+            (
+                Some(ScheduleKind::Constant),
+                Some(0.1),
+                "--warmup-ratio applies to --lr-schedule linear, not constant",
+            ),
+        ] {
+            let e = format!("{:#}", plan_with(s, r).unwrap_err());
+            assert!(e.contains(want), "{e}");
+        }
     }
 }

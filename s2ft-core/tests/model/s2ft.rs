@@ -119,6 +119,7 @@ fn frozen_weights_stay_bit_identical_and_the_loss_falls() {
             lr: 1e-2,
             steps: 15,
             weight_decay: 0.01,
+            schedule: s2ft_core::train::LrSchedule::Constant,
         },
     );
     assert!(out.stopped.is_none());
@@ -224,6 +225,7 @@ fn selecting_everything_equals_full_fine_tuning_of_those_weights() {
         lr: 5e-3,
         steps: 5,
         weight_decay: 0.0,
+        schedule: s2ft_core::train::LrSchedule::Constant,
     };
     let a = train(s2, |_| tokens.clone(), &tc).model.to_state_dict();
     let b = train(full, |_| tokens.clone(), &tc).model.to_state_dict();
@@ -342,6 +344,7 @@ fn a_tiny_model_learns_a_toy_task_with_s2ft() {
             lr: 1e-2,
             steps: 120,
             weight_decay: 0.0,
+            schedule: s2ft_core::train::LrSchedule::Constant,
         },
     );
     assert!(out.stopped.is_none());
@@ -388,6 +391,7 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_the_last_good_model() {
             lr: 1e38,
             steps: 20,
             weight_decay: 0.0,
+            schedule: s2ft_core::train::LrSchedule::Constant,
         },
     );
     let err = out.stopped.expect("the run must stop").to_string();
@@ -538,6 +542,7 @@ fn lora_after_training(seed: u64, steps: usize) -> Vec<f32> {
             lr: 1e-2,
             steps,
             weight_decay: 0.0,
+            schedule: s2ft_core::train::LrSchedule::Constant,
         },
     );
     assert!(out.stopped.is_none());
@@ -638,4 +643,38 @@ fn masked_loss_counts_only_the_marked_positions() {
         .into_scalar()
         .elem::<f32>();
     assert_eq!(none, 0.0);
+}
+
+/// The schedule reaches the optimiser: Adam's first step moves a weight by
+/// about the step's rate (`lr · g / (|g| + ε)`), so a linear schedule at its
+/// first warm-up step (factor 0) leaves every weight as it was, and one
+/// without warm-up (factor 1) moves the largest by the full rate.
+#[test]
+fn the_learning_rate_schedule_sets_each_steps_rate() {
+    use s2ft_core::train::LrSchedule;
+    let c = cfg();
+    let sd = random_state_dict(&c, 8);
+    let device = Default::default();
+    let tokens = batch(5, 2, 10, c.vocab_size);
+    let largest_move = |schedule: LrSchedule| {
+        let model = Llama::<B>::from_state_dict(&c, &sd, true, &device).unwrap();
+        let tc = TrainConfig {
+            lr: 1e-3,
+            steps: 1,
+            weight_decay: 0.0,
+            schedule,
+        };
+        let after = train(model, |_| tokens.clone(), &tc).model.to_state_dict();
+        after.iter().fold(0f32, |m, (name, t)| {
+            let before = sd.get(name).unwrap();
+            t.data
+                .iter()
+                .zip(before.data.iter())
+                .fold(m, |m, (a, b)| m.max((a - b).abs()))
+        })
+    };
+    assert_eq!(largest_move(LrSchedule::Linear { warmup: 1 }), 0.0);
+    let full = largest_move(LrSchedule::Linear { warmup: 0 });
+    assert!((0.9e-3..=1.0001e-3).contains(&full), "{full}");
+    assert_eq!(full, largest_move(LrSchedule::Constant));
 }
