@@ -122,6 +122,92 @@ impl RunArgs {
     }
 }
 
+/// A file a run reads, as a resumed run checks it was not replaced: its
+/// size and modification time (a content hash would read every checkpoint
+/// again, gigabytes for a real model's fine-tunes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputFile {
+    /// The path, as the run was given it (a folder's files below it).
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Modification time, nanoseconds since 1970.
+    pub modified_ns: u64,
+}
+
+/// Every file under `paths` (a file itself, a folder's files recursively),
+/// in path order.
+pub fn input_files(paths: &[&Path]) -> anyhow::Result<Vec<InputFile>> {
+    fn walk(path: &Path, out: &mut Vec<InputFile>) -> anyhow::Result<()> {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        if meta.is_dir() {
+            let mut entries = std::fs::read_dir(path)
+                .and_then(|d| {
+                    d.map(|e| e.map(|e| e.path()))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .with_context(|| format!("listing {}", path.display()))?;
+            entries.sort();
+            for e in entries {
+                walk(&e, out)?;
+            }
+        } else {
+            let modified = meta
+                .modified()
+                .with_context(|| format!("the modification time of {}", path.display()))?;
+            out.push(InputFile {
+                path: path.to_path_buf(),
+                bytes: meta.len(),
+                modified_ns: modified
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
+            });
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        walk(p, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// Checks that a resumed run reads the files the interrupted one read
+/// (`saved`: its partial's `inputs`; absent in runs recorded before this
+/// check, which are not checked), naming the first that differs.
+pub fn same_inputs(saved: &Value, now: &[InputFile]) -> anyhow::Result<()> {
+    if saved.is_null() {
+        return Ok(());
+    }
+    let saved: Vec<InputFile> = serde_path_to_error::deserialize(saved.clone())
+        .context("--resume: reading `inputs` of metrics.partial.json")?;
+    let describe = |f: Option<&InputFile>| {
+        f.map_or("absent".to_string(), |f| {
+            format!("{} bytes, modified at {} ns", f.bytes, f.modified_ns)
+        })
+    };
+    let mut paths: Vec<&PathBuf> = saved.iter().chain(now).map(|f| &f.path).collect();
+    paths.sort();
+    paths.dedup();
+    for p in paths {
+        let (a, b) = (
+            saved.iter().find(|f| &f.path == p),
+            now.iter().find(|f| &f.path == p),
+        );
+        if a != b {
+            anyhow::bail!(
+                "--resume: {} changed since the interrupted run read it ({} then, {} now); \
+                 its results would mix two inputs: start a new --out",
+                p.display(),
+                describe(a),
+                describe(b)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Field `name` of the `metrics.partial.json` that
 /// [`RunArgs::open_resumable`] read from `dir`, typed; an error names the
 /// field and the file.
@@ -488,5 +574,73 @@ mod tests {
         assert!(back.matrix[0][1].is_nan() && back.matrix[1][0].is_nan());
         // Without the attribute the same text is refused: what the attribute is for.
         assert!(serde_json::from_str::<Vec<f32>>(r#"[1.5, null]"#).is_err());
+    }
+
+    /// A folder's files are listed recursively in path order; a resumed
+    /// run's check passes on the same files and names a file rewritten,
+    /// removed or added; a partial from before the check is not checked.
+    #[test]
+    fn resumed_runs_check_their_input_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ft, model) = (dir.path().join("ft"), dir.path().join("model.gguf"));
+        std::fs::create_dir_all(ft.join("sub")).unwrap();
+        std::fs::write(ft.join("b.safetensors"), b"bb").unwrap();
+        std::fs::write(ft.join("sub/a.json"), b"a").unwrap();
+        std::fs::write(&model, b"gguf").unwrap();
+        let files = input_files(&[&model, &ft]).unwrap();
+        let listed: Vec<(PathBuf, u64)> = files.iter().map(|f| (f.path.clone(), f.bytes)).collect();
+        assert_eq!(
+            listed,
+            [
+                (model.clone(), 4),
+                (ft.join("b.safetensors"), 2),
+                (ft.join("sub/a.json"), 1)
+            ]
+        );
+        let saved = serde_json::to_value(&files).unwrap();
+        same_inputs(&saved, &files).unwrap();
+        same_inputs(&Value::Null, &files).unwrap();
+
+        // The same size, another modification time: a fine-tune redone in place.
+        let day = std::time::Duration::from_secs(86_400);
+        std::fs::File::options()
+            .write(true)
+            .open(ft.join("sub/a.json"))
+            .unwrap()
+            .set_modified(UNIX_EPOCH + day)
+            .unwrap();
+        let e = format!(
+            "{:#}",
+            same_inputs(&saved, &input_files(&[&model, &ft]).unwrap()).unwrap_err()
+        );
+        assert!(
+            e.contains(
+                "sub/a.json changed since the interrupted run read it (1 bytes, modified at"
+            ) && e.contains("1 bytes, modified at 86400000000000 ns now"),
+            "{e}"
+        );
+        std::fs::remove_file(ft.join("sub/a.json")).unwrap();
+        let e = format!(
+            "{:#}",
+            same_inputs(&saved, &input_files(&[&model, &ft]).unwrap()).unwrap_err()
+        );
+        assert!(
+            e.contains("sub/a.json changed") && e.contains("absent now"),
+            "{e}"
+        );
+        std::fs::write(ft.join("c.json"), b"c").unwrap();
+        let e = format!(
+            "{:#}",
+            same_inputs(&saved, &input_files(&[&model, &ft]).unwrap()).unwrap_err()
+        );
+        assert!(
+            e.contains("c.json changed") && e.contains("(absent then"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            input_files(&[&dir.path().join("gone")]).unwrap_err()
+        );
+        assert!(e.contains("reading") && e.contains("gone"), "{e}");
     }
 }

@@ -1218,6 +1218,7 @@ fn s2ft_study_resumes_an_interrupted_run() {
     runs[0]["test_answer_loss"] = serde_json::json!(123.0);
     let partial = serde_json::json!({
         "plan": done["plan"],
+        "inputs": done["inputs"],
         "base": done["base"],
         "sweep": done["sweep"],
         "runs": runs,
@@ -1618,6 +1619,7 @@ fn merge_study_resumes_an_interrupted_run() {
     merges[0]["note"] = serde_json::json!("kept, not redone");
     let partial = serde_json::json!({
         "plan": done["plan"],
+        "inputs": done["inputs"],
         "base": done["base"],
         "individual": kept("individual", &|r| r["group"] != "s2ft-random r2" || r["task"] == "date"),
         "merges": merges,
@@ -1717,6 +1719,29 @@ fn merge_study_resumes_an_interrupted_run() {
     fails(
         resume(&cut),
         "ran on cuda (burn cubecl), this one would on cpu",
+    );
+    // A fine-tune redone in place since: its file's time differs.
+    std::fs::write(cut.join("metrics.partial.json"), partial.to_string()).unwrap();
+    let inputs: Vec<PathBuf> = partial["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| PathBuf::from(f["path"].as_str().unwrap()))
+        .collect();
+    assert!(inputs.iter().any(|p| p.starts_with(&model)), "{inputs:?}");
+    let redone = inputs.iter().find(|p| p.starts_with(&ft)).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(redone)
+        .unwrap()
+        .set_modified(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap();
+    fails(
+        resume(&cut),
+        &format!(
+            "{} changed since the interrupted run read it",
+            redone.display()
+        ),
     );
     let mut character = experiments::studies::merging::MergeArgs::default();
     character.lm.run = RunArgs::quiet_to(dir.path().join("char"));

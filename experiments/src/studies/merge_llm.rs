@@ -38,7 +38,7 @@ use weights::StateDict;
 
 use crate::llm::{EncodedSet, Prompter, score_set};
 use crate::plot::{Series, grouped_bar_chart, heatmap, line_chart};
-use crate::report::Run;
+use crate::report::{InputFile, Run, input_files};
 use crate::studies::merging::{MergeArgs, WeightStats, add, fixed_fraction, task_matrices};
 use crate::studies::s2ft_llm::{EVAL_SEED, ManifestEntry, ScheduleKind};
 use crate::tasks::{InstructTask, Split, Stream, Words, examples};
@@ -611,6 +611,8 @@ struct Prepared {
     words: Words,
     finetunes: Vec<Finetune>,
     sets: Vec<TaskSets>,
+    /// The base's and the fine-tunes' files, as a resumed run checks them.
+    inputs: Vec<InputFile>,
 }
 
 fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
@@ -659,11 +661,15 @@ fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
         }
         sets.push(ts);
     }
+    let paths: Vec<&Path> = std::iter::once(plan.model.as_path())
+        .chain(plan.sources.iter().map(|s| s.path.as_path()))
+        .collect();
     Ok(Prepared {
         base,
         words,
         finetunes,
         sets,
+        inputs: input_files(&paths)?,
     })
 }
 
@@ -957,7 +963,7 @@ pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
     let prep = prepare(&plan, &data_dir)?;
     let (run, partial) = args.lm.run.open_resumable("merge")?;
     let resumed = partial
-        .map(|p| Resumed::read(&plan, &p, &run.dir))
+        .map(|p| Resumed::read(&plan, &p, &run.dir, &prep.inputs))
         .transpose()?;
     let dev = run.device;
     crate::device::on_device!(dev, run_on(&plan, prep, run, resumed, &Default::default()))
@@ -1082,8 +1088,14 @@ struct Resumed {
 }
 
 impl Resumed {
-    fn read(plan: &Plan, partial: &serde_json::Value, dir: &Path) -> anyhow::Result<Self> {
+    fn read(
+        plan: &Plan,
+        partial: &serde_json::Value,
+        dir: &Path,
+        inputs: &[InputFile],
+    ) -> anyhow::Result<Self> {
         crate::report::same_plan(&partial["plan"], &serde_json::to_value(plan)?)?;
+        crate::report::same_inputs(&partial["inputs"], inputs)?;
         let results = Results {
             rows: crate::report::partial_field(partial, "merges", dir)?,
             analyses: crate::report::partial_field(partial, "task_vectors", dir)?,
@@ -1136,6 +1148,7 @@ pub struct Individual {
 #[derive(Serialize)]
 struct Partial<'a> {
     plan: &'a Plan,
+    inputs: &'a [InputFile],
     base: &'a BaseScores,
     individual: &'a [Individual],
     merges: &'a [MergeRow],
@@ -1168,6 +1181,8 @@ struct Metrics<'a> {
     model: &'a Path,
     config: &'a LlamaConfig,
     plan: &'a Plan,
+    /// The files read (size, modification time).
+    inputs: &'a [InputFile],
     #[serde(flatten)]
     rows: Rows,
 }
@@ -1209,6 +1224,7 @@ impl<B: Backend> Study<'_, B> {
     fn partial(&self) -> anyhow::Result<()> {
         self.run.partial(&Partial {
             plan: self.plan,
+            inputs: &self.prep.inputs,
             base: &self.base,
             individual: &self.individual,
             merges: &self.results.rows,
@@ -1681,6 +1697,7 @@ impl<B: Backend> Study<'_, B> {
             model: &plan.model,
             config: c,
             plan,
+            inputs: &self.prep.inputs,
             rows: Rows {
                 base: self.base,
                 individual: self.individual,

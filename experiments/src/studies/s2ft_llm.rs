@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use crate::llm::{EncodedSet, Prompter, SetScore, score_set, sft_batch, text_loss, text_windows};
 use crate::plot::{Series, bar_chart, line_chart};
-use crate::report::Run;
+use crate::report::{InputFile, Run, input_files};
 use crate::studies::merge_llm::Format;
 use crate::studies::s2ft::{Method, S2ftArgs};
 use crate::tasks::{InstructTask, Split, Stream, Words, examples};
@@ -430,6 +430,8 @@ struct Prepared {
     sets: Vec<TaskSets>,
     /// (corpus name, windows).
     text: Vec<(&'static str, Vec<Vec<u32>>)>,
+    /// The model's files, as a resumed run checks them.
+    inputs: Vec<InputFile>,
 }
 
 /// Evaluation sets use fixed seeds (not `--seed`), so runs of different
@@ -501,6 +503,7 @@ fn prepare(plan: &Plan, data_dir: &Path) -> anyhow::Result<Prepared> {
         words,
         sets,
         text,
+        inputs: input_files(&[&plan.model])?,
     })
 }
 
@@ -830,7 +833,7 @@ pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
     let prep = prepare(&plan, &data_dir)?;
     let (run, partial) = args.lm.run.open_resumable("s2ft")?;
     let resumed = partial
-        .map(|p| Resumed::read(&plan, &p, &run.dir))
+        .map(|p| Resumed::read(&plan, &p, &run.dir, &prep.inputs))
         .transpose()?;
     let dev = run.device;
     let quick = args.lm.quick;
@@ -852,8 +855,14 @@ struct Resumed {
 }
 
 impl Resumed {
-    fn read(plan: &Plan, partial: &serde_json::Value, dir: &Path) -> anyhow::Result<Self> {
+    fn read(
+        plan: &Plan,
+        partial: &serde_json::Value,
+        dir: &Path,
+        inputs: &[InputFile],
+    ) -> anyhow::Result<Self> {
         crate::report::same_plan(&partial["plan"], &serde_json::to_value(plan)?)?;
+        crate::report::same_inputs(&partial["inputs"], inputs)?;
         let base: BaseScores = crate::report::partial_field(partial, "base", dir)?;
         let sweep: Vec<SweepRow> = crate::report::partial_field(partial, "sweep", dir)?;
         let rows: Vec<RunRow> = crate::report::partial_field(partial, "runs", dir)?;
@@ -1016,6 +1025,7 @@ impl Results {
         run.write("runs.csv", runs_csv(&self.rows).as_bytes())?;
         run.partial(&Partial {
             plan: s.plan,
+            inputs: &s.prep.inputs,
             base: s.base,
             sweep: &self.sweep,
             runs: &self.rows,
@@ -1027,6 +1037,7 @@ impl Results {
 #[derive(Serialize)]
 struct Partial<'a> {
     plan: &'a Plan,
+    inputs: &'a [InputFile],
     base: &'a BaseScores,
     sweep: &'a [SweepRow],
     runs: &'a [RunRow],
@@ -1057,6 +1068,8 @@ struct Metrics<'a> {
     model: &'a Path,
     config: &'a LlamaConfig,
     plan: &'a Plan,
+    /// The files read (size, modification time).
+    inputs: &'a [InputFile],
     #[serde(flatten)]
     rows: Rows,
 }
@@ -1216,6 +1229,7 @@ fn finish<B: AutodiffBackend>(
         model: &plan.model,
         config: c,
         plan,
+        inputs: &s.prep.inputs,
         rows: Rows {
             base: s.base.clone(),
             sweep: res.sweep,
