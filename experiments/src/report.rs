@@ -135,22 +135,38 @@ pub struct InputFile {
     pub modified_ns: u64,
 }
 
-/// Every file under `paths` (a file itself, a folder's files recursively),
-/// in path order.
+/// Every file under `paths` (a file itself, a folder's files recursively,
+/// hidden entries such as `.git` or `.cache` left out, each folder once
+/// however many links lead to it), in path order. Links to files count
+/// with their target's size and time (a Hugging Face cache's snapshot
+/// links to its blobs).
 pub fn input_files(paths: &[&Path]) -> anyhow::Result<Vec<InputFile>> {
-    fn walk(path: &Path, out: &mut Vec<InputFile>) -> anyhow::Result<()> {
+    fn walk(
+        path: &Path,
+        seen: &mut std::collections::HashSet<PathBuf>,
+        out: &mut Vec<InputFile>,
+    ) -> anyhow::Result<()> {
         let meta =
             std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
         if meta.is_dir() {
+            let real = std::fs::canonicalize(path)
+                .with_context(|| format!("resolving {}", path.display()))?;
+            if !seen.insert(real) {
+                return Ok(());
+            }
             let mut entries = std::fs::read_dir(path)
                 .and_then(|d| {
                     d.map(|e| e.map(|e| e.path()))
                         .collect::<Result<Vec<_>, _>>()
                 })
                 .with_context(|| format!("listing {}", path.display()))?;
+            entries.retain(|e| {
+                !e.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            });
             entries.sort();
             for e in entries {
-                walk(&e, out)?;
+                walk(&e, seen, out)?;
             }
         } else {
             let modified = meta
@@ -166,9 +182,9 @@ pub fn input_files(paths: &[&Path]) -> anyhow::Result<Vec<InputFile>> {
         }
         Ok(())
     }
-    let mut out = Vec::new();
+    let (mut seen, mut out) = (std::collections::HashSet::new(), Vec::new());
     for p in paths {
-        walk(p, &mut out)?;
+        walk(p, &mut seen, &mut out)?;
     }
     Ok(out)
 }
@@ -230,15 +246,14 @@ pub fn same_plan(saved: &Value, now: &Value) -> anyhow::Result<()> {
     let (Some(a), Some(b)) = (saved.as_object(), now.as_object()) else {
         anyhow::bail!("--resume: the saved plan is not an object");
     };
-    let differ: Vec<String> = b
-        .iter()
-        .filter(|(k, v)| a.get(*k) != Some(*v))
-        .map(|(k, v)| {
-            format!(
-                "{k}: {} then, {v} now",
-                a.get(k).map_or("absent".into(), Value::to_string)
-            )
-        })
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&Value>| v.map_or("absent".into(), Value::to_string);
+    let differ: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {} then, {} now", show(a.get(k)), show(b.get(k))))
         .collect();
     if !differ.is_empty() {
         anyhow::bail!(
@@ -587,6 +602,10 @@ mod tests {
         std::fs::write(ft.join("b.safetensors"), b"bb").unwrap();
         std::fs::write(ft.join("sub/a.json"), b"a").unwrap();
         std::fs::write(&model, b"gguf").unwrap();
+        // Hidden folders are left out, and a link back to a folder is not followed twice.
+        std::fs::create_dir_all(ft.join(".git")).unwrap();
+        std::fs::write(ft.join(".git/index"), b"changes with every git command").unwrap();
+        std::os::unix::fs::symlink(&ft, ft.join("sub/loop")).unwrap();
         let files = input_files(&[&model, &ft]).unwrap();
         let listed: Vec<(PathBuf, u64)> = files.iter().map(|f| (f.path.clone(), f.bytes)).collect();
         assert_eq!(
@@ -642,5 +661,22 @@ mod tests {
             input_files(&[&dir.path().join("gone")]).unwrap_err()
         );
         assert!(e.contains("reading") && e.contains("gone"), "{e}");
+    }
+
+    /// Every option that differs is named, one the saved plan has and the
+    /// current one leaves out (a default skipped in the JSON) included.
+    #[test]
+    fn a_resumed_plan_names_every_option_that_differs() {
+        let saved = serde_json::json!({"steps": 150, "lr_schedule": "linear", "seed": 0});
+        same_plan(&saved, &saved).unwrap();
+        let now = serde_json::json!({"steps": 100, "seed": 0, "batch": 8});
+        let e = same_plan(&saved, &now).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "(batch: absent then, 8 now; lr_schedule: \"linear\" then, absent now; \
+                 steps: 150 then, 100 now)"
+            ),
+            "{e}"
+        );
     }
 }

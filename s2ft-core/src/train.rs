@@ -121,8 +121,9 @@ pub enum LrSchedule {
     /// The same rate at every step.
     #[default]
     Constant,
-    /// A linear warm-up from 0 over `warmup` steps, then a linear decay to 0
-    /// at the last step: transformers' `get_linear_schedule_with_warmup`
+    /// A linear warm-up from 0 over `warmup` steps, then a linear decay
+    /// towards 0 (the last step runs at `1 / (steps − warmup)` of the rate,
+    /// 0 is reached after it): transformers' `get_linear_schedule_with_warmup`
     /// (the `Trainer`'s default `lr_scheduler_type="linear"`), step for step.
     Linear {
         /// Warm-up steps.

@@ -307,9 +307,13 @@ pub struct Training {
     pub seed: u64,
     /// LoRA dropout.
     pub lora_dropout: f64,
-    /// The learning-rate schedule (constant in runs recorded before it was an option).
+    /// The learning-rate schedule (constant in runs recorded before it was
+    /// an option; left out of the plan's JSON when constant, so that merge
+    /// runs recorded before it resume).
+    #[serde(skip_serializing_if = "ScheduleKind::is_constant")]
     pub lr_schedule: ScheduleKind,
-    /// Its warm-up, as a fraction of the steps.
+    /// Its warm-up, as a fraction of the steps (left out when 0).
+    #[serde(skip_serializing_if = "ScheduleKind::is_zero")]
     pub warmup_ratio: f64,
     /// Learning rate per method label (the rate the run chose).
     pub lrs: BTreeMap<String, f64>,

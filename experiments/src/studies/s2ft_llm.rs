@@ -104,11 +104,11 @@ pub enum ScheduleKind {
 }
 
 impl ScheduleKind {
-    fn is_constant(&self) -> bool {
+    pub(crate) fn is_constant(&self) -> bool {
         *self == ScheduleKind::Constant
     }
 
-    fn is_zero(ratio: &f64) -> bool {
+    pub(crate) fn is_zero(ratio: &f64) -> bool {
         *ratio == 0.0
     }
 
