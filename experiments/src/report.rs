@@ -189,6 +189,18 @@ pub fn input_files(paths: &[&Path]) -> anyhow::Result<Vec<InputFile>> {
     Ok(out)
 }
 
+/// Checks that `partial` (a `metrics.partial.json` read by
+/// [`RunArgs::open_resumable`]) is this run's to continue: the same plan
+/// ([`same_plan`]) and the same input files ([`same_inputs`]).
+pub fn same_run(
+    partial: &Value,
+    plan: &impl Serialize,
+    inputs: &[InputFile],
+) -> anyhow::Result<()> {
+    same_plan(&partial["plan"], &serde_json::to_value(plan)?)?;
+    same_inputs(&partial["inputs"], inputs)
+}
+
 /// Checks that a resumed run reads the files the interrupted one read
 /// (`saved`: its partial's `inputs`; absent in runs recorded before this
 /// check, which are not checked), naming the first that differs.
@@ -618,6 +630,10 @@ mod tests {
         );
         let saved = serde_json::to_value(&files).unwrap();
         same_inputs(&saved, &files).unwrap();
+        let refused = || {
+            let now = input_files(&[&model, &ft]).unwrap();
+            format!("{:#}", same_inputs(&saved, &now).unwrap_err())
+        };
         same_inputs(&Value::Null, &files).unwrap();
 
         // The same size, another modification time: a fine-tune redone in place.
@@ -628,10 +644,7 @@ mod tests {
             .unwrap()
             .set_modified(UNIX_EPOCH + day)
             .unwrap();
-        let e = format!(
-            "{:#}",
-            same_inputs(&saved, &input_files(&[&model, &ft]).unwrap()).unwrap_err()
-        );
+        let e = refused();
         assert!(
             e.contains(
                 "sub/a.json changed since the interrupted run read it (1 bytes, modified at"
@@ -639,19 +652,13 @@ mod tests {
             "{e}"
         );
         std::fs::remove_file(ft.join("sub/a.json")).unwrap();
-        let e = format!(
-            "{:#}",
-            same_inputs(&saved, &input_files(&[&model, &ft]).unwrap()).unwrap_err()
-        );
+        let e = refused();
         assert!(
             e.contains("sub/a.json changed") && e.contains("absent now"),
             "{e}"
         );
         std::fs::write(ft.join("c.json"), b"c").unwrap();
-        let e = format!(
-            "{:#}",
-            same_inputs(&saved, &input_files(&[&model, &ft]).unwrap()).unwrap_err()
-        );
+        let e = refused();
         assert!(
             e.contains("c.json changed") && e.contains("(absent then"),
             "{e}"

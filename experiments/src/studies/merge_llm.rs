@@ -1098,8 +1098,7 @@ impl Resumed {
         dir: &Path,
         inputs: &[InputFile],
     ) -> anyhow::Result<Self> {
-        crate::report::same_plan(&partial["plan"], &serde_json::to_value(plan)?)?;
-        crate::report::same_inputs(&partial["inputs"], inputs)?;
+        crate::report::same_run(partial, plan, inputs)?;
         let results = Results {
             rows: crate::report::partial_field(partial, "merges", dir)?,
             analyses: crate::report::partial_field(partial, "task_vectors", dir)?,

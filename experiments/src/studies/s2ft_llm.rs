@@ -366,6 +366,11 @@ impl Plan {
         Ok(plan)
     }
 
+    /// The learning-rate schedule of one fine-tune.
+    pub fn schedule(&self) -> LrSchedule {
+        self.lr_schedule.schedule(self.warmup_ratio, self.steps)
+    }
+
     /// The methods compared: full, LoRA at each rank, S²FT with random and
     /// smallest-activation selection at each LoRA budget (quick: random only).
     pub fn methods(&self, quick: bool) -> Vec<Method> {
@@ -723,7 +728,7 @@ where
             lr,
             steps: plan.steps,
             weight_decay: 0.0,
-            schedule: plan.lr_schedule.schedule(plan.warmup_ratio, plan.steps),
+            schedule: plan.schedule(),
         },
     );
     if let Some(e) = failure {
@@ -861,8 +866,7 @@ impl Resumed {
         dir: &Path,
         inputs: &[InputFile],
     ) -> anyhow::Result<Self> {
-        crate::report::same_plan(&partial["plan"], &serde_json::to_value(plan)?)?;
-        crate::report::same_inputs(&partial["inputs"], inputs)?;
+        crate::report::same_run(partial, plan, inputs)?;
         let base: BaseScores = crate::report::partial_field(partial, "base", dir)?;
         let sweep: Vec<SweepRow> = crate::report::partial_field(partial, "sweep", dir)?;
         let rows: Vec<RunRow> = crate::report::partial_field(partial, "runs", dir)?;
@@ -1616,7 +1620,7 @@ fn report(
         params,
         plan.steps,
         plan.batch,
-        match plan.lr_schedule.schedule(plan.warmup_ratio, plan.steps) {
+        match plan.schedule() {
             LrSchedule::Constant => "constant rate".to_string(),
             LrSchedule::Linear { warmup } =>
                 format!("{warmup} warm-up steps, then a linear decay to 0"),
@@ -1809,27 +1813,18 @@ mod tests {
     #[test]
     fn the_learning_rate_schedule_is_resolved_and_checked() {
         let p = plan_with(None, None).unwrap();
-        assert_eq!(
-            p.lr_schedule.schedule(p.warmup_ratio, p.steps),
-            LrSchedule::Constant
-        );
+        assert_eq!(p.schedule(), LrSchedule::Constant);
         let json = serde_json::to_value(&p).unwrap();
         assert!(json.get("lr_schedule").is_none() && json.get("warmup_ratio").is_none());
         let p = plan_with(Some(ScheduleKind::Linear), None).unwrap();
-        assert_eq!(
-            p.lr_schedule.schedule(p.warmup_ratio, p.steps),
-            LrSchedule::Linear { warmup: 15 }
-        );
+        assert_eq!(p.schedule(), LrSchedule::Linear { warmup: 15 });
         let json = serde_json::to_value(&p).unwrap();
         assert_eq!(
             (&json["lr_schedule"], &json["warmup_ratio"]),
             (&"linear".into(), &0.1.into())
         );
         let p = plan_with(Some(ScheduleKind::Linear), Some(0.0)).unwrap();
-        assert_eq!(
-            p.lr_schedule.schedule(p.warmup_ratio, p.steps),
-            LrSchedule::Linear { warmup: 0 }
-        );
+        assert_eq!(p.schedule(), LrSchedule::Linear { warmup: 0 });
         for (s, r, want) in [
             (
                 Some(ScheduleKind::Linear),
