@@ -135,7 +135,62 @@ fn values_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
 
 #[cfg(not(feature = "lapack"))]
 fn values_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
-    with_faer(a, |m| m.singular_values()).ok()
+    with_faer(a, |m| faer_svd(m, None)).ok().map(|(s, _)| s)
+}
+
+/// faer's split of one decomposition: a fixed number of parts, not the
+/// pool's thread count. faer's SVD and eigensolvers with `Par::rayon(0)`
+/// (its default: as many parts as rayon threads) differ in the last bits
+/// between core counts, so a merge built on them (TSV-M, Iso-C, the
+/// task-vector analysis) resumed on another machine would not reproduce its
+/// rows; with a fixed split they are bit-identical on any pool
+/// (`results_do_not_depend_on_the_thread_count`).
+#[cfg(not(feature = "lapack"))]
+const DECOMPOSITION_PAR: faer::Par = faer::Par::Rayon(std::num::NonZeroUsize::new(4).unwrap());
+
+/// faer's SVD of `a` at [`DECOMPOSITION_PAR`]: the singular values
+/// (descending) and, when `vectors` is `Some(thin)`, `U` and `V`.
+#[cfg(not(feature = "lapack"))]
+#[allow(clippy::type_complexity)]
+fn faer_svd<T: Scalar>(
+    a: MatRef<'_, T>,
+    vectors: Option<bool>,
+) -> std::result::Result<(Vec<T>, Option<(faer::Mat<T>, faer::Mat<T>)>), faer::linalg::svd::SvdError>
+{
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use faer::linalg::svd::{ComputeSvdVectors, svd, svd_scratch};
+    let (m, n) = a.shape();
+    let k = m.min(n);
+    let (compute, cols_u, cols_v) = match vectors {
+        None => (ComputeSvdVectors::No, 0, 0),
+        Some(true) => (ComputeSvdVectors::Thin, k, k),
+        Some(false) => (ComputeSvdVectors::Full, m, n),
+    };
+    let mut uv = vectors.map(|_| (faer::Mat::zeros(m, cols_u), faer::Mat::zeros(n, cols_v)));
+    let mut s = faer::diag::Diag::<T>::zeros(k);
+    let scratch = svd_scratch::<T>(
+        m,
+        n,
+        compute,
+        compute,
+        DECOMPOSITION_PAR,
+        Default::default(),
+    );
+    let (u, v) = match &mut uv {
+        Some((u, v)) => (Some(u.as_mut()), Some(v.as_mut())),
+        None => (None, None),
+    };
+    svd(
+        a,
+        s.as_mut(),
+        u,
+        v,
+        DECOMPOSITION_PAR,
+        MemStack::new(&mut MemBuffer::new(scratch)),
+        Default::default(),
+    )?;
+    let s = s.column_vector().iter().copied().collect();
+    Ok((s, uv))
 }
 
 #[cfg(feature = "lapack")]
@@ -152,13 +207,12 @@ fn svd_impl<T: Scalar>(a: ArrayView2<'_, T>, name: &str, thin: bool) -> Result<S
 #[cfg(not(feature = "lapack"))]
 fn svd_impl<T: Scalar>(a: ArrayView2<'_, T>, name: &str, thin: bool) -> Result<Svd<T>> {
     check_matrix(a, name)?;
-    let svd = with_faer(a, |m| if thin { m.thin_svd() } else { m.svd() })
-        .map_err(|_| no_conv(name, "SVD"))?;
-    let s = svd.S().column_vector();
+    let (s, uv) = with_faer(a, |m| faer_svd(m, Some(thin))).map_err(|_| no_conv(name, "SVD"))?;
+    let (u, v) = uv.expect("vectors were asked for");
     Ok(Svd {
-        u: to_ndarray(svd.U()),
-        s: Array1::from_iter((0..s.nrows()).map(|i| s[i])),
-        vt: to_ndarray(svd.V().transpose()),
+        u: to_ndarray(u.as_ref()),
+        s: Array1::from(s),
+        vt: to_ndarray(v.as_ref().transpose()),
     })
 }
 
@@ -195,7 +249,29 @@ fn eigh_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
 
 #[cfg(not(feature = "lapack"))]
 fn eigh_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
-    with_faer(a, |m| m.self_adjoint_eigenvalues(faer::Side::Lower)).ok()
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use faer::linalg::evd::{ComputeEigenvectors, self_adjoint_evd, self_adjoint_evd_scratch};
+    // faer's self-adjoint solver reads the lower triangle.
+    with_faer(a, |m| {
+        let n = m.nrows();
+        let mut s = faer::diag::Diag::<T>::zeros(n);
+        let scratch = self_adjoint_evd_scratch::<T>(
+            n,
+            ComputeEigenvectors::No,
+            DECOMPOSITION_PAR,
+            Default::default(),
+        );
+        self_adjoint_evd(
+            m,
+            s.as_mut(),
+            None,
+            DECOMPOSITION_PAR,
+            MemStack::new(&mut MemBuffer::new(scratch)),
+            Default::default(),
+        )
+        .ok()
+        .map(|()| s.column_vector().iter().copied().collect())
+    })
 }
 
 /// A faer view of an ndarray view, whatever its strides (no copy).
@@ -499,5 +575,50 @@ mod tests {
         assert!(e.to_string().contains("ridge"), "{e}");
         let nan = array![[f64::NAN], [1.0]];
         assert!(ridge_least_squares(x.view(), nan.view(), 1.0, "nan").is_err());
+    }
+
+    /// Every faer call here runs on rayon's pool (`Par::rayon(0)` and faer's
+    /// global default): the merges built on them (TSV-M, Iso-C, RegMean,
+    /// weight matching) must not change with the machine's core count, or a
+    /// run resumed on another machine would not reproduce its rows. Sizes are
+    /// SmolLM2's MLP shapes, large enough that faer splits the work.
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let a = gaussian(576, 1536, 11);
+        let b = gaussian(640, 1536, 12);
+        let a32 = a.mapv(|x| x as f32);
+        let b32 = b.mapv(|x| x as f32);
+        let mut gram = Array2::<f64>::zeros((576, 576));
+        ndarray::linalg::general_mat_mul(1.0, &a, &a.t(), 0.0, &mut gram);
+        let rhs = gaussian(576, 64, 13);
+        let run = || {
+            let svd = thin_svd(a.view(), "a").unwrap();
+            let svd32 = thin_svd(a32.view(), "a32").unwrap();
+            let mut prod = vec![0f32; 576 * 640];
+            matmul_nt(a32.view(), b32.view(), &mut prod, "ab").unwrap();
+            let solved = solve_spd(gram.view(), rhs.view(), 1e-3, "gram").unwrap();
+            (
+                svd.u,
+                svd.s,
+                svd.vt,
+                svd32.s,
+                svd32.vt,
+                singular_values(b.view(), "b").unwrap(),
+                symmetric_eigenvalues(gram.view(), "gram").unwrap(),
+                prod,
+                solved,
+            )
+        };
+        let on = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(run)
+        };
+        let one = on(1);
+        for threads in [2, 3, 8] {
+            assert!(on(threads) == one, "{threads} threads differ from one");
+        }
     }
 }
