@@ -135,7 +135,7 @@ fn values_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
 
 #[cfg(not(feature = "lapack"))]
 fn values_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
-    with_faer(a, |m| faer_svd(m, None)).ok().map(|(s, _)| s)
+    with_faer(a, |m| faer_svd(m, None)).map(|(s, _)| s)
 }
 
 /// faer's split of one decomposition: a fixed number of parts, not the
@@ -148,17 +148,51 @@ fn values_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
 #[cfg(not(feature = "lapack"))]
 const DECOMPOSITION_PAR: faer::Par = faer::Par::Rayon(std::num::NonZeroUsize::new(4).unwrap());
 
-/// faer's SVD of `a` at [`DECOMPOSITION_PAR`]: the singular values
-/// (descending) and, when `vectors` is `Some(thin)`, `U` and `V`.
+/// The two ways faer solves the bidiagonal (SVD) or tridiagonal
+/// (eigenvalue) problem: divide and conquer above 128 rows (its default),
+/// then, where that returned a non-finite result, QR iteration at every size
+/// (`recursion_threshold` past any size).
+///
+/// faer 0.24.4's divide and conquer returns NaN factors, with no error, on
+/// some matrices of low numerical rank: an Iso-CTS task matrix with its
+/// common subspace projected out (576 × 576, rank 116) gave all-NaN `U`, `V`
+/// and three NaN singular values, while its transpose and QR iteration
+/// decompose it (`a_divide_and_conquer_failure_falls_back_to_qr_iteration`).
 #[cfg(not(feature = "lapack"))]
-#[allow(clippy::type_complexity)]
-fn faer_svd<T: Scalar>(
+const RECURSION_THRESHOLDS: [usize; 2] = [128, usize::MAX];
+
+#[cfg(not(feature = "lapack"))]
+fn all_finite<T: Scalar>(values: &[T], mats: &[&faer::Mat<T>]) -> bool {
+    values.iter().all(|v| v.as_f64().is_finite())
+        && mats.iter().all(|m| {
+            m.col_iter()
+                .all(|c| c.iter().all(|v| v.as_f64().is_finite()))
+        })
+}
+
+/// The singular values and (`vectors: Some(thin)`) `U` and `V` of one faer
+/// SVD, `None` when faer errs or returns a non-finite value.
+#[cfg(not(feature = "lapack"))]
+type FaerSvd<T> = (Vec<T>, Option<(faer::Mat<T>, faer::Mat<T>)>);
+
+/// faer's SVD of `a` at [`DECOMPOSITION_PAR`]: the singular values
+/// (descending) and, when `vectors` is `Some(thin)`, `U` and `V`; each of
+/// [`RECURSION_THRESHOLDS`] in turn until the result is finite.
+#[cfg(not(feature = "lapack"))]
+fn faer_svd<T: Scalar>(a: MatRef<'_, T>, vectors: Option<bool>) -> Option<FaerSvd<T>> {
+    RECURSION_THRESHOLDS
+        .iter()
+        .find_map(|&threshold| faer_svd_with(a, vectors, threshold))
+}
+
+#[cfg(not(feature = "lapack"))]
+fn faer_svd_with<T: Scalar>(
     a: MatRef<'_, T>,
     vectors: Option<bool>,
-) -> std::result::Result<(Vec<T>, Option<(faer::Mat<T>, faer::Mat<T>)>), faer::linalg::svd::SvdError>
-{
+    recursion_threshold: usize,
+) -> Option<FaerSvd<T>> {
     use faer::dyn_stack::{MemBuffer, MemStack};
-    use faer::linalg::svd::{ComputeSvdVectors, svd, svd_scratch};
+    use faer::linalg::svd::{ComputeSvdVectors, SvdParams, svd, svd_scratch};
     let (m, n) = a.shape();
     let k = m.min(n);
     let (compute, cols_u, cols_v) = match vectors {
@@ -166,16 +200,13 @@ fn faer_svd<T: Scalar>(
         Some(true) => (ComputeSvdVectors::Thin, k, k),
         Some(false) => (ComputeSvdVectors::Full, m, n),
     };
+    let params = SvdParams {
+        recursion_threshold,
+        ..faer::Auto::<T>::auto()
+    };
     let mut uv = vectors.map(|_| (faer::Mat::zeros(m, cols_u), faer::Mat::zeros(n, cols_v)));
     let mut s = faer::diag::Diag::<T>::zeros(k);
-    let scratch = svd_scratch::<T>(
-        m,
-        n,
-        compute,
-        compute,
-        DECOMPOSITION_PAR,
-        Default::default(),
-    );
+    let scratch = svd_scratch::<T>(m, n, compute, compute, DECOMPOSITION_PAR, params.into());
     let (u, v) = match &mut uv {
         Some((u, v)) => (Some(u.as_mut()), Some(v.as_mut())),
         None => (None, None),
@@ -187,10 +218,12 @@ fn faer_svd<T: Scalar>(
         v,
         DECOMPOSITION_PAR,
         MemStack::new(&mut MemBuffer::new(scratch)),
-        Default::default(),
-    )?;
-    let s = s.column_vector().iter().copied().collect();
-    Ok((s, uv))
+        params.into(),
+    )
+    .ok()?;
+    let s: Vec<T> = s.column_vector().iter().copied().collect();
+    let mats: Vec<&faer::Mat<T>> = uv.iter().flat_map(|(u, v)| [u, v]).collect();
+    all_finite(&s, &mats).then_some((s, uv))
 }
 
 #[cfg(feature = "lapack")]
@@ -207,7 +240,7 @@ fn svd_impl<T: Scalar>(a: ArrayView2<'_, T>, name: &str, thin: bool) -> Result<S
 #[cfg(not(feature = "lapack"))]
 fn svd_impl<T: Scalar>(a: ArrayView2<'_, T>, name: &str, thin: bool) -> Result<Svd<T>> {
     check_matrix(a, name)?;
-    let (s, uv) = with_faer(a, |m| faer_svd(m, Some(thin))).map_err(|_| no_conv(name, "SVD"))?;
+    let (s, uv) = with_faer(a, |m| faer_svd(m, Some(thin))).ok_or_else(|| no_conv(name, "SVD"))?;
     let (u, v) = uv.expect("vectors were asked for");
     Ok(Svd {
         u: to_ndarray(u.as_ref()),
@@ -249,29 +282,44 @@ fn eigh_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
 
 #[cfg(not(feature = "lapack"))]
 fn eigh_impl<T: Scalar>(a: ArrayView2<'_, T>) -> Option<Vec<T>> {
-    use faer::dyn_stack::{MemBuffer, MemStack};
-    use faer::linalg::evd::{ComputeEigenvectors, self_adjoint_evd, self_adjoint_evd_scratch};
     // faer's self-adjoint solver reads the lower triangle.
     with_faer(a, |m| {
-        let n = m.nrows();
-        let mut s = faer::diag::Diag::<T>::zeros(n);
-        let scratch = self_adjoint_evd_scratch::<T>(
-            n,
-            ComputeEigenvectors::No,
-            DECOMPOSITION_PAR,
-            Default::default(),
-        );
-        self_adjoint_evd(
-            m,
-            s.as_mut(),
-            None,
-            DECOMPOSITION_PAR,
-            MemStack::new(&mut MemBuffer::new(scratch)),
-            Default::default(),
-        )
-        .ok()
-        .map(|()| s.column_vector().iter().copied().collect())
+        RECURSION_THRESHOLDS
+            .iter()
+            .find_map(|&threshold| faer_eigenvalues_with(m, threshold))
     })
+}
+
+/// faer's eigenvalues of the symmetric `a` (lower triangle), ascending, at
+/// [`DECOMPOSITION_PAR`]; `None` when faer errs or returns a non-finite value.
+#[cfg(not(feature = "lapack"))]
+fn faer_eigenvalues_with<T: Scalar>(
+    a: MatRef<'_, T>,
+    recursion_threshold: usize,
+) -> Option<Vec<T>> {
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use faer::linalg::evd::{
+        ComputeEigenvectors, SelfAdjointEvdParams, self_adjoint_evd, self_adjoint_evd_scratch,
+    };
+    let n = a.nrows();
+    let params = SelfAdjointEvdParams {
+        recursion_threshold,
+        ..faer::Auto::<T>::auto()
+    };
+    let mut s = faer::diag::Diag::<T>::zeros(n);
+    let scratch =
+        self_adjoint_evd_scratch::<T>(n, ComputeEigenvectors::No, DECOMPOSITION_PAR, params.into());
+    self_adjoint_evd(
+        a,
+        s.as_mut(),
+        None,
+        DECOMPOSITION_PAR,
+        MemStack::new(&mut MemBuffer::new(scratch)),
+        params.into(),
+    )
+    .ok()?;
+    let s: Vec<T> = s.column_vector().iter().copied().collect();
+    all_finite(&s, &[]).then_some(s)
 }
 
 /// A faer view of an ndarray view, whatever its strides (no copy).
@@ -619,6 +667,71 @@ mod tests {
         let one = on(1);
         for threads in [2, 3, 8] {
             assert!(on(threads) == one, "{threads} threads differ from one");
+        }
+    }
+
+    /// A matrix on which faer 0.24.4's divide and conquer returns NaN with no
+    /// error (found by the merge study's Iso-CTS on SmolLM2: a task matrix
+    /// with a common subspace projected out). This one is synthetic, of the
+    /// same kind: `G − Q Qᵀ G` with `Q` 500 orthonormal columns of a random
+    /// 576 × 576 matrix (3 of 40 seeds fail; seed 7 is one).
+    #[cfg(not(feature = "lapack"))]
+    fn projected_out(seed: u64) -> Array2<f64> {
+        let mut rng = weights::rng::Rng::new(seed);
+        let g = Array2::from_shape_fn((576, 576), |_| rng.normal() * 1e-3);
+        let h = Array2::from_shape_fn((576, 576), |_| rng.normal() * 1e-3);
+        let q = thin_svd(h.view(), "h").unwrap().u;
+        let q = q.slice(ndarray::s![.., ..500]);
+        &g - &q.dot(&q.t().dot(&g))
+    }
+
+    #[cfg(not(feature = "lapack"))]
+    #[test]
+    fn a_divide_and_conquer_failure_falls_back_to_qr_iteration() {
+        let a = projected_out(7);
+        let view = faer::MatRef::from_row_major_slice(a.as_slice().unwrap(), 576, 576);
+        // faer's default really fails here, so the fallback is what is tested.
+        assert!(faer_svd_with(view, Some(true), 128).is_none());
+        assert!(faer_svd_with(view, None, 128).is_none());
+        let svd = thin_svd(a.view(), "a").unwrap();
+        let values = singular_values(a.view(), "a").unwrap();
+        // A second algorithm: the transpose's SVD, which faer's default
+        // decomposes (Aᵀ = V Σ Uᵀ).
+        let t = thin_svd(a.t(), "at").unwrap();
+        let top = svd.s[0];
+        for (i, ((&x, &alone), &y)) in svd.s.iter().zip(&values).zip(&t.s).enumerate() {
+            assert!((x - y).abs() <= 1e-12 * top, "σ{i}");
+            assert!((alone - y).abs() <= 1e-12 * top, "σ{i} alone");
+        }
+        // Rank 76 (576 − 500), the rest at rounding level.
+        assert!(svd.s[75] > 1e3 * svd.s[76], "{} {}", svd.s[75], svd.s[76]);
+        let back = (&svd.u * &svd.s).dot(&svd.vt);
+        let err = (&back - &a).iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(err <= 1e-14, "reconstruction error {err:e}");
+        let eye = Array2::<f64>::eye(576);
+        for q in [svd.u.t().dot(&svd.u), svd.vt.dot(&svd.vt.t())] {
+            let err = (&q - &eye).iter().fold(0f64, |m, v| m.max(v.abs()));
+            assert!(err <= 1e-10, "orthonormality error {err:e}");
+        }
+    }
+
+    /// The fallback paths themselves (QR iteration at every size) give what
+    /// the default gives, where the default works.
+    #[cfg(not(feature = "lapack"))]
+    #[test]
+    fn the_qr_iteration_fallbacks_agree_with_the_defaults() {
+        let a = gaussian(300, 200, 21);
+        let mut sym = a.dot(&a.t());
+        sym /= 300.0;
+        fn view(x: &Array2<f64>) -> faer::MatRef<'_, f64> {
+            faer::MatRef::from_row_major_slice(x.as_slice().unwrap(), x.nrows(), x.ncols())
+        }
+        let (d, _) = faer_svd_with(view(&a), None, 128).unwrap();
+        let (q, _) = faer_svd_with(view(&a), None, usize::MAX).unwrap();
+        let e_d = faer_eigenvalues_with(view(&sym), 128).unwrap();
+        let e_q = faer_eigenvalues_with(view(&sym), usize::MAX).unwrap();
+        for (x, y) in d.iter().zip(&q).chain(e_d.iter().zip(&e_q)) {
+            assert!((x - y).abs() <= 1e-11 * d[0].max(e_d[299]), "{x} {y}");
         }
     }
 }
