@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use weights::{StateDict, Tensor};
 
 use crate::error::{MergeError, Result};
-use crate::{Method, Params, TensorInputs, merge_tensor};
+use crate::{Method, Params, TensorInputs, Update, merge_tensor, merge_tensor_update};
 
 /// Merges every tensor of `models` (and `base`, for methods that use one)
 /// with `method`; `shared` and `per_model` parameters apply to all tensors.
@@ -19,6 +19,107 @@ pub fn merge_state_dicts(
     per_model: &[Params],
     seed: u64,
 ) -> Result<StateDict> {
+    let reference = base.or(models.first());
+    let merged = per_tensor(method, base, models, shared, per_model, seed, merge_tensor)?;
+    let reference = reference.expect("checked by per_tensor");
+    let mut sd: StateDict = merged
+        .into_iter()
+        .map(|(name, out)| {
+            let r = reference.get(&name).expect("listed");
+            let data = ndarray::ArrayD::from_shape_vec(r.shape().to_vec(), out)
+                .expect("merged tensor has the input's size");
+            (name, Tensor::new(data, r.dtype))
+        })
+        .collect();
+    sd.metadata = reference.metadata.clone();
+    Ok(sd)
+}
+
+/// The λ-free [`Update`]s of a merge linear in λ (the task-vector family,
+/// TSV-M, Iso-C, Iso-CTS), one per tensor, with [`merge_state_dicts`]'
+/// checks; `None` for other methods. [`Updates::apply`] then gives
+/// [`merge_state_dicts`]' result at any λ, bit for bit.
+pub fn merge_state_dict_updates(
+    method: &Method,
+    base: &StateDict,
+    models: &[StateDict],
+    shared: &Params,
+    per_model: &[Params],
+    seed: u64,
+) -> Result<Option<Updates>> {
+    if !matches!(
+        method,
+        Method::TaskVector(..) | Method::TsvM | Method::IsoC | Method::IsoCts
+    ) {
+        return Ok(None);
+    }
+    let tensors = per_tensor(
+        method,
+        Some(base),
+        models,
+        shared,
+        per_model,
+        seed,
+        |m, x| Ok(merge_tensor_update(m, x)?.expect("a method linear in λ")),
+    )?;
+    Ok(Some(Updates { tensors }))
+}
+
+/// One [`Update`] per tensor of a merge linear in λ
+/// ([`merge_state_dict_updates`]).
+#[derive(Clone, Debug)]
+pub struct Updates {
+    tensors: Vec<(String, Update)>,
+}
+
+impl Updates {
+    /// The merge at `lambda` on `base` (the base the updates were made on);
+    /// a λ that is not a finite number is an error, as in configs.
+    pub fn apply(&self, base: &StateDict, lambda: f64) -> Result<StateDict> {
+        if !lambda.is_finite() {
+            return Err(MergeError::param(
+                "(all tensors)",
+                "lambda",
+                format!("expected a number, got {lambda}"),
+            ));
+        }
+        let merged: Vec<(String, Tensor)> = self
+            .tensors
+            .par_iter()
+            .map(|(name, u)| {
+                let b = base.get(name).expect("the updates' base has every tensor");
+                let out = u.apply(&flat(b), lambda);
+                let data = ndarray::ArrayD::from_shape_vec(b.shape().to_vec(), out)
+                    .expect("merged tensor has the input's size");
+                (name.clone(), Tensor::new(data, b.dtype))
+            })
+            .collect();
+        let mut sd: StateDict = merged.into_iter().collect();
+        sd.metadata = base.metadata.clone();
+        Ok(sd)
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.data
+        .as_standard_layout()
+        .into_owned()
+        .into_raw_vec_and_offset()
+        .0
+}
+
+/// Checks every tensor of `base` (or the first model) in every input, then
+/// runs `f` on each tensor's inputs, in parallel; the results in the
+/// reference's tensor order.
+fn per_tensor<T: Send>(
+    method: &Method,
+    base: Option<&StateDict>,
+    models: &[StateDict],
+    shared: &Params,
+    per_model: &[Params],
+    seed: u64,
+    f: impl Fn(&Method, &TensorInputs) -> Result<T> + Sync,
+) -> Result<Vec<(String, T)>> {
     if per_model.len() != models.len() {
         return Err(MergeError::Inputs {
             method: method.name().into(),
@@ -53,30 +154,22 @@ pub fn merge_state_dicts(
             None => MergeError::check_finite(name, &model, t.data.iter()),
         }
     };
-    let merged: Vec<(String, Tensor)> = names
+    names
         .par_iter()
-        .map(|&name| -> Result<(String, Tensor)> {
-            let r = reference.get(name).expect("listed");
-            let shape = r.shape().to_vec();
+        .map(|&name| -> Result<(String, T)> {
+            let shape = reference.get(name).expect("listed").shape().to_vec();
             if let Some(b) = base {
                 check(name, b.get(name), "base".into(), &shape)?;
             }
             for (i, m) in models.iter().enumerate() {
                 check(name, m.get(name), label(i), &shape)?;
             }
-            let flat = |t: &Tensor| {
-                t.data
-                    .as_standard_layout()
-                    .into_owned()
-                    .into_raw_vec_and_offset()
-                    .0
-            };
             let base_v = base.map(|b| flat(b.get(name).expect("checked")));
             let inputs: Vec<Vec<f32>> = models
                 .iter()
                 .map(|m| flat(m.get(name).expect("checked")))
                 .collect();
-            let out = merge_tensor(
+            let out = f(
                 method,
                 &TensorInputs {
                     name,
@@ -89,12 +182,7 @@ pub fn merge_state_dicts(
                     draws: Default::default(),
                 },
             )?;
-            let data = ndarray::ArrayD::from_shape_vec(shape, out)
-                .expect("merged tensor has the input's size");
-            Ok((name.to_string(), Tensor::new(data, r.dtype)))
+            Ok((name.to_string(), out))
         })
-        .collect::<Result<_>>()?;
-    let mut sd: StateDict = merged.into_iter().collect();
-    sd.metadata = reference.metadata.clone();
-    Ok(sd)
+        .collect()
 }

@@ -468,17 +468,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
         Ok(base)
     };
     // A misspelt or foreign parameter is an error here as in configs.
-    if x.per_model.len() != k {
-        return Err(inputs_err(format!(
-            "{k} models but {} per-model parameter sets",
-            x.per_model.len()
-        )));
-    }
-    for params in std::iter::once(x.shared).chain(x.per_model) {
-        if let Some((key, msg)) = method.unknown_parameter(params.keys().map(String::as_str)) {
-            return Err(MergeError::param(x.name, key, msg));
-        }
-    }
+    x.check_params(method)?;
     match method {
         Method::Linear => {
             if k == 0 {
@@ -526,35 +516,7 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
         }
         Method::TaskVector(_, m) => {
             let base = need_base()?;
-            let rescale = x.flag("rescale", m.rescale)?;
-            let mut inputs = Vec::with_capacity(k);
-            for i in 0..k {
-                let density = x.num(Some(i), "density")?.unwrap_or(1.0);
-                if !(0.0..=1.0).contains(&density) {
-                    return Err(MergeError::param(
-                        x.name,
-                        "density",
-                        format!("{density} for input {} is outside [0, 1]", i + 1),
-                    ));
-                }
-                inputs.push(TaskInput {
-                    tensor: x.models[i],
-                    weight: x.req(Some(i), "weight")?,
-                    sparsify: SparsifyParams {
-                        density,
-                        gamma: x.num(Some(i), "gamma")?.unwrap_or(0.01),
-                        epsilon: x.num(Some(i), "epsilon")?.unwrap_or(0.15),
-                        rescale,
-                        draws: x.draws,
-                    },
-                    seed: name_seed(x.seed, x.name, i),
-                });
-            }
-            let opts = TaskVectorOptions {
-                normalize: x.flag("normalize", m.normalize)?,
-                lambda: x.num(None, "lambda")?.unwrap_or(1.0),
-            };
-            x.flag("int8_mask", false)?;
+            let (inputs, opts) = x.task_inputs(m)?;
             methods::task_vector_merge(x.name, base, x.shape, &inputs, m, &opts)
         }
         Method::ModelStock => {
@@ -675,42 +637,167 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
         }
         Method::TsvM | Method::IsoC | Method::IsoCts => {
             let base = need_base()?;
-            let sm = match method {
-                Method::TsvM => SubspaceMethod::TsvM {
-                    rank: match x.num(None, "rank")? {
-                        None => None,
-                        Some(r) if r >= 1.0 && r.fract() == 0.0 => Some(r as usize),
-                        Some(r) => {
-                            return Err(MergeError::param(
-                                x.name,
-                                "rank",
-                                format!("{r} is not a positive whole number"),
-                            ));
-                        }
-                    },
-                },
-                Method::IsoC => SubspaceMethod::IsoC,
-                _ => SubspaceMethod::IsoCts {
-                    common_space_fraction: x.num(None, "common_space_fraction")?.unwrap_or(0.8),
-                },
-            };
             let lambda = x.num(None, "lambda")?.unwrap_or(1.0);
-            let tasks: Vec<Vec<f64>> = x
-                .models
-                .iter()
-                .map(|m| {
-                    m.iter()
-                        .zip(base)
-                        .map(|(&v, &b)| v as f64 - b as f64)
-                        .collect()
-                })
-                .collect();
-            let merged = subspace::merge_task_vectors(sm, x.shape, &tasks, x.name)?;
-            Ok(base
-                .iter()
-                .zip(&merged)
-                .map(|(&b, &d)| (b as f64 + lambda * d) as f32)
-                .collect())
+            Ok(Update::F64(x.subspace_update(method, base)?).apply(base, lambda))
         }
+    }
+}
+
+/// The λ-free part of a merge whose result is `base + λ · update`: the
+/// task-vector family and the subspace merges. [`Update::apply`] gives
+/// [`merge_tensor`]'s tensor at any λ bit for bit, so a λ grid costs one
+/// merge and one cheap pass per λ.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Update {
+    /// No task vectors: the merge is the base at every λ.
+    Base,
+    /// The task-vector family's merged task vector, in f32 (`base + λ·m`
+    /// in f32, as [`methods::add_scaled`]).
+    F32(Vec<f32>),
+    /// A subspace merge's task vector, in f64 (`(base + λ·d)` in f64,
+    /// rounded to f32).
+    F64(Vec<f64>),
+}
+
+impl Update {
+    /// The merged tensor at `lambda`.
+    pub fn apply(&self, base: &[f32], lambda: f64) -> Vec<f32> {
+        match self {
+            Update::Base => base.to_vec(),
+            Update::F32(m) => {
+                let l = lambda as f32;
+                base.iter()
+                    .zip(m)
+                    .map(|(&b, &m)| methods::add_scaled(b, m, l))
+                    .collect()
+            }
+            Update::F64(d) => base
+                .iter()
+                .zip(d)
+                .map(|(&b, &d)| (b as f64 + lambda * d) as f32)
+                .collect(),
+        }
+    }
+}
+
+/// The [`Update`] of one tensor for the methods linear in λ (the task-vector
+/// family, TSV-M, Iso-C, Iso-CTS), with [`merge_tensor`]'s checks; `None`
+/// for other methods. The `lambda` parameter is not read.
+pub fn merge_tensor_update(method: &Method, x: &TensorInputs) -> Result<Option<Update>> {
+    if !matches!(
+        method,
+        Method::TaskVector(..) | Method::TsvM | Method::IsoC | Method::IsoCts
+    ) {
+        return Ok(None);
+    }
+    x.check_params(method)?;
+    let base = x.base.ok_or_else(|| MergeError::Inputs {
+        method: method.name().to_string(),
+        msg: format!("tensor '{}': needs base_model", x.name),
+    })?;
+    Ok(Some(match method {
+        Method::TaskVector(_, m) => {
+            let (inputs, opts) = x.task_inputs(m)?;
+            match methods::task_vector_update(x.name, base, x.shape, &inputs, m, opts.normalize)? {
+                Some(m) => Update::F32(m),
+                None => Update::Base,
+            }
+        }
+        _ => Update::F64(x.subspace_update(method, base)?),
+    }))
+}
+
+impl TensorInputs<'_> {
+    /// The task-vector family's inputs and options (λ read, not applied).
+    fn task_inputs(&self, m: &TaskVectorMethod) -> Result<(Vec<TaskInput<'_>>, TaskVectorOptions)> {
+        let x = self;
+        let k = x.models.len();
+        let rescale = x.flag("rescale", m.rescale)?;
+        let mut inputs = Vec::with_capacity(k);
+        for i in 0..k {
+            let density = x.num(Some(i), "density")?.unwrap_or(1.0);
+            if !(0.0..=1.0).contains(&density) {
+                return Err(MergeError::param(
+                    x.name,
+                    "density",
+                    format!("{density} for input {} is outside [0, 1]", i + 1),
+                ));
+            }
+            inputs.push(TaskInput {
+                tensor: x.models[i],
+                weight: x.req(Some(i), "weight")?,
+                sparsify: SparsifyParams {
+                    density,
+                    gamma: x.num(Some(i), "gamma")?.unwrap_or(0.01),
+                    epsilon: x.num(Some(i), "epsilon")?.unwrap_or(0.15),
+                    rescale,
+                    draws: x.draws,
+                },
+                seed: name_seed(x.seed, x.name, i),
+            });
+        }
+        let opts = TaskVectorOptions {
+            normalize: x.flag("normalize", m.normalize)?,
+            lambda: x.num(None, "lambda")?.unwrap_or(1.0),
+        };
+        x.flag("int8_mask", false)?;
+        Ok((inputs, opts))
+    }
+
+    /// A subspace merge's task vector (f64), before λ and the base.
+    fn subspace_update(&self, method: &Method, base: &[f32]) -> Result<Vec<f64>> {
+        let x = self;
+        let sm = match method {
+            Method::TsvM => SubspaceMethod::TsvM {
+                rank: match x.num(None, "rank")? {
+                    None => None,
+                    Some(r) if r >= 1.0 && r.fract() == 0.0 => Some(r as usize),
+                    Some(r) => {
+                        return Err(MergeError::param(
+                            x.name,
+                            "rank",
+                            format!("{r} is not a positive whole number"),
+                        ));
+                    }
+                },
+            },
+            Method::IsoC => SubspaceMethod::IsoC,
+            _ => SubspaceMethod::IsoCts {
+                common_space_fraction: x.num(None, "common_space_fraction")?.unwrap_or(0.8),
+            },
+        };
+        let tasks: Vec<Vec<f64>> = x
+            .models
+            .iter()
+            .map(|m| {
+                m.iter()
+                    .zip(base)
+                    .map(|(&v, &b)| v as f64 - b as f64)
+                    .collect()
+            })
+            .collect();
+        subspace::merge_task_vectors(sm, x.shape, &tasks, x.name)
+    }
+
+    /// The per-model parameter count and unknown parameters, as
+    /// [`merge_tensor`] checks them.
+    fn check_params(&self, method: &Method) -> Result<()> {
+        let k = self.models.len();
+        if self.per_model.len() != k {
+            return Err(MergeError::Inputs {
+                method: method.name().to_string(),
+                msg: format!(
+                    "tensor '{}': {k} models but {} per-model parameter sets",
+                    self.name,
+                    self.per_model.len()
+                ),
+            });
+        }
+        for params in std::iter::once(self.shared).chain(self.per_model) {
+            if let Some((key, msg)) = method.unknown_parameter(params.keys().map(String::as_str)) {
+                return Err(MergeError::param(self.name, key, msg));
+            }
+        }
+        Ok(())
     }
 }

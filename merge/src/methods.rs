@@ -111,8 +111,56 @@ pub fn task_vector_merge(
     if inputs.is_empty() {
         return Ok(base.to_vec());
     }
+    let lambda = opts.lambda as f32;
+    task_vector_pass(
+        tensor,
+        base,
+        shape,
+        inputs,
+        method,
+        opts.normalize,
+        |b, m| add_scaled(b, m, lambda),
+    )
+}
+
+/// `base + λ · m` as [`task_vector_merge`] finishes each element: the same
+/// f32 operations in the same order (no product at λ = 1).
+#[inline]
+pub fn add_scaled(base: f32, m: f32, lambda: f32) -> f32 {
+    base + if lambda != 1.0 { m * lambda } else { m }
+}
+
+/// The merged task vector `m` of [`task_vector_merge`] before λ and the base:
+/// `task_vector_merge` is `add_scaled(base, m, λ)` element by element, bit for
+/// bit, so one update serves a whole λ grid. Empty `inputs` give `None`
+/// (the merge is the base).
+pub fn task_vector_update(
+    tensor: &str,
+    base: &[f32],
+    shape: &[usize],
+    inputs: &[TaskInput],
+    method: &TaskVectorMethod,
+    normalize: bool,
+) -> crate::Result<Option<Vec<f32>>> {
+    if inputs.is_empty() {
+        return Ok(None);
+    }
+    task_vector_pass(tensor, base, shape, inputs, method, normalize, |_, m| m).map(Some)
+}
+
+/// One pass of a task-vector merge; `finish(base, m)` makes each output
+/// element from the base's and the merged task vector's.
+fn task_vector_pass(
+    tensor: &str,
+    base: &[f32],
+    shape: &[usize],
+    inputs: &[TaskInput],
+    method: &TaskVectorMethod,
+    normalize: bool,
+    finish: impl Fn(f32, f32) -> f32,
+) -> crate::Result<Vec<f32>> {
     if method.sparsification.is_none() && method.consensus.is_none() {
-        return Ok(dense_task_vector_merge(base, inputs, opts));
+        return Ok(dense_task_vector_merge(base, inputs, normalize, finish));
     }
     let n = base.len();
     // Weighted (sparsified) deltas.
@@ -130,7 +178,6 @@ pub fn task_vector_merge(
         )?);
     }
     let weights: Vec<f32> = inputs.iter().map(|i| i.weight as f32).collect();
-    let lambda = opts.lambda as f32;
     let total: f32 = weights.iter().sum();
     let mut out = Vec::new();
     weights::mem::reserve_huge(&mut out, n);
@@ -184,15 +231,12 @@ pub fn task_vector_merge(
             }
         }
         out.extend((0..len).map(|e| {
-            let mut m = if opts.normalize {
+            let m = if normalize {
                 mixed[e] / div[e]
             } else {
                 mixed[e]
             };
-            if lambda != 1.0 {
-                m *= lambda;
-            }
-            base[start + e] + m
+            finish(base[start + e], m)
         }));
     }
     Ok(out)
@@ -208,12 +252,12 @@ const BLOCK: usize = 2048;
 fn dense_task_vector_merge(
     base: &[f32],
     inputs: &[TaskInput],
-    opts: &TaskVectorOptions,
+    normalize: bool,
+    finish: impl Fn(f32, f32) -> f32,
 ) -> Vec<f32> {
     let weights: Vec<f32> = inputs.iter().map(|i| i.weight as f32).collect();
     let div: f32 = weights.iter().sum();
     let div = if div.abs() < 1e-8 { 1.0 } else { div };
-    let lambda = opts.lambda as f32;
     let mut out = Vec::new();
     weights::mem::reserve_huge(&mut out, base.len());
     let mut acc = [0f32; BLOCK];
@@ -228,11 +272,8 @@ fn dense_task_vector_merge(
             }
         }
         out.extend(acc.iter().zip(b).map(|(&mixed, &bv)| {
-            let mut m = if opts.normalize { mixed / div } else { mixed };
-            if lambda != 1.0 {
-                m *= lambda;
-            }
-            bv + m
+            let m = if normalize { mixed / div } else { mixed };
+            finish(bv, m)
         }));
     }
     out
@@ -1239,8 +1280,9 @@ mod tests {
                 })
                 .collect();
             for (normalize, lambda) in [(true, 1.0), (false, 0.7)] {
-                let opts = TaskVectorOptions { normalize, lambda };
-                let got = dense_task_vector_merge(&base, &inputs, &opts);
+                let l = lambda as f32;
+                let got =
+                    dense_task_vector_merge(&base, &inputs, normalize, |b, m| add_scaled(b, m, l));
                 let div: f32 = weights.iter().map(|&w| w as f32).sum();
                 let want: Vec<f32> = (0..n)
                     .map(|e| {

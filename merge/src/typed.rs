@@ -28,6 +28,7 @@ use std::path::PathBuf;
 
 use weights::StateDict;
 
+use crate::in_memory::{Updates, merge_state_dict_updates};
 use crate::methods::NuslerpMode;
 use crate::regmean::RegMeanOptions;
 use crate::subspace::SubspaceMethod;
@@ -354,6 +355,84 @@ impl Merge {
     ) -> Result<StateDict> {
         let (method, shared, per_model) = self.lower(models.len())?;
         merge_state_dicts(&method, base, models, &shared, &per_model, seed)
+    }
+
+    /// Its final scale λ, for the merges that have one (the task-vector
+    /// family and the subspace merges).
+    pub fn lambda(&self) -> Option<f64> {
+        match self {
+            Merge::TaskVectors(_, o) => Some(o.lambda),
+            Merge::Subspace { lambda, .. } => Some(*lambda),
+            _ => None,
+        }
+    }
+
+    /// The same merge at another λ (unchanged for merges without one).
+    pub fn with_lambda(&self, lambda: f64) -> Merge {
+        let mut m = self.clone();
+        match &mut m {
+            Merge::TaskVectors(_, o) => o.lambda = lambda,
+            Merge::Subspace { lambda: l, .. } => *l = lambda,
+            _ => {}
+        }
+        m
+    }
+
+    /// The λ-free updates of a merge linear in λ (those with a
+    /// [`Merge::lambda`]): [`Updates::apply`] at λ gives
+    /// `self.with_lambda(λ).merge(Some(base), models, seed)` bit for bit.
+    /// `None` for merges without a λ.
+    pub fn updates(
+        &self,
+        base: &StateDict,
+        models: &[StateDict],
+        seed: u64,
+    ) -> Result<Option<Updates>> {
+        if self.lambda().is_none() {
+            return Ok(None);
+        }
+        let (method, shared, per_model) = self.lower(models.len())?;
+        merge_state_dict_updates(&method, base, models, &shared, &per_model, seed)
+    }
+
+    /// [`Merge::merge`] at each of `lambdas` ([`Merge::with_lambda`]), the
+    /// merged models handed to `each` in turn. Merges linear in λ (those
+    /// with a [`Merge::lambda`]) are merged once and scaled per λ
+    /// ([`crate::in_memory::Updates`]), bit for bit what merging at each λ
+    /// gives; the others are merged once per λ. Peak memory: the update
+    /// (one model in f32, or f64 for the subspace merges) and one merged model.
+    pub fn merge_lambdas(
+        &self,
+        base: Option<&StateDict>,
+        models: &[StateDict],
+        seed: u64,
+        lambdas: &[f64],
+        mut each: impl FnMut(f64, StateDict) -> Result<()>,
+    ) -> Result<()> {
+        // Every λ's settings are checked before any merge runs.
+        if let Some(l) = lambdas.iter().find(|l| !l.is_finite()) {
+            return Err(crate::MergeError::param(
+                "(all tensors)",
+                "lambda",
+                format!("expected a number, got {l}"),
+            ));
+        }
+        let lowered = lambdas
+            .iter()
+            .map(|&l| self.with_lambda(l).lower(models.len()))
+            .collect::<Result<Vec<_>>>()?;
+        let updates = match (base, lambdas.is_empty()) {
+            (Some(b), false) => self.updates(b, models, seed)?.map(|u| (b, u)),
+            _ => None,
+        };
+        for (&l, (method, shared, per_model)) in lambdas.iter().zip(&lowered) {
+            let merged = match &updates {
+                Some((b, u)) => u.apply(b, l)?,
+                None => merge_state_dicts(method, base, models, shared, per_model, seed)?,
+            };
+            each(l, merged)?;
+        }
+        Ok(())
     }
 
     /// The mergekit YAML config that runs this merge on `models` (paths as

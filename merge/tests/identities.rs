@@ -667,6 +667,93 @@ fn typed_api_and_yaml_give_identical_tensors() {
     );
 }
 
+/// A λ grid merged once and scaled ([`Merge::merge_lambdas`]) gives what
+/// merging at each λ gives, bit for bit, for every method linear in λ (the
+/// task-vector presets, random ones included, and the subspace merges), and
+/// methods without a λ are merged as they are at every grid point.
+#[test]
+fn a_lambda_grid_merged_once_is_each_lambdas_merge_bit_for_bit() {
+    use merge::subspace::SubspaceMethod;
+    use merge::typed::{Merge, TaskVectorOptions, TaskVectorPreset};
+    let dir = setup();
+    let load = |n: &str| {
+        Checkpoint::open(dir.path().join(n))
+            .unwrap()
+            .load_all()
+            .unwrap()
+    };
+    let base = load("base");
+    let three = [load("a"), load("b"), load("c")];
+    let bits = |sd: &StateDict| -> Vec<(String, Vec<u32>)> {
+        sd.iter()
+            .map(|(n, t)| (n.to_string(), t.data.iter().map(|v| v.to_bits()).collect()))
+            .collect()
+    };
+    let tv = |preset, normalize| {
+        Merge::TaskVectors(
+            preset,
+            TaskVectorOptions {
+                weights: vec![1.0, 0.6, 0.4],
+                densities: vec![0.5],
+                normalize,
+                ..Default::default()
+            },
+        )
+    };
+    let mut cases: Vec<Merge> = [
+        TaskVectorPreset::TaskArithmetic,
+        TaskVectorPreset::Ties,
+        TaskVectorPreset::DareTies,
+        TaskVectorPreset::DareLinear,
+        TaskVectorPreset::Breadcrumbs,
+        TaskVectorPreset::BreadcrumbsTies,
+        TaskVectorPreset::Della,
+        TaskVectorPreset::DellaLinear,
+    ]
+    .into_iter()
+    .flat_map(|p| [tv(p, None), tv(p, Some(false))])
+    .collect();
+    for method in [
+        SubspaceMethod::TsvM { rank: None },
+        SubspaceMethod::IsoC,
+        SubspaceMethod::IsoCts {
+            common_space_fraction: 0.5,
+        },
+    ] {
+        cases.push(Merge::Subspace {
+            method,
+            lambda: 1.0,
+        });
+    }
+    cases.push(Merge::ModelStock { filter_wise: false });
+    let lambdas = [0.3, 1.0, 1.7, -0.5];
+    for m in &cases {
+        let mut seen = Vec::new();
+        m.merge_lambdas(Some(&base), &three, 7, &lambdas, |l, sd| {
+            seen.push((l, sd));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.len(), lambdas.len(), "{m:?}");
+        for (l, sd) in &seen {
+            let want = m.with_lambda(*l).merge(Some(&base), &three, 7).unwrap();
+            assert!(bits(sd) == bits(&want), "{m:?} at λ = {l}");
+        }
+        // The grid's merges differ where λ matters.
+        if m.lambda().is_some() {
+            assert!(bits(&seen[0].1) != bits(&seen[2].1), "{m:?}");
+        }
+    }
+    // Every λ is checked before any merge runs.
+    let nan = tv(TaskVectorPreset::Ties, None);
+    let mut calls = 0;
+    let e = nan.merge_lambdas(Some(&base), &three, 0, &[0.5, f64::NAN], |_, _| {
+        calls += 1;
+        Ok(())
+    });
+    assert!(e.is_err() && calls == 0, "{e:?} after {calls} merges");
+}
+
 #[test]
 fn weights_summing_to_zero_and_densities_out_of_range_are_refused() {
     let dir = setup();

@@ -888,6 +888,23 @@ fn grid(plan: &Plan, method: &str, lora_group: bool) -> Vec<(BTreeMap<String, f6
     out
 }
 
+/// The grid's points in batches of merges that differ only in λ (in grid
+/// order of their first point; a batch of one for every other candidate).
+fn lambda_batches(cands: &[(BTreeMap<String, f64>, Candidate)]) -> Vec<Vec<usize>> {
+    let mut batches: Vec<(Option<Merge>, Vec<usize>)> = Vec::new();
+    for (k, (_, c)) in cands.iter().enumerate() {
+        let key = match c {
+            Candidate::Typed(m) if m.lambda().is_some() => Some(m.with_lambda(1.0)),
+            _ => None,
+        };
+        match batches.iter_mut().find(|(b, _)| key.is_some() && *b == key) {
+            Some((_, ks)) => ks.push(k),
+            None => batches.push((key, vec![k])),
+        }
+    }
+    batches.into_iter().map(|(_, ks)| ks).collect()
+}
+
 /// Scores `sd` on `split` of every task.
 struct Scorer<'a, B: Backend> {
     config: &'a LlamaConfig,
@@ -1531,34 +1548,93 @@ impl<B: Backend> Study<'_, B> {
             let peak = window.growth().map(|b| b as f64 / 1e6);
             anyhow::Ok((out, t0.elapsed().as_secs_f64(), peak))
         };
-        let mut points = Vec::new();
+        let mut points: Vec<Option<GridPoint>> = vec![None; cands.len()];
         let mut kept = None;
-        let mut best_key = (f64::NEG_INFINITY, f64::INFINITY);
-        for (k, (hyper, cand)) in cands.iter().enumerate() {
-            let built = self
-                .run
-                .phase(&format!("{} {method} {hyper:?}", g.name), || timed(cand))?;
+        // The best point: highest validation accuracy, then lowest loss, then
+        // first in grid order (what scoring the points in order would keep).
+        let mut best_key = (f64::NEG_INFINITY, f64::NEG_INFINITY, 0isize);
+        let mut consider = |k: usize, built: (Built, f64, Option<f64>)| -> anyhow::Result<()> {
+            let hyper = cands[k].0.clone();
             if cands.len() == 1 {
-                points.push(GridPoint {
-                    hyper: hyper.clone(),
+                points[k] = Some(GridPoint {
+                    hyper,
                     val_acc: None,
                     val_loss: None,
                 });
                 kept = Some((k, built));
-                break;
+                return Ok(());
             }
             let v = scorer.score(&scorer.model(&built.0.0)?, Which::Validation, Some(&tasks))?;
-            let key = (v.mean(), v.mean_loss());
-            points.push(GridPoint {
-                hyper: hyper.clone(),
-                val_acc: Some(key.0),
-                val_loss: Some(key.1),
+            let (acc, loss) = (v.mean(), v.mean_loss());
+            points[k] = Some(GridPoint {
+                hyper,
+                val_acc: Some(acc),
+                val_loss: Some(loss),
             });
-            if key.0 > best_key.0 || (key.0 == best_key.0 && key.1 < best_key.1) {
+            let key = (acc, -loss, -(k as isize));
+            if key.partial_cmp(&best_key) == Some(std::cmp::Ordering::Greater) {
                 best_key = key;
                 kept = Some((k, built));
             }
+            Ok(())
+        };
+        for batch in lambda_batches(cands) {
+            let first = &cands[batch[0]];
+            match &first.1 {
+                // Points that differ only in λ: merged once, scaled per λ
+                // (bit for bit each λ's merge: `merge::typed::Merge::updates`).
+                Candidate::Typed(m) if batch.len() > 1 => {
+                    let window = crate::alloc::PeakWindow::open();
+                    let t0 = Instant::now();
+                    let updates = self
+                        .run
+                        .phase(&format!("{} {method} {:?} update", g.name, first.0), || {
+                            m.updates(base, &g.weights, plan.seed)
+                        })?
+                        .context("a merge with a λ has updates")?;
+                    let (update_seconds, update_peak) = (
+                        t0.elapsed().as_secs_f64(),
+                        window.growth().map(|b| b as f64 / 1e6),
+                    );
+                    drop(window);
+                    for &k in &batch {
+                        let (hyper, cand) = &cands[k];
+                        let Candidate::Typed(mk) = cand else {
+                            unreachable!("a λ batch holds typed merges")
+                        };
+                        let lambda = mk.lambda().expect("a λ batch");
+                        let window = crate::alloc::PeakWindow::open();
+                        let t = Instant::now();
+                        let sd = self
+                            .run
+                            .phase(&format!("{} {method} {hyper:?}", g.name), || {
+                                updates.apply(base, lambda)
+                            })?;
+                        // What this point alone costs: the update and one application.
+                        let seconds = update_seconds + t.elapsed().as_secs_f64();
+                        let peak = match (update_peak, window.growth()) {
+                            (Some(u), Some(a)) => Some(u + a as f64 / 1e6),
+                            _ => None,
+                        };
+                        drop(window);
+                        consider(k, ((sd, Some(mk.clone()), None), seconds, peak))?;
+                    }
+                }
+                _ => {
+                    for &k in &batch {
+                        let (hyper, cand) = &cands[k];
+                        let built = self
+                            .run
+                            .phase(&format!("{} {method} {hyper:?}", g.name), || timed(cand))?;
+                        consider(k, built)?;
+                    }
+                }
+            }
         }
+        let points: Vec<GridPoint> = points
+            .into_iter()
+            .map(|p| p.expect("every point scored"))
+            .collect();
         let (chosen, (built, merge_seconds, peak_mb)) = kept.expect("a grid of at least one point");
         let m = scorer.model(&built.0)?;
         let test = scorer.score(&m, Which::Test, Some(&tasks))?;
@@ -2649,6 +2725,60 @@ fn outputs(md: &mut String, plan: &Plan, best: &[BestModel]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The grid's merges that differ only in λ are merged once: the sparse
+    /// methods' λ × density grid falls into one batch per density (in grid
+    /// order), the SVD merges into one, and merges without a λ stay alone.
+    #[test]
+    fn grid_points_differing_only_in_lambda_are_batched() {
+        let plan = Plan {
+            model: PathBuf::new(),
+            sources: vec![],
+            tasks: vec![],
+            groups: vec![],
+            methods: vec![],
+            lambdas: vec![0.3, 0.7, 1.0],
+            svd_lambdas: vec![0.5, 1.5],
+            densities: vec![0.2, 0.5],
+            eval_examples: 1,
+            val_examples: 1,
+            regmean_prompts: 1,
+            analysis_layers: None,
+            seed: 0,
+            eval_batch: 1,
+            overlap_k: 1,
+            regmean_alpha: 0.95,
+            keep_inputs: false,
+            quick: false,
+            training: None,
+        };
+        let ties = grid(&plan, "ties", false);
+        assert_eq!(
+            lambda_batches(&ties),
+            vec![vec![0, 2, 4], vec![1, 3, 5]],
+            "{:?}",
+            ties.iter().map(|(h, _)| h).collect::<Vec<_>>()
+        );
+        for k in [0, 2, 4] {
+            assert_eq!(ties[k].0["density"], 0.2);
+        }
+        assert_eq!(
+            lambda_batches(&grid(&plan, "tsv_m", false)),
+            vec![vec![0, 1]]
+        );
+        assert_eq!(
+            lambda_batches(&grid(&plan, "task_arithmetic", false)),
+            vec![vec![0, 1, 2]]
+        );
+        assert_eq!(
+            lambda_batches(&grid(&plan, "sce", false)),
+            vec![vec![0], vec![1]]
+        );
+        assert_eq!(
+            lambda_batches(&grid(&plan, "average", false)),
+            vec![vec![0]]
+        );
+    }
 
     /// The manifest a `s2ft --model` run writes is read back into typed
     /// entries; an unknown format or a missing field is an error naming the file.
