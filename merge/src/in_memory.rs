@@ -60,7 +60,10 @@ pub fn merge_state_dict_updates(
         shared,
         per_model,
         seed,
-        |m, x| Ok(merge_tensor_update(m, x)?.expect("a method linear in λ")),
+        |m, x| {
+            let update = merge_tensor_update(m, x)?.expect("a method linear in λ");
+            Ok((x.shape.to_vec(), update))
+        },
     )?;
     Ok(Some(Updates { tensors }))
 }
@@ -69,12 +72,14 @@ pub fn merge_state_dict_updates(
 /// ([`merge_state_dict_updates`]).
 #[derive(Clone, Debug)]
 pub struct Updates {
-    tensors: Vec<(String, Update)>,
+    /// Name, shape and update of each tensor.
+    tensors: Vec<(String, (Vec<usize>, Update))>,
 }
 
 impl Updates {
     /// The merge at `lambda` on `base` (the base the updates were made on);
-    /// a λ that is not a finite number is an error, as in configs.
+    /// a λ that is not a finite number, or a base without one of the
+    /// tensors or with another shape, is an error naming it.
     pub fn apply(&self, base: &StateDict, lambda: f64) -> Result<StateDict> {
         if !lambda.is_finite() {
             return Err(MergeError::param(
@@ -86,14 +91,25 @@ impl Updates {
         let merged: Vec<(String, Tensor)> = self
             .tensors
             .par_iter()
-            .map(|(name, u)| {
-                let b = base.get(name).expect("the updates' base has every tensor");
+            .map(|(name, (shape, u))| -> Result<(String, Tensor)> {
+                let b = base.get(name).ok_or_else(|| MergeError::MissingTensor {
+                    tensor: name.clone(),
+                    model: "base".into(),
+                })?;
+                if b.shape() != shape.as_slice() {
+                    return Err(MergeError::ShapeMismatch {
+                        tensor: name.clone(),
+                        model: "base".into(),
+                        expected: shape.clone(),
+                        got: b.shape().to_vec(),
+                    });
+                }
                 let out = u.apply(&flat(b), lambda);
-                let data = ndarray::ArrayD::from_shape_vec(b.shape().to_vec(), out)
-                    .expect("merged tensor has the input's size");
-                (name.clone(), Tensor::new(data, b.dtype))
+                let data = ndarray::ArrayD::from_shape_vec(shape.clone(), out)
+                    .expect("merged tensor has the base's size");
+                Ok((name.clone(), Tensor::new(data, b.dtype)))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let mut sd: StateDict = merged.into_iter().collect();
         sd.metadata = base.metadata.clone();
         Ok(sd)

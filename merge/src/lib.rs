@@ -637,8 +637,8 @@ pub fn merge_tensor(method: &Method, x: &TensorInputs) -> Result<Vec<f32>> {
         }
         Method::TsvM | Method::IsoC | Method::IsoCts => {
             let base = need_base()?;
-            let lambda = x.num(None, "lambda")?.unwrap_or(1.0);
-            Ok(Update::F64(x.subspace_update(method, base)?).apply(base, lambda))
+            let update = Update::F64(x.subspace_update(method, base)?);
+            Ok(update.apply(base, x.num(None, "lambda")?.unwrap_or(1.0)))
         }
     }
 }
@@ -682,7 +682,8 @@ impl Update {
 
 /// The [`Update`] of one tensor for the methods linear in λ (the task-vector
 /// family, TSV-M, Iso-C, Iso-CTS), with [`merge_tensor`]'s checks; `None`
-/// for other methods. The `lambda` parameter is not read.
+/// for other methods. The update does not depend on the `lambda` parameter
+/// (the task-vector family still checks that it is a number).
 pub fn merge_tensor_update(method: &Method, x: &TensorInputs) -> Result<Option<Update>> {
     if !matches!(
         method,

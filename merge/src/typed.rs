@@ -391,7 +391,8 @@ impl Merge {
         if self.lambda().is_none() {
             return Ok(None);
         }
-        let (method, shared, per_model) = self.lower(models.len())?;
+        // At λ = 1: the update does not depend on it.
+        let (method, shared, per_model) = self.with_lambda(1.0).lower(models.len())?;
         merge_state_dict_updates(&method, base, models, &shared, &per_model, seed)
     }
 

@@ -752,6 +752,33 @@ fn a_lambda_grid_merged_once_is_each_lambdas_merge_bit_for_bit() {
         Ok(())
     });
     assert!(e.is_err() && calls == 0, "{e:?} after {calls} merges");
+    // The update does not depend on the merge's own λ, even one that is not
+    // a number: the grid's λ are what is applied.
+    let mut odd = tv(TaskVectorPreset::Ties, None).with_lambda(f64::NAN);
+    let mut grid = Vec::new();
+    odd.merge_lambdas(Some(&base), &three, 0, &[0.5], |_, sd| {
+        grid.push(sd);
+        Ok(())
+    })
+    .unwrap();
+    odd = odd.with_lambda(0.5);
+    assert!(bits(&grid[0]) == bits(&odd.merge(Some(&base), &three, 0).unwrap()));
+    // Updates applied to another base: an error naming the tensor.
+    let updates = odd.updates(&base, &three, 0).unwrap().unwrap();
+    let mut other = base.clone();
+    other.insert(
+        "model.layers.0.mlp.up_proj.weight",
+        Tensor::f32(rng_tensor(&[3, 8], 9)),
+    );
+    let e = updates.apply(&other, 0.5).unwrap_err().to_string();
+    assert!(e.contains("model.layers.0.mlp.up_proj.weight"), "{e}");
+    let mut missing = StateDict::new();
+    missing.insert(
+        "model.embed_tokens.weight",
+        base.get("model.embed_tokens.weight").unwrap().clone(),
+    );
+    let e = updates.apply(&missing, 0.5).unwrap_err().to_string();
+    assert!(e.contains("base"), "{e}");
 }
 
 #[test]

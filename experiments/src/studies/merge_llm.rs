@@ -1551,7 +1551,7 @@ impl<B: Backend> Study<'_, B> {
         let mut points: Vec<Option<GridPoint>> = vec![None; cands.len()];
         let mut kept = None;
         // The best point: highest validation accuracy, then lowest loss, then
-        // first in grid order (what scoring the points in order would keep).
+        // first in grid order (what scoring the points in order kept).
         let mut best_key = (f64::NEG_INFINITY, f64::NEG_INFINITY, 0isize);
         let mut consider = |k: usize, built: (Built, f64, Option<f64>)| -> anyhow::Result<()> {
             let hyper = cands[k].0.clone();
@@ -1571,7 +1571,10 @@ impl<B: Backend> Study<'_, B> {
                 val_acc: Some(acc),
                 val_loss: Some(loss),
             });
-            let key = (acc, -loss, -(k as isize));
+            // A NaN loss ranks below every loss, so the choice does not
+            // depend on the order the batches are scored in.
+            let ranked_loss = if loss.is_nan() { f64::INFINITY } else { loss };
+            let key = (acc, -ranked_loss, -(k as isize));
             if key.partial_cmp(&best_key) == Some(std::cmp::Ordering::Greater) {
                 best_key = key;
                 kept = Some((k, built));
