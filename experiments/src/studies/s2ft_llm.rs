@@ -55,6 +55,12 @@ pub struct LlmArgs {
     /// Instruction tasks: date, reverse, acronym, lookup (default all; quick: date, reverse).
     #[arg(long, value_delimiter = ',')]
     pub tasks: Option<Vec<String>>,
+    /// Fine-tuning methods: a family (full, lora, s2ft-random, s2ft-act),
+    /// which runs at every rank of --ranks, or one method as the report
+    /// labels it (lora-r16, s2ft-act-r4). Default all four families (quick:
+    /// full, lora, s2ft-random). A long run can so be split into parts.
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Option<Vec<String>>,
     /// The task the learning rates are swept on (default: the hardest task
     /// given, in the order acronym, lookup, reverse, date; quick: the first).
     #[arg(long)]
@@ -126,6 +132,7 @@ impl LlmArgs {
     pub fn refuse_without_model(&self) -> anyhow::Result<()> {
         let given = [
             ("--tasks", self.tasks.is_some()),
+            ("--methods", self.methods.is_some()),
             ("--sweep-task", self.sweep_task.is_some()),
             ("--lrs-full", self.lrs_full.is_some()),
             ("--lrs-lora", self.lrs_lora.is_some()),
@@ -153,8 +160,12 @@ pub struct Plan {
     pub tasks: Vec<InstructTask>,
     /// The sweep task.
     pub sweep_task: InstructTask,
-    /// LoRA ranks (each an S²FT budget).
+    /// LoRA ranks (each an S²FT budget) of the methods.
     pub ranks: Vec<usize>,
+    /// The methods, in the order they run: full, then by rank LoRA,
+    /// S²FT-random, S²FT-act (labels as in the report, `lora-r4`).
+    #[serde(serialize_with = "method_labels")]
+    pub methods: Vec<Method>,
     /// Fine-tuning steps.
     pub steps: usize,
     /// Sequences per step.
@@ -315,6 +326,10 @@ impl Plan {
             !ranks.is_empty() && !ranks.contains(&0),
             "--ranks {ranks:?}: give at least one positive rank"
         );
+        let methods = methods_of(llm.methods.as_deref(), &ranks, quick)?;
+        let mut ranks: Vec<usize> = methods.iter().filter_map(|m| m.rank()).collect();
+        ranks.sort_unstable();
+        ranks.dedup();
         let lrs = lr_grids(llm, quick)?;
         let pick =
             |v: Option<usize>, full: usize, q: usize| v.unwrap_or(if quick { q } else { full });
@@ -323,6 +338,7 @@ impl Plan {
             tasks,
             sweep_task,
             ranks,
+            methods,
             steps: pick(lm.steps, 150, 16),
             batch: pick(lm.batch, 8, 4),
             seed: lm.seed,
@@ -371,20 +387,6 @@ impl Plan {
         self.lr_schedule.schedule(self.warmup_ratio, self.steps)
     }
 
-    /// The methods compared: full, LoRA at each rank, S²FT with random and
-    /// smallest-activation selection at each LoRA budget (quick: random only).
-    pub fn methods(&self, quick: bool) -> Vec<Method> {
-        let mut m = vec![Method::Full];
-        for &r in &self.ranks {
-            m.push(Method::Lora(r));
-            m.push(Method::S2ft(r, Strategy::Random));
-            if !quick {
-                m.push(Method::S2ft(r, Strategy::ActivationNorm));
-            }
-        }
-        m
-    }
-
     /// The S²FT configuration at LoRA rank `r`'s budget; errors when the
     /// budget is more than S²FT's structures hold.
     pub fn s2ft_config(
@@ -413,6 +415,75 @@ impl Plan {
             ..Default::default()
         })
     }
+}
+
+/// The families of `--methods`, in the order their methods run at one rank
+/// (full first, once).
+const FAMILIES: [&str; 4] = ["full", "lora", "s2ft-random", "s2ft-act"];
+
+/// The method of `family` at rank `r` (`None` for full, which has no rank).
+fn method_of(family: &str, r: Option<usize>) -> Option<Method> {
+    match (family, r) {
+        ("full", None) => Some(Method::Full),
+        ("lora", Some(r)) => Some(Method::Lora(r)),
+        ("s2ft-random", Some(r)) => Some(Method::S2ft(r, Strategy::Random)),
+        ("s2ft-act", Some(r)) => Some(Method::S2ft(r, Strategy::ActivationNorm)),
+        _ => None,
+    }
+}
+
+/// The methods compared: by default full, LoRA at each rank of `ranks`,
+/// S²FT with random and smallest-activation selection at each LoRA budget
+/// (quick: random only); with `--methods`, the families given (at every
+/// rank) and single methods (`lora-r16`). Full runs first, then the
+/// methods by rank, each rank's in the order of [`FAMILIES`].
+fn methods_of(
+    given: Option<&[String]>,
+    ranks: &[usize],
+    quick: bool,
+) -> anyhow::Result<Vec<Method>> {
+    let default: &[&str] = if quick { &FAMILIES[..3] } else { &FAMILIES };
+    let items: Vec<String> = match given {
+        Some(g) => g.to_vec(),
+        None => default.iter().map(|f| f.to_string()).collect(),
+    };
+    ensure!(!items.is_empty(), "--methods: give at least one method");
+    let mut methods = Vec::new();
+    for item in &items {
+        let one = item
+            .rsplit_once("-r")
+            .and_then(|(f, r)| Some((f, r.parse::<usize>().ok()?)))
+            .filter(|(f, _)| FAMILIES.contains(f));
+        let found: Vec<Method> = match one {
+            Some((family, r)) => {
+                ensure!(r > 0, "--methods {item}: the rank must be positive");
+                vec![method_of(family, Some(r)).with_context(|| {
+                    format!("--methods {item}: full fine-tuning has no rank (give `full`)")
+                })?]
+            }
+            None if item == "full" => vec![Method::Full],
+            None if FAMILIES.contains(&item.as_str()) => ranks
+                .iter()
+                .filter_map(|&r| method_of(item, Some(r)))
+                .collect(),
+            None => anyhow::bail!(
+                "--methods: unknown method '{item}' (known: {}, or one of them at a rank, as lora-r16)",
+                FAMILIES.join(", ")
+            ),
+        };
+        for m in found {
+            if !methods.contains(&m) {
+                methods.push(m);
+            }
+        }
+    }
+    let family_index = |m: &Method| FAMILIES.iter().position(|f| *f == m.family());
+    methods.sort_by_key(|m| (m.rank(), family_index(m)));
+    Ok(methods)
+}
+
+fn method_labels<S: serde::Serializer>(methods: &[Method], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(methods.iter().map(|&m| label(m)))
 }
 
 /// A method's label in tables and file names.
@@ -841,11 +912,7 @@ pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
         .map(|p| Resumed::read(&plan, &p, &run.dir, &prep.inputs))
         .transpose()?;
     let dev = run.device;
-    let quick = args.lm.quick;
-    crate::device::on_device!(
-        dev,
-        run_on(&plan, quick, prep, run, resumed, &Default::default())
-    )
+    crate::device::on_device!(dev, run_on(&plan, prep, run, resumed, &Default::default()))
 }
 
 /// What an interrupted run (`--resume`) finished: the base model's scores,
@@ -898,7 +965,6 @@ impl Resumed {
 
 fn run_on<B: AutodiffBackend>(
     plan: &Plan,
-    quick: bool,
     prep: Prepared,
     mut run: Run,
     resumed: Option<Resumed>,
@@ -908,7 +974,7 @@ where
     Llama<B>: AutodiffModule<B, InnerModule = Llama<B::InnerBackend>>,
 {
     let prompter = Prompter::new(&prep.base.tokenizer)?;
-    let methods = plan.methods(quick);
+    let methods = plan.methods.clone();
     let lr_count: usize = methods.iter().map(|&m| plan.lrs[family_lrs(m)].len()).sum();
     let total = (lr_count + methods.len() * (plan.tasks.len() - 1)) * plan.steps;
     let bar = run.progress(total as u64);
@@ -1482,8 +1548,6 @@ fn summary_csv(rows: &[SummaryRow]) -> String {
     s
 }
 
-const FAMILIES: [&str; 4] = ["full", "lora", "s2ft-random", "s2ft-act"];
-
 fn plots(
     run: &Run,
     plan: &Plan,
@@ -1797,6 +1861,94 @@ mod tests {
             e.contains("--sweep-task lookup is not among --tasks"),
             "{e}"
         );
+    }
+
+    fn methods(
+        given: Option<&[&str]>,
+        ranks: Option<&[usize]>,
+        quick: bool,
+    ) -> anyhow::Result<(Vec<String>, Vec<usize>)> {
+        let mut args = S2ftArgs::default();
+        args.llm.model = Some("model.gguf".into());
+        args.llm.methods = given.map(|g| g.iter().map(|s| s.to_string()).collect());
+        args.ranks = ranks.map(<[usize]>::to_vec);
+        args.lm.quick = quick;
+        let p = Plan::new(&args)?;
+        let json = serde_json::to_value(&p)?;
+        let labels: Vec<String> = serde_json::from_value(json["methods"].clone())?;
+        Ok((labels, p.ranks))
+    }
+
+    /// `--methods` takes families (run at every rank of `--ranks`) and
+    /// single methods by their label; whatever the order given, full runs
+    /// first, then the methods by rank in the families' order; the plan's
+    /// ranks are those of its methods. Unknown names and rank-less full
+    /// with a rank are named.
+    #[test]
+    fn methods_are_resolved_from_families_and_labels() {
+        let (m, r) = methods(None, None, false).unwrap();
+        assert_eq!(
+            m,
+            [
+                "full",
+                "lora-r4",
+                "s2ft-random-r4",
+                "s2ft-act-r4",
+                "lora-r16",
+                "s2ft-random-r16",
+                "s2ft-act-r16"
+            ]
+        );
+        assert_eq!(r, [4, 16]);
+        let (m, r) = methods(None, None, true).unwrap();
+        assert_eq!(
+            (m, r),
+            (
+                vec!["full".into(), "lora-r8".into(), "s2ft-random-r8".into()],
+                vec![8]
+            )
+        );
+        // The rest of a default run, after full, LoRA r4 and S²FT-random r4.
+        let (m, r) = methods(
+            Some(&["s2ft-act-r16", "lora-r16", "s2ft-act-r4", "s2ft-random-r16"]),
+            None,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            ["s2ft-act-r4", "lora-r16", "s2ft-random-r16", "s2ft-act-r16"]
+        );
+        assert_eq!(r, [4, 16]);
+        let (m, r) = methods(
+            Some(&["s2ft-act", "full", "lora-r2", "s2ft-act"]),
+            Some(&[8]),
+            true,
+        )
+        .unwrap();
+        assert_eq!(m, ["full", "lora-r2", "s2ft-act-r8"]);
+        assert_eq!(r, [2, 8]);
+        let (m, r) = methods(Some(&["full"]), None, false).unwrap();
+        assert_eq!((m, r), (vec!["full".to_string()], vec![]));
+        for (given, want) in [
+            (
+                &["dora"][..],
+                "--methods: unknown method 'dora' (known: full, lora, s2ft-random, s2ft-act",
+            ),
+            (
+                &["full-r4"][..],
+                "--methods full-r4: full fine-tuning has no rank (give `full`)",
+            ),
+            (
+                &["lora-r0"][..],
+                "--methods lora-r0: the rank must be positive",
+            ),
+            (&["lora-rx"][..], "--methods: unknown method 'lora-rx'"),
+            (&[][..], "--methods: give at least one method"),
+        ] {
+            let e = format!("{:#}", methods(Some(given), None, false).unwrap_err());
+            assert!(e.contains(want), "{given:?}: {e}");
+        }
     }
 
     fn plan_with(schedule: Option<ScheduleKind>, ratio: Option<f64>) -> anyhow::Result<Plan> {
