@@ -1423,7 +1423,7 @@ fn merge_llm_args(
     a.lm.run = RunArgs::quiet_to(out);
     a.llm = MergeLlmArgs {
         model: Some(model.to_path_buf()),
-        finetunes: finetunes.map(Path::to_path_buf),
+        finetunes: finetunes.map(Path::to_path_buf).into_iter().collect(),
         eval_examples: Some(3),
         val_examples: Some(2),
         regmean_prompts: Some(2),
@@ -1835,7 +1835,7 @@ fn merge_study_names_bad_real_model_input_before_writing_a_report() {
     fails(a, &["--rank", "character-model"]);
     let mut a = experiments::studies::merging::MergeArgs::default();
     a.lm.run = RunArgs::quiet_to(&out);
-    a.llm.finetunes = Some(dir.path().to_path_buf());
+    a.llm.finetunes = vec![dir.path().to_path_buf()];
     fails(a, &["--finetunes", "--model"]);
     // An unknown method and a density above 1.
     let mut a = with(&[arg("date", &date), arg("reverse", &reverse)]);

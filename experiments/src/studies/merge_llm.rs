@@ -55,10 +55,12 @@ pub struct MergeLlmArgs {
     /// folder or GGUF). Without it the study merges its character model.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// A `s2ft --model` report folder: merge the fine-tunes its
-    /// `finetunes/manifest.json` lists, grouped by fine-tuning method.
-    #[arg(long)]
-    pub finetunes: Option<PathBuf>,
+    /// `s2ft --model` report folders: merge the fine-tunes their
+    /// `finetunes/manifest.json` list, grouped by fine-tuning method (several
+    /// folders, comma-separated: the parts of one run split by `--methods`,
+    /// trained with the same settings).
+    #[arg(long, value_delimiter = ',')]
+    pub finetunes: Vec<PathBuf>,
     /// One fine-tune, `TASK=PATH` (repeatable): a Hugging Face folder (group
     /// `full`), a PEFT LoRA adapter (`lora`) or an S²FT adapter folder (`s2ft`).
     #[arg(long = "finetune", value_name = "TASK=PATH")]
@@ -97,7 +99,7 @@ impl MergeLlmArgs {
     /// Errors when a real-model option is given without `--model`.
     pub fn refuse_without_model(&self) -> anyhow::Result<()> {
         let given = [
-            ("--finetunes", self.finetunes.is_some()),
+            ("--finetunes", !self.finetunes.is_empty()),
             ("--finetune", !self.finetune.is_empty()),
             ("--lambdas", self.lambdas.is_some()),
             ("--svd-lambdas", self.svd_lambdas.is_some()),
@@ -369,6 +371,44 @@ pub fn read_training(run_dir: &Path) -> anyhow::Result<Training> {
     })
 }
 
+/// The training settings of the `--finetunes` runs (none without them): the
+/// parts of one run must agree on every setting, and a method's rate comes
+/// from the part that trained it.
+pub fn read_trainings(run_dirs: &[PathBuf]) -> anyhow::Result<Option<Training>> {
+    let mut merged: Option<(Training, &Path)> = None;
+    for dir in run_dirs {
+        let t = read_training(dir)?;
+        let Some((m, first)) = merged.as_mut() else {
+            merged = Some((t, dir));
+            continue;
+        };
+        let settings = |t: &Training| {
+            format!(
+                "steps {}, batch {}, seed {}, LoRA dropout {}, schedule {:?} (warm-up {})",
+                t.steps, t.batch, t.seed, t.lora_dropout, t.lr_schedule, t.warmup_ratio
+            )
+        };
+        ensure!(
+            settings(m) == settings(&t),
+            "--finetunes: {} and {} were trained with other settings ({} vs {}); merge the parts of one run",
+            first.display(),
+            dir.display(),
+            settings(m),
+            settings(&t)
+        );
+        for (method, lr) in t.lrs {
+            ensure!(
+                !m.lrs.contains_key(&method),
+                "--finetunes: both {} and {} trained '{method}'; give each method's fine-tunes once",
+                first.display(),
+                dir.display()
+            );
+            m.lrs.insert(method, lr);
+        }
+    }
+    Ok(merged.map(|(t, _)| t))
+}
+
 /// Options of the character-model study make no sense here: refused by name.
 fn refuse_character_options(args: &MergeArgs) -> anyhow::Result<()> {
     let lm = &args.lm;
@@ -392,10 +432,10 @@ fn refuse_character_options(args: &MergeArgs) -> anyhow::Result<()> {
 
 /// The fine-tunes: a `s2ft --model` run's, then every `--finetune`.
 fn sources_of(o: &MergeLlmArgs) -> anyhow::Result<Vec<Source>> {
-    let mut sources = match &o.finetunes {
-        Some(dir) => read_manifest(dir)?,
-        None => Vec::new(),
-    };
+    let mut sources = Vec::new();
+    for dir in &o.finetunes {
+        sources.extend(read_manifest(dir)?);
+    }
     for f in &o.finetune {
         sources.push(parse_finetune(f)?);
     }
@@ -513,10 +553,7 @@ impl Plan {
             regmean_alpha: 0.95,
             keep_inputs: o.keep_inputs,
             quick,
-            training: match &o.finetunes {
-                Some(dir) => Some(read_training(dir)?),
-                None => None,
-            },
+            training: read_trainings(&o.finetunes)?,
         };
         ensure!(
             plan.eval_examples > 0 && plan.val_examples > 0 && plan.regmean_prompts > 0,
@@ -2848,6 +2885,52 @@ mod tests {
         std::fs::write(dir.path().join("metrics.json"), r#"{"plan": {"steps": 1}}"#).unwrap();
         let e = format!("{:#}", read_training(dir.path()).unwrap_err());
         assert!(e.contains("--finetunes") && e.contains("batch"), "{e}");
+    }
+
+    /// A run split by `--methods` merges as one: its parts' rates are
+    /// joined; parts trained otherwise, or training one method twice, are
+    /// refused by name.
+    #[test]
+    fn the_parts_of_a_split_run_join_their_training_settings() {
+        let part = |runs: serde_json::Value, steps: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let m = serde_json::json!({
+                "plan": {"steps": steps, "batch": 8, "seed": 0, "lora_dropout": 0.05},
+                "runs": runs,
+            });
+            std::fs::write(dir.path().join("metrics.json"), m.to_string()).unwrap();
+            dir
+        };
+        let a = part(
+            serde_json::json!([{"method": "full", "lr": 1e-4, "diverged": null}]),
+            150,
+        );
+        let b = part(
+            serde_json::json!([{"method": "lora r16", "lr": 3e-4, "diverged": null}]),
+            150,
+        );
+        assert!(read_trainings(&[]).unwrap().is_none());
+        let dirs = [a.path().to_path_buf(), b.path().to_path_buf()];
+        let t = read_trainings(&dirs).unwrap().unwrap();
+        assert_eq!(t.lrs, map(&[("full", 1e-4), ("lora r16", 3e-4)]));
+        assert_eq!(t.steps, 150);
+        let e = format!(
+            "{:#}",
+            read_trainings(&[dirs[0].clone(), dirs[0].clone()]).unwrap_err()
+        );
+        assert!(e.contains("both") && e.contains("'full'"), "{e}");
+        let c = part(
+            serde_json::json!([{"method": "s2ft-act r4", "lr": 1e-3, "diverged": null}]),
+            32,
+        );
+        let e = format!(
+            "{:#}",
+            read_trainings(&[dirs[0].clone(), c.path().to_path_buf()]).unwrap_err()
+        );
+        assert!(
+            e.contains("other settings") && e.contains("steps 150") && e.contains("steps 32"),
+            "{e}"
+        );
     }
 
     fn map(kv: &[(&str, f64)]) -> BTreeMap<String, f64> {
