@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The default-size real-model runs, one after the other, each resumable:
-#   1. `s2ft --model`  (fine-tunes of SmolLM2-135M per task and method)
-#   2. `merge --model --finetunes` on those fine-tunes
+#   1. `s2ft --model`  (fine-tunes of SmolLM2-135M per task and method), in
+#      two parts split by `--methods` (each a few hours on a 2-core CPU):
+#      full, LoRA r4, S²FT-random r4; then S²FT-act r4 and the rank-16 methods
+#   2. `merge --model --finetunes` on the fine-tunes of both parts
 # Rerun the same command after an interruption: a run with
 # `metrics.partial.json` continues with `--resume`, a finished one (its
 # `metrics.json`) is skipped. Progress is each run's `metrics.partial.json`
@@ -39,5 +41,8 @@ run() {
   echo "$(date -u +%FT%TZ) $dir: done"
 }
 
-run s2ft "$out/s2ft-llm-default"
-run merge "$out/merge-llm-default" --finetunes "$out/s2ft-llm-default"
+# The second part first: it was under way when the first part's results
+# (2026-12-05) were lost with a session's machine.
+run s2ft "$out/s2ft-llm-default-rest" --methods s2ft-act-r4,lora-r16,s2ft-random-r16,s2ft-act-r16
+run s2ft "$out/s2ft-llm-default" --methods full,lora-r4,s2ft-random-r4
+run merge "$out/merge-llm-default" --finetunes "$out/s2ft-llm-default,$out/s2ft-llm-default-rest"
