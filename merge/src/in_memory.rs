@@ -26,9 +26,7 @@ pub fn merge_state_dicts(
         .into_iter()
         .map(|(name, out)| {
             let r = reference.get(&name).expect("listed");
-            let data = ndarray::ArrayD::from_shape_vec(r.shape().to_vec(), out)
-                .expect("merged tensor has the input's size");
-            (name, Tensor::new(data, r.dtype))
+            (name, like(r, out))
         })
         .collect();
     sd.metadata = reference.metadata.clone();
@@ -92,28 +90,44 @@ impl Updates {
             .tensors
             .par_iter()
             .map(|(name, (shape, u))| -> Result<(String, Tensor)> {
-                let b = base.get(name).ok_or_else(|| MergeError::MissingTensor {
-                    tensor: name.clone(),
-                    model: "base".into(),
-                })?;
-                if b.shape() != shape.as_slice() {
-                    return Err(MergeError::ShapeMismatch {
-                        tensor: name.clone(),
-                        model: "base".into(),
-                        expected: shape.clone(),
-                        got: b.shape().to_vec(),
-                    });
-                }
-                let out = u.apply(&flat(b), lambda);
-                let data = ndarray::ArrayD::from_shape_vec(shape.clone(), out)
-                    .expect("merged tensor has the base's size");
-                Ok((name.clone(), Tensor::new(data, b.dtype)))
+                let b = present(name, base.get(name), "base", shape)?;
+                Ok((name.clone(), like(b, u.apply(&flat(b), lambda))))
             })
             .collect::<Result<_>>()?;
         let mut sd: StateDict = merged.into_iter().collect();
         sd.metadata = base.metadata.clone();
         Ok(sd)
     }
+}
+
+/// A tensor of `r`'s shape and dtype holding `values` (of `r`'s size).
+fn like(r: &Tensor, values: Vec<f32>) -> Tensor {
+    let data = ndarray::ArrayD::from_shape_vec(r.shape().to_vec(), values)
+        .expect("merged tensor has the input's size");
+    Tensor::new(data, r.dtype)
+}
+
+/// `t`, the tensor `name` of `model`, when it is there with `shape`; else
+/// the error naming both.
+fn present<'a>(
+    name: &str,
+    t: Option<&'a Tensor>,
+    model: &str,
+    shape: &[usize],
+) -> Result<&'a Tensor> {
+    let t = t.ok_or_else(|| MergeError::MissingTensor {
+        tensor: name.into(),
+        model: model.into(),
+    })?;
+    if t.shape() != shape {
+        return Err(MergeError::ShapeMismatch {
+            tensor: name.into(),
+            model: model.into(),
+            expected: shape.to_vec(),
+            got: t.shape().to_vec(),
+        });
+    }
+    Ok(t)
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
@@ -153,18 +167,7 @@ fn per_tensor<T: Send>(
     let names: Vec<&str> = reference.keys().collect();
     let label = |i: usize| format!("model {}", i + 1);
     let check = |name: &str, t: Option<&Tensor>, model: String, shape: &[usize]| -> Result<()> {
-        let t = t.ok_or_else(|| MergeError::MissingTensor {
-            tensor: name.into(),
-            model: model.clone(),
-        })?;
-        if t.shape() != shape {
-            return Err(MergeError::ShapeMismatch {
-                tensor: name.into(),
-                model,
-                expected: shape.to_vec(),
-                got: t.shape().to_vec(),
-            });
-        }
+        let t = present(name, t, &model, shape)?;
         match t.data.as_slice_memory_order() {
             Some(data) => MergeError::check_finite_slice(name, &model, data),
             None => MergeError::check_finite(name, &model, t.data.iter()),

@@ -57,6 +57,14 @@ fn refusal(dir: &Path, yaml: &str) -> String {
         .to_string()
 }
 
+/// Every tensor of the checkpoint `name` under `dir`.
+fn load_model(dir: &Path, name: &str) -> StateDict {
+    Checkpoint::open(dir.join(name))
+        .unwrap()
+        .load_all()
+        .unwrap()
+}
+
 fn setup() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for (i, n) in ["base", "a", "b", "c"].iter().enumerate() {
@@ -545,12 +553,7 @@ fn typed_api_and_yaml_give_identical_tensors() {
     use merge::subspace::SubspaceMethod;
     use merge::typed::{Merge, TaskVectorOptions, TaskVectorPreset};
     let dir = setup();
-    let load = |n: &str| {
-        Checkpoint::open(dir.path().join(n))
-            .unwrap()
-            .load_all()
-            .unwrap()
-    };
+    let load = |n: &str| load_model(dir.path(), n);
     let (base, a, b, c) = (load("base"), load("a"), load("b"), load("c"));
     let three = [a.clone(), b.clone(), c.clone()];
     let opts = RunOptions {
@@ -676,12 +679,7 @@ fn a_lambda_grid_merged_once_is_each_lambdas_merge_bit_for_bit() {
     use merge::subspace::SubspaceMethod;
     use merge::typed::{Merge, TaskVectorOptions, TaskVectorPreset};
     let dir = setup();
-    let load = |n: &str| {
-        Checkpoint::open(dir.path().join(n))
-            .unwrap()
-            .load_all()
-            .unwrap()
-    };
+    let load = |n: &str| load_model(dir.path(), n);
     let base = load("base");
     let three = [load("a"), load("b"), load("c")];
     let bits = |sd: &StateDict| -> Vec<(String, Vec<u32>)> {
