@@ -41,8 +41,6 @@ run() {
   echo "$(date -u +%FT%TZ) $dir: done"
 }
 
-# The second part first: it was under way when the first part's results
-# (2026-12-05) were lost with a session's machine.
-run s2ft "$out/s2ft-llm-default-rest" --methods s2ft-act-r4,lora-r16,s2ft-random-r16,s2ft-act-r16
 run s2ft "$out/s2ft-llm-default" --methods full,lora-r4,s2ft-random-r4
+run s2ft "$out/s2ft-llm-default-rest" --methods s2ft-act-r4,lora-r16,s2ft-random-r16,s2ft-act-r16
 run merge "$out/merge-llm-default" --finetunes "$out/s2ft-llm-default,$out/s2ft-llm-default-rest"

@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | `date` | `Rewrite the date 1887-04-09 in the format DD/MM/YYYY.` | `09/04/1887` | years 2100–2999 (training: 1700–2099) |
 //! | `reverse` | `Reverse the order of these words: ship, whale, sea.` | `sea, whale, ship` | 5–6 words from the State of the Union addresses never in *Moby-Dick* (training: 3–4 *Moby-Dick* words) |
-//! | `acronym` | `Write the initials of these words as one capitalized acronym: white whale boat.` | `WWB` | as `reverse` |
+//! | `acronym` | `Write the initials of these words as a capitalized acronym with a period after each letter: white whale boat.` | `W.W.B.` | as `reverse` |
 //! | `lookup` | `whale = 417; ship = 902; sea = 335. What number is ship?` | `902` | 5 pairs of unseen words (training: 3 *Moby-Dick* pairs) |
 //!
 //! Splits: an in-domain example belongs to `validation`, `test` or `train` by
@@ -30,7 +30,10 @@ pub enum InstructTask {
     Date,
     /// A comma-separated word list in reverse order.
     Reverse,
-    /// The upper-case initials of a few words.
+    /// The upper-case initials of a few words, each followed by a period
+    /// (`W.W.B.`): one token per letter in SmolLM2's tokenizer, where the
+    /// bare `WWB` is the arbitrary BPE pieces `WW`, `B` (with it, full
+    /// fine-tuning of SmolLM2-135M stayed at 0.72 at the default budget).
     Acronym,
     /// The number paired with a key in a short list.
     Lookup,
@@ -275,12 +278,12 @@ pub fn draw(task: InstructTask, ood: bool, words: &Words, rng: &mut Rng) -> Exam
             let ws = sample(pool, n, rng);
             Example {
                 prompt: format!(
-                    "Write the initials of these words as one capitalized acronym: {}.",
+                    "Write the initials of these words as a capitalized acronym with a period after each letter: {}.",
                     ws.join(" ")
                 ),
                 answer: ws
                     .iter()
-                    .map(|w| w[..1].to_ascii_uppercase())
+                    .map(|w| format!("{}.", w[..1].to_ascii_uppercase()))
                     .collect::<String>(),
             }
         }
@@ -472,7 +475,10 @@ mod tests {
         assert_eq!(e.answer, ws.join(", "));
         let e = draw(InstructTask::Acronym, false, &w, &mut rng);
         let list = e.prompt.rsplit(": ").next().unwrap().trim_end_matches('.');
-        let initials: String = list.split(' ').map(|x| x[..1].to_uppercase()).collect();
+        let initials: String = list
+            .split(' ')
+            .map(|x| format!("{}.", x[..1].to_uppercase()))
+            .collect();
         assert_eq!(e.answer, initials);
         let e = draw(InstructTask::Lookup, false, &w, &mut rng);
         let (pairs, question) = e.prompt.split_once(". What number is ").unwrap();
