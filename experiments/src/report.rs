@@ -318,14 +318,9 @@ pub fn timestamp() -> String {
     )
 }
 
+/// The commit the binary was built from (`experiments/build.rs`).
 fn git_commit() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short=12", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+    env!("EXPERIMENTS_GIT_COMMIT").into()
 }
 
 impl Run {
@@ -457,7 +452,9 @@ pub struct RunRecord {
     pub study: String,
     /// The command line.
     pub command: String,
-    /// `git rev-parse --short=12 HEAD`, or `unknown`.
+    /// The commit the binary was built from (`git rev-parse --short=12
+    /// HEAD` at build time), with `-dirty` when the crates' sources differed
+    /// from it, or `unknown` when built outside a git checkout.
     pub git_commit: String,
     /// The backend's label.
     pub backend: String,
@@ -564,6 +561,27 @@ fn available_threads() -> usize {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    /// The run record names the commit the binary was built from: this
+    /// checkout's HEAD (dirty or not) or, outside git, `unknown`.
+    #[test]
+    fn the_run_record_names_the_commit_built_from() {
+        let c = git_commit();
+        let head = c.strip_suffix("-dirty").unwrap_or(&c);
+        assert!(
+            c == "unknown" || (head.len() == 12 && head.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{c}"
+        );
+        let now = std::process::Command::new("git")
+            .args(["rev-parse", "--short=12", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        if let Some(now) = now {
+            assert_eq!(head, now, "built from {c}, HEAD is {now}");
+        }
+    }
 
     /// NaN and ±∞ are written as `null` and read back as NaN, at every depth.
     #[test]
