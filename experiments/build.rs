@@ -2,10 +2,9 @@
 //! every run record: `EXPERIMENTS_GIT_COMMIT` is `git rev-parse --short=12
 //! HEAD` at build time, with `-dirty` when the workspace's sources (the
 //! library crates' and this crate's `src`, their manifests, the lock file,
-//! this script)
-//! differ from that commit, and `unknown` outside a git checkout. Read at
-//! run time instead, a study running for hours would record whatever was
-//! checked out when it finished.
+//! this script) differ from that commit, and `unknown` outside a git
+//! checkout. Read at run time instead, a study running for hours would
+//! record whatever was checked out when it finished.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
