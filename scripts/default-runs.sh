@@ -3,7 +3,8 @@
 #   1. `s2ft --model`  (fine-tunes of SmolLM2-135M per task and method), in
 #      two parts split by `--methods` (each a few hours on a 2-core CPU):
 #      full, LoRA r4, S²FT-random r4; then S²FT-act r4 and the rank-16 methods
-#   2. `merge --model --finetunes` on the fine-tunes of both parts
+#   2. `s2ft --combine`: one report (tables, plots) of both parts
+#   3. `merge --model --finetunes` on the fine-tunes of both parts
 # Rerun the same command after an interruption: a run with
 # `metrics.partial.json` continues with `--resume`, a finished one (its
 # `metrics.json`) is skipped. Progress is each run's `metrics.partial.json`
@@ -43,4 +44,13 @@ run() {
 
 run s2ft "$out/s2ft-llm-default" --methods full,lora-r4,s2ft-random-r4
 run s2ft "$out/s2ft-llm-default-rest" --methods s2ft-act-r4,lora-r16,s2ft-random-r16,s2ft-act-r16
+if [ ! -f "$out/s2ft-llm-default-all/metrics.json" ]; then
+  # A combined report that cannot be made (see its log) does not stop the merge run.
+  if "$bin" s2ft --model "$model" --out "$out/s2ft-llm-default-all" --quiet \
+    --combine "$out/s2ft-llm-default,$out/s2ft-llm-default-rest" >> "$out/s2ft-llm-default-all.log" 2>&1; then
+    echo "$(date -u +%FT%TZ) $out/s2ft-llm-default-all: combined"
+  else
+    echo "$(date -u +%FT%TZ) $out/s2ft-llm-default-all: not combined (see its log)"
+  fi
+fi
 run merge "$out/merge-llm-default" --finetunes "$out/s2ft-llm-default,$out/s2ft-llm-default-rest"

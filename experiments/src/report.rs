@@ -205,35 +205,49 @@ pub fn same_run(
 /// (`saved`: its partial's `inputs`; absent in runs recorded before this
 /// check, which are not checked), naming the first that differs.
 pub fn same_inputs(saved: &Value, now: &[InputFile]) -> anyhow::Result<()> {
-    if saved.is_null() {
-        return Ok(());
+    let saved =
+        saved_inputs(saved).context("--resume: reading `inputs` of metrics.partial.json")?;
+    if let Some((path, then, now)) = changed_input(&saved, now) {
+        anyhow::bail!(
+            "--resume: {} changed since the interrupted run read it ({then} then, {now} now); \
+             its results would mix two inputs: start a new --out",
+            path.display()
+        );
     }
-    let saved: Vec<InputFile> = serde_path_to_error::deserialize(saved.clone())
-        .context("--resume: reading `inputs` of metrics.partial.json")?;
+    Ok(())
+}
+
+/// The `inputs` a report recorded (none in runs recorded before they were).
+pub fn saved_inputs(saved: &Value) -> anyhow::Result<Vec<InputFile>> {
+    if saved.is_null() {
+        return Ok(Vec::new());
+    }
+    Ok(serde_path_to_error::deserialize(saved.clone())?)
+}
+
+/// The first input file that differs between `a` and `b` (the inputs two
+/// runs recorded): its path and how each side saw it (`N bytes, modified at
+/// T ns`, or `absent`). `None` when they agree, or when `a` is empty (a run
+/// recorded before inputs were).
+pub fn changed_input(a: &[InputFile], b: &[InputFile]) -> Option<(PathBuf, String, String)> {
+    if a.is_empty() {
+        return None;
+    }
     let describe = |f: Option<&InputFile>| {
         f.map_or("absent".to_string(), |f| {
             format!("{} bytes, modified at {} ns", f.bytes, f.modified_ns)
         })
     };
-    let mut paths: Vec<&PathBuf> = saved.iter().chain(now).map(|f| &f.path).collect();
+    let mut paths: Vec<&PathBuf> = a.iter().chain(b).map(|f| &f.path).collect();
     paths.sort();
     paths.dedup();
-    for p in paths {
-        let (a, b) = (
-            saved.iter().find(|f| &f.path == p),
-            now.iter().find(|f| &f.path == p),
+    paths.into_iter().find_map(|p| {
+        let (x, y) = (
+            a.iter().find(|f| &f.path == p),
+            b.iter().find(|f| &f.path == p),
         );
-        if a != b {
-            anyhow::bail!(
-                "--resume: {} changed since the interrupted run read it ({} then, {} now); \
-                 its results would mix two inputs: start a new --out",
-                p.display(),
-                describe(a),
-                describe(b)
-            );
-        }
-    }
-    Ok(())
+        (x != y).then(|| (p.clone(), describe(x), describe(y)))
+    })
 }
 
 /// Field `name` of the `metrics.partial.json` that
@@ -255,18 +269,7 @@ pub fn partial_field<T: serde::de::DeserializeOwned>(
 /// Checks that a resumed run's plan (`now`, as JSON) is the one the
 /// interrupted run saved (`saved`), naming every option that differs.
 pub fn same_plan(saved: &Value, now: &Value) -> anyhow::Result<()> {
-    let (Some(a), Some(b)) = (saved.as_object(), now.as_object()) else {
-        anyhow::bail!("--resume: the saved plan is not an object");
-    };
-    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let show = |v: Option<&Value>| v.map_or("absent".into(), Value::to_string);
-    let differ: Vec<String> = keys
-        .into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| format!("{k}: {} then, {} now", show(a.get(k)), show(b.get(k))))
-        .collect();
+    let differ = plan_differences(saved, now, ("then", "now")).context("--resume")?;
     if !differ.is_empty() {
         anyhow::bail!(
             "--resume: the interrupted run had other options ({}); rerun with its options or start a new --out",
@@ -274,6 +277,48 @@ pub fn same_plan(saved: &Value, now: &Value) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Every option two plans (as JSON objects) set differently, as
+/// `key: A's value NAME_A, B's value NAME_B` (`absent` where one leaves it out).
+pub fn plan_differences(a: &Value, b: &Value, names: (&str, &str)) -> anyhow::Result<Vec<String>> {
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        anyhow::bail!("the saved plan is not an object");
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&Value>| v.map_or("absent".into(), Value::to_string);
+    Ok(keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: {} {}, {} {}",
+                show(a.get(k)),
+                names.0,
+                show(b.get(k)),
+                names.1
+            )
+        })
+        .collect())
+}
+
+/// A path to `target` from the folder `from`, both made absolute.
+pub fn relative_path(target: &Path, from: &Path) -> PathBuf {
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (t, f) = (abs(target), abs(from));
+    let tc: Vec<_> = t.components().collect();
+    let fc: Vec<_> = f.components().collect();
+    let common = tc.iter().zip(&fc).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..fc.len() {
+        out.push("..");
+    }
+    for c in &tc[common..] {
+        out.push(c);
+    }
+    out
 }
 
 /// An open report folder.
@@ -702,6 +747,19 @@ mod tests {
                  steps: 150 then, 100 now)"
             ),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn relative_paths_climb_to_the_common_folder() {
+        // Paths that do not exist are compared as given.
+        let (a, b) = (
+            Path::new("/nonexistent-x/r/configs"),
+            Path::new("/nonexistent-x/s/finetunes/date/full"),
+        );
+        assert_eq!(
+            relative_path(b, a),
+            PathBuf::from("../../s/finetunes/date/full")
         );
     }
 }

@@ -1333,6 +1333,134 @@ fn s2ft_study_names_bad_real_model_input_before_writing_a_report() {
     fails(a, &["applies to a real model", "--model"]);
 }
 
+/// A run split into two parts by `--methods` and combined (`--combine`)
+/// reports what the run of all its methods reports — the same sweep, rows
+/// and means, timings aside — with the fine-tunes listed where the parts
+/// saved them (so `merge --finetunes` reads the combined folder); parts
+/// that cannot be combined are refused by name before anything is written.
+#[test]
+fn s2ft_study_combines_the_parts_of_a_split_run() {
+    use experiments::studies::merge_llm::{read_manifest, read_trainings};
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_hf_model(dir.path(), 512);
+    let (whole, a, b) = (
+        dir.path().join("whole"),
+        dir.path().join("a"),
+        dir.path().join("b"),
+    );
+    experiments::studies::s2ft::run(&llm_args(&model, &whole)).unwrap();
+    let part = |out: &Path, methods: &[&str]| {
+        let mut args = llm_args(&model, out);
+        args.llm.methods = Some(methods.iter().map(|m| m.to_string()).collect());
+        experiments::studies::s2ft::run(&args).unwrap();
+    };
+    part(&a, &["s2ft-random", "full"]);
+    part(&b, &["lora"]);
+    let combined = |parts: &[&Path], out: &Path| {
+        let mut args = llm_args(&model, out);
+        args.llm.combine = Some(parts.iter().map(|p| p.to_path_buf()).collect());
+        args
+    };
+    let all = dir.path().join("all");
+    experiments::studies::s2ft::run(&combined(&[&b, &a], &all)).unwrap();
+
+    let (done, got) = (
+        read_json(&whole.join("metrics.json")),
+        read_json(&all.join("metrics.json")),
+    );
+    let unsaved = |v: &serde_json::Value| {
+        let mut v = without_timings(v);
+        for r in v.as_array_mut().unwrap() {
+            r.as_object_mut().unwrap().remove("saved");
+        }
+        v
+    };
+    assert_eq!(unsaved(&got["runs"]), unsaved(&done["runs"]));
+    for k in ["plan", "base", "sweep", "summary"] {
+        assert_eq!(without_timings(&got[k]), without_timings(&done[k]), "{k}");
+    }
+    assert_eq!(
+        got["plan"]["methods"],
+        serde_json::json!(["full", "lora-r2", "s2ft-random-r2"])
+    );
+    let parts = got["parts"].as_array().unwrap();
+    assert_eq!(parts[0]["methods"], serde_json::json!(["lora-r2"]));
+    assert_eq!(
+        parts[1]["methods"],
+        serde_json::json!(["full", "s2ft-random-r2"])
+    );
+    assert!(done.get("parts").is_none());
+    // Every fine-tune is the part's, found from the combined folder.
+    let sources = read_manifest(&all).unwrap();
+    assert_eq!(sources.len(), 6);
+    for s in &sources {
+        let from = if s.group.starts_with("lora") { &b } else { &a };
+        assert_eq!(
+            std::fs::canonicalize(&s.path).unwrap(),
+            std::fs::canonicalize(
+                from.join("finetunes")
+                    .join(&s.task)
+                    .join(s.group.replace(' ', "-"))
+            )
+            .unwrap(),
+            "{s:?}"
+        );
+    }
+    for r in got["runs"].as_array().unwrap() {
+        assert!(all.join(r["saved"].as_str().unwrap()).is_dir(), "{r}");
+    }
+    let t = read_trainings(std::slice::from_ref(&all)).unwrap().unwrap();
+    assert_eq!(t.lrs.len(), 3, "{t:?}");
+    for f in [
+        "summary.csv",
+        "runs.csv",
+        "sweep.csv",
+        "accuracy_vs_params.png",
+        "lr_sweep.png",
+    ] {
+        assert!(all.join(f).is_file(), "{f}");
+    }
+    let md = std::fs::read_to_string(all.join("report.md")).unwrap();
+    assert!(
+        md.contains("## Parts") && md.contains("| lora-r2 |"),
+        "{md}"
+    );
+
+    // Refusals, each naming what is wrong, with no folder written.
+    let out = dir.path().join("refused");
+    let fails = |args: experiments::studies::s2ft::S2ftArgs, want: &[&str]| {
+        let e = format!("{:#}", experiments::studies::s2ft::run(&args).unwrap_err());
+        for w in want {
+            assert!(e.contains(w), "{w:?} not in: {e}");
+        }
+        assert!(!out.exists(), "a report folder after: {e}");
+    };
+    fails(combined(&[&a], &out), &["no part trained 'lora-r2'"]);
+    fails(combined(&[&a, &b, &a], &out), &["both", "trained 'full'"]);
+    let mut steps = combined(&[&a, &b], &out);
+    steps.lm.steps = Some(3);
+    fails(steps, &["other options", "steps: 4 in", "3 here"]);
+    let mut resume = combined(&[&a, &b], &out);
+    resume.lm.run.resume = true;
+    fails(resume, &["does not take --resume"]);
+    let cut = dir.path().join("cut");
+    copy_tree(&b, &cut);
+    std::fs::rename(cut.join("metrics.json"), cut.join("metrics.partial.json")).unwrap();
+    fails(combined(&[&a, &cut], &out), &["unfinished run", "--resume"]);
+    fails(combined(&[&a, &whole], &out), &["both", "trained 'full'"]);
+    let e = format!(
+        "{:#}",
+        experiments::studies::s2ft::run(&combined(&[&a, &b], &a)).unwrap_err()
+    );
+    assert!(e.contains("is one of the parts"), "{e}");
+    assert!(a.join("metrics.json").is_file());
+    // A character-model run is no part either.
+    let mut args = experiments::studies::s2ft::S2ftArgs::default();
+    args.lm.run = RunArgs::quiet_to(&out);
+    args.llm.combine = Some(vec![a.clone()]);
+    fails(args, &["--combine applies to a real model"]);
+}
+
 /// SmolLM2-135M-Instruct's GGUF (see `weights::testing`).
 fn smollm2() -> std::path::PathBuf {
     weights::testing::fetched_model("SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -38,7 +38,7 @@ use weights::StateDict;
 
 use crate::llm::{EncodedSet, Prompter, score_set};
 use crate::plot::{Series, grouped_bar_chart, heatmap, line_chart};
-use crate::report::{InputFile, Run, input_files};
+use crate::report::{InputFile, Run, input_files, relative_path};
 use crate::studies::merging::{MergeArgs, WeightStats, add, fixed_fraction, task_matrices};
 use crate::studies::s2ft_llm::{EVAL_SEED, ManifestEntry, ScheduleKind};
 use crate::tasks::{InstructTask, Split, Stream, Words, examples};
@@ -1858,23 +1858,6 @@ fn write_grams<B: Backend>(
         .collect()
 }
 
-/// A path to `target` from the folder `from`, both made absolute.
-fn relative(target: &Path, from: &Path) -> PathBuf {
-    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    let (t, f) = (abs(target), abs(from));
-    let tc: Vec<_> = t.components().collect();
-    let fc: Vec<_> = f.components().collect();
-    let common = tc.iter().zip(&fc).take_while(|(a, b)| a == b).count();
-    let mut out = PathBuf::new();
-    for _ in common..fc.len() {
-        out.push("..");
-    }
-    for c in &tc[common..] {
-        out.push(c);
-    }
-    out
-}
-
 /// Writes `merge`'s YAML config (inputs relative to the config), runs it
 /// through `merge::run`, compares the result with `merged` bit for bit and
 /// removes the output. Returns the config's path relative to the report
@@ -1893,12 +1876,12 @@ fn yaml_check(
     // RegMean's Gram files are parameters: relative to the config too.
     let merge = match merge {
         Merge::RegMean { grams, options } => Merge::RegMean {
-            grams: grams.iter().map(|p| relative(p, config_dir)).collect(),
+            grams: grams.iter().map(|p| relative_path(p, config_dir)).collect(),
             options: *options,
         },
         m => m.clone(),
     };
-    let rel = |p: &Path| relative(p, config_dir).to_string_lossy().into_owned();
+    let rel = |p: &Path| relative_path(p, config_dir).to_string_lossy().into_owned();
     let names: Vec<String> = models.iter().map(|p| rel(p)).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let text = merge.to_yaml(Some(&rel(base)), &refs)?;
@@ -2968,15 +2951,5 @@ mod tests {
         );
         assert_eq!(pearson(&[1.0, 2.0], &[1.0, 2.0]), None);
         assert_eq!(pearson(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]), None);
-    }
-
-    #[test]
-    fn relative_paths_climb_to_the_common_folder() {
-        // Paths that do not exist are compared as given.
-        let (a, b) = (
-            Path::new("/nonexistent-x/r/configs"),
-            Path::new("/nonexistent-x/s/finetunes/date/full"),
-        );
-        assert_eq!(relative(b, a), PathBuf::from("../../s/finetunes/date/full"));
     }
 }

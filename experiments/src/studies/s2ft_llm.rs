@@ -44,6 +44,9 @@ use weights::stats::mean;
 
 pub use s2ft_core::s2ft::LORA_TARGETS_ALL;
 
+mod combine;
+pub use combine::Part;
+
 /// The real-model options of `s2ft` (only with `--model`).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct LlmArgs {
@@ -95,6 +98,11 @@ pub struct LlmArgs {
     /// rounded up (transformers' `warmup_ratio`; default 0.1).
     #[arg(long)]
     pub warmup_ratio: Option<f64>,
+    /// Report folders of finished runs that split one run by `--methods`:
+    /// writes one report of all their methods into `--out` (no training);
+    /// give the options the parts were run with.
+    #[arg(long, value_delimiter = ',')]
+    pub combine: Option<Vec<PathBuf>>,
 }
 
 /// The learning-rate schedules of `--lr-schedule`.
@@ -144,6 +152,7 @@ impl LlmArgs {
             ("--text-windows", self.text_windows.is_some()),
             ("--lr-schedule", self.lr_schedule.is_some()),
             ("--warmup-ratio", self.warmup_ratio.is_some()),
+            ("--combine", self.combine.is_some()),
         ];
         super::refuse_given(
             &given,
@@ -912,6 +921,9 @@ pub fn run(args: &S2ftArgs) -> anyhow::Result<PathBuf> {
         .clone()
         .unwrap_or_else(crate::lm::default_text_dir);
     let prep = prepare(&plan, &data_dir)?;
+    if let Some(parts) = &args.llm.combine {
+        return combine::combine(&plan, &prep, parts, &args.lm.run);
+    }
     let (run, partial) = args.lm.run.open_resumable("s2ft")?;
     let resumed = partial
         .map(|p| Resumed::read(&plan, &p, &run.dir, &prep.inputs))
@@ -1145,6 +1157,9 @@ struct Metrics<'a> {
     plan: &'a Plan,
     /// The files read (size, modification time).
     inputs: &'a [InputFile],
+    /// The runs a combined report (`--combine`) was made of.
+    #[serde(skip_serializing_if = "<[Part]>::is_empty")]
+    parts: &'a [Part],
     #[serde(flatten)]
     rows: Rows,
 }
@@ -1305,6 +1320,7 @@ fn finish<B: AutodiffBackend>(
         config: c,
         plan,
         inputs: &s.prep.inputs,
+        parts: &[],
         rows: Rows {
             base: s.base.clone(),
             sweep: res.sweep,

@@ -1,0 +1,299 @@
+//! `s2ft --model PATH --combine DIR,DIR,…`: one report of a run split into
+//! parts by `--methods` (the default run's two parts, each hours long on a
+//! CPU, possibly on two machines). Every part must be a finished run of
+//! the same plan but for its methods and on the same input files; each
+//! method comes from exactly one part. The combined folder gets the tables,
+//! plots, `report.md` and `metrics.json` a single run of all the methods
+//! writes, with `finetunes/manifest.json` pointing into the parts (so
+//! `merge --finetunes` takes it too) and the parts' run records.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, ensure};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    BaseScores, Metrics, Plan, Prepared, Results, Rows, label, plots, report, runs_csv, summarize,
+    summary_csv, sweep_csv,
+};
+use crate::report::{
+    RunArgs, RunRecord, changed_input, plan_differences, read_metrics, relative_path, saved_inputs,
+};
+
+/// What a combined report needs of a part's `metrics.json`.
+#[derive(serde::Deserialize)]
+struct PartMetrics {
+    plan: Value,
+    #[serde(default)]
+    inputs: Value,
+    #[serde(flatten)]
+    rows: Rows,
+}
+
+/// A part as the combined `metrics.json` names it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct Part {
+    /// Its report folder, as given to `--combine`.
+    pub dir: PathBuf,
+    /// The methods it trained (labels as in its plan).
+    pub methods: Vec<String>,
+    /// Its run record (command, commit, backend, wall time).
+    pub run: RunRecord,
+}
+
+/// How far the base model's scores of two parts may differ (the same model
+/// scored by two builds or machines): accuracies are counts over the same
+/// examples, held-out losses floats summed in another order.
+const BASE_ACC_TOLERANCE: f64 = 1e-9;
+const BASE_LOSS_TOLERANCE: f64 = 1e-3;
+
+/// Reads and checks the parts in `dirs`, then writes the combined report
+/// into `--out`; returns its folder.
+pub(super) fn combine(
+    plan: &Plan,
+    prep: &Prepared,
+    dirs: &[PathBuf],
+    run_args: &RunArgs,
+) -> anyhow::Result<PathBuf> {
+    ensure!(
+        !run_args.resume,
+        "--combine writes a new report from finished parts: it does not take --resume"
+    );
+    ensure!(
+        !dirs.is_empty(),
+        "--combine: give the report folders of the parts"
+    );
+    let out = run_args
+        .out
+        .as_deref()
+        .context("--combine needs --out DIR, the folder of the combined report")?;
+    let plan_json = serde_json::to_value(plan)?;
+    let mut parts: Vec<(Part, PartMetrics)> = Vec::new();
+    for dir in dirs {
+        ensure!(
+            !same_folder(dir, out),
+            "--combine: --out {} is one of the parts; give a new folder",
+            out.display()
+        );
+        let part = read_part(dir, &plan_json, prep)?;
+        for m in &part.0.methods {
+            if let Some((other, _)) = parts.iter().find(|(p, _)| p.methods.contains(m)) {
+                anyhow::bail!(
+                    "--combine: both {} and {} trained '{m}'; give each method's part once",
+                    other.dir.display(),
+                    dir.display()
+                );
+            }
+        }
+        if let Some((first, fm)) = parts.first() {
+            same_base(&fm.rows.base, &part.1.rows.base).with_context(|| {
+                format!(
+                    "--combine: the base model scored differently in {} and {}",
+                    first.dir.display(),
+                    dir.display()
+                )
+            })?;
+        }
+        parts.push(part);
+    }
+    for m in &plan.methods {
+        ensure!(
+            parts.iter().any(|(p, _)| p.methods.contains(&label(*m))),
+            "--combine: no part trained '{}'; give its part, or --methods the methods the parts trained",
+            label(*m)
+        );
+    }
+
+    // Rows in the plan's method order, saved paths relative to the new folder.
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut res = Results::default();
+    for m in &plan.methods {
+        let name = m.label();
+        let (part, pm) = parts
+            .iter()
+            .find(|(p, _)| p.methods.contains(&label(*m)))
+            .expect("checked above");
+        let rebase = |p: &str| -> String {
+            relative_path(&part.dir.join(p), out)
+                .to_string_lossy()
+                .into_owned()
+        };
+        let rows = &pm.rows;
+        res.sweep
+            .extend(rows.sweep.iter().filter(|r| r.method == name).cloned());
+        res.rows
+            .extend(rows.runs.iter().filter(|r| r.method == name).map(|r| {
+                let mut r = r.clone();
+                r.saved = r.saved.as_deref().map(rebase);
+                r
+            }));
+        res.manifest
+            .extend(rows.finetunes.iter().filter(|e| e.method == name).map(|e| {
+                let mut e = e.clone();
+                e.path = rebase(&e.path);
+                e
+            }));
+    }
+    let memory_measured = parts.iter().all(|(_, m)| m.rows.memory_measured);
+    let base = parts[0].1.rows.base.clone();
+    let parts: Vec<Part> = parts.into_iter().map(|(p, _)| p).collect();
+
+    let run = run_args.open("s2ft")?;
+    let finetunes = run.dir.join("finetunes");
+    std::fs::create_dir_all(&finetunes)
+        .with_context(|| format!("creating {}", finetunes.display()))?;
+    let summary = summarize(&plan.methods, &res.rows);
+    run.write("sweep.csv", sweep_csv(&res.sweep).as_bytes())?;
+    run.write("runs.csv", runs_csv(&res.rows).as_bytes())?;
+    run.write("summary.csv", summary_csv(&summary).as_bytes())?;
+    run.write(
+        "finetunes/manifest.json",
+        serde_json::to_string_pretty(&res.manifest)?.as_bytes(),
+    )?;
+    plots(&run, plan, &summary, &res.rows, &res.sweep)?;
+    let c = &prep.base.config;
+    let mut md = report(plan, c, prep, &base, &summary, &res.rows, &res.sweep);
+    parts_section(&mut md, &parts);
+    let metrics = Metrics {
+        model: &plan.model,
+        config: c,
+        plan,
+        inputs: &prep.inputs,
+        parts: &parts,
+        rows: Rows {
+            base,
+            sweep: res.sweep,
+            runs: res.rows,
+            summary,
+            finetunes: res.manifest,
+            memory_measured,
+        },
+    };
+    run.finish(&metrics, &md)?;
+    Ok(run.dir.clone())
+}
+
+/// Whether two paths name one folder (the same path, or the same folder
+/// once both exist).
+fn same_folder(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
+/// One part's `metrics.json`, checked against the plan (all but its
+/// methods) and the input files read now.
+fn read_part(
+    dir: &Path,
+    plan_json: &Value,
+    prep: &Prepared,
+) -> anyhow::Result<(Part, PartMetrics)> {
+    if !dir.join("metrics.json").is_file() && dir.join("metrics.partial.json").is_file() {
+        anyhow::bail!(
+            "--combine: {} is an unfinished run (metrics.partial.json only): finish it with --resume first",
+            dir.display()
+        );
+    }
+    let recorded = read_metrics::<PartMetrics>(dir).with_context(|| {
+        format!(
+            "--combine: {} is not a finished s2ft --model run",
+            dir.display()
+        )
+    })?;
+    ensure!(
+        recorded.run.study == "s2ft",
+        "--combine: {} is a report of the `{}` study, not of s2ft --model",
+        dir.display(),
+        recorded.run.study
+    );
+    let pm = recorded.metrics;
+    let methods: Vec<String> = serde_json::from_value(pm.plan["methods"].clone())
+        .with_context(|| format!("--combine: reading the plan's methods in {}", dir.display()))?;
+    // The plan as this part ran it: its methods (and the ranks they use).
+    let mut here = plan_json.clone();
+    for key in ["methods", "ranks"] {
+        here[key] = pm.plan[key].clone();
+    }
+    let there = format!("in {}", dir.display());
+    let differ = plan_differences(&pm.plan, &here, (&there, "here"))
+        .with_context(|| format!("--combine: reading the plan in {}", dir.display()))?;
+    ensure!(
+        differ.is_empty(),
+        "--combine: {} was run with other options ({}); give the options its parts were run with",
+        dir.display(),
+        differ.join("; ")
+    );
+    let inputs = saved_inputs(&pm.inputs)
+        .with_context(|| format!("--combine: reading the inputs in {}", dir.display()))?;
+    if let Some((path, then, now)) = changed_input(&inputs, &prep.inputs) {
+        anyhow::bail!(
+            "--combine: {} changed since {} read it ({then} then, {now} now); its scores are of another model",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok((
+        Part {
+            dir: dir.to_path_buf(),
+            methods,
+            run: recorded.run,
+        },
+        pm,
+    ))
+}
+
+/// Errors naming the first score on which two parts' base models differ.
+fn same_base(a: &BaseScores, b: &BaseScores) -> anyhow::Result<()> {
+    ensure!(
+        a.tasks.keys().eq(b.tasks.keys()),
+        "tasks {:?} vs {:?}",
+        a.tasks.keys().collect::<Vec<_>>(),
+        b.tasks.keys().collect::<Vec<_>>()
+    );
+    for (task, x) in &a.tasks {
+        let y = &b.tasks[task];
+        for (split, p, q) in [("test", &x.test, &y.test), ("ood", &x.ood, &y.ood)] {
+            ensure!(
+                (p.acc - q.acc).abs() <= BASE_ACC_TOLERANCE,
+                "{task} {split} accuracy {} vs {}",
+                p.acc,
+                q.acc
+            );
+        }
+    }
+    for (corpus, x) in &a.text_loss {
+        let y = b.text_loss.get(corpus).copied().unwrap_or(f64::NAN);
+        ensure!(
+            (x - y).abs() <= BASE_LOSS_TOLERANCE,
+            "held-out loss on {corpus} {x} vs {y}"
+        );
+    }
+    Ok(())
+}
+
+/// The report's list of parts.
+fn parts_section(md: &mut String, parts: &[Part]) {
+    md.push_str(
+        "\n## Parts\n\nThis report combines runs split by `--methods` (`s2ft --combine`); \
+         the base model's scores are the first part's, and the fine-tunes stay in the parts' \
+         folders (`finetunes/manifest.json` here lists them). Step times and memory compare \
+         within a part: parts run on other machines or beside other work differ in speed.\n\n\
+         | part | methods | backend | threads | commit | wall time |\n|---|---|---|---|---|---|\n",
+    );
+    for p in parts {
+        md.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} | {:.0} s = {:.1} h ({} resumes) |\n",
+            p.dir.display(),
+            p.methods.join(", "),
+            p.run.backend,
+            p.run.threads,
+            p.run.git_commit,
+            p.run.wall_seconds,
+            p.run.wall_seconds / 3600.0,
+            p.run.resumes
+        ));
+    }
+}
