@@ -25,9 +25,11 @@ impl Device {
         }
     }
 
-    /// The label the report records.
+    /// The label the report records (on the CPU, whether the matmul kernels
+    /// are AVX-512's: the `avx512` feature on a CPU that has AVX-512F).
     pub fn label(self) -> &'static str {
         match self {
+            Device::Cpu if avx512_matmul() => "cpu (burn flex, AVX-512 matmul)",
             Device::Cpu => "cpu (burn flex)",
             Device::Cuda => "cuda (burn cubecl)",
         }
@@ -51,3 +53,15 @@ macro_rules! on_device {
     };
 }
 pub(crate) use on_device;
+
+/// Whether the gemm crate picks its AVX-512 kernels in this build on this CPU.
+fn avx512_matmul() -> bool {
+    #[cfg(all(feature = "avx512", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(all(feature = "avx512", target_arch = "x86_64")))]
+    {
+        false
+    }
+}

@@ -101,11 +101,12 @@ impl RunArgs {
                 record.study
             );
         }
-        // Another backend computes other bits: a resumed run's kept rows and
-        // its new ones would not be one run's.
+        // Another backend, or the CPU's other matmul kernels, computes other
+        // bits: a resumed run's kept rows and its new ones would not be one run's.
         if record.backend != device.label() {
             anyhow::bail!(
-                "--resume: the interrupted run ran on {}, this one would on {}; give its --device",
+                "--resume: the interrupted run ran on {}, this one would on {}; give its --device, \
+                 in a build with the features it had (`cuda`, `avx512`)",
                 record.backend,
                 device.label()
             );
