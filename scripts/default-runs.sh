@@ -15,7 +15,8 @@
 # AVX512=auto (default) builds with the `avx512` feature (the gemm crate's
 # AVX-512 matmul kernels) on an Intel CPU that has AVX-512F, where training
 # steps are 1.3–1.5× faster; AMD Zen 4's AVX-512 is slower than its AVX2
-# kernels. AVX512=1 or AVX512=0 forces the choice.
+# kernels. AVX512=1 or AVX512=0 forces the choice for a run that starts; a
+# run resumes on the kernels it started with (--resume refuses others).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-results}"
@@ -23,12 +24,19 @@ model="${MODEL:-models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
 device="${DEVICE:-cpu}"
 bin=target/release/experiments
 avx512="${AVX512:-auto}"
-if [ "$avx512" = auto ]; then
-  avx512=0
-  if grep -q GenuineIntel /proc/cpuinfo 2>/dev/null && grep -qw avx512f /proc/cpuinfo; then
-    avx512=1
-  fi
-fi
+case "$avx512" in
+  auto)
+    avx512=0
+    if grep -q GenuineIntel /proc/cpuinfo 2>/dev/null && grep -qw avx512f /proc/cpuinfo; then
+      avx512=1
+    fi
+    ;;
+  0 | 1) ;;
+  *)
+    echo "AVX512=$avx512: give auto, 0 or 1" >&2
+    exit 2
+    ;;
+esac
 
 # Builds the binary, with the AVX-512 kernels if $1 is 1.
 build() {
@@ -60,8 +68,8 @@ run() {
   else
     build "$avx512"
   fi
-  echo "$(date -u +%FT%TZ) $study -> $dir ${resume[*]}"
-  "$bin" "$study" --model "$model" --device "$device" --out "$dir" --quiet "${resume[@]}" "$@" \
+  echo "$(date -u +%FT%TZ) $study -> $dir ${resume[*]+"${resume[*]}"}"
+  "$bin" "$study" --model "$model" --device "$device" --out "$dir" --quiet ${resume[@]+"${resume[@]}"} "$@" \
     >> "$dir.log" 2>&1
   echo "$(date -u +%FT%TZ) $dir: done"
 }

@@ -206,8 +206,11 @@ pub fn same_run(
 /// (`saved`: its partial's `inputs`; absent in runs recorded before this
 /// check, which are not checked), naming the first that differs.
 pub fn same_inputs(saved: &Value, now: &[InputFile]) -> anyhow::Result<()> {
-    let saved =
-        saved_inputs(saved).context("--resume: reading `inputs` of metrics.partial.json")?;
+    let Some(saved) =
+        saved_inputs(saved).context("--resume: reading `inputs` of metrics.partial.json")?
+    else {
+        return Ok(());
+    };
     if let Some((path, then, now)) = changed_input(&saved, now) {
         anyhow::bail!(
             "--resume: {} changed since the interrupted run read it ({then} then, {now} now); \
@@ -218,22 +221,18 @@ pub fn same_inputs(saved: &Value, now: &[InputFile]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `inputs` a report recorded (none in runs recorded before they were).
-pub fn saved_inputs(saved: &Value) -> anyhow::Result<Vec<InputFile>> {
+/// The `inputs` a report recorded (`None` in runs recorded before they were).
+pub fn saved_inputs(saved: &Value) -> anyhow::Result<Option<Vec<InputFile>>> {
     if saved.is_null() {
-        return Ok(Vec::new());
+        return Ok(None);
     }
-    Ok(serde_path_to_error::deserialize(saved.clone())?)
+    Ok(Some(serde_path_to_error::deserialize(saved.clone())?))
 }
 
 /// The first input file that differs between `a` and `b` (the inputs two
 /// runs recorded): its path and how each side saw it (`N bytes, modified at
-/// T ns`, or `absent`). `None` when they agree, or when `a` is empty (a run
-/// recorded before inputs were).
+/// T ns`, or `absent`); `None` when they agree.
 pub fn changed_input(a: &[InputFile], b: &[InputFile]) -> Option<(PathBuf, String, String)> {
-    if a.is_empty() {
-        return None;
-    }
     let describe = |f: Option<&InputFile>| {
         f.map_or("absent".to_string(), |f| {
             format!("{} bytes, modified at {} ns", f.bytes, f.modified_ns)

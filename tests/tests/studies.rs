@@ -1459,6 +1459,48 @@ fn s2ft_study_combines_the_parts_of_a_split_run() {
     args.lm.run = RunArgs::quiet_to(&out);
     args.llm.combine = Some(vec![a.clone()]);
     fails(args, &["--combine applies to a real model"]);
+
+    // The base model's scores may differ by one example per split (a greedy
+    // answer rounding flipped on another machine), not by two.
+    let shifted = |by: f64| {
+        let c = dir.path().join(format!("b-shifted-{by}"));
+        copy_tree(&b, &c);
+        let mut m = read_json(&c.join("metrics.json"));
+        let acc = &mut m["base"]["tasks"]["reverse"]["ood"]["acc"];
+        *acc = serde_json::json!(acc.as_f64().unwrap() + by);
+        std::fs::write(c.join("metrics.json"), m.to_string()).unwrap();
+        c
+    };
+    let one = dir.path().join("one-off");
+    experiments::studies::s2ft::run(&combined(&[&a, &shifted(0.25)], &one)).unwrap();
+    fails(
+        combined(&[&a, &shifted(0.5)], &out),
+        &[
+            "base model scored differently",
+            "reverse ood accuracy",
+            "more than one example of 4",
+        ],
+    );
+    // A fine-tune a part lists and no longer holds.
+    let gone = dir.path().join("b-gone");
+    copy_tree(&b, &gone);
+    std::fs::remove_dir_all(gone.join("finetunes/date/lora-r2")).unwrap();
+    fails(
+        combined(&[&a, &gone], &out),
+        &["finetunes/date/lora-r2", "which is missing"],
+    );
+    // The model rewritten since the parts read it.
+    let config = model.join("config.json");
+    std::fs::File::options()
+        .write(true)
+        .open(&config)
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(86_400))
+        .unwrap();
+    fails(
+        combined(&[&a, &b], &out),
+        &["config.json changed since", "read it"],
+    );
 }
 
 /// SmolLM2-135M-Instruct's GGUF (see `weights::testing`).

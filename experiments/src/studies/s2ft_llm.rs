@@ -1314,7 +1314,8 @@ fn finish<B: AutodiffBackend>(
     let summary = summarize(methods, &res.rows);
     run.write("summary.csv", summary_csv(&summary).as_bytes())?;
     plots(&run, plan, &summary, &res.rows, &res.sweep)?;
-    let md = report(plan, c, s.prep, s.base, &summary, &res.rows, &res.sweep);
+    let mut md = report(plan, c, s.prep, s.base, &summary, &res.rows, &res.sweep);
+    md.push_str(SAVED_FINETUNES);
     let metrics = Metrics {
         model: &plan.model,
         config: c,
@@ -1833,12 +1834,12 @@ fn greedy_answers(md: &mut String, rows: &[RunRow]) {
             ));
         }
     }
-    md.push_str(
-        "\nFine-tunes are saved under `finetunes/<task>/<method>/` (listed in `finetunes/manifest.json`): \
-         full fine-tunes as Hugging Face folders, LoRA as PEFT adapters, S²FT as `adapter.safetensors` + \
-         `adapter_config.json` with the dense ΔW in `delta.safetensors`.\n",
-    );
 }
+
+/// Where a run's report says its fine-tunes are (a combined report's are in its parts).
+const SAVED_FINETUNES: &str = "\nFine-tunes are saved under `finetunes/<task>/<method>/` (listed in \
+     `finetunes/manifest.json`): full fine-tunes as Hugging Face folders, LoRA as PEFT adapters, \
+     S²FT as `adapter.safetensors` + `adapter_config.json` with the dense ΔW in `delta.safetensors`.\n";
 
 #[cfg(test)]
 mod tests {
