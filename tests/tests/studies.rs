@@ -1286,18 +1286,22 @@ fn s2ft_study_resumes_an_interrupted_run() {
     fails(character, "cannot resume");
 }
 
+/// `s2ft` refuses `args` with an error holding every piece of `want`, and
+/// leaves no report folder at `out`.
+fn s2ft_refused(args: experiments::studies::s2ft::S2ftArgs, out: &Path, want: &[&str]) {
+    let e = format!("{:#}", experiments::studies::s2ft::run(&args).unwrap_err());
+    for w in want {
+        assert!(e.contains(w), "{w:?} not in: {e}");
+    }
+    assert!(!out.exists(), "a report folder after: {e}");
+}
+
 #[test]
 fn s2ft_study_names_bad_real_model_input_before_writing_a_report() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_hf_model(dir.path(), 512);
     let out = dir.path().join("run");
-    let fails = |args: experiments::studies::s2ft::S2ftArgs, want: &[&str]| {
-        let e = format!("{:#}", experiments::studies::s2ft::run(&args).unwrap_err());
-        for w in want {
-            assert!(e.contains(w), "{w:?} not in: {e}");
-        }
-        assert!(!out.exists(), "no report folder after: {e}");
-    };
+    let fails = |args, want: &[&str]| s2ft_refused(args, &out, want);
     // An unknown task.
     let mut a = llm_args(&model, &out);
     a.llm.tasks = Some(vec!["date".into(), "sums".into()]);
@@ -1428,13 +1432,7 @@ fn s2ft_study_combines_the_parts_of_a_split_run() {
 
     // Refusals, each naming what is wrong, with no folder written.
     let out = dir.path().join("refused");
-    let fails = |args: experiments::studies::s2ft::S2ftArgs, want: &[&str]| {
-        let e = format!("{:#}", experiments::studies::s2ft::run(&args).unwrap_err());
-        for w in want {
-            assert!(e.contains(w), "{w:?} not in: {e}");
-        }
-        assert!(!out.exists(), "a report folder after: {e}");
-    };
+    let fails = |args, want: &[&str]| s2ft_refused(args, &out, want);
     fails(combined(&[&a], &out), &["no part trained 'lora-r2'"]);
     fails(combined(&[&a, &b, &a], &out), &["both", "trained 'full'"]);
     let mut steps = combined(&[&a, &b], &out);

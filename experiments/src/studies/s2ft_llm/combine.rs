@@ -97,13 +97,22 @@ pub(super) fn combine(
         }
         parts.push(part);
     }
-    for m in &plan.methods {
-        ensure!(
-            parts.iter().any(|(p, _)| p.methods.contains(&label(*m))),
-            "--combine: no part trained '{}'; give its part, or --methods the methods the parts trained",
-            label(*m)
-        );
-    }
+    // The part each method of the plan comes from.
+    let owners = plan
+        .methods
+        .iter()
+        .map(|m| {
+            parts
+                .iter()
+                .find(|(p, _)| p.methods.contains(&label(*m)))
+                .with_context(|| {
+                    format!(
+                        "--combine: no part trained '{}'; give its part, or --methods the methods the parts trained",
+                        label(*m)
+                    )
+                })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     // Every fine-tune the parts list is still there.
     for (part, pm) in &parts {
@@ -127,12 +136,8 @@ pub(super) fn combine(
     std::fs::create_dir_all(&finetunes)
         .with_context(|| format!("creating {}", finetunes.display()))?;
     let mut res = Results::default();
-    for m in &plan.methods {
+    for (m, (part, pm)) in plan.methods.iter().zip(owners) {
         let name = m.label();
-        let (part, pm) = parts
-            .iter()
-            .find(|(p, _)| p.methods.contains(&label(*m)))
-            .expect("checked above");
         // Both sides canonical (they exist): the path climbs only as far as needed.
         let part_dir = std::fs::canonicalize(&part.dir)
             .with_context(|| format!("reading {}", part.dir.display()))?;
