@@ -4,7 +4,12 @@
 #      two parts split by `--methods` (each a few hours on a 2-core CPU):
 #      full, LoRA r4, S²FT-random r4; then S²FT-act r4 and the rank-16 methods
 #   2. `s2ft --combine`: one report (tables, plots) of both parts
-#   3. `merge --model --finetunes` on the fine-tunes of both parts
+#   3. `merge --model --finetunes` on the first part's fine-tunes: the three
+#      families (full, LoRA r4, S²FT-random r4), into merge-llm-default
+#   4. the same on the second part's four groups, into merge-llm-default-rest
+#      (the merge study holds one group at a time, so splitting by part costs
+#      only the base model's scores twice, and the families' table does not
+#      wait for the other four groups)
 # Rerun the same command after an interruption: a run with
 # `metrics.partial.json` continues with `--resume`, a finished one (its
 # `metrics.json`) is skipped. Progress is each run's `metrics.partial.json`
@@ -86,4 +91,5 @@ if [ ! -f "$out/s2ft-llm-default-all/metrics.json" ]; then
     echo "$(date -u +%FT%TZ) $out/s2ft-llm-default-all: not combined (see its log)"
   fi
 fi
-run merge "$out/merge-llm-default" --finetunes "$out/s2ft-llm-default,$out/s2ft-llm-default-rest"
+run merge "$out/merge-llm-default" --finetunes "$out/s2ft-llm-default"
+run merge "$out/merge-llm-default-rest" --finetunes "$out/s2ft-llm-default-rest"
