@@ -54,6 +54,40 @@ macro_rules! on_device {
 }
 pub(crate) use on_device;
 
+/// What to do to resume a run recorded on backend `recorded` where this
+/// binary runs on `here` (two [`Device::label`]s that differ): the other
+/// device, the other build, or — for AVX-512 kernels this CPU lacks — a CPU
+/// that has them.
+pub fn resume_hint(recorded: &str, here: &str) -> String {
+    resume_hint_for(
+        recorded,
+        here,
+        cfg!(feature = "avx512"),
+        cfg!(feature = "cuda"),
+    )
+}
+
+fn resume_hint_for(recorded: &str, here: &str, avx512_built: bool, cuda_built: bool) -> String {
+    let avx512 = "AVX-512 matmul";
+    if recorded.starts_with("cuda") {
+        return if cuda_built {
+            "give it `--device cuda`".into()
+        } else {
+            "give it `--device cuda` in a build with the `cuda` feature".into()
+        };
+    }
+    if here.starts_with("cuda") {
+        return "give it `--device cpu`".into();
+    }
+    match (recorded.contains(avx512), avx512_built) {
+        (true, true) => "this CPU has no AVX-512F, and its kernels compute other bits: resume \
+                         it on a CPU that has AVX-512F"
+            .into(),
+        (true, false) => "resume it in a build with the `avx512` feature".into(),
+        (false, _) => "resume it in a build without the `avx512` feature".into(),
+    }
+}
+
 /// Whether the gemm crate picks its AVX-512 kernels in this build on this CPU.
 fn avx512_matmul() -> bool {
     #[cfg(all(feature = "avx512", target_arch = "x86_64"))]
@@ -63,5 +97,36 @@ fn avx512_matmul() -> bool {
     #[cfg(not(all(feature = "avx512", target_arch = "x86_64")))]
     {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resume_hint_for;
+
+    /// Each mismatch names its own cure: the device, the feature, or the CPU.
+    #[test]
+    fn resume_hints_name_what_differs() {
+        let (cpu, avx, cuda) = (
+            "cpu (burn flex)",
+            "cpu (burn flex, AVX-512 matmul)",
+            "cuda (burn cubecl)",
+        );
+        let hint = |rec, here, avx512, cuda_built| resume_hint_for(rec, here, avx512, cuda_built);
+        assert_eq!(
+            hint(cuda, cpu, false, false),
+            "give it `--device cuda` in a build with the `cuda` feature"
+        );
+        assert_eq!(hint(cuda, avx, true, true), "give it `--device cuda`");
+        assert_eq!(hint(cpu, cuda, false, true), "give it `--device cpu`");
+        assert_eq!(
+            hint(avx, cpu, false, false),
+            "resume it in a build with the `avx512` feature"
+        );
+        assert!(hint(avx, cpu, true, false).contains("this CPU has no AVX-512F"));
+        assert_eq!(
+            hint(cpu, avx, true, false),
+            "resume it in a build without the `avx512` feature"
+        );
     }
 }

@@ -105,10 +105,10 @@ impl RunArgs {
         // bits: a resumed run's kept rows and its new ones would not be one run's.
         if record.backend != device.label() {
             anyhow::bail!(
-                "--resume: the interrupted run ran on {}, this one would on {}; give its --device, \
-                 in a build with the features it had (`cuda`, `avx512`)",
+                "--resume: the interrupted run ran on {}, this one would on {}: {}",
                 record.backend,
-                device.label()
+                device.label(),
+                crate::device::resume_hint(&record.backend, device.label())
             );
         }
         let mut run = Run::create(study, Some(dir), device, self.quiet)?;
