@@ -1,5 +1,10 @@
 //! `--device cpu|cuda`: which Burn backend a study trains on.
 
+/// The CPU backend's label with the default matmul kernels.
+const CPU: &str = "cpu (burn flex)";
+/// The CPU backend's label with the gemm crate's AVX-512 kernels.
+const CPU_AVX512: &str = "cpu (burn flex, AVX-512 matmul)";
+
 /// A study's device choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
@@ -29,8 +34,8 @@ impl Device {
     /// are AVX-512's: the `avx512` feature on a CPU that has AVX-512F).
     pub fn label(self) -> &'static str {
         match self {
-            Device::Cpu if avx512_matmul() => "cpu (burn flex, AVX-512 matmul)",
-            Device::Cpu => "cpu (burn flex)",
+            Device::Cpu if avx512_matmul() => CPU_AVX512,
+            Device::Cpu => CPU,
             Device::Cuda => "cuda (burn cubecl)",
         }
     }
@@ -68,7 +73,6 @@ pub fn resume_hint(recorded: &str, here: &str) -> String {
 }
 
 fn resume_hint_for(recorded: &str, here: &str, avx512_built: bool, cuda_built: bool) -> String {
-    let avx512 = "AVX-512 matmul";
     if recorded.starts_with("cuda") {
         return if cuda_built {
             "give it `--device cuda`".into()
@@ -76,10 +80,13 @@ fn resume_hint_for(recorded: &str, here: &str, avx512_built: bool, cuda_built: b
             "give it `--device cuda` in a build with the `cuda` feature".into()
         };
     }
+    if ![CPU, CPU_AVX512].contains(&recorded) {
+        return "this build has no such backend (an older toolkit's?): start the run again".into();
+    }
     if here.starts_with("cuda") {
         return "give it `--device cpu`".into();
     }
-    match (recorded.contains(avx512), avx512_built) {
+    match (recorded == CPU_AVX512, avx512_built) {
         (true, true) => "this CPU has no AVX-512F, and its kernels compute other bits: resume \
                          it on a CPU that has AVX-512F"
             .into(),
@@ -102,16 +109,12 @@ fn avx512_matmul() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::resume_hint_for;
+    use super::{CPU, CPU_AVX512, resume_hint_for};
 
     /// Each mismatch names its own cure: the device, the feature, or the CPU.
     #[test]
     fn resume_hints_name_what_differs() {
-        let (cpu, avx, cuda) = (
-            "cpu (burn flex)",
-            "cpu (burn flex, AVX-512 matmul)",
-            "cuda (burn cubecl)",
-        );
+        let (cpu, avx, cuda) = (CPU, CPU_AVX512, "cuda (burn cubecl)");
         let hint = |rec, here, avx512, cuda_built| resume_hint_for(rec, here, avx512, cuda_built);
         assert_eq!(
             hint(cuda, cpu, false, false),
@@ -128,5 +131,7 @@ mod tests {
             hint(cpu, avx, true, false),
             "resume it in a build without the `avx512` feature"
         );
+        // A label no build of this toolkit gives any more (burn-ndarray's).
+        assert!(hint("cpu (burn ndarray)", cpu, false, false).contains("no such backend"));
     }
 }
