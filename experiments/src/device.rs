@@ -4,6 +4,8 @@
 const CPU: &str = "cpu (burn flex)";
 /// The CPU backend's label with the gemm crate's AVX-512 kernels.
 const CPU_AVX512: &str = "cpu (burn flex, AVX-512 matmul)";
+/// The CUDA backend's label.
+const CUDA: &str = "cuda (burn cubecl)";
 
 /// A study's device choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,7 +38,7 @@ impl Device {
         match self {
             Device::Cpu if avx512_matmul() => CPU_AVX512,
             Device::Cpu => CPU,
-            Device::Cuda => "cuda (burn cubecl)",
+            Device::Cuda => CUDA,
         }
     }
 }
@@ -67,13 +69,22 @@ pub fn resume_hint(recorded: &str, here: &str) -> String {
     resume_hint_for(
         recorded,
         here,
+        Device::Cpu.label(),
         cfg!(feature = "avx512"),
         cfg!(feature = "cuda"),
     )
 }
 
-fn resume_hint_for(recorded: &str, here: &str, avx512_built: bool, cuda_built: bool) -> String {
-    if recorded.starts_with("cuda") {
+/// [`resume_hint`] with this build's facts as arguments: `cpu_here` is the
+/// label `--device cpu` gives here.
+fn resume_hint_for(
+    recorded: &str,
+    here: &str,
+    cpu_here: &str,
+    avx512_built: bool,
+    cuda_built: bool,
+) -> String {
+    if recorded == CUDA {
         return if cuda_built {
             "give it `--device cuda`".into()
         } else {
@@ -83,15 +94,19 @@ fn resume_hint_for(recorded: &str, here: &str, avx512_built: bool, cuda_built: b
     if ![CPU, CPU_AVX512].contains(&recorded) {
         return "this build has no such backend (an older toolkit's?): start the run again".into();
     }
-    if here.starts_with("cuda") {
-        return "give it `--device cpu`".into();
-    }
-    match (recorded == CPU_AVX512, avx512_built) {
-        (true, true) => "this CPU has no AVX-512F, and its kernels compute other bits: resume \
+    let kernels = (cpu_here != recorded).then(|| match (recorded == CPU_AVX512, avx512_built) {
+        (true, true) => {
+            "this CPU has no AVX-512F, and its kernels compute other bits: resume \
                          it on a CPU that has AVX-512F"
-            .into(),
-        (true, false) => "resume it in a build with the `avx512` feature".into(),
-        (false, _) => "resume it in a build without the `avx512` feature".into(),
+        }
+        (true, false) => "resume it in a build with the `avx512` feature",
+        (false, _) => "resume it in a build without the `avx512` feature",
+    });
+    match (here == CUDA, kernels) {
+        (true, None) => "give it `--device cpu`".into(),
+        (true, Some(k)) => format!("give it `--device cpu`, and {k}"),
+        (false, Some(k)) => k.into(),
+        (false, None) => "nothing to change: it ran on this backend".into(),
     }
 }
 
@@ -109,29 +124,38 @@ fn avx512_matmul() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{CPU, CPU_AVX512, resume_hint_for};
+    use super::{CPU, CPU_AVX512, CUDA, resume_hint_for};
 
     /// Each mismatch names its own cure: the device, the feature, or the CPU.
     #[test]
     fn resume_hints_name_what_differs() {
-        let (cpu, avx, cuda) = (CPU, CPU_AVX512, "cuda (burn cubecl)");
-        let hint = |rec, here, avx512, cuda_built| resume_hint_for(rec, here, avx512, cuda_built);
+        // (recorded, here, the CPU label here, avx512 built, cuda built)
+        let hint = resume_hint_for;
         assert_eq!(
-            hint(cuda, cpu, false, false),
+            hint(CUDA, CPU, CPU, false, false),
             "give it `--device cuda` in a build with the `cuda` feature"
         );
-        assert_eq!(hint(cuda, avx, true, true), "give it `--device cuda`");
-        assert_eq!(hint(cpu, cuda, false, true), "give it `--device cpu`");
         assert_eq!(
-            hint(avx, cpu, false, false),
+            hint(CUDA, CPU_AVX512, CPU_AVX512, true, true),
+            "give it `--device cuda`"
+        );
+        assert_eq!(hint(CPU, CUDA, CPU, false, true), "give it `--device cpu`");
+        // On CUDA in a build whose CPU kernels differ too: both cures at once.
+        assert_eq!(
+            hint(CPU_AVX512, CUDA, CPU, false, true),
+            "give it `--device cpu`, and resume it in a build with the `avx512` feature"
+        );
+        assert_eq!(
+            hint(CPU_AVX512, CPU, CPU, false, false),
             "resume it in a build with the `avx512` feature"
         );
-        assert!(hint(avx, cpu, true, false).contains("this CPU has no AVX-512F"));
+        assert!(hint(CPU_AVX512, CPU, CPU, true, false).contains("this CPU has no AVX-512F"));
         assert_eq!(
-            hint(cpu, avx, true, false),
+            hint(CPU, CPU_AVX512, CPU_AVX512, true, false),
             "resume it in a build without the `avx512` feature"
         );
         // A label no build of this toolkit gives any more (burn-ndarray's).
-        assert!(hint("cpu (burn ndarray)", cpu, false, false).contains("no such backend"));
+        assert!(hint("cpu (burn ndarray)", CPU, CPU, false, false).contains("no such backend"));
+        assert!(hint("cuda (burn candle)", CUDA, CPU, false, true).contains("no such backend"));
     }
 }
