@@ -1578,18 +1578,25 @@ fn plots(
     sweep: &[SweepRow],
 ) -> anyhow::Result<()> {
     let ok = |r: &&RunRow| r.diverged.is_none();
-    let by_family = |x: &dyn Fn(&RunRow) -> f64, y: &dyn Fn(&RunRow) -> f64| -> Vec<Series> {
-        FAMILIES
+    // One series per method (a family's ranks apart), in the rows' order.
+    let mut methods: Vec<&str> = Vec::new();
+    for r in rows {
+        if !methods.contains(&r.method.as_str()) {
+            methods.push(&r.method);
+        }
+    }
+    let by_method = |x: &dyn Fn(&RunRow) -> f64, y: &dyn Fn(&RunRow) -> f64| -> Vec<Series> {
+        methods
             .iter()
             .enumerate()
-            .map(|(i, fam)| {
+            .map(|(i, m)| {
                 let pts = rows
                     .iter()
                     .filter(ok)
-                    .filter(|r| r.family == *fam)
+                    .filter(|r| r.method == *m)
                     .map(|r| (x(r), y(r)))
                     .collect();
-                Series::dots(*fam, pts).colored(i)
+                Series::dots(*m, pts).colored(i)
             })
             .filter(|s| !s.points.is_empty())
             .collect()
@@ -1599,7 +1606,7 @@ fn plots(
         "In-domain accuracy vs trainable parameters (one dot per task)",
         "log10 trainable parameters",
         "exact-match accuracy",
-        &by_family(&|r| (r.trainable_params.max(1) as f64).log10(), &|r| {
+        &by_method(&|r| (r.trainable_params.max(1) as f64).log10(), &|r| {
             r.test_acc
         }),
     )?;
@@ -1608,14 +1615,14 @@ fn plots(
         "In-domain vs out-of-domain accuracy (one dot per task)",
         "in-domain accuracy",
         "out-of-domain accuracy",
-        &by_family(&|r| r.test_acc, &|r| r.ood_acc),
+        &by_method(&|r| r.test_acc, &|r| r.ood_acc),
     )?;
     line_chart(
         &run.dir.join("accuracy_vs_forgetting"),
         "Accuracy vs forgetting (held-out text loss increase)",
         "Δ held-out loss (nats/token)",
         "in-domain accuracy",
-        &by_family(&|r| r.forgetting, &|r| r.test_acc),
+        &by_method(&|r| r.forgetting, &|r| r.test_acc),
     )?;
     let bars = |f: &dyn Fn(&SummaryRow) -> Option<f64>| -> Vec<(String, f64)> {
         summary
