@@ -1578,25 +1578,19 @@ fn plots(
     sweep: &[SweepRow],
 ) -> anyhow::Result<()> {
     let ok = |r: &&RunRow| r.diverged.is_none();
-    // One series per method (a family's ranks apart), in the rows' order.
-    let mut methods: Vec<&str> = Vec::new();
-    for r in rows {
-        if !methods.contains(&r.method.as_str()) {
-            methods.push(&r.method);
-        }
-    }
+    // One series per method (a family's ranks apart), in the plan's order.
     let by_method = |x: &dyn Fn(&RunRow) -> f64, y: &dyn Fn(&RunRow) -> f64| -> Vec<Series> {
-        methods
+        summary
             .iter()
             .enumerate()
-            .map(|(i, m)| {
+            .map(|(i, s)| {
                 let pts = rows
                     .iter()
                     .filter(ok)
-                    .filter(|r| r.method == *m)
+                    .filter(|r| r.method == s.method)
                     .map(|r| (x(r), y(r)))
                     .collect();
-                Series::dots(*m, pts).colored(i)
+                Series::dots(s.method.clone(), pts).colored(i)
             })
             .filter(|s| !s.points.is_empty())
             .collect()

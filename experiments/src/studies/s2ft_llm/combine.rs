@@ -97,14 +97,14 @@ pub(super) fn combine(
         }
         parts.push(part);
     }
-    // The part each method of the plan comes from.
+    // The part (its index) each method of the plan comes from.
     let owners = plan
         .methods
         .iter()
         .map(|m| {
             parts
                 .iter()
-                .find(|(p, _)| p.methods.contains(&label(*m)))
+                .position(|(p, _)| p.methods.contains(&label(*m)))
                 .with_context(|| {
                     format!(
                         "--combine: no part trained '{}'; give its part, or --methods the methods the parts trained",
@@ -129,6 +129,13 @@ pub(super) fn combine(
         }
     }
     let memory_measured = parts.iter().all(|(_, m)| m.rows.memory_measured);
+    // Both sides of a rebased path canonical (they exist): it climbs only as far as needed.
+    let part_dirs = parts
+        .iter()
+        .map(|(p, _)| {
+            std::fs::canonicalize(&p.dir).with_context(|| format!("reading {}", p.dir.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     // Rows in the plan's method order, saved paths relative to the new folder.
     let run = run_args.open("s2ft")?;
@@ -136,13 +143,11 @@ pub(super) fn combine(
     std::fs::create_dir_all(&finetunes)
         .with_context(|| format!("creating {}", finetunes.display()))?;
     let mut res = Results::default();
-    for (m, (part, pm)) in plan.methods.iter().zip(owners) {
+    for (m, owner) in plan.methods.iter().zip(owners) {
         let name = m.label();
-        // Both sides canonical (they exist): the path climbs only as far as needed.
-        let part_dir = std::fs::canonicalize(&part.dir)
-            .with_context(|| format!("reading {}", part.dir.display()))?;
+        let pm = &parts[owner].1;
         let rebase = |p: &str| -> String {
-            relative_path(&part_dir.join(p), &run.dir)
+            relative_path(&part_dirs[owner].join(p), &run.dir)
                 .to_string_lossy()
                 .into_owned()
         };
