@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The default-size real-model runs, one after the other, each resumable:
-#   1. `s2ft --model`  (fine-tunes of SmolLM2-135M per task and method), in
-#      two parts split by `--methods` (each a few hours on a 2-core CPU):
-#      full, LoRA r4, S²FT-random r4; then S²FT-act r4 and the rank-16 methods
-#   2. `s2ft --combine`: one report (tables, plots) of both parts
-#   3. `merge --model --finetunes` on the first part's fine-tunes: the three
+#   1. `s2ft --model` (fine-tunes of SmolLM2-135M per task and method), first
+#      part: full, LoRA r4, S²FT-random r4 (a few hours on a 2-core CPU)
+#   2. `merge --model --finetunes` on the first part's fine-tunes: the three
 #      families (full, LoRA r4, S²FT-random r4), into merge-llm-default
-#   4. the same on the second part's four groups, into merge-llm-default-rest
-#      (the merge study holds one group at a time, so splitting by part costs
-#      only the base model's scores twice, and the families' table does not
-#      wait for the other four groups)
+#   3. `s2ft --model`, second part: S²FT-act r4 and the rank-16 methods
+#   4. `s2ft --combine`: one report (tables, plots) of both parts
+#   5. `merge` on the second part's four groups, into merge-llm-default-rest
+# The merge study holds one group at a time, so merging by part costs only
+# the base model's scores twice; the families' merge table comes before the
+# second part's fine-tunes because it answers the merge study's question,
+# which the second part (more ranks of methods the first part has) does not.
 # Rerun the same command after an interruption: a run with
 # `metrics.partial.json` continues with `--resume`, a finished one (its
 # `metrics.json`) is skipped. Progress is each run's `metrics.partial.json`
@@ -80,6 +81,7 @@ run() {
 }
 
 run s2ft "$out/s2ft-llm-default" --methods full,lora-r4,s2ft-random-r4
+run merge "$out/merge-llm-default" --finetunes "$out/s2ft-llm-default"
 run s2ft "$out/s2ft-llm-default-rest" --methods s2ft-act-r4,lora-r16,s2ft-random-r16,s2ft-act-r16
 if [ ! -f "$out/s2ft-llm-default-all/metrics.json" ]; then
   build "$avx512"
@@ -91,5 +93,4 @@ if [ ! -f "$out/s2ft-llm-default-all/metrics.json" ]; then
     echo "$(date -u +%FT%TZ) $out/s2ft-llm-default-all: not combined (see its log)"
   fi
 fi
-run merge "$out/merge-llm-default" --finetunes "$out/s2ft-llm-default"
 run merge "$out/merge-llm-default-rest" --finetunes "$out/s2ft-llm-default-rest"
