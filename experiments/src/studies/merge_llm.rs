@@ -754,11 +754,38 @@ pub fn normalised(
     merged: &BTreeMap<String, f64>,
     individual: &BTreeMap<String, f64>,
 ) -> Normalised {
+    normalised_where(merged, individual, |ind| ind > 0.0)
+}
+
+/// The least out-of-domain accuracy of an individual fine-tune that
+/// [`normalised_ood`] divides by: under it a ratio is a few examples' noise
+/// (an individual scoring 0.01 on 100 examples would turn a merge's 0.18
+/// into 18).
+pub const OOD_REFERENCE_FLOOR: f64 = 0.1;
+
+/// [`Normalised`] on the out-of-domain splits: as [`normalised`], leaving
+/// out the tasks whose individual fine-tune scores under
+/// [`OOD_REFERENCE_FLOOR`] out of domain.
+pub fn normalised_ood(
+    merged: &BTreeMap<String, f64>,
+    individual: &BTreeMap<String, f64>,
+) -> Normalised {
+    normalised_where(merged, individual, |ind| ind >= OOD_REFERENCE_FLOOR)
+}
+
+fn normalised_where(
+    merged: &BTreeMap<String, f64>,
+    individual: &BTreeMap<String, f64>,
+    divides: impl Fn(f64) -> bool,
+) -> Normalised {
     let tasks: BTreeMap<String, Option<f64>> = individual
         .iter()
         .map(|(t, ind)| {
             let m = merged.get(t).copied().unwrap_or(f64::NAN);
-            (t.clone(), (*ind > 0.0 && m.is_finite()).then(|| m / ind))
+            (
+                t.clone(),
+                (*ind > 0.0 && divides(*ind) && m.is_finite()).then(|| m / ind),
+            )
         })
         .collect();
     let defined: Vec<f64> = tasks.values().flatten().copied().collect();
@@ -1041,6 +1068,22 @@ fn own_scores(individual: &[Individual]) -> OwnScores {
     own
 }
 
+/// Recomputes every row's normalised OOD accuracy from its OOD scores and
+/// its group's individual fine-tunes, so rows that an earlier build of a
+/// resumed run recorded (when a ratio against any OOD accuracy above 0
+/// counted) follow [`normalised_ood`]. Rows without per-task ratios (the
+/// permutation check) and rows of a group without individual scores are kept.
+fn renormalise(rows: &mut [MergeRow], individual: &[Individual]) {
+    let own = own_scores(individual);
+    for r in rows {
+        if let Some((_, ood)) = own.get(&r.group)
+            && !r.normalised_ood.tasks.is_empty()
+        {
+            r.normalised_ood = normalised_ood(&r.ood.tasks, ood);
+        }
+    }
+}
+
 /// One group's fine-tunes and their fused weights (owned: the merges take
 /// a slice of state dicts).
 struct Group<'a> {
@@ -1166,9 +1209,12 @@ impl Resumed {
                     .with_context(|| format!("--resume: removing {}", dir.join(&rel).display()))?;
             }
         }
+        let individual: Vec<Individual> = crate::report::partial_field(partial, "individual", dir)?;
+        let mut results = results;
+        renormalise(&mut results.rows, &individual);
         Ok(Resumed {
             base: crate::report::partial_field(partial, "base", dir)?,
-            individual: crate::report::partial_field(partial, "individual", dir)?,
+            individual,
             results,
         })
     }
@@ -1685,7 +1731,7 @@ impl<B: Backend> Study<'_, B> {
             hyper: cands[chosen].0.clone(),
             grid: points,
             normalised: normalised(&test.tasks, ind_test),
-            normalised_ood: normalised(&ood.tasks, ind_ood),
+            normalised_ood: normalised_ood(&ood.tasks, ind_ood),
             test,
             ood,
             merge_seconds,
@@ -2032,7 +2078,7 @@ where
             .collect(),
         grid: Vec::new(),
         normalised: normalised(&test.tasks, ind_test),
-        normalised_ood: normalised(&ood.tasks, ind_ood),
+        normalised_ood: normalised_ood(&ood.tasks, ind_ood),
         test,
         ood,
         merge_seconds: t.seconds,
@@ -2081,7 +2127,7 @@ fn rmm_row<B: Backend>(
         hyper: [("rank".to_string(), p as f64)].into_iter().collect(),
         grid: Vec::new(),
         normalised: normalised(&test.tasks, ind_test),
-        normalised_ood: normalised(&ood.tasks, ind_ood),
+        normalised_ood: normalised_ood(&ood.tasks, ind_ood),
         test,
         ood,
         merge_seconds,
@@ -2122,7 +2168,7 @@ fn wm_row(c: &LlamaConfig, base: &StateDict, g: &Group<'_>, seed: u64) -> anyhow
         test: Accs::default(),
         ood: Accs::default(),
         normalised: normalised(&BTreeMap::new(), &BTreeMap::new()),
-        normalised_ood: normalised(&BTreeMap::new(), &BTreeMap::new()),
+        normalised_ood: normalised_ood(&BTreeMap::new(), &BTreeMap::new()),
         merge_seconds: t0.elapsed().as_secs_f64(),
         peak_mb: None,
         yaml: None,
@@ -2522,7 +2568,8 @@ fn report(
          hyper-parameters are chosen on {} validation examples per task (grids: λ {:?} for the task-vector merges, λ {:?} for TSV-M / Iso-C / Iso-CTS, density {:?}). \
          Task-vector merges sum the (sparsified, sign-elected) task vectors and scale them by λ (FusionBench's convention; mergekit `normalize: false`). \
          RegMean uses each fine-tune's Gram matrices on {} unlabelled training prompts of its task (off-diagonal scale {}). \
-         **Normalised accuracy** = merged ÷ the group's individual fine-tune on that task (FusionBench), averaged over tasks.\n\n",
+         **Normalised accuracy** = merged ÷ the group's individual fine-tune on that task (FusionBench), averaged over tasks; \
+         normalised OOD is the same on the out-of-domain splits, leaving out the tasks where the individual fine-tune scores under {} there.\n\n",
         plan.model.file_name().map_or_else(
             || plan.model.display().to_string(),
             |n| n.to_string_lossy().into_owned()
@@ -2543,6 +2590,7 @@ fn report(
         plan.densities,
         plan.regmean_prompts,
         plan.regmean_alpha,
+        OOD_REFERENCE_FLOOR,
     );
     normalised_table(&mut md, plan, rows);
     task_table(&mut md, plan, base, own, rows);
@@ -2939,6 +2987,81 @@ mod tests {
             normalised(&map(&[("a", 0.6)]), &map(&[("a", 0.0)])).mean,
             None
         );
+        // Out of domain, an individual under the floor (1 of 100 examples)
+        // is left out: the default run's full MTL row, whose acronym 0.18
+        // against 0.01 made the mean 6.66.
+        let ind = map(&[
+            ("acronym", 0.01),
+            ("date", 0.97),
+            ("reverse", 0.0),
+            ("lookup", 0.99),
+        ]);
+        let merged = map(&[
+            ("acronym", 0.18),
+            ("date", 0.99),
+            ("reverse", 0.0),
+            ("lookup", 0.96),
+        ]);
+        let n = normalised_ood(&merged, &ind);
+        assert_eq!((n.tasks["acronym"], n.tasks["reverse"]), (None, None));
+        assert!((n.mean.unwrap() - (0.99 / 0.97 + 0.96 / 0.99) / 2.0).abs() < 1e-12);
+        assert_eq!(normalised(&merged, &ind).tasks["acronym"], Some(18.0));
+        // At the floor it divides.
+        let at = normalised_ood(&map(&[("a", 0.05)]), &map(&[("a", OOD_REFERENCE_FLOOR)]));
+        assert!((at.mean.unwrap() - 0.5).abs() < 1e-12);
+    }
+
+    /// A resumed run's rows recorded by an earlier build get this build's
+    /// normalised OOD accuracy; the permutation check's empty row stays empty.
+    #[test]
+    fn resumed_rows_are_renormalised() {
+        let accs = |kv: &[(&str, f64)]| Accs {
+            tasks: map(kv),
+            ..Default::default()
+        };
+        let individual: Vec<Individual> = [("a", 0.9, 0.01), ("b", 0.8, 0.5)]
+            .iter()
+            .map(|&(t, test, ood)| Individual {
+                group: "full".into(),
+                task: t.into(),
+                format: Format::Hf,
+                path: PathBuf::from(t),
+                test: accs(&[(t, test)]),
+                ood: accs(&[(t, ood)]),
+            })
+            .collect();
+        let own = own_scores(&individual);
+        let row = |method: &str, test: Accs, ood: Accs| MergeRow {
+            group: "full".into(),
+            method: method.into(),
+            hyper: BTreeMap::new(),
+            grid: Vec::new(),
+            // What the earlier build recorded: every ratio with a divisor above 0.
+            normalised: normalised(&test.tasks, &own["full"].0),
+            normalised_ood: normalised(&ood.tasks, &own["full"].1),
+            test,
+            ood,
+            merge_seconds: 1.0,
+            peak_mb: None,
+            yaml: None,
+            yaml_identical: None,
+            note: None,
+        };
+        let mut rows = vec![
+            row(
+                "ties",
+                accs(&[("a", 0.45), ("b", 0.8)]),
+                accs(&[("a", 0.02), ("b", 0.25)]),
+            ),
+            row("wm_check", Accs::default(), Accs::default()),
+        ];
+        rows[1].normalised_ood = normalised_ood(&BTreeMap::new(), &BTreeMap::new());
+        assert!((rows[0].normalised_ood.mean.unwrap() - 1.25).abs() < 1e-12);
+        renormalise(&mut rows, &individual);
+        assert_eq!(rows[0].normalised_ood.tasks["a"], None);
+        assert!((rows[0].normalised_ood.mean.unwrap() - 0.5).abs() < 1e-12);
+        assert!((rows[0].normalised.mean.unwrap() - 0.75).abs() < 1e-12);
+        assert!(rows[1].normalised_ood.tasks.is_empty() && rows[1].normalised_ood.mean.is_none());
     }
 
     #[test]
