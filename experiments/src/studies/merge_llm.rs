@@ -1196,7 +1196,7 @@ impl Resumed {
         inputs: &[InputFile],
     ) -> anyhow::Result<Self> {
         crate::report::same_run(partial, plan, inputs)?;
-        let results = Results {
+        let mut results = Results {
             rows: crate::report::partial_field(partial, "merges", dir)?,
             analyses: crate::report::partial_field(partial, "task_vectors", dir)?,
             best: crate::report::partial_field(partial, "best", dir)?,
@@ -1210,7 +1210,6 @@ impl Resumed {
             }
         }
         let individual: Vec<Individual> = crate::report::partial_field(partial, "individual", dir)?;
-        let mut results = results;
         renormalise(&mut results.rows, &individual);
         Ok(Resumed {
             base: crate::report::partial_field(partial, "base", dir)?,
