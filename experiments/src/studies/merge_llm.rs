@@ -754,7 +754,7 @@ pub fn normalised(
     merged: &BTreeMap<String, f64>,
     individual: &BTreeMap<String, f64>,
 ) -> Normalised {
-    normalised_where(merged, individual, |ind| ind > 0.0)
+    normalised_from(merged, individual, 0.0)
 }
 
 /// The least out-of-domain accuracy of an individual fine-tune that
@@ -770,13 +770,15 @@ pub fn normalised_ood(
     merged: &BTreeMap<String, f64>,
     individual: &BTreeMap<String, f64>,
 ) -> Normalised {
-    normalised_where(merged, individual, |ind| ind >= OOD_REFERENCE_FLOOR)
+    normalised_from(merged, individual, OOD_REFERENCE_FLOOR)
 }
 
-fn normalised_where(
+/// The ratios against the individual accuracies that are above 0 and at
+/// least `floor`.
+fn normalised_from(
     merged: &BTreeMap<String, f64>,
     individual: &BTreeMap<String, f64>,
-    divides: impl Fn(f64) -> bool,
+    floor: f64,
 ) -> Normalised {
     let tasks: BTreeMap<String, Option<f64>> = individual
         .iter()
@@ -784,7 +786,7 @@ fn normalised_where(
             let m = merged.get(t).copied().unwrap_or(f64::NAN);
             (
                 t.clone(),
-                (*ind > 0.0 && divides(*ind) && m.is_finite()).then(|| m / ind),
+                (*ind > 0.0 && *ind >= floor && m.is_finite()).then(|| m / ind),
             )
         })
         .collect();
