@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Once;
 
 use anyhow::{Context, anyhow};
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -30,6 +31,8 @@ pub struct Series {
     pub dots: bool,
     /// Palette index (default: the series' position).
     pub color: Option<usize>,
+    /// Draw a dashed line (a second kind of series in one colour).
+    pub dashed: bool,
 }
 
 impl Series {
@@ -40,6 +43,7 @@ impl Series {
             points,
             dots: false,
             color: None,
+            dashed: false,
         }
     }
     /// Dots.
@@ -49,11 +53,17 @@ impl Series {
             points,
             dots: true,
             color: None,
+            dashed: false,
         }
     }
     /// The same series in palette colour `i`.
     pub fn colored(mut self, i: usize) -> Self {
         self.color = Some(i);
+        self
+    }
+    /// The same line, dashed (told apart from a solid line of its colour).
+    pub fn dashed(mut self) -> Self {
+        self.dashed = true;
         self
     }
 }
@@ -116,6 +126,15 @@ where
             if !s.name.is_empty() {
                 anno.label(&s.name)
                     .legend(move |(x, y)| Circle::new((x + 10, y), 3, color.filled()));
+            }
+        } else if s.dashed {
+            let anno = chart
+                .draw_series(DashedLineSeries::new(p, 8, 5, color.stroke_width(2)))
+                .map_err(|e| anyhow!("{e:?}"))?;
+            if !s.name.is_empty() {
+                anno.label(&s.name).legend(move |(x, y)| {
+                    DashedPathElement::new(vec![(x, y), (x + 20, y)], 6, 3, color.stroke_width(2))
+                });
             }
         } else {
             let anno = chart
@@ -415,4 +434,34 @@ pub fn grouped_bar_chart(
         |r| draw_grouped_bars(r, title, y_label, categories, series),
         |r| draw_grouped_bars(r, title, y_label, categories, series),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SVG of a one-series chart, and how many stroked shapes it draws.
+    fn svg_of(series: Series) -> (String, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let stem = dir.path().join("chart");
+        line_chart(&stem, "t", "x", "y", &[series]).unwrap();
+        let svg = std::fs::read_to_string(stem.with_extension("svg")).unwrap();
+        assert!(stem.with_extension("png").exists());
+        let shapes = svg.matches("<polyline").count() + svg.matches("<line").count();
+        (svg, shapes)
+    }
+
+    #[test]
+    fn a_dashed_line_is_drawn_in_pieces_and_a_solid_one_whole() {
+        let pts = vec![(0.0, 0.0), (1.0, 1.0), (2.0, 0.5)];
+        let (solid, solid_shapes) = svg_of(Series::line("a", pts.clone()).colored(0));
+        let (dashed, dashed_shapes) = svg_of(Series::line("a", pts).colored(0).dashed());
+        assert_ne!(solid, dashed);
+        // The dashed curve and its legend sample are many short strokes
+        // (dash 8 px, gap 5 px over a curve hundreds of pixels long).
+        assert!(
+            dashed_shapes > solid_shapes + 20,
+            "dashed {dashed_shapes} shapes, solid {solid_shapes}"
+        );
+    }
 }

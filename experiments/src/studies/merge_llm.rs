@@ -2519,12 +2519,12 @@ fn plots(run: &Run, plan: &Plan, rows: &[MergeRow], analyses: &[Analysis]) -> an
     Ok(())
 }
 
-/// Validation accuracy against λ for task arithmetic and TIES (at its
-/// chosen density), one line per group and method.
+/// Validation accuracy against λ for task arithmetic (solid) and TIES (at
+/// its chosen density, dashed), one colour per group.
 fn lambda_plot(run: &Run, groups: &[String], rows: &[MergeRow]) -> anyhow::Result<()> {
     let mut lines = Vec::new();
     for (i, g) in groups.iter().enumerate() {
-        for (method, dash) in [("task_arithmetic", "TA"), ("ties", "TIES")] {
+        for (method, label, dashed) in [("task_arithmetic", "TA", false), ("ties", "TIES", true)] {
             if let Some(r) = rows.iter().find(|r| &r.group == g && r.method == method) {
                 // TIES at its chosen density.
                 let d = r.hyper.get("density").copied();
@@ -2535,7 +2535,8 @@ fn lambda_plot(run: &Run, groups: &[String], rows: &[MergeRow]) -> anyhow::Resul
                     .filter_map(|p| Some((p.hyper.get("lambda").copied()?, p.val_acc?)))
                     .collect();
                 if !pts.is_empty() {
-                    lines.push(Series::line(format!("{g} {dash}"), pts).colored(i));
+                    let line = Series::line(format!("{g} {label}"), pts).colored(i);
+                    lines.push(if dashed { line.dashed() } else { line });
                 }
             }
         }
@@ -2543,7 +2544,7 @@ fn lambda_plot(run: &Run, groups: &[String], rows: &[MergeRow]) -> anyhow::Resul
     if !lines.is_empty() {
         line_chart(
             &run.dir.join("accuracy_vs_lambda"),
-            "Validation accuracy vs λ (task arithmetic, TIES at its chosen density)",
+            "Validation accuracy vs λ (task arithmetic solid, TIES dashed, at its chosen density)",
             "λ",
             "mean validation accuracy",
             &lines,
