@@ -2601,9 +2601,11 @@ fn report(
     md
 }
 
-/// The report's table of normalised accuracy, method by group.
+/// The report's table of normalised accuracy (in-domain / OOD), method by group.
 fn normalised_table(md: &mut String, plan: &Plan, rows: &[MergeRow]) {
-    md.push_str("## Normalised accuracy (in-domain test, mean over tasks)\n\n| method |");
+    md.push_str(
+        "## Normalised accuracy (in-domain test / out-of-domain, mean over tasks)\n\n| method |",
+    );
     for g in &plan.groups {
         md.push_str(&format!(" {g} |"));
     }
@@ -2613,19 +2615,22 @@ fn normalised_table(md: &mut String, plan: &Plan, rows: &[MergeRow]) {
     }
     md.push('\n');
     for m in &plan.methods {
-        if !rows
-            .iter()
-            .any(|r| &r.method == m && r.normalised.mean.is_some())
-        {
+        if !rows.iter().any(|r| {
+            &r.method == m && (r.normalised.mean.is_some() || r.normalised_ood.mean.is_some())
+        }) {
             continue;
         }
         md.push_str(&format!("| {m} |"));
         for g in &plan.groups {
-            let v = rows
-                .iter()
-                .find(|r| &r.group == g && &r.method == m)
-                .and_then(|r| r.normalised.mean);
-            md.push_str(&format!(" {} |", fmt(v)));
+            let r = rows.iter().find(|r| &r.group == g && &r.method == m);
+            md.push_str(&match r {
+                Some(r) => format!(
+                    " {} / {} |",
+                    fmt(r.normalised.mean),
+                    fmt(r.normalised_ood.mean)
+                ),
+                None => " – |".into(),
+            });
         }
         md.push('\n');
     }
@@ -2802,14 +2807,15 @@ mod tests {
     /// The grid's merges that differ only in λ are merged once: the sparse
     /// methods' λ × density grid falls into one batch per density (in grid
     /// order), the SVD merges into one, and merges without a λ stay alone.
-    #[test]
-    fn grid_points_differing_only_in_lambda_are_batched() {
-        let plan = Plan {
+    /// A plan of the given groups and methods (and the grids below), for
+    /// the report's and the grids' bookkeeping.
+    fn test_plan(groups: &[&str], methods: &[&str]) -> Plan {
+        Plan {
             model: PathBuf::new(),
             sources: vec![],
             tasks: vec![],
-            groups: vec![],
-            methods: vec![],
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            methods: methods.iter().map(|m| m.to_string()).collect(),
             lambdas: vec![0.3, 0.7, 1.0],
             svd_lambdas: vec![0.5, 1.5],
             densities: vec![0.2, 0.5],
@@ -2824,7 +2830,12 @@ mod tests {
             keep_inputs: false,
             quick: false,
             training: None,
-        };
+        }
+    }
+
+    #[test]
+    fn grid_points_differing_only_in_lambda_are_batched() {
+        let plan = test_plan(&[], &[]);
         let ties = grid(&plan, "ties", false);
         assert_eq!(
             lambda_batches(&ties),
@@ -3064,6 +3075,51 @@ mod tests {
         assert!((rows[0].normalised_ood.mean.unwrap() - 0.5).abs() < 1e-12);
         assert!((rows[0].normalised.mean.unwrap() - 0.75).abs() < 1e-12);
         assert!(rows[1].normalised_ood.tasks.is_empty() && rows[1].normalised_ood.mean.is_none());
+    }
+
+    /// The report's summary table: in-domain / OOD normalised accuracy of
+    /// each method per group, a dash for a group without the method, and no
+    /// line for a method with nothing defined.
+    #[test]
+    fn normalised_table_shows_in_domain_and_ood_per_group() {
+        let plan = test_plan(&["full", "lora r4"], &["average", "ties", "regmean"]);
+        let norm = |mean: Option<f64>| Normalised {
+            tasks: BTreeMap::new(),
+            mean,
+        };
+        let row = |group: &str, method: &str, n: Option<f64>, o: Option<f64>| MergeRow {
+            group: group.into(),
+            method: method.into(),
+            hyper: BTreeMap::new(),
+            grid: Vec::new(),
+            normalised: norm(n),
+            normalised_ood: norm(o),
+            test: Accs::default(),
+            ood: Accs::default(),
+            merge_seconds: 1.0,
+            peak_mb: None,
+            yaml: None,
+            yaml_identical: None,
+            note: None,
+        };
+        let rows = [
+            row("full", "average", None, None),
+            row("full", "ties", Some(0.75), Some(0.5)),
+            row("full", "regmean", Some(0.915), None),
+            row("lora r4", "regmean", Some(0.5854), Some(0.8516)),
+        ];
+        let mut md = String::new();
+        normalised_table(&mut md, &plan, &rows);
+        assert!(
+            md.contains("| method | full | lora r4 |\n|---|---|---|\n"),
+            "{md}"
+        );
+        assert!(md.contains("\n| ties | 0.750 / 0.500 | – |\n"), "{md}");
+        assert!(
+            md.contains("\n| regmean | 0.915 / – | 0.585 / 0.852 |\n"),
+            "{md}"
+        );
+        assert!(!md.contains("| average |"), "{md}");
     }
 
     #[test]
