@@ -118,33 +118,28 @@ where
             .copied()
             .filter(|(x, y)| x.is_finite() && y.is_finite())
             .collect();
-        // A series without a name draws no legend entry (markers over a named line).
-        if s.dots {
-            let anno = chart
-                .draw_series(p.iter().map(|&xy| Circle::new(xy, 2, color.filled())))
-                .map_err(|e| anyhow!("{e:?}"))?;
-            if !s.name.is_empty() {
-                anno.label(&s.name)
-                    .legend(move |(x, y)| Circle::new((x + 10, y), 3, color.filled()));
-            }
+        let style = color.stroke_width(2);
+        let anno = if s.dots {
+            chart.draw_series(p.iter().map(|&xy| Circle::new(xy, 2, color.filled())))
         } else if s.dashed {
-            let anno = chart
-                .draw_series(DashedLineSeries::new(p, 8, 5, color.stroke_width(2)))
-                .map_err(|e| anyhow!("{e:?}"))?;
-            if !s.name.is_empty() {
-                anno.label(&s.name).legend(move |(x, y)| {
-                    DashedPathElement::new(vec![(x, y), (x + 20, y)], 6, 3, color.stroke_width(2))
-                });
-            }
+            chart.draw_series(DashedLineSeries::new(p, 8, 5, style))
         } else {
-            let anno = chart
-                .draw_series(LineSeries::new(p, color.stroke_width(2)))
-                .map_err(|e| anyhow!("{e:?}"))?;
-            if !s.name.is_empty() {
-                anno.label(&s.name).legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-            }
+            chart.draw_series(LineSeries::new(p, style))
+        }
+        .map_err(|e| anyhow!("{e:?}"))?;
+        // A series without a name draws no legend entry (markers over a named line).
+        if s.name.is_empty() {
+            continue;
+        }
+        let anno = anno.label(&s.name);
+        if s.dots {
+            anno.legend(move |(x, y)| Circle::new((x + 10, y), 3, color.filled()));
+        } else if s.dashed {
+            anno.legend(move |(x, y)| {
+                DashedPathElement::new(vec![(x, y), (x + 20, y)], 6, 3, style)
+            });
+        } else {
+            anno.legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
         }
     }
     chart
