@@ -2804,9 +2804,6 @@ fn outputs(md: &mut String, plan: &Plan, best: &[BestModel]) {
 mod tests {
     use super::*;
 
-    /// The grid's merges that differ only in λ are merged once: the sparse
-    /// methods' λ × density grid falls into one batch per density (in grid
-    /// order), the SVD merges into one, and merges without a λ stay alone.
     /// A plan of the given groups and methods (and the grids below), for
     /// the report's and the grids' bookkeeping.
     fn test_plan(groups: &[&str], methods: &[&str]) -> Plan {
@@ -2833,6 +2830,34 @@ mod tests {
         }
     }
 
+    /// A row of `group`'s `method` with these scores and ratios (the rest
+    /// empty), for the bookkeeping tests.
+    fn test_row(
+        group: &str,
+        method: &str,
+        (test, ood): (Accs, Accs),
+        (normalised, normalised_ood): (Normalised, Normalised),
+    ) -> MergeRow {
+        MergeRow {
+            group: group.into(),
+            method: method.into(),
+            hyper: BTreeMap::new(),
+            grid: Vec::new(),
+            normalised,
+            normalised_ood,
+            test,
+            ood,
+            merge_seconds: 1.0,
+            peak_mb: None,
+            yaml: None,
+            yaml_identical: None,
+            note: None,
+        }
+    }
+
+    /// The grid's merges that differ only in λ are merged once: the sparse
+    /// methods' λ × density grid falls into one batch per density (in grid
+    /// order), the SVD merges into one, and merges without a λ stay alone.
     #[test]
     fn grid_points_differing_only_in_lambda_are_batched() {
         let plan = test_plan(&[], &[]);
@@ -3044,21 +3069,13 @@ mod tests {
             })
             .collect();
         let own = own_scores(&individual);
-        let row = |method: &str, test: Accs, ood: Accs| MergeRow {
-            group: "full".into(),
-            method: method.into(),
-            hyper: BTreeMap::new(),
-            grid: Vec::new(),
+        let row = |method: &str, test: Accs, ood: Accs| {
             // What the earlier build recorded: every ratio with a divisor above 0.
-            normalised: normalised(&test.tasks, &own["full"].0),
-            normalised_ood: normalised(&ood.tasks, &own["full"].1),
-            test,
-            ood,
-            merge_seconds: 1.0,
-            peak_mb: None,
-            yaml: None,
-            yaml_identical: None,
-            note: None,
+            let ratios = (
+                normalised(&test.tasks, &own["full"].0),
+                normalised(&ood.tasks, &own["full"].1),
+            );
+            test_row("full", method, (test, ood), ratios)
         };
         let mut rows = vec![
             row(
@@ -3087,20 +3104,8 @@ mod tests {
             tasks: BTreeMap::new(),
             mean,
         };
-        let row = |group: &str, method: &str, n: Option<f64>, o: Option<f64>| MergeRow {
-            group: group.into(),
-            method: method.into(),
-            hyper: BTreeMap::new(),
-            grid: Vec::new(),
-            normalised: norm(n),
-            normalised_ood: norm(o),
-            test: Accs::default(),
-            ood: Accs::default(),
-            merge_seconds: 1.0,
-            peak_mb: None,
-            yaml: None,
-            yaml_identical: None,
-            note: None,
+        let row = |group: &str, method: &str, n: Option<f64>, o: Option<f64>| {
+            test_row(group, method, Default::default(), (norm(n), norm(o)))
         };
         let rows = [
             row("full", "average", None, None),
