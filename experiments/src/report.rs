@@ -321,6 +321,40 @@ pub fn relative_path(target: &Path, from: &Path) -> PathBuf {
     out
 }
 
+/// Whether two paths name one folder (the same path, or the same folder
+/// once both exist).
+pub fn same_folder(a: &Path, b: &Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
+/// A combined report's table of its parts: each part's folder, what it
+/// ran (`what`: the column's name), backend, threads, commit and wall time.
+pub fn parts_table<'a>(
+    md: &mut String,
+    what: &str,
+    parts: impl IntoIterator<Item = (&'a Path, String, &'a RunRecord)>,
+) {
+    md.push_str(&format!(
+        "| part | {what} | backend | threads | commit | wall time |\n|---|---|---|---|---|---|\n"
+    ));
+    for (dir, ran, run) in parts {
+        md.push_str(&format!(
+            "| `{}` | {ran} | {} | {} | {} | {:.0} s = {:.1} h ({} resumes) |\n",
+            dir.display(),
+            run.backend,
+            run.threads,
+            run.git_commit,
+            run.wall_seconds,
+            run.wall_seconds / 3600.0,
+            run.resumes
+        ));
+    }
+}
+
 /// An open report folder.
 pub struct Run {
     /// The study's name.

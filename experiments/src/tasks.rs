@@ -23,7 +23,9 @@ use anyhow::{Context, bail, ensure};
 use weights::rng::Rng;
 
 /// A task.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum InstructTask {
     /// ISO date → DD/MM/YYYY.

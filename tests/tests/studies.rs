@@ -1745,9 +1745,10 @@ fn merge_study_merges_real_model_fine_tunes_and_its_yaml_configs_are_mergekits()
 /// but not recorded; one fine-tune of `s2ft-random r2` scored — resumes to
 /// the uninterrupted run's rows, task-vector analyses and best models (byte
 /// for byte), running only what was missing; each saved best model is the
-/// merge its mergekit YAML config gives.
+/// merge its mergekit YAML config gives. Then the finished run, split by
+/// group, combines back into itself (`merge --combine`).
 #[test]
-fn merge_study_resumes_an_interrupted_run() {
+fn merge_study_resumes_an_interrupted_run_and_combines_runs_of_other_groups() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_hf_model(dir.path(), 512);
     let ft = dir.path().join("s2ft");
@@ -1915,6 +1916,182 @@ fn merge_study_resumes_an_interrupted_run() {
     character.lm.run = RunArgs::quiet_to(dir.path().join("char"));
     character.lm.run.resume = true;
     fails(character, "cannot resume");
+
+    combines_runs_of_other_groups(dir.path(), &model, &out, &done);
+}
+
+/// `merge --combine`: the finished run `out` (metrics `done`) split by
+/// group into two runs that keep only their `metrics.json` (a session's
+/// scratch folder lost: no fine-tunes, no best models) combines into the
+/// one run's rows, plan and report tables; bad parts are refused by name.
+fn combines_runs_of_other_groups(dir: &Path, model: &Path, out: &Path, done: &serde_json::Value) {
+    use serde_json::json;
+    let groups = |g: &[&str]| -> Vec<serde_json::Value> { g.iter().map(|g| json!(g)).collect() };
+    // A part: `done` restricted to groups `keep`, only its metrics.json.
+    let part = |name: &str, keep: &[&str]| -> PathBuf {
+        let mut m = done.clone();
+        let kept = |v: &serde_json::Value| keep.contains(&v["group"].as_str().unwrap());
+        for key in ["individual", "merges", "task_vectors", "best"] {
+            let rows: Vec<_> = m[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|r| kept(r))
+                .cloned()
+                .collect();
+            m[key] = json!(rows);
+        }
+        let sources: Vec<_> = m["plan"]["sources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| kept(r))
+            .cloned()
+            .collect();
+        m["plan"]["sources"] = json!(sources);
+        m["plan"]["groups"] = json!(groups(keep));
+        let p = dir.join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("metrics.json"), m.to_string()).unwrap();
+        p
+    };
+    let a = part("part-full", &["full"]);
+    let b = part("part-rest", &["lora r2", "s2ft-random r2"]);
+    let combine = |parts: &[&Path], to: &Path| {
+        let mut args = experiments::studies::merging::MergeArgs::default();
+        args.lm.run = RunArgs::quiet_to(to);
+        args.llm.model = Some(model.to_path_buf());
+        args.llm.combine = parts.iter().map(|p| p.to_path_buf()).collect();
+        args
+    };
+    let both = dir.join("combined");
+    experiments::studies::merging::run(&combine(&[&a, &b], &both)).unwrap();
+    let got = read_json(&both.join("metrics.json"));
+    for key in ["base", "individual", "task_vectors"] {
+        assert_eq!(got[key], done[key], "{key}");
+    }
+    // Rows equal but for their YAML configs' paths, which lead into the parts.
+    let merges = got["merges"].as_array().unwrap();
+    assert_eq!(merges.len(), done["merges"].as_array().unwrap().len());
+    for (g, d) in merges.iter().zip(done["merges"].as_array().unwrap()) {
+        let (mut g, mut d) = (g.clone(), d.clone());
+        if let Some(y) = d["yaml"].as_str() {
+            let part = if d["group"] == "full" {
+                "part-full"
+            } else {
+                "part-rest"
+            };
+            assert_eq!(g["yaml"], json!(format!("../{part}/{y}")));
+            g["yaml"] = json!(null);
+            d["yaml"] = json!(null);
+        }
+        assert_eq!(g, d);
+    }
+    let best: Vec<&str> = got["best"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        best,
+        [
+            "../part-full/best/full",
+            "../part-rest/best/lora-r2",
+            "../part-rest/best/s2ft-random-r2"
+        ]
+    );
+    // The plan of one run of all groups (its scratch inputs not kept).
+    let (mut want_plan, mut got_plan) = (done["plan"].clone(), got["plan"].clone());
+    want_plan["keep_inputs"] = json!(false);
+    got_plan["keep_inputs"] = json!(false);
+    assert_eq!(got_plan, want_plan);
+    let parts: Vec<_> = got["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["groups"].clone())
+        .collect();
+    assert_eq!(
+        parts,
+        [json!(["full"]), json!(["lora r2", "s2ft-random r2"])]
+    );
+    // The report's tables are the one run's, and every plot is drawn.
+    let table = |p: &Path| {
+        let md = std::fs::read_to_string(p.join("report.md")).unwrap();
+        md[..md.find("## Outputs").unwrap()].to_string()
+    };
+    assert_eq!(
+        table(&both)
+            .replace("../part-full/", "")
+            .replace("../part-rest/", ""),
+        table(out)
+    );
+    assert!(
+        std::fs::read_to_string(both.join("report.md"))
+            .unwrap()
+            .contains("## Parts")
+    );
+    for f in [
+        "normalised_accuracy",
+        "accuracy_vs_lambda",
+        "cosine_full",
+        "cosine_lora-r2",
+    ] {
+        check_png(&both.join(format!("{f}.png")));
+    }
+
+    // Refusals, each naming what is wrong, before any report folder exists.
+    let fails = |args: experiments::studies::merging::MergeArgs, want: &str| {
+        let to = args.lm.run.out.clone().unwrap();
+        let e = format!(
+            "{:#}",
+            experiments::studies::merging::run(&args).unwrap_err()
+        );
+        assert!(e.contains(want), "{want:?} not in: {e}");
+        assert!(!to.exists(), "{e}");
+    };
+    let bad = dir.join("bad");
+    fails(combine(&[&a, &a], &bad), "merged group 'full'");
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| -> PathBuf {
+        let p = dir.join(name);
+        copy_tree(&b, &p);
+        let mut m = read_json(&p.join("metrics.json"));
+        f(&mut m);
+        std::fs::write(p.join("metrics.json"), m.to_string()).unwrap();
+        p
+    };
+    let other_grid = edit("other-grid", &|m| m["plan"]["lambdas"] = json!([0.3]));
+    fails(
+        combine(&[&a, &other_grid], &bad),
+        "were run with other options (lambdas",
+    );
+    let other_base = edit("other-base", &|m| {
+        let acc = m["base"]["test"]["tasks"]["date"].as_f64().unwrap();
+        m["base"]["test"]["tasks"]["date"] = json!(if acc > 0.5 { 0.0 } else { 1.0 });
+    });
+    fails(
+        combine(&[&a, &other_base], &bad),
+        "the base model scored differently",
+    );
+    let other_model = edit("other-model", &|m| {
+        for f in m["inputs"].as_array_mut().unwrap() {
+            f["bytes"] = json!(f["bytes"].as_u64().unwrap() + 1);
+        }
+    });
+    fails(
+        combine(&[&a, &other_model], &bad),
+        "its scores are of another model",
+    );
+    let unfinished = dir.join("unfinished");
+    std::fs::create_dir_all(&unfinished).unwrap();
+    std::fs::write(unfinished.join("metrics.partial.json"), "{}").unwrap();
+    fails(combine(&[&a, &unfinished], &bad), "unfinished run");
+    let mut with_finetunes = combine(&[&a, &b], &bad);
+    with_finetunes.llm.finetunes = vec![a.clone()];
+    fails(with_finetunes, "--finetunes does not apply with --combine");
+    let e = experiments::studies::merging::run(&combine(&[&a, &b], &a)).unwrap_err();
+    assert!(format!("{e:#}").contains("is one of the parts"), "{e:#}");
 }
 
 #[test]

@@ -48,6 +48,9 @@ use merge::typed::{Merge, TaskVectorOptions, TaskVectorPreset};
 use s2ft_core::{Llama, LlamaConfig, Pretrained};
 use weights::stats::mean;
 
+mod combine;
+pub use combine::MergePart;
+
 /// The real-model options of `merge` (only with `--model`).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct MergeLlmArgs {
@@ -93,12 +96,26 @@ pub struct MergeLlmArgs {
     /// Keep the fused inputs and Gram matrices the YAML configs read (`inputs/`), so the configs stay runnable.
     #[arg(long)]
     pub keep_inputs: bool,
+    /// Report folders of finished merge runs of other groups (fine-tuning
+    /// methods) of one base, with the same options: writes one report of
+    /// all their groups into `--out` (no merging; the parts may have run in
+    /// other sessions or on other machines, and need only their
+    /// `metrics.json`).
+    #[arg(long, value_delimiter = ',')]
+    pub combine: Vec<PathBuf>,
 }
 
 impl MergeLlmArgs {
     /// Errors when a real-model option is given without `--model`.
     pub fn refuse_without_model(&self) -> anyhow::Result<()> {
-        let given = [
+        let mut given = self.merge_options().to_vec();
+        given.push(("--combine", !self.combine.is_empty()));
+        super::refuse_given(&given, "applies to a real model: give --model PATH")
+    }
+
+    /// The options that choose what a run merges and how, and whether each was given.
+    fn merge_options(&self) -> [(&'static str, bool); 11] {
+        [
             ("--finetunes", !self.finetunes.is_empty()),
             ("--finetune", !self.finetune.is_empty()),
             ("--lambdas", self.lambdas.is_some()),
@@ -110,8 +127,7 @@ impl MergeLlmArgs {
             ("--regmean-prompts", self.regmean_prompts.is_some()),
             ("--analysis-layers", self.analysis_layers.is_some()),
             ("--keep-inputs", self.keep_inputs),
-        ];
-        super::refuse_given(&given, "applies to a real model: give --model PATH")
+        ]
     }
 }
 
@@ -208,7 +224,7 @@ impl Format {
 }
 
 /// One fine-tune to merge.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Source {
     /// Its task.
     pub task: String,
@@ -254,7 +270,7 @@ pub fn parse_finetune(arg: &str) -> anyhow::Result<Source> {
 }
 
 /// Everything a run does, resolved from the options.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Plan {
     /// The base model.
     pub model: PathBuf,
@@ -299,7 +315,7 @@ pub struct Plan {
 
 /// How the fine-tunes were trained (read from the `s2ft --model` run's
 /// `metrics.json`): what the multi-task baseline trains with.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Training {
     /// Steps of one fine-tune.
     pub steps: usize,
@@ -312,10 +328,10 @@ pub struct Training {
     /// The learning-rate schedule (constant in runs recorded before it was
     /// an option; left out of the plan's JSON when constant, so that merge
     /// runs recorded before it resume).
-    #[serde(skip_serializing_if = "ScheduleKind::is_constant")]
+    #[serde(default, skip_serializing_if = "ScheduleKind::is_constant")]
     pub lr_schedule: ScheduleKind,
     /// Its warm-up, as a fraction of the steps (left out when 0).
-    #[serde(skip_serializing_if = "ScheduleKind::is_zero")]
+    #[serde(default, skip_serializing_if = "ScheduleKind::is_zero")]
     pub warmup_ratio: f64,
     /// Learning rate per method label (the rate the run chose).
     pub lrs: BTreeMap<String, f64>,
@@ -378,10 +394,25 @@ pub fn read_trainings(run_dirs: &[PathBuf]) -> anyhow::Result<Option<Training>> 
     let mut merged: Option<(Training, &Path)> = None;
     for dir in run_dirs {
         let t = read_training(dir)?;
-        let Some((m, first)) = merged.as_mut() else {
-            merged = Some((t, dir));
-            continue;
-        };
+        match merged.as_mut() {
+            None => merged = Some((t, dir)),
+            Some((m, first)) => m.absorb(t, "--finetunes", first, dir)?,
+        }
+    }
+    Ok(merged.map(|(t, _)| t))
+}
+
+impl Training {
+    /// Adds the rates of `t` (another part of one run, read from `there`)
+    /// to these (read from `here`): the settings must agree and each method
+    /// come from one part; errors name `option` and both places.
+    fn absorb(
+        &mut self,
+        t: Training,
+        option: &str,
+        here: &Path,
+        there: &Path,
+    ) -> anyhow::Result<()> {
         let settings = |t: &Training| {
             format!(
                 "steps {}, batch {}, seed {}, LoRA dropout {}, schedule {:?} (warm-up {})",
@@ -389,24 +420,24 @@ pub fn read_trainings(run_dirs: &[PathBuf]) -> anyhow::Result<Option<Training>> 
             )
         };
         ensure!(
-            settings(m) == settings(&t),
-            "--finetunes: {} and {} were trained with other settings ({} vs {}); merge the parts of one run",
-            first.display(),
-            dir.display(),
-            settings(m),
+            settings(self) == settings(&t),
+            "{option}: {} and {} were trained with other settings ({} vs {}); merge the parts of one run",
+            here.display(),
+            there.display(),
+            settings(self),
             settings(&t)
         );
         for (method, lr) in t.lrs {
             ensure!(
-                !m.lrs.contains_key(&method),
-                "--finetunes: both {} and {} trained '{method}'; give each method's fine-tunes once",
-                first.display(),
-                dir.display()
+                !self.lrs.contains_key(&method),
+                "{option}: both {} and {} trained '{method}'; give each method's fine-tunes once",
+                here.display(),
+                there.display()
             );
-            m.lrs.insert(method, lr);
+            self.lrs.insert(method, lr);
         }
+        Ok(())
     }
-    Ok(merged.map(|(t, _)| t))
 }
 
 /// Options of the character-model study make no sense here: refused by name.
@@ -1041,6 +1072,9 @@ impl<B: Backend> Scorer<'_, B> {
 /// Runs the real-model merge study; returns the report folder. With
 /// `--resume` it continues the interrupted run in `--out`.
 pub fn run(args: &MergeArgs) -> anyhow::Result<PathBuf> {
+    if !args.llm.combine.is_empty() {
+        return combine::combine(args);
+    }
     let plan = Plan::new(args)?;
     let data_dir = args
         .lm
@@ -1287,6 +1321,9 @@ struct Metrics<'a> {
     plan: &'a Plan,
     /// The files read (size, modification time).
     inputs: &'a [InputFile],
+    /// The runs a combined report (`--combine`) was made of.
+    #[serde(skip_serializing_if = "<[MergePart]>::is_empty")]
+    parts: &'a [MergePart],
     #[serde(flatten)]
     rows: Rows,
 }
@@ -1852,7 +1889,7 @@ impl<B: Backend> Study<'_, B> {
         let md = report(
             plan,
             c,
-            self.prep,
+            self.prep.base.weights.numel(),
             &self.base,
             &own_scores(&self.individual),
             &r.rows,
@@ -1864,6 +1901,7 @@ impl<B: Backend> Study<'_, B> {
             config: c,
             plan,
             inputs: &self.prep.inputs,
+            parts: &[],
             rows: Rows {
                 base: self.base,
                 individual: self.individual,
@@ -2557,7 +2595,7 @@ fn lambda_plot(run: &Run, groups: &[String], rows: &[MergeRow]) -> anyhow::Resul
 fn report(
     plan: &Plan,
     c: &LlamaConfig,
-    prep: &Prepared,
+    params: usize,
     base: &BaseScores,
     own: &OwnScores,
     rows: &[MergeRow],
@@ -2580,8 +2618,8 @@ fn report(
         c.num_hidden_layers,
         c.hidden_size,
         c.vocab_size,
-        prep.base.weights.numel(),
-        prep.finetunes.len(),
+        params,
+        plan.sources.len(),
         plan.groups.len(),
         plan.groups.join(", "),
         plan.eval_examples,

@@ -18,7 +18,8 @@ use super::{
     summary_csv, sweep_csv,
 };
 use crate::report::{
-    RunArgs, RunRecord, changed_input, plan_differences, read_metrics, relative_path, saved_inputs,
+    RunArgs, RunRecord, changed_input, parts_table, plan_differences, read_metrics, relative_path,
+    same_folder, saved_inputs,
 };
 
 /// What a combined report needs of a part's `metrics.json`.
@@ -201,16 +202,6 @@ pub(super) fn combine(
     Ok(run.dir.clone())
 }
 
-/// Whether two paths name one folder (the same path, or the same folder
-/// once both exist).
-fn same_folder(a: &Path, b: &Path) -> bool {
-    a == b
-        || matches!(
-            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
-            (Ok(x), Ok(y)) if x == y
-        )
-}
-
 /// One part's `metrics.json`, checked against the plan (all but its
 /// methods) and the input files read now.
 fn read_part(
@@ -314,20 +305,13 @@ fn parts_section(md: &mut String, parts: &[Part]) {
          the base model's scores are the first part's (the parts' agree to one example per \
          split and 0.001 nats/token), and the fine-tunes stay in the parts' folders \
          (`finetunes/manifest.json` here lists them). Step times and memory compare \
-         within a part: parts run on other machines or beside other work differ in speed.\n\n\
-         | part | methods | backend | threads | commit | wall time |\n|---|---|---|---|---|---|\n",
+         within a part: parts run on other machines or beside other work differ in speed.\n\n",
     );
-    for p in parts {
-        md.push_str(&format!(
-            "| `{}` | {} | {} | {} | {} | {:.0} s = {:.1} h ({} resumes) |\n",
-            p.dir.display(),
-            p.methods.join(", "),
-            p.run.backend,
-            p.run.threads,
-            p.run.git_commit,
-            p.run.wall_seconds,
-            p.run.wall_seconds / 3600.0,
-            p.run.resumes
-        ));
-    }
+    parts_table(
+        md,
+        "methods",
+        parts
+            .iter()
+            .map(|p| (p.dir.as_path(), p.methods.join(", "), &p.run)),
+    );
 }
