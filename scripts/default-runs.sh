@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# The default-size real-model runs, one after the other, each resumable:
-#   1. `s2ft --model` (fine-tunes of SmolLM2-135M per task and method), first
-#      part: full, LoRA r4, S²FT-random r4 (a few hours on a 2-core CPU)
-#   2. `merge --model --finetunes` on the first part's fine-tunes: the three
-#      families (full, LoRA r4, S²FT-random r4), into merge-llm-default
-#   3. `s2ft --model`, second part: S²FT-act r4 and the rank-16 methods
-#   4. `s2ft --combine`: one report (tables, plots) of both parts
-#   5. `merge` on the second part's four groups, into merge-llm-default-rest
-# The merge study holds one group at a time, so merging by part costs only
-# the base model's scores twice; the families' merge table comes before the
-# second part's fine-tunes because it answers the merge study's question,
-# which the second part (more ranks of methods the first part has) does not.
-# Rerun the same command after an interruption: a run with
-# `metrics.partial.json` continues with `--resume`, a finished one (its
-# `metrics.json`) is skipped. Progress is each run's `metrics.partial.json`
-# and CSV tables; the log is `OUT_DIR/<run>.log`.
-#   scripts/default-runs.sh [OUT_DIR]          (default results)
+# The default-size real-model runs, as units that each fit a session on a
+# 2-core CPU (1–2 h on the AMD EPYC of 2026-12-06; the Intel Xeon of the
+# same day is about 2.5x slower), each run kept in the repository when it
+# ends:
+#   full, lora-r4, s2ft-random-r4   one fine-tuning family: `s2ft --model
+#       --methods M` (its learning-rate sweep on acronym, then every task)
+#       into OUT/s2ft-llm-M, then the default `merge --model` run on those
+#       fine-tunes into OUT/merge-llm-M
+#   merge   `merge --combine` of the three families' kept merge runs: the
+#       merge study's families table and plots, into OUT/merge-llm-default
+#   s2ft-act-r4, lora-r16, s2ft-random-r16, s2ft-act-r16   `s2ft --model
+#       --methods M` into OUT/s2ft-llm-M
+#   s2ft    `s2ft --combine` of the seven methods' kept runs: the fine-tuning
+#       study's table and plots, into OUT/s2ft-llm-default
+# A session's OUT folder does not outlive its machine, so each finished run
+# is copied without its models into docs/runs/<run>/ (scripts/keep-run.sh):
+# a run kept there is not run again, and the combining units read the kept
+# records. An interrupted run (its `metrics.partial.json`) continues with
+# `--resume` when the same command is run again on the same machine; the log
+# is OUT/<run>.log.
+#   scripts/default-runs.sh [OUT_DIR [UNIT...]]   (default: results, every unit in order)
 # DEVICE=cuda (with a `--features cuda` build) runs them on the GPU;
 # MODEL=PATH picks another base (default: the GGUF fetch-models.sh pins).
 # AVX512=auto (default) builds with the `avx512` feature (the gemm crate's
@@ -26,9 +30,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-results}"
+shift || true
+units=("$@")
+families=(full lora-r4 s2ft-random-r4)
+rest=(s2ft-act-r4 lora-r16 s2ft-random-r16 s2ft-act-r16)
+[ ${#units[@]} -gt 0 ] || units=("${families[@]}" merge "${rest[@]}" s2ft)
 model="${MODEL:-models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
 device="${DEVICE:-cpu}"
 bin=target/release/experiments
+kept=docs/runs
 avx512="${AVX512:-auto}"
 case "$avx512" in
   auto)
@@ -58,39 +68,75 @@ build() {
 mkdir -p "$out"
 
 # Runs study $1 into folder $2 with the rest as options, resuming it if an
-# earlier call was interrupted, skipping it if it finished.
+# earlier call was interrupted, skipping it if it finished; keeps it.
 run() {
   local study="$1" dir="$2"
   shift 2
-  if [ -f "$dir/metrics.json" ]; then
-    echo "$dir: finished earlier"
+  if [ -f "$kept/$(basename "$dir")/metrics.json" ]; then
+    echo "$dir: kept in $kept earlier"
     return
   fi
-  local resume=()
-  if [ -f "$dir/metrics.partial.json" ]; then
-    resume=(--resume)
-    # A run resumes on the kernels it started with (--resume refuses others).
-    if grep -q 'AVX-512 matmul' "$dir/metrics.partial.json"; then build 1; else build 0; fi
-  else
-    build "$avx512"
+  if [ ! -f "$dir/metrics.json" ]; then
+    local resume=()
+    if [ -f "$dir/metrics.partial.json" ]; then
+      resume=(--resume)
+      # A run resumes on the kernels it started with (--resume refuses others).
+      if grep -q 'AVX-512 matmul' "$dir/metrics.partial.json"; then build 1; else build 0; fi
+    else
+      build "$avx512"
+    fi
+    echo "$(date -u +%FT%TZ) $study -> $dir ${resume[*]+"${resume[*]}"}"
+    "$bin" "$study" --model "$model" --device "$device" --out "$dir" --quiet ${resume[@]+"${resume[@]}"} "$@" \
+      >> "$dir.log" 2>&1
+    echo "$(date -u +%FT%TZ) $dir: done"
   fi
-  echo "$(date -u +%FT%TZ) $study -> $dir ${resume[*]+"${resume[*]}"}"
-  "$bin" "$study" --model "$model" --device "$device" --out "$dir" --quiet ${resume[@]+"${resume[@]}"} "$@" \
-    >> "$dir.log" 2>&1
-  echo "$(date -u +%FT%TZ) $dir: done"
+  scripts/keep-run.sh "$dir"
 }
 
-run s2ft "$out/s2ft-llm-default" --methods full,lora-r4,s2ft-random-r4
-run merge "$out/merge-llm-default" --finetunes "$out/s2ft-llm-default"
-run s2ft "$out/s2ft-llm-default-rest" --methods s2ft-act-r4,lora-r16,s2ft-random-r16,s2ft-act-r16
-if [ ! -f "$out/s2ft-llm-default-all/metrics.json" ]; then
-  build "$avx512"
-  # A combined report that cannot be made (see its log) does not stop the merge run.
-  if "$bin" s2ft --model "$model" --out "$out/s2ft-llm-default-all" --quiet \
-    --combine "$out/s2ft-llm-default,$out/s2ft-llm-default-rest" >> "$out/s2ft-llm-default-all.log" 2>&1; then
-    echo "$(date -u +%FT%TZ) $out/s2ft-llm-default-all: combined"
-  else
-    echo "$(date -u +%FT%TZ) $out/s2ft-llm-default-all: not combined (see its log)"
-  fi
-fi
-run merge "$out/merge-llm-default-rest" --finetunes "$out/s2ft-llm-default-rest"
+# The kept records of runs "$1"-<each of the rest>, comma-separated; exits
+# naming the first one not kept yet.
+kept_list() {
+  local prefix="$1" list=() r
+  shift
+  for r in "$@"; do
+    if [ ! -f "$kept/$prefix-$r/metrics.json" ]; then
+      echo "$kept/$prefix-$r is not kept yet: run unit $r first" >&2
+      exit 1
+    fi
+    list+=("$kept/$prefix-$r")
+  done
+  (IFS=,; echo "${list[*]}")
+}
+
+for unit in "${units[@]}"; do
+  case "$unit" in
+    full | lora-r4 | s2ft-random-r4)
+      run s2ft "$out/s2ft-llm-$unit" --methods "$unit"
+      if [ -f "$kept/merge-llm-$unit/metrics.json" ]; then
+        echo "$out/merge-llm-$unit: kept in $kept earlier"
+        continue
+      fi
+      # The merge run reads the fine-tunes, which only the session that trained them has.
+      if [ ! -d "$out/s2ft-llm-$unit/finetunes" ]; then
+        echo "$unit: its fine-tunes are not in $out/s2ft-llm-$unit (kept from another session): remove $kept/s2ft-llm-$unit to train them again" >&2
+        exit 1
+      fi
+      run merge "$out/merge-llm-$unit" --finetunes "$out/s2ft-llm-$unit"
+      ;;
+    merge)
+      parts=$(kept_list merge-llm "${families[@]}")
+      run merge "$out/merge-llm-default" --combine "$parts"
+      ;;
+    s2ft-act-r4 | lora-r16 | s2ft-random-r16 | s2ft-act-r16)
+      run s2ft "$out/s2ft-llm-$unit" --methods "$unit"
+      ;;
+    s2ft)
+      parts=$(kept_list s2ft-llm "${families[@]}" "${rest[@]}")
+      run s2ft "$out/s2ft-llm-default" --combine "$parts"
+      ;;
+    *)
+      echo "unknown unit '$unit' (units: ${families[*]} merge ${rest[*]} s2ft)" >&2
+      exit 2
+      ;;
+  esac
+done

@@ -233,11 +233,36 @@ pub fn saved_inputs(saved: &Value) -> anyhow::Result<Option<Vec<InputFile>>> {
 /// runs recorded): its path and how each side saw it (`N bytes, modified at
 /// T ns`, or `absent`); `None` when they agree.
 pub fn changed_input(a: &[InputFile], b: &[InputFile]) -> Option<(PathBuf, String, String)> {
-    let describe = |f: Option<&InputFile>| {
-        f.map_or("absent".to_string(), |f| {
-            format!("{} bytes, modified at {} ns", f.bytes, f.modified_ns)
-        })
-    };
+    first_difference(
+        a,
+        b,
+        |x, y| x == y,
+        |f| format!("{} bytes, modified at {} ns", f.bytes, f.modified_ns),
+    )
+}
+
+/// [`changed_input`] by size alone: for inputs read in another session or
+/// on another machine, where a model fetched again (the same pinned bytes)
+/// has a new modification time. The path and each side's size (`N bytes`
+/// or `absent`).
+pub fn resized_input(a: &[InputFile], b: &[InputFile]) -> Option<(PathBuf, String, String)> {
+    first_difference(
+        a,
+        b,
+        |x, y| x.bytes == y.bytes,
+        |f| format!("{} bytes", f.bytes),
+    )
+}
+
+/// The first path (in order) on which `a` and `b` differ: present on one
+/// side only, or not `same`; with each side as `describe` shows it.
+fn first_difference(
+    a: &[InputFile],
+    b: &[InputFile],
+    same: impl Fn(&InputFile, &InputFile) -> bool,
+    describe: impl Fn(&InputFile) -> String,
+) -> Option<(PathBuf, String, String)> {
+    let show = |f: Option<&InputFile>| f.map_or("absent".to_string(), &describe);
     let mut paths: Vec<&PathBuf> = a.iter().chain(b).map(|f| &f.path).collect();
     paths.sort();
     paths.dedup();
@@ -246,7 +271,8 @@ pub fn changed_input(a: &[InputFile], b: &[InputFile]) -> Option<(PathBuf, Strin
             a.iter().find(|f| &f.path == p),
             b.iter().find(|f| &f.path == p),
         );
-        (x != y).then(|| (p.clone(), describe(x), describe(y)))
+        let agree = matches!((x, y), (Some(x), Some(y)) if same(x, y));
+        (!agree).then(|| (p.clone(), show(x), show(y)))
     })
 }
 

@@ -1479,15 +1479,23 @@ fn s2ft_study_combines_the_parts_of_a_split_run() {
             "more than one example of 4",
         ],
     );
-    // A fine-tune a part lists and no longer holds.
+    // A fine-tune a part lists and no longer holds (a part kept without its
+    // models): named in the report, left out of the manifest.
     let gone = dir.path().join("b-gone");
     copy_tree(&b, &gone);
     std::fs::remove_dir_all(gone.join("finetunes/date/lora-r2")).unwrap();
-    fails(
-        combined(&[&a, &gone], &out),
-        &["finetunes/date/lora-r2", "which is missing"],
+    let without = dir.path().join("without");
+    experiments::studies::s2ft::run(&combined(&[&a, &gone], &without)).unwrap();
+    let manifest = std::fs::read_to_string(without.join("finetunes/manifest.json")).unwrap();
+    assert!(!manifest.contains("date/lora-r2"), "{manifest}");
+    assert!(manifest.contains("reverse/lora-r2"), "{manifest}");
+    let md = std::fs::read_to_string(without.join("report.md")).unwrap();
+    assert!(
+        md.contains("1 fine-tune(s) of") && md.contains("finetunes/date/lora-r2"),
+        "{md}"
     );
-    // The model rewritten since the parts read it.
+    // The model fetched again (a new modification time, the same bytes)
+    // combines; rewritten to another size, it does not.
     let config = model.join("config.json");
     std::fs::File::options()
         .write(true)
@@ -1495,9 +1503,13 @@ fn s2ft_study_combines_the_parts_of_a_split_run() {
         .unwrap()
         .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(86_400))
         .unwrap();
+    experiments::studies::s2ft::run(&combined(&[&a, &b], &dir.path().join("refetched"))).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push('\n');
+    std::fs::write(&config, text).unwrap();
     fails(
         combined(&[&a, &b], &out),
-        &["config.json changed since", "read it"],
+        &["config.json changed since", "read it", "bytes then"],
     );
 }
 

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::report::{
     InputFile, RunRecord, input_files, parts_table, plan_differences, read_metrics, relative_path,
-    same_folder, saved_inputs,
+    resized_input, same_folder, saved_inputs,
 };
 use s2ft_core::Pretrained;
 
@@ -272,17 +272,17 @@ fn read_part(
     let recorded_inputs = saved_inputs(&pm.inputs)
         .with_context(|| format!("--combine: reading the inputs in {}", dir.display()))?
         .unwrap_or_default();
-    for f in model_files {
-        if let Some(then) = recorded_inputs.iter().find(|g| g.path == f.path) {
-            ensure!(
-                then.bytes == f.bytes,
-                "--combine: {} read {} at {} bytes; it has {} now: its scores are of another model",
-                dir.display(),
-                f.path.display(),
-                then.bytes,
-                f.bytes
-            );
-        }
+    // The base's files as the part read them (its fine-tunes aside), by size.
+    let base_then: Vec<InputFile> = recorded_inputs
+        .into_iter()
+        .filter(|f| f.path.starts_with(model))
+        .collect();
+    if let Some((path, then, now)) = resized_input(&base_then, model_files) {
+        anyhow::bail!(
+            "--combine: {} read {} at {then}; it has {now} now: its scores are of another model",
+            dir.display(),
+            path.display()
+        );
     }
     Ok((
         MergePart {

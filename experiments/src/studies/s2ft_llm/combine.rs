@@ -18,7 +18,7 @@ use super::{
     summary_csv, sweep_csv,
 };
 use crate::report::{
-    RunArgs, RunRecord, changed_input, parts_table, plan_differences, read_metrics, relative_path,
+    RunArgs, RunRecord, parts_table, plan_differences, read_metrics, relative_path, resized_input,
     same_folder, saved_inputs,
 };
 
@@ -41,6 +41,9 @@ pub struct Part {
     pub methods: Vec<String>,
     /// Its run record (command, commit, backend, wall time).
     pub run: RunRecord,
+    /// The fine-tunes it lists and no longer holds (paths in its folder).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
 }
 
 /// How far the base model's held-out losses may differ between two parts
@@ -115,19 +118,17 @@ pub(super) fn combine(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
 
-    // Every fine-tune the parts list is still there.
-    for (part, pm) in &parts {
-        for e in &pm.rows.finetunes {
-            let p = part.dir.join(&e.path);
-            ensure!(
-                p.is_dir(),
-                "--combine: {} lists {} ({} on {}), which is missing",
-                part.dir.join("finetunes/manifest.json").display(),
-                p.display(),
-                e.method,
-                e.task
-            );
-        }
+    // The fine-tunes a part lists and no longer holds (a run kept without
+    // its models by scripts/keep-run.sh, its machine gone): reported, and
+    // left out of the combined manifest.
+    for (part, pm) in &mut parts {
+        part.missing = pm
+            .rows
+            .finetunes
+            .iter()
+            .filter(|e| !part.dir.join(&e.path).is_dir())
+            .map(|e| e.path.clone())
+            .collect();
     }
     let memory_measured = parts.iter().all(|(_, m)| m.rows.memory_measured);
     // Both sides of a rebased path canonical (they exist): it climbs only as far as needed.
@@ -161,12 +162,17 @@ pub(super) fn combine(
                 r.saved = r.saved.as_deref().map(rebase);
                 r
             }));
-        res.manifest
-            .extend(rows.finetunes.iter().filter(|e| e.method == name).map(|e| {
-                let mut e = e.clone();
-                e.path = rebase(&e.path);
-                e
-            }));
+        let missing = &parts[owner].0.missing;
+        res.manifest.extend(
+            rows.finetunes
+                .iter()
+                .filter(|e| e.method == name && !missing.contains(&e.path))
+                .map(|e| {
+                    let mut e = e.clone();
+                    e.path = rebase(&e.path);
+                    e
+                }),
+        );
     }
     let base = parts[0].1.rows.base.clone();
     let parts: Vec<Part> = parts.into_iter().map(|(p, _)| p).collect();
@@ -246,9 +252,10 @@ fn read_part(
     );
     let inputs = saved_inputs(&pm.inputs)
         .with_context(|| format!("--combine: reading the inputs in {}", dir.display()))?;
+    // By size: a part run in another session read a model fetched again.
     if let Some((path, then, now)) = inputs
         .as_deref()
-        .and_then(|inputs| changed_input(inputs, &prep.inputs))
+        .and_then(|inputs| resized_input(inputs, &prep.inputs))
     {
         anyhow::bail!(
             "--combine: {} changed since {} read it ({then} then, {now} now); its scores are of another model",
@@ -259,6 +266,7 @@ fn read_part(
     Ok((
         Part {
             dir: dir.to_path_buf(),
+            missing: Vec::new(),
             methods,
             run: recorded.run,
         },
@@ -314,4 +322,12 @@ fn parts_section(md: &mut String, parts: &[Part]) {
             .iter()
             .map(|p| (p.dir.as_path(), p.methods.join(", "), &p.run)),
     );
+    for p in parts.iter().filter(|p| !p.missing.is_empty()) {
+        md.push_str(&format!(
+            "\n{} fine-tune(s) of `{}` are no longer in its folder (kept without its models?) and are left out of `finetunes/manifest.json`: {}.\n",
+            p.missing.len(),
+            p.dir.display(),
+            p.missing.join(", ")
+        ));
+    }
 }
