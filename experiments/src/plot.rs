@@ -413,6 +413,19 @@ where
     Ok(())
 }
 
+/// A grouped bar chart's width in pixels: 40 per bar, and wide enough that
+/// each category's label (at about 8 pixels per character of the axis
+/// font) does not run into its neighbours'; at least 900.
+fn grouped_bar_width(categories: &[String], series: usize) -> u32 {
+    let longest = categories
+        .iter()
+        .map(|c| c.chars().count())
+        .max()
+        .unwrap_or(0) as u32;
+    let per_category = (40 * series.max(1) as u32).max(8 * longest + 12);
+    (per_category * categories.len() as u32 + 120).max(900)
+}
+
 /// Writes a grouped bar chart (one group of bars per category, one colour
 /// per series; non-finite values are left out) as `<stem>.png` and `<stem>.svg`.
 pub fn grouped_bar_chart(
@@ -422,10 +435,9 @@ pub fn grouped_bar_chart(
     categories: &[String],
     series: &[(String, Vec<f64>)],
 ) -> anyhow::Result<()> {
-    let width = (40 * categories.len() as u32 * series.len().max(1) as u32).max(900);
     render(
         stem,
-        (width, 540),
+        (grouped_bar_width(categories, series.len()), 540),
         |r| draw_grouped_bars(r, title, y_label, categories, series),
         |r| draw_grouped_bars(r, title, y_label, categories, series),
     )
@@ -434,6 +446,18 @@ pub fn grouped_bar_chart(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grouped_bars_are_wide_enough_for_their_labels() {
+        let short: Vec<String> = (0..16).map(|i| format!("m{i}")).collect();
+        assert_eq!(grouped_bar_width(&short, 1), 900);
+        // 16 methods named like the merge study's ("task arithmetic": 15 characters).
+        let long: Vec<String> = (0..16).map(|_| "task arithmetic".to_string()).collect();
+        let w = grouped_bar_width(&long, 1);
+        assert!(w as f64 / 16.0 >= 15.0 * 8.0, "{w}");
+        // Many series widen the groups, not the labels.
+        assert_eq!(grouped_bar_width(&short, 4), 160 * 16 + 120);
+    }
 
     /// The SVG of a one-series chart, and how many stroked shapes it draws.
     fn svg_of(series: Series) -> (String, usize) {
