@@ -347,6 +347,60 @@ pub fn relative_path(target: &Path, from: &Path) -> PathBuf {
     out
 }
 
+/// What a combined report (`--combine`) reads of a part's `metrics.json`:
+/// its plan (compared as JSON), its input files and the study's rows `R`.
+#[derive(Deserialize)]
+pub struct PartMetrics<R> {
+    /// The part's plan.
+    pub plan: Value,
+    /// The files it read (null in runs recorded before inputs were).
+    #[serde(default)]
+    pub inputs: Value,
+    /// Its results.
+    #[serde(flatten)]
+    pub rows: R,
+}
+
+/// Reads the part of a combined report in `dir`: a finished run of
+/// `study --model` (an unfinished one, a report of another study or one
+/// that does not read as `R` is refused by name).
+pub fn read_part<R: serde::de::DeserializeOwned>(
+    dir: &Path,
+    study: &str,
+) -> anyhow::Result<Recorded<PartMetrics<R>>> {
+    if !dir.join("metrics.json").is_file() && dir.join("metrics.partial.json").is_file() {
+        anyhow::bail!(
+            "--combine: {} is an unfinished run (metrics.partial.json only): finish it with --resume first",
+            dir.display()
+        );
+    }
+    let recorded = read_metrics::<PartMetrics<R>>(dir).with_context(|| {
+        format!(
+            "--combine: {} is not a finished {study} --model run",
+            dir.display()
+        )
+    })?;
+    anyhow::ensure!(
+        recorded.run.study == study,
+        "--combine: {} is a report of the `{}` study, not of {study} --model",
+        dir.display(),
+        recorded.run.study
+    );
+    Ok(recorded)
+}
+
+/// Errors unless two parts' accuracies `p` and `q` of the base model on
+/// `task`'s `split` of `n` examples differ by at most one example (the same
+/// model scored by two builds or machines: a greedy answer that rounding
+/// flipped).
+pub fn within_one_example(task: &str, split: &str, p: f64, q: f64, n: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (p - q).abs() * n as f64 <= 1.0 + 1e-9,
+        "{task} {split} accuracy {p} vs {q} (more than one example of {n})"
+    );
+    Ok(())
+}
+
 /// Whether two paths name one folder (the same path, or the same folder
 /// once both exist).
 pub fn same_folder(a: &Path, b: &Path) -> bool {

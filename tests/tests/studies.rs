@@ -25,6 +25,35 @@ fn check_png(p: &Path) {
     assert!(img.width() >= 400 && img.height() >= 300, "{}", p.display());
 }
 
+/// [`check_png`] of `<stem>.png` in `dir` for every stem.
+fn check_pngs(dir: &Path, stems: &[&str]) {
+    for stem in stems {
+        check_png(&dir.join(format!("{stem}.png")));
+    }
+}
+
+/// The plots of the real-model merge study of the tiny test runs (groups
+/// `full`, `lora r2`, `s2ft-random r2`).
+const MERGE_LLM_PLOTS: [&str; 4] = [
+    "normalised_accuracy",
+    "accuracy_vs_lambda",
+    "cosine_full",
+    "cosine_lora-r2",
+];
+
+/// Runs the merge study and checks that it refuses with an error holding
+/// every string of `want`, before a report folder exists at `out`.
+fn merge_refused(args: experiments::studies::merging::MergeArgs, out: &Path, want: &[&str]) {
+    let e = format!(
+        "{:#}",
+        experiments::studies::merging::run(&args).unwrap_err()
+    );
+    for w in want {
+        assert!(e.contains(w), "{w:?} not in: {e}");
+    }
+    assert!(!out.exists(), "no report folder after: {e}");
+}
+
 #[test]
 fn spectra_study_reports_heavy_tailed_layers() {
     let dir = tempfile::tempdir().unwrap();
@@ -386,14 +415,15 @@ fn merge_study_merges_beat_chance_rmm_rebuilds_each_task_and_one_model_holds_all
         ..Default::default()
     };
     experiments::studies::merging::run(&args).unwrap();
-    for f in [
-        "accuracy_full",
-        "accuracy_lora",
-        "accuracy_s2ft-random",
-        "task_vector_spectra",
-    ] {
-        check_png(&out.join(format!("{f}.png")));
-    }
+    check_pngs(
+        &out,
+        &[
+            "accuracy_full",
+            "accuracy_lora",
+            "accuracy_s2ft-random",
+            "task_vector_spectra",
+        ],
+    );
     for f in [
         "report.md",
         "merges.csv",
@@ -935,16 +965,17 @@ fn s2ft_study_fine_tunes_a_hugging_face_model_and_saves_what_others_load() {
     let model = tiny_hf_model(dir.path(), 512);
     let out = dir.path().join("run");
     experiments::studies::s2ft::run(&llm_args(&model, &out)).unwrap();
-    for f in [
-        "accuracy_vs_params",
-        "in_vs_out_of_domain",
-        "accuracy_vs_forgetting",
-        "step_time",
-        "memory",
-        "lr_sweep",
-    ] {
-        check_png(&out.join(format!("{f}.png")));
-    }
+    check_pngs(
+        &out,
+        &[
+            "accuracy_vs_params",
+            "in_vs_out_of_domain",
+            "accuracy_vs_forgetting",
+            "step_time",
+            "memory",
+            "lr_sweep",
+        ],
+    );
     for f in [
         "report.md",
         "runs.csv",
@@ -1635,14 +1666,7 @@ fn merge_study_merges_real_model_fine_tunes_and_its_yaml_configs_are_mergekits()
     }
     let out = dir.path().join("merge");
     experiments::studies::merging::run(&merge_llm_args(&model, Some(&ft), &out)).unwrap();
-    for f in [
-        "normalised_accuracy",
-        "accuracy_vs_lambda",
-        "cosine_full",
-        "cosine_lora-r2",
-    ] {
-        check_png(&out.join(format!("{f}.png")));
-    }
+    check_pngs(&out, &MERGE_LLM_PLOTS);
     assert!(out.join("merges.csv").is_file() && out.join("report.md").is_file());
     assert!(!out.join("inputs").exists(), "scratch inputs removed");
     assert!(!out.join("metrics.partial.json").exists());
@@ -2044,26 +2068,11 @@ fn combines_runs_of_other_groups(dir: &Path, model: &Path, out: &Path, done: &se
             .unwrap()
             .contains("## Parts")
     );
-    for f in [
-        "normalised_accuracy",
-        "accuracy_vs_lambda",
-        "cosine_full",
-        "cosine_lora-r2",
-    ] {
-        check_png(&both.join(format!("{f}.png")));
-    }
+    check_pngs(&both, &MERGE_LLM_PLOTS);
 
     // Refusals, each naming what is wrong, before any report folder exists.
-    let fails = |args: experiments::studies::merging::MergeArgs, want: &str| {
-        let to = args.lm.run.out.clone().unwrap();
-        let e = format!(
-            "{:#}",
-            experiments::studies::merging::run(&args).unwrap_err()
-        );
-        assert!(e.contains(want), "{want:?} not in: {e}");
-        assert!(!to.exists(), "{e}");
-    };
     let bad = dir.join("bad");
+    let fails = |args, want: &str| merge_refused(args, &bad, &[want]);
     fails(combine(&[&a, &a], &bad), "merged group 'full'");
     let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| -> PathBuf {
         let p = dir.join(name);
@@ -2111,16 +2120,7 @@ fn merge_study_names_bad_real_model_input_before_writing_a_report() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_hf_model(dir.path(), 512);
     let out = dir.path().join("run");
-    let fails = |args: experiments::studies::merging::MergeArgs, want: &[&str]| {
-        let e = format!(
-            "{:#}",
-            experiments::studies::merging::run(&args).unwrap_err()
-        );
-        for w in want {
-            assert!(e.contains(w), "{w:?} not in: {e}");
-        }
-        assert!(!out.exists(), "no report folder after: {e}");
-    };
+    let fails = |args, want: &[&str]| merge_refused(args, &out, want);
     // Fine-tunes: two copies of the base under task names, saved as HF folders.
     let base = s2ft_core::Pretrained::load(&model).unwrap();
     let save = |name: &str, c: &s2ft_core::LlamaConfig, seed: u64| {

@@ -21,20 +21,13 @@ use super::{
     refuse_character_options, report,
 };
 use crate::report::{
-    InputFile, RunRecord, input_files, parts_table, plan_differences, read_metrics, relative_path,
-    resized_input, same_folder, saved_inputs,
+    InputFile, RunRecord, input_files, parts_table, plan_differences, relative_path, resized_input,
+    same_folder, saved_inputs, within_one_example,
 };
 use s2ft_core::Pretrained;
 
 /// What a combined report needs of a part's `metrics.json`.
-#[derive(serde::Deserialize)]
-struct PartMetrics {
-    plan: Value,
-    #[serde(default)]
-    inputs: Value,
-    #[serde(flatten)]
-    rows: Rows,
-}
+type PartMetrics = crate::report::PartMetrics<Rows>;
 
 /// A part as the combined `metrics.json` names it.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -81,7 +74,7 @@ pub(super) fn combine(args: &MergeArgs) -> anyhow::Result<PathBuf> {
             "--combine: --out {} is one of the parts; give a new folder",
             out.display()
         );
-        let (part, pm, plan) = read_part(dir, model, &model_files)?;
+        let (part, pm, plan) = read_merge_part(dir, model, &model_files)?;
         if let Some((first, fm, fplan)) = parts.first() {
             let (there, here) = (
                 format!("in {}", first.dir.display()),
@@ -236,29 +229,12 @@ fn shared(plan: &Value) -> Value {
 /// One part's `metrics.json`: a finished merge run of `model` (same path,
 /// same file sizes: a model fetched again in another session has other
 /// modification times but the same bytes).
-fn read_part(
+fn read_merge_part(
     dir: &Path,
     model: &Path,
     model_files: &[InputFile],
 ) -> anyhow::Result<(MergePart, PartMetrics, Plan)> {
-    if !dir.join("metrics.json").is_file() && dir.join("metrics.partial.json").is_file() {
-        anyhow::bail!(
-            "--combine: {} is an unfinished run (metrics.partial.json only): finish it with --resume first",
-            dir.display()
-        );
-    }
-    let recorded = read_metrics::<PartMetrics>(dir).with_context(|| {
-        format!(
-            "--combine: {} is not a finished merge --model run",
-            dir.display()
-        )
-    })?;
-    ensure!(
-        recorded.run.study == "merge",
-        "--combine: {} is a report of the `{}` study, not of merge --model",
-        dir.display(),
-        recorded.run.study
-    );
+    let recorded = crate::report::read_part::<Rows>(dir, "merge")?;
     let pm = recorded.metrics;
     let plan: Plan = serde_json::from_value(pm.plan.clone())
         .with_context(|| format!("--combine: reading the plan in {}", dir.display()))?;
@@ -307,11 +283,7 @@ fn same_base(a: &BaseScores, b: &BaseScores, n: usize) -> anyhow::Result<()> {
             y.tasks.keys().collect::<Vec<_>>()
         );
         for (task, p) in &x.tasks {
-            let q = y.tasks[task];
-            ensure!(
-                (p - q).abs() * n as f64 <= 1.0 + 1e-9,
-                "{task} {split} accuracy {p} vs {q} (more than one example of {n})"
-            );
+            within_one_example(task, split, *p, y.tasks[task], n)?;
         }
     }
     Ok(())

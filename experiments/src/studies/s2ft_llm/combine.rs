@@ -18,19 +18,12 @@ use super::{
     summary_csv, sweep_csv,
 };
 use crate::report::{
-    RunArgs, RunRecord, parts_table, plan_differences, read_metrics, relative_path, resized_input,
-    same_folder, saved_inputs,
+    RunArgs, RunRecord, parts_table, plan_differences, relative_path, resized_input, same_folder,
+    saved_inputs, within_one_example,
 };
 
 /// What a combined report needs of a part's `metrics.json`.
-#[derive(serde::Deserialize)]
-struct PartMetrics {
-    plan: Value,
-    #[serde(default)]
-    inputs: Value,
-    #[serde(flatten)]
-    rows: Rows,
-}
+type PartMetrics = crate::report::PartMetrics<Rows>;
 
 /// A part as the combined `metrics.json` names it.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
@@ -215,24 +208,7 @@ fn read_part(
     plan_json: &Value,
     prep: &Prepared,
 ) -> anyhow::Result<(Part, PartMetrics)> {
-    if !dir.join("metrics.json").is_file() && dir.join("metrics.partial.json").is_file() {
-        anyhow::bail!(
-            "--combine: {} is an unfinished run (metrics.partial.json only): finish it with --resume first",
-            dir.display()
-        );
-    }
-    let recorded = read_metrics::<PartMetrics>(dir).with_context(|| {
-        format!(
-            "--combine: {} is not a finished s2ft --model run",
-            dir.display()
-        )
-    })?;
-    ensure!(
-        recorded.run.study == "s2ft",
-        "--combine: {} is a report of the `{}` study, not of s2ft --model",
-        dir.display(),
-        recorded.run.study
-    );
+    let recorded = crate::report::read_part::<Rows>(dir, "s2ft")?;
     let pm = recorded.metrics;
     let methods: Vec<String> = serde_json::from_value(pm.plan["methods"].clone())
         .with_context(|| format!("--combine: reading the plan's methods in {}", dir.display()))?;
@@ -288,12 +264,7 @@ fn same_base(a: &BaseScores, b: &BaseScores, n: usize) -> anyhow::Result<()> {
     for (task, x) in &a.tasks {
         let y = &b.tasks[task];
         for (split, p, q) in [("test", &x.test, &y.test), ("ood", &x.ood, &y.ood)] {
-            ensure!(
-                (p.acc - q.acc).abs() * n as f64 <= 1.0 + 1e-9,
-                "{task} {split} accuracy {} vs {} (more than one example of {n})",
-                p.acc,
-                q.acc
-            );
+            within_one_example(task, split, p.acc, q.acc, n)?;
         }
     }
     for (corpus, x) in &a.text_loss {
