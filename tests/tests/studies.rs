@@ -1962,30 +1962,22 @@ fn merge_study_resumes_an_interrupted_run_and_combines_runs_of_other_groups() {
 /// one run's rows, plan and report tables; bad parts are refused by name.
 fn combines_runs_of_other_groups(dir: &Path, model: &Path, out: &Path, done: &serde_json::Value) {
     use serde_json::json;
-    let groups = |g: &[&str]| -> Vec<serde_json::Value> { g.iter().map(|g| json!(g)).collect() };
     // A part: `done` restricted to groups `keep`, only its metrics.json.
     let part = |name: &str, keep: &[&str]| -> PathBuf {
         let mut m = done.clone();
-        let kept = |v: &serde_json::Value| keep.contains(&v["group"].as_str().unwrap());
-        for key in ["individual", "merges", "task_vectors", "best"] {
-            let rows: Vec<_> = m[key]
+        let only_kept = |rows: &serde_json::Value| -> serde_json::Value {
+            let kept = rows
                 .as_array()
                 .unwrap()
                 .iter()
-                .filter(|r| kept(r))
-                .cloned()
-                .collect();
-            m[key] = json!(rows);
+                .filter(|r| keep.contains(&r["group"].as_str().unwrap()));
+            json!(kept.cloned().collect::<Vec<_>>())
+        };
+        for key in ["individual", "merges", "task_vectors", "best"] {
+            m[key] = only_kept(&m[key]);
         }
-        let sources: Vec<_> = m["plan"]["sources"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| kept(r))
-            .cloned()
-            .collect();
-        m["plan"]["sources"] = json!(sources);
-        m["plan"]["groups"] = json!(groups(keep));
+        m["plan"]["sources"] = only_kept(&m["plan"]["sources"]);
+        m["plan"]["groups"] = json!(keep);
         let p = dir.join(name);
         std::fs::create_dir_all(&p).unwrap();
         std::fs::write(p.join("metrics.json"), m.to_string()).unwrap();
