@@ -262,13 +262,25 @@ fn bar_axes<'a, DB: DrawingBackend>(
     labels: &[String],
     values: impl Iterator<Item = f64>,
     (caption, label_size): (u32, u32),
+    legend_rows: usize,
 ) -> anyhow::Result<(BarChart<'a, DB>, f64)>
 where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE).map_err(|e| anyhow!("{e:?}"))?;
     let top = values.filter(|v| v.is_finite()).fold(0f64, f64::max);
-    let top = if top > 0.0 { top * 1.15 } else { 1.0 };
+    // Headroom above the tallest bar: 15 %, or more where a legend of
+    // `legend_rows` entries (about 22 px each, drawn in the upper right
+    // corner) must fit above the bars; the plotting area is the height
+    // less the margins, the caption and the x labels.
+    let plot_height = root.dim_in_pixel().1 as f64 - 24.0 - 40.0 - 1.5 * caption as f64;
+    let legend = if legend_rows > 0 {
+        (22 * legend_rows + 24) as f64
+    } else {
+        0.0
+    };
+    let headroom = (1.0 / (1.0 - legend / plot_height).max(0.2)).max(1.15);
+    let top = if top > 0.0 { top * headroom } else { 1.0 };
     let n = labels.len().max(1);
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", caption))
@@ -313,6 +325,7 @@ where
         &labels,
         bars.iter().map(|b| b.1),
         (22, 14),
+        0,
     )?;
     for (i, (_, v)) in bars.iter().enumerate() {
         if !v.is_finite() {
@@ -383,6 +396,7 @@ where
         categories,
         series.iter().flat_map(|s| s.1.iter().copied()),
         (20, 13),
+        series.len(),
     )?;
     let k = series.len().max(1);
     let width = 0.8 / k as f64;
@@ -403,8 +417,10 @@ where
             .label(name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
     }
+    // In the headroom `bar_axes` left above the bars.
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()
@@ -457,6 +473,60 @@ mod tests {
         assert!(w as f64 / 16.0 >= 15.0 * 8.0, "{w}");
         // Many series widen the groups, not the labels.
         assert_eq!(grouped_bar_width(&short, 4), 160 * 16 + 120);
+    }
+
+    /// Draws a grouped bar chart of `series` series whose bars all reach 1.0
+    /// into an RGB buffer, and returns the lowest pixel row of the legend's
+    /// black frame in the right quarter above the x axis and the highest
+    /// row any bar reaches there.
+    fn legend_bottom_and_bar_top(series: usize) -> (usize, usize) {
+        register();
+        let categories: Vec<String> = (0..6).map(|i| format!("method {i}")).collect();
+        let data: Vec<(String, Vec<f64>)> = (0..series)
+            .map(|s| (format!("family {s}"), vec![1.0; categories.len()]))
+            .collect();
+        let (w, h) = (grouped_bar_width(&categories, series) as usize, 540);
+        let mut buf = vec![0u8; w * h * 3];
+        {
+            let root =
+                BitMapBackend::with_buffer(&mut buf, (w as u32, h as u32)).into_drawing_area();
+            draw_grouped_bars(root, "t", "y", &categories, &data).unwrap();
+        }
+        let colours: Vec<(u8, u8, u8)> = (0..series)
+            .map(|s| {
+                let c = Palette99::pick(s).to_rgba();
+                (c.0, c.1, c.2)
+            })
+            .collect();
+        let pixel = |x: usize, y: usize| {
+            let i = (y * w + x) * 3;
+            (buf[i], buf[i + 1], buf[i + 2])
+        };
+        let (mut legend_bottom, mut bar_top) = (0, h);
+        // Above the x axis (its line and labels take the bottom 60 rows).
+        for y in 0..h - 60 {
+            let row: Vec<_> = (w * 3 / 4..w - 14).map(|x| pixel(x, y)).collect();
+            // The frame's bottom edge: a long run of black.
+            if row.iter().filter(|&&p| p == (0, 0, 0)).count() > 40 {
+                legend_bottom = y;
+            }
+            if bar_top == h && row.iter().filter(|p| colours.contains(p)).count() > 60 {
+                bar_top = y;
+            }
+        }
+        (legend_bottom, bar_top)
+    }
+
+    #[test]
+    fn a_grouped_bar_charts_legend_sits_above_its_bars() {
+        for series in [1, 3, 7] {
+            let (legend_bottom, bar_top) = legend_bottom_and_bar_top(series);
+            assert!(legend_bottom > 0, "{series} series: no legend frame found");
+            assert!(
+                legend_bottom < bar_top,
+                "{series} series: the legend reaches row {legend_bottom}, the bars row {bar_top}"
+            );
+        }
     }
 
     /// The SVG of a one-series chart, and how many stroked shapes it draws.
