@@ -252,9 +252,14 @@ type BarChart<'a, DB> = ChartContext<
     Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
 >;
 
+/// A bar chart's margin and the height of its x-label area, in pixels.
+const BAR_MARGIN: u32 = 12;
+const BAR_X_LABELS: u32 = 40;
+
 /// The axes of a bar chart: one slot per label along x (the label under its
-/// centre), y from 0 to 15 % above the tallest finite value (1 when none);
-/// returns the chart and that top. Font sizes: caption, then axis labels.
+/// centre), y from 0 to 15 % above the tallest finite value (1 when none),
+/// or higher where a legend of `legend_rows` entries must fit above the
+/// bars; returns the chart and that top. Font sizes: caption, then axis labels.
 fn bar_axes<'a, DB: DrawingBackend>(
     root: &'a DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
@@ -273,7 +278,9 @@ where
     // `legend_rows` entries (about 22 px each, drawn in the upper right
     // corner) must fit above the bars; the plotting area is the height
     // less the margins, the caption and the x labels.
-    let plot_height = root.dim_in_pixel().1 as f64 - 24.0 - 40.0 - 1.5 * caption as f64;
+    let plot_height = root.dim_in_pixel().1 as f64
+        - (2 * BAR_MARGIN + BAR_X_LABELS) as f64
+        - 1.5 * caption as f64;
     let legend = if legend_rows > 0 {
         (22 * legend_rows + 24) as f64
     } else {
@@ -284,8 +291,8 @@ where
     let n = labels.len().max(1);
     let mut chart = ChartBuilder::on(root)
         .caption(title, ("sans-serif", caption))
-        .margin(12)
-        .x_label_area_size(40)
+        .margin(BAR_MARGIN)
+        .x_label_area_size(BAR_X_LABELS)
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..n as f64, 0f64..top)
         .map_err(|e| anyhow!("{e:?}"))?;
