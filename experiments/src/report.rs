@@ -412,7 +412,9 @@ pub fn same_folder(a: &Path, b: &Path) -> bool {
 }
 
 /// A combined report's table of its parts: each part's folder, what it
-/// ran (`what`: the column's name), backend, threads, commit and wall time.
+/// ran (`what`: the column's name), backend, threads, commit and wall time,
+/// then the parts' wall time in all (the combined run's own is its
+/// footer's: seconds of reading and writing).
 pub fn parts_table<'a>(
     md: &mut String,
     what: &str,
@@ -421,18 +423,29 @@ pub fn parts_table<'a>(
     md.push_str(&format!(
         "| part | {what} | backend | threads | commit | wall time |\n|---|---|---|---|---|---|\n"
     ));
+    let wall = |seconds: f64, resumes: usize| {
+        format!(
+            "{seconds:.0} s = {:.1} h ({resumes} resumes)",
+            seconds / 3600.0
+        )
+    };
+    let (mut seconds, mut resumes) = (0.0, 0);
     for (dir, ran, run) in parts {
         md.push_str(&format!(
-            "| `{}` | {ran} | {} | {} | {} | {:.0} s = {:.1} h ({} resumes) |\n",
+            "| `{}` | {ran} | {} | {} | {} | {} |\n",
             dir.display(),
             run.backend,
             run.threads,
             run.git_commit,
-            run.wall_seconds,
-            run.wall_seconds / 3600.0,
-            run.resumes
+            wall(run.wall_seconds, run.resumes)
         ));
+        seconds += run.wall_seconds;
+        resumes += run.resumes;
     }
+    md.push_str(&format!(
+        "| all parts | | | | | {} |\n",
+        wall(seconds, resumes)
+    ));
 }
 
 /// An open report folder.

@@ -1460,6 +1460,15 @@ fn s2ft_study_combines_the_parts_of_a_split_run() {
         md.contains("## Parts") && md.contains("| lora-r2 |"),
         "{md}"
     );
+    // The parts' wall time in all, under the table of parts.
+    let wall: f64 = parts
+        .iter()
+        .map(|p| p["run"]["wall_seconds"].as_f64().unwrap())
+        .sum();
+    assert!(
+        md.contains(&format!("| all parts | | | | | {wall:.0} s = ")),
+        "{md}"
+    );
 
     // Refusals, each naming what is wrong, with no folder written.
     let out = dir.path().join("refused");
