@@ -6,7 +6,8 @@ use std::path::Path;
 use std::sync::Once;
 
 use anyhow::{Context, anyhow};
-use plotters::element::DashedPathElement;
+use plotters::coord::types::RangedCoordf64;
+use plotters::element::{DashedPathElement, MultiLineText};
 use plotters::prelude::*;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -142,8 +143,10 @@ where
             anno.legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
         }
     }
+    let position = legend_position(&chart, series)?;
     chart
         .configure_series_labels()
+        .position(position)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))
@@ -151,6 +154,92 @@ where
         .map_err(|e| anyhow!("{e:?}"))?;
     root.present().map_err(|e| anyhow!("{e:?}"))?;
     Ok(())
+}
+
+/// Where the legend hides the fewest data: of plotters' nine places in the
+/// plotting area, the first (the right edge's middle, plotters' default,
+/// first) whose box — sized as plotters sizes it, with 14-pixel labels —
+/// covers the fewest of the series' points and of the points along their
+/// lines (each segment sampled every few pixels).
+fn legend_position<DB: DrawingBackend>(
+    chart: &ChartContext<DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    series: &[Series],
+) -> anyhow::Result<SeriesLabelPosition> {
+    use SeriesLabelPosition::*;
+    let font: TextStyle = ("sans-serif", 14).into_font().into();
+    let mut text = MultiLineText::<_, &str>::new((0, 0), &font);
+    for s in series.iter().filter(|s| !s.name.is_empty()) {
+        text.push_line(s.name.as_str());
+    }
+    let (w, h) = text
+        .estimate_dimension()
+        .map_err(|e| anyhow!("legend size: {e:?}"))?;
+    // plotters' defaults: a 30-pixel legend mark and a 10-pixel margin.
+    let (w, h) = (w + 30 + 20, h + 20);
+    let area = chart.plotting_area();
+    let (area_w, area_h) = area.dim_in_pixel();
+    let (bx, by) = area.get_base_pixel();
+    let mut pixels: Vec<(i32, i32)> = Vec::new();
+    for s in series {
+        let p: Vec<(i32, i32)> = s
+            .points
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|xy| {
+                let (x, y) = chart.backend_coord(xy);
+                (x - bx, y - by)
+            })
+            .collect();
+        pixels.extend(&p);
+        if !s.dots {
+            for pair in p.windows(2) {
+                let ((x0, y0), (x1, y1)) = (pair[0], pair[1]);
+                let steps = ((x1 - x0).abs().max((y1 - y0).abs()) / 4).max(1);
+                pixels.extend(
+                    (1..steps).map(|k| (x0 + (x1 - x0) * k / steps, y0 + (y1 - y0) * k / steps)),
+                );
+            }
+        }
+    }
+    // The places as plotters lays them out (`layout_label_area`).
+    let (aw, ah) = (area_w as i32, area_h as i32);
+    let place = |p: &SeriesLabelPosition| {
+        let x = match p {
+            UpperLeft | MiddleLeft | LowerLeft => 5,
+            UpperMiddle | MiddleMiddle | LowerMiddle => (aw - w) / 2,
+            _ => aw - w - 5,
+        };
+        let y = match p {
+            UpperLeft | UpperMiddle | UpperRight => 5,
+            MiddleLeft | MiddleMiddle | MiddleRight => (ah - h) / 2,
+            _ => ah - h - 5,
+        };
+        (x, y)
+    };
+    let hidden = |p: &SeriesLabelPosition| {
+        let (x, y) = place(p);
+        // A dot's radius of slack.
+        pixels
+            .iter()
+            .filter(|&&(px, py)| px >= x - 3 && px <= x + w + 3 && py >= y - 3 && py <= y + h + 3)
+            .count()
+    };
+    let places = [
+        MiddleRight,
+        UpperRight,
+        LowerRight,
+        UpperLeft,
+        LowerLeft,
+        MiddleLeft,
+        UpperMiddle,
+        LowerMiddle,
+        MiddleMiddle,
+    ];
+    let best = places
+        .iter()
+        .min_by_key(|p| hidden(p))
+        .expect("nine places");
+    Ok(best.clone())
 }
 
 /// Renders one figure as `<stem>.png` and `<stem>.svg`: each is drawn under a
@@ -469,6 +558,40 @@ pub fn grouped_bar_chart(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where the legend goes for `series` on an 800 × 520 chart of the unit
+    /// square (padded as `draw` pads it).
+    fn legend_for(series: &[Series]) -> SeriesLabelPosition {
+        register();
+        let mut buf = vec![0u8; 800 * 520 * 3];
+        let root = BitMapBackend::with_buffer(&mut buf, (800, 520)).into_drawing_area();
+        let chart = ChartBuilder::on(&root)
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(-0.05..1.05, -0.05..1.05)
+            .unwrap();
+        legend_position(&chart, series).unwrap()
+    }
+
+    #[test]
+    fn the_legend_goes_where_it_hides_no_data() {
+        use SeriesLabelPosition::*;
+        let dots = |name: &str, p: fn(f64) -> (f64, f64)| {
+            Series::dots(name, (0..=10).map(|i| p(i as f64 / 10.0)).collect())
+        };
+        // Nothing at the right edge: plotters' default place.
+        assert_eq!(legend_for(&[dots("low", |t| (t * 0.5, 0.0))]), MiddleRight);
+        // Dots down the right edge and along the top: the first free corner.
+        let right = dots("right edge", |t| (1.0, t));
+        let top = dots("top", |t| (t, 1.0));
+        assert_eq!(legend_for(&[right.clone(), top]), LowerLeft);
+        assert_eq!(legend_for(&[right]), UpperLeft);
+        // A line of two points across the middle hides under the default
+        // place along its length, not at its ends.
+        let across = Series::line("across", vec![(0.0, 0.5), (1.0, 0.5)]);
+        assert_eq!(legend_for(&[across]), UpperRight);
+    }
 
     #[test]
     fn grouped_bars_are_wide_enough_for_their_labels() {
