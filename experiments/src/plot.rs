@@ -157,10 +157,10 @@ where
 }
 
 /// Where the legend hides the fewest data: of plotters' nine places in the
-/// plotting area, the first (the right edge's middle, plotters' default,
-/// first) whose box — sized as plotters sizes it, with 14-pixel labels —
-/// covers the fewest of the series' points and of the points along their
-/// lines (each segment sampled every few pixels).
+/// plotting area, the one whose box (sized as plotters sizes it, with
+/// 14-pixel labels) covers the fewest of the series' points and of the
+/// points along their lines (each segment sampled every 4 pixels); a tie
+/// goes to the earlier place in `places`, plotters' default first.
 fn legend_position<DB: DrawingBackend>(
     chart: &ChartContext<DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
     series: &[Series],
