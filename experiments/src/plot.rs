@@ -11,6 +11,13 @@ use plotters::element::{DashedPathElement, MultiLineText};
 use plotters::prelude::*;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+
+/// A line chart's legend: label size, and the room left for each series'
+/// mark and around the labels (set on plotters, and used to size the box
+/// when choosing where it goes).
+const LEGEND_FONT: u32 = 14;
+const LEGEND_MARK: u32 = 30;
+const LEGEND_MARGIN: u32 = 10;
 static REGISTER: Once = Once::new();
 
 fn register() {
@@ -147,9 +154,11 @@ where
     chart
         .configure_series_labels()
         .position(position)
+        .legend_area_size(LEGEND_MARK)
+        .margin(LEGEND_MARGIN)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .label_font(("sans-serif", 14))
+        .label_font(("sans-serif", LEGEND_FONT))
         .draw()
         .map_err(|e| anyhow!("{e:?}"))?;
     root.present().map_err(|e| anyhow!("{e:?}"))?;
@@ -157,8 +166,8 @@ where
 }
 
 /// Where the legend hides the fewest data: of plotters' nine places in the
-/// plotting area, the one whose box (sized as plotters sizes it, with
-/// 14-pixel labels) covers the fewest of the series' points and of the
+/// plotting area, the one whose box (sized as plotters sizes it, with the
+/// `LEGEND_*` sizes `draw` sets) covers the fewest of the series' points and of the
 /// points along their lines (each segment sampled every 4 pixels); a tie
 /// goes to the earlier place in `places`, plotters' default first.
 fn legend_position<DB: DrawingBackend>(
@@ -166,7 +175,7 @@ fn legend_position<DB: DrawingBackend>(
     series: &[Series],
 ) -> anyhow::Result<SeriesLabelPosition> {
     use SeriesLabelPosition::*;
-    let font: TextStyle = ("sans-serif", 14).into_font().into();
+    let font: TextStyle = ("sans-serif", LEGEND_FONT).into_font().into();
     let mut text = MultiLineText::<_, &str>::new((0, 0), &font);
     for s in series.iter().filter(|s| !s.name.is_empty()) {
         text.push_line(s.name.as_str());
@@ -174,8 +183,8 @@ fn legend_position<DB: DrawingBackend>(
     let (w, h) = text
         .estimate_dimension()
         .map_err(|e| anyhow!("legend size: {e:?}"))?;
-    // plotters' defaults: a 30-pixel legend mark and a 10-pixel margin.
-    let (w, h) = (w + 30 + 20, h + 20);
+    let (mark, margin) = (LEGEND_MARK as i32, LEGEND_MARGIN as i32);
+    let (w, h) = (w + mark + 2 * margin, h + 2 * margin);
     let area = chart.plotting_area();
     let (area_w, area_h) = area.dim_in_pixel();
     let (bx, by) = area.get_base_pixel();
